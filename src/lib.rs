@@ -1,0 +1,3 @@
+//! tandem: a userspace block-volume replicator (see README.md and ARCHITECTURE).
+
+pub mod types;
