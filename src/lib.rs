@@ -1,3 +1,4 @@
 //! tandem: a userspace block-volume replicator (see README.md and ARCHITECTURE).
 
 pub mod types;
+pub mod wire;

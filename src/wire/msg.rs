@@ -1,0 +1,141 @@
+//! Message bodies carried in frames, encoded with bincode 2 (standard config,
+//! little-endian varints). The frame header's `kind` byte must equal
+//! [`Message::kind`]; the codec checks it so a body can never be read as another
+//! message.
+//!
+//! Protocol changelog (bump [`PROTOCOL_VERSION`] on any incompatible change):
+//! - 1: first version: Hello/Welcome/Refuse handshake, Write, WriteZeroes, Trim,
+//!   Flush, Applied, Durable, Heartbeat/HeartbeatReply, Goodbye.
+
+use bincode::{Decode, Encode};
+
+/// Version of the replication protocol spoken in frames. Both sides must agree.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Capability bits advertised in the handshake.
+pub mod caps {
+    /// Payloads may be zstd-compressed.
+    pub const ZSTD: u64 = 1 << 0;
+}
+
+/// Role byte as carried on the wire.
+pub const ROLE_PRIMARY: u8 = 1;
+pub const ROLE_SECONDARY: u8 = 2;
+
+/// Disk state byte as carried on the wire.
+pub const DISK_UP_TO_DATE: u8 = 1;
+pub const DISK_INCONSISTENT: u8 = 2;
+pub const DISK_OUTDATED: u8 = 3;
+/// A secondary whose metadata was just created and holds no volume identity yet.
+pub const DISK_NEW: u8 = 4;
+
+/// Generation identifiers (G8) exchanged at the handshake.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Encode, Decode)]
+pub struct Generations {
+    pub current: u64,
+    pub bitmap_base: u64,
+    pub history: [u64; 2],
+}
+
+/// First frame on every connection, sent by the dialing primary (G6).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct Hello {
+    pub protocol_version: u16,
+    pub volume_id: [u8; 16],
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub node_name: String,
+    /// The name the sender expects the receiver to have.
+    pub peer_name: String,
+    pub role: u8,
+    pub disk_state: u8,
+    pub generations: Generations,
+    pub capabilities: u64,
+    /// The seq of the first frame the primary will send on this connection.
+    pub first_seq: u64,
+}
+
+/// What the primary will do after the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum SyncPlan {
+    /// The secondary is current up to the primary's dirty bitmap.
+    Bitmap,
+    /// Every block is sent (initial sync, or the secondary's state is unknown).
+    Full,
+}
+
+/// The secondary's acceptance of a Hello.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct Welcome {
+    pub protocol_version: u16,
+    pub volume_id: [u8; 16],
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub node_name: String,
+    pub role: u8,
+    pub disk_state: u8,
+    pub generations: Generations,
+    pub capabilities: u64,
+    /// What the secondary needs, from its own metadata.
+    pub needs: SyncPlan,
+}
+
+/// Every message of the replication protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum Message {
+    /// primary → secondary: identity and state (frame seq 0).
+    Hello(Hello),
+    /// secondary → primary: handshake accepted.
+    Welcome(Welcome),
+    /// Either way: handshake refused; the text says what is wrong and what to do.
+    Refuse { reason: String },
+    /// primary → secondary: write the frame payload at `offset` (frame seq = write seq).
+    /// `fua`: make it durable before acknowledging `Durable` past it.
+    Write { offset: u64, fua: bool },
+    /// primary → secondary: zero `len` bytes at `offset` (no payload). Also used
+    /// for all-zero ranges found by resync.
+    WriteZeroes { offset: u64, len: u32, fua: bool },
+    /// primary → secondary: discard `len` bytes at `offset` (no payload).
+    Trim { offset: u64, len: u32 },
+    /// primary → secondary: make everything through the frame's seq durable, then
+    /// answer `Durable` covering it.
+    Flush,
+    /// secondary → primary: the write with this seq has completed on its volume.
+    Applied { seq: u64 },
+    /// secondary → primary: every write ≤ `through_seq` is applied and flushed.
+    Durable { through_seq: u64 },
+    /// Either way: liveness probe; the peer answers with `HeartbeatReply`.
+    Heartbeat { nonce: u64 },
+    HeartbeatReply { nonce: u64 },
+    /// primary → secondary: initial or bitmap resync finished through this seq:
+    /// once Durable covers it, the secondary is UpToDate.
+    ResyncDone { through_seq: u64 },
+    /// Either way: orderly close (shutdown); no more frames follow.
+    Goodbye,
+}
+
+impl Message {
+    /// The frame header's kind byte for this message.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Message::Hello(_) => 1,
+            Message::Welcome(_) => 2,
+            Message::Refuse { .. } => 3,
+            Message::Write { .. } => 4,
+            Message::WriteZeroes { .. } => 5,
+            Message::Trim { .. } => 6,
+            Message::Flush => 7,
+            Message::Applied { .. } => 8,
+            Message::Durable { .. } => 9,
+            Message::Heartbeat { .. } => 10,
+            Message::HeartbeatReply { .. } => 11,
+            Message::ResyncDone { .. } => 12,
+            Message::Goodbye => 13,
+        }
+    }
+
+    /// Whether this message carries a payload (only `Write` does).
+    pub fn has_payload(&self) -> bool {
+        matches!(self, Message::Write { .. })
+    }
+}
