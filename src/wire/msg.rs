@@ -5,7 +5,8 @@
 //!
 //! Protocol changelog (bump [`PROTOCOL_VERSION`] on any incompatible change):
 //! - 1: first version: Hello/Welcome/Refuse handshake, Write, WriteZeroes, Trim,
-//!   Flush, Applied, Durable, Heartbeat/HeartbeatReply, Goodbye.
+//!   Flush, Applied, Durable, Heartbeat/HeartbeatReply, ResyncStart, ResyncDone,
+//!   Goodbye.
 
 use bincode::{Decode, Encode};
 
@@ -107,6 +108,10 @@ pub enum Message {
     /// Either way: liveness probe; the peer answers with `HeartbeatReply`.
     Heartbeat { nonce: u64 },
     HeartbeatReply { nonce: u64 },
+    /// primary → secondary: a resync of `blocks` blocks starts now (sent when the link
+    /// switches to streaming with a non-empty dirty set). The secondary records
+    /// Inconsistent durably before applying anything after it (ARCHITECTURE §5).
+    ResyncStart { blocks: u64, full: bool },
     /// primary → secondary: initial or bitmap resync finished through this seq:
     /// once Durable covers it, the secondary is UpToDate.
     ResyncDone { through_seq: u64 },
@@ -131,6 +136,7 @@ impl Message {
             Message::HeartbeatReply { .. } => 11,
             Message::ResyncDone { .. } => 12,
             Message::Goodbye => 13,
+            Message::ResyncStart { .. } => 14,
         }
     }
 
