@@ -1,0 +1,769 @@
+//! The primary's replication state machine (sans-IO).
+//!
+//! It owns: sequence numbers, overlap ordering of local I/O, the order in which
+//! frames are shipped, which client requests may complete (G1), the window of
+//! shipped-but-not-durable writes (ARCHITECTURE §3), the dirty bitmap of blocks
+//! the secondary may lack, and the resync cursor. It does not own: sockets,
+//! files, payload bytes or timers. The agent feeds it events and carries out the
+//! [`Action`]s it returns, in order.
+//!
+//! Invariants (checked by `assert_invariants` after every event in tests):
+//! - every op with `in_stream` has `seq >= stream_first`;
+//! - frames are shipped in strictly increasing seq order, with no gaps in a session;
+//! - a block leaves the dirty bitmap only when a resync frame covering it is durable;
+//! - while not streaming, every accepted write's blocks are marked dirty.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::bitmap::DirtyBitmap;
+use crate::engine::sequencer::RangeSequencer;
+use crate::types::{BlockCount, BlockIndex, ByteRange, Seq};
+
+/// Replication mode (one word, one meaning: "sync" is the mode, "flush" the block operation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A write completes after the local write and the secondary's `Applied` (G1).
+    Sync,
+    /// A write completes after the local write; the secondary follows behind.
+    Async,
+}
+
+/// What a client operation does to the volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    Write,
+    WriteZeroes,
+    Trim,
+    /// A resync read: read the range locally, then ship its current contents.
+    ResyncRead,
+}
+
+/// An errno value to hand back to the client (EIO, ENOSPC, ...).
+pub type Errno = i32;
+
+/// Identifies a client FLUSH.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlushId(pub u64);
+
+/// Something the agent must do, in the order given.
+#[derive(Debug)]
+pub enum Action<T> {
+    /// Start the local I/O of `seq` (its data is held by the agent).
+    StartLocal {
+        seq: Seq,
+        kind: OpKind,
+        range: ByteRange,
+        fua: bool,
+    },
+    /// Send the frame of `seq` to the secondary now.
+    Ship { seq: Seq },
+    /// Send `ResyncStart` (before any other frame of the session).
+    ShipResyncStart { blocks: BlockCount, full: bool },
+    /// Send `Flush` with frame seq `through`.
+    ShipFlush { through: Seq },
+    /// Send `ResyncDone { through }`.
+    ShipResyncDone { through: Seq },
+    /// Complete a client write.
+    Complete {
+        seq: Seq,
+        token: T,
+        result: Result<(), Errno>,
+    },
+    /// Make every completed local write durable (fdatasync).
+    StartLocalFlush { id: FlushId },
+    /// Complete a client flush.
+    CompleteFlush {
+        id: FlushId,
+        token: T,
+        result: Result<(), Errno>,
+    },
+    /// The write `seq` no longer occupies the replication window.
+    Release { seq: Seq },
+    /// Drop the agent's data for `seq` (shipped or no longer to be shipped).
+    Forget { seq: Seq },
+    /// The session cannot continue (e.g. a resync read failed, leaving a gap in the
+    /// stream): close it; the dirty bitmap keeps what must be resent.
+    DropSession { reason: String },
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Local {
+    Waiting,
+    Running,
+    Done(Result<(), Errno>),
+}
+
+#[derive(Debug)]
+struct Op<T> {
+    range: ByteRange,
+    kind: OpKind,
+    fua: bool,
+    token: Option<T>,
+    local: Local,
+    in_stream: bool,
+    frame_ready: bool,
+    shipped: bool,
+    applied: bool,
+}
+
+#[derive(Debug)]
+struct Unacked {
+    seq: Seq,
+    range: ByteRange,
+    resync: bool,
+    accepted_at_ms: u64,
+}
+
+#[derive(Debug)]
+struct PendingFlush<T> {
+    id: FlushId,
+    /// Highest seq assigned when the flush arrived; the secondary must be durable through it.
+    through: Seq,
+    /// Whether the secondary was asked to flush (we were streaming).
+    remote: bool,
+    local: Option<Result<(), Errno>>,
+    token: Option<T>,
+}
+
+/// Progress of a resync pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResyncProgress {
+    pub full: bool,
+    pub total_blocks: BlockCount,
+    /// Blocks whose resync frames have been shipped in this pass.
+    pub shipped_blocks: BlockCount,
+    pub cursor: BlockIndex,
+}
+
+#[derive(Debug)]
+struct Resync {
+    progress: ResyncProgress,
+    /// Resync ops of this pass not yet shipped.
+    outstanding: u32,
+    /// All chunks have been produced; ResyncDone follows once they are shipped.
+    exhausted: bool,
+}
+
+/// Lag figures (G4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lag {
+    pub writes: u64,
+    pub bytes: u64,
+    /// Acceptance time of the oldest write the secondary has not made durable.
+    pub oldest_accepted_at_ms: Option<u64>,
+}
+
+/// The primary's replication state.
+pub struct PrimaryEngine<T> {
+    mode: Mode,
+    block_size: u32,
+    size_bytes: u64,
+    resync_chunk_bytes: u64,
+    next_seq: Seq,
+    ops: BTreeMap<Seq, Op<T>>,
+    sequencer: RangeSequencer,
+    dirty: DirtyBitmap,
+    streaming: bool,
+    stream_first: Seq,
+    next_ship: Seq,
+    unacked: VecDeque<Unacked>,
+    unacked_bytes: u64,
+    durable_through: Seq,
+    flushes: VecDeque<PendingFlush<T>>,
+    next_flush_id: u64,
+    /// Flush markers waiting for the ship cursor to pass them.
+    flush_markers: VecDeque<Seq>,
+    resync: Option<Resync>,
+    resync_done_marker: Option<Seq>,
+    /// A local flush failed: nothing may be acknowledged as durable any more.
+    poisoned: bool,
+}
+
+impl<T> PrimaryEngine<T> {
+    pub fn new(
+        mode: Mode,
+        size_bytes: u64,
+        block_size: u32,
+        dirty: DirtyBitmap,
+        first_seq: Seq,
+    ) -> Self {
+        assert!(block_size.is_power_of_two() && block_size >= 512);
+        assert_eq!(
+            dirty.block_count(),
+            DirtyBitmap::for_volume(size_bytes, block_size).block_count()
+        );
+        assert!(first_seq > Seq::ZERO);
+        PrimaryEngine {
+            mode,
+            block_size,
+            size_bytes,
+            resync_chunk_bytes: 1 << 20,
+            next_seq: first_seq,
+            ops: BTreeMap::new(),
+            sequencer: RangeSequencer::new(),
+            dirty,
+            streaming: false,
+            stream_first: first_seq,
+            next_ship: first_seq,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            durable_through: Seq::ZERO,
+            flushes: VecDeque::new(),
+            next_flush_id: 1,
+            flush_markers: VecDeque::new(),
+            resync: None,
+            resync_done_marker: None,
+            poisoned: false,
+        }
+    }
+
+    pub fn set_resync_chunk_bytes(&mut self, bytes: u64) {
+        assert!(bytes >= self.block_size as u64 && bytes <= 32 << 20);
+        self.resync_chunk_bytes = bytes - bytes % self.block_size as u64;
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+    pub fn is_streaming(&self) -> bool {
+        self.streaming
+    }
+    pub fn next_seq(&self) -> Seq {
+        self.next_seq
+    }
+    pub fn dirty(&self) -> &DirtyBitmap {
+        &self.dirty
+    }
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+    pub fn resync_progress(&self) -> Option<ResyncProgress> {
+        self.resync.as_ref().map(|r| r.progress)
+    }
+    pub fn durable_through(&self) -> Seq {
+        self.durable_through
+    }
+    /// Operations not finished locally or not yet completed to their client.
+    pub fn ops_in_flight(&self) -> usize {
+        self.ops.len()
+    }
+    pub fn lag(&self) -> Lag {
+        Lag {
+            writes: self.unacked.len() as u64,
+            bytes: self.unacked_bytes,
+            oldest_accepted_at_ms: self.unacked.front().map(|u| u.accepted_at_ms),
+        }
+    }
+
+    /// The blocks that may differ on the secondary right now: the dirty bitmap plus
+    /// every write not yet durable there. This is what must be persisted.
+    pub fn out_of_sync(&self) -> DirtyBitmap {
+        let mut bm = self.dirty.clone();
+        for u in &self.unacked {
+            let (a, b) = u.range.blocks(self.block_size);
+            bm.mark(a, b);
+        }
+        for op in self.ops.values() {
+            if op.kind != OpKind::ResyncRead {
+                let (a, b) = op.range.blocks(self.block_size);
+                bm.mark(a, b);
+            }
+        }
+        bm
+    }
+
+    /// Accept a client write, write-zeroes or trim. The caller has range-checked it.
+    pub fn submit(
+        &mut self,
+        kind: OpKind,
+        range: ByteRange,
+        fua: bool,
+        token: T,
+        now_ms: u64,
+        out: &mut Vec<Action<T>>,
+    ) -> Seq {
+        assert!(kind != OpKind::ResyncRead);
+        assert!(
+            range.end() <= self.size_bytes,
+            "range {range:?} beyond volume"
+        );
+        let seq = self.assign_seq();
+        if self.poisoned {
+            out.push(Action::Complete {
+                seq,
+                token,
+                result: Err(libc::EIO),
+            });
+            return seq;
+        }
+        let in_stream = self.streaming;
+        if in_stream {
+            self.unacked.push_back(Unacked {
+                seq,
+                range,
+                resync: false,
+                accepted_at_ms: now_ms,
+            });
+            self.unacked_bytes += range.len;
+        } else {
+            let (a, b) = range.blocks(self.block_size);
+            self.dirty.mark(a, b);
+        }
+        let runnable = self.sequencer.admit(seq, range);
+        self.ops.insert(
+            seq,
+            Op {
+                range,
+                kind,
+                fua,
+                token: Some(token),
+                local: Local::Waiting,
+                in_stream,
+                frame_ready: true,
+                shipped: false,
+                applied: false,
+            },
+        );
+        if runnable {
+            self.start_local(seq, out);
+        }
+        if in_stream {
+            self.pump_ship(out);
+        } else {
+            out.push(Action::Forget { seq });
+        }
+        seq
+    }
+
+    /// The local I/O of `seq` finished.
+    pub fn local_done(&mut self, seq: Seq, result: Result<(), Errno>, out: &mut Vec<Action<T>>) {
+        let op = self.ops.get_mut(&seq).expect("local_done for unknown op");
+        assert_eq!(op.local, Local::Running, "local_done for op not running");
+        if let Err(errno) = result {
+            // The local volume may now hold anything in this range while the secondary
+            // may hold the new data: resync the range from here (G3).
+            tracing::error!(
+                seq = seq.0,
+                offset = op.range.offset,
+                len = op.range.len,
+                errno,
+                "local I/O failed; range marked for resync"
+            );
+            let (a, b) = op.range.blocks(self.block_size);
+            self.dirty.mark(a, b);
+        }
+        op.local = Local::Done(result);
+        if op.kind == OpKind::ResyncRead && !op.in_stream {
+            // The session this read was for has ended; its blocks stay dirty.
+            out.push(Action::Forget { seq });
+        } else if op.kind == OpKind::ResyncRead {
+            op.frame_ready = result.is_ok();
+            if result.is_err() && op.in_stream {
+                // Nothing to ship: the session cannot continue with a gap in the stream.
+                // The block stays dirty; the agent must drop the session.
+                op.in_stream = false;
+                out.push(Action::DropSession {
+                    reason: format!(
+                        "local read for resync of offset {} failed (errno {})",
+                        op.range.offset,
+                        result.unwrap_err()
+                    ),
+                });
+            }
+        }
+        for next in self.sequencer.complete(seq) {
+            self.start_local(next, out);
+        }
+        self.pump_ship(out);
+        self.try_complete(seq, out);
+    }
+}
+
+impl<T> PrimaryEngine<T> {
+    fn assign_seq(&mut self) -> Seq {
+        let seq = self.next_seq;
+        self.next_seq = seq.next();
+        seq
+    }
+
+    fn start_local(&mut self, seq: Seq, out: &mut Vec<Action<T>>) {
+        let op = self.ops.get_mut(&seq).expect("start_local for unknown op");
+        assert_eq!(op.local, Local::Waiting);
+        op.local = Local::Running;
+        out.push(Action::StartLocal {
+            seq,
+            kind: op.kind,
+            range: op.range,
+            fua: op.fua,
+        });
+    }
+
+    /// Ship every ready frame at the head of the stream, then any flush or
+    /// resync-done markers the ship cursor has passed.
+    fn pump_ship(&mut self, out: &mut Vec<Action<T>>) {
+        if !self.streaming {
+            return;
+        }
+        while self.next_ship < self.next_seq {
+            let seq = self.next_ship;
+            match self.ops.get_mut(&seq) {
+                Some(op) if op.in_stream => {
+                    if !op.frame_ready {
+                        break;
+                    }
+                    op.shipped = true;
+                    out.push(Action::Ship { seq });
+                    out.push(Action::Forget { seq });
+                    if op.kind == OpKind::ResyncRead {
+                        let r = self.resync.as_mut().expect("resync op without resync");
+                        r.outstanding -= 1;
+                        let (a, b) = op.range.blocks(self.block_size);
+                        r.progress.shipped_blocks.0 += b.0 - a.0;
+                    }
+                    self.next_ship = seq.next();
+                    self.try_remove(seq);
+                }
+                // Every seq assigned while streaming has an op until it is shipped.
+                _ => panic!("ship cursor at seq {seq} without a streamed op"),
+            }
+        }
+        while let Some(&through) = self.flush_markers.front() {
+            if through >= self.next_ship {
+                break;
+            }
+            self.flush_markers.pop_front();
+            out.push(Action::ShipFlush { through });
+        }
+        if let Some(r) = &self.resync {
+            if r.exhausted && r.outstanding == 0 && self.resync_done_marker.is_none() {
+                let through = Seq(self.next_ship.0 - 1);
+                self.resync_done_marker = Some(through);
+                out.push(Action::ShipResyncDone { through });
+            }
+        }
+    }
+
+    fn try_complete(&mut self, seq: Seq, out: &mut Vec<Action<T>>) {
+        let Some(op) = self.ops.get_mut(&seq) else {
+            return;
+        };
+        let Local::Done(result) = op.local else {
+            return;
+        };
+        if op.token.is_some() {
+            let remote_ok = match self.mode {
+                _ if result.is_err() || !op.in_stream => true,
+                Mode::Async => true,
+                Mode::Sync if op.fua => self.durable_through >= seq,
+                Mode::Sync => op.applied || self.durable_through >= seq,
+            };
+            if remote_ok {
+                let token = op.token.take().expect("checked above");
+                out.push(Action::Complete { seq, token, result });
+            }
+        }
+        self.try_remove(seq);
+    }
+
+    /// An op is kept until it is done locally, completed to its client and shipped.
+    fn try_remove(&mut self, seq: Seq) {
+        if let Some(op) = self.ops.get(&seq) {
+            let done = matches!(op.local, Local::Done(_));
+            if done && op.token.is_none() && (!op.in_stream || op.shipped) {
+                self.ops.remove(&seq);
+            }
+        }
+    }
+
+    /// The secondary applied `seq`.
+    pub fn peer_applied(&mut self, seq: Seq, out: &mut Vec<Action<T>>) {
+        if let Some(op) = self.ops.get_mut(&seq) {
+            if op.in_stream {
+                op.applied = true;
+                self.try_complete(seq, out);
+            }
+        }
+    }
+
+    /// The secondary made everything through `through` durable.
+    pub fn peer_durable(&mut self, through: Seq, out: &mut Vec<Action<T>>) {
+        if !self.streaming || through <= self.durable_through {
+            return;
+        }
+        if through >= self.next_ship {
+            out.push(Action::DropSession {
+                reason: format!(
+                    "peer claims seq {through} durable, but only seqs below {} were shipped",
+                    self.next_ship
+                ),
+            });
+            return;
+        }
+        self.durable_through = through;
+        while let Some(u) = self.unacked.front() {
+            if u.seq > through {
+                break;
+            }
+            let u = self.unacked.pop_front().expect("front exists");
+            self.unacked_bytes -= u.range.len;
+            if u.resync {
+                // The secondary durably holds this range as of u.seq. Any newer write
+                // to it is in the stream and tracked on its own (or re-marked if the
+                // session drops), so the bits can go.
+                let (a, b) = u.range.blocks(self.block_size);
+                self.dirty.clear(a, b);
+            }
+            out.push(Action::Release { seq: u.seq });
+        }
+        // Sync-mode writes waiting for Durable (FUA) or whose Applied we never saw.
+        let waiting: Vec<Seq> = self
+            .ops
+            .range(..=through)
+            .filter(|(_, op)| op.token.is_some())
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in waiting {
+            self.try_complete(seq, out);
+        }
+        self.try_complete_flushes(out);
+        if let Some(marker) = self.resync_done_marker {
+            if through >= marker {
+                self.resync_done_marker = None;
+                self.resync = None;
+                if self.dirty.dirty_count().0 > 0 {
+                    // Blocks dirtied during the pass (local errors): go again.
+                    self.start_resync(false, out);
+                }
+            }
+        }
+    }
+
+    /// A client FLUSH: all completed writes must become durable locally and, in
+    /// sync mode, on the secondary (G1).
+    pub fn flush(&mut self, token: T, out: &mut Vec<Action<T>>) -> FlushId {
+        let id = FlushId(self.next_flush_id);
+        self.next_flush_id += 1;
+        if self.poisoned {
+            out.push(Action::CompleteFlush {
+                id,
+                token,
+                result: Err(libc::EIO),
+            });
+            return id;
+        }
+        let through = Seq(self.next_seq.0 - 1);
+        let remote = self.streaming;
+        if remote {
+            self.flush_markers.push_back(through);
+        }
+        self.flushes.push_back(PendingFlush {
+            id,
+            through,
+            remote,
+            local: None,
+            token: Some(token),
+        });
+        out.push(Action::StartLocalFlush { id });
+        self.pump_ship(out);
+        id
+    }
+
+    pub fn local_flush_done(
+        &mut self,
+        id: FlushId,
+        result: Result<(), Errno>,
+        out: &mut Vec<Action<T>>,
+    ) {
+        if let Err(errno) = result {
+            // STYLE: a failed flush poisons the volume; never retry and assume durability.
+            tracing::error!(
+                errno,
+                "local flush failed: volume poisoned, every further request fails"
+            );
+            self.poisoned = true;
+        }
+        let f = self
+            .flushes
+            .iter_mut()
+            .find(|f| f.id == id)
+            .expect("unknown flush");
+        f.local = Some(result);
+        self.try_complete_flushes(out);
+    }
+
+    fn try_complete_flushes(&mut self, out: &mut Vec<Action<T>>) {
+        let mode = self.mode;
+        let durable = self.durable_through;
+        let mut i = 0;
+        while i < self.flushes.len() {
+            let f = &self.flushes[i];
+            let ready = match f.local {
+                None => false,
+                Some(Err(_)) => true,
+                Some(Ok(())) => mode == Mode::Async || !f.remote || durable >= f.through,
+            };
+            if ready {
+                let mut f = self.flushes.remove(i).expect("index valid");
+                let result = f.local.expect("ready implies local done");
+                out.push(Action::CompleteFlush {
+                    id: f.id,
+                    token: f.token.take().expect("token once"),
+                    result,
+                });
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// A session with the secondary begins; `full` when the secondary needs every block.
+    pub fn session_started(&mut self, full: bool, out: &mut Vec<Action<T>>) {
+        assert!(!self.streaming, "session started twice");
+        assert!(self.unacked.is_empty());
+        self.streaming = true;
+        self.stream_first = self.next_seq;
+        self.next_ship = self.next_seq;
+        self.durable_through = Seq(self.next_seq.0 - 1);
+        if full {
+            self.dirty.mark_all();
+        }
+        if self.dirty.dirty_count().0 > 0 {
+            self.start_resync(full, out);
+        }
+    }
+
+    fn start_resync(&mut self, full: bool, out: &mut Vec<Action<T>>) {
+        let total = self.dirty.dirty_count();
+        self.resync = Some(Resync {
+            progress: ResyncProgress {
+                full,
+                total_blocks: total,
+                shipped_blocks: BlockCount(0),
+                cursor: BlockIndex(0),
+            },
+            outstanding: 0,
+            exhausted: false,
+        });
+        out.push(Action::ShipResyncStart {
+            blocks: total,
+            full,
+        });
+    }
+
+    /// Whether a resync chunk could be produced now.
+    pub fn wants_resync_chunk(&self) -> bool {
+        self.streaming && self.resync.as_ref().is_some_and(|r| !r.exhausted)
+    }
+
+    /// Produce the next resync chunk: a read of dirty blocks whose contents will be
+    /// shipped in seq order, so it can never overwrite a newer write (ARCHITECTURE §5).
+    pub fn next_resync_chunk(
+        &mut self,
+        now_ms: u64,
+        out: &mut Vec<Action<T>>,
+    ) -> Option<(Seq, ByteRange)> {
+        if !self.wants_resync_chunk() {
+            return None;
+        }
+        let bs = self.block_size as u64;
+        let max_blocks = BlockCount(self.resync_chunk_bytes / bs);
+        let cursor = self.resync.as_ref().expect("checked").progress.cursor;
+        let Some((first, count)) = self.dirty.next_dirty_run(cursor, max_blocks) else {
+            let r = self.resync.as_mut().expect("checked");
+            r.exhausted = true;
+            r.progress.cursor = BlockIndex(self.dirty.block_count().0);
+            self.pump_ship(out);
+            return None;
+        };
+        let offset = first.0 * bs;
+        let len = (count.0 * bs).min(self.size_bytes - offset);
+        let range = ByteRange::new(offset, len);
+        let seq = self.assign_seq();
+        let r = self.resync.as_mut().expect("checked");
+        r.progress.cursor = BlockIndex(first.0 + count.0);
+        r.outstanding += 1;
+        self.unacked.push_back(Unacked {
+            seq,
+            range,
+            resync: true,
+            accepted_at_ms: now_ms,
+        });
+        self.unacked_bytes += len;
+        let runnable = self.sequencer.admit(seq, range);
+        self.ops.insert(
+            seq,
+            Op {
+                range,
+                kind: OpKind::ResyncRead,
+                fua: false,
+                token: None,
+                local: Local::Waiting,
+                in_stream: true,
+                frame_ready: false,
+                shipped: false,
+                applied: false,
+            },
+        );
+        if runnable {
+            self.start_local(seq, out);
+        }
+        Some((seq, range))
+    }
+
+    /// The session ended (link down, peer gone, protocol error). Everything not
+    /// durable on the secondary goes back into the dirty bitmap (G3, G4).
+    pub fn session_ended(&mut self, out: &mut Vec<Action<T>>) {
+        if !self.streaming {
+            return;
+        }
+        self.streaming = false;
+        for u in self.unacked.drain(..) {
+            let (a, b) = u.range.blocks(self.block_size);
+            self.dirty.mark(a, b);
+            out.push(Action::Release { seq: u.seq });
+        }
+        self.unacked_bytes = 0;
+        self.flush_markers.clear();
+        self.resync = None;
+        self.resync_done_marker = None;
+        let seqs: Vec<Seq> = self.ops.keys().copied().collect();
+        for seq in seqs {
+            let op = self.ops.get_mut(&seq).expect("listed");
+            if op.in_stream {
+                op.in_stream = false;
+                if !op.shipped {
+                    out.push(Action::Forget { seq });
+                }
+                // Sync-mode writers waiting for the peer complete now (degrade).
+                self.try_complete(seq, out);
+            }
+        }
+        for f in self.flushes.iter_mut() {
+            f.remote = false;
+        }
+        self.try_complete_flushes(out);
+    }
+
+    /// Check the invariants; called after events by tests and debug builds.
+    pub fn assert_invariants(&self) {
+        let mut prev = Seq::ZERO;
+        for u in &self.unacked {
+            assert!(u.seq > prev, "unacked out of order");
+            prev = u.seq;
+            assert!(self.streaming, "unacked writes while not streaming");
+        }
+        assert_eq!(
+            self.unacked_bytes,
+            self.unacked.iter().map(|u| u.range.len).sum::<u64>()
+        );
+        for (seq, op) in &self.ops {
+            if op.in_stream {
+                assert!(*seq >= self.stream_first);
+            }
+            if op.shipped {
+                assert!(*seq < self.next_ship);
+            }
+        }
+        assert!(self.next_ship <= self.next_seq);
+    }
+}

@@ -1,0 +1,253 @@
+//! The secondary's apply state machine (sans-IO).
+//!
+//! Frames arrive in seq order on one stream. Non-overlapping writes are applied
+//! in parallel, overlapping ones in seq order (via [`RangeSequencer`]); "applied
+//! through N" advances only when every write ≤ N has completed (G2). Flushes
+//! are batched: on a timer tick, past a byte threshold, or when the primary
+//! relays a FLUSH or a FUA write — never once per write unless asked
+//! (ARCHITECTURE §3). It owns no sockets and no files.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::engine::sequencer::RangeSequencer;
+use crate::types::{ByteRange, Seq};
+
+/// What an incoming frame asks the volume to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyKind {
+    Write,
+    WriteZeroes,
+    Trim,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SecondaryAction {
+    /// Apply `seq` to the volume (the agent holds its payload).
+    StartApply {
+        seq: Seq,
+        kind: ApplyKind,
+        range: ByteRange,
+    },
+    /// Acknowledge `Applied { seq }`.
+    SendApplied { seq: Seq },
+    /// fdatasync the volume; everything applied through `through` is covered.
+    StartFlush { through: Seq },
+    /// Acknowledge `Durable { through_seq }`.
+    SendDurable { through: Seq },
+    /// Record Inconsistent durably before anything else is applied (resync begins).
+    MarkInconsistent,
+    /// The resync is durable: record UpToDate.
+    MarkUpToDate,
+    /// Stop: the session cannot go on (protocol violation or failed I/O).
+    Fail { reason: String },
+}
+
+/// The secondary's per-session apply state.
+pub struct SecondaryEngine {
+    sequencer: RangeSequencer,
+    expected_next: Seq,
+    waiting: BTreeMap<Seq, (ApplyKind, ByteRange)>,
+    applied_through: Seq,
+    completed_above: BTreeSet<Seq>,
+    durable_through: Seq,
+    flushing: Option<Seq>,
+    /// Highest seq the primary asked to make durable (FLUSH or FUA).
+    flush_wanted: Seq,
+    bytes_since_flush: u64,
+    flush_threshold_bytes: u64,
+    resync_done_at: Option<Seq>,
+    failed: bool,
+}
+
+impl SecondaryEngine {
+    /// A session whose first frame will carry `first_seq`.
+    pub fn new(first_seq: Seq, flush_threshold_bytes: u64) -> SecondaryEngine {
+        assert!(first_seq > Seq::ZERO);
+        let before = Seq(first_seq.0 - 1);
+        SecondaryEngine {
+            sequencer: RangeSequencer::new(),
+            expected_next: first_seq,
+            waiting: BTreeMap::new(),
+            applied_through: before,
+            completed_above: BTreeSet::new(),
+            durable_through: before,
+            flushing: None,
+            flush_wanted: Seq::ZERO,
+            bytes_since_flush: 0,
+            flush_threshold_bytes,
+            resync_done_at: None,
+            failed: false,
+        }
+    }
+
+    pub fn applied_through(&self) -> Seq {
+        self.applied_through
+    }
+    pub fn durable_through(&self) -> Seq {
+        self.durable_through
+    }
+    /// Writes received and not yet applied.
+    pub fn in_flight(&self) -> usize {
+        self.sequencer.len()
+    }
+    pub fn is_idle(&self) -> bool {
+        self.sequencer.is_empty() && self.flushing.is_none()
+    }
+
+    /// A write, write-zeroes or trim frame arrived.
+    pub fn receive(
+        &mut self,
+        seq: Seq,
+        kind: ApplyKind,
+        range: ByteRange,
+        fua: bool,
+        out: &mut Vec<SecondaryAction>,
+    ) {
+        if self.failed {
+            return;
+        }
+        if seq != self.expected_next {
+            self.fail(
+                format!(
+                    "frame seq {seq} out of order: expected {}",
+                    self.expected_next
+                ),
+                out,
+            );
+            return;
+        }
+        self.expected_next = seq.next();
+        if fua {
+            self.flush_wanted = self.flush_wanted.max(seq);
+        }
+        if self.sequencer.admit(seq, range) {
+            out.push(SecondaryAction::StartApply { seq, kind, range });
+        } else {
+            self.waiting.insert(seq, (kind, range));
+        }
+    }
+
+    /// The primary relayed a FLUSH covering everything through `through`.
+    pub fn flush_requested(&mut self, through: Seq, out: &mut Vec<SecondaryAction>) {
+        if through >= self.expected_next {
+            self.fail(
+                format!(
+                    "flush through seq {through} before that seq arrived (next expected {})",
+                    self.expected_next
+                ),
+                out,
+            );
+            return;
+        }
+        self.flush_wanted = self.flush_wanted.max(through);
+        self.maybe_flush(out);
+    }
+
+    /// The primary finished a resync pass through `through`.
+    pub fn resync_done(&mut self, through: Seq, out: &mut Vec<SecondaryAction>) {
+        if through >= self.expected_next {
+            self.fail(
+                format!("resync done through seq {through} before that seq arrived"),
+                out,
+            );
+            return;
+        }
+        if through <= self.durable_through {
+            out.push(SecondaryAction::MarkUpToDate);
+            return;
+        }
+        self.resync_done_at = Some(through);
+        self.flush_wanted = self.flush_wanted.max(through);
+        self.maybe_flush(out);
+    }
+
+    pub fn apply_done(
+        &mut self,
+        seq: Seq,
+        range: ByteRange,
+        result: Result<(), i32>,
+        out: &mut Vec<SecondaryAction>,
+    ) {
+        if let Err(errno) = result {
+            self.fail(
+                format!(
+                    "applying seq {seq} at offset {} ({} bytes) failed: errno {errno}",
+                    range.offset, range.len
+                ),
+                out,
+            );
+            return;
+        }
+        self.bytes_since_flush += range.len;
+        out.push(SecondaryAction::SendApplied { seq });
+        for next in self.sequencer.complete(seq) {
+            let (kind, range) = self.waiting.remove(&next).expect("released op was waiting");
+            out.push(SecondaryAction::StartApply {
+                seq: next,
+                kind,
+                range,
+            });
+        }
+        self.completed_above.insert(seq);
+        while self.completed_above.first() == Some(&self.applied_through.next()) {
+            let s = self.completed_above.pop_first().expect("checked");
+            self.applied_through = s;
+        }
+        if self.bytes_since_flush >= self.flush_threshold_bytes {
+            self.flush_wanted = self.flush_wanted.max(self.applied_through);
+        }
+        self.maybe_flush(out);
+    }
+
+    /// Periodic tick (a few ms): flush whatever has been applied since the last flush.
+    pub fn tick(&mut self, out: &mut Vec<SecondaryAction>) {
+        if self.applied_through > self.durable_through {
+            self.flush_wanted = self.flush_wanted.max(self.applied_through);
+        }
+        self.maybe_flush(out);
+    }
+
+    fn maybe_flush(&mut self, out: &mut Vec<SecondaryAction>) {
+        if self.failed || self.flushing.is_some() {
+            return;
+        }
+        if self.flush_wanted > self.durable_through && self.applied_through > self.durable_through {
+            // Flush what is applied now; a wanted seq beyond it is covered by a later flush.
+            let through = self.applied_through;
+            self.flushing = Some(through);
+            self.bytes_since_flush = 0;
+            out.push(SecondaryAction::StartFlush { through });
+        }
+    }
+
+    pub fn flush_done(&mut self, result: Result<(), i32>, out: &mut Vec<SecondaryAction>) {
+        let through = self.flushing.take().expect("flush_done without a flush");
+        if let Err(errno) = result {
+            self.fail(
+                format!("flush of the volume failed (errno {errno}): volume poisoned"),
+                out,
+            );
+            return;
+        }
+        self.durable_through = through;
+        out.push(SecondaryAction::SendDurable { through });
+        if let Some(at) = self.resync_done_at {
+            if through >= at {
+                self.resync_done_at = None;
+                out.push(SecondaryAction::MarkUpToDate);
+            }
+        }
+        self.maybe_flush(out);
+    }
+
+    /// A resync begins (before its first frame).
+    pub fn resync_started(&mut self, out: &mut Vec<SecondaryAction>) {
+        self.resync_done_at = None;
+        out.push(SecondaryAction::MarkInconsistent);
+    }
+
+    fn fail(&mut self, reason: String, out: &mut Vec<SecondaryAction>) {
+        self.failed = true;
+        out.push(SecondaryAction::Fail { reason });
+    }
+}
