@@ -57,7 +57,8 @@ pub enum Action<T> {
     },
     /// Send the frame of `seq` to the secondary now.
     Ship { seq: Seq },
-    /// Send `ResyncStart` (before any other frame of the session).
+    /// Send `ResyncStart` with frame seq = the engine's next seq. The first one of a
+    /// session comes before any other frame and carries the session's first seq.
     ShipResyncStart { blocks: BlockCount, full: bool },
     /// Send `Flush` with frame seq `through`.
     ShipFlush { through: Seq },
@@ -627,27 +628,26 @@ impl<T> PrimaryEngine<T> {
         if full {
             self.dirty.mark_all();
         }
-        if self.dirty.dirty_count().0 > 0 {
-            self.start_resync(full, out);
-        }
+        // Every session opens with ResyncStart, whose frame seq tells the secondary
+        // the session's first seq; `blocks` is 0 when nothing needs resending.
+        self.start_resync(full, out);
     }
 
     fn start_resync(&mut self, full: bool, out: &mut Vec<Action<T>>) {
         let total = self.dirty.dirty_count();
-        self.resync = Some(Resync {
-            progress: ResyncProgress {
-                full,
-                total_blocks: total,
-                shipped_blocks: BlockCount(0),
-                cursor: BlockIndex(0),
-            },
-            outstanding: 0,
-            exhausted: false,
-        });
-        out.push(Action::ShipResyncStart {
-            blocks: total,
-            full,
-        });
+        if total.0 > 0 {
+            self.resync = Some(Resync {
+                progress: ResyncProgress {
+                    full,
+                    total_blocks: total,
+                    shipped_blocks: BlockCount(0),
+                    cursor: BlockIndex(0),
+                },
+                outstanding: 0,
+                exhausted: false,
+            });
+        }
+        out.push(Action::ShipResyncStart { blocks: total, full });
     }
 
     /// Whether a resync chunk could be produced now.

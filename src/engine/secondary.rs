@@ -240,10 +240,12 @@ impl SecondaryEngine {
         self.maybe_flush(out);
     }
 
-    /// A resync begins (before its first frame).
-    pub fn resync_started(&mut self, out: &mut Vec<SecondaryAction>) {
-        self.resync_done_at = None;
-        out.push(SecondaryAction::MarkInconsistent);
+    /// A `ResyncStart` arrived: a resync of `blocks` blocks begins when `blocks` > 0.
+    pub fn resync_started(&mut self, blocks: u64, out: &mut Vec<SecondaryAction>) {
+        if blocks > 0 {
+            self.resync_done_at = None;
+            out.push(SecondaryAction::MarkInconsistent);
+        }
     }
 
     fn fail(&mut self, reason: String, out: &mut Vec<SecondaryAction>) {

@@ -19,7 +19,7 @@ const SIZE: u64 = BS as u64 * BLOCKS;
 
 #[derive(Clone, Debug)]
 enum Net {
-    ResyncStart,
+    ResyncStart(u64),
     Data {
         seq: Seq,
         kind: ApplyKind,
@@ -138,7 +138,7 @@ impl Sim {
                         fua,
                     });
                 }
-                Action::ShipResyncStart { .. } => self.to_s.push_back(Net::ResyncStart),
+                Action::ShipResyncStart { blocks, .. } => self.to_s.push_back(Net::ResyncStart(blocks.0)),
                 Action::ShipFlush { through } => self.to_s.push_back(Net::Flush { through }),
                 Action::ShipResyncDone { through } => {
                     self.to_s.push_back(Net::ResyncDone { through })
@@ -239,7 +239,7 @@ impl Sim {
                 let mut out = Vec::new();
                 let s = self.s.as_mut().unwrap();
                 match m {
-                    Net::ResyncStart => s.resync_started(&mut out),
+                    Net::ResyncStart(blocks) => s.resync_started(blocks, &mut out),
                     Net::Data {
                         seq,
                         kind,
@@ -359,7 +359,7 @@ impl Sim {
         if let Some(m) = self.to_s.pop_front() {
             let s = self.s.as_mut().unwrap();
             match m {
-                Net::ResyncStart => s.resync_started(&mut out),
+                Net::ResyncStart(blocks) => s.resync_started(blocks, &mut out),
                 Net::Data {
                     seq,
                     kind,
