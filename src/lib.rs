@@ -1,5 +1,6 @@
 //! tandem: a userspace block-volume replicator (see README.md and ARCHITECTURE).
 
 pub mod bitmap;
+pub mod meta;
 pub mod types;
 pub mod wire;
