@@ -132,6 +132,11 @@ impl MetaStore {
         &self.layout
     }
 
+    /// A write or fdatasync failed; every later write returns [`MetaError::Poisoned`].
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
     /// Open the metadata file at `path`, or create it (`created = true`) for a
     /// volume of this size and block size with `fresh()` as the initial
     /// superblock and an all-clean persisted bitmap. The file is locked
