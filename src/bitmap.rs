@@ -93,6 +93,7 @@ impl DirtyBitmap {
         BlockCount(self.dirty_count)
     }
 
+    /// Panics if `b` is past the last block (a caller bug, not an operating error).
     pub fn is_dirty(&self, b: BlockIndex) -> bool {
         assert!(
             b.0 < self.block_count,
@@ -103,7 +104,7 @@ impl DirtyBitmap {
         self.words[(b.0 / WORD_BITS) as usize] & (1 << (b.0 % WORD_BITS)) != 0
     }
 
-    /// Mark blocks `[first, end)` dirty.
+    /// Mark blocks `[first, end)` dirty. Panics unless `first <= end <= block_count`.
     pub fn mark(&mut self, first: BlockIndex, end: BlockIndex) {
         self.for_each_word_mask(first, end, |word, mask| {
             let old = *word;
@@ -112,7 +113,7 @@ impl DirtyBitmap {
         });
     }
 
-    /// Mark blocks `[first, end)` clean.
+    /// Mark blocks `[first, end)` clean. Panics unless `first <= end <= block_count`.
     pub fn clear(&mut self, first: BlockIndex, end: BlockIndex) {
         self.for_each_word_mask(first, end, |word, mask| {
             let old = *word;

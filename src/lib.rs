@@ -2,5 +2,6 @@
 
 pub mod bitmap;
 pub mod engine;
+pub mod meta;
 pub mod types;
 pub mod wire;

@@ -1,0 +1,114 @@
+//! On-disk metadata beside a volume (ARCHITECTURE §4): the superblock, the
+//! persisted dirty bitmap, and (reserved, not yet used) the activity-log area.
+//!
+//! This module owns the file format and the order of durable writes; it does
+//! not decide *what* the superblock says (that is the engine's job) nor which
+//! bits are dirty (`bitmap.rs` holds the bits, the engine marks them).
+//!
+//! Crash safety (G3) rests on two rules:
+//! - **Two of everything.** There are two superblock slots and two bitmap
+//!   copies. A write always goes to the slot/copy that is *not* the newest,
+//!   so a torn write can only destroy something already superseded.
+//! - **Data, flush, then pointer.** A bitmap copy is written and fdatasync'd
+//!   before the superblock that selects it is written (and fdatasync'd).
+//!   A crash between the two leaves the previous superblock pointing at the
+//!   previous, intact copy.
+//!
+//! A failed write or fdatasync poisons the store: later writes are refused,
+//! because after a failed fdatasync the kernel may have dropped the dirty
+//! pages and a retry that "succeeds" proves nothing.
+//!
+//! Layout byte by byte: [`layout`] (regions), [`SlotImage`] (superblock
+//! slot), [`BitmapHeader`] (bitmap copy header).
+
+pub mod format;
+pub mod layout;
+mod store;
+
+use std::io;
+use std::path::PathBuf;
+
+pub use format::{BitmapHeader, FORMAT_VERSION, SlotFault, SlotImage, Superblock};
+pub use layout::Layout;
+pub use store::{MetaStore, Opened};
+
+/// Errors opening, creating or writing a metadata file.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata {}: {op} failed; check the disk and the path", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error(
+        "metadata {} is locked by another process (another tandem agent for this volume?); \
+         stop it first",
+        path.display()
+    )]
+    Locked { path: PathBuf },
+
+    #[error(
+        "metadata {} is for a volume of {on_disk_bytes} bytes but the volume is {requested_bytes} bytes; \
+         use the matching volume or recreate the metadata (forces a full resync)",
+        path.display()
+    )]
+    SizeMismatch {
+        path: PathBuf,
+        on_disk_bytes: u64,
+        requested_bytes: u64,
+    },
+
+    #[error(
+        "metadata {} uses a block size of {on_disk_bytes} bytes but {requested_bytes} bytes was requested; \
+         use the recorded block size or recreate the metadata (forces a full resync)",
+        path.display()
+    )]
+    BlockSizeMismatch {
+        path: PathBuf,
+        on_disk_bytes: u32,
+        requested_bytes: u32,
+    },
+
+    #[error(
+        "metadata {}: both superblock slots are bad (slot A: {slot_a}; slot B: {slot_b}); \
+         the node's identity and state are lost: restore the file or recreate the metadata \
+         and run a full resync",
+        path.display()
+    )]
+    BothSlotsBad {
+        path: PathBuf,
+        slot_a: SlotFault,
+        slot_b: SlotFault,
+    },
+
+    #[error(
+        "metadata {}: superblock slot {slot} has format version {found}, this build reads \
+         version {supported}; use a tandem build that understands it",
+        path.display()
+    )]
+    UnsupportedVersion {
+        path: PathBuf,
+        slot: char,
+        found: u32,
+        supported: u32,
+    },
+
+    #[error(
+        "invalid volume geometry: size {size_bytes} bytes, block size {block_size} bytes: {reason}"
+    )]
+    InvalidGeometry {
+        size_bytes: u64,
+        block_size: u32,
+        reason: &'static str,
+    },
+
+    #[error(
+        "metadata {}: an earlier write or fdatasync failed, so its durability is unknown; \
+         no further metadata writes are made: restart the agent after checking the disk",
+        path.display()
+    )]
+    Poisoned { path: PathBuf },
+}
