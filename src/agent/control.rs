@@ -1,0 +1,279 @@
+//! The control socket: a unix socket per agent speaking JSON lines.
+//!
+//! Request: one JSON object per line, `{"cmd":"status"}`. Reply: one JSON
+//! object per line, `{"ok":true,"status":{...}}` or `{"ok":false,"error":"..."}`.
+//! The socket file is created with mode 0600: the control socket can change
+//! roles, so only root (the agent's user) may talk to it.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::AgentError;
+use crate::config::NodeConfig;
+use crate::engine::primary::Mode;
+use crate::metrics::{LatencySummary, Metrics};
+use crate::types::{BlockCount, DiskState, Generation, Role, VolumeId};
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What an agent answers on its control socket.
+pub trait ControlHandler: Send + Sync + 'static {
+    fn status(&self) -> BoxFuture<Option<StatusDoc>>;
+    /// Any command other than `status`.
+    fn other(&self, command: &str) -> BoxFuture<ControlReply>;
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ControlRequest {
+    pub cmd: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ControlReply {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<StatusDoc>,
+}
+
+impl ControlReply {
+    pub fn error(message: String) -> ControlReply {
+        ControlReply { ok: false, error: Some(message), status: None }
+    }
+}
+
+/// The status document (`tandem status --json`). Field names are stable.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusDoc {
+    pub resource: String,
+    pub node: String,
+    pub role: String,
+    pub mode: String,
+    pub volume: String,
+    pub volume_id: String,
+    pub generation: String,
+    pub disk_state: String,
+    pub peer: PeerStatus,
+    pub lag: LagStatus,
+    pub out_of_sync_bytes: u64,
+    pub resync: Option<ProgressStatus>,
+    pub counters: Counters,
+    pub write_latency_us: Option<LatencyStatus>,
+    pub compression_ratio: f64,
+    pub last_error: Option<String>,
+    pub uptime_s: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub connection: String,
+    pub disk_state: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LagStatus {
+    pub bytes: u64,
+    pub writes: u64,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProgressStatus {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub percent: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Counters {
+    pub client_writes: u64,
+    pub client_write_bytes: u64,
+    pub client_reads: u64,
+    pub replicated_bytes: u64,
+    pub replicated_wire_bytes: u64,
+    pub resync_bytes: u64,
+    pub applied_writes: u64,
+    pub sessions: u64,
+    pub frames_rejected: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LatencyStatus {
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl StatusDoc {
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        cfg: &NodeConfig,
+        role: Role,
+        m: &Metrics,
+        peer: Option<(String, String)>,
+        disk_state: DiskState,
+        lag_writes: u64,
+        lag_bytes: u64,
+        out_of_sync: BlockCount,
+        resync: Option<(BlockCount, BlockCount)>,
+        volume_id: VolumeId,
+        generation: Generation,
+    ) -> StatusDoc {
+        let bs = cfg.block_size as u64;
+        let lat: LatencySummary = m.latency_summary();
+        StatusDoc {
+            resource: cfg.resource.clone(),
+            node: cfg.name.clone(),
+            role: role.to_string(),
+            mode: if cfg.mode == Mode::Sync { "sync" } else { "async" }.into(),
+            volume: cfg.volume.display().to_string(),
+            volume_id: volume_id.to_string(),
+            generation: generation.to_string(),
+            disk_state: disk_state.to_string(),
+            peer: PeerStatus {
+                name: cfg.peer_name.clone(),
+                connection: if peer.is_some() { "connected" } else { "connecting" }.into(),
+                disk_state: peer.map(|p| p.1),
+            },
+            lag: LagStatus { bytes: lag_bytes, writes: lag_writes, seconds: m.lag_seconds() },
+            out_of_sync_bytes: out_of_sync.0 * bs,
+            resync: resync.map(|(done, total)| ProgressStatus {
+                done_bytes: done.0 * bs,
+                total_bytes: total.0 * bs,
+                percent: 100.0 * done.0 as f64 / total.0.max(1) as f64,
+            }),
+            counters: Counters {
+                client_writes: Metrics::get(&m.client_writes),
+                client_write_bytes: Metrics::get(&m.client_write_bytes),
+                client_reads: Metrics::get(&m.client_reads),
+                replicated_bytes: Metrics::get(&m.replicated_bytes),
+                replicated_wire_bytes: Metrics::get(&m.replicated_wire_bytes),
+                resync_bytes: Metrics::get(&m.resync_bytes),
+                applied_writes: Metrics::get(&m.applied_writes),
+                sessions: Metrics::get(&m.sessions),
+                frames_rejected: Metrics::get(&m.frames_rejected),
+            },
+            write_latency_us: (lat.count > 0).then_some(LatencyStatus { p50: lat.p50_us, p99: lat.p99_us, p999: lat.p999_us, max: lat.max_us }),
+            compression_ratio: m.compression_ratio(),
+            last_error: m.last_error.lock().ok().and_then(|e| e.clone()),
+            uptime_s: m.started.elapsed().as_secs(),
+        }
+    }
+
+    /// The one-screen human form, like `drbdadm status`.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        s += &format!("{} role:{} mode:{} volume:{}\n", self.resource, self.role, self.mode, self.volume);
+        s += &format!("  disk:{}  id:{}  generation:{}\n", self.disk_state, self.volume_id, self.generation);
+        s += &format!(
+            "  {} connection:{} peer-disk:{}\n",
+            self.peer.name,
+            self.peer.connection,
+            self.peer.disk_state.as_deref().unwrap_or("unknown")
+        );
+        s += &format!(
+            "  lag: {} writes, {} bytes, {:.3} s   out-of-sync: {} bytes\n",
+            self.lag.writes, self.lag.bytes, self.lag.seconds, self.out_of_sync_bytes
+        );
+        if let Some(r) = &self.resync {
+            s += &format!("  resync: {:.1}% ({} of {} bytes)\n", r.percent, r.done_bytes, r.total_bytes);
+        }
+        let c = &self.counters;
+        s += &format!(
+            "  written: {} writes, {} bytes  replicated: {} bytes ({} on the wire, ratio {:.2})  resync: {} bytes\n",
+            c.client_writes, c.client_write_bytes, c.replicated_bytes, c.replicated_wire_bytes, self.compression_ratio, c.resync_bytes
+        );
+        if let Some(l) = &self.write_latency_us {
+            s += &format!("  write latency µs: p50 {} p99 {} p99.9 {} max {}\n", l.p50, l.p99, l.p999, l.max);
+        }
+        if let Some(e) = &self.last_error {
+            s += &format!("  last error: {e}\n");
+        }
+        s
+    }
+}
+
+/// Bind the control socket and serve it until `stop`.
+pub async fn serve(path: &Path, handler: Arc<dyn ControlHandler>, stop: CancellationToken) -> Result<JoinHandle<()>, AgentError> {
+    let err = |source| AgentError::Control { path: path.to_owned(), source };
+    if path.exists() {
+        // A live agent answers; a stale socket file from a crash is removed.
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another agent is listening on this control socket; stop it or pick another --control path",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let path: PathBuf = path.to_owned();
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((stream, _)) => {
+                        tokio::spawn(serve_one(stream, handler.clone()));
+                    }
+                    Err(e) => tracing::warn!("control socket accept: {e}"),
+                },
+                _ = stop.cancelled() => break,
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }))
+}
+
+async fn serve_one(stream: UnixStream, handler: Arc<dyn ControlHandler>) {
+    let (rd, mut wr) = stream.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.len() > 64 << 10 {
+            break;
+        }
+        let reply = match serde_json::from_str::<ControlRequest>(&line) {
+            Err(e) => ControlReply::error(format!("malformed control request: {e}")),
+            Ok(req) if req.cmd == "status" => match handler.status().await {
+                Some(status) => ControlReply { ok: true, error: None, status: Some(status) },
+                None => ControlReply::error("agent is shutting down".into()),
+            },
+            Ok(req) => handler.other(&req.cmd).await,
+        };
+        let mut text = serde_json::to_string(&reply).expect("reply serializes");
+        text.push('\n');
+        if wr.write_all(text.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Client side: send one request and read one reply.
+pub async fn request(path: &Path, cmd: &str) -> Result<ControlReply, String> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| format!("cannot reach the agent's control socket {}: {e}; is the agent running (see --control)?", path.display()))?;
+    let (rd, mut wr) = stream.into_split();
+    let mut text = serde_json::to_string(&ControlRequest { cmd: cmd.into() }).expect("request serializes");
+    text.push('\n');
+    wr.write_all(text.as_bytes()).await.map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    let mut lines = BufReader::new(rd).lines();
+    let line = lines
+        .next_line()
+        .await
+        .map_err(|e| format!("control socket {}: {e}", path.display()))?
+        .ok_or_else(|| format!("control socket {}: closed without a reply", path.display()))?;
+    serde_json::from_str(&line).map_err(|e| format!("control socket {}: malformed reply: {e}", path.display()))
+}

@@ -1,0 +1,993 @@
+//! The primary agent: NBD export → engine → local volume ∥ peer link.
+//!
+//! Tasks:
+//! - the **owner** task holds the [`PrimaryEngine`], the metadata store and the
+//!   per-seq data; it is the only one that decides anything;
+//! - the NBD server's request tasks prepare payloads (crc32 + zstd, in
+//!   parallel across requests), take replication-window permits (async
+//!   backpressure, G4) and submit to the owner;
+//! - spawned local I/O tasks report back to the owner;
+//! - the **connector** dials the secondary with backoff, runs the handshake
+//!   (G6, G7), then a reader and a batching writer for the session.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::control::{self, ControlHandler, ControlReply, StatusDoc};
+use crate::agent::{AgentError, RETRY_LOG_INTERVAL, errno_of, security_for};
+use crate::bitmap::DirtyBitmap;
+use crate::config::NodeConfig;
+use crate::engine::primary::{Action, Errno, FlushId, Mode, OpKind, PrimaryEngine};
+use crate::frontend::{ExportBackend, IoFuture, NbdAddress, NbdExport, NbdServer};
+use crate::meta::{MetaStore, Superblock};
+use crate::metrics::Metrics;
+use crate::transport::{self, Backoff, PeerReadHalf, PeerWriteHalf, Security};
+use crate::types::{ByteRange, DiskState, Generation, Role, Seq, VolumeId};
+use crate::volume::{OpenOptions, Volume};
+use crate::wire::{self, Frame, Hello, Message, Payload, PROTOCOL_VERSION, SyncPlan, Welcome, caps};
+
+/// Reply channel of one client request.
+type Reply = oneshot::Sender<Result<(), Errno>>;
+
+/// What the agent tells its caller once it serves.
+#[derive(Clone, Debug)]
+pub struct PrimaryReady {
+    pub nbd: NbdAddress,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Both window permits a shipped write holds until the secondary made it durable.
+struct Permits {
+    _bytes: OwnedSemaphorePermit,
+    _writes: OwnedSemaphorePermit,
+}
+
+/// The replication window (G4): bytes and writes shipped and not yet durable.
+struct Window {
+    bytes: Arc<Semaphore>,
+    writes: Arc<Semaphore>,
+    bytes_max: u32,
+}
+
+impl Window {
+    fn new(bytes_max: u64, writes_max: u32) -> Window {
+        let bytes_max = bytes_max.min(u32::MAX as u64) as u32;
+        Window { bytes: Arc::new(Semaphore::new(bytes_max as usize)), writes: Arc::new(Semaphore::new(writes_max as usize)), bytes_max }
+    }
+
+    async fn acquire(&self, len_bytes: u64) -> Option<Permits> {
+        // A request larger than the window takes the whole window rather than waiting forever.
+        let n = (len_bytes.min(self.bytes_max as u64) as u32).max(1);
+        let writes = self.writes.clone().acquire_owned().await.ok()?;
+        let bytes = self.bytes.clone().acquire_many_owned(n).await.ok()?;
+        Some(Permits { _bytes: bytes, _writes: writes })
+    }
+
+    fn try_acquire(&self, len_bytes: u64) -> Option<Permits> {
+        let n = (len_bytes.min(self.bytes_max as u64) as u32).max(1);
+        let writes = self.writes.clone().try_acquire_owned().ok()?;
+        let bytes = self.bytes.clone().try_acquire_many_owned(n).ok()?;
+        Some(Permits { _bytes: bytes, _writes: writes })
+    }
+}
+
+enum Cmd {
+    Submit { kind: OpKind, range: ByteRange, fua: bool, data: Option<Bytes>, payload: Option<Payload>, permits: Option<Permits>, reply: Reply },
+    Flush { reply: Reply },
+    HelloInfo { reply: oneshot::Sender<Hello> },
+    Status { reply: oneshot::Sender<StatusDoc> },
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+enum IoDone {
+    Local { seq: Seq, result: Result<(), Errno> },
+    ResyncRead { seq: Seq, result: Result<Option<Payload>, Errno> },
+    Flush { id: FlushId, result: Result<(), Errno> },
+}
+
+enum PeerEvent {
+    Up { id: u64, tx: mpsc::UnboundedSender<Frame>, full: bool, peer: Welcome },
+    Applied { id: u64, seq: Seq },
+    Durable { id: u64, through: Seq },
+    Down { id: u64, reason: String },
+}
+
+/// Per-seq data the engine refers to by seq.
+struct Held {
+    kind: OpKind,
+    range: ByteRange,
+    fua: bool,
+    /// Data for the local write, until it starts.
+    data: Option<Bytes>,
+    /// Prepared payload for the frame (None: not prepared yet, or an all-zero resync range).
+    payload: Option<Payload>,
+    zero: bool,
+    local_started: bool,
+    ship_settled: bool,
+}
+
+struct Session {
+    id: u64,
+    tx: mpsc::UnboundedSender<Frame>,
+    peer: Welcome,
+}
+
+struct Shared {
+    cmd_tx: mpsc::Sender<Cmd>,
+    streaming: AtomicBool,
+    window: Window,
+    size_bytes: u64,
+    compress_level: i32,
+    metrics: Arc<Metrics>,
+    volume: Volume,
+}
+
+/// Run a primary until `shutdown` is cancelled; then drain and persist.
+pub async fn run(cfg: NodeConfig, shutdown: CancellationToken, ready: Option<oneshot::Sender<PrimaryReady>>) -> Result<(), AgentError> {
+    let cfg = Arc::new(cfg);
+    let opts = OpenOptions { create_size_bytes: cfg.size_bytes, direct: cfg.direct, engine: cfg.io_engine };
+    let volume = Volume::open(&cfg.volume, &opts)?;
+    let size_bytes = volume.size_bytes();
+    tracing::info!(volume = %cfg.volume.display(), size_bytes, engine = volume.engine_name(), "opened volume");
+    let opened = MetaStore::open_or_create(&cfg.meta, size_bytes, cfg.block_size, || Superblock {
+        volume_id: VolumeId::random(),
+        size_bytes,
+        block_size: cfg.block_size,
+        role: Role::Primary,
+        disk_state: DiskState::UpToDate,
+        is_new: false,
+        gen_current: Generation::random(),
+        gen_bitmap_base: Generation::NONE,
+        gen_history: [Generation::NONE; 2],
+        clean_shutdown: true,
+        resync_cursor: None,
+        bitmap_valid: true,
+    })?;
+    if let Some(r) = &opened.recovered_from {
+        tracing::warn!(meta = %cfg.meta.display(), "metadata recovered: {r}");
+    }
+    let mut meta = opened.store;
+    let mut sb = opened.superblock;
+    if opened.created {
+        tracing::info!(meta = %cfg.meta.display(), volume_id = %sb.volume_id, generation = %sb.gen_current, "created metadata for a new primary volume");
+    }
+    if sb.role == Role::Secondary || sb.is_new {
+        // G8: taking the primary role starts a new generation.
+        if sb.disk_state != DiskState::UpToDate || sb.is_new {
+            return Err(AgentError::Refused(format!(
+                "{} was a secondary whose disk is {} (it never completed a sync); refusing to serve it as primary. \
+                 Resync it from its peer first, or remove its metadata {} to start it as a new primary",
+                cfg.volume.display(),
+                if sb.is_new { "new".to_string() } else { sb.disk_state.to_string() },
+                cfg.meta.display()
+            )));
+        }
+        let new_gen = Generation::random();
+        tracing::warn!(old = %sb.gen_current, new = %new_gen, "node was secondary; promoting with a new generation");
+        sb.gen_history = [sb.gen_current, sb.gen_history[0]];
+        sb.gen_current = new_gen;
+        sb.role = Role::Primary;
+    }
+    let dirty = if sb.clean_shutdown && sb.bitmap_valid {
+        opened.bitmap
+    } else {
+        // G3: without a trustworthy bitmap every block may differ. Resync all of it.
+        tracing::warn!("previous run did not shut down cleanly: every block is marked for resync");
+        let mut bm = DirtyBitmap::for_volume(size_bytes, cfg.block_size);
+        bm.mark_all();
+        bm
+    };
+    // From here on the persisted bitmap is stale until the next clean shutdown.
+    sb.clean_shutdown = false;
+    sb.bitmap_valid = false;
+    meta.write_superblock(&sb)?;
+
+    let metrics = Arc::new(Metrics::default());
+    let window = Window::new(cfg.queue_bytes_max, cfg.queue_writes_max);
+    let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+    let shared = Arc::new(Shared {
+        cmd_tx: cmd_tx.clone(),
+        streaming: AtomicBool::new(false),
+        window,
+        size_bytes,
+        compress_level: cfg.compress_level,
+        metrics: metrics.clone(),
+        volume: volume.clone(),
+    });
+    let mut engine = PrimaryEngine::new(cfg.mode, size_bytes, cfg.block_size, dirty, Seq(1));
+    engine.set_resync_chunk_bytes((1u64 << 20).min(cfg.queue_bytes_max / 4).max(cfg.block_size as u64));
+    let (peer_tx, peer_rx) = mpsc::unbounded_channel();
+    let (io_tx, io_rx) = mpsc::unbounded_channel();
+    let owner = Owner {
+        cfg: cfg.clone(),
+        engine,
+        volume,
+        meta,
+        sb,
+        held: HashMap::new(),
+        permits: HashMap::new(),
+        session: None,
+        io_tx,
+        shared: shared.clone(),
+        resync_budget_bytes: 0,
+        last_refill: Instant::now(),
+        draining: None,
+        last_resync_log: Instant::now(),
+    };
+    let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx));
+
+    let conn_stop = CancellationToken::new();
+    let connector_task = tokio::spawn(connector(cfg.clone(), security_for(&cfg), cmd_tx.clone(), peer_tx, metrics.clone(), conn_stop.clone()));
+
+    let nbd_addr: NbdAddress = cfg.nbd.as_deref().expect("validated").parse().map_err(|e| AgentError::Nbd(format!("{e}")))?;
+    let listener = NbdServer::bind(&nbd_addr).await.map_err(|e| AgentError::Nbd(format!("{e}")))?;
+    let bound = listener.local_addr().map_err(|e| AgentError::Nbd(format!("{e}")))?;
+    let export = NbdExport {
+        name: cfg.nbd_name.clone(),
+        description: format!("tandem resource {} ({} mode)", cfg.resource, if cfg.mode == Mode::Sync { "sync" } else { "async" }),
+        block_size_preferred: cfg.block_size.max(512),
+        ..NbdExport::default()
+    };
+    let server = NbdServer::new(Arc::new(ReplicatedExport { shared: shared.clone() }), export);
+    let nbd_stop = CancellationToken::new();
+    let nbd_task = tokio::spawn(server.serve(listener, nbd_stop.clone()));
+    tracing::info!(nbd = %bound, peer = ?cfg.peer, mode = ?cfg.mode, "primary serving");
+
+    let control_stop = CancellationToken::new();
+    let control_task = control::serve(&cfg.control, Arc::new(PrimaryControl { cmd_tx: cmd_tx.clone() }), control_stop.clone()).await?;
+    if let Some(ready) = ready {
+        let _ = ready.send(PrimaryReady { nbd: bound, metrics: metrics.clone() });
+    }
+
+    shutdown.cancelled().await;
+    tracing::info!("stopping: no new NBD requests; completing those in flight");
+    nbd_stop.cancel();
+    match nbd_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!("NBD server: {e}"),
+        Err(e) => tracing::error!("NBD server task: {e}"),
+    }
+    let (tx, rx) = oneshot::channel();
+    if cmd_tx.send(Cmd::Shutdown { reply: tx }).await.is_ok() {
+        let _ = rx.await;
+    }
+    conn_stop.cancel();
+    let _ = connector_task.await;
+    control_stop.cancel();
+    let _ = control_task.await;
+    drop(cmd_tx);
+    let result = owner_task.await.map_err(|e| AgentError::Refused(format!("owner task failed: {e}")))?;
+    result
+}
+
+/// The export the NBD server sees: reads go straight to the volume, writes
+/// through the owner.
+struct ReplicatedExport {
+    shared: Arc<Shared>,
+}
+
+impl ReplicatedExport {
+    fn submit(&self, kind: OpKind, offset: u64, len: u64, data: Option<Bytes>, fua: bool) -> IoFuture<()> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let start = Instant::now();
+            if offset.checked_add(len).is_none_or(|end| end > shared.size_bytes) {
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            if len == 0 {
+                return Ok(());
+            }
+            let streaming = shared.streaming.load(Ordering::Relaxed);
+            let payload = match (&data, streaming) {
+                (Some(d), true) => Some(Payload::prepare(d.clone(), shared.compress_level)),
+                _ => None,
+            };
+            let wire_len = if kind == OpKind::Write { len } else { 0 };
+            let permits = if streaming { shared.window.acquire(wire_len).await } else { None };
+            let (reply, rx) = oneshot::channel();
+            let range = ByteRange::new(offset, len);
+            let cmd = Cmd::Submit { kind, range, fua, data, payload, permits, reply };
+            shared.cmd_tx.send(cmd).await.map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
+            let result = rx.await.map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
+            Metrics::add(&shared.metrics.client_writes, 1);
+            Metrics::add(&shared.metrics.client_write_bytes, len);
+            shared.metrics.record_write_latency(start.elapsed());
+            result.map_err(std::io::Error::from_raw_os_error)
+        })
+    }
+}
+
+impl ExportBackend for ReplicatedExport {
+    fn size_bytes(&self) -> u64 {
+        self.shared.size_bytes
+    }
+
+    fn read(&self, offset: u64, len: u32) -> IoFuture<Bytes> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let data = shared.volume.read(offset, len).await?;
+            Metrics::add(&shared.metrics.client_reads, 1);
+            Metrics::add(&shared.metrics.client_read_bytes, len as u64);
+            Ok(data)
+        })
+    }
+
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<()> {
+        let len = data.len() as u64;
+        self.submit(OpKind::Write, offset, len, Some(data), fua)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> IoFuture<()> {
+        self.submit(OpKind::WriteZeroes, offset, len as u64, None, fua)
+    }
+
+    fn trim(&self, offset: u64, len: u32) -> IoFuture<()> {
+        self.submit(OpKind::Trim, offset, len as u64, None, false)
+    }
+
+    fn flush(&self) -> IoFuture<()> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            shared.cmd_tx.send(Cmd::Flush { reply }).await.map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
+            let result = rx.await.map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
+            Metrics::add(&shared.metrics.client_flushes, 1);
+            result.map_err(std::io::Error::from_raw_os_error)
+        })
+    }
+}
+
+struct Draining {
+    deadline: tokio::time::Instant,
+    reply: oneshot::Sender<()>,
+}
+
+struct Owner {
+    cfg: Arc<NodeConfig>,
+    engine: PrimaryEngine<Reply>,
+    volume: Volume,
+    meta: MetaStore,
+    sb: Superblock,
+    held: HashMap<Seq, Held>,
+    permits: HashMap<Seq, Permits>,
+    session: Option<Session>,
+    io_tx: mpsc::UnboundedSender<IoDone>,
+    shared: Arc<Shared>,
+    /// Resync rate limit: a token bucket in bytes, refilled at resync-rate.
+    resync_budget_bytes: i64,
+    last_refill: Instant,
+    draining: Option<Draining>,
+    last_resync_log: Instant,
+}
+
+impl Owner {
+    async fn run(
+        mut self,
+        mut cmd_rx: mpsc::Receiver<Cmd>,
+        mut io_rx: mpsc::UnboundedReceiver<IoDone>,
+        mut peer_rx: mpsc::UnboundedReceiver<PeerEvent>,
+    ) -> Result<(), AgentError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut out = Vec::new();
+        loop {
+            tokio::select! {
+                biased;
+                Some(done) = io_rx.recv() => self.on_io(done, &mut out),
+                Some(ev) = peer_rx.recv() => self.on_peer(ev, &mut out),
+                cmd = cmd_rx.recv(), if self.draining.is_none() => match cmd {
+                    Some(cmd) => self.on_cmd(cmd, &mut out),
+                    None => break,
+                },
+                _ = tick.tick() => {}
+            }
+            self.pump_resync(&mut out);
+            self.publish_gauges();
+            if let Some(d) = &self.draining {
+                let drained = self.engine.ops_in_flight() == 0 && (!self.engine.is_streaming() || self.engine.lag().writes == 0);
+                if drained || tokio::time::Instant::now() >= d.deadline {
+                    if !drained {
+                        tracing::warn!(lag_writes = self.engine.lag().writes, "drain timed out; the writes not yet durable on the secondary stay marked for resync");
+                    }
+                    break;
+                }
+            }
+        }
+        self.finish().await
+    }
+
+    /// Carry out engine actions.
+    fn act(&mut self, out: &mut Vec<Action<Reply>>) {
+        for action in out.drain(..) {
+            match action {
+                Action::StartLocal { seq, kind, range, fua } => self.start_local(seq, kind, range, fua),
+                Action::Ship { seq } => self.ship(seq),
+                Action::ShipResyncStart { blocks, full } => {
+                    let bs = self.cfg.block_size as u64;
+                    tracing::info!(blocks = blocks.0, bytes = blocks.0 * bs, full, "resync starts");
+                    Metrics::add(&self.shared.metrics.resync_total_blocks, 0);
+                    self.shared.metrics.resync_total_blocks.store(blocks.0, Ordering::Relaxed);
+                    self.shared.metrics.resync_shipped_blocks.store(0, Ordering::Relaxed);
+                    self.send(Frame { seq: self.engine.next_seq().0, msg: Message::ResyncStart { blocks: blocks.0, full }, payload: Payload::empty() });
+                }
+                Action::ShipFlush { through } => self.send(Frame { seq: through.0, msg: Message::Flush, payload: Payload::empty() }),
+                Action::ShipResyncDone { through } => {
+                    tracing::info!(through = through.0, "resync pass shipped; waiting for the secondary to make it durable");
+                    self.send(Frame { seq: through.0, msg: Message::ResyncDone { through_seq: through.0 }, payload: Payload::empty() });
+                }
+                Action::Complete { token, result, .. } => {
+                    let _ = token.send(result);
+                }
+                Action::StartLocalFlush { id } => {
+                    let volume = self.volume.clone();
+                    let tx = self.io_tx.clone();
+                    tokio::spawn(async move {
+                        let result = volume.flush().await.map_err(|e| errno_of(&e));
+                        let _ = tx.send(IoDone::Flush { id, result });
+                    });
+                }
+                Action::CompleteFlush { token, result, .. } => {
+                    let _ = token.send(result);
+                }
+                Action::Release { seq } => {
+                    self.permits.remove(&seq);
+                }
+                Action::Forget { seq } => {
+                    if let Some(h) = self.held.get_mut(&seq) {
+                        h.payload = None;
+                        h.ship_settled = true;
+                        if h.local_started {
+                            self.held.remove(&seq);
+                        }
+                    }
+                }
+                Action::DropSession { reason } => self.drop_session(&reason, out),
+            }
+        }
+    }
+
+    fn send(&mut self, frame: Frame) {
+        if let Some(s) = &self.session {
+            // A closed channel means the session is going down; Down follows.
+            let _ = s.tx.send(frame);
+        }
+    }
+
+    fn drop_session(&mut self, reason: &str, out: &mut Vec<Action<Reply>>) {
+        if let Some(s) = self.session.take() {
+            tracing::warn!(session = s.id, "dropping the session: {reason}");
+            self.shared.metrics.set_error(reason.to_string());
+            let mut more = Vec::new();
+            self.engine.session_ended(&mut more);
+            self.shared.streaming.store(false, Ordering::Relaxed);
+            self.shared.metrics.connected.store(false, Ordering::Relaxed);
+            out.extend(more);
+        }
+    }
+
+    fn start_local(&mut self, seq: Seq, kind: OpKind, range: ByteRange, fua: bool) {
+        let held = self.held.get_mut(&seq).expect("local op has held data");
+        held.local_started = true;
+        let data = held.data.take();
+        if held.ship_settled {
+            self.held.remove(&seq);
+        }
+        let volume = self.volume.clone();
+        let tx = self.io_tx.clone();
+        let level = self.cfg.compress_level;
+        tokio::spawn(async move {
+            let done = match kind {
+                OpKind::Write => {
+                    let data = data.expect("write has data");
+                    IoDone::Local { seq, result: volume.write(range.offset, data, fua).await.map_err(|e| errno_of(&e)) }
+                }
+                OpKind::WriteZeroes => IoDone::Local { seq, result: volume.write_zeroes(range.offset, range.len, fua).await.map_err(|e| errno_of(&e)) },
+                OpKind::Trim => IoDone::Local { seq, result: volume.trim(range.offset, range.len).await.map_err(|e| errno_of(&e)) },
+                OpKind::ResyncRead => {
+                    let result = match volume.read(range.offset, range.len as u32).await {
+                        Ok(data) if is_all_zero(&data) => Ok(None),
+                        Ok(data) => Ok(Some(Payload::prepare(data, level))),
+                        Err(e) => Err(errno_of(&e)),
+                    };
+                    IoDone::ResyncRead { seq, result }
+                }
+            };
+            let _ = tx.send(done);
+        });
+    }
+
+    fn ship(&mut self, seq: Seq) {
+        let level = self.cfg.compress_level;
+        let held = self.held.get_mut(&seq).expect("shipped op has held data");
+        let range = held.range;
+        let metrics = &self.shared.metrics;
+        let frame = match held.kind {
+            OpKind::Write | OpKind::ResyncRead if !held.zero => {
+                let payload = match held.payload.take() {
+                    Some(p) => p,
+                    // Accepted just before the link came up: prepare it now.
+                    None => Payload::prepare(held.data.clone().expect("unprepared write still holds its data"), level),
+                };
+                Metrics::add(&metrics.replicated_bytes, payload.raw_len() as u64);
+                Metrics::add(&metrics.replicated_wire_bytes, payload.wire_len() as u64);
+                Frame { seq: seq.0, msg: Message::Write { offset: range.offset, fua: held.fua }, payload }
+            }
+            OpKind::Write | OpKind::ResyncRead | OpKind::WriteZeroes => Frame {
+                seq: seq.0,
+                msg: Message::WriteZeroes { offset: range.offset, len: range.len as u32, fua: held.fua },
+                payload: Payload::empty(),
+            },
+            OpKind::Trim => Frame { seq: seq.0, msg: Message::Trim { offset: range.offset, len: range.len as u32 }, payload: Payload::empty() },
+        };
+        if held.kind == OpKind::ResyncRead {
+            Metrics::add(&metrics.resync_bytes, range.len);
+        }
+        self.send(frame);
+    }
+
+    fn on_cmd(&mut self, cmd: Cmd, out: &mut Vec<Action<Reply>>) {
+        match cmd {
+            Cmd::Submit { kind, range, fua, data, payload, permits, reply } => {
+                let seq = self.engine.next_seq();
+                self.held.insert(seq, Held { kind, range, fua, data, payload, zero: false, local_started: false, ship_settled: false });
+                if let Some(p) = permits {
+                    self.permits.insert(seq, p);
+                }
+                let now_ms = self.shared.metrics.now_ms();
+                let got = self.engine.submit(kind, range, fua, reply, now_ms, out);
+                assert_eq!(got, seq);
+                if !self.engine.is_streaming() {
+                    self.permits.remove(&seq);
+                }
+            }
+            Cmd::Flush { reply } => {
+                self.engine.flush(reply, out);
+            }
+            Cmd::HelloInfo { reply } => {
+                let _ = reply.send(self.hello());
+            }
+            Cmd::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Cmd::Shutdown { reply } => {
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(self.cfg.drain_timeout_ms);
+                tracing::info!(lag_writes = self.engine.lag().writes, lag_bytes = self.engine.lag().bytes, "draining the replication queue to the secondary");
+                self.draining = Some(Draining { deadline, reply });
+            }
+        }
+        self.act(out);
+    }
+
+    fn on_io(&mut self, done: IoDone, out: &mut Vec<Action<Reply>>) {
+        match done {
+            IoDone::Local { seq, result } => self.engine.local_done(seq, result, out),
+            IoDone::ResyncRead { seq, result } => {
+                let result = match result {
+                    Ok(payload) => {
+                        if let Some(h) = self.held.get_mut(&seq) {
+                            h.zero = payload.is_none();
+                            h.payload = payload;
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                };
+                self.engine.local_done(seq, result, out);
+            }
+            IoDone::Flush { id, result } => self.engine.local_flush_done(id, result, out),
+        }
+        self.act(out);
+    }
+
+    fn on_peer(&mut self, ev: PeerEvent, out: &mut Vec<Action<Reply>>) {
+        let current = self.session.as_ref().map(|s| s.id);
+        match ev {
+            PeerEvent::Up { id, tx, full, peer } => {
+                if self.session.is_some() {
+                    self.drop_session("a new session replaced it", out);
+                    self.act(out);
+                }
+                if self.draining.is_some() {
+                    return;
+                }
+                tracing::info!(session = id, peer = %peer.node_name, plan = if full { "full" } else { "bitmap" }, out_of_sync_blocks = self.engine.dirty().dirty_count().0, "connected to secondary");
+                self.session = Some(Session { id, tx, peer });
+                self.shared.metrics.connected.store(true, Ordering::Relaxed);
+                Metrics::add(&self.shared.metrics.sessions, 1);
+                self.engine.session_started(full, out);
+                self.shared.streaming.store(true, Ordering::Relaxed);
+            }
+            PeerEvent::Applied { id, seq } if Some(id) == current => self.engine.peer_applied(seq, out),
+            PeerEvent::Durable { id, through } if Some(id) == current => self.engine.peer_durable(through, out),
+            PeerEvent::Down { id, reason } if Some(id) == current => self.drop_session(&reason, out),
+            _ => {}
+        }
+        self.act(out);
+    }
+
+    fn pump_resync(&mut self, out: &mut Vec<Action<Reply>>) {
+        if self.draining.is_some() || !self.engine.wants_resync_chunk() {
+            self.last_refill = Instant::now();
+            return;
+        }
+        let rate = self.cfg.resync_rate_bytes_per_s;
+        let now = Instant::now();
+        let refill = (now - self.last_refill).as_secs_f64() * rate as f64;
+        self.last_refill = now;
+        // At most 100 ms of budget accumulates, so a pause does not turn into a burst.
+        self.resync_budget_bytes = (self.resync_budget_bytes + refill as i64).min((rate / 10).max(1 << 20) as i64);
+        while self.engine.wants_resync_chunk() && (rate == 0 || self.resync_budget_bytes > 0) {
+            let Some(permits) = self.shared.window.try_acquire(1 << 20) else { break };
+            let seq = self.engine.next_seq();
+            let now_ms = self.shared.metrics.now_ms();
+            let chunk = {
+                // Held must exist before StartLocal is acted on.
+                self.held.insert(seq, Held { kind: OpKind::ResyncRead, range: ByteRange::new(0, 0), fua: false, data: None, payload: None, zero: false, local_started: false, ship_settled: false });
+                self.engine.next_resync_chunk(now_ms, out)
+            };
+            match chunk {
+                Some((s, range)) => {
+                    assert_eq!(s, seq);
+                    self.held.get_mut(&seq).expect("inserted").range = range;
+                    self.permits.insert(seq, permits);
+                    self.resync_budget_bytes -= range.len as i64;
+                }
+                None => {
+                    self.held.remove(&seq);
+                }
+            }
+            self.act(out);
+        }
+        if let Some(p) = self.engine.resync_progress() {
+            self.shared.metrics.resync_shipped_blocks.store(p.shipped_blocks.0, Ordering::Relaxed);
+            if self.last_resync_log.elapsed() >= Duration::from_secs(2) {
+                self.last_resync_log = Instant::now();
+                let bs = self.cfg.block_size as u64;
+                let done = p.shipped_blocks.0 * bs;
+                let total = p.total_blocks.0 * bs;
+                let secs = if rate > 0 { total.saturating_sub(done) as f64 / rate as f64 } else { 0.0 };
+                tracing::info!(done_bytes = done, total_bytes = total, percent = format!("{:.1}", 100.0 * done as f64 / total.max(1) as f64), eta_s = format!("{secs:.0}"), "resync progress");
+            }
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.shared.metrics;
+        let lag = self.engine.lag();
+        m.lag_writes.store(lag.writes, Ordering::Relaxed);
+        m.lag_bytes.store(lag.bytes, Ordering::Relaxed);
+        m.lag_oldest_at_ms.store(lag.oldest_accepted_at_ms.map(|t| t.max(1)).unwrap_or(0), Ordering::Relaxed);
+        m.out_of_sync_bytes.store(self.engine.dirty().dirty_count().0 * self.cfg.block_size as u64, Ordering::Relaxed);
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            volume_id: self.sb.volume_id.0,
+            size_bytes: self.engine_size(),
+            block_size: self.cfg.block_size,
+            node_name: self.cfg.name.clone(),
+            peer_name: self.cfg.peer_name.clone(),
+            role: wire::ROLE_PRIMARY,
+            disk_state: wire::DISK_UP_TO_DATE,
+            generations: wire::Generations {
+                current: self.sb.gen_current.0,
+                bitmap_base: self.sb.gen_bitmap_base.0,
+                history: [self.sb.gen_history[0].0, self.sb.gen_history[1].0],
+            },
+            capabilities: caps::ZSTD,
+            first_seq: self.engine.next_seq().0,
+        }
+    }
+
+    fn engine_size(&self) -> u64 {
+        self.shared.size_bytes
+    }
+
+    fn status(&self) -> StatusDoc {
+        let m = &self.shared.metrics;
+        let lag = self.engine.lag();
+        StatusDoc::build(
+            &self.cfg,
+            Role::Primary,
+            m,
+            self.session.as_ref().map(|s| (s.peer.node_name.clone(), disk_state_name(s.peer.disk_state))),
+            self.sb.disk_state,
+            lag.writes,
+            lag.bytes,
+            self.engine.dirty().dirty_count(),
+            self.engine.resync_progress().map(|p| (p.shipped_blocks, p.total_blocks)),
+            self.sb.volume_id,
+            self.sb.gen_current,
+        )
+    }
+
+    /// Final local flush, Goodbye, then persist what may differ and mark a clean shutdown.
+    async fn finish(mut self) -> Result<(), AgentError> {
+        if let Err(e) = self.volume.flush().await {
+            tracing::error!("final flush of the volume failed: {e}; the next start resyncs everything");
+            return Err(AgentError::Refused(format!("final flush failed: {e}")));
+        }
+        if let Some(s) = self.session.take() {
+            let _ = s.tx.send(Frame { seq: 0, msg: Message::Goodbye, payload: Payload::empty() });
+        }
+        let bm = self.engine.out_of_sync();
+        let dirty = bm.dirty_count();
+        self.sb.clean_shutdown = true;
+        self.meta.persist_bitmap(&mut self.sb, &bm)?;
+        tracing::info!(out_of_sync_blocks = dirty.0, "metadata persisted; clean shutdown");
+        if let Some(d) = self.draining.take() {
+            let _ = d.reply.send(());
+        }
+        Ok(())
+    }
+}
+
+fn disk_state_name(code: u8) -> String {
+    match code {
+        wire::DISK_UP_TO_DATE => "UpToDate",
+        wire::DISK_INCONSISTENT => "Inconsistent",
+        wire::DISK_OUTDATED => "Outdated",
+        wire::DISK_NEW => "New",
+        _ => "Unknown",
+    }
+    .to_string()
+}
+
+pub(crate) fn is_all_zero(data: &[u8]) -> bool {
+    let mut words = data.chunks_exact(8);
+    let tail_zero = words.remainder().iter().all(|&b| b == 0);
+    tail_zero && words.all(|w| u64::from_ne_bytes(w.try_into().expect("8-byte chunk")) == 0)
+}
+
+struct PrimaryControl {
+    cmd_tx: mpsc::Sender<Cmd>,
+}
+
+impl ControlHandler for PrimaryControl {
+    fn status(&self) -> control::BoxFuture<Option<StatusDoc>> {
+        let tx = self.cmd_tx.clone();
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            tx.send(Cmd::Status { reply }).await.ok()?;
+            rx.await.ok()
+        })
+    }
+    fn other(&self, command: &str) -> control::BoxFuture<ControlReply> {
+        let command = command.to_string();
+        Box::pin(async move { ControlReply::error(format!("unknown control command '{command}'; known: status")) })
+    }
+}
+
+/// Dial the secondary, handshake, and run sessions until `stop`.
+async fn connector(
+    cfg: Arc<NodeConfig>,
+    security: Security,
+    cmd_tx: mpsc::Sender<Cmd>,
+    peer_tx: mpsc::UnboundedSender<PeerEvent>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let peer_addr: SocketAddr = cfg.peer.expect("validated");
+    let mut backoff = Backoff::new(100, 5_000);
+    let mut id = 0u64;
+    let mut last_log: Option<Instant> = None;
+    while !stop.is_cancelled() {
+        let attempt = async {
+            let stream = transport::connect(peer_addr, &security, cfg.connect_timeout_ms).await.map_err(|e| e.to_string())?;
+            let (reply, rx) = oneshot::channel();
+            cmd_tx.send(Cmd::HelloInfo { reply }).await.map_err(|_| "agent stopping".to_string())?;
+            let hello = rx.await.map_err(|_| "agent stopping".to_string())?;
+            handshake(stream, hello, &cfg).await
+        };
+        let result = tokio::select! {
+            r = attempt => r,
+            _ = stop.cancelled() => break,
+        };
+        let (rd, wr, welcome) = match result {
+            Ok(x) => x,
+            Err(reason) => {
+                metrics.set_error(reason.clone());
+                if last_log.is_none_or(|t| t.elapsed() >= RETRY_LOG_INTERVAL) {
+                    tracing::warn!(peer = %peer_addr, "cannot connect to secondary: {reason}; retrying with backoff");
+                    last_log = Some(Instant::now());
+                } else {
+                    tracing::debug!(peer = %peer_addr, "cannot connect to secondary: {reason}");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                    _ = stop.cancelled() => break,
+                }
+            }
+        };
+        last_log = None;
+        id += 1;
+        let started = Instant::now();
+        let full = welcome.needs == SyncPlan::Full;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (hb_tx, hb_rx) = mpsc::channel(8);
+        if peer_tx.send(PeerEvent::Up { id, tx, full, peer: welcome }).is_err() {
+            break;
+        }
+        let mut writer = tokio::spawn(session_writer(wr, rx, hb_rx, cfg.heartbeat_interval_ms));
+        let mut reader = tokio::spawn(session_reader(rd, id, peer_tx.clone(), hb_tx, cfg.peer_timeout_ms));
+        let reason = tokio::select! {
+            r = &mut reader => { writer.abort(); r.unwrap_or_else(|e| format!("reader task: {e}")) }
+            r = &mut writer => {
+                // The writer ends when the owner drops the session or the link breaks;
+                // give the reader a moment to see the peer's Goodbye/EOF.
+                let r = r.unwrap_or_else(|e| format!("writer task: {e}"));
+                let _ = tokio::time::timeout(Duration::from_millis(500), &mut reader).await;
+                reader.abort();
+                r
+            }
+        };
+        tracing::warn!(session = id, "session with secondary ended: {reason}");
+        let _ = peer_tx.send(PeerEvent::Down { id, reason });
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff.reset();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = stop.cancelled() => break,
+        }
+    }
+}
+
+/// Send Hello, read Welcome (G6): any mismatch is refused with both values named.
+async fn handshake(stream: transport::PeerStream, hello: Hello, cfg: &NodeConfig) -> Result<(BufReader<PeerReadHalf>, PeerWriteHalf, Welcome), String> {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(256 << 10, rd);
+    let mut buf = BytesMut::new();
+    wire::encode_frame(&Frame { seq: 0, msg: Message::Hello(hello.clone()), payload: Payload::empty() }, &mut buf);
+    wr.write_all(&buf).await.map_err(|e| format!("sending Hello: {e}"))?;
+    wr.flush().await.map_err(|e| format!("sending Hello: {e}"))?;
+    let mut scratch = BytesMut::new();
+    let frame = tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), wire::read_frame(&mut rd, &mut scratch))
+        .await
+        .map_err(|_| format!("no answer to Hello within {} ms", cfg.connect_timeout_ms))?
+        .map_err(|e| format!("reading Welcome: {e}"))?;
+    let welcome = match frame.msg {
+        Message::Welcome(w) => w,
+        Message::Refuse { reason } => return Err(format!("secondary refused the connection: {reason}")),
+        other => return Err(format!("expected Welcome, got message kind {}", other.kind())),
+    };
+    let problem = if welcome.protocol_version != PROTOCOL_VERSION {
+        Some(format!("protocol version mismatch: local {PROTOCOL_VERSION}, peer {}; run the same tandem version on both nodes", welcome.protocol_version))
+    } else if welcome.size_bytes != hello.size_bytes {
+        Some(format!("volume size mismatch: local {} bytes, peer {} bytes; resize one side or recreate metadata", hello.size_bytes, welcome.size_bytes))
+    } else if welcome.block_size != hello.block_size {
+        Some(format!("block size mismatch: local {} bytes, peer {} bytes; use the same --block-size on both nodes", hello.block_size, welcome.block_size))
+    } else if welcome.volume_id != hello.volume_id {
+        Some(format!(
+            "volume UUID mismatch: local {}, peer {}; these volumes hold unrelated data",
+            VolumeId(hello.volume_id),
+            VolumeId(welcome.volume_id)
+        ))
+    } else if welcome.node_name != cfg.peer_name {
+        Some(format!("peer calls itself '{}' but '{}' was expected (--peer-name)", welcome.node_name, cfg.peer_name))
+    } else if welcome.role != wire::ROLE_SECONDARY {
+        Some("the peer is not in the secondary role; two primaries cannot be paired (demote one first)".to_string())
+    } else {
+        None
+    };
+    if let Some(reason) = problem {
+        buf.clear();
+        wire::encode_frame(&Frame { seq: 0, msg: Message::Refuse { reason: reason.clone() }, payload: Payload::empty() }, &mut buf);
+        let _ = wr.write_all(&buf).await;
+        let _ = wr.shutdown().await;
+        return Err(reason);
+    }
+    Ok((rd, wr, welcome))
+}
+
+/// Write frames in batches: everything queued goes out in one write and one flush.
+async fn session_writer(mut wr: PeerWriteHalf, mut rx: mpsc::UnboundedReceiver<Frame>, mut hb_rx: mpsc::Receiver<u64>, heartbeat_interval_ms: u64) -> String {
+    let mut buf = BytesMut::with_capacity(1 << 20);
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_interval_ms));
+    let mut nonce = 0u64;
+    let mut last_send = Instant::now();
+    loop {
+        tokio::select! {
+            f = rx.recv() => match f {
+                None => {
+                    let _ = wr.shutdown().await;
+                    return "session closed by the agent".into();
+                }
+                Some(f) => {
+                    wire::encode_frame(&f, &mut buf);
+                    let mut goodbye = matches!(f.msg, Message::Goodbye);
+                    while buf.len() < (4 << 20) {
+                        match rx.try_recv() {
+                            Ok(f) => {
+                                goodbye |= matches!(f.msg, Message::Goodbye);
+                                wire::encode_frame(&f, &mut buf);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = wr.write_all(&buf).await {
+                        return format!("sending to secondary: {e}");
+                    }
+                    buf.clear();
+                    if let Err(e) = wr.flush().await {
+                        return format!("sending to secondary: {e}");
+                    }
+                    last_send = Instant::now();
+                    if goodbye {
+                        let _ = wr.shutdown().await;
+                        return "sent Goodbye".into();
+                    }
+                }
+            },
+            Some(n) = hb_rx.recv() => {
+                wire::encode_frame(&Frame { seq: 0, msg: Message::HeartbeatReply { nonce: n }, payload: Payload::empty() }, &mut buf);
+            }
+            _ = heartbeat.tick() => {
+                if last_send.elapsed() >= Duration::from_millis(heartbeat_interval_ms) || !buf.is_empty() {
+                    nonce += 1;
+                    wire::encode_frame(&Frame { seq: 0, msg: Message::Heartbeat { nonce }, payload: Payload::empty() }, &mut buf);
+                    if let Err(e) = wr.write_all(&buf).await {
+                        return format!("sending heartbeat: {e}");
+                    }
+                    buf.clear();
+                    if let Err(e) = wr.flush().await {
+                        return format!("sending heartbeat: {e}");
+                    }
+                    last_send = Instant::now();
+                }
+            }
+        }
+    }
+}
+
+/// Read acknowledgements; a silent peer (no frame within the timeout) is dead.
+async fn session_reader(mut rd: BufReader<PeerReadHalf>, id: u64, peer_tx: mpsc::UnboundedSender<PeerEvent>, hb_tx: mpsc::Sender<u64>, peer_timeout_ms: u64) -> String {
+    let mut scratch = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(Duration::from_millis(peer_timeout_ms), wire::read_frame(&mut rd, &mut scratch)).await {
+            Err(_) => return format!("secondary silent for {peer_timeout_ms} ms (heartbeat timeout)"),
+            Ok(Err(wire::WireError::Closed)) => return "secondary closed the connection".into(),
+            Ok(Err(e)) => return format!("receiving from secondary: {e}"),
+            Ok(Ok(f)) => f,
+        };
+        let ev = match frame.msg {
+            Message::Applied { seq } => PeerEvent::Applied { id, seq: Seq(seq) },
+            Message::Durable { through_seq } => PeerEvent::Durable { id, through: Seq(through_seq) },
+            Message::Heartbeat { nonce } => {
+                let _ = hb_tx.try_send(nonce);
+                continue;
+            }
+            Message::HeartbeatReply { .. } => continue,
+            Message::Goodbye => return "secondary said Goodbye".into(),
+            Message::Refuse { reason } => return format!("secondary stopped the session: {reason}"),
+            other => return format!("unexpected message kind {} from secondary", other.kind()),
+        };
+        if peer_tx.send(ev).is_err() {
+            return "agent stopping".into();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_all_zero;
+
+    #[test]
+    fn zero_detection_checks_every_byte() {
+        assert!(is_all_zero(&[0u8; 4099]));
+        for i in [0usize, 7, 8, 4095, 4098] {
+            let mut v = vec![0u8; 4099];
+            v[i] = 1;
+            assert!(!is_all_zero(&v), "byte {i}");
+        }
+    }
+}
