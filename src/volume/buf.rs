@@ -27,11 +27,16 @@ impl AlignedBuf {
     /// pointer is always valid and aligned, even for `len_bytes == 0`).
     pub fn zeroed(len_bytes: usize) -> AlignedBuf {
         let alloc_bytes = len_bytes.max(1).next_multiple_of(BUF_ALIGN_BYTES);
-        let layout = Layout::from_size_align(alloc_bytes, BUF_ALIGN_BYTES).expect("buffer layout: size is bounded by the 32 MiB request limit");
+        let layout = Layout::from_size_align(alloc_bytes, BUF_ALIGN_BYTES)
+            .expect("buffer layout: size is bounded by the 32 MiB request limit");
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len_bytes, layout }
+        AlignedBuf {
+            ptr,
+            len_bytes,
+            layout,
+        }
     }
 
     /// Copy `data` into a new aligned buffer.

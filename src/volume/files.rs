@@ -44,7 +44,10 @@ impl VolumeFiles {
         match &self.buffered {
             Some(buffered) => {
                 let align = self.direct_align_bytes;
-                if offset % align == 0 && len_bytes % align == 0 && addr as u64 % align == 0 {
+                if offset.is_multiple_of(align)
+                    && len_bytes.is_multiple_of(align)
+                    && (addr as u64).is_multiple_of(align)
+                {
                     self.primary.as_raw_fd()
                 } else {
                     buffered.as_raw_fd()
@@ -56,7 +59,9 @@ impl VolumeFiles {
 
     fn file_for(&self, offset: u64, len_bytes: u64, addr: usize) -> &File {
         match &self.buffered {
-            Some(buffered) if self.fd_for(offset, len_bytes, addr) == buffered.as_raw_fd() => buffered,
+            Some(buffered) if self.fd_for(offset, len_bytes, addr) == buffered.as_raw_fd() => {
+                buffered
+            }
             _ => &self.primary,
         }
     }
@@ -65,9 +70,9 @@ impl VolumeFiles {
     pub fn needs_aligned_copy(&self, offset: u64, data: &[u8]) -> bool {
         let align = self.direct_align_bytes;
         self.buffered.is_some()
-            && offset % align == 0
-            && data.len() as u64 % align == 0
-            && data.as_ptr() as u64 % align != 0
+            && offset.is_multiple_of(align)
+            && (data.len() as u64).is_multiple_of(align)
+            && !(data.as_ptr() as u64).is_multiple_of(align)
     }
 
     /// Read exactly `len_bytes` at `offset`, resubmitting after short reads.
@@ -108,7 +113,15 @@ impl VolumeFiles {
             let at = offset + done as u64;
             let file = self.file_for(at, rest.len() as u64, rest.as_ptr() as usize);
             match file.write_at(rest, at) {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, format!("volume {} accepted 0 bytes at offset {at}", self.path.display()))),
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        format!(
+                            "volume {} accepted 0 bytes at offset {at}",
+                            self.path.display()
+                        ),
+                    ));
+                }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -200,17 +213,27 @@ fn split_sectors(offset: u64, len_bytes: u64) -> ((u64, u64), (u64, u64), (u64, 
     let end = offset + len_bytes;
     let body_start = offset.next_multiple_of(SECTOR_BYTES).min(end);
     let body_end = (end / SECTOR_BYTES * SECTOR_BYTES).max(body_start);
-    ((offset, body_start - offset), (body_start, body_end - body_start), (body_end, end - body_end))
+    (
+        (offset, body_start - offset),
+        (body_start, body_end - body_start),
+        (body_end, end - body_end),
+    )
 }
 
 fn is_unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::ENOSYS))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::ENOSYS)
+    )
 }
 
 pub fn unexpected_eof(path: &std::path::Path, offset: u64) -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
-        format!("volume {} ended at offset {offset}, inside its recorded size; was it truncated by another program?", path.display()),
+        format!(
+            "volume {} ended at offset {offset}, inside its recorded size; was it truncated by another program?",
+            path.display()
+        ),
     )
 }
 
@@ -221,7 +244,10 @@ mod tests {
     #[test]
     fn ranges_split_into_unaligned_edges_and_aligned_body() {
         assert_eq!(split_sectors(0, 1024), ((0, 0), (0, 1024), (1024, 0)));
-        assert_eq!(split_sectors(100, 1000), ((100, 412), (512, 512), (1024, 76)));
+        assert_eq!(
+            split_sectors(100, 1000),
+            ((100, 412), (512, 512), (1024, 76))
+        );
         assert_eq!(split_sectors(100, 10), ((100, 10), (110, 0), (110, 0)));
         assert_eq!(split_sectors(510, 4), ((510, 2), (512, 0), (512, 2)));
     }
@@ -230,12 +256,61 @@ mod tests {
     fn zero_chunk_fallback_zeroes_exactly_the_range() {
         let file = tempfile::tempfile().unwrap();
         let len = 3 * ZERO_CHUNK_BYTES_MAX + 777;
-        file.write_all_at(&vec![0xAB; (len + 2000) as usize], 0).unwrap();
-        let files = VolumeFiles { path: "test".into(), primary: file, buffered: None, direct_align_bytes: 0, is_block_device: false };
+        file.write_all_at(&vec![0xAB; (len + 2000) as usize], 0)
+            .unwrap();
+        let files = VolumeFiles {
+            path: "test".into(),
+            primary: file,
+            buffered: None,
+            direct_align_bytes: 0,
+            is_block_device: false,
+        };
         files.write_zero_chunks(1000, len).unwrap();
         let back = files.read_sync(0, (len + 2000) as u32).unwrap();
         assert!(back[..1000].iter().all(|b| *b == 0xAB));
         assert!(back[1000..(1000 + len) as usize].iter().all(|b| *b == 0));
         assert!(back[(1000 + len) as usize..].iter().all(|b| *b == 0xAB));
+    }
+}
+
+#[cfg(test)]
+mod routing_tests {
+    use super::*;
+
+    #[test]
+    fn only_fully_aligned_requests_use_the_direct_descriptor() {
+        let direct = tempfile::tempfile().unwrap();
+        let buffered = tempfile::tempfile().unwrap();
+        let (direct_fd, buffered_fd) = (direct.as_raw_fd(), buffered.as_raw_fd());
+        let files = VolumeFiles {
+            path: "t".into(),
+            primary: direct,
+            buffered: Some(buffered),
+            direct_align_bytes: 4096,
+            is_block_device: false,
+        };
+        assert_eq!(files.fd_for(8192, 4096, 4096 * 3), direct_fd);
+        assert_eq!(files.fd_for(8192 + 512, 4096, 4096), buffered_fd);
+        assert_eq!(files.fd_for(8192, 4096 + 512, 4096), buffered_fd);
+        assert_eq!(files.fd_for(8192, 4096, 4096 + 8), buffered_fd);
+        let aligned = AlignedBuf::zeroed(8192);
+        assert!(!files.needs_aligned_copy(0, aligned.as_slice()));
+        let backing = vec![0u8; 8192 + 4096];
+        let misaligned = &backing[(4096 - backing.as_ptr() as usize % 4096) + 1..][..4096];
+        assert!(files.needs_aligned_copy(0, misaligned));
+        assert!(
+            !files.needs_aligned_copy(1, misaligned),
+            "unaligned offsets go buffered without a copy"
+        );
+
+        let plain = VolumeFiles {
+            path: "t".into(),
+            primary: tempfile::tempfile().unwrap(),
+            buffered: None,
+            direct_align_bytes: 0,
+            is_block_device: false,
+        };
+        assert_eq!(plain.fd_for(1, 1, 1), plain.primary.as_raw_fd());
+        assert!(!plain.needs_aligned_copy(0, misaligned));
     }
 }

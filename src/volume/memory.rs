@@ -12,7 +12,9 @@ pub struct MemoryDevice {
 impl MemoryDevice {
     pub fn new(size_bytes: u64) -> MemoryDevice {
         let len = usize::try_from(size_bytes).expect("memory volume size fits in usize");
-        MemoryDevice { data: Mutex::new(vec![0; len]) }
+        MemoryDevice {
+            data: Mutex::new(vec![0; len]),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<u8>> {

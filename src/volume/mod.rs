@@ -94,13 +94,25 @@ pub struct OpenOptions {
 pub enum VolumeError {
     #[error("volume {path} does not exist; pass --size to create a sparse image of that size")]
     NotFound { path: PathBuf },
-    #[error("volume {path} is already held by another tandem agent (or another program); stop it first")]
+    #[error(
+        "volume {path} is already held by another tandem agent (or another program); stop it first"
+    )]
     Busy { path: PathBuf },
-    #[error("volume {path} is {actual_bytes} bytes but --size asks for {requested_bytes}; drop --size to use the image as it is, or point at another path")]
-    SizeMismatch { path: PathBuf, actual_bytes: u64, requested_bytes: u64 },
-    #[error("volume {path} is {size_bytes} bytes, which is not a positive multiple of 512; resize it or create a new image with --size")]
+    #[error(
+        "volume {path} is {actual_bytes} bytes but --size asks for {requested_bytes}; drop --size to use the image as it is, or point at another path"
+    )]
+    SizeMismatch {
+        path: PathBuf,
+        actual_bytes: u64,
+        requested_bytes: u64,
+    },
+    #[error(
+        "volume {path} is {size_bytes} bytes, which is not a positive multiple of 512; resize it or create a new image with --size"
+    )]
     SizeNotAligned { path: PathBuf, size_bytes: u64 },
-    #[error("volume {path} is neither a regular file nor a block device; point at an image file or a block device")]
+    #[error(
+        "volume {path} is neither a regular file nor a block device; point at an image file or a block device"
+    )]
     NotAVolume { path: PathBuf },
     #[error("cannot open volume {path}: {source}{hint}")]
     Open {
@@ -130,7 +142,9 @@ pub enum VolumeError {
     },
     #[error("{ENGINE_ENV_VAR}={value} is not an I/O engine; use uring, threads or auto")]
     UnknownEngine { value: String },
-    #[error("cannot start the {engine} engine for volume {path}: {source}; use the threads engine ({ENGINE_ENV_VAR}=threads) if io_uring is disabled here")]
+    #[error(
+        "cannot start the {engine} engine for volume {path}: {source}; use the threads engine ({ENGINE_ENV_VAR}=threads) if io_uring is disabled here"
+    )]
     EngineStart {
         path: PathBuf,
         engine: &'static str,
@@ -157,8 +171,13 @@ struct Inner {
 
 enum Backend {
     Memory(MemoryDevice),
-    Uring { files: Arc<VolumeFiles>, engine: UringEngine },
-    Threads { engine: ThreadEngine },
+    Uring {
+        files: Arc<VolumeFiles>,
+        engine: UringEngine,
+    },
+    Threads {
+        engine: ThreadEngine,
+    },
 }
 
 impl Volume {
@@ -180,14 +199,27 @@ impl Volume {
                 let Some(size_bytes) = opts.create_size_bytes else {
                     return Err(VolumeError::NotFound { path: path_buf });
                 };
-                if size_bytes == 0 || size_bytes % SECTOR_BYTES != 0 {
-                    return Err(VolumeError::SizeNotAligned { path: path_buf, size_bytes });
+                if size_bytes == 0 || !size_bytes.is_multiple_of(SECTOR_BYTES) {
+                    return Err(VolumeError::SizeNotAligned {
+                        path: path_buf,
+                        size_bytes,
+                    });
                 }
-                match std::fs::OpenOptions::new().write(true).create_new(true).open(path) {
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                {
                     Ok(_) => created = true,
                     // Another process created it meanwhile; treat it as existing.
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(source) => return Err(VolumeError::Create { path: path_buf, size_bytes, source }),
+                    Err(source) => {
+                        return Err(VolumeError::Create {
+                            path: path_buf,
+                            size_bytes,
+                            source,
+                        });
+                    }
                 }
                 false
             }
@@ -203,23 +235,43 @@ impl Volume {
             // EBUSY if it is mounted or claimed by another exclusive opener.
             flags |= libc::O_EXCL;
         }
-        let primary = std::fs::OpenOptions::new().read(true).write(true).custom_flags(flags).open(path).map_err(|e| {
-            if is_block_device && e.raw_os_error() == Some(libc::EBUSY) {
-                VolumeError::Busy { path: path_buf.clone() }
-            } else if opts.direct && e.raw_os_error() == Some(libc::EINVAL) {
-                open_err("; this file system does not support O_DIRECT, open without --direct")(e)
-            } else {
-                open_err("")(e)
-            }
-        })?;
+        let primary = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| {
+                if is_block_device && e.raw_os_error() == Some(libc::EBUSY) {
+                    VolumeError::Busy {
+                        path: path_buf.clone(),
+                    }
+                } else if opts.direct && e.raw_os_error() == Some(libc::EINVAL) {
+                    open_err("; this file system does not support O_DIRECT, open without --direct")(
+                        e,
+                    )
+                } else {
+                    open_err("")(e)
+                }
+            })?;
         match sys::flock_exclusive(&primary) {
             Ok(true) => {}
             Ok(false) => return Err(VolumeError::Busy { path: path_buf }),
-            Err(source) => return Err(VolumeError::Lock { path: path_buf, source }),
+            Err(source) => {
+                return Err(VolumeError::Lock {
+                    path: path_buf,
+                    source,
+                });
+            }
         }
 
         if created && let Some(size_bytes) = opts.create_size_bytes {
-            primary.set_len(size_bytes).map_err(|source| VolumeError::Create { path: path_buf.clone(), size_bytes, source })?;
+            primary
+                .set_len(size_bytes)
+                .map_err(|source| VolumeError::Create {
+                    path: path_buf.clone(),
+                    size_bytes,
+                    source,
+                })?;
             tracing::info!(path = %path.display(), size_bytes, "created sparse volume image");
         }
         let size_bytes = if is_block_device {
@@ -227,46 +279,88 @@ impl Volume {
         } else {
             primary.metadata().map(|m| m.len())
         }
-        .map_err(|source| VolumeError::Size { path: path_buf.clone(), source })?;
+        .map_err(|source| VolumeError::Size {
+            path: path_buf.clone(),
+            source,
+        })?;
         if let Some(requested_bytes) = opts.create_size_bytes
             && requested_bytes != size_bytes
         {
-            return Err(VolumeError::SizeMismatch { path: path_buf, actual_bytes: size_bytes, requested_bytes });
+            return Err(VolumeError::SizeMismatch {
+                path: path_buf,
+                actual_bytes: size_bytes,
+                requested_bytes,
+            });
         }
-        if size_bytes == 0 || size_bytes % SECTOR_BYTES != 0 {
-            return Err(VolumeError::SizeNotAligned { path: path_buf, size_bytes });
+        if size_bytes == 0 || !size_bytes.is_multiple_of(SECTOR_BYTES) {
+            return Err(VolumeError::SizeNotAligned {
+                path: path_buf,
+                size_bytes,
+            });
         }
 
         let (buffered, direct_align_bytes) = if opts.direct {
             let align = if is_block_device {
-                sys::block_device_logical_block_bytes(&primary).map_err(|source| VolumeError::Size { path: path_buf.clone(), source })?.into()
+                sys::block_device_logical_block_bytes(&primary)
+                    .map_err(|source| VolumeError::Size {
+                        path: path_buf.clone(),
+                        source,
+                    })?
+                    .into()
             } else {
                 FILE_DIRECT_ALIGN_BYTES
             };
-            let buffered: File = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(open_err(""))?;
+            let buffered: File = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(open_err(""))?;
             (Some(buffered), align)
         } else {
             (None, 0)
         };
-        let files = Arc::new(VolumeFiles { path: path_buf.clone(), primary, buffered, direct_align_bytes, is_block_device });
+        let files = Arc::new(VolumeFiles {
+            path: path_buf.clone(),
+            primary,
+            buffered,
+            direct_align_bytes,
+            is_block_device,
+        });
 
         let engine_err = |engine: &'static str| {
             let path = path_buf.clone();
-            move |source: io::Error| VolumeError::EngineStart { path, engine, source }
+            move |source: io::Error| VolumeError::EngineStart {
+                path,
+                engine,
+                source,
+            }
         };
         let backend = match engine_choice {
-            EngineChoice::Uring => Backend::Uring { engine: UringEngine::start(files.clone()).map_err(engine_err("io_uring"))?, files },
-            EngineChoice::Threads => Backend::Threads { engine: ThreadEngine::start(files).map_err(engine_err("threads"))? },
+            EngineChoice::Uring => Backend::Uring {
+                engine: UringEngine::start(files.clone()).map_err(engine_err("io_uring"))?,
+                files,
+            },
+            EngineChoice::Threads => Backend::Threads {
+                engine: ThreadEngine::start(files).map_err(engine_err("threads"))?,
+            },
             EngineChoice::Auto => match UringEngine::start(files.clone()) {
                 Ok(engine) => Backend::Uring { files, engine },
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "io_uring cannot be set up; using the threads engine");
-                    Backend::Threads { engine: ThreadEngine::start(files).map_err(engine_err("threads"))? }
+                    Backend::Threads {
+                        engine: ThreadEngine::start(files).map_err(engine_err("threads"))?,
+                    }
                 }
             },
         };
         let volume = Volume {
-            inner: Arc::new(Inner { size_bytes, path: Some(path_buf), is_block_device, backend, durability_lost: Mutex::new(None) }),
+            inner: Arc::new(Inner {
+                size_bytes,
+                path: Some(path_buf),
+                is_block_device,
+                backend,
+                durability_lost: Mutex::new(None),
+            }),
         };
         tracing::info!(path = %path.display(), size_bytes, engine = volume.engine_name(), direct = opts.direct, is_block_device, "opened volume");
         Ok(volume)
@@ -277,7 +371,10 @@ impl Volume {
     /// # Panics
     /// If `size_bytes` is 0 or not a multiple of 512, like an on-disk volume would be refused.
     pub fn memory(size_bytes: u64) -> Volume {
-        assert!(size_bytes > 0 && size_bytes % SECTOR_BYTES == 0, "memory volume size {size_bytes} is not a positive multiple of 512");
+        assert!(
+            size_bytes > 0 && size_bytes.is_multiple_of(SECTOR_BYTES),
+            "memory volume size {size_bytes} is not a positive multiple of 512"
+        );
         Volume {
             inner: Arc::new(Inner {
                 size_bytes,
@@ -321,12 +418,24 @@ impl Volume {
             Backend::Memory(mem) => Ok(mem.read(offset, len)),
             Backend::Uring { engine, .. } => {
                 let (reply, rx) = oneshot::channel();
-                engine.submit(RingOp::Read { offset, len_bytes: len, reply }).await?;
+                engine
+                    .submit(RingOp::Read {
+                        offset,
+                        len_bytes: len,
+                        reply,
+                    })
+                    .await?;
                 rx.await.map_err(|_| uring::engine_stopped())?
             }
             Backend::Threads { engine } => {
                 let (reply, rx) = oneshot::channel();
-                engine.submit(PoolOp::Read { offset, len_bytes: len, reply }).await?;
+                engine
+                    .submit(PoolOp::Read {
+                        offset,
+                        len_bytes: len,
+                        reply,
+                    })
+                    .await?;
                 rx.await.map_err(|_| uring::engine_stopped())?
             }
         }
@@ -350,16 +459,34 @@ impl Volume {
             }
             Backend::Uring { engine, .. } => {
                 let (reply, rx) = oneshot::channel();
-                engine.submit(RingOp::Write { offset, data, fua, reply }).await?;
+                engine
+                    .submit(RingOp::Write {
+                        offset,
+                        data,
+                        fua,
+                        reply,
+                    })
+                    .await?;
                 rx.await.map_err(|_| uring::engine_stopped())?
             }
             Backend::Threads { engine } => {
                 let (reply, rx) = oneshot::channel();
-                engine.submit(PoolOp::Write { offset, data, fua, reply }).await?;
+                engine
+                    .submit(PoolOp::Write {
+                        offset,
+                        data,
+                        fua,
+                        reply,
+                    })
+                    .await?;
                 rx.await.map_err(|_| uring::engine_stopped())?
             }
         };
-        if fua { self.record_durability("durable write", result) } else { result }
+        if fua {
+            self.record_durability("durable write", result)
+        } else {
+            result
+        }
     }
 
     /// Make `[offset, offset + len)` read as zeros (any length inside the volume).
@@ -379,11 +506,22 @@ impl Volume {
             }
             Backend::Threads { engine } => {
                 let (reply, rx) = oneshot::channel();
-                engine.submit(PoolOp::WriteZeroes { offset, len_bytes: len, fua, reply }).await?;
+                engine
+                    .submit(PoolOp::WriteZeroes {
+                        offset,
+                        len_bytes: len,
+                        fua,
+                        reply,
+                    })
+                    .await?;
                 rx.await.map_err(|_| uring::engine_stopped())?
             }
         };
-        if fua { self.record_durability("durable write_zeroes", result) } else { result }
+        if fua {
+            self.record_durability("durable write_zeroes", result)
+        } else {
+            result
+        }
     }
 
     /// Declare `[offset, offset + len)` unused (see the module docs for what reads return).
@@ -400,7 +538,13 @@ impl Volume {
             }
             Backend::Threads { engine } => {
                 let (reply, rx) = oneshot::channel();
-                engine.submit(PoolOp::Trim { offset, len_bytes: len, reply }).await?;
+                engine
+                    .submit(PoolOp::Trim {
+                        offset,
+                        len_bytes: len,
+                        reply,
+                    })
+                    .await?;
                 rx.await.map_err(|_| uring::engine_stopped())?
             }
         }
@@ -437,7 +581,11 @@ impl Volume {
             Some(end) if end <= self.inner.size_bytes => Ok(()),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{what} of {len_bytes} bytes at offset {offset} ends past the end of volume {} ({} bytes)", self.display_name(), self.inner.size_bytes),
+                format!(
+                    "{what} of {len_bytes} bytes at offset {offset} ends past the end of volume {} ({} bytes)",
+                    self.display_name(),
+                    self.inner.size_bytes
+                ),
             )),
         }
     }
@@ -446,14 +594,22 @@ impl Volume {
         if len_bytes > REQUEST_BYTES_MAX {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{what} of {len_bytes} bytes on volume {} exceeds the {REQUEST_BYTES_MAX}-byte request limit; split it", self.display_name()),
+                format!(
+                    "{what} of {len_bytes} bytes on volume {} exceeds the {REQUEST_BYTES_MAX}-byte request limit; split it",
+                    self.display_name()
+                ),
             ));
         }
         Ok(())
     }
 
     fn check_durability(&self) -> io::Result<()> {
-        match &*self.inner.durability_lost.lock().unwrap_or_else(PoisonError::into_inner) {
+        match &*self
+            .inner
+            .durability_lost
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
             Some(first) => Err(io::Error::other(format!(
                 "volume {} lost durability earlier ({first}); later flushes cannot prove data is safe: mark the volume for resync and restart",
                 self.display_name()
@@ -465,7 +621,11 @@ impl Volume {
     fn record_durability(&self, what: &str, result: io::Result<()>) -> io::Result<()> {
         if let Err(e) = &result {
             tracing::error!(volume = %self.display_name(), error = %e, "{what} failed; volume durability is lost");
-            let mut lost = self.inner.durability_lost.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut lost = self
+                .inner
+                .durability_lost
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             lost.get_or_insert_with(|| format!("{what} failed: {e}"));
         }
         result
@@ -483,7 +643,9 @@ impl std::fmt::Debug for Volume {
 }
 
 async fn run_blocking(f: impl FnOnce() -> io::Result<()> + Send + 'static) -> io::Result<()> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| io::Error::other(format!("volume worker task failed: {e}")))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("volume worker task failed: {e}")))?
 }
 
 fn resolve_engine(choice: EngineChoice) -> Result<EngineChoice, VolumeError> {
@@ -492,12 +654,50 @@ fn resolve_engine(choice: EngineChoice) -> Result<EngineChoice, VolumeError> {
     }
     match std::env::var(ENGINE_ENV_VAR) {
         Err(std::env::VarError::NotPresent) => Ok(EngineChoice::Auto),
-        Err(std::env::VarError::NotUnicode(v)) => Err(VolumeError::UnknownEngine { value: v.to_string_lossy().into_owned() }),
+        Err(std::env::VarError::NotUnicode(v)) => Err(VolumeError::UnknownEngine {
+            value: v.to_string_lossy().into_owned(),
+        }),
         Ok(v) => match v.trim() {
             "" | "auto" => Ok(EngineChoice::Auto),
             "uring" | "io_uring" => Ok(EngineChoice::Uring),
             "threads" => Ok(EngineChoice::Threads),
             _ => Err(VolumeError::UnknownEngine { value: v }),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_flush_fails_every_later_flush_and_durable_write() {
+        let volume = Volume::memory(1 << 20);
+        volume.flush().await.unwrap();
+        let failed =
+            volume.record_durability("flush", Err(io::Error::from_raw_os_error(libc::EIO)));
+        assert!(failed.is_err());
+        let err = volume.flush().await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("lost durability earlier (flush failed"),
+            "{err}"
+        );
+        assert!(
+            volume
+                .write(0, Bytes::from_static(b"x"), true)
+                .await
+                .is_err()
+        );
+        assert!(volume.write_zeroes(0, 512, true).await.is_err());
+        // Plain writes still work: they promise nothing about durability.
+        volume
+            .write(0, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap();
+        assert!(
+            volume.clone().flush().await.is_err(),
+            "clones share the poisoned state"
+        );
     }
 }

@@ -15,7 +15,11 @@ const BLKDISCARD: libc::c_ulong = 0x1277;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 /// Take an exclusive, non-blocking `flock` on `fd`. Returns `Ok(false)` when another
@@ -41,7 +45,13 @@ pub fn block_device_size_bytes(fd: &impl AsRawFd) -> io::Result<u64> {
     let mut size_bytes: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live
     // local u64 for the duration of the call.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), BLKGETSIZE64 as _, &mut size_bytes as *mut u64) })?;
+    cvt(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            BLKGETSIZE64 as _,
+            &mut size_bytes as *mut u64,
+        )
+    })?;
     Ok(size_bytes)
 }
 
@@ -49,14 +59,29 @@ pub fn block_device_size_bytes(fd: &impl AsRawFd) -> io::Result<u64> {
 pub fn block_device_logical_block_bytes(fd: &impl AsRawFd) -> io::Result<u32> {
     let mut block_bytes: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live local.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), BLKSSZGET as _, &mut block_bytes as *mut libc::c_int) })?;
+    cvt(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            BLKSSZGET as _,
+            &mut block_bytes as *mut libc::c_int,
+        )
+    })?;
     u32::try_from(block_bytes)
         .ok()
         .filter(|b| b.is_power_of_two() && *b >= 512)
-        .ok_or_else(|| io::Error::other(format!("BLKSSZGET returned an invalid logical block size {block_bytes}")))
+        .ok_or_else(|| {
+            io::Error::other(format!(
+                "BLKSSZGET returned an invalid logical block size {block_bytes}"
+            ))
+        })
 }
 
-fn block_range_ioctl(fd: &impl AsRawFd, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+fn block_range_ioctl(
+    fd: &impl AsRawFd,
+    request: libc::c_ulong,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
     let range: [u64; 2] = [offset, len];
     // SAFETY: BLKDISCARD/BLKZEROOUT read two u64 values through the pointer, which
     // points to a live local array for the duration of the call.
@@ -75,7 +100,8 @@ pub fn block_zero_out(fd: &impl AsRawFd, offset: u64, len: u64) -> io::Result<()
 }
 
 fn fallocate(fd: &impl AsRawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     loop {
         // SAFETY: fallocate takes only integers; the fd is kept open by the caller.
@@ -92,12 +118,22 @@ fn fallocate(fd: &impl AsRawFd, mode: libc::c_int, offset: u64, len: u64) -> io:
 
 /// Deallocate `[offset, offset + len)` of a file, keeping its size; reads return zeros.
 pub fn punch_hole(fd: &impl AsRawFd, offset: u64, len: u64) -> io::Result<()> {
-    fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+    fallocate(
+        fd,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
 }
 
 /// Zero `[offset, offset + len)` of a file without writing data blocks, keeping its size.
 pub fn zero_range(fd: &impl AsRawFd, offset: u64, len: u64) -> io::Result<()> {
-    fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+    fallocate(
+        fd,
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
 }
 
 /// A blocking, close-on-exec eventfd. Blocking on purpose: io_uring honours
@@ -123,6 +159,10 @@ pub fn eventfd_signal(fd: &impl AsRawFd) -> io::Result<()> {
         if ret < 0 && err.raw_os_error() == Some(libc::EINTR) {
             continue;
         }
-        return Err(if ret < 0 { err } else { io::Error::other("short write to eventfd") });
+        return Err(if ret < 0 {
+            err
+        } else {
+            io::Error::other("short write to eventfd")
+        });
     }
 }

@@ -19,11 +19,31 @@ pub const WORKERS: usize = 4;
 const QUEUE_DEPTH: usize = 256;
 
 pub enum PoolOp {
-    Read { offset: u64, len_bytes: u32, reply: oneshot::Sender<io::Result<Bytes>> },
-    Write { offset: u64, data: Bytes, fua: bool, reply: oneshot::Sender<io::Result<()>> },
-    Flush { reply: oneshot::Sender<io::Result<()>> },
-    WriteZeroes { offset: u64, len_bytes: u64, fua: bool, reply: oneshot::Sender<io::Result<()>> },
-    Trim { offset: u64, len_bytes: u64, reply: oneshot::Sender<io::Result<()>> },
+    Read {
+        offset: u64,
+        len_bytes: u32,
+        reply: oneshot::Sender<io::Result<Bytes>>,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    Flush {
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    WriteZeroes {
+        offset: u64,
+        len_bytes: u64,
+        fua: bool,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    Trim {
+        offset: u64,
+        len_bytes: u64,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
 }
 
 pub struct ThreadEngine {
@@ -35,22 +55,30 @@ impl ThreadEngine {
     pub fn start(files: Arc<VolumeFiles>) -> io::Result<ThreadEngine> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let rx = Arc::new(Mutex::new(rx));
-        let mut engine = ThreadEngine { tx: Some(tx), workers: Vec::with_capacity(WORKERS) };
+        let mut engine = ThreadEngine {
+            tx: Some(tx),
+            workers: Vec::with_capacity(WORKERS),
+        };
         for i in 0..WORKERS {
             let rx = rx.clone();
             let files = files.clone();
             // On error, dropping `engine` closes the channel and joins the started workers.
-            let worker = std::thread::Builder::new().name(format!("tandem-io-{i}")).spawn(move || {
-                loop {
-                    // The lock is held only while waiting for the next request; a
-                    // panic elsewhere cannot leave the receiver inconsistent.
-                    let op = rx.lock().unwrap_or_else(PoisonError::into_inner).blocking_recv();
-                    match op {
-                        Some(op) => execute(&files, op),
-                        None => return,
+            let worker = std::thread::Builder::new()
+                .name(format!("tandem-io-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while waiting for the next request; a
+                        // panic elsewhere cannot leave the receiver inconsistent.
+                        let op = rx
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .blocking_recv();
+                        match op {
+                            Some(op) => execute(&files, op),
+                            None => return,
+                        }
                     }
-                }
-            })?;
+                })?;
             engine.workers.push(worker);
         }
         Ok(engine)
@@ -66,11 +94,29 @@ impl ThreadEngine {
 /// stopped waiting, which is not an error).
 fn execute(files: &VolumeFiles, op: PoolOp) {
     match op {
-        PoolOp::Read { offset, len_bytes, reply } => drop(reply.send(files.read_sync(offset, len_bytes))),
-        PoolOp::Write { offset, data, fua, reply } => drop(reply.send(files.write_sync(offset, &data, fua))),
+        PoolOp::Read {
+            offset,
+            len_bytes,
+            reply,
+        } => drop(reply.send(files.read_sync(offset, len_bytes))),
+        PoolOp::Write {
+            offset,
+            data,
+            fua,
+            reply,
+        } => drop(reply.send(files.write_sync(offset, &data, fua))),
         PoolOp::Flush { reply } => drop(reply.send(files.flush_sync())),
-        PoolOp::WriteZeroes { offset, len_bytes, fua, reply } => drop(reply.send(files.write_zeroes_sync(offset, len_bytes, fua))),
-        PoolOp::Trim { offset, len_bytes, reply } => drop(reply.send(files.trim_sync(offset, len_bytes))),
+        PoolOp::WriteZeroes {
+            offset,
+            len_bytes,
+            fua,
+            reply,
+        } => drop(reply.send(files.write_zeroes_sync(offset, len_bytes, fua))),
+        PoolOp::Trim {
+            offset,
+            len_bytes,
+            reply,
+        } => drop(reply.send(files.trim_sync(offset, len_bytes))),
     }
 }
 

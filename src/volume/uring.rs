@@ -38,9 +38,20 @@ const WAKE_USER_DATA: u64 = u64::MAX;
 
 /// A request for the ring thread.
 pub enum RingOp {
-    Read { offset: u64, len_bytes: u32, reply: oneshot::Sender<io::Result<Bytes>> },
-    Write { offset: u64, data: Bytes, fua: bool, reply: oneshot::Sender<io::Result<()>> },
-    Flush { reply: oneshot::Sender<io::Result<()>> },
+    Read {
+        offset: u64,
+        len_bytes: u32,
+        reply: oneshot::Sender<io::Result<Bytes>>,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    Flush {
+        reply: oneshot::Sender<io::Result<()>>,
+    },
 }
 
 /// Handle to the ring thread; dropping it drains the in-flight work and joins the thread.
@@ -61,7 +72,11 @@ impl UringEngine {
         let thread = std::thread::Builder::new()
             .name("tandem-uring".into())
             .spawn(move || RingThread::new(ring, files, rx, thread_wake).run())?;
-        Ok(UringEngine { tx: Some(tx), wake, thread: Some(thread) })
+        Ok(UringEngine {
+            tx: Some(tx),
+            wake,
+            thread: Some(thread),
+        })
     }
 
     /// Queue `op` and wake the ring thread.
@@ -108,24 +123,60 @@ impl WriteBuf {
 
 /// One request from the moment it is pulled off the channel until it is answered.
 enum InFlight {
-    Read { offset: u64, buf: AlignedBuf, done_bytes: usize, retries: u32, reply: oneshot::Sender<io::Result<Bytes>> },
-    Write { offset: u64, buf: WriteBuf, done_bytes: usize, fua: bool, retries: u32, reply: oneshot::Sender<io::Result<()>> },
-    Flush { retries: u32, reply: oneshot::Sender<io::Result<()>> },
+    Read {
+        offset: u64,
+        buf: AlignedBuf,
+        done_bytes: usize,
+        retries: u32,
+        reply: oneshot::Sender<io::Result<Bytes>>,
+    },
+    Write {
+        offset: u64,
+        buf: WriteBuf,
+        done_bytes: usize,
+        fua: bool,
+        retries: u32,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    Flush {
+        retries: u32,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
 }
 
 impl InFlight {
     fn from_op(op: RingOp, files: &VolumeFiles) -> InFlight {
         match op {
-            RingOp::Read { offset, len_bytes, reply } => {
-                InFlight::Read { offset, buf: AlignedBuf::zeroed(len_bytes as usize), done_bytes: 0, retries: 0, reply }
-            }
-            RingOp::Write { offset, data, fua, reply } => {
+            RingOp::Read {
+                offset,
+                len_bytes,
+                reply,
+            } => InFlight::Read {
+                offset,
+                buf: AlignedBuf::zeroed(len_bytes as usize),
+                done_bytes: 0,
+                retries: 0,
+                reply,
+            },
+            RingOp::Write {
+                offset,
+                data,
+                fua,
+                reply,
+            } => {
                 let buf = if files.needs_aligned_copy(offset, &data) {
                     WriteBuf::Aligned(AlignedBuf::copy_from(&data))
                 } else {
                     WriteBuf::Shared(data)
                 };
-                InFlight::Write { offset, buf, done_bytes: 0, fua, retries: 0, reply }
+                InFlight::Write {
+                    offset,
+                    buf,
+                    done_bytes: 0,
+                    fua,
+                    retries: 0,
+                    reply,
+                }
             }
             RingOp::Flush { reply } => InFlight::Flush { retries: 0, reply },
         }
@@ -134,31 +185,49 @@ impl InFlight {
     /// The SQE for the remaining part of this request.
     fn sqe(&mut self, files: &VolumeFiles, user_data: u64) -> squeue::Entry {
         let entry = match self {
-            InFlight::Read { offset, buf, done_bytes, .. } => {
+            InFlight::Read {
+                offset,
+                buf,
+                done_bytes,
+                ..
+            } => {
                 let len_bytes = buf.len() - *done_bytes;
                 // SAFETY: done_bytes < buf.len(), so the pointer stays inside the allocation.
                 let ptr = unsafe { buf.as_mut_ptr().add(*done_bytes) };
                 let at = *offset + *done_bytes as u64;
                 let fd = files.fd_for(at, len_bytes as u64, ptr as usize);
-                opcode::Read::new(types::Fd(fd), ptr, len_bytes as u32).offset(at).build()
+                opcode::Read::new(types::Fd(fd), ptr, len_bytes as u32)
+                    .offset(at)
+                    .build()
             }
-            InFlight::Write { offset, buf, done_bytes, fua, .. } => {
+            InFlight::Write {
+                offset,
+                buf,
+                done_bytes,
+                fua,
+                ..
+            } => {
                 let rest = &buf.as_slice()[*done_bytes..];
                 let at = *offset + *done_bytes as u64;
                 let fd = files.fd_for(at, rest.len() as u64, rest.as_ptr() as usize);
                 let rw_flags = if *fua { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32).offset(at).rw_flags(rw_flags).build()
+                opcode::Write::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32)
+                    .offset(at)
+                    .rw_flags(rw_flags)
+                    .build()
             }
-            InFlight::Flush { .. } => {
-                opcode::Fsync::new(types::Fd(files.primary.as_raw_fd())).flags(types::FsyncFlags::DATASYNC).build()
-            }
+            InFlight::Flush { .. } => opcode::Fsync::new(types::Fd(files.primary.as_raw_fd()))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
         };
         entry.user_data(user_data)
     }
 
     fn retries(&mut self) -> &mut u32 {
         match self {
-            InFlight::Read { retries, .. } | InFlight::Write { retries, .. } | InFlight::Flush { retries, .. } => retries,
+            InFlight::Read { retries, .. }
+            | InFlight::Write { retries, .. }
+            | InFlight::Flush { retries, .. } => retries,
         }
     }
 
@@ -168,7 +237,9 @@ impl InFlight {
         // A closed oneshot means the caller stopped waiting; nothing to tell it.
         match self {
             InFlight::Read { reply, .. } => drop(reply.send(Err(err))),
-            InFlight::Write { reply, .. } | InFlight::Flush { reply, .. } => drop(reply.send(Err(err))),
+            InFlight::Write { reply, .. } | InFlight::Flush { reply, .. } => {
+                drop(reply.send(Err(err)))
+            }
         }
     }
 
@@ -192,34 +263,73 @@ impl InFlight {
     /// request remains to be submitted, `None` when it has been answered.
     fn advance(self, n: usize, files: &VolumeFiles) -> Option<InFlight> {
         match self {
-            InFlight::Read { offset, buf, done_bytes, retries, reply } => {
+            InFlight::Read {
+                offset,
+                buf,
+                done_bytes,
+                retries,
+                reply,
+            } => {
                 if n == 0 {
                     drop(reply.send(Err(unexpected_eof(&files.path, offset + done_bytes as u64))));
                     return None;
                 }
                 let done_bytes = done_bytes + n;
-                assert!(done_bytes <= buf.len(), "kernel reported more bytes read than requested");
+                assert!(
+                    done_bytes <= buf.len(),
+                    "kernel reported more bytes read than requested"
+                );
                 if done_bytes == buf.len() {
                     drop(reply.send(Ok(buf.into_bytes())));
                     None
                 } else {
-                    Some(InFlight::Read { offset, buf, done_bytes, retries, reply })
+                    Some(InFlight::Read {
+                        offset,
+                        buf,
+                        done_bytes,
+                        retries,
+                        reply,
+                    })
                 }
             }
-            InFlight::Write { offset, buf, done_bytes, fua, retries, reply } => {
+            InFlight::Write {
+                offset,
+                buf,
+                done_bytes,
+                fua,
+                retries,
+                reply,
+            } => {
                 if n == 0 {
-                    let err = io::Error::new(io::ErrorKind::WriteZero, format!("volume {} accepted 0 bytes at offset {}", files.path.display(), offset + done_bytes as u64));
+                    let err = io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        format!(
+                            "volume {} accepted 0 bytes at offset {}",
+                            files.path.display(),
+                            offset + done_bytes as u64
+                        ),
+                    );
                     drop(reply.send(Err(err)));
                     return None;
                 }
                 let done_bytes = done_bytes + n;
                 let len_bytes = buf.as_slice().len();
-                assert!(done_bytes <= len_bytes, "kernel reported more bytes written than requested");
+                assert!(
+                    done_bytes <= len_bytes,
+                    "kernel reported more bytes written than requested"
+                );
                 if done_bytes == len_bytes {
                     drop(reply.send(Ok(())));
                     None
                 } else {
-                    Some(InFlight::Write { offset, buf, done_bytes, fua, retries, reply })
+                    Some(InFlight::Write {
+                        offset,
+                        buf,
+                        done_bytes,
+                        fua,
+                        retries,
+                        reply,
+                    })
                 }
             }
             InFlight::Flush { reply, .. } => {
@@ -248,7 +358,12 @@ struct RingThread {
 }
 
 impl RingThread {
-    fn new(ring: IoUring, files: Arc<VolumeFiles>, rx: mpsc::Receiver<RingOp>, wake: Arc<OwnedFd>) -> RingThread {
+    fn new(
+        ring: IoUring,
+        files: Arc<VolumeFiles>,
+        rx: mpsc::Receiver<RingOp>,
+        wake: Arc<OwnedFd>,
+    ) -> RingThread {
         let slot_count = ring.params().sq_entries() as usize - 1;
         RingThread {
             ring,
@@ -281,7 +396,11 @@ impl RingThread {
                 Ok(_) => {}
                 // Interrupted, short of kernel memory, or completions must be reaped
                 // first: reap what is there and submit again on the next turn.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
                 Err(e) => {
                     self.fatal(e);
                     return;
@@ -297,7 +416,9 @@ impl RingThread {
 
     fn arm_wake(&mut self) {
         let ptr: *mut u64 = &mut *self.wake_buf;
-        let entry = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), ptr.cast(), 8).build().user_data(WAKE_USER_DATA);
+        let entry = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), ptr.cast(), 8)
+            .build()
+            .user_data(WAKE_USER_DATA);
         // SAFETY: the target is the boxed u64 owned by this thread, which is not freed
         // before the read's CQE has been reaped (see disarm_wake / fatal).
         if unsafe { self.ring.submission().push(&entry) }.is_ok() {
@@ -339,7 +460,11 @@ impl RingThread {
     }
 
     fn reap(&mut self) -> io::Result<()> {
-        let completions: Vec<(u64, i32)> = self.ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
+        let completions: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result()))
+            .collect();
         for (user_data, result) in completions {
             if user_data == WAKE_USER_DATA {
                 self.wake_armed = false;
@@ -349,7 +474,9 @@ impl RingThread {
                 continue;
             }
             let slot = usize::try_from(user_data).expect("user_data is a slot index");
-            let mut op = self.slots[slot].take().expect("a completion arrives only for an occupied slot");
+            let mut op = self.slots[slot]
+                .take()
+                .expect("a completion arrives only for an occupied slot");
             self.free_slots.push(slot);
             if result < 0 {
                 let errno = -result;
@@ -378,14 +505,22 @@ impl RingThread {
             }
             match self.ring.submitter().submit_and_wait(1) {
                 Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
                 Err(e) => {
                     self.fatal(e);
                     return;
                 }
             }
             for cqe in self.ring.completion() {
-                assert_eq!(cqe.user_data(), WAKE_USER_DATA, "no I/O is in flight at shutdown");
+                assert_eq!(
+                    cqe.user_data(),
+                    WAKE_USER_DATA,
+                    "no I/O is in flight at shutdown"
+                );
                 self.wake_armed = false;
             }
         }
@@ -396,7 +531,10 @@ impl RingThread {
     /// write into reused memory. Later requests fail because the channel closes.
     fn fatal(&mut self, err: io::Error) {
         tracing::error!(path = %self.files.path.display(), error = %err, "io_uring failed; failing all in-flight requests and stopping the engine");
-        let msg = format!("io_uring failed for volume {}: {err}", self.files.path.display());
+        let msg = format!(
+            "io_uring failed for volume {}: {err}",
+            self.files.path.display()
+        );
         for op in self.ready.drain(..) {
             op.fail(io::Error::other(msg.clone()));
         }
@@ -436,29 +574,66 @@ mod tests {
     /// `submit_and_wait` on the pipe read must be woken by the eventfd and complete.
     #[tokio::test]
     async fn request_sent_while_io_in_flight_is_woken_by_eventfd() {
-        let (pipe_rx, mut pipe_tx) = pipe();
+        let (pipe_rx, pipe_tx) = pipe();
         let file = tempfile::tempfile().unwrap();
         let file_data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
         file.write_all_at(&file_data, 0).unwrap();
-        let files = Arc::new(VolumeFiles { path: "pipe-test".into(), primary: pipe_rx, buffered: Some(file), direct_align_bytes: 4096, is_block_device: false });
+        let files = Arc::new(VolumeFiles {
+            path: "pipe-test".into(),
+            primary: pipe_rx,
+            buffered: Some(file),
+            direct_align_bytes: 4096,
+            is_block_device: false,
+        });
         let engine = UringEngine::start(files).unwrap();
+        // Dropped before the engine (reverse declaration order), so if an assertion
+        // fails the pipe read ends with EOF and dropping the engine does not hang.
+        let mut pipe_tx = pipe_tx;
 
         let (reply, mut stuck) = oneshot::channel();
-        engine.submit(RingOp::Read { offset: 0, len_bytes: 4096, reply }).await.unwrap();
+        engine
+            .submit(RingOp::Read {
+                offset: 0,
+                len_bytes: 4096,
+                reply,
+            })
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(stuck.try_recv().is_err(), "the pipe read must still be in flight");
+        assert!(
+            stuck.try_recv().is_err(),
+            "the pipe read must still be in flight"
+        );
 
         let (reply, rx) = oneshot::channel();
-        engine.submit(RingOp::Read { offset: 1, len_bytes: 10, reply }).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), rx).await.expect("woken by the eventfd").unwrap().unwrap();
+        engine
+            .submit(RingOp::Read {
+                offset: 1,
+                len_bytes: 10,
+                reply,
+            })
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .expect("woken by the eventfd")
+            .unwrap()
+            .unwrap();
         assert_eq!(&got[..], &file_data[1..11]);
-        assert!(stuck.try_recv().is_err(), "the pipe read is still in flight");
+        assert!(
+            stuck.try_recv().is_err(),
+            "the pipe read is still in flight"
+        );
 
         // 1000 bytes (< PIPE_BUF, so atomic) give a short read; the remainder
         // [1000, 4096) is unaligned and so is resubmitted to the regular file: the
         // result proves the resubmission used the right offset and buffer position.
         pipe_tx.write_all(&[0xEE; 1000]).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), stuck).await.expect("pipe read completes").unwrap().unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), stuck)
+            .await
+            .expect("pipe read completes")
+            .unwrap()
+            .unwrap();
         assert_eq!(got.len(), 4096);
         assert!(got[..1000].iter().all(|b| *b == 0xEE));
         assert_eq!(&got[1000..], &file_data[1000..4096]);
@@ -469,12 +644,26 @@ mod tests {
     async fn dropping_the_engine_with_queued_work_answers_everything() {
         let file = tempfile::tempfile().unwrap();
         file.set_len(1 << 20).unwrap();
-        let files = Arc::new(VolumeFiles { path: "drop-test".into(), primary: file, buffered: None, direct_align_bytes: 0, is_block_device: false });
+        let files = Arc::new(VolumeFiles {
+            path: "drop-test".into(),
+            primary: file,
+            buffered: None,
+            direct_align_bytes: 0,
+            is_block_device: false,
+        });
         let engine = UringEngine::start(files).unwrap();
         let mut replies = Vec::new();
         for i in 0..200u64 {
             let (reply, rx) = oneshot::channel();
-            engine.submit(RingOp::Write { offset: i * 4096, data: Bytes::from(vec![i as u8; 4096]), fua: false, reply }).await.unwrap();
+            engine
+                .submit(RingOp::Write {
+                    offset: i * 4096,
+                    data: Bytes::from(vec![i as u8; 4096]),
+                    fua: false,
+                    reply,
+                })
+                .await
+                .unwrap();
             replies.push(rx);
         }
         drop(engine);
