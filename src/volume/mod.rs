@@ -18,6 +18,10 @@
 //! or `auto`) overrides `Auto`; an explicit `Uring` or `Threads` in [`OpenOptions`]
 //! wins over the variable. An explicit `Uring` that cannot be set up is an error.
 //!
+//! Runtime: the async methods must run inside a tokio runtime (the io_uring engine
+//! runs `write_zeroes`/`trim` on tokio's blocking pool). Dropping the last handle
+//! closes the engine and blocks until requests already queued have completed.
+//!
 //! Semantics:
 //! - `read` returns exactly `len` bytes; holes read as zeros. Requests must lie
 //!   inside the volume and read/write carry at most [`REQUEST_BYTES_MAX`] (32 MiB);
