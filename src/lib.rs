@@ -4,4 +4,5 @@ pub mod bitmap;
 pub mod engine;
 pub mod meta;
 pub mod types;
+pub mod volume;
 pub mod wire;

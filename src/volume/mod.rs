@@ -1,0 +1,707 @@
+//! Block I/O on the local volume: an image file or a block device.
+//!
+//! Owns: opening a volume exclusively (`flock`, plus `O_EXCL` for block devices),
+//! creating sparse images, learning the size, and the I/O engines that serve
+//! `read`/`write`/`write_zeroes`/`trim`/`flush`:
+//!
+//! - **io_uring** (`uring.rs`): one thread owns the ring, batches queued requests
+//!   into one submit, sleeps in `submit_and_wait` woken by an eventfd.
+//! - **threads** (`threads.rs`): 4 threads doing `pread`/`pwrite`/`fdatasync`.
+//! - **memory** (`memory.rs`): a `Vec<u8>` for tests, same API and range checks.
+//!
+//! Does not own: ordering between requests. The caller guarantees overlapping
+//! requests are never in flight at the same time (ARCHITECTURE §G2); non-overlapping
+//! requests may complete in any order.
+//!
+//! Engine choice: [`EngineChoice::Auto`] tries io_uring and falls back to threads
+//! with a warning. The environment variable `TANDEM_IO_ENGINE` (`uring`, `threads`,
+//! or `auto`) overrides `Auto`; an explicit `Uring` or `Threads` in [`OpenOptions`]
+//! wins over the variable. An explicit `Uring` that cannot be set up is an error.
+//!
+//! Runtime: the async methods must run inside a tokio runtime (the io_uring engine
+//! runs `write_zeroes`/`trim` on tokio's blocking pool). Dropping the last handle
+//! closes the engine and blocks until requests already queued have completed.
+//!
+//! Semantics:
+//! - `read` returns exactly `len` bytes; holes read as zeros. Requests must lie
+//!   inside the volume and read/write carry at most [`REQUEST_BYTES_MAX`] (32 MiB);
+//!   otherwise they fail with `ErrorKind::InvalidInput` (EINVAL) before any I/O.
+//! - `write(.., fua = true)` is durable when it completes (`RWF_DSYNC` on io_uring,
+//!   write + `fdatasync` on threads); `flush` is `fdatasync`.
+//! - `write_zeroes`: files `fallocate(ZERO_RANGE)`, falling back to writing zeros in
+//!   1 MiB chunks; block devices `BLKZEROOUT` (unaligned edges written as data).
+//! - `trim`: files `fallocate(PUNCH_HOLE)`, after which the range reads as zeros;
+//!   block devices `BLKDISCARD` on the 512-aligned interior, after which the content
+//!   is unspecified (use `write_zeroes` where identical images matter, G3).
+//! - `O_DIRECT` (`direct: true`): aligned requests (offset, length and buffer aligned
+//!   to 4096 for files, to the logical block size for block devices) use the direct
+//!   descriptor; others go through a second, buffered descriptor of the same file.
+//! - A failed flush (or durable write) poisons durability: every later `flush`
+//!   fails too, because Linux reports a writeback error to `fdatasync` only once and
+//!   a later success would claim durability that was lost ("never retry and assume
+//!   durability", STYLE.md).
+
+mod buf;
+mod files;
+mod memory;
+mod sys;
+mod threads;
+mod uring;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use files::VolumeFiles;
+use memory::MemoryDevice;
+use threads::{PoolOp, ThreadEngine};
+use uring::{RingOp, UringEngine};
+
+/// Largest read or write accepted in one request (NBD clients send at most 32 MiB).
+pub const REQUEST_BYTES_MAX: u32 = 32 << 20;
+/// Volume sizes must be a multiple of this (the smallest logical block size).
+pub const SECTOR_BYTES: u64 = 512;
+/// Environment variable that overrides [`EngineChoice::Auto`]: `uring`, `threads`, `auto`.
+pub const ENGINE_ENV_VAR: &str = "TANDEM_IO_ENGINE";
+/// `O_DIRECT` alignment assumed for image files: 4096 works on every file system
+/// (some allow 512, none of the common ones need more).
+const FILE_DIRECT_ALIGN_BYTES: u64 = 4096;
+
+/// Which I/O engine serves an on-disk volume.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EngineChoice {
+    /// io_uring, falling back to threads (with a warning) if it cannot be set up;
+    /// overridable by `TANDEM_IO_ENGINE`.
+    #[default]
+    Auto,
+    Uring,
+    Threads,
+}
+
+/// How to open a volume.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Create a sparse image of this size if the path is missing; if the path exists
+    /// its size must equal this.
+    pub create_size_bytes: Option<u64>,
+    /// Open with `O_DIRECT` (bypass the page cache for aligned requests).
+    pub direct: bool,
+    pub engine: EngineChoice,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("volume {path} does not exist; pass --size to create a sparse image of that size")]
+    NotFound { path: PathBuf },
+    #[error(
+        "volume {path} is already held by another tandem agent (or another program); stop it first"
+    )]
+    Busy { path: PathBuf },
+    #[error(
+        "volume {path} is {actual_bytes} bytes but --size asks for {requested_bytes}; drop --size to use the image as it is, or point at another path"
+    )]
+    SizeMismatch {
+        path: PathBuf,
+        actual_bytes: u64,
+        requested_bytes: u64,
+    },
+    #[error(
+        "volume {path} is {size_bytes} bytes, which is not a positive multiple of 512; resize it or create a new image with --size"
+    )]
+    SizeNotAligned { path: PathBuf, size_bytes: u64 },
+    #[error(
+        "volume {path} is neither a regular file nor a block device; point at an image file or a block device"
+    )]
+    NotAVolume { path: PathBuf },
+    #[error("cannot open volume {path}: {source}{hint}")]
+    Open {
+        path: PathBuf,
+        hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create a sparse image of {size_bytes} bytes at {path}: {source}")]
+    Create {
+        path: PathBuf,
+        size_bytes: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot lock volume {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the size of volume {path}: {source}")]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{ENGINE_ENV_VAR}={value} is not an I/O engine; use uring, threads or auto")]
+    UnknownEngine { value: String },
+    #[error(
+        "cannot start the {engine} engine for volume {path}: {source}; use the threads engine ({ENGINE_ENV_VAR}=threads) if io_uring is disabled here"
+    )]
+    EngineStart {
+        path: PathBuf,
+        engine: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A handle to an open volume. Clones share the volume (and its engine); the volume
+/// is closed and its lock released when the last clone is dropped.
+#[derive(Clone)]
+pub struct Volume {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    size_bytes: u64,
+    path: Option<PathBuf>,
+    is_block_device: bool,
+    backend: Backend,
+    /// The first durability failure (failed flush or durable write), if any.
+    durability_lost: Mutex<Option<String>>,
+}
+
+enum Backend {
+    Memory(MemoryDevice),
+    Uring {
+        files: Arc<VolumeFiles>,
+        engine: UringEngine,
+    },
+    Threads {
+        engine: ThreadEngine,
+    },
+}
+
+impl Volume {
+    /// Open an image file or block device exclusively; see [`OpenOptions`].
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Volume, VolumeError> {
+        let engine_choice = resolve_engine(opts.engine)?;
+        let path_buf = path.to_path_buf();
+        let open_err = |hint: &'static str| {
+            let path = path_buf.clone();
+            move |source: io::Error| VolumeError::Open { path, hint, source }
+        };
+
+        let mut created = false;
+        let is_block_device = match std::fs::metadata(path) {
+            Ok(meta) if meta.file_type().is_block_device() => true,
+            Ok(meta) if meta.is_file() => false,
+            Ok(_) => return Err(VolumeError::NotAVolume { path: path_buf }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let Some(size_bytes) = opts.create_size_bytes else {
+                    return Err(VolumeError::NotFound { path: path_buf });
+                };
+                if size_bytes == 0 || !size_bytes.is_multiple_of(SECTOR_BYTES) {
+                    return Err(VolumeError::SizeNotAligned {
+                        path: path_buf,
+                        size_bytes,
+                    });
+                }
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                {
+                    Ok(_) => created = true,
+                    // Another process created it meanwhile; treat it as existing.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(source) => {
+                        return Err(VolumeError::Create {
+                            path: path_buf,
+                            size_bytes,
+                            source,
+                        });
+                    }
+                }
+                false
+            }
+            Err(e) => return Err(open_err("")(e)),
+        };
+
+        let mut flags = 0;
+        if opts.direct {
+            flags |= libc::O_DIRECT;
+        }
+        if is_block_device {
+            // O_EXCL without O_CREAT claims a block device exclusively: fails with
+            // EBUSY if it is mounted or claimed by another exclusive opener.
+            flags |= libc::O_EXCL;
+        }
+        let primary = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| {
+                if is_block_device && e.raw_os_error() == Some(libc::EBUSY) {
+                    VolumeError::Busy {
+                        path: path_buf.clone(),
+                    }
+                } else if opts.direct && e.raw_os_error() == Some(libc::EINVAL) {
+                    open_err("; this file system does not support O_DIRECT, open without --direct")(
+                        e,
+                    )
+                } else {
+                    open_err("")(e)
+                }
+            })?;
+        match sys::flock_exclusive(&primary) {
+            Ok(true) => {}
+            Ok(false) => return Err(VolumeError::Busy { path: path_buf }),
+            Err(source) => {
+                return Err(VolumeError::Lock {
+                    path: path_buf,
+                    source,
+                });
+            }
+        }
+
+        if created && let Some(size_bytes) = opts.create_size_bytes {
+            primary
+                .set_len(size_bytes)
+                .map_err(|source| VolumeError::Create {
+                    path: path_buf.clone(),
+                    size_bytes,
+                    source,
+                })?;
+            tracing::info!(path = %path.display(), size_bytes, "created sparse volume image");
+        }
+        let size_bytes = if is_block_device {
+            sys::block_device_size_bytes(&primary)
+        } else {
+            primary.metadata().map(|m| m.len())
+        }
+        .map_err(|source| VolumeError::Size {
+            path: path_buf.clone(),
+            source,
+        })?;
+        if let Some(requested_bytes) = opts.create_size_bytes
+            && requested_bytes != size_bytes
+        {
+            return Err(VolumeError::SizeMismatch {
+                path: path_buf,
+                actual_bytes: size_bytes,
+                requested_bytes,
+            });
+        }
+        if size_bytes == 0 || !size_bytes.is_multiple_of(SECTOR_BYTES) {
+            return Err(VolumeError::SizeNotAligned {
+                path: path_buf,
+                size_bytes,
+            });
+        }
+
+        let (buffered, direct_align_bytes) = if opts.direct {
+            let align = if is_block_device {
+                sys::block_device_logical_block_bytes(&primary)
+                    .map_err(|source| VolumeError::Size {
+                        path: path_buf.clone(),
+                        source,
+                    })?
+                    .into()
+            } else {
+                FILE_DIRECT_ALIGN_BYTES
+            };
+            let buffered: File = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(open_err(""))?;
+            (Some(buffered), align)
+        } else {
+            (None, 0)
+        };
+        let files = Arc::new(VolumeFiles {
+            path: path_buf.clone(),
+            primary,
+            buffered,
+            direct_align_bytes,
+            is_block_device,
+        });
+
+        let engine_err = |engine: &'static str| {
+            let path = path_buf.clone();
+            move |source: io::Error| VolumeError::EngineStart {
+                path,
+                engine,
+                source,
+            }
+        };
+        let backend = match engine_choice {
+            EngineChoice::Uring => Backend::Uring {
+                engine: UringEngine::start(files.clone()).map_err(engine_err("io_uring"))?,
+                files,
+            },
+            EngineChoice::Threads => Backend::Threads {
+                engine: ThreadEngine::start(files).map_err(engine_err("threads"))?,
+            },
+            EngineChoice::Auto => match UringEngine::start(files.clone()) {
+                Ok(engine) => Backend::Uring { files, engine },
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "io_uring cannot be set up; using the threads engine");
+                    Backend::Threads {
+                        engine: ThreadEngine::start(files).map_err(engine_err("threads"))?,
+                    }
+                }
+            },
+        };
+        let volume = Volume {
+            inner: Arc::new(Inner {
+                size_bytes,
+                path: Some(path_buf),
+                is_block_device,
+                backend,
+                durability_lost: Mutex::new(None),
+            }),
+        };
+        tracing::info!(path = %path.display(), size_bytes, engine = volume.engine_name(), direct = opts.direct, is_block_device, "opened volume");
+        Ok(volume)
+    }
+
+    /// An in-memory volume of `size_bytes` (zeros), for tests.
+    ///
+    /// # Panics
+    /// If `size_bytes` is 0 or not a multiple of 512, like an on-disk volume would be refused.
+    pub fn memory(size_bytes: u64) -> Volume {
+        assert!(
+            size_bytes > 0 && size_bytes.is_multiple_of(SECTOR_BYTES),
+            "memory volume size {size_bytes} is not a positive multiple of 512"
+        );
+        Volume {
+            inner: Arc::new(Inner {
+                size_bytes,
+                path: None,
+                is_block_device: false,
+                backend: Backend::Memory(MemoryDevice::new(size_bytes)),
+                durability_lost: Mutex::new(None),
+            }),
+        }
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes
+    }
+
+    /// `"io_uring"`, `"threads"` or `"memory"`.
+    pub fn engine_name(&self) -> &'static str {
+        match self.inner.backend {
+            Backend::Memory(_) => "memory",
+            Backend::Uring { .. } => "io_uring",
+            Backend::Threads { .. } => "threads",
+        }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.path.as_deref()
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.inner.is_block_device
+    }
+
+    /// Read exactly `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: u32) -> io::Result<Bytes> {
+        self.check_range("read", offset, len.into())?;
+        self.check_request_len("read", len)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        match &self.inner.backend {
+            Backend::Memory(mem) => Ok(mem.read(offset, len)),
+            Backend::Uring { engine, .. } => {
+                let (reply, rx) = oneshot::channel();
+                engine
+                    .submit(RingOp::Read {
+                        offset,
+                        len_bytes: len,
+                        reply,
+                    })
+                    .await?;
+                rx.await.map_err(|_| uring::engine_stopped())?
+            }
+            Backend::Threads { engine } => {
+                let (reply, rx) = oneshot::channel();
+                engine
+                    .submit(PoolOp::Read {
+                        offset,
+                        len_bytes: len,
+                        reply,
+                    })
+                    .await?;
+                rx.await.map_err(|_| uring::engine_stopped())?
+            }
+        }
+    }
+
+    /// Write `data` at `offset`; with `fua` the data is durable when this returns.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        self.check_range("write", offset, data.len() as u64)?;
+        self.check_request_len("write", len)?;
+        if fua {
+            self.check_durability()?;
+        }
+        if data.is_empty() {
+            return if fua { self.flush().await } else { Ok(()) };
+        }
+        let result = match &self.inner.backend {
+            Backend::Memory(mem) => {
+                mem.write(offset, &data);
+                Ok(())
+            }
+            Backend::Uring { engine, .. } => {
+                let (reply, rx) = oneshot::channel();
+                engine
+                    .submit(RingOp::Write {
+                        offset,
+                        data,
+                        fua,
+                        reply,
+                    })
+                    .await?;
+                rx.await.map_err(|_| uring::engine_stopped())?
+            }
+            Backend::Threads { engine } => {
+                let (reply, rx) = oneshot::channel();
+                engine
+                    .submit(PoolOp::Write {
+                        offset,
+                        data,
+                        fua,
+                        reply,
+                    })
+                    .await?;
+                rx.await.map_err(|_| uring::engine_stopped())?
+            }
+        };
+        if fua {
+            self.record_durability("durable write", result)
+        } else {
+            result
+        }
+    }
+
+    /// Make `[offset, offset + len)` read as zeros (any length inside the volume).
+    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.check_range("write_zeroes", offset, len)?;
+        if fua {
+            self.check_durability()?;
+        }
+        let result = match &self.inner.backend {
+            Backend::Memory(mem) => {
+                mem.write_zeroes(offset, len);
+                Ok(())
+            }
+            Backend::Uring { files, .. } => {
+                let files = files.clone();
+                run_blocking(move || files.write_zeroes_sync(offset, len, fua)).await
+            }
+            Backend::Threads { engine } => {
+                let (reply, rx) = oneshot::channel();
+                engine
+                    .submit(PoolOp::WriteZeroes {
+                        offset,
+                        len_bytes: len,
+                        fua,
+                        reply,
+                    })
+                    .await?;
+                rx.await.map_err(|_| uring::engine_stopped())?
+            }
+        };
+        if fua {
+            self.record_durability("durable write_zeroes", result)
+        } else {
+            result
+        }
+    }
+
+    /// Declare `[offset, offset + len)` unused (see the module docs for what reads return).
+    pub async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_range("trim", offset, len)?;
+        match &self.inner.backend {
+            Backend::Memory(mem) => {
+                mem.write_zeroes(offset, len);
+                Ok(())
+            }
+            Backend::Uring { files, .. } => {
+                let files = files.clone();
+                run_blocking(move || files.trim_sync(offset, len)).await
+            }
+            Backend::Threads { engine } => {
+                let (reply, rx) = oneshot::channel();
+                engine
+                    .submit(PoolOp::Trim {
+                        offset,
+                        len_bytes: len,
+                        reply,
+                    })
+                    .await?;
+                rx.await.map_err(|_| uring::engine_stopped())?
+            }
+        }
+    }
+
+    /// Make every completed write durable (`fdatasync`).
+    pub async fn flush(&self) -> io::Result<()> {
+        self.check_durability()?;
+        let result = match &self.inner.backend {
+            Backend::Memory(_) => Ok(()),
+            Backend::Uring { engine, .. } => {
+                let (reply, rx) = oneshot::channel();
+                engine.submit(RingOp::Flush { reply }).await?;
+                rx.await.map_err(|_| uring::engine_stopped())?
+            }
+            Backend::Threads { engine } => {
+                let (reply, rx) = oneshot::channel();
+                engine.submit(PoolOp::Flush { reply }).await?;
+                rx.await.map_err(|_| uring::engine_stopped())?
+            }
+        };
+        self.record_durability("flush", result)
+    }
+
+    fn display_name(&self) -> String {
+        match &self.inner.path {
+            Some(p) => p.display().to_string(),
+            None => "<memory>".to_string(),
+        }
+    }
+
+    fn check_range(&self, what: &str, offset: u64, len_bytes: u64) -> io::Result<()> {
+        match offset.checked_add(len_bytes) {
+            Some(end) if end <= self.inner.size_bytes => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{what} of {len_bytes} bytes at offset {offset} ends past the end of volume {} ({} bytes)",
+                    self.display_name(),
+                    self.inner.size_bytes
+                ),
+            )),
+        }
+    }
+
+    fn check_request_len(&self, what: &str, len_bytes: u32) -> io::Result<()> {
+        if len_bytes > REQUEST_BYTES_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{what} of {len_bytes} bytes on volume {} exceeds the {REQUEST_BYTES_MAX}-byte request limit; split it",
+                    self.display_name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_durability(&self) -> io::Result<()> {
+        match &*self
+            .inner
+            .durability_lost
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            Some(first) => Err(io::Error::other(format!(
+                "volume {} lost durability earlier ({first}); later flushes cannot prove data is safe: mark the volume for resync and restart",
+                self.display_name()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn record_durability(&self, what: &str, result: io::Result<()>) -> io::Result<()> {
+        if let Err(e) = &result {
+            tracing::error!(volume = %self.display_name(), error = %e, "{what} failed; volume durability is lost");
+            let mut lost = self
+                .inner
+                .durability_lost
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            lost.get_or_insert_with(|| format!("{what} failed: {e}"));
+        }
+        result
+    }
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("path", &self.inner.path)
+            .field("size_bytes", &self.inner.size_bytes)
+            .field("engine", &self.engine_name())
+            .finish()
+    }
+}
+
+async fn run_blocking(f: impl FnOnce() -> io::Result<()> + Send + 'static) -> io::Result<()> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("volume worker task failed: {e}")))?
+}
+
+fn resolve_engine(choice: EngineChoice) -> Result<EngineChoice, VolumeError> {
+    if choice != EngineChoice::Auto {
+        return Ok(choice);
+    }
+    match std::env::var(ENGINE_ENV_VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(EngineChoice::Auto),
+        Err(std::env::VarError::NotUnicode(v)) => Err(VolumeError::UnknownEngine {
+            value: v.to_string_lossy().into_owned(),
+        }),
+        Ok(v) => match v.trim() {
+            "" | "auto" => Ok(EngineChoice::Auto),
+            "uring" | "io_uring" => Ok(EngineChoice::Uring),
+            "threads" => Ok(EngineChoice::Threads),
+            _ => Err(VolumeError::UnknownEngine { value: v }),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_flush_fails_every_later_flush_and_durable_write() {
+        let volume = Volume::memory(1 << 20);
+        volume.flush().await.unwrap();
+        let failed =
+            volume.record_durability("flush", Err(io::Error::from_raw_os_error(libc::EIO)));
+        assert!(failed.is_err());
+        let err = volume.flush().await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("lost durability earlier (flush failed"),
+            "{err}"
+        );
+        assert!(
+            volume
+                .write(0, Bytes::from_static(b"x"), true)
+                .await
+                .is_err()
+        );
+        assert!(volume.write_zeroes(0, 512, true).await.is_err());
+        // Plain writes still work: they promise nothing about durability.
+        volume
+            .write(0, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap();
+        assert!(
+            volume.clone().flush().await.is_err(),
+            "clones share the poisoned state"
+        );
+    }
+}
