@@ -94,7 +94,10 @@ impl ByteRange {
         if self.len == 0 {
             return (BlockIndex(self.offset / bs), BlockIndex(self.offset / bs));
         }
-        (BlockIndex(self.offset / bs), BlockIndex(self.end().div_ceil(bs)))
+        (
+            BlockIndex(self.offset / bs),
+            BlockIndex(self.end().div_ceil(bs)),
+        )
     }
 }
 
@@ -145,10 +148,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('T' | 't') => (&s[..s.len() - 1], 1u64 << 40),
         _ => (s, 1),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("invalid size '{s}': expected a number with an optional K, M, G or T suffix"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("invalid size '{s}': expected a number with an optional K, M, G or T suffix")
+    })?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 #[cfg(test)]
@@ -167,8 +171,14 @@ mod tests {
 
     #[test]
     fn ranges_map_to_touched_blocks() {
-        assert_eq!(ByteRange::new(0, 4096).blocks(4096), (BlockIndex(0), BlockIndex(1)));
-        assert_eq!(ByteRange::new(512, 4096).blocks(4096), (BlockIndex(0), BlockIndex(2)));
+        assert_eq!(
+            ByteRange::new(0, 4096).blocks(4096),
+            (BlockIndex(0), BlockIndex(1))
+        );
+        assert_eq!(
+            ByteRange::new(512, 4096).blocks(4096),
+            (BlockIndex(0), BlockIndex(2))
+        );
         assert!(ByteRange::new(0, 10).overlaps(&ByteRange::new(9, 1)));
         assert!(!ByteRange::new(0, 10).overlaps(&ByteRange::new(10, 1)));
     }

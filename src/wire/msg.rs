@@ -88,28 +88,50 @@ pub enum Message {
     /// secondary → primary: handshake accepted.
     Welcome(Welcome),
     /// Either way: handshake refused; the text says what is wrong and what to do.
-    Refuse { reason: String },
+    Refuse {
+        reason: String,
+    },
     /// primary → secondary: write the frame payload at `offset` (frame seq = write seq).
     /// `fua`: make it durable before acknowledging `Durable` past it.
-    Write { offset: u64, fua: bool },
+    Write {
+        offset: u64,
+        fua: bool,
+    },
     /// primary → secondary: zero `len` bytes at `offset` (no payload). Also used
     /// for all-zero ranges found by resync.
-    WriteZeroes { offset: u64, len: u32, fua: bool },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     /// primary → secondary: discard `len` bytes at `offset` (no payload).
-    Trim { offset: u64, len: u32 },
+    Trim {
+        offset: u64,
+        len: u32,
+    },
     /// primary → secondary: make everything through the frame's seq durable, then
     /// answer `Durable` covering it.
     Flush,
     /// secondary → primary: the write with this seq has completed on its volume.
-    Applied { seq: u64 },
+    Applied {
+        seq: u64,
+    },
     /// secondary → primary: every write ≤ `through_seq` is applied and flushed.
-    Durable { through_seq: u64 },
+    Durable {
+        through_seq: u64,
+    },
     /// Either way: liveness probe; the peer answers with `HeartbeatReply`.
-    Heartbeat { nonce: u64 },
-    HeartbeatReply { nonce: u64 },
+    Heartbeat {
+        nonce: u64,
+    },
+    HeartbeatReply {
+        nonce: u64,
+    },
     /// primary → secondary: initial or bitmap resync finished through this seq:
     /// once Durable covers it, the secondary is UpToDate.
-    ResyncDone { through_seq: u64 },
+    ResyncDone {
+        through_seq: u64,
+    },
     /// Either way: orderly close (shutdown); no more frames follow.
     Goodbye,
 }
