@@ -217,6 +217,7 @@ async fn nbdcopy_round_trips_random_image_over_several_connections() {
         "nbdcopy",
         &[
             "--connections=4",
+            "--threads=4",
             "--requests=16",
             "--flush",
             src.to_str().unwrap(),

@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::proto::{Admission, Command, NbdErrno, OptionOutcome, RequestLimits};
-use super::ExportBackend;
+use super::{ExportBackend, IoFuture};
 
 /// Requests one connection may have in flight; beyond this the reader waits.
 /// 128 covers the kernel nbd driver's default queue depth and qemu's 16.
@@ -517,23 +517,18 @@ impl NbdServer {
             max_request_bytes: self.export.max_request_bytes,
             read_only: self.export.read_only,
         };
-        let requests = Arc::new(Semaphore::new(INFLIGHT_REQUESTS_MAX));
-        let bytes = Arc::new(Semaphore::new(INFLIGHT_BYTES_MAX as usize));
+        let window = InflightWindow {
+            requests: Arc::new(Semaphore::new(INFLIGHT_REQUESTS_MAX)),
+            bytes: Arc::new(Semaphore::new(INFLIGHT_BYTES_MAX as usize)),
+        };
+        let peer_shared: Arc<str> = Arc::from(peer);
         // Every reply holds a request permit, so the channel never holds more than
         // INFLIGHT_REQUESTS_MAX replies and a send never waits.
         let (tx, rx) = mpsc::channel::<Reply>(INFLIGHT_REQUESTS_MAX);
         let writer_task = tokio::spawn(write_replies(writer, rx, peer.to_owned()));
 
         let ended = self
-            .read_requests(
-                &mut reader,
-                &tx,
-                &requests,
-                &bytes,
-                &limits,
-                peer,
-                &shutdown,
-            )
+            .read_requests(&mut reader, &tx, &window, &limits, &peer_shared, &shutdown)
             .await;
         drop(tx);
         drop(reader);
@@ -552,20 +547,19 @@ impl NbdServer {
         ended
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn read_requests<R>(
         &self,
         reader: &mut BufReader<R>,
         tx: &mpsc::Sender<Reply>,
-        requests: &Arc<Semaphore>,
-        bytes: &Arc<Semaphore>,
+        window: &InflightWindow,
         limits: &RequestLimits,
-        peer: &str,
+        peer_shared: &Arc<str>,
         shutdown: &CancellationToken,
     ) -> Result<&'static str, NbdError>
     where
         R: AsyncRead + Unpin,
     {
+        let peer: &str = peer_shared;
         let io_err = |source| NbdError::Io {
             peer: peer.to_owned(),
             source,
@@ -578,7 +572,7 @@ impl NbdServer {
         loop {
             // Wait for a free slot first: this is the backpressure point.
             let next = async {
-                let permit = Arc::clone(requests)
+                let permit = Arc::clone(&window.requests)
                     .acquire_owned()
                     .await
                     .expect("request semaphore is never closed");
@@ -630,7 +624,7 @@ impl NbdServer {
             let byte_permit = if payload_len > 0 {
                 // max_request_bytes <= 64 MiB < INFLIGHT_BYTES_MAX, so this can be granted.
                 Some(
-                    Arc::clone(bytes)
+                    Arc::clone(&window.bytes)
                         .acquire_many_owned(payload_len)
                         .await
                         .expect("byte semaphore is never closed"),
@@ -643,21 +637,12 @@ impl NbdServer {
                 _bytes: byte_permit,
             };
             let backend = &self.backend;
-            let (op, is_read): (super::IoFuture<Option<Bytes>>, bool) = match command {
-                Command::Read { offset, len } => {
-                    let f = backend.read(offset, len);
-                    let op = Box::pin(async move {
-                        let data = f.await?;
-                        if data.len() != len as usize {
-                            return Err(io::Error::other(format!(
-                                "backend returned {} bytes for a read of {len} bytes at offset {offset}",
-                                data.len()
-                            )));
-                        }
-                        Ok(Some(data))
-                    });
-                    (op, true)
-                }
+            let op = match command {
+                Command::Read { offset, len } => Op::Read {
+                    f: backend.read(offset, len),
+                    offset,
+                    len,
+                },
                 Command::Write { offset, len, fua } => {
                     let mut buf = BytesMut::with_capacity(len as usize);
                     let mut limited = (&mut *reader).take(u64::from(len));
@@ -674,20 +659,20 @@ impl NbdServer {
                         _ = shutdown.cancelled() => return Ok("server shutting down"),
                         r = read => r.map_err(io_err)?,
                     }
-                    let f = backend.write(offset, buf.freeze(), fua);
-                    (Box::pin(async move { f.await.map(|()| None) }), false)
+                    Op::Other(backend.write(offset, buf.freeze(), fua))
                 }
-                Command::Flush => (unit(backend.flush()), false),
-                Command::Trim { offset, len } => (unit(backend.trim(offset, len)), false),
+                Command::Flush => Op::Other(backend.flush()),
+                Command::Trim { offset, len } => Op::Other(backend.trim(offset, len)),
                 Command::WriteZeroes { offset, len, fua } => {
-                    (unit(backend.write_zeroes(offset, len, fua)), false)
+                    Op::Other(backend.write_zeroes(offset, len, fua))
                 }
             };
             let tx = tx.clone();
             let cookie = h.cookie;
-            let peer = peer.to_owned();
+            let kind = h.kind;
+            let peer = Arc::clone(peer_shared);
             tokio::spawn(async move {
-                let reply = match op.await {
+                let reply = match op.complete().await {
                     Ok(data) => Reply {
                         cookie,
                         errno: 0,
@@ -696,7 +681,7 @@ impl NbdServer {
                     },
                     Err(e) => {
                         let errno = NbdErrno::from_io(&e);
-                        warn!(%peer, cookie, read = is_read, error = %e, nbd_error = ?errno,
+                        warn!(%peer, cookie, kind, error = %e, nbd_error = ?errno,
                               "NBD request failed in the backend");
                         Reply {
                             cookie,
@@ -714,8 +699,40 @@ impl NbdServer {
     }
 }
 
-fn unit(f: super::IoFuture<()>) -> super::IoFuture<Option<Bytes>> {
-    Box::pin(async move { f.await.map(|()| None) })
+/// A dispatched backend operation (kept unboxed beyond the backend's own box).
+enum Op {
+    Read {
+        f: IoFuture<Bytes>,
+        offset: u64,
+        len: u32,
+    },
+    Other(IoFuture<()>),
+}
+
+impl Op {
+    /// Await the backend; `Some(data)` for a successful read.
+    async fn complete(self) -> io::Result<Option<Bytes>> {
+        match self {
+            Op::Read { f, offset, len } => {
+                let data = f.await?;
+                if data.len() != len as usize {
+                    // Sending a short payload would desynchronise the client.
+                    return Err(io::Error::other(format!(
+                        "backend returned {} bytes for a read of {len} bytes at offset {offset}",
+                        data.len()
+                    )));
+                }
+                Ok(Some(data))
+            }
+            Op::Other(f) => f.await.map(|()| None),
+        }
+    }
+}
+
+/// A connection's in-flight limits: request slots and payload bytes.
+struct InflightWindow {
+    requests: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
 }
 
 /// Keeps a connection's in-flight slot and byte budget until its reply is written.
