@@ -439,3 +439,40 @@ async fn many_pipelined_requests_on_one_connection_all_get_replies() {
     }
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_forever_for_a_client_that_stops_reading() {
+    let backend = MemBackend::new(SIZE as usize);
+    let srv = start(backend.clone(), export("vol0", false), "127.0.0.1:0").await;
+    let (c, _) = Client::connect(srv.tcp_port(), "vol0").await;
+    let (_rd, mut wr) = c.s.into_split();
+    // 200 reads of 1 MiB whose replies are never read: socket buffers fill, the
+    // writer blocks, the in-flight window fills, the reader stops reading.
+    let sender = tokio::spawn(async move {
+        for i in 0..200u64 {
+            let mut m = Vec::new();
+            m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            m.extend_from_slice(&0u16.to_be_bytes());
+            m.extend_from_slice(&CMD_READ.to_be_bytes());
+            m.extend_from_slice(&i.to_be_bytes());
+            m.extend_from_slice(&0u64.to_be_bytes());
+            m.extend_from_slice(&(SIZE as u32).to_be_bytes());
+            if wr.write_all(&m).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = tokio::time::Instant::now();
+    srv.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(15), srv.task)
+        .await
+        .expect("serve hung on a client that does not read its replies")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(4_000),
+        "gave up too early"
+    );
+    drop(sender);
+}

@@ -54,6 +54,9 @@ pub const INFLIGHT_BYTES_MAX: u32 = 128 * 1024 * 1024;
 pub const CONNECTIONS_MAX: usize = 256;
 /// Time a client has from connecting to choosing an export.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 30_000;
+/// During shutdown, time a client has to accept each batch of replies before the
+/// connection is dropped (its backend operations have completed regardless).
+pub const SHUTDOWN_REPLY_TIMEOUT_MS: u64 = 5_000;
 /// Replies written with one vectored write (two iovecs each, well under IOV_MAX).
 const REPLY_BATCH_MAX: usize = 64;
 /// Pause after a failed accept (e.g. EMFILE) so the loop does not spin.
@@ -525,7 +528,8 @@ impl NbdServer {
         // Every reply holds a request permit, so the channel never holds more than
         // INFLIGHT_REQUESTS_MAX replies and a send never waits.
         let (tx, rx) = mpsc::channel::<Reply>(INFLIGHT_REQUESTS_MAX);
-        let writer_task = tokio::spawn(write_replies(writer, rx, peer.to_owned()));
+        let writer_task =
+            tokio::spawn(write_replies(writer, rx, peer.to_owned(), shutdown.clone()));
 
         let ended = self
             .read_requests(&mut reader, &tx, &window, &limits, &peer_shared, &shutdown)
@@ -771,6 +775,7 @@ async fn write_replies<W>(
     mut writer: W,
     mut rx: mpsc::Receiver<Reply>,
     peer: String,
+    shutdown: CancellationToken,
 ) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
@@ -786,7 +791,20 @@ where
                     .iter()
                     .map(|r| proto::encode_simple_reply(r.errno, r.cookie)),
             );
-            if let Err(e) = write_batch(&mut writer, &headers, &batch).await {
+            // Once shutdown has begun, a client that stops reading its replies must
+            // not keep the server from stopping.
+            let stalled = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(Duration::from_millis(SHUTDOWN_REPLY_TIMEOUT_MS)).await;
+            };
+            let written = tokio::select! {
+                r = write_batch(&mut writer, &headers, &batch) => r,
+                _ = stalled => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("client accepted no replies for {SHUTDOWN_REPLY_TIMEOUT_MS} ms during shutdown"),
+                )),
+            };
+            if let Err(e) = written {
                 warn!(%peer, error = %e, "NBD reply write failed; dropping further replies");
                 failed = Some(e);
             }
