@@ -1008,4 +1008,178 @@ mod tests {
         .transmission_flags();
         assert_ne!(ro & proto::TFLAG_READ_ONLY, 0);
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+
+        /// Reads zeroes, records mutations and whether any range was out of bounds.
+        struct Recorder {
+            size_bytes: u64,
+            mutations: AtomicU64,
+            out_of_range: AtomicBool,
+        }
+
+        impl Recorder {
+            fn check(&self, offset: u64, len: u64) {
+                if len == 0 || offset.checked_add(len).is_none_or(|e| e > self.size_bytes) {
+                    self.out_of_range.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+
+        impl ExportBackend for Recorder {
+            fn size_bytes(&self) -> u64 {
+                self.size_bytes
+            }
+            fn read(&self, offset: u64, len: u32) -> IoFuture<Bytes> {
+                self.check(offset, u64::from(len));
+                Box::pin(async move { Ok(Bytes::from(vec![0u8; len as usize])) })
+            }
+            fn write(&self, offset: u64, data: Bytes, _fua: bool) -> IoFuture<()> {
+                self.check(offset, data.len() as u64);
+                self.mutations.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async { Ok(()) })
+            }
+            fn write_zeroes(&self, offset: u64, len: u32, _fua: bool) -> IoFuture<()> {
+                self.check(offset, u64::from(len));
+                self.mutations.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async { Ok(()) })
+            }
+            fn trim(&self, offset: u64, len: u32) -> IoFuture<()> {
+                self.check(offset, u64::from(len));
+                self.mutations.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async { Ok(()) })
+            }
+            fn flush(&self) -> IoFuture<()> {
+                Box::pin(async { Ok(()) })
+            }
+        }
+
+        #[derive(Debug, Clone)]
+        struct RawRequest {
+            good_magic: bool,
+            kind: u16,
+            flags: u16,
+            offset: u64,
+            len: u32,
+            payload: Vec<u8>,
+        }
+
+        fn raw_request() -> impl Strategy<Value = RawRequest> {
+            (
+                prop::bool::weighted(0.95),
+                prop_oneof![0u16..8, any::<u16>()],
+                prop_oneof![Just(0u16), Just(1u16), any::<u16>()],
+                prop_oneof![0u64..70_000, any::<u64>()],
+                prop_oneof![0u32..5000, any::<u32>()],
+                proptest::collection::vec(any::<u8>(), 0..300),
+            )
+                .prop_map(|(good_magic, kind, flags, offset, len, payload)| {
+                    RawRequest {
+                        good_magic,
+                        kind,
+                        flags,
+                        offset,
+                        len,
+                        payload,
+                    }
+                })
+        }
+
+        async fn drive(read_only: bool, requests: Vec<RawRequest>) -> Arc<Recorder> {
+            let backend = Arc::new(Recorder {
+                size_bytes: 65_536,
+                mutations: AtomicU64::new(0),
+                out_of_range: AtomicBool::new(false),
+            });
+            let server = NbdServer::new(
+                backend.clone(),
+                NbdExport {
+                    read_only,
+                    max_request_bytes: 4096,
+                    ..NbdExport::default()
+                },
+            );
+            let (client, server_side) = tokio::io::duplex(1 << 16);
+            let (sr, sw) = tokio::io::split(server_side);
+            let token = CancellationToken::new();
+            let task = tokio::spawn(async move {
+                let _ = server.run_connection(sr, sw, "fuzz", token).await;
+            });
+            let (mut cr, mut cw) = tokio::io::split(client);
+            // Drain everything the server sends so its writer never blocks.
+            let drain = tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let _ = cr.read_to_end(&mut sink).await;
+            });
+            let mut m = Vec::new();
+            m.extend_from_slice(&3u32.to_be_bytes());
+            m.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+            m.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+            m.extend_from_slice(&6u32.to_be_bytes());
+            m.extend_from_slice(&[0; 6]);
+            for r in &requests {
+                let magic = if r.good_magic {
+                    proto::REQUEST_MAGIC
+                } else {
+                    0x1234_5678
+                };
+                m.extend_from_slice(&magic.to_be_bytes());
+                m.extend_from_slice(&r.flags.to_be_bytes());
+                m.extend_from_slice(&r.kind.to_be_bytes());
+                m.extend_from_slice(&7u64.to_be_bytes());
+                m.extend_from_slice(&r.offset.to_be_bytes());
+                m.extend_from_slice(&r.len.to_be_bytes());
+                m.extend_from_slice(&r.payload);
+            }
+            let _ = cw.write_all(&m).await;
+            let _ = cw.shutdown().await;
+            drop(cw);
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("connection did not end after the client closed")
+                .expect("connection task panicked");
+            drain.await.unwrap();
+            backend
+        }
+
+        #[tokio::test]
+        async fn fixture_executes_valid_requests() {
+            let write = RawRequest {
+                good_magic: true,
+                kind: proto::CMD_WRITE,
+                flags: 0,
+                offset: 100,
+                len: 200,
+                payload: vec![1; 200],
+            };
+            let trim = RawRequest {
+                kind: proto::CMD_TRIM,
+                payload: vec![],
+                ..write.clone()
+            };
+            let backend = drive(false, vec![write.clone(), trim.clone()]).await;
+            assert_eq!(backend.mutations.load(Ordering::SeqCst), 2);
+            let backend = drive(true, vec![write, trim]).await;
+            assert_eq!(backend.mutations.load(Ordering::SeqCst), 0);
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            #[test]
+            fn random_requests_never_panic_or_reach_the_backend_out_of_range(
+                read_only in any::<bool>(),
+                requests in proptest::collection::vec(raw_request(), 0..24),
+            ) {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let backend = rt.block_on(drive(read_only, requests));
+                prop_assert!(!backend.out_of_range.load(Ordering::SeqCst));
+                if read_only {
+                    prop_assert_eq!(backend.mutations.load(Ordering::SeqCst), 0);
+                }
+            }
+        }
+    }
 }

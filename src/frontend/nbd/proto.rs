@@ -936,4 +936,75 @@ mod tests {
         assert_eq!(kind(io::ErrorKind::Unsupported), NbdErrno::NotSup);
         assert_eq!(kind(io::ErrorKind::Other), NbdErrno::Io);
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_option_gets_well_formed_replies(
+                option in prop_oneof![0u32..16, any::<u32>()],
+                data in proptest::collection::vec(any::<u8>(), 0..600),
+                no_zeroes in any::<bool>(),
+            ) {
+                let mut out = Vec::new();
+                let outcome = answer_option(&export(), no_zeroes, option, &data, &mut out);
+                if option == OPT_EXPORT_NAME {
+                    prop_assert!(outcome != OptionOutcome::Continue);
+                } else {
+                    // Parses as a sequence of option replies, each for this option.
+                    let r = replies(&out);
+                    prop_assert!(!r.is_empty());
+                    prop_assert!(r.iter().all(|x| x.0 == option));
+                    let last = r.last().unwrap().1;
+                    prop_assert!(last == REP_ACK || last & (1 << 31) != 0);
+                    if outcome == OptionOutcome::Transmission {
+                        prop_assert_eq!(option, OPT_GO);
+                        prop_assert_eq!(last, REP_ACK);
+                    }
+                }
+            }
+
+            #[test]
+            fn admitted_requests_are_in_range_and_within_limits(
+                kind in prop_oneof![0u16..10, any::<u16>()],
+                flags in any::<u16>(),
+                offset in prop_oneof![0u64..(1 << 21), any::<u64>()],
+                len in prop_oneof![0u32..(1 << 17), any::<u32>()],
+                read_only in any::<bool>(),
+            ) {
+                let limits = RequestLimits { read_only, ..LIMITS };
+                let h = RequestHeader { flags, kind, cookie: 1, offset, len };
+                let in_bounds = |off: u64, len: u32| {
+                    len > 0 && off.checked_add(u64::from(len)).is_some_and(|e| e <= limits.size_bytes)
+                };
+                match admit(&h, &limits) {
+                    Admission::Execute(Command::Read { offset, len }) => {
+                        prop_assert!(in_bounds(offset, len) && len <= limits.max_request_bytes);
+                    }
+                    Admission::Execute(Command::Write { offset, len, .. }) => {
+                        prop_assert!(!read_only);
+                        prop_assert!(in_bounds(offset, len) && len <= limits.max_request_bytes);
+                    }
+                    Admission::Execute(Command::Trim { offset, len })
+                    | Admission::Execute(Command::WriteZeroes { offset, len, .. }) => {
+                        prop_assert!(!read_only && in_bounds(offset, len));
+                    }
+                    Admission::Execute(Command::Flush) => {
+                        prop_assert!(h.offset == 0 && h.len == 0);
+                    }
+                    Admission::Reject { discard_bytes, .. } => {
+                        // Only a write's payload is ever skipped, and never beyond the cap.
+                        prop_assert!(discard_bytes == 0 || (kind == CMD_WRITE && discard_bytes == len));
+                        prop_assert!(discard_bytes <= WRITE_DISCARD_MAX_BYTES);
+                    }
+                    Admission::Disconnect => prop_assert_eq!(kind, CMD_DISC),
+                    Admission::Close(_) => {
+                        prop_assert!(kind == CMD_WRITE && len > WRITE_DISCARD_MAX_BYTES);
+                    }
+                }
+            }
+        }
+    }
 }
