@@ -2,6 +2,7 @@
 
 pub mod bitmap;
 pub mod engine;
+pub mod frontend;
 pub mod meta;
 pub mod types;
 pub mod volume;

@@ -1,0 +1,207 @@
+//! Shared pieces of the NBD integration tests: an in-memory backend that counts
+//! what reached it, and a helper that runs a server on an ephemeral address.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem::frontend::{ExportBackend, IoFuture, NbdAddress, NbdExport, NbdServer};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A volume in memory. Trim zero-fills (any content is allowed after a trim; zero
+/// makes the model simple). `write_delay_ms` holds every write that long, so
+/// tests can observe requests in flight.
+pub struct MemBackend {
+    pub data: Arc<Mutex<Vec<u8>>>,
+    pub write_delay_ms: u64,
+    /// Backend calls that change data (write, write_zeroes, trim), counted on entry.
+    pub mutations_started: AtomicU64,
+    pub writes_completed: Arc<AtomicU64>,
+    pub zeroes: AtomicU64,
+    pub trims: AtomicU64,
+    pub flushes: AtomicU64,
+}
+
+impl MemBackend {
+    pub fn new(size_bytes: usize) -> Arc<MemBackend> {
+        Self::with_delay(size_bytes, 0)
+    }
+
+    pub fn with_delay(size_bytes: usize, write_delay_ms: u64) -> Arc<MemBackend> {
+        Arc::new(MemBackend {
+            data: Arc::new(Mutex::new(vec![0; size_bytes])),
+            write_delay_ms,
+            mutations_started: AtomicU64::new(0),
+            writes_completed: Arc::new(AtomicU64::new(0)),
+            zeroes: AtomicU64::new(0),
+            trims: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+        })
+    }
+
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.data.lock().unwrap().clone()
+    }
+
+    pub fn mutations(&self) -> u64 {
+        self.mutations_started.load(Ordering::SeqCst)
+    }
+
+    fn fill(&self, offset: u64, len: u32, byte: u8) {
+        let mut d = self.data.lock().unwrap();
+        let start = offset as usize;
+        // The server guarantees the range is inside the volume; panic loudly if not.
+        d[start..start + len as usize].fill(byte);
+    }
+}
+
+impl ExportBackend for MemBackend {
+    fn size_bytes(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+
+    fn read(&self, offset: u64, len: u32) -> IoFuture<Bytes> {
+        let d = self.data.lock().unwrap();
+        let start = offset as usize;
+        let out = Bytes::copy_from_slice(&d[start..start + len as usize]);
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn write(&self, offset: u64, data: Bytes, _fua: bool) -> IoFuture<()> {
+        self.mutations_started.fetch_add(1, Ordering::SeqCst);
+        let delay = self.write_delay_ms;
+        let (volume, completed) = (Arc::clone(&self.data), Arc::clone(&self.writes_completed));
+        Box::pin(async move {
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            let mut d = volume.lock().unwrap();
+            let start = offset as usize;
+            d[start..start + data.len()].copy_from_slice(&data);
+            completed.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u32, _fua: bool) -> IoFuture<()> {
+        self.mutations_started.fetch_add(1, Ordering::SeqCst);
+        self.zeroes.fetch_add(1, Ordering::SeqCst);
+        self.fill(offset, len, 0);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn trim(&self, offset: u64, len: u32) -> IoFuture<()> {
+        self.mutations_started.fetch_add(1, Ordering::SeqCst);
+        self.trims.fetch_add(1, Ordering::SeqCst);
+        self.fill(offset, len, 0);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn flush(&self) -> IoFuture<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+pub fn export(name: &str, read_only: bool) -> NbdExport {
+    NbdExport {
+        name: name.to_owned(),
+        description: format!("test export {name}"),
+        read_only,
+        block_size_min: 512,
+        block_size_preferred: 4096,
+        max_request_bytes: 32 * 1024 * 1024,
+    }
+}
+
+pub struct Running {
+    pub server: Arc<NbdServer>,
+    pub address: NbdAddress,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+impl Running {
+    pub fn tcp_port(&self) -> u16 {
+        match &self.address {
+            NbdAddress::Tcp(a) => a.port(),
+            NbdAddress::Unix(p) => panic!("server listens on unix socket {}", p.display()),
+        }
+    }
+
+    /// Cancel and wait until `serve` has returned.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("NBD server did not stop within 10 s")
+            .expect("NBD server task panicked");
+    }
+}
+
+pub async fn start(backend: Arc<MemBackend>, export: NbdExport, address: &str) -> Running {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "tandem=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let listener = NbdServer::bind(&address.parse().unwrap())
+        .await
+        .expect("bind NBD listener");
+    let address = listener.local_addr().unwrap();
+    let server = NbdServer::new(backend, export);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let server = Arc::clone(&server);
+        let shutdown = shutdown.clone();
+        async move {
+            server
+                .serve(listener, shutdown)
+                .await
+                .expect("serve failed")
+        }
+    });
+    Running {
+        server,
+        address,
+        shutdown,
+        task,
+    }
+}
+
+/// Run an external client and return its stdout; panics with its output if it failed.
+pub async fn run(program: &str, args: &[&str]) -> Vec<u8> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(program).args(args).output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within 60 s"))
+    .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed with {}:\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Wait (up to 10 s) until the server reports `n` attached clients.
+pub async fn wait_for_connections(server: &NbdServer, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.connections() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server has {} attached clients, expected {n}",
+            server.connections()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
