@@ -108,13 +108,15 @@ pub enum TransportError {
         "refusing plaintext on non-loopback address {addr}: --danger-plaintext is allowed only on 127.0.0.0/8 and ::1; use TLS (`tandem certs --out DIR`)"
     )]
     PlaintextNotLoopback { addr: SocketAddr },
-    #[error("cannot connect to {addr}")]
+    #[error("cannot connect to {addr}; is the peer running and listening there?")]
     Connect {
         addr: SocketAddr,
         #[source]
         source: io::Error,
     },
-    #[error("connecting to {addr} timed out after {timeout_ms} ms; is the peer running and reachable?")]
+    #[error(
+        "connecting to {addr} timed out after {timeout_ms} ms; is the peer running and reachable?"
+    )]
     ConnectTimeout { addr: SocketAddr, timeout_ms: u64 },
     #[error("cannot listen on {addr}; is another process using the port?")]
     Bind {
@@ -169,7 +171,9 @@ pub enum TransportError {
         expected: String,
         found: Vec<String>,
     },
-    #[error("the certificate of {side} {addr} was rejected: {reason}; regenerate it with `tandem certs`")]
+    #[error(
+        "the certificate of {side} {addr} was rejected: {reason}; regenerate it with `tandem certs`"
+    )]
     PeerCertificate {
         addr: SocketAddr,
         side: Side,
@@ -323,11 +327,9 @@ pub async fn connect(
             check_plaintext_allowed(addr)?;
             None
         }
-        Security::Tls(files) => Some((
-            files,
-            tls::client_config(files)?,
-            files.peer_server_name()?,
-        )),
+        Security::Tls(files) => {
+            Some((files, tls::client_config(files)?, files.peer_server_name()?))
+        }
     };
     let dial = async {
         let tcp = TcpStream::connect(addr)
@@ -386,7 +388,10 @@ fn hex_bytes(bytes: &[u8]) -> String {
 impl PeerListener {
     /// Listen on `addr`. Certificates are loaded now, so a missing file fails
     /// at startup rather than at the first connection.
-    pub async fn bind(addr: SocketAddr, security: &Security) -> Result<PeerListener, TransportError> {
+    pub async fn bind(
+        addr: SocketAddr,
+        security: &Security,
+    ) -> Result<PeerListener, TransportError> {
         let tls = match security {
             Security::DangerPlaintext => {
                 check_plaintext_allowed(addr)?;
@@ -472,4 +477,3 @@ impl PeerListener {
             .map_err(|_| TransportError::HandshakeTimeout { addr, timeout_ms })?
     }
 }
-

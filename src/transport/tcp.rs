@@ -66,9 +66,27 @@ pub fn configure_tcp(
             source,
         })?;
     let keepalive_s = clamp_to_c_int(keepalive_s.max(1));
-    set_int_option(stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE, "SO_KEEPALIVE", 1)?;
-    set_int_option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, "TCP_KEEPIDLE", keepalive_s)?;
-    set_int_option(stream, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, "TCP_KEEPINTVL", keepalive_s)?;
+    set_int_option(
+        stream,
+        libc::SOL_SOCKET,
+        libc::SO_KEEPALIVE,
+        "SO_KEEPALIVE",
+        1,
+    )?;
+    set_int_option(
+        stream,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPIDLE,
+        "TCP_KEEPIDLE",
+        keepalive_s,
+    )?;
+    set_int_option(
+        stream,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        "TCP_KEEPINTVL",
+        keepalive_s,
+    )?;
     set_int_option(
         stream,
         libc::IPPROTO_TCP,
@@ -111,13 +129,27 @@ mod tests {
     #[tokio::test]
     async fn options_are_set_on_the_socket() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
         configure_tcp(&stream, 7, 12_345).unwrap();
         assert!(stream.nodelay().unwrap());
-        assert_eq!(get_int_option(&stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
-        assert_eq!(get_int_option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 7);
-        assert_eq!(get_int_option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 7);
-        assert_eq!(get_int_option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 3);
+        assert_eq!(
+            get_int_option(&stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+            1
+        );
+        assert_eq!(
+            get_int_option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+            7
+        );
+        assert_eq!(
+            get_int_option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            7
+        );
+        assert_eq!(
+            get_int_option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+            3
+        );
         assert_eq!(
             get_int_option(&stream, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
             12_345

@@ -144,13 +144,15 @@ pub(super) fn check_client_name(
         .and_then(|parsed| rustls::client::verify_server_name(&parsed, &expected));
     match result {
         Ok(()) => Ok(()),
-        Err(e) => Err(classify_rustls_error(files, addr, Side::Client, &e).unwrap_or_else(|| {
-            TransportError::PeerCertificate {
-                addr,
-                side: Side::Client,
-                reason: e.to_string(),
-            }
-        })),
+        Err(e) => Err(
+            classify_rustls_error(files, addr, Side::Client, &e).unwrap_or_else(|| {
+                TransportError::PeerCertificate {
+                    addr,
+                    side: Side::Client,
+                    reason: e.to_string(),
+                }
+            }),
+        ),
     }
 }
 
@@ -192,7 +194,7 @@ fn classify_rustls_error(
         }) => TransportError::PeerName {
             addr,
             expected: expected.to_str().into_owned(),
-            found: presented.clone(),
+            found: presented.iter().map(|n| tidy_presented_name(n)).collect(),
         },
         E::InvalidCertificate(CertificateError::NotValidForName) => TransportError::PeerName {
             addr,
@@ -210,11 +212,20 @@ fn classify_rustls_error(
             alert: format!("{alert:?}"),
             cert_path: files.cert_path(),
         },
-        E::InvalidMessage(_) | E::InappropriateMessage { .. } => {
-            TransportError::NotTls { addr }
-        }
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } => TransportError::NotTls { addr },
         _ => return None,
     })
+}
+
+/// rustls reports presented names in Debug form (`DnsName("beta")`,
+/// `IpAddress(127.0.0.1)`); show the bare name.
+fn tidy_presented_name(name: &str) -> String {
+    for prefix in ["DnsName(\"", "IpAddress("] {
+        if let Some(rest) = name.strip_prefix(prefix) {
+            return rest.trim_end_matches(')').trim_end_matches('"').to_string();
+        }
+    }
+    name.to_string()
 }
 
 /// Turn a failed TLS handshake into the most specific error we can name.
@@ -224,10 +235,10 @@ pub(super) fn classify_handshake_error(
     peer_side: Side,
     e: io::Error,
 ) -> TransportError {
-    if let Some(rustls_error) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        if let Some(classified) = classify_rustls_error(files, addr, peer_side, rustls_error) {
-            return classified;
-        }
+    if let Some(rustls_error) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+        && let Some(classified) = classify_rustls_error(files, addr, peer_side, rustls_error)
+    {
+        return classified;
     }
     match e.kind() {
         io::ErrorKind::UnexpectedEof

@@ -18,7 +18,7 @@
 use std::cell::RefCell;
 use std::io;
 
-use bincode::config::{Configuration, LittleEndian, Limit, Varint};
+use bincode::config::{Configuration, Limit, LittleEndian, Varint};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -115,7 +115,11 @@ pub enum WireError {
     #[error(
         "frame seq {seq}: body crc32 mismatch: header says {expected:#010x}, computed {actual:#010x}; the body was corrupted in transit, dropping the connection"
     )]
-    BodyCrc { seq: u64, expected: u32, actual: u32 },
+    BodyCrc {
+        seq: u64,
+        expected: u32,
+        actual: u32,
+    },
     #[error("frame seq {seq}: body does not decode as a message of kind {kind}")]
     BodyDecode {
         seq: u64,
@@ -200,19 +204,17 @@ fn compress_with_thread_context(data: &[u8], level: i32) -> Option<Vec<u8>> {
     })
 }
 
-fn decompress_with_thread_context(
-    wire: &[u8],
-    raw_len_bytes: u32,
-) -> Result<Vec<u8>, WireError> {
+fn decompress_with_thread_context(wire: &[u8], raw_len_bytes: u32) -> Result<Vec<u8>, WireError> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
-            *slot = Some(zstd::bulk::Decompressor::new().map_err(|source| {
-                WireError::Decompress {
-                    wire_len_bytes: wire.len() as u32,
-                    source,
-                }
-            })?);
+            *slot =
+                Some(
+                    zstd::bulk::Decompressor::new().map_err(|source| WireError::Decompress {
+                        wire_len_bytes: wire.len() as u32,
+                        source,
+                    })?,
+                );
         }
         let Some(decompressor) = slot.as_mut() else {
             unreachable!("decompressor was installed just above");
@@ -257,17 +259,17 @@ impl Payload {
         );
         let raw_len_bytes = data.len() as u32;
         let crc32 = crc32fast::hash(&data);
-        if level != 0 && !data.is_empty() {
-            if let Some(compressed) = compress_with_thread_context(&data, level) {
-                if compressed.len() < data.len() {
-                    return Payload {
-                        wire: Bytes::from(compressed),
-                        raw_len_bytes,
-                        crc32,
-                        compressed: true,
-                    };
-                }
-            }
+        if level != 0
+            && !data.is_empty()
+            && let Some(compressed) = compress_with_thread_context(&data, level)
+            && compressed.len() < data.len()
+        {
+            return Payload {
+                wire: Bytes::from(compressed),
+                raw_len_bytes,
+                crc32,
+                compressed: true,
+            };
         }
         Payload {
             wire: data,
@@ -916,7 +918,11 @@ mod tests {
                             bit / 8 >= HEADER_LEN + 3 && level != 0,
                             "bit {bit} flipped outside a compressed payload went unnoticed"
                         );
-                        assert_eq!((seq, &msg, &got[..]), (f.seq, &f.msg, &data[..]), "bit {bit}");
+                        assert_eq!(
+                            (seq, &msg, &got[..]),
+                            (f.seq, &f.msg, &data[..]),
+                            "bit {bit}"
+                        );
                         undetected_bits += 1;
                     }
                 }
@@ -951,7 +957,10 @@ mod tests {
         });
         assert!(matches!(
             decode_frame(&body_too_big),
-            Err(WireError::TooLarge { what: "message body", .. })
+            Err(WireError::TooLarge {
+                what: "message body",
+                ..
+            })
         ));
         let payload_too_big = resealed(b.clone(), |h| {
             h[20..24].copy_from_slice(&(PAYLOAD_MAX_BYTES + 1).to_le_bytes());
@@ -959,9 +968,14 @@ mod tests {
         });
         assert!(matches!(
             decode_frame(&payload_too_big),
-            Err(WireError::TooLarge { what: "payload", .. })
+            Err(WireError::TooLarge {
+                what: "payload",
+                ..
+            })
         ));
-        let wire_ne_raw = resealed(b.clone(), |h| h[24..28].copy_from_slice(&99u32.to_le_bytes()));
+        let wire_ne_raw = resealed(b.clone(), |h| {
+            h[24..28].copy_from_slice(&99u32.to_le_bytes())
+        });
         assert!(matches!(
             decode_frame(&wire_ne_raw),
             Err(WireError::PayloadLengths { .. })
@@ -1003,7 +1017,9 @@ mod tests {
             msg: Message::Heartbeat { nonce: 1 },
             payload: Payload::empty(),
         };
-        let b = resealed(encoded(&f), |h| h[5] = Message::HeartbeatReply { nonce: 0 }.kind());
+        let b = resealed(encoded(&f), |h| {
+            h[5] = Message::HeartbeatReply { nonce: 0 }.kind()
+        });
         assert!(matches!(
             decode_frame(&b),
             Err(WireError::KindMismatch { .. })
@@ -1087,7 +1103,10 @@ mod tests {
         for len in [1, 20, HEADER_LEN, HEADER_LEN + 2, b.len() - 1] {
             let mut r: &[u8] = &b[..len];
             let err = read_frame(&mut r, &mut BytesMut::new()).await.unwrap_err();
-            assert!(matches!(err, WireError::Truncated { .. }), "len {len}: {err}");
+            assert!(
+                matches!(err, WireError::Truncated { .. }),
+                "len {len}: {err}"
+            );
         }
         let mut r: &[u8] = b"\x16\x03\x01\x02\x00 tls client hello";
         assert!(matches!(
