@@ -221,7 +221,7 @@ async fn wrong_peer_name_is_refused_on_both_sides() {
         .unwrap();
 
     // gamma holds a valid certificate of the same CA, but alpha expects beta.
-    let (server, _client) = tokio::join!(
+    let (server, client) = tokio::join!(
         listener.accept(),
         dial(listener.local_addr(), tls(certs.path(), "gamma", "alpha"))
     );
@@ -234,6 +234,20 @@ async fn wrong_peer_name_is_refused_on_both_sides() {
         }
         other => panic!("expected PeerName, got {other}"),
     }
+    // The refusal happened inside the handshake, so gamma is told why (a
+    // BadCertificate alert), at the latest on its first read.
+    let client_err = match client {
+        Err(e) => e.to_string(),
+        Ok(mut stream) => {
+            let err = read_frame(&mut stream, &mut BytesMut::new())
+                .await
+                .unwrap_err();
+            std::error::Error::source(&err)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        }
+    };
+    assert!(client_err.contains("BadCertificate"), "{client_err}");
 
     // beta dials expecting gamma but reaches alpha.
     let (server, client) = tokio::join!(

@@ -7,10 +7,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_rustls::rustls;
+use tokio_rustls::rustls::client::danger::HandshakeSignatureValid;
+use tokio_rustls::rustls::pki_types::UnixTime;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{CertificateError, ClientConfig, RootCertStore, ServerConfig};
+use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use tokio_rustls::rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
 
 use super::{TlsFiles, TransportError};
 
@@ -108,17 +114,82 @@ pub(super) fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, Trans
     Ok(Arc::new(config))
 }
 
-/// TLS 1.3 only, a client certificate signed by `ca.pem` required.
+/// The CA check of [`WebPkiClientVerifier`] plus the expected peer name, so a
+/// client certificate for the wrong node is rejected *inside* the handshake:
+/// the client then receives a `BadCertificate` alert instead of a
+/// connection that silently closes.
+#[derive(Debug)]
+struct PeerNameClientVerifier {
+    ca_verifier: Arc<dyn ClientCertVerifier>,
+    expected: ServerName<'static>,
+}
+
+impl ClientCertVerifier for PeerNameClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.ca_verifier.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .ca_verifier
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_name(&parsed, &self.expected)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.ca_verifier.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.ca_verifier.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.ca_verifier.supported_verify_schemes()
+    }
+}
+
+/// TLS 1.3 only, a client certificate signed by `ca.pem` and valid for the
+/// expected peer name required.
 pub(super) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TransportError> {
     let roots = load_roots(files)?;
     let certs = load_certs(&files.cert_path())?;
     let key = load_key(&files.key_path())?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+    let ca_verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
         .build()
         .map_err(|e| TransportError::CertFileInvalid {
             path: files.ca_path(),
             reason: e.to_string(),
         })?;
+    let verifier = Arc::new(PeerNameClientVerifier {
+        ca_verifier,
+        expected: files.peer_server_name()?,
+    });
     let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(config_error(files))?
@@ -128,9 +199,9 @@ pub(super) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, Trans
     Ok(Arc::new(config))
 }
 
-/// Check that the verified client certificate names `files.peer_name` (the
-/// CA check already happened in the handshake; this binds the connection to
-/// the one node we expect, G7).
+/// Check that the verified client certificate names `files.peer_name`. The
+/// handshake's verifier already did; this re-check on the finished
+/// connection keeps G7 independent of how the verifier is wired.
 pub(super) fn check_client_name(
     files: &TlsFiles,
     addr: SocketAddr,

@@ -136,26 +136,43 @@ pub enum WireError {
     #[error("frame seq {seq}: {trailing_bytes} trailing bytes after the message body")]
     TrailingBody { seq: u64, trailing_bytes: usize },
     #[error(
-        "payload crc32 mismatch: expected {expected:#010x}, computed {actual:#010x} over {raw_len_bytes} bytes; the payload was corrupted, it must not be applied"
+        "{}: payload crc32 mismatch: expected {expected:#010x}, computed {actual:#010x} over {raw_len_bytes} bytes; the payload was corrupted, it must not be applied",
+        payload_origin(.seq)
     )]
     PayloadCrc {
+        /// The frame's seq, or `None` for a payload prepared locally.
+        seq: Option<u64>,
         expected: u32,
         actual: u32,
         raw_len_bytes: u32,
     },
-    #[error("payload does not decompress (zstd, {wire_len_bytes} bytes on the wire)")]
+    #[error(
+        "{}: payload does not decompress (zstd, {wire_len_bytes} bytes on the wire, {raw_len_bytes} bytes announced)",
+        payload_origin(.seq)
+    )]
     Decompress {
+        seq: Option<u64>,
         wire_len_bytes: u32,
+        raw_len_bytes: u32,
         #[source]
         source: io::Error,
     },
     #[error(
-        "payload decompressed to {actual_bytes} bytes but the header announced {expected_bytes} bytes"
+        "{}: payload decompressed to {actual_bytes} bytes but the header announced {expected_bytes} bytes",
+        payload_origin(.seq)
     )]
     DecompressedLen {
+        seq: Option<u64>,
         expected_bytes: u32,
         actual_bytes: usize,
     },
+}
+
+fn payload_origin(seq: &Option<u64>) -> String {
+    match seq {
+        Some(seq) => format!("frame seq {seq}"),
+        None => "locally prepared payload".to_string(),
+    }
 }
 
 /// The data of a write as it travels: on-wire bytes (compressed or not), the
@@ -166,6 +183,9 @@ pub struct Payload {
     raw_len_bytes: u32,
     crc32: u32,
     compressed: bool,
+    /// The seq of the frame it arrived in (for error messages); `None` when
+    /// prepared locally.
+    received_seq: Option<u64>,
 }
 
 thread_local! {
@@ -204,14 +224,20 @@ fn compress_with_thread_context(data: &[u8], level: i32) -> Option<Vec<u8>> {
     })
 }
 
-fn decompress_with_thread_context(wire: &[u8], raw_len_bytes: u32) -> Result<Vec<u8>, WireError> {
+fn decompress_with_thread_context(
+    wire: &[u8],
+    raw_len_bytes: u32,
+    seq: Option<u64>,
+) -> Result<Vec<u8>, WireError> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
             *slot =
                 Some(
                     zstd::bulk::Decompressor::new().map_err(|source| WireError::Decompress {
+                        seq,
                         wire_len_bytes: wire.len() as u32,
+                        raw_len_bytes,
                         source,
                     })?,
                 );
@@ -225,7 +251,9 @@ fn decompress_with_thread_context(wire: &[u8], raw_len_bytes: u32) -> Result<Vec
         decompressor
             .decompress_to_buffer(wire, &mut out)
             .map_err(|source| WireError::Decompress {
+                seq,
                 wire_len_bytes: wire.len() as u32,
+                raw_len_bytes,
                 source,
             })?;
         Ok(out)
@@ -240,6 +268,7 @@ impl Payload {
             raw_len_bytes: 0,
             crc32: crc32fast::hash(&[]),
             compressed: false,
+            received_seq: None,
         }
     }
 
@@ -269,6 +298,7 @@ impl Payload {
                 raw_len_bytes,
                 crc32,
                 compressed: true,
+                received_seq: None,
             };
         }
         Payload {
@@ -276,6 +306,7 @@ impl Payload {
             raw_len_bytes,
             crc32,
             compressed: false,
+            received_seq: None,
         }
     }
 
@@ -303,9 +334,11 @@ impl Payload {
     /// applied.
     pub fn open(self) -> Result<Bytes, WireError> {
         let data = if self.compressed {
-            let out = decompress_with_thread_context(&self.wire, self.raw_len_bytes)?;
+            let out =
+                decompress_with_thread_context(&self.wire, self.raw_len_bytes, self.received_seq)?;
             if out.len() != self.raw_len_bytes as usize {
                 return Err(WireError::DecompressedLen {
+                    seq: self.received_seq,
                     expected_bytes: self.raw_len_bytes,
                     actual_bytes: out.len(),
                 });
@@ -314,6 +347,7 @@ impl Payload {
         } else {
             if self.wire.len() != self.raw_len_bytes as usize {
                 return Err(WireError::DecompressedLen {
+                    seq: self.received_seq,
                     expected_bytes: self.raw_len_bytes,
                     actual_bytes: self.wire.len(),
                 });
@@ -323,6 +357,7 @@ impl Payload {
         let actual = crc32fast::hash(&data);
         if actual != self.crc32 {
             return Err(WireError::PayloadCrc {
+                seq: self.received_seq,
                 expected: self.crc32,
                 actual,
                 raw_len_bytes: self.raw_len_bytes,
@@ -541,6 +576,7 @@ fn payload_from_header(h: &FrameHeader, wire: Bytes) -> Payload {
         raw_len_bytes: h.payload_raw_len_bytes,
         crc32: h.payload_crc32,
         compressed: h.payload_compressed(),
+        received_seq: Some(h.seq),
     }
 }
 
@@ -893,7 +929,24 @@ mod tests {
     fn corrupted_payload_crc_is_an_error() {
         let mut p = Payload::prepare(Bytes::from(vec![1u8; 4096]), 0);
         p.crc32 ^= 1;
-        assert!(matches!(p.open(), Err(WireError::PayloadCrc { .. })));
+        assert!(matches!(
+            p.open(),
+            Err(WireError::PayloadCrc { seq: None, .. })
+        ));
+        // Received: the error names the frame.
+        let mut b = encoded(&write_frame(5, &[1u8; 4096], 0));
+        let last = b.len() - 1;
+        b[last] ^= 0x10;
+        let (f, _) = decode_frame(&b).unwrap().unwrap();
+        let err = f.payload.open().unwrap_err();
+        assert!(
+            matches!(err, WireError::PayloadCrc { seq: Some(5), .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("frame seq 5: payload crc32 mismatch")
+        );
     }
 
     /// Any single bit flip gives an error or an incomplete frame, never a
@@ -1059,6 +1112,7 @@ mod tests {
             raw_len_bytes: 100,
             crc32: crc32fast::hash(&[0u8; 100]),
             compressed: true,
+            received_seq: Some(9),
         };
         assert!(matches!(p.open(), Err(WireError::Decompress { .. })));
     }
