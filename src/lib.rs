@@ -1,9 +1,13 @@
 //! tandem: a userspace block-volume replicator (see README.md and ARCHITECTURE).
 
+pub mod agent;
 pub mod bitmap;
+pub mod config;
 pub mod engine;
 pub mod frontend;
 pub mod meta;
+pub mod metrics;
+pub mod transport;
 pub mod types;
 pub mod volume;
 pub mod wire;
