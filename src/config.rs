@@ -44,13 +44,23 @@ pub enum ConfigError {
     #[error("config file {}: {message}", path.display())]
     Parse { path: PathBuf, message: String },
     #[error("config file {}: node '{node}' is not defined (nodes: {known}); pass --node with one of them", path.display())]
-    UnknownNode { path: PathBuf, node: String, known: String },
+    UnknownNode {
+        path: PathBuf,
+        node: String,
+        known: String,
+    },
     #[error("config file {}: {message}", path.display())]
     Nodes { path: PathBuf, message: String },
     #[error("missing option {option}: {hint}")]
-    Missing { option: &'static str, hint: &'static str },
+    Missing {
+        option: &'static str,
+        hint: &'static str,
+    },
     #[error("invalid value for {option}: {message}")]
-    Invalid { option: &'static str, message: String },
+    Invalid {
+        option: &'static str,
+        message: String,
+    },
 }
 
 /// A size given as a number of bytes or a string with a K/M/G/T suffix.
@@ -65,7 +75,9 @@ impl SizeValue {
     fn bytes(&self, option: &'static str) -> Result<u64, ConfigError> {
         match self {
             SizeValue::Bytes(n) => Ok(*n),
-            SizeValue::Text(s) => parse_size(s).map_err(|message| ConfigError::Invalid { option, message }),
+            SizeValue::Text(s) => {
+                parse_size(s).map_err(|message| ConfigError::Invalid { option, message })
+            }
         }
     }
 }
@@ -118,13 +130,21 @@ pub struct ResourceFile {
 
 impl ResourceFile {
     pub fn load(path: &Path) -> Result<ResourceFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let file: ResourceFile =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim().replace('\n', " ") })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file: ResourceFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
         if file.nodes.len() != 2 {
             return Err(ConfigError::Nodes {
                 path: path.to_owned(),
-                message: format!("a resource describes exactly 2 nodes under [nodes.NAME], found {}", file.nodes.len()),
+                message: format!(
+                    "a resource describes exactly 2 nodes under [nodes.NAME], found {}",
+                    file.nodes.len()
+                ),
             });
         }
         Ok(file)
@@ -226,9 +246,15 @@ pub struct Overrides {
     pub drain_timeout_ms: Option<u64>,
 }
 
-fn size_opt(cli: &Option<String>, file: &Option<SizeValue>, option: &'static str) -> Result<Option<u64>, ConfigError> {
+fn size_opt(
+    cli: &Option<String>,
+    file: &Option<SizeValue>,
+    option: &'static str,
+) -> Result<Option<u64>, ConfigError> {
     if let Some(s) = cli {
-        return parse_size(s).map(Some).map_err(|message| ConfigError::Invalid { option, message });
+        return parse_size(s)
+            .map(Some)
+            .map_err(|message| ConfigError::Invalid { option, message });
     }
     file.as_ref().map(|v| v.bytes(option)).transpose()
 }
@@ -237,21 +263,38 @@ impl NodeConfig {
     /// Resolve a node's configuration for `role` from flags and an optional resource file.
     pub fn resolve(role: Role, o: Overrides) -> Result<NodeConfig, ConfigError> {
         let file = o.config.as_deref().map(ResourceFile::load).transpose()?;
-        let res = file.as_ref().map(|f| f.resource.clone()).unwrap_or_default();
-        let (mine, theirs, my_name, their_name) = match (&file, &o.node) {
-            (Some(f), node) => {
-                let path = o.config.clone().expect("file implies path");
-                let node = node.clone().or_else(|| o.name.clone()).ok_or(ConfigError::Missing {
+        let res = file
+            .as_ref()
+            .map(|f| f.resource.clone())
+            .unwrap_or_default();
+        let (mine, theirs, my_name, their_name) =
+            match (&file, &o.node) {
+                (Some(f), node) => {
+                    let path = o.config.clone().expect("file implies path");
+                    let node = node.clone().or_else(|| o.name.clone()).ok_or(ConfigError::Missing {
                     option: "--node",
                     hint: "with --config, name this node (one of the [nodes.NAME] sections)",
                 })?;
-                let known = f.nodes.keys().cloned().collect::<Vec<_>>().join(", ");
-                let mine = f.nodes.get(&node).cloned().ok_or(ConfigError::UnknownNode { path, node: node.clone(), known })?;
-                let (peer_name, theirs) = f.nodes.iter().find(|(k, _)| **k != node).map(|(k, v)| (k.clone(), v.clone())).expect("2 nodes");
-                (mine, theirs, Some(node), Some(peer_name))
-            }
-            (None, _) => (NodeSection::default(), NodeSection::default(), None, None),
-        };
+                    let known = f.nodes.keys().cloned().collect::<Vec<_>>().join(", ");
+                    let mine = f
+                        .nodes
+                        .get(&node)
+                        .cloned()
+                        .ok_or(ConfigError::UnknownNode {
+                            path,
+                            node: node.clone(),
+                            known,
+                        })?;
+                    let (peer_name, theirs) = f
+                        .nodes
+                        .iter()
+                        .find(|(k, _)| **k != node)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .expect("2 nodes");
+                    (mine, theirs, Some(node), Some(peer_name))
+                }
+                (None, _) => (NodeSection::default(), NodeSection::default(), None, None),
+            };
         let default_name = role.to_string();
         let default_peer = match role {
             Role::Primary => Role::Secondary.to_string(),
@@ -264,7 +307,10 @@ impl NodeConfig {
             hint: "the image file or block device to replicate",
         })?;
         let size_bytes = size_opt(&o.size, &mine.size, "--size")?;
-        let meta = o.meta.or(mine.meta).unwrap_or_else(|| crate::meta::MetaStore::default_path_for(&volume));
+        let meta = o
+            .meta
+            .or(mine.meta)
+            .unwrap_or_else(|| crate::meta::MetaStore::default_path_for(&volume));
         let control = o.control.or(mine.control).unwrap_or_else(|| {
             let mut p = volume.clone().into_os_string();
             p.push(".tandem.sock");
@@ -273,23 +319,41 @@ impl NodeConfig {
         let mode = match o.mode.or(res.mode).as_deref() {
             None | Some("sync") => Mode::Sync,
             Some("async") => Mode::Async,
-            Some(other) => return Err(ConfigError::Invalid { option: "--mode", message: format!("'{other}': expected sync or async") }),
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    option: "--mode",
+                    message: format!("'{other}': expected sync or async"),
+                });
+            }
         };
         let io_engine = match o.io_engine.or(res.io_engine).as_deref() {
             None | Some("auto") => EngineChoice::Auto,
             Some("io_uring") | Some("uring") => EngineChoice::Uring,
             Some("threads") => EngineChoice::Threads,
             Some(other) => {
-                return Err(ConfigError::Invalid { option: "--io-engine", message: format!("'{other}': expected auto, io_uring or threads") });
+                return Err(ConfigError::Invalid {
+                    option: "--io-engine",
+                    message: format!("'{other}': expected auto, io_uring or threads"),
+                });
             }
         };
-        let block_size = size_opt(&o.block_size, &res.block_size, "--block-size")?.unwrap_or(defaults::BLOCK_SIZE as u64);
+        let block_size = size_opt(&o.block_size, &res.block_size, "--block-size")?
+            .unwrap_or(defaults::BLOCK_SIZE as u64);
         if !block_size.is_power_of_two() || !(512..=(1 << 20)).contains(&block_size) {
-            return Err(ConfigError::Invalid { option: "--block-size", message: format!("{block_size}: must be a power of two from 512 to 1M") });
+            return Err(ConfigError::Invalid {
+                option: "--block-size",
+                message: format!("{block_size}: must be a power of two from 512 to 1M"),
+            });
         }
-        let compress_level = o.compress_level.or(res.compress_level).unwrap_or(defaults::COMPRESS_LEVEL);
+        let compress_level = o
+            .compress_level
+            .or(res.compress_level)
+            .unwrap_or(defaults::COMPRESS_LEVEL);
         if !(0..=19).contains(&compress_level) {
-            return Err(ConfigError::Invalid { option: "--compress-level", message: format!("{compress_level}: expected 0 (off) to 19") });
+            return Err(ConfigError::Invalid {
+                option: "--compress-level",
+                message: format!("{compress_level}: expected 0 (off) to 19"),
+            });
         }
         let listen = o.listen.or(match role {
             Role::Secondary => mine.address,
@@ -299,7 +363,10 @@ impl NodeConfig {
             Role::Primary => theirs.address,
             Role::Secondary => None,
         });
-        let tls_dir = o.tls_dir.or(res.tls_dir).unwrap_or_else(|| PathBuf::from("/etc/tandem"));
+        let tls_dir = o
+            .tls_dir
+            .or(res.tls_dir)
+            .unwrap_or_else(|| PathBuf::from("/etc/tandem"));
         let cfg = NodeConfig {
             resource: res.name.unwrap_or_else(|| "r0".into()),
             role,
@@ -319,16 +386,45 @@ impl NodeConfig {
             tls_dir,
             danger_plaintext: o.danger_plaintext || res.danger_plaintext.unwrap_or(false),
             compress_level,
-            queue_bytes_max: size_opt(&o.queue_bytes_max, &res.queue_bytes_max, "--queue-bytes-max")?.unwrap_or(defaults::QUEUE_BYTES_MAX),
-            queue_writes_max: o.queue_writes_max.or(res.queue_writes_max).unwrap_or(defaults::QUEUE_WRITES_MAX),
+            queue_bytes_max: size_opt(
+                &o.queue_bytes_max,
+                &res.queue_bytes_max,
+                "--queue-bytes-max",
+            )?
+            .unwrap_or(defaults::QUEUE_BYTES_MAX),
+            queue_writes_max: o
+                .queue_writes_max
+                .or(res.queue_writes_max)
+                .unwrap_or(defaults::QUEUE_WRITES_MAX),
             block_size: block_size as u32,
-            flush_interval_ms: o.flush_interval_ms.or(res.flush_interval_ms).unwrap_or(defaults::FLUSH_INTERVAL_MS),
-            flush_bytes_max: size_opt(&o.flush_bytes_max, &res.flush_bytes_max, "--flush-bytes-max")?.unwrap_or(defaults::FLUSH_BYTES_MAX),
-            resync_rate_bytes_per_s: size_opt(&o.resync_rate, &res.resync_rate, "--resync-rate")?.unwrap_or(defaults::RESYNC_RATE_BYTES_PER_S),
-            heartbeat_interval_ms: o.heartbeat_interval_ms.or(res.heartbeat_interval_ms).unwrap_or(defaults::HEARTBEAT_INTERVAL_MS),
-            peer_timeout_ms: o.peer_timeout_ms.or(res.peer_timeout_ms).unwrap_or(defaults::PEER_TIMEOUT_MS),
-            connect_timeout_ms: o.connect_timeout_ms.or(res.connect_timeout_ms).unwrap_or(defaults::CONNECT_TIMEOUT_MS),
-            drain_timeout_ms: o.drain_timeout_ms.or(res.drain_timeout_ms).unwrap_or(defaults::DRAIN_TIMEOUT_MS),
+            flush_interval_ms: o
+                .flush_interval_ms
+                .or(res.flush_interval_ms)
+                .unwrap_or(defaults::FLUSH_INTERVAL_MS),
+            flush_bytes_max: size_opt(
+                &o.flush_bytes_max,
+                &res.flush_bytes_max,
+                "--flush-bytes-max",
+            )?
+            .unwrap_or(defaults::FLUSH_BYTES_MAX),
+            resync_rate_bytes_per_s: size_opt(&o.resync_rate, &res.resync_rate, "--resync-rate")?
+                .unwrap_or(defaults::RESYNC_RATE_BYTES_PER_S),
+            heartbeat_interval_ms: o
+                .heartbeat_interval_ms
+                .or(res.heartbeat_interval_ms)
+                .unwrap_or(defaults::HEARTBEAT_INTERVAL_MS),
+            peer_timeout_ms: o
+                .peer_timeout_ms
+                .or(res.peer_timeout_ms)
+                .unwrap_or(defaults::PEER_TIMEOUT_MS),
+            connect_timeout_ms: o
+                .connect_timeout_ms
+                .or(res.connect_timeout_ms)
+                .unwrap_or(defaults::CONNECT_TIMEOUT_MS),
+            drain_timeout_ms: o
+                .drain_timeout_ms
+                .or(res.drain_timeout_ms)
+                .unwrap_or(defaults::DRAIN_TIMEOUT_MS),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -338,15 +434,24 @@ impl NodeConfig {
         match self.role {
             Role::Primary => {
                 if self.peer.is_none() {
-                    return Err(ConfigError::Missing { option: "--peer", hint: "the secondary's replication address, e.g. 192.0.2.11:7789" });
+                    return Err(ConfigError::Missing {
+                        option: "--peer",
+                        hint: "the secondary's replication address, e.g. 192.0.2.11:7789",
+                    });
                 }
                 if self.nbd.is_none() {
-                    return Err(ConfigError::Missing { option: "--nbd", hint: "the NBD export address, e.g. 127.0.0.1:10809 or unix:/run/tandem/r0.nbd" });
+                    return Err(ConfigError::Missing {
+                        option: "--nbd",
+                        hint: "the NBD export address, e.g. 127.0.0.1:10809 or unix:/run/tandem/r0.nbd",
+                    });
                 }
             }
             Role::Secondary => {
                 if self.listen.is_none() {
-                    return Err(ConfigError::Missing { option: "--listen", hint: "the replication address to listen on, e.g. 0.0.0.0:7789" });
+                    return Err(ConfigError::Missing {
+                        option: "--listen",
+                        hint: "the replication address to listen on, e.g. 0.0.0.0:7789",
+                    });
                 }
             }
         }
@@ -359,7 +464,10 @@ impl NodeConfig {
         if self.peer_timeout_ms <= self.heartbeat_interval_ms {
             return Err(ConfigError::Invalid {
                 option: "--peer-timeout-ms",
-                message: format!("{} ms must exceed --heartbeat-interval-ms ({} ms)", self.peer_timeout_ms, self.heartbeat_interval_ms),
+                message: format!(
+                    "{} ms must exceed --heartbeat-interval-ms ({} ms)",
+                    self.peer_timeout_ms, self.heartbeat_interval_ms
+                ),
             });
         }
         Ok(())
@@ -398,14 +506,23 @@ size = "1G"
     fn resource_file_picks_this_node_and_the_other_as_peer() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), FILE);
-        let o = Overrides { config: Some(path.clone()), node: Some("alpha".into()), ..Default::default() };
+        let o = Overrides {
+            config: Some(path.clone()),
+            node: Some("alpha".into()),
+            ..Default::default()
+        };
         let c = NodeConfig::resolve(Role::Primary, o).unwrap();
         assert_eq!(c.name, "alpha");
         assert_eq!(c.peer_name, "beta");
         assert_eq!(c.peer, Some("127.0.0.1:7002".parse().unwrap()));
         assert_eq!(c.mode, Mode::Async);
         assert_eq!(c.queue_bytes_max, 128 << 20);
-        let o = Overrides { config: Some(path), node: Some("beta".into()), mode: Some("sync".into()), ..Default::default() };
+        let o = Overrides {
+            config: Some(path),
+            node: Some("beta".into()),
+            mode: Some("sync".into()),
+            ..Default::default()
+        };
         let c = NodeConfig::resolve(Role::Secondary, o).unwrap();
         assert_eq!(c.listen, Some("127.0.0.1:7002".parse().unwrap()));
         assert_eq!(c.size_bytes, Some(1 << 30));
@@ -416,23 +533,64 @@ size = "1G"
     fn malformed_or_incomplete_files_are_refused_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "[resource\nname=");
-        let e = NodeConfig::resolve(Role::Primary, Overrides { config: Some(path), node: Some("a".into()), ..Default::default() }).unwrap_err();
+        let e = NodeConfig::resolve(
+            Role::Primary,
+            Overrides {
+                config: Some(path),
+                node: Some("a".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
-        let path = write(dir.path(), &FILE.replace("[nodes.beta]", "[nodes.beta]\nbogus = 1"));
-        let e = NodeConfig::resolve(Role::Primary, Overrides { config: Some(path), node: Some("alpha".into()), ..Default::default() }).unwrap_err();
+        let path = write(
+            dir.path(),
+            &FILE.replace("[nodes.beta]", "[nodes.beta]\nbogus = 1"),
+        );
+        let e = NodeConfig::resolve(
+            Role::Primary,
+            Overrides {
+                config: Some(path),
+                node: Some("alpha".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
         let path = write(dir.path(), FILE);
-        let e = NodeConfig::resolve(Role::Primary, Overrides { config: Some(path), node: Some("gamma".into()), ..Default::default() }).unwrap_err();
+        let e = NodeConfig::resolve(
+            Role::Primary,
+            Overrides {
+                config: Some(path),
+                node: Some("gamma".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("alpha, beta"), "{e}");
     }
 
     #[test]
     fn flags_alone_work_and_name_the_missing_option() {
-        let o = Overrides { volume: Some("/x.img".into()), listen: Some("127.0.0.1:1".parse().unwrap()), ..Default::default() };
+        let o = Overrides {
+            volume: Some("/x.img".into()),
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            ..Default::default()
+        };
         let c = NodeConfig::resolve(Role::Secondary, o).unwrap();
-        assert_eq!((c.name.as_str(), c.peer_name.as_str()), ("secondary", "primary"));
+        assert_eq!(
+            (c.name.as_str(), c.peer_name.as_str()),
+            ("secondary", "primary")
+        );
         assert_eq!(c.meta, PathBuf::from("/x.img.tandem-meta"));
-        let e = NodeConfig::resolve(Role::Primary, Overrides { volume: Some("/x.img".into()), ..Default::default() }).unwrap_err();
+        let e = NodeConfig::resolve(
+            Role::Primary,
+            Overrides {
+                volume: Some("/x.img".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("--peer"), "{e}");
     }
 }

@@ -47,7 +47,11 @@ pub struct ControlReply {
 
 impl ControlReply {
     pub fn error(message: String) -> ControlReply {
-        ControlReply { ok: false, error: Some(message), status: None }
+        ControlReply {
+            ok: false,
+            error: Some(message),
+            status: None,
+        }
     }
 }
 
@@ -136,17 +140,31 @@ impl StatusDoc {
             resource: cfg.resource.clone(),
             node: cfg.name.clone(),
             role: role.to_string(),
-            mode: if cfg.mode == Mode::Sync { "sync" } else { "async" }.into(),
+            mode: if cfg.mode == Mode::Sync {
+                "sync"
+            } else {
+                "async"
+            }
+            .into(),
             volume: cfg.volume.display().to_string(),
             volume_id: volume_id.to_string(),
             generation: generation.to_string(),
             disk_state: disk_state.to_string(),
             peer: PeerStatus {
                 name: cfg.peer_name.clone(),
-                connection: if peer.is_some() { "connected" } else { "connecting" }.into(),
+                connection: if peer.is_some() {
+                    "connected"
+                } else {
+                    "connecting"
+                }
+                .into(),
                 disk_state: peer.map(|p| p.1),
             },
-            lag: LagStatus { bytes: lag_bytes, writes: lag_writes, seconds: m.lag_seconds() },
+            lag: LagStatus {
+                bytes: lag_bytes,
+                writes: lag_writes,
+                seconds: m.lag_seconds(),
+            },
             out_of_sync_bytes: out_of_sync.0 * bs,
             resync: resync.map(|(done, total)| ProgressStatus {
                 done_bytes: done.0 * bs,
@@ -164,7 +182,12 @@ impl StatusDoc {
                 sessions: Metrics::get(&m.sessions),
                 frames_rejected: Metrics::get(&m.frames_rejected),
             },
-            write_latency_us: (lat.count > 0).then_some(LatencyStatus { p50: lat.p50_us, p99: lat.p99_us, p999: lat.p999_us, max: lat.max_us }),
+            write_latency_us: (lat.count > 0).then_some(LatencyStatus {
+                p50: lat.p50_us,
+                p99: lat.p99_us,
+                p999: lat.p999_us,
+                max: lat.max_us,
+            }),
             compression_ratio: m.compression_ratio(),
             last_error: m.last_error.lock().ok().and_then(|e| e.clone()),
             uptime_s: m.started.elapsed().as_secs(),
@@ -174,8 +197,14 @@ impl StatusDoc {
     /// The one-screen human form, like `drbdadm status`.
     pub fn human(&self) -> String {
         let mut s = String::new();
-        s += &format!("{} role:{} mode:{} volume:{}\n", self.resource, self.role, self.mode, self.volume);
-        s += &format!("  disk:{}  id:{}  generation:{}\n", self.disk_state, self.volume_id, self.generation);
+        s += &format!(
+            "{} role:{} mode:{} volume:{}\n",
+            self.resource, self.role, self.mode, self.volume
+        );
+        s += &format!(
+            "  disk:{}  id:{}  generation:{}\n",
+            self.disk_state, self.volume_id, self.generation
+        );
         s += &format!(
             "  {} connection:{} peer-disk:{}\n",
             self.peer.name,
@@ -187,15 +216,26 @@ impl StatusDoc {
             self.lag.writes, self.lag.bytes, self.lag.seconds, self.out_of_sync_bytes
         );
         if let Some(r) = &self.resync {
-            s += &format!("  resync: {:.1}% ({} of {} bytes)\n", r.percent, r.done_bytes, r.total_bytes);
+            s += &format!(
+                "  resync: {:.1}% ({} of {} bytes)\n",
+                r.percent, r.done_bytes, r.total_bytes
+            );
         }
         let c = &self.counters;
         s += &format!(
             "  written: {} writes, {} bytes  replicated: {} bytes ({} on the wire, ratio {:.2})  resync: {} bytes\n",
-            c.client_writes, c.client_write_bytes, c.replicated_bytes, c.replicated_wire_bytes, self.compression_ratio, c.resync_bytes
+            c.client_writes,
+            c.client_write_bytes,
+            c.replicated_bytes,
+            c.replicated_wire_bytes,
+            self.compression_ratio,
+            c.resync_bytes
         );
         if let Some(l) = &self.write_latency_us {
-            s += &format!("  write latency µs: p50 {} p99 {} p99.9 {} max {}\n", l.p50, l.p99, l.p999, l.max);
+            s += &format!(
+                "  write latency µs: p50 {} p99 {} p99.9 {} max {}\n",
+                l.p50, l.p99, l.p999, l.max
+            );
         }
         if let Some(e) = &self.last_error {
             s += &format!("  last error: {e}\n");
@@ -205,8 +245,15 @@ impl StatusDoc {
 }
 
 /// Bind the control socket and serve it until `stop`.
-pub async fn serve(path: &Path, handler: Arc<dyn ControlHandler>, stop: CancellationToken) -> Result<JoinHandle<()>, AgentError> {
-    let err = |source| AgentError::Control { path: path.to_owned(), source };
+pub async fn serve(
+    path: &Path,
+    handler: Arc<dyn ControlHandler>,
+    stop: CancellationToken,
+) -> Result<JoinHandle<()>, AgentError> {
+    let err = |source| AgentError::Control {
+        path: path.to_owned(),
+        source,
+    };
     if path.exists() {
         // A live agent answers; a stale socket file from a crash is removed.
         if UnixStream::connect(path).await.is_ok() {
@@ -247,7 +294,11 @@ async fn serve_one(stream: UnixStream, handler: Arc<dyn ControlHandler>) {
         let reply = match serde_json::from_str::<ControlRequest>(&line) {
             Err(e) => ControlReply::error(format!("malformed control request: {e}")),
             Ok(req) if req.cmd == "status" => match handler.status().await {
-                Some(status) => ControlReply { ok: true, error: None, status: Some(status) },
+                Some(status) => ControlReply {
+                    ok: true,
+                    error: None,
+                    status: Some(status),
+                },
                 None => ControlReply::error("agent is shutting down".into()),
             },
             Ok(req) => handler.other(&req.cmd).await,
@@ -266,14 +317,18 @@ pub async fn request(path: &Path, cmd: &str) -> Result<ControlReply, String> {
         .await
         .map_err(|e| format!("cannot reach the agent's control socket {}: {e}; is the agent running (see --control)?", path.display()))?;
     let (rd, mut wr) = stream.into_split();
-    let mut text = serde_json::to_string(&ControlRequest { cmd: cmd.into() }).expect("request serializes");
+    let mut text =
+        serde_json::to_string(&ControlRequest { cmd: cmd.into() }).expect("request serializes");
     text.push('\n');
-    wr.write_all(text.as_bytes()).await.map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    wr.write_all(text.as_bytes())
+        .await
+        .map_err(|e| format!("control socket {}: {e}", path.display()))?;
     let mut lines = BufReader::new(rd).lines();
     let line = lines
         .next_line()
         .await
         .map_err(|e| format!("control socket {}: {e}", path.display()))?
         .ok_or_else(|| format!("control socket {}: closed without a reply", path.display()))?;
-    serde_json::from_str(&line).map_err(|e| format!("control socket {}: malformed reply: {e}", path.display()))
+    serde_json::from_str(&line)
+        .map_err(|e| format!("control socket {}: malformed reply: {e}", path.display()))
 }

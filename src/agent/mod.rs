@@ -42,8 +42,15 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Refused(String),
-    #[error("metadata {meta} belongs to a volume of {meta_bytes} bytes, but {volume} has {volume_bytes} bytes; use the right --meta or recreate it")]
-    MetaVolumeMismatch { meta: String, meta_bytes: u64, volume: String, volume_bytes: u64 },
+    #[error(
+        "metadata {meta} belongs to a volume of {meta_bytes} bytes, but {volume} has {volume_bytes} bytes; use the right --meta or recreate it"
+    )]
+    MetaVolumeMismatch {
+        meta: String,
+        meta_bytes: u64,
+        volume: String,
+        volume_bytes: u64,
+    },
 }
 
 /// The transport security a node config asks for.
@@ -51,7 +58,11 @@ pub fn security_for(cfg: &NodeConfig) -> Security {
     if cfg.danger_plaintext {
         Security::DangerPlaintext
     } else {
-        Security::Tls(TlsFiles { dir: cfg.tls_dir.clone(), node_name: cfg.name.clone(), peer_name: cfg.peer_name.clone() })
+        Security::Tls(TlsFiles {
+            dir: cfg.tls_dir.clone(),
+            node_name: cfg.name.clone(),
+            peer_name: cfg.peer_name.clone(),
+        })
     }
 }
 
@@ -70,13 +81,14 @@ pub fn errno_of(e: &io::Error) -> i32 {
 /// to the default handler only after the agent has exited.
 pub fn cancel_on_signals(token: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("cannot install the SIGTERM handler: {e}");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot install the SIGTERM handler: {e}");
+                    return;
+                }
+            };
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),

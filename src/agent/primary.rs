@@ -32,13 +32,15 @@ use crate::metrics::Metrics;
 use crate::transport::{self, Backoff, PeerReadHalf, PeerWriteHalf, Security};
 use crate::types::{ByteRange, DiskState, Generation, Role, Seq, VolumeId};
 use crate::volume::{OpenOptions, Volume};
-use crate::wire::{self, Frame, Hello, Message, Payload, PROTOCOL_VERSION, SyncPlan, Welcome, caps};
+use crate::wire::{
+    self, Frame, Hello, Message, PROTOCOL_VERSION, Payload, SyncPlan, Welcome, caps,
+};
 
 /// Reply channel of one client request.
 type Reply = oneshot::Sender<Result<(), Errno>>;
 
 /// What the agent tells its caller once it serves.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PrimaryReady {
     pub nbd: NbdAddress,
     pub metrics: Arc<Metrics>,
@@ -60,7 +62,11 @@ struct Window {
 impl Window {
     fn new(bytes_max: u64, writes_max: u32) -> Window {
         let bytes_max = bytes_max.min(u32::MAX as u64) as u32;
-        Window { bytes: Arc::new(Semaphore::new(bytes_max as usize)), writes: Arc::new(Semaphore::new(writes_max as usize)), bytes_max }
+        Window {
+            bytes: Arc::new(Semaphore::new(bytes_max as usize)),
+            writes: Arc::new(Semaphore::new(writes_max as usize)),
+            bytes_max,
+        }
     }
 
     async fn acquire(&self, len_bytes: u64) -> Option<Permits> {
@@ -68,36 +74,81 @@ impl Window {
         let n = (len_bytes.min(self.bytes_max as u64) as u32).max(1);
         let writes = self.writes.clone().acquire_owned().await.ok()?;
         let bytes = self.bytes.clone().acquire_many_owned(n).await.ok()?;
-        Some(Permits { _bytes: bytes, _writes: writes })
+        Some(Permits {
+            _bytes: bytes,
+            _writes: writes,
+        })
     }
 
     fn try_acquire(&self, len_bytes: u64) -> Option<Permits> {
         let n = (len_bytes.min(self.bytes_max as u64) as u32).max(1);
         let writes = self.writes.clone().try_acquire_owned().ok()?;
         let bytes = self.bytes.clone().try_acquire_many_owned(n).ok()?;
-        Some(Permits { _bytes: bytes, _writes: writes })
+        Some(Permits {
+            _bytes: bytes,
+            _writes: writes,
+        })
     }
 }
 
 enum Cmd {
-    Submit { kind: OpKind, range: ByteRange, fua: bool, data: Option<Bytes>, payload: Option<Payload>, permits: Option<Permits>, reply: Reply },
-    Flush { reply: Reply },
-    HelloInfo { reply: oneshot::Sender<Hello> },
-    Status { reply: oneshot::Sender<StatusDoc> },
-    Shutdown { reply: oneshot::Sender<()> },
+    Submit {
+        kind: OpKind,
+        range: ByteRange,
+        fua: bool,
+        data: Option<Bytes>,
+        payload: Option<Payload>,
+        permits: Option<Permits>,
+        reply: Reply,
+    },
+    Flush {
+        reply: Reply,
+    },
+    HelloInfo {
+        reply: oneshot::Sender<Hello>,
+    },
+    Status {
+        reply: oneshot::Sender<StatusDoc>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 enum IoDone {
-    Local { seq: Seq, result: Result<(), Errno> },
-    ResyncRead { seq: Seq, result: Result<Option<Payload>, Errno> },
-    Flush { id: FlushId, result: Result<(), Errno> },
+    Local {
+        seq: Seq,
+        result: Result<(), Errno>,
+    },
+    ResyncRead {
+        seq: Seq,
+        result: Result<Option<Payload>, Errno>,
+    },
+    Flush {
+        id: FlushId,
+        result: Result<(), Errno>,
+    },
 }
 
 enum PeerEvent {
-    Up { id: u64, tx: mpsc::UnboundedSender<Frame>, full: bool, peer: Welcome },
-    Applied { id: u64, seq: Seq },
-    Durable { id: u64, through: Seq },
-    Down { id: u64, reason: String },
+    Up {
+        id: u64,
+        tx: mpsc::UnboundedSender<Frame>,
+        full: bool,
+        peer: Welcome,
+    },
+    Applied {
+        id: u64,
+        seq: Seq,
+    },
+    Durable {
+        id: u64,
+        through: Seq,
+    },
+    Down {
+        id: u64,
+        reason: String,
+    },
 }
 
 /// Per-seq data the engine refers to by seq.
@@ -131,9 +182,17 @@ struct Shared {
 }
 
 /// Run a primary until `shutdown` is cancelled; then drain and persist.
-pub async fn run(cfg: NodeConfig, shutdown: CancellationToken, ready: Option<oneshot::Sender<PrimaryReady>>) -> Result<(), AgentError> {
+pub async fn run(
+    cfg: NodeConfig,
+    shutdown: CancellationToken,
+    ready: Option<oneshot::Sender<PrimaryReady>>,
+) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
-    let opts = OpenOptions { create_size_bytes: cfg.size_bytes, direct: cfg.direct, engine: cfg.io_engine };
+    let opts = OpenOptions {
+        create_size_bytes: cfg.size_bytes,
+        direct: cfg.direct,
+        engine: cfg.io_engine,
+    };
     let volume = Volume::open(&cfg.volume, &opts)?;
     let size_bytes = volume.size_bytes();
     tracing::info!(volume = %cfg.volume.display(), size_bytes, engine = volume.engine_name(), "opened volume");
@@ -166,7 +225,11 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken, ready: Option<one
                 "{} was a secondary whose disk is {} (it never completed a sync); refusing to serve it as primary. \
                  Resync it from its peer first, or remove its metadata {} to start it as a new primary",
                 cfg.volume.display(),
-                if sb.is_new { "new".to_string() } else { sb.disk_state.to_string() },
+                if sb.is_new {
+                    "new".to_string()
+                } else {
+                    sb.disk_state.to_string()
+                },
                 cfg.meta.display()
             )));
         }
@@ -203,7 +266,11 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken, ready: Option<one
         volume: volume.clone(),
     });
     let mut engine = PrimaryEngine::new(cfg.mode, size_bytes, cfg.block_size, dirty, Seq(1));
-    engine.set_resync_chunk_bytes((1u64 << 20).min(cfg.queue_bytes_max / 4).max(cfg.block_size as u64));
+    engine.set_resync_chunk_bytes(
+        (1u64 << 20)
+            .min(cfg.queue_bytes_max / 4)
+            .max(cfg.block_size as u64),
+    );
     let (peer_tx, peer_rx) = mpsc::unbounded_channel();
     let (io_tx, io_rx) = mpsc::unbounded_channel();
     let owner = Owner {
@@ -225,26 +292,65 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken, ready: Option<one
     let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx));
 
     let conn_stop = CancellationToken::new();
-    let connector_task = tokio::spawn(connector(cfg.clone(), security_for(&cfg), cmd_tx.clone(), peer_tx, metrics.clone(), conn_stop.clone()));
+    let connector_task = tokio::spawn(connector(
+        cfg.clone(),
+        security_for(&cfg),
+        cmd_tx.clone(),
+        peer_tx,
+        metrics.clone(),
+        conn_stop.clone(),
+    ));
 
-    let nbd_addr: NbdAddress = cfg.nbd.as_deref().expect("validated").parse().map_err(|e| AgentError::Nbd(format!("{e}")))?;
-    let listener = NbdServer::bind(&nbd_addr).await.map_err(|e| AgentError::Nbd(format!("{e}")))?;
-    let bound = listener.local_addr().map_err(|e| AgentError::Nbd(format!("{e}")))?;
+    let nbd_addr: NbdAddress = cfg
+        .nbd
+        .as_deref()
+        .expect("validated")
+        .parse()
+        .map_err(|e| AgentError::Nbd(format!("{e}")))?;
+    let listener = NbdServer::bind(&nbd_addr)
+        .await
+        .map_err(|e| AgentError::Nbd(format!("{e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| AgentError::Nbd(format!("{e}")))?;
     let export = NbdExport {
         name: cfg.nbd_name.clone(),
-        description: format!("tandem resource {} ({} mode)", cfg.resource, if cfg.mode == Mode::Sync { "sync" } else { "async" }),
+        description: format!(
+            "tandem resource {} ({} mode)",
+            cfg.resource,
+            if cfg.mode == Mode::Sync {
+                "sync"
+            } else {
+                "async"
+            }
+        ),
         block_size_preferred: cfg.block_size.max(512),
         ..NbdExport::default()
     };
-    let server = NbdServer::new(Arc::new(ReplicatedExport { shared: shared.clone() }), export);
+    let server = NbdServer::new(
+        Arc::new(ReplicatedExport {
+            shared: shared.clone(),
+        }),
+        export,
+    );
     let nbd_stop = CancellationToken::new();
     let nbd_task = tokio::spawn(server.serve(listener, nbd_stop.clone()));
     tracing::info!(nbd = %bound, peer = ?cfg.peer, mode = ?cfg.mode, "primary serving");
 
     let control_stop = CancellationToken::new();
-    let control_task = control::serve(&cfg.control, Arc::new(PrimaryControl { cmd_tx: cmd_tx.clone() }), control_stop.clone()).await?;
+    let control_task = control::serve(
+        &cfg.control,
+        Arc::new(PrimaryControl {
+            cmd_tx: cmd_tx.clone(),
+        }),
+        control_stop.clone(),
+    )
+    .await?;
     if let Some(ready) = ready {
-        let _ = ready.send(PrimaryReady { nbd: bound, metrics: metrics.clone() });
+        let _ = ready.send(PrimaryReady {
+            nbd: bound,
+            metrics: metrics.clone(),
+        });
     }
 
     shutdown.cancelled().await;
@@ -264,7 +370,9 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken, ready: Option<one
     control_stop.cancel();
     let _ = control_task.await;
     drop(cmd_tx);
-    let result = owner_task.await.map_err(|e| AgentError::Refused(format!("owner task failed: {e}")))?;
+    let result = owner_task
+        .await
+        .map_err(|e| AgentError::Refused(format!("owner task failed: {e}")))?;
     result
 }
 
@@ -275,11 +383,21 @@ struct ReplicatedExport {
 }
 
 impl ReplicatedExport {
-    fn submit(&self, kind: OpKind, offset: u64, len: u64, data: Option<Bytes>, fua: bool) -> IoFuture<()> {
+    fn submit(
+        &self,
+        kind: OpKind,
+        offset: u64,
+        len: u64,
+        data: Option<Bytes>,
+        fua: bool,
+    ) -> IoFuture<()> {
         let shared = self.shared.clone();
         Box::pin(async move {
             let start = Instant::now();
-            if offset.checked_add(len).is_none_or(|end| end > shared.size_bytes) {
+            if offset
+                .checked_add(len)
+                .is_none_or(|end| end > shared.size_bytes)
+            {
                 return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
             }
             if len == 0 {
@@ -291,12 +409,30 @@ impl ReplicatedExport {
                 _ => None,
             };
             let wire_len = if kind == OpKind::Write { len } else { 0 };
-            let permits = if streaming { shared.window.acquire(wire_len).await } else { None };
+            let permits = if streaming {
+                shared.window.acquire(wire_len).await
+            } else {
+                None
+            };
             let (reply, rx) = oneshot::channel();
             let range = ByteRange::new(offset, len);
-            let cmd = Cmd::Submit { kind, range, fua, data, payload, permits, reply };
-            shared.cmd_tx.send(cmd).await.map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
-            let result = rx.await.map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
+            let cmd = Cmd::Submit {
+                kind,
+                range,
+                fua,
+                data,
+                payload,
+                permits,
+                reply,
+            };
+            shared
+                .cmd_tx
+                .send(cmd)
+                .await
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
+            let result = rx
+                .await
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
             Metrics::add(&shared.metrics.client_writes, 1);
             Metrics::add(&shared.metrics.client_write_bytes, len);
             shared.metrics.record_write_latency(start.elapsed());
@@ -337,8 +473,14 @@ impl ExportBackend for ReplicatedExport {
         let shared = self.shared.clone();
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
-            shared.cmd_tx.send(Cmd::Flush { reply }).await.map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
-            let result = rx.await.map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
+            shared
+                .cmd_tx
+                .send(Cmd::Flush { reply })
+                .await
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
+            let result = rx
+                .await
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
             Metrics::add(&shared.metrics.client_flushes, 1);
             result.map_err(std::io::Error::from_raw_os_error)
         })
@@ -392,10 +534,14 @@ impl Owner {
             self.pump_resync(&mut out);
             self.publish_gauges();
             if let Some(d) = &self.draining {
-                let drained = self.engine.ops_in_flight() == 0 && (!self.engine.is_streaming() || self.engine.lag().writes == 0);
+                let drained = self.engine.ops_in_flight() == 0
+                    && (!self.engine.is_streaming() || self.engine.lag().writes == 0);
                 if drained || tokio::time::Instant::now() >= d.deadline {
                     if !drained {
-                        tracing::warn!(lag_writes = self.engine.lag().writes, "drain timed out; the writes not yet durable on the secondary stay marked for resync");
+                        tracing::warn!(
+                            lag_writes = self.engine.lag().writes,
+                            "drain timed out; the writes not yet durable on the secondary stay marked for resync"
+                        );
                     }
                     break;
                 }
@@ -406,22 +552,67 @@ impl Owner {
 
     /// Carry out engine actions.
     fn act(&mut self, out: &mut Vec<Action<Reply>>) {
-        for action in out.drain(..) {
+        while !out.is_empty() {
+            let batch = std::mem::take(out);
+            for action in batch {
+                self.act_one(action, out);
+            }
+        }
+    }
+
+    fn act_one(&mut self, action: Action<Reply>, out: &mut Vec<Action<Reply>>) {
+        {
             match action {
-                Action::StartLocal { seq, kind, range, fua } => self.start_local(seq, kind, range, fua),
+                Action::StartLocal {
+                    seq,
+                    kind,
+                    range,
+                    fua,
+                } => self.start_local(seq, kind, range, fua),
                 Action::Ship { seq } => self.ship(seq),
                 Action::ShipResyncStart { blocks, full } => {
                     let bs = self.cfg.block_size as u64;
-                    tracing::info!(blocks = blocks.0, bytes = blocks.0 * bs, full, "resync starts");
+                    tracing::info!(
+                        blocks = blocks.0,
+                        bytes = blocks.0 * bs,
+                        full,
+                        "resync starts"
+                    );
                     Metrics::add(&self.shared.metrics.resync_total_blocks, 0);
-                    self.shared.metrics.resync_total_blocks.store(blocks.0, Ordering::Relaxed);
-                    self.shared.metrics.resync_shipped_blocks.store(0, Ordering::Relaxed);
-                    self.send(Frame { seq: self.engine.next_seq().0, msg: Message::ResyncStart { blocks: blocks.0, full }, payload: Payload::empty() });
+                    self.shared
+                        .metrics
+                        .resync_total_blocks
+                        .store(blocks.0, Ordering::Relaxed);
+                    self.shared
+                        .metrics
+                        .resync_shipped_blocks
+                        .store(0, Ordering::Relaxed);
+                    self.send(Frame {
+                        seq: self.engine.next_seq().0,
+                        msg: Message::ResyncStart {
+                            blocks: blocks.0,
+                            full,
+                        },
+                        payload: Payload::empty(),
+                    });
                 }
-                Action::ShipFlush { through } => self.send(Frame { seq: through.0, msg: Message::Flush, payload: Payload::empty() }),
+                Action::ShipFlush { through } => self.send(Frame {
+                    seq: through.0,
+                    msg: Message::Flush,
+                    payload: Payload::empty(),
+                }),
                 Action::ShipResyncDone { through } => {
-                    tracing::info!(through = through.0, "resync pass shipped; waiting for the secondary to make it durable");
-                    self.send(Frame { seq: through.0, msg: Message::ResyncDone { through_seq: through.0 }, payload: Payload::empty() });
+                    tracing::info!(
+                        through = through.0,
+                        "resync pass shipped; waiting for the secondary to make it durable"
+                    );
+                    self.send(Frame {
+                        seq: through.0,
+                        msg: Message::ResyncDone {
+                            through_seq: through.0,
+                        },
+                        payload: Payload::empty(),
+                    });
                 }
                 Action::Complete { token, result, .. } => {
                     let _ = token.send(result);
@@ -468,7 +659,10 @@ impl Owner {
             let mut more = Vec::new();
             self.engine.session_ended(&mut more);
             self.shared.streaming.store(false, Ordering::Relaxed);
-            self.shared.metrics.connected.store(false, Ordering::Relaxed);
+            self.shared
+                .metrics
+                .connected
+                .store(false, Ordering::Relaxed);
             out.extend(more);
         }
     }
@@ -487,10 +681,28 @@ impl Owner {
             let done = match kind {
                 OpKind::Write => {
                     let data = data.expect("write has data");
-                    IoDone::Local { seq, result: volume.write(range.offset, data, fua).await.map_err(|e| errno_of(&e)) }
+                    IoDone::Local {
+                        seq,
+                        result: volume
+                            .write(range.offset, data, fua)
+                            .await
+                            .map_err(|e| errno_of(&e)),
+                    }
                 }
-                OpKind::WriteZeroes => IoDone::Local { seq, result: volume.write_zeroes(range.offset, range.len, fua).await.map_err(|e| errno_of(&e)) },
-                OpKind::Trim => IoDone::Local { seq, result: volume.trim(range.offset, range.len).await.map_err(|e| errno_of(&e)) },
+                OpKind::WriteZeroes => IoDone::Local {
+                    seq,
+                    result: volume
+                        .write_zeroes(range.offset, range.len, fua)
+                        .await
+                        .map_err(|e| errno_of(&e)),
+                },
+                OpKind::Trim => IoDone::Local {
+                    seq,
+                    result: volume
+                        .trim(range.offset, range.len)
+                        .await
+                        .map_err(|e| errno_of(&e)),
+                },
                 OpKind::ResyncRead => {
                     let result = match volume.read(range.offset, range.len as u32).await {
                         Ok(data) if is_all_zero(&data) => Ok(None),
@@ -514,18 +726,41 @@ impl Owner {
                 let payload = match held.payload.take() {
                     Some(p) => p,
                     // Accepted just before the link came up: prepare it now.
-                    None => Payload::prepare(held.data.clone().expect("unprepared write still holds its data"), level),
+                    None => Payload::prepare(
+                        held.data
+                            .clone()
+                            .expect("unprepared write still holds its data"),
+                        level,
+                    ),
                 };
                 Metrics::add(&metrics.replicated_bytes, payload.raw_len() as u64);
                 Metrics::add(&metrics.replicated_wire_bytes, payload.wire_len() as u64);
-                Frame { seq: seq.0, msg: Message::Write { offset: range.offset, fua: held.fua }, payload }
+                Frame {
+                    seq: seq.0,
+                    msg: Message::Write {
+                        offset: range.offset,
+                        fua: held.fua,
+                    },
+                    payload,
+                }
             }
             OpKind::Write | OpKind::ResyncRead | OpKind::WriteZeroes => Frame {
                 seq: seq.0,
-                msg: Message::WriteZeroes { offset: range.offset, len: range.len as u32, fua: held.fua },
+                msg: Message::WriteZeroes {
+                    offset: range.offset,
+                    len: range.len as u32,
+                    fua: held.fua,
+                },
                 payload: Payload::empty(),
             },
-            OpKind::Trim => Frame { seq: seq.0, msg: Message::Trim { offset: range.offset, len: range.len as u32 }, payload: Payload::empty() },
+            OpKind::Trim => Frame {
+                seq: seq.0,
+                msg: Message::Trim {
+                    offset: range.offset,
+                    len: range.len as u32,
+                },
+                payload: Payload::empty(),
+            },
         };
         if held.kind == OpKind::ResyncRead {
             Metrics::add(&metrics.resync_bytes, range.len);
@@ -535,9 +770,29 @@ impl Owner {
 
     fn on_cmd(&mut self, cmd: Cmd, out: &mut Vec<Action<Reply>>) {
         match cmd {
-            Cmd::Submit { kind, range, fua, data, payload, permits, reply } => {
+            Cmd::Submit {
+                kind,
+                range,
+                fua,
+                data,
+                payload,
+                permits,
+                reply,
+            } => {
                 let seq = self.engine.next_seq();
-                self.held.insert(seq, Held { kind, range, fua, data, payload, zero: false, local_started: false, ship_settled: false });
+                self.held.insert(
+                    seq,
+                    Held {
+                        kind,
+                        range,
+                        fua,
+                        data,
+                        payload,
+                        zero: false,
+                        local_started: false,
+                        ship_settled: false,
+                    },
+                );
                 if let Some(p) = permits {
                     self.permits.insert(seq, p);
                 }
@@ -558,8 +813,13 @@ impl Owner {
                 let _ = reply.send(self.status());
             }
             Cmd::Shutdown { reply } => {
-                let deadline = tokio::time::Instant::now() + Duration::from_millis(self.cfg.drain_timeout_ms);
-                tracing::info!(lag_writes = self.engine.lag().writes, lag_bytes = self.engine.lag().bytes, "draining the replication queue to the secondary");
+                let deadline =
+                    tokio::time::Instant::now() + Duration::from_millis(self.cfg.drain_timeout_ms);
+                tracing::info!(
+                    lag_writes = self.engine.lag().writes,
+                    lag_bytes = self.engine.lag().bytes,
+                    "draining the replication queue to the secondary"
+                );
                 self.draining = Some(Draining { deadline, reply });
             }
         }
@@ -605,9 +865,15 @@ impl Owner {
                 self.engine.session_started(full, out);
                 self.shared.streaming.store(true, Ordering::Relaxed);
             }
-            PeerEvent::Applied { id, seq } if Some(id) == current => self.engine.peer_applied(seq, out),
-            PeerEvent::Durable { id, through } if Some(id) == current => self.engine.peer_durable(through, out),
-            PeerEvent::Down { id, reason } if Some(id) == current => self.drop_session(&reason, out),
+            PeerEvent::Applied { id, seq } if Some(id) == current => {
+                self.engine.peer_applied(seq, out)
+            }
+            PeerEvent::Durable { id, through } if Some(id) == current => {
+                self.engine.peer_durable(through, out)
+            }
+            PeerEvent::Down { id, reason } if Some(id) == current => {
+                self.drop_session(&reason, out)
+            }
             _ => {}
         }
         self.act(out);
@@ -623,14 +889,29 @@ impl Owner {
         let refill = (now - self.last_refill).as_secs_f64() * rate as f64;
         self.last_refill = now;
         // At most 100 ms of budget accumulates, so a pause does not turn into a burst.
-        self.resync_budget_bytes = (self.resync_budget_bytes + refill as i64).min((rate / 10).max(1 << 20) as i64);
+        self.resync_budget_bytes =
+            (self.resync_budget_bytes + refill as i64).min((rate / 10).max(1 << 20) as i64);
         while self.engine.wants_resync_chunk() && (rate == 0 || self.resync_budget_bytes > 0) {
-            let Some(permits) = self.shared.window.try_acquire(1 << 20) else { break };
+            let Some(permits) = self.shared.window.try_acquire(1 << 20) else {
+                break;
+            };
             let seq = self.engine.next_seq();
             let now_ms = self.shared.metrics.now_ms();
             let chunk = {
                 // Held must exist before StartLocal is acted on.
-                self.held.insert(seq, Held { kind: OpKind::ResyncRead, range: ByteRange::new(0, 0), fua: false, data: None, payload: None, zero: false, local_started: false, ship_settled: false });
+                self.held.insert(
+                    seq,
+                    Held {
+                        kind: OpKind::ResyncRead,
+                        range: ByteRange::new(0, 0),
+                        fua: false,
+                        data: None,
+                        payload: None,
+                        zero: false,
+                        local_started: false,
+                        ship_settled: false,
+                    },
+                );
                 self.engine.next_resync_chunk(now_ms, out)
             };
             match chunk {
@@ -647,14 +928,27 @@ impl Owner {
             self.act(out);
         }
         if let Some(p) = self.engine.resync_progress() {
-            self.shared.metrics.resync_shipped_blocks.store(p.shipped_blocks.0, Ordering::Relaxed);
+            self.shared
+                .metrics
+                .resync_shipped_blocks
+                .store(p.shipped_blocks.0, Ordering::Relaxed);
             if self.last_resync_log.elapsed() >= Duration::from_secs(2) {
                 self.last_resync_log = Instant::now();
                 let bs = self.cfg.block_size as u64;
                 let done = p.shipped_blocks.0 * bs;
                 let total = p.total_blocks.0 * bs;
-                let secs = if rate > 0 { total.saturating_sub(done) as f64 / rate as f64 } else { 0.0 };
-                tracing::info!(done_bytes = done, total_bytes = total, percent = format!("{:.1}", 100.0 * done as f64 / total.max(1) as f64), eta_s = format!("{secs:.0}"), "resync progress");
+                let secs = if rate > 0 {
+                    total.saturating_sub(done) as f64 / rate as f64
+                } else {
+                    0.0
+                };
+                tracing::info!(
+                    done_bytes = done,
+                    total_bytes = total,
+                    percent = format!("{:.1}", 100.0 * done as f64 / total.max(1) as f64),
+                    eta_s = format!("{secs:.0}"),
+                    "resync progress"
+                );
             }
         }
     }
@@ -664,8 +958,14 @@ impl Owner {
         let lag = self.engine.lag();
         m.lag_writes.store(lag.writes, Ordering::Relaxed);
         m.lag_bytes.store(lag.bytes, Ordering::Relaxed);
-        m.lag_oldest_at_ms.store(lag.oldest_accepted_at_ms.map(|t| t.max(1)).unwrap_or(0), Ordering::Relaxed);
-        m.out_of_sync_bytes.store(self.engine.dirty().dirty_count().0 * self.cfg.block_size as u64, Ordering::Relaxed);
+        m.lag_oldest_at_ms.store(
+            lag.oldest_accepted_at_ms.map(|t| t.max(1)).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        m.out_of_sync_bytes.store(
+            self.engine.dirty().dirty_count().0 * self.cfg.block_size as u64,
+            Ordering::Relaxed,
+        );
     }
 
     fn hello(&self) -> Hello {
@@ -699,12 +999,16 @@ impl Owner {
             &self.cfg,
             Role::Primary,
             m,
-            self.session.as_ref().map(|s| (s.peer.node_name.clone(), disk_state_name(s.peer.disk_state))),
+            self.session
+                .as_ref()
+                .map(|s| (s.peer.node_name.clone(), disk_state_name(s.peer.disk_state))),
             self.sb.disk_state,
             lag.writes,
             lag.bytes,
             self.engine.dirty().dirty_count(),
-            self.engine.resync_progress().map(|p| (p.shipped_blocks, p.total_blocks)),
+            self.engine
+                .resync_progress()
+                .map(|p| (p.shipped_blocks, p.total_blocks)),
             self.sb.volume_id,
             self.sb.gen_current,
         )
@@ -713,17 +1017,26 @@ impl Owner {
     /// Final local flush, Goodbye, then persist what may differ and mark a clean shutdown.
     async fn finish(mut self) -> Result<(), AgentError> {
         if let Err(e) = self.volume.flush().await {
-            tracing::error!("final flush of the volume failed: {e}; the next start resyncs everything");
+            tracing::error!(
+                "final flush of the volume failed: {e}; the next start resyncs everything"
+            );
             return Err(AgentError::Refused(format!("final flush failed: {e}")));
         }
         if let Some(s) = self.session.take() {
-            let _ = s.tx.send(Frame { seq: 0, msg: Message::Goodbye, payload: Payload::empty() });
+            let _ = s.tx.send(Frame {
+                seq: 0,
+                msg: Message::Goodbye,
+                payload: Payload::empty(),
+            });
         }
         let bm = self.engine.out_of_sync();
         let dirty = bm.dirty_count();
         self.sb.clean_shutdown = true;
         self.meta.persist_bitmap(&mut self.sb, &bm)?;
-        tracing::info!(out_of_sync_blocks = dirty.0, "metadata persisted; clean shutdown");
+        tracing::info!(
+            out_of_sync_blocks = dirty.0,
+            "metadata persisted; clean shutdown"
+        );
         if let Some(d) = self.draining.take() {
             let _ = d.reply.send(());
         }
@@ -763,7 +1076,11 @@ impl ControlHandler for PrimaryControl {
     }
     fn other(&self, command: &str) -> control::BoxFuture<ControlReply> {
         let command = command.to_string();
-        Box::pin(async move { ControlReply::error(format!("unknown control command '{command}'; known: status")) })
+        Box::pin(async move {
+            ControlReply::error(format!(
+                "unknown control command '{command}'; known: status"
+            ))
+        })
     }
 }
 
@@ -782,9 +1099,14 @@ async fn connector(
     let mut last_log: Option<Instant> = None;
     while !stop.is_cancelled() {
         let attempt = async {
-            let stream = transport::connect(peer_addr, &security, cfg.connect_timeout_ms).await.map_err(|e| e.to_string())?;
+            let stream = transport::connect(peer_addr, &security, cfg.connect_timeout_ms)
+                .await
+                .map_err(|e| e.to_string())?;
             let (reply, rx) = oneshot::channel();
-            cmd_tx.send(Cmd::HelloInfo { reply }).await.map_err(|_| "agent stopping".to_string())?;
+            cmd_tx
+                .send(Cmd::HelloInfo { reply })
+                .await
+                .map_err(|_| "agent stopping".to_string())?;
             let hello = rx.await.map_err(|_| "agent stopping".to_string())?;
             handshake(stream, hello, &cfg).await
         };
@@ -814,11 +1136,25 @@ async fn connector(
         let full = welcome.needs == SyncPlan::Full;
         let (tx, rx) = mpsc::unbounded_channel();
         let (hb_tx, hb_rx) = mpsc::channel(8);
-        if peer_tx.send(PeerEvent::Up { id, tx, full, peer: welcome }).is_err() {
+        if peer_tx
+            .send(PeerEvent::Up {
+                id,
+                tx,
+                full,
+                peer: welcome,
+            })
+            .is_err()
+        {
             break;
         }
         let mut writer = tokio::spawn(session_writer(wr, rx, hb_rx, cfg.heartbeat_interval_ms));
-        let mut reader = tokio::spawn(session_reader(rd, id, peer_tx.clone(), hb_tx, cfg.peer_timeout_ms));
+        let mut reader = tokio::spawn(session_reader(
+            rd,
+            id,
+            peer_tx.clone(),
+            hb_tx,
+            cfg.peer_timeout_ms,
+        ));
         let reason = tokio::select! {
             r = &mut reader => { writer.abort(); r.unwrap_or_else(|e| format!("reader task: {e}")) }
             r = &mut writer => {
@@ -843,29 +1179,63 @@ async fn connector(
 }
 
 /// Send Hello, read Welcome (G6): any mismatch is refused with both values named.
-async fn handshake(stream: transport::PeerStream, hello: Hello, cfg: &NodeConfig) -> Result<(BufReader<PeerReadHalf>, PeerWriteHalf, Welcome), String> {
+async fn handshake(
+    stream: transport::PeerStream,
+    hello: Hello,
+    cfg: &NodeConfig,
+) -> Result<(BufReader<PeerReadHalf>, PeerWriteHalf, Welcome), String> {
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(256 << 10, rd);
     let mut buf = BytesMut::new();
-    wire::encode_frame(&Frame { seq: 0, msg: Message::Hello(hello.clone()), payload: Payload::empty() }, &mut buf);
-    wr.write_all(&buf).await.map_err(|e| format!("sending Hello: {e}"))?;
-    wr.flush().await.map_err(|e| format!("sending Hello: {e}"))?;
-    let mut scratch = BytesMut::new();
-    let frame = tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), wire::read_frame(&mut rd, &mut scratch))
+    wire::encode_frame(
+        &Frame {
+            seq: 0,
+            msg: Message::Hello(hello.clone()),
+            payload: Payload::empty(),
+        },
+        &mut buf,
+    );
+    wr.write_all(&buf)
         .await
-        .map_err(|_| format!("no answer to Hello within {} ms", cfg.connect_timeout_ms))?
-        .map_err(|e| format!("reading Welcome: {e}"))?;
+        .map_err(|e| format!("sending Hello: {e}"))?;
+    wr.flush()
+        .await
+        .map_err(|e| format!("sending Hello: {e}"))?;
+    let mut scratch = BytesMut::new();
+    let frame = tokio::time::timeout(
+        Duration::from_millis(cfg.connect_timeout_ms),
+        wire::read_frame(&mut rd, &mut scratch),
+    )
+    .await
+    .map_err(|_| format!("no answer to Hello within {} ms", cfg.connect_timeout_ms))?
+    .map_err(|e| format!("reading Welcome: {e}"))?;
     let welcome = match frame.msg {
         Message::Welcome(w) => w,
-        Message::Refuse { reason } => return Err(format!("secondary refused the connection: {reason}")),
-        other => return Err(format!("expected Welcome, got message kind {}", other.kind())),
+        Message::Refuse { reason } => {
+            return Err(format!("secondary refused the connection: {reason}"));
+        }
+        other => {
+            return Err(format!(
+                "expected Welcome, got message kind {}",
+                other.kind()
+            ));
+        }
     };
     let problem = if welcome.protocol_version != PROTOCOL_VERSION {
-        Some(format!("protocol version mismatch: local {PROTOCOL_VERSION}, peer {}; run the same tandem version on both nodes", welcome.protocol_version))
+        Some(format!(
+            "protocol version mismatch: local {PROTOCOL_VERSION}, peer {}; run the same tandem version on both nodes",
+            welcome.protocol_version
+        ))
     } else if welcome.size_bytes != hello.size_bytes {
-        Some(format!("volume size mismatch: local {} bytes, peer {} bytes; resize one side or recreate metadata", hello.size_bytes, welcome.size_bytes))
+        Some(format!(
+            "volume size mismatch: local {} bytes, peer {} bytes; resize one side or recreate metadata",
+            hello.size_bytes, welcome.size_bytes
+        ))
     } else if welcome.block_size != hello.block_size {
-        Some(format!("block size mismatch: local {} bytes, peer {} bytes; use the same --block-size on both nodes", hello.block_size, welcome.block_size))
+        Some(format!(
+            "block size mismatch: local {} bytes, peer {} bytes; use the same --block-size on both nodes",
+            hello.block_size, welcome.block_size
+        ))
     } else if welcome.volume_id != hello.volume_id {
         Some(format!(
             "volume UUID mismatch: local {}, peer {}; these volumes hold unrelated data",
@@ -873,7 +1243,10 @@ async fn handshake(stream: transport::PeerStream, hello: Hello, cfg: &NodeConfig
             VolumeId(welcome.volume_id)
         ))
     } else if welcome.node_name != cfg.peer_name {
-        Some(format!("peer calls itself '{}' but '{}' was expected (--peer-name)", welcome.node_name, cfg.peer_name))
+        Some(format!(
+            "peer calls itself '{}' but '{}' was expected (--peer-name)",
+            welcome.node_name, cfg.peer_name
+        ))
     } else if welcome.role != wire::ROLE_SECONDARY {
         Some("the peer is not in the secondary role; two primaries cannot be paired (demote one first)".to_string())
     } else {
@@ -881,7 +1254,16 @@ async fn handshake(stream: transport::PeerStream, hello: Hello, cfg: &NodeConfig
     };
     if let Some(reason) = problem {
         buf.clear();
-        wire::encode_frame(&Frame { seq: 0, msg: Message::Refuse { reason: reason.clone() }, payload: Payload::empty() }, &mut buf);
+        wire::encode_frame(
+            &Frame {
+                seq: 0,
+                msg: Message::Refuse {
+                    reason: reason.clone(),
+                },
+                payload: Payload::empty(),
+            },
+            &mut buf,
+        );
         let _ = wr.write_all(&buf).await;
         let _ = wr.shutdown().await;
         return Err(reason);
@@ -890,7 +1272,12 @@ async fn handshake(stream: transport::PeerStream, hello: Hello, cfg: &NodeConfig
 }
 
 /// Write frames in batches: everything queued goes out in one write and one flush.
-async fn session_writer(mut wr: PeerWriteHalf, mut rx: mpsc::UnboundedReceiver<Frame>, mut hb_rx: mpsc::Receiver<u64>, heartbeat_interval_ms: u64) -> String {
+async fn session_writer(
+    mut wr: PeerWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Frame>,
+    mut hb_rx: mpsc::Receiver<u64>,
+    heartbeat_interval_ms: u64,
+) -> String {
     let mut buf = BytesMut::with_capacity(1 << 20);
     let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_interval_ms));
     let mut nonce = 0u64;
@@ -950,25 +1337,43 @@ async fn session_writer(mut wr: PeerWriteHalf, mut rx: mpsc::UnboundedReceiver<F
 }
 
 /// Read acknowledgements; a silent peer (no frame within the timeout) is dead.
-async fn session_reader(mut rd: BufReader<PeerReadHalf>, id: u64, peer_tx: mpsc::UnboundedSender<PeerEvent>, hb_tx: mpsc::Sender<u64>, peer_timeout_ms: u64) -> String {
+async fn session_reader(
+    mut rd: BufReader<PeerReadHalf>,
+    id: u64,
+    peer_tx: mpsc::UnboundedSender<PeerEvent>,
+    hb_tx: mpsc::Sender<u64>,
+    peer_timeout_ms: u64,
+) -> String {
     let mut scratch = BytesMut::new();
     loop {
-        let frame = match tokio::time::timeout(Duration::from_millis(peer_timeout_ms), wire::read_frame(&mut rd, &mut scratch)).await {
-            Err(_) => return format!("secondary silent for {peer_timeout_ms} ms (heartbeat timeout)"),
+        let frame = match tokio::time::timeout(
+            Duration::from_millis(peer_timeout_ms),
+            wire::read_frame(&mut rd, &mut scratch),
+        )
+        .await
+        {
+            Err(_) => {
+                return format!("secondary silent for {peer_timeout_ms} ms (heartbeat timeout)");
+            }
             Ok(Err(wire::WireError::Closed)) => return "secondary closed the connection".into(),
             Ok(Err(e)) => return format!("receiving from secondary: {e}"),
             Ok(Ok(f)) => f,
         };
         let ev = match frame.msg {
             Message::Applied { seq } => PeerEvent::Applied { id, seq: Seq(seq) },
-            Message::Durable { through_seq } => PeerEvent::Durable { id, through: Seq(through_seq) },
+            Message::Durable { through_seq } => PeerEvent::Durable {
+                id,
+                through: Seq(through_seq),
+            },
             Message::Heartbeat { nonce } => {
                 let _ = hb_tx.try_send(nonce);
                 continue;
             }
             Message::HeartbeatReply { .. } => continue,
             Message::Goodbye => return "secondary said Goodbye".into(),
-            Message::Refuse { reason } => return format!("secondary stopped the session: {reason}"),
+            Message::Refuse { reason } => {
+                return format!("secondary stopped the session: {reason}");
+            }
             other => return format!("unexpected message kind {} from secondary", other.kind()),
         };
         if peer_tx.send(ev).is_err() {

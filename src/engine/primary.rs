@@ -647,7 +647,10 @@ impl<T> PrimaryEngine<T> {
                 exhausted: false,
             });
         }
-        out.push(Action::ShipResyncStart { blocks: total, full });
+        out.push(Action::ShipResyncStart {
+            blocks: total,
+            full,
+        });
     }
 
     /// Whether a resync chunk could be produced now.

@@ -138,7 +138,9 @@ impl Sim {
                         fua,
                     });
                 }
-                Action::ShipResyncStart { blocks, .. } => self.to_s.push_back(Net::ResyncStart(blocks.0)),
+                Action::ShipResyncStart { blocks, .. } => {
+                    self.to_s.push_back(Net::ResyncStart(blocks.0))
+                }
                 Action::ShipFlush { through } => self.to_s.push_back(Net::Flush { through }),
                 Action::ShipResyncDone { through } => {
                     self.to_s.push_back(Net::ResyncDone { through })

@@ -68,7 +68,9 @@ impl Default for Metrics {
             applied_bytes: AtomicU64::new(0),
             last_error: Mutex::new(None),
             // 1 µs .. 60 s at 3 significant digits: ~100 KiB, fixed.
-            write_latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")),
+            write_latency_us: Mutex::new(
+                Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+            ),
         }
     }
 }
@@ -123,7 +125,11 @@ impl Metrics {
     pub fn compression_ratio(&self) -> f64 {
         let raw = Metrics::get(&self.replicated_bytes);
         let wire = Metrics::get(&self.replicated_wire_bytes);
-        if wire == 0 { 1.0 } else { raw as f64 / wire as f64 }
+        if wire == 0 {
+            1.0
+        } else {
+            raw as f64 / wire as f64
+        }
     }
 }
 

@@ -1,0 +1,809 @@
+//! The secondary agent: listen, authenticate, check the handshake (G6), then
+//! verify, decompress and apply frames in order (G2, G5), acknowledging
+//! `Applied` per write and `Durable` per batched flush.
+//!
+//! One session at a time owns the volume; a second primary that connects while
+//! one is attached is refused with a reason. Nothing is written to the volume
+//! before a handshake is accepted, and nothing but replication ever writes it (G8).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::control::{self, ControlHandler, ControlReply, StatusDoc};
+use crate::agent::{AgentError, errno_of, security_for};
+use crate::config::NodeConfig;
+use crate::engine::secondary::{ApplyKind, SecondaryAction, SecondaryEngine};
+use crate::meta::{MetaStore, Superblock};
+use crate::metrics::Metrics;
+use crate::transport::{PeerListener, PeerReadHalf, PeerStream, PeerWriteHalf};
+use crate::types::{BlockCount, ByteRange, DiskState, Generation, Role, Seq, VolumeId};
+use crate::volume::{OpenOptions, Volume};
+use crate::wire::{
+    self, Frame, Hello, Message, PROTOCOL_VERSION, Payload, SyncPlan, Welcome, caps,
+};
+
+/// What the agent tells its caller once it listens.
+#[derive(Clone)]
+pub struct SecondaryReady {
+    pub listen: SocketAddr,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The node's durable state, owned by whichever session is attached.
+struct Node {
+    cfg: Arc<NodeConfig>,
+    volume: Volume,
+    meta: MetaStore,
+    sb: Superblock,
+    metrics: Arc<Metrics>,
+    /// What the control socket reports; updated with every superblock write.
+    snapshot: Arc<std::sync::Mutex<Snapshot>>,
+}
+
+/// The part of a secondary's state shown by `tandem status`.
+#[derive(Clone)]
+struct Snapshot {
+    disk_state: DiskState,
+    volume_id: VolumeId,
+    generation: Generation,
+    peer: Option<String>,
+}
+
+impl Node {
+    fn write_superblock(&mut self) -> Result<(), String> {
+        self.meta
+            .write_superblock(&self.sb)
+            .map_err(|e| format!("writing metadata: {e}"))?;
+        self.update_snapshot();
+        Ok(())
+    }
+
+    fn set_peer(&mut self, peer: Option<String>) {
+        self.snapshot.lock().expect("snapshot lock").peer = peer;
+    }
+
+    fn update_snapshot(&self) {
+        let mut s = self.snapshot.lock().expect("snapshot lock");
+        s.disk_state = self.sb.disk_state;
+        s.volume_id = self.sb.volume_id;
+        s.generation = self.sb.gen_current;
+    }
+}
+
+/// Run a secondary until `shutdown` is cancelled.
+pub async fn run(
+    cfg: NodeConfig,
+    shutdown: CancellationToken,
+    ready: Option<oneshot::Sender<SecondaryReady>>,
+) -> Result<(), AgentError> {
+    let cfg = Arc::new(cfg);
+    let opts = OpenOptions {
+        create_size_bytes: cfg.size_bytes,
+        direct: cfg.direct,
+        engine: cfg.io_engine,
+    };
+    let volume = Volume::open(&cfg.volume, &opts)?;
+    let size_bytes = volume.size_bytes();
+    tracing::info!(volume = %cfg.volume.display(), size_bytes, engine = volume.engine_name(), "opened volume");
+    let opened = MetaStore::open_or_create(&cfg.meta, size_bytes, cfg.block_size, || Superblock {
+        volume_id: VolumeId::NIL,
+        size_bytes,
+        block_size: cfg.block_size,
+        role: Role::Secondary,
+        disk_state: DiskState::Inconsistent,
+        is_new: true,
+        gen_current: Generation::NONE,
+        gen_bitmap_base: Generation::NONE,
+        gen_history: [Generation::NONE; 2],
+        clean_shutdown: true,
+        resync_cursor: None,
+        bitmap_valid: true,
+    })?;
+    if let Some(r) = &opened.recovered_from {
+        tracing::warn!(meta = %cfg.meta.display(), "metadata recovered: {r}");
+    }
+    let mut sb = opened.superblock;
+    if sb.role == Role::Primary {
+        tracing::warn!(generation = %sb.gen_current, "node was primary; starting as secondary (demoted)");
+        sb.role = Role::Secondary;
+    }
+    sb.clean_shutdown = false;
+    let mut meta = opened.store;
+    meta.write_superblock(&sb)?;
+    let metrics = Arc::new(Metrics::default());
+    let snapshot = Arc::new(std::sync::Mutex::new(Snapshot {
+        disk_state: sb.disk_state,
+        volume_id: sb.volume_id,
+        generation: sb.gen_current,
+        peer: None,
+    }));
+    let node = Arc::new(Mutex::new(Node {
+        cfg: cfg.clone(),
+        volume,
+        meta,
+        sb,
+        metrics: metrics.clone(),
+        snapshot: snapshot.clone(),
+    }));
+
+    let security = security_for(&cfg);
+    let listen = cfg.listen.expect("validated");
+    let listener = PeerListener::bind(listen, &security).await?;
+    let bound = listener.local_addr();
+    tracing::info!(listen = %bound, expecting = %cfg.peer_name, "secondary listening");
+
+    let control_stop = CancellationToken::new();
+    let control_task = control::serve(
+        &cfg.control,
+        Arc::new(SecondaryControl {
+            cfg: cfg.clone(),
+            metrics: metrics.clone(),
+            snapshot,
+        }),
+        control_stop.clone(),
+    )
+    .await?;
+    if let Some(ready) = ready {
+        let _ = ready.send(SecondaryReady {
+            listen: bound,
+            metrics: metrics.clone(),
+        });
+    }
+
+    let sessions = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.cancelled() => break,
+        };
+        match stream {
+            Ok(stream) => {
+                let node = node.clone();
+                let stop = sessions.clone();
+                tasks.spawn(async move {
+                    let peer = stream.peer_addr();
+                    match node.clone().try_lock_owned() {
+                        Ok(guard) => {
+                            if let Err(reason) = session(guard, stream, stop).await {
+                                tracing::warn!(%peer, "session ended: {reason}");
+                            }
+                        }
+                        Err(_) => {
+                            let reason = "another primary is already attached to this secondary; stop it first".to_string();
+                            tracing::warn!(%peer, "refusing connection: {reason}");
+                            refuse(stream, &reason).await;
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                // One bad connection (foreign CA, wrong name, plaintext) never stops the listener.
+                tracing::warn!("refused a connection: {e}");
+                metrics.set_error(e.to_string());
+            }
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    tracing::info!("stopping: finishing the writes in flight, then a final flush");
+    sessions.cancel();
+    while tasks.join_next().await.is_some() {}
+    control_stop.cancel();
+    let _ = control_task.await;
+    let mut node = node.lock().await;
+    node.volume
+        .flush()
+        .await
+        .map_err(|e| AgentError::Refused(format!("final flush failed: {e}")))?;
+    node.sb.clean_shutdown = true;
+    node.write_superblock().map_err(AgentError::Refused)?;
+    tracing::info!(disk = %node.sb.disk_state, "clean shutdown");
+    Ok(())
+}
+
+async fn refuse(stream: PeerStream, reason: &str) {
+    let (_rd, mut wr) = stream.into_split();
+    let mut buf = BytesMut::new();
+    wire::encode_frame(
+        &Frame {
+            seq: 0,
+            msg: Message::Refuse {
+                reason: reason.into(),
+            },
+            payload: Payload::empty(),
+        },
+        &mut buf,
+    );
+    let _ = wr.write_all(&buf).await;
+    let _ = wr.shutdown().await;
+}
+
+/// Check a Hello against this node (G6). Returns what the secondary needs.
+fn check_hello(h: &Hello, node: &Node) -> Result<SyncPlan, String> {
+    let cfg = &node.cfg;
+    let sb = &node.sb;
+    let size = node.volume.size_bytes();
+    if h.protocol_version != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version mismatch: local {PROTOCOL_VERSION}, peer {}; run the same tandem version on both nodes",
+            h.protocol_version
+        ));
+    }
+    if h.size_bytes != size {
+        return Err(format!(
+            "volume size mismatch: local {size} bytes, peer {} bytes; resize one side or recreate metadata",
+            h.size_bytes
+        ));
+    }
+    if h.block_size != cfg.block_size {
+        return Err(format!(
+            "block size mismatch: local {} bytes, peer {} bytes; use the same --block-size on both nodes",
+            cfg.block_size, h.block_size
+        ));
+    }
+    if h.node_name != cfg.peer_name {
+        return Err(format!(
+            "peer calls itself '{}' but '{}' was expected (--peer-name)",
+            h.node_name, cfg.peer_name
+        ));
+    }
+    if h.peer_name != cfg.name {
+        return Err(format!(
+            "peer expects a node named '{}' but this node is '{}' (--name)",
+            h.peer_name, cfg.name
+        ));
+    }
+    if h.role != wire::ROLE_PRIMARY {
+        return Err("the peer is not in the primary role; nothing to replicate".into());
+    }
+    if !sb.is_new && sb.volume_id != VolumeId(h.volume_id) {
+        return Err(format!(
+            "volume UUID mismatch: local {}, peer {}; these volumes hold unrelated data (recreate this node's metadata {} to resync it from scratch)",
+            sb.volume_id,
+            VolumeId(h.volume_id),
+            cfg.meta.display()
+        ));
+    }
+    let current =
+        sb.disk_state == DiskState::UpToDate && sb.gen_current == Generation(h.generations.current);
+    Ok(if !sb.is_new && current {
+        SyncPlan::Bitmap
+    } else {
+        SyncPlan::Full
+    })
+}
+
+fn disk_code(d: DiskState, is_new: bool) -> u8 {
+    if is_new {
+        return wire::DISK_NEW;
+    }
+    match d {
+        DiskState::UpToDate => wire::DISK_UP_TO_DATE,
+        DiskState::Inconsistent => wire::DISK_INCONSISTENT,
+        DiskState::Outdated => wire::DISK_OUTDATED,
+    }
+}
+
+enum Incoming {
+    Frame(Frame, Option<Bytes>),
+    Closed(String),
+}
+
+enum Done {
+    Apply {
+        seq: Seq,
+        range: ByteRange,
+        result: Result<(), i32>,
+    },
+    Flush {
+        result: Result<(), i32>,
+    },
+}
+
+/// One session with a primary; holds the node for its whole duration.
+async fn session(
+    mut node: tokio::sync::OwnedMutexGuard<Node>,
+    stream: PeerStream,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    let peer_addr = stream.peer_addr();
+    let cfg = node.cfg.clone();
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(1 << 20, rd);
+    let mut scratch = BytesMut::new();
+    let first = tokio::time::timeout(
+        Duration::from_millis(cfg.connect_timeout_ms),
+        wire::read_frame(&mut rd, &mut scratch),
+    )
+    .await
+    .map_err(|_| format!("no Hello within {} ms", cfg.connect_timeout_ms))?
+    .map_err(|e| format!("reading Hello: {e}"))?;
+    let Message::Hello(hello) = first.msg else {
+        return Err(format!(
+            "expected Hello, got message kind {}",
+            first.msg.kind()
+        ));
+    };
+    let plan = match check_hello(&hello, &node) {
+        Ok(plan) => plan,
+        Err(reason) => {
+            tracing::error!(peer = %peer_addr, "refusing primary: {reason}");
+            node.metrics.set_error(reason.clone());
+            let mut buf = BytesMut::new();
+            wire::encode_frame(
+                &Frame {
+                    seq: 0,
+                    msg: Message::Refuse {
+                        reason: reason.clone(),
+                    },
+                    payload: Payload::empty(),
+                },
+                &mut buf,
+            );
+            let _ = wr.write_all(&buf).await;
+            let _ = wr.shutdown().await;
+            return Err(reason);
+        }
+    };
+    if node.sb.is_new {
+        // Adopt the primary's identity (G6) before anything is written; the volume is
+        // Inconsistent until the full sync completes.
+        node.sb.volume_id = VolumeId(hello.volume_id);
+        node.sb.is_new = false;
+        node.sb.disk_state = DiskState::Inconsistent;
+        node.write_superblock()?;
+        tracing::info!(volume_id = %node.sb.volume_id, "new secondary adopted the primary's volume identity");
+    }
+    let welcome = Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        volume_id: node.sb.volume_id.0,
+        size_bytes: node.volume.size_bytes(),
+        block_size: cfg.block_size,
+        node_name: cfg.name.clone(),
+        role: wire::ROLE_SECONDARY,
+        disk_state: disk_code(node.sb.disk_state, node.sb.is_new),
+        generations: wire::Generations {
+            current: node.sb.gen_current.0,
+            bitmap_base: node.sb.gen_bitmap_base.0,
+            history: [node.sb.gen_history[0].0, node.sb.gen_history[1].0],
+        },
+        capabilities: caps::ZSTD,
+        needs: plan,
+    };
+    let mut buf = BytesMut::new();
+    wire::encode_frame(
+        &Frame {
+            seq: 0,
+            msg: Message::Welcome(welcome),
+            payload: Payload::empty(),
+        },
+        &mut buf,
+    );
+    wr.write_all(&buf)
+        .await
+        .map_err(|e| format!("sending Welcome: {e}"))?;
+    wr.flush()
+        .await
+        .map_err(|e| format!("sending Welcome: {e}"))?;
+    tracing::info!(peer = %peer_addr, primary = %hello.node_name, plan = ?plan, disk = %node.sb.disk_state, "primary attached");
+    node.set_peer(Some(hello.node_name.clone()));
+    node.metrics.connected.store(true, Ordering::Relaxed);
+    Metrics::add(&node.metrics.sessions, 1);
+
+    let (in_tx, mut in_rx) = mpsc::channel(256);
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(frame_reader(
+        rd,
+        in_tx,
+        cfg.peer_timeout_ms,
+        node.metrics.clone(),
+        node.volume.size_bytes(),
+    ));
+    let writer = tokio::spawn(ack_writer(wr, ack_rx, cfg.heartbeat_interval_ms));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut engine: Option<SecondaryEngine> = None;
+    let mut held: HashMap<Seq, Bytes> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.flush_interval_ms.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Vec::new();
+    let gen_primary = Generation(hello.generations.current);
+    let mut ending: Option<String> = None;
+    while ending.is_none() {
+        tokio::select! {
+            biased;
+            Some(done) = done_rx.recv() => {
+                let Some(e) = engine.as_mut() else { continue };
+                match done {
+                    Done::Apply { seq, range, result } => {
+                        if result.is_ok() {
+                            Metrics::add(&node.metrics.applied_writes, 1);
+                            Metrics::add(&node.metrics.applied_bytes, range.len);
+                        }
+                        e.apply_done(seq, range, result, &mut out)
+                    }
+                    Done::Flush { result } => e.flush_done(result, &mut out),
+                }
+            }
+            msg = in_rx.recv() => match msg {
+                None => ending = Some("reader stopped".into()),
+                Some(Incoming::Closed(reason)) => ending = Some(reason),
+                Some(Incoming::Frame(frame, data)) => {
+                    if let Err(reason) = on_frame(frame, data, &mut engine, &mut held, &cfg, &mut out) {
+                        ending = Some(reason);
+                    }
+                }
+            },
+            _ = tick.tick() => if let Some(e) = engine.as_mut() { e.tick(&mut out) },
+            _ = stop.cancelled() => ending = Some("secondary shutting down".into()),
+        }
+        for action in out.drain(..) {
+            match action {
+                SecondaryAction::StartApply { seq, kind, range } => {
+                    let data = held.remove(&seq);
+                    let volume = node.volume.clone();
+                    let tx = done_tx.clone();
+                    tokio::spawn(async move {
+                        let result = match kind {
+                            ApplyKind::Write => {
+                                volume
+                                    .write(range.offset, data.expect("write frame has data"), false)
+                                    .await
+                            }
+                            ApplyKind::WriteZeroes => {
+                                volume.write_zeroes(range.offset, range.len, false).await
+                            }
+                            // A block device's discard leaves unspecified contents; zero it so both images match.
+                            ApplyKind::Trim if volume.is_block_device() => {
+                                volume.write_zeroes(range.offset, range.len, false).await
+                            }
+                            ApplyKind::Trim => volume.trim(range.offset, range.len).await,
+                        };
+                        let _ = tx.send(Done::Apply {
+                            seq,
+                            range,
+                            result: result.map_err(|e| errno_of(&e)),
+                        });
+                    });
+                }
+                SecondaryAction::SendApplied { seq } => {
+                    let _ = ack_tx.send(Message::Applied { seq: seq.0 });
+                }
+                SecondaryAction::StartFlush { .. } => {
+                    let volume = node.volume.clone();
+                    let tx = done_tx.clone();
+                    tokio::spawn(async move {
+                        let result = volume.flush().await.map_err(|e| errno_of(&e));
+                        let _ = tx.send(Done::Flush { result });
+                    });
+                }
+                SecondaryAction::SendDurable { through } => {
+                    let _ = ack_tx.send(Message::Durable {
+                        through_seq: through.0,
+                    });
+                }
+                SecondaryAction::MarkInconsistent => {
+                    if node.sb.disk_state != DiskState::Inconsistent {
+                        node.sb.disk_state = DiskState::Inconsistent;
+                        if let Err(e) = node.write_superblock() {
+                            ending = Some(e);
+                        }
+                    }
+                    tracing::info!("resync started: disk is Inconsistent until it completes");
+                }
+                SecondaryAction::MarkUpToDate => {
+                    node.sb.disk_state = DiskState::UpToDate;
+                    node.sb.gen_current = gen_primary;
+                    if let Err(e) = node.write_superblock() {
+                        ending = Some(e);
+                    }
+                    tracing::info!(generation = %gen_primary, "resync complete: disk is UpToDate");
+                }
+                SecondaryAction::Fail { reason } => {
+                    tracing::error!("stopping the session: {reason}");
+                    node.metrics.set_error(reason.clone());
+                    let _ = ack_tx.send(Message::Refuse {
+                        reason: reason.clone(),
+                    });
+                    ending = Some(reason);
+                }
+            }
+        }
+    }
+    let reason = ending.expect("loop ends with a reason");
+    // Let every started write finish before the volume can change hands, then flush.
+    reader.abort();
+    if let Some(e) = engine.as_mut() {
+        while e.in_flight() > 0 || !e.is_idle() {
+            match done_rx.recv().await {
+                Some(Done::Apply { seq, range, result }) => {
+                    e.apply_done(seq, range, result, &mut out)
+                }
+                Some(Done::Flush { result }) => e.flush_done(result, &mut out),
+                None => break,
+            }
+            // Only bookkeeping now: new applies are not started after the session ends.
+            for a in out.drain(..) {
+                if let SecondaryAction::StartApply { seq, kind, range } = a {
+                    let data = held.remove(&seq);
+                    let r = match kind {
+                        ApplyKind::Write => {
+                            node.volume
+                                .write(range.offset, data.expect("data"), false)
+                                .await
+                        }
+                        ApplyKind::WriteZeroes => {
+                            node.volume
+                                .write_zeroes(range.offset, range.len, false)
+                                .await
+                        }
+                        ApplyKind::Trim if node.volume.is_block_device() => {
+                            node.volume
+                                .write_zeroes(range.offset, range.len, false)
+                                .await
+                        }
+                        ApplyKind::Trim => node.volume.trim(range.offset, range.len).await,
+                    };
+                    let _ = done_tx.send(Done::Apply {
+                        seq,
+                        range,
+                        result: r.map_err(|e| errno_of(&e)),
+                    });
+                } else if let SecondaryAction::SendDurable { through } = a {
+                    let _ = ack_tx.send(Message::Durable {
+                        through_seq: through.0,
+                    });
+                } else if let SecondaryAction::StartFlush { .. } = a {
+                    let r = node.volume.flush().await.map_err(|e| errno_of(&e));
+                    let _ = done_tx.send(Done::Flush { result: r });
+                }
+            }
+        }
+    }
+    if let Err(e) = node.volume.flush().await {
+        tracing::error!("flush after session failed: {e}");
+    }
+    if stop.is_cancelled() {
+        let _ = ack_tx.send(Message::Goodbye);
+    }
+    drop(ack_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    node.set_peer(None);
+    node.metrics.connected.store(false, Ordering::Relaxed);
+    tracing::info!(peer = %peer_addr, disk = %node.sb.disk_state, "primary detached: {reason}");
+    Ok(())
+}
+
+/// Handle one frame from the primary.
+fn on_frame(
+    frame: Frame,
+    data: Option<Bytes>,
+    engine: &mut Option<SecondaryEngine>,
+    held: &mut HashMap<Seq, Bytes>,
+    cfg: &NodeConfig,
+    out: &mut Vec<SecondaryAction>,
+) -> Result<(), String> {
+    let seq = Seq(frame.seq);
+    match frame.msg {
+        Message::ResyncStart { blocks, full } => {
+            let e = engine.get_or_insert_with(|| SecondaryEngine::new(seq, cfg.flush_bytes_max));
+            if blocks > 0 {
+                tracing::info!(
+                    blocks,
+                    bytes = blocks * cfg.block_size as u64,
+                    full,
+                    "primary announces a resync"
+                );
+            }
+            e.resync_started(blocks, out);
+        }
+        Message::Write { offset, fua } => {
+            let e = engine.as_mut().ok_or("Write before ResyncStart")?;
+            let data = data.expect("reader opens payloads of writes");
+            let range = ByteRange::new(offset, data.len() as u64);
+            held.insert(seq, data);
+            e.receive(seq, ApplyKind::Write, range, fua, out);
+        }
+        Message::WriteZeroes { offset, len, fua } => {
+            let e = engine.as_mut().ok_or("WriteZeroes before ResyncStart")?;
+            e.receive(
+                seq,
+                ApplyKind::WriteZeroes,
+                ByteRange::new(offset, len as u64),
+                fua,
+                out,
+            );
+        }
+        Message::Trim { offset, len } => {
+            let e = engine.as_mut().ok_or("Trim before ResyncStart")?;
+            e.receive(
+                seq,
+                ApplyKind::Trim,
+                ByteRange::new(offset, len as u64),
+                false,
+                out,
+            );
+        }
+        Message::Flush => engine
+            .as_mut()
+            .ok_or("Flush before ResyncStart")?
+            .flush_requested(seq, out),
+        Message::ResyncDone { through_seq } => engine
+            .as_mut()
+            .ok_or("ResyncDone before ResyncStart")?
+            .resync_done(Seq(through_seq), out),
+        Message::Goodbye => return Err("primary said Goodbye".into()),
+        other => {
+            return Err(format!(
+                "unexpected message kind {} from primary",
+                other.kind()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Read frames, check payload crc after decompression (G5) and ranges; a bad
+/// frame ends the session before anything of it is applied.
+async fn frame_reader(
+    mut rd: BufReader<PeerReadHalf>,
+    tx: mpsc::Sender<Incoming>,
+    peer_timeout_ms: u64,
+    metrics: Arc<Metrics>,
+    size_bytes: u64,
+) {
+    let mut scratch = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(
+            Duration::from_millis(peer_timeout_ms),
+            wire::read_frame(&mut rd, &mut scratch),
+        )
+        .await
+        {
+            Err(_) => Err(format!(
+                "primary silent for {peer_timeout_ms} ms (heartbeat timeout)"
+            )),
+            Ok(Err(wire::WireError::Closed)) => Err("primary closed the connection".into()),
+            Ok(Err(e)) => {
+                Metrics::add(&metrics.frames_rejected, 1);
+                Err(format!(
+                    "bad frame from primary, dropping the connection: {e}"
+                ))
+            }
+            Ok(Ok(f)) => Ok(f),
+        };
+        let frame = match frame {
+            Ok(f) => f,
+            Err(reason) => {
+                let _ = tx.send(Incoming::Closed(reason)).await;
+                return;
+            }
+        };
+        let (range, data) = match &frame.msg {
+            Message::Heartbeat { .. } | Message::HeartbeatReply { .. } => continue,
+            Message::Write { offset, .. } => {
+                let payload = frame.payload.clone();
+                match payload.open() {
+                    Ok(d) => (Some(ByteRange::new(*offset, d.len() as u64)), Some(d)),
+                    Err(e) => {
+                        Metrics::add(&metrics.frames_rejected, 1);
+                        let _ = tx
+                            .send(Incoming::Closed(format!(
+                                "bad frame from primary, dropping the connection: {e}"
+                            )))
+                            .await;
+                        return;
+                    }
+                }
+            }
+            Message::WriteZeroes { offset, len, .. } | Message::Trim { offset, len } => {
+                (Some(ByteRange::new(*offset, *len as u64)), None)
+            }
+            _ => (None, None),
+        };
+        if let Some(r) = range {
+            if r.offset
+                .checked_add(r.len)
+                .is_none_or(|end| end > size_bytes)
+            {
+                Metrics::add(&metrics.frames_rejected, 1);
+                let _ = tx
+                    .send(Incoming::Closed(format!(
+                        "frame seq {} addresses {}+{} beyond the volume ({size_bytes} bytes)",
+                        frame.seq, r.offset, r.len
+                    )))
+                    .await;
+                return;
+            }
+        }
+        let frame = Frame {
+            payload: Payload::empty(),
+            ..frame
+        };
+        if tx.send(Incoming::Frame(frame, data)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Send acknowledgements in batches; heartbeat when idle.
+async fn ack_writer(
+    mut wr: PeerWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    heartbeat_interval_ms: u64,
+) {
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_interval_ms));
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            m = rx.recv() => {
+                let Some(m) = m else { break };
+                let mut last = matches!(m, Message::Goodbye | Message::Refuse { .. });
+                wire::encode_frame(&Frame { seq: 0, msg: m, payload: Payload::empty() }, &mut buf);
+                while let Ok(m) = rx.try_recv() {
+                    last |= matches!(m, Message::Goodbye | Message::Refuse { .. });
+                    wire::encode_frame(&Frame { seq: 0, msg: m, payload: Payload::empty() }, &mut buf);
+                }
+                if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+                    return;
+                }
+                buf.clear();
+                if last {
+                    break;
+                }
+            }
+            _ = heartbeat.tick() => {
+                nonce += 1;
+                wire::encode_frame(&Frame { seq: 0, msg: Message::Heartbeat { nonce }, payload: Payload::empty() }, &mut buf);
+                if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+                    return;
+                }
+                buf.clear();
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+struct SecondaryControl {
+    cfg: Arc<NodeConfig>,
+    metrics: Arc<Metrics>,
+    snapshot: Arc<std::sync::Mutex<Snapshot>>,
+}
+
+impl ControlHandler for SecondaryControl {
+    fn status(&self) -> control::BoxFuture<Option<StatusDoc>> {
+        let snap = self.snapshot.lock().expect("snapshot lock").clone();
+        let peer = snap.peer.map(|p| (p, "UpToDate".to_string()));
+        let doc = StatusDoc::build(
+            &self.cfg,
+            Role::Secondary,
+            &self.metrics,
+            peer,
+            snap.disk_state,
+            0,
+            0,
+            BlockCount(0),
+            None,
+            snap.volume_id,
+            snap.generation,
+        );
+        Box::pin(async move { Some(doc) })
+    }
+    fn other(&self, command: &str) -> control::BoxFuture<ControlReply> {
+        let command = command.to_string();
+        Box::pin(async move {
+            ControlReply::error(format!(
+                "unknown control command '{command}'; known: status"
+            ))
+        })
+    }
+}
