@@ -53,7 +53,12 @@ fn start_qemu_nbd(listen: Listen, export_name: Option<&str>) -> QemuNbd {
     drop(file);
 
     let mut cmd = Command::new("qemu-nbd");
-    cmd.args(["--persistent", "--format=raw", "--shared=8", "--discard=unmap"]);
+    cmd.args([
+        "--persistent",
+        "--format=raw",
+        "--shared=8",
+        "--discard=unmap",
+    ]);
     let (addr, probe): (String, Box<dyn Fn() -> bool>) = match listen {
         Listen::Tcp => {
             let port = free_tcp_port();
@@ -163,7 +168,10 @@ async fn tcp_round_trips_zeroes_trim_flush_reach_the_image_file() {
         (NBD_FLAG_SEND_TRIM, "SEND_TRIM"),
         (NBD_FLAG_SEND_WRITE_ZEROES, "SEND_WRITE_ZEROES"),
     ] {
-        assert!(flags & flag != 0, "qemu-nbd should advertise {name}: {flags:#x}");
+        assert!(
+            flags & flag != 0,
+            "qemu-nbd should advertise {name}: {flags:#x}"
+        );
     }
     let preferred = client
         .block_size_preferred()
@@ -211,7 +219,10 @@ async fn tcp_round_trips_zeroes_trim_flush_reach_the_image_file() {
     client.trim(4 << 20, 131_072).await.expect("trim");
     model[(4 << 20)..(4 << 20) + 131_072].fill(0);
     let got = client.read(4 << 20, 131_072).await.expect("read trimmed");
-    assert!(got.iter().all(|&b| b == 0), "trimmed range should read as zeroes");
+    assert!(
+        got.iter().all(|&b| b == 0),
+        "trimmed range should read as zeroes"
+    );
     assert_reads(&client, &model, 4 << 20, 262_144).await;
 
     client.flush().await.expect("flush");
@@ -251,7 +262,10 @@ async fn thirty_two_concurrent_writers_share_one_connection() {
         let offset = 2 * i * CHUNK_LEN_BYTES;
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
-            (offset, client.read(offset, 3 * CHUNK_LEN_BYTES as u32).await)
+            (
+                offset,
+                client.read(offset, 3 * CHUNK_LEN_BYTES as u32).await,
+            )
         }));
     }
     for task in tasks {
@@ -329,7 +343,9 @@ async fn wrong_export_name_is_refused_with_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unix_socket_addresses_work_with_and_without_prefix() {
     let server = start_qemu_nbd(Listen::Unix, None);
-    let client = NbdClient::connect(&server.addr, "").await.expect("connect unix:");
+    let client = NbdClient::connect(&server.addr, "")
+        .await
+        .expect("connect unix:");
     let mut model = vec![0u8; IMAGE_LEN_BYTES as usize];
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let data = random_bytes(&mut rng, 5000);

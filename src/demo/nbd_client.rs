@@ -89,7 +89,7 @@ use tokio::task::JoinHandle;
 
 const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT_MAGIC: u64 = 0x4948_4156_454f_5054;
-const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
@@ -173,17 +173,23 @@ const DISCONNECT_WAIT_MS: u64 = 5_000;
 /// Errors of the NBD client.
 #[derive(Debug, thiserror::Error)]
 pub enum NbdClientError {
-    #[error("invalid NBD address {addr:?}: {reason}; use HOST:PORT, [IPV6]:PORT, unix:/path or /abs/path")]
+    #[error(
+        "invalid NBD address {addr:?}: {reason}; use HOST:PORT, [IPV6]:PORT, unix:/path or /abs/path"
+    )]
     InvalidAddress { addr: String, reason: &'static str },
 
-    #[error("cannot connect to NBD server at {addr}: {source}; check that the server is running and listening there")]
+    #[error(
+        "cannot connect to NBD server at {addr}: {source}; check that the server is running and listening there"
+    )]
     Connect {
         addr: String,
         #[source]
         source: io::Error,
     },
 
-    #[error("NBD handshake with {addr} did not finish within {timeout_ms} ms; is this an NBD server?")]
+    #[error(
+        "NBD handshake with {addr} did not finish within {timeout_ms} ms; is this an NBD server?"
+    )]
     HandshakeTimeout { addr: String, timeout_ms: u64 },
 
     #[error("I/O error during NBD handshake with {addr} ({stage}): {source}")]
@@ -194,10 +200,14 @@ pub enum NbdClientError {
         source: io::Error,
     },
 
-    #[error("NBD server at {addr} closed the connection during the handshake ({stage}); check the server log")]
+    #[error(
+        "NBD server at {addr} closed the connection during the handshake ({stage}); check the server log"
+    )]
     ClosedDuringHandshake { addr: String, stage: &'static str },
 
-    #[error("{addr} is not a newstyle NBD server: expected magic {expected:#018x} at {stage}, got {got:#018x}")]
+    #[error(
+        "{addr} is not a newstyle NBD server: expected magic {expected:#018x} at {stage}, got {got:#018x}"
+    )]
     BadMagic {
         addr: String,
         stage: &'static str,
@@ -205,7 +215,9 @@ pub enum NbdClientError {
         got: u64,
     },
 
-    #[error("NBD server at {addr} speaks the oldstyle handshake, which this client does not support; configure the server for newstyle")]
+    #[error(
+        "NBD server at {addr} speaks the oldstyle handshake, which this client does not support; configure the server for newstyle"
+    )]
     OldstyleServer { addr: String },
 
     #[error("export name is invalid ({len_bytes} bytes): {reason}")]
@@ -214,17 +226,23 @@ pub enum NbdClientError {
         reason: &'static str,
     },
 
-    #[error("NBD server at {addr} has no export named {export_name:?} ({message}); check the export name")]
+    #[error(
+        "NBD server at {addr} has no export named {export_name:?} ({message}); check the export name"
+    )]
     ExportNotFound {
         addr: String,
         export_name: String,
         message: String,
     },
 
-    #[error("NBD server at {addr} closed the connection after NBD_OPT_EXPORT_NAME {export_name:?}: the export probably does not exist or requires TLS")]
+    #[error(
+        "NBD server at {addr} closed the connection after NBD_OPT_EXPORT_NAME {export_name:?}: the export probably does not exist or requires TLS"
+    )]
     ExportRefused { addr: String, export_name: String },
 
-    #[error("NBD server at {addr} refused {option} for export {export_name:?} with {reply} ({message})")]
+    #[error(
+        "NBD server at {addr} refused {option} for export {export_name:?} with {reply} ({message})"
+    )]
     OptionRefused {
         addr: String,
         export_name: String,
@@ -481,10 +499,8 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     write_handshake(stream, &client_flags.to_be_bytes(), addr, "client flags").await?;
 
     // Only fixed newstyle servers answer options other than EXPORT_NAME.
-    if fixed_newstyle {
-        if let Some(info) = option_go(stream, addr, export_name).await? {
-            return Ok(info);
-        }
+    if fixed_newstyle && let Some(info) = option_go(stream, addr, export_name).await? {
+        return Ok(info);
     }
     option_export_name(stream, addr, export_name, no_zeroes).await
 }
@@ -634,7 +650,7 @@ fn validate_block_sizes(sizes: BlockSizes) -> Result<(), &'static str> {
     if !preferred_bytes.is_power_of_two() || preferred_bytes < minimum_bytes {
         return Err("preferred is not a power of two at least the minimum");
     }
-    if maximum_bytes < minimum_bytes || maximum_bytes % minimum_bytes != 0 {
+    if maximum_bytes < minimum_bytes || !maximum_bytes.is_multiple_of(minimum_bytes) {
         return Err("maximum is not a multiple of the minimum");
     }
     Ok(())
@@ -923,10 +939,10 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Nobody can wait for a reply any more. The writer task ends by
         // itself when `tx` is dropped; the reader would block on the socket.
-        if let Ok(mut reader) = self.reader.lock() {
-            if let Some(handle) = reader.take() {
-                handle.abort();
-            }
+        if let Ok(mut reader) = self.reader.lock()
+            && let Some(handle) = reader.take()
+        {
+            handle.abort();
         }
     }
 }
@@ -987,13 +1003,12 @@ impl NbdClient {
                     Ok::<_, NbdClientError>((info, Box::new(r) as BoxRead, Box::new(w) as BoxWrite))
                 }
                 Target::Unix(path) => {
-                    let mut stream =
-                        UnixStream::connect(path)
-                            .await
-                            .map_err(|source| NbdClientError::Connect {
-                                addr: addr.to_string(),
-                                source,
-                            })?;
+                    let mut stream = UnixStream::connect(path).await.map_err(|source| {
+                        NbdClientError::Connect {
+                            addr: addr.to_string(),
+                            source,
+                        }
+                    })?;
                     let info = handshake(&mut stream, addr, export_name).await?;
                     let (r, w) = stream.into_split();
                     Ok((info, Box::new(r) as BoxRead, Box::new(w) as BoxWrite))
@@ -1093,7 +1108,12 @@ impl NbdClient {
     }
 
     /// Writes `len` zero bytes at `offset` without sending them.
-    pub async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), NbdClientError> {
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> Result<(), NbdClientError> {
         self.check_writable("write_zeroes")?;
         self.check_flag(
             "write_zeroes",
@@ -1102,8 +1122,16 @@ impl NbdClient {
         )?;
         let flags = self.fua_flag("write_zeroes", fua)?;
         self.check_range("write_zeroes", offset, len, false)?;
-        self.submit("write_zeroes", CMD_WRITE_ZEROES, flags, offset, len, None, 0)
-            .await?;
+        self.submit(
+            "write_zeroes",
+            CMD_WRITE_ZEROES,
+            flags,
+            offset,
+            len,
+            None,
+            0,
+        )
+        .await?;
         Ok(())
     }
 
@@ -1259,7 +1287,7 @@ impl NbdClient {
         let sizes = self.inner.info.block_sizes;
         if let Some(sizes) = sizes {
             let minimum = u64::from(sizes.minimum_bytes);
-            if offset % minimum != 0 || u64::from(len_bytes) % minimum != 0 {
+            if !offset.is_multiple_of(minimum) || !u64::from(len_bytes).is_multiple_of(minimum) {
                 return Err(invalid(format!(
                     "not aligned to the server's minimum block size of {minimum} bytes"
                 )));
@@ -1292,16 +1320,13 @@ impl NbdClient {
         reply_payload_len_bytes: u32,
     ) -> Result<Option<Bytes>, NbdClientError> {
         let inner = &self.inner;
-        let permit = inner
-            .inflight
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| NbdClientError::ConnectionLost {
+        let permit = inner.inflight.clone().acquire_owned().await.map_err(|_| {
+            NbdClientError::ConnectionLost {
                 op,
                 offset,
                 cause: Arc::new(NbdClientError::Disconnected),
-            })?;
+            }
+        })?;
         // Reserve the channel slot first: from here to `send` there is no
         // await, so a cancelled caller never leaves a pending entry behind
         // without its request being queued.
@@ -1341,7 +1366,10 @@ impl NbdClient {
                     _inflight: permit,
                 },
             );
-            assert!(previous.is_none(), "nbd cookie {cookie} reused while in flight");
+            assert!(
+                previous.is_none(),
+                "nbd cookie {cookie} reused while in flight"
+            );
         }
         slot.send(Outbound::Request {
             header: encode_request(flags, command, cookie, offset, len_bytes),
@@ -1371,10 +1399,22 @@ mod tests {
 
     #[test]
     fn addresses_parse_to_tcp_or_unix() {
-        assert_eq!(parse_addr("127.0.0.1:10809").unwrap(), Target::Tcp("127.0.0.1:10809"));
-        assert_eq!(parse_addr("[::1]:10809").unwrap(), Target::Tcp("[::1]:10809"));
-        assert_eq!(parse_addr("unix:/run/x.sock").unwrap(), Target::Unix("/run/x.sock"));
-        assert_eq!(parse_addr("/run/x.sock").unwrap(), Target::Unix("/run/x.sock"));
+        assert_eq!(
+            parse_addr("127.0.0.1:10809").unwrap(),
+            Target::Tcp("127.0.0.1:10809")
+        );
+        assert_eq!(
+            parse_addr("[::1]:10809").unwrap(),
+            Target::Tcp("[::1]:10809")
+        );
+        assert_eq!(
+            parse_addr("unix:/run/x.sock").unwrap(),
+            Target::Unix("/run/x.sock")
+        );
+        assert_eq!(
+            parse_addr("/run/x.sock").unwrap(),
+            Target::Unix("/run/x.sock")
+        );
         assert!(parse_addr("unix:").is_err());
         assert!(parse_addr("").is_err());
         assert!(parse_addr("localhost").is_err());
@@ -1388,10 +1428,34 @@ mod tests {
             maximum_bytes: 32 * 1024 * 1024,
         };
         assert!(validate_block_sizes(ok).is_ok());
-        assert!(validate_block_sizes(BlockSizes { minimum_bytes: 0, ..ok }).is_err());
-        assert!(validate_block_sizes(BlockSizes { minimum_bytes: 768, ..ok }).is_err());
-        assert!(validate_block_sizes(BlockSizes { preferred_bytes: 256, ..ok }).is_err());
-        assert!(validate_block_sizes(BlockSizes { maximum_bytes: 1000, ..ok }).is_err());
+        assert!(
+            validate_block_sizes(BlockSizes {
+                minimum_bytes: 0,
+                ..ok
+            })
+            .is_err()
+        );
+        assert!(
+            validate_block_sizes(BlockSizes {
+                minimum_bytes: 768,
+                ..ok
+            })
+            .is_err()
+        );
+        assert!(
+            validate_block_sizes(BlockSizes {
+                preferred_bytes: 256,
+                ..ok
+            })
+            .is_err()
+        );
+        assert!(
+            validate_block_sizes(BlockSizes {
+                maximum_bytes: 1000,
+                ..ok
+            })
+            .is_err()
+        );
     }
 
     #[test]
