@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod bitmap;
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod frontend;
 pub mod meta;

@@ -1,0 +1,3 @@
+//! `tandem demo`: drives a workload through an NBD export over the real protocol.
+
+pub mod nbd_client;
