@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bitmap;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod engine;

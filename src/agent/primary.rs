@@ -670,7 +670,13 @@ impl Owner {
     fn start_local(&mut self, seq: Seq, kind: OpKind, range: ByteRange, fua: bool) {
         let held = self.held.get_mut(&seq).expect("local op has held data");
         held.local_started = true;
-        let data = held.data.take();
+        // A write accepted just before the link came up has no payload yet; the
+        // shipper prepares it from the same (shared, not copied) bytes later.
+        let data = if held.payload.is_none() && !held.ship_settled && held.kind == OpKind::Write {
+            held.data.clone()
+        } else {
+            held.data.take()
+        };
         if held.ship_settled {
             self.held.remove(&seq);
         }

@@ -431,7 +431,7 @@ fn le_u64(b: &[u8; HEADER_LEN], at: usize) -> u64 {
 fn kind_info(kind: u8) -> Option<bool> {
     match kind {
         4 => Some(true),
-        1..=3 | 5..=13 => Some(false),
+        1..=3 | 5..=14 => Some(false),
         _ => None,
     }
 }
@@ -811,6 +811,10 @@ mod tests {
             Message::HeartbeatReply { nonce: 3 },
             Message::ResyncDone { through_seq: 99 },
             Message::Goodbye,
+            Message::ResyncStart {
+                blocks: 65536,
+                full: true,
+            },
         ]
     }
 

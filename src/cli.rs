@@ -1,0 +1,191 @@
+//! Command-line interface: `tandem <subcommand>`. Every node option can also be
+//! read from a TOML resource file with `--config FILE --node NAME` (see config.rs).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Overrides;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Userspace block-volume replicator: an NBD export on the primary, every write shipped crc32-checked and zstd-compressed over mutual TLS to a secondary",
+    after_help = "Start with `tandem demo`. Quick start on two hosts: see README.md."
+)]
+pub struct Cli {
+    /// Log format: human (default) or json (one object per line, for log shippers).
+    #[arg(long, global = true, default_value = "human", value_parser = ["human", "json"])]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make a test CA and node certificates: DIR/ca.pem, DIR/NAME.pem, DIR/NAME.key.
+    Certs {
+        /// Directory to write into (created if missing; existing files are never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Node names to issue certificates for.
+        #[arg(long = "name", default_values = ["primary", "secondary"])]
+        names: Vec<String>,
+    },
+    /// Run a node in the primary role: serve the NBD export and replicate every write.
+    Primary(NodeArgs),
+    /// Run a node in the secondary role: accept a primary and apply its writes in order.
+    Secondary(NodeArgs),
+    /// Show a running agent's state (one screen, or --json).
+    Status {
+        /// The agent's control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// Print the status document as JSON (stable field names).
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Run a self-contained demonstration on loopback: certificates, a secondary and a
+    /// primary with 256 MiB images, a mixed workload through the NBD export in sync
+    /// then async mode, and a final check that both images are identical.
+    Demo {
+        /// Image size for the demo volumes.
+        #[arg(long, default_value = "256M")]
+        size: String,
+        /// Seconds of workload per mode.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Keep the demo's files in this directory instead of a temporary one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Options of a node agent. Each is also readable from the resource file.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// TOML resource file describing both nodes (like a DRBD resource file).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Which node of the resource file this is.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// This node's name (default: its role). Certificates are DIR/<name>.pem|key.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The name the peer must present (default: the other role).
+    #[arg(long)]
+    pub peer_name: Option<String>,
+    /// Image file or block device to replicate.
+    #[arg(long)]
+    pub volume: Option<PathBuf>,
+    /// Create a sparse image of this size if the volume does not exist (K, M, G, T suffixes).
+    #[arg(long)]
+    pub size: Option<String>,
+    /// Metadata path (default: VOLUME.tandem-meta; required for block devices in practice).
+    #[arg(long)]
+    pub meta: Option<PathBuf>,
+    /// Open the volume with O_DIRECT.
+    #[arg(long)]
+    pub direct: bool,
+    /// I/O engine: auto (io_uring, falling back to threads), io_uring, threads.
+    #[arg(long)]
+    pub io_engine: Option<String>,
+    /// Replication address to listen on (secondary).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// The secondary's replication address (primary).
+    #[arg(long)]
+    pub peer: Option<SocketAddr>,
+    /// NBD export address (primary): HOST:PORT, unix:/path or /abs/path.
+    #[arg(long)]
+    pub nbd: Option<String>,
+    /// NBD export name (the empty name is always accepted too).
+    #[arg(long)]
+    pub nbd_name: Option<String>,
+    /// Control socket (default: VOLUME.tandem.sock).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Replication mode: sync (ack after the secondary applied) or async.
+    #[arg(long, value_parser = ["sync", "async"])]
+    pub mode: Option<String>,
+    /// Directory holding ca.pem and this node's NAME.pem/NAME.key (default /etc/tandem).
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    /// DANGER: replicate without TLS. Refused on non-loopback addresses.
+    #[arg(long)]
+    pub danger_plaintext: bool,
+    /// zstd level for payloads, 0 = off (default 1).
+    #[arg(long)]
+    pub compress_level: Option<i32>,
+    /// Replication window: bytes shipped and not yet durable on the secondary (default 64M).
+    #[arg(long)]
+    pub queue_bytes_max: Option<String>,
+    /// Replication window: writes shipped and not yet durable on the secondary (default 8192).
+    #[arg(long)]
+    pub queue_writes_max: Option<u32>,
+    /// Bitmap granularity (default 4K). Must match on both nodes.
+    #[arg(long)]
+    pub block_size: Option<String>,
+    /// The secondary flushes at least this often (default 5 ms).
+    #[arg(long)]
+    pub flush_interval_ms: Option<u64>,
+    /// ... or after this many bytes applied (default 64M).
+    #[arg(long)]
+    pub flush_bytes_max: Option<String>,
+    /// Resync rate limit in bytes per second, 0 = unlimited (default 256M).
+    #[arg(long)]
+    pub resync_rate: Option<String>,
+    /// Heartbeat interval (default 1000 ms).
+    #[arg(long)]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// A peer silent this long is considered dead (default 5000 ms).
+    #[arg(long)]
+    pub peer_timeout_ms: Option<u64>,
+    /// Bound on connecting and handshaking (default 5000 ms).
+    #[arg(long)]
+    pub connect_timeout_ms: Option<u64>,
+    /// On shutdown, wait this long for the secondary to catch up (default 30000 ms).
+    #[arg(long)]
+    pub drain_timeout_ms: Option<u64>,
+}
+
+impl NodeArgs {
+    pub fn overrides(self) -> Overrides {
+        Overrides {
+            config: self.config,
+            node: self.node,
+            name: self.name,
+            peer_name: self.peer_name,
+            volume: self.volume,
+            size: self.size,
+            meta: self.meta,
+            direct: self.direct,
+            io_engine: self.io_engine,
+            listen: self.listen,
+            peer: self.peer,
+            nbd: self.nbd,
+            nbd_name: self.nbd_name,
+            control: self.control,
+            mode: self.mode,
+            tls_dir: self.tls_dir,
+            danger_plaintext: self.danger_plaintext,
+            compress_level: self.compress_level,
+            queue_bytes_max: self.queue_bytes_max,
+            queue_writes_max: self.queue_writes_max,
+            block_size: self.block_size,
+            flush_interval_ms: self.flush_interval_ms,
+            flush_bytes_max: self.flush_bytes_max,
+            resync_rate: self.resync_rate,
+            heartbeat_interval_ms: self.heartbeat_interval_ms,
+            peer_timeout_ms: self.peer_timeout_ms,
+            connect_timeout_ms: self.connect_timeout_ms,
+            drain_timeout_ms: self.drain_timeout_ms,
+        }
+    }
+}
