@@ -370,10 +370,10 @@ pub async fn run(
     control_stop.cancel();
     let _ = control_task.await;
     drop(cmd_tx);
-    let result = owner_task
+
+    owner_task
         .await
-        .map_err(|e| AgentError::Refused(format!("owner task failed: {e}")))?;
-    result
+        .map_err(|e| AgentError::Refused(format!("owner task failed: {e}")))?
 }
 
 /// The export the NBD server sees: reads go straight to the volume, writes

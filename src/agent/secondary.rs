@@ -293,7 +293,7 @@ fn disk_code(d: DiskState, is_new: bool) -> u8 {
 }
 
 enum Incoming {
-    Frame(Frame, Option<Bytes>),
+    Frame(Box<Frame>, Option<Bytes>),
     Closed(String),
 }
 
@@ -436,7 +436,7 @@ async fn session(
                 None => ending = Some("reader stopped".into()),
                 Some(Incoming::Closed(reason)) => ending = Some(reason),
                 Some(Incoming::Frame(frame, data)) => {
-                    if let Err(reason) = on_frame(frame, data, &mut engine, &mut held, &cfg, &mut out) {
+                    if let Err(reason) = on_frame(*frame, data, &mut engine, &mut held, &cfg, &mut out) {
                         ending = Some(reason);
                     }
                 }
@@ -708,26 +708,29 @@ async fn frame_reader(
             }
             _ => (None, None),
         };
-        if let Some(r) = range {
-            if r.offset
+        if let Some(r) = range
+            && r.offset
                 .checked_add(r.len)
                 .is_none_or(|end| end > size_bytes)
-            {
-                Metrics::add(&metrics.frames_rejected, 1);
-                let _ = tx
-                    .send(Incoming::Closed(format!(
-                        "frame seq {} addresses {}+{} beyond the volume ({size_bytes} bytes)",
-                        frame.seq, r.offset, r.len
-                    )))
-                    .await;
-                return;
-            }
+        {
+            Metrics::add(&metrics.frames_rejected, 1);
+            let _ = tx
+                .send(Incoming::Closed(format!(
+                    "frame seq {} addresses {}+{} beyond the volume ({size_bytes} bytes)",
+                    frame.seq, r.offset, r.len
+                )))
+                .await;
+            return;
         }
         let frame = Frame {
             payload: Payload::empty(),
             ..frame
         };
-        if tx.send(Incoming::Frame(frame, data)).await.is_err() {
+        if tx
+            .send(Incoming::Frame(Box::new(frame), data))
+            .await
+            .is_err()
+        {
             return;
         }
     }

@@ -358,18 +358,19 @@ impl<T> PrimaryEngine<T> {
             // The session this read was for has ended; its blocks stay dirty.
             out.push(Action::Forget { seq });
         } else if op.kind == OpKind::ResyncRead {
-            op.frame_ready = result.is_ok();
-            if result.is_err() && op.in_stream {
-                // Nothing to ship: the session cannot continue with a gap in the stream.
-                // The block stays dirty; the agent must drop the session.
-                op.in_stream = false;
-                out.push(Action::DropSession {
-                    reason: format!(
-                        "local read for resync of offset {} failed (errno {})",
-                        op.range.offset,
-                        result.unwrap_err()
-                    ),
-                });
+            match result {
+                Ok(()) => op.frame_ready = true,
+                Err(errno) => {
+                    // Nothing to ship: the stream cannot continue with a gap, so the
+                    // session ends here (its blocks stay dirty) and the agent closes it.
+                    let offset = op.range.offset;
+                    out.push(Action::DropSession {
+                        reason: format!(
+                            "local read for resync of offset {offset} failed (errno {errno})"
+                        ),
+                    });
+                    self.session_ended(out);
+                }
             }
         }
         for next in self.sequencer.complete(seq) {
@@ -435,12 +436,14 @@ impl<T> PrimaryEngine<T> {
             self.flush_markers.pop_front();
             out.push(Action::ShipFlush { through });
         }
-        if let Some(r) = &self.resync {
-            if r.exhausted && r.outstanding == 0 && self.resync_done_marker.is_none() {
-                let through = Seq(self.next_ship.0 - 1);
-                self.resync_done_marker = Some(through);
-                out.push(Action::ShipResyncDone { through });
-            }
+        if let Some(r) = &self.resync
+            && r.exhausted
+            && r.outstanding == 0
+            && self.resync_done_marker.is_none()
+        {
+            let through = Seq(self.next_ship.0 - 1);
+            self.resync_done_marker = Some(through);
+            out.push(Action::ShipResyncDone { through });
         }
     }
 
@@ -478,11 +481,11 @@ impl<T> PrimaryEngine<T> {
 
     /// The secondary applied `seq`.
     pub fn peer_applied(&mut self, seq: Seq, out: &mut Vec<Action<T>>) {
-        if let Some(op) = self.ops.get_mut(&seq) {
-            if op.in_stream {
-                op.applied = true;
-                self.try_complete(seq, out);
-            }
+        if let Some(op) = self.ops.get_mut(&seq)
+            && op.in_stream
+        {
+            op.applied = true;
+            self.try_complete(seq, out);
         }
     }
 
@@ -527,14 +530,14 @@ impl<T> PrimaryEngine<T> {
             self.try_complete(seq, out);
         }
         self.try_complete_flushes(out);
-        if let Some(marker) = self.resync_done_marker {
-            if through >= marker {
-                self.resync_done_marker = None;
-                self.resync = None;
-                if self.dirty.dirty_count().0 > 0 {
-                    // Blocks dirtied during the pass (local errors): go again.
-                    self.start_resync(false, out);
-                }
+        if let Some(marker) = self.resync_done_marker
+            && through >= marker
+        {
+            self.resync_done_marker = None;
+            self.resync = None;
+            if self.dirty.dirty_count().0 > 0 {
+                // Blocks dirtied during the pass (local errors): go again.
+                self.start_resync(false, out);
             }
         }
     }
@@ -768,5 +771,129 @@ impl<T> PrimaryEngine<T> {
             }
         }
         assert!(self.next_ship <= self.next_seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(mode: Mode) -> PrimaryEngine<u32> {
+        PrimaryEngine::new(
+            mode,
+            64 * 4096,
+            4096,
+            DirtyBitmap::for_volume(64 * 4096, 4096),
+            Seq(1),
+        )
+    }
+
+    #[test]
+    fn a_failed_resync_read_ends_the_session_and_keeps_the_blocks_dirty() {
+        let mut e = engine(Mode::Async);
+        let mut out = Vec::new();
+        e.session_started(true, &mut out);
+        let (seq, range) = e.next_resync_chunk(0, &mut out).expect("a chunk");
+        out.clear();
+        e.local_done(seq, Err(libc::EIO), &mut out);
+        assert!(
+            out.iter().any(|a| matches!(a, Action::DropSession { .. })),
+            "{out:?}"
+        );
+        assert!(!e.is_streaming());
+        let (a, _) = range.blocks(4096);
+        assert!(e.dirty().is_dirty(a));
+        assert_eq!(e.dirty().dirty_count().0, 64);
+        e.assert_invariants();
+    }
+
+    #[test]
+    fn sync_write_completes_only_after_applied_and_fua_only_after_durable() {
+        let mut e = engine(Mode::Sync);
+        let mut out = Vec::new();
+        e.session_started(false, &mut out);
+        out.clear();
+        let s1 = e.submit(
+            OpKind::Write,
+            ByteRange::new(0, 4096),
+            false,
+            1,
+            0,
+            &mut out,
+        );
+        let s2 = e.submit(
+            OpKind::Write,
+            ByteRange::new(8192, 4096),
+            true,
+            2,
+            0,
+            &mut out,
+        );
+        out.clear();
+        e.local_done(s1, Ok(()), &mut out);
+        e.local_done(s2, Ok(()), &mut out);
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::Complete { .. })),
+            "nothing completes before the peer: {out:?}"
+        );
+        e.peer_applied(s1, &mut out);
+        e.peer_applied(s2, &mut out);
+        let done: Vec<u32> = out
+            .iter()
+            .filter_map(|a| {
+                if let Action::Complete { token, .. } = a {
+                    Some(*token)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(done, vec![1], "the FUA write waits for Durable (G1)");
+        out.clear();
+        e.peer_durable(s2, &mut out);
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::Complete { token: 2, .. }))
+        );
+    }
+
+    #[test]
+    fn sync_writes_complete_locally_when_the_peer_goes_away() {
+        let mut e = engine(Mode::Sync);
+        let mut out = Vec::new();
+        e.session_started(false, &mut out);
+        let s1 = e.submit(
+            OpKind::Write,
+            ByteRange::new(0, 4096),
+            false,
+            7,
+            0,
+            &mut out,
+        );
+        e.local_done(s1, Ok(()), &mut out);
+        out.clear();
+        e.session_ended(&mut out);
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::Complete {
+                token: 7,
+                result: Ok(()),
+                ..
+            }
+        )));
+        assert!(
+            e.dirty().is_dirty(BlockIndex(0)),
+            "the unacknowledged write is tracked for resync (G3)"
+        );
+    }
+
+    #[test]
+    fn a_durable_claim_beyond_what_was_shipped_drops_the_session() {
+        let mut e = engine(Mode::Async);
+        let mut out = Vec::new();
+        e.session_started(false, &mut out);
+        out.clear();
+        e.peer_durable(Seq(99), &mut out);
+        assert!(out.iter().any(|a| matches!(a, Action::DropSession { .. })));
     }
 }

@@ -231,11 +231,11 @@ impl SecondaryEngine {
         }
         self.durable_through = through;
         out.push(SecondaryAction::SendDurable { through });
-        if let Some(at) = self.resync_done_at {
-            if through >= at {
-                self.resync_done_at = None;
-                out.push(SecondaryAction::MarkUpToDate);
-            }
+        if let Some(at) = self.resync_done_at
+            && through >= at
+        {
+            self.resync_done_at = None;
+            out.push(SecondaryAction::MarkUpToDate);
         }
         self.maybe_flush(out);
     }
