@@ -1172,7 +1172,11 @@ async fn connector(
                 r
             }
         };
-        tracing::warn!(session = id, "session with secondary ended: {reason}");
+        if stop.is_cancelled() {
+            tracing::info!(session = id, "session with secondary ended: {reason}");
+        } else {
+            tracing::warn!(session = id, "session with secondary ended: {reason}");
+        }
         let _ = peer_tx.send(PeerEvent::Down { id, reason });
         if started.elapsed() > Duration::from_secs(10) {
             backoff.reset();

@@ -272,9 +272,13 @@ fn check_hello(h: &Hello, node: &Node) -> Result<SyncPlan, String> {
             cfg.meta.display()
         ));
     }
-    let current =
-        sb.disk_state == DiskState::UpToDate && sb.gen_current == Generation(h.generations.current);
-    Ok(if !sb.is_new && current {
+    // The primary's bitmap is relative to the state this node reached in the primary's
+    // generation: valid whenever this node completed a sync in that generation, even if
+    // a later resync was interrupted (the primary keeps those blocks dirty until they
+    // are durable here). A new node, or one from another generation, needs everything.
+    let same_generation =
+        sb.gen_current != Generation::NONE && sb.gen_current == Generation(h.generations.current);
+    Ok(if !sb.is_new && same_generation {
         SyncPlan::Bitmap
     } else {
         SyncPlan::Full
@@ -306,6 +310,114 @@ enum Done {
     Flush {
         result: Result<(), i32>,
     },
+}
+
+/// Starts volume I/O for engine actions and sends acknowledgements.
+struct Applier {
+    volume: Volume,
+    done_tx: mpsc::UnboundedSender<Done>,
+    ack_tx: mpsc::UnboundedSender<Message>,
+    /// Payloads of received writes, until their apply starts.
+    held: HashMap<Seq, Bytes>,
+    /// Volume operations started and not yet reported back.
+    outstanding: usize,
+    gen_primary: Generation,
+}
+
+impl Applier {
+    /// Carry out engine actions; an Err ends the session with that reason.
+    fn carry_out(&mut self, node: &mut Node, out: &mut Vec<SecondaryAction>) -> Result<(), String> {
+        let mut result = Ok(());
+        for action in out.drain(..) {
+            match action {
+                SecondaryAction::StartApply { seq, kind, range } => {
+                    let data = self.held.remove(&seq);
+                    let volume = self.volume.clone();
+                    let tx = self.done_tx.clone();
+                    self.outstanding += 1;
+                    tokio::spawn(async move {
+                        let result = match kind {
+                            ApplyKind::Write => {
+                                volume
+                                    .write(range.offset, data.expect("write frame has data"), false)
+                                    .await
+                            }
+                            ApplyKind::WriteZeroes => {
+                                volume.write_zeroes(range.offset, range.len, false).await
+                            }
+                            // A block device's discard leaves unspecified contents; zero it so both images match.
+                            ApplyKind::Trim if volume.is_block_device() => {
+                                volume.write_zeroes(range.offset, range.len, false).await
+                            }
+                            ApplyKind::Trim => volume.trim(range.offset, range.len).await,
+                        };
+                        let _ = tx.send(Done::Apply {
+                            seq,
+                            range,
+                            result: result.map_err(|e| errno_of(&e)),
+                        });
+                    });
+                }
+                SecondaryAction::SendApplied { seq } => {
+                    let _ = self.ack_tx.send(Message::Applied { seq: seq.0 });
+                }
+                SecondaryAction::StartFlush { .. } => {
+                    let volume = self.volume.clone();
+                    let tx = self.done_tx.clone();
+                    self.outstanding += 1;
+                    tokio::spawn(async move {
+                        let result = volume.flush().await.map_err(|e| errno_of(&e));
+                        let _ = tx.send(Done::Flush { result });
+                    });
+                }
+                SecondaryAction::SendDurable { through } => {
+                    let _ = self.ack_tx.send(Message::Durable {
+                        through_seq: through.0,
+                    });
+                }
+                SecondaryAction::MarkInconsistent => {
+                    if node.sb.disk_state != DiskState::Inconsistent {
+                        node.sb.disk_state = DiskState::Inconsistent;
+                        if let Err(e) = node.write_superblock() {
+                            result = Err(e);
+                        }
+                        tracing::info!("disk is Inconsistent until a resync completes");
+                    }
+                }
+                SecondaryAction::MarkUpToDate => {
+                    node.sb.disk_state = DiskState::UpToDate;
+                    node.sb.gen_current = self.gen_primary;
+                    if let Err(e) = node.write_superblock() {
+                        result = Err(e);
+                    }
+                    tracing::info!(generation = %self.gen_primary, "resync complete: disk is UpToDate");
+                }
+                SecondaryAction::Fail { reason } => {
+                    tracing::error!("stopping the session: {reason}");
+                    node.metrics.set_error(reason.clone());
+                    let _ = self.ack_tx.send(Message::Refuse {
+                        reason: reason.clone(),
+                    });
+                    result = Err(reason);
+                }
+            }
+        }
+        result
+    }
+}
+
+/// Feed a finished volume operation to the engine.
+fn feed(e: &mut SecondaryEngine, done: Done, metrics: &Metrics, out: &mut Vec<SecondaryAction>) {
+    match done {
+        Done::Apply { seq, range, result } => {
+            if result.is_ok() {
+                Metrics::add(&metrics.applied_writes, 1);
+                Metrics::add(&metrics.applied_bytes, range.len);
+            }
+            e.apply_done(seq, range, result, out)
+        }
+        Done::Flush { result } => e.flush_done(result, out),
+    }
 }
 
 /// One session with a primary; holds the node for its whole duration.
@@ -410,33 +522,31 @@ async fn session(
     let writer = tokio::spawn(ack_writer(wr, ack_rx, cfg.heartbeat_interval_ms));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut engine: Option<SecondaryEngine> = None;
-    let mut held: HashMap<Seq, Bytes> = HashMap::new();
+    let mut applier = Applier {
+        volume: node.volume.clone(),
+        done_tx,
+        ack_tx,
+        held: HashMap::new(),
+        outstanding: 0,
+        gen_primary: Generation(hello.generations.current),
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.flush_interval_ms.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = Vec::new();
-    let gen_primary = Generation(hello.generations.current);
     let mut ending: Option<String> = None;
     while ending.is_none() {
         tokio::select! {
             biased;
             Some(done) = done_rx.recv() => {
-                let Some(e) = engine.as_mut() else { continue };
-                match done {
-                    Done::Apply { seq, range, result } => {
-                        if result.is_ok() {
-                            Metrics::add(&node.metrics.applied_writes, 1);
-                            Metrics::add(&node.metrics.applied_bytes, range.len);
-                        }
-                        e.apply_done(seq, range, result, &mut out)
-                    }
-                    Done::Flush { result } => e.flush_done(result, &mut out),
-                }
+                applier.outstanding -= 1;
+                let e = engine.as_mut().expect("I/O is only started by an engine");
+                feed(e, done, &node.metrics, &mut out);
             }
             msg = in_rx.recv() => match msg {
                 None => ending = Some("reader stopped".into()),
                 Some(Incoming::Closed(reason)) => ending = Some(reason),
                 Some(Incoming::Frame(frame, data)) => {
-                    if let Err(reason) = on_frame(*frame, data, &mut engine, &mut held, &cfg, &mut out) {
+                    if let Err(reason) = on_frame(*frame, data, &mut engine, &mut applier.held, &cfg, &mut out) {
                         ending = Some(reason);
                     }
                 }
@@ -444,129 +554,24 @@ async fn session(
             _ = tick.tick() => if let Some(e) = engine.as_mut() { e.tick(&mut out) },
             _ = stop.cancelled() => ending = Some("secondary shutting down".into()),
         }
-        for action in out.drain(..) {
-            match action {
-                SecondaryAction::StartApply { seq, kind, range } => {
-                    let data = held.remove(&seq);
-                    let volume = node.volume.clone();
-                    let tx = done_tx.clone();
-                    tokio::spawn(async move {
-                        let result = match kind {
-                            ApplyKind::Write => {
-                                volume
-                                    .write(range.offset, data.expect("write frame has data"), false)
-                                    .await
-                            }
-                            ApplyKind::WriteZeroes => {
-                                volume.write_zeroes(range.offset, range.len, false).await
-                            }
-                            // A block device's discard leaves unspecified contents; zero it so both images match.
-                            ApplyKind::Trim if volume.is_block_device() => {
-                                volume.write_zeroes(range.offset, range.len, false).await
-                            }
-                            ApplyKind::Trim => volume.trim(range.offset, range.len).await,
-                        };
-                        let _ = tx.send(Done::Apply {
-                            seq,
-                            range,
-                            result: result.map_err(|e| errno_of(&e)),
-                        });
-                    });
-                }
-                SecondaryAction::SendApplied { seq } => {
-                    let _ = ack_tx.send(Message::Applied { seq: seq.0 });
-                }
-                SecondaryAction::StartFlush { .. } => {
-                    let volume = node.volume.clone();
-                    let tx = done_tx.clone();
-                    tokio::spawn(async move {
-                        let result = volume.flush().await.map_err(|e| errno_of(&e));
-                        let _ = tx.send(Done::Flush { result });
-                    });
-                }
-                SecondaryAction::SendDurable { through } => {
-                    let _ = ack_tx.send(Message::Durable {
-                        through_seq: through.0,
-                    });
-                }
-                SecondaryAction::MarkInconsistent => {
-                    if node.sb.disk_state != DiskState::Inconsistent {
-                        node.sb.disk_state = DiskState::Inconsistent;
-                        if let Err(e) = node.write_superblock() {
-                            ending = Some(e);
-                        }
-                    }
-                    tracing::info!("resync started: disk is Inconsistent until it completes");
-                }
-                SecondaryAction::MarkUpToDate => {
-                    node.sb.disk_state = DiskState::UpToDate;
-                    node.sb.gen_current = gen_primary;
-                    if let Err(e) = node.write_superblock() {
-                        ending = Some(e);
-                    }
-                    tracing::info!(generation = %gen_primary, "resync complete: disk is UpToDate");
-                }
-                SecondaryAction::Fail { reason } => {
-                    tracing::error!("stopping the session: {reason}");
-                    node.metrics.set_error(reason.clone());
-                    let _ = ack_tx.send(Message::Refuse {
-                        reason: reason.clone(),
-                    });
-                    ending = Some(reason);
-                }
-            }
+        if let Err(reason) = applier.carry_out(&mut node, &mut out) {
+            ending.get_or_insert(reason);
         }
     }
     let reason = ending.expect("loop ends with a reason");
-    // Let every started write finish before the volume can change hands, then flush.
+    // G2: apply everything received (released writes included) before the volume can
+    // change hands, so the image is a prefix of the primary's write order.
     reader.abort();
-    if let Some(e) = engine.as_mut() {
-        while e.in_flight() > 0 || !e.is_idle() {
-            match done_rx.recv().await {
-                Some(Done::Apply { seq, range, result }) => {
-                    e.apply_done(seq, range, result, &mut out)
-                }
-                Some(Done::Flush { result }) => e.flush_done(result, &mut out),
-                None => break,
-            }
-            // Only bookkeeping now: new applies are not started after the session ends.
-            for a in out.drain(..) {
-                if let SecondaryAction::StartApply { seq, kind, range } = a {
-                    let data = held.remove(&seq);
-                    let r = match kind {
-                        ApplyKind::Write => {
-                            node.volume
-                                .write(range.offset, data.expect("data"), false)
-                                .await
-                        }
-                        ApplyKind::WriteZeroes => {
-                            node.volume
-                                .write_zeroes(range.offset, range.len, false)
-                                .await
-                        }
-                        ApplyKind::Trim if node.volume.is_block_device() => {
-                            node.volume
-                                .write_zeroes(range.offset, range.len, false)
-                                .await
-                        }
-                        ApplyKind::Trim => node.volume.trim(range.offset, range.len).await,
-                    };
-                    let _ = done_tx.send(Done::Apply {
-                        seq,
-                        range,
-                        result: r.map_err(|e| errno_of(&e)),
-                    });
-                } else if let SecondaryAction::SendDurable { through } = a {
-                    let _ = ack_tx.send(Message::Durable {
-                        through_seq: through.0,
-                    });
-                } else if let SecondaryAction::StartFlush { .. } = a {
-                    let r = node.volume.flush().await.map_err(|e| errno_of(&e));
-                    let _ = done_tx.send(Done::Flush { result: r });
-                }
-            }
+    while applier.outstanding > 0 {
+        let done = done_rx.recv().await.expect("the session holds a sender");
+        applier.outstanding -= 1;
+        let e = engine.as_mut().expect("I/O is only started by an engine");
+        feed(e, done, &node.metrics, &mut out);
+        if let Err(e) = applier.carry_out(&mut node, &mut out) {
+            tracing::error!("while finishing the session: {e}");
         }
     }
+    let ack_tx = applier.ack_tx;
     if let Err(e) = node.volume.flush().await {
         tracing::error!("flush after session failed: {e}");
     }

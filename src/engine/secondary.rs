@@ -168,7 +168,13 @@ impl SecondaryEngine {
         result: Result<(), i32>,
         out: &mut Vec<SecondaryAction>,
     ) {
+        // Release the writes waiting behind this one even when it failed, so every
+        // write received is eventually attempted and nothing waits forever.
+        let released = self.sequencer.complete(seq);
         if let Err(errno) = result {
+            // The volume now lacks a write it acknowledged receiving: it is no longer
+            // prefix-consistent. The primary keeps the range dirty (never Applied).
+            out.push(SecondaryAction::MarkInconsistent);
             self.fail(
                 format!(
                     "applying seq {seq} at offset {} ({} bytes) failed: errno {errno}",
@@ -176,17 +182,21 @@ impl SecondaryEngine {
                 ),
                 out,
             );
-            return;
+        } else if !self.failed {
+            self.bytes_since_flush += range.len;
+            out.push(SecondaryAction::SendApplied { seq });
         }
-        self.bytes_since_flush += range.len;
-        out.push(SecondaryAction::SendApplied { seq });
-        for next in self.sequencer.complete(seq) {
+        for next in released {
             let (kind, range) = self.waiting.remove(&next).expect("released op was waiting");
             out.push(SecondaryAction::StartApply {
                 seq: next,
                 kind,
                 range,
             });
+        }
+        if self.failed {
+            // Nothing more counts as applied or durable in a failed session.
+            return;
         }
         self.completed_above.insert(seq);
         while self.completed_above.first() == Some(&self.applied_through.next()) {
