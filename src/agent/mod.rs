@@ -99,3 +99,18 @@ pub fn cancel_on_signals(token: CancellationToken) {
 
 /// How long to wait between log lines that repeat the same connection failure.
 pub(crate) const RETRY_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Metadata of a block device must live on a persistent filesystem: the default
+/// sidecar path (`/dev/sdX.tandem-meta`) would land on devtmpfs and vanish at reboot,
+/// silently losing the bitmap and the volume's identity.
+pub fn check_meta_path(cfg: &NodeConfig, volume: &crate::volume::Volume) -> Result<(), AgentError> {
+    if volume.is_block_device() && cfg.meta == crate::meta::MetaStore::default_path_for(&cfg.volume)
+    {
+        return Err(AgentError::Refused(format!(
+            "{} is a block device: pass --meta PATH on a persistent filesystem (e.g. /var/lib/tandem/{}.meta) for its metadata",
+            cfg.volume.display(),
+            cfg.resource
+        )));
+    }
+    Ok(())
+}

@@ -169,6 +169,8 @@ struct Session {
     id: u64,
     tx: mpsc::UnboundedSender<Frame>,
     peer: Welcome,
+    /// No resync is pending in this session: the peer's disk is UpToDate.
+    synced: bool,
 }
 
 struct Shared {
@@ -194,6 +196,7 @@ pub async fn run(
         engine: cfg.io_engine,
     };
     let volume = Volume::open(&cfg.volume, &opts)?;
+    crate::agent::check_meta_path(&cfg, &volume)?;
     let size_bytes = volume.size_bytes();
     tracing::info!(volume = %cfg.volume.display(), size_bytes, engine = volume.engine_name(), "opened volume");
     let opened = MetaStore::open_or_create(&cfg.meta, size_bytes, cfg.block_size, || Superblock {
@@ -702,6 +705,15 @@ impl Owner {
                         .await
                         .map_err(|e| errno_of(&e)),
                 },
+                // A block device's discard leaves unspecified contents; both nodes zero
+                // instead so the images stay identical (kernel-notes/trim.md).
+                OpKind::Trim if volume.is_block_device() => IoDone::Local {
+                    seq,
+                    result: volume
+                        .write_zeroes(range.offset, range.len, fua)
+                        .await
+                        .map_err(|e| errno_of(&e)),
+                },
                 OpKind::Trim => IoDone::Local {
                     seq,
                     result: volume
@@ -838,6 +850,12 @@ impl Owner {
             IoDone::ResyncRead { seq, result } => {
                 let result = match result {
                     Ok(payload) => {
+                        // The rate limit counts bytes on the wire: an all-zero range
+                        // costs a header, so an empty volume syncs at disk speed.
+                        let wire = payload
+                            .as_ref()
+                            .map_or(crate::wire::HEADER_LEN as i64, |p| p.wire_len() as i64);
+                        self.resync_budget_bytes -= wire;
                         if let Some(h) = self.held.get_mut(&seq) {
                             h.zero = payload.is_none();
                             h.payload = payload;
@@ -865,7 +883,12 @@ impl Owner {
                     return;
                 }
                 tracing::info!(session = id, peer = %peer.node_name, plan = if full { "full" } else { "bitmap" }, out_of_sync_blocks = self.engine.dirty().dirty_count().0, "connected to secondary");
-                self.session = Some(Session { id, tx, peer });
+                self.session = Some(Session {
+                    id,
+                    tx,
+                    peer,
+                    synced: false,
+                });
                 self.shared.metrics.connected.store(true, Ordering::Relaxed);
                 Metrics::add(&self.shared.metrics.sessions, 1);
                 self.engine.session_started(full, out);
@@ -925,7 +948,6 @@ impl Owner {
                     assert_eq!(s, seq);
                     self.held.get_mut(&seq).expect("inserted").range = range;
                     self.permits.insert(seq, permits);
-                    self.resync_budget_bytes -= range.len as i64;
                 }
                 None => {
                     self.held.remove(&seq);
@@ -959,7 +981,15 @@ impl Owner {
         }
     }
 
-    fn publish_gauges(&self) {
+    fn publish_gauges(&mut self) {
+        let resync_pending = self.engine.resync_progress().is_some();
+        if let Some(s) = self.session.as_mut()
+            && !s.synced
+            && !resync_pending
+            && self.engine.is_streaming()
+        {
+            s.synced = true;
+        }
         let m = &self.shared.metrics;
         let lag = self.engine.lag();
         m.lag_writes.store(lag.writes, Ordering::Relaxed);
@@ -1005,9 +1035,18 @@ impl Owner {
             &self.cfg,
             Role::Primary,
             m,
-            self.session
-                .as_ref()
-                .map(|s| (s.peer.node_name.clone(), disk_state_name(s.peer.disk_state))),
+            self.session.as_ref().map(|s| {
+                // The peer's disk as this node knows it now: Inconsistent while a resync
+                // runs, UpToDate once streaming without one, else what it said at the handshake.
+                let disk = if self.engine.resync_progress().is_some() {
+                    "Inconsistent".to_string()
+                } else if s.synced {
+                    "UpToDate".to_string()
+                } else {
+                    disk_state_name(s.peer.disk_state)
+                };
+                (s.peer.node_name.clone(), disk)
+            }),
             self.sb.disk_state,
             lag.writes,
             lag.bytes,

@@ -91,6 +91,7 @@ pub async fn run(
         engine: cfg.io_engine,
     };
     let volume = Volume::open(&cfg.volume, &opts)?;
+    crate::agent::check_meta_path(&cfg, &volume)?;
     let size_bytes = volume.size_bytes();
     tracing::info!(volume = %cfg.volume.display(), size_bytes, engine = volume.engine_name(), "opened volume");
     let opened = MetaStore::open_or_create(&cfg.meta, size_bytes, cfg.block_size, || Superblock {
