@@ -431,6 +431,21 @@ impl NodeConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.danger_plaintext {
+            // G7: plaintext only on loopback, refused before anything is opened or dialed.
+            for (option, addr) in [("--peer", self.peer), ("--listen", self.listen)] {
+                if let Some(addr) = addr
+                    && !addr.ip().to_canonical().is_loopback()
+                {
+                    return Err(ConfigError::Invalid {
+                        option,
+                        message: format!(
+                            "{addr} is not a loopback address, and --danger-plaintext is refused off loopback; remove --danger-plaintext and use TLS (tandem certs)"
+                        ),
+                    });
+                }
+            }
+        }
         match self.role {
             Role::Primary => {
                 if self.peer.is_none() {
@@ -568,6 +583,29 @@ size = "1G"
         )
         .unwrap_err();
         assert!(e.to_string().contains("alpha, beta"), "{e}");
+    }
+
+    #[test]
+    fn plaintext_off_loopback_is_refused_before_anything_starts() {
+        let o = Overrides {
+            volume: Some("/x.img".into()),
+            peer: Some("10.0.0.1:7000".parse().unwrap()),
+            nbd: Some("127.0.0.1:1".into()),
+            danger_plaintext: true,
+            ..Default::default()
+        };
+        let e = NodeConfig::resolve(Role::Primary, o).unwrap_err();
+        assert!(
+            e.to_string().contains("10.0.0.1:7000") && e.to_string().contains("loopback"),
+            "{e}"
+        );
+        let o = Overrides {
+            volume: Some("/x.img".into()),
+            listen: Some("[::1]:7000".parse().unwrap()),
+            danger_plaintext: true,
+            ..Default::default()
+        };
+        assert!(NodeConfig::resolve(Role::Secondary, o).is_ok());
     }
 
     #[test]

@@ -99,6 +99,8 @@ enum Cmd {
         data: Option<Bytes>,
         payload: Option<Payload>,
         permits: Option<Permits>,
+        /// Async mode found the replication window full: go ahead (G4).
+        congested: bool,
         reply: Reply,
     },
     Flush {
@@ -175,7 +177,9 @@ struct Session {
 
 struct Shared {
     cmd_tx: mpsc::Sender<Cmd>,
+    /// The engine ships new writes (connected and not ahead): prepare payloads and take permits.
     streaming: AtomicBool,
+    mode: Mode,
     window: Window,
     size_bytes: u64,
     compress_level: i32,
@@ -262,6 +266,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         cmd_tx: cmd_tx.clone(),
         streaming: AtomicBool::new(false),
+        mode: cfg.mode,
         window,
         size_bytes,
         compress_level: cfg.compress_level,
@@ -412,10 +417,15 @@ impl ReplicatedExport {
                 _ => None,
             };
             let wire_len = if kind == OpKind::Write { len } else { 0 };
-            let permits = if streaming {
-                shared.window.acquire(wire_len).await
-            } else {
-                None
+            // Sync mode waits for room in the window (backpressure); async mode never
+            // blocks a client on the peer: a full window sends the primary ahead (G4).
+            let (permits, congested) = match (streaming, shared.mode) {
+                (false, _) => (None, false),
+                (true, Mode::Sync) => (shared.window.acquire(wire_len).await, false),
+                (true, Mode::Async) => match shared.window.try_acquire(wire_len) {
+                    Some(p) => (Some(p), false),
+                    None => (None, true),
+                },
             };
             let (reply, rx) = oneshot::channel();
             let range = ByteRange::new(offset, len);
@@ -426,6 +436,7 @@ impl ReplicatedExport {
                 data,
                 payload,
                 permits,
+                congested,
                 reply,
             };
             shared
@@ -534,6 +545,7 @@ impl Owner {
                 },
                 _ = tick.tick() => {}
             }
+            self.maybe_leave_ahead(&mut out);
             self.pump_resync(&mut out);
             self.publish_gauges();
             if let Some(d) = &self.draining {
@@ -573,7 +585,7 @@ impl Owner {
                     fua,
                 } => self.start_local(seq, kind, range, fua),
                 Action::Ship { seq } => self.ship(seq),
-                Action::ShipResyncStart { blocks, full } => {
+                Action::ShipResyncStart { next, blocks, full } => {
                     let bs = self.cfg.block_size as u64;
                     tracing::info!(
                         blocks = blocks.0,
@@ -581,7 +593,6 @@ impl Owner {
                         full,
                         "resync starts"
                     );
-                    Metrics::add(&self.shared.metrics.resync_total_blocks, 0);
                     self.shared
                         .metrics
                         .resync_total_blocks
@@ -591,7 +602,7 @@ impl Owner {
                         .resync_shipped_blocks
                         .store(0, Ordering::Relaxed);
                     self.send(Frame {
-                        seq: self.engine.next_seq().0,
+                        seq: next.0,
                         msg: Message::ResyncStart {
                             blocks: blocks.0,
                             full,
@@ -795,8 +806,19 @@ impl Owner {
                 data,
                 payload,
                 permits,
+                congested,
                 reply,
             } => {
+                if congested && self.engine.is_shipping() {
+                    let lag = self.engine.lag();
+                    tracing::warn!(
+                        lag_writes = lag.writes,
+                        lag_bytes = lag.bytes,
+                        "replication window full: going ahead, new writes are tracked in the bitmap until the secondary catches up"
+                    );
+                    self.engine.enter_ahead();
+                    Metrics::add(&self.shared.metrics.ahead_episodes, 1);
+                }
                 let seq = self.engine.next_seq();
                 self.held.insert(
                     seq,
@@ -817,7 +839,7 @@ impl Owner {
                 let now_ms = self.shared.metrics.now_ms();
                 let got = self.engine.submit(kind, range, fua, reply, now_ms, out);
                 assert_eq!(got, seq);
-                if !self.engine.is_streaming() {
+                if !self.engine.is_shipping() {
                     self.permits.remove(&seq);
                 }
             }
@@ -981,8 +1003,38 @@ impl Owner {
         }
     }
 
+    /// Leave the ahead state once the window has drained to half (hysteresis, so the
+    /// primary does not flap between the two states on every ack).
+    fn maybe_leave_ahead(&mut self, out: &mut Vec<Action<Reply>>) {
+        if !self.engine.is_ahead() || self.draining.is_some() {
+            return;
+        }
+        let lag = self.engine.lag();
+        if lag.bytes <= self.cfg.queue_bytes_max / 2
+            && lag.writes <= self.cfg.queue_writes_max as u64 / 2
+            && self.engine.leave_ahead(out)
+        {
+            tracing::info!(
+                out_of_sync_blocks = self.engine.dirty().dirty_count().0,
+                "secondary caught up: leaving ahead; resyncing what changed meanwhile"
+            );
+            self.act(out);
+        }
+    }
+
     fn publish_gauges(&mut self) {
+        self.shared
+            .streaming
+            .store(self.engine.is_shipping(), Ordering::Relaxed);
+        self.shared
+            .metrics
+            .ahead
+            .store(self.engine.is_ahead(), Ordering::Relaxed);
         let resync_pending = self.engine.resync_progress().is_some();
+        self.shared
+            .metrics
+            .resync_active
+            .store(resync_pending, Ordering::Relaxed);
         if let Some(s) = self.session.as_mut()
             && !s.synced
             && !resync_pending

@@ -608,7 +608,7 @@ fn on_frame(
                     "primary announces a resync"
                 );
             }
-            e.resync_started(blocks, out);
+            e.resync_started(seq, blocks, out);
         }
         Message::Write { offset, fua } => {
             let e = engine.as_mut().ok_or("Write before ResyncStart")?;
@@ -677,6 +677,9 @@ async fn frame_reader(
                 "primary silent for {peer_timeout_ms} ms (heartbeat timeout)"
             )),
             Ok(Err(wire::WireError::Closed)) => Err("primary closed the connection".into()),
+            Ok(Err(e @ (wire::WireError::Io { .. } | wire::WireError::Truncated { .. }))) => {
+                Err(format!("connection to the primary lost: {e}"))
+            }
             Ok(Err(e)) => {
                 Metrics::add(&metrics.frames_rejected, 1);
                 Err(format!(

@@ -143,6 +143,21 @@ async fn run_mode(
     let _ = live.await;
     let writes = workload?;
     client.disconnect().await.map_err(|e| e.to_string())?;
+    // The initial sync ran under the workload; let it and the replication queue
+    // finish so the comparison below is of two complete copies.
+    let waited = Instant::now();
+    while !ready.metrics.in_sync() {
+        if waited.elapsed() > Duration::from_secs(120) {
+            return Err("the secondary did not catch up within 120 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if waited.elapsed() > Duration::from_millis(500) {
+        println!(
+            "  waited {:.1} s for the initial sync and the queue to finish",
+            waited.elapsed().as_secs_f64()
+        );
+    }
 
     // Stop like SIGTERM: drain to the secondary, persist, exit.
     pri_stop.cancel();

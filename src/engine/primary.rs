@@ -57,9 +57,15 @@ pub enum Action<T> {
     },
     /// Send the frame of `seq` to the secondary now.
     Ship { seq: Seq },
-    /// Send `ResyncStart` with frame seq = the engine's next seq. The first one of a
-    /// session comes before any other frame and carries the session's first seq.
-    ShipResyncStart { blocks: BlockCount, full: bool },
+    /// Send `ResyncStart` with frame seq `next`, the seq of the next frame to come.
+    /// The first one of a session comes before any other frame; a later one after
+    /// the ahead state tells the secondary that the seqs below `next` it has not
+    /// seen will never arrive.
+    ShipResyncStart {
+        next: Seq,
+        blocks: BlockCount,
+        full: bool,
+    },
     /// Send `Flush` with frame seq `through`.
     ShipFlush { through: Seq },
     /// Send `ResyncDone { through }`.
@@ -113,6 +119,9 @@ struct Unacked {
     range: ByteRange,
     resync: bool,
     accepted_at_ms: u64,
+    /// For a resync chunk: ranges marked dirty after the chunk was read (writes not
+    /// shipped while ahead, local errors). Its Durable must not clear them.
+    keep: Vec<ByteRange>,
 }
 
 #[derive(Debug)]
@@ -165,6 +174,10 @@ pub struct PrimaryEngine<T> {
     sequencer: RangeSequencer,
     dirty: DirtyBitmap,
     streaming: bool,
+    /// Ahead (G4): connected, but new writes are tracked only in the bitmap because
+    /// the replication window was full. Seqs from `ahead_from` on are not shipped.
+    ahead: bool,
+    ahead_from: Seq,
     stream_first: Seq,
     next_ship: Seq,
     unacked: VecDeque<Unacked>,
@@ -215,6 +228,8 @@ impl<T> PrimaryEngine<T> {
             resync: None,
             resync_done_marker: None,
             poisoned: false,
+            ahead: false,
+            ahead_from: first_seq,
         }
     }
 
@@ -225,6 +240,13 @@ impl<T> PrimaryEngine<T> {
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+    pub fn is_ahead(&self) -> bool {
+        self.ahead
+    }
+    /// Connected and shipping new writes (not ahead).
+    pub fn is_shipping(&self) -> bool {
+        self.streaming && !self.ahead
     }
     pub fn is_streaming(&self) -> bool {
         self.streaming
@@ -297,18 +319,18 @@ impl<T> PrimaryEngine<T> {
             });
             return seq;
         }
-        let in_stream = self.streaming;
+        let in_stream = self.streaming && !self.ahead;
         if in_stream {
             self.unacked.push_back(Unacked {
                 seq,
                 range,
                 resync: false,
                 accepted_at_ms: now_ms,
+                keep: Vec::new(),
             });
             self.unacked_bytes += range.len;
         } else {
-            let (a, b) = range.blocks(self.block_size);
-            self.dirty.mark(a, b);
+            self.mark_dirty(range);
         }
         let runnable = self.sequencer.admit(seq, range);
         self.ops.insert(
@@ -350,9 +372,10 @@ impl<T> PrimaryEngine<T> {
                 errno,
                 "local I/O failed; range marked for resync"
             );
-            let (a, b) = op.range.blocks(self.block_size);
-            self.dirty.mark(a, b);
+            let range = op.range;
+            self.mark_dirty(range);
         }
+        let op = self.ops.get_mut(&seq).expect("checked above");
         op.local = Local::Done(result);
         if op.kind == OpKind::ResyncRead && !op.in_stream {
             // The session this read was for has ended; its blocks stay dirty.
@@ -382,6 +405,21 @@ impl<T> PrimaryEngine<T> {
 }
 
 impl<T> PrimaryEngine<T> {
+    /// Mark a range dirty outside the stream. A resync chunk still in flight that
+    /// overlaps it must not clear these blocks when it becomes durable: its data is
+    /// older than this change.
+    fn mark_dirty(&mut self, range: ByteRange) {
+        let (a, b) = range.blocks(self.block_size);
+        self.dirty.mark(a, b);
+        for u in self
+            .unacked
+            .iter_mut()
+            .filter(|u| u.resync && u.range.overlaps(&range))
+        {
+            u.keep.push(range);
+        }
+    }
+
     fn assign_seq(&mut self) -> Seq {
         let seq = self.next_seq;
         self.next_seq = seq.next();
@@ -407,6 +445,9 @@ impl<T> PrimaryEngine<T> {
             return;
         }
         while self.next_ship < self.next_seq {
+            if self.ahead && self.next_ship >= self.ahead_from {
+                break;
+            }
             let seq = self.next_ship;
             match self.ops.get_mut(&seq) {
                 Some(op) if op.in_stream => {
@@ -417,7 +458,10 @@ impl<T> PrimaryEngine<T> {
                     out.push(Action::Ship { seq });
                     out.push(Action::Forget { seq });
                     if op.kind == OpKind::ResyncRead {
-                        let r = self.resync.as_mut().expect("resync op without resync");
+                        let r = self
+                            .resync
+                            .as_mut()
+                            .expect("a shipped resync op belongs to the current pass");
                         r.outstanding -= 1;
                         let (a, b) = op.range.blocks(self.block_size);
                         r.progress.shipped_blocks.0 += b.0 - a.0;
@@ -511,11 +555,15 @@ impl<T> PrimaryEngine<T> {
             let u = self.unacked.pop_front().expect("front exists");
             self.unacked_bytes -= u.range.len;
             if u.resync {
-                // The secondary durably holds this range as of u.seq. Any newer write
-                // to it is in the stream and tracked on its own (or re-marked if the
-                // session drops), so the bits can go.
+                // The secondary durably holds this range as of u.seq. A newer write
+                // in the stream is tracked on its own (and re-marked if the session
+                // drops); a newer change outside the stream is in `keep`.
                 let (a, b) = u.range.blocks(self.block_size);
                 self.dirty.clear(a, b);
+                for k in &u.keep {
+                    let (a, b) = k.blocks(self.block_size);
+                    self.dirty.mark(a, b);
+                }
             }
             out.push(Action::Release { seq: u.seq });
         }
@@ -535,7 +583,7 @@ impl<T> PrimaryEngine<T> {
         {
             self.resync_done_marker = None;
             self.resync = None;
-            if self.dirty.dirty_count().0 > 0 {
+            if self.dirty.dirty_count().0 > 0 && !self.ahead {
                 // Blocks dirtied during the pass (local errors): go again.
                 self.start_resync(false, out);
             }
@@ -638,6 +686,7 @@ impl<T> PrimaryEngine<T> {
 
     fn start_resync(&mut self, full: bool, out: &mut Vec<Action<T>>) {
         let total = self.dirty.dirty_count();
+        self.resync = None;
         if total.0 > 0 {
             self.resync = Some(Resync {
                 progress: ResyncProgress {
@@ -651,6 +700,7 @@ impl<T> PrimaryEngine<T> {
             });
         }
         out.push(Action::ShipResyncStart {
+            next: self.next_ship,
             blocks: total,
             full,
         });
@@ -658,7 +708,38 @@ impl<T> PrimaryEngine<T> {
 
     /// Whether a resync chunk could be produced now.
     pub fn wants_resync_chunk(&self) -> bool {
-        self.streaming && self.resync.as_ref().is_some_and(|r| !r.exhausted)
+        self.is_shipping() && self.resync.as_ref().is_some_and(|r| !r.exhausted)
+    }
+
+    /// The replication window is full (async mode): stop shipping new writes and
+    /// track them in the bitmap only, without blocking clients (G4). Frames already
+    /// accepted into the stream still go out and are still acknowledged.
+    pub fn enter_ahead(&mut self) {
+        if !self.streaming || self.ahead {
+            return;
+        }
+        self.ahead = true;
+        self.ahead_from = self.next_seq;
+    }
+
+    /// Leave the ahead state once everything accepted before it has been shipped:
+    /// the secondary is told the next seq (the skipped seqs never arrive) and a
+    /// resync pass sends what changed meanwhile. Returns false (nothing done) while
+    /// earlier frames are still waiting to be shipped.
+    pub fn leave_ahead(&mut self, out: &mut Vec<Action<T>>) -> bool {
+        if !self.ahead {
+            return true;
+        }
+        if self.next_ship < self.ahead_from {
+            return false;
+        }
+        // No resync chunks are produced while ahead, so none can be outstanding.
+        assert!(self.resync.as_ref().is_none_or(|r| r.outstanding == 0));
+        self.ahead = false;
+        self.next_ship = self.next_seq;
+        self.resync_done_marker = None;
+        self.start_resync(false, out);
+        true
     }
 
     /// Produce the next resync chunk: a read of dirty blocks whose contents will be
@@ -693,6 +774,7 @@ impl<T> PrimaryEngine<T> {
             range,
             resync: true,
             accepted_at_ms: now_ms,
+            keep: Vec::new(),
         });
         self.unacked_bytes += len;
         let runnable = self.sequencer.admit(seq, range);
@@ -723,6 +805,7 @@ impl<T> PrimaryEngine<T> {
             return;
         }
         self.streaming = false;
+        self.ahead = false;
         for u in self.unacked.drain(..) {
             let (a, b) = u.range.blocks(self.block_size);
             self.dirty.mark(a, b);

@@ -49,6 +49,9 @@ pub struct SecondaryEngine {
     waiting: BTreeMap<Seq, (ApplyKind, ByteRange)>,
     applied_through: Seq,
     completed_above: BTreeSet<Seq>,
+    /// Seq ranges [start, end) the primary skipped (it went ahead): never applied,
+    /// but "applied through" may pass over them.
+    skipped: BTreeMap<Seq, Seq>,
     durable_through: Seq,
     flushing: Option<Seq>,
     /// Highest seq the primary asked to make durable (FLUSH or FUA).
@@ -70,6 +73,7 @@ impl SecondaryEngine {
             waiting: BTreeMap::new(),
             applied_through: before,
             completed_above: BTreeSet::new(),
+            skipped: BTreeMap::new(),
             durable_through: before,
             flushing: None,
             flush_wanted: Seq::ZERO,
@@ -199,10 +203,7 @@ impl SecondaryEngine {
             return;
         }
         self.completed_above.insert(seq);
-        while self.completed_above.first() == Some(&self.applied_through.next()) {
-            let s = self.completed_above.pop_first().expect("checked");
-            self.applied_through = s;
-        }
+        self.advance();
         if self.bytes_since_flush >= self.flush_threshold_bytes {
             self.flush_wanted = self.flush_wanted.max(self.applied_through);
         }
@@ -251,10 +252,44 @@ impl SecondaryEngine {
     }
 
     /// A `ResyncStart` arrived: a resync of `blocks` blocks begins when `blocks` > 0.
-    pub fn resync_started(&mut self, blocks: u64, out: &mut Vec<SecondaryAction>) {
+    pub fn resync_started(&mut self, next: Seq, blocks: u64, out: &mut Vec<SecondaryAction>) {
+        if self.failed {
+            return;
+        }
+        if next < self.expected_next {
+            self.fail(
+                format!(
+                    "ResyncStart names next seq {next}, but seq {} was expected",
+                    self.expected_next
+                ),
+                out,
+            );
+            return;
+        }
+        if next > self.expected_next {
+            // The primary went ahead: seqs in between were tracked in its bitmap
+            // and are covered by the resync that follows.
+            self.skipped.insert(self.expected_next, next);
+            self.expected_next = next;
+            self.advance();
+        }
         if blocks > 0 {
             self.resync_done_at = None;
             out.push(SecondaryAction::MarkInconsistent);
+        }
+    }
+
+    fn advance(&mut self) {
+        loop {
+            let next = self.applied_through.next();
+            if self.completed_above.first() == Some(&next) {
+                self.completed_above.pop_first();
+                self.applied_through = next;
+            } else if let Some(end) = self.skipped.remove(&next) {
+                self.applied_through = Seq(end.0 - 1);
+            } else {
+                break;
+            }
         }
     }
 

@@ -19,7 +19,7 @@ const SIZE: u64 = BS as u64 * BLOCKS;
 
 #[derive(Clone, Debug)]
 enum Net {
-    ResyncStart(u64),
+    ResyncStart(Seq, u64),
     Data {
         seq: Seq,
         kind: ApplyKind,
@@ -138,8 +138,8 @@ impl Sim {
                         fua,
                     });
                 }
-                Action::ShipResyncStart { blocks, .. } => {
-                    self.to_s.push_back(Net::ResyncStart(blocks.0))
+                Action::ShipResyncStart { next, blocks, .. } => {
+                    self.to_s.push_back(Net::ResyncStart(next, blocks.0))
                 }
                 Action::ShipFlush { through } => self.to_s.push_back(Net::Flush { through }),
                 Action::ShipResyncDone { through } => {
@@ -241,7 +241,7 @@ impl Sim {
                 let mut out = Vec::new();
                 let s = self.s.as_mut().unwrap();
                 match m {
-                    Net::ResyncStart(blocks) => s.resync_started(blocks, &mut out),
+                    Net::ResyncStart(next, blocks) => s.resync_started(next, blocks, &mut out),
                     Net::Data {
                         seq,
                         kind,
@@ -290,6 +290,12 @@ impl Sim {
                 self.run_p(out);
             }
             95 if self.s.is_some() && self.rng.gen_bool(0.3) => self.disconnect(),
+            95 if self.s.is_some() && self.p.is_shipping() => self.p.enter_ahead(),
+            95 if self.p.is_ahead() => {
+                let mut out = Vec::new();
+                self.p.leave_ahead(&mut out);
+                self.run_p(out);
+            }
             95..=99 if self.p.wants_resync_chunk() => {
                 let mut out = Vec::new();
                 self.p.next_resync_chunk(0, &mut out);
@@ -312,6 +318,15 @@ impl Sim {
                 || !self.to_p.is_empty()
                 || self.sflush.is_some()
                 || !self.pflush.is_empty();
+            if !busy && self.p.is_ahead() {
+                let mut out = Vec::new();
+                assert!(
+                    self.p.leave_ahead(&mut out),
+                    "an idle primary can always leave ahead"
+                );
+                self.run_p(out);
+                continue;
+            }
             if !busy {
                 let mut out = Vec::new();
                 self.s.as_mut().unwrap().tick(&mut out);
@@ -361,7 +376,7 @@ impl Sim {
         if let Some(m) = self.to_s.pop_front() {
             let s = self.s.as_mut().unwrap();
             match m {
-                Net::ResyncStart(blocks) => s.resync_started(blocks, &mut out),
+                Net::ResyncStart(next, blocks) => s.resync_started(next, blocks, &mut out),
                 Net::Data {
                     seq,
                     kind,

@@ -32,6 +32,11 @@ pub struct Metrics {
     pub resync_total_blocks: AtomicU64,
     pub resync_shipped_blocks: AtomicU64,
     pub connected: AtomicBool,
+    /// Primary: connected but ahead (window was full; tracking writes in the bitmap).
+    pub ahead: AtomicBool,
+    pub ahead_episodes: AtomicU64,
+    /// Primary: a resync pass is running.
+    pub resync_active: AtomicBool,
     pub sessions: AtomicU64,
     /// Frames refused for a bad checksum or malformed content (G5).
     pub frames_rejected: AtomicU64,
@@ -62,6 +67,9 @@ impl Default for Metrics {
             resync_total_blocks: AtomicU64::new(0),
             resync_shipped_blocks: AtomicU64::new(0),
             connected: AtomicBool::new(false),
+            ahead: AtomicBool::new(false),
+            ahead_episodes: AtomicU64::new(0),
+            resync_active: AtomicBool::new(false),
             sessions: AtomicU64::new(0),
             frames_rejected: AtomicU64::new(0),
             applied_writes: AtomicU64::new(0),
@@ -76,6 +84,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Primary: connected, nothing out of sync, nothing waiting for the secondary.
+    pub fn in_sync(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+            && !self.ahead.load(Ordering::Relaxed)
+            && !self.resync_active.load(Ordering::Relaxed)
+            && Metrics::get(&self.out_of_sync_bytes) == 0
+            && Metrics::get(&self.lag_writes) == 0
+    }
+
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
