@@ -39,7 +39,10 @@ fn one_error_line(out: &Output, what: &str) -> String {
         1,
         "{what}: exactly one line on stderr expected, got:\n{stderr}"
     );
-    assert!(stdout.trim().is_empty(), "{what}: stdout must be empty: {stdout}");
+    assert!(
+        stdout.trim().is_empty(),
+        "{what}: stdout must be empty: {stdout}"
+    );
     lines[0].to_string()
 }
 
@@ -73,8 +76,15 @@ fn second_agent_on_a_held_volume_is_refused_and_the_first_keeps_running() {
     let mut first = Agent::spawn(
         "first-secondary",
         &[
-            "secondary", "--volume", &img_s, "--size", &size, "--listen", &listen1,
-            "--tls-dir", &certs,
+            "secondary",
+            "--volume",
+            &img_s,
+            "--size",
+            &size,
+            "--listen",
+            &listen1,
+            "--tls-dir",
+            &certs,
         ]
         .map(String::from),
         site.path("first.log"),
@@ -87,8 +97,15 @@ fn second_agent_on_a_held_volume_is_refused_and_the_first_keeps_running() {
     let listen2 = format!("127.0.0.1:{}", free_port());
     let out = tandem(
         &[
-            "secondary", "--volume", &img_s, "--size", &size, "--listen", &listen2,
-            "--tls-dir", &certs,
+            "secondary",
+            "--volume",
+            &img_s,
+            "--size",
+            &size,
+            "--listen",
+            &listen2,
+            "--tls-dir",
+            &certs,
         ],
         site.dir.path(),
     );
@@ -101,8 +118,19 @@ fn second_agent_on_a_held_volume_is_refused_and_the_first_keeps_running() {
     let nbd = format!("127.0.0.1:{}", free_port());
     let out = tandem(
         &[
-            "primary", "--volume", &img_s, "--size", &size, "--peer", &listen1, "--nbd", &nbd,
-            "--mode", "sync", "--tls-dir", &certs,
+            "primary",
+            "--volume",
+            &img_s,
+            "--size",
+            &size,
+            "--peer",
+            &listen1,
+            "--nbd",
+            &nbd,
+            "--mode",
+            "sync",
+            "--tls-dir",
+            &certs,
         ],
         site.dir.path(),
     );
@@ -115,7 +143,11 @@ fn second_agent_on_a_held_volume_is_refused_and_the_first_keeps_running() {
         .expect("the first agent still answers on its control socket");
     assert_eq!(s["role"], "secondary", "{s}");
     assert_eq!(file_digest(&img), digest, "the held volume was modified");
-    assert_eq!(file_digest(&meta), meta_digest, "the held metadata was modified");
+    assert_eq!(
+        file_digest(&meta),
+        meta_digest,
+        "the held metadata was modified"
+    );
     first.stop();
 }
 
@@ -128,7 +160,15 @@ fn missing_volume_without_size_is_refused_and_nothing_is_created() {
     let before = listing(site.dir.path());
     let listen = format!("127.0.0.1:{}", free_port());
     let out = tandem(
-        &["secondary", "--volume", &img_s, "--listen", &listen, "--tls-dir", &certs],
+        &[
+            "secondary",
+            "--volume",
+            &img_s,
+            "--listen",
+            &listen,
+            "--tls-dir",
+            &certs,
+        ],
         site.dir.path(),
     );
     let line = one_error_line(&out, "missing volume without --size");
@@ -139,8 +179,17 @@ fn missing_volume_without_size_is_refused_and_nothing_is_created() {
     let nbd = format!("127.0.0.1:{}", free_port());
     let out = tandem(
         &[
-            "primary", "--volume", &img_s, "--peer", &listen, "--nbd", &nbd, "--mode", "sync",
-            "--tls-dir", &certs,
+            "primary",
+            "--volume",
+            &img_s,
+            "--peer",
+            &listen,
+            "--nbd",
+            &nbd,
+            "--mode",
+            "sync",
+            "--tls-dir",
+            &certs,
         ],
         site.dir.path(),
     );
@@ -183,7 +232,10 @@ fn status_against_a_missing_control_socket_fails_with_one_line() {
         args.extend_from_slice(extra);
         let out = tandem(&args, dir.path());
         let line = one_error_line(&out, "status without an agent");
-        assert!(line.contains(&sock_s), "the message names the socket: {line}");
+        assert!(
+            line.contains(&sock_s),
+            "the message names the socket: {line}"
+        );
     }
     assert!(!sock.exists(), "status must not create the socket path");
 }

@@ -15,6 +15,7 @@ const SIZE_BYTES: u64 = 64 << 20;
 fn fio_verify(pair: &Pair, seed: u64) {
     let out = run_with_timeout(
         Command::new("fio")
+            .current_dir(pair.site.dir.path())
             .arg("--name=tandem-e2e")
             .arg("--ioengine=nbd")
             .arg(format!("--uri={}", pair.nbd_uri()))
@@ -27,8 +28,10 @@ fn fio_verify(pair: &Pair, seed: u64) {
                 "--do_verify=1",
                 "--verify_fatal=1",
                 "--end_fsync=1",
+                "--verify_state_save=0",
             ])
-            .arg(format!("--randseed={seed}")),
+            // fio parses the seed as a signed 64-bit number.
+            .arg(format!("--randseed={}", seed >> 1)),
         Duration::from_secs(300),
     );
     let text = format!(

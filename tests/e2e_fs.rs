@@ -76,7 +76,10 @@ fn ext4_through_nbdfuse_and_loop_replicates_a_file_tree() {
     }
 
     let dev = run_ok(
-        Command::new("losetup").arg("-f").arg("--show").arg(&nbd_file),
+        Command::new("losetup")
+            .arg("-f")
+            .arg("--show")
+            .arg(&nbd_file),
         CMD_TIMEOUT,
     )
     .trim()
@@ -85,7 +88,9 @@ fn ext4_through_nbdfuse_and_loop_replicates_a_file_tree() {
     cleanup.add_loop(&dev);
 
     run_ok(
-        Command::new("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard"]).arg(&dev),
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "nodiscard"])
+            .arg(&dev),
         CMD_TIMEOUT,
     );
     run_ok(Command::new("mount").arg(&dev).arg(&mnt), CMD_TIMEOUT);
@@ -95,7 +100,11 @@ fn ext4_through_nbdfuse_and_loop_replicates_a_file_tree() {
         CMD_TIMEOUT,
     );
     run_ok(Command::new("sync").arg("-f").arg(&mnt), CMD_TIMEOUT);
-    assert_eq!(tree_digests(&mnt), expected, "files read back on the primary");
+    assert_eq!(
+        tree_digests(&mnt),
+        expected,
+        "files read back on the primary"
+    );
     cleanup.umount(&mnt);
     cleanup.detach_loop(&dev);
     cleanup.unmount_fuse(&fuse_dir);

@@ -29,7 +29,10 @@ fn nbdcopy_random_image_into_sync_export() {
     assert_same_file(&source, &pair.secondary_img);
     let status = pair.primary.status().expect("primary status");
     assert!(
-        status["counters"]["client_write_bytes"].as_u64().unwrap_or(0) >= SIZE_BYTES,
+        status["counters"]["client_write_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            >= SIZE_BYTES,
         "the whole image went through the export: {status}"
     );
     pair.stop();

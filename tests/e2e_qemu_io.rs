@@ -96,7 +96,10 @@ fn qemu_io(target: &str, cmds: &[String]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "qemu-io against {target} failed:\n{text}");
+    assert!(
+        out.status.success(),
+        "qemu-io against {target} failed:\n{text}"
+    );
     // qemu-io may report a failed command and still exit 0.
     for line in text.lines() {
         let l = line.to_ascii_lowercase();

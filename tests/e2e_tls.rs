@@ -53,7 +53,10 @@ fn assert_primary_refused(primary: &mut Agent) -> String {
 fn assert_target_untouched(t: &mut Target) {
     // Give a wrongly accepted session time to write something.
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(t.secondary.is_running(), "the secondary must survive a refused peer");
+    assert!(
+        t.secondary.is_running(),
+        "the secondary must survive a refused peer"
+    );
     let s = t.secondary.status().expect("secondary status");
     assert_ne!(s["peer"]["connection"], "connected", "status: {s}");
     assert_eq!(
@@ -195,7 +198,9 @@ fn plaintext_primary_is_refused_by_a_tls_secondary() {
 
 fn assert_refused_before_connecting(args: &[&str], dir: &Path) {
     let out = run_with_timeout(
-        Command::new(common::tandem_bin()).args(args).current_dir(dir),
+        Command::new(common::tandem_bin())
+            .args(args)
+            .current_dir(dir),
         Duration::from_secs(15),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -100,7 +100,9 @@ pub fn first_difference(a: &Path, b: &Path) -> io::Result<Option<u64>> {
         let na = read_full(&mut fa, &mut ba)?;
         let nb = read_full(&mut fb, &mut bb)?;
         let n = na.min(nb);
-        if let Some(i) = (0..n).find(|&i| ba[i] != bb[i]) {
+        // Slice equality is a memcmp even in debug builds; search only on a mismatch.
+        if ba[..n] != bb[..n] {
+            let i = (0..n).find(|&i| ba[i] != bb[i]).unwrap_or(0);
             return Ok(Some(offset + i as u64));
         }
         if na != nb {
@@ -159,7 +161,9 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {shown}: {e} (is it installed? see tools/test.sh)"));
+        .unwrap_or_else(|e| {
+            panic!("cannot start {shown}: {e} (is it installed? see tools/test.sh)")
+        });
     let mut out = child.stdout.take().expect("piped stdout");
     let mut err = child.stderr.take().expect("piped stderr");
     let t_out = std::thread::spawn(move || {
@@ -444,7 +448,11 @@ impl Site {
             "--listen".into(),
             format!("127.0.0.1:{port}"),
             "--tls-dir".into(),
-            opts.tls_dir.as_ref().unwrap_or(&self.certs).display().to_string(),
+            opts.tls_dir
+                .as_ref()
+                .unwrap_or(&self.certs)
+                .display()
+                .to_string(),
             "--control".into(),
             control.display().to_string(),
         ];
@@ -478,7 +486,11 @@ impl Site {
             "--mode".into(),
             mode.into(),
             "--tls-dir".into(),
-            opts.tls_dir.as_ref().unwrap_or(&self.certs).display().to_string(),
+            opts.tls_dir
+                .as_ref()
+                .unwrap_or(&self.certs)
+                .display()
+                .to_string(),
             "--control".into(),
             control.display().to_string(),
         ];
@@ -619,10 +631,7 @@ impl Cleanup {
     /// `umount DIR`, checked.
     pub fn umount(&mut self, dir: &Path) {
         self.take(|u| matches!(u, Undo::Mount(d) if d == dir));
-        run_ok(
-            Command::new("umount").arg(dir),
-            Duration::from_secs(60),
-        );
+        run_ok(Command::new("umount").arg(dir), Duration::from_secs(60));
     }
 
     /// `losetup -d DEV`, checked.
@@ -636,8 +645,7 @@ impl Cleanup {
 
     /// `fusermount3 -u DIR`, checked, then wait for the FUSE server to exit.
     pub fn unmount_fuse(&mut self, dir: &Path) {
-        let Undo::Fuse(_, server) = self.take(|u| matches!(u, Undo::Fuse(d, _) if d == dir))
-        else {
+        let Undo::Fuse(_, server) = self.take(|u| matches!(u, Undo::Fuse(d, _) if d == dir)) else {
             unreachable!("take matched a Fuse entry")
         };
         run_ok(
@@ -715,8 +723,8 @@ pub fn tree_digests(root: &Path) -> BTreeMap<PathBuf, String> {
                 }
                 walk(root, &path, out);
             } else if ft.is_file() {
-                let data = std::fs::read(&path)
-                    .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+                let data =
+                    std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
                 let rel = path.strip_prefix(root).expect("under root").to_owned();
                 out.insert(rel, blake3::hash(&data).to_hex().to_string());
             }
