@@ -1,0 +1,266 @@
+//! Bad input to the binary: one clear line on stderr, a non-zero exit, and
+//! nothing touched (no image, metadata or socket created or changed, a
+//! running agent undisturbed). And `tandem demo` passes end to end.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{
+    Agent, READY_TIMEOUT, Site, file_digest, free_port, run_with_timeout, write_random_file,
+};
+
+const SIZE_BYTES: u64 = 64 << 20;
+
+fn tandem(args: &[&str], dir: &Path) -> Output {
+    run_with_timeout(
+        Command::new(common::tandem_bin())
+            .args(args)
+            .current_dir(dir)
+            .env("TANDEM_LOG", "info"),
+        Duration::from_secs(20),
+    )
+}
+
+/// Non-zero exit, nothing on stdout, exactly one non-empty line on stderr; returns it.
+fn one_error_line(out: &Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{what}: must exit non-zero; stderr:\n{stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: exactly one line on stderr expected, got:\n{stderr}"
+    );
+    assert!(
+        stdout.trim().is_empty(),
+        "{what}: stdout must be empty: {stdout}"
+    );
+    lines[0].to_string()
+}
+
+fn listing(dir: &Path) -> BTreeSet<PathBuf> {
+    std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").path())
+        .collect()
+}
+
+fn sidecar(img: &Path, suffix: &str) -> PathBuf {
+    let mut s = img.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+#[test]
+fn second_agent_on_a_held_volume_is_refused_and_the_first_keeps_running() {
+    let seed = common::seed("cli held volume");
+    let site = Site::new();
+    let img = site.path("held.img");
+    write_random_file(&img, SIZE_BYTES, seed);
+    let digest = file_digest(&img);
+    let img_s = img.display().to_string();
+    let certs = site.certs.display().to_string();
+    let size = SIZE_BYTES.to_string();
+    // Both agents use the default control socket, IMG.tandem.sock: the refused
+    // one must not take it over.
+    let control = sidecar(&img, ".tandem.sock");
+    let listen1 = format!("127.0.0.1:{}", free_port());
+    let mut first = Agent::spawn(
+        "first-secondary",
+        &[
+            "secondary",
+            "--volume",
+            &img_s,
+            "--size",
+            &size,
+            "--listen",
+            &listen1,
+            "--tls-dir",
+            &certs,
+        ]
+        .map(String::from),
+        site.path("first.log"),
+        control.clone(),
+    );
+    first.wait_status("control socket", READY_TIMEOUT, |_| true);
+    let meta = sidecar(&img, ".tandem-meta");
+    let meta_digest = file_digest(&meta);
+
+    let listen2 = format!("127.0.0.1:{}", free_port());
+    let out = tandem(
+        &[
+            "secondary",
+            "--volume",
+            &img_s,
+            "--size",
+            &size,
+            "--listen",
+            &listen2,
+            "--tls-dir",
+            &certs,
+        ],
+        site.dir.path(),
+    );
+    let line = one_error_line(&out, "second secondary on a held volume");
+    assert!(
+        line.contains(&img_s) && line.contains("held"),
+        "the message names the volume and the cause: {line}"
+    );
+    // The same for a primary on the held volume.
+    let nbd = format!("127.0.0.1:{}", free_port());
+    let out = tandem(
+        &[
+            "primary",
+            "--volume",
+            &img_s,
+            "--size",
+            &size,
+            "--peer",
+            &listen1,
+            "--nbd",
+            &nbd,
+            "--mode",
+            "sync",
+            "--tls-dir",
+            &certs,
+        ],
+        site.dir.path(),
+    );
+    let line = one_error_line(&out, "primary on a volume held by a secondary");
+    assert!(line.contains("held"), "{line}");
+
+    assert!(first.is_running(), "the first agent must keep running");
+    let s = first
+        .status()
+        .expect("the first agent still answers on its control socket");
+    assert_eq!(s["role"], "secondary", "{s}");
+    assert_eq!(file_digest(&img), digest, "the held volume was modified");
+    assert_eq!(
+        file_digest(&meta),
+        meta_digest,
+        "the held metadata was modified"
+    );
+    first.stop();
+}
+
+#[test]
+fn missing_volume_without_size_is_refused_and_nothing_is_created() {
+    let site = Site::new();
+    let img = site.path("absent.img");
+    let img_s = img.display().to_string();
+    let certs = site.certs.display().to_string();
+    let before = listing(site.dir.path());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = tandem(
+        &[
+            "secondary",
+            "--volume",
+            &img_s,
+            "--listen",
+            &listen,
+            "--tls-dir",
+            &certs,
+        ],
+        site.dir.path(),
+    );
+    let line = one_error_line(&out, "missing volume without --size");
+    assert!(
+        line.contains(&img_s) && line.contains("--size"),
+        "the message names the path and the fix: {line}"
+    );
+    let nbd = format!("127.0.0.1:{}", free_port());
+    let out = tandem(
+        &[
+            "primary",
+            "--volume",
+            &img_s,
+            "--peer",
+            &listen,
+            "--nbd",
+            &nbd,
+            "--mode",
+            "sync",
+            "--tls-dir",
+            &certs,
+        ],
+        site.dir.path(),
+    );
+    let line = one_error_line(&out, "primary: missing volume without --size");
+    assert!(line.contains(&img_s), "{line}");
+    assert_eq!(
+        listing(site.dir.path()),
+        before,
+        "nothing (image, metadata, socket) may be created"
+    );
+}
+
+#[test]
+fn malformed_config_file_is_refused_with_one_line() {
+    let site = Site::new();
+    let cfg = site.path("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[resource]\nname = \"r0\"\nmode = sync\n[nodes.alpha\naddress = 1\n",
+    )
+    .expect("write config");
+    let before = listing(site.dir.path());
+    let cfg_s = cfg.display().to_string();
+    let out = tandem(
+        &["secondary", "--config", &cfg_s, "--node", "alpha"],
+        site.dir.path(),
+    );
+    let line = one_error_line(&out, "malformed --config");
+    assert!(line.contains(&cfg_s), "the message names the file: {line}");
+    assert_eq!(listing(site.dir.path()), before, "nothing may be created");
+}
+
+#[test]
+fn status_against_a_missing_control_socket_fails_with_one_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("nobody.sock");
+    let sock_s = sock.display().to_string();
+    for extra in [&[][..], &["--json"][..]] {
+        let mut args = vec!["status", "--control", &sock_s];
+        args.extend_from_slice(extra);
+        let out = tandem(&args, dir.path());
+        let line = one_error_line(&out, "status without an agent");
+        assert!(
+            line.contains(&sock_s),
+            "the message names the socket: {line}"
+        );
+    }
+    assert!(!sock.exists(), "status must not create the socket path");
+}
+
+#[test]
+fn demo_passes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let demo_dir = dir.path().join("demo");
+    let out = run_with_timeout(
+        Command::new(common::tandem_bin())
+            .args(["demo", "--seconds", "2", "--dir"])
+            .arg(&demo_dir),
+        Duration::from_secs(180),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "tandem demo failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let identical = stdout.matches("identical").count();
+    assert!(
+        identical >= 2,
+        "one 'identical' per mode expected:\n{stdout}"
+    );
+    assert!(!stdout.contains("DIFFERENT"), "{stdout}");
+}

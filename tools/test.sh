@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Run the whole test suite, end-to-end tests included.
+#
+# Installs the Debian packages whose tools the end-to-end tests drive (only
+# when one is missing), makes sure FUSE is usable, then runs
+# `cargo nextest run --workspace --no-fail-fast` (or `cargo test --workspace`
+# when cargo-nextest is not installed). Extra arguments are passed through,
+# e.g. `tools/test.sh e2e_fio` or `tools/test.sh --test e2e_tls`.
+#
+# The e2e tests need root (loop devices, mount, FUSE); they run at most two at
+# a time (see .config/nextest.toml) so that they do not starve each other.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+# command -> Debian package providing it
+declare -A needs=(
+  [qemu-io]=qemu-utils
+  [qemu-img]=qemu-utils
+  [fio]=fio
+  [nbdcopy]=libnbd-bin
+  [nbdinfo]=libnbd-bin
+  [nbdfuse]=libnbd-bin
+  [nbdkit]=nbdkit
+  [fusermount3]=fuse3
+  [mkfs.ext4]=e2fsprogs
+  [e2fsck]=e2fsprogs
+  [losetup]=util-linux
+  [mount]=mount
+)
+missing=()
+for cmd in "${!needs[@]}"; do
+  if ! command -v "$cmd" >/dev/null 2>&1 && ! [ -x "/usr/sbin/$cmd" ] && ! [ -x "/sbin/$cmd" ]; then
+    missing+=("${needs[$cmd]}")
+  fi
+done
+if ((${#missing[@]})); then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  echo "test.sh: installing ${missing[*]}" >&2
+  SUDO=()
+  if [ "$(id -u)" != 0 ]; then SUDO=(sudo); fi
+  export DEBIAN_FRONTEND=noninteractive
+  "${SUDO[@]}" apt-get update -qq
+  "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if ! [ -e /dev/fuse ]; then
+  echo "test.sh: /dev/fuse missing, loading the fuse module" >&2
+  modprobe fuse || echo "test.sh: modprobe fuse failed; the FUSE test will fail" >&2
+fi
+
+start=$(date +%s)
+status=0
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@" || status=$?
+else
+  # Without nextest: test binaries run one after another; limit threads inside
+  # each so that the heavy e2e tests of one file do not run all at once.
+  cargo test --workspace --no-fail-fast "$@" -- --test-threads=2 || status=$?
+fi
+echo "test.sh: finished in $(( $(date +%s) - start )) s with status $status" >&2
+exit "$status"
