@@ -72,7 +72,12 @@ impl Bucket {
     }
 
     /// Takes `len_bytes` tokens and returns how long to wait before sending them.
-    fn reserve(slot: &mut Option<Bucket>, bytes_per_s: u64, len_bytes: usize, now: Instant) -> Duration {
+    fn reserve(
+        slot: &mut Option<Bucket>,
+        bytes_per_s: u64,
+        len_bytes: usize,
+        now: Instant,
+    ) -> Duration {
         let bucket = match slot {
             Some(b) if b.bytes_per_s == bytes_per_s => b,
             _ => slot.insert(Bucket {
@@ -205,7 +210,10 @@ enum End {
 }
 
 enum Msg {
-    Data { bytes: Vec<u8>, due: Option<Instant> },
+    Data {
+        bytes: Vec<u8>,
+        due: Option<Instant>,
+    },
     Eof,
 }
 
@@ -288,7 +296,13 @@ async fn handle_connection(shared: Arc<Shared>, mut client: TcpStream, peer: Soc
 }
 
 /// Forwards one direction until EOF (then half-closes) or an error / cut.
-async fn pump<R, W>(shared: &Shared, conn_id: u64, flow: Dir, reader: R, writer: W) -> Result<(), End>
+async fn pump<R, W>(
+    shared: &Shared,
+    conn_id: u64,
+    flow: Dir,
+    reader: R,
+    writer: W,
+) -> Result<(), End>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + AsRef<TcpStream>,
@@ -456,7 +470,10 @@ async fn wait_send_queue_drained(stream: &TcpStream, timeout: Duration) {
         match send_queue_len_bytes(stream) {
             Ok(0) => return,
             Ok(queued) if Instant::now() >= deadline => {
-                warn!(queued, "peer did not take the last bytes before the cut; resetting anyway");
+                warn!(
+                    queued,
+                    "peer did not take the last bytes before the cut; resetting anyway"
+                );
                 return;
             }
             Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,

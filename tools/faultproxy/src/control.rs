@@ -22,9 +22,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
+use crate::Stats;
 use crate::conn::Shared;
 use crate::fault::{Fault, FaultError};
-use crate::Stats;
 
 /// Longest request line: the largest valid request is ~120 bytes.
 pub const REQUEST_LINE_BYTES_MAX: usize = 4096;
@@ -53,7 +53,9 @@ pub struct Response {
 /// What can go wrong with one control request or the control socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("control request is not valid JSON of the expected shape: {source}; see tools/faultproxy/README.md")]
+    #[error(
+        "control request is not valid JSON of the expected shape: {source}; see tools/faultproxy/README.md"
+    )]
     BadRequest {
         #[source]
         source: serde_json::Error,
@@ -62,7 +64,9 @@ pub enum ControlError {
     LineTooLong { max_bytes: usize },
     #[error(transparent)]
     BadFault(#[from] FaultError),
-    #[error("cannot bind control socket {path}: {source}; remove a stale file or pick another path")]
+    #[error(
+        "cannot bind control socket {path}: {source}; remove a stale file or pick another path"
+    )]
     Bind {
         path: PathBuf,
         #[source]

@@ -85,7 +85,11 @@ pub enum FaultError {
     #[error(
         "delay of {ms} ms ± {jitter_ms} ms exceeds the maximum of {max_ms} ms; use a shorter delay or a blackhole"
     )]
-    DelayTooLong { ms: u64, jitter_ms: u64, max_ms: u64 },
+    DelayTooLong {
+        ms: u64,
+        jitter_ms: u64,
+        max_ms: u64,
+    },
     #[error("throttle of 0 bytes/s would stall forever; use a blackhole for a dead link")]
     ThrottleZero,
     #[error("flip_bits every_nth_chunk must be at least 1 (1 = every chunk)")]

@@ -138,10 +138,19 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        for task in self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for task in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             task.abort();
         }
-        if let Some(path) = self.control_path.get_mut().unwrap_or_else(|p| p.into_inner()) {
+        if let Some(path) = self
+            .control_path
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+        {
             let _ = std::fs::remove_file(path);
         }
     }

@@ -150,7 +150,9 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Ctl { control, action }) => ctl(control, action),
         None => {
             let (Some(listen), Some(upstream)) = (cli.listen, cli.upstream) else {
-                bail!("--listen and --upstream are required (or use `faultproxy ctl ...`); see --help");
+                bail!(
+                    "--listen and --upstream are required (or use `faultproxy ctl ...`); see --help"
+                );
             };
             let seed = cli.seed.unwrap_or_else(rand::random);
             serve(listen, upstream, cli.control, seed)
@@ -212,9 +214,7 @@ fn ctl(control: PathBuf, action: CtlAction) -> anyhow::Result<()> {
     })?;
     let mut line = serde_json::to_vec(&request)?;
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .context("cannot send the request")?;
+    stream.write_all(&line).context("cannot send the request")?;
     let mut reply = String::new();
     BufReader::new(&stream)
         .read_line(&mut reply)
