@@ -52,7 +52,7 @@ fi
 start=$(date +%s)
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@" || status=$?
+  cargo nextest run --workspace --no-fail-fast --config-file tools/nextest.toml "$@" || status=$?
 else
   # Without nextest: test binaries run one after another; limit threads inside
   # each so that the heavy e2e tests of one file do not run all at once.
