@@ -9,6 +9,7 @@ pub mod engine;
 pub mod frontend;
 pub mod meta;
 pub mod metrics;
+pub mod resync;
 pub mod transport;
 pub mod types;
 pub mod volume;

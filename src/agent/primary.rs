@@ -118,6 +118,10 @@ enum Cmd {
 }
 
 enum IoDone {
+    HashRead {
+        seq: Seq,
+        result: Result<Vec<[u8; 32]>, Errno>,
+    },
     Local {
         seq: Seq,
         result: Result<(), Errno>,
@@ -147,6 +151,11 @@ enum PeerEvent {
         id: u64,
         through: Seq,
     },
+    HashReply {
+        id: u64,
+        seq: Seq,
+        mismatched: Vec<u32>,
+    },
     Down {
         id: u64,
         reason: String,
@@ -163,6 +172,8 @@ struct Held {
     /// Prepared payload for the frame (None: not prepared yet, or an all-zero resync range).
     payload: Option<Payload>,
     zero: bool,
+    /// Block hashes of a hash chunk, once read.
+    hashes: Option<Vec<[u8; 32]>>,
     local_started: bool,
     ship_settled: bool,
 }
@@ -697,6 +708,7 @@ impl Owner {
         let volume = self.volume.clone();
         let tx = self.io_tx.clone();
         let level = self.cfg.compress_level;
+        let block_size = self.cfg.block_size;
         tokio::spawn(async move {
             let done = match kind {
                 OpKind::Write => {
@@ -732,6 +744,13 @@ impl Owner {
                         .await
                         .map_err(|e| errno_of(&e)),
                 },
+                OpKind::HashRead => {
+                    let result = match volume.read(range.offset, range.len as u32).await {
+                        Ok(data) => Ok(crate::resync::hash_blocks(&data, block_size)),
+                        Err(e) => Err(errno_of(&e)),
+                    };
+                    IoDone::HashRead { seq, result }
+                }
                 OpKind::ResyncRead => {
                     let result = match volume.read(range.offset, range.len as u32).await {
                         Ok(data) if is_all_zero(&data) => Ok(None),
@@ -751,6 +770,18 @@ impl Owner {
         let range = held.range;
         let metrics = &self.shared.metrics;
         let frame = match held.kind {
+            OpKind::HashRead => {
+                Metrics::add(&metrics.verified_bytes, range.len);
+                Frame {
+                    seq: seq.0,
+                    msg: Message::HashCheck {
+                        offset: range.offset,
+                        block_size: self.cfg.block_size,
+                        hashes: held.hashes.take().expect("hash chunk was read before shipping"),
+                    },
+                    payload: Payload::empty(),
+                }
+            }
             OpKind::Write | OpKind::ResyncRead if !held.zero => {
                 let payload = match held.payload.take() {
                     Some(p) => p,
@@ -829,6 +860,7 @@ impl Owner {
                         data,
                         payload,
                         zero: false,
+                        hashes: None,
                         local_started: false,
                         ship_settled: false,
                     },
@@ -888,6 +920,19 @@ impl Owner {
                 };
                 self.engine.local_done(seq, result, out);
             }
+            IoDone::HashRead { seq, result } => {
+                let result = match result {
+                    Ok(hashes) => {
+                        self.resync_budget_bytes -= (crate::wire::HEADER_LEN + 32 * hashes.len()) as i64;
+                        if let Some(h) = self.held.get_mut(&seq) {
+                            h.hashes = Some(hashes);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                };
+                self.engine.local_done(seq, result, out);
+            }
             IoDone::Flush { id, result } => self.engine.local_flush_done(id, result, out),
         }
         self.act(out);
@@ -921,6 +966,10 @@ impl Owner {
             }
             PeerEvent::Durable { id, through } if Some(id) == current => {
                 self.engine.peer_durable(through, out)
+            }
+            PeerEvent::HashReply { id, seq, mismatched } if Some(id) == current => {
+                Metrics::add(&self.shared.metrics.verify_mismatched_blocks, mismatched.len() as u64);
+                self.engine.peer_hash_reply(seq, &mismatched, out)
             }
             PeerEvent::Down { id, reason } if Some(id) == current => {
                 self.drop_session(&reason, out)
@@ -959,6 +1008,7 @@ impl Owner {
                         data: None,
                         payload: None,
                         zero: false,
+                        hashes: None,
                         local_started: false,
                         ship_settled: false,
                     },
@@ -966,9 +1016,11 @@ impl Owner {
                 self.engine.next_resync_chunk(now_ms, out)
             };
             match chunk {
-                Some((s, range)) => {
+                Some((s, range, kind)) => {
                     assert_eq!(s, seq);
-                    self.held.get_mut(&seq).expect("inserted").range = range;
+                    let held = self.held.get_mut(&seq).expect("inserted");
+                    held.range = range;
+                    held.kind = kind;
                     self.permits.insert(seq, permits);
                 }
                 None => {
@@ -1462,6 +1514,7 @@ async fn session_reader(
         };
         let ev = match frame.msg {
             Message::Applied { seq } => PeerEvent::Applied { id, seq: Seq(seq) },
+            Message::HashReply { seq, mismatched } => PeerEvent::HashReply { id, seq: Seq(seq), mismatched },
             Message::Durable { through_seq } => PeerEvent::Durable {
                 id,
                 through: Seq(through_seq),

@@ -36,6 +36,16 @@ pub enum OpKind {
     Trim,
     /// A resync read: read the range locally, then ship its current contents.
     ResyncRead,
+    /// A resync comparison: read the range locally, hash each block (blake3) and
+    /// ship the hashes; the secondary answers which blocks differ.
+    HashRead,
+}
+
+impl OpKind {
+    /// Resync ops (not client requests).
+    pub fn is_resync(self) -> bool {
+        matches!(self, OpKind::ResyncRead | OpKind::HashRead)
+    }
 }
 
 /// An errno value to hand back to the client (EIO, ENOSPC, ...).
@@ -120,8 +130,11 @@ struct Unacked {
     resync: bool,
     accepted_at_ms: u64,
     /// For a resync chunk: ranges marked dirty after the chunk was read (writes not
-    /// shipped while ahead, local errors). Its Durable must not clear them.
+    /// shipped while ahead, local errors), and for a hash chunk the blocks the
+    /// secondary reported different. Its Durable must not clear them.
     keep: Vec<ByteRange>,
+    /// A hash chunk (its blocks go back into `verify` if the session drops).
+    hash: bool,
 }
 
 #[derive(Debug)]
@@ -173,6 +186,9 @@ pub struct PrimaryEngine<T> {
     ops: BTreeMap<Seq, Op<T>>,
     sequencer: RangeSequencer,
     dirty: DirtyBitmap,
+    /// Dirty blocks that may well be identical on the secondary (active extents after
+    /// a crash, a pre-seeded copy): compared by hash before any data is sent.
+    verify: DirtyBitmap,
     streaming: bool,
     /// Ahead (G4): connected, but new writes are tracked only in the bitmap because
     /// the replication window was full. Seqs from `ahead_from` on are not shipped.
@@ -215,6 +231,7 @@ impl<T> PrimaryEngine<T> {
             next_seq: first_seq,
             ops: BTreeMap::new(),
             sequencer: RangeSequencer::new(),
+            verify: DirtyBitmap::new(dirty.block_count()),
             dirty,
             streaming: false,
             stream_first: first_seq,
@@ -287,7 +304,7 @@ impl<T> PrimaryEngine<T> {
             bm.mark(a, b);
         }
         for op in self.ops.values() {
-            if op.kind != OpKind::ResyncRead {
+            if !op.kind.is_resync() {
                 let (a, b) = op.range.blocks(self.block_size);
                 bm.mark(a, b);
             }
@@ -305,7 +322,7 @@ impl<T> PrimaryEngine<T> {
         now_ms: u64,
         out: &mut Vec<Action<T>>,
     ) -> Seq {
-        assert!(kind != OpKind::ResyncRead);
+        assert!(!kind.is_resync());
         assert!(
             range.end() <= self.size_bytes,
             "range {range:?} beyond volume"
@@ -327,6 +344,7 @@ impl<T> PrimaryEngine<T> {
                 resync: false,
                 accepted_at_ms: now_ms,
                 keep: Vec::new(),
+                hash: false,
             });
             self.unacked_bytes += range.len;
         } else {
@@ -377,10 +395,10 @@ impl<T> PrimaryEngine<T> {
         }
         let op = self.ops.get_mut(&seq).expect("checked above");
         op.local = Local::Done(result);
-        if op.kind == OpKind::ResyncRead && !op.in_stream {
+        if op.kind.is_resync() && !op.in_stream {
             // The session this read was for has ended; its blocks stay dirty.
             out.push(Action::Forget { seq });
-        } else if op.kind == OpKind::ResyncRead {
+        } else if op.kind.is_resync() {
             match result {
                 Ok(()) => op.frame_ready = true,
                 Err(errno) => {
@@ -521,6 +539,42 @@ impl<T> PrimaryEngine<T> {
                 self.ops.remove(&seq);
             }
         }
+    }
+
+    /// Mark blocks as possibly different but probably identical on the secondary:
+    /// they are resynced by comparing hashes first (ARCHITECTURE §5).
+    pub fn mark_verify(&mut self, first: BlockIndex, end: BlockIndex) {
+        self.dirty.mark(first, end);
+        self.verify.mark(first, end);
+    }
+
+    pub fn verify_count(&self) -> BlockCount {
+        self.verify.dirty_count()
+    }
+
+    /// The secondary compared the hash chunk `seq`: `mismatched` are block indices
+    /// within it that differ. They stay dirty (a data pass sends them); the rest
+    /// are cleared when the chunk is durable.
+    pub fn peer_hash_reply(&mut self, seq: Seq, mismatched: &[u32], out: &mut Vec<Action<T>>) {
+        if !self.streaming {
+            return;
+        }
+        let bs = self.block_size as u64;
+        let Ok(i) = self.unacked.binary_search_by_key(&seq, |u| u.seq) else {
+            out.push(Action::DropSession { reason: format!("hash reply for seq {seq}, which is not an outstanding hash check") });
+            return;
+        };
+        let u = &mut self.unacked[i];
+        let blocks = u.range.len.div_ceil(bs);
+        if !u.hash || mismatched.iter().any(|&m| m as u64 >= blocks) {
+            out.push(Action::DropSession { reason: format!("malformed hash reply for seq {seq}") });
+            return;
+        }
+        for &m in mismatched {
+            let off = u.range.offset + m as u64 * bs;
+            u.keep.push(ByteRange::new(off, bs.min(u.range.end() - off)));
+        }
+        self.peer_applied(seq, out);
     }
 
     /// The secondary applied `seq`.
@@ -748,19 +802,31 @@ impl<T> PrimaryEngine<T> {
         &mut self,
         now_ms: u64,
         out: &mut Vec<Action<T>>,
-    ) -> Option<(Seq, ByteRange)> {
+    ) -> Option<(Seq, ByteRange, OpKind)> {
         if !self.wants_resync_chunk() {
             return None;
         }
         let bs = self.block_size as u64;
         let max_blocks = BlockCount(self.resync_chunk_bytes / bs);
         let cursor = self.resync.as_ref().expect("checked").progress.cursor;
-        let Some((first, count)) = self.dirty.next_dirty_run(cursor, max_blocks) else {
+        let Some((first, run)) = self.dirty.next_dirty_run(cursor, max_blocks) else {
             let r = self.resync.as_mut().expect("checked");
             r.exhausted = true;
             r.progress.cursor = BlockIndex(self.dirty.block_count().0);
             self.pump_ship(out);
             return None;
+        };
+        // Blocks to verify go out as hashes (at most HASHES_PER_CHECK_MAX), the others
+        // as data; a chunk is one or the other.
+        let hash_run = self.verify.next_dirty_run(first, run);
+        let (kind, count) = match hash_run {
+            Some((start, n)) if start == first => {
+                let n = BlockCount(n.0.min(crate::wire::HASHES_PER_CHECK_MAX as u64));
+                self.verify.clear(first, BlockIndex(first.0 + n.0));
+                (OpKind::HashRead, n)
+            }
+            Some((start, _)) if start.0 < first.0 + run.0 => (OpKind::ResyncRead, BlockCount(start.0 - first.0)),
+            _ => (OpKind::ResyncRead, run),
         };
         let offset = first.0 * bs;
         let len = (count.0 * bs).min(self.size_bytes - offset);
@@ -775,6 +841,7 @@ impl<T> PrimaryEngine<T> {
             resync: true,
             accepted_at_ms: now_ms,
             keep: Vec::new(),
+            hash: kind == OpKind::HashRead,
         });
         self.unacked_bytes += len;
         let runnable = self.sequencer.admit(seq, range);
@@ -782,7 +849,7 @@ impl<T> PrimaryEngine<T> {
             seq,
             Op {
                 range,
-                kind: OpKind::ResyncRead,
+                kind,
                 fua: false,
                 token: None,
                 local: Local::Waiting,
@@ -795,7 +862,7 @@ impl<T> PrimaryEngine<T> {
         if runnable {
             self.start_local(seq, out);
         }
-        Some((seq, range))
+        Some((seq, range, kind))
     }
 
     /// The session ended (link down, peer gone, protocol error). Everything not
@@ -809,6 +876,15 @@ impl<T> PrimaryEngine<T> {
         for u in self.unacked.drain(..) {
             let (a, b) = u.range.blocks(self.block_size);
             self.dirty.mark(a, b);
+            if u.hash {
+                // Not compared yet (or the answer was lost): compare again next time,
+                // except the blocks already known to differ.
+                self.verify.mark(a, b);
+                for k in &u.keep {
+                    let (a, b) = k.blocks(self.block_size);
+                    self.verify.clear(a, b);
+                }
+            }
             out.push(Action::Release { seq: u.seq });
         }
         self.unacked_bytes = 0;
@@ -876,7 +952,7 @@ mod tests {
         let mut e = engine(Mode::Async);
         let mut out = Vec::new();
         e.session_started(true, &mut out);
-        let (seq, range) = e.next_resync_chunk(0, &mut out).expect("a chunk");
+        let (seq, range, _) = e.next_resync_chunk(0, &mut out).expect("a chunk");
         out.clear();
         e.local_done(seq, Err(libc::EIO), &mut out);
         assert!(

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub replicated_wire_bytes: AtomicU64,
     /// Bytes of resync traffic (raw) and blocks resynced.
     pub resync_bytes: AtomicU64,
+    /// Bytes compared by hash instead of sent, and blocks found different.
+    pub verified_bytes: AtomicU64,
+    pub verify_mismatched_blocks: AtomicU64,
     /// Replication window (G4): writes and bytes not yet durable on the secondary.
     pub lag_writes: AtomicU64,
     pub lag_bytes: AtomicU64,
@@ -60,6 +63,8 @@ impl Default for Metrics {
             replicated_bytes: AtomicU64::new(0),
             replicated_wire_bytes: AtomicU64::new(0),
             resync_bytes: AtomicU64::new(0),
+            verified_bytes: AtomicU64::new(0),
+            verify_mismatched_blocks: AtomicU64::new(0),
             lag_writes: AtomicU64::new(0),
             lag_bytes: AtomicU64::new(0),
             lag_oldest_at_ms: AtomicU64::new(0),

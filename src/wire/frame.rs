@@ -431,7 +431,7 @@ fn le_u64(b: &[u8; HEADER_LEN], at: usize) -> u64 {
 fn kind_info(kind: u8) -> Option<bool> {
     match kind {
         4 => Some(true),
-        1..=3 | 5..=14 => Some(false),
+        1..=3 | 5..=16 => Some(false),
         _ => None,
     }
 }
@@ -814,6 +814,15 @@ mod tests {
             Message::ResyncStart {
                 blocks: 65536,
                 full: true,
+            },
+            Message::HashCheck {
+                offset: 4096,
+                block_size: 4096,
+                hashes: vec![[7u8; 32]; 3],
+            },
+            Message::HashReply {
+                seq: 9,
+                mismatched: vec![0, 2],
             },
         ]
     }

@@ -6,12 +6,16 @@
 //! Protocol changelog (bump [`PROTOCOL_VERSION`] on any incompatible change):
 //! - 1: first version: Hello/Welcome/Refuse handshake, Write, WriteZeroes, Trim,
 //!   Flush, Applied, Durable, Heartbeat/HeartbeatReply, ResyncStart, ResyncDone,
-//!   Goodbye.
+//!   Goodbye, HashCheck/HashReply (block comparison by blake3 for crash recovery,
+//!   seeding and verify).
 
 use bincode::{Decode, Encode};
 
 /// Version of the replication protocol spoken in frames. Both sides must agree.
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Most block hashes one HashCheck carries (32 KiB of body; 4 MiB of volume at 4 KiB blocks).
+pub const HASHES_PER_CHECK_MAX: usize = 1024;
 
 /// Capability bits advertised in the handshake.
 pub mod caps {
@@ -142,6 +146,14 @@ pub enum Message {
     },
     /// Either way: orderly close (shutdown); no more frames follow.
     Goodbye,
+    /// primary → secondary: compare the blocks starting at `offset` with these blake3
+    /// hashes, one per `block_size` block (the last block may end at the volume's end).
+    /// The frame seq orders it like a write (G2): the comparison sees every earlier
+    /// write. At most [`HASHES_PER_CHECK_MAX`] hashes.
+    HashCheck { offset: u64, block_size: u32, hashes: Vec<[u8; 32]> },
+    /// secondary → primary: the answer to the HashCheck with frame seq `seq`: indices
+    /// (into its hash list) of the blocks that differ. Stands in for `Applied` of that seq.
+    HashReply { seq: u64, mismatched: Vec<u32> },
 }
 
 impl Message {
@@ -162,6 +174,8 @@ impl Message {
             Message::ResyncDone { .. } => 12,
             Message::Goodbye => 13,
             Message::ResyncStart { .. } => 14,
+            Message::HashCheck { .. } => 15,
+            Message::HashReply { .. } => 16,
         }
     }
 
