@@ -637,3 +637,55 @@ impl MetaStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{DiskState, Generation, Role, VolumeId};
+
+    #[test]
+    fn a_failed_activity_write_poisons_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        let size_bytes = 64 << 20;
+        let fresh = || Superblock {
+            volume_id: VolumeId([1; 16]),
+            size_bytes,
+            block_size: 4096,
+            role: Role::Primary,
+            disk_state: DiskState::UpToDate,
+            is_new: true,
+            gen_current: Generation(7),
+            gen_bitmap_base: Generation::NONE,
+            gen_history: [Generation::NONE; 2],
+            clean_shutdown: false,
+            resync_cursor: None,
+            bitmap_valid: true,
+        };
+        let mut store = MetaStore::open_or_create(&path, size_bytes, 4096, fresh)
+            .unwrap()
+            .store;
+        store.write_activity(4 << 20, &[1]).unwrap();
+        // A read-only descriptor makes the pwrite fail (EBADF), as a dying disk would.
+        store.file = File::open(&path).unwrap();
+        match store.write_activity(4 << 20, &[1, 2]) {
+            Err(MetaError::Io {
+                op: "activity-log write",
+                ..
+            }) => {}
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
+        assert!(store.is_poisoned());
+        assert_eq!(store.al_txn, 1, "a failed write must not advance the log");
+        store.file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert!(matches!(
+            store.write_activity(4 << 20, &[3]),
+            Err(MetaError::Poisoned { .. })
+        ));
+        assert_eq!(store.read_activity().unwrap().extents, vec![1]);
+    }
+}
