@@ -16,8 +16,9 @@ use super::al::{
 };
 use super::format::{BitmapHeader, FORMAT_VERSION, SlotFault, SlotImage, Superblock};
 use super::layout::{
-    AL_LEN_BYTES, AL_OFFSET_BYTES, AL_SLOT_LEN_BYTES, BITMAP_HEADER_LEN_BYTES, BLOCK_SIZE_MAX_BYTES, BLOCK_SIZE_MIN_BYTES, Layout,
-    SUPERBLOCK_SLOT_LEN_BYTES, SUPERBLOCK_SLOT_OFFSETS,
+    AL_LEN_BYTES, AL_OFFSET_BYTES, AL_SLOT_LEN_BYTES, BITMAP_HEADER_LEN_BYTES,
+    BLOCK_SIZE_MAX_BYTES, BLOCK_SIZE_MIN_BYTES, Layout, SUPERBLOCK_SLOT_LEN_BYTES,
+    SUPERBLOCK_SLOT_OFFSETS,
 };
 
 const SLOT_NAMES: [char; 2] = ['A', 'B'];
@@ -622,7 +623,9 @@ impl MetaStore {
         );
         let extent_count = self.layout.size_bytes.div_ceil(extent_bytes);
         if let Some(&e) = extents.iter().find(|&&e| u64::from(e) >= extent_count) {
-            panic!("extent {e} is beyond the volume ({extent_count} extents of {extent_bytes} bytes)");
+            panic!(
+                "extent {e} is beyond the volume ({extent_count} extents of {extent_bytes} bytes)"
+            );
         }
         // Cannot overflow: decoding bounds a stored txn by AL_TXN_MAX = 2^62.
         let txn = self.al_txn + 1;
