@@ -1,6 +1,7 @@
 //! Replication state machines. No sockets, no files: events in, actions out
 //! (ARCHITECTURE §6), so they are tested with synthetic events.
 
+pub mod activity;
 pub mod primary;
 pub mod secondary;
 pub mod sequencer;

@@ -4,7 +4,7 @@
 //! offset (bytes)              length                     content
 //! 0                           4096                       superblock slot A
 //! 4096                        4096                       superblock slot B
-//! 8192                        64 × 4096 = 262144         activity-log area (reserved, zero)
+//! 8192                        64 × 4096 = 262144         activity-log ring (zero when new)
 //! 270336                      bitmap_copy_len_bytes      bitmap copy 0
 //! 270336 + bitmap_copy_len    bitmap_copy_len_bytes      bitmap copy 1
 //! ```
@@ -18,8 +18,8 @@
 //! - The activity-log area (ARCHITECTURE §4) has a fixed size and sits before
 //!   the bitmaps, whose size depends on the volume size; so the bitmaps can be
 //!   found from the superblock alone and a resize never moves the log.
-//!   64 slots × 4 KiB leaves room for a ring of log records without tying this
-//!   format to the log's record design.
+//!   64 slots × 4 KiB hold a ring of full-snapshot log records (see
+//!   [`super::al`]): a record never overwrites the newest one.
 //! - Each bitmap copy is a 4 KiB header (see [`super::BitmapHeader`]) followed
 //!   by the bitmap bytes padded with zeros to 4 KiB, so the data itself is
 //!   4 KiB aligned (O_DIRECT-able, and partial rewrites stay sector aligned).
@@ -35,7 +35,7 @@ pub const SUPERBLOCK_SLOT_LEN_BYTES: u64 = 4096;
 pub const SUPERBLOCK_SLOT_OFFSETS: [u64; 2] = [0, SUPERBLOCK_SLOT_LEN_BYTES];
 /// Start of the activity-log area.
 pub const AL_OFFSET_BYTES: u64 = 2 * SUPERBLOCK_SLOT_LEN_BYTES;
-/// Number of activity-log slots reserved.
+/// Number of activity-log slots (records) in the ring.
 pub const AL_SLOT_COUNT: u64 = 64;
 /// Size of one activity-log slot.
 pub const AL_SLOT_LEN_BYTES: u64 = 4096;

@@ -1,5 +1,5 @@
 //! On-disk metadata beside a volume (ARCHITECTURE §4): the superblock, the
-//! persisted dirty bitmap, and (reserved, not yet used) the activity-log area.
+//! persisted dirty bitmap, and the write-intent (activity) log.
 //!
 //! This module owns the file format and the order of durable writes; it does
 //! not decide *what* the superblock says (that is the engine's job) nor which
@@ -18,9 +18,14 @@
 //! because after a failed fdatasync the kernel may have dropped the dirty
 //! pages and a retry that "succeeds" proves nothing.
 //!
+//! The activity log is a ring of 64 full snapshots instead of two slots; the
+//! same rule holds (a write never lands on the newest record), see [`al`].
+//!
 //! Layout byte by byte: [`layout`] (regions), [`SlotImage`] (superblock
-//! slot), [`BitmapHeader`] (bitmap copy header).
+//! slot), [`BitmapHeader`] (bitmap copy header), [`ActivityRecord`]
+//! (activity-log record).
 
+pub mod al;
 pub mod format;
 pub mod layout;
 mod store;
@@ -28,6 +33,7 @@ mod store;
 use std::io;
 use std::path::PathBuf;
 
+pub use al::{AL_EXTENTS_MAX, ActivityRecord, ActivitySnapshot};
 pub use format::{BitmapHeader, FORMAT_VERSION, SlotFault, SlotImage, Superblock};
 pub use layout::Layout;
 pub use store::{MetaStore, Opened};
@@ -92,6 +98,18 @@ pub enum MetaError {
     UnsupportedVersion {
         path: PathBuf,
         slot: char,
+        found: u32,
+        supported: u32,
+    },
+
+    #[error(
+        "metadata {}: activity-log slot {slot} has format version {found}, this build reads \
+         version {supported}; use a tandem build that understands it",
+        path.display()
+    )]
+    AlUnsupportedVersion {
+        path: PathBuf,
+        slot: usize,
         found: u32,
         supported: u32,
     },

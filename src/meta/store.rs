@@ -11,10 +11,14 @@ use std::path::{Path, PathBuf};
 use crate::bitmap::DirtyBitmap;
 
 use super::MetaError;
+use super::al::{
+    AL_EXTENTS_MAX, ActivityRecord, ActivitySnapshot, AlGeometry, al_slot_of, select_newest,
+};
 use super::format::{BitmapHeader, FORMAT_VERSION, SlotFault, SlotImage, Superblock};
 use super::layout::{
-    BITMAP_HEADER_LEN_BYTES, BLOCK_SIZE_MAX_BYTES, BLOCK_SIZE_MIN_BYTES, Layout,
-    SUPERBLOCK_SLOT_LEN_BYTES, SUPERBLOCK_SLOT_OFFSETS,
+    AL_LEN_BYTES, AL_OFFSET_BYTES, AL_SLOT_LEN_BYTES, BITMAP_HEADER_LEN_BYTES,
+    BLOCK_SIZE_MAX_BYTES, BLOCK_SIZE_MIN_BYTES, Layout, SUPERBLOCK_SLOT_LEN_BYTES,
+    SUPERBLOCK_SLOT_OFFSETS,
 };
 
 const SLOT_NAMES: [char; 2] = ['A', 'B'];
@@ -35,6 +39,9 @@ pub struct MetaStore {
     /// Bitmap copy selected by the newest superblock, and its sequence number.
     bitmap_copy: u8,
     bitmap_seq: u64,
+    /// Transaction number of the newest activity-log record (0: none yet);
+    /// the next record is `al_txn + 1`.
+    al_txn: u64,
     poisoned: bool,
 }
 
@@ -49,6 +56,11 @@ pub struct Opened {
     /// (G3: what cannot be proven in sync is resynced) and `recovered_from`
     /// says so.
     pub bitmap: DirtyBitmap,
+    /// The activity log as found at open (empty for a new file). After a
+    /// crash of the primary, every extent in it is possibly different from
+    /// the peer (ARCHITECTURE §4); if `activity.intact` is false, the whole
+    /// volume is. Not reflected in `bitmap`: the caller widens that.
+    pub activity: ActivitySnapshot,
     /// The file did not exist and was created from `fresh`.
     pub created: bool,
     /// What was damaged and what was used instead, e.g.
@@ -244,6 +256,7 @@ impl MetaStore {
             slot_seq: 0,
             bitmap_copy: 1, // so the first bitmap write goes to copy 0
             bitmap_seq: 0,
+            al_txn: 0,
             poisoned: false,
         };
         let bitmap = DirtyBitmap::new(layout.block_count);
@@ -259,6 +272,7 @@ impl MetaStore {
             store,
             superblock: sb,
             bitmap,
+            activity: ActivitySnapshot::empty(),
             created: true,
             recovered_from: None,
         })
@@ -324,7 +338,7 @@ impl MetaStore {
                 requested_bytes: layout.block_size,
             });
         }
-        let store = MetaStore {
+        let mut store = MetaStore {
             path: path.to_path_buf(),
             file,
             layout,
@@ -332,8 +346,27 @@ impl MetaStore {
             slot_seq: image.slot_seq,
             bitmap_copy: image.bitmap_copy,
             bitmap_seq: image.bitmap_seq,
+            al_txn: 0,
             poisoned: false,
         };
+        let activity = store.read_activity()?;
+        store.al_txn = activity.txn;
+        if activity.bad_slots > 0 {
+            notes.push(format!(
+                "{activity}{}",
+                if activity.intact {
+                    " (a torn write of the next record, used the previous one)"
+                } else {
+                    "; the activity log cannot be trusted: the whole volume is possibly \
+                     different from the peer"
+                }
+            ));
+        } else if !activity.intact {
+            notes.push(format!(
+                "{activity}; activity-log records are missing: the whole volume is possibly \
+                 different from the peer"
+            ));
+        }
         let bitmap = match store.read_bitmap_copy()? {
             Ok(bm) => bm,
             Err(why) => {
@@ -355,6 +388,7 @@ impl MetaStore {
             store,
             superblock: sb,
             bitmap,
+            activity,
             created: false,
             recovered_from,
         })
@@ -535,5 +569,126 @@ impl MetaStore {
         self.write_bitmap_copy(bm)?;
         sb.bitmap_valid = true;
         self.write_superblock(sb)
+    }
+
+    /// Read the activity log and pick its newest valid record (see
+    /// [`ActivitySnapshot`] for torn and damaged slots). A record with a
+    /// valid checksum but another format version is refused with
+    /// [`MetaError::AlUnsupportedVersion`] rather than skipped, since
+    /// skipping it could forget active extents.
+    pub fn read_activity(&self) -> Result<ActivitySnapshot, MetaError> {
+        let area = read_at_most(&self.file, AL_OFFSET_BYTES, AL_LEN_BYTES as usize)
+            .map_err(io_err(&self.path, "read of the activity log"))?;
+        let geometry = AlGeometry {
+            size_bytes: self.layout.size_bytes,
+            block_size: self.layout.block_size,
+        };
+        let slot_len = AL_SLOT_LEN_BYTES as usize;
+        // A file cut short inside the area gives short (or empty) slices: Short faults.
+        let slots: Vec<_> = (0..AL_LEN_BYTES as usize / slot_len)
+            .map(|slot| {
+                let start = (slot * slot_len).min(area.len());
+                let end = ((slot + 1) * slot_len).min(area.len());
+                ActivityRecord::decode(&area[start..end], slot, geometry)
+            })
+            .collect();
+        select_newest(&slots).map_err(|fault| MetaError::AlUnsupportedVersion {
+            path: self.path.clone(),
+            slot: fault.slot,
+            found: fault.found,
+            supported: FORMAT_VERSION,
+        })
+    }
+
+    /// Record `extents` (strictly ascending, indices of `extent_bytes`-sized
+    /// extents) as the active set: write the next activity-log transaction to
+    /// its ring slot, then fdatasync. Only after this returns `Ok` may a write
+    /// to a newly activated extent start (ARCHITECTURE §4); a failure poisons
+    /// the store like every other metadata write.
+    ///
+    /// Panics on a caller bug: more than [`AL_EXTENTS_MAX`] extents, an
+    /// unsorted list, an extent beyond the volume, or an extent size that is
+    /// not a power of two of at least the block size.
+    pub fn write_activity(&mut self, extent_bytes: u64, extents: &[u32]) -> Result<(), MetaError> {
+        self.check_writable()?;
+        assert!(
+            extents.len() <= AL_EXTENTS_MAX,
+            "{} active extents do not fit the activity log (max {AL_EXTENTS_MAX})",
+            extents.len()
+        );
+        assert!(
+            extent_bytes.is_power_of_two() && extent_bytes >= u64::from(self.layout.block_size),
+            "extent size {extent_bytes} is not a power of two of at least the block size {}",
+            self.layout.block_size
+        );
+        let extent_count = self.layout.size_bytes.div_ceil(extent_bytes);
+        if let Some(&e) = extents.iter().find(|&&e| u64::from(e) >= extent_count) {
+            panic!(
+                "extent {e} is beyond the volume ({extent_count} extents of {extent_bytes} bytes)"
+            );
+        }
+        // Cannot overflow: decoding bounds a stored txn by AL_TXN_MAX = 2^62.
+        let txn = self.al_txn + 1;
+        let record = ActivityRecord {
+            txn,
+            extent_bytes,
+            extents: extents.to_vec(),
+        };
+        let offset = AL_OFFSET_BYTES + al_slot_of(txn) as u64 * AL_SLOT_LEN_BYTES;
+        self.write_durable(offset, &record.encode(), "activity-log write")?;
+        self.al_txn = txn;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{DiskState, Generation, Role, VolumeId};
+
+    #[test]
+    fn a_failed_activity_write_poisons_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        let size_bytes = 64 << 20;
+        let fresh = || Superblock {
+            volume_id: VolumeId([1; 16]),
+            size_bytes,
+            block_size: 4096,
+            role: Role::Primary,
+            disk_state: DiskState::UpToDate,
+            is_new: true,
+            gen_current: Generation(7),
+            gen_bitmap_base: Generation::NONE,
+            gen_history: [Generation::NONE; 2],
+            clean_shutdown: false,
+            resync_cursor: None,
+            bitmap_valid: true,
+        };
+        let mut store = MetaStore::open_or_create(&path, size_bytes, 4096, fresh)
+            .unwrap()
+            .store;
+        store.write_activity(4 << 20, &[1]).unwrap();
+        // A read-only descriptor makes the pwrite fail (EBADF), as a dying disk would.
+        store.file = File::open(&path).unwrap();
+        match store.write_activity(4 << 20, &[1, 2]) {
+            Err(MetaError::Io {
+                op: "activity-log write",
+                ..
+            }) => {}
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
+        assert!(store.is_poisoned());
+        assert_eq!(store.al_txn, 1, "a failed write must not advance the log");
+        store.file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert!(matches!(
+            store.write_activity(4 << 20, &[3]),
+            Err(MetaError::Poisoned { .. })
+        ));
+        assert_eq!(store.read_activity().unwrap().extents, vec![1]);
     }
 }
