@@ -153,6 +153,10 @@ pub struct NodeArgs {
     /// On shutdown, wait this long for the secondary to catch up (default 30000 ms).
     #[arg(long)]
     pub drain_timeout_ms: Option<u64>,
+    /// Activity log: most 4 MiB extents active at once (default and maximum 1015).
+    /// After a primary crash at most this many extents are compared by hash.
+    #[arg(long)]
+    pub al_extents: Option<usize>,
 }
 
 impl NodeArgs {
@@ -186,6 +190,7 @@ impl NodeArgs {
             peer_timeout_ms: self.peer_timeout_ms,
             connect_timeout_ms: self.connect_timeout_ms,
             drain_timeout_ms: self.drain_timeout_ms,
+            al_extents: self.al_extents,
         }
     }
 }

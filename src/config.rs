@@ -101,6 +101,7 @@ pub struct ResourceSection {
     pub peer_timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,
+    pub al_extents: Option<usize>,
     pub direct: Option<bool>,
     pub io_engine: Option<String>,
 }
@@ -188,6 +189,9 @@ pub struct NodeConfig {
     pub peer_timeout_ms: u64,
     pub connect_timeout_ms: u64,
     pub drain_timeout_ms: u64,
+    /// Activity-log extent size and the most extents active at once (§4).
+    pub al_extent_bytes: u64,
+    pub al_extents_max: usize,
 }
 
 /// Defaults, with the reasoning behind each number.
@@ -211,6 +215,9 @@ pub mod defaults {
     pub const CONNECT_TIMEOUT_MS: u64 = 5000;
     /// On shutdown, wait up to 30 s for the secondary to catch up.
     pub const DRAIN_TIMEOUT_MS: u64 = 30_000;
+    /// 4 MiB activity extents: after a crash at most `al-extents` × 4 MiB is compared
+    /// by hash; a write to an already-active extent costs no metadata I/O.
+    pub const AL_EXTENT_BYTES: u64 = 4 << 20;
 }
 
 /// Raw option values from the command line (all optional; the file fills gaps).
@@ -244,6 +251,7 @@ pub struct Overrides {
     pub peer_timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,
+    pub al_extents: Option<usize>,
 }
 
 fn size_opt(
@@ -425,6 +433,11 @@ impl NodeConfig {
                 .drain_timeout_ms
                 .or(res.drain_timeout_ms)
                 .unwrap_or(defaults::DRAIN_TIMEOUT_MS),
+            al_extent_bytes: defaults::AL_EXTENT_BYTES,
+            al_extents_max: o
+                .al_extents
+                .or(res.al_extents)
+                .unwrap_or(crate::meta::al::AL_EXTENTS_MAX),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -474,6 +487,16 @@ impl NodeConfig {
             return Err(ConfigError::Invalid {
                 option: "--queue-bytes-max/--queue-writes-max",
                 message: "the replication window must allow at least 1 MiB and 16 writes".into(),
+            });
+        }
+        if !(16..=crate::meta::al::AL_EXTENTS_MAX).contains(&self.al_extents_max) {
+            return Err(ConfigError::Invalid {
+                option: "--al-extents",
+                message: format!(
+                    "{}: expected 16 to {}",
+                    self.al_extents_max,
+                    crate::meta::al::AL_EXTENTS_MAX
+                ),
             });
         }
         if self.peer_timeout_ms <= self.heartbeat_interval_ms {

@@ -7,15 +7,27 @@
 /// blake3 of each `block_size` block of `data` (the last one may be shorter, when
 /// the range ends at the end of the volume).
 pub fn hash_blocks(data: &[u8], block_size: u32) -> Vec<[u8; 32]> {
-    data.chunks(block_size as usize).map(|b| *blake3::hash(b).as_bytes()).collect()
+    data.chunks(block_size as usize)
+        .map(|b| *blake3::hash(b).as_bytes())
+        .collect()
 }
 
 /// Indices of the blocks of `data` whose hash differs from `expected`. A block count
 /// that differs from `expected.len()` is the caller's bug (ranges are checked first).
 pub fn mismatched_blocks(data: &[u8], block_size: u32, expected: &[[u8; 32]]) -> Vec<u32> {
     let local = hash_blocks(data, block_size);
-    assert_eq!(local.len(), expected.len(), "hash check over a different block count");
-    local.iter().zip(expected).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i as u32).collect()
+    assert_eq!(
+        local.len(),
+        expected.len(),
+        "hash check over a different block count"
+    );
+    local
+        .iter()
+        .zip(expected)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i as u32)
+        .collect()
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use crate::frontend::{ExportBackend, IoFuture, NbdAddress, NbdExport, NbdServer}
 use crate::meta::{MetaStore, Superblock};
 use crate::metrics::Metrics;
 use crate::transport::{self, Backoff, PeerReadHalf, PeerWriteHalf, Security};
-use crate::types::{ByteRange, DiskState, Generation, Role, Seq, VolumeId};
+use crate::types::{BlockCount, BlockIndex, ByteRange, DiskState, Generation, Role, Seq, VolumeId};
 use crate::volume::{OpenOptions, Volume};
 use crate::wire::{
     self, Frame, Hello, Message, PROTOCOL_VERSION, Payload, SyncPlan, Welcome, caps,
@@ -257,19 +257,59 @@ pub async fn run(
         sb.gen_current = new_gen;
         sb.role = Role::Primary;
     }
-    let dirty = if sb.clean_shutdown && sb.bitmap_valid {
-        opened.bitmap
+    // G3 after a crash: what may differ is the persisted bitmap plus every extent the
+    // activity log names; those extents are probably identical, so they are compared by
+    // hash. Without trustworthy metadata everything is compared by hash: never assumed
+    // in sync, never a blind full copy.
+    let activity = opened.activity;
+    let mut verify = DirtyBitmap::for_volume(size_bytes, cfg.block_size);
+    let mut dirty = opened.bitmap;
+    if sb.clean_shutdown && sb.bitmap_valid {
+        tracing::info!(out_of_sync_blocks = dirty.dirty_count().0, "clean start");
+    } else if sb.bitmap_valid && activity.intact {
+        let bs = cfg.block_size as u64;
+        for &e in &activity.extents {
+            let start = e as u64 * activity.extent_bytes;
+            let range = ByteRange::new(
+                start,
+                activity.extent_bytes.min(size_bytes.saturating_sub(start)),
+            );
+            let (a, b) = range.blocks(cfg.block_size);
+            verify.mark(a, b);
+        }
+        // Blocks already in the bitmap are sent as data, not compared.
+        let mut only_verify = verify.clone();
+        for b in 0..dirty.block_count().0 {
+            if dirty.is_dirty(BlockIndex(b)) {
+                only_verify.clear(BlockIndex(b), BlockIndex(b + 1));
+            }
+        }
+        verify = only_verify;
+        tracing::warn!(
+            active_extents = activity.extents.len(),
+            compare_bytes = verify.dirty_count().0 * bs,
+            send_bytes = dirty.dirty_count().0 * bs,
+            "previous run stopped uncleanly: resyncing the bitmap, and comparing the activity log's extents by hash"
+        );
     } else {
-        // G3: without a trustworthy bitmap every block may differ. Resync all of it.
-        tracing::warn!("previous run did not shut down cleanly: every block is marked for resync");
-        let mut bm = DirtyBitmap::for_volume(size_bytes, cfg.block_size);
-        bm.mark_all();
-        bm
-    };
-    // From here on the persisted bitmap is stale until the next clean shutdown.
-    sb.clean_shutdown = false;
-    sb.bitmap_valid = false;
-    meta.write_superblock(&sb)?;
+        tracing::warn!(
+            bitmap_valid = sb.bitmap_valid,
+            activity_log_intact = activity.intact,
+            "previous run stopped uncleanly and its metadata cannot say what changed: every block will be compared by hash"
+        );
+        dirty.clear_all();
+        verify.mark_all();
+    }
+    // Record the recovered set before serving: the bitmap now covers everything the
+    // old activity log did, so the log starts empty. While running, bitmap + log
+    // cover every block that may differ (bitmap_valid), until a clean shutdown.
+    {
+        let mut covered = dirty.clone();
+        covered.union_with(&verify);
+        sb.clean_shutdown = false;
+        meta.persist_bitmap(&mut sb, &covered)?;
+        meta.write_activity(cfg.al_extent_bytes, &[])?;
+    }
 
     let metrics = Arc::new(Metrics::default());
     let window = Window::new(cfg.queue_bytes_max, cfg.queue_writes_max);
@@ -285,6 +325,15 @@ pub async fn run(
         volume: volume.clone(),
     });
     let mut engine = PrimaryEngine::new(cfg.mode, size_bytes, cfg.block_size, dirty, Seq(1));
+    engine.enable_activity(crate::engine::activity::ActiveSet::new(
+        cfg.al_extent_bytes,
+        cfg.al_extents_max,
+    ));
+    let mut cursor = BlockIndex(0);
+    while let Some((first, n)) = verify.next_dirty_run(cursor, BlockCount(u64::MAX)) {
+        engine.mark_verify(first, BlockIndex(first.0 + n.0));
+        cursor = BlockIndex(first.0 + n.0);
+    }
     engine.set_resync_chunk_bytes(
         (1u64 << 20)
             .min(cfg.queue_bytes_max / 4)
@@ -666,8 +715,35 @@ impl Owner {
                     }
                 }
                 Action::DropSession { reason } => self.drop_session(&reason, out),
+                Action::WriteActivityLog { active, retired } => {
+                    self.write_activity(active, retired, out)
+                }
             }
         }
+    }
+
+    /// Record the active extents durably (write-intent, ARCHITECTURE §4). When extents
+    /// retired, the bitmap is persisted first so their dirty bits stay covered. Runs
+    /// inline: it is one small durable write, and only when the set changes.
+    fn write_activity(&mut self, active: Vec<u32>, retired: bool, out: &mut Vec<Action<Reply>>) {
+        let extent_bytes = self.cfg.al_extent_bytes;
+        let result = tokio::task::block_in_place(|| {
+            if retired {
+                let bm = self.engine.out_of_sync();
+                self.meta.persist_bitmap(&mut self.sb, &bm)?;
+            }
+            self.meta.write_activity(extent_bytes, &active)
+        });
+        if let Err(e) = result {
+            // Crash coverage can no longer be recorded: refuse further writes (like a
+            // failed flush) rather than risk an unrecorded divergence (G3).
+            tracing::error!("activity log write failed: {e}; refusing further writes");
+            self.shared
+                .metrics
+                .set_error(format!("activity log write failed: {e}"));
+            self.engine.poison();
+        }
+        self.engine.activity_written(out);
     }
 
     fn send(&mut self, frame: Frame) {
@@ -777,7 +853,10 @@ impl Owner {
                     msg: Message::HashCheck {
                         offset: range.offset,
                         block_size: self.cfg.block_size,
-                        hashes: held.hashes.take().expect("hash chunk was read before shipping"),
+                        hashes: held
+                            .hashes
+                            .take()
+                            .expect("hash chunk was read before shipping"),
                     },
                     payload: Payload::empty(),
                 }
@@ -923,7 +1002,8 @@ impl Owner {
             IoDone::HashRead { seq, result } => {
                 let result = match result {
                     Ok(hashes) => {
-                        self.resync_budget_bytes -= (crate::wire::HEADER_LEN + 32 * hashes.len()) as i64;
+                        self.resync_budget_bytes -=
+                            (crate::wire::HEADER_LEN + 32 * hashes.len()) as i64;
                         if let Some(h) = self.held.get_mut(&seq) {
                             h.hashes = Some(hashes);
                         }
@@ -967,8 +1047,15 @@ impl Owner {
             PeerEvent::Durable { id, through } if Some(id) == current => {
                 self.engine.peer_durable(through, out)
             }
-            PeerEvent::HashReply { id, seq, mismatched } if Some(id) == current => {
-                Metrics::add(&self.shared.metrics.verify_mismatched_blocks, mismatched.len() as u64);
+            PeerEvent::HashReply {
+                id,
+                seq,
+                mismatched,
+            } if Some(id) == current => {
+                Metrics::add(
+                    &self.shared.metrics.verify_mismatched_blocks,
+                    mismatched.len() as u64,
+                );
                 self.engine.peer_hash_reply(seq, &mismatched, out)
             }
             PeerEvent::Down { id, reason } if Some(id) == current => {
@@ -1514,7 +1601,11 @@ async fn session_reader(
         };
         let ev = match frame.msg {
             Message::Applied { seq } => PeerEvent::Applied { id, seq: Seq(seq) },
-            Message::HashReply { seq, mismatched } => PeerEvent::HashReply { id, seq: Seq(seq), mismatched },
+            Message::HashReply { seq, mismatched } => PeerEvent::HashReply {
+                id,
+                seq: Seq(seq),
+                mismatched,
+            },
             Message::Durable { through_seq } => PeerEvent::Durable {
                 id,
                 through: Seq(through_seq),

@@ -320,6 +320,9 @@ struct Applier {
     ack_tx: mpsc::UnboundedSender<Message>,
     /// Payloads of received writes, until their apply starts.
     held: HashMap<Seq, Bytes>,
+    /// Expected block hashes of received hash checks, until the check starts.
+    held_hashes: HashMap<Seq, Vec<[u8; 32]>>,
+    block_size: u32,
     /// Volume operations started and not yet reported back.
     outstanding: usize,
     gen_primary: Generation,
@@ -331,6 +334,38 @@ impl Applier {
         let mut result = Ok(());
         for action in out.drain(..) {
             match action {
+                SecondaryAction::StartApply {
+                    seq,
+                    kind: ApplyKind::HashCheck,
+                    range,
+                } => {
+                    let expected = self
+                        .held_hashes
+                        .remove(&seq)
+                        .expect("hash check has hashes");
+                    let volume = self.volume.clone();
+                    let tx = self.done_tx.clone();
+                    let ack = self.ack_tx.clone();
+                    let bs = self.block_size;
+                    self.outstanding += 1;
+                    tokio::spawn(async move {
+                        let result = match volume.read(range.offset, range.len as u32).await {
+                            Ok(data) => {
+                                let mismatched =
+                                    crate::resync::mismatched_blocks(&data, bs, &expected);
+                                // Sent before the completion is fed to the engine, so it
+                                // precedes any Durable that covers this seq.
+                                let _ = ack.send(Message::HashReply {
+                                    seq: seq.0,
+                                    mismatched,
+                                });
+                                Ok(())
+                            }
+                            Err(e) => Err(errno_of(&e)),
+                        };
+                        let _ = tx.send(Done::Apply { seq, range, result });
+                    });
+                }
                 SecondaryAction::StartApply { seq, kind, range } => {
                     let data = self.held.remove(&seq);
                     let volume = self.volume.clone();
@@ -351,6 +386,7 @@ impl Applier {
                                 volume.write_zeroes(range.offset, range.len, false).await
                             }
                             ApplyKind::Trim => volume.trim(range.offset, range.len).await,
+                            ApplyKind::HashCheck => unreachable!("hash checks are matched above"),
                         };
                         let _ = tx.send(Done::Apply {
                             seq,
@@ -528,6 +564,8 @@ async fn session(
         done_tx,
         ack_tx,
         held: HashMap::new(),
+        held_hashes: HashMap::new(),
+        block_size: cfg.block_size,
         outstanding: 0,
         gen_primary: Generation(hello.generations.current),
     };
@@ -547,7 +585,7 @@ async fn session(
                 None => ending = Some("reader stopped".into()),
                 Some(Incoming::Closed(reason)) => ending = Some(reason),
                 Some(Incoming::Frame(frame, data)) => {
-                    if let Err(reason) = on_frame(*frame, data, &mut engine, &mut applier.held, &cfg, &mut out) {
+                    if let Err(reason) = on_frame(*frame, data, &mut engine, &mut applier, &cfg, &mut out) {
                         ending = Some(reason);
                     }
                 }
@@ -588,11 +626,32 @@ async fn session(
 }
 
 /// Handle one frame from the primary.
+/// The range a HashCheck covers: `count` blocks from `offset`, the last one cut at
+/// the end of the volume. None when it is malformed or out of the volume.
+fn hash_check_range(
+    offset: u64,
+    block_size: u32,
+    count: usize,
+    size_bytes: u64,
+    expected_block_size: u32,
+) -> Option<ByteRange> {
+    if block_size != expected_block_size
+        || count == 0
+        || count > crate::wire::HASHES_PER_CHECK_MAX
+        || offset >= size_bytes
+    {
+        return None;
+    }
+    let bs = block_size as u64;
+    let len = (count as u64 * bs).min(size_bytes - offset);
+    (len.div_ceil(bs) == count as u64).then_some(ByteRange::new(offset, len))
+}
+
 fn on_frame(
     frame: Frame,
     data: Option<Bytes>,
     engine: &mut Option<SecondaryEngine>,
-    held: &mut HashMap<Seq, Bytes>,
+    applier: &mut Applier,
     cfg: &NodeConfig,
     out: &mut Vec<SecondaryAction>,
 ) -> Result<(), String> {
@@ -614,7 +673,7 @@ fn on_frame(
             let e = engine.as_mut().ok_or("Write before ResyncStart")?;
             let data = data.expect("reader opens payloads of writes");
             let range = ByteRange::new(offset, data.len() as u64);
-            held.insert(seq, data);
+            applier.held.insert(seq, data);
             e.receive(seq, ApplyKind::Write, range, fua, out);
         }
         Message::WriteZeroes { offset, len, fua } => {
@@ -645,6 +704,23 @@ fn on_frame(
             .as_mut()
             .ok_or("ResyncDone before ResyncStart")?
             .resync_done(Seq(through_seq), out),
+        Message::HashCheck {
+            offset,
+            block_size,
+            hashes,
+        } => {
+            let e = engine.as_mut().ok_or("HashCheck before ResyncStart")?;
+            let range = hash_check_range(
+                offset,
+                block_size,
+                hashes.len(),
+                applier.volume.size_bytes(),
+                cfg.block_size,
+            )
+            .ok_or_else(|| format!("malformed HashCheck seq {seq}"))?;
+            applier.held_hashes.insert(seq, hashes);
+            e.receive(seq, ApplyKind::HashCheck, range, false, out);
+        }
         Message::Goodbye => return Err("primary said Goodbye".into()),
         other => {
             return Err(format!(
@@ -715,6 +791,7 @@ async fn frame_reader(
             Message::WriteZeroes { offset, len, .. } | Message::Trim { offset, len } => {
                 (Some(ByteRange::new(*offset, *len as u64)), None)
             }
+            // HashCheck ranges are validated by on_frame, which knows the block size.
             _ => (None, None),
         };
         if let Some(r) = range

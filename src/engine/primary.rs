@@ -15,7 +15,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use std::collections::HashMap;
+
 use crate::bitmap::DirtyBitmap;
+use crate::engine::activity::ActiveSet;
 use crate::engine::sequencer::RangeSequencer;
 use crate::types::{BlockCount, BlockIndex, ByteRange, Seq};
 
@@ -98,6 +101,10 @@ pub enum Action<T> {
     Release { seq: Seq },
     /// Drop the agent's data for `seq` (shipped or no longer to be shipped).
     Forget { seq: Seq },
+    /// Write the activity log durably with this active set, then call
+    /// `activity_written`. When `retired` is true some extents left the set: persist
+    /// the out-of-sync bitmap durably FIRST, so its bits stay covered (ARCHITECTURE §4).
+    WriteActivityLog { active: Vec<u32>, retired: bool },
     /// The session cannot continue (e.g. a resync read failed, leaving a gap in the
     /// stream): close it; the dirty bitmap keeps what must be resent.
     DropSession { reason: String },
@@ -117,6 +124,10 @@ struct Op<T> {
     fua: bool,
     token: Option<T>,
     local: Local,
+    /// Earlier overlapping ops are done (the sequencer released it).
+    seq_ready: bool,
+    /// Its extents are durably in the activity log (always true without one).
+    al_ready: bool,
     in_stream: bool,
     frame_ready: bool,
     shipped: bool,
@@ -176,6 +187,29 @@ pub struct Lag {
     pub oldest_accepted_at_ms: Option<u64>,
 }
 
+/// The write-intent log's bookkeeping (ARCHITECTURE §4). A client write pins its
+/// extents from acceptance until it is done locally and, if shipped, durable on
+/// the secondary; neither its local I/O nor its frame may go out before the log
+/// record naming its extents is durable.
+struct Activity {
+    set: ActiveSet,
+    /// Writes of the log issued and completed (numbered from 1).
+    issued: u64,
+    completed: u64,
+    /// Extent → the log write that records it, until that write completes.
+    recording: HashMap<u32, u64>,
+    /// The set changed since the last write was issued.
+    changed: bool,
+    retired: bool,
+    /// Ops waiting for log write n.
+    waiters: BTreeMap<u64, Vec<Seq>>,
+    /// Ops whose extents did not fit (every active extent pinned), in seq order.
+    /// Later ops queue behind them so the earliest cannot starve.
+    blocked: VecDeque<Seq>,
+    /// Remaining pins per op: local completion, and durability on the secondary.
+    pins: HashMap<Seq, (ByteRange, u8)>,
+}
+
 /// The primary's replication state.
 pub struct PrimaryEngine<T> {
     mode: Mode,
@@ -207,6 +241,7 @@ pub struct PrimaryEngine<T> {
     resync_done_marker: Option<Seq>,
     /// A local flush failed: nothing may be acknowledged as durable any more.
     poisoned: bool,
+    al: Option<Activity>,
 }
 
 impl<T> PrimaryEngine<T> {
@@ -247,6 +282,7 @@ impl<T> PrimaryEngine<T> {
             poisoned: false,
             ahead: false,
             ahead_from: first_seq,
+            al: None,
         }
     }
 
@@ -274,6 +310,12 @@ impl<T> PrimaryEngine<T> {
     pub fn dirty(&self) -> &DirtyBitmap {
         &self.dirty
     }
+    /// Refuse every further client request with EIO (a failed flush or metadata
+    /// write: durability can no longer be promised).
+    pub fn poison(&mut self) {
+        self.poisoned = true;
+    }
+
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
     }
@@ -351,6 +393,7 @@ impl<T> PrimaryEngine<T> {
             self.mark_dirty(range);
         }
         let runnable = self.sequencer.admit(seq, range);
+        let pinned_ready = self.pin(seq, range, in_stream, out);
         self.ops.insert(
             seq,
             Op {
@@ -359,14 +402,17 @@ impl<T> PrimaryEngine<T> {
                 fua,
                 token: Some(token),
                 local: Local::Waiting,
+                seq_ready: false,
+                al_ready: pinned_ready,
                 in_stream,
-                frame_ready: true,
+                frame_ready: pinned_ready,
                 shipped: false,
                 applied: false,
             },
         );
         if runnable {
-            self.start_local(seq, out);
+            self.ops.get_mut(&seq).expect("inserted").seq_ready = true;
+            self.try_start(seq, out);
         }
         if in_stream {
             self.pump_ship(out);
@@ -380,6 +426,7 @@ impl<T> PrimaryEngine<T> {
     pub fn local_done(&mut self, seq: Seq, result: Result<(), Errno>, out: &mut Vec<Action<T>>) {
         let op = self.ops.get_mut(&seq).expect("local_done for unknown op");
         assert_eq!(op.local, Local::Running, "local_done for op not running");
+        let is_client = !op.kind.is_resync();
         if let Err(errno) = result {
             // The local volume may now hold anything in this range while the secondary
             // may hold the new data: resync the range from here (G3).
@@ -415,7 +462,14 @@ impl<T> PrimaryEngine<T> {
             }
         }
         for next in self.sequencer.complete(seq) {
-            self.start_local(next, out);
+            self.ops
+                .get_mut(&next)
+                .expect("released op exists")
+                .seq_ready = true;
+            self.try_start(next, out);
+        }
+        if is_client {
+            self.unpin(seq, out);
         }
         self.pump_ship(out);
         self.try_complete(seq, out);
@@ -438,15 +492,177 @@ impl<T> PrimaryEngine<T> {
         }
     }
 
+    /// Use a write-intent log with this active set (ARCHITECTURE §4).
+    pub fn enable_activity(&mut self, set: ActiveSet) {
+        assert!(
+            self.ops.is_empty(),
+            "enable the activity log before any write"
+        );
+        self.al = Some(Activity {
+            set,
+            issued: 0,
+            completed: 0,
+            recording: HashMap::new(),
+            changed: false,
+            retired: false,
+            waiters: BTreeMap::new(),
+            blocked: VecDeque::new(),
+            pins: HashMap::new(),
+        });
+    }
+
+    /// Extents currently in the activity log's active set.
+    pub fn active_extents(&self) -> Option<Vec<u32>> {
+        self.al.as_ref().map(|a| a.set.active())
+    }
+
+    /// Pin the extents of client write `seq`. Returns whether it may go now (its
+    /// extents are durably logged); otherwise it waits for a log write.
+    fn pin(
+        &mut self,
+        seq: Seq,
+        range: ByteRange,
+        in_stream: bool,
+        out: &mut Vec<Action<T>>,
+    ) -> bool {
+        let Some(al) = self.al.as_mut() else {
+            return true;
+        };
+        let count = if in_stream { 2 } else { 1 };
+        if !al.blocked.is_empty() {
+            al.blocked.push_back(seq);
+            return false;
+        }
+        let ready = match Self::try_pin(al, seq, range, count) {
+            None => {
+                al.blocked.push_back(seq);
+                false
+            }
+            Some(ready) => ready,
+        };
+        self.issue_activity_write(out);
+        ready
+    }
+
+    /// Begin in the active set; None when it is full. Some(ready).
+    fn try_pin(al: &mut Activity, seq: Seq, range: ByteRange, count: u8) -> Option<bool> {
+        let transition = al.set.begin(range.offset, range.len).ok()?;
+        al.pins.insert(seq, (range, count));
+        if let Some(t) = transition {
+            al.changed = true;
+            al.retired |= !t.retired.is_empty();
+            for e in t.activated {
+                al.recording.insert(e, al.issued + 1);
+            }
+        }
+        let need = al
+            .set
+            .extents_of(range.offset, range.len)
+            .filter_map(|e| al.recording.get(&e).copied())
+            .max();
+        match need {
+            Some(n) => {
+                al.waiters.entry(n).or_default().push(seq);
+                Some(false)
+            }
+            None => Some(true),
+        }
+    }
+
+    fn issue_activity_write(&mut self, out: &mut Vec<Action<T>>) {
+        let Some(al) = self.al.as_mut() else { return };
+        if al.changed && al.issued == al.completed {
+            al.issued += 1;
+            al.changed = false;
+            let retired = std::mem::take(&mut al.retired);
+            out.push(Action::WriteActivityLog {
+                active: al.set.active(),
+                retired,
+            });
+        }
+    }
+
+    /// The activity-log write issued last is durable.
+    pub fn activity_written(&mut self, out: &mut Vec<Action<T>>) {
+        let al = self.al.as_mut().expect("activity log enabled");
+        assert!(
+            al.issued > al.completed,
+            "activity_written without a write in flight"
+        );
+        al.completed = al.issued;
+        let done = al.completed;
+        al.recording.retain(|_, n| *n > done);
+        let mut released = Vec::new();
+        while let Some(entry) = al.waiters.first_entry() {
+            if *entry.key() > done {
+                break;
+            }
+            released.extend(entry.remove());
+        }
+        self.release_logged(released, out);
+        self.issue_activity_write(out);
+    }
+
+    fn release_logged(&mut self, seqs: Vec<Seq>, out: &mut Vec<Action<T>>) {
+        for seq in seqs {
+            if let Some(op) = self.ops.get_mut(&seq) {
+                op.al_ready = true;
+                if op.in_stream {
+                    op.frame_ready = true;
+                }
+                self.try_start(seq, out);
+            }
+        }
+        self.pump_ship(out);
+    }
+
+    /// Drop one pin of client write `seq` (local completion, or durability on the
+    /// secondary / the session's end); at zero its extents may retire.
+    fn unpin(&mut self, seq: Seq, out: &mut Vec<Action<T>>) {
+        let Some(al) = self.al.as_mut() else { return };
+        let Some(entry) = al.pins.get_mut(&seq) else {
+            return;
+        };
+        entry.1 -= 1;
+        if entry.1 > 0 {
+            return;
+        }
+        let (range, _) = al.pins.remove(&seq).expect("present");
+        al.set.end(range.offset, range.len);
+        // Blocked writes go in seq order as room appears.
+        let mut ready = Vec::new();
+        while let Some(&front) = al.blocked.front() {
+            let Some(op) = self.ops.get(&front) else {
+                al.blocked.pop_front();
+                continue;
+            };
+            let count = if op.in_stream { 2 } else { 1 };
+            match Self::try_pin(al, front, op.range, count) {
+                None => break,
+                Some(r) => {
+                    al.blocked.pop_front();
+                    if r {
+                        ready.push(front);
+                    }
+                }
+            }
+        }
+        self.issue_activity_write(out);
+        self.release_logged(ready, out);
+    }
+
     fn assign_seq(&mut self) -> Seq {
         let seq = self.next_seq;
         self.next_seq = seq.next();
         seq
     }
 
-    fn start_local(&mut self, seq: Seq, out: &mut Vec<Action<T>>) {
-        let op = self.ops.get_mut(&seq).expect("start_local for unknown op");
-        assert_eq!(op.local, Local::Waiting);
+    /// Start the local I/O of `seq` once the sequencer and the activity log allow it.
+    fn try_start(&mut self, seq: Seq, out: &mut Vec<Action<T>>) {
+        let op = self.ops.get_mut(&seq).expect("try_start for unknown op");
+        if op.local != Local::Waiting || !op.seq_ready || !op.al_ready {
+            return;
+        }
         op.local = Local::Running;
         out.push(Action::StartLocal {
             seq,
@@ -475,7 +691,7 @@ impl<T> PrimaryEngine<T> {
                     op.shipped = true;
                     out.push(Action::Ship { seq });
                     out.push(Action::Forget { seq });
-                    if op.kind == OpKind::ResyncRead {
+                    if op.kind.is_resync() {
                         let r = self
                             .resync
                             .as_mut()
@@ -506,6 +722,22 @@ impl<T> PrimaryEngine<T> {
             let through = Seq(self.next_ship.0 - 1);
             self.resync_done_marker = Some(through);
             out.push(Action::ShipResyncDone { through });
+            // The secondary may have made all of it durable already.
+            self.finish_pass_if_durable(out);
+        }
+    }
+
+    /// A resync pass is over once its ResyncDone marker is durable; blocks still
+    /// dirty (hash mismatches, local errors) get another pass.
+    fn finish_pass_if_durable(&mut self, out: &mut Vec<Action<T>>) {
+        if let Some(marker) = self.resync_done_marker
+            && self.durable_through >= marker
+        {
+            self.resync_done_marker = None;
+            self.resync = None;
+            if self.dirty.dirty_count().0 > 0 && !self.ahead {
+                self.start_resync(false, out);
+            }
         }
     }
 
@@ -561,18 +793,23 @@ impl<T> PrimaryEngine<T> {
         }
         let bs = self.block_size as u64;
         let Ok(i) = self.unacked.binary_search_by_key(&seq, |u| u.seq) else {
-            out.push(Action::DropSession { reason: format!("hash reply for seq {seq}, which is not an outstanding hash check") });
+            out.push(Action::DropSession {
+                reason: format!("hash reply for seq {seq}, which is not an outstanding hash check"),
+            });
             return;
         };
         let u = &mut self.unacked[i];
         let blocks = u.range.len.div_ceil(bs);
         if !u.hash || mismatched.iter().any(|&m| m as u64 >= blocks) {
-            out.push(Action::DropSession { reason: format!("malformed hash reply for seq {seq}") });
+            out.push(Action::DropSession {
+                reason: format!("malformed hash reply for seq {seq}"),
+            });
             return;
         }
         for &m in mismatched {
             let off = u.range.offset + m as u64 * bs;
-            u.keep.push(ByteRange::new(off, bs.min(u.range.end() - off)));
+            u.keep
+                .push(ByteRange::new(off, bs.min(u.range.end() - off)));
         }
         self.peer_applied(seq, out);
     }
@@ -608,6 +845,9 @@ impl<T> PrimaryEngine<T> {
             }
             let u = self.unacked.pop_front().expect("front exists");
             self.unacked_bytes -= u.range.len;
+            if !u.resync {
+                self.unpin(u.seq, out);
+            }
             if u.resync {
                 // The secondary durably holds this range as of u.seq. A newer write
                 // in the stream is tracked on its own (and re-marked if the session
@@ -632,16 +872,7 @@ impl<T> PrimaryEngine<T> {
             self.try_complete(seq, out);
         }
         self.try_complete_flushes(out);
-        if let Some(marker) = self.resync_done_marker
-            && through >= marker
-        {
-            self.resync_done_marker = None;
-            self.resync = None;
-            if self.dirty.dirty_count().0 > 0 && !self.ahead {
-                // Blocks dirtied during the pass (local errors): go again.
-                self.start_resync(false, out);
-            }
-        }
+        self.finish_pass_if_durable(out);
     }
 
     /// A client FLUSH: all completed writes must become durable locally and, in
@@ -788,7 +1019,10 @@ impl<T> PrimaryEngine<T> {
             return false;
         }
         // No resync chunks are produced while ahead, so none can be outstanding.
-        assert!(self.resync.as_ref().is_none_or(|r| r.outstanding == 0));
+        assert!(
+            self.resync.as_ref().is_none_or(|r| r.outstanding == 0),
+            "no resync chunk is produced while ahead"
+        );
         self.ahead = false;
         self.next_ship = self.next_seq;
         self.resync_done_marker = None;
@@ -825,7 +1059,9 @@ impl<T> PrimaryEngine<T> {
                 self.verify.clear(first, BlockIndex(first.0 + n.0));
                 (OpKind::HashRead, n)
             }
-            Some((start, _)) if start.0 < first.0 + run.0 => (OpKind::ResyncRead, BlockCount(start.0 - first.0)),
+            Some((start, _)) if start.0 < first.0 + run.0 => {
+                (OpKind::ResyncRead, BlockCount(start.0 - first.0))
+            }
             _ => (OpKind::ResyncRead, run),
         };
         let offset = first.0 * bs;
@@ -853,6 +1089,8 @@ impl<T> PrimaryEngine<T> {
                 fua: false,
                 token: None,
                 local: Local::Waiting,
+                seq_ready: false,
+                al_ready: true,
                 in_stream: true,
                 frame_ready: false,
                 shipped: false,
@@ -860,7 +1098,8 @@ impl<T> PrimaryEngine<T> {
             },
         );
         if runnable {
-            self.start_local(seq, out);
+            self.ops.get_mut(&seq).expect("inserted").seq_ready = true;
+            self.try_start(seq, out);
         }
         Some((seq, range, kind))
     }
@@ -873,7 +1112,11 @@ impl<T> PrimaryEngine<T> {
         }
         self.streaming = false;
         self.ahead = false;
-        for u in self.unacked.drain(..) {
+        let drained: Vec<Unacked> = self.unacked.drain(..).collect();
+        for u in drained {
+            if !u.resync {
+                self.unpin(u.seq, out);
+            }
             let (a, b) = u.range.blocks(self.block_size);
             self.dirty.mark(a, b);
             if u.hash {
@@ -1054,5 +1297,65 @@ mod tests {
         out.clear();
         e.peer_durable(Seq(99), &mut out);
         assert!(out.iter().any(|a| matches!(a, Action::DropSession { .. })));
+    }
+}
+
+#[cfg(test)]
+mod hash_tests {
+    use super::*;
+
+    #[test]
+    fn hash_chunks_clear_matching_blocks_and_resend_mismatches_as_data() {
+        let mut e: PrimaryEngine<u32> = PrimaryEngine::new(
+            Mode::Async,
+            8 * 4096,
+            4096,
+            DirtyBitmap::for_volume(8 * 4096, 4096),
+            Seq(1),
+        );
+        e.set_resync_chunk_bytes(4 * 4096);
+        e.mark_verify(BlockIndex(0), BlockIndex(8));
+        let mut out = Vec::new();
+        e.session_started(false, &mut out);
+        let (s1, r1, k1) = e.next_resync_chunk(0, &mut out).unwrap();
+        let (s2, r2, k2) = e.next_resync_chunk(0, &mut out).unwrap();
+        assert_eq!((k1, k2), (OpKind::HashRead, OpKind::HashRead));
+        assert_eq!(
+            (r1, r2),
+            (
+                ByteRange::new(0, 4 * 4096),
+                ByteRange::new(4 * 4096, 4 * 4096)
+            )
+        );
+        e.local_done(s1, Ok(()), &mut out);
+        e.local_done(s2, Ok(()), &mut out);
+        assert!(e.next_resync_chunk(0, &mut out).is_none());
+        out.clear();
+        e.peer_hash_reply(s1, &[1], &mut out);
+        e.peer_hash_reply(s2, &[], &mut out);
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::DropSession { .. })),
+            "{out:?}"
+        );
+        let done_marker = out.iter().find_map(|a| {
+            if let Action::ShipResyncDone { through } = a {
+                Some(*through)
+            } else {
+                None
+            }
+        });
+        let through = done_marker.unwrap_or(s2);
+        out.clear();
+        e.peer_durable(through, &mut out);
+        assert_eq!(
+            e.dirty().dirty_count().0,
+            1,
+            "only the mismatched block stays dirty"
+        );
+        assert!(e.dirty().is_dirty(BlockIndex(1)));
+        let (_, r3, k3) = e
+            .next_resync_chunk(0, &mut out)
+            .expect("a data pass for the mismatch");
+        assert_eq!((r3, k3), (ByteRange::new(4096, 4096), OpKind::ResyncRead));
     }
 }

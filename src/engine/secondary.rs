@@ -18,6 +18,9 @@ pub enum ApplyKind {
     Write,
     WriteZeroes,
     Trim,
+    /// Compare the range with the primary's block hashes; the agent answers with
+    /// HashReply, which stands in for Applied.
+    HashCheck,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -52,6 +55,8 @@ pub struct SecondaryEngine {
     /// Seq ranges [start, end) the primary skipped (it went ahead): never applied,
     /// but "applied through" may pass over them.
     skipped: BTreeMap<Seq, Seq>,
+    /// Hash checks in flight: answered by HashReply instead of Applied.
+    hash_checks: std::collections::HashSet<Seq>,
     durable_through: Seq,
     flushing: Option<Seq>,
     /// Highest seq the primary asked to make durable (FLUSH or FUA).
@@ -74,6 +79,7 @@ impl SecondaryEngine {
             applied_through: before,
             completed_above: BTreeSet::new(),
             skipped: BTreeMap::new(),
+            hash_checks: std::collections::HashSet::new(),
             durable_through: before,
             flushing: None,
             flush_wanted: Seq::ZERO,
@@ -121,6 +127,9 @@ impl SecondaryEngine {
             return;
         }
         self.expected_next = seq.next();
+        if kind == ApplyKind::HashCheck {
+            self.hash_checks.insert(seq);
+        }
         if fua {
             self.flush_wanted = self.flush_wanted.max(seq);
         }
@@ -186,6 +195,8 @@ impl SecondaryEngine {
                 ),
                 out,
             );
+        } else if self.hash_checks.remove(&seq) {
+            // Answered by the agent's HashReply, sent before this completion.
         } else if !self.failed {
             self.bytes_since_flush += range.len;
             out.push(SecondaryAction::SendApplied { seq });

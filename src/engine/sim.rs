@@ -16,6 +16,7 @@ use crate::types::{ByteRange, Seq};
 const BS: u32 = 512;
 const BLOCKS: u64 = 64;
 const SIZE: u64 = BS as u64 * BLOCKS;
+const AL_EXTENT: u64 = 2 * BS as u64;
 
 #[derive(Clone, Debug)]
 enum Net {
@@ -39,6 +40,7 @@ enum Net {
 enum Ack {
     Applied(Seq),
     Durable(Seq),
+    HashReply(Seq, Vec<u32>),
 }
 
 struct Sim {
@@ -60,6 +62,13 @@ struct Sim {
     sflush: Option<Seq>,
     completed: u64,
     waiting_sync_applied: HashMap<Seq, ByteRange>,
+    /// What a crash would leave on "disk": the persisted bitmap and the durable
+    /// activity log, and the log write in flight.
+    persisted: DirtyBitmap,
+    al_durable: Vec<u32>,
+    al_pending: Option<Vec<u32>>,
+    coverage_checks: u64,
+    hash_replies: u64,
 }
 
 impl Sim {
@@ -67,6 +76,8 @@ impl Sim {
         let dirty = DirtyBitmap::for_volume(SIZE, BS);
         let mut p = PrimaryEngine::new(mode, SIZE, BS, dirty, Seq(1));
         p.set_resync_chunk_bytes(4 * BS as u64);
+        // Tiny extents and a tiny set, so retiring and the full-set path run often.
+        p.enable_activity(crate::engine::activity::ActiveSet::new(AL_EXTENT, 4));
         Sim {
             rng: StdRng::seed_from_u64(seed),
             mode,
@@ -84,10 +95,107 @@ impl Sim {
             sflush: None,
             completed: 0,
             waiting_sync_applied: HashMap::new(),
+            persisted: DirtyBitmap::for_volume(SIZE, BS),
+            al_durable: Vec::new(),
+            al_pending: None,
+            coverage_checks: 0,
+            hash_replies: 0,
         }
     }
 
+    /// Primary local I/O of `seq` completes: a write lands, a resync op reads.
+    fn complete_local(&mut self, seq: Seq) {
+        let (kind, range, data, fua) = self.data[&seq].clone();
+        match kind {
+            OpKind::Write => apply(&mut self.pvol, range, &data),
+            OpKind::WriteZeroes | OpKind::Trim => {
+                apply(&mut self.pvol, range, &vec![0; range.len as usize])
+            }
+            OpKind::ResyncRead | OpKind::HashRead => {
+                let d = self.pvol[range.offset as usize..range.end() as usize].to_vec();
+                self.data.insert(seq, (kind, range, d, fua));
+            }
+        }
+        let mut out = Vec::new();
+        self.p.local_done(seq, Ok(()), &mut out);
+        self.run_p(out);
+    }
+
+    /// A secondary apply reaches its volume (a hash check only reads).
+    fn land_apply(&mut self, kind: ApplyKind, range: ByteRange, data: &[u8]) {
+        match kind {
+            ApplyKind::Write => apply(&mut self.svol, range, data),
+            ApplyKind::WriteZeroes | ApplyKind::Trim => {
+                apply(&mut self.svol, range, &vec![0; range.len as usize])
+            }
+            ApplyKind::HashCheck => {}
+        }
+    }
+
+    /// A secondary apply completes; a hash check answers with the differing blocks.
+    fn complete_apply(&mut self, (seq, kind, range, data): (Seq, ApplyKind, ByteRange, Vec<u8>)) {
+        self.land_apply(kind, range, &data);
+        if kind == ApplyKind::HashCheck {
+            let local = &self.svol[range.offset as usize..range.end() as usize];
+            let expected = crate::resync::hash_blocks(&data, BS);
+            self.to_p.push_back(Ack::HashReply(
+                seq,
+                crate::resync::mismatched_blocks(local, BS, &expected),
+            ));
+            self.hash_replies += 1;
+        }
+        let mut out = Vec::new();
+        self.s
+            .as_mut()
+            .unwrap()
+            .apply_done(seq, range, Ok(()), &mut out);
+        self.run_s(out);
+    }
+
+    /// G3 under a crash of the primary at this instant: every block that differs
+    /// between the images, or that local or remote I/O in flight may still change,
+    /// is in the persisted bitmap or in an extent of the durable activity log.
+    fn check_crash_coverage(&mut self) {
+        let mut covered = self.persisted.clone();
+        for &e in &self.al_durable {
+            let r = ByteRange::new(e as u64 * AL_EXTENT, AL_EXTENT);
+            let (a, b) = r.blocks(BS);
+            covered.mark(a, b);
+        }
+        let block = |b: u64| (b * BS as u64) as usize..((b + 1) * BS as u64) as usize;
+        for b in 0..BLOCKS {
+            if self.pvol[block(b)] != self.svol[block(b)] {
+                assert!(
+                    covered.is_dirty(crate::types::BlockIndex(b)),
+                    "block {b} differs but a crash now would not resync it"
+                );
+            }
+        }
+        let mut in_flight: Vec<ByteRange> = self
+            .plocal
+            .iter()
+            .filter(|s| !self.data[s].0.is_resync())
+            .map(|s| self.data[s].1)
+            .collect();
+        in_flight.extend(self.sapply.iter().map(|a| a.2));
+        for r in in_flight {
+            let (a, b) = r.blocks(BS);
+            for x in a.0..b.0 {
+                assert!(
+                    covered.is_dirty(crate::types::BlockIndex(x)),
+                    "block {x} has I/O in flight but a crash now would not resync it"
+                );
+            }
+        }
+        self.coverage_checks += 1;
+    }
+
     fn connect(&mut self, full: bool) {
+        if full {
+            // A full sync is recorded by the secondary's state (new or from another
+            // generation), which a crash does not change.
+            self.persisted.mark_all();
+        }
         self.s = Some(SecondaryEngine::new(self.p.next_seq(), 4096));
         let mut out = Vec::new();
         self.p.session_started(full, &mut out);
@@ -99,11 +207,8 @@ impl Sim {
         self.to_s.clear();
         self.to_p.clear();
         // In-flight secondary applies still land on its disk (they were submitted).
-        for (_, kind, range, data) in self.sapply.drain(..) {
-            match kind {
-                ApplyKind::Write => apply(&mut self.svol, range, &data),
-                _ => apply(&mut self.svol, range, &vec![0; range.len as usize]),
-            }
+        for (_, kind, range, data) in std::mem::take(&mut self.sapply) {
+            self.land_apply(kind, range, &data);
         }
         self.sheld.clear();
         self.sflush = None;
@@ -118,7 +223,7 @@ impl Sim {
                 Action::StartLocal {
                     seq, kind, range, ..
                 } => {
-                    if kind == OpKind::ResyncRead {
+                    if kind.is_resync() {
                         self.data.insert(seq, (kind, range, Vec::new(), false));
                     }
                     self.plocal.push(seq);
@@ -127,6 +232,8 @@ impl Sim {
                     let (kind, range, data, fua) = self.data[&seq].clone();
                     let (kind, data) = match kind {
                         OpKind::Write | OpKind::ResyncRead => (ApplyKind::Write, data),
+                        // The sim carries the primary's bytes; the secondary compares blocks.
+                        OpKind::HashRead => (ApplyKind::HashCheck, data),
                         OpKind::WriteZeroes => (ApplyKind::WriteZeroes, Vec::new()),
                         OpKind::Trim => (ApplyKind::Trim, Vec::new()),
                     };
@@ -157,6 +264,16 @@ impl Sim {
                 Action::CompleteFlush { result, .. } => assert!(result.is_ok()),
                 Action::Release { .. } | Action::Forget { .. } => {}
                 Action::DropSession { reason } => panic!("unexpected drop: {reason}"),
+                Action::WriteActivityLog { active, retired } => {
+                    assert!(
+                        self.al_pending.is_none(),
+                        "one activity-log write at a time"
+                    );
+                    if retired {
+                        self.persisted = self.p.out_of_sync();
+                    }
+                    self.al_pending = Some(active);
+                }
             }
         }
         self.p.assert_invariants();
@@ -209,21 +326,15 @@ impl Sim {
             25..=39 if !self.plocal.is_empty() => {
                 let i = self.rng.gen_range(0..self.plocal.len());
                 let seq = self.plocal.swap_remove(i);
-                let (kind, range, data, fua) = self.data[&seq].clone();
-                match kind {
-                    OpKind::Write => apply(&mut self.pvol, range, &data),
-                    OpKind::WriteZeroes | OpKind::Trim => {
-                        apply(&mut self.pvol, range, &vec![0; range.len as usize])
-                    }
-                    OpKind::ResyncRead => {
-                        let d = self.pvol[range.offset as usize..range.end() as usize].to_vec();
-                        self.data.insert(seq, (kind, range, d, fua));
-                    }
-                }
+                self.complete_local(seq);
+            }
+            96 if self.al_pending.is_some() => {
+                self.al_durable = self.al_pending.take().expect("checked");
                 let mut out = Vec::new();
-                self.p.local_done(seq, Ok(()), &mut out);
+                self.p.activity_written(&mut out);
                 self.run_p(out);
             }
+            97 => self.check_crash_coverage(),
             40..=44 => {
                 let mut out = Vec::new();
                 let id = self.p.next_seq().0;
@@ -259,17 +370,8 @@ impl Sim {
             }
             65..=79 if !self.sapply.is_empty() => {
                 let i = self.rng.gen_range(0..self.sapply.len());
-                let (seq, kind, range, data) = self.sapply.swap_remove(i);
-                match kind {
-                    ApplyKind::Write => apply(&mut self.svol, range, &data),
-                    _ => apply(&mut self.svol, range, &vec![0; range.len as usize]),
-                }
-                let mut out = Vec::new();
-                self.s
-                    .as_mut()
-                    .unwrap()
-                    .apply_done(seq, range, Ok(()), &mut out);
-                self.run_s(out);
+                let a = self.sapply.swap_remove(i);
+                self.complete_apply(a);
             }
             80..=84 if self.s.is_some() => {
                 let mut out = Vec::new();
@@ -286,6 +388,7 @@ impl Sim {
                 match a {
                     Ack::Applied(seq) => self.p.peer_applied(seq, &mut out),
                     Ack::Durable(seq) => self.p.peer_durable(seq, &mut out),
+                    Ack::HashReply(seq, m) => self.p.peer_hash_reply(seq, &m, &mut out),
                 }
                 self.run_p(out);
             }
@@ -312,29 +415,35 @@ impl Sim {
             self.connect(false);
         }
         for _ in 0..1_000_000 {
-            let busy = !self.plocal.is_empty()
+            let busy = self.al_pending.is_some()
+                || !self.plocal.is_empty()
                 || !self.to_s.is_empty()
                 || !self.sapply.is_empty()
                 || !self.to_p.is_empty()
                 || self.sflush.is_some()
                 || !self.pflush.is_empty();
-            if !busy && self.p.is_ahead() {
-                let mut out = Vec::new();
-                assert!(
-                    self.p.leave_ahead(&mut out),
-                    "an idle primary can always leave ahead"
-                );
-                self.run_p(out);
-                continue;
-            }
             if !busy {
+                let mut out = Vec::new();
+                self.s.as_mut().unwrap().tick(&mut out);
+                if !out.is_empty() {
+                    self.run_s(out);
+                    continue;
+                }
+                if self.p.is_ahead() {
+                    let mut out = Vec::new();
+                    assert!(
+                        self.p.leave_ahead(&mut out),
+                        "an idle, flushed primary can always leave ahead"
+                    );
+                    self.run_p(out);
+                    continue;
+                }
                 let mut out = Vec::new();
                 self.s.as_mut().unwrap().tick(&mut out);
                 let flushed = !out.is_empty();
                 self.run_s(out);
                 let mut out = Vec::new();
-                self.p.next_resync_chunk(0, &mut out);
-                let produced = !out.is_empty();
+                let produced = self.p.next_resync_chunk(0, &mut out).is_some() || !out.is_empty();
                 self.run_p(out);
                 if !flushed && !produced {
                     return;
@@ -342,19 +451,13 @@ impl Sim {
             }
             if !self.plocal.is_empty() {
                 let seq = self.plocal.remove(0);
-                let (kind, range, data, fua) = self.data[&seq].clone();
-                match kind {
-                    OpKind::Write => apply(&mut self.pvol, range, &data),
-                    OpKind::WriteZeroes | OpKind::Trim => {
-                        apply(&mut self.pvol, range, &vec![0; range.len as usize])
-                    }
-                    OpKind::ResyncRead => {
-                        let d = self.pvol[range.offset as usize..range.end() as usize].to_vec();
-                        self.data.insert(seq, (kind, range, d, fua));
-                    }
-                }
+                self.complete_local(seq);
+                continue;
+            }
+            if self.al_pending.is_some() {
+                self.al_durable = self.al_pending.take().expect("checked");
                 let mut out = Vec::new();
-                self.p.local_done(seq, Ok(()), &mut out);
+                self.p.activity_written(&mut out);
                 self.run_p(out);
                 continue;
             }
@@ -392,16 +495,8 @@ impl Sim {
             }
             self.run_s(out);
         } else if !self.sapply.is_empty() {
-            let (seq, kind, range, data) = self.sapply.remove(0);
-            match kind {
-                ApplyKind::Write => apply(&mut self.svol, range, &data),
-                _ => apply(&mut self.svol, range, &vec![0; range.len as usize]),
-            }
-            self.s
-                .as_mut()
-                .unwrap()
-                .apply_done(seq, range, Ok(()), &mut out);
-            self.run_s(out);
+            let a = self.sapply.remove(0);
+            self.complete_apply(a);
         } else if self.sflush.take().is_some() {
             self.s.as_mut().unwrap().flush_done(Ok(()), &mut out);
             self.run_s(out);
@@ -410,6 +505,7 @@ impl Sim {
             match a {
                 Ack::Applied(seq) => self.p.peer_applied(seq, &mut out),
                 Ack::Durable(seq) => self.p.peer_durable(seq, &mut out),
+                Ack::HashReply(seq, m) => self.p.peer_hash_reply(seq, &m, &mut out),
             }
             self.run_p(out);
         }
@@ -420,16 +516,48 @@ fn apply(vol: &mut [u8], range: ByteRange, data: &[u8]) {
     vol[range.offset as usize..range.end() as usize].copy_from_slice(data);
 }
 
-fn run(seed: u64, mode: Mode, steps: usize) {
+/// Returns (crash-coverage checks made, hash replies sent) so the tests can show
+/// both paths ran.
+fn run(seed: u64, mode: Mode, steps: usize) -> (u64, u64) {
     println!("sim seed={seed} mode={mode:?}");
     let mut sim = Sim::new(seed, mode);
     if sim.rng.gen_bool(0.5) {
+        // A pre-seeded secondary: the same data but a few blocks differ; every block
+        // is compared by hash before data is sent.
+        let fill: Vec<u8> = (0..SIZE).map(|_| sim.rng.r#gen()).collect();
+        sim.pvol.copy_from_slice(&fill);
+        sim.svol.copy_from_slice(&fill);
+        for _ in 0..sim.rng.gen_range(0..6) {
+            let b = sim.rng.gen_range(0..SIZE);
+            sim.svol[b as usize] ^= 0x5a;
+        }
+        sim.p.mark_verify(
+            crate::types::BlockIndex(0),
+            crate::types::BlockIndex(BLOCKS),
+        );
+        sim.persisted.mark_all();
+        sim.connect(false);
+    } else if sim.rng.gen_bool(0.5) {
         sim.connect(true);
     }
     for _ in 0..steps {
         sim.step();
     }
     sim.drain();
+    let differing: Vec<u64> = (0..BLOCKS)
+        .filter(|b| {
+            let r = (b * BS as u64) as usize..((b + 1) * BS as u64) as usize;
+            sim.pvol[r.clone()] != sim.svol[r]
+        })
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "seed {seed}: blocks {differing:?} differ after drain (verify left: {}, dirty left: {}, resync: {:?}, ahead: {})",
+        sim.p.verify_count().0,
+        sim.p.dirty().dirty_count().0,
+        sim.p.resync_progress(),
+        sim.p.is_ahead()
+    );
     assert!(
         sim.pvol == sim.svol,
         "seed {seed}: images differ after drain"
@@ -441,6 +569,7 @@ fn run(seed: u64, mode: Mode, steps: usize) {
     );
     assert_eq!(sim.p.lag().writes, 0, "seed {seed}: unacked writes remain");
     let _ = sim.completed;
+    (sim.coverage_checks, sim.hash_replies)
 }
 
 #[test]
@@ -449,9 +578,16 @@ fn random_workloads_with_disconnects_converge_async() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x7a4d);
+    let (mut checks, mut hashes) = (0, 0);
     for i in 0..300 {
-        run(base + i, Mode::Async, 400);
+        let (c, h) = run(base + i, Mode::Async, 400);
+        checks += c;
+        hashes += h;
     }
+    assert!(
+        checks > 300 && hashes > 300,
+        "coverage checks {checks}, hash replies {hashes}"
+    );
 }
 
 #[test]
@@ -460,7 +596,14 @@ fn random_workloads_with_disconnects_converge_sync() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x51c0);
+    let (mut checks, mut hashes) = (0, 0);
     for i in 0..300 {
-        run(base + i, Mode::Sync, 400);
+        let (c, h) = run(base + i, Mode::Sync, 400);
+        checks += c;
+        hashes += h;
     }
+    assert!(
+        checks > 300 && hashes > 300,
+        "coverage checks {checks}, hash replies {hashes}"
+    );
 }

@@ -150,10 +150,17 @@ pub enum Message {
     /// hashes, one per `block_size` block (the last block may end at the volume's end).
     /// The frame seq orders it like a write (G2): the comparison sees every earlier
     /// write. At most [`HASHES_PER_CHECK_MAX`] hashes.
-    HashCheck { offset: u64, block_size: u32, hashes: Vec<[u8; 32]> },
+    HashCheck {
+        offset: u64,
+        block_size: u32,
+        hashes: Vec<[u8; 32]>,
+    },
     /// secondary → primary: the answer to the HashCheck with frame seq `seq`: indices
     /// (into its hash list) of the blocks that differ. Stands in for `Applied` of that seq.
-    HashReply { seq: u64, mismatched: Vec<u32> },
+    HashReply {
+        seq: u64,
+        mismatched: Vec<u32>,
+    },
 }
 
 impl Message {
