@@ -35,6 +35,8 @@
 #   BENCH_FRAME     1 (default) to also run the frame_pipeline criterion bench
 #   BENCH_RESULTS   results file (default benches/RESULTS.md)
 #   BENCH_NOTE      free text recorded with the results (e.g. "2nd run")
+#   BENCH_SYNC_TIMEOUT  seconds to wait for the initial full sync (default 90);
+#                   on any failure the agents' logs are kept in BENCH_TMPDIR
 #
 # Needs: fio (with the nbd engine; `apt-get install -y fio`), qemu-nbd,
 # python3, fallocate. Every process it starts is stopped on exit (trap EXIT),
@@ -48,10 +50,11 @@ BENCH_TMPDIR=${BENCH_TMPDIR:-/var/tmp}
 BENCH_FRAME=${BENCH_FRAME:-1}
 TANDEM_EXTRA_ARGS=${TANDEM_EXTRA_ARGS:-}
 BENCH_NOTE=${BENCH_NOTE:-}
+BENCH_SYNC_TIMEOUT=${BENCH_SYNC_TIMEOUT:-90}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RESULTS=${BENCH_RESULTS:-$REPO/benches/RESULTS.md}
-COMMAND_LINE="BENCH_SECONDS=$BENCH_SECONDS BENCH_RAMP=$BENCH_RAMP BENCH_SIZE=$BENCH_SIZE${TANDEM_EXTRA_ARGS:+ TANDEM_EXTRA_ARGS=\"$TANDEM_EXTRA_ARGS\"} tools/bench.sh"
+COMMAND_LINE="${TANDEM_BIN:+TANDEM_BIN=$TANDEM_BIN }BENCH_SECONDS=$BENCH_SECONDS BENCH_RAMP=$BENCH_RAMP BENCH_SIZE=$BENCH_SIZE${TANDEM_EXTRA_ARGS:+ TANDEM_EXTRA_ARGS=\"$TANDEM_EXTRA_ARGS\"} tools/bench.sh"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -76,6 +79,16 @@ cleanup() {
         kill -KILL "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
+    if ((rc != 0)); then
+        # Keep the agents' logs and status snapshots for the bug report; drop the images.
+        local keep
+        keep="$BENCH_TMPDIR/tandem-bench-failed-$(date +%Y%m%d-%H%M%S)"
+        mkdir -p "$keep"
+        find "$WORK" -name '*.log' -o -name '*.status*.json' | while read -r f; do
+            cp "$f" "$keep/$(basename "$(dirname "$f")").$(basename "$f")"
+        done
+        log "failed (exit $rc); logs kept in $keep"
+    fi
     rm -rf "$WORK"
     exit "$rc"
 }
@@ -232,8 +245,11 @@ bench_tandem() { # mode
     local ppid_=$!
     PIDS+=("$ppid_")
     local t0=$SECONDS
-    wait_in_sync "$pimg.tandem.sock" 180 ||
-        die "tandem $mode: initial sync did not finish in 180 s: $(tail -5 "$dir/primary.log")"
+    if ! wait_in_sync "$pimg.tandem.sock" "$BENCH_SYNC_TIMEOUT"; then
+        status_json "$pimg.tandem.sock" >"$dir/primary.status-at-failure.json" || true
+        status_json "$simg.tandem.sock" >"$dir/secondary.status-at-failure.json" || true
+        die "tandem $mode: initial sync did not finish in $BENCH_SYNC_TIMEOUT s: $(tail -5 "$dir/primary.log")"
+    fi
     log "tandem $mode: initial sync done in $((SECONDS - t0)) s"
     echo "$((SECONDS - t0))" >"$WORK/tandem-$mode.initial_sync_s"
     for job in "${JOBS[@]}"; do run_fio "tandem-$mode" "$nport" "$job" "$pimg.tandem.sock"; done
