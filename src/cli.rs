@@ -114,6 +114,10 @@ pub struct NodeArgs {
     /// Replication mode: sync (ack after the secondary applied) or async.
     #[arg(long, value_parser = ["sync", "async"])]
     pub mode: Option<String>,
+    /// Sync mode while the secondary is unreachable: degrade (default: writes complete
+    /// here alone, tracked for resync, logged loudly) or block (writes wait for the peer).
+    #[arg(long, value_parser = ["degrade", "block"])]
+    pub on_disconnect: Option<String>,
     /// Directory holding ca.pem and this node's NAME.pem/NAME.key (default /etc/tandem).
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
@@ -177,6 +181,7 @@ impl NodeArgs {
             nbd_name: self.nbd_name,
             control: self.control,
             mode: self.mode,
+            on_disconnect: self.on_disconnect,
             tls_dir: self.tls_dir,
             danger_plaintext: self.danger_plaintext,
             compress_level: self.compress_level,

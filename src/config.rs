@@ -88,6 +88,7 @@ impl SizeValue {
 pub struct ResourceSection {
     pub name: Option<String>,
     pub mode: Option<String>,
+    pub on_disconnect: Option<String>,
     pub tls_dir: Option<PathBuf>,
     pub danger_plaintext: Option<bool>,
     pub compress_level: Option<i32>,
@@ -155,6 +156,15 @@ impl ResourceFile {
 /// How the secondary's I/O engine is chosen.
 pub use crate::volume::EngineChoice;
 
+/// What a sync-mode primary does with writes while its secondary is unreachable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnDisconnect {
+    /// Complete writes on this node alone, track them in the bitmap, log loudly.
+    Degrade,
+    /// Writes (and flushes) wait until the secondary is back and streaming.
+    Block,
+}
+
 /// Everything a node agent needs, resolved and validated.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -176,6 +186,9 @@ pub struct NodeConfig {
     pub nbd_name: String,
     pub control: PathBuf,
     pub mode: Mode,
+    /// Sync mode without a connected secondary: keep serving (degrade) or make
+    /// writes wait for the peer (block).
+    pub on_disconnect: OnDisconnect,
     pub tls_dir: PathBuf,
     pub danger_plaintext: bool,
     pub compress_level: i32,
@@ -238,6 +251,7 @@ pub struct Overrides {
     pub nbd_name: Option<String>,
     pub control: Option<PathBuf>,
     pub mode: Option<String>,
+    pub on_disconnect: Option<String>,
     pub tls_dir: Option<PathBuf>,
     pub danger_plaintext: bool,
     pub compress_level: Option<i32>,
@@ -334,6 +348,16 @@ impl NodeConfig {
                 });
             }
         };
+        let on_disconnect = match o.on_disconnect.or(res.on_disconnect).as_deref() {
+            None | Some("degrade") => OnDisconnect::Degrade,
+            Some("block") => OnDisconnect::Block,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    option: "--on-disconnect",
+                    message: format!("'{other}': expected degrade or block"),
+                });
+            }
+        };
         let io_engine = match o.io_engine.or(res.io_engine).as_deref() {
             None | Some("auto") => EngineChoice::Auto,
             Some("io_uring") | Some("uring") => EngineChoice::Uring,
@@ -391,6 +415,7 @@ impl NodeConfig {
             nbd_name: o.nbd_name.or(mine.nbd_name).unwrap_or_default(),
             control,
             mode,
+            on_disconnect,
             tls_dir,
             danger_plaintext: o.danger_plaintext || res.danger_plaintext.unwrap_or(false),
             compress_level,

@@ -63,14 +63,21 @@ impl AdaptiveCompression {
     const SKIP: u32 = 256;
 
     pub(crate) fn new(level: i32) -> AdaptiveCompression {
-        AdaptiveCompression { level, streak: 0.into(), skip: 0.into() }
+        AdaptiveCompression {
+            level,
+            streak: 0.into(),
+            skip: 0.into(),
+        }
     }
 
     pub(crate) fn prepare(&self, data: Bytes) -> Payload {
         if self.level == 0 {
             return Payload::prepare(data, 0);
         }
-        let skipping = self.skip.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+        let skipping = self
+            .skip
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
         if skipping {
             return Payload::prepare(data, 0);
         }
@@ -230,12 +237,38 @@ struct Shared {
     cmd_tx: mpsc::Sender<Cmd>,
     /// The engine ships new writes (connected and not ahead): prepare payloads and take permits.
     streaming: AtomicBool,
+    /// Woken whenever `streaming` becomes true (on-disconnect = block waits on it).
+    link_up: tokio::sync::Notify,
+    /// Sync mode with on-disconnect = block: requests wait for the link.
+    block_without_peer: bool,
+    /// Cancelled when the agent stops, so requests waiting for the link give up.
+    stopping: CancellationToken,
     mode: Mode,
     window: Window,
     size_bytes: u64,
     compress: Arc<AdaptiveCompression>,
     metrics: Arc<Metrics>,
     volume: Volume,
+}
+
+impl Shared {
+    /// With on-disconnect = block, a request waits here until the secondary is
+    /// connected and streaming (or the agent stops: ESHUTDOWN).
+    async fn wait_for_link(&self) -> std::io::Result<()> {
+        if !self.block_without_peer {
+            return Ok(());
+        }
+        loop {
+            let notified = self.link_up.notified();
+            if self.streaming.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = self.stopping.cancelled() => return Err(std::io::Error::from_raw_os_error(libc::ESHUTDOWN)),
+            }
+        }
+    }
 }
 
 /// Run a primary until `shutdown` is cancelled; then drain and persist.
@@ -357,6 +390,10 @@ pub async fn run(
     let shared = Arc::new(Shared {
         cmd_tx: cmd_tx.clone(),
         streaming: AtomicBool::new(false),
+        link_up: tokio::sync::Notify::new(),
+        block_without_peer: cfg.mode == Mode::Sync
+            && cfg.on_disconnect == crate::config::OnDisconnect::Block,
+        stopping: shutdown.child_token(),
         mode: cfg.mode,
         window,
         size_bytes,
@@ -396,6 +433,7 @@ pub async fn run(
         last_refill: Instant::now(),
         draining: None,
         last_resync_log: Instant::now(),
+        last_progress_persist: Instant::now(),
     };
     let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx));
 
@@ -511,6 +549,7 @@ impl ReplicatedExport {
             if len == 0 {
                 return Ok(());
             }
+            shared.wait_for_link().await?;
             let streaming = shared.streaming.load(Ordering::Relaxed);
             let payload = match (&data, streaming) {
                 (Some(d), true) => Some(shared.compress.prepare(d.clone())),
@@ -586,6 +625,7 @@ impl ExportBackend for ReplicatedExport {
     fn flush(&self) -> IoFuture<()> {
         let shared = self.shared.clone();
         Box::pin(async move {
+            shared.wait_for_link().await?;
             let (reply, rx) = oneshot::channel();
             shared
                 .cmd_tx
@@ -622,6 +662,7 @@ struct Owner {
     last_refill: Instant,
     draining: Option<Draining>,
     last_resync_log: Instant,
+    last_progress_persist: Instant,
 }
 
 impl Owner {
@@ -646,6 +687,11 @@ impl Owner {
                 _ = tick.tick() => {}
             }
             self.maybe_leave_ahead(&mut out);
+            if self.engine.resync_progress().is_some()
+                && self.last_progress_persist.elapsed() >= Duration::from_secs(10)
+            {
+                self.persist_progress();
+            }
             self.pump_resync(&mut out);
             self.publish_gauges();
             if let Some(d) = &self.draining {
@@ -796,6 +842,17 @@ impl Owner {
     fn drop_session(&mut self, reason: &str, out: &mut Vec<Action<Reply>>) {
         if let Some(s) = self.session.take() {
             tracing::warn!(session = s.id, "dropping the session: {reason}");
+            if self.cfg.mode == Mode::Sync {
+                if self.shared.block_without_peer {
+                    tracing::warn!(
+                        "sync mode without a secondary: new writes wait until it is back (on-disconnect = block)"
+                    );
+                } else {
+                    tracing::warn!(
+                        "sync mode DEGRADED: without a secondary, writes complete on this node alone and are tracked for resync (on-disconnect = degrade)"
+                    );
+                }
+            }
             self.shared.metrics.set_error(reason.to_string());
             let mut more = Vec::new();
             self.engine.session_ended(&mut more);
@@ -904,7 +961,11 @@ impl Owner {
                 let payload = match held.payload.take() {
                     Some(p) => p,
                     // Accepted just before the link came up: prepare it now.
-                    None => self.shared.compress.prepare(held.data.clone().expect("unprepared write still holds its data")),
+                    None => self.shared.compress.prepare(
+                        held.data
+                            .clone()
+                            .expect("unprepared write still holds its data"),
+                    ),
                 };
                 Metrics::add(&metrics.replicated_bytes, payload.raw_len() as u64);
                 Metrics::add(&metrics.replicated_wire_bytes, payload.wire_len() as u64);
@@ -1073,6 +1134,12 @@ impl Owner {
                 self.shared.metrics.connected.store(true, Ordering::Relaxed);
                 Metrics::add(&self.shared.metrics.sessions, 1);
                 self.engine.session_started(full, out);
+                if full {
+                    // Persist "everything dirty" before ResyncStart goes out: the
+                    // secondary may resume this sync from our bitmap later, even
+                    // across a crash of this node.
+                    self.persist_progress();
+                }
                 self.shared.streaming.store(true, Ordering::Relaxed);
             }
             PeerEvent::Applied { id, seq } if Some(id) == current => {
@@ -1195,10 +1262,28 @@ impl Owner {
         }
     }
 
+    /// Persist the out-of-sync bitmap (a superset of what may differ): makes resync
+    /// progress survive a restart. Called at a full sync's start and every 10 s of a
+    /// running resync.
+    fn persist_progress(&mut self) {
+        let bm = self.engine.out_of_sync();
+        let result = tokio::task::block_in_place(|| self.meta.persist_bitmap(&mut self.sb, &bm));
+        self.last_progress_persist = Instant::now();
+        if let Err(e) = result {
+            tracing::error!("persisting the bitmap failed: {e}; refusing further writes");
+            self.shared
+                .metrics
+                .set_error(format!("persisting the bitmap failed: {e}"));
+            self.engine.poison();
+        }
+    }
+
     fn publish_gauges(&mut self) {
-        self.shared
-            .streaming
-            .store(self.engine.is_shipping(), Ordering::Relaxed);
+        let shipping = self.engine.is_shipping();
+        if shipping && !self.shared.streaming.swap(true, Ordering::Relaxed) {
+            self.shared.link_up.notify_waiters();
+        }
+        self.shared.streaming.store(shipping, Ordering::Relaxed);
         self.shared
             .metrics
             .ahead
@@ -1684,7 +1769,10 @@ mod tests {
         }
         assert!(c.prepare(text.clone()).is_compressed());
         for _ in 0..100 {
-            assert!(c.prepare(text.clone()).is_compressed(), "compressible data keeps compressing");
+            assert!(
+                c.prepare(text.clone()).is_compressed(),
+                "compressible data keeps compressing"
+            );
         }
     }
 

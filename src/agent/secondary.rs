@@ -277,9 +277,12 @@ fn check_hello(h: &Hello, node: &Node) -> Result<SyncPlan, String> {
     // generation: valid whenever this node completed a sync in that generation, even if
     // a later resync was interrupted (the primary keeps those blocks dirty until they
     // are durable here). A new node, or one from another generation, needs everything.
-    let same_generation =
-        sb.gen_current != Generation::NONE && sb.gen_current == Generation(h.generations.current);
-    Ok(if !sb.is_new && same_generation {
+    let primary = Generation(h.generations.current);
+    let same_generation = sb.gen_current != Generation::NONE && sb.gen_current == primary;
+    // An interrupted full sync from this same primary generation resumes from the
+    // primary's bitmap: the primary persisted it (all dirty) before the sync began.
+    let resuming = sb.gen_bitmap_base != Generation::NONE && sb.gen_bitmap_base == primary;
+    Ok(if !sb.is_new && (same_generation || resuming) {
         SyncPlan::Bitmap
     } else {
         SyncPlan::Full
@@ -326,6 +329,8 @@ struct Applier {
     /// Volume operations started and not yet reported back.
     outstanding: usize,
     gen_primary: Generation,
+    /// The resync announced last is a full one (every block).
+    full_resync: bool,
 }
 
 impl Applier {
@@ -413,8 +418,17 @@ impl Applier {
                     });
                 }
                 SecondaryAction::MarkInconsistent => {
-                    if node.sb.disk_state != DiskState::Inconsistent {
+                    let base = if self.full_resync {
+                        self.gen_primary
+                    } else {
+                        node.sb.gen_bitmap_base
+                    };
+                    if node.sb.disk_state != DiskState::Inconsistent
+                        || node.sb.gen_bitmap_base != base
+                    {
                         node.sb.disk_state = DiskState::Inconsistent;
+                        // A full sync's progress lives in that primary's bitmap.
+                        node.sb.gen_bitmap_base = base;
                         if let Err(e) = node.write_superblock() {
                             result = Err(e);
                         }
@@ -566,6 +580,7 @@ async fn session(
         held: HashMap::new(),
         held_hashes: HashMap::new(),
         block_size: cfg.block_size,
+        full_resync: false,
         outstanding: 0,
         gen_primary: Generation(hello.generations.current),
     };
@@ -667,6 +682,7 @@ fn on_frame(
                     "primary announces a resync"
                 );
             }
+            applier.full_resync = full;
             e.resync_started(seq, blocks, out);
         }
         Message::Write { offset, fua } => {
