@@ -434,6 +434,7 @@ pub async fn run(
         draining: None,
         last_resync_log: Instant::now(),
         last_progress_persist: Instant::now(),
+        was_resyncing: false,
     };
     let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx));
 
@@ -663,6 +664,7 @@ struct Owner {
     draining: Option<Draining>,
     last_resync_log: Instant,
     last_progress_persist: Instant,
+    was_resyncing: bool,
 }
 
 impl Owner {
@@ -687,11 +689,14 @@ impl Owner {
                 _ = tick.tick() => {}
             }
             self.maybe_leave_ahead(&mut out);
-            if self.engine.resync_progress().is_some()
-                && self.last_progress_persist.elapsed() >= Duration::from_secs(10)
+            // Resync progress survives a restart: persisted every 10 s and when a pass ends.
+            let resyncing = self.engine.resync_progress().is_some();
+            if (resyncing && self.last_progress_persist.elapsed() >= Duration::from_secs(10))
+                || (self.was_resyncing && !resyncing)
             {
                 self.persist_progress();
             }
+            self.was_resyncing = resyncing;
             self.pump_resync(&mut out);
             self.publish_gauges();
             if let Some(d) = &self.draining {
@@ -877,6 +882,17 @@ impl Owner {
         };
         if held.ship_settled {
             self.held.remove(&seq);
+        }
+        // A buffered write without FUA is a page-cache copy: do it here, without a
+        // task, a channel and two wake-ups per write.
+        if kind == OpKind::Write && !fua && self.volume.writes_inline() {
+            let data = data.expect("write has data");
+            let result = self
+                .volume
+                .write_inline(range.offset, &data)
+                .map_err(|e| errno_of(&e));
+            let _ = self.io_tx.send(IoDone::Local { seq, result });
+            return;
         }
         let volume = self.volume.clone();
         let tx = self.io_tx.clone();

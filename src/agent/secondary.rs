@@ -371,6 +371,20 @@ impl Applier {
                         let _ = tx.send(Done::Apply { seq, range, result });
                     });
                 }
+                SecondaryAction::StartApply {
+                    seq,
+                    kind: ApplyKind::Write,
+                    range,
+                } if self.volume.writes_inline() => {
+                    // A page-cache copy: done here, reported through the same channel.
+                    let data = self.held.remove(&seq).expect("write frame has data");
+                    let result = self
+                        .volume
+                        .write_inline(range.offset, &data)
+                        .map_err(|e| errno_of(&e));
+                    self.outstanding += 1;
+                    let _ = self.done_tx.send(Done::Apply { seq, range, result });
+                }
                 SecondaryAction::StartApply { seq, kind, range } => {
                     let data = self.held.remove(&seq);
                     let volume = self.volume.clone();
