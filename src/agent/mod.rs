@@ -114,3 +114,66 @@ pub fn check_meta_path(cfg: &NodeConfig, volume: &crate::volume::Volume) -> Resu
     }
     Ok(())
 }
+
+/// The superblock a node's metadata starts with on its first start: a primary
+/// creates the volume's identity and first generation; a secondary has none until
+/// it adopts a primary's at the first handshake (G6).
+fn fresh_superblock(
+    role: crate::types::Role,
+    size_bytes: u64,
+    block_size: u32,
+) -> crate::meta::Superblock {
+    use crate::types::{DiskState, Generation, Role, VolumeId};
+    let primary = role == Role::Primary;
+    crate::meta::Superblock {
+        volume_id: if primary {
+            VolumeId::random()
+        } else {
+            VolumeId::NIL
+        },
+        size_bytes,
+        block_size,
+        role,
+        disk_state: if primary {
+            DiskState::UpToDate
+        } else {
+            DiskState::Inconsistent
+        },
+        is_new: !primary,
+        gen_current: if primary {
+            Generation::random()
+        } else {
+            Generation::NONE
+        },
+        gen_bitmap_base: Generation::NONE,
+        gen_history: [Generation::NONE; 2],
+        clean_shutdown: true,
+        resync_cursor: None,
+        bitmap_valid: true,
+    }
+}
+
+/// Open a node's volume (exclusively) and its metadata, creating the metadata on
+/// the first start. Both are refused with a clear error when held by another agent.
+pub(crate) fn open_node(
+    cfg: &NodeConfig,
+    role: crate::types::Role,
+) -> Result<(crate::volume::Volume, crate::meta::Opened), AgentError> {
+    let opts = crate::volume::OpenOptions {
+        create_size_bytes: cfg.size_bytes,
+        direct: cfg.direct,
+        engine: cfg.io_engine,
+    };
+    let volume = crate::volume::Volume::open(&cfg.volume, &opts)?;
+    check_meta_path(cfg, &volume)?;
+    let size_bytes = volume.size_bytes();
+    tracing::info!(volume = %cfg.volume.display(), size_bytes, engine = volume.engine_name(), "opened volume");
+    let opened =
+        crate::meta::MetaStore::open_or_create(&cfg.meta, size_bytes, cfg.block_size, || {
+            fresh_superblock(role, size_bytes, cfg.block_size)
+        })?;
+    if let Some(r) = &opened.recovered_from {
+        tracing::warn!(meta = %cfg.meta.display(), "metadata recovered: {r}");
+    }
+    Ok((volume, opened))
+}

@@ -31,7 +31,7 @@ use crate::meta::{MetaStore, Superblock};
 use crate::metrics::Metrics;
 use crate::transport::{self, Backoff, PeerReadHalf, PeerWriteHalf, Security};
 use crate::types::{BlockCount, BlockIndex, ByteRange, DiskState, Generation, Role, Seq, VolumeId};
-use crate::volume::{OpenOptions, Volume};
+use crate::volume::Volume;
 use crate::wire::{
     self, Frame, Hello, Message, PROTOCOL_VERSION, Payload, SyncPlan, Welcome, caps,
 };
@@ -278,32 +278,8 @@ pub async fn run(
     ready: Option<oneshot::Sender<PrimaryReady>>,
 ) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
-    let opts = OpenOptions {
-        create_size_bytes: cfg.size_bytes,
-        direct: cfg.direct,
-        engine: cfg.io_engine,
-    };
-    let volume = Volume::open(&cfg.volume, &opts)?;
-    crate::agent::check_meta_path(&cfg, &volume)?;
+    let (volume, opened) = crate::agent::open_node(&cfg, Role::Primary)?;
     let size_bytes = volume.size_bytes();
-    tracing::info!(volume = %cfg.volume.display(), size_bytes, engine = volume.engine_name(), "opened volume");
-    let opened = MetaStore::open_or_create(&cfg.meta, size_bytes, cfg.block_size, || Superblock {
-        volume_id: VolumeId::random(),
-        size_bytes,
-        block_size: cfg.block_size,
-        role: Role::Primary,
-        disk_state: DiskState::UpToDate,
-        is_new: false,
-        gen_current: Generation::random(),
-        gen_bitmap_base: Generation::NONE,
-        gen_history: [Generation::NONE; 2],
-        clean_shutdown: true,
-        resync_cursor: None,
-        bitmap_valid: true,
-    })?;
-    if let Some(r) = &opened.recovered_from {
-        tracing::warn!(meta = %cfg.meta.display(), "metadata recovered: {r}");
-    }
     let mut meta = opened.store;
     let mut sb = opened.superblock;
     if opened.created {

@@ -25,7 +25,7 @@ use crate::meta::{MetaStore, Superblock};
 use crate::metrics::Metrics;
 use crate::transport::{PeerListener, PeerReadHalf, PeerStream, PeerWriteHalf};
 use crate::types::{BlockCount, ByteRange, DiskState, Generation, Role, Seq, VolumeId};
-use crate::volume::{OpenOptions, Volume};
+use crate::volume::Volume;
 use crate::wire::{
     self, Frame, Hello, Message, PROTOCOL_VERSION, Payload, SyncPlan, Welcome, caps,
 };
@@ -85,32 +85,7 @@ pub async fn run(
     ready: Option<oneshot::Sender<SecondaryReady>>,
 ) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
-    let opts = OpenOptions {
-        create_size_bytes: cfg.size_bytes,
-        direct: cfg.direct,
-        engine: cfg.io_engine,
-    };
-    let volume = Volume::open(&cfg.volume, &opts)?;
-    crate::agent::check_meta_path(&cfg, &volume)?;
-    let size_bytes = volume.size_bytes();
-    tracing::info!(volume = %cfg.volume.display(), size_bytes, engine = volume.engine_name(), "opened volume");
-    let opened = MetaStore::open_or_create(&cfg.meta, size_bytes, cfg.block_size, || Superblock {
-        volume_id: VolumeId::NIL,
-        size_bytes,
-        block_size: cfg.block_size,
-        role: Role::Secondary,
-        disk_state: DiskState::Inconsistent,
-        is_new: true,
-        gen_current: Generation::NONE,
-        gen_bitmap_base: Generation::NONE,
-        gen_history: [Generation::NONE; 2],
-        clean_shutdown: true,
-        resync_cursor: None,
-        bitmap_valid: true,
-    })?;
-    if let Some(r) = &opened.recovered_from {
-        tracing::warn!(meta = %cfg.meta.display(), "metadata recovered: {r}");
-    }
+    let (volume, opened) = crate::agent::open_node(&cfg, Role::Secondary)?;
     let mut sb = opened.superblock;
     if sb.role == Role::Primary {
         tracing::warn!(generation = %sb.gen_current, "node was primary; starting as secondary (demoted)");

@@ -347,27 +347,7 @@ impl Sim {
                 self.p.local_flush_done(id, Ok(()), &mut out);
                 self.run_p(out);
             }
-            50..=64 if !self.to_s.is_empty() && self.s.is_some() => {
-                let m = self.to_s.pop_front().unwrap();
-                let mut out = Vec::new();
-                let s = self.s.as_mut().unwrap();
-                match m {
-                    Net::ResyncStart(next, blocks) => s.resync_started(next, blocks, &mut out),
-                    Net::Data {
-                        seq,
-                        kind,
-                        range,
-                        data,
-                        fua,
-                    } => {
-                        self.sheld.insert(seq, data);
-                        s.receive(seq, kind, range, fua, &mut out);
-                    }
-                    Net::Flush { through } => s.flush_requested(through, &mut out),
-                    Net::ResyncDone { through } => s.resync_done(through, &mut out),
-                }
-                self.run_s(out);
-            }
+            50..=64 if !self.to_s.is_empty() && self.s.is_some() => self.deliver_to_secondary(),
             65..=79 if !self.sapply.is_empty() => {
                 let i = self.rng.gen_range(0..self.sapply.len());
                 let a = self.sapply.swap_remove(i);
@@ -382,16 +362,7 @@ impl Sim {
                 }
                 self.run_s(out);
             }
-            85..=94 if !self.to_p.is_empty() => {
-                let a = self.to_p.pop_front().unwrap();
-                let mut out = Vec::new();
-                match a {
-                    Ack::Applied(seq) => self.p.peer_applied(seq, &mut out),
-                    Ack::Durable(seq) => self.p.peer_durable(seq, &mut out),
-                    Ack::HashReply(seq, m) => self.p.peer_hash_reply(seq, &m, &mut out),
-                }
-                self.run_p(out);
-            }
+            85..=94 if !self.to_p.is_empty() => self.deliver_to_primary(),
             95 if self.s.is_some() && self.rng.gen_bool(0.3) => self.disconnect(),
             95 if self.s.is_some() && self.p.is_shipping() => self.p.enter_ahead(),
             95 if self.p.is_ahead() => {
@@ -475,40 +446,53 @@ impl Sim {
     }
 
     fn step_no_client(&mut self) {
-        let mut out = Vec::new();
-        if let Some(m) = self.to_s.pop_front() {
-            let s = self.s.as_mut().unwrap();
-            match m {
-                Net::ResyncStart(next, blocks) => s.resync_started(next, blocks, &mut out),
-                Net::Data {
-                    seq,
-                    kind,
-                    range,
-                    data,
-                    fua,
-                } => {
-                    self.sheld.insert(seq, data);
-                    s.receive(seq, kind, range, fua, &mut out);
-                }
-                Net::Flush { through } => s.flush_requested(through, &mut out),
-                Net::ResyncDone { through } => s.resync_done(through, &mut out),
-            }
-            self.run_s(out);
+        if !self.to_s.is_empty() {
+            self.deliver_to_secondary();
         } else if !self.sapply.is_empty() {
             let a = self.sapply.remove(0);
             self.complete_apply(a);
         } else if self.sflush.take().is_some() {
+            let mut out = Vec::new();
             self.s.as_mut().unwrap().flush_done(Ok(()), &mut out);
             self.run_s(out);
-        } else if let Some(a) = self.to_p.pop_front() {
-            let mut out = Vec::new();
-            match a {
-                Ack::Applied(seq) => self.p.peer_applied(seq, &mut out),
-                Ack::Durable(seq) => self.p.peer_durable(seq, &mut out),
-                Ack::HashReply(seq, m) => self.p.peer_hash_reply(seq, &m, &mut out),
-            }
-            self.run_p(out);
+        } else if !self.to_p.is_empty() {
+            self.deliver_to_primary();
         }
+    }
+
+    /// The next frame reaches the secondary's engine.
+    fn deliver_to_secondary(&mut self) {
+        let m = self.to_s.pop_front().expect("a frame in flight");
+        let mut out = Vec::new();
+        let s = self.s.as_mut().expect("connected");
+        match m {
+            Net::ResyncStart(next, blocks) => s.resync_started(next, blocks, &mut out),
+            Net::Data {
+                seq,
+                kind,
+                range,
+                data,
+                fua,
+            } => {
+                self.sheld.insert(seq, data);
+                s.receive(seq, kind, range, fua, &mut out);
+            }
+            Net::Flush { through } => s.flush_requested(through, &mut out),
+            Net::ResyncDone { through } => s.resync_done(through, &mut out),
+        }
+        self.run_s(out);
+    }
+
+    /// The next acknowledgement reaches the primary's engine.
+    fn deliver_to_primary(&mut self) {
+        let a = self.to_p.pop_front().expect("an ack in flight");
+        let mut out = Vec::new();
+        match a {
+            Ack::Applied(seq) => self.p.peer_applied(seq, &mut out),
+            Ack::Durable(seq) => self.p.peer_durable(seq, &mut out),
+            Ack::HashReply(seq, m) => self.p.peer_hash_reply(seq, &m, &mut out),
+        }
+        self.run_p(out);
     }
 }
 
