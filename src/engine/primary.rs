@@ -454,7 +454,8 @@ impl<T> PrimaryEngine<T> {
                     let offset = op.range.offset;
                     out.push(Action::DropSession {
                         reason: format!(
-                            "local read for resync of offset {offset} failed (errno {errno})"
+                            "local read for resync of offset {offset} failed: {}",
+                            std::io::Error::from_raw_os_error(errno)
                         ),
                     });
                     self.session_ended(out);

@@ -190,8 +190,10 @@ impl SecondaryEngine {
             out.push(SecondaryAction::MarkInconsistent);
             self.fail(
                 format!(
-                    "applying seq {seq} at offset {} ({} bytes) failed: errno {errno}",
-                    range.offset, range.len
+                    "applying seq {seq} at offset {} ({} bytes) failed: {}; the disk is marked Inconsistent and the primary keeps the range for resync",
+                    range.offset,
+                    range.len,
+                    std::io::Error::from_raw_os_error(errno)
                 ),
                 out,
             );
@@ -246,7 +248,7 @@ impl SecondaryEngine {
         let through = self.flushing.take().expect("flush_done without a flush");
         if let Err(errno) = result {
             self.fail(
-                format!("flush of the volume failed (errno {errno}): volume poisoned"),
+                format!("flush of the volume failed: {}; volume poisoned, restart the agent after checking the disk", std::io::Error::from_raw_os_error(errno)),
                 out,
             );
             return;
