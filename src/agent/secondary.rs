@@ -545,7 +545,7 @@ async fn session(
     wr.flush()
         .await
         .map_err(|e| format!("sending Welcome: {e}"))?;
-    tracing::info!(peer = %peer_addr, primary = %hello.node_name, plan = ?plan, disk = %node.sb.disk_state, "primary attached");
+    tracing::info!(peer = %peer_addr, primary = %hello.node_name, primary_next_seq = hello.first_seq, plan = ?plan, disk = %node.sb.disk_state, "primary attached");
     node.set_peer(Some(hello.node_name.clone()));
     node.metrics.connected.store(true, Ordering::Relaxed);
     Metrics::add(&node.metrics.sessions, 1);
