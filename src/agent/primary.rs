@@ -1641,21 +1641,21 @@ async fn session_writer(
                     return "session closed by the agent".into();
                 }
                 Some(f) => {
-                    wire::encode_frame(&f, &mut buf);
+                    let mut batch = Batch::default();
+                    batch.push(&f, &mut buf);
                     let mut goodbye = matches!(f.msg, Message::Goodbye);
-                    while buf.len() < (4 << 20) {
+                    while batch.len_bytes < (4 << 20) {
                         match rx.try_recv() {
                             Ok(f) => {
                                 goodbye |= matches!(f.msg, Message::Goodbye);
-                                wire::encode_frame(&f, &mut buf);
+                                batch.push(&f, &mut buf);
                             }
                             Err(_) => break,
                         }
                     }
-                    if let Err(e) = wr.write_all(&buf).await {
+                    if let Err(e) = batch.write(&mut wr, &mut buf).await {
                         return format!("sending to secondary: {e}");
                     }
-                    buf.clear();
                     if let Err(e) = wr.flush().await {
                         return format!("sending to secondary: {e}");
                     }
@@ -1684,6 +1684,65 @@ async fn session_writer(
                 }
             }
         }
+    }
+}
+
+/// Frames queued for one write. Small frames are encoded together into one buffer
+/// (one TLS record for many acks-sized frames); a payload of 64 KiB or more is not
+/// copied but sent as its own slice of a vectored write.
+#[derive(Default)]
+struct Batch {
+    chunks: std::collections::VecDeque<Bytes>,
+    len_bytes: usize,
+}
+
+impl Batch {
+    const SPLIT_PAYLOAD_BYTES: usize = 64 << 10;
+
+    fn push(&mut self, frame: &Frame, buf: &mut BytesMut) {
+        let before = buf.len();
+        if frame.payload.wire_len() as usize >= Self::SPLIT_PAYLOAD_BYTES {
+            let payload = wire::encode_frame_split(frame, buf);
+            self.len_bytes += buf.len() - before + payload.len();
+            self.chunks.push_back(buf.split().freeze());
+            self.chunks.push_back(payload);
+        } else {
+            wire::encode_frame(frame, buf);
+            self.len_bytes += buf.len() - before;
+        }
+    }
+
+    /// Write everything (what is still in `buf` goes last).
+    async fn write(mut self, wr: &mut PeerWriteHalf, buf: &mut BytesMut) -> std::io::Result<()> {
+        if !buf.is_empty() {
+            self.chunks.push_back(buf.split().freeze());
+        }
+        while !self.chunks.is_empty() {
+            let slices: Vec<std::io::IoSlice<'_>> = self
+                .chunks
+                .iter()
+                .take(64)
+                .map(|c| std::io::IoSlice::new(c))
+                .collect();
+            let mut n = wr.write_vectored(&slices).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let front = self
+                    .chunks
+                    .front_mut()
+                    .expect("bytes written come from queued chunks");
+                if n >= front.len() {
+                    n -= front.len();
+                    self.chunks.pop_front();
+                } else {
+                    bytes::Buf::advance(front, n);
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

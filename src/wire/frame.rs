@@ -587,13 +587,26 @@ fn payload_from_header(h: &FrameHeader, wire: Bytes) -> Payload {
 /// payload is given one: both are bugs in the caller (every message this
 /// node builds is small; only `Write` carries data).
 pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
+    encode_frame_head(frame, out);
+    out.extend_from_slice(&frame.payload.wire);
+}
+
+/// Encode the header and body of `frame` into `out` (not the payload), and return
+/// the payload's on-wire bytes to send right after them, so a sender can write
+/// both with one vectored write instead of copying the payload.
+pub fn encode_frame_split(frame: &Frame, out: &mut BytesMut) -> Bytes {
+    encode_frame_head(frame, out);
+    frame.payload.wire.clone()
+}
+
+fn encode_frame_head(frame: &Frame, out: &mut BytesMut) {
     let payload = &frame.payload;
     assert!(
         frame.msg.has_payload() || (payload.raw_len_bytes == 0 && payload.wire.is_empty()),
         "message kind {} must not carry a payload",
         frame.msg.kind()
     );
-    out.reserve(HEADER_LEN + 64 + payload.wire.len());
+    out.reserve(HEADER_LEN + 64);
     let header_at = out.len();
     out.put_bytes(0, HEADER_LEN);
     let body_at = out.len();
@@ -607,7 +620,6 @@ pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
         "message body of {body_len} bytes exceeds BODY_MAX_BYTES"
     );
     let body_crc32 = crc32fast::hash(&out[body_at..]);
-    out.extend_from_slice(&payload.wire);
     let header = FrameHeader {
         kind: frame.msg.kind(),
         flags: if payload.compressed {
