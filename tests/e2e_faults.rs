@@ -207,14 +207,34 @@ fn primary_kill9_three_times() {
     let model = Model::shared();
     for round in 0..3u64 {
         let from = log_len(&model);
+        // Round 0 crashes a primary whose secondary keeps up; round 1 one whose
+        // secondary lags behind a 1 MiB/s link (the async window holds megabytes
+        // not yet durable there); round 2 one that is disconnected (blackhole) and
+        // tracks every write in its in-memory bitmap only.
+        match round {
+            1 => rig.proxy.set(Fault::Throttle {
+                bytes_per_s: MIB,
+                dir: Dir::Up,
+            }),
+            2 => rig.proxy.set(Fault::Blackhole),
+            _ => {}
+        }
         let mut load = rig.start_load(load_cfg(seed.wrapping_add(round), 8 * MIB), &model);
         rig.primary
             .wait_status("writes under way", Duration::from_secs(30), |s| {
                 counter(s, "client_writes") > 100
             });
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(1000));
+        let before = rig.primary.status().expect("primary status");
         kill9(&mut rig.primary);
         load.join();
+        rig.proxy.clear();
+        eprintln!(
+            "round {round}: at the crash: connection {}, lag {}, out of sync {}",
+            before["peer"]["connection"],
+            mib(before["lag"]["bytes"].as_u64().unwrap_or(0)),
+            mib(before["out_of_sync_bytes"].as_u64().unwrap_or(0))
+        );
         let written = issued_since(&model, from);
         let p0 = rig.proxy.stats();
         let t = Instant::now();
@@ -517,5 +537,48 @@ fn both_killed_then_restarted_secondary_first() {
     assert!(
         counter(&s, "resync_bytes") <= written + MIB,
         "recovery resent more than was ever written: {s}"
+    );
+}
+
+/// G4 in async mode: a link slower than the writes must not slow the writers
+/// while the replication window (64 MiB by default) has room: writes complete
+/// after the local write, and the lag grows instead.
+#[test]
+fn async_slow_link_does_not_throttle_writers_while_window_has_room() {
+    let seed = common::seed("async slow link");
+    let mut rig = Rig::start(RigOpts::new("async", SIZE_BYTES), seed);
+    let model = Model::shared();
+    rig.proxy.set(Fault::Throttle {
+        bytes_per_s: MIB,
+        dir: Dir::Up,
+    });
+    let load = rig.start_load(load_cfg(seed, 8 * MIB), &model);
+    let t = Instant::now();
+    let mut max_lag = 0;
+    while t.elapsed() < Duration::from_secs(4) {
+        if let Some(s) = rig.primary.status() {
+            max_lag = max_lag.max(s["lag"]["bytes"].as_u64().unwrap_or(0));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, done_bytes, _) = progress(&model);
+    let elapsed = t.elapsed();
+    rig.proxy.clear();
+    load.stop();
+    assert_no_failed_writes(&model, "async over a slow link");
+    rig.wait_converged("after the slow link");
+    rig.finish(&model);
+    let rate = done_bytes as f64 / elapsed.as_secs_f64();
+    eprintln!(
+        "async slow link: clients wrote {} in {elapsed:?} ({}/s) over a 1 MiB/s link; max lag {}",
+        mib(done_bytes),
+        mib(rate as u64),
+        mib(max_lag)
+    );
+    assert!(
+        rate >= 6.0 * MIB as f64,
+        "async writers were slowed to {}/s (offered 8 MiB/s) by a 1 MiB/s link although the 64 MiB window never filled (max lag {})",
+        mib(rate as u64),
+        mib(max_lag)
     );
 }
