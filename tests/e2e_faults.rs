@@ -17,9 +17,7 @@ mod faults;
 use std::time::{Duration, Instant};
 
 use faultproxy::{Dir, Fault};
-use faults::{
-    BLOCK_BYTES, LoadCfg, Model, Rig, RigOpts, counter, kill9, mib, progress,
-};
+use faults::{BLOCK_BYTES, LoadCfg, Model, Rig, RigOpts, counter, kill9, mib, progress};
 
 const MIB: u64 = 1 << 20;
 /// Volume of the load tests: large enough that "bounded by the dirty set"
@@ -81,7 +79,11 @@ fn outage_with_64mib_of_random_writes_moves_well_under_100mib() {
     opts.random_fill_seed = Some(seed ^ 0x5eed);
     let t0 = Instant::now();
     let mut rig = Rig::start(opts, seed);
-    eprintln!("initial sync of {} of random data: {:?}", mib(size_bytes), t0.elapsed());
+    eprintln!(
+        "initial sync of {} of random data: {:?}",
+        mib(size_bytes),
+        t0.elapsed()
+    );
     let s0 = rig.primary.status().expect("primary status");
     assert!(
         counter(&s0, "resync_bytes") >= size_bytes,

@@ -78,7 +78,8 @@ impl RigOpts {
     }
 
     pub fn primary(mut self, args: &[&str]) -> RigOpts {
-        self.primary_extra.extend(args.iter().map(|a| a.to_string()));
+        self.primary_extra
+            .extend(args.iter().map(|a| a.to_string()));
         self
     }
 }
@@ -120,7 +121,11 @@ impl Rig {
         let nbd_port = free_port();
         let upstream = format!("127.0.0.1:{repl_port}").parse().expect("address");
         let proxy = rt
-            .block_on(Proxy::start("127.0.0.1:0".parse().expect("address"), upstream, seed))
+            .block_on(Proxy::start(
+                "127.0.0.1:0".parse().expect("address"),
+                upstream,
+                seed,
+            ))
             .expect("start the fault proxy");
         let mut secondary = spawn_secondary(&site, &opts, &secondary_img, repl_port);
         secondary.wait_status("control socket", CONVERGE_TIMEOUT, |_| true);
@@ -154,12 +159,8 @@ impl Rig {
     /// Restart the secondary with exactly the same arguments (same log file).
     pub fn restart_secondary(&mut self) {
         assert!(!self.secondary.is_running(), "secondary still running");
-        self.secondary = spawn_secondary(
-            &self.site,
-            &self.opts,
-            &self.secondary_img,
-            self.repl_port,
-        );
+        self.secondary =
+            spawn_secondary(&self.site, &self.opts, &self.secondary_img, self.repl_port);
     }
 
     /// Restart the primary with exactly the same arguments (same log file, NBD port).
@@ -181,18 +182,18 @@ impl Rig {
             CONVERGE_TIMEOUT,
             primary_in_sync,
         );
-        self.secondary
-            .wait_status(&format!("{what}: secondary UpToDate"), CONVERGE_TIMEOUT, |s| {
-                s["disk_state"] == "UpToDate" && s["peer"]["connection"] == "connected"
-            });
+        self.secondary.wait_status(
+            &format!("{what}: secondary UpToDate"),
+            CONVERGE_TIMEOUT,
+            |s| s["disk_state"] == "UpToDate" && s["peer"]["connection"] == "connected",
+        );
         s
     }
 
     /// Wait until the primary says the peer is gone.
     pub fn wait_disconnected(&mut self, what: &str, timeout: Duration) {
-        self.primary.wait_status(what, timeout, |s| {
-            s["peer"]["connection"] != "connected"
-        });
+        self.primary
+            .wait_status(what, timeout, |s| s["peer"]["connection"] != "connected");
     }
 
     /// SIGTERM both (primary first, exit 0 each), then compare the images
@@ -318,7 +319,8 @@ impl Model {
                     .log
                     .iter()
                     .filter(|w| {
-                        w.offset <= block * BLOCK_BYTES && block * BLOCK_BYTES < w.offset + w.len_bytes
+                        w.offset <= block * BLOCK_BYTES
+                            && block * BLOCK_BYTES < w.offset + w.len_bytes
                     })
                     .collect();
                 panic!(
@@ -380,9 +382,9 @@ impl Load {
     /// Wait until the workload ends by itself (total reached or connection lost).
     pub fn join(&mut self) {
         if let Some(t) = self.task.take() {
-            let r = self.handle.block_on(async {
-                tokio::time::timeout(Duration::from_secs(120), t).await
-            });
+            let r = self
+                .handle
+                .block_on(async { tokio::time::timeout(Duration::from_secs(120), t).await });
             match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => panic!("workload task failed: {e}"),
@@ -390,7 +392,6 @@ impl Load {
             }
         }
     }
-
 }
 
 impl Drop for Load {
