@@ -207,6 +207,7 @@ fn primary_kill9_three_times() {
     let opts = RigOpts::new("async", SIZE_BYTES).primary(&["--al-extents", "16"]);
     let mut rig = Rig::start(opts, seed);
     let model = Model::shared();
+    let mut verified = Vec::new();
     for round in 0..3u64 {
         let from = log_len(&model);
         // Round 0 crashes a primary whose secondary keeps up; round 1 one whose
@@ -245,6 +246,7 @@ fn primary_kill9_three_times() {
         let p1 = rig.proxy.stats();
         // A new process: its counters count this recovery only.
         let resync = counter(&s, "resync_bytes");
+        verified.push(s["counters"].get("verified_bytes").cloned());
         let wire = (p1.bytes_up - p0.bytes_up) + (p1.bytes_down - p0.bytes_down);
         eprintln!(
             "round {round}: {} written since the last convergence; recovery in {:?}: resync {}, link up+down {}",
@@ -264,6 +266,15 @@ fn primary_kill9_three_times() {
         );
     }
     rig.finish(&model);
+    // Crash recovery compares the activity-log extents by hash; the status must say
+    // how much was compared (`counters.verified_bytes`), or an operator cannot tell
+    // a hash-compare recovery from a copy.
+    assert!(
+        verified.iter().all(|v| v
+            .as_ref()
+            .is_some_and(|v| v.as_u64().is_some_and(|n| n > 0))),
+        "after each primary crash the status must report counters.verified_bytes > 0; got {verified:?}"
+    );
 }
 
 /// (c) A blackholed link (no RST, nothing forwarded) for 5 s under a sync-mode
