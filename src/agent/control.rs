@@ -106,6 +106,11 @@ pub struct Counters {
     pub replicated_bytes: u64,
     pub replicated_wire_bytes: u64,
     pub resync_bytes: u64,
+    /// Bytes compared by blake3 hash instead of sent, and blocks found different.
+    pub verified_bytes: u64,
+    pub verify_mismatched_blocks: u64,
+    /// Times the primary went ahead (async window full).
+    pub ahead_episodes: u64,
     pub applied_writes: u64,
     pub sessions: u64,
     pub frames_rejected: u64,
@@ -152,10 +157,13 @@ impl StatusDoc {
             disk_state: disk_state.to_string(),
             peer: PeerStatus {
                 name: cfg.peer_name.clone(),
-                connection: if peer.is_some() {
-                    "connected"
-                } else {
-                    "connecting"
+                connection: match (
+                    peer.is_some(),
+                    m.ahead.load(std::sync::atomic::Ordering::Relaxed),
+                ) {
+                    (true, true) => "ahead",
+                    (true, false) => "connected",
+                    (false, _) => "connecting",
                 }
                 .into(),
                 disk_state: peer.map(|p| p.1),
@@ -178,6 +186,9 @@ impl StatusDoc {
                 replicated_bytes: Metrics::get(&m.replicated_bytes),
                 replicated_wire_bytes: Metrics::get(&m.replicated_wire_bytes),
                 resync_bytes: Metrics::get(&m.resync_bytes),
+                verified_bytes: Metrics::get(&m.verified_bytes),
+                verify_mismatched_blocks: Metrics::get(&m.verify_mismatched_blocks),
+                ahead_episodes: Metrics::get(&m.ahead_episodes),
                 applied_writes: Metrics::get(&m.applied_writes),
                 sessions: Metrics::get(&m.sessions),
                 frames_rejected: Metrics::get(&m.frames_rejected),

@@ -93,6 +93,9 @@ impl AdaptiveCompression {
     }
 }
 
+/// Shortest time the primary stays ahead before it tries to stream again.
+const AHEAD_MIN: Duration = Duration::from_millis(500);
+
 /// Both window permits a shipped write holds until the secondary made it durable.
 struct Permits {
     _bytes: OwnedSemaphorePermit,
@@ -411,6 +414,7 @@ pub async fn run(
         last_resync_log: Instant::now(),
         last_progress_persist: Instant::now(),
         was_resyncing: false,
+        ahead_since: Instant::now(),
     };
     let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx));
 
@@ -641,6 +645,7 @@ struct Owner {
     last_resync_log: Instant,
     last_progress_persist: Instant,
     was_resyncing: bool,
+    ahead_since: Instant,
 }
 
 impl Owner {
@@ -1014,6 +1019,7 @@ impl Owner {
                         "replication window full: going ahead, new writes are tracked in the bitmap until the secondary catches up"
                     );
                     self.engine.enter_ahead();
+                    self.ahead_since = Instant::now();
                     Metrics::add(&self.shared.metrics.ahead_episodes, 1);
                 }
                 let seq = self.engine.next_seq();
@@ -1239,6 +1245,11 @@ impl Owner {
     /// primary does not flap between the two states on every ack).
     fn maybe_leave_ahead(&mut self, out: &mut Vec<Action<Reply>>) {
         if !self.engine.is_ahead() || self.draining.is_some() {
+            return;
+        }
+        // Stay ahead at least AHEAD_MIN: each return costs a resync pass, and a link
+        // slower than the writers would otherwise flap several times a second.
+        if self.ahead_since.elapsed() < AHEAD_MIN {
             return;
         }
         let lag = self.engine.lag();
