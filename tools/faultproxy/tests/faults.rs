@@ -425,8 +425,10 @@ async fn flip_bits_corrupts_exactly_one_bit_in_every_nth_chunk_reproducibly() {
 async fn control_request(path: &std::path::Path, line: &str) -> serde_json::Value {
     let sock = UnixStream::connect(path).await.unwrap();
     let (rd, mut wr) = sock.into_split();
-    wr.write_all(line.as_bytes()).await.unwrap();
-    wr.write_all(b"\n").await.unwrap();
+    // The proxy answers an over-long line and closes before reading the rest, so a
+    // write may fail with EPIPE; the reply is what the test checks.
+    let _ = wr.write_all(line.as_bytes()).await;
+    let _ = wr.write_all(b"\n").await;
     let mut reply = String::new();
     BufReader::new(rd).read_line(&mut reply).await.unwrap();
     serde_json::from_str(&reply).unwrap()
