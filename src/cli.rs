@@ -161,6 +161,11 @@ pub struct NodeArgs {
     /// After a primary crash at most this many extents are compared by hash.
     #[arg(long)]
     pub al_extents: Option<usize>,
+    /// Secondary: the volume already holds an old copy of the primary's data (restored
+    /// from backup, shipped on a disk). The first sync compares every block by blake3
+    /// hash and sends only those that differ, instead of the whole volume.
+    #[arg(long)]
+    pub seeded: bool,
 }
 
 impl NodeArgs {
@@ -196,6 +201,7 @@ impl NodeArgs {
             connect_timeout_ms: self.connect_timeout_ms,
             drain_timeout_ms: self.drain_timeout_ms,
             al_extents: self.al_extents,
+            seeded: self.seeded,
         }
     }
 }

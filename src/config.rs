@@ -103,6 +103,7 @@ pub struct ResourceSection {
     pub connect_timeout_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,
     pub al_extents: Option<usize>,
+    pub seeded: Option<bool>,
     pub direct: Option<bool>,
     pub io_engine: Option<String>,
 }
@@ -205,6 +206,9 @@ pub struct NodeConfig {
     /// Activity-log extent size and the most extents active at once (§4).
     pub al_extent_bytes: u64,
     pub al_extents_max: usize,
+    /// Secondary: the volume already holds an old copy; compare it by hash at the
+    /// first sync instead of receiving every block.
+    pub seeded: bool,
 }
 
 /// Defaults, with the reasoning behind each number.
@@ -266,6 +270,7 @@ pub struct Overrides {
     pub connect_timeout_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,
     pub al_extents: Option<usize>,
+    pub seeded: bool,
 }
 
 fn size_opt(
@@ -463,6 +468,7 @@ impl NodeConfig {
                 .al_extents
                 .or(res.al_extents)
                 .unwrap_or(crate::meta::al::AL_EXTENTS_MAX),
+            seeded: o.seeded || res.seeded.unwrap_or(false),
         };
         cfg.validate()?;
         Ok(cfg)

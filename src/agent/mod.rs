@@ -155,10 +155,16 @@ fn fresh_superblock(
 
 /// Open a node's volume (exclusively) and its metadata, creating the metadata on
 /// the first start. Both are refused with a clear error when held by another agent.
+///
+/// A secondary whose metadata has lost both superblock slots rebuilds it as a new
+/// secondary (the old file is kept beside it) and returns `rebuilt = true`: its data
+/// is then compared block by block with the primary's by hash — never assumed in
+/// sync, never blindly copied. A primary cannot do that (its identity is lost) and
+/// refuses with instructions.
 pub(crate) fn open_node(
     cfg: &NodeConfig,
     role: crate::types::Role,
-) -> Result<(crate::volume::Volume, crate::meta::Opened), AgentError> {
+) -> Result<(crate::volume::Volume, crate::meta::Opened, bool), AgentError> {
     let opts = crate::volume::OpenOptions {
         create_size_bytes: cfg.size_bytes,
         direct: cfg.direct,
@@ -168,12 +174,48 @@ pub(crate) fn open_node(
     check_meta_path(cfg, &volume)?;
     let size_bytes = volume.size_bytes();
     tracing::info!(volume = %cfg.volume.display(), size_bytes, engine = volume.engine_name(), "opened volume");
-    let opened =
+    let open = || {
         crate::meta::MetaStore::open_or_create(&cfg.meta, size_bytes, cfg.block_size, || {
             fresh_superblock(role, size_bytes, cfg.block_size)
-        })?;
+        })
+    };
+    let (opened, rebuilt) = match open() {
+        Err(e @ MetaError::BothSlotsBad { .. }) if role == crate::types::Role::Secondary => {
+            let aside = {
+                let mut p = cfg.meta.clone().into_os_string();
+                p.push(format!(
+                    ".damaged-{}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs())
+                ));
+                std::path::PathBuf::from(p)
+            };
+            tracing::error!(
+                "{e}. Rebuilding it as a new secondary (the damaged file is kept as {}); the data on {} is kept and every block will be compared with the primary's by hash",
+                aside.display(),
+                cfg.volume.display()
+            );
+            std::fs::rename(&cfg.meta, &aside).map_err(|source| {
+                AgentError::Refused(format!(
+                    "cannot move the damaged metadata {} aside: {source}",
+                    cfg.meta.display()
+                ))
+            })?;
+            (open()?, true)
+        }
+        Err(e @ MetaError::BothSlotsBad { .. }) => {
+            return Err(AgentError::Refused(format!(
+                "{e}. This primary's identity and generations are lost. To recover: move {} aside and start this node again (it gets a new identity), \
+                 then re-pair the secondary: stop it, move its metadata aside and start it with --seeded, which compares every block by hash \
+                 and sends only those that differ",
+                cfg.meta.display()
+            )));
+        }
+        r => (r?, false),
+    };
     if let Some(r) = &opened.recovered_from {
         tracing::warn!(meta = %cfg.meta.display(), "metadata recovered: {r}");
     }
-    Ok((volume, opened))
+    Ok((volume, opened, rebuilt))
 }

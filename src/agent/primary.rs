@@ -190,7 +190,7 @@ enum PeerEvent {
     Up {
         id: u64,
         tx: mpsc::UnboundedSender<Frame>,
-        full: bool,
+        plan: SyncPlan,
         peer: Welcome,
     },
     Applied {
@@ -281,7 +281,7 @@ pub async fn run(
     ready: Option<oneshot::Sender<PrimaryReady>>,
 ) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
-    let (volume, opened) = crate::agent::open_node(&cfg, Role::Primary)?;
+    let (volume, opened, _) = crate::agent::open_node(&cfg, Role::Primary)?;
     let size_bytes = volume.size_bytes();
     let mut meta = opened.store;
     let mut sb = opened.superblock;
@@ -1114,7 +1114,7 @@ impl Owner {
     fn on_peer(&mut self, ev: PeerEvent, out: &mut Vec<Action<Reply>>) {
         let current = self.session.as_ref().map(|s| s.id);
         match ev {
-            PeerEvent::Up { id, tx, full, peer } => {
+            PeerEvent::Up { id, tx, plan, peer } => {
                 if self.session.is_some() {
                     self.drop_session("a new session replaced it", out);
                     self.act(out);
@@ -1122,7 +1122,7 @@ impl Owner {
                 if self.draining.is_some() {
                     return;
                 }
-                tracing::info!(session = id, peer = %peer.node_name, plan = if full { "full" } else { "bitmap" }, out_of_sync_blocks = self.engine.dirty().dirty_count().0, "connected to secondary");
+                tracing::info!(session = id, peer = %peer.node_name, plan = ?plan, out_of_sync_blocks = self.engine.dirty().dirty_count().0, "connected to secondary");
                 self.session = Some(Session {
                     id,
                     tx,
@@ -1131,6 +1131,13 @@ impl Owner {
                 });
                 self.shared.metrics.connected.store(true, Ordering::Relaxed);
                 Metrics::add(&self.shared.metrics.sessions, 1);
+                let full = plan != SyncPlan::Bitmap;
+                if plan == SyncPlan::Verify {
+                    // A pre-seeded secondary (or one whose metadata was rebuilt): every
+                    // block is compared by hash, only those that differ are sent.
+                    let blocks = self.engine.dirty().block_count();
+                    self.engine.mark_verify(BlockIndex(0), BlockIndex(blocks.0));
+                }
                 self.engine.session_started(full, out);
                 if full {
                     // Persist "everything dirty" before ResyncStart goes out: the
@@ -1491,14 +1498,15 @@ async fn connector(
         last_log = None;
         id += 1;
         let started = Instant::now();
-        let full = welcome.needs == SyncPlan::Full;
+        let plan = welcome.needs;
         let (tx, rx) = mpsc::unbounded_channel();
         let (hb_tx, hb_rx) = mpsc::channel(8);
         if peer_tx
             .send(PeerEvent::Up {
+                plan,
                 id,
                 tx,
-                full,
+
                 peer: welcome,
             })
             .is_err()

@@ -44,6 +44,9 @@ struct Node {
     meta: MetaStore,
     sb: Superblock,
     metrics: Arc<Metrics>,
+    /// Until a first sync completes, compare the volume's data by hash (--seeded or
+    /// rebuilt metadata) instead of receiving every block.
+    verify_data: bool,
     /// What the control socket reports; updated with every superblock write.
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
 }
@@ -85,7 +88,10 @@ pub async fn run(
     ready: Option<oneshot::Sender<SecondaryReady>>,
 ) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
-    let (volume, opened) = crate::agent::open_node(&cfg, Role::Secondary)?;
+    let (volume, opened, rebuilt) = crate::agent::open_node(&cfg, Role::Secondary)?;
+    // Data already on the volume (a pre-seeded copy, or metadata rebuilt after
+    // damage) is compared by hash rather than overwritten wholesale.
+    let verify_data = cfg.seeded || rebuilt;
     let mut sb = opened.superblock;
     if sb.role == Role::Primary {
         tracing::warn!(generation = %sb.gen_current, "node was primary; starting as secondary (demoted)");
@@ -108,6 +114,7 @@ pub async fn run(
         sb,
         metrics: metrics.clone(),
         snapshot: snapshot.clone(),
+        verify_data,
     }));
 
     let security = security_for(&cfg);
@@ -259,6 +266,8 @@ fn check_hello(h: &Hello, node: &Node) -> Result<SyncPlan, String> {
     let resuming = sb.gen_bitmap_base != Generation::NONE && sb.gen_bitmap_base == primary;
     Ok(if !sb.is_new && (same_generation || resuming) {
         SyncPlan::Bitmap
+    } else if node.verify_data {
+        SyncPlan::Verify
     } else {
         SyncPlan::Full
     })

@@ -67,6 +67,10 @@ pub enum SyncPlan {
     Bitmap,
     /// Every block is sent (initial sync, or the secondary's state is unknown).
     Full,
+    /// The secondary holds data that is probably mostly the same (a pre-seeded copy,
+    /// or metadata rebuilt after damage): every block is compared by hash and only
+    /// blocks that differ are sent.
+    Verify,
 }
 
 /// The secondary's acceptance of a Hello.
