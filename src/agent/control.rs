@@ -96,6 +96,8 @@ pub struct ProgressStatus {
     pub done_bytes: u64,
     pub total_bytes: u64,
     pub percent: f64,
+    /// Seconds left at the rate observed since the resync began (null at the start).
+    pub eta_s: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -135,7 +137,7 @@ impl StatusDoc {
         lag_writes: u64,
         lag_bytes: u64,
         out_of_sync: BlockCount,
-        resync: Option<(BlockCount, BlockCount)>,
+        resync: Option<(BlockCount, BlockCount, f64)>,
         volume_id: VolumeId,
         generation: Generation,
     ) -> StatusDoc {
@@ -174,10 +176,12 @@ impl StatusDoc {
                 seconds: m.lag_seconds(),
             },
             out_of_sync_bytes: out_of_sync.0 * bs,
-            resync: resync.map(|(done, total)| ProgressStatus {
+            resync: resync.map(|(done, total, elapsed_s)| ProgressStatus {
                 done_bytes: done.0 * bs,
                 total_bytes: total.0 * bs,
                 percent: 100.0 * done.0 as f64 / total.0.max(1) as f64,
+                eta_s: (done.0 > 0 && elapsed_s > 0.0)
+                    .then(|| elapsed_s * total.0.saturating_sub(done.0) as f64 / done.0 as f64),
             }),
             counters: Counters {
                 client_writes: Metrics::get(&m.client_writes),
@@ -228,8 +232,13 @@ impl StatusDoc {
         );
         if let Some(r) = &self.resync {
             s += &format!(
-                "  resync: {:.1}% ({} of {} bytes)\n",
-                r.percent, r.done_bytes, r.total_bytes
+                "  resync: {:.1}% ({} of {} bytes){}\n",
+                r.percent,
+                r.done_bytes,
+                r.total_bytes,
+                r.eta_s
+                    .map(|e| format!(", about {e:.0} s left"))
+                    .unwrap_or_default()
             );
         }
         let c = &self.counters;

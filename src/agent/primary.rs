@@ -415,6 +415,7 @@ pub async fn run(
         last_progress_persist: Instant::now(),
         was_resyncing: false,
         ahead_since: Instant::now(),
+        resync_started: None,
     };
     let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx));
 
@@ -646,6 +647,7 @@ struct Owner {
     last_progress_persist: Instant,
     was_resyncing: bool,
     ahead_since: Instant,
+    resync_started: Option<Instant>,
 }
 
 impl Owner {
@@ -676,6 +678,11 @@ impl Owner {
                 || (self.was_resyncing && !resyncing)
             {
                 self.persist_progress();
+            }
+            if resyncing && !self.was_resyncing {
+                self.resync_started = Some(Instant::now());
+            } else if !resyncing {
+                self.resync_started = None;
             }
             self.was_resyncing = resyncing;
             self.pump_resync(&mut out);
@@ -1371,9 +1378,12 @@ impl Owner {
             lag.writes,
             lag.bytes,
             self.engine.dirty().dirty_count(),
-            self.engine
-                .resync_progress()
-                .map(|p| (p.shipped_blocks, p.total_blocks)),
+            self.engine.resync_progress().map(|p| {
+                let elapsed_s = self
+                    .resync_started
+                    .map_or(0.0, |t| t.elapsed().as_secs_f64());
+                (p.shipped_blocks, p.total_blocks, elapsed_s)
+            }),
             self.sb.volume_id,
             self.sb.gen_current,
         )
