@@ -74,7 +74,7 @@ fn resynced(s: &serde_json::Value) -> bool {
 #[test]
 fn outage_with_64mib_of_random_writes_moves_well_under_100mib() {
     let seed = common::seed("byte bound");
-    let size_bytes = 256 * MIB;
+    let size_bytes = 1024 * MIB;
     let mut opts = RigOpts::new("sync", size_bytes);
     opts.random_fill_seed = Some(seed ^ 0x5eed);
     let t0 = Instant::now();
