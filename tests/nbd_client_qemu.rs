@@ -2,7 +2,7 @@
 //!
 //! Every test starts its own `qemu-nbd` on a temporary raw image and kills it
 //! on drop, even when the test fails. `qemu-nbd` must be installed; a missing
-//! binary fails the test rather than skipping it.
+//! binary fails the test; it never passes without running.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -219,3 +219,20 @@ pub(crate) fn open_node(
     }
     Ok((volume, opened, rebuilt))
 }
+
+/// Tell the peer why the connection is refused (a `Refuse` frame), then close.
+/// Best effort: the peer may already be gone.
+pub(crate) async fn send_refusal(wr: &mut crate::transport::PeerWriteHalf, reason: &str) {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = bytes::BytesMut::new();
+    let frame = crate::wire::Frame {
+        seq: 0,
+        msg: crate::wire::Message::Refuse {
+            reason: reason.to_string(),
+        },
+        payload: crate::wire::Payload::empty(),
+    };
+    crate::wire::encode_frame(&frame, &mut buf);
+    let _ = wr.write_all(&buf).await;
+    let _ = wr.shutdown().await;
+}

@@ -74,11 +74,11 @@ impl AdaptiveCompression {
         if self.level == 0 {
             return Payload::prepare(data, 0);
         }
-        let skipping = self
+        let raw_run = self
             .skip
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .is_ok();
-        if skipping {
+        if raw_run {
             return Payload::prepare(data, 0);
         }
         let p = Payload::prepare(data, self.level);
@@ -1634,18 +1634,7 @@ async fn handshake(
     };
     if let Some(reason) = problem {
         buf.clear();
-        wire::encode_frame(
-            &Frame {
-                seq: 0,
-                msg: Message::Refuse {
-                    reason: reason.clone(),
-                },
-                payload: Payload::empty(),
-            },
-            &mut buf,
-        );
-        let _ = wr.write_all(&buf).await;
-        let _ = wr.shutdown().await;
+        crate::agent::send_refusal(&mut wr, &reason).await;
         return Err(reason);
     }
     Ok((rd, wr, welcome))
@@ -1842,7 +1831,7 @@ mod tests {
         for _ in 0..AdaptiveCompression::STREAK {
             assert!(!c.prepare(Bytes::from(random.clone())).is_compressed());
         }
-        // Now skipping: even compressible data goes raw, until the skip runs out.
+        // Now in a raw run: even compressible data goes raw until the run ends.
         assert!(!c.prepare(text.clone()).is_compressed());
         for _ in 1..AdaptiveCompression::SKIP {
             c.prepare(text.clone());

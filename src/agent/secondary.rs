@@ -194,19 +194,7 @@ pub async fn run(
 
 async fn refuse(stream: PeerStream, reason: &str) {
     let (_rd, mut wr) = stream.into_split();
-    let mut buf = BytesMut::new();
-    wire::encode_frame(
-        &Frame {
-            seq: 0,
-            msg: Message::Refuse {
-                reason: reason.into(),
-            },
-            payload: Payload::empty(),
-        },
-        &mut buf,
-    );
-    let _ = wr.write_all(&buf).await;
-    let _ = wr.shutdown().await;
+    crate::agent::send_refusal(&mut wr, reason).await;
 }
 
 /// Check a Hello against this node (G6). Returns what the secondary needs.
@@ -498,19 +486,7 @@ async fn session(
         Err(reason) => {
             tracing::error!(peer = %peer_addr, "refusing primary: {reason}");
             node.metrics.set_error(reason.clone());
-            let mut buf = BytesMut::new();
-            wire::encode_frame(
-                &Frame {
-                    seq: 0,
-                    msg: Message::Refuse {
-                        reason: reason.clone(),
-                    },
-                    payload: Payload::empty(),
-                },
-                &mut buf,
-            );
-            let _ = wr.write_all(&buf).await;
-            let _ = wr.shutdown().await;
+            crate::agent::send_refusal(&mut wr, &reason).await;
             return Err(reason);
         }
     };

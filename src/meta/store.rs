@@ -575,7 +575,7 @@ impl MetaStore {
     /// [`ActivitySnapshot`] for torn and damaged slots). A record with a
     /// valid checksum but another format version is refused with
     /// [`MetaError::AlUnsupportedVersion`] rather than skipped, since
-    /// skipping it could forget active extents.
+    /// leaving it out could forget active extents.
     pub fn read_activity(&self) -> Result<ActivitySnapshot, MetaError> {
         let area = read_at_most(&self.file, AL_OFFSET_BYTES, AL_LEN_BYTES as usize)
             .map_err(io_err(&self.path, "read of the activity log"))?;
