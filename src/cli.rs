@@ -75,7 +75,7 @@ pub struct NodeArgs {
     /// Which node of the resource file this is.
     #[arg(long)]
     pub node: Option<String>,
-    /// This node's name (default: its role). Certificates are DIR/<name>.pem|key.
+    /// This node's name (default: its role). Certificates are `DIR/NAME.pem` and `DIR/NAME.key`.
     #[arg(long)]
     pub name: Option<String>,
     /// The name the peer must present (default: the other role).

@@ -965,7 +965,7 @@ impl std::fmt::Debug for NbdClient {
 }
 
 impl NbdClient {
-    /// Connects to `addr` ("127.0.0.1:10809", "[::1]:10809", "host:port",
+    /// Connects to `addr` ("127.0.0.1:10809", `[::1]:10809`, "host:port",
     /// "unix:/path" or "/abs/path") and opens `export_name` ("" = the
     /// server's default export) with the fixed newstyle handshake.
     pub async fn connect(addr: &str, export_name: &str) -> Result<NbdClient, NbdClientError> {
