@@ -170,14 +170,25 @@ pub(crate) fn open_node(
         direct: cfg.direct,
         engine: cfg.io_engine,
     };
-    let volume = crate::volume::Volume::open(&cfg.volume, &opts)?;
+    let volume = retry_while_held(
+        || crate::volume::Volume::open(&cfg.volume, &opts),
+        |e| matches!(e, crate::volume::VolumeError::Busy { .. }),
+    )?;
     check_meta_path(cfg, &volume)?;
     let size_bytes = volume.size_bytes();
     tracing::info!(volume = %cfg.volume.display(), size_bytes, engine = volume.engine_name(), "opened volume");
     let open = || {
-        crate::meta::MetaStore::open_or_create(&cfg.meta, size_bytes, cfg.block_size, || {
-            fresh_superblock(role, size_bytes, cfg.block_size)
-        })
+        retry_while_held(
+            || {
+                crate::meta::MetaStore::open_or_create(
+                    &cfg.meta,
+                    size_bytes,
+                    cfg.block_size,
+                    || fresh_superblock(role, size_bytes, cfg.block_size),
+                )
+            },
+            |e| matches!(e, MetaError::Locked { .. }),
+        )
     };
     let (opened, rebuilt) = match open() {
         Err(e @ MetaError::BothSlotsBad { .. }) if role == crate::types::Role::Secondary => {
@@ -218,6 +229,38 @@ pub(crate) fn open_node(
         tracing::warn!(meta = %cfg.meta.display(), "metadata recovered: {r}");
     }
     Ok((volume, opened, rebuilt))
+}
+
+/// How long a starting agent waits for a lock held by a previous holder. An agent
+/// killed with I/O in flight keeps its files (and their locks) until the kernel
+/// has torn down its io_uring, which can take a moment after the process is gone;
+/// a restart (systemd, an operator) must not fail on that.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Run `open` until it succeeds, fails otherwise, or `is_held` errors persist
+/// for [`LOCK_WAIT`]; then the last error is returned.
+fn retry_while_held<T, E>(
+    mut open: impl FnMut() -> Result<T, E>,
+    is_held: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let start = std::time::Instant::now();
+    loop {
+        match open() {
+            Err(e) if is_held(&e) && start.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Ok(v) => {
+                if start.elapsed() >= Duration::from_millis(100) {
+                    tracing::info!(
+                        waited_ms = start.elapsed().as_millis() as u64,
+                        "the previous holder released the lock"
+                    );
+                }
+                return Ok(v);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Tell the peer why the connection is refused (a `Refuse` frame), then close.
