@@ -93,11 +93,24 @@ async fn loop_device_volume_reports_size_is_exclusive_and_zeroes() {
         assert!(back[100..600_100].iter().all(|b| *b == 0), "zeroed range");
         assert!(back[600_100..].iter().all(|b| *b == 0xC3));
 
-        // Discard: content afterwards is unspecified for block devices; it must not
-        // fail and must not touch anything outside the range.
+        // Trim on a block device zeroes the range (replicas stay identical) and must
+        // not touch anything outside it.
         volume.trim(700_001, 100_000).await.unwrap();
-        let back = volume.read(600_100, 100_000).await.unwrap();
-        assert!(back.iter().all(|b| *b == 0xC3));
+        let before = volume.read(600_100, 700_001 - 600_100).await.unwrap();
+        assert!(
+            before.iter().all(|b| *b == 0xC3),
+            "bytes before the trimmed range untouched"
+        );
+        let after = volume.read(800_001, 4096).await.unwrap();
+        assert!(
+            after.iter().all(|b| *b == 0xC3),
+            "bytes after the trimmed range untouched"
+        );
+        let trimmed = volume.read(700_001, 100_000).await.unwrap();
+        assert!(
+            trimmed.iter().all(|b| *b == 0),
+            "a trimmed range reads as zeros"
+        );
         volume.flush().await.unwrap();
         drop(volume);
 

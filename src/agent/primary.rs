@@ -905,15 +905,6 @@ impl Owner {
                         .await
                         .map_err(|e| errno_of(&e)),
                 },
-                // A block device's discard leaves unspecified contents; both nodes zero
-                // instead so the images stay identical (kernel-notes/trim.md).
-                OpKind::Trim if volume.is_block_device() => IoDone::Local {
-                    seq,
-                    result: volume
-                        .write_zeroes(range.offset, range.len, fua)
-                        .await
-                        .map_err(|e| errno_of(&e)),
-                },
                 OpKind::Trim => IoDone::Local {
                     seq,
                     result: volume

@@ -372,10 +372,6 @@ impl Applier {
                             ApplyKind::WriteZeroes => {
                                 volume.write_zeroes(range.offset, range.len, false).await
                             }
-                            // A block device's discard leaves unspecified contents; zero it so both images match.
-                            ApplyKind::Trim if volume.is_block_device() => {
-                                volume.write_zeroes(range.offset, range.len, false).await
-                            }
                             ApplyKind::Trim => volume.trim(range.offset, range.len).await,
                             ApplyKind::HashCheck => unreachable!("hash checks are matched above"),
                         };

@@ -180,24 +180,17 @@ impl VolumeFiles {
     /// Tell the storage `[offset, offset + len_bytes)` is unused. Files: the range is
     /// deallocated and reads back as zeros (zeros are written where the file system
     /// cannot punch holes, so files always read zeros after a trim). Block devices:
-    /// the 512-aligned interior is discarded and its content is then unspecified
-    /// (BLKDISCARD may or may not zero); devices without discard ignore it.
+    /// the range is zeroed (BLKZEROOUT), because after BLKDISCARD the content is
+    /// unspecified and replicas must stay identical.
     pub fn trim_sync(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
         if len_bytes == 0 {
             return Ok(());
         }
         if self.is_block_device {
-            let (_, body, _) = split_sectors(offset, len_bytes);
-            if body.1 == 0 {
-                return Ok(());
-            }
-            match sys::block_discard(&self.primary, body.0, body.1) {
-                Err(e) if is_unsupported(&e) => {
-                    tracing::debug!(path = %self.path.display(), "block device does not support discard; trim ignored");
-                    Ok(())
-                }
-                other => other,
-            }
+            // After BLKDISCARD a device's contents are unspecified, so two replicas
+            // could differ in trimmed ranges; zeroing keeps every image defined
+            // (kernel-notes/trim.md). Files punch holes, which read as zeros.
+            self.write_zeroes_sync(offset, len_bytes, false)
         } else {
             match sys::punch_hole(&self.primary, offset, len_bytes) {
                 Err(e) if is_unsupported(&e) => self.write_zeroes_sync(offset, len_bytes, false),

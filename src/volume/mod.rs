@@ -31,8 +31,9 @@
 //! - `write_zeroes`: files `fallocate(ZERO_RANGE)`, falling back to writing zeros in
 //!   1 MiB chunks; block devices `BLKZEROOUT` (unaligned edges written as data).
 //! - `trim`: files `fallocate(PUNCH_HOLE)`, after which the range reads as zeros;
-//!   block devices `BLKDISCARD` on the 512-aligned interior, after which the content
-//!   is unspecified (use `write_zeroes` where identical images matter, G3).
+//!   block devices are zeroed (`BLKZEROOUT`), never discarded: after a discard the
+//!   content is unspecified and two replicas could differ (G3). A trim therefore
+//!   reads back as zeros on every backend.
 //! - `O_DIRECT` (`direct: true`): aligned requests (offset, length and buffer aligned
 //!   to 4096 for files, to the logical block size for block devices) use the direct
 //!   descriptor; others go through a second, buffered descriptor of the same file.

@@ -9,8 +9,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 /// `_IO(0x12, 104)`: logical block (sector) size of a block device in bytes.
 const BLKSSZGET: libc::c_ulong = 0x1268;
-/// `_IO(0x12, 119)`: discard a byte range `[u64 start, u64 len]`, both 512-aligned.
-const BLKDISCARD: libc::c_ulong = 0x1277;
 /// `_IO(0x12, 127)`: write zeroes to a byte range `[u64 start, u64 len]`, both 512-aligned.
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
@@ -83,15 +81,10 @@ fn block_range_ioctl(
     len: u64,
 ) -> io::Result<()> {
     let range: [u64; 2] = [offset, len];
-    // SAFETY: BLKDISCARD/BLKZEROOUT read two u64 values through the pointer, which
+    // SAFETY: BLKZEROOUT reads two u64 values through the pointer, which
     // points to a live local array for the duration of the call.
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), request as _, range.as_ptr()) })?;
     Ok(())
-}
-
-/// Discard `[offset, offset + len)` on a block device; both must be 512-aligned.
-pub fn block_discard(fd: &impl AsRawFd, offset: u64, len: u64) -> io::Result<()> {
-    block_range_ioctl(fd, BLKDISCARD, offset, len)
 }
 
 /// Zero `[offset, offset + len)` on a block device; both must be 512-aligned.
