@@ -263,19 +263,35 @@ fn retry_while_held<T, E>(
     }
 }
 
+/// Send one payload-free handshake frame (`Hello`, `Welcome`, `Refuse`) and flush it.
+pub(crate) async fn send_message(
+    wr: &mut crate::transport::PeerWriteHalf,
+    msg: crate::wire::Message,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = bytes::BytesMut::new();
+    crate::wire::encode_frame(
+        &crate::wire::Frame {
+            seq: 0,
+            msg,
+            payload: crate::wire::Payload::empty(),
+        },
+        &mut buf,
+    );
+    wr.write_all(&buf).await?;
+    wr.flush().await
+}
+
 /// Tell the peer why the connection is refused (a `Refuse` frame), then close.
 /// Best effort: the peer may already be gone.
 pub(crate) async fn send_refusal(wr: &mut crate::transport::PeerWriteHalf, reason: &str) {
     use tokio::io::AsyncWriteExt;
-    let mut buf = bytes::BytesMut::new();
-    let frame = crate::wire::Frame {
-        seq: 0,
-        msg: crate::wire::Message::Refuse {
+    let _ = send_message(
+        wr,
+        crate::wire::Message::Refuse {
             reason: reason.to_string(),
         },
-        payload: crate::wire::Payload::empty(),
-    };
-    crate::wire::encode_frame(&frame, &mut buf);
-    let _ = wr.write_all(&buf).await;
+    )
+    .await;
     let _ = wr.shutdown().await;
 }

@@ -1557,19 +1557,7 @@ async fn handshake(
 ) -> Result<(BufReader<PeerReadHalf>, PeerWriteHalf, Welcome), String> {
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(256 << 10, rd);
-    let mut buf = BytesMut::new();
-    wire::encode_frame(
-        &Frame {
-            seq: 0,
-            msg: Message::Hello(hello.clone()),
-            payload: Payload::empty(),
-        },
-        &mut buf,
-    );
-    wr.write_all(&buf)
-        .await
-        .map_err(|e| format!("sending Hello: {e}"))?;
-    wr.flush()
+    crate::agent::send_message(&mut wr, Message::Hello(hello.clone()))
         .await
         .map_err(|e| format!("sending Hello: {e}"))?;
     let mut scratch = BytesMut::new();
@@ -1624,7 +1612,6 @@ async fn handshake(
         None
     };
     if let Some(reason) = problem {
-        buf.clear();
         crate::agent::send_refusal(&mut wr, &reason).await;
         return Err(reason);
     }

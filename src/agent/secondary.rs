@@ -511,19 +511,7 @@ async fn session(
         capabilities: caps::ZSTD,
         needs: plan,
     };
-    let mut buf = BytesMut::new();
-    wire::encode_frame(
-        &Frame {
-            seq: 0,
-            msg: Message::Welcome(welcome),
-            payload: Payload::empty(),
-        },
-        &mut buf,
-    );
-    wr.write_all(&buf)
-        .await
-        .map_err(|e| format!("sending Welcome: {e}"))?;
-    wr.flush()
+    crate::agent::send_message(&mut wr, Message::Welcome(welcome))
         .await
         .map_err(|e| format!("sending Welcome: {e}"))?;
     tracing::info!(peer = %peer_addr, primary = %hello.node_name, primary_next_seq = hello.first_seq, plan = ?plan, disk = %node.sb.disk_state, "primary attached");
