@@ -94,7 +94,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             json,
             watch,
         } => loop {
-            let reply = control::request(&path, "status").await?;
+            let reply = control::request(&path, &control::ControlRequest::new("status")).await?;
             let Some(status) = reply.status else {
                 return Err(reply
                     .error

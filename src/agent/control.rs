@@ -1,7 +1,10 @@
 //! The control socket: a unix socket per agent speaking JSON lines.
 //!
-//! Request: one JSON object per line, `{"cmd":"status"}`. Reply: one JSON
-//! object per line, `{"ok":true,"status":{...}}` or `{"ok":false,"error":"..."}`.
+//! Request: one JSON object per line, `{"cmd":"status"}`, optionally with
+//! `"resource":"r0"` (an agent of another resource refuses) and `"args":{...}`
+//! (command arguments, e.g. `{"force":true}`). Reply: one JSON object per line,
+//! `{"ok":true,"status":{...}}`, `{"ok":true,"result":{...}}` or
+//! `{"ok":false,"error":"..."}`.
 //! The socket file is created with mode 0600: the control socket can change
 //! roles, so only root (the agent's user) may talk to it.
 
@@ -28,12 +31,54 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub trait ControlHandler: Send + Sync + 'static {
     fn status(&self) -> BoxFuture<Option<StatusDoc>>;
     /// Any command other than `status`.
-    fn other(&self, command: &str) -> BoxFuture<ControlReply>;
+    fn other(&self, request: ControlRequest) -> BoxFuture<ControlReply>;
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ControlRequest {
     pub cmd: String,
+    /// The resource the caller means; an agent serving another resource refuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    /// Command arguments, e.g. `{"force":true}`.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub args: serde_json::Value,
+}
+
+impl ControlRequest {
+    pub fn new(cmd: &str) -> ControlRequest {
+        ControlRequest {
+            cmd: cmd.to_string(),
+            ..ControlRequest::default()
+        }
+    }
+
+    /// A boolean argument (absent = false).
+    pub fn flag(&self, name: &str) -> bool {
+        self.args
+            .get(name)
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    /// An unsigned integer argument.
+    pub fn number(&self, name: &str) -> Option<u64> {
+        self.args.get(name).and_then(serde_json::Value::as_u64)
+    }
+
+    /// A string argument.
+    pub fn text(&self, name: &str) -> Option<&str> {
+        self.args.get(name).and_then(serde_json::Value::as_str)
+    }
+
+    /// The reply for a command this agent does not know, listing those it does.
+    pub fn unknown(&self, known: &[&str]) -> ControlReply {
+        ControlReply::error(format!(
+            "unknown control command '{}'; this agent knows: {}",
+            self.cmd,
+            known.join(", ")
+        ))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -43,6 +88,9 @@ pub struct ControlReply {
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<StatusDoc>,
+    /// What a command other than `status` returns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
 }
 
 impl ControlReply {
@@ -51,6 +99,16 @@ impl ControlReply {
             ok: false,
             error: Some(message),
             status: None,
+            result: None,
+        }
+    }
+
+    pub fn success(result: serde_json::Value) -> ControlReply {
+        ControlReply {
+            ok: true,
+            error: None,
+            status: None,
+            result: Some(result),
         }
     }
 }
@@ -267,6 +325,7 @@ impl StatusDoc {
 /// Bind the control socket and serve it until `stop`.
 pub async fn serve(
     path: &Path,
+    resource: &str,
     handler: Arc<dyn ControlHandler>,
     stop: CancellationToken,
 ) -> Result<JoinHandle<()>, AgentError> {
@@ -288,12 +347,13 @@ pub async fn serve(
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     let path: PathBuf = path.to_owned();
+    let resource: Arc<str> = resource.into();
     Ok(tokio::spawn(async move {
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((stream, _)) => {
-                        tokio::spawn(serve_one(stream, handler.clone()));
+                        tokio::spawn(serve_one(stream, resource.clone(), handler.clone()));
                     }
                     Err(e) => tracing::warn!("control socket accept: {e}"),
                 },
@@ -304,7 +364,7 @@ pub async fn serve(
     }))
 }
 
-async fn serve_one(stream: UnixStream, handler: Arc<dyn ControlHandler>) {
+async fn serve_one(stream: UnixStream, resource: Arc<str>, handler: Arc<dyn ControlHandler>) {
     let (rd, mut wr) = stream.into_split();
     let mut lines = BufReader::new(rd).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -313,15 +373,22 @@ async fn serve_one(stream: UnixStream, handler: Arc<dyn ControlHandler>) {
         }
         let reply = match serde_json::from_str::<ControlRequest>(&line) {
             Err(e) => ControlReply::error(format!("malformed control request: {e}")),
+            Ok(req) if req.resource.as_deref().is_some_and(|r| r != &*resource) => {
+                ControlReply::error(format!(
+                    "this control socket belongs to resource '{resource}', not '{}'; check --control",
+                    req.resource.as_deref().unwrap_or_default()
+                ))
+            }
             Ok(req) if req.cmd == "status" => match handler.status().await {
                 Some(status) => ControlReply {
                     ok: true,
                     error: None,
                     status: Some(status),
+                    result: None,
                 },
                 None => ControlReply::error("agent is shutting down".into()),
             },
-            Ok(req) => handler.other(&req.cmd).await,
+            Ok(req) => handler.other(req).await,
         };
         let mut text = serde_json::to_string(&reply).expect("reply serializes");
         text.push('\n');
@@ -332,13 +399,12 @@ async fn serve_one(stream: UnixStream, handler: Arc<dyn ControlHandler>) {
 }
 
 /// Client side: send one request and read one reply.
-pub async fn request(path: &Path, cmd: &str) -> Result<ControlReply, String> {
+pub async fn request(path: &Path, req: &ControlRequest) -> Result<ControlReply, String> {
     let stream = UnixStream::connect(path)
         .await
         .map_err(|e| format!("cannot reach the agent's control socket {}: {e}; is the agent running (see --control)?", path.display()))?;
     let (rd, mut wr) = stream.into_split();
-    let mut text =
-        serde_json::to_string(&ControlRequest { cmd: cmd.into() }).expect("request serializes");
+    let mut text = serde_json::to_string(req).expect("request serializes");
     text.push('\n');
     wr.write_all(text.as_bytes())
         .await

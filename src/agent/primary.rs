@@ -21,7 +21,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::control::{self, ControlHandler, ControlReply, StatusDoc};
+use crate::agent::control::{self, ControlHandler, ControlReply, ControlRequest, StatusDoc};
 use crate::agent::{AgentError, RETRY_LOG_INTERVAL, errno_of, security_for};
 use crate::bitmap::DirtyBitmap;
 use crate::config::NodeConfig;
@@ -468,6 +468,7 @@ pub async fn run(
     let control_stop = CancellationToken::new();
     let control_task = control::serve(
         &cfg.control,
+        &cfg.resource,
         Arc::new(PrimaryControl {
             cmd_tx: cmd_tx.clone(),
         }),
@@ -1440,13 +1441,8 @@ impl ControlHandler for PrimaryControl {
             rx.await.ok()
         })
     }
-    fn other(&self, command: &str) -> control::BoxFuture<ControlReply> {
-        let command = command.to_string();
-        Box::pin(async move {
-            ControlReply::error(format!(
-                "unknown control command '{command}'; known: status"
-            ))
-        })
+    fn other(&self, request: ControlRequest) -> control::BoxFuture<ControlReply> {
+        Box::pin(async move { request.unknown(&["status"]) })
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::control::{self, ControlHandler, ControlReply, StatusDoc};
+use crate::agent::control::{self, ControlHandler, ControlReply, ControlRequest, StatusDoc};
 use crate::agent::{AgentError, errno_of, security_for};
 use crate::config::NodeConfig;
 use crate::engine::secondary::{ApplyKind, SecondaryAction, SecondaryEngine};
@@ -126,6 +126,7 @@ pub async fn run(
     let control_stop = CancellationToken::new();
     let control_task = control::serve(
         &cfg.control,
+        &cfg.resource,
         Arc::new(SecondaryControl {
             cfg: cfg.clone(),
             metrics: metrics.clone(),
@@ -861,12 +862,7 @@ impl ControlHandler for SecondaryControl {
         );
         Box::pin(async move { Some(doc) })
     }
-    fn other(&self, command: &str) -> control::BoxFuture<ControlReply> {
-        let command = command.to_string();
-        Box::pin(async move {
-            ControlReply::error(format!(
-                "unknown control command '{command}'; known: status"
-            ))
-        })
+    fn other(&self, request: ControlRequest) -> control::BoxFuture<ControlReply> {
+        Box::pin(async move { request.unknown(&["status"]) })
     }
 }
