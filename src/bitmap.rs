@@ -228,6 +228,31 @@ impl DirtyBitmap {
         Some((BlockIndex(start), BlockCount(end - start)))
     }
 
+    /// The dirty blocks as runs `(first, count)` in order, at most `max_runs` of
+    /// them: when there are more, runs closer than a growing gap are merged, so the
+    /// result always covers every dirty block (a superset, never fewer).
+    pub fn runs(&self, max_runs: usize) -> Vec<(u64, u64)> {
+        let mut runs = Vec::new();
+        let mut cursor = BlockIndex(0);
+        while let Some((first, n)) = self.next_dirty_run(cursor, BlockCount(u64::MAX)) {
+            runs.push((first.0, n.0));
+            cursor = BlockIndex(first.0 + n.0);
+        }
+        let mut gap = 1u64;
+        while runs.len() > max_runs.max(1) {
+            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+            for (first, n) in runs {
+                match merged.last_mut() {
+                    Some((f, m)) if first - (*f + *m) <= gap => *m = first + n - *f,
+                    _ => merged.push((first, n)),
+                }
+            }
+            runs = merged;
+            gap *= 2;
+        }
+        runs
+    }
+
     /// Mark every block that is dirty in `other` (same block count required).
     pub fn union_with(&mut self, other: &DirtyBitmap) {
         assert_eq!(
@@ -299,6 +324,33 @@ impl DirtyBitmap {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn runs_cover_every_dirty_block_within_the_limit() {
+        let mut bm = DirtyBitmap::new(BlockCount(10_000));
+        for i in (0..10_000).step_by(7) {
+            bm.mark(BlockIndex(i), BlockIndex(i + 2));
+        }
+        let exact = bm.runs(usize::MAX);
+        assert_eq!(exact.len(), 1429);
+        assert_eq!(exact[0], (0, 2));
+        for max in [1, 10, 100, 1000] {
+            let runs = bm.runs(max);
+            assert!(runs.len() <= max, "{} runs > {max}", runs.len());
+            let mut covered = DirtyBitmap::new(BlockCount(10_000));
+            for (f, n) in &runs {
+                covered.mark(BlockIndex(*f), BlockIndex(f + n));
+            }
+            let mut both = covered.clone();
+            both.union_with(&bm);
+            assert_eq!(
+                both.dirty_count(),
+                covered.dirty_count(),
+                "max {max}: not a superset"
+            );
+        }
+        assert!(DirtyBitmap::new(BlockCount(5)).runs(3).is_empty());
+    }
     use std::collections::BTreeSet;
 
     use proptest::prelude::*;

@@ -50,6 +50,41 @@ pub enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Make a running secondary the primary: it starts a new generation and serves the
+    /// NBD export. Refused while the peer is primary and connected, and while this
+    /// node's disk is not UpToDate (unless --force). Runs the fencing command first
+    /// when the peer is unreachable.
+    Promote {
+        /// The agent's control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// Promote even though the disk is Inconsistent (its data may be a mix of two
+        /// generations: only for disaster recovery).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make a running primary a secondary: stop accepting NBD clients, wait for those
+    /// attached to disconnect (up to --timeout, then close them after their requests
+    /// complete), drain the replication queue to the peer, and serve as secondary.
+    Demote {
+        /// The agent's control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// Seconds to wait for NBD clients to disconnect by themselves.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Resolve a split brain on the losing node (a secondary): its changes since the
+    /// split are discarded at the next connection and replaced by the peer's data. The
+    /// changed ranges are written to a report file first.
+    Resolve {
+        /// The losing node's control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// Confirm: discard this node's changes (required).
+        #[arg(long)]
+        discard_local: bool,
+    },
     /// Run a self-contained demonstration on loopback: certificates, a secondary and a
     /// primary with 256 MiB images, a mixed workload through the NBD export in sync
     /// then async mode, and a final check that both images are identical.
@@ -166,6 +201,15 @@ pub struct NodeArgs {
     /// hash and sends only those that differ, instead of the whole volume.
     #[arg(long)]
     pub seeded: bool,
+    /// Who loses when both nodes wrote while apart (split brain): disconnect (default:
+    /// refuse, an administrator decides with `tandem resolve`), discard-younger-primary,
+    /// discard-least-changes, or "discard-node NAME".
+    #[arg(long)]
+    pub split_brain_policy: Option<String>,
+    /// Fencing command (run with `sh -c`) before a promotion while the peer is
+    /// unreachable; a non-zero exit stops the promotion.
+    #[arg(long)]
+    pub fence_peer: Option<String>,
 }
 
 impl NodeArgs {
@@ -202,6 +246,8 @@ impl NodeArgs {
             drain_timeout_ms: self.drain_timeout_ms,
             al_extents: self.al_extents,
             seeded: self.seeded,
+            split_brain_policy: self.split_brain_policy,
+            fence_peer: self.fence_peer,
         }
     }
 }

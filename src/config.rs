@@ -106,6 +106,8 @@ pub struct ResourceSection {
     pub seeded: Option<bool>,
     pub direct: Option<bool>,
     pub io_engine: Option<String>,
+    pub split_brain_policy: Option<String>,
+    pub fence_peer: Option<String>,
 }
 
 /// Per-node options (`[nodes.NAME]`).
@@ -178,11 +180,12 @@ pub struct NodeConfig {
     pub meta: PathBuf,
     pub direct: bool,
     pub io_engine: EngineChoice,
-    /// Replication address this node listens on (secondary).
+    /// Replication address this node listens on (both roles: a secondary accepts its
+    /// primary there; a primary refuses a second primary there, naming the split brain).
     pub listen: Option<SocketAddr>,
-    /// The peer's replication address (primary dials it).
+    /// The peer's replication address (a primary dials it).
     pub peer: Option<SocketAddr>,
-    /// NBD export address (primary).
+    /// NBD export address (served while primary).
     pub nbd: Option<String>,
     pub nbd_name: String,
     pub control: PathBuf,
@@ -209,6 +212,11 @@ pub struct NodeConfig {
     /// Secondary: the volume already holds an old copy; compare it by hash at the
     /// first sync instead of receiving every block.
     pub seeded: bool,
+    /// Who loses when both nodes wrote while apart (G8); default: nobody, refuse.
+    pub split_brain_policy: crate::engine::generations::SplitBrainPolicy,
+    /// Command run (`sh -c`) before promotion while the peer is unreachable; a
+    /// non-zero exit stops the promotion.
+    pub fence_peer: Option<String>,
 }
 
 /// Defaults, with the reasoning behind each number.
@@ -271,6 +279,8 @@ pub struct Overrides {
     pub drain_timeout_ms: Option<u64>,
     pub al_extents: Option<usize>,
     pub seeded: bool,
+    pub split_brain_policy: Option<String>,
+    pub fence_peer: Option<String>,
 }
 
 fn size_opt(
@@ -392,14 +402,23 @@ impl NodeConfig {
                 message: format!("{compress_level}: expected 0 (off) to 19"),
             });
         }
-        let listen = o.listen.or(match role {
-            Role::Secondary => mine.address,
-            Role::Primary => None,
-        });
-        let peer = o.peer.or(match role {
-            Role::Primary => theirs.address,
-            Role::Secondary => None,
-        });
+        // Both nodes get both addresses: either can take either role at runtime.
+        let listen = o.listen.or(mine.address);
+        let peer = o.peer.or(theirs.address);
+        let split_brain_policy =
+            match o.split_brain_policy.or(res.split_brain_policy) {
+                None => crate::engine::generations::SplitBrainPolicy::default(),
+                Some(text) => crate::engine::generations::SplitBrainPolicy::parse(&text).map_err(
+                    |message| ConfigError::Invalid {
+                        option: "--split-brain-policy",
+                        message,
+                    },
+                )?,
+            };
+        let fence_peer = o
+            .fence_peer
+            .or(res.fence_peer)
+            .filter(|c| !c.trim().is_empty());
         let tls_dir = o
             .tls_dir
             .or(res.tls_dir)
@@ -469,6 +488,20 @@ impl NodeConfig {
                 .or(res.al_extents)
                 .unwrap_or(crate::meta::al::AL_EXTENTS_MAX),
             seeded: o.seeded || res.seeded.unwrap_or(false),
+            split_brain_policy,
+            fence_peer,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The same node in another role (a promotion or demotion at runtime),
+    /// validated for it: a node can only become primary with an NBD address and
+    /// a peer to dial, and secondary with an address to listen on.
+    pub fn with_role(&self, role: Role) -> Result<NodeConfig, ConfigError> {
+        let cfg = NodeConfig {
+            role,
+            ..self.clone()
         };
         cfg.validate()?;
         Ok(cfg)

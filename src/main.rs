@@ -74,7 +74,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 NodeConfig::resolve(Role::Primary, args.overrides()).map_err(|e| e.to_string())?;
             let stop = CancellationToken::new();
             agent::cancel_on_signals(stop.clone());
-            agent::primary::run(cfg, stop, None)
+            agent::node::run(cfg, stop)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
@@ -84,7 +84,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 .map_err(|e| e.to_string())?;
             let stop = CancellationToken::new();
             agent::cancel_on_signals(stop.clone());
-            agent::secondary::run(cfg, stop, None)
+            agent::node::run(cfg, stop)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
@@ -116,6 +116,35 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             }
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         },
+        Command::Promote {
+            control: path,
+            force,
+        } => {
+            let mut req = control::ControlRequest::new("promote");
+            req.args = serde_json::json!({ "force": force });
+            role_command(&path, &req).await
+        }
+        Command::Demote {
+            control: path,
+            timeout,
+        } => {
+            let mut req = control::ControlRequest::new("demote");
+            req.args = serde_json::json!({ "timeout_s": timeout });
+            role_command(&path, &req).await
+        }
+        Command::Resolve {
+            control: path,
+            discard_local,
+        } => {
+            if !discard_local {
+                return Err(
+                    "resolve needs --discard-local: run it on the node whose changes are to be discarded".into(),
+                );
+            }
+            let mut req = control::ControlRequest::new("resolve");
+            req.args = serde_json::json!({ "discard_local": true });
+            role_command(&path, &req).await
+        }
         Command::Demo { size, seconds, dir } => {
             let size_bytes = tandem::types::parse_size(&size)?;
             let ok = tandem::demo::run(size_bytes, seconds, dir)
@@ -128,4 +157,23 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             })
         }
     }
+}
+
+/// Send a command that answers with a message; print it, or fail with the error.
+async fn role_command(
+    path: &std::path::Path,
+    req: &control::ControlRequest,
+) -> Result<ExitCode, String> {
+    let reply = control::request(path, req).await?;
+    if !reply.ok {
+        return Err(reply.error.unwrap_or_else(|| "refused".into()));
+    }
+    let message = reply
+        .result
+        .as_ref()
+        .and_then(|r| r.get("message"))
+        .and_then(|m| m.as_str())
+        .unwrap_or("done");
+    println!("{message}");
+    Ok(ExitCode::SUCCESS)
 }

@@ -24,6 +24,7 @@ fn fresh() -> Superblock {
         gen_current: Generation(0x1111),
         gen_bitmap_base: Generation::NONE,
         gen_history: [Generation::NONE; 2],
+        promoted_at_s: 0,
         clean_shutdown: false,
         resync_cursor: None,
         bitmap_valid: true,

@@ -133,6 +133,70 @@ pub struct StatusDoc {
     pub compression_ratio: f64,
     pub last_error: Option<String>,
     pub uptime_s: u64,
+    /// Generation identifiers (G8): current, bitmap base, history (newest first).
+    #[serde(default)]
+    pub generations: Option<GenerationsStatus>,
+    /// The last handshake decision with the peer (e.g. "bitmap resync: same
+    /// generation", "refused: split brain ..."), null before the first one.
+    #[serde(default)]
+    pub handshake: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GenerationsStatus {
+    pub current: String,
+    pub bitmap_base: String,
+    pub history: Vec<String>,
+    /// When this node last became primary (unix seconds), null if never.
+    pub promoted_at_s: Option<u64>,
+}
+
+impl GenerationsStatus {
+    pub fn of(sb: &crate::meta::Superblock) -> GenerationsStatus {
+        GenerationsStatus {
+            current: sb.gen_current.to_string(),
+            bitmap_base: sb.gen_bitmap_base.to_string(),
+            history: sb
+                .gen_history
+                .iter()
+                .filter(|g| **g != Generation::NONE)
+                .map(Generation::to_string)
+                .collect(),
+            promoted_at_s: (sb.promoted_at_s != 0).then_some(sb.promoted_at_s),
+        }
+    }
+}
+
+/// The control handler of whichever role a node runs now: the node's control
+/// socket stays up while the role changes underneath it.
+#[derive(Clone, Default)]
+pub struct HandlerSlot(Arc<std::sync::RwLock<Option<Arc<dyn ControlHandler>>>>);
+
+impl HandlerSlot {
+    pub fn set(&self, handler: Option<Arc<dyn ControlHandler>>) {
+        *self.0.write().expect("handler slot lock") = handler;
+    }
+
+    pub fn get(&self) -> Option<Arc<dyn ControlHandler>> {
+        self.0.read().expect("handler slot lock").clone()
+    }
+}
+
+impl ControlHandler for HandlerSlot {
+    fn status(&self) -> BoxFuture<Option<StatusDoc>> {
+        match self.get() {
+            Some(h) => h.status(),
+            None => Box::pin(async { None }),
+        }
+    }
+    fn other(&self, request: ControlRequest) -> BoxFuture<ControlReply> {
+        match self.get() {
+            Some(h) => h.other(request),
+            None => Box::pin(async {
+                ControlReply::error("the agent is changing roles; try again in a moment".into())
+            }),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -264,6 +328,8 @@ impl StatusDoc {
             compression_ratio: m.compression_ratio(),
             last_error: m.last_error.lock().ok().and_then(|e| e.clone()),
             uptime_s: m.started.elapsed().as_secs(),
+            generations: None,
+            handshake: None,
         }
     }
 
@@ -314,6 +380,17 @@ impl StatusDoc {
                 "  write latency µs: p50 {} p99 {} p99.9 {} max {}\n",
                 l.p50, l.p99, l.p999, l.max
             );
+        }
+        if let Some(g) = &self.generations {
+            s += &format!(
+                "  generations: current {} base {} history [{}]\n",
+                g.current,
+                g.bitmap_base,
+                g.history.join(", ")
+            );
+        }
+        if let Some(h) = &self.handshake {
+            s += &format!("  last handshake: {h}\n");
         }
         if let Some(e) = &self.last_error {
             s += &format!("  last error: {e}\n");

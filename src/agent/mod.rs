@@ -7,6 +7,7 @@
 //! and the replication window bound.
 
 pub mod control;
+pub mod node;
 pub mod primary;
 pub mod secondary;
 
@@ -51,6 +52,27 @@ pub enum AgentError {
         volume: String,
         volume_bytes: u64,
     },
+}
+
+/// What a role (primary or secondary) gets from the node agent that hosts it.
+#[derive(Clone, Default)]
+pub struct RoleContext {
+    /// Cancelled to end the role: shutdown, or a role change.
+    pub stop: CancellationToken,
+    /// Where the role installs its control handler while it runs.
+    pub control: control::HandlerSlot,
+    /// Set before `stop` is cancelled for a demotion: how long NBD clients get to
+    /// disconnect by themselves. Unset: stop at once (shutdown).
+    pub demote: std::sync::Arc<std::sync::Mutex<Option<Duration>>>,
+    /// Promotion of a disk that is not UpToDate (`tandem promote --force`).
+    pub force: bool,
+}
+
+/// Seconds since the epoch (0 if the clock is before it).
+pub(crate) fn unix_now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The transport security a node config asks for.
@@ -147,6 +169,7 @@ fn fresh_superblock(
         },
         gen_bitmap_base: Generation::NONE,
         gen_history: [Generation::NONE; 2],
+        promoted_at_s: if primary { unix_now_s() } else { 0 },
         clean_shutdown: true,
         resync_cursor: None,
         bitmap_valid: true,

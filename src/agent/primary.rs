@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::control::{self, ControlHandler, ControlReply, ControlRequest, StatusDoc};
-use crate::agent::{AgentError, RETRY_LOG_INTERVAL, errno_of, security_for};
+use crate::agent::{AgentError, RETRY_LOG_INTERVAL, RoleContext, errno_of, security_for};
 use crate::bitmap::DirtyBitmap;
 use crate::config::NodeConfig;
 use crate::engine::primary::{Action, Errno, FlushId, Mode, OpKind, PrimaryEngine};
@@ -162,8 +162,9 @@ enum Cmd {
     Status {
         reply: oneshot::Sender<StatusDoc>,
     },
+    /// Drain to the peer, persist, stop; the reply says how the drain went.
     Shutdown {
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<String>,
     },
 }
 
@@ -252,6 +253,14 @@ struct Shared {
     compress: Arc<AdaptiveCompression>,
     metrics: Arc<Metrics>,
     volume: Volume,
+    /// The last handshake decision or refusal, for status.
+    handshake: std::sync::Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn set_handshake(&self, text: String) {
+        *self.handshake.lock().expect("handshake lock") = Some(text);
+    }
 }
 
 impl Shared {
@@ -274,13 +283,41 @@ impl Shared {
     }
 }
 
-/// Run a primary until `shutdown` is cancelled; then drain and persist.
+/// Run a primary until `shutdown` is cancelled, with its own control socket; then
+/// drain and persist.
 pub async fn run(
     cfg: NodeConfig,
     shutdown: CancellationToken,
     ready: Option<oneshot::Sender<PrimaryReady>>,
 ) -> Result<(), AgentError> {
-    let cfg = Arc::new(cfg);
+    let slot = control::HandlerSlot::default();
+    let control_stop = CancellationToken::new();
+    let control_task = control::serve(
+        &cfg.control,
+        &cfg.resource,
+        Arc::new(slot.clone()),
+        control_stop.clone(),
+    )
+    .await?;
+    let ctx = RoleContext {
+        stop: shutdown,
+        control: slot,
+        ..RoleContext::default()
+    };
+    let result = serve(Arc::new(cfg), ctx, ready).await;
+    control_stop.cancel();
+    let _ = control_task.await;
+    result.map(|_| ())
+}
+
+/// Serve the primary role until `ctx.stop` is cancelled; then drain and persist.
+/// Returns what the stop did (for a demotion's reply).
+pub async fn serve(
+    cfg: Arc<NodeConfig>,
+    ctx: RoleContext,
+    ready: Option<oneshot::Sender<PrimaryReady>>,
+) -> Result<String, AgentError> {
+    let shutdown = ctx.stop.clone();
     let (volume, opened, _) = crate::agent::open_node(&cfg, Role::Primary)?;
     let size_bytes = volume.size_bytes();
     let mut meta = opened.store;
@@ -290,7 +327,7 @@ pub async fn run(
     }
     if sb.role == Role::Secondary || sb.is_new {
         // G8: taking the primary role starts a new generation.
-        if sb.disk_state != DiskState::UpToDate || sb.is_new {
+        if sb.is_new || (sb.disk_state != DiskState::UpToDate && !ctx.force) {
             return Err(AgentError::Refused(format!(
                 "{} was a secondary whose disk is {} (it never completed a sync); refusing to serve it as primary. \
                  Resync it from its peer first, or remove its metadata {} to start it as a new primary",
@@ -303,10 +340,35 @@ pub async fn run(
                 cfg.meta.display()
             )));
         }
+        let forced = sb.disk_state != DiskState::UpToDate;
+        if forced {
+            tracing::error!(disk = %sb.disk_state, "FORCED promotion of a disk that is not UpToDate: its data may mix two generations; it is declared UpToDate now");
+            sb.disk_state = DiskState::UpToDate;
+            // No bitmap describes how this disk differs from any generation: the peer
+            // gets a full resync (the generation it was syncing from goes to history,
+            // so the peer is recognised as related, not as unrelated data).
+            if sb.gen_bitmap_base != Generation::NONE {
+                sb.gen_current = sb.gen_bitmap_base;
+            }
+            sb.gen_bitmap_base = Generation::NONE;
+        }
         let new_gen = Generation::random();
-        tracing::warn!(old = %sb.gen_current, new = %new_gen, "node was secondary; promoting with a new generation");
+        // The peer is known to hold (at most) the old generation, plus what this node
+        // writes from now on: the bitmap is relative to it.
+        let base = if forced {
+            Generation::NONE
+        } else if sb.gen_bitmap_base != Generation::NONE {
+            // An UpToDate secondary never has a base unless it was primary and diverged
+            // before; keep the older one, its bitmap covers both.
+            sb.gen_bitmap_base
+        } else {
+            sb.gen_current
+        };
+        tracing::warn!(old = %sb.gen_current, new = %new_gen, base = %base, "node was secondary; promoting with a new generation");
         sb.gen_history = [sb.gen_current, sb.gen_history[0]];
         sb.gen_current = new_gen;
+        sb.gen_bitmap_base = base;
+        sb.promoted_at_s = crate::agent::unix_now_s();
         sb.role = Role::Primary;
     }
     // G3 after a crash: what may differ is the persisted bitmap plus every extent the
@@ -363,6 +425,7 @@ pub async fn run(
         meta.write_activity(cfg.al_extent_bytes, &[])?;
     }
 
+    let generation = sb.gen_current;
     let metrics = Arc::new(Metrics::default());
     let window = Window::new(cfg.queue_bytes_max, cfg.queue_writes_max);
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
@@ -379,6 +442,7 @@ pub async fn run(
         compress: Arc::new(AdaptiveCompression::new(cfg.compress_level)),
         metrics: metrics.clone(),
         volume: volume.clone(),
+        handshake: std::sync::Mutex::new(None),
     });
     let mut engine = PrimaryEngine::new(cfg.mode, size_bytes, cfg.block_size, dirty, Seq(1));
     engine.enable_activity(crate::engine::activity::ActiveSet::new(
@@ -425,9 +489,24 @@ pub async fn run(
         security_for(&cfg),
         cmd_tx.clone(),
         peer_tx,
-        metrics.clone(),
+        shared.clone(),
         conn_stop.clone(),
     ));
+    // Both nodes listen: a peer that dials this node while it is primary is another
+    // primary (a secondary never dials). It is refused with both generations named.
+    let listener_task = match cfg.listen {
+        Some(addr) => {
+            let listener = transport::PeerListener::bind(addr, &security_for(&cfg)).await?;
+            Some(tokio::spawn(refuse_primaries(
+                listener,
+                cfg.clone(),
+                cmd_tx.clone(),
+                shared.clone(),
+                conn_stop.clone(),
+            )))
+        }
+        None => None,
+    };
 
     let nbd_addr: NbdAddress = cfg
         .nbd
@@ -462,19 +541,17 @@ pub async fn run(
         export,
     );
     let nbd_stop = CancellationToken::new();
-    let nbd_task = tokio::spawn(server.serve(listener, nbd_stop.clone()));
-    tracing::info!(nbd = %bound, peer = ?cfg.peer, mode = ?cfg.mode, "primary serving");
+    let accept_stop = CancellationToken::new();
+    let nbd_task = tokio::spawn(server.clone().serve_until(
+        listener,
+        accept_stop.clone(),
+        nbd_stop.clone(),
+    ));
+    tracing::info!(nbd = %bound, peer = ?cfg.peer, mode = ?cfg.mode, generation = %generation, "primary serving");
 
-    let control_stop = CancellationToken::new();
-    let control_task = control::serve(
-        &cfg.control,
-        &cfg.resource,
-        Arc::new(PrimaryControl {
-            cmd_tx: cmd_tx.clone(),
-        }),
-        control_stop.clone(),
-    )
-    .await?;
+    ctx.control.set(Some(Arc::new(PrimaryControl {
+        cmd_tx: cmd_tx.clone(),
+    })));
     if let Some(ready) = ready {
         let _ = ready.send(PrimaryReady {
             nbd: bound,
@@ -483,6 +560,33 @@ pub async fn run(
     }
 
     shutdown.cancelled().await;
+    let mut summary = Vec::new();
+    accept_stop.cancel();
+    let demote = *ctx.demote.lock().expect("demote lock");
+    if let Some(wait) = demote {
+        // A demotion lets attached clients finish (unmount, disconnect) for a bounded time.
+        let clients = server.connections();
+        let deadline = tokio::time::Instant::now() + wait;
+        if clients > 0 {
+            tracing::info!(
+                clients,
+                wait_s = wait.as_secs(),
+                "demoting: no new NBD clients; waiting for the attached ones to disconnect"
+            );
+        }
+        while server.connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = server.connections();
+        summary.push(match (clients, left) {
+            (0, _) => "no NBD clients were attached".to_string(),
+            (n, 0) => format!("{n} NBD client(s) disconnected by themselves"),
+            (n, left) => format!(
+                "{n} NBD client(s) attached; {left} still attached after {} s were closed after their requests in flight completed",
+                wait.as_secs()
+            ),
+        });
+    }
     tracing::info!("stopping: no new NBD requests; completing those in flight");
     nbd_stop.cancel();
     match nbd_task.await {
@@ -491,18 +595,23 @@ pub async fn run(
         Err(e) => tracing::error!("NBD server task: {e}"),
     }
     let (tx, rx) = oneshot::channel();
-    if cmd_tx.send(Cmd::Shutdown { reply: tx }).await.is_ok() {
-        let _ = rx.await;
+    if cmd_tx.send(Cmd::Shutdown { reply: tx }).await.is_ok()
+        && let Ok(drained) = rx.await
+    {
+        summary.push(drained);
     }
     conn_stop.cancel();
     let _ = connector_task.await;
-    control_stop.cancel();
-    let _ = control_task.await;
+    if let Some(t) = listener_task {
+        let _ = t.await;
+    }
+    ctx.control.set(None);
     drop(cmd_tx);
 
     owner_task
         .await
-        .map_err(|e| AgentError::Refused(format!("owner task failed: {e}")))?
+        .map_err(|e| AgentError::Refused(format!("owner task failed: {e}")))??;
+    Ok(summary.join("; "))
 }
 
 /// The export the NBD server sees: reads go straight to the volume, writes
@@ -626,7 +735,9 @@ impl ExportBackend for ReplicatedExport {
 
 struct Draining {
     deadline: tokio::time::Instant,
-    reply: oneshot::Sender<()>,
+    reply: oneshot::Sender<String>,
+    /// How the drain ended, for the reply.
+    outcome: Option<String>,
 }
 
 struct Owner {
@@ -692,11 +803,31 @@ impl Owner {
                 let drained = self.engine.ops_in_flight() == 0
                     && (!self.engine.is_streaming() || self.engine.lag().writes == 0);
                 if drained || tokio::time::Instant::now() >= d.deadline {
-                    if !drained {
+                    let out_of_sync =
+                        self.engine.dirty().dirty_count().0 * self.cfg.block_size as u64;
+                    let outcome = if !drained {
                         tracing::warn!(
                             lag_writes = self.engine.lag().writes,
                             "drain timed out; the writes not yet durable on the secondary stay marked for resync"
                         );
+                        format!(
+                            "drain timed out after {} ms with {} writes not durable on the peer; {out_of_sync} bytes stay marked out of sync",
+                            self.cfg.drain_timeout_ms,
+                            self.engine.lag().writes
+                        )
+                    } else if self.session.is_some() && out_of_sync == 0 {
+                        "replication queue drained: the peer holds every write".to_string()
+                    } else if self.session.is_some() {
+                        format!(
+                            "replication queue drained; a resync of {out_of_sync} bytes was still pending"
+                        )
+                    } else {
+                        format!(
+                            "peer not connected: {out_of_sync} bytes stay marked out of sync for the next resync"
+                        )
+                    };
+                    if let Some(d) = self.draining.as_mut() {
+                        d.outcome = Some(outcome);
                     }
                     break;
                 }
@@ -1021,6 +1152,9 @@ impl Owner {
                     self.ahead_since = Instant::now();
                     Metrics::add(&self.shared.metrics.ahead_episodes, 1);
                 }
+                if self.session.is_none() && self.sb.gen_bitmap_base == Generation::NONE {
+                    self.start_generation_alone();
+                }
                 let seq = self.engine.next_seq();
                 self.held.insert(
                     seq,
@@ -1063,7 +1197,11 @@ impl Owner {
                     lag_bytes = self.engine.lag().bytes,
                     "draining the replication queue to the secondary"
                 );
-                self.draining = Some(Draining { deadline, reply });
+                self.draining = Some(Draining {
+                    deadline,
+                    reply,
+                    outcome: None,
+                });
             }
         }
         self.act(out);
@@ -1121,7 +1259,32 @@ impl Owner {
                 if self.draining.is_some() {
                     return;
                 }
-                tracing::info!(session = id, peer = %peer.node_name, plan = ?plan, out_of_sync_blocks = self.engine.dirty().dirty_count().0, "connected to secondary");
+                // What the secondary changed on its own (it was primary before) is resent
+                // with our dirty blocks, or compared by hash (G8: a rejoining node is
+                // rolled back to this node's data).
+                let own_dirty: u64 = peer.own_dirty.iter().map(|r| r.1).sum();
+                let own_verify: u64 = peer.own_verify.iter().map(|r| r.1).sum();
+                if plan == SyncPlan::Bitmap {
+                    let blocks = self.engine.dirty().block_count().0;
+                    let clamp = |(f, n): (u64, u64)| {
+                        (
+                            BlockIndex(f.min(blocks)),
+                            BlockIndex(f.saturating_add(n).min(blocks)),
+                        )
+                    };
+                    for &r in &peer.own_dirty {
+                        let (a, b) = clamp(r);
+                        self.engine.mark_out_of_sync(a, b);
+                    }
+                    for &r in &peer.own_verify {
+                        let (a, b) = clamp(r);
+                        self.engine.mark_verify(a, b);
+                    }
+                }
+                tracing::info!(session = id, peer = %peer.node_name, plan = ?plan, decision = %peer.decision,
+                    out_of_sync_blocks = self.engine.dirty().dirty_count().0, peer_changed_blocks = own_dirty,
+                    peer_compare_blocks = own_verify, "connected to secondary");
+                self.shared.set_handshake(peer.decision.clone());
                 self.session = Some(Session {
                     id,
                     tx,
@@ -1138,7 +1301,7 @@ impl Owner {
                     self.engine.mark_verify(BlockIndex(0), BlockIndex(blocks.0));
                 }
                 self.engine.session_started(full, out);
-                if full {
+                if full || own_dirty > 0 || own_verify > 0 {
                     // Persist "everything dirty" before ResyncStart goes out: the
                     // secondary may resume this sync from our bitmap later, even
                     // across a crash of this node.
@@ -1271,6 +1434,48 @@ impl Owner {
         }
     }
 
+    /// The first write accepted while the peer is away starts a new generation, made
+    /// durable before the write is: if the peer is promoted meanwhile, both sides then
+    /// hold new generations from one common one, and the reconnect sees a split brain
+    /// instead of silently rolling these writes back (G8).
+    fn start_generation_alone(&mut self) {
+        let old = self.sb.gen_current;
+        let new = Generation::random();
+        self.sb.gen_history = [old, self.sb.gen_history[0]];
+        self.sb.gen_current = new;
+        self.sb.gen_bitmap_base = old;
+        let result = tokio::task::block_in_place(|| self.meta.write_superblock(&self.sb));
+        match result {
+            Ok(()) => {
+                tracing::warn!(generation = %new, base = %old, "writing without the peer: new generation")
+            }
+            Err(e) => {
+                tracing::error!("recording a new generation failed: {e}; refusing further writes");
+                self.shared
+                    .metrics
+                    .set_error(format!("recording a new generation failed: {e}"));
+                self.engine.poison();
+            }
+        }
+    }
+
+    /// The peer holds this node's current generation (a resync completed, or nothing
+    /// needed sending): the bitmap is relative to it from now on.
+    fn peer_reached_generation(&mut self) {
+        if self.sb.gen_bitmap_base == Generation::NONE {
+            return;
+        }
+        let base = self.sb.gen_bitmap_base;
+        self.sb.gen_bitmap_base = Generation::NONE;
+        let result = tokio::task::block_in_place(|| self.meta.write_superblock(&self.sb));
+        if let Err(e) = result {
+            tracing::error!("recording that the peer is in sync failed: {e}");
+            self.sb.gen_bitmap_base = base;
+        } else {
+            tracing::info!(generation = %self.sb.gen_current, "the peer holds this generation");
+        }
+    }
+
     /// Persist the out-of-sync bitmap (a superset of what may differ): makes resync
     /// progress survive a restart. Called at a full sync's start and every 10 s of a
     /// running resync.
@@ -1308,6 +1513,7 @@ impl Owner {
             && self.engine.is_streaming()
         {
             s.synced = true;
+            self.peer_reached_generation();
         }
         let m = &self.shared.metrics;
         let lag = self.engine.lag();
@@ -1340,6 +1546,8 @@ impl Owner {
             },
             capabilities: caps::ZSTD,
             first_seq: self.engine.next_seq().0,
+            changed_blocks: self.engine.dirty().dirty_count().0,
+            promoted_at_s: self.sb.promoted_at_s,
         }
     }
 
@@ -1350,7 +1558,7 @@ impl Owner {
     fn status(&self) -> StatusDoc {
         let m = &self.shared.metrics;
         let lag = self.engine.lag();
-        StatusDoc::build(
+        let mut doc = StatusDoc::build(
             &self.cfg,
             Role::Primary,
             m,
@@ -1378,7 +1586,15 @@ impl Owner {
             }),
             self.sb.volume_id,
             self.sb.gen_current,
-        )
+        );
+        doc.generations = Some(control::GenerationsStatus::of(&self.sb));
+        doc.handshake = self
+            .shared
+            .handshake
+            .lock()
+            .expect("handshake lock")
+            .clone();
+        doc
     }
 
     /// Final local flush, Goodbye, then persist what may differ and mark a clean shutdown.
@@ -1405,7 +1621,7 @@ impl Owner {
             "metadata persisted; clean shutdown"
         );
         if let Some(d) = self.draining.take() {
-            let _ = d.reply.send(());
+            let _ = d.reply.send(d.outcome.unwrap_or_default());
         }
         Ok(())
     }
@@ -1452,9 +1668,10 @@ async fn connector(
     security: Security,
     cmd_tx: mpsc::Sender<Cmd>,
     peer_tx: mpsc::UnboundedSender<PeerEvent>,
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    let metrics = shared.metrics.clone();
     let peer_addr: SocketAddr = cfg.peer.expect("validated");
     let mut backoff = Backoff::new(100, 5_000);
     let mut id = 0u64;
@@ -1480,6 +1697,9 @@ async fn connector(
             Ok(x) => x,
             Err(reason) => {
                 metrics.set_error(reason.clone());
+                if reason.contains("refused the connection") {
+                    shared.set_handshake(format!("refused: {reason}"));
+                }
                 if last_log.is_none_or(|t| t.elapsed() >= RETRY_LOG_INTERVAL) {
                     tracing::warn!(peer = %peer_addr, "cannot connect to secondary: {reason}; retrying with backoff");
                     last_log = Some(Instant::now());
@@ -1542,6 +1762,87 @@ async fn connector(
             _ = tokio::time::sleep(backoff.next_delay()) => {}
             _ = stop.cancelled() => break,
         }
+    }
+}
+
+/// Accept connections on this primary's replication address and refuse each: only
+/// a primary dials, so whoever dials here is a second primary (a split brain in the
+/// making, or two nodes promoted by mistake). Both sides log the reason.
+async fn refuse_primaries(
+    listener: transport::PeerListener,
+    cfg: Arc<NodeConfig>,
+    cmd_tx: mpsc::Sender<Cmd>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.cancelled() => return,
+        };
+        let Ok(stream) = stream else { continue };
+        let cfg = cfg.clone();
+        let cmd_tx = cmd_tx.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let peer_addr = stream.peer_addr();
+            let (rd, mut wr) = stream.into_split();
+            let mut rd = BufReader::new(rd);
+            let mut scratch = BytesMut::new();
+            let first = tokio::time::timeout(
+                Duration::from_millis(cfg.connect_timeout_ms),
+                wire::read_frame(&mut rd, &mut scratch),
+            )
+            .await;
+            let (reply, rx) = oneshot::channel();
+            if cmd_tx.send(Cmd::HelloInfo { reply }).await.is_err() {
+                return;
+            }
+            let Ok(mine) = rx.await else { return };
+            let reason = match first {
+                Ok(Ok(Frame {
+                    msg: Message::Hello(h),
+                    ..
+                })) => {
+                    let theirs = crate::engine::generations::GenInfo {
+                        current: Generation(h.generations.current),
+                        bitmap_base: Generation(h.generations.bitmap_base),
+                        history: h.generations.history.map(Generation),
+                        changed_blocks: h.changed_blocks,
+                        promoted_at_s: h.promoted_at_s,
+                        inconsistent: false,
+                    };
+                    let ours = crate::engine::generations::GenInfo {
+                        current: Generation(mine.generations.current),
+                        bitmap_base: Generation(mine.generations.bitmap_base),
+                        history: mine.generations.history.map(Generation),
+                        changed_blocks: mine.changed_blocks,
+                        promoted_at_s: mine.promoted_at_s,
+                        inconsistent: false,
+                    };
+                    let split = crate::engine::generations::decide(&ours, &theirs)
+                        == crate::engine::generations::Decision::SplitBrain;
+                    format!(
+                        "{}both nodes are primary: {} has generation {} ({} blocks changed), {} has generation {} ({} blocks changed). \
+                         Two primaries are never paired: demote one (tandem demote); if both wrote, resolve the split brain on the one whose changes are discarded (tandem resolve --discard-local)",
+                        if split { "split brain: " } else { "" },
+                        cfg.name,
+                        ours.current,
+                        ours.changed_blocks,
+                        h.node_name,
+                        theirs.current,
+                        theirs.changed_blocks
+                    )
+                }
+                Ok(Ok(_)) => "expected Hello".to_string(),
+                Ok(Err(e)) => format!("reading Hello: {e}"),
+                Err(_) => "no Hello in time".to_string(),
+            };
+            tracing::error!(peer = %peer_addr, "refusing a connection: {reason}");
+            shared.metrics.set_error(reason.clone());
+            shared.set_handshake(format!("refused: {reason}"));
+            crate::agent::send_refusal(&mut wr, &reason).await;
+        });
     }
 }
 

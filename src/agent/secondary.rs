@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -17,14 +18,18 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::control::{self, ControlHandler, ControlReply, ControlRequest, StatusDoc};
-use crate::agent::{AgentError, errno_of, security_for};
+use crate::agent::control::{
+    self, ControlHandler, ControlReply, ControlRequest, GenerationsStatus, StatusDoc,
+};
+use crate::agent::{AgentError, RoleContext, errno_of, security_for};
+use crate::bitmap::DirtyBitmap;
 use crate::config::NodeConfig;
+use crate::engine::generations::{self, Decision, GenInfo, Loser};
 use crate::engine::secondary::{ApplyKind, SecondaryAction, SecondaryEngine};
 use crate::meta::{MetaStore, Superblock};
 use crate::metrics::Metrics;
 use crate::transport::{PeerListener, PeerReadHalf, PeerStream, PeerWriteHalf};
-use crate::types::{BlockCount, ByteRange, DiskState, Generation, Role, Seq, VolumeId};
+use crate::types::{BlockCount, BlockIndex, ByteRange, DiskState, Generation, Role, Seq, VolumeId};
 use crate::volume::Volume;
 use crate::wire::{
     self, Frame, Hello, Message, PROTOCOL_VERSION, Payload, SyncPlan, Welcome, caps,
@@ -49,6 +54,17 @@ struct Node {
     verify_data: bool,
     /// What the control socket reports; updated with every superblock write.
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
+    /// Blocks this node changed itself while it was primary, that its peer may not
+    /// have: resent by the next primary (a rejoining node is rolled back to the
+    /// primary's data) and listed in a split-brain report. Cleared once a resync
+    /// from the peer completes.
+    own_dirty: DirtyBitmap,
+    /// Blocks it may have changed (active extents of a crash while primary):
+    /// compared by hash.
+    own_verify: DirtyBitmap,
+    /// `tandem resolve --discard-local`: the next split brain (or newer-data refusal)
+    /// with the peer is resolved by discarding this node's changes.
+    discard_local: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The part of a secondary's state shown by `tandem status`.
@@ -58,6 +74,9 @@ struct Snapshot {
     volume_id: VolumeId,
     generation: Generation,
     peer: Option<String>,
+    generations: GenerationsStatus,
+    handshake: Option<String>,
+    own_changed_blocks: u64,
 }
 
 impl Node {
@@ -78,27 +97,147 @@ impl Node {
         s.disk_state = self.sb.disk_state;
         s.volume_id = self.sb.volume_id;
         s.generation = self.sb.gen_current;
+        s.generations = GenerationsStatus::of(&self.sb);
+        s.own_changed_blocks = self.own_dirty.dirty_count().0;
+    }
+
+    fn set_handshake(&mut self, text: String) {
+        self.snapshot.lock().expect("snapshot lock").handshake = Some(text);
+    }
+
+    /// This node's generations and changes, as the decision sees them.
+    fn gen_info(&self) -> GenInfo {
+        GenInfo {
+            current: self.sb.gen_current,
+            bitmap_base: self.sb.gen_bitmap_base,
+            history: self.sb.gen_history,
+            changed_blocks: self.own_dirty.dirty_count().0,
+            promoted_at_s: self.sb.promoted_at_s,
+            inconsistent: self.sb.disk_state != DiskState::UpToDate,
+        }
+    }
+
+    /// A resync from the peer completed: its generation is now this node's, and
+    /// nothing this node changed on its own remains.
+    fn adopt_generation(&mut self, primary: Generation) -> Result<(), String> {
+        if self.sb.gen_current != primary {
+            self.sb.gen_history = [self.sb.gen_current, self.sb.gen_history[0]];
+            self.sb.gen_current = primary;
+        }
+        self.sb.gen_bitmap_base = Generation::NONE;
+        self.sb.disk_state = DiskState::UpToDate;
+        if self.own_dirty.dirty_count().0 > 0 || self.own_verify.dirty_count().0 > 0 {
+            self.own_dirty.clear_all();
+            self.own_verify.clear_all();
+            self.meta
+                .persist_bitmap(&mut self.sb, &self.own_dirty)
+                .map_err(|e| format!("writing metadata: {e}"))?;
+            self.meta
+                .write_activity(self.cfg.al_extent_bytes, &[])
+                .map_err(|e| format!("writing metadata: {e}"))?;
+        }
+        self.write_superblock()
     }
 }
 
-/// Run a secondary until `shutdown` is cancelled.
+/// What this node itself may have changed that its peer lacks, from its metadata:
+/// the persisted bitmap (a node that was primary), plus, after an unclean stop,
+/// the activity log's extents (compared by hash). Empty for a node that was only
+/// ever secondary.
+fn own_changes(
+    cfg: &NodeConfig,
+    sb: &crate::meta::Superblock,
+    opened: &crate::meta::Opened,
+    size_bytes: u64,
+) -> (DirtyBitmap, DirtyBitmap) {
+    let mut dirty = opened.bitmap.clone();
+    let mut verify = DirtyBitmap::for_volume(size_bytes, cfg.block_size);
+    if sb.is_new {
+        dirty.clear_all();
+    } else if !sb.bitmap_valid {
+        dirty.clear_all();
+        verify.mark_all();
+    } else if !sb.clean_shutdown {
+        let activity = &opened.activity;
+        if activity.intact {
+            for &e in &activity.extents {
+                let start = e as u64 * activity.extent_bytes;
+                let range = ByteRange::new(
+                    start,
+                    activity.extent_bytes.min(size_bytes.saturating_sub(start)),
+                );
+                let (a, b) = range.blocks(cfg.block_size);
+                verify.mark(a, b);
+            }
+        } else {
+            verify.mark_all();
+        }
+        let mut cursor = BlockIndex(0);
+        while let Some((first, n)) = dirty.next_dirty_run(cursor, BlockCount(u64::MAX)) {
+            verify.clear(first, BlockIndex(first.0 + n.0));
+            cursor = BlockIndex(first.0 + n.0);
+        }
+    }
+    (dirty, verify)
+}
+
+/// Run a secondary until `shutdown` is cancelled, with its own control socket.
 pub async fn run(
     cfg: NodeConfig,
     shutdown: CancellationToken,
     ready: Option<oneshot::Sender<SecondaryReady>>,
 ) -> Result<(), AgentError> {
-    let cfg = Arc::new(cfg);
+    let slot = control::HandlerSlot::default();
+    let control_stop = CancellationToken::new();
+    let control_task = control::serve(
+        &cfg.control,
+        &cfg.resource,
+        Arc::new(slot.clone()),
+        control_stop.clone(),
+    )
+    .await?;
+    let ctx = RoleContext {
+        stop: shutdown,
+        control: slot,
+        ..RoleContext::default()
+    };
+    let result = serve(Arc::new(cfg), ctx, ready).await;
+    control_stop.cancel();
+    let _ = control_task.await;
+    result
+}
+
+/// Serve the secondary role until `ctx.stop` is cancelled.
+pub async fn serve(
+    cfg: Arc<NodeConfig>,
+    ctx: RoleContext,
+    ready: Option<oneshot::Sender<SecondaryReady>>,
+) -> Result<(), AgentError> {
+    let shutdown = ctx.stop.clone();
     let (volume, opened, rebuilt) = crate::agent::open_node(&cfg, Role::Secondary)?;
     // Data already on the volume (a pre-seeded copy, or metadata rebuilt after
     // damage) is compared by hash rather than overwritten wholesale.
     let verify_data = cfg.seeded || rebuilt;
-    let mut sb = opened.superblock;
+    let mut sb = opened.superblock.clone();
     if sb.role == Role::Primary {
         tracing::warn!(generation = %sb.gen_current, "node was primary; starting as secondary (demoted)");
         sb.role = Role::Secondary;
     }
-    sb.clean_shutdown = false;
+    let (own_dirty, own_verify) = own_changes(&cfg, &sb, &opened, volume.size_bytes());
     let mut meta = opened.store;
+    if sb.clean_shutdown && !opened.activity.extents.is_empty() {
+        // A clean stop left nothing in flight: the old activity log says nothing now.
+        meta.write_activity(cfg.al_extent_bytes, &[])?;
+    }
+    if own_dirty.dirty_count().0 > 0 || own_verify.dirty_count().0 > 0 {
+        tracing::warn!(
+            changed_blocks = own_dirty.dirty_count().0,
+            compare_blocks = own_verify.dirty_count().0,
+            generation = %sb.gen_current,
+            "this node changed blocks as primary that its peer may not have; the next primary resends them (or a split brain is reported)"
+        );
+    }
+    sb.clean_shutdown = false;
     meta.write_superblock(&sb)?;
     let metrics = Arc::new(Metrics::default());
     let snapshot = Arc::new(std::sync::Mutex::new(Snapshot {
@@ -106,7 +245,11 @@ pub async fn run(
         volume_id: sb.volume_id,
         generation: sb.gen_current,
         peer: None,
+        generations: GenerationsStatus::of(&sb),
+        handshake: None,
+        own_changed_blocks: own_dirty.dirty_count().0,
     }));
+    let discard_local = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let node = Arc::new(Mutex::new(Node {
         cfg: cfg.clone(),
         volume,
@@ -115,6 +258,9 @@ pub async fn run(
         metrics: metrics.clone(),
         snapshot: snapshot.clone(),
         verify_data,
+        own_dirty,
+        own_verify,
+        discard_local: discard_local.clone(),
     }));
 
     let security = security_for(&cfg);
@@ -123,18 +269,12 @@ pub async fn run(
     let bound = listener.local_addr();
     tracing::info!(listen = %bound, expecting = %cfg.peer_name, "secondary listening");
 
-    let control_stop = CancellationToken::new();
-    let control_task = control::serve(
-        &cfg.control,
-        &cfg.resource,
-        Arc::new(SecondaryControl {
-            cfg: cfg.clone(),
-            metrics: metrics.clone(),
-            snapshot,
-        }),
-        control_stop.clone(),
-    )
-    .await?;
+    ctx.control.set(Some(Arc::new(SecondaryControl {
+        cfg: cfg.clone(),
+        metrics: metrics.clone(),
+        snapshot,
+        discard_local,
+    })));
     if let Some(ready) = ready {
         let _ = ready.send(SecondaryReady {
             listen: bound,
@@ -180,8 +320,7 @@ pub async fn run(
     tracing::info!("stopping: finishing the writes in flight, then a final flush");
     sessions.cancel();
     while tasks.join_next().await.is_some() {}
-    control_stop.cancel();
-    let _ = control_task.await;
+    ctx.control.set(None);
     let mut node = node.lock().await;
     node.volume
         .flush()
@@ -199,7 +338,7 @@ async fn refuse(stream: PeerStream, reason: &str) {
 }
 
 /// Check a Hello against this node (G6). Returns what the secondary needs.
-fn check_hello(h: &Hello, node: &Node) -> Result<SyncPlan, String> {
+fn check_hello(h: &Hello, node: &Node) -> Result<Accepted, String> {
     let cfg = &node.cfg;
     let sb = &node.sb;
     let size = node.volume.size_bytes();
@@ -244,22 +383,225 @@ fn check_hello(h: &Hello, node: &Node) -> Result<SyncPlan, String> {
             cfg.meta.display()
         ));
     }
-    // The primary's bitmap is relative to the state this node reached in the primary's
-    // generation: valid whenever this node completed a sync in that generation, even if
-    // a later resync was interrupted (the primary keeps those blocks dirty until they
-    // are durable here). A new node, or one from another generation, needs everything.
-    let primary = Generation(h.generations.current);
-    let same_generation = sb.gen_current != Generation::NONE && sb.gen_current == primary;
-    // An interrupted full sync from this same primary generation resumes from the
-    // primary's bitmap: the primary persisted it (all dirty) before the sync began.
-    let resuming = sb.gen_bitmap_base != Generation::NONE && sb.gen_bitmap_base == primary;
-    Ok(if !sb.is_new && (same_generation || resuming) {
-        SyncPlan::Bitmap
-    } else if node.verify_data {
-        SyncPlan::Verify
-    } else {
-        SyncPlan::Full
+    if sb.is_new || node.verify_data {
+        // A new node (or one with rebuilt metadata) has no generations to compare. An
+        // interrupted full sync from this same primary generation resumes from the
+        // primary's bitmap (persisted all dirty before the sync began).
+        let resuming = !sb.is_new
+            && sb.gen_bitmap_base != Generation::NONE
+            && sb.gen_bitmap_base == Generation(h.generations.current);
+        return Ok(if resuming {
+            Accepted::plan(SyncPlan::Bitmap, "resuming the initial sync")
+        } else if node.verify_data {
+            Accepted::plan(
+                SyncPlan::Verify,
+                "initial sync of a pre-seeded (or rebuilt) volume: compare every block by hash",
+            )
+        } else {
+            Accepted::plan(SyncPlan::Full, "initial full sync of a new secondary")
+        });
+    }
+    let p = GenInfo {
+        current: Generation(h.generations.current),
+        bitmap_base: Generation(h.generations.bitmap_base),
+        history: h.generations.history.map(Generation),
+        changed_blocks: h.changed_blocks,
+        promoted_at_s: h.promoted_at_s,
+        inconsistent: false,
+    };
+    let s = node.gen_info();
+    let discard_local = node
+        .discard_local
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let bs = cfg.block_size as u64;
+    let both = format!(
+        "{} (primary): generation {}, diverged from {}, {} blocks ({} bytes) changed; {} (this node): generation {}, diverged from {}, {} blocks ({} bytes) changed",
+        h.node_name,
+        p.current,
+        p.bitmap_base,
+        p.changed_blocks,
+        p.changed_blocks * bs,
+        cfg.name,
+        s.current,
+        s.bitmap_base,
+        s.changed_blocks,
+        s.changed_blocks * bs
+    );
+    let discard = |why: String, common_base: bool| Accepted {
+        plan: if common_base {
+            SyncPlan::Bitmap
+        } else {
+            SyncPlan::Full
+        },
+        decision: format!(
+            "{why}: discarding this node's changes, resync from {} ({})",
+            h.node_name,
+            if common_base {
+                "changed blocks only"
+            } else {
+                "full"
+            }
+        ),
+        report: true,
+    };
+    Ok(match generations::decide(&p, &s) {
+        Decision::Bitmap { why } => Accepted::plan(SyncPlan::Bitmap, why),
+        Decision::Full => Accepted::plan(
+            SyncPlan::Full,
+            "this node is generations behind the primary: full resync",
+        ),
+        Decision::SecondaryNewer if discard_local => discard(
+            "this node holds newer data, and resolve --discard-local was given".into(),
+            p.bitmap_base == Generation::NONE && s.bitmap_base == p.current,
+        ),
+        Decision::SecondaryNewer => {
+            return Err(format!(
+                "this node holds newer data than the primary: {both}. The primary is stale: demote {} (tandem demote) and promote {}, \
+                 or to discard this node's newer data run `tandem resolve --discard-local` on {}",
+                h.node_name, cfg.name, cfg.name
+            ));
+        }
+        Decision::SplitBrain => {
+            let common_base = p.bitmap_base == s.bitmap_base;
+            let loser = if discard_local {
+                Some((Loser::Secondary, "resolve --discard-local".to_string()))
+            } else {
+                generations::split_brain_loser(
+                    &cfg.split_brain_policy,
+                    &p,
+                    &h.node_name,
+                    &s,
+                    &cfg.name,
+                )
+                .map(|l| (l, format!("split-brain-policy {}", cfg.split_brain_policy)))
+            };
+            match loser {
+                Some((Loser::Secondary, by)) => discard(
+                    format!("split brain ({both}) resolved by {by}"),
+                    common_base,
+                ),
+                Some((Loser::Primary, by)) => {
+                    return Err(format!(
+                        "split brain: both nodes wrote while apart: {both}. {by} discards the primary {}'s changes, \
+                         but a primary's data is never discarded while it serves: demote {} (tandem demote) and promote {}; \
+                         {} then resyncs from {}",
+                        h.node_name, h.node_name, cfg.name, h.node_name, cfg.name
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "split brain: both nodes wrote while apart: {both}. Not resolved automatically (split-brain-policy {}). \
+                         To keep {}'s data, run `tandem resolve --discard-local` on {}; to keep {}'s, demote {}, promote {}, \
+                         and resolve on {}",
+                        cfg.split_brain_policy,
+                        h.node_name,
+                        cfg.name,
+                        cfg.name,
+                        h.node_name,
+                        cfg.name,
+                        h.node_name
+                    ));
+                }
+            }
+        }
+        Decision::Unrelated if discard_local => discard(
+            "no common generation, and resolve --discard-local was given".into(),
+            false,
+        ),
+        Decision::Unrelated => {
+            return Err(format!(
+                "the nodes share no data generation: primary {} has {} (history {}, {}), this node {} has {} (history {}, {}); \
+                 they hold unrelated data. To discard this node's data and copy everything from {}, run `tandem resolve --discard-local` on {}",
+                h.node_name,
+                p.current,
+                p.history[0],
+                p.history[1],
+                cfg.name,
+                s.current,
+                s.history[0],
+                s.history[1],
+                h.node_name,
+                cfg.name
+            ));
+        }
     })
+}
+
+/// A Hello this node accepts: what the primary must send, and why.
+struct Accepted {
+    plan: SyncPlan,
+    decision: String,
+    /// This node's changes are discarded: write the report first.
+    report: bool,
+}
+
+impl Accepted {
+    fn plan(plan: SyncPlan, why: &str) -> Accepted {
+        Accepted {
+            plan,
+            decision: format!("{}: {why}", plan_name(plan)),
+            report: false,
+        }
+    }
+}
+
+fn plan_name(plan: SyncPlan) -> &'static str {
+    match plan {
+        SyncPlan::Bitmap => "bitmap resync",
+        SyncPlan::Full => "full resync",
+        SyncPlan::Verify => "hash-compare resync",
+    }
+}
+
+/// Before this node's own changes are overwritten, list them (byte ranges) in a
+/// report file beside its metadata. Returns the path.
+fn write_discard_report(node: &Node, peer: &str, decision: &str) -> Result<PathBuf, String> {
+    let now = crate::agent::unix_now_s();
+    let mut path = node.cfg.meta.clone().into_os_string();
+    path.push(format!(".split-brain-{now}.txt"));
+    let path = PathBuf::from(path);
+    let bs = node.cfg.block_size as u64;
+    let size = node.volume.size_bytes();
+    let mut text = String::new();
+    text += "# tandem split-brain report: this node's changes, discarded in favour of its peer\n";
+    text += &format!("# resource: {}\n", node.cfg.resource);
+    text += &format!(
+        "# node: {} (discarded)  peer: {peer} (kept)\n",
+        node.cfg.name
+    );
+    text += &format!(
+        "# generation: {} (diverged from {})\n",
+        node.sb.gen_current, node.sb.gen_bitmap_base
+    );
+    text += &format!("# unix time: {now}\n# decision: {decision}\n");
+    text += &format!(
+        "# changed: {} blocks of {bs} bytes; possibly changed (compared by hash): {} blocks\n",
+        node.own_dirty.dirty_count().0,
+        node.own_verify.dirty_count().0
+    );
+    text += "# columns: kind offset_bytes length_bytes\n";
+    for (kind, set) in [("changed", &node.own_dirty), ("maybe", &node.own_verify)] {
+        for (first, n) in set.runs(usize::MAX) {
+            let offset = first * bs;
+            let len = (n * bs).min(size - offset);
+            text += &format!("{kind} {offset} {len}\n");
+        }
+    }
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| {
+        format!(
+            "cannot write the split-brain report {}: {e}; not discarding anything",
+            path.display()
+        )
+    })?;
+    Ok(path)
 }
 
 fn disk_code(d: DiskState, is_new: bool) -> u8 {
@@ -302,8 +644,6 @@ struct Applier {
     /// Volume operations started and not yet reported back.
     outstanding: usize,
     gen_primary: Generation,
-    /// The resync announced last is a full one (every block).
-    full_resync: bool,
 }
 
 impl Applier {
@@ -401,11 +741,9 @@ impl Applier {
                     });
                 }
                 SecondaryAction::MarkInconsistent => {
-                    let base = if self.full_resync {
-                        self.gen_primary
-                    } else {
-                        node.sb.gen_bitmap_base
-                    };
+                    // The bitmap base of an Inconsistent secondary names the generation
+                    // it is a sync target of (see engine::generations).
+                    let base = self.gen_primary;
                     if node.sb.disk_state != DiskState::Inconsistent
                         || node.sb.gen_bitmap_base != base
                     {
@@ -419,12 +757,13 @@ impl Applier {
                     }
                 }
                 SecondaryAction::MarkUpToDate => {
-                    node.sb.disk_state = DiskState::UpToDate;
-                    node.sb.gen_current = self.gen_primary;
-                    if let Err(e) = node.write_superblock() {
+                    let was = (node.sb.disk_state, node.sb.gen_current);
+                    if let Err(e) = node.adopt_generation(self.gen_primary) {
                         result = Err(e);
                     }
-                    tracing::info!(generation = %self.gen_primary, "resync complete: disk is UpToDate");
+                    if was != (DiskState::UpToDate, self.gen_primary) {
+                        tracing::info!(generation = %self.gen_primary, "in sync with the primary: disk is UpToDate");
+                    }
                 }
                 SecondaryAction::Fail { reason } => {
                     tracing::error!("stopping the session: {reason}");
@@ -478,14 +817,50 @@ async fn session(
             first.msg.kind()
         ));
     };
-    let plan = match check_hello(&hello, &node) {
-        Ok(plan) => plan,
+    let accepted = match check_hello(&hello, &node) {
+        Ok(a) => a,
         Err(reason) => {
             tracing::error!(peer = %peer_addr, "refusing primary: {reason}");
             node.metrics.set_error(reason.clone());
+            node.set_handshake(format!("refused: {reason}"));
             crate::agent::send_refusal(&mut wr, &reason).await;
             return Err(reason);
         }
+    };
+    let plan = accepted.plan;
+    if accepted.report {
+        match write_discard_report(&node, &hello.node_name, &accepted.decision) {
+            Ok(path) => {
+                tracing::warn!(report = %path.display(), changed_blocks = node.own_dirty.dirty_count().0, "{}; this node's changed ranges are listed in the report", accepted.decision);
+                node.discard_local
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(reason) => {
+                tracing::error!("{reason}");
+                crate::agent::send_refusal(&mut wr, &reason).await;
+                return Err(reason);
+            }
+        }
+    }
+    tracing::info!(
+        primary = %hello.node_name,
+        primary_generation = %Generation(hello.generations.current),
+        primary_base = %Generation(hello.generations.bitmap_base),
+        primary_changed_blocks = hello.changed_blocks,
+        generation = %node.sb.gen_current,
+        base = %node.sb.gen_bitmap_base,
+        own_changed_blocks = node.own_dirty.dirty_count().0,
+        "handshake decision: {}", accepted.decision
+    );
+    node.set_handshake(accepted.decision.clone());
+    // A bitmap resync covers what this node changed on its own too.
+    let (own_dirty, own_verify) = if plan == SyncPlan::Bitmap {
+        (
+            node.own_dirty.runs(wire::RUNS_PER_WELCOME_MAX),
+            node.own_verify.runs(wire::RUNS_PER_WELCOME_MAX),
+        )
+    } else {
+        (Vec::new(), Vec::new())
     };
     if node.sb.is_new {
         // Adopt the primary's identity (G6) before anything is written; the volume is
@@ -511,6 +886,9 @@ async fn session(
         },
         capabilities: caps::ZSTD,
         needs: plan,
+        own_dirty,
+        own_verify,
+        decision: accepted.decision,
     };
     crate::agent::send_message(&mut wr, Message::Welcome(welcome))
         .await
@@ -539,7 +917,6 @@ async fn session(
         held: HashMap::new(),
         held_hashes: HashMap::new(),
         block_size: cfg.block_size,
-        full_resync: false,
         outstanding: 0,
         gen_primary: Generation(hello.generations.current),
     };
@@ -641,7 +1018,6 @@ fn on_frame(
                     "primary announces a resync"
                 );
             }
-            applier.full_resync = full;
             e.resync_started(seq, blocks, out);
         }
         Message::Write { offset, fua } => {
@@ -841,13 +1217,14 @@ struct SecondaryControl {
     cfg: Arc<NodeConfig>,
     metrics: Arc<Metrics>,
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
+    discard_local: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ControlHandler for SecondaryControl {
     fn status(&self) -> control::BoxFuture<Option<StatusDoc>> {
         let snap = self.snapshot.lock().expect("snapshot lock").clone();
         let peer = snap.peer.map(|p| (p, "UpToDate".to_string()));
-        let doc = StatusDoc::build(
+        let mut doc = StatusDoc::build(
             &self.cfg,
             Role::Secondary,
             &self.metrics,
@@ -855,14 +1232,39 @@ impl ControlHandler for SecondaryControl {
             snap.disk_state,
             0,
             0,
-            BlockCount(0),
+            BlockCount(snap.own_changed_blocks),
             None,
             snap.volume_id,
             snap.generation,
         );
+        doc.generations = Some(snap.generations);
+        doc.handshake = snap.handshake;
         Box::pin(async move { Some(doc) })
     }
     fn other(&self, request: ControlRequest) -> control::BoxFuture<ControlReply> {
-        Box::pin(async move { request.unknown(&["status"]) })
+        let reply = match request.cmd.as_str() {
+            "resolve" if !request.flag("discard_local") => ControlReply::error(
+                "resolve needs --discard-local: it discards this node's changes in favour of its peer's".into(),
+            ),
+            "resolve" => {
+                let snap = self.snapshot.lock().expect("snapshot lock").clone();
+                self.discard_local
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                let message = format!(
+                    "at the next connection from {}, this node's {} changed blocks ({} bytes) since generation {} are discarded \
+                     and replaced by {}'s data; the changed ranges are listed first in {}.split-brain-<time>.txt",
+                    self.cfg.peer_name,
+                    snap.own_changed_blocks,
+                    snap.own_changed_blocks * self.cfg.block_size as u64,
+                    snap.generations.bitmap_base,
+                    self.cfg.peer_name,
+                    self.cfg.meta.display()
+                );
+                tracing::warn!("resolve --discard-local: {message}");
+                ControlReply::success(serde_json::json!({ "message": message }))
+            }
+            _ => request.unknown(&["status", "resolve"]),
+        };
+        Box::pin(async move { reply })
     }
 }

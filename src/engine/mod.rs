@@ -2,6 +2,7 @@
 //! (ARCHITECTURE §6), so they are tested with synthetic events.
 
 pub mod activity;
+pub mod generations;
 pub mod primary;
 pub mod secondary;
 pub mod sequencer;

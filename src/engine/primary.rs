@@ -774,6 +774,12 @@ impl<T> PrimaryEngine<T> {
         }
     }
 
+    /// Mark blocks that differ on the secondary for reasons of its own (it wrote them
+    /// while it was primary): the next resync sends them as data.
+    pub fn mark_out_of_sync(&mut self, first: BlockIndex, end: BlockIndex) {
+        self.dirty.mark(first, end);
+    }
+
     /// Mark blocks as possibly different but probably identical on the secondary:
     /// they are resynced by comparing hashes first (ARCHITECTURE §5).
     pub fn mark_verify(&mut self, first: BlockIndex, end: BlockIndex) {

@@ -286,9 +286,14 @@ impl SecondaryEngine {
             self.expected_next = next;
             self.advance();
         }
+        self.resync_done_at = None;
         if blocks > 0 {
-            self.resync_done_at = None;
             out.push(SecondaryAction::MarkInconsistent);
+        } else {
+            // Nothing differs: this node holds the primary's data as of this seq (its
+            // earlier sessions' writes were made durable when they ended), so it is
+            // UpToDate in the primary's generation.
+            out.push(SecondaryAction::MarkUpToDate);
         }
     }
 

@@ -322,6 +322,19 @@ impl NbdServer {
         listener: NbdListener,
         shutdown: CancellationToken,
     ) -> Result<(), NbdError> {
+        self.serve_until(listener, shutdown.clone(), shutdown).await
+    }
+
+    /// Like [`NbdServer::serve`], in two steps: when `stop_accepting` is cancelled
+    /// the listener closes (no new clients) while attached clients carry on; when
+    /// `shutdown` is cancelled they stop as in `serve`. A demotion uses the gap to
+    /// let clients finish by themselves.
+    pub async fn serve_until(
+        self: Arc<Self>,
+        listener: NbdListener,
+        stop_accepting: CancellationToken,
+        shutdown: CancellationToken,
+    ) -> Result<(), NbdError> {
         self.export.validate()?;
         let local = listener
             .local_addr()
@@ -333,6 +346,7 @@ impl NbdServer {
             while tasks.try_join_next().is_some() {}
             let accepted = tokio::select! {
                 biased;
+                _ = stop_accepting.cancelled() => break,
                 _ = shutdown.cancelled() => break,
                 a = accept(&listener) => a,
             };

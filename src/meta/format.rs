@@ -40,6 +40,9 @@ pub struct Superblock {
     pub gen_current: Generation,
     pub gen_bitmap_base: Generation,
     pub gen_history: [Generation; 2],
+    /// When this node last became primary (unix seconds; 0 = never). Split-brain
+    /// policy `discard-younger-primary` compares it.
+    pub promoted_at_s: u64,
     pub clean_shutdown: bool,
     pub resync_cursor: Option<BlockIndex>,
     /// The persisted bitmap area holds the bitmap as of the last persist.
@@ -67,7 +70,8 @@ pub struct Superblock {
 /// 72      16    generation: history[0], history[1]
 /// 88      8     resync cursor (block index; meaningful only if flag bit3)
 /// 96      8     bitmap sequence number the current copy's header must carry
-/// 104     3988  reserved, 0
+/// 104     8     promoted at (unix seconds; 0 = never primary)
+/// 112     3980  reserved, 0
 /// 4092    4     crc32 (crc32fast) of bytes 0..4092
 /// ```
 ///
@@ -192,6 +196,7 @@ impl SlotImage {
         b[80..88].copy_from_slice(&sb.gen_history[1].0.to_le_bytes());
         b[88..96].copy_from_slice(&sb.resync_cursor.map_or(0, |c| c.0).to_le_bytes());
         b[96..104].copy_from_slice(&self.bitmap_seq.to_le_bytes());
+        b[104..112].copy_from_slice(&sb.promoted_at_s.to_le_bytes());
         let crc = crc32fast::hash(&b[..SLOT_CRC_OFFSET]);
         b[SLOT_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -273,6 +278,7 @@ impl SlotImage {
             gen_current: Generation(u64_at(b, 56)),
             gen_bitmap_base: Generation(u64_at(b, 64)),
             gen_history: [Generation(u64_at(b, 72)), Generation(u64_at(b, 80))],
+            promoted_at_s: u64_at(b, 104),
             clean_shutdown: flags & FLAG_CLEAN_SHUTDOWN != 0,
             resync_cursor,
             bitmap_valid: flags & FLAG_BITMAP_VALID != 0,
@@ -380,6 +386,7 @@ mod tests {
                 gen_current: Generation(0xAABB),
                 gen_bitmap_base: Generation(0xCCDD),
                 gen_history: [Generation(1), Generation(2)],
+                promoted_at_s: 1_700_000_000,
                 clean_shutdown: true,
                 resync_cursor: Some(BlockIndex(12345)),
                 bitmap_valid: true,

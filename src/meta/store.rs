@@ -661,6 +661,7 @@ mod tests {
             gen_current: Generation(7),
             gen_bitmap_base: Generation::NONE,
             gen_history: [Generation::NONE; 2],
+            promoted_at_s: 0,
             clean_shutdown: false,
             resync_cursor: None,
             bitmap_valid: true,

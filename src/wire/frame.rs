@@ -787,6 +787,8 @@ mod tests {
                 generations: g,
                 capabilities: 1,
                 first_seq: 42,
+                changed_blocks: 7,
+                promoted_at_s: 1_700_000_000,
             }),
             Message::Welcome(Welcome {
                 protocol_version: 1,
@@ -799,6 +801,9 @@ mod tests {
                 generations: g,
                 capabilities: 1,
                 needs: SyncPlan::Full,
+                own_dirty: vec![(0, 3), (100, 1)],
+                own_verify: vec![(1024, 1024)],
+                decision: "full resync: new secondary".into(),
             }),
             Message::Refuse {
                 reason: "volume size mismatch".into(),

@@ -8,11 +8,14 @@
 //!   Flush, Applied, Durable, Heartbeat/HeartbeatReply, ResyncStart, ResyncDone,
 //!   Goodbye, HashCheck/HashReply (block comparison by blake3 for crash recovery,
 //!   seeding and verify).
+//! - 2: generations decide the handshake (G8): Hello carries the primary's changed
+//!   block count and promotion time; Welcome carries the blocks the secondary itself
+//!   changed (to be resent or compared) and the decision.
 
 use bincode::{Decode, Encode};
 
 /// Version of the replication protocol spoken in frames. Both sides must agree.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Most block hashes one HashCheck carries (32 KiB of body; 4 MiB of volume at 4 KiB blocks).
 pub const HASHES_PER_CHECK_MAX: usize = 1024;
@@ -58,7 +61,17 @@ pub struct Hello {
     pub capabilities: u64,
     /// The seq of the first frame the primary will send on this connection.
     pub first_seq: u64,
+    /// Blocks the sender changed that its peer may not have (its dirty bitmap).
+    pub changed_blocks: u64,
+    /// When the sender last became primary (unix seconds, 0 = never).
+    pub promoted_at_s: u64,
 }
+
+/// Runs of blocks `(first, count)`, in volume order.
+pub type BlockRuns = Vec<(u64, u64)>;
+
+/// Most runs one Welcome carries per list; longer lists are coarsened (a superset).
+pub const RUNS_PER_WELCOME_MAX: usize = 1500;
 
 /// What the primary will do after the handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
@@ -87,6 +100,14 @@ pub struct Welcome {
     pub capabilities: u64,
     /// What the secondary needs, from its own metadata.
     pub needs: SyncPlan,
+    /// Blocks the secondary itself changed (when it was primary) that the primary
+    /// must resend with its own dirty blocks.
+    pub own_dirty: BlockRuns,
+    /// Blocks the secondary may have changed (active extents of a crash while it was
+    /// primary): compared by hash, resent where they differ.
+    pub own_verify: BlockRuns,
+    /// The handshake decision, for the primary's log and status.
+    pub decision: String,
 }
 
 /// Every message of the replication protocol.

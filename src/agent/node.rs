@@ -1,0 +1,359 @@
+//! A node agent: one process per resource and node, whose role changes at runtime.
+//!
+//! The process starts in the role its subcommand names (`tandem primary` or
+//! `tandem secondary`) and keeps its control socket for its whole life; the role
+//! runs underneath ([`super::primary::serve`] or [`super::secondary::serve`]) and
+//! is swapped on request:
+//!
+//! - **demote** (primary → secondary): no new NBD clients; attached clients get a
+//!   bounded time to disconnect, then are closed after their requests in flight
+//!   complete; the replication queue drains to the peer; the metadata is persisted
+//!   with role secondary; the node listens for the peer as a secondary.
+//! - **promote** (secondary → primary): refused while the peer is primary and
+//!   connected to this node, and while the disk is not UpToDate unless forced.
+//!   When the peer is not connected, the fencing command (if configured) runs
+//!   first and must succeed. The primary role starts a new generation (G8).
+//!
+//! Cluster decisions (who is primary, fencing, quorum) are Pacemaker's: the OCF
+//! agent in deploy/ calls these commands.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::control::{
+    self, BoxFuture, ControlHandler, ControlReply, ControlRequest, HandlerSlot, StatusDoc,
+};
+use crate::agent::{AgentError, RoleContext, primary, secondary};
+use crate::config::NodeConfig;
+use crate::types::{DiskState, Role};
+
+/// The longest a fencing command may run before the promotion is refused.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(120);
+
+type RoleReply = oneshot::Sender<Result<String, String>>;
+
+enum RoleRequest {
+    Promote { force: bool, reply: RoleReply },
+    Demote { wait: Duration, reply: RoleReply },
+}
+
+/// Run a node until `shutdown` is cancelled, starting in `cfg.role`.
+pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let cfg = Arc::new(cfg);
+    let slot = HandlerSlot::default();
+    let (req_tx, mut req_rx) = mpsc::channel(4);
+    let role_now = Arc::new(std::sync::Mutex::new(cfg.role));
+    let handler = Arc::new(NodeHandler(Arc::new(NodeControl {
+        cfg: cfg.clone(),
+        slot: slot.clone(),
+        role: role_now.clone(),
+        req_tx,
+        busy: tokio::sync::Mutex::new(()),
+    })));
+    let control_stop = CancellationToken::new();
+    let control_task =
+        control::serve(&cfg.control, &cfg.resource, handler, control_stop.clone()).await?;
+    let result = host_roles(&cfg, &slot, &role_now, &mut req_rx, &shutdown).await;
+    control_stop.cancel();
+    let _ = control_task.await;
+    result
+}
+
+/// Run one role after another until shutdown.
+async fn host_roles(
+    cfg: &Arc<NodeConfig>,
+    slot: &HandlerSlot,
+    role_now: &std::sync::Mutex<Role>,
+    req_rx: &mut mpsc::Receiver<RoleRequest>,
+    shutdown: &CancellationToken,
+) -> Result<(), AgentError> {
+    let mut role = cfg.role;
+    let mut force = false;
+    // A role change waiting for the new role to come up, and the role to fall back to.
+    let mut pending: Option<(RoleReply, Role)> = None;
+    loop {
+        let role_cfg = Arc::new(
+            cfg.with_role(role)
+                .map_err(|e| AgentError::Refused(e.to_string()))?,
+        );
+        *role_now.lock().expect("role lock") = role;
+        let ctx = RoleContext {
+            stop: shutdown.child_token(),
+            control: slot.clone(),
+            demote: Arc::default(),
+            force: std::mem::take(&mut force),
+        };
+        let (up_tx, up_rx) = oneshot::channel::<()>();
+        let mut runner = match role {
+            Role::Primary => {
+                let (tx, rx) = oneshot::channel();
+                tokio::spawn(async move {
+                    if rx.await.is_ok() {
+                        let _ = up_tx.send(());
+                    }
+                });
+                tokio::spawn(primary::serve(role_cfg, ctx.clone(), Some(tx)))
+            }
+            Role::Secondary => {
+                let (tx, rx) = oneshot::channel();
+                tokio::spawn(async move {
+                    if rx.await.is_ok() {
+                        let _ = up_tx.send(());
+                    }
+                });
+                let c = ctx.clone();
+                tokio::spawn(async move {
+                    secondary::serve(role_cfg, c, Some(tx))
+                        .await
+                        .map(|()| String::new())
+                })
+            }
+        };
+        tokio::select! {
+            _ = up_rx => {
+                if let Some((reply, _)) = pending.take() {
+                    let generation = slot.status().await.map(|s| s.generation).unwrap_or_default();
+                    let _ = reply.send(Ok(format!("now {role}, generation {generation}")));
+                }
+            }
+            r = &mut runner => {
+                let err = match r {
+                    Ok(Ok(_)) => AgentError::Refused(format!("the {role} role stopped while starting")),
+                    Ok(Err(e)) => e,
+                    Err(e) => AgentError::Refused(format!("the {role} role failed: {e}")),
+                };
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                match pending.take() {
+                    Some((reply, back)) => {
+                        tracing::error!("becoming {role} failed: {err}; staying {back}");
+                        let _ = reply.send(Err(format!("becoming {role} failed: {err}; the node stays {back}")));
+                        role = back;
+                        continue;
+                    }
+                    None => return Err(err),
+                }
+            }
+        }
+        // The role runs; wait for its end or a role change.
+        loop {
+            tokio::select! {
+                r = &mut runner => {
+                    return match r {
+                        Ok(Ok(_)) if shutdown.is_cancelled() => Ok(()),
+                        Ok(Ok(_)) => Err(AgentError::Refused(format!("the {role} role stopped unexpectedly"))),
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(AgentError::Refused(format!("the {role} role failed: {e}"))),
+                    };
+                }
+                Some(req) = req_rx.recv() => match (role, req) {
+                    (Role::Primary, RoleRequest::Demote { wait, reply }) => {
+                        tracing::warn!(wait_s = wait.as_secs(), "demoting to secondary");
+                        *ctx.demote.lock().expect("demote lock") = Some(wait);
+                        ctx.stop.cancel();
+                        match runner.await {
+                            Ok(Ok(summary)) => {
+                                tracing::info!("primary role ended: {summary}");
+                                let _ = reply.send(Ok(format!("demoted: {summary}")));
+                                role = Role::Secondary;
+                                break;
+                            }
+                            Ok(Err(e)) => {
+                                let _ = reply.send(Err(format!("demotion failed: {e}")));
+                                return Err(e);
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(format!("demotion failed: {e}")));
+                                return Err(AgentError::Refused(format!("the primary role failed: {e}")));
+                            }
+                        }
+                    }
+                    (Role::Secondary, RoleRequest::Promote { force: f, reply }) => {
+                        tracing::warn!(force = f, "promoting to primary");
+                        ctx.stop.cancel();
+                        match runner.await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => {
+                                let _ = reply.send(Err(format!("promotion failed: {e}")));
+                                return Err(e);
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(format!("promotion failed: {e}")));
+                                return Err(AgentError::Refused(format!("the secondary role failed: {e}")));
+                            }
+                        }
+                        pending = Some((reply, Role::Secondary));
+                        force = f;
+                        role = Role::Primary;
+                        break;
+                    }
+                    (_, RoleRequest::Promote { reply, .. }) => {
+                        let _ = reply.send(Ok("already primary".into()));
+                    }
+                    (_, RoleRequest::Demote { reply, .. }) => {
+                        let _ = reply.send(Ok("already secondary".into()));
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// The node's control socket: role changes here, everything else goes to the role.
+struct NodeControl {
+    cfg: Arc<NodeConfig>,
+    slot: HandlerSlot,
+    role: Arc<std::sync::Mutex<Role>>,
+    req_tx: mpsc::Sender<RoleRequest>,
+    /// One role change at a time.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl NodeControl {
+    fn role(&self) -> Role {
+        *self.role.lock().expect("role lock")
+    }
+
+    async fn promote(&self, force: bool) -> Result<String, String> {
+        let _one = self.busy.lock().await;
+        if self.role() == Role::Primary {
+            return Ok("already primary".into());
+        }
+        let status: StatusDoc = self
+            .slot
+            .status()
+            .await
+            .ok_or("the agent is changing roles; try again in a moment")?;
+        if status.peer.connection != "connecting" {
+            return Err(format!(
+                "refusing to promote {}: its peer {} is primary and connected to it. Demote {} first (tandem demote on {}), or stop it",
+                self.cfg.name, self.cfg.peer_name, self.cfg.peer_name, self.cfg.peer_name
+            ));
+        }
+        if status.disk_state != DiskState::UpToDate.to_string() && !force {
+            return Err(format!(
+                "refusing to promote {}: its disk is {} (a resync from {} did not complete, so its data may mix two generations). \
+                 Reconnect {} and let the resync finish, or promote with --force to use this data anyway",
+                self.cfg.name, status.disk_state, self.cfg.peer_name, self.cfg.peer_name
+            ));
+        }
+        self.cfg
+            .with_role(Role::Primary)
+            .map_err(|e| format!("refusing to promote {}: {e}", self.cfg.name))?;
+        if let Some(cmd) = &self.cfg.fence_peer {
+            fence_peer(&self.cfg, cmd).await?;
+        }
+        self.change(|reply| RoleRequest::Promote { force, reply })
+            .await
+    }
+
+    async fn demote(&self, wait: Duration) -> Result<String, String> {
+        let _one = self.busy.lock().await;
+        if self.role() == Role::Secondary {
+            return Ok("already secondary".into());
+        }
+        self.change(|reply| RoleRequest::Demote { wait, reply })
+            .await
+    }
+
+    async fn change(&self, req: impl FnOnce(RoleReply) -> RoleRequest) -> Result<String, String> {
+        let (reply, rx) = oneshot::channel();
+        self.req_tx
+            .send(req(reply))
+            .await
+            .map_err(|_| "the agent is stopping".to_string())?;
+        rx.await
+            .map_err(|_| "the agent stopped during the role change".to_string())?
+    }
+}
+
+/// Run the fencing command before a promotion while the peer is unreachable:
+/// it must make sure the peer cannot write (power it off, cut its storage
+/// network). A failure, or no answer within [`FENCE_TIMEOUT`], refuses the promotion.
+async fn fence_peer(cfg: &NodeConfig, cmd: &str) -> Result<(), String> {
+    tracing::warn!(command = cmd, peer = %cfg.peer_name, "peer not connected: fencing it before promotion");
+    let mut c = tokio::process::Command::new("sh");
+    c.arg("-c")
+        .arg(cmd)
+        .env("TANDEM_RESOURCE", &cfg.resource)
+        .env("TANDEM_NODE", &cfg.name)
+        .env("TANDEM_PEER", &cfg.peer_name)
+        .env(
+            "TANDEM_PEER_ADDRESS",
+            cfg.peer.map(|a| a.to_string()).unwrap_or_default(),
+        )
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(FENCE_TIMEOUT, c.output())
+        .await
+        .map_err(|_| {
+            format!(
+                "refusing to promote: the fencing command did not finish within {} s",
+                FENCE_TIMEOUT.as_secs()
+            )
+        })?
+        .map_err(|e| format!("refusing to promote: cannot run the fencing command: {e}"))?;
+    if out.status.success() {
+        tracing::info!(peer = %cfg.peer_name, "fencing command succeeded");
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: String = stderr
+        .trim()
+        .chars()
+        .rev()
+        .take(400)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    Err(format!(
+        "refusing to promote: the fencing command for {} failed ({}){}",
+        cfg.peer_name,
+        out.status,
+        if tail.is_empty() {
+            String::new()
+        } else {
+            format!(": {tail}")
+        }
+    ))
+}
+
+/// The control handler the node serves: role changes here (one at a time),
+/// everything else goes to the role's handler.
+struct NodeHandler(Arc<NodeControl>);
+
+impl ControlHandler for NodeHandler {
+    fn status(&self) -> BoxFuture<Option<StatusDoc>> {
+        self.0.slot.status()
+    }
+
+    fn other(&self, request: ControlRequest) -> BoxFuture<ControlReply> {
+        let ctl = self.0.clone();
+        match request.cmd.as_str() {
+            "promote" | "demote" => Box::pin(async move {
+                let result = if request.cmd == "promote" {
+                    ctl.promote(request.flag("force")).await
+                } else {
+                    let wait = Duration::from_secs(request.number("timeout_s").unwrap_or(30));
+                    ctl.demote(wait).await
+                };
+                match result {
+                    Ok(message) => ControlReply::success(serde_json::json!({ "message": message })),
+                    Err(e) => ControlReply::error(e),
+                }
+            }),
+            "resolve" if ctl.role() == Role::Primary => Box::pin(async move {
+                ControlReply::error(format!(
+                    "{} is primary: its data is never discarded while it serves. Demote it first (tandem demote), then resolve",
+                    ctl.cfg.name
+                ))
+            }),
+            _ => ctl.slot.other(request),
+        }
+    }
+}
