@@ -765,3 +765,4 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+pub mod cluster;
