@@ -1309,6 +1309,7 @@ impl Owner {
         {
             s.synced = true;
         }
+        self.engine.observe_dirty(self.shared.metrics.now_ms());
         let m = &self.shared.metrics;
         let lag = self.engine.lag();
         m.lag_writes.store(lag.writes, Ordering::Relaxed);
