@@ -7,6 +7,7 @@
 //! and the replication window bound.
 
 pub mod control;
+pub mod monitor;
 pub mod primary;
 pub mod secondary;
 
@@ -37,6 +38,12 @@ pub enum AgentError {
     #[error("control socket {}: {source}", path.display())]
     Control {
         path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("metrics address {addr} (--metrics / metrics =): {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
         #[source]
         source: io::Error,
     },

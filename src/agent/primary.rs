@@ -466,15 +466,18 @@ pub async fn run(
     tracing::info!(nbd = %bound, peer = ?cfg.peer, mode = ?cfg.mode, "primary serving");
 
     let control_stop = CancellationToken::new();
+    let handler: Arc<dyn ControlHandler> = Arc::new(PrimaryControl {
+        cmd_tx: cmd_tx.clone(),
+        metrics: metrics.clone(),
+    });
     let control_task = control::serve(
         &cfg.control,
         &cfg.resource,
-        Arc::new(PrimaryControl {
-            cmd_tx: cmd_tx.clone(),
-        }),
+        handler.clone(),
         control_stop.clone(),
     )
     .await?;
+    let observers = crate::agent::monitor::start(&cfg, handler, metrics.clone()).await?;
     if let Some(ready) = ready {
         let _ = ready.send(PrimaryReady {
             nbd: bound,
@@ -483,6 +486,7 @@ pub async fn run(
     }
 
     shutdown.cancelled().await;
+    observers.stop().await;
     tracing::info!("stopping: no new NBD requests; completing those in flight");
     nbd_stop.cancel();
     match nbd_task.await {
@@ -851,10 +855,7 @@ impl Owner {
             let mut more = Vec::new();
             self.engine.session_ended(&mut more);
             self.shared.streaming.store(false, Ordering::Relaxed);
-            self.shared
-                .metrics
-                .connected
-                .store(false, Ordering::Relaxed);
+            self.shared.metrics.set_connected(false, reason);
             out.extend(more);
         }
     }
@@ -1122,13 +1123,13 @@ impl Owner {
                     return;
                 }
                 tracing::info!(session = id, peer = %peer.node_name, plan = ?plan, out_of_sync_blocks = self.engine.dirty().dirty_count().0, "connected to secondary");
+                self.shared.metrics.set_connected(true, &peer.node_name);
                 self.session = Some(Session {
                     id,
                     tx,
                     peer,
                     synced: false,
                 });
-                self.shared.metrics.connected.store(true, Ordering::Relaxed);
                 Metrics::add(&self.shared.metrics.sessions, 1);
                 let full = plan != SyncPlan::Bitmap;
                 if plan == SyncPlan::Verify {
@@ -1298,10 +1299,7 @@ impl Owner {
             .ahead
             .store(self.engine.is_ahead(), Ordering::Relaxed);
         let resync_pending = self.engine.resync_progress().is_some();
-        self.shared
-            .metrics
-            .resync_active
-            .store(resync_pending, Ordering::Relaxed);
+        self.shared.metrics.set_resync_active(resync_pending);
         if let Some(s) = self.session.as_mut()
             && !s.synced
             && !resync_pending
@@ -1431,6 +1429,7 @@ pub(crate) fn is_all_zero(data: &[u8]) -> bool {
 
 struct PrimaryControl {
     cmd_tx: mpsc::Sender<Cmd>,
+    metrics: Arc<Metrics>,
 }
 
 impl ControlHandler for PrimaryControl {
@@ -1444,6 +1443,9 @@ impl ControlHandler for PrimaryControl {
     }
     fn other(&self, request: ControlRequest) -> control::BoxFuture<ControlReply> {
         Box::pin(async move { request.unknown(&["status"]) })
+    }
+    fn metrics(&self) -> Option<Arc<Metrics>> {
+        Some(self.metrics.clone())
     }
 }
 

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -124,17 +123,19 @@ pub async fn run(
     tracing::info!(listen = %bound, expecting = %cfg.peer_name, "secondary listening");
 
     let control_stop = CancellationToken::new();
+    let handler: Arc<dyn ControlHandler> = Arc::new(SecondaryControl {
+        cfg: cfg.clone(),
+        metrics: metrics.clone(),
+        snapshot,
+    });
     let control_task = control::serve(
         &cfg.control,
         &cfg.resource,
-        Arc::new(SecondaryControl {
-            cfg: cfg.clone(),
-            metrics: metrics.clone(),
-            snapshot,
-        }),
+        handler.clone(),
         control_stop.clone(),
     )
     .await?;
+    let observers = crate::agent::monitor::start(&cfg, handler, metrics.clone()).await?;
     if let Some(ready) = ready {
         let _ = ready.send(SecondaryReady {
             listen: bound,
@@ -180,6 +181,7 @@ pub async fn run(
     tracing::info!("stopping: finishing the writes in flight, then a final flush");
     sessions.cancel();
     while tasks.join_next().await.is_some() {}
+    observers.stop().await;
     control_stop.cancel();
     let _ = control_task.await;
     let mut node = node.lock().await;
@@ -517,7 +519,7 @@ async fn session(
         .map_err(|e| format!("sending Welcome: {e}"))?;
     tracing::info!(peer = %peer_addr, primary = %hello.node_name, primary_next_seq = hello.first_seq, plan = ?plan, disk = %node.sb.disk_state, "primary attached");
     node.set_peer(Some(hello.node_name.clone()));
-    node.metrics.connected.store(true, Ordering::Relaxed);
+    node.metrics.set_connected(true, &hello.node_name);
     Metrics::add(&node.metrics.sessions, 1);
 
     let (in_tx, mut in_rx) = mpsc::channel(256);
@@ -594,7 +596,7 @@ async fn session(
     drop(ack_tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     node.set_peer(None);
-    node.metrics.connected.store(false, Ordering::Relaxed);
+    node.metrics.set_connected(false, &reason);
     tracing::info!(peer = %peer_addr, disk = %node.sb.disk_state, "primary detached: {reason}");
     Ok(())
 }
@@ -864,5 +866,8 @@ impl ControlHandler for SecondaryControl {
     }
     fn other(&self, request: ControlRequest) -> control::BoxFuture<ControlReply> {
         Box::pin(async move { request.unknown(&["status"]) })
+    }
+    fn metrics(&self) -> Option<Arc<Metrics>> {
+        Some(self.metrics.clone())
     }
 }

@@ -339,7 +339,9 @@ impl<T> PrimaryEngine<T> {
     }
     pub fn lag(&self) -> Lag {
         let streamed = self.unacked.front().map(|u| u.accepted_at_ms);
-        let dirty = self.dirty_since_ms.filter(|_| self.dirty.dirty_count().0 > 0);
+        let dirty = self
+            .dirty_since_ms
+            .filter(|_| self.dirty.dirty_count().0 > 0);
         Lag {
             writes: self.unacked.len() as u64,
             bytes: self.unacked_bytes,
