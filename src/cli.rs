@@ -40,9 +40,8 @@ pub enum Command {
     Secondary(NodeArgs),
     /// Show a running agent's state (one screen, or --json).
     Status {
-        /// The agent's control socket.
-        #[arg(long)]
-        control: PathBuf,
+        #[command(flatten)]
+        target: ControlTarget,
         /// Print the status document as JSON (stable field names).
         #[arg(long)]
         json: bool,
@@ -85,6 +84,21 @@ pub enum Command {
         #[arg(long)]
         discard_local: bool,
     },
+    /// Show a running agent's recent events (RPO crossings, peer connects and
+    /// disconnects, resyncs), oldest first.
+    Events {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// Keep polling and print new events as they happen, until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per event and line.
+        #[arg(long)]
+        json: bool,
+        /// Only events with an id above this one.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
     /// Run a self-contained demonstration on loopback: certificates, a secondary and a
     /// primary with 256 MiB images, a mixed workload through the NBD export in sync
     /// then async mode, and a final check that both images are identical.
@@ -99,6 +113,35 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+/// Which agent a client command talks to.
+#[derive(Debug, Clone, Args)]
+pub struct ControlTarget {
+    /// The agent's control socket (default with --config/--node: the node's).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// The resource meant; an agent of another resource refuses (default with --config: the file's).
+    #[arg(long)]
+    pub resource: Option<String>,
+    /// Resource file: gives the resource name and, with --node, the control socket.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// With --config: the node whose agent to ask.
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+impl ControlTarget {
+    /// The control socket path and the resource name to send.
+    pub fn resolve(self) -> Result<(PathBuf, Option<String>), crate::config::ConfigError> {
+        crate::config::control_target(
+            self.control,
+            self.resource,
+            self.config.as_deref(),
+            self.node.as_deref(),
+        )
+    }
 }
 
 /// Options of a node agent. Each is also readable from the resource file.
@@ -210,6 +253,18 @@ pub struct NodeArgs {
     /// unreachable; a non-zero exit stops the promotion.
     #[arg(long)]
     pub fence_peer: Option<String>,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9942.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Recovery point objective (primary): warn, record an event and run --rpo-hook
+    /// when the lag (age of the oldest write the secondary lacks) exceeds N seconds.
+    #[arg(long, value_name = "N")]
+    pub rpo_seconds: Option<f64>,
+    /// Command run with `sh -c` when the lag crosses the RPO target either way, with
+    /// TANDEM_EVENT=rpo-exceeded|rpo-recovered, TANDEM_RESOURCE, TANDEM_NODE,
+    /// TANDEM_PEER, TANDEM_LAG_SECONDS and TANDEM_RPO_SECONDS set.
+    #[arg(long, value_name = "CMD")]
+    pub rpo_hook: Option<String>,
 }
 
 impl NodeArgs {
@@ -248,6 +303,9 @@ impl NodeArgs {
             seeded: self.seeded,
             split_brain_policy: self.split_brain_policy,
             fence_peer: self.fence_peer,
+            metrics: self.metrics,
+            rpo_seconds: self.rpo_seconds,
+            rpo_hook: self.rpo_hook,
         }
     }
 }

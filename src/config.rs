@@ -16,6 +16,7 @@
 //! volume = "/dev/vdb"
 //! meta = "/var/lib/tandem/r0.meta"
 //! nbd = "127.0.0.1:10809"        # export served while primary
+//! metrics = "127.0.0.1:9942"     # Prometheus /metrics (optional)
 //!
 //! [nodes.beta]
 //! address = "192.0.2.11:7789"
@@ -108,6 +109,8 @@ pub struct ResourceSection {
     pub io_engine: Option<String>,
     pub split_brain_policy: Option<String>,
     pub fence_peer: Option<String>,
+    pub rpo_seconds: Option<f64>,
+    pub rpo_hook: Option<String>,
 }
 
 /// Per-node options (`[nodes.NAME]`).
@@ -121,6 +124,7 @@ pub struct NodeSection {
     pub nbd: Option<String>,
     pub nbd_name: Option<String>,
     pub control: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A parsed resource file.
@@ -217,6 +221,12 @@ pub struct NodeConfig {
     /// Command run (`sh -c`) before promotion while the peer is unreachable; a
     /// non-zero exit stops the promotion.
     pub fence_peer: Option<String>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address.
+    pub metrics: Option<SocketAddr>,
+    /// Recovery point objective: alert when the lag exceeds this many seconds.
+    pub rpo_seconds: Option<f64>,
+    /// Command (run with `sh -c`) when the lag crosses the RPO target either way.
+    pub rpo_hook: Option<String>,
 }
 
 /// Defaults, with the reasoning behind each number.
@@ -281,6 +291,61 @@ pub struct Overrides {
     pub seeded: bool,
     pub split_brain_policy: Option<String>,
     pub fence_peer: Option<String>,
+    pub metrics: Option<SocketAddr>,
+    pub rpo_seconds: Option<f64>,
+    pub rpo_hook: Option<String>,
+}
+
+/// Where `tandem status`/`tandem events` find an agent: `--control SOCK`, or the
+/// node's control socket from `--config FILE --node NAME`; and which resource
+/// name to send (from `--resource`, else the file's), so that a socket of
+/// another resource refuses instead of answering for the wrong one.
+pub fn control_target(
+    control: Option<PathBuf>,
+    resource: Option<String>,
+    config: Option<&Path>,
+    node: Option<&str>,
+) -> Result<(PathBuf, Option<String>), ConfigError> {
+    let Some(path) = config else {
+        let control = control.ok_or(ConfigError::Missing {
+            option: "--control",
+            hint: "the agent's control socket (or --config FILE --node NAME)",
+        })?;
+        return Ok((control, resource));
+    };
+    let file = ResourceFile::load(path)?;
+    let resource =
+        resource.or_else(|| Some(file.resource.name.clone().unwrap_or_else(|| "r0".into())));
+    if let Some(control) = control {
+        return Ok((control, resource));
+    }
+    let node = node.ok_or(ConfigError::Missing {
+        option: "--node",
+        hint: "with --config and without --control, name the node whose agent to ask",
+    })?;
+    let section = file
+        .nodes
+        .get(node)
+        .ok_or_else(|| ConfigError::UnknownNode {
+            path: path.to_owned(),
+            node: node.to_string(),
+            known: file.nodes.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+    let control = match (&section.control, &section.volume) {
+        (Some(c), _) => c.clone(),
+        (None, Some(v)) => {
+            let mut p = v.clone().into_os_string();
+            p.push(".tandem.sock");
+            PathBuf::from(p)
+        }
+        (None, None) => {
+            return Err(ConfigError::Nodes {
+                path: path.to_owned(),
+                message: format!("node '{node}' has neither control nor volume; pass --control"),
+            });
+        }
+    };
+    Ok((control, resource))
 }
 
 fn size_opt(
@@ -488,6 +553,9 @@ impl NodeConfig {
                 .or(res.al_extents)
                 .unwrap_or(crate::meta::al::AL_EXTENTS_MAX),
             seeded: o.seeded || res.seeded.unwrap_or(false),
+            metrics: o.metrics.or(mine.metrics),
+            rpo_seconds: o.rpo_seconds.or(res.rpo_seconds),
+            rpo_hook: o.rpo_hook.or(res.rpo_hook).filter(|h| !h.trim().is_empty()),
             split_brain_policy,
             fence_peer,
         };
@@ -561,6 +629,20 @@ impl NodeConfig {
                     self.al_extents_max,
                     crate::meta::al::AL_EXTENTS_MAX
                 ),
+            });
+        }
+        if let Some(rpo) = self.rpo_seconds
+            && !(rpo.is_finite() && rpo > 0.0)
+        {
+            return Err(ConfigError::Invalid {
+                option: "--rpo-seconds",
+                message: format!("{rpo}: expected a positive number of seconds"),
+            });
+        }
+        if self.rpo_hook.is_some() && self.rpo_seconds.is_none() {
+            return Err(ConfigError::Missing {
+                option: "--rpo-seconds",
+                hint: "--rpo-hook runs when the lag crosses the RPO target; set the target too",
             });
         }
         if self.peer_timeout_ms <= self.heartbeat_interval_ms {
@@ -670,6 +752,53 @@ size = "1G"
         )
         .unwrap_err();
         assert!(e.to_string().contains("alpha, beta"), "{e}");
+    }
+
+    #[test]
+    fn monitoring_options_come_from_the_file_and_flags_override_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = FILE
+            .replace(
+                "queue-bytes-max = \"128M\"",
+                "queue-bytes-max = \"128M\"\nrpo-seconds = 10\nrpo-hook = \"logger rpo\"",
+            )
+            .replace(
+                "nbd = \"127.0.0.1:10809\"",
+                "nbd = \"127.0.0.1:10809\"\nmetrics = \"127.0.0.1:9942\"",
+            );
+        let path = write(dir.path(), &text);
+        let o = Overrides {
+            config: Some(path.clone()),
+            node: Some("alpha".into()),
+            ..Default::default()
+        };
+        let c = NodeConfig::resolve(Role::Primary, o).unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9942".parse().unwrap()));
+        assert_eq!(c.rpo_seconds, Some(10.0));
+        assert_eq!(c.rpo_hook.as_deref(), Some("logger rpo"));
+        let o = Overrides {
+            config: Some(path.clone()),
+            node: Some("alpha".into()),
+            rpo_seconds: Some(2.5),
+            metrics: Some("127.0.0.1:1".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = NodeConfig::resolve(Role::Primary, o).unwrap();
+        assert_eq!(c.rpo_seconds, Some(2.5));
+        assert_eq!(c.metrics, Some("127.0.0.1:1".parse().unwrap()));
+        let o = Overrides {
+            config: Some(path.clone()),
+            node: Some("alpha".into()),
+            rpo_seconds: Some(0.0),
+            ..Default::default()
+        };
+        let e = NodeConfig::resolve(Role::Primary, o).unwrap_err();
+        assert!(e.to_string().contains("--rpo-seconds"), "{e}");
+        let (control, resource) = control_target(None, None, Some(&path), Some("beta")).unwrap();
+        assert_eq!(control, PathBuf::from("/srv/b.img.tandem.sock"));
+        assert_eq!(resource.as_deref(), Some("r0"));
+        let e = control_target(None, None, None, None).unwrap_err();
+        assert!(e.to_string().contains("--control"), "{e}");
     }
 
     #[test]

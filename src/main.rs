@@ -90,11 +90,14 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status {
-            control: path,
+            target,
             json,
             watch,
         } => loop {
-            let reply = control::request(&path, &control::ControlRequest::new("status")).await?;
+            let (path, resource) = target.clone().resolve().map_err(|e| e.to_string())?;
+            let mut req = control::ControlRequest::new("status");
+            req.resource = resource;
+            let reply = control::request(&path, &req).await?;
             let Some(status) = reply.status else {
                 return Err(reply
                     .error
@@ -145,6 +148,15 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             req.args = serde_json::json!({ "discard_local": true });
             role_command(&path, &req).await
         }
+        Command::Events {
+            target,
+            follow,
+            json,
+            since,
+        } => {
+            let (path, resource) = target.resolve().map_err(|e| e.to_string())?;
+            events(&path, resource, since, follow, json).await
+        }
         Command::Demo { size, seconds, dir } => {
             let size_bytes = tandem::types::parse_size(&size)?;
             let ok = tandem::demo::run(size_bytes, seconds, dir)
@@ -176,4 +188,78 @@ async fn role_command(
         .unwrap_or("done");
     println!("{message}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tandem events`: print the agent's events after `since`; with `follow`, poll
+/// every 500 ms and print new ones until interrupted.
+async fn events(
+    path: &std::path::Path,
+    resource: Option<String>,
+    mut since: u64,
+    follow: bool,
+    json: bool,
+) -> Result<ExitCode, String> {
+    use tandem::metrics::events::EventsSince;
+    loop {
+        let mut req = control::ControlRequest::new("events");
+        req.resource = resource.clone();
+        req.args = serde_json::json!({ "since": since });
+        let reply = control::request(path, &req).await?;
+        if !reply.ok {
+            return Err(reply
+                .error
+                .unwrap_or_else(|| "agent refused the events request".into()));
+        }
+        let got: EventsSince = serde_json::from_value(reply.result.unwrap_or_default())
+            .map_err(|e| format!("malformed events reply: {e}"))?;
+        if got.missed > 0 {
+            eprintln!(
+                "note: {} older events were dropped from the agent's ring before they could be shown",
+                got.missed
+            );
+        }
+        for e in &got.events {
+            if json {
+                println!("{}", serde_json::to_string(e).expect("event serializes"));
+            } else {
+                println!(
+                    "{} #{} {:<18} {}",
+                    format_unix_ms(e.unix_ms),
+                    e.id,
+                    e.kind,
+                    e.message
+                );
+            }
+        }
+        since = since.max(got.last_id);
+        if !follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// `2025-01-31T12:34:56.789Z` from milliseconds since the Unix epoch (UTC).
+fn format_unix_ms(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_ms % 1000
+    )
 }

@@ -27,6 +27,8 @@ declare -A needs=(
   [e2fsck]=e2fsprogs
   [losetup]=util-linux
   [mount]=mount
+  [curl]=curl
+  [promtool]=prometheus
 )
 missing=()
 for cmd in "${!needs[@]}"; do

@@ -5,6 +5,11 @@
 //! (command arguments, e.g. `{"force":true}`). Reply: one JSON object per line,
 //! `{"ok":true,"status":{...}}`, `{"ok":true,"result":{...}}` or
 //! `{"ok":false,"error":"..."}`.
+//!
+//! Every agent answers `status` and `events` (`{"cmd":"events","args":{"since":N}}`
+//! returns `{"events":[{"id","unix_ms","kind","message"}...],"missed","last_id"}`,
+//! the events after id N from a ring of the last 256); other commands are the
+//! agent's own ([`ControlHandler::other`]).
 //! The socket file is created with mode 0600: the control socket can change
 //! roles, so only root (the agent's user) may talk to it.
 
@@ -30,9 +35,16 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// What an agent answers on its control socket.
 pub trait ControlHandler: Send + Sync + 'static {
     fn status(&self) -> BoxFuture<Option<StatusDoc>>;
-    /// Any command other than `status`.
+    /// Any command other than `status` and `events`.
     fn other(&self, request: ControlRequest) -> BoxFuture<ControlReply>;
+    /// The agent's live figures, for the commands every agent answers (`events`).
+    fn metrics(&self) -> Option<Arc<Metrics>> {
+        None
+    }
 }
+
+/// Commands answered here for every agent, whatever its role.
+pub const COMMON_COMMANDS: [&str; 2] = ["status", "events"];
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ControlRequest {
@@ -71,12 +83,15 @@ impl ControlRequest {
         self.args.get(name).and_then(serde_json::Value::as_str)
     }
 
-    /// The reply for a command this agent does not know, listing those it does.
+    /// The reply for a command this agent does not know, listing those it does
+    /// (`known`, plus the [`COMMON_COMMANDS`] every agent answers).
     pub fn unknown(&self, known: &[&str]) -> ControlReply {
+        let mut all: Vec<&str> = COMMON_COMMANDS.to_vec();
+        all.extend(known.iter().filter(|k| !COMMON_COMMANDS.contains(k)));
         ControlReply::error(format!(
             "unknown control command '{}'; this agent knows: {}",
             self.cmd,
-            known.join(", ")
+            all.join(", ")
         ))
     }
 }
@@ -140,6 +155,21 @@ pub struct StatusDoc {
     /// generation", "refused: split brain ..."), null before the first one.
     #[serde(default)]
     pub handshake: Option<String>,
+    /// The recovery point objective, when one is set (`--rpo-seconds`).
+    #[serde(default)]
+    pub rpo: Option<RpoStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RpoStatus {
+    /// The target: the most seconds of writes the secondary may be missing.
+    pub target_s: f64,
+    /// The lag is above the target now (primary only; a secondary says false).
+    pub exceeded: bool,
+    /// When the current excess began, milliseconds since the Unix epoch; null when not exceeded.
+    pub since: Option<u64>,
+    /// Times the lag crossed above the target since the agent started.
+    pub violations: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -197,6 +227,9 @@ impl ControlHandler for HandlerSlot {
             }),
         }
     }
+    fn metrics(&self) -> Option<Arc<Metrics>> {
+        self.get().and_then(|h| h.metrics())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -246,6 +279,11 @@ pub struct LatencyStatus {
     pub p99: u64,
     pub p999: u64,
     pub max: u64,
+    /// Writes measured and the sum of their latencies (µs).
+    #[serde(default)]
+    pub count: u64,
+    #[serde(default)]
+    pub sum: u64,
 }
 
 impl StatusDoc {
@@ -324,12 +362,25 @@ impl StatusDoc {
                 p99: lat.p99_us,
                 p999: lat.p999_us,
                 max: lat.max_us,
+                count: lat.count,
+                sum: lat.sum_us,
             }),
             compression_ratio: m.compression_ratio(),
             last_error: m.last_error.lock().ok().and_then(|e| e.clone()),
             uptime_s: m.started.elapsed().as_secs(),
             generations: None,
             handshake: None,
+            rpo: cfg.rpo_seconds.map(|target_s| {
+                let exceeded = m.rpo_exceeded.load(std::sync::atomic::Ordering::Relaxed);
+                RpoStatus {
+                    target_s,
+                    exceeded,
+                    since: exceeded
+                        .then(|| Metrics::get(&m.rpo_exceeded_since_unix_ms))
+                        .filter(|t| *t > 0),
+                    violations: Metrics::get(&m.rpo_violations),
+                }
+            }),
         }
     }
 
@@ -391,6 +442,14 @@ impl StatusDoc {
         }
         if let Some(h) = &self.handshake {
             s += &format!("  last handshake: {h}\n");
+        }
+        if let Some(r) = &self.rpo {
+            s += &format!(
+                "  rpo: target {} s, {} ({} violations)\n",
+                r.target_s,
+                if r.exceeded { "EXCEEDED" } else { "met" },
+                r.violations
+            );
         }
         if let Some(e) = &self.last_error {
             s += &format!("  last error: {e}\n");
@@ -464,6 +523,13 @@ async fn serve_one(stream: UnixStream, resource: Arc<str>, handler: Arc<dyn Cont
                     result: None,
                 },
                 None => ControlReply::error("agent is shutting down".into()),
+            },
+            Ok(req) if req.cmd == "events" => match handler.metrics() {
+                Some(m) => ControlReply::success(
+                    serde_json::to_value(m.events.since(req.number("since").unwrap_or(0)))
+                        .expect("events serialize"),
+                ),
+                None => ControlReply::error("this agent keeps no events".into()),
             },
             Ok(req) => handler.other(req).await,
         };

@@ -8,6 +8,7 @@
 
 pub mod control;
 pub mod node;
+pub mod monitor;
 pub mod primary;
 pub mod secondary;
 
@@ -38,6 +39,12 @@ pub enum AgentError {
     #[error("control socket {}: {source}", path.display())]
     Control {
         path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("metrics address {addr} (--metrics / metrics =): {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
         #[source]
         source: io::Error,
     },

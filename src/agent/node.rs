@@ -332,6 +332,10 @@ impl ControlHandler for NodeHandler {
         self.0.slot.status()
     }
 
+    fn metrics(&self) -> Option<Arc<crate::metrics::Metrics>> {
+        self.0.slot.metrics()
+    }
+
     fn other(&self, request: ControlRequest) -> BoxFuture<ControlReply> {
         let ctl = self.0.clone();
         match request.cmd.as_str() {

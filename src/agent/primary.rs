@@ -549,9 +549,12 @@ pub async fn serve(
     ));
     tracing::info!(nbd = %bound, peer = ?cfg.peer, mode = ?cfg.mode, generation = %generation, "primary serving");
 
-    ctx.control.set(Some(Arc::new(PrimaryControl {
+    let handler: Arc<dyn ControlHandler> = Arc::new(PrimaryControl {
         cmd_tx: cmd_tx.clone(),
-    })));
+        metrics: metrics.clone(),
+    });
+    ctx.control.set(Some(handler.clone()));
+    let observers = crate::agent::monitor::start(&cfg, handler, metrics.clone()).await?;
     if let Some(ready) = ready {
         let _ = ready.send(PrimaryReady {
             nbd: bound,
@@ -560,6 +563,7 @@ pub async fn serve(
     }
 
     shutdown.cancelled().await;
+    observers.stop().await;
     let mut summary = Vec::new();
     accept_stop.cancel();
     let demote = *ctx.demote.lock().expect("demote lock");
@@ -982,10 +986,7 @@ impl Owner {
             let mut more = Vec::new();
             self.engine.session_ended(&mut more);
             self.shared.streaming.store(false, Ordering::Relaxed);
-            self.shared
-                .metrics
-                .connected
-                .store(false, Ordering::Relaxed);
+            self.shared.metrics.set_connected(false, reason);
             out.extend(more);
         }
     }
@@ -1285,13 +1286,13 @@ impl Owner {
                     out_of_sync_blocks = self.engine.dirty().dirty_count().0, peer_changed_blocks = own_dirty,
                     peer_compare_blocks = own_verify, "connected to secondary");
                 self.shared.set_handshake(peer.decision.clone());
+                self.shared.metrics.set_connected(true, &peer.node_name);
                 self.session = Some(Session {
                     id,
                     tx,
                     peer,
                     synced: false,
                 });
-                self.shared.metrics.connected.store(true, Ordering::Relaxed);
                 Metrics::add(&self.shared.metrics.sessions, 1);
                 let full = plan != SyncPlan::Bitmap;
                 if plan == SyncPlan::Verify {
@@ -1503,10 +1504,7 @@ impl Owner {
             .ahead
             .store(self.engine.is_ahead(), Ordering::Relaxed);
         let resync_pending = self.engine.resync_progress().is_some();
-        self.shared
-            .metrics
-            .resync_active
-            .store(resync_pending, Ordering::Relaxed);
+        self.shared.metrics.set_resync_active(resync_pending);
         if let Some(s) = self.session.as_mut()
             && !s.synced
             && !resync_pending
@@ -1515,6 +1513,7 @@ impl Owner {
             s.synced = true;
             self.peer_reached_generation();
         }
+        self.engine.observe_dirty(self.shared.metrics.now_ms());
         let m = &self.shared.metrics;
         let lag = self.engine.lag();
         m.lag_writes.store(lag.writes, Ordering::Relaxed);
@@ -1646,6 +1645,7 @@ pub(crate) fn is_all_zero(data: &[u8]) -> bool {
 
 struct PrimaryControl {
     cmd_tx: mpsc::Sender<Cmd>,
+    metrics: Arc<Metrics>,
 }
 
 impl ControlHandler for PrimaryControl {
@@ -1658,7 +1658,10 @@ impl ControlHandler for PrimaryControl {
         })
     }
     fn other(&self, request: ControlRequest) -> control::BoxFuture<ControlReply> {
-        Box::pin(async move { request.unknown(&["status"]) })
+        Box::pin(async move { request.unknown(&["promote", "demote"]) })
+    }
+    fn metrics(&self) -> Option<Arc<Metrics>> {
+        Some(self.metrics.clone())
     }
 }
 

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -269,12 +268,14 @@ pub async fn serve(
     let bound = listener.local_addr();
     tracing::info!(listen = %bound, expecting = %cfg.peer_name, "secondary listening");
 
-    ctx.control.set(Some(Arc::new(SecondaryControl {
+    let handler: Arc<dyn ControlHandler> = Arc::new(SecondaryControl {
         cfg: cfg.clone(),
         metrics: metrics.clone(),
         snapshot,
         discard_local,
-    })));
+    });
+    ctx.control.set(Some(handler.clone()));
+    let observers = crate::agent::monitor::start(&cfg, handler, metrics.clone()).await?;
     if let Some(ready) = ready {
         let _ = ready.send(SecondaryReady {
             listen: bound,
@@ -320,6 +321,7 @@ pub async fn serve(
     tracing::info!("stopping: finishing the writes in flight, then a final flush");
     sessions.cancel();
     while tasks.join_next().await.is_some() {}
+    observers.stop().await;
     ctx.control.set(None);
     let mut node = node.lock().await;
     node.volume
@@ -895,7 +897,7 @@ async fn session(
         .map_err(|e| format!("sending Welcome: {e}"))?;
     tracing::info!(peer = %peer_addr, primary = %hello.node_name, primary_next_seq = hello.first_seq, plan = ?plan, disk = %node.sb.disk_state, "primary attached");
     node.set_peer(Some(hello.node_name.clone()));
-    node.metrics.connected.store(true, Ordering::Relaxed);
+    node.metrics.set_connected(true, &hello.node_name);
     Metrics::add(&node.metrics.sessions, 1);
 
     let (in_tx, mut in_rx) = mpsc::channel(256);
@@ -971,7 +973,7 @@ async fn session(
     drop(ack_tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     node.set_peer(None);
-    node.metrics.connected.store(false, Ordering::Relaxed);
+    node.metrics.set_connected(false, &reason);
     tracing::info!(peer = %peer_addr, disk = %node.sb.disk_state, "primary detached: {reason}");
     Ok(())
 }
@@ -1263,8 +1265,11 @@ impl ControlHandler for SecondaryControl {
                 tracing::warn!("resolve --discard-local: {message}");
                 ControlReply::success(serde_json::json!({ "message": message }))
             }
-            _ => request.unknown(&["status", "resolve"]),
+            _ => request.unknown(&["promote", "demote", "resolve"]),
         };
         Box::pin(async move { reply })
+    }
+    fn metrics(&self) -> Option<Arc<Metrics>> {
+        Some(self.metrics.clone())
     }
 }

@@ -183,7 +183,9 @@ struct Resync {
 pub struct Lag {
     pub writes: u64,
     pub bytes: u64,
-    /// Acceptance time of the oldest write the secondary has not made durable.
+    /// Acceptance time of the oldest write the secondary has not made durable:
+    /// the oldest write in the stream, or the oldest change tracked only in the
+    /// dirty bitmap (link down, ahead, resync pending), whichever is older.
     pub oldest_accepted_at_ms: Option<u64>,
 }
 
@@ -242,6 +244,11 @@ pub struct PrimaryEngine<T> {
     /// A local flush failed: nothing may be acknowledged as durable any more.
     poisoned: bool,
     al: Option<Activity>,
+    /// When the oldest change tracked only in `dirty` was accepted (G4: lag in
+    /// seconds stays meaningful while the link is down or the primary is ahead).
+    /// The bitmap does not say which block is how old, so this is conservative:
+    /// it stays until `dirty` is empty. None while `dirty` is empty.
+    dirty_since_ms: Option<u64>,
 }
 
 impl<T> PrimaryEngine<T> {
@@ -283,6 +290,7 @@ impl<T> PrimaryEngine<T> {
             ahead: false,
             ahead_from: first_seq,
             al: None,
+            dirty_since_ms: None,
         }
     }
 
@@ -330,11 +338,37 @@ impl<T> PrimaryEngine<T> {
         self.ops.len()
     }
     pub fn lag(&self) -> Lag {
+        let streamed = self.unacked.front().map(|u| u.accepted_at_ms);
+        let dirty = self
+            .dirty_since_ms
+            .filter(|_| self.dirty.dirty_count().0 > 0);
         Lag {
             writes: self.unacked.len() as u64,
             bytes: self.unacked_bytes,
-            oldest_accepted_at_ms: self.unacked.front().map(|u| u.accepted_at_ms),
+            oldest_accepted_at_ms: match (streamed, dirty) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
         }
+    }
+
+    /// Keep the age of the bitmap-only changes current: called with the clock on
+    /// every turn of the owner loop. Blocks that became dirty without a client
+    /// write (a full sync, a restart with a persisted bitmap, a seeded compare)
+    /// count from the first time they are seen; an empty bitmap has no age.
+    pub fn observe_dirty(&mut self, now_ms: u64) {
+        if self.dirty.dirty_count().0 == 0 {
+            self.dirty_since_ms = None;
+        } else {
+            self.note_dirty_since(now_ms);
+        }
+    }
+
+    fn note_dirty_since(&mut self, accepted_at_ms: u64) {
+        self.dirty_since_ms = Some(
+            self.dirty_since_ms
+                .map_or(accepted_at_ms, |t| t.min(accepted_at_ms)),
+        );
     }
 
     /// The blocks that may differ on the secondary right now: the dirty bitmap plus
@@ -391,6 +425,7 @@ impl<T> PrimaryEngine<T> {
             self.unacked_bytes += range.len;
         } else {
             self.mark_dirty(range);
+            self.note_dirty_since(now_ms);
         }
         let runnable = self.sequencer.admit(seq, range);
         let pinned_ready = self.pin(seq, range, in_stream, out);
@@ -868,6 +903,10 @@ impl<T> PrimaryEngine<T> {
             }
             out.push(Action::Release { seq: u.seq });
         }
+        if self.dirty.dirty_count().0 == 0 {
+            // Everything tracked only in the bitmap is on the secondary now.
+            self.dirty_since_ms = None;
+        }
         // Sync-mode writes waiting for Durable (FUA) or whose Applied we never saw.
         let waiting: Vec<Seq> = self
             .ops
@@ -1123,6 +1162,8 @@ impl<T> PrimaryEngine<T> {
         for u in drained {
             if !u.resync {
                 self.unpin(u.seq, out);
+                // Not on the secondary yet: its age carries over into the bitmap.
+                self.note_dirty_since(u.accepted_at_ms);
             }
             let (a, b) = u.range.blocks(self.block_size);
             self.dirty.mark(a, b);
@@ -1294,6 +1335,72 @@ mod tests {
             e.dirty().is_dirty(BlockIndex(0)),
             "the unacknowledged write is tracked for resync (G3)"
         );
+    }
+
+    #[test]
+    fn lag_age_survives_the_link_going_down_and_clears_once_resynced() {
+        let mut e = engine(Mode::Async);
+        let mut out = Vec::new();
+        e.session_started(false, &mut out);
+        let s1 = e.submit(
+            OpKind::Write,
+            ByteRange::new(0, 4096),
+            false,
+            1,
+            100,
+            &mut out,
+        );
+        e.local_done(s1, Ok(()), &mut out);
+        assert_eq!(e.lag().oldest_accepted_at_ms, Some(100));
+        // The link drops: the write is now tracked only in the bitmap, and is
+        // still the oldest change the secondary does not have (G4).
+        e.session_ended(&mut out);
+        e.observe_dirty(300);
+        assert_eq!(e.lag().writes, 0);
+        assert_eq!(e.lag().oldest_accepted_at_ms, Some(100));
+        let s2 = e.submit(
+            OpKind::Write,
+            ByteRange::new(8 * 4096, 4096),
+            false,
+            2,
+            500,
+            &mut out,
+        );
+        e.local_done(s2, Ok(()), &mut out);
+        assert_eq!(e.lag().oldest_accepted_at_ms, Some(100));
+        // Back: the resync pass ships both blocks; once durable, no age is left.
+        out.clear();
+        e.session_started(false, &mut out);
+        let mut last = Seq::ZERO;
+        while let Some((seq, _, _)) = e.next_resync_chunk(600, &mut out) {
+            e.local_done(seq, Ok(()), &mut out);
+            last = seq;
+        }
+        assert_eq!(e.lag().oldest_accepted_at_ms, Some(100), "not durable yet");
+        let through = out
+            .iter()
+            .find_map(|a| match a {
+                Action::ShipResyncDone { through } => Some(*through),
+                _ => None,
+            })
+            .unwrap_or(last);
+        e.peer_durable(through, &mut out);
+        e.observe_dirty(700);
+        assert_eq!(e.dirty().dirty_count().0, 0);
+        assert_eq!(e.lag().oldest_accepted_at_ms, None);
+        // A later bitmap-only change counts from its own acceptance, not the old one.
+        e.session_ended(&mut out);
+        let s3 = e.submit(
+            OpKind::Write,
+            ByteRange::new(0, 4096),
+            false,
+            3,
+            900,
+            &mut out,
+        );
+        e.local_done(s3, Ok(()), &mut out);
+        assert_eq!(e.lag().oldest_accepted_at_ms, Some(900));
+        e.assert_invariants();
     }
 
     #[test]

@@ -1,6 +1,17 @@
 //! Counters, gauges and latency histograms shared by an agent's tasks, and the
 //! status document built from them. Counters are relaxed atomics: they are
 //! figures for humans and monitoring, never inputs to replication decisions.
+//!
+//! Submodules: [`events`] (the bounded event ring behind the control socket's
+//! `events` command), [`rpo`] (the RPO crossing decision), [`prometheus`] (the
+//! text exposition rendered from the status document, so `/metrics` and
+//! `tandem status --json` never disagree) and [`http`] (the small HTTP/1.1
+//! server that serves it).
+
+pub mod events;
+pub mod http;
+pub mod prometheus;
+pub mod rpo;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,8 +58,17 @@ pub struct Metrics {
     pub applied_writes: AtomicU64,
     pub applied_bytes: AtomicU64,
     pub last_error: Mutex<Option<String>>,
-    /// Client write latency (µs), from request to reply.
+    /// Client write latency (µs), from request to reply, and the exact sum of
+    /// every recorded latency (the Prometheus summary's `_sum`).
     pub write_latency_us: Mutex<Histogram<u64>>,
+    pub write_latency_sum_us: AtomicU64,
+    /// Recent events (peer connects, resyncs, RPO crossings).
+    pub events: events::EventLog,
+    /// Primary with an RPO target: the lag is above it now, since when (ms since
+    /// the Unix epoch, 0 = not exceeded), and how many times it crossed above.
+    pub rpo_exceeded: AtomicBool,
+    pub rpo_exceeded_since_unix_ms: AtomicU64,
+    pub rpo_violations: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -84,6 +104,11 @@ impl Default for Metrics {
             write_latency_us: Mutex::new(
                 Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
             ),
+            write_latency_sum_us: AtomicU64::new(0),
+            events: events::EventLog::default(),
+            rpo_exceeded: AtomicBool::new(false),
+            rpo_exceeded_since_unix_ms: AtomicU64::new(0),
+            rpo_violations: AtomicU64::new(0),
         }
     }
 }
@@ -115,6 +140,58 @@ impl Metrics {
         if let Ok(mut h) = self.write_latency_us.lock() {
             h.saturating_record(us);
         }
+        Metrics::add(&self.write_latency_sum_us, us);
+    }
+
+    /// Record the peer link going up or down: the gauge, plus an event (and a log
+    /// line) on a change. `detail` names the peer or the reason.
+    pub fn set_connected(&self, up: bool, detail: &str) {
+        if self.connected.swap(up, Ordering::Relaxed) == up {
+            return;
+        }
+        let (kind, message) = if up {
+            ("peer-connected", format!("peer connected: {detail}"))
+        } else {
+            ("peer-disconnected", format!("peer disconnected: {detail}"))
+        };
+        self.events.push(kind, message);
+    }
+
+    /// Primary: record a resync pass starting or ending, with an event on a change.
+    pub fn set_resync_active(&self, active: bool) {
+        if self.resync_active.swap(active, Ordering::Relaxed) == active {
+            return;
+        }
+        let total = Metrics::get(&self.resync_total_blocks);
+        let shipped = Metrics::get(&self.resync_shipped_blocks);
+        if active {
+            // "resync starts" is logged where the pass is planned, with its size.
+            self.events.push(
+                "resync-started",
+                format!("resync started: {total} blocks to send or compare"),
+            );
+        } else if self.connected.load(Ordering::Relaxed) {
+            tracing::info!(
+                event = "resync-done",
+                shipped_blocks = shipped,
+                "resync done: the secondary holds every block durably"
+            );
+            self.events.push(
+                "resync-done",
+                format!("resync done: {shipped} blocks sent or compared"),
+            );
+        } else {
+            tracing::warn!(
+                event = "resync-interrupted",
+                shipped_blocks = shipped,
+                total_blocks = total,
+                "resync interrupted: the peer went away; it resumes on reconnect"
+            );
+            self.events.push(
+                "resync-interrupted",
+                "resync interrupted: the peer went away".into(),
+            );
+        }
     }
 
     pub fn set_error(&self, message: String) {
@@ -136,6 +213,7 @@ impl Metrics {
         let h = self.write_latency_us.lock().expect("histogram lock");
         LatencySummary {
             count: h.len(),
+            sum_us: Metrics::get(&self.write_latency_sum_us),
             p50_us: h.value_at_quantile(0.50),
             p99_us: h.value_at_quantile(0.99),
             p999_us: h.value_at_quantile(0.999),
@@ -158,6 +236,7 @@ impl Metrics {
 #[derive(Clone, Debug, Serialize)]
 pub struct LatencySummary {
     pub count: u64,
+    pub sum_us: u64,
     pub p50_us: u64,
     pub p99_us: u64,
     pub p999_us: u64,

@@ -766,3 +766,72 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 pub mod cluster;
+
+/// `GET http://ADDR/metrics` with curl (a client nobody here wrote); the body.
+pub fn scrape(addr: &str) -> String {
+    let out = run_with_timeout(
+        Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "10"])
+            .arg(format!("http://{addr}/metrics")),
+        Duration::from_secs(15),
+    );
+    assert!(
+        out.status.success(),
+        "curl http://{addr}/metrics failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("the exposition is UTF-8")
+}
+
+/// The value of the one sample of `name` whose labels contain every `label="value"`
+/// of `labels`; panics naming the metric when there is none or several.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let hits: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("unparsable sample line {l:?}"))
+        })
+        .collect();
+    assert_eq!(
+        hits.len(),
+        1,
+        "expected one sample of {name} {labels:?}, found {hits:?} in:\n{text}"
+    );
+    hits[0]
+}
+
+/// `tandem events --control SOCK --json`: the agent's events, oldest first.
+pub fn events_of(control: &Path) -> Vec<serde_json::Value> {
+    let out = run_with_timeout(
+        Command::new(tandem_bin())
+            .arg("events")
+            .arg("--control")
+            .arg(control)
+            .arg("--json"),
+        Duration::from_secs(15),
+    );
+    assert!(
+        out.status.success(),
+        "tandem events failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("event line {l:?}: {e}")))
+        .collect()
+}
+
+/// How many events of `kind` are in `events`.
+pub fn count_events(events: &[serde_json::Value], kind: &str) -> usize {
+    events.iter().filter(|e| e["kind"] == kind).count()
+}
