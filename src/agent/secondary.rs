@@ -863,6 +863,15 @@ impl ControlHandler for SecondaryControl {
         Box::pin(async move { Some(doc) })
     }
     fn other(&self, request: ControlRequest) -> control::BoxFuture<ControlReply> {
-        Box::pin(async move { request.unknown(&["status"]) })
+        let resource = self.cfg.resource.clone();
+        Box::pin(async move {
+            if matches!(request.cmd.as_str(), "verify" | "verify-result") {
+                // Only the primary orders the comparison against its write stream.
+                return ControlReply::error(format!(
+                    "this is the secondary of resource '{resource}': run verify on the primary's control socket"
+                ));
+            }
+            request.unknown(&["status"])
+        })
     }
 }
