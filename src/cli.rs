@@ -99,6 +99,35 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         since: u64,
     },
+    /// Compare both volumes block by block (blake3) while replication continues, and
+    /// report the ranges that differ. Run against the PRIMARY's control socket.
+    /// Exit codes: 0 identical (or all differences repaired), 1 differences found,
+    /// 2 could not verify.
+    Verify {
+        /// The primary's control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// Resync the blocks found different from the primary, and wait until that is done.
+        #[arg(long)]
+        repair: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Bytes of the volume compared per second (K, M, G suffixes; 0 = unlimited;
+        /// default: the resource's resync rate).
+        #[arg(long)]
+        rate: Option<String>,
+    },
+    /// Wait until the primary reports its peer connected and in sync, showing the
+    /// resync progress. Exit codes: 0 in sync, 1 timed out, 2 error.
+    WaitSync {
+        /// The primary's control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// Give up after this many seconds (default: wait as long as it takes).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
     /// Run a self-contained demonstration on loopback: certificates, a secondary and a
     /// primary with 256 MiB images, a mixed workload through the NBD export in sync
     /// then async mode, and a final check that both images are identical.

@@ -61,6 +61,7 @@ pub mod engine;
 pub mod frontend;
 pub mod meta;
 pub mod metrics;
+pub mod ops;
 pub mod resync;
 pub mod transport;
 pub mod types;

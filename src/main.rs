@@ -157,6 +157,24 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             let (path, resource) = target.resolve().map_err(|e| e.to_string())?;
             events(&path, resource, since, follow, json).await
         }
+        Command::Verify {
+            control,
+            repair,
+            json,
+            rate,
+        } => {
+            let rate = match rate.as_deref().map(tandem::types::parse_size).transpose() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: --rate: {e}");
+                    return Ok(ExitCode::from(tandem::ops::EXIT_ERROR));
+                }
+            };
+            Ok(tandem::ops::verify(&control, repair, json, rate).await)
+        }
+        Command::WaitSync { control, timeout } => {
+            Ok(tandem::ops::wait_sync(&control, timeout.map(std::time::Duration::from_secs)).await)
+        }
         Command::Demo { size, seconds, dir } => {
             let size_bytes = tandem::types::parse_size(&size)?;
             let ok = tandem::demo::run(size_bytes, seconds, dir)

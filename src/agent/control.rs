@@ -158,6 +158,24 @@ pub struct StatusDoc {
     /// The recovery point objective, when one is set (`--rpo-seconds`).
     #[serde(default)]
     pub rpo: Option<RpoStatus>,
+    /// The online verify running on a primary (`tandem verify`); null when none runs.
+    #[serde(default)]
+    pub verify: Option<VerifyStatus>,
+}
+
+/// Progress of a running online verify, in `tandem status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VerifyStatus {
+    /// `scanning` (comparing blocks) or `repairing` (resyncing the mismatches).
+    pub state: String,
+    /// Bytes of the volume compared so far, of `total_bytes`.
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub percent: f64,
+    /// Seconds left at the rate observed since the verify began (null at the start).
+    pub eta_s: Option<f64>,
+    /// Blocks found different so far.
+    pub mismatched_blocks: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -381,6 +399,7 @@ impl StatusDoc {
                     violations: Metrics::get(&m.rpo_violations),
                 }
             }),
+            verify: None,
         }
     }
 
@@ -412,6 +431,19 @@ impl StatusDoc {
                 r.done_bytes,
                 r.total_bytes,
                 r.eta_s
+                    .map(|e| format!(", about {e:.0} s left"))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(v) = &self.verify {
+            s += &format!(
+                "  verify: {} {:.1}% ({} of {} bytes), {} blocks mismatched{}\n",
+                v.state,
+                v.percent,
+                v.done_bytes,
+                v.total_bytes,
+                v.mismatched_blocks,
+                v.eta_s
                     .map(|e| format!(", about {e:.0} s left"))
                     .unwrap_or_default()
             );

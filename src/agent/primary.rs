@@ -36,6 +36,8 @@ use crate::wire::{
     self, Frame, Hello, Message, PROTOCOL_VERSION, Payload, SyncPlan, Welcome, caps,
 };
 
+mod verify;
+
 /// Reply channel of one client request.
 type Reply = oneshot::Sender<Result<(), Errno>>;
 
@@ -165,6 +167,16 @@ enum Cmd {
     /// Drain to the peer, persist, stop; the reply says how the drain went.
     Shutdown {
         reply: oneshot::Sender<String>,
+    },
+    /// Start an online verify (`tandem verify`); answers at once.
+    Verify {
+        repair: bool,
+        rate_bytes_per_s: Option<u64>,
+        reply: oneshot::Sender<ControlReply>,
+    },
+    /// The running or last verify's progress and result.
+    VerifyResult {
+        reply: oneshot::Sender<ControlReply>,
     },
 }
 
@@ -480,6 +492,7 @@ pub async fn serve(
         was_resyncing: false,
         ahead_since: Instant::now(),
         resync_started: None,
+        verify: verify::VerifyDriver::new(),
     };
     let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx));
 
@@ -764,6 +777,8 @@ struct Owner {
     was_resyncing: bool,
     ahead_since: Instant,
     resync_started: Option<Instant>,
+    /// Rate limit and bookkeeping of the online verify (primary/verify.rs).
+    verify: verify::VerifyDriver,
 }
 
 impl Owner {
@@ -802,6 +817,7 @@ impl Owner {
             }
             self.was_resyncing = resyncing;
             self.pump_resync(&mut out);
+            self.pump_verify(&mut out);
             self.publish_gauges();
             if let Some(d) = &self.draining {
                 let drained = self.engine.ops_in_flight() == 0
@@ -1045,7 +1061,7 @@ impl Owner {
                         .await
                         .map_err(|e| errno_of(&e)),
                 },
-                OpKind::HashRead => {
+                OpKind::HashRead | OpKind::VerifyRead => {
                     let result = match volume.read(range.offset, range.len as u32).await {
                         Ok(data) => Ok(crate::resync::hash_blocks(&data, block_size)),
                         Err(e) => Err(errno_of(&e)),
@@ -1070,7 +1086,7 @@ impl Owner {
         let range = held.range;
         let metrics = &self.shared.metrics;
         let frame = match held.kind {
-            OpKind::HashRead => {
+            OpKind::HashRead | OpKind::VerifyRead => {
                 Metrics::add(&metrics.verified_bytes, range.len);
                 Frame {
                     seq: seq.0,
@@ -1190,6 +1206,16 @@ impl Owner {
             Cmd::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Cmd::Verify {
+                repair,
+                rate_bytes_per_s,
+                reply,
+            } => {
+                let _ = reply.send(self.start_verify(repair, rate_bytes_per_s));
+            }
+            Cmd::VerifyResult { reply } => {
+                let _ = reply.send(ControlReply::success(self.verify_result_json()));
+            }
             Cmd::Shutdown { reply } => {
                 let deadline =
                     tokio::time::Instant::now() + Duration::from_millis(self.cfg.drain_timeout_ms);
@@ -1233,8 +1259,15 @@ impl Owner {
             IoDone::HashRead { seq, result } => {
                 let result = match result {
                     Ok(hashes) => {
-                        self.resync_budget_bytes -=
-                            (crate::wire::HEADER_LEN + 32 * hashes.len()) as i64;
+                        // A verify chunk was charged to the verify's budget when issued.
+                        if self
+                            .held
+                            .get(&seq)
+                            .is_none_or(|h| h.kind != OpKind::VerifyRead)
+                        {
+                            self.resync_budget_bytes -=
+                                (crate::wire::HEADER_LEN + 32 * hashes.len()) as i64;
+                        }
                         if let Some(h) = self.held.get_mut(&seq) {
                             h.hashes = Some(hashes);
                         }
@@ -1593,6 +1626,7 @@ impl Owner {
             .lock()
             .expect("handshake lock")
             .clone();
+        doc.verify = self.verify_status();
         doc
     }
 
@@ -1658,7 +1692,24 @@ impl ControlHandler for PrimaryControl {
         })
     }
     fn other(&self, request: ControlRequest) -> control::BoxFuture<ControlReply> {
-        Box::pin(async move { request.unknown(&["promote", "demote"]) })
+        let tx = self.cmd_tx.clone();
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let cmd = match request.cmd.as_str() {
+                "verify" => Cmd::Verify {
+                    repair: request.flag("repair"),
+                    rate_bytes_per_s: request.number("rate"),
+                    reply,
+                },
+                "verify-result" => Cmd::VerifyResult { reply },
+                _ => return request.unknown(&["promote", "demote", "verify", "verify-result"]),
+            };
+            if tx.send(cmd).await.is_err() {
+                return ControlReply::error("agent is shutting down".into());
+            }
+            rx.await
+                .unwrap_or_else(|_| ControlReply::error("agent is shutting down".into()))
+        })
     }
     fn metrics(&self) -> Option<Arc<Metrics>> {
         Some(self.metrics.clone())

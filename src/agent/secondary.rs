@@ -1265,6 +1265,11 @@ impl ControlHandler for SecondaryControl {
                 tracing::warn!("resolve --discard-local: {message}");
                 ControlReply::success(serde_json::json!({ "message": message }))
             }
+            "verify" | "verify-result" => ControlReply::error(format!(
+                // Only the primary orders the comparison against its write stream.
+                "this is the secondary of resource '{}': run verify on the primary's control socket",
+                self.cfg.resource
+            )),
             _ => request.unknown(&["promote", "demote", "resolve"]),
         };
         Box::pin(async move { reply })

@@ -12,6 +12,36 @@
 //! - frames are shipped in strictly increasing seq order, with no gaps in a session;
 //! - a block leaves the dirty bitmap only when a resync frame covering it is durable;
 //! - while not streaming, every accepted write's blocks are marked dirty.
+//!
+//! ## Online verify (`tandem verify`)
+//!
+//! An online verify compares every block of both volumes by blake3 hash while
+//! client writes keep flowing, and must never report a block that differs only
+//! because a write was in flight. The mechanism is ordering, not retrying: a
+//! verify chunk is an op like any other, with its own seq `S`, and
+//! - on the primary it goes through the overlap sequencer ([`RangeSequencer`]):
+//!   its local read starts only once every earlier overlapping op (seq < S) has
+//!   completed locally, and every later overlapping op (seq > S) waits until the
+//!   read has finished. The hashes therefore describe exactly the primary's range
+//!   after the writes < S and before the writes > S;
+//! - its `HashCheck` frame is shipped in seq order, and the secondary admits it
+//!   into its own sequencer like a write (engine/secondary.rs): it hashes its
+//!   blocks after applying every earlier overlapping frame and before any later
+//!   one. As long as every write < S is in the stream (connected, not ahead, no
+//!   dirty block awaiting resync), both sides hash the same logical state, so a
+//!   reported mismatch is a real divergence.
+//!
+//! Chunks are produced only in that situation: the verify pauses while the
+//! primary is ahead or a resync is pending (blocks in the dirty bitmap are known
+//! to differ, they are not what verify looks for), and fails if the session
+//! ends. Chunks are not part of the replication window (they change nothing on
+//! the secondary, so there is nothing to make durable or to resend); at most
+//! [`VERIFY_CHUNKS_IN_FLIGHT_MAX`] are outstanding, and the agent rate-limits them.
+//! The cost on clients: a write overlapping a chunk waits for one chunk read
+//! (at most `resync_chunk_bytes`, 1 MiB by default).
+//! With `repair`, the mismatched blocks are marked dirty once the scan is complete
+//! and a resync pass sends them; the verify is done when none of them is dirty any
+//! more, i.e. their resync frames are durable on the secondary.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -42,12 +72,18 @@ pub enum OpKind {
     /// A resync comparison: read the range locally, hash each block (blake3) and
     /// ship the hashes; the secondary answers which blocks differ.
     HashRead,
+    /// An online verify chunk: read and hash like `HashRead`, but the answer goes
+    /// to the running verify, not to the dirty bitmap (see the module docs).
+    VerifyRead,
 }
 
 impl OpKind {
     /// Resync ops (not client requests).
     pub fn is_resync(self) -> bool {
-        matches!(self, OpKind::ResyncRead | OpKind::HashRead)
+        matches!(
+            self,
+            OpKind::ResyncRead | OpKind::HashRead | OpKind::VerifyRead
+        )
     }
 }
 
@@ -249,6 +285,10 @@ pub struct PrimaryEngine<T> {
     /// The bitmap does not say which block is how old, so this is conservative:
     /// it stays until `dirty` is empty. None while `dirty` is empty.
     dirty_since_ms: Option<u64>,
+    /// The online verify running or finished last (see the module docs).
+    online: Option<OnlineVerify>,
+    /// Verify chunks issued in this session and not answered yet.
+    verify_chunks: BTreeMap<Seq, ByteRange>,
 }
 
 impl<T> PrimaryEngine<T> {
@@ -291,6 +331,8 @@ impl<T> PrimaryEngine<T> {
             ahead_from: first_seq,
             al: None,
             dirty_since_ms: None,
+            online: None,
+            verify_chunks: BTreeMap::new(),
         }
     }
 
@@ -487,6 +529,12 @@ impl<T> PrimaryEngine<T> {
                     // Nothing to ship: the stream cannot continue with a gap, so the
                     // session ends here (its blocks stay dirty) and the agent closes it.
                     let offset = op.range.offset;
+                    if op.kind == OpKind::VerifyRead {
+                        self.fail_verify(format!(
+                            "the local read of offset {offset} failed: {}",
+                            std::io::Error::from_raw_os_error(errno)
+                        ));
+                    }
                     out.push(Action::DropSession {
                         reason: format!(
                             "local read for resync of offset {offset} failed: {}",
@@ -727,7 +775,7 @@ impl<T> PrimaryEngine<T> {
                     op.shipped = true;
                     out.push(Action::Ship { seq });
                     out.push(Action::Forget { seq });
-                    if op.kind.is_resync() {
+                    if matches!(op.kind, OpKind::ResyncRead | OpKind::HashRead) {
                         let r = self
                             .resync
                             .as_mut()
@@ -833,6 +881,10 @@ impl<T> PrimaryEngine<T> {
         if !self.streaming {
             return;
         }
+        if let Some(range) = self.verify_chunks.remove(&seq) {
+            self.verify_reply(seq, range, mismatched, out);
+            return;
+        }
         let bs = self.block_size as u64;
         let Ok(i) = self.unacked.binary_search_by_key(&seq, |u| u.seq) else {
             out.push(Action::DropSession {
@@ -919,6 +971,7 @@ impl<T> PrimaryEngine<T> {
         }
         self.try_complete_flushes(out);
         self.finish_pass_if_durable(out);
+        self.check_verify_repaired();
     }
 
     /// A client FLUSH: all completed writes must become durable locally and, in
@@ -1179,6 +1232,11 @@ impl<T> PrimaryEngine<T> {
             out.push(Action::Release { seq: u.seq });
         }
         self.unacked_bytes = 0;
+        self.verify_chunks.clear();
+        self.fail_verify(
+            "the connection to the secondary was lost; run verify again once it is connected"
+                .into(),
+        );
         self.flush_markers.clear();
         self.resync = None;
         self.resync_done_marker = None;
@@ -1221,6 +1279,282 @@ impl<T> PrimaryEngine<T> {
             }
         }
         assert!(self.next_ship <= self.next_seq);
+    }
+}
+
+/// Most verify chunks issued and not answered at once: bounds the hashes held and
+/// the reads running on both nodes (8 × 1 MiB by default).
+pub const VERIFY_CHUNKS_IN_FLIGHT_MAX: usize = 8;
+
+/// Where an online verify stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VerifyState {
+    /// Comparing blocks (paused while ahead or while a resync is pending).
+    Scanning,
+    /// The scan is complete; the mismatched blocks are being resynced.
+    Repairing,
+    /// Finished: every block compared (and, with repair, every mismatch resynced).
+    Done,
+    /// Stopped before the end; the text says why.
+    Failed(String),
+}
+
+/// A snapshot of the online verify, for status and the control socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub state: VerifyState,
+    pub repair: bool,
+    pub total_blocks: BlockCount,
+    /// Blocks whose comparison has been answered.
+    pub compared_blocks: BlockCount,
+    pub mismatched_blocks: BlockCount,
+}
+
+/// Why a verify cannot start now.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyRefusal {
+    #[error("the secondary is not connected; verify needs a connected peer (see `tandem status`)")]
+    NotConnected,
+    #[error(
+        "the primary is ahead of the secondary (replication window full, new writes tracked only in the bitmap); verify once it has caught up"
+    )]
+    Ahead,
+    #[error(
+        "a resync is pending ({pending_blocks} blocks out of sync); verify once it is done (`tandem wait-sync`)"
+    )]
+    Resyncing { pending_blocks: u64 },
+    #[error(
+        "a verify is already in progress: {compared} of {total} blocks compared, {mismatched} mismatched{repairing}",
+        compared = .0.compared_blocks.0,
+        total = .0.total_blocks.0,
+        mismatched = .0.mismatched_blocks.0,
+        repairing = if .0.state == VerifyState::Repairing { ", repairing" } else { "" }
+    )]
+    InProgress(VerifyReport),
+}
+
+#[derive(Debug)]
+struct OnlineVerify {
+    repair: bool,
+    /// Next block to compare.
+    cursor: BlockIndex,
+    compared: u64,
+    /// Blocks the secondary reported different (one bit per block, so bounded).
+    mismatched: DirtyBitmap,
+    state: VerifyState,
+}
+
+impl<T> PrimaryEngine<T> {
+    /// Start an online verify of the whole volume (see the module docs).
+    pub fn start_online_verify(&mut self, repair: bool) -> Result<(), VerifyRefusal> {
+        if let Some(v) = &self.online
+            && matches!(v.state, VerifyState::Scanning | VerifyState::Repairing)
+        {
+            return Err(VerifyRefusal::InProgress(
+                self.verify_report().expect("running"),
+            ));
+        }
+        if !self.streaming {
+            return Err(VerifyRefusal::NotConnected);
+        }
+        if self.ahead {
+            return Err(VerifyRefusal::Ahead);
+        }
+        let pending = self.dirty.dirty_count().0;
+        if self.resync.is_some() || pending > 0 {
+            return Err(VerifyRefusal::Resyncing {
+                pending_blocks: pending,
+            });
+        }
+        self.online = Some(OnlineVerify {
+            repair,
+            cursor: BlockIndex(0),
+            compared: 0,
+            mismatched: DirtyBitmap::new(self.dirty.block_count()),
+            state: VerifyState::Scanning,
+        });
+        Ok(())
+    }
+
+    /// The verify running, or the one finished last.
+    pub fn verify_report(&self) -> Option<VerifyReport> {
+        self.online.as_ref().map(|v| VerifyReport {
+            state: v.state.clone(),
+            repair: v.repair,
+            total_blocks: self.dirty.block_count(),
+            compared_blocks: BlockCount(v.compared),
+            mismatched_blocks: v.mismatched.dirty_count(),
+        })
+    }
+
+    /// The mismatched blocks of the verify as byte ranges, adjacent blocks merged, in
+    /// volume order; at most `max` of them, and whether more exist.
+    pub fn verify_mismatched_ranges(&self, max: usize) -> (Vec<ByteRange>, bool) {
+        let Some(v) = &self.online else {
+            return (Vec::new(), false);
+        };
+        let bs = self.block_size as u64;
+        let mut ranges = Vec::new();
+        let mut from = BlockIndex(0);
+        while let Some((first, n)) = v.mismatched.next_dirty_run(from, BlockCount(u64::MAX)) {
+            if ranges.len() == max {
+                return (ranges, true);
+            }
+            let offset = first.0 * bs;
+            ranges.push(ByteRange::new(
+                offset,
+                (n.0 * bs).min(self.size_bytes - offset),
+            ));
+            from = BlockIndex(first.0 + n.0);
+        }
+        (ranges, false)
+    }
+
+    /// Whether a verify chunk could be produced now: scanning, blocks left, connected
+    /// and shipping, no resync pending (module docs), and fewer than
+    /// [`VERIFY_CHUNKS_IN_FLIGHT_MAX`] chunks unanswered.
+    pub fn wants_verify_chunk(&self) -> bool {
+        self.online.as_ref().is_some_and(|v| {
+            v.state == VerifyState::Scanning && v.cursor.0 < self.dirty.block_count().0
+        }) && self.is_shipping()
+            && self.resync.is_none()
+            && self.dirty.dirty_count().0 == 0
+            && self.verify_chunks.len() < VERIFY_CHUNKS_IN_FLIGHT_MAX
+    }
+
+    /// Produce the next verify chunk: a local read and hash ordered at its seq by the
+    /// sequencer, then a `HashCheck` frame at the same seq.
+    pub fn next_verify_chunk(&mut self, out: &mut Vec<Action<T>>) -> Option<(Seq, ByteRange)> {
+        if !self.wants_verify_chunk() {
+            return None;
+        }
+        let bs = self.block_size as u64;
+        let max_blocks =
+            (self.resync_chunk_bytes / bs).min(crate::wire::HASHES_PER_CHECK_MAX as u64);
+        let blocks_total = self.dirty.block_count().0;
+        let v = self.online.as_mut().expect("checked");
+        let first = v.cursor;
+        let count = max_blocks.min(blocks_total - first.0);
+        v.cursor = BlockIndex(first.0 + count);
+        let offset = first.0 * bs;
+        let range = ByteRange::new(offset, (count * bs).min(self.size_bytes - offset));
+        let seq = self.assign_seq();
+        self.verify_chunks.insert(seq, range);
+        let runnable = self.sequencer.admit(seq, range);
+        self.ops.insert(
+            seq,
+            Op {
+                range,
+                kind: OpKind::VerifyRead,
+                fua: false,
+                token: None,
+                local: Local::Waiting,
+                seq_ready: false,
+                al_ready: true,
+                in_stream: true,
+                frame_ready: false,
+                shipped: false,
+                applied: false,
+            },
+        );
+        if runnable {
+            self.ops.get_mut(&seq).expect("inserted").seq_ready = true;
+            self.try_start(seq, out);
+        }
+        Some((seq, range))
+    }
+
+    /// The secondary answered verify chunk `seq`.
+    fn verify_reply(
+        &mut self,
+        seq: Seq,
+        range: ByteRange,
+        mismatched: &[u32],
+        out: &mut Vec<Action<T>>,
+    ) {
+        let bs = self.block_size as u64;
+        let blocks = range.len.div_ceil(bs);
+        if mismatched.iter().any(|&m| m as u64 >= blocks) {
+            out.push(Action::DropSession {
+                reason: format!(
+                    "malformed hash reply for verify seq {seq}: a block index beyond its {blocks} blocks"
+                ),
+            });
+            return;
+        }
+        let Some(v) = self.online.as_mut() else {
+            return;
+        };
+        if v.state != VerifyState::Scanning {
+            return;
+        }
+        let (first, _) = range.blocks(self.block_size);
+        for &m in mismatched {
+            let b = BlockIndex(first.0 + m as u64);
+            v.mismatched.mark(b, BlockIndex(b.0 + 1));
+        }
+        v.compared += blocks;
+        if v.cursor.0 < self.dirty.block_count().0 || !self.verify_chunks.is_empty() {
+            return;
+        }
+        // Every block compared.
+        if !v.repair || v.mismatched.dirty_count().0 == 0 {
+            v.state = VerifyState::Done;
+            return;
+        }
+        v.state = VerifyState::Repairing;
+        let mut runs = Vec::new();
+        let mut from = BlockIndex(0);
+        while let Some((first, n)) = v.mismatched.next_dirty_run(from, BlockCount(u64::MAX)) {
+            runs.push((first, n));
+            from = BlockIndex(first.0 + n.0);
+        }
+        for (first, n) in runs {
+            let offset = first.0 * bs;
+            self.mark_dirty(ByteRange::new(
+                offset,
+                (n.0 * bs).min(self.size_bytes - offset),
+            ));
+        }
+        if self.resync.is_none() && self.is_shipping() {
+            self.start_resync(false, out);
+        }
+    }
+
+    /// With repair: done once no mismatched block is dirty any more (its resync frame
+    /// is durable on the secondary).
+    fn check_verify_repaired(&mut self) {
+        let Some(v) = self.online.as_mut() else {
+            return;
+        };
+        if v.state != VerifyState::Repairing {
+            return;
+        }
+        let mut from = BlockIndex(0);
+        while let Some((first, n)) = v.mismatched.next_dirty_run(from, BlockCount(u64::MAX)) {
+            if (first.0..first.0 + n.0).any(|b| self.dirty.is_dirty(BlockIndex(b))) {
+                return;
+            }
+            from = BlockIndex(first.0 + n.0);
+        }
+        v.state = VerifyState::Done;
+    }
+
+    /// Stop a running verify with this reason (a finished one is kept as it is).
+    fn fail_verify(&mut self, reason: String) {
+        if let Some(v) = self.online.as_mut() {
+            match v.state {
+                VerifyState::Scanning => {
+                    v.state = VerifyState::Failed(format!("verify interrupted: {reason}"))
+                }
+                VerifyState::Repairing => {
+                    v.state = VerifyState::Failed(format!(
+                        "repair interrupted: {reason}; the mismatched blocks stay marked out of sync and are resynced when the secondary is back"
+                    ))
+                }
+                VerifyState::Done | VerifyState::Failed(_) => {}
+            }
+        }
     }
 }
 
@@ -1471,5 +1805,244 @@ mod hash_tests {
             .next_resync_chunk(0, &mut out)
             .expect("a data pass for the mismatch");
         assert_eq!((r3, k3), (ByteRange::new(4096, 4096), OpKind::ResyncRead));
+    }
+}
+
+#[cfg(test)]
+mod verify_tests {
+    use super::*;
+
+    const BS: u64 = 4096;
+
+    fn connected(blocks: u64, chunk_blocks: u64) -> PrimaryEngine<u32> {
+        let mut e = PrimaryEngine::new(
+            Mode::Async,
+            blocks * BS,
+            BS as u32,
+            DirtyBitmap::for_volume(blocks * BS, BS as u32),
+            Seq(1),
+        );
+        e.set_resync_chunk_bytes(chunk_blocks * BS);
+        let mut out = Vec::new();
+        e.session_started(false, &mut out);
+        e
+    }
+
+    fn started(out: &[Action<u32>], seq: Seq) -> bool {
+        out.iter()
+            .any(|a| matches!(a, Action::StartLocal { seq: s, .. } if *s == seq))
+    }
+
+    fn shipped(out: &[Action<u32>], seq: Seq) -> bool {
+        out.iter()
+            .any(|a| matches!(a, Action::Ship { seq: s } if *s == seq))
+    }
+
+    #[test]
+    fn a_verify_read_runs_after_earlier_overlapping_writes_and_before_later_ones() {
+        let mut e = connected(8, 4);
+        let mut out = Vec::new();
+        let w1 = e.submit(OpKind::Write, ByteRange::new(BS, BS), false, 1, 0, &mut out);
+        assert!(started(&out, w1));
+        assert!(
+            shipped(&out, w1),
+            "a write ships while it is written locally"
+        );
+        e.start_online_verify(false).expect("connected and clean");
+        out.clear();
+        let (v, range) = e.next_verify_chunk(&mut out).expect("a chunk");
+        assert_eq!(range, ByteRange::new(0, 4 * BS));
+        assert!(
+            !started(&out, v),
+            "the hash read must wait for the earlier write w1 to land: {out:?}"
+        );
+        out.clear();
+        let w2 = e.submit(
+            OpKind::Write,
+            ByteRange::new(2 * BS, BS),
+            false,
+            2,
+            0,
+            &mut out,
+        );
+        assert!(
+            !started(&out, w2),
+            "a later overlapping write must wait for the hash read: {out:?}"
+        );
+        out.clear();
+        e.local_done(w1, Ok(()), &mut out);
+        assert!(started(&out, v), "{out:?}");
+        assert!(!started(&out, w2), "{out:?}");
+        out.clear();
+        e.local_done(v, Ok(()), &mut out);
+        assert!(started(&out, w2), "{out:?}");
+        assert!(
+            shipped(&out, v),
+            "the check ships at its seq, after w1: {out:?}"
+        );
+        e.assert_invariants();
+    }
+
+    #[test]
+    fn verify_reports_exactly_the_mismatched_blocks_as_merged_byte_ranges() {
+        let mut e = connected(10, 4);
+        e.start_online_verify(false).unwrap();
+        let mut out = Vec::new();
+        let mut chunks = Vec::new();
+        while let Some(c) = e.next_verify_chunk(&mut out) {
+            chunks.push(c);
+        }
+        assert_eq!(chunks.len(), 3, "4 + 4 + 2 blocks");
+        assert_eq!(chunks[2].1, ByteRange::new(8 * BS, 2 * BS));
+        for (seq, _) in &chunks {
+            e.local_done(*seq, Ok(()), &mut out);
+        }
+        let r = e.verify_report().unwrap();
+        assert_eq!(r.state, VerifyState::Scanning);
+        // Blocks 3 and 4 (adjacent across two chunks) and 9 differ.
+        e.peer_hash_reply(chunks[1].0, &[0], &mut out);
+        e.peer_hash_reply(chunks[0].0, &[3], &mut out);
+        assert_eq!(e.verify_report().unwrap().state, VerifyState::Scanning);
+        e.peer_hash_reply(chunks[2].0, &[1], &mut out);
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::DropSession { .. })),
+            "{out:?}"
+        );
+        let r = e.verify_report().unwrap();
+        assert_eq!(r.state, VerifyState::Done);
+        assert_eq!(r.compared_blocks, BlockCount(10));
+        assert_eq!(r.mismatched_blocks, BlockCount(3));
+        assert_eq!(
+            e.verify_mismatched_ranges(10),
+            (
+                vec![ByteRange::new(3 * BS, 2 * BS), ByteRange::new(9 * BS, BS)],
+                false
+            )
+        );
+        assert_eq!(
+            e.verify_mismatched_ranges(1),
+            (vec![ByteRange::new(3 * BS, 2 * BS)], true)
+        );
+        assert_eq!(
+            e.dirty().dirty_count().0,
+            0,
+            "without repair nothing is marked"
+        );
+        e.assert_invariants();
+    }
+
+    #[test]
+    fn repair_resyncs_the_mismatches_and_finishes_once_they_are_durable() {
+        let mut e = connected(8, 8);
+        e.start_online_verify(true).unwrap();
+        let mut out = Vec::new();
+        let (seq, _) = e.next_verify_chunk(&mut out).unwrap();
+        e.local_done(seq, Ok(()), &mut out);
+        out.clear();
+        e.peer_hash_reply(seq, &[2, 5], &mut out);
+        assert_eq!(e.verify_report().unwrap().state, VerifyState::Repairing);
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::ShipResyncStart { blocks, .. } if blocks.0 == 2)),
+            "{out:?}"
+        );
+        assert!(e.dirty().is_dirty(BlockIndex(2)) && e.dirty().is_dirty(BlockIndex(5)));
+        let mut resent = Vec::new();
+        while let Some((s, r, k)) = e.next_resync_chunk(0, &mut out) {
+            assert_eq!(k, OpKind::ResyncRead);
+            resent.push(r);
+            e.local_done(s, Ok(()), &mut out);
+        }
+        assert_eq!(
+            resent,
+            vec![ByteRange::new(2 * BS, BS), ByteRange::new(5 * BS, BS)]
+        );
+        assert_eq!(e.verify_report().unwrap().state, VerifyState::Repairing);
+        let last = Seq(e.next_seq().0 - 1);
+        e.peer_durable(last, &mut out);
+        assert_eq!(e.verify_report().unwrap().state, VerifyState::Done);
+        assert_eq!(e.dirty().dirty_count().0, 0);
+    }
+
+    #[test]
+    fn verify_is_refused_unless_connected_shipping_clean_and_idle() {
+        let mut e: PrimaryEngine<u32> = PrimaryEngine::new(
+            Mode::Async,
+            8 * BS,
+            BS as u32,
+            DirtyBitmap::for_volume(8 * BS, BS as u32),
+            Seq(1),
+        );
+        assert_eq!(
+            e.start_online_verify(false),
+            Err(VerifyRefusal::NotConnected)
+        );
+        let mut out = Vec::new();
+        e.session_started(true, &mut out);
+        assert!(matches!(
+            e.start_online_verify(false),
+            Err(VerifyRefusal::Resyncing { pending_blocks: 8 })
+        ));
+        let mut e = connected(8, 4);
+        e.enter_ahead();
+        assert_eq!(e.start_online_verify(false), Err(VerifyRefusal::Ahead));
+        let mut e = connected(8, 4);
+        e.start_online_verify(false).unwrap();
+        let err = e.start_online_verify(true).unwrap_err();
+        assert!(matches!(err, VerifyRefusal::InProgress(_)));
+        assert!(
+            err.to_string()
+                .contains("already in progress: 0 of 8 blocks"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_lost_session_fails_the_verify_and_marks_nothing() {
+        let mut e = connected(8, 4);
+        e.start_online_verify(false).unwrap();
+        let mut out = Vec::new();
+        let (seq, _) = e.next_verify_chunk(&mut out).unwrap();
+        e.local_done(seq, Ok(()), &mut out);
+        e.session_ended(&mut out);
+        let r = e.verify_report().unwrap();
+        assert!(
+            matches!(&r.state, VerifyState::Failed(m) if m.contains("connection to the secondary was lost")),
+            "{r:?}"
+        );
+        assert_eq!(
+            e.dirty().dirty_count().0,
+            0,
+            "a hash check changes nothing on the secondary, so nothing needs resending"
+        );
+        assert!(!e.wants_verify_chunk());
+        // A new verify may start on the next session.
+        e.session_started(false, &mut out);
+        e.start_online_verify(false).unwrap();
+        e.assert_invariants();
+    }
+
+    #[test]
+    fn verify_pauses_while_a_resync_is_pending() {
+        let mut e = connected(8, 4);
+        e.start_online_verify(false).unwrap();
+        let mut out = Vec::new();
+        let (v, _) = e.next_verify_chunk(&mut out).unwrap();
+        e.local_done(v, Ok(()), &mut out);
+        e.enter_ahead();
+        assert!(!e.wants_verify_chunk(), "no chunks while ahead");
+        e.submit(
+            OpKind::Write,
+            ByteRange::new(7 * BS, BS),
+            false,
+            1,
+            0,
+            &mut out,
+        );
+        assert!(e.leave_ahead(&mut out));
+        assert!(
+            !e.wants_verify_chunk(),
+            "block 7 awaits resync: a mismatch there is known, not a verify finding"
+        );
     }
 }
