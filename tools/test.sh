@@ -27,6 +27,8 @@ declare -A needs=(
   [e2fsck]=e2fsprogs
   [losetup]=util-linux
   [mount]=mount
+  [ocf-tester]=resource-agents
+  [xmllint]=libxml2-utils
 )
 missing=()
 for cmd in "${!needs[@]}"; do
