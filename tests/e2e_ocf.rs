@@ -536,16 +536,35 @@ fn agent_start_monitor_stop_as_secondary() {
         OCF_SUCCESS,
         "probe, secondary",
     );
-    expect_rc(
+    // Depth 10 (Pacemaker passes it as OCF_RESKEY_OCF_CHECK_LEVEL) also
+    // reports the absent peer; depth 0 does not.
+    let deep = expect_rc(
         &agent,
         "monitor",
         &params,
         &[
             ("OCF_RESKEY_CRM_meta_interval", "20000"),
-            ("OCF_CHECK_LEVEL", "10"),
+            ("OCF_RESKEY_OCF_CHECK_LEVEL", "10"),
         ],
         OCF_SUCCESS,
         "monitor depth 10, secondary",
+    );
+    let deep_err = String::from_utf8_lossy(&deep.stderr);
+    assert!(
+        deep_err.contains("peer connection is 'connecting'"),
+        "depth 10 must log the unconnected peer: {deep_err}"
+    );
+    let shallow = expect_rc(
+        &agent,
+        "monitor",
+        &params,
+        MONITOR,
+        OCF_SUCCESS,
+        "monitor depth 0, secondary",
+    );
+    assert!(
+        !String::from_utf8_lossy(&shallow.stderr).contains("peer connection is"),
+        "depth 0 must not run the depth 10 checks"
     );
     expect_rc(
         &agent,
