@@ -29,6 +29,8 @@ declare -A needs=(
   [mount]=mount
   [curl]=curl
   [promtool]=prometheus
+  [ocf-tester]=resource-agents
+  [xmllint]=libxml2-utils
 )
 missing=()
 for cmd in "${!needs[@]}"; do

@@ -364,6 +364,9 @@ mod tests {
             compression_ratio: 2.5,
             last_error: None,
             uptime_s: 12,
+            generations: None,
+            handshake: None,
+            verify: None,
             rpo: Some(RpoStatus {
                 target_s: 10.0,
                 exceeded: true,
