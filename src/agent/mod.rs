@@ -7,8 +7,8 @@
 //! and the replication window bound.
 
 pub mod control;
-pub mod node;
 pub mod monitor;
+pub mod node;
 pub mod primary;
 pub mod secondary;
 
