@@ -93,6 +93,20 @@ fn seeded_secondary_with_one_percent_changed_moves_under_three_percent() {
         size / 4096 / 100,
         "exactly the changed blocks differ"
     );
+    // Once seeded, the node is an ordinary secondary: restarted with the same
+    // --seeded flag, it resyncs by bitmap, not by another full comparison.
+    sec.stop();
+    let mut sec = site.secondary("secondary", &s_img, size, port, &seeded);
+    let s = sec.wait_status("reconnected", Duration::from_secs(60), |s| {
+        s["peer"]["connection"] == "connected" && s["disk_state"] == "UpToDate"
+    });
+    assert!(
+        s["handshake"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("bitmap resync"),
+        "{s}"
+    );
     pri.stop();
     sec.stop();
     assert_same_file(&p_img, &s_img);

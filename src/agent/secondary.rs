@@ -385,16 +385,9 @@ fn check_hello(h: &Hello, node: &Node) -> Result<Accepted, String> {
             cfg.meta.display()
         ));
     }
-    if sb.is_new || node.verify_data {
-        // A new node (or one with rebuilt metadata) has no generations to compare. An
-        // interrupted full sync from this same primary generation resumes from the
-        // primary's bitmap (persisted all dirty before the sync began).
-        let resuming = !sb.is_new
-            && sb.gen_bitmap_base != Generation::NONE
-            && sb.gen_bitmap_base == Generation(h.generations.current);
-        return Ok(if resuming {
-            Accepted::plan(SyncPlan::Bitmap, "resuming the initial sync")
-        } else if node.verify_data {
+    if sb.is_new {
+        // A new node (or one with rebuilt metadata) has no generations to compare.
+        return Ok(if node.verify_data {
             Accepted::plan(
                 SyncPlan::Verify,
                 "initial sync of a pre-seeded (or rebuilt) volume: compare every block by hash",
@@ -448,6 +441,12 @@ fn check_hello(h: &Hello, node: &Node) -> Result<Accepted, String> {
     };
     Ok(match generations::decide(&p, &s) {
         Decision::Bitmap { why } => Accepted::plan(SyncPlan::Bitmap, why),
+        // A pre-seeded volume that never completed its first sync is still compared by
+        // hash rather than overwritten wholesale.
+        Decision::Full if node.verify_data => Accepted::plan(
+            SyncPlan::Verify,
+            "no bitmap covers this node's data (pre-seeded): compare every block by hash",
+        ),
         Decision::Full => Accepted::plan(
             SyncPlan::Full,
             "this node is generations behind the primary: full resync",
