@@ -75,6 +75,49 @@ pub struct RoleContext {
     pub force: bool,
 }
 
+/// Run one role on a control socket of its own, without role changes (the demo
+/// and embedders start a role directly; the `tandem` binary runs [`node::run`]).
+pub(crate) async fn run_alone<T, Fut>(
+    cfg: NodeConfig,
+    shutdown: CancellationToken,
+    serve: impl FnOnce(std::sync::Arc<NodeConfig>, RoleContext) -> Fut,
+) -> Result<T, AgentError>
+where
+    Fut: std::future::Future<Output = Result<T, AgentError>>,
+{
+    let slot = control::HandlerSlot::default();
+    let control_stop = CancellationToken::new();
+    let control_task = control::serve(
+        &cfg.control,
+        &cfg.resource,
+        std::sync::Arc::new(slot.clone()),
+        control_stop.clone(),
+    )
+    .await?;
+    let ctx = RoleContext {
+        stop: shutdown,
+        control: slot,
+        ..RoleContext::default()
+    };
+    let result = serve(std::sync::Arc::new(cfg), ctx).await;
+    control_stop.cancel();
+    let _ = control_task.await;
+    result
+}
+
+/// The generations a peer's Hello announces, as the handshake decision sees them.
+pub(crate) fn gen_info_of(h: &crate::wire::Hello) -> crate::engine::generations::GenInfo {
+    use crate::types::Generation;
+    crate::engine::generations::GenInfo {
+        current: Generation(h.generations.current),
+        bitmap_base: Generation(h.generations.bitmap_base),
+        history: h.generations.history.map(Generation),
+        changed_blocks: h.changed_blocks,
+        promoted_at_s: h.promoted_at_s,
+        inconsistent: false,
+    }
+}
+
 /// Seconds since the epoch (0 if the clock is before it).
 pub(crate) fn unix_now_s() -> u64 {
     std::time::SystemTime::now()

@@ -302,24 +302,9 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<oneshot::Sender<PrimaryReady>>,
 ) -> Result<(), AgentError> {
-    let slot = control::HandlerSlot::default();
-    let control_stop = CancellationToken::new();
-    let control_task = control::serve(
-        &cfg.control,
-        &cfg.resource,
-        Arc::new(slot.clone()),
-        control_stop.clone(),
-    )
-    .await?;
-    let ctx = RoleContext {
-        stop: shutdown,
-        control: slot,
-        ..RoleContext::default()
-    };
-    let result = serve(Arc::new(cfg), ctx, ready).await;
-    control_stop.cancel();
-    let _ = control_task.await;
-    result.map(|_| ())
+    crate::agent::run_alone(cfg, shutdown, |cfg, ctx| serve(cfg, ctx, ready))
+        .await
+        .map(|_| ())
 }
 
 /// Serve the primary role until `ctx.stop` is cancelled; then drain and persist.
@@ -1858,22 +1843,8 @@ async fn refuse_primaries(
                     msg: Message::Hello(h),
                     ..
                 })) => {
-                    let theirs = crate::engine::generations::GenInfo {
-                        current: Generation(h.generations.current),
-                        bitmap_base: Generation(h.generations.bitmap_base),
-                        history: h.generations.history.map(Generation),
-                        changed_blocks: h.changed_blocks,
-                        promoted_at_s: h.promoted_at_s,
-                        inconsistent: false,
-                    };
-                    let ours = crate::engine::generations::GenInfo {
-                        current: Generation(mine.generations.current),
-                        bitmap_base: Generation(mine.generations.bitmap_base),
-                        history: mine.generations.history.map(Generation),
-                        changed_blocks: mine.changed_blocks,
-                        promoted_at_s: mine.promoted_at_s,
-                        inconsistent: false,
-                    };
+                    let theirs = crate::agent::gen_info_of(&h);
+                    let ours = crate::agent::gen_info_of(&mine);
                     let split = crate::engine::generations::decide(&ours, &theirs)
                         == crate::engine::generations::Decision::SplitBrain;
                     format!(

@@ -186,24 +186,7 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<oneshot::Sender<SecondaryReady>>,
 ) -> Result<(), AgentError> {
-    let slot = control::HandlerSlot::default();
-    let control_stop = CancellationToken::new();
-    let control_task = control::serve(
-        &cfg.control,
-        &cfg.resource,
-        Arc::new(slot.clone()),
-        control_stop.clone(),
-    )
-    .await?;
-    let ctx = RoleContext {
-        stop: shutdown,
-        control: slot,
-        ..RoleContext::default()
-    };
-    let result = serve(Arc::new(cfg), ctx, ready).await;
-    control_stop.cancel();
-    let _ = control_task.await;
-    result
+    crate::agent::run_alone(cfg, shutdown, |cfg, ctx| serve(cfg, ctx, ready)).await
 }
 
 /// Serve the secondary role until `ctx.stop` is cancelled.
@@ -396,14 +379,7 @@ fn check_hello(h: &Hello, node: &Node) -> Result<Accepted, String> {
             Accepted::plan(SyncPlan::Full, "initial full sync of a new secondary")
         });
     }
-    let p = GenInfo {
-        current: Generation(h.generations.current),
-        bitmap_base: Generation(h.generations.bitmap_base),
-        history: h.generations.history.map(Generation),
-        changed_blocks: h.changed_blocks,
-        promoted_at_s: h.promoted_at_s,
-        inconsistent: false,
-    };
+    let p = crate::agent::gen_info_of(h);
     let s = node.gen_info();
     let discard_local = node
         .discard_local
