@@ -184,10 +184,11 @@ pub struct NodeConfig {
     pub meta: PathBuf,
     pub direct: bool,
     pub io_engine: EngineChoice,
-    /// Replication address this node listens on (both roles: a secondary accepts its
-    /// primary there; a primary refuses a second primary there, naming the split brain).
+    /// Replication address this node listens on (both roles: the peer may dial either
+    /// way; a primary refuses a second primary there, naming the split brain).
     pub listen: Option<SocketAddr>,
-    /// The peer's replication address (a primary dials it).
+    /// The peer's replication address (dialed by a primary, and by a secondary while
+    /// no primary is attached).
     pub peer: Option<SocketAddr>,
     /// NBD export address (served while primary).
     pub nbd: Option<String>,

@@ -365,3 +365,50 @@ fn promotion_refusals_and_fencing() {
     c.stop(1);
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+#[test]
+fn the_secondary_dials_when_the_primary_cannot_reach_it() {
+    // Both nodes listen and dial. Here the primary's --peer points at a closed port
+    // (as behind a one-way firewall); the secondary dials the primary's --listen
+    // address, and the handshake runs as if the primary had dialed.
+    let site = common::Site::new();
+    let size = 8u64 << 20;
+    let (primary_listen, secondary_listen, nowhere, nbd) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
+    let secondary_opts = common::NodeOpts {
+        extra: vec!["--peer".into(), format!("127.0.0.1:{primary_listen}")],
+        ..Default::default()
+    };
+    let primary_opts = common::NodeOpts {
+        extra: vec!["--listen".into(), format!("127.0.0.1:{primary_listen}")],
+        ..Default::default()
+    };
+    let mut sec = site.secondary(
+        "secondary",
+        &site.path("s.img"),
+        size,
+        secondary_listen,
+        &secondary_opts,
+    );
+    let mut pri = site.primary(
+        "primary",
+        &site.path("p.img"),
+        size,
+        "sync",
+        nowhere,
+        nbd,
+        &primary_opts,
+    );
+    pri.wait_status("synced over the secondary's dial", SYNC_TIMEOUT, |s| {
+        common::primary_in_sync(s)
+    });
+    let s = sec.wait_status("UpToDate", SYNC_TIMEOUT, |s| s["disk_state"] == "UpToDate");
+    assert_eq!(s["peer"]["connection"], "connected", "{s}");
+    pri.stop();
+    sec.stop();
+    assert_same_file(&site.path("p.img"), &site.path("s.img"));
+}

@@ -355,6 +355,10 @@ pub(crate) async fn send_message(
     wr.flush().await
 }
 
+/// The refusal a node sends to a second connection from the peer it already has a
+/// session with (both nodes dial; the first connection wins). Logged quietly.
+pub(crate) const ALREADY_CONNECTED: &str = "already connected to this peer";
+
 /// Tell the peer why the connection is refused (a `Refuse` frame), then close.
 /// Best effort: the peer may already be gone.
 pub(crate) async fn send_refusal(wr: &mut crate::transport::PeerWriteHalf, reason: &str) {

@@ -7,8 +7,9 @@
 //!   parallel across requests), take replication-window permits (async
 //!   backpressure, G4) and submit to the owner;
 //! - spawned local I/O tasks report back to the owner;
-//! - the **connector** dials the secondary with backoff, runs the handshake
-//!   (G6, G7), then a reader and a batching writer for the session.
+//! - the **connector** dials the secondary with backoff (or takes the secondary's
+//!   own dial from the listener), runs the handshake (G6, G7), then a reader and
+//!   a batching writer for the session.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -482,24 +483,27 @@ pub async fn serve(
     let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx));
 
     let conn_stop = CancellationToken::new();
+    let (inbound_tx, inbound_rx) = mpsc::channel(1);
     let connector_task = tokio::spawn(connector(
         cfg.clone(),
         security_for(&cfg),
         cmd_tx.clone(),
         peer_tx,
         shared.clone(),
+        inbound_rx,
         conn_stop.clone(),
     ));
-    // Both nodes listen: a peer that dials this node while it is primary is another
-    // primary (a secondary never dials). It is refused with both generations named.
+    // Both nodes listen and dial: the secondary's dial joins the connector; another
+    // primary's is refused with both generations named.
     let listener_task = match cfg.listen {
         Some(addr) => {
             let listener = transport::PeerListener::bind(addr, &security_for(&cfg)).await?;
-            Some(tokio::spawn(refuse_primaries(
+            Some(tokio::spawn(answer_dialers(
                 listener,
                 cfg.clone(),
                 cmd_tx.clone(),
                 shared.clone(),
+                inbound_tx,
                 conn_stop.clone(),
             )))
         }
@@ -1708,6 +1712,7 @@ async fn connector(
     cmd_tx: mpsc::Sender<Cmd>,
     peer_tx: mpsc::UnboundedSender<PeerEvent>,
     shared: Arc<Shared>,
+    mut inbound_rx: mpsc::Receiver<Inbound>,
     stop: CancellationToken,
 ) {
     let metrics = shared.metrics.clone();
@@ -1715,18 +1720,27 @@ async fn connector(
     let mut backoff = Backoff::new(100, 5_000);
     let mut id = 0u64;
     let mut last_log: Option<Instant> = None;
+    // A secondary that dialed this node while it waited between attempts.
+    let mut waiting: Option<Inbound> = None;
     while !stop.is_cancelled() {
         let attempt = async {
-            let stream = transport::connect(peer_addr, &security, cfg.connect_timeout_ms)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (rd, wr) = match waiting.take() {
+                Some(i) => (i.rd, i.wr),
+                None => tokio::select! {
+                    s = transport::connect(peer_addr, &security, cfg.connect_timeout_ms) => {
+                        let (rd, wr) = s.map_err(|e| e.to_string())?.into_split();
+                        (BufReader::with_capacity(256 << 10, rd), wr)
+                    }
+                    Some(i) = inbound_rx.recv() => (i.rd, i.wr),
+                },
+            };
             let (reply, rx) = oneshot::channel();
             cmd_tx
                 .send(Cmd::HelloInfo { reply })
                 .await
                 .map_err(|_| "agent stopping".to_string())?;
             let hello = rx.await.map_err(|_| "agent stopping".to_string())?;
-            handshake(stream, hello, &cfg).await
+            handshake(rd, wr, hello, &cfg).await
         };
         let result = tokio::select! {
             r = attempt => r,
@@ -1734,6 +1748,16 @@ async fn connector(
         };
         let (rd, wr, welcome) = match result {
             Ok(x) => x,
+            Err(reason) if reason.contains(crate::agent::ALREADY_CONNECTED) => {
+                // The secondary is dialing this node at the same moment; its
+                // connection arrives on the listener.
+                tracing::debug!(peer = %peer_addr, "{reason}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                    Some(i) = inbound_rx.recv() => { waiting = Some(i); continue }
+                    _ = stop.cancelled() => break,
+                }
+            }
             Err(reason) => {
                 metrics.set_error(reason.clone());
                 if reason.contains("refused the connection") {
@@ -1747,6 +1771,7 @@ async fn connector(
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                    Some(i) = inbound_rx.recv() => { waiting = Some(i); continue }
                     _ = stop.cancelled() => break,
                 }
             }
@@ -1777,15 +1802,23 @@ async fn connector(
             hb_tx,
             cfg.peer_timeout_ms,
         ));
-        let reason = tokio::select! {
-            r = &mut reader => { writer.abort(); r.unwrap_or_else(|e| format!("reader task: {e}")) }
-            r = &mut writer => {
-                // The writer ends when the owner drops the session or the link breaks;
-                // give the reader a moment to see the peer's Goodbye/EOF.
-                let r = r.unwrap_or_else(|e| format!("writer task: {e}"));
-                let _ = tokio::time::timeout(Duration::from_millis(500), &mut reader).await;
-                reader.abort();
-                r
+        let reason = loop {
+            tokio::select! {
+                r = &mut reader => { writer.abort(); break r.unwrap_or_else(|e| format!("reader task: {e}")) }
+                r = &mut writer => {
+                    // The writer ends when the owner drops the session or the link breaks;
+                    // give the reader a moment to see the peer's Goodbye/EOF.
+                    let r = r.unwrap_or_else(|e| format!("writer task: {e}"));
+                    let _ = tokio::time::timeout(Duration::from_millis(500), &mut reader).await;
+                    reader.abort();
+                    break r;
+                }
+                // Both nodes dial: the secondary's own attempt while a session runs.
+                Some(mut i) = inbound_rx.recv() => {
+                    tokio::spawn(async move {
+                        crate::agent::send_refusal(&mut i.wr, crate::agent::ALREADY_CONNECTED).await;
+                    });
+                }
             }
         };
         if stop.is_cancelled() {
@@ -1799,19 +1832,29 @@ async fn connector(
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff.next_delay()) => {}
+            Some(i) = inbound_rx.recv() => waiting = Some(i),
             _ = stop.cancelled() => break,
         }
     }
 }
 
-/// Accept connections on this primary's replication address and refuse each: only
-/// a primary dials, so whoever dials here is a second primary (a split brain in the
-/// making, or two nodes promoted by mistake). Both sides log the reason.
-async fn refuse_primaries(
+/// A connection the secondary dialed to this node, its Hello already read.
+struct Inbound {
+    rd: BufReader<PeerReadHalf>,
+    wr: PeerWriteHalf,
+}
+
+/// Accept connections on this primary's replication address (both nodes listen and
+/// dial). The dialer's Hello says its role: this node's secondary is handed to the
+/// connector, which runs the handshake as if it had dialed; another primary is
+/// refused with both generations named (a split brain in the making, or two nodes
+/// promoted by mistake). Both sides log the reason.
+async fn answer_dialers(
     listener: transport::PeerListener,
     cfg: Arc<NodeConfig>,
     cmd_tx: mpsc::Sender<Cmd>,
     shared: Arc<Shared>,
+    inbound_tx: mpsc::Sender<Inbound>,
     stop: CancellationToken,
 ) {
     loop {
@@ -1823,16 +1866,42 @@ async fn refuse_primaries(
         let cfg = cfg.clone();
         let cmd_tx = cmd_tx.clone();
         let shared = shared.clone();
+        let inbound_tx = inbound_tx.clone();
         tokio::spawn(async move {
             let peer_addr = stream.peer_addr();
             let (rd, mut wr) = stream.into_split();
-            let mut rd = BufReader::new(rd);
+            let mut rd = BufReader::with_capacity(256 << 10, rd);
             let mut scratch = BytesMut::new();
             let first = tokio::time::timeout(
                 Duration::from_millis(cfg.connect_timeout_ms),
                 wire::read_frame(&mut rd, &mut scratch),
             )
             .await;
+            if let Ok(Ok(Frame {
+                msg: Message::Hello(h),
+                ..
+            })) = &first
+                && h.role == wire::ROLE_SECONDARY
+            {
+                if h.node_name != cfg.peer_name {
+                    let reason = format!(
+                        "peer calls itself '{}' but '{}' was expected (--peer-name)",
+                        h.node_name, cfg.peer_name
+                    );
+                    tracing::warn!(peer = %peer_addr, "refusing a connection: {reason}");
+                    crate::agent::send_refusal(&mut wr, &reason).await;
+                    return;
+                }
+                tracing::debug!(peer = %peer_addr, "the secondary dialed this node");
+                if let Err(
+                    mpsc::error::TrySendError::Full(mut i)
+                    | mpsc::error::TrySendError::Closed(mut i),
+                ) = inbound_tx.try_send(Inbound { rd, wr })
+                {
+                    crate::agent::send_refusal(&mut i.wr, crate::agent::ALREADY_CONNECTED).await;
+                }
+                return;
+            }
             let (reply, rx) = oneshot::channel();
             if cmd_tx.send(Cmd::HelloInfo { reply }).await.is_err() {
                 return;
@@ -1873,12 +1942,11 @@ async fn refuse_primaries(
 
 /// Send Hello, read Welcome (G6): any mismatch is refused with both values named.
 async fn handshake(
-    stream: transport::PeerStream,
+    mut rd: BufReader<PeerReadHalf>,
+    mut wr: PeerWriteHalf,
     hello: Hello,
     cfg: &NodeConfig,
 ) -> Result<(BufReader<PeerReadHalf>, PeerWriteHalf, Welcome), String> {
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(256 << 10, rd);
     crate::agent::send_message(&mut wr, Message::Hello(hello.clone()))
         .await
         .map_err(|e| format!("sending Hello: {e}"))?;

@@ -2,8 +2,10 @@
 //! verify, decompress and apply frames in order (G2, G5), acknowledging
 //! `Applied` per write and `Durable` per batched flush.
 //!
-//! One session at a time owns the volume; a second primary that connects while
-//! one is attached is refused with a reason. Nothing is written to the volume
+//! Both nodes listen and dial: this node accepts its primary on `--listen`, and
+//! dials the primary's address (`--peer`) while none is attached, announcing itself
+//! with a Hello in the secondary role. One session at a time owns the volume; a
+//! second connection while one is attached (or being dialed) is refused quietly. Nothing is written to the volume
 //! before a handshake is accepted, and nothing but replication ever writes it (G8).
 
 use std::collections::HashMap;
@@ -102,6 +104,29 @@ impl Node {
 
     fn set_handshake(&mut self, text: String) {
         self.snapshot.lock().expect("snapshot lock").handshake = Some(text);
+    }
+
+    /// The Hello this node sends when it dials its primary (role secondary).
+    fn hello(&self) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            volume_id: self.sb.volume_id.0,
+            size_bytes: self.volume.size_bytes(),
+            block_size: self.cfg.block_size,
+            node_name: self.cfg.name.clone(),
+            peer_name: self.cfg.peer_name.clone(),
+            role: wire::ROLE_SECONDARY,
+            disk_state: disk_code(self.sb.disk_state, self.sb.is_new),
+            generations: wire::Generations {
+                current: self.sb.gen_current.0,
+                bitmap_base: self.sb.gen_bitmap_base.0,
+                history: [self.sb.gen_history[0].0, self.sb.gen_history[1].0],
+            },
+            capabilities: caps::ZSTD,
+            first_seq: 0,
+            changed_blocks: self.own_dirty.dirty_count().0,
+            promoted_at_s: self.sb.promoted_at_s,
+        }
     }
 
     /// This node's generations and changes, as the decision sees them.
@@ -268,6 +293,15 @@ pub async fn serve(
 
     let sessions = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(peer) = cfg.peer {
+        // Both nodes dial: this one too, while no primary is attached.
+        tasks.spawn(dialer(
+            node.clone(),
+            peer,
+            security.clone(),
+            sessions.clone(),
+        ));
+    }
     loop {
         let stream = tokio::select! {
             r = listener.accept() => r,
@@ -280,15 +314,16 @@ pub async fn serve(
                 tasks.spawn(async move {
                     let peer = stream.peer_addr();
                     match node.clone().try_lock_owned() {
-                        Ok(guard) => {
-                            if let Err(reason) = session(guard, stream, stop).await {
-                                tracing::warn!(%peer, "session ended: {reason}");
-                            }
-                        }
+                        Ok(guard) => match session(guard, stream, stop, None).await {
+                            Err(reason) if quiet(&reason) => tracing::debug!(%peer, "session ended: {reason}"),
+                            Err(reason) => tracing::warn!(%peer, "session ended: {reason}"),
+                            Ok(()) => {}
+                        },
                         Err(_) => {
-                            let reason = "another primary is already attached to this secondary; stop it first".to_string();
-                            tracing::warn!(%peer, "refusing connection: {reason}");
-                            refuse(stream, &reason).await;
+                            // A session is attached (or this node is dialing its peer):
+                            // only one primary, the configured peer, is ever accepted.
+                            tracing::debug!(%peer, "refusing a second connection: {}", crate::agent::ALREADY_CONNECTED);
+                            refuse(stream, crate::agent::ALREADY_CONNECTED).await;
                         }
                     }
                 });
@@ -316,6 +351,61 @@ pub async fn serve(
     tracing::info!(disk = %node.sb.disk_state, "clean shutdown");
     Ok(())
 }
+
+/// Dial the peer while no primary is attached, announcing this node with a Hello in
+/// the secondary role; a primary answers with its own Hello and the session runs as
+/// if it had dialed. A peer that is secondary too, or already connected, refuses
+/// quietly.
+async fn dialer(
+    node: Arc<Mutex<Node>>,
+    peer: SocketAddr,
+    security: crate::transport::Security,
+    stop: CancellationToken,
+) {
+    let mut backoff = crate::transport::Backoff::new(1_000, 10_000);
+    let mut last_log: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = stop.cancelled() => return,
+        }
+        let Ok(guard) = node.clone().try_lock_owned() else {
+            // A primary is attached.
+            backoff.reset();
+            continue;
+        };
+        let connect_timeout_ms = guard.cfg.connect_timeout_ms;
+        let stream = tokio::select! {
+            s = crate::transport::connect(peer, &security, connect_timeout_ms) => s,
+            _ = stop.cancelled() => return,
+        };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, "dialing the peer: {e}");
+                continue;
+            }
+        };
+        let hello = guard.hello();
+        match session(guard, stream, stop.clone(), Some(hello)).await {
+            Ok(()) => backoff.reset(),
+            Err(reason) if quiet(&reason) => tracing::debug!(%peer, "dialed the peer: {reason}"),
+            Err(reason) => {
+                if last_log.is_none_or(|t| t.elapsed() >= crate::agent::RETRY_LOG_INTERVAL) {
+                    tracing::warn!(%peer, "dialed the peer: {reason}");
+                    last_log = Some(std::time::Instant::now());
+                }
+            }
+        }
+    }
+}
+
+/// Session ends that are part of both nodes dialing, not problems.
+fn quiet(reason: &str) -> bool {
+    reason.contains(crate::agent::ALREADY_CONNECTED) || reason.contains(BOTH_SECONDARY)
+}
+
+const BOTH_SECONDARY: &str = "both nodes are secondary: nothing to replicate until one is promoted";
 
 async fn refuse(stream: PeerStream, reason: &str) {
     let (_rd, mut wr) = stream.into_split();
@@ -775,11 +865,17 @@ async fn session(
     mut node: tokio::sync::OwnedMutexGuard<Node>,
     stream: PeerStream,
     stop: CancellationToken,
+    announce: Option<Hello>,
 ) -> Result<(), String> {
     let peer_addr = stream.peer_addr();
     let cfg = node.cfg.clone();
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(1 << 20, rd);
+    if let Some(h) = announce {
+        crate::agent::send_message(&mut wr, Message::Hello(h))
+            .await
+            .map_err(|e| format!("sending Hello: {e}"))?;
+    }
     let mut scratch = BytesMut::new();
     let first = tokio::time::timeout(
         Duration::from_millis(cfg.connect_timeout_ms),
@@ -788,11 +884,16 @@ async fn session(
     .await
     .map_err(|_| format!("no Hello within {} ms", cfg.connect_timeout_ms))?
     .map_err(|e| format!("reading Hello: {e}"))?;
-    let Message::Hello(hello) = first.msg else {
-        return Err(format!(
-            "expected Hello, got message kind {}",
-            first.msg.kind()
-        ));
+    let hello = match first.msg {
+        Message::Hello(h) if h.role == wire::ROLE_SECONDARY => {
+            crate::agent::send_refusal(&mut wr, BOTH_SECONDARY).await;
+            return Err(BOTH_SECONDARY.into());
+        }
+        Message::Hello(h) => h,
+        Message::Refuse { reason } => return Err(format!("the peer refused: {reason}")),
+        other => {
+            return Err(format!("expected Hello, got message kind {}", other.kind()));
+        }
     };
     let accepted = match check_hello(&hello, &node) {
         Ok(a) => a,
