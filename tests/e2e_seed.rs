@@ -15,7 +15,12 @@ use common::{
 const MIB: u64 = 1 << 20;
 
 /// Overwrite `count` distinct random 4 KiB blocks of `path` with random data.
-fn change_blocks(path: &std::path::Path, size_bytes: u64, count: u64, rng: &mut TestRng) {
+fn change_blocks(
+    path: &std::path::Path,
+    size_bytes: u64,
+    count: u64,
+    rng: &mut TestRng,
+) -> std::collections::BTreeSet<u64> {
     let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     let blocks = size_bytes / 4096;
     let mut chosen = std::collections::BTreeSet::new();
@@ -23,12 +28,13 @@ fn change_blocks(path: &std::path::Path, size_bytes: u64, count: u64, rng: &mut 
         chosen.insert(rng.below(blocks));
     }
     let mut buf = vec![0u8; 4096];
-    for b in chosen {
+    for &b in &chosen {
         rng.fill(&mut buf);
         f.seek(SeekFrom::Start(b * 4096)).unwrap();
         f.write_all(&buf).unwrap();
     }
     f.sync_all().unwrap();
+    chosen
 }
 
 fn counter(s: &serde_json::Value, name: &str) -> u64 {
@@ -47,7 +53,7 @@ fn seeded_secondary_with_one_percent_changed_moves_under_three_percent() {
     write_random_file(&p_img, size, seed);
     std::fs::copy(&p_img, &s_img).unwrap();
     // 1% of the blocks change on the primary's side after the copy was made.
-    change_blocks(&p_img, size, size / 4096 / 100, &mut rng);
+    let changed_blocks = change_blocks(&p_img, size, size / 4096 / 100, &mut rng);
 
     let (port, nbd) = (free_port(), free_port());
     let seeded = NodeOpts {
@@ -70,28 +76,45 @@ fn seeded_secondary_with_one_percent_changed_moves_under_three_percent() {
         primary_in_sync,
     );
     let moved = counter(&s, "replicated_wire_bytes");
-    let hashes = size / 4096 * 32;
+    let hashes = counter(&s, "verify_wire_bytes");
     eprintln!(
-        "seeded: {} MiB of data + {} MiB of hashes for a {} MiB volume; {} blocks differed",
-        moved / MIB,
-        hashes / MIB,
+        "seeded: {:.1} MiB of data + {:.2} MiB of hash frames for a {} MiB volume; {} MiB compared; {} mismatches reported",
+        moved as f64 / MIB as f64,
+        hashes as f64 / MIB as f64,
         size / MIB,
+        counter(&s, "verified_bytes") / MIB,
         counter(&s, "verify_mismatched_blocks")
     );
-    assert_eq!(
-        counter(&s, "verified_bytes"),
-        size,
-        "every block is compared by hash"
+    // Every block is compared (ranges first, then the blocks of ranges that differ).
+    assert!(
+        counter(&s, "verified_bytes") >= size,
+        "every block is compared by hash: {s}"
+    );
+    // Ranges first: far fewer hash bytes than one hash per block would take.
+    assert!(
+        hashes < size / 4096 * 32 / 2,
+        "{hashes} bytes of hash frames: ranges were not compared first"
     );
     assert!(
         moved + hashes <= size * 3 / 100,
         "seeding moved {} bytes; at most 3% of {size} expected",
         moved + hashes
     );
+    // Mismatches are reported per differing range (16 blocks), then per differing
+    // block within those: exactly the changed blocks are found, and only they are sent.
+    let ranges: std::collections::BTreeSet<u64> = changed_blocks
+        .iter()
+        .map(|b| b / tandem::engine::primary::RANGE_HASH_BLOCKS)
+        .collect();
     assert_eq!(
         counter(&s, "verify_mismatched_blocks"),
-        size / 4096 / 100,
-        "exactly the changed blocks differ"
+        ranges.len() as u64 + changed_blocks.len() as u64,
+        "{s}"
+    );
+    assert_eq!(
+        counter(&s, "resync_bytes"),
+        changed_blocks.len() as u64 * 4096,
+        "exactly the changed blocks are sent as data: {s}"
     );
     // Once seeded, the node is an ordinary secondary: restarted with the same
     // --seeded flag, it resyncs by bitmap, not by another full comparison.

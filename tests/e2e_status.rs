@@ -70,6 +70,7 @@ const FIELDS: &[(&str, T)] = &[
     ("counters/resync_bytes", T::U64),
     ("counters/verified_bytes", T::U64),
     ("counters/verify_mismatched_blocks", T::U64),
+    ("counters/verify_wire_bytes", T::U64),
     ("counters/ahead_episodes", T::U64),
     ("counters/applied_writes", T::U64),
     ("counters/sessions", T::U64),

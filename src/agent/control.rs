@@ -284,6 +284,9 @@ pub struct Counters {
     /// Bytes compared by blake3 hash instead of sent, and blocks found different.
     pub verified_bytes: u64,
     pub verify_mismatched_blocks: u64,
+    /// Bytes of hash-comparison frames sent (headers and hashes).
+    #[serde(default)]
+    pub verify_wire_bytes: u64,
     /// Times the primary went ahead (async window full).
     pub ahead_episodes: u64,
     pub applied_writes: u64,
@@ -369,6 +372,7 @@ impl StatusDoc {
                 replicated_wire_bytes: Metrics::get(&m.replicated_wire_bytes),
                 resync_bytes: Metrics::get(&m.resync_bytes),
                 verified_bytes: Metrics::get(&m.verified_bytes),
+                verify_wire_bytes: Metrics::get(&m.verify_wire_bytes),
                 verify_mismatched_blocks: Metrics::get(&m.verify_mismatched_blocks),
                 ahead_episodes: Metrics::get(&m.ahead_episodes),
                 applied_writes: Metrics::get(&m.applied_writes),

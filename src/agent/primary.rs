@@ -1024,6 +1024,7 @@ impl Owner {
         let tx = self.io_tx.clone();
         let compress = self.shared.compress.clone();
         let block_size = self.cfg.block_size;
+        let hash_unit = self.engine.hash_unit_blocks(kind).unwrap_or(1);
         tokio::spawn(async move {
             let done = match kind {
                 OpKind::Write => {
@@ -1050,9 +1051,10 @@ impl Owner {
                         .await
                         .map_err(|e| errno_of(&e)),
                 },
-                OpKind::HashRead | OpKind::VerifyRead => {
+                OpKind::HashRead | OpKind::VerifyRead | OpKind::RangeHashRead => {
+                    let unit = block_size * hash_unit as u32;
                     let result = match volume.read(range.offset, range.len as u32).await {
-                        Ok(data) => Ok(crate::resync::hash_blocks(&data, block_size)),
+                        Ok(data) => Ok(crate::resync::hash_blocks(&data, unit)),
                         Err(e) => Err(errno_of(&e)),
                     };
                     IoDone::HashRead { seq, result }
@@ -1075,17 +1077,26 @@ impl Owner {
         let range = held.range;
         let metrics = &self.shared.metrics;
         let frame = match held.kind {
-            OpKind::HashRead | OpKind::VerifyRead => {
+            OpKind::HashRead | OpKind::VerifyRead | OpKind::RangeHashRead => {
                 Metrics::add(&metrics.verified_bytes, range.len);
+                let hashes = held
+                    .hashes
+                    .take()
+                    .expect("hash chunk was read before shipping");
+                Metrics::add(
+                    &metrics.verify_wire_bytes,
+                    (crate::wire::HEADER_LEN + 32 * hashes.len()) as u64,
+                );
                 Frame {
                     seq: seq.0,
                     msg: Message::HashCheck {
                         offset: range.offset,
-                        block_size: self.cfg.block_size,
-                        hashes: held
-                            .hashes
-                            .take()
-                            .expect("hash chunk was read before shipping"),
+                        block_size: self.cfg.block_size
+                            * self
+                                .engine
+                                .hash_unit_blocks(held.kind)
+                                .expect("a comparison") as u32,
+                        hashes,
                     },
                     payload: Payload::empty(),
                 }

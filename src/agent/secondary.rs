@@ -706,8 +706,8 @@ struct Applier {
     /// Payloads of received writes, until their apply starts.
     held: HashMap<Seq, Bytes>,
     /// Expected block hashes of received hash checks, until the check starts.
-    held_hashes: HashMap<Seq, Vec<[u8; 32]>>,
-    block_size: u32,
+    /// With the bytes each hash covers (a block, or a range of blocks).
+    held_hashes: HashMap<Seq, (u32, Vec<[u8; 32]>)>,
     /// Volume operations started and not yet reported back.
     outstanding: usize,
     gen_primary: Generation,
@@ -724,14 +724,13 @@ impl Applier {
                     kind: ApplyKind::HashCheck,
                     range,
                 } => {
-                    let expected = self
+                    let (bs, expected) = self
                         .held_hashes
                         .remove(&seq)
                         .expect("hash check has hashes");
                     let volume = self.volume.clone();
                     let tx = self.done_tx.clone();
                     let ack = self.ack_tx.clone();
-                    let bs = self.block_size;
                     self.outstanding += 1;
                     tokio::spawn(async move {
                         let result = match volume.read(range.offset, range.len as u32).await {
@@ -994,7 +993,6 @@ async fn session(
         ack_tx,
         held: HashMap::new(),
         held_hashes: HashMap::new(),
-        block_size: cfg.block_size,
         outstanding: 0,
         gen_primary: Generation(hello.generations.current),
     };
@@ -1055,8 +1053,11 @@ async fn session(
 }
 
 /// Handle one frame from the primary.
-/// The range a HashCheck covers: `count` blocks from `offset`, the last one cut at
-/// the end of the volume. None when it is malformed or out of the volume.
+/// The range a HashCheck covers: `count` hashed units of `block_size` bytes (a
+/// block, or a range of blocks: a power-of-two multiple of the block size up to
+/// [`HASH_UNIT_MAX_BYTES`]) from `offset`, the last one cut at the end of the volume.
+/// None when it is malformed, out of the volume, or larger than
+/// [`HASH_CHECK_MAX_BYTES`].
 fn hash_check_range(
     offset: u64,
     block_size: u32,
@@ -1064,7 +1065,12 @@ fn hash_check_range(
     size_bytes: u64,
     expected_block_size: u32,
 ) -> Option<ByteRange> {
-    if block_size != expected_block_size
+    let unit_ok = block_size >= expected_block_size
+        && block_size.is_power_of_two()
+        && block_size <= HASH_UNIT_MAX_BYTES;
+    if !unit_ok
+        || !offset.is_multiple_of(expected_block_size as u64)
+        || count as u64 * block_size as u64 > HASH_CHECK_MAX_BYTES
         || count == 0
         || count > crate::wire::HASHES_PER_CHECK_MAX
         || offset >= size_bytes
@@ -1075,6 +1081,11 @@ fn hash_check_range(
     let len = (count as u64 * bs).min(size_bytes - offset);
     (len.div_ceil(bs) == count as u64).then_some(ByteRange::new(offset, len))
 }
+
+/// Largest range one hash may cover, and largest range one HashCheck may make this
+/// node read (it holds the range in memory while hashing).
+const HASH_UNIT_MAX_BYTES: u32 = 1 << 20;
+const HASH_CHECK_MAX_BYTES: u64 = 64 << 20;
 
 fn on_frame(
     frame: Frame,
@@ -1147,7 +1158,7 @@ fn on_frame(
                 cfg.block_size,
             )
             .ok_or_else(|| format!("malformed HashCheck seq {seq}"))?;
-            applier.held_hashes.insert(seq, hashes);
+            applier.held_hashes.insert(seq, (block_size, hashes));
             e.receive(seq, ApplyKind::HashCheck, range, false, out);
         }
         Message::Goodbye => return Err("primary said Goodbye".into()),
@@ -1352,5 +1363,54 @@ impl ControlHandler for SecondaryControl {
     }
     fn metrics(&self) -> Option<Arc<Metrics>> {
         Some(self.metrics.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hash_check_range;
+    use crate::types::ByteRange;
+
+    const BS: u32 = 4096;
+    const SIZE: u64 = 10 * 4096 * 16 + 4096 * 3;
+
+    #[test]
+    fn hash_checks_cover_blocks_or_ranges_of_blocks() {
+        // One hash per block.
+        assert_eq!(
+            hash_check_range(0, BS, 4, SIZE, BS),
+            Some(ByteRange::new(0, 4 * 4096))
+        );
+        // One hash per 64 KiB range; the last range is cut at the end of the volume.
+        assert_eq!(
+            hash_check_range(0, 16 * BS, 2, SIZE, BS),
+            Some(ByteRange::new(0, 2 * 16 * 4096))
+        );
+        let last = 10 * 16 * 4096;
+        assert_eq!(
+            hash_check_range(last, 16 * BS, 1, SIZE, BS),
+            Some(ByteRange::new(last, 3 * 4096))
+        );
+        // Too many hashes for what is left of the volume.
+        assert_eq!(hash_check_range(last, 16 * BS, 2, SIZE, BS), None);
+    }
+
+    #[test]
+    fn malformed_hash_checks_are_refused() {
+        for (offset, unit, count) in [
+            (0, BS / 2, 1),   // smaller than a block
+            (0, 3 * BS, 1),   // not a power of two
+            (0, 2 << 20, 1),  // a range larger than 1 MiB
+            (512, BS, 1),     // not block aligned
+            (0, BS, 0),       // no hashes
+            (0, 1 << 20, 65), // more than 64 MiB to read
+            (SIZE, BS, 1),    // past the end
+        ] {
+            assert_eq!(
+                hash_check_range(offset, unit, count, SIZE, BS),
+                None,
+                "offset {offset} unit {unit} count {count}"
+            );
+        }
     }
 }

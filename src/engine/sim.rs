@@ -69,6 +69,10 @@ struct Sim {
     al_pending: Option<Vec<u32>>,
     coverage_checks: u64,
     hash_replies: u64,
+    /// Bytes per hash of each hash check shipped (a block, or a range of blocks).
+    hash_units: HashMap<Seq, u32>,
+    /// Range hashes answered "differs" (the block-by-block level then runs).
+    range_mismatches: u64,
     /// No disconnects and no ahead episodes while set (the verify sim's calm spells).
     calm: bool,
 }
@@ -78,6 +82,8 @@ impl Sim {
         let dirty = DirtyBitmap::for_volume(SIZE, BS);
         let mut p = PrimaryEngine::new(mode, SIZE, BS, dirty, Seq(1));
         p.set_resync_chunk_bytes(4 * BS as u64);
+        // Ranges of 2 blocks: chunks of 4 blocks compare whole ranges first.
+        p.set_range_hash_blocks(2);
         // Tiny extents and a tiny set, so retiring and the full-set path run often.
         p.enable_activity(crate::engine::activity::ActiveSet::new(AL_EXTENT, 4));
         Sim {
@@ -102,6 +108,8 @@ impl Sim {
             al_pending: None,
             coverage_checks: 0,
             hash_replies: 0,
+            hash_units: HashMap::new(),
+            range_mismatches: 0,
             calm: false,
         }
     }
@@ -114,7 +122,7 @@ impl Sim {
             OpKind::WriteZeroes | OpKind::Trim => {
                 apply(&mut self.pvol, range, &vec![0; range.len as usize])
             }
-            OpKind::ResyncRead | OpKind::HashRead | OpKind::VerifyRead => {
+            OpKind::ResyncRead | OpKind::HashRead | OpKind::VerifyRead | OpKind::RangeHashRead => {
                 let d = self.pvol[range.offset as usize..range.end() as usize].to_vec();
                 self.data.insert(seq, (kind, range, d, fua));
             }
@@ -140,11 +148,13 @@ impl Sim {
         self.land_apply(kind, range, &data);
         if kind == ApplyKind::HashCheck {
             let local = &self.svol[range.offset as usize..range.end() as usize];
-            let expected = crate::resync::hash_blocks(&data, BS);
-            self.to_p.push_back(Ack::HashReply(
-                seq,
-                crate::resync::mismatched_blocks(local, BS, &expected),
-            ));
+            let unit = self.hash_units.remove(&seq).unwrap_or(BS);
+            let expected = crate::resync::hash_blocks(&data, unit);
+            let mismatched = crate::resync::mismatched_blocks(local, unit, &expected);
+            if unit > BS {
+                self.range_mismatches += mismatched.len() as u64;
+            }
+            self.to_p.push_back(Ack::HashReply(seq, mismatched));
             self.hash_replies += 1;
         }
         let mut out = Vec::new();
@@ -242,7 +252,11 @@ impl Sim {
                     let (kind, data) = match kind {
                         OpKind::Write | OpKind::ResyncRead => (ApplyKind::Write, data),
                         // The sim carries the primary's bytes; the secondary compares blocks.
-                        OpKind::HashRead | OpKind::VerifyRead => (ApplyKind::HashCheck, data),
+                        OpKind::HashRead | OpKind::VerifyRead | OpKind::RangeHashRead => {
+                            let unit = self.p.hash_unit_blocks(kind).expect("a comparison");
+                            self.hash_units.insert(seq, BS * unit as u32);
+                            (ApplyKind::HashCheck, data)
+                        }
                         OpKind::WriteZeroes => (ApplyKind::WriteZeroes, Vec::new()),
                         OpKind::Trim => (ApplyKind::Trim, Vec::new()),
                     };
@@ -512,9 +526,9 @@ fn apply(vol: &mut [u8], range: ByteRange, data: &[u8]) {
     vol[range.offset as usize..range.end() as usize].copy_from_slice(data);
 }
 
-/// Returns (crash-coverage checks made, hash replies sent) so the tests can show
-/// both paths ran.
-fn run(seed: u64, mode: Mode, steps: usize) -> (u64, u64) {
+/// Returns (crash-coverage checks made, hash replies sent, range hashes found
+/// different) so the tests can show every path ran.
+fn run(seed: u64, mode: Mode, steps: usize) -> (u64, u64, u64) {
     println!("sim seed={seed} mode={mode:?}");
     let mut sim = Sim::new(seed, mode);
     if sim.rng.gen_bool(0.5) {
@@ -565,7 +579,7 @@ fn run(seed: u64, mode: Mode, steps: usize) -> (u64, u64) {
     );
     assert_eq!(sim.p.lag().writes, 0, "seed {seed}: unacked writes remain");
     let _ = sim.completed;
-    (sim.coverage_checks, sim.hash_replies)
+    (sim.coverage_checks, sim.hash_replies, sim.range_mismatches)
 }
 
 #[test]
@@ -574,15 +588,16 @@ fn random_workloads_with_disconnects_converge_async() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x7a4d);
-    let (mut checks, mut hashes) = (0, 0);
+    let (mut checks, mut hashes, mut ranges) = (0, 0, 0);
     for i in 0..300 {
-        let (c, h) = run(base + i, Mode::Async, 400);
+        let (c, h, r) = run(base + i, Mode::Async, 400);
         checks += c;
         hashes += h;
+        ranges += r;
     }
     assert!(
-        checks > 300 && hashes > 300,
-        "coverage checks {checks}, hash replies {hashes}"
+        checks > 300 && hashes > 300 && ranges > 30,
+        "coverage checks {checks}, hash replies {hashes}, differing ranges {ranges}"
     );
 }
 
@@ -592,15 +607,16 @@ fn random_workloads_with_disconnects_converge_sync() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x51c0);
-    let (mut checks, mut hashes) = (0, 0);
+    let (mut checks, mut hashes, mut ranges) = (0, 0, 0);
     for i in 0..300 {
-        let (c, h) = run(base + i, Mode::Sync, 400);
+        let (c, h, r) = run(base + i, Mode::Sync, 400);
         checks += c;
         hashes += h;
+        ranges += r;
     }
     assert!(
-        checks > 300 && hashes > 300,
-        "coverage checks {checks}, hash replies {hashes}"
+        checks > 300 && hashes > 300 && ranges > 30,
+        "coverage checks {checks}, hash replies {hashes}, differing ranges {ranges}"
     );
 }
 

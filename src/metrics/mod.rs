@@ -37,6 +37,8 @@ pub struct Metrics {
     /// Bytes compared by hash instead of sent, and blocks found different.
     pub verified_bytes: AtomicU64,
     pub verify_mismatched_blocks: AtomicU64,
+    /// Bytes of hash-comparison frames sent (headers and hashes).
+    pub verify_wire_bytes: AtomicU64,
     /// Replication window (G4): writes and bytes not yet durable on the secondary.
     pub lag_writes: AtomicU64,
     pub lag_bytes: AtomicU64,
@@ -84,6 +86,7 @@ impl Default for Metrics {
             replicated_wire_bytes: AtomicU64::new(0),
             resync_bytes: AtomicU64::new(0),
             verified_bytes: AtomicU64::new(0),
+            verify_wire_bytes: AtomicU64::new(0),
             verify_mismatched_blocks: AtomicU64::new(0),
             lag_writes: AtomicU64::new(0),
             lag_bytes: AtomicU64::new(0),

@@ -218,6 +218,11 @@ pub fn render(doc: &StatusDoc) -> String {
         c.verified_bytes,
     );
     e.counter(
+        "tandem_verify_wire_bytes_total",
+        "Bytes of hash-comparison frames sent (headers and hashes).",
+        c.verify_wire_bytes,
+    );
+    e.counter(
         "tandem_verify_mismatched_blocks_total",
         "Blocks found different by hash comparison.",
         c.verify_mismatched_blocks,
@@ -347,6 +352,7 @@ mod tests {
                 replicated_wire_bytes: 20000,
                 resync_bytes: 9000,
                 verified_bytes: 0,
+                verify_wire_bytes: 0,
                 verify_mismatched_blocks: 0,
                 ahead_episodes: 1,
                 applied_writes: 0,

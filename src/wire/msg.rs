@@ -10,7 +10,8 @@
 //!   seeding and verify).
 //! - 2: generations decide the handshake (G8): Hello carries the primary's changed
 //!   block count and promotion time; Welcome carries the blocks the secondary itself
-//!   changed (to be resent or compared) and the decision.
+//!   changed (to be resent or compared) and the decision; HashCheck may hash ranges
+//!   of blocks (a power-of-two multiple of the block size), compared before blocks.
 
 use bincode::{Decode, Encode};
 
@@ -171,8 +172,10 @@ pub enum Message {
     },
     /// Either way: orderly close (shutdown); no more frames follow.
     Goodbye,
-    /// primary → secondary: compare the blocks starting at `offset` with these blake3
-    /// hashes, one per `block_size` block (the last block may end at the volume's end).
+    /// primary → secondary: compare the volume from `offset` with these blake3 hashes,
+    /// one per `block_size` bytes (the last unit may end at the volume's end).
+    /// `block_size` is the volume's block size, or a power-of-two multiple of it (up
+    /// to 1 MiB) when whole ranges are compared first.
     /// The frame seq orders it like a write (G2): the comparison sees every earlier
     /// write. At most [`HASHES_PER_CHECK_MAX`] hashes.
     HashCheck {
