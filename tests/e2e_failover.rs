@@ -128,6 +128,15 @@ fn planned_switchover_under_load_loses_no_write() {
     assert_eq!(s["role"], "secondary", "{s}");
     let out = c.ctl_ok(1, "promote", &[]);
     assert!(out.contains("now primary"), "{out}");
+    // The node's event ring carries on across the role change and tells the story.
+    let events = common::events_of(&c.control(0));
+    assert_eq!(common::count_events(&events, "demoted"), 1, "{events:?}");
+    assert!(
+        common::count_events(&events, "peer-connected") >= 1,
+        "{events:?}"
+    );
+    let events = common::events_of(&c.control(1));
+    assert_eq!(common::count_events(&events, "promoted"), 1, "{events:?}");
     // Demoting a secondary, promoting a primary: nothing to do, success.
     assert!(c.ctl_ok(0, "demote", &[]).contains("already secondary"));
     assert!(c.ctl_ok(1, "promote", &[]).contains("already primary"));

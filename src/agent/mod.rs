@@ -73,6 +73,9 @@ pub struct RoleContext {
     pub demote: std::sync::Arc<std::sync::Mutex<Option<Duration>>>,
     /// Promotion of a disk that is not UpToDate (`tandem promote --force`).
     pub force: bool,
+    /// The node's figures, kept across role changes (counters and events describe
+    /// the node); None: the role makes its own.
+    pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 /// Run one role on a control socket of its own, without role changes (the demo

@@ -72,6 +72,9 @@ async fn host_roles(
 ) -> Result<(), AgentError> {
     let mut role = cfg.role;
     let mut force = false;
+    // One set of figures for the node's whole life: counters, latencies and the
+    // event ring survive role changes (a failover's story stays in `tandem events`).
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
     // A role change waiting for the new role to come up, and the role to fall back to.
     let mut pending: Option<(RoleReply, Role)> = None;
     loop {
@@ -85,6 +88,7 @@ async fn host_roles(
             control: slot.clone(),
             demote: Arc::default(),
             force: std::mem::take(&mut force),
+            metrics: Some(metrics.clone()),
         };
         let (up_tx, up_rx) = oneshot::channel::<()>();
         let mut runner = match role {
@@ -116,7 +120,9 @@ async fn host_roles(
             _ = up_rx => {
                 if let Some((reply, _)) = pending.take() {
                     let generation = slot.status().await.map(|s| s.generation).unwrap_or_default();
-                    let _ = reply.send(Ok(format!("now {role}, generation {generation}")));
+                    let message = format!("now {role}, generation {generation}");
+                    metrics.events.push("promoted", message.clone());
+                    let _ = reply.send(Ok(message));
                 }
             }
             r = &mut runner => {
@@ -158,7 +164,9 @@ async fn host_roles(
                         match runner.await {
                             Ok(Ok(summary)) => {
                                 tracing::info!("primary role ended: {summary}");
-                                let _ = reply.send(Ok(format!("demoted: {summary}")));
+                                let message = format!("demoted: {summary}");
+                                metrics.events.push("demoted", message.clone());
+                                let _ = reply.send(Ok(message));
                                 role = Role::Secondary;
                                 break;
                             }

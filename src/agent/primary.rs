@@ -424,7 +424,8 @@ pub async fn serve(
     }
 
     let generation = sb.gen_current;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = ctx.metrics.clone().unwrap_or_default();
+    metrics.reset_role_state();
     let window = Window::new(cfg.queue_bytes_max, cfg.queue_writes_max);
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let shared = Arc::new(Shared {

@@ -246,7 +246,8 @@ pub async fn serve(
     }
     sb.clean_shutdown = false;
     meta.write_superblock(&sb)?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = ctx.metrics.clone().unwrap_or_default();
+    metrics.reset_role_state();
     let snapshot = Arc::new(std::sync::Mutex::new(Snapshot {
         disk_state: sb.disk_state,
         volume_id: sb.volume_id,

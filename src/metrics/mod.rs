@@ -126,6 +126,30 @@ impl Metrics {
             && Metrics::get(&self.lag_writes) == 0
     }
 
+    /// A node changes role: the figures that describe the role's state start from
+    /// zero; counters, latencies and events carry on (they describe the node).
+    pub fn reset_role_state(&self) {
+        for g in [
+            &self.lag_writes,
+            &self.lag_bytes,
+            &self.lag_oldest_at_ms,
+            &self.out_of_sync_bytes,
+            &self.resync_total_blocks,
+            &self.resync_shipped_blocks,
+            &self.rpo_exceeded_since_unix_ms,
+        ] {
+            g.store(0, Ordering::Relaxed);
+        }
+        for f in [
+            &self.connected,
+            &self.ahead,
+            &self.resync_active,
+            &self.rpo_exceeded,
+        ] {
+            f.store(false, Ordering::Relaxed);
+        }
+    }
+
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
