@@ -124,6 +124,8 @@ fn planned_switchover_under_load_loses_no_write() {
     let out = c.ctl_ok(0, "demote", &["--timeout", "1"]);
     assert!(out.contains("demoted"), "{out}");
     assert!(out.contains("peer holds every write"), "{out}");
+    // The writer was attached: the demotion says what it did with it.
+    assert!(out.contains("1 NBD client(s) attached"), "{out}");
     let s = c.status(0);
     assert_eq!(s["role"], "secondary", "{s}");
     let out = c.ctl_ok(1, "promote", &[]);

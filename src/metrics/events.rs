@@ -22,7 +22,7 @@ pub struct Event {
     /// Wall-clock time, milliseconds since the Unix epoch.
     pub unix_ms: u64,
     /// `rpo-exceeded`, `rpo-recovered`, `peer-connected`, `peer-disconnected`,
-    /// `resync-started`, `resync-done`, `resync-interrupted`.
+    /// `resync-started`, `resync-done`, `resync-interrupted`, `promoted`, `demoted`.
     pub kind: String,
     pub message: String,
 }
