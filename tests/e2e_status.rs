@@ -76,6 +76,16 @@ const FIELDS: &[(&str, T)] = &[
     ("counters/sessions", T::U64),
     ("counters/frames_rejected", T::U64),
     ("write_latency_us", T::Opt(&T::Obj)),
+    ("local_write_latency_us", T::Opt(&T::Obj)),
+    ("replication_latency_us", T::Opt(&T::Obj)),
+    ("throughput", T::Obj),
+    ("throughput/write_bytes_per_s", T::F64),
+    ("throughput/replicated_bytes_per_s", T::F64),
+    ("throughput/resync_bytes_per_s", T::F64),
+    ("generations", T::Obj),
+    ("generations/current", T::Str),
+    ("generations/bitmap_base", T::Str),
+    ("handshake", T::Opt(&T::Str)),
     ("compression_ratio", T::F64),
     ("last_error", T::Opt(&T::Str)),
     ("uptime_s", T::U64),
@@ -95,9 +105,15 @@ fn check_fields(who: &str, s: &Value) {
         assert!(present, "{who}: field {path} missing: {s}");
         assert!(has_type(v, *t), "{who}: field {path} is not {t:?}: {v}");
     }
-    if let Some(l) = s["write_latency_us"].as_object() {
-        for k in ["p50", "p99", "p999", "max", "count", "sum"] {
-            assert!(l[k].is_u64(), "{who}: write_latency_us.{k}: {s}");
+    for field in [
+        "write_latency_us",
+        "local_write_latency_us",
+        "replication_latency_us",
+    ] {
+        if let Some(l) = s[field].as_object() {
+            for k in ["p50", "p99", "p999", "max", "count", "sum"] {
+                assert!(l[k].is_u64(), "{who}: {field}.{k}: {s}");
+            }
         }
     }
     if let Some(r) = s["resync"].as_object() {
@@ -167,6 +183,28 @@ fn status_fields_have_their_types_and_move_as_the_pair_works() {
     assert_eq!(p1["lag"]["bytes"], 0);
     assert_eq!(p1["lag"]["seconds"], 0.0);
     assert!(p1["write_latency_us"].is_object(), "{p1}");
+    assert!(p1["local_write_latency_us"].is_object(), "{p1}");
+    assert!(p1["replication_latency_us"].is_object(), "{p1}");
+    // Writes show in the throughput of the second they happen in (sampled once a
+    // second): keep writing until a status shows it.
+    let mut seen = false;
+    for i in 0..200 {
+        qemu_write(pair.nbd_port, (i % 8) * (64 << 10), 64 << 10);
+        let s = pair.primary.status().expect("primary status");
+        if s["throughput"]["write_bytes_per_s"].as_f64() > Some(0.0)
+            && s["throughput"]["replicated_bytes_per_s"].as_f64() > Some(0.0)
+        {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "write throughput never showed in the status");
+    assert!(
+        p1["handshake"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("full resync")),
+        "{p1}"
+    );
     let s1 = pair
         .secondary
         .wait_status("applied", READY_TIMEOUT, |s| grew(s, &s0, "applied_writes"));

@@ -145,6 +145,16 @@ pub struct StatusDoc {
     pub resync: Option<ProgressStatus>,
     pub counters: Counters,
     pub write_latency_us: Option<LatencyStatus>,
+    /// The primary's own volume writes, microseconds (null before the first).
+    #[serde(default)]
+    pub local_write_latency_us: Option<LatencyStatus>,
+    /// From shipping a write to the secondary's Durable covering it, microseconds
+    /// (primary; null before the first).
+    #[serde(default)]
+    pub replication_latency_us: Option<LatencyStatus>,
+    /// Bytes per second over the last second.
+    #[serde(default)]
+    pub throughput: Option<ThroughputStatus>,
     pub compression_ratio: f64,
     pub last_error: Option<String>,
     pub uptime_s: u64,
@@ -295,6 +305,16 @@ pub struct Counters {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ThroughputStatus {
+    /// Client writes accepted.
+    pub write_bytes_per_s: f64,
+    /// Payload shipped to the secondary (uncompressed: writes and resync).
+    pub replicated_bytes_per_s: f64,
+    /// Resync data handed to the link.
+    pub resync_bytes_per_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LatencyStatus {
     pub p50: u64,
     pub p99: u64,
@@ -305,6 +325,20 @@ pub struct LatencyStatus {
     pub count: u64,
     #[serde(default)]
     pub sum: u64,
+}
+
+impl LatencyStatus {
+    /// The status form of a histogram summary; None before the first sample.
+    pub fn of(l: &crate::metrics::LatencySummary) -> Option<LatencyStatus> {
+        (l.count > 0).then_some(LatencyStatus {
+            p50: l.p50_us,
+            p99: l.p99_us,
+            p999: l.p999_us,
+            max: l.max_us,
+            count: l.count,
+            sum: l.sum_us,
+        })
+    }
 }
 
 impl StatusDoc {
@@ -379,14 +413,17 @@ impl StatusDoc {
                 sessions: Metrics::get(&m.sessions),
                 frames_rejected: Metrics::get(&m.frames_rejected),
             },
-            write_latency_us: (lat.count > 0).then_some(LatencyStatus {
-                p50: lat.p50_us,
-                p99: lat.p99_us,
-                p999: lat.p999_us,
-                max: lat.max_us,
-                count: lat.count,
-                sum: lat.sum_us,
-            }),
+            write_latency_us: LatencyStatus::of(&lat),
+            local_write_latency_us: LatencyStatus::of(&m.local_write_latency.summary()),
+            replication_latency_us: LatencyStatus::of(&m.replication_latency.summary()),
+            throughput: {
+                let (w, r, s) = m.rates();
+                Some(ThroughputStatus {
+                    write_bytes_per_s: w,
+                    replicated_bytes_per_s: r,
+                    resync_bytes_per_s: s,
+                })
+            },
             compression_ratio: m.compression_ratio(),
             last_error: m.last_error.lock().ok().and_then(|e| e.clone()),
             uptime_s: m.started.elapsed().as_secs(),
@@ -462,11 +499,25 @@ impl StatusDoc {
             self.compression_ratio,
             c.resync_bytes
         );
-        if let Some(l) = &self.write_latency_us {
+        if let Some(t) = &self.throughput {
             s += &format!(
-                "  write latency µs: p50 {} p99 {} p99.9 {} max {}\n",
-                l.p50, l.p99, l.p999, l.max
+                "  throughput: writes {:.1} MiB/s, replicated {:.1} MiB/s, resync {:.1} MiB/s\n",
+                t.write_bytes_per_s / 1048576.0,
+                t.replicated_bytes_per_s / 1048576.0,
+                t.resync_bytes_per_s / 1048576.0
             );
+        }
+        for (what, lat) in [
+            ("write latency", &self.write_latency_us),
+            ("local write", &self.local_write_latency_us),
+            ("replication", &self.replication_latency_us),
+        ] {
+            if let Some(l) = lat {
+                s += &format!(
+                    "  {what} µs: p50 {} p99 {} p99.9 {} max {}\n",
+                    l.p50, l.p99, l.p999, l.max
+                );
+            }
         }
         if let Some(g) = &self.generations {
             s += &format!(

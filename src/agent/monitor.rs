@@ -91,6 +91,7 @@ pub async fn start(
         });
         tasks.push(http::serve(listener, render, stop.clone()));
     }
+    tasks.push(tokio::spawn(sample_rates(metrics.clone(), stop.clone())));
     if cfg.role == Role::Primary
         && let Some(target_s) = cfg.rpo_seconds
     {
@@ -250,6 +251,25 @@ async fn run_hook(env: &HookEnv, t: RpoTransition, lag_s: f64) {
         }
         Ok(Ok(_)) => {
             tracing::info!(event = t.kind(), hook = %env.command, "rpo hook ran")
+        }
+    }
+}
+
+/// Throughput figures of the status: the byte counters sampled once a second.
+async fn sample_rates(metrics: Arc<Metrics>, stop: CancellationToken) {
+    let mut last = [0u64; 3];
+    metrics.sample_rates(&mut last, std::time::Duration::from_secs(1));
+    let mut at = std::time::Instant::now();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                metrics.sample_rates(&mut last, at.elapsed());
+                at = std::time::Instant::now();
+            }
+            _ = stop.cancelled() => return,
         }
     }
 }

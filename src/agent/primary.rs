@@ -479,6 +479,7 @@ pub async fn serve(
         was_resyncing: false,
         ahead_since: Instant::now(),
         resync_started: None,
+        shipped_at: std::collections::VecDeque::new(),
         verify: verify::VerifyDriver::new(),
     };
     let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx));
@@ -767,6 +768,9 @@ struct Owner {
     was_resyncing: bool,
     ahead_since: Instant,
     resync_started: Option<Instant>,
+    /// Client writes shipped in this session and when, until a Durable covers them
+    /// (replication latency). Bounded by the replication window.
+    shipped_at: std::collections::VecDeque<(Seq, Instant)>,
     /// Rate limit and bookkeeping of the online verify (primary/verify.rs).
     verify: verify::VerifyDriver,
 }
@@ -975,6 +979,7 @@ impl Owner {
     }
 
     fn drop_session(&mut self, reason: &str, out: &mut Vec<Action<Reply>>) {
+        self.shipped_at.clear();
         if let Some(s) = self.session.take() {
             tracing::warn!(session = s.id, "dropping the session: {reason}");
             if self.cfg.mode == Mode::Sync {
@@ -1014,19 +1019,26 @@ impl Owner {
         // task, a channel and two wake-ups per write.
         if kind == OpKind::Write && !fua && self.volume.writes_inline() {
             let data = data.expect("write has data");
+            let started = Instant::now();
             let result = self
                 .volume
                 .write_inline(range.offset, &data)
                 .map_err(|e| errno_of(&e));
+            self.shared
+                .metrics
+                .local_write_latency
+                .record(started.elapsed());
             let _ = self.io_tx.send(IoDone::Local { seq, result });
             return;
         }
         let volume = self.volume.clone();
         let tx = self.io_tx.clone();
         let compress = self.shared.compress.clone();
+        let metrics = self.shared.metrics.clone();
         let block_size = self.cfg.block_size;
         let hash_unit = self.engine.hash_unit_blocks(kind).unwrap_or(1);
         tokio::spawn(async move {
+            let started = Instant::now();
             let done = match kind {
                 OpKind::Write => {
                     let data = data.expect("write has data");
@@ -1069,6 +1081,9 @@ impl Owner {
                     IoDone::ResyncRead { seq, result }
                 }
             };
+            if matches!(kind, OpKind::Write | OpKind::WriteZeroes | OpKind::Trim) {
+                metrics.local_write_latency.record(started.elapsed());
+            }
             let _ = tx.send(done);
         });
     }
@@ -1143,6 +1158,12 @@ impl Owner {
         };
         if held.kind == OpKind::ResyncRead {
             Metrics::add(&metrics.resync_bytes, range.len);
+        }
+        if matches!(
+            held.kind,
+            OpKind::Write | OpKind::WriteZeroes | OpKind::Trim
+        ) {
+            self.shipped_at.push_back((seq, Instant::now()));
         }
         self.send(frame);
     }
@@ -1348,6 +1369,12 @@ impl Owner {
                 self.engine.peer_applied(seq, out)
             }
             PeerEvent::Durable { id, through } if Some(id) == current => {
+                while let Some(&(seq, at)) = self.shipped_at.front()
+                    && seq <= through
+                {
+                    self.shipped_at.pop_front();
+                    self.shared.metrics.replication_latency.record(at.elapsed());
+                }
                 self.engine.peer_durable(through, out)
             }
             PeerEvent::HashReply {

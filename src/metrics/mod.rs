@@ -64,6 +64,15 @@ pub struct Metrics {
     /// every recorded latency (the Prometheus summary's `_sum`).
     pub write_latency_us: Mutex<Histogram<u64>>,
     pub write_latency_sum_us: AtomicU64,
+    /// Local volume write latency (primary: the write on this node's volume alone).
+    pub local_write_latency: LatencyRecorder,
+    /// Replication latency (primary): from a write's shipping to the secondary's
+    /// Durable covering it (network, remote apply, remote flush batch).
+    pub replication_latency: LatencyRecorder,
+    /// Throughput over the last sampling interval, bytes per second (f64 bits).
+    pub write_rate_bits: AtomicU64,
+    pub replicated_rate_bits: AtomicU64,
+    pub resync_rate_bits: AtomicU64,
     /// Recent events (peer connects, resyncs, RPO crossings).
     pub events: events::EventLog,
     /// Primary with an RPO target: the lag is above it now, since when (ms since
@@ -108,6 +117,11 @@ impl Default for Metrics {
                 Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
             ),
             write_latency_sum_us: AtomicU64::new(0),
+            local_write_latency: LatencyRecorder::default(),
+            replication_latency: LatencyRecorder::default(),
+            write_rate_bits: AtomicU64::new(0),
+            replicated_rate_bits: AtomicU64::new(0),
+            resync_rate_bits: AtomicU64::new(0),
             events: events::EventLog::default(),
             rpo_exceeded: AtomicBool::new(false),
             rpo_exceeded_since_unix_ms: AtomicU64::new(0),
@@ -248,6 +262,39 @@ impl Metrics {
         }
     }
 
+    /// Throughput in bytes per second over the last sampling interval: client
+    /// writes, replicated payload (uncompressed), resync.
+    pub fn rates(&self) -> (f64, f64, f64) {
+        let get = |a: &AtomicU64| f64::from_bits(a.load(Ordering::Relaxed));
+        (
+            get(&self.write_rate_bits),
+            get(&self.replicated_rate_bits),
+            get(&self.resync_rate_bits),
+        )
+    }
+
+    /// Sample the byte counters; call every `interval` (see `agent::monitor`).
+    pub fn sample_rates(&self, last: &mut [u64; 3], interval: std::time::Duration) {
+        let now = [
+            Metrics::get(&self.client_write_bytes),
+            Metrics::get(&self.replicated_bytes),
+            Metrics::get(&self.resync_bytes),
+        ];
+        let secs = interval.as_secs_f64().max(1e-3);
+        for (i, target) in [
+            &self.write_rate_bits,
+            &self.replicated_rate_bits,
+            &self.resync_rate_bits,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let rate = now[i].saturating_sub(last[i]) as f64 / secs;
+            target.store(rate.to_bits(), Ordering::Relaxed);
+        }
+        *last = now;
+    }
+
     /// Compression ratio of shipped payloads (raw / wire); 1.0 before any traffic.
     pub fn compression_ratio(&self) -> f64 {
         let raw = Metrics::get(&self.replicated_bytes);
@@ -256,6 +303,46 @@ impl Metrics {
             1.0
         } else {
             raw as f64 / wire as f64
+        }
+    }
+}
+
+/// A latency histogram in microseconds with its sum (hdrhistogram, 3 significant
+/// digits, 1 µs to 60 s).
+pub struct LatencyRecorder {
+    hist: Mutex<Histogram<u64>>,
+    sum_us: AtomicU64,
+}
+
+impl Default for LatencyRecorder {
+    fn default() -> Self {
+        LatencyRecorder {
+            hist: Mutex::new(
+                Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+            ),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LatencyRecorder {
+    pub fn record(&self, elapsed: std::time::Duration) {
+        let us = (elapsed.as_micros() as u64).clamp(1, 60_000_000);
+        if let Ok(mut h) = self.hist.lock() {
+            h.saturating_record(us);
+        }
+        Metrics::add(&self.sum_us, us);
+    }
+
+    pub fn summary(&self) -> LatencySummary {
+        let h = self.hist.lock().expect("histogram lock");
+        LatencySummary {
+            count: h.len(),
+            sum_us: Metrics::get(&self.sum_us),
+            p50_us: h.value_at_quantile(0.50),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
         }
     }
 }

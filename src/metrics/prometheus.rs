@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 
-use crate::agent::control::StatusDoc;
+use crate::agent::control::{LatencyStatus, StatusDoc};
 
 /// The Content-Type of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -257,34 +257,25 @@ pub fn render(doc: &StatusDoc) -> String {
         "Seconds since the agent started.",
         doc.uptime_s as f64,
     );
-    e.family(
-        "tandem_write_latency_seconds",
-        "summary",
-        "Client write latency, from request to reply (quantiles from an HDR histogram since start).",
-    );
-    let lat = doc.write_latency_us.as_ref();
-    let us = |v: u64| v as f64 / 1e6;
-    for (q, v) in [
-        ("0.5", lat.map(|l| l.p50)),
-        ("0.99", lat.map(|l| l.p99)),
-        ("0.999", lat.map(|l| l.p999)),
-    ] {
-        e.sample(
+    for (name, help, lat) in [
+        (
             "tandem_write_latency_seconds",
-            &[("quantile", q)],
-            v.map_or(f64::NAN, us),
-        );
+            "Client write latency, from request to reply (quantiles from an HDR histogram since start).",
+            doc.write_latency_us.as_ref(),
+        ),
+        (
+            "tandem_local_write_latency_seconds",
+            "Write latency of this node's own volume (quantiles since start).",
+            doc.local_write_latency_us.as_ref(),
+        ),
+        (
+            "tandem_replication_latency_seconds",
+            "From shipping a write to the secondary's Durable covering it (quantiles since start).",
+            doc.replication_latency_us.as_ref(),
+        ),
+    ] {
+        summary(&mut e, name, help, lat);
     }
-    e.sample(
-        "tandem_write_latency_seconds_sum",
-        &[],
-        lat.map_or(0.0, |l| us(l.sum)),
-    );
-    e.sample(
-        "tandem_write_latency_seconds_count",
-        &[],
-        lat.map_or(0, |l| l.count) as f64,
-    );
     if let Some(r) = &doc.rpo {
         e.gauge(
             "tandem_rpo_seconds",
@@ -307,6 +298,26 @@ pub fn render(doc: &StatusDoc) -> String {
         violations,
     );
     e.out
+}
+
+/// A latency summary: quantiles 0.5, 0.99, 0.999 (NaN before the first sample),
+/// `_sum` and `_count`, in seconds.
+fn summary(e: &mut Exposition, name: &str, help: &str, lat: Option<&LatencyStatus>) {
+    e.family(name, "summary", help);
+    let us = |v: u64| v as f64 / 1e6;
+    for (q, v) in [
+        ("0.5", lat.map(|l| l.p50)),
+        ("0.99", lat.map(|l| l.p99)),
+        ("0.999", lat.map(|l| l.p999)),
+    ] {
+        e.sample(name, &[("quantile", q)], v.map_or(f64::NAN, us));
+    }
+    e.sample(&format!("{name}_sum"), &[], lat.map_or(0.0, |l| us(l.sum)));
+    e.sample(
+        &format!("{name}_count"),
+        &[],
+        lat.map_or(0, |l| l.count) as f64,
+    );
 }
 
 #[cfg(test)]
@@ -366,6 +377,20 @@ mod tests {
                 max: 4000,
                 count: 10,
                 sum: 7000,
+            }),
+            local_write_latency_us: None,
+            replication_latency_us: Some(LatencyStatus {
+                p50: 800,
+                p99: 2000,
+                p999: 5000,
+                max: 6000,
+                count: 10,
+                sum: 9000,
+            }),
+            throughput: Some(crate::agent::control::ThroughputStatus {
+                write_bytes_per_s: 1e6,
+                replicated_bytes_per_s: 2e6,
+                resync_bytes_per_s: 0.0,
             }),
             compression_ratio: 2.5,
             last_error: None,

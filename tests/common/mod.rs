@@ -23,10 +23,20 @@ pub fn tandem_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tandem")
 }
 
-/// A TCP port that was free a moment ago (bind port 0, read it, release it).
+/// A TCP port that was free a moment ago (bind port 0, read it, release it), and
+/// never handed out before in this test process: the kernel may give the same
+/// ephemeral port twice in a row once it is released, and two agents of one test
+/// would then collide.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = listener.local_addr().expect("local address").port();
+        if GIVEN.lock().expect("port set").insert(port) {
+            return port;
+        }
+    }
 }
 
 /// The seed of a randomized test: `TANDEM_TEST_SEED` if set, else fresh. Always printed.
