@@ -178,7 +178,7 @@ async fn rpo_check(
         {
             tracing::warn!(
                 event = t.kind(),
-                "rpo hook: {HOOK_QUEUE_MAX} runs already waiting behind a slow hook; skipping this one"
+                "rpo hook: {HOOK_QUEUE_MAX} runs already waiting behind a slow hook; this run is dropped (the event and the metric are recorded)"
             );
         }
     }

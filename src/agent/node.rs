@@ -92,25 +92,15 @@ async fn host_roles(
         };
         let (up_tx, up_rx) = oneshot::channel::<()>();
         let mut runner = match role {
-            Role::Primary => {
-                let (tx, rx) = oneshot::channel();
-                tokio::spawn(async move {
-                    if rx.await.is_ok() {
-                        let _ = up_tx.send(());
-                    }
-                });
-                tokio::spawn(primary::serve(role_cfg, ctx.clone(), Some(tx)))
-            }
+            Role::Primary => tokio::spawn(primary::serve(
+                role_cfg,
+                ctx.clone(),
+                Some(signal_up(up_tx)),
+            )),
             Role::Secondary => {
-                let (tx, rx) = oneshot::channel();
-                tokio::spawn(async move {
-                    if rx.await.is_ok() {
-                        let _ = up_tx.send(());
-                    }
-                });
                 let c = ctx.clone();
                 tokio::spawn(async move {
-                    secondary::serve(role_cfg, c, Some(tx))
+                    secondary::serve(role_cfg, c, Some(signal_up(up_tx)))
                         .await
                         .map(|()| String::new())
                 })
@@ -209,6 +199,18 @@ async fn host_roles(
             }
         }
     }
+}
+
+/// A ready channel for a role's serve function that signals `up` once the role
+/// serves, whatever the role reports with it.
+fn signal_up<R: Send + 'static>(up: oneshot::Sender<()>) -> oneshot::Sender<R> {
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        if rx.await.is_ok() {
+            let _ = up.send(());
+        }
+    });
+    tx
 }
 
 /// The node's control socket: role changes here, everything else goes to the role.

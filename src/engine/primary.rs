@@ -192,9 +192,8 @@ struct Unacked {
     /// shipped while ahead, local errors), and for a hash chunk the blocks the
     /// secondary reported different. Its Durable must not clear them.
     keep: Vec<ByteRange>,
-    /// A hash chunk (its blocks go back into `verify` if the session drops).
-    hash: bool,
-    /// Blocks per hash of a hash chunk (1, or RANGE_HASH_BLOCKS for a coarse one).
+    /// For a hash chunk, blocks per hash (1, or the range size for a coarse one);
+    /// 0 for data. A hash chunk's blocks go back into `verify` if the session drops.
     hash_unit_blocks: u64,
 }
 
@@ -498,7 +497,6 @@ impl<T> PrimaryEngine<T> {
                 resync: false,
                 accepted_at_ms: now_ms,
                 keep: Vec::new(),
-                hash: false,
                 hash_unit_blocks: 0,
             });
             self.unacked_bytes += range.len;
@@ -935,7 +933,7 @@ impl<T> PrimaryEngine<T> {
         let u = &mut self.unacked[i];
         let unit = u.hash_unit_blocks.max(1) * bs;
         let hashes = u.range.len.div_ceil(unit);
-        if !u.hash || mismatched.iter().any(|&m| m as u64 >= hashes) {
+        if u.hash_unit_blocks == 0 || mismatched.iter().any(|&m| m as u64 >= hashes) {
             out.push(Action::DropSession {
                 reason: format!("malformed hash reply for seq {seq}"),
             });
@@ -1245,10 +1243,22 @@ impl<T> PrimaryEngine<T> {
             resync: true,
             accepted_at_ms: now_ms,
             keep: Vec::new(),
-            hash: matches!(kind, OpKind::HashRead | OpKind::RangeHashRead),
             hash_unit_blocks: self.hash_unit_blocks(kind).unwrap_or(0),
         });
         self.unacked_bytes += len;
+        self.admit_internal(seq, range, kind, out);
+        Some((seq, range, kind))
+    }
+
+    /// Admit an op of the replication itself (a resync read or a comparison): no
+    /// client waits for it; it starts once earlier overlapping ops are done (G2).
+    fn admit_internal(
+        &mut self,
+        seq: Seq,
+        range: ByteRange,
+        kind: OpKind,
+        out: &mut Vec<Action<T>>,
+    ) {
         let runnable = self.sequencer.admit(seq, range);
         self.ops.insert(
             seq,
@@ -1270,7 +1280,6 @@ impl<T> PrimaryEngine<T> {
             self.ops.get_mut(&seq).expect("inserted").seq_ready = true;
             self.try_start(seq, out);
         }
-        Some((seq, range, kind))
     }
 
     /// The session ended (link down, peer gone, protocol error). Everything not
@@ -1290,7 +1299,7 @@ impl<T> PrimaryEngine<T> {
             }
             let (a, b) = u.range.blocks(self.block_size);
             self.dirty.mark(a, b);
-            if u.hash {
+            if u.hash_unit_blocks > 0 {
                 // Not compared yet (or the answer was lost): compare again next time,
                 // except the blocks already known to differ (the blocks of a range
                 // known to differ stay marked for a block-by-block comparison).
@@ -1513,27 +1522,7 @@ impl<T> PrimaryEngine<T> {
         let range = ByteRange::new(offset, (count * bs).min(self.size_bytes - offset));
         let seq = self.assign_seq();
         self.verify_chunks.insert(seq, range);
-        let runnable = self.sequencer.admit(seq, range);
-        self.ops.insert(
-            seq,
-            Op {
-                range,
-                kind: OpKind::VerifyRead,
-                fua: false,
-                token: None,
-                local: Local::Waiting,
-                seq_ready: false,
-                al_ready: true,
-                in_stream: true,
-                frame_ready: false,
-                shipped: false,
-                applied: false,
-            },
-        );
-        if runnable {
-            self.ops.get_mut(&seq).expect("inserted").seq_ready = true;
-            self.try_start(seq, out);
-        }
+        self.admit_internal(seq, range, OpKind::VerifyRead, out);
         Some((seq, range))
     }
 
