@@ -3,7 +3,10 @@
 
 pub mod activity;
 pub mod generations;
+pub mod handshake;
 pub mod primary;
+pub mod rangeset;
+pub mod recovery;
 pub mod secondary;
 pub mod sequencer;
 

@@ -1,318 +1,1291 @@
-//! The secondary's apply state machine (sans-IO).
+//! The secondary's state machine (sans-IO): a redo journal in front of the volume.
 //!
-//! Frames arrive in seq order on one stream. Non-overlapping writes are applied
-//! in parallel, overlapping ones in seq order (via [`RangeSequencer`]); "applied
-//! through N" advances only when every write ≤ N has completed (G2). Flushes
-//! are batched: on a timer tick, past a byte threshold, or when the primary
-//! relays a FLUSH or a FUA write — never once per write unless asked
-//! (ARCHITECTURE §3). It owns no sockets and no files.
+//! Every replicated change (a write, zeroes, a trim, resync data) is appended to
+//! the journal in seq order before anything else; `Applied` follows the append
+//! (the record is in the page cache, like a completed write) and `Durable` follows
+//! the journal's fdatasync. The volume is written only by the **checkpointer**,
+//! which copies the oldest records into it, fdatasyncs it, and only then releases
+//! them from the journal. So at any instant — power loss included — the
+//! secondary's image is the volume plus the journal's valid records, replayed in
+//! order: an exact prefix of what the primary sent (G2). There is no epoch
+//! barrier to get wrong: the journal's order is the order (issue 9, finding 7).
+//!
+//! **Sections and consistent points.** Outside a resync, every record boundary is
+//! a consistent point (a prefix of the primary's history). A resync is not: it
+//! sends the current contents of dirty blocks, so the image is mixed until the
+//! resync's last block is in. The primary marks it with `ResyncStart { blocks > 0 }`
+//! and `ResyncDone`; the journal records a section start and end. The checkpointer
+//! never copies a record of an open section into the volume, so the last consistent
+//! image (volume + records before the section) is always there: promoting this
+//! node mid-resync drops the section's records and serves that image (issue 10).
+//! A node with no consistent image at all (a new secondary's first full copy) has
+//! nothing to protect and lets the checkpointer copy everything.
+//!
+//! **Rollback window.** Records are kept after they could be copied, up to
+//! `rollback_window_bytes` and `rollback_window_ms`, so the image can be taken
+//! back to an earlier consistent point (`tandem rollback`) or viewed there
+//! (`tandem inspect`). Point markers are recorded at every relayed FLUSH (a
+//! filesystem commit) and at the end of every resync.
+//!
+//! **Reads.** The current image of a block is its newest journal record, else the
+//! volume. A hash comparison resolves its sources when it is admitted (so later
+//! frames cannot change what it compares), and no checkpoint runs while one reads.
+//!
+//! This module owns the order, the acknowledgements, the section and consistency
+//! state, the journal's space and the checkpoint policy. It does no I/O: the agent
+//! appends, syncs, copies and reads as told.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use crate::engine::sequencer::RangeSequencer;
-use crate::types::{ByteRange, Seq};
+use crate::types::{BlockIndex, ByteRange, Seq};
 
-/// What an incoming frame asks the volume to do.
+/// A journal record's position: consecutive from 1 for the journal's life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    pub const ZERO: Lsn = Lsn(0);
+    pub fn next(self) -> Lsn {
+        Lsn(self.0 + 1)
+    }
+}
+
+impl std::fmt::Display for Lsn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What a journal record holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ApplyKind {
+pub enum RecordKind {
+    /// Data for `range` (the payload).
     Write,
-    WriteZeroes,
+    /// `range` reads as zeroes.
+    Zeroes,
+    /// `range` was discarded (reads as zeroes here: trim is applied as zeroing on
+    /// the secondary, so both nodes read the same).
     Trim,
-    /// Compare the range with the primary's block hashes; the agent answers with
-    /// HashReply, which stands in for Applied.
-    HashCheck,
+    /// A resync section starts: records after it are not a consistent image until
+    /// its end.
+    SectionStart,
+    /// The section ends: the image through this record is consistent.
+    SectionEnd,
+    /// A consistent point worth listing (a relayed FLUSH).
+    Point,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub enum SecondaryAction {
-    /// Apply `seq` to the volume (the agent holds its payload).
-    StartApply {
-        seq: Seq,
-        kind: ApplyKind,
-        range: ByteRange,
+impl RecordKind {
+    pub fn changes_data(self) -> bool {
+        matches!(self, RecordKind::Write | RecordKind::Zeroes | RecordKind::Trim)
+    }
+
+    /// Byte encoding in the journal.
+    pub fn code(self) -> u8 {
+        match self {
+            RecordKind::Write => 1,
+            RecordKind::Zeroes => 2,
+            RecordKind::Trim => 3,
+            RecordKind::SectionStart => 4,
+            RecordKind::SectionEnd => 5,
+            RecordKind::Point => 6,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<RecordKind> {
+        Some(match code {
+            1 => RecordKind::Write,
+            2 => RecordKind::Zeroes,
+            3 => RecordKind::Trim,
+            4 => RecordKind::SectionStart,
+            5 => RecordKind::SectionEnd,
+            6 => RecordKind::Point,
+            _ => return None,
+        })
+    }
+}
+
+/// A journal record as the engine tracks it (the payload stays in the journal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub lsn: Lsn,
+    /// The primary's seq of the frame (markers: the last seq received before them).
+    pub seq: Seq,
+    pub kind: RecordKind,
+    pub range: ByteRange,
+    /// The primary's acceptance time of the write (ms since the epoch); for
+    /// markers, that of the newest write before them.
+    pub at_ms: u64,
+    /// Bytes the record takes in the journal (header and payload).
+    pub journal_bytes: u64,
+    /// The image through this record is mixed (a resync section is open, or no
+    /// consistent image exists yet). Computed by the engine; ignored on input.
+    pub in_section: bool,
+}
+
+/// Where to read a piece of the current image from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Volume,
+    /// The record's payload; `skip` bytes into it.
+    Record { lsn: Lsn, skip: u64 },
+    /// Reads as zeroes (a zero or trim record).
+    Zero,
+}
+
+/// A frame from the primary, decoded.
+#[derive(Debug)]
+pub enum Incoming<D> {
+    ResyncStart {
+        next: Seq,
+        blocks: u64,
+        full: bool,
     },
-    /// Acknowledge `Applied { seq }`.
-    SendApplied { seq: Seq },
-    /// fdatasync the volume; everything applied through `through` is covered.
-    StartFlush { through: Seq },
-    /// Acknowledge `Durable { through_seq }`.
-    SendDurable { through: Seq },
-    /// Record Inconsistent durably before anything else is applied (resync begins).
-    MarkInconsistent,
-    /// The resync is durable: record UpToDate.
-    MarkUpToDate,
-    /// Stop: the session cannot go on (protocol violation or failed I/O).
-    Fail { reason: String },
-}
-
-/// The secondary's per-session apply state.
-pub struct SecondaryEngine {
-    sequencer: RangeSequencer,
-    expected_next: Seq,
-    waiting: BTreeMap<Seq, (ApplyKind, ByteRange)>,
-    applied_through: Seq,
-    completed_above: BTreeSet<Seq>,
-    /// Seq ranges [start, end) the primary skipped (it went ahead): never applied,
-    /// but "applied through" may pass over them.
-    skipped: BTreeMap<Seq, Seq>,
-    /// Hash checks in flight: answered by HashReply instead of Applied.
-    hash_checks: std::collections::HashSet<Seq>,
-    durable_through: Seq,
-    flushing: Option<Seq>,
-    /// Highest seq the primary asked to make durable (FLUSH or FUA).
-    flush_wanted: Seq,
-    bytes_since_flush: u64,
-    flush_threshold_bytes: u64,
-    resync_done_at: Option<Seq>,
-    failed: bool,
-}
-
-impl SecondaryEngine {
-    /// A session whose first frame will carry `first_seq`.
-    pub fn new(first_seq: Seq, flush_threshold_bytes: u64) -> SecondaryEngine {
-        assert!(first_seq > Seq::ZERO);
-        let before = Seq(first_seq.0 - 1);
-        SecondaryEngine {
-            sequencer: RangeSequencer::new(),
-            expected_next: first_seq,
-            waiting: BTreeMap::new(),
-            applied_through: before,
-            completed_above: BTreeSet::new(),
-            skipped: BTreeMap::new(),
-            hash_checks: std::collections::HashSet::new(),
-            durable_through: before,
-            flushing: None,
-            flush_wanted: Seq::ZERO,
-            bytes_since_flush: 0,
-            flush_threshold_bytes,
-            resync_done_at: None,
-            failed: false,
-        }
-    }
-
-    pub fn applied_through(&self) -> Seq {
-        self.applied_through
-    }
-    pub fn durable_through(&self) -> Seq {
-        self.durable_through
-    }
-    /// Writes received and not yet applied.
-    pub fn in_flight(&self) -> usize {
-        self.sequencer.len()
-    }
-    pub fn is_idle(&self) -> bool {
-        self.sequencer.is_empty() && self.flushing.is_none()
-    }
-
-    /// A write, write-zeroes or trim frame arrived.
-    pub fn receive(
-        &mut self,
+    Write {
         seq: Seq,
-        kind: ApplyKind,
-        range: ByteRange,
+        offset: u64,
         fua: bool,
-        out: &mut Vec<SecondaryAction>,
-    ) {
-        if self.failed {
-            return;
-        }
-        if seq != self.expected_next {
-            self.fail(
-                format!(
-                    "frame seq {seq} out of order: expected {}",
-                    self.expected_next
-                ),
-                out,
-            );
-            return;
-        }
-        self.expected_next = seq.next();
-        if kind == ApplyKind::HashCheck {
-            self.hash_checks.insert(seq);
-        }
-        if fua {
-            self.flush_wanted = self.flush_wanted.max(seq);
-        }
-        if self.sequencer.admit(seq, range) {
-            out.push(SecondaryAction::StartApply { seq, kind, range });
-        } else {
-            self.waiting.insert(seq, (kind, range));
-        }
-    }
+        at_ms: u64,
+        data: D,
+        len: u64,
+    },
+    Zeroes {
+        seq: Seq,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        at_ms: u64,
+    },
+    Trim {
+        seq: Seq,
+        offset: u64,
+        len: u64,
+        at_ms: u64,
+    },
+    HashCheck {
+        seq: Seq,
+        offset: u64,
+        unit_bytes: u32,
+        count: u32,
+        hashes: D,
+    },
+    Flush {
+        through: Seq,
+    },
+    ResyncDone {
+        through: Seq,
+    },
+}
 
-    /// The primary relayed a FLUSH covering everything through `through`.
-    pub fn flush_requested(&mut self, through: Seq, out: &mut Vec<SecondaryAction>) {
-        if through >= self.expected_next {
-            self.fail(
-                format!(
-                    "flush through seq {through} before that seq arrived (next expected {})",
-                    self.expected_next
-                ),
-                out,
-            );
-            return;
-        }
-        self.flush_wanted = self.flush_wanted.max(through);
-        self.maybe_flush(out);
-    }
-
-    /// The primary finished a resync pass through `through`.
-    pub fn resync_done(&mut self, through: Seq, out: &mut Vec<SecondaryAction>) {
-        if through >= self.expected_next {
-            self.fail(
-                format!("resync done through seq {through} before that seq arrived"),
-                out,
-            );
-            return;
-        }
-        if through <= self.durable_through {
-            out.push(SecondaryAction::MarkUpToDate);
-            return;
-        }
-        self.resync_done_at = Some(through);
-        self.flush_wanted = self.flush_wanted.max(through);
-        self.maybe_flush(out);
-    }
-
-    pub fn apply_done(
-        &mut self,
+/// Something the agent must do, in order.
+#[derive(Debug)]
+pub enum SecondaryAction<D> {
+    /// Append this record (with its payload for a write) to the journal, not yet
+    /// durably.
+    Append { record: Record, data: Option<D> },
+    /// fdatasync the journal; report with [`SecondaryEngine::journal_synced`].
+    SyncJournal { through: Lsn },
+    /// Copy records `from..=through` into the volume in order, fdatasync the
+    /// volume, release them from the journal durably; report with
+    /// [`SecondaryEngine::checkpointed`]. When `volume_consistent_after` is false
+    /// the copy makes the volume alone mixed: record that durably (superblock)
+    /// BEFORE copying; when true, record it after the release.
+    Checkpoint {
+        from: Lsn,
+        through: Lsn,
+        volume_consistent_after: bool,
+    },
+    /// Read the current image of `range` from `sources` (in order, covering it),
+    /// hash it in units of `unit_bytes` and compare with `hashes`; report with
+    /// [`SecondaryEngine::hash_done`].
+    StartHash {
         seq: Seq,
         range: ByteRange,
-        result: Result<(), i32>,
-        out: &mut Vec<SecondaryAction>,
-    ) {
-        // Release the writes waiting behind this one even when it failed, so every
-        // write received is eventually attempted and nothing waits forever.
-        let released = self.sequencer.complete(seq);
-        if let Err(errno) = result {
-            // The volume now lacks a write it acknowledged receiving: it is no longer
-            // prefix-consistent. The primary keeps the range dirty (never Applied).
-            out.push(SecondaryAction::MarkInconsistent);
-            self.fail(
-                format!(
-                    "applying seq {seq} at offset {} ({} bytes) failed: {}; the disk is marked Inconsistent and the primary keeps the range for resync",
-                    range.offset,
-                    range.len,
-                    std::io::Error::from_raw_os_error(errno)
-                ),
-                out,
-            );
-        } else if self.hash_checks.remove(&seq) {
-            // Answered by the agent's HashReply, sent before this completion.
-        } else if !self.failed {
-            self.bytes_since_flush += range.len;
-            out.push(SecondaryAction::SendApplied { seq });
-        }
-        for next in released {
-            let (kind, range) = self.waiting.remove(&next).expect("released op was waiting");
-            out.push(SecondaryAction::StartApply {
-                seq: next,
-                kind,
-                range,
-            });
-        }
-        if self.failed {
-            // Nothing more counts as applied or durable in a failed session.
-            return;
-        }
-        self.completed_above.insert(seq);
-        self.advance();
-        if self.bytes_since_flush >= self.flush_threshold_bytes {
-            self.flush_wanted = self.flush_wanted.max(self.applied_through);
-        }
-        self.maybe_flush(out);
-    }
+        unit_bytes: u32,
+        hashes: D,
+        sources: Vec<(ByteRange, Source)>,
+    },
+    SendApplied { seq: Seq },
+    SendDurable { through: Seq },
+    SendHashReply { seq: Seq, mismatched: Vec<u32> },
+    /// The image is consistent again (or for the first time), through `through`
+    /// whose newest write was accepted at `at_ms` (for the log and status).
+    MarkConsistent { through: Lsn, at_ms: u64 },
+    /// A resync section began: the image being appended to is mixed until it ends
+    /// (the last consistent point stays in the journal). For the log and status.
+    MarkSectionOpen,
+    /// The session cannot continue.
+    Fail { fault: Fault },
+}
 
-    /// Periodic tick (a few ms): flush whatever has been applied since the last flush.
-    pub fn tick(&mut self, out: &mut Vec<SecondaryAction>) {
-        if self.applied_through > self.durable_through {
-            self.flush_wanted = self.flush_wanted.max(self.applied_through);
-        }
-        self.maybe_flush(out);
-    }
+/// Why a session ends (the secondary's side).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Fault {
+    #[error("frame seq {got} out of order: expected {expected}")]
+    OutOfOrder { got: Seq, expected: Seq },
+    #[error("{what} before ResyncStart")]
+    BeforeStart { what: &'static str },
+    #[error("ResyncStart names next seq {next}, but seq {expected} was expected")]
+    StartBehind { next: Seq, expected: Seq },
+    #[error("{what} through seq {through} before that seq arrived (next expected {expected})")]
+    MarkerAhead {
+        what: &'static str,
+        through: Seq,
+        expected: Seq,
+    },
+    #[error("frame seq {seq} addresses {offset}+{len}, beyond the volume ({size_bytes} bytes)")]
+    OutOfRange {
+        seq: Seq,
+        offset: u64,
+        len: u64,
+        size_bytes: u64,
+    },
+    #[error("invalid seq {seq} (seqs are between 1 and {max})")]
+    BadSeq { seq: Seq, max: u64 },
+    #[error("malformed HashCheck seq {seq}")]
+    BadHashCheck { seq: Seq },
+    #[error(
+        "the resync of {needed_bytes} bytes does not fit the journal ({available_bytes} bytes free); \
+         this node keeps its last consistent image and refuses the resync: grow journal-size in the \
+         resource file (then restart this node), or set resync-overflow = inconsistent to allow an \
+         inconsistent resync"
+    )]
+    ResyncTooLarge { needed_bytes: u64, available_bytes: u64 },
+    #[error(
+        "the journal filled up during a resync ({capacity_bytes} bytes); this node keeps its last \
+         consistent image and stops the resync: grow journal-size in the resource file, or set \
+         resync-overflow = inconsistent"
+    )]
+    JournalFullDuringResync { capacity_bytes: u64 },
+    #[error("a journal or volume write failed: {0}; the node is poisoned, check the disk and restart it")]
+    Io(String),
+}
 
-    fn maybe_flush(&mut self, out: &mut Vec<SecondaryAction>) {
-        if self.failed || self.flushing.is_some() {
-            return;
-        }
-        if self.flush_wanted > self.durable_through && self.applied_through > self.durable_through {
-            // Flush what is applied now; a wanted seq beyond it is covered by a later flush.
-            let through = self.applied_through;
-            self.flushing = Some(through);
-            self.bytes_since_flush = 0;
-            out.push(SecondaryAction::StartFlush { through });
-        }
-    }
+/// Largest seq accepted from a peer: leaves room to count past it.
+pub const SEQ_MAX: u64 = u64::MAX / 2;
 
-    pub fn flush_done(&mut self, result: Result<(), i32>, out: &mut Vec<SecondaryAction>) {
-        let through = self.flushing.take().expect("flush_done without a flush");
-        if let Err(errno) = result {
-            self.fail(
-                format!("flush of the volume failed: {}; volume poisoned, restart the agent after checking the disk", std::io::Error::from_raw_os_error(errno)),
-                out,
-            );
-            return;
-        }
-        self.durable_through = through;
-        out.push(SecondaryAction::SendDurable { through });
-        if let Some(at) = self.resync_done_at
-            && through >= at
-        {
-            self.resync_done_at = None;
-            out.push(SecondaryAction::MarkUpToDate);
-        }
-        self.maybe_flush(out);
-    }
+/// The secondary's settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub size_bytes: u64,
+    pub block_size: u32,
+    /// The journal's ring size.
+    pub journal_capacity_bytes: u64,
+    /// Bytes a record costs besides its payload (header, alignment).
+    pub record_overhead_bytes: u64,
+    /// Keep records for rollback up to this many bytes...
+    pub rollback_window_bytes: u64,
+    /// ... and no older than this.
+    pub rollback_window_ms: u64,
+    /// Sync the journal once this many bytes were appended since the last sync.
+    pub sync_threshold_bytes: u64,
+    /// Largest checkpoint batch (payload bytes).
+    pub checkpoint_batch_bytes: u64,
+    /// Largest frame payload the primary may send (room is kept for one).
+    pub frame_max_bytes: u64,
+    /// A resync larger than the journal may make the image inconsistent (the
+    /// last consistent image is then lost until it ends).
+    pub allow_inconsistent: bool,
+}
 
-    /// A `ResyncStart` arrived: a resync of `blocks` blocks begins when `blocks` > 0.
-    pub fn resync_started(&mut self, next: Seq, blocks: u64, out: &mut Vec<SecondaryAction>) {
-        if self.failed {
-            return;
-        }
-        if next < self.expected_next {
-            self.fail(
-                format!(
-                    "ResyncStart names next seq {next}, but seq {} was expected",
-                    self.expected_next
-                ),
-                out,
-            );
-            return;
-        }
-        if next > self.expected_next {
-            // The primary went ahead: seqs in between were tracked in its bitmap
-            // and are covered by the resync that follows.
-            self.skipped.insert(self.expected_next, next);
-            self.expected_next = next;
-            self.advance();
-        }
-        self.resync_done_at = None;
-        if blocks > 0 {
-            out.push(SecondaryAction::MarkInconsistent);
-        } else {
-            // Nothing differs: this node holds the primary's data as of this seq (its
-            // earlier sessions' writes were made durable when they ended), so it is
-            // UpToDate in the primary's generation.
-            out.push(SecondaryAction::MarkUpToDate);
+impl Config {
+    pub fn new(size_bytes: u64, block_size: u32, journal_capacity_bytes: u64) -> Config {
+        Config {
+            size_bytes,
+            block_size,
+            journal_capacity_bytes,
+            record_overhead_bytes: 64,
+            rollback_window_bytes: journal_capacity_bytes / 2,
+            rollback_window_ms: 3_600_000,
+            sync_threshold_bytes: 8 << 20,
+            checkpoint_batch_bytes: 64 << 20,
+            frame_max_bytes: crate::wire::PAYLOAD_MAX_BYTES as u64,
+            allow_inconsistent: false,
         }
     }
+}
 
-    fn advance(&mut self) {
-        loop {
-            let next = self.applied_through.next();
-            if self.completed_above.first() == Some(&next) {
-                self.completed_above.pop_first();
-                self.applied_through = next;
-            } else if let Some(end) = self.skipped.remove(&next) {
-                self.applied_through = Seq(end.0 - 1);
-            } else {
+/// What is pending for a seq of the session before `Durable` may pass it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pending {
+    /// Appended as this record: durable once the journal sync covers it.
+    Record(Lsn),
+    /// A hash comparison in flight.
+    Hash,
+    /// Answered.
+    Done,
+}
+
+/// A consistent point of the rollback window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Point {
+    /// The image through this record is consistent.
+    pub lsn: Lsn,
+    /// The newest write it holds: the primary's seq and acceptance time.
+    pub seq: Seq,
+    pub at_ms: u64,
+    /// Journal bytes recorded after it (what a rollback to it discards).
+    pub later_bytes: u64,
+}
+
+/// Whether the agent may read the next frame (journal space).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Room {
+    /// A frame of the largest size fits.
+    Free,
+    /// Wait for the checkpoint in flight (or just started) to release records.
+    Wait,
+    /// Nothing can be released (an open section fills the journal): the session
+    /// has failed.
+    Stuck,
+}
+
+/// Per-connection order state.
+struct Session {
+    expected_next: Seq,
+    pending: BTreeMap<Seq, Pending>,
+    /// Seq ranges [start, end) the primary skipped (it went ahead).
+    skipped: BTreeMap<Seq, Seq>,
+    durable_through: Seq,
+    /// Highest seq the primary asked to make durable (FLUSH, FUA, ResyncDone).
+    sync_wanted: Seq,
+}
+
+/// The secondary's state.
+pub struct SecondaryEngine<D> {
+    cfg: Config,
+    now_ms: u64,
+    /// Live records, oldest first (the first is `applied + 1`).
+    records: VecDeque<Record>,
+    live_bytes: u64,
+    /// Records through this one are copied into the volume (and released).
+    applied: Lsn,
+    /// The volume alone (records through `applied`) is a consistent image.
+    volume_consistent: bool,
+    /// Records through this one are durable in the journal.
+    durable: Lsn,
+    /// Last record appended.
+    tail: Lsn,
+    /// A journal sync in flight (through).
+    syncing: Option<Lsn>,
+    /// A tick asked for a sync while one was running.
+    sync_again: bool,
+    bytes_since_sync: u64,
+    /// A checkpoint in flight (through).
+    checkpointing: Option<Lsn>,
+    /// Hash reads in flight (checkpoints wait for them).
+    hashing: u32,
+    /// Appending goes into a mixed image (a section is open, or no consistent
+    /// image exists yet).
+    in_section: bool,
+    /// Newest durable consistent point: the image through it is consistent.
+    consistent: Option<Lsn>,
+    /// Newest write held by the consistent image: (seq, at_ms).
+    consistent_write: (Seq, u64),
+    /// Newest data record appended: (seq, at_ms), for markers.
+    last_write: (Seq, u64),
+    /// Newest durable data record: (seq, at_ms).
+    durable_write: (Seq, u64),
+    /// Newest point marker (or section end) appended.
+    last_point: Lsn,
+    /// The checkpointer may not pass this record (an inspection holds it).
+    pin: Option<Lsn>,
+    /// Newest record per block among the live records.
+    index: HashMap<u64, Lsn>,
+    session: Option<Session>,
+    poisoned: Option<String>,
+    _data: std::marker::PhantomData<D>,
+}
+
+impl<D> SecondaryEngine<D> {
+    /// A secondary whose journal holds `records` (recovered, in order, all
+    /// durable) after `applied` (everything before is in the volume).
+    /// `volume_consistent`: the volume alone is a consistent image (false for a
+    /// new node before its first full copy, or after an inconsistent resync).
+    pub fn new(cfg: Config, applied: Lsn, records: Vec<Record>, volume_consistent: bool) -> Self {
+        let mut e = SecondaryEngine {
+            now_ms: 0,
+            records: VecDeque::new(),
+            live_bytes: 0,
+            applied,
+            volume_consistent,
+            durable: applied,
+            tail: applied,
+            syncing: None,
+            sync_again: false,
+            bytes_since_sync: 0,
+            checkpointing: None,
+            hashing: 0,
+            in_section: !volume_consistent,
+            consistent: volume_consistent.then_some(applied),
+            consistent_write: (Seq::ZERO, 0),
+            last_write: (Seq::ZERO, 0),
+            durable_write: (Seq::ZERO, 0),
+            last_point: applied,
+            pin: None,
+            index: HashMap::new(),
+            session: None,
+            poisoned: None,
+            _data: std::marker::PhantomData,
+            cfg,
+        };
+        for r in records {
+            assert_eq!(r.lsn, e.tail.next(), "recovered records are consecutive");
+            e.tail = r.lsn;
+            e.track(r);
+        }
+        // What was recovered is durable by definition.
+        e.mark_durable(e.tail);
+        e
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn applied(&self) -> Lsn {
+        self.applied
+    }
+    pub fn durable(&self) -> Lsn {
+        self.durable
+    }
+    pub fn tail(&self) -> Lsn {
+        self.tail
+    }
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes
+    }
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.records.iter()
+    }
+    pub fn is_volume_consistent(&self) -> bool {
+        self.volume_consistent
+    }
+    /// The image being appended to is mixed (a resync section is open, or no
+    /// consistent image exists yet).
+    pub fn is_section_open(&self) -> bool {
+        self.in_section
+    }
+    /// The last consistent point: record, and the newest write it holds.
+    pub fn consistent_point(&self) -> Option<(Lsn, Seq, u64)> {
+        self.consistent
+            .map(|l| (l, self.consistent_write.0, self.consistent_write.1))
+    }
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+    /// What the volume alone holds (unknown once its records are released).
+    fn consistent_write_of_volume(&self) -> (Seq, u64) {
+        (Seq::ZERO, 0)
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.syncing.is_none() && self.checkpointing.is_none() && self.hashing == 0
+    }
+
+    /// Add a record at the tail of the tracked list (appended or recovered).
+    fn track(&mut self, mut r: Record) -> Record {
+        match r.kind {
+            RecordKind::SectionStart => self.in_section = true,
+            RecordKind::SectionEnd => self.in_section = false,
+            RecordKind::Point => self.last_point = r.lsn,
+            _ => {}
+        }
+        if r.kind == RecordKind::SectionEnd {
+            self.last_point = r.lsn;
+        }
+        r.in_section = self.in_section || r.kind == RecordKind::SectionStart;
+        if r.kind.changes_data() {
+            let (a, b) = r.range.blocks(self.cfg.block_size);
+            for blk in a.0..b.0 {
+                self.index.insert(blk, r.lsn);
+            }
+            self.last_write = (r.seq, r.at_ms);
+        }
+        self.live_bytes += r.journal_bytes;
+        self.records.push_back(r);
+        r
+    }
+
+    fn record_index(&self, lsn: Lsn) -> Option<usize> {
+        if lsn <= self.applied || lsn > self.tail {
+            return None;
+        }
+        Some((lsn.0 - self.applied.0 - 1) as usize)
+    }
+
+    pub fn record(&self, lsn: Lsn) -> Option<&Record> {
+        self.record_index(lsn).and_then(|i| self.records.get(i))
+    }
+
+    /// Records through `through` are durable: the consistent point moves to the
+    /// newest of them outside a section. Returns whether the image became
+    /// consistent after being mixed (a section ended, or the first full copy).
+    fn mark_durable(&mut self, through: Lsn) -> bool {
+        let start = self
+            .record_index(self.durable.next())
+            .unwrap_or(self.records.len());
+        self.durable = through;
+        let mut became = false;
+        for i in start..self.records.len() {
+            let r = self.records[i];
+            if r.lsn > through {
                 break;
             }
+            if r.kind.changes_data() {
+                self.durable_write = (r.seq, r.at_ms);
+            }
+            if !r.in_section {
+                became |= self.consistent.is_none() || r.kind == RecordKind::SectionEnd;
+                self.consistent = Some(r.lsn);
+                self.consistent_write = self.durable_write;
+            }
+        }
+        became
+    }
+
+    /// Where to read the current image of `range` from (newest record per block,
+    /// else the volume), merged into runs.
+    pub fn sources(&self, range: ByteRange) -> Vec<(ByteRange, Source)> {
+        self.resolve(range, |blk| self.index.get(&blk).copied())
+    }
+
+    /// A view of the image as of record `at` (≥ applied): the newest record per
+    /// block at or before it. Built once per inspection.
+    pub fn view_at(&self, at: Lsn) -> HashMap<u64, Lsn> {
+        let mut view = HashMap::new();
+        for r in self.records.iter().take_while(|r| r.lsn <= at) {
+            if r.kind.changes_data() {
+                let (a, b) = r.range.blocks(self.cfg.block_size);
+                for blk in a.0..b.0 {
+                    view.insert(blk, r.lsn);
+                }
+            }
+        }
+        view
+    }
+
+    /// Where to read `range` of a view built by [`Self::view_at`].
+    pub fn sources_in(&self, view: &HashMap<u64, Lsn>, range: ByteRange) -> Vec<(ByteRange, Source)> {
+        self.resolve(range, |blk| view.get(&blk).copied())
+    }
+
+    fn resolve(&self, range: ByteRange, newest: impl Fn(u64) -> Option<Lsn>) -> Vec<(ByteRange, Source)> {
+        let bs = self.cfg.block_size as u64;
+        let mut out: Vec<(ByteRange, Source)> = Vec::new();
+        let mut offset = range.offset;
+        while offset < range.end() {
+            let blk = offset / bs;
+            let end = ((blk + 1) * bs).min(range.end());
+            let src = match newest(blk).and_then(|l| self.record(l)) {
+                None => Source::Volume,
+                Some(r) if r.kind == RecordKind::Write => Source::Record {
+                    lsn: r.lsn,
+                    skip: offset - r.range.offset,
+                },
+                Some(_) => Source::Zero,
+            };
+            let piece = ByteRange::new(offset, end - offset);
+            match out.last_mut() {
+                Some((prev, s)) if prev.end() == offset && continues(s, &src, prev.len) => {
+                    prev.len += piece.len;
+                }
+                _ => out.push((piece, src)),
+            }
+            offset = end;
+        }
+        out
+    }
+
+    /// Consistent points in the rollback window, oldest first (the newest `max`).
+    pub fn points(&self, max: usize) -> Vec<Point> {
+        let Some(end) = self.consistent else {
+            return Vec::new();
+        };
+        let mut points = Vec::new();
+        let mut after = self.live_bytes;
+        let mut write = (Seq::ZERO, 0);
+        if self.volume_consistent {
+            points.push(Point {
+                lsn: self.applied,
+                seq: Seq::ZERO,
+                at_ms: 0,
+                later_bytes: after,
+            });
+        }
+        for r in self.records.iter().take_while(|r| r.lsn <= end) {
+            after -= r.journal_bytes;
+            if r.kind.changes_data() {
+                write = (r.seq, r.at_ms);
+            }
+            let listed = matches!(r.kind, RecordKind::Point | RecordKind::SectionEnd) || r.lsn == end;
+            if !r.in_section && listed {
+                points.push(Point {
+                    lsn: r.lsn,
+                    seq: write.0,
+                    at_ms: write.1,
+                    later_bytes: after,
+                });
+            }
+        }
+        if points.len() > max {
+            points.drain(..points.len() - max);
+        }
+        points
+    }
+}
+
+fn continues(prev: &Source, next: &Source, prev_len: u64) -> bool {
+    match (prev, next) {
+        (Source::Volume, Source::Volume) | (Source::Zero, Source::Zero) => true,
+        (Source::Record { lsn: a, skip: s }, Source::Record { lsn: b, skip: t }) => {
+            a == b && s + prev_len == *t
+        }
+        _ => false,
+    }
+}
+
+impl<D> SecondaryEngine<D> {
+    /// The session ended: nothing more arrives; what was appended stays (the
+    /// primary resends whatever it did not see durable).
+    pub fn session_ended(&mut self, out: &mut Vec<SecondaryAction<D>>) {
+        self.session = None;
+        self.maybe_sync(true, out);
+    }
+
+    /// Periodic tick (a few ms): sync what was appended, maybe checkpoint.
+    pub fn tick(&mut self, now_ms: u64, out: &mut Vec<SecondaryAction<D>>) {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.maybe_sync(true, out);
+        self.maybe_checkpoint(out);
+    }
+
+    fn fail(&mut self, fault: Fault, out: &mut Vec<SecondaryAction<D>>) {
+        self.session = None;
+        out.push(SecondaryAction::Fail { fault });
+    }
+
+    /// Whether the agent may read the next frame (a frame of up to
+    /// [`crate::wire::PAYLOAD_MAX_BYTES`] must fit the journal).
+    pub fn room(&mut self, out: &mut Vec<SecondaryAction<D>>) -> Room {
+        let frame_max = self.cfg.frame_max_bytes + self.cfg.record_overhead_bytes * 4;
+        if self.live_bytes + frame_max <= self.cfg.journal_capacity_bytes {
+            return Room::Free;
+        }
+        if self.checkpointing.is_some() || self.hashing > 0 {
+            return Room::Wait;
+        }
+        self.maybe_checkpoint(out);
+        if self.checkpointing.is_some() {
+            return Room::Wait;
+        }
+        if self.syncing.is_some() || self.tail > self.durable {
+            // Records not durable yet cannot be copied: sync first.
+            self.maybe_sync(true, out);
+            return Room::Wait;
+        }
+        if self.session.is_some() {
+            self.fail(
+                Fault::JournalFullDuringResync {
+                    capacity_bytes: self.cfg.journal_capacity_bytes,
+                },
+                out,
+            );
+        }
+        Room::Stuck
+    }
+
+    /// A frame arrived (in order on one stream). Nothing of a frame that is refused
+    /// is kept (issue 9, findings 10 and 11): its seq is checked first.
+    pub fn receive(&mut self, frame: Incoming<D>, now_ms: u64, out: &mut Vec<SecondaryAction<D>>) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if self.poisoned.is_some() {
+            return;
+        }
+        match frame {
+            Incoming::ResyncStart { next, blocks, full } => self.resync_start(next, blocks, full, out),
+            Incoming::Write {
+                seq,
+                offset,
+                fua,
+                at_ms,
+                data,
+                len,
+            } => self.data_frame(seq, RecordKind::Write, offset, len, fua, at_ms, Some(data), out),
+            Incoming::Zeroes {
+                seq,
+                offset,
+                len,
+                fua,
+                at_ms,
+            } => self.data_frame(seq, RecordKind::Zeroes, offset, len, fua, at_ms, None, out),
+            Incoming::Trim {
+                seq,
+                offset,
+                len,
+                at_ms,
+            } => self.data_frame(seq, RecordKind::Trim, offset, len, false, at_ms, None, out),
+            Incoming::HashCheck {
+                seq,
+                offset,
+                unit_bytes,
+                count,
+                hashes,
+            } => self.hash_check(seq, offset, unit_bytes, count, hashes, out),
+            Incoming::Flush { through } => self.flush_marker(through, out),
+            Incoming::ResyncDone { through } => self.resync_done(through, out),
         }
     }
 
-    fn fail(&mut self, reason: String, out: &mut Vec<SecondaryAction>) {
-        self.failed = true;
-        out.push(SecondaryAction::Fail { reason });
+    fn check_seq(&mut self, seq: Seq, out: &mut Vec<SecondaryAction<D>>) -> bool {
+        if seq.0 == 0 || seq.0 > SEQ_MAX {
+            self.fail(Fault::BadSeq { seq, max: SEQ_MAX }, out);
+            return false;
+        }
+        let Some(s) = &self.session else {
+            self.fail(Fault::BeforeStart { what: "a data frame" }, out);
+            return false;
+        };
+        if seq != s.expected_next {
+            let expected = s.expected_next;
+            self.fail(Fault::OutOfOrder { got: seq, expected }, out);
+            return false;
+        }
+        true
+    }
+
+    fn resync_start(&mut self, next: Seq, blocks: u64, _full: bool, out: &mut Vec<SecondaryAction<D>>) {
+        if next.0 == 0 || next.0 > SEQ_MAX {
+            self.fail(Fault::BadSeq { seq: next, max: SEQ_MAX }, out);
+            return;
+        }
+        match &mut self.session {
+            None => {
+                self.session = Some(Session {
+                    expected_next: next,
+                    pending: BTreeMap::new(),
+                    skipped: BTreeMap::new(),
+                    durable_through: next.prev(),
+                    sync_wanted: Seq::ZERO,
+                });
+            }
+            Some(s) if next < s.expected_next => {
+                let expected = s.expected_next;
+                self.fail(Fault::StartBehind { next, expected }, out);
+                return;
+            }
+            Some(s) => {
+                if next > s.expected_next {
+                    // The primary went ahead: seqs in between were tracked in its
+                    // bitmap and are covered by the resync that follows.
+                    s.skipped.insert(s.expected_next, next);
+                    s.expected_next = next;
+                }
+            }
+        }
+        if blocks == 0 {
+            // Nothing differs: the image is the primary's as of `next - 1`.
+            if self.in_section {
+                self.append_marker(RecordKind::SectionEnd, out);
+            }
+        } else if !self.in_section {
+            if !self.cfg.allow_inconsistent {
+                let needed = blocks * self.cfg.block_size as u64;
+                let available = self.space_for_section();
+                if needed > available {
+                    self.fail(
+                        Fault::ResyncTooLarge {
+                            needed_bytes: needed,
+                            available_bytes: available,
+                        },
+                        out,
+                    );
+                    return;
+                }
+            }
+            self.append_marker(RecordKind::SectionStart, out);
+        }
+        self.maybe_sync(false, out);
+        self.advance_durable(out);
+    }
+
+    /// Journal bytes a section may use: all of it but a margin (records of the
+    /// consistent image before it are released by checkpoints as it grows).
+    fn space_for_section(&self) -> u64 {
+        self.cfg.journal_capacity_bytes - self.cfg.journal_capacity_bytes / 8
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn data_frame(
+        &mut self,
+        seq: Seq,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        at_ms: u64,
+        data: Option<D>,
+        out: &mut Vec<SecondaryAction<D>>,
+    ) {
+        if !self.check_seq(seq, out) {
+            return;
+        }
+        if len == 0 || offset.checked_add(len).is_none_or(|e| e > self.cfg.size_bytes) {
+            self.fail(
+                Fault::OutOfRange {
+                    seq,
+                    offset,
+                    len,
+                    size_bytes: self.cfg.size_bytes,
+                },
+                out,
+            );
+            return;
+        }
+        let payload = if kind == RecordKind::Write { len } else { 0 };
+        let journal_bytes = payload + self.cfg.record_overhead_bytes;
+        if self.live_bytes + journal_bytes > self.cfg.journal_capacity_bytes {
+            // The agent asks `room()` before every frame; a frame that still does not
+            // fit means the journal is full of records that must stay.
+            let capacity_bytes = self.cfg.journal_capacity_bytes;
+            self.fail(Fault::JournalFullDuringResync { capacity_bytes }, out);
+            return;
+        }
+        let lsn = self.tail.next();
+        self.tail = lsn;
+        let record = self.track(Record {
+            lsn,
+            seq,
+            kind,
+            range: ByteRange::new(offset, len),
+            at_ms,
+            journal_bytes,
+            in_section: false,
+        });
+        self.bytes_since_sync += journal_bytes;
+        out.push(SecondaryAction::Append { record, data });
+        out.push(SecondaryAction::SendApplied { seq });
+        let s = self.session.as_mut().expect("checked");
+        s.expected_next = seq.next();
+        s.pending.insert(seq, Pending::Record(lsn));
+        if fua {
+            s.sync_wanted = s.sync_wanted.max(seq);
+        }
+        self.maybe_sync(false, out);
+    }
+
+    fn hash_check(
+        &mut self,
+        seq: Seq,
+        offset: u64,
+        unit_bytes: u32,
+        count: u32,
+        hashes: D,
+        out: &mut Vec<SecondaryAction<D>>,
+    ) {
+        if !self.check_seq(seq, out) {
+            return;
+        }
+        let Some(range) = hash_check_range(
+            offset,
+            unit_bytes,
+            count as usize,
+            self.cfg.size_bytes,
+            self.cfg.block_size,
+        ) else {
+            self.fail(Fault::BadHashCheck { seq }, out);
+            return;
+        };
+        let s = self.session.as_mut().expect("checked");
+        s.expected_next = seq.next();
+        s.pending.insert(seq, Pending::Hash);
+        self.hashing += 1;
+        let sources = self.sources(range);
+        out.push(SecondaryAction::StartHash {
+            seq,
+            range,
+            unit_bytes,
+            hashes,
+            sources,
+        });
+    }
+
+    /// A hash comparison finished: `mismatched` indices, or an I/O error.
+    pub fn hash_done(&mut self, seq: Seq, result: Result<Vec<u32>, String>, out: &mut Vec<SecondaryAction<D>>) {
+        self.hashing -= 1;
+        match result {
+            Ok(mismatched) => {
+                if let Some(s) = self.session.as_mut()
+                    && let Some(p) = s.pending.get_mut(&seq)
+                {
+                    *p = Pending::Done;
+                    out.push(SecondaryAction::SendHashReply { seq, mismatched });
+                    self.advance_durable(out);
+                }
+            }
+            Err(e) => {
+                self.poisoned = Some(e.clone());
+                self.fail(Fault::Io(e), out);
+            }
+        }
+        self.maybe_checkpoint(out);
+    }
+
+    fn marker_session(&mut self, what: &'static str, through: Seq, out: &mut Vec<SecondaryAction<D>>) -> bool {
+        let Some(s) = self.session.as_mut() else {
+            self.fail(Fault::BeforeStart { what }, out);
+            return false;
+        };
+        if through >= s.expected_next {
+            let expected = s.expected_next;
+            self.fail(Fault::MarkerAhead { what, through, expected }, out);
+            return false;
+        }
+        s.sync_wanted = s.sync_wanted.max(through);
+        true
+    }
+
+    fn flush_marker(&mut self, through: Seq, out: &mut Vec<SecondaryAction<D>>) {
+        if !self.marker_session("Flush", through, out) {
+            return;
+        }
+        if !self.in_section && self.tail > self.last_point {
+            self.append_marker(RecordKind::Point, out);
+        }
+        self.maybe_sync(false, out);
+    }
+
+    fn resync_done(&mut self, through: Seq, out: &mut Vec<SecondaryAction<D>>) {
+        if !self.marker_session("ResyncDone", through, out) {
+            return;
+        }
+        if self.in_section {
+            self.append_marker(RecordKind::SectionEnd, out);
+        }
+        self.maybe_sync(false, out);
+    }
+
+    /// Append a marker; its seq is the last seq received, so the image through it is
+    /// the primary's through that seq (outside a section).
+    fn append_marker(&mut self, kind: RecordKind, out: &mut Vec<SecondaryAction<D>>) {
+        let seq = self
+            .session
+            .as_ref()
+            .map_or(Seq::ZERO, |s| s.expected_next.prev());
+        let lsn = self.tail.next();
+        self.tail = lsn;
+        let record = self.track(Record {
+            lsn,
+            seq,
+            kind,
+            range: ByteRange::new(0, 0),
+            at_ms: self.last_write.1,
+            journal_bytes: self.cfg.record_overhead_bytes,
+            in_section: false,
+        });
+        out.push(SecondaryAction::Append { record, data: None });
+        if kind == RecordKind::SectionStart {
+            out.push(SecondaryAction::MarkSectionOpen);
+        }
+    }
+
+    fn maybe_sync(&mut self, tick: bool, out: &mut Vec<SecondaryAction<D>>) {
+        if self.tail == self.durable {
+            return;
+        }
+        if self.syncing.is_some() {
+            // Asked while one runs: the next one starts as soon as it ends.
+            self.sync_again |= tick && self.syncing < Some(self.tail);
+            return;
+        }
+        let tick = std::mem::take(&mut self.sync_again) || tick;
+        let wanted = self.session.as_ref().is_some_and(|s| {
+            s.sync_wanted > s.durable_through
+                && s.pending
+                    .range(..=s.sync_wanted)
+                    .any(|(_, p)| matches!(p, Pending::Record(l) if *l > self.durable))
+        });
+        // Markers change what is consistent: make them durable at once.
+        let marker = self
+            .records
+            .iter()
+            .rev()
+            .take_while(|r| r.lsn > self.durable)
+            .any(|r| !r.kind.changes_data());
+        if tick || wanted || marker || self.bytes_since_sync >= self.cfg.sync_threshold_bytes {
+            self.syncing = Some(self.tail);
+            self.bytes_since_sync = 0;
+            out.push(SecondaryAction::SyncJournal { through: self.tail });
+        }
+    }
+
+    /// The journal sync issued last finished.
+    pub fn journal_synced(&mut self, result: Result<(), String>, out: &mut Vec<SecondaryAction<D>>) {
+        let through = self.syncing.take().expect("journal_synced without a sync");
+        if let Err(e) = result {
+            // Never retried and assumed (G3): poisoned until an operator acts.
+            self.poisoned = Some(e.clone());
+            self.fail(Fault::Io(e), out);
+            return;
+        }
+        if self.mark_durable(through) {
+            let (lsn, _, at_ms) = self.consistent_point().expect("just became consistent");
+            out.push(SecondaryAction::MarkConsistent { through: lsn, at_ms });
+        }
+        self.advance_durable(out);
+        self.maybe_sync(false, out);
+        self.maybe_checkpoint(out);
+    }
+
+    /// Send `Durable` for every seq whose record is durable and every answered
+    /// comparison, in order.
+    fn advance_durable(&mut self, out: &mut Vec<SecondaryAction<D>>) {
+        let durable = self.durable;
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        let before = s.durable_through;
+        loop {
+            let next = s.durable_through.next();
+            if let Some(end) = s.skipped.remove(&next) {
+                s.durable_through = end.prev();
+                continue;
+            }
+            match s.pending.first_key_value() {
+                Some((&seq, &p)) if seq == next => {
+                    let ok = match p {
+                        Pending::Record(l) => l <= durable,
+                        Pending::Done => true,
+                        Pending::Hash => false,
+                    };
+                    if !ok {
+                        break;
+                    }
+                    s.pending.pop_first();
+                    s.durable_through = seq;
+                }
+                _ => break,
+            }
+        }
+        if s.durable_through > before {
+            out.push(SecondaryAction::SendDurable {
+                through: s.durable_through,
+            });
+        }
+    }
+
+    /// The newest record the checkpointer may copy into the volume.
+    fn copy_limit(&self) -> Lsn {
+        let mut limit = if self.cfg.allow_inconsistent {
+            self.durable
+        } else {
+            match self.consistent {
+                Some(c) => c,
+                // Nothing consistent to protect (a first full copy): copy what is
+                // durable.
+                None => self.durable,
+            }
+        };
+        limit = limit.min(self.durable);
+        if let Some(p) = self.pin {
+            limit = limit.min(p);
+        }
+        limit
+    }
+
+    fn maybe_checkpoint(&mut self, out: &mut Vec<SecondaryAction<D>>) {
+        if self.checkpointing.is_some() || self.hashing > 0 || self.poisoned.is_some() {
+            return;
+        }
+        let limit = self.copy_limit();
+        if limit <= self.applied {
+            return;
+        }
+        // Keep the rollback window unless the journal needs room.
+        let over_window = self.live_bytes.saturating_sub(self.cfg.rollback_window_bytes);
+        let frame_max = self.cfg.frame_max_bytes + self.cfg.record_overhead_bytes * 4;
+        let pressure = self.live_bytes * 4 > self.cfg.journal_capacity_bytes * 3
+            || self.live_bytes + frame_max > self.cfg.journal_capacity_bytes;
+        let mut through = self.applied;
+        let mut bytes = 0u64;
+        for r in self.records.iter() {
+            if r.lsn > limit || bytes >= self.cfg.checkpoint_batch_bytes {
+                break;
+            }
+            let old = r.at_ms > 0
+                && self.now_ms.saturating_sub(r.at_ms) > self.cfg.rollback_window_ms;
+            if !(pressure || bytes < over_window || old) {
+                break;
+            }
+            through = r.lsn;
+            bytes += r.journal_bytes;
+        }
+        if through > self.applied {
+            self.start_checkpoint(through, out);
+        }
+    }
+
+    fn start_checkpoint(&mut self, through: Lsn, out: &mut Vec<SecondaryAction<D>>) {
+        self.checkpointing = Some(through);
+        let from = self.applied.next();
+        let last = *self.record(through).expect("live record");
+        out.push(SecondaryAction::Checkpoint {
+            from,
+            through,
+            volume_consistent_after: !last.in_section,
+        });
+    }
+
+    /// Copy everything copyable now (promotion, shutdown), ignoring the rollback
+    /// window. Returns false when nothing is left to copy.
+    pub fn checkpoint_all(&mut self, out: &mut Vec<SecondaryAction<D>>) -> bool {
+        if self.checkpointing.is_some() || self.hashing > 0 {
+            return true;
+        }
+        let limit = self.copy_limit();
+        if limit <= self.applied {
+            return false;
+        }
+        let mut through = self.applied;
+        let mut bytes = 0;
+        for r in self.records.iter() {
+            if r.lsn > limit || bytes >= self.cfg.checkpoint_batch_bytes {
+                break;
+            }
+            through = r.lsn;
+            bytes += r.journal_bytes;
+        }
+        self.start_checkpoint(through, out);
+        true
+    }
+
+    /// A checkpoint finished: the records are in the volume, durably, and released.
+    pub fn checkpointed(&mut self, result: Result<(), String>, out: &mut Vec<SecondaryAction<D>>) {
+        let through = self.checkpointing.take().expect("checkpointed without a checkpoint");
+        if let Err(e) = result {
+            self.poisoned = Some(e.clone());
+            self.fail(Fault::Io(e), out);
+            return;
+        }
+        while let Some(r) = self.records.front() {
+            if r.lsn > through {
+                break;
+            }
+            let r = self.records.pop_front().expect("front");
+            self.live_bytes -= r.journal_bytes;
+            self.volume_consistent = !r.in_section;
+            if r.kind.changes_data() {
+                let (a, b) = r.range.blocks(self.cfg.block_size);
+                for blk in a.0..b.0 {
+                    if self.index.get(&blk) == Some(&r.lsn) {
+                        self.index.remove(&blk);
+                    }
+                }
+            }
+        }
+        self.applied = through;
+        self.maybe_checkpoint(out);
+    }
+
+    /// Hold the checkpointer at `lsn` (an inspection of that point), or release.
+    pub fn set_pin(&mut self, pin: Option<Lsn>) {
+        self.pin = pin;
+    }
+
+    /// At the start of a session: an open resync section that has taken more than
+    /// half the journal (repeated interruptions, writes during it) may never fit.
+    /// It is dropped (the image goes back to the last consistent point) and the
+    /// ranges it touched are returned: the handshake reports them as blocks this
+    /// node lacks, so the primary resends them in one new section. Progress is
+    /// lost, the consistent image never is.
+    pub fn restart_large_section(&mut self) -> Vec<ByteRange> {
+        match self.consistent {
+            Some(c) if self.in_section && self.live_bytes > self.cfg.journal_capacity_bytes / 2 => {
+                self.truncate_after(c)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Drop every record after `lsn` (a rollback, or a promotion mid-resync); the
+    /// agent truncates the journal durably. Returns the ranges the dropped records
+    /// touched: they now differ from the primary's data.
+    pub fn truncate_after(&mut self, lsn: Lsn) -> Vec<ByteRange> {
+        assert!(self.session.is_none(), "truncate while a session runs");
+        assert!(lsn >= self.applied, "cannot drop records already in the volume");
+        assert!(self.is_idle(), "truncate while I/O runs");
+        let mut dropped = Vec::new();
+        while let Some(r) = self.records.back() {
+            if r.lsn <= lsn {
+                break;
+            }
+            let r = self.records.pop_back().expect("back");
+            if r.kind.changes_data() {
+                dropped.push(r.range);
+            }
+        }
+        // Rebuild everything derived from the records.
+        let records: Vec<Record> = self.records.drain(..).collect();
+        self.live_bytes = 0;
+        self.index.clear();
+        self.tail = self.applied;
+        self.durable = self.applied;
+        self.in_section = !self.volume_consistent;
+        self.consistent = self.volume_consistent.then_some(self.applied);
+        self.last_point = self.applied;
+        self.durable_write = self.consistent_write_of_volume();
+        for r in records {
+            self.tail = r.lsn;
+            self.track(r);
+        }
+        self.mark_durable(self.tail);
+        dropped
     }
 }
+
+impl Seq {
+    /// The seq before this one (0 for 1).
+    pub fn prev(self) -> Seq {
+        Seq(self.0.saturating_sub(1))
+    }
+}
+
+/// The range a HashCheck covers: `count` hashed units of `unit_bytes` bytes (a
+/// block, or a power-of-two multiple of the block size up to [`HASH_UNIT_MAX_BYTES`])
+/// from `offset`, the last one cut at the end of the volume. None when it is
+/// malformed, out of the volume, or larger than [`HASH_CHECK_MAX_BYTES`].
+pub fn hash_check_range(
+    offset: u64,
+    unit_bytes: u32,
+    count: usize,
+    size_bytes: u64,
+    block_size: u32,
+) -> Option<ByteRange> {
+    let unit_ok = unit_bytes >= block_size
+        && unit_bytes.is_power_of_two()
+        && unit_bytes <= HASH_UNIT_MAX_BYTES;
+    if !unit_ok
+        || !offset.is_multiple_of(block_size as u64)
+        || count as u64 * unit_bytes as u64 > HASH_CHECK_MAX_BYTES
+        || count == 0
+        || count > crate::wire::HASHES_PER_CHECK_MAX
+        || offset >= size_bytes
+    {
+        return None;
+    }
+    let unit = unit_bytes as u64;
+    let len = (count as u64 * unit).min(size_bytes - offset);
+    (len.div_ceil(unit) == count as u64).then_some(ByteRange::new(offset, len))
+}
+
+/// Largest range one hash may cover, and largest range one HashCheck may make this
+/// node read (it holds the range in memory while hashing).
+pub const HASH_UNIT_MAX_BYTES: u32 = 1 << 20;
+pub const HASH_CHECK_MAX_BYTES: u64 = 64 << 20;
+
+/// Blocks touched by byte ranges, for a bitmap.
+pub fn blocks_of(ranges: &[ByteRange], block_size: u32) -> Vec<(BlockIndex, BlockIndex)> {
+    ranges.iter().map(|r| r.blocks(block_size)).collect()
+}
+
+#[cfg(test)]
+mod tests;

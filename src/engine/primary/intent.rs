@@ -1,0 +1,318 @@
+//! The write-intent (activity) log's bookkeeping (ARCHITECTURE §4).
+//!
+//! A client write pins its extents from acceptance until it is done locally and,
+//! if it is in the stream, durable on the secondary (or out of the stream, its
+//! blocks then in the dirty bitmap). Neither its local I/O nor its frame may go
+//! out before the log record naming its extents is durable: after a crash of this
+//! node, the logged extents are what may differ besides the persisted bitmap.
+//!
+//! Retiring an extent drops it from the log, so whatever of it may differ must be
+//! in the persisted bitmap first: its dirty blocks, its writes not yet durable on
+//! the secondary, and — the part a process kill never shows — its blocks written
+//! locally but not yet covered by a local flush. A power loss undoes those on this
+//! node while the secondary may keep them (issue 9, finding 1). Rather than an
+//! fdatasync of the whole volume before every retirement (it would write back the
+//! page cache each time), those blocks go into the persisted bitmap with the
+//! others; the next persist after a local flush clears them again.
+//!
+//! Writes of the log are issued one at a time; activations arriving meanwhile are
+//! batched into the next record (one small durable write per batch).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use super::{Action, LocalStage, PrimaryEngine, ShipStage};
+use crate::engine::activity::ActiveSet;
+use crate::types::{ByteRange, Seq};
+
+pub(super) struct Intent {
+    set: ActiveSet,
+    /// Writes of the log issued and completed (numbered from 1).
+    issued: u64,
+    completed: u64,
+    /// Extent → the log write that records it, until that write completes.
+    recording: HashMap<u32, u64>,
+    /// The set changed since the last write was issued.
+    changed: bool,
+    /// Extents left the set since the last write was issued.
+    retired: bool,
+    /// Ops waiting for log write n.
+    waiters: BTreeMap<u64, Vec<Seq>>,
+    /// Ops whose extents did not fit (every active extent pinned), in seq order.
+    /// Later ops queue behind them so the earliest cannot starve.
+    blocked: VecDeque<Seq>,
+    /// Remaining pins per op: local completion, and (in the stream) durability on
+    /// the secondary.
+    pins: HashMap<Seq, (ByteRange, u8)>,
+}
+
+impl Intent {
+    pub(super) fn new(set: ActiveSet) -> Intent {
+        Intent {
+            set,
+            issued: 0,
+            completed: 0,
+            recording: HashMap::new(),
+            changed: false,
+            retired: false,
+            waiters: BTreeMap::new(),
+            blocked: VecDeque::new(),
+            pins: HashMap::new(),
+        }
+    }
+
+    pub(super) fn extent_bytes(&self) -> u64 {
+        self.set.extent_bytes()
+    }
+
+    pub(super) fn max_active(&self) -> usize {
+        self.set.max_active()
+    }
+
+    /// Begin `seq` in the active set; None when it does not fit now. Some(logged).
+    fn try_pin(&mut self, seq: Seq, range: ByteRange, count: u8) -> Option<bool> {
+        let transition = self.set.begin(range.offset, range.len).ok()?;
+        self.pins.insert(seq, (range, count));
+        if let Some(t) = transition {
+            self.changed = true;
+            self.retired |= !t.retired.is_empty();
+            for e in t.activated {
+                self.recording.insert(e, self.issued + 1);
+            }
+        }
+        let need = self
+            .set
+            .extents_of(range.offset, range.len)
+            .filter_map(|e| self.recording.get(&e).copied())
+            .max();
+        match need {
+            Some(n) => {
+                self.waiters.entry(n).or_default().push(seq);
+                Some(false)
+            }
+            None => Some(true),
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn blocked_len(&self) -> String {
+        let mut pins: Vec<_> = self.pins.iter().map(|(s, (r, c))| (s.0, r.offset, *c)).collect();
+        pins.sort();
+        format!(
+            "blocked {} (first {:?}) pins {:?} active {:?} issued {} completed {} changed {}",
+            self.blocked.len(),
+            self.blocked.front(),
+            pins,
+            self.set.active(),
+            self.issued,
+            self.completed,
+            self.changed
+        )
+    }
+
+    pub(super) fn assert_invariants(&self) {
+        assert!(self.completed <= self.issued);
+        assert!(self.issued - self.completed <= 1, "one log write at a time");
+    }
+}
+
+/// Periodic persists of the bitmap (resync progress, changes while apart).
+#[derive(Debug, Default)]
+pub(super) struct Persist {
+    in_flight: bool,
+    last_ms: u64,
+    last_count: u64,
+    /// Bits changed in a way the count does not show (set and cleared).
+    pub(super) changed: bool,
+    /// Persists issued and completed (numbered from 1).
+    issued: u64,
+    done: u64,
+    /// Another persist is wanted once the one in flight completes.
+    again: bool,
+}
+
+impl<T, D: Clone> PrimaryEngine<T, D> {
+    /// Extents currently in the activity log's active set.
+    pub fn active_extents(&self) -> Option<Vec<u32>> {
+        self.intent.as_ref().map(|i| i.set.active())
+    }
+
+    /// Pin the extents of client write `seq`. Returns whether it may go now (its
+    /// extents are durably logged); otherwise it waits for a log write.
+    pub(super) fn pin(
+        &mut self,
+        seq: Seq,
+        range: ByteRange,
+        in_stream: bool,
+        out: &mut Vec<Action<T, D>>,
+    ) -> bool {
+        let Some(intent) = self.intent.as_mut() else {
+            return true;
+        };
+        let count = if in_stream { 2 } else { 1 };
+        if !intent.blocked.is_empty() {
+            intent.blocked.push_back(seq);
+            return false;
+        }
+        let logged = match intent.try_pin(seq, range, count) {
+            None => {
+                intent.blocked.push_back(seq);
+                false
+            }
+            Some(logged) => logged,
+        };
+        self.issue_activity_write(out);
+        logged
+    }
+
+    fn issue_activity_write(&mut self, out: &mut Vec<Action<T, D>>) {
+        let Some(intent) = self.intent.as_mut() else {
+            return;
+        };
+        if !intent.changed || intent.issued != intent.completed {
+            return;
+        }
+        intent.issued += 1;
+        intent.changed = false;
+        let retired = std::mem::take(&mut intent.retired);
+        let active = intent.set.active();
+        let bitmap = retired.then(|| self.persist_image());
+        out.push(Action::WriteActivityLog { active, bitmap });
+    }
+
+    /// The activity-log write issued last is durable (or failed: then the volume is
+    /// poisoned, since crash coverage can no longer be recorded).
+    pub fn activity_written(&mut self, result: Result<(), String>, out: &mut Vec<Action<T, D>>) {
+        if let Err(e) = result {
+            self.poison(format!("the activity log could not be written: {e}"), out);
+        }
+        let intent = self.intent.as_mut().expect("activity log enabled");
+        assert!(
+            intent.issued > intent.completed,
+            "activity_written without a write in flight"
+        );
+        intent.completed = intent.issued;
+        let done = intent.completed;
+        intent.recording.retain(|_, n| *n > done);
+        let mut released = Vec::new();
+        while let Some(entry) = intent.waiters.first_entry() {
+            if *entry.key() > done {
+                break;
+            }
+            released.extend(entry.remove());
+        }
+        self.release_logged(released, out);
+        self.issue_activity_write(out);
+    }
+
+    fn release_logged(&mut self, seqs: Vec<Seq>, out: &mut Vec<Action<T, D>>) {
+        for seq in seqs {
+            if let Some(op) = self.ops.get_mut(&seq)
+                && let LocalStage::Waiting { ordered, .. } = op.local
+            {
+                op.local = LocalStage::Waiting {
+                    ordered,
+                    logged: true,
+                };
+                self.try_start(seq, out);
+            }
+        }
+        self.pump_ship(out);
+    }
+
+    /// Drop one pin of client write `seq` (local completion, or durability on the
+    /// secondary / leaving the stream); at zero its extents may retire.
+    pub(super) fn unpin(&mut self, seq: Seq, out: &mut Vec<Action<T, D>>) {
+        let Some(intent) = self.intent.as_mut() else {
+            return;
+        };
+        let Some(entry) = intent.pins.get_mut(&seq) else {
+            return;
+        };
+        entry.1 -= 1;
+        if entry.1 > 0 {
+            return;
+        }
+        let (range, _) = intent.pins.remove(&seq).expect("present");
+        intent.set.end(range.offset, range.len);
+        // Blocked writes go in seq order as room appears.
+        let mut ready = Vec::new();
+        while let Some(&front) = intent.blocked.front() {
+            let Some(op) = self.ops.get(&front) else {
+                intent.blocked.pop_front();
+                continue;
+            };
+            let count = if op.ship == ShipStage::Outside { 1 } else { 2 };
+            match intent.try_pin(front, op.range, count) {
+                None => break,
+                Some(logged) => {
+                    intent.blocked.pop_front();
+                    if logged {
+                        ready.push(front);
+                    }
+                }
+            }
+        }
+        self.issue_activity_write(out);
+        self.release_logged(ready, out);
+    }
+
+    /// Persist the bitmap now and then while it changes (a resync, the link down,
+    /// ahead), so that a restart resends little: at most every
+    /// `persist_interval_ms`, one persist at a time.
+    pub(super) fn maybe_persist_progress(&mut self, out: &mut Vec<Action<T, D>>) {
+        if self.persist.in_flight || self.dirty.dirty_count().0 == self.persist.last_count && !self.persist.changed {
+            return;
+        }
+        if self.now_ms.saturating_sub(self.persist.last_ms) < self.cfg.persist_interval_ms {
+            return;
+        }
+        self.issue_persist(out);
+    }
+
+    fn issue_persist(&mut self, out: &mut Vec<Action<T, D>>) {
+        self.persist.in_flight = true;
+        self.persist.issued += 1;
+        self.persist.last_ms = self.now_ms;
+        self.persist.last_count = self.dirty.dirty_count().0;
+        self.persist.changed = false;
+        out.push(Action::PersistBitmap {
+            bitmap: self.persist_image(),
+        });
+    }
+
+    /// Persist the bitmap as it is now (after one in flight, if any); returns the
+    /// number of the persist to wait for.
+    pub(super) fn persist_now(&mut self, out: &mut Vec<Action<T, D>>) -> u64 {
+        if self.persist.in_flight {
+            self.persist.again = true;
+            self.persist.issued + 1
+        } else {
+            self.issue_persist(out);
+            self.persist.issued
+        }
+    }
+
+    /// The bitmap persist issued last is durable (or failed: the volume is
+    /// poisoned, crash coverage can no longer be recorded).
+    pub fn bitmap_persisted(&mut self, result: Result<(), String>, out: &mut Vec<Action<T, D>>) {
+        assert!(self.persist.in_flight, "bitmap_persisted without a persist");
+        self.persist.in_flight = false;
+        if let Err(e) = result {
+            self.poison(format!("the bitmap could not be persisted: {e}"), out);
+            return;
+        }
+        self.persist.done = self.persist.issued;
+        if std::mem::take(&mut self.persist.again) {
+            self.issue_persist(out);
+        }
+        let done = self.persist.done;
+        self.maybe_open_gate(done, out);
+    }
+
+    /// Whether `seq`'s extents are durably logged (its frame may go out).
+    pub(super) fn is_logged(&self, seq: Seq) -> bool {
+        self.ops
+            .get(&seq)
+            .is_some_and(|op| !matches!(op.local, LocalStage::Waiting { logged: false, .. }))
+    }
+}

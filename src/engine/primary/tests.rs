@@ -1,0 +1,575 @@
+//! Engine tests fed synthetic events (no sockets, no files). Each bug of issue 9
+//! that lives in the primary engine has a test here named after the scenario.
+
+use super::*;
+
+const BS: u64 = 4096;
+
+type E = PrimaryEngine<u32, Vec<u8>>;
+type Out = Vec<Action<u32, Vec<u8>>>;
+
+fn cfg(mode: Mode, blocks: u64) -> Config {
+    let mut c = Config::new(mode, blocks * BS, BS as u32);
+    c.resync_chunk_bytes = 4 * BS;
+    c
+}
+
+fn engine(c: Config) -> E {
+    let dirty = DirtyBitmap::for_volume(c.size_bytes, c.block_size);
+    PrimaryEngine::new(c, dirty, Seq(1))
+}
+
+fn connected(c: Config) -> (E, Out) {
+    let mut e = engine(c);
+    let mut out = Vec::new();
+    e.session_started(false, &mut out);
+    (e, out)
+}
+
+fn write(e: &mut E, block: u64, blocks: u64, fua: bool, token: u32, out: &mut Out) -> Seq {
+    let seq = e.next_seq();
+    e.submit(
+        OpKind::Write,
+        ByteRange::new(block * BS, blocks * BS),
+        fua,
+        Some(vec![token as u8]),
+        token,
+        0,
+        out,
+    );
+    seq
+}
+
+fn started(out: &Out) -> Vec<(Seq, OpKind, ByteRange)> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::StartLocal {
+                seq, kind, range, ..
+            } => Some((*seq, *kind, *range)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn completed(out: &Out) -> Vec<(u32, Result<(), Errno>)> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Complete { token, result } => Some((*token, *result)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn shipped_seqs(out: &Out) -> Vec<Seq> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Ship(
+                Outgoing::Write { seq, .. }
+                | Outgoing::Zeroes { seq, .. }
+                | Outgoing::Trim { seq, .. }
+                | Outgoing::HashCheck { seq, .. },
+            ) => Some(*seq),
+            _ => None,
+        })
+        .collect()
+}
+
+fn resync_done(out: &Out) -> Option<Seq> {
+    out.iter().find_map(|a| match a {
+        Action::Ship(Outgoing::ResyncDone { through }) => Some(*through),
+        _ => None,
+    })
+}
+
+fn dropped(out: &Out) -> bool {
+    out.iter().any(|a| matches!(a, Action::DropSession { .. }))
+}
+
+/// Complete every started local op (reads return data) and every local flush.
+fn settle_local(e: &mut E, out: &mut Out) {
+    loop {
+        let pending: Vec<Action<u32, Vec<u8>>> = std::mem::take(out);
+        let mut any = false;
+        for a in pending {
+            match a {
+                Action::StartLocal { seq, kind, .. } if kind.is_client() => {
+                    any = true;
+                    e.local_done(seq, Ok(()), out);
+                }
+                Action::StartLocal { seq, kind, .. } => {
+                    any = true;
+                    let r = if kind == OpKind::ResyncRead {
+                        ReadResult::Data(vec![1])
+                    } else {
+                        ReadResult::Hashes(vec![2])
+                    };
+                    e.read_done(seq, Ok(r), out);
+                }
+                Action::StartLocalFlush { id } => {
+                    any = true;
+                    e.local_flush_done(id, Ok(()), out);
+                }
+                Action::WriteActivityLog { .. } => {
+                    any = true;
+                    e.activity_written(Ok(()), out);
+                }
+                other => out.push(other),
+            }
+        }
+        if !any {
+            return;
+        }
+    }
+}
+
+#[test]
+fn sync_write_completes_only_after_applied_and_fua_only_after_durable() {
+    let (mut e, mut out) = connected(cfg(Mode::Sync, 64));
+    let s1 = write(&mut e, 0, 1, false, 1, &mut out);
+    let s2 = write(&mut e, 2, 1, true, 2, &mut out);
+    settle_local(&mut e, &mut out);
+    assert!(completed(&out).is_empty(), "nothing completes before the peer: {out:?}");
+    out.clear();
+    e.peer_applied(s1, &mut out);
+    e.peer_applied(s2, &mut out);
+    assert_eq!(completed(&out), vec![(1, Ok(()))], "the FUA write waits for Durable (G1)");
+    out.clear();
+    e.peer_durable(s2, &mut out);
+    assert_eq!(completed(&out), vec![(2, Ok(()))]);
+    e.assert_invariants();
+}
+
+#[test]
+fn sync_writes_complete_locally_when_the_peer_goes_away_in_degrade_mode() {
+    let (mut e, mut out) = connected(cfg(Mode::Sync, 64));
+    write(&mut e, 0, 1, false, 7, &mut out);
+    settle_local(&mut e, &mut out);
+    out.clear();
+    e.session_ended(&mut out);
+    assert_eq!(completed(&out), vec![(7, Ok(()))]);
+    assert!(e.dirty().is_dirty(BlockIndex(0)), "tracked for resync (G3)");
+    e.assert_invariants();
+}
+
+/// Issue 9 #6: with `on-disconnect = block`, a sync write in flight when the link
+/// drops must not complete as success, and new writes wait for the peer; both
+/// complete once the secondary holds them again.
+#[test]
+fn block_mode_keeps_sync_writes_and_flushes_until_the_secondary_is_back_in_sync() {
+    let mut c = cfg(Mode::Sync, 64);
+    c.peer_loss = PeerLoss::Block;
+    let (mut e, mut out) = connected(c);
+    write(&mut e, 0, 1, false, 1, &mut out);
+    settle_local(&mut e, &mut out);
+    out.clear();
+    e.session_ended(&mut out);
+    settle_local(&mut e, &mut out);
+    assert!(completed(&out).is_empty(), "in-flight write held: {out:?}");
+    e.flush(2, 0, &mut out);
+    write(&mut e, 4, 1, false, 3, &mut out);
+    settle_local(&mut e, &mut out);
+    assert!(completed(&out).is_empty(), "flush and new write wait: {out:?}");
+    assert_eq!(e.parked(), 1);
+    out.clear();
+    e.session_started(false, &mut out);
+    e.tick(10, &mut out);
+    settle_local(&mut e, &mut out);
+    // The parked write ships now, its resync of block 0 too.
+    let last = Seq(e.next_seq().0 - 1);
+    for s in shipped_seqs(&out) {
+        e.peer_applied(s, &mut out);
+    }
+    assert!(
+        !completed(&out).iter().any(|(t, _)| *t == 1 || *t == 2),
+        "block 0 is not on the secondary before the resync is durable: {out:?}"
+    );
+    e.peer_durable(last, &mut out);
+    e.tick(20, &mut out);
+    let through = resync_done(&out).expect("the pass ends with ResyncDone");
+    e.peer_durable(through, &mut out);
+    let mut done: Vec<u32> = completed(&out).iter().map(|(t, _)| *t).collect();
+    done.sort();
+    assert_eq!(done, vec![1, 2, 3], "held write and flush complete once in sync: {out:?}");
+    e.assert_invariants();
+}
+
+/// Issue 9 #3: a poisoned primary refuses writes without assigning a seq, also
+/// while connected (it used to panic in the shipper).
+#[test]
+fn a_poisoned_primary_refuses_writes_while_connected_without_panicking() {
+    let (mut e, mut out) = connected(cfg(Mode::Async, 64));
+    e.poison("test".into(), &mut out);
+    let before = e.next_seq();
+    write(&mut e, 0, 1, false, 1, &mut out);
+    e.tick(1, &mut out);
+    assert_eq!(completed(&out), vec![(1, Err(libc::EIO))]);
+    assert_eq!(e.next_seq(), before, "no seq for a refused write");
+    e.assert_invariants();
+}
+
+/// Issue 9 #8: after a failed fdatasync every pending and later FLUSH fails, even
+/// one whose own fdatasync reports success.
+#[test]
+fn a_failed_local_flush_fails_every_pending_and_later_flush() {
+    let (mut e, mut out) = connected(cfg(Mode::Async, 64));
+    write(&mut e, 0, 1, false, 1, &mut out);
+    settle_local(&mut e, &mut out);
+    out.clear();
+    e.flush(2, 0, &mut out);
+    e.flush(3, 0, &mut out);
+    let ids: Vec<LocalFlushId> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::StartLocalFlush { id } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "one fdatasync at a time");
+    e.local_flush_done(ids[0], Err(libc::EIO), &mut out);
+    let mut done = completed(&out);
+    done.sort();
+    assert_eq!(done, vec![(2, Err(libc::EIO)), (3, Err(libc::EIO))]);
+    assert!(out.iter().any(|a| matches!(a, Action::Poisoned { .. })));
+    out.clear();
+    e.flush(4, 0, &mut out);
+    assert_eq!(completed(&out), vec![(4, Err(libc::EIO))]);
+    assert!(e.is_poisoned());
+}
+
+/// Issue 9 #2: a TRIM spanning more extents than the activity log holds is split
+/// into pieces and completes; a write behind it is not stuck.
+#[test]
+fn a_trim_larger_than_the_activity_log_is_split_and_completes() {
+    let blocks = 1024; // 4 MiB volume
+    let mut c = cfg(Mode::Async, blocks);
+    c.window_bytes_max = 1 << 30;
+    let (mut e, mut out) = connected(c);
+    // 16 KiB extents, 4 active at most: a whole-volume trim spans 256 extents.
+    e.enable_activity(ActiveSet::new(4 * BS, 4));
+    e.submit(
+        OpKind::Trim,
+        ByteRange::new(0, blocks * BS),
+        false,
+        None,
+        1,
+        0,
+        &mut out,
+    );
+    write(&mut e, 3, 1, false, 2, &mut out);
+    for _ in 0..1000 {
+        settle_local(&mut e, &mut out);
+        let ships = shipped_seqs(&out);
+        if let Some(last) = ships.last() {
+            e.peer_durable(*last, &mut out);
+        }
+        if completed(&out).len() == 2 {
+            break;
+        }
+    }
+    let mut done = completed(&out);
+    done.sort();
+    assert_eq!(done, vec![(1, Ok(())), (2, Ok(()))]);
+    e.assert_invariants();
+}
+
+/// Issue 9 #1: when an extent retires, the bitmap persisted first covers the blocks
+/// written locally but not yet flushed, even though the secondary has them durably:
+/// a power loss of this node could undo them.
+#[test]
+fn retirement_persists_locally_volatile_blocks_even_when_durable_on_the_secondary() {
+    let (mut e, mut out) = connected(cfg(Mode::Async, 64));
+    e.enable_activity(ActiveSet::new(4 * BS, 1));
+    let s1 = write(&mut e, 0, 1, false, 1, &mut out);
+    settle_local(&mut e, &mut out);
+    e.peer_durable(s1, &mut out);
+    assert!(e.dirty().dirty_count().0 == 0, "in sync with the secondary");
+    out.clear();
+    // A write to another extent retires extent 0.
+    write(&mut e, 8, 1, false, 2, &mut out);
+    let bitmap = out
+        .iter()
+        .find_map(|a| match a {
+            Action::WriteActivityLog {
+                bitmap: Some(bm), ..
+            } => Some(bm.clone()),
+            _ => None,
+        })
+        .expect("a retirement persists the bitmap first");
+    assert!(
+        bitmap.is_dirty(BlockIndex(0)),
+        "block 0 is only in the page cache: after a power loss it may be older than the secondary's"
+    );
+    // Once a local flush covered it, a later retirement no longer needs it.
+    settle_local(&mut e, &mut out);
+    e.flush(3, 0, &mut out);
+    settle_local(&mut e, &mut out);
+    assert!(!e.persist_image().is_dirty(BlockIndex(0)));
+}
+
+/// Issue 9 #5: ResyncDone is sent only once every comparison has been answered and
+/// nothing is dirty; a mismatch is resent as data first.
+#[test]
+fn resync_done_waits_for_hash_answers_and_resends_mismatches_first() {
+    let mut e = engine(cfg(Mode::Async, 8));
+    e.mark_verify(BlockIndex(0), BlockIndex(8));
+    let mut out = Vec::new();
+    e.session_started(false, &mut out);
+    e.tick(0, &mut out);
+    settle_local(&mut e, &mut out);
+    let ships = shipped_seqs(&out);
+    assert_eq!(ships.len(), 2, "two hash chunks of 4 blocks: {out:?}");
+    assert!(resync_done(&out).is_none(), "not before the answers");
+    out.clear();
+    e.peer_hash_reply(ships[0], &[1], &mut out);
+    e.peer_hash_reply(ships[1], &[], &mut out);
+    e.peer_durable(ships[1], &mut out);
+    assert!(!dropped(&out), "{out:?}");
+    assert!(resync_done(&out).is_none(), "block 1 differs: {out:?}");
+    assert_eq!(e.dirty().dirty_count().0, 1);
+    e.tick(1, &mut out);
+    let data: Vec<_> = started(&out)
+        .into_iter()
+        .filter(|(_, k, _)| *k == OpKind::ResyncRead)
+        .collect();
+    assert_eq!(data.len(), 1);
+    assert_eq!(data[0].2, ByteRange::new(BS, BS));
+    settle_local(&mut e, &mut out);
+    let last = *shipped_seqs(&out).last().unwrap();
+    out.clear();
+    e.peer_durable(last, &mut out);
+    let through = resync_done(&out).expect("now in sync");
+    e.peer_durable(through, &mut out);
+    assert!(e.is_in_sync());
+    e.assert_invariants();
+}
+
+#[test]
+fn a_failed_resync_read_ends_the_session_and_keeps_the_blocks_dirty() {
+    let mut e = engine(cfg(Mode::Async, 64));
+    let mut out = Vec::new();
+    e.session_started(true, &mut out);
+    e.tick(0, &mut out);
+    let (seq, _, range) = started(&out)[0];
+    out.clear();
+    e.read_done(seq, Err(libc::EIO), &mut out);
+    assert!(dropped(&out), "{out:?}");
+    assert!(!e.is_streaming());
+    assert!(e.dirty().is_dirty(range.blocks(BS as u32).0));
+    assert_eq!(e.dirty().dirty_count().0, 64);
+    e.assert_invariants();
+}
+
+#[test]
+fn lag_age_survives_the_link_going_down_and_clears_once_resynced() {
+    let (mut e, mut out) = connected(cfg(Mode::Async, 64));
+    e.submit(
+        OpKind::Write,
+        ByteRange::new(0, BS),
+        false,
+        Some(vec![1]),
+        1,
+        100,
+        &mut out,
+    );
+    settle_local(&mut e, &mut out);
+    assert_eq!(e.lag().oldest_accepted_at_ms, Some(100));
+    e.session_ended(&mut out);
+    e.tick(300, &mut out);
+    assert_eq!(e.lag().writes, 0);
+    assert_eq!(e.lag().oldest_accepted_at_ms, Some(100), "still the oldest change (G4)");
+    out.clear();
+    e.session_started(false, &mut out);
+    e.tick(600, &mut out);
+    settle_local(&mut e, &mut out);
+    let last = *shipped_seqs(&out).last().unwrap();
+    e.peer_durable(last, &mut out);
+    e.tick(700, &mut out);
+    assert_eq!(e.dirty().dirty_count().0, 0);
+    assert_eq!(e.lag().oldest_accepted_at_ms, None);
+    e.assert_invariants();
+}
+
+#[test]
+fn a_durable_claim_beyond_what_was_shipped_drops_the_session() {
+    let (mut e, mut out) = connected(cfg(Mode::Async, 64));
+    out.clear();
+    e.peer_durable(Seq(99), &mut out);
+    assert!(dropped(&out));
+    assert!(!e.is_streaming());
+}
+
+/// G4 and issue 10: a full window sends the primary ahead once; while the resync
+/// section that follows is open, another burst is held for room instead of going
+/// ahead again, so the section ends.
+#[test]
+fn a_full_window_goes_ahead_once_then_holds_writes_until_the_section_ends() {
+    let mut c = cfg(Mode::Async, 64);
+    c.window_writes_max = 2;
+    c.ahead_min_ms = 0;
+    let (mut e, mut out) = connected(c);
+    let s1 = write(&mut e, 0, 1, false, 1, &mut out);
+    write(&mut e, 1, 1, false, 2, &mut out);
+    write(&mut e, 2, 1, false, 3, &mut out);
+    assert!(e.is_ahead(), "the third write does not fit");
+    assert!(out.iter().any(|a| matches!(a, Action::Note(Note::EnteredAhead { .. }))));
+    settle_local(&mut e, &mut out);
+    assert_eq!(completed(&out).len(), 3, "async: local completion");
+    e.peer_durable(Seq(s1.0 + 1), &mut out);
+    e.tick(10, &mut out);
+    assert!(!e.is_ahead(), "drained: a resync pass starts");
+    assert!(e.resync_progress().is_some());
+    out.clear();
+    // While the pass runs, a burst does not go ahead again.
+    for i in 0..4 {
+        write(&mut e, 10 + i, 1, false, 10 + i as u32, &mut out);
+    }
+    settle_local(&mut e, &mut out);
+    assert!(!e.is_ahead());
+    assert!(out.iter().any(|a| matches!(a, Action::Note(Note::Throttling { .. }))));
+    assert!(
+        completed(&out).len() < 4,
+        "held writes wait for room: {:?}",
+        completed(&out)
+    );
+    e.assert_invariants();
+}
+
+mod verify {
+    use super::*;
+
+    fn connected_verify(blocks: u64, chunk_blocks: u64) -> (E, Out) {
+        let mut c = cfg(Mode::Async, blocks);
+        c.resync_chunk_bytes = chunk_blocks * BS;
+        connected(c)
+    }
+
+    fn verify_chunks(out: &Out) -> Vec<(Seq, ByteRange)> {
+        started(out)
+            .into_iter()
+            .filter(|(_, k, _)| *k == OpKind::VerifyRead)
+            .map(|(s, _, r)| (s, r))
+            .collect()
+    }
+
+    #[test]
+    fn a_verify_read_runs_after_earlier_overlapping_writes_and_before_later_ones() {
+        let (mut e, mut out) = connected_verify(8, 4);
+        let w1 = write(&mut e, 1, 1, false, 1, &mut out);
+        assert!(started(&out).iter().any(|s| s.0 == w1));
+        e.start_online_verify(false, 0).expect("connected and clean");
+        out.clear();
+        e.tick(0, &mut out);
+        // The first chunk covers blocks 0..4 and waits for w1.
+        let v = e.next_seq();
+        let v = Seq(v.0 - 2);
+        assert!(
+            !started(&out).iter().any(|s| s.0 == v),
+            "the hash read waits for the earlier write: {out:?}"
+        );
+        out.clear();
+        let w2 = write(&mut e, 2, 1, false, 2, &mut out);
+        assert!(!started(&out).iter().any(|s| s.0 == w2), "later overlapping write waits");
+        out.clear();
+        e.local_done(w1, Ok(()), &mut out);
+        assert!(started(&out).iter().any(|s| s.0 == v), "{out:?}");
+        out.clear();
+        e.read_done(v, Ok(ReadResult::Hashes(vec![0])), &mut out);
+        assert!(started(&out).iter().any(|s| s.0 == w2), "{out:?}");
+        e.assert_invariants();
+    }
+
+    #[test]
+    fn verify_reports_exactly_the_mismatched_blocks_as_merged_byte_ranges() {
+        let (mut e, mut out) = connected_verify(10, 4);
+        e.start_online_verify(false, 0).unwrap();
+        out.clear();
+        e.tick(0, &mut out);
+        let chunks = verify_chunks(&out);
+        assert_eq!(chunks.len(), 3, "4 + 4 + 2 blocks");
+        assert_eq!(chunks[2].1, ByteRange::new(8 * BS, 2 * BS));
+        settle_local(&mut e, &mut out);
+        e.peer_hash_reply(chunks[1].0, &[0], &mut out);
+        e.peer_hash_reply(chunks[0].0, &[3], &mut out);
+        assert_eq!(e.verify_report().unwrap().state, VerifyState::Scanning);
+        e.peer_hash_reply(chunks[2].0, &[1], &mut out);
+        assert!(!dropped(&out), "{out:?}");
+        let r = e.verify_report().unwrap();
+        assert_eq!(r.state, VerifyState::Done);
+        assert_eq!(r.compared_blocks, BlockCount(10));
+        assert_eq!(r.mismatched_blocks, BlockCount(3));
+        assert_eq!(
+            e.verify_mismatched_ranges(10),
+            (
+                vec![ByteRange::new(3 * BS, 2 * BS), ByteRange::new(9 * BS, BS)],
+                false
+            )
+        );
+        assert_eq!(e.dirty().dirty_count().0, 0, "without repair nothing is marked");
+        e.assert_invariants();
+    }
+
+    #[test]
+    fn repair_resyncs_the_mismatches_and_finishes_once_they_are_durable() {
+        let (mut e, mut out) = connected_verify(8, 8);
+        e.start_online_verify(true, 0).unwrap();
+        e.tick(0, &mut out);
+        let (seq, _) = verify_chunks(&out)[0];
+        settle_local(&mut e, &mut out);
+        out.clear();
+        e.peer_hash_reply(seq, &[2, 5], &mut out);
+        assert_eq!(e.verify_report().unwrap().state, VerifyState::Repairing);
+        assert!(
+            out.iter().any(|a| matches!(a, Action::Ship(Outgoing::ResyncStart { blocks, .. }) if blocks.0 == 2)),
+            "{out:?}"
+        );
+        e.tick(1, &mut out);
+        let resent: Vec<ByteRange> = started(&out)
+            .into_iter()
+            .filter(|(_, k, _)| *k == OpKind::ResyncRead)
+            .map(|(_, _, r)| r)
+            .collect();
+        assert_eq!(resent, vec![ByteRange::new(2 * BS, BS), ByteRange::new(5 * BS, BS)]);
+        settle_local(&mut e, &mut out);
+        assert_eq!(e.verify_report().unwrap().state, VerifyState::Repairing);
+        let last = Seq(e.next_seq().0 - 1);
+        e.peer_durable(last, &mut out);
+        assert_eq!(e.verify_report().unwrap().state, VerifyState::Done);
+        assert_eq!(e.dirty().dirty_count().0, 0);
+    }
+
+    #[test]
+    fn verify_is_refused_unless_connected_shipping_clean_and_idle() {
+        let mut e = engine(cfg(Mode::Async, 8));
+        assert_eq!(e.start_online_verify(false, 0), Err(VerifyRefusal::NotConnected));
+        let mut out = Vec::new();
+        e.session_started(true, &mut out);
+        assert!(matches!(
+            e.start_online_verify(false, 0),
+            Err(VerifyRefusal::Resyncing { pending_blocks: 8 })
+        ));
+        let (mut e, _) = connected_verify(8, 4);
+        e.start_online_verify(false, 0).unwrap();
+        let err = e.start_online_verify(true, 0).unwrap_err();
+        assert!(matches!(err, VerifyRefusal::InProgress(_)));
+        assert!(err.to_string().contains("already in progress: 0 of 8 blocks"), "{err}");
+    }
+
+    #[test]
+    fn a_lost_session_fails_the_verify_and_marks_nothing() {
+        let (mut e, mut out) = connected_verify(8, 4);
+        e.start_online_verify(false, 0).unwrap();
+        e.tick(0, &mut out);
+        settle_local(&mut e, &mut out);
+        e.session_ended(&mut out);
+        let r = e.verify_report().unwrap();
+        assert!(
+            matches!(&r.state, VerifyState::Failed(m) if m.contains("connection to the secondary was lost")),
+            "{r:?}"
+        );
+        assert_eq!(e.dirty().dirty_count().0, 0, "a hash check changes nothing");
+        assert!(!e.wants_verify_chunk());
+        e.session_started(false, &mut out);
+        e.start_online_verify(false, 0).unwrap();
+        e.assert_invariants();
+    }
+}

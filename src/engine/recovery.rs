@@ -1,0 +1,374 @@
+//! What a node starts with, from its persisted metadata, and every transition of
+//! its superblock (sans-IO: functions from old state to new state; the agent
+//! writes what they return).
+//!
+//! G3 after a crash: what may differ from the peer is the persisted bitmap plus
+//! every extent the activity log names; those extents are probably identical, so
+//! they are compared by hash. Without trustworthy metadata every block is compared
+//! by hash: never assumed in sync, never a blind full copy.
+
+use crate::bitmap::DirtyBitmap;
+use crate::meta::{ActivitySnapshot, Superblock};
+use crate::types::{BlockCount, BlockIndex, ByteRange, DiskState, Generation, Role};
+
+/// How the metadata says the previous run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// A clean stop: the persisted bitmap is exact.
+    Clean { out_of_sync_blocks: u64 },
+    /// An unclean stop: the bitmap's blocks are resent, the activity log's extents
+    /// compared by hash.
+    Crash {
+        active_extents: usize,
+        compare_blocks: u64,
+        send_blocks: u64,
+    },
+    /// The metadata cannot say what changed: every block is compared by hash.
+    Unknown {
+        bitmap_valid: bool,
+        activity_log_intact: bool,
+    },
+}
+
+/// What a primary starts with.
+#[derive(Clone, Debug)]
+pub struct PrimaryStart {
+    /// To persist before serving (with `covered` as the bitmap and an empty
+    /// activity log): the new role and generation, not a clean shutdown.
+    pub sb: Superblock,
+    /// Blocks the secondary may lack (sent as data).
+    pub dirty: DirtyBitmap,
+    /// Blocks that may differ but probably do not (compared by hash first).
+    pub verify: DirtyBitmap,
+    pub recovery: Recovery,
+    /// This start promoted a secondary: the generation it left.
+    pub promoted_from: Option<Generation>,
+}
+
+impl PrimaryStart {
+    /// The bitmap to persist before serving: once it covers everything the old
+    /// activity log did, the log starts empty.
+    pub fn covered(&self) -> DirtyBitmap {
+        let mut covered = self.dirty.clone();
+        covered.union_with(&self.verify);
+        covered
+    }
+}
+
+/// Why a node may not become primary.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StartRefusal {
+    #[error(
+        "this node's disk holds no consistent image ({disk}: its first full copy never completed); \
+         refusing to serve it as primary. Resync it from its peer first, or remove its metadata \
+         to start it as a new primary"
+    )]
+    NoConsistentImage { disk: String },
+    #[error(
+        "this node's disk is Outdated: its peer wrote while it was away, so it lacks writes \
+         (consistent, but older). Promote the peer instead, or promote this node with --force to \
+         serve the older data (the peer's newer writes then make a split brain)"
+    )]
+    Outdated,
+}
+
+fn extent_blocks(activity: &ActivitySnapshot, e: u32, size_bytes: u64, block_size: u32) -> (BlockIndex, BlockIndex) {
+    let start = e as u64 * activity.extent_bytes;
+    ByteRange::new(start, activity.extent_bytes.min(size_bytes.saturating_sub(start))).blocks(block_size)
+}
+
+/// The primary role starts (a new primary, a restart, or a promotion).
+///
+/// The caller makes the volume durable (fdatasync) before it uses this plan: a
+/// kill -9 leaves the previous run's writes in the page cache, where a power loss
+/// may still undo them, and once this run's resync has cleared their blocks from
+/// the bitmap nothing would cover them (found by the simulator, seed 20988 sync).
+pub fn primary_start(
+    sb: &Superblock,
+    bitmap: &DirtyBitmap,
+    activity: &ActivitySnapshot,
+    force: bool,
+    now_s: u64,
+) -> Result<PrimaryStart, StartRefusal> {
+    let mut sb = sb.clone();
+    let mut promoted_from = None;
+    if sb.role == Role::Secondary || sb.is_new {
+        // G8: taking the primary role starts a new generation.
+        match sb.disk_state {
+            _ if sb.is_new => {
+                return Err(StartRefusal::NoConsistentImage { disk: "new".into() });
+            }
+            DiskState::Inconsistent => {
+                return Err(StartRefusal::NoConsistentImage {
+                    disk: "Inconsistent".into(),
+                });
+            }
+            DiskState::Outdated if !force => return Err(StartRefusal::Outdated),
+            DiskState::Outdated | DiskState::UpToDate => {}
+        }
+        promoted_from = Some(sb.gen_current);
+        sb = promote(&sb, now_s);
+    }
+    let size_bytes = sb.size_bytes;
+    let block_size = sb.block_size;
+    let mut verify = DirtyBitmap::for_volume(size_bytes, block_size);
+    let mut dirty = bitmap.clone();
+    let recovery = if sb.clean_shutdown && sb.bitmap_valid {
+        Recovery::Clean {
+            out_of_sync_blocks: dirty.dirty_count().0,
+        }
+    } else if sb.bitmap_valid && activity.intact {
+        for &e in &activity.extents {
+            let (a, b) = extent_blocks(activity, e, size_bytes, block_size);
+            verify.mark(a, b);
+        }
+        // Blocks already in the bitmap are sent as data, not compared.
+        let mut cursor = BlockIndex(0);
+        while let Some((first, n)) = dirty.next_dirty_run(cursor, BlockCount(u64::MAX)) {
+            verify.clear(first, BlockIndex(first.0 + n.0));
+            cursor = BlockIndex(first.0 + n.0);
+        }
+        Recovery::Crash {
+            active_extents: activity.extents.len(),
+            compare_blocks: verify.dirty_count().0,
+            send_blocks: dirty.dirty_count().0,
+        }
+    } else {
+        dirty.clear_all();
+        verify.mark_all();
+        Recovery::Unknown {
+            bitmap_valid: sb.bitmap_valid,
+            activity_log_intact: activity.intact,
+        }
+    };
+    sb.clean_shutdown = false;
+    sb.bitmap_valid = true;
+    Ok(PrimaryStart {
+        sb,
+        dirty,
+        verify,
+        recovery,
+        promoted_from,
+    })
+}
+
+/// A secondary becomes primary: a new generation whose base is what its peer is
+/// known to hold (G8).
+pub fn promote(sb: &Superblock, now_s: u64) -> Superblock {
+    let mut sb = sb.clone();
+    let new_gen = Generation::random();
+    // The peer is known to hold (at most) the old generation, plus what this node
+    // writes from now on: the bitmap is relative to it. An UpToDate secondary never
+    // has a base unless it was primary and diverged before; keep the older one,
+    // its bitmap covers both.
+    let base = if sb.gen_bitmap_base != Generation::NONE {
+        sb.gen_bitmap_base
+    } else {
+        sb.gen_current
+    };
+    sb.gen_history = [sb.gen_current, sb.gen_history[0]];
+    sb.gen_current = new_gen;
+    sb.gen_bitmap_base = base;
+    sb.promoted_at_s = now_s;
+    sb.role = Role::Primary;
+    sb.disk_state = DiskState::UpToDate;
+    sb
+}
+
+/// What a secondary starts with: what it changed itself (as primary) that its peer
+/// may lack, from its metadata.
+#[derive(Clone, Debug)]
+pub struct SecondaryStart {
+    pub sb: Superblock,
+    /// Blocks it changed (its persisted bitmap, a node that was primary).
+    pub own_dirty: DirtyBitmap,
+    /// Blocks it may have changed (active extents of a crash while primary).
+    pub own_verify: DirtyBitmap,
+    /// It was primary and is demoted by this start.
+    pub demoted: bool,
+}
+
+/// The secondary role starts (a new node, a restart, or a demotion).
+///
+/// The caller makes the volume and the journal durable first: records a kill -9
+/// left in the page cache are recovered as valid, and must be on disk before this
+/// node counts them (a consistent point, a generation adopted) in its metadata.
+pub fn secondary_start(sb: &Superblock, bitmap: &DirtyBitmap, activity: &ActivitySnapshot) -> SecondaryStart {
+    let mut sb = sb.clone();
+    let size_bytes = sb.size_bytes;
+    let block_size = sb.block_size;
+    let demoted = sb.role == Role::Primary;
+    sb.role = Role::Secondary;
+    let mut dirty = bitmap.clone();
+    let mut verify = DirtyBitmap::for_volume(size_bytes, block_size);
+    if sb.is_new {
+        dirty.clear_all();
+    } else if !sb.bitmap_valid {
+        dirty.clear_all();
+        verify.mark_all();
+    } else if !sb.clean_shutdown {
+        if activity.intact {
+            for &e in &activity.extents {
+                let (a, b) = extent_blocks(activity, e, size_bytes, block_size);
+                verify.mark(a, b);
+            }
+        } else {
+            verify.mark_all();
+        }
+        let mut cursor = BlockIndex(0);
+        while let Some((first, n)) = dirty.next_dirty_run(cursor, BlockCount(u64::MAX)) {
+            verify.clear(first, BlockIndex(first.0 + n.0));
+            cursor = BlockIndex(first.0 + n.0);
+        }
+    }
+    sb.clean_shutdown = false;
+    sb.bitmap_valid = true;
+    SecondaryStart {
+        sb,
+        own_dirty: dirty,
+        own_verify: verify,
+        demoted,
+    }
+}
+
+/// The first write accepted while the peer is away starts a new generation, made
+/// durable before the write is: if the peer is promoted meanwhile, both sides then
+/// hold new generations from one common one, and the reconnect sees a split brain
+/// instead of silently rolling these writes back (G8).
+pub fn start_generation_alone(sb: &Superblock) -> Superblock {
+    let mut sb = sb.clone();
+    let old = sb.gen_current;
+    sb.gen_history = [old, sb.gen_history[0]];
+    sb.gen_current = Generation::random();
+    sb.gen_bitmap_base = old;
+    sb
+}
+
+/// The peer holds this node's current generation (a resync completed, or nothing
+/// needed sending): the bitmap is relative to it from now on.
+pub fn peer_reached_generation(sb: &Superblock) -> Superblock {
+    let mut sb = sb.clone();
+    sb.gen_bitmap_base = Generation::NONE;
+    sb
+}
+
+/// A new secondary takes the primary's volume identity at its first handshake
+/// (G6), before anything is written; it has no consistent image until its first
+/// full copy completes.
+pub fn adopt_identity(sb: &Superblock, volume_id: crate::types::VolumeId, sync_target: Generation) -> Superblock {
+    let mut sb = sb.clone();
+    sb.volume_id = volume_id;
+    sb.is_new = false;
+    sb.disk_state = DiskState::Inconsistent;
+    sb.gen_bitmap_base = sync_target;
+    sb
+}
+
+/// A secondary's resync from `primary` begins: the generation it is a sync target
+/// of (an interrupted resync resumes from that primary's bitmap).
+pub fn sync_target(sb: &Superblock, primary: Generation) -> Superblock {
+    let mut sb = sb.clone();
+    sb.gen_bitmap_base = primary;
+    sb
+}
+
+/// A resync from `primary` completed: its generation is now this node's, nothing
+/// this node changed on its own remains, and its image is consistent.
+pub fn adopt_generation(sb: &Superblock, primary: Generation) -> Superblock {
+    let mut sb = sb.clone();
+    if sb.gen_current != primary {
+        sb.gen_history = [sb.gen_current, sb.gen_history[0]];
+        sb.gen_current = primary;
+    }
+    sb.gen_bitmap_base = Generation::NONE;
+    sb.disk_state = DiskState::UpToDate;
+    sb
+}
+
+/// The peer wrote without this node (it told us, or fencing did): this node's
+/// data is consistent but older (G8).
+pub fn outdate(sb: &Superblock) -> Superblock {
+    let mut sb = sb.clone();
+    if sb.disk_state == DiskState::UpToDate {
+        sb.disk_state = DiskState::Outdated;
+    }
+    sb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::VolumeId;
+
+    fn sb(role: Role, disk: DiskState) -> Superblock {
+        Superblock {
+            volume_id: VolumeId([1; 16]),
+            size_bytes: 64 * 4096,
+            block_size: 4096,
+            role,
+            disk_state: disk,
+            is_new: false,
+            gen_current: Generation(7),
+            gen_bitmap_base: Generation::NONE,
+            gen_history: [Generation::NONE; 2],
+            promoted_at_s: 0,
+            clean_shutdown: true,
+            resync_cursor: None,
+            bitmap_valid: true,
+        }
+    }
+
+    fn activity(extents: &[u32]) -> ActivitySnapshot {
+        let mut a = ActivitySnapshot::empty();
+        a.extent_bytes = 4 * 4096;
+        a.extents = extents.to_vec();
+        a.txn = 1;
+        a.intact = true;
+        a
+    }
+
+    #[test]
+    fn promotion_starts_a_generation_based_on_the_old_one() {
+        let s = sb(Role::Secondary, DiskState::UpToDate);
+        let bm = DirtyBitmap::for_volume(64 * 4096, 4096);
+        let p = primary_start(&s, &bm, &ActivitySnapshot::empty(), false, 9).unwrap();
+        assert_eq!(p.promoted_from, Some(Generation(7)));
+        assert_eq!(p.sb.gen_bitmap_base, Generation(7));
+        assert_eq!(p.sb.gen_history[0], Generation(7));
+        assert_ne!(p.sb.gen_current, Generation(7));
+        assert_eq!(p.sb.role, Role::Primary);
+        assert!(!p.sb.clean_shutdown, "running: not clean until it stops");
+    }
+
+    #[test]
+    fn only_a_consistent_disk_is_promoted_and_outdated_only_with_force() {
+        let bm = DirtyBitmap::for_volume(64 * 4096, 4096);
+        let none = ActivitySnapshot::empty();
+        let s = sb(Role::Secondary, DiskState::Inconsistent);
+        assert!(matches!(
+            primary_start(&s, &bm, &none, true, 0),
+            Err(StartRefusal::NoConsistentImage { .. })
+        ));
+        let s = sb(Role::Secondary, DiskState::Outdated);
+        assert_eq!(primary_start(&s, &bm, &none, false, 0).unwrap_err(), StartRefusal::Outdated);
+        assert!(primary_start(&s, &bm, &none, true, 0).is_ok());
+    }
+
+    #[test]
+    fn a_crashed_primary_resends_its_bitmap_and_compares_its_active_extents() {
+        let mut s = sb(Role::Primary, DiskState::UpToDate);
+        s.clean_shutdown = false;
+        let mut bm = DirtyBitmap::for_volume(64 * 4096, 4096);
+        bm.mark(BlockIndex(5), BlockIndex(6));
+        let p = primary_start(&s, &bm, &activity(&[1, 3]), false, 0).unwrap();
+        assert!(p.dirty.is_dirty(BlockIndex(5)));
+        assert!(!p.verify.is_dirty(BlockIndex(5)), "sent, not compared");
+        assert_eq!(p.verify.dirty_count().0, 7, "extents 1 and 3 minus block 5");
+        let torn = ActivitySnapshot {
+            intact: false,
+            ..activity(&[1])
+        };
+        let p = primary_start(&s, &bm, &torn, false, 0).unwrap();
+        assert_eq!(p.verify.dirty_count().0, 64, "an incomplete log: compare everything");
+    }
+}

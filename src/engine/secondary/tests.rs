@@ -1,0 +1,270 @@
+//! Engine tests of the secondary, fed synthetic frames.
+
+use super::*;
+
+const BS: u64 = 4096;
+
+type E = SecondaryEngine<u8>;
+type Out = Vec<SecondaryAction<u8>>;
+
+fn engine(blocks: u64, journal_bytes: u64) -> E {
+    SecondaryEngine::new(Config::new(blocks * BS, BS as u32, journal_bytes), Lsn::ZERO, Vec::new(), true)
+}
+
+fn write(seq: u64, block: u64, at_ms: u64) -> Incoming<u8> {
+    Incoming::Write {
+        seq: Seq(seq),
+        offset: block * BS,
+        fua: false,
+        at_ms,
+        data: seq as u8,
+        len: BS,
+    }
+}
+
+fn start(next: u64, blocks: u64) -> Incoming<u8> {
+    Incoming::ResyncStart {
+        next: Seq(next),
+        blocks,
+        full: false,
+    }
+}
+
+fn appended(out: &Out) -> Vec<Record> {
+    out.iter()
+        .filter_map(|a| match a {
+            SecondaryAction::Append { record, .. } => Some(*record),
+            _ => None,
+        })
+        .collect()
+}
+
+fn failed(out: &Out) -> Option<Fault> {
+    out.iter().find_map(|a| match a {
+        SecondaryAction::Fail { fault } => Some(fault.clone()),
+        _ => None,
+    })
+}
+
+/// The highest `Durable` sent (settle() reorders the actions it handles).
+fn durable(out: &Out) -> Option<Seq> {
+    out.iter()
+        .filter_map(|a| match a {
+            SecondaryAction::SendDurable { through } => Some(*through),
+            _ => None,
+        })
+        .max()
+}
+
+/// Complete syncs and checkpoints as they are asked for.
+fn settle(e: &mut E, out: &mut Out) {
+    for _ in 0..100 {
+        let actions = std::mem::take(out);
+        let mut any = false;
+        for a in actions {
+            match a {
+                SecondaryAction::SyncJournal { .. } => {
+                    any = true;
+                    e.journal_synced(Ok(()), out);
+                }
+                SecondaryAction::Checkpoint { .. } => {
+                    any = true;
+                    e.checkpointed(Ok(()), out);
+                }
+                other => out.push(other),
+            }
+        }
+        if !any {
+            return;
+        }
+    }
+    panic!("did not settle");
+}
+
+#[test]
+fn writes_are_applied_on_append_and_durable_once_the_journal_is_synced() {
+    let mut e = engine(16, 256 << 20);
+    let mut out = Vec::new();
+    e.receive(start(1, 0), 0, &mut out);
+    e.receive(write(1, 0, 10), 0, &mut out);
+    e.receive(write(2, 1, 11), 0, &mut out);
+    assert_eq!(appended(&out).len(), 2);
+    assert!(out.iter().any(|a| matches!(a, SecondaryAction::SendApplied { seq } if *seq == Seq(2))));
+    assert_eq!(durable(&out), None, "not before the sync");
+    e.tick(1, &mut out);
+    settle(&mut e, &mut out);
+    assert_eq!(durable(&out), Some(Seq(2)));
+    assert_eq!(e.consistent_point().map(|c| c.1), Some(Seq(2)));
+}
+
+/// Issue 9 finding 10: a frame refused as out of order leaves nothing behind.
+#[test]
+fn an_out_of_order_frame_is_refused_and_nothing_of_it_is_kept() {
+    let mut e = engine(16, 256 << 20);
+    let mut out = Vec::new();
+    e.receive(start(1, 0), 0, &mut out);
+    e.receive(write(1, 0, 0), 0, &mut out);
+    out.clear();
+    e.receive(write(1, 5, 0), 0, &mut out);
+    assert!(matches!(failed(&out), Some(Fault::OutOfOrder { .. })), "{out:?}");
+    assert!(appended(&out).is_empty(), "nothing of a refused frame is appended");
+    assert_eq!(e.tail(), Lsn(1));
+}
+
+/// Issue 9 finding 11: seqs that would overflow or are zero end the session with
+/// a reason instead of a panic.
+#[test]
+fn hostile_seqs_end_the_session_without_a_panic() {
+    for next in [0, u64::MAX] {
+        let mut e = engine(16, 256 << 20);
+        let mut out = Vec::new();
+        e.receive(start(next, 0), 0, &mut out);
+        assert!(matches!(failed(&out), Some(Fault::BadSeq { .. })), "{out:?}");
+    }
+    let mut e = engine(16, 256 << 20);
+    let mut out = Vec::new();
+    e.receive(start(SEQ_MAX, 0), 0, &mut out);
+    e.receive(
+        Incoming::Trim {
+            seq: Seq(SEQ_MAX),
+            offset: 0,
+            len: BS,
+            at_ms: 0,
+        },
+        0,
+        &mut out,
+    );
+    e.receive(
+        Incoming::Trim {
+            seq: Seq(SEQ_MAX + 1),
+            offset: 0,
+            len: BS,
+            at_ms: 0,
+        },
+        0,
+        &mut out,
+    );
+    assert!(matches!(failed(&out), Some(Fault::BadSeq { .. })), "{out:?}");
+}
+
+#[test]
+fn a_resync_section_keeps_the_last_consistent_point_until_it_ends() {
+    let mut e = engine(16, 256 << 20);
+    let mut out = Vec::new();
+    e.receive(start(1, 0), 0, &mut out);
+    e.receive(write(1, 0, 100), 0, &mut out);
+    e.tick(1, &mut out);
+    settle(&mut e, &mut out);
+    let before = e.consistent_point().unwrap();
+    assert_eq!(before.2, 100);
+    // A resync of 2 blocks starts (the primary went ahead: seqs 2..4 skipped).
+    e.receive(start(5, 2), 0, &mut out);
+    e.receive(write(5, 3, 200), 0, &mut out);
+    e.receive(write(6, 4, 210), 0, &mut out);
+    e.tick(2, &mut out);
+    settle(&mut e, &mut out);
+    assert!(e.is_section_open());
+    assert_eq!(e.consistent_point(), Some(before), "mid-section: the old point stands");
+    assert_eq!(durable(&out), Some(Seq(6)), "durable acks run through the section: {out:?}");
+    // The checkpointer never copies section records.
+    assert!(!e.checkpoint_all(&mut out) || e.applied() <= before.0);
+    settle(&mut e, &mut out);
+    assert!(e.applied() <= before.0);
+    e.receive(Incoming::ResyncDone { through: Seq(6) }, 0, &mut out);
+    settle(&mut e, &mut out);
+    assert!(!e.is_section_open());
+    let after = e.consistent_point().unwrap();
+    assert_eq!((after.1, after.2), (Seq(6), 210));
+    assert!(out.iter().any(|a| matches!(a, SecondaryAction::MarkConsistent { .. })));
+}
+
+#[test]
+fn promotion_mid_section_drops_the_section_and_reports_what_it_touched() {
+    let mut e = engine(16, 256 << 20);
+    let mut out = Vec::new();
+    e.receive(start(1, 0), 0, &mut out);
+    e.receive(write(1, 0, 100), 0, &mut out);
+    e.receive(Incoming::Flush { through: Seq(1) }, 0, &mut out);
+    e.receive(start(2, 2), 0, &mut out);
+    e.receive(write(2, 7, 200), 0, &mut out);
+    e.tick(1, &mut out);
+    settle(&mut e, &mut out);
+    e.session_ended(&mut out);
+    settle(&mut e, &mut out);
+    let (lsn, seq, _) = e.consistent_point().unwrap();
+    assert_eq!(seq, Seq(1));
+    let touched = e.truncate_after(lsn);
+    assert_eq!(touched, vec![ByteRange::new(7 * BS, BS)]);
+    assert!(!e.is_section_open());
+    assert_eq!(e.tail(), lsn);
+    assert_eq!(e.sources(ByteRange::new(7 * BS, BS)), vec![(ByteRange::new(7 * BS, BS), Source::Volume)]);
+}
+
+#[test]
+fn a_resync_larger_than_the_journal_is_refused_and_the_image_kept() {
+    let mut e = engine(1 << 20, 256 << 20);
+    // 1 M blocks of 4 KiB: 4 GiB, far more than the journal.
+    let mut out = Vec::new();
+    e.receive(start(1, 1 << 20), 0, &mut out);
+    assert!(matches!(failed(&out), Some(Fault::ResyncTooLarge { .. })), "{out:?}");
+    assert!(!e.is_section_open());
+    assert!(e.consistent_point().is_some());
+}
+
+#[test]
+fn a_hash_check_reads_the_newest_records_and_holds_checkpoints() {
+    let mut e = engine(16, 256 << 20);
+    let mut out = Vec::new();
+    e.receive(start(1, 0), 0, &mut out);
+    e.receive(write(1, 1, 0), 0, &mut out);
+    e.receive(
+        Incoming::HashCheck {
+            seq: Seq(2),
+            offset: 0,
+            unit_bytes: BS as u32,
+            count: 4,
+            hashes: 0,
+        },
+        0,
+        &mut out,
+    );
+    let sources = out
+        .iter()
+        .find_map(|a| match a {
+            SecondaryAction::StartHash { sources, .. } => Some(sources.clone()),
+            _ => None,
+        })
+        .expect("a hash read");
+    assert_eq!(
+        sources,
+        vec![
+            (ByteRange::new(0, BS), Source::Volume),
+            (ByteRange::new(BS, BS), Source::Record { lsn: Lsn(1), skip: 0 }),
+            (ByteRange::new(2 * BS, 2 * BS), Source::Volume),
+        ]
+    );
+    e.tick(1, &mut out);
+    settle(&mut e, &mut out);
+    assert_eq!(durable(&out), Some(Seq(1)), "the hash check is still open");
+    assert!(!e.checkpoint_all(&mut Vec::new()) || e.applied() == Lsn::ZERO);
+    e.hash_done(Seq(2), Ok(vec![3]), &mut out);
+    assert!(out.iter().any(|a| matches!(a, SecondaryAction::SendHashReply { mismatched, .. } if *mismatched == vec![3])));
+    assert_eq!(durable(&out), Some(Seq(2)));
+}
+
+#[test]
+fn flush_markers_become_listed_rollback_points() {
+    let mut e = engine(16, 256 << 20);
+    let mut out = Vec::new();
+    e.receive(start(1, 0), 0, &mut out);
+    for i in 1..=3 {
+        e.receive(write(i, i, i * 1000), 0, &mut out);
+        e.receive(Incoming::Flush { through: Seq(i) }, 0, &mut out);
+    }
+    e.tick(1, &mut out);
+    settle(&mut e, &mut out);
+    let points = e.points(10);
+    let times: Vec<u64> = points.iter().map(|p| p.at_ms).collect();
+    assert_eq!(times, vec![0, 1000, 2000, 3000], "{points:?}");
+    assert!(points.windows(2).all(|w| w[0].later_bytes > w[1].later_bytes));
+}
