@@ -294,6 +294,24 @@ pub struct NodeArgs {
     /// TANDEM_PEER, TANDEM_LAG_SECONDS and TANDEM_RPO_SECONDS set.
     #[arg(long, value_name = "CMD")]
     pub rpo_hook: Option<String>,
+    /// Secondary: the redo journal file (default: the metadata path + ".journal").
+    /// Every replicated write is staged there before it reaches the volume, so the
+    /// secondary always holds a consistent image and can roll back (issue 10).
+    #[arg(long, value_name = "PATH")]
+    pub journal: Option<PathBuf>,
+    /// Size of the redo journal, preallocated (default 1G, at least 128M). A resync
+    /// of up to about half of it keeps the last consistent image promotable.
+    #[arg(long, value_name = "SIZE")]
+    pub journal_size: Option<String>,
+    /// How far back `tandem rollback` and `tandem inspect` reach, in seconds
+    /// (default 3600; also bounded by the journal's size).
+    #[arg(long, value_name = "SECONDS")]
+    pub rollback_window_s: Option<u64>,
+    /// A resync larger than the journal: refuse (default; the secondary keeps its
+    /// last consistent image and says how much journal it needs) or inconsistent
+    /// (apply it in place; the secondary is not promotable until it completes).
+    #[arg(long, value_name = "refuse|inconsistent")]
+    pub resync_overflow: Option<String>,
 }
 
 impl NodeArgs {
@@ -335,6 +353,10 @@ impl NodeArgs {
             metrics: self.metrics,
             rpo_seconds: self.rpo_seconds,
             rpo_hook: self.rpo_hook,
+            journal: self.journal,
+            journal_size: self.journal_size,
+            rollback_window_s: self.rollback_window_s,
+            resync_overflow: self.resync_overflow,
         }
     }
 }

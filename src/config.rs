@@ -111,6 +111,13 @@ pub struct ResourceSection {
     pub fence_peer: Option<String>,
     pub rpo_seconds: Option<f64>,
     pub rpo_hook: Option<String>,
+    /// The secondary's redo journal (issue 10): ring size.
+    pub journal_size: Option<SizeValue>,
+    /// How far back rollback and inspection reach (seconds).
+    pub rollback_window_s: Option<u64>,
+    /// What a resync too large for the journal does: refuse (keep the last
+    /// consistent image) or inconsistent (apply it in place).
+    pub resync_overflow: Option<String>,
 }
 
 /// Per-node options (`[nodes.NAME]`).
@@ -125,6 +132,8 @@ pub struct NodeSection {
     pub nbd_name: Option<String>,
     pub control: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
+    /// The redo journal's file (default: the metadata path + ".journal").
+    pub journal: Option<PathBuf>,
 }
 
 /// A parsed resource file.
@@ -254,6 +263,10 @@ pub mod defaults {
     /// 4 MiB activity extents: after a crash at most `al-extents` × 4 MiB is compared
     /// by hash; a write to an already-active extent costs no metadata I/O.
     pub const AL_EXTENT_BYTES: u64 = 4 << 20;
+    /// The secondary's redo journal: 1 GiB, and rollback up to an hour back
+    /// (whichever is reached first, issue 10).
+    pub const JOURNAL_BYTES: u64 = 1 << 30;
+    pub const ROLLBACK_WINDOW_S: u64 = 3600;
 }
 
 /// Raw option values from the command line (all optional; the file fills gaps).
@@ -295,6 +308,10 @@ pub struct Overrides {
     pub metrics: Option<SocketAddr>,
     pub rpo_seconds: Option<f64>,
     pub rpo_hook: Option<String>,
+    pub journal: Option<PathBuf>,
+    pub journal_size: Option<String>,
+    pub rollback_window_s: Option<u64>,
+    pub resync_overflow: Option<String>,
 }
 
 /// Where `tandem status`/`tandem events` find an agent: `--control SOCK`, or the
@@ -414,6 +431,7 @@ impl NodeConfig {
             .meta
             .or(mine.meta)
             .unwrap_or_else(|| crate::meta::MetaStore::default_path_for(&volume));
+        let meta_for_journal = meta.clone();
         let control = o.control.or(mine.control).unwrap_or_else(|| {
             let mut p = volume.clone().into_os_string();
             p.push(".tandem.sock");
@@ -559,6 +577,33 @@ impl NodeConfig {
             rpo_hook: o.rpo_hook.or(res.rpo_hook).filter(|h| !h.trim().is_empty()),
             split_brain_policy,
             fence_peer,
+            journal: o.journal.or(mine.journal).unwrap_or_else(|| {
+                let mut p = meta_for_journal.clone().into_os_string();
+                p.push(".journal");
+                PathBuf::from(p)
+            }),
+            journal_bytes: size_opt(&o.journal_size, &res.journal_size, "--journal-size")?
+                .unwrap_or(defaults::JOURNAL_BYTES),
+            rollback_window_ms: o
+                .rollback_window_s
+                .or(res.rollback_window_s)
+                .unwrap_or(defaults::ROLLBACK_WINDOW_S)
+                .saturating_mul(1000),
+            resync_overflow_inconsistent: match o
+                .resync_overflow
+                .or(res.resync_overflow)
+                .as_deref()
+                .unwrap_or("refuse")
+            {
+                "refuse" => false,
+                "inconsistent" => true,
+                other => {
+                    return Err(ConfigError::Invalid {
+                        option: "--resync-overflow",
+                        message: format!("'{other}': expected refuse or inconsistent"),
+                    });
+                }
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -629,6 +674,15 @@ impl NodeConfig {
                     "{}: expected 16 to {}",
                     self.al_extents_max,
                     crate::meta::al::AL_EXTENTS_MAX
+                ),
+            });
+        }
+        if self.journal_bytes < 128 << 20 || !self.journal_bytes.is_multiple_of(4096) {
+            return Err(ConfigError::Invalid {
+                option: "--journal-size",
+                message: format!(
+                    "{} bytes: the journal holds at least 128 MiB (a few of the largest writes plus room to resync), in whole 4 KiB pages",
+                    self.journal_bytes
                 ),
             });
         }

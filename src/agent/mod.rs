@@ -7,6 +7,8 @@
 //! and the replication window bound.
 
 pub mod control;
+pub mod link;
+pub(crate) mod metawork;
 pub mod monitor;
 pub mod node;
 pub mod primary;
@@ -68,14 +70,22 @@ pub struct RoleContext {
     pub stop: CancellationToken,
     /// Where the role installs its control handler while it runs.
     pub control: control::HandlerSlot,
-    /// Set before `stop` is cancelled for a demotion: how long NBD clients get to
-    /// disconnect by themselves. Unset: stop at once (shutdown).
-    pub demote: std::sync::Arc<std::sync::Mutex<Option<Duration>>>,
+    /// Set before `stop` is cancelled for a demotion. Unset: stop at once (shutdown).
+    pub demote: std::sync::Arc<std::sync::Mutex<Option<Demote>>>,
     /// Promotion of a disk that is not UpToDate (`tandem promote --force`).
     pub force: bool,
     /// The node's figures, kept across role changes (counters and events describe
     /// the node); None: the role makes its own.
     pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+}
+
+/// A demotion's terms.
+#[derive(Clone, Copy, Debug)]
+pub struct Demote {
+    /// How long attached NBD clients get to disconnect by themselves.
+    pub wait: Duration,
+    /// Demote even if the peer does not hold every write (it is then Outdated).
+    pub force: bool,
 }
 
 /// Run one role on a control socket of its own, without role changes (the demo
@@ -108,16 +118,40 @@ where
     result
 }
 
-/// The generations a peer's Hello announces, as the handshake decision sees them.
-pub(crate) fn gen_info_of(h: &crate::wire::Hello) -> crate::engine::generations::GenInfo {
-    use crate::types::Generation;
-    crate::engine::generations::GenInfo {
-        current: Generation(h.generations.current),
-        bitmap_base: Generation(h.generations.bitmap_base),
-        history: h.generations.history.map(Generation),
-        changed_blocks: h.changed_blocks,
-        promoted_at_s: h.promoted_at_s,
-        inconsistent: false,
+/// Milliseconds since the epoch (0 if the clock is before it).
+pub(crate) fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Run `log` at most once per [`RETRY_LOG_INTERVAL`] for `key` (a condition that
+/// repeats, like two primaries refusing each other), counting what was left out.
+pub(crate) fn log_repeated(key: &str, log: impl FnOnce()) {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Instant;
+    static LAST: Mutex<Option<HashMap<String, (Instant, u64)>>> = Mutex::new(None);
+    let mut guard = LAST.lock().expect("log lock");
+    let map = guard.get_or_insert_with(HashMap::new);
+    let now = Instant::now();
+    match map.get_mut(key) {
+        Some((at, skipped)) if now.duration_since(*at) < RETRY_LOG_INTERVAL => *skipped += 1,
+        Some((at, skipped)) => {
+            if *skipped > 0 {
+                tracing::info!(repeats = *skipped, "the next message repeated {} times since it was last logged", *skipped);
+            }
+            *at = now;
+            *skipped = 0;
+            log();
+        }
+        None => {
+            if map.len() > 1024 {
+                map.clear();
+            }
+            map.insert(key.to_string(), (now, 0));
+            log();
+        }
     }
 }
 
@@ -339,39 +373,5 @@ fn retry_while_held<T, E>(
     }
 }
 
-/// Send one payload-free handshake frame (`Hello`, `Welcome`, `Refuse`) and flush it.
-pub(crate) async fn send_message(
-    wr: &mut crate::transport::PeerWriteHalf,
-    msg: crate::wire::Message,
-) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let mut buf = bytes::BytesMut::new();
-    crate::wire::encode_frame(
-        &crate::wire::Frame {
-            seq: 0,
-            msg,
-            payload: crate::wire::Payload::empty(),
-        },
-        &mut buf,
-    );
-    wr.write_all(&buf).await?;
-    wr.flush().await
-}
-
-/// The refusal a node sends to a second connection from the peer it already has a
-/// session with (both nodes dial; the first connection wins). Logged quietly.
+/// What a node answers a second connection from its peer while one is attached.
 pub(crate) const ALREADY_CONNECTED: &str = "already connected to this peer";
-
-/// Tell the peer why the connection is refused (a `Refuse` frame), then close.
-/// Best effort: the peer may already be gone.
-pub(crate) async fn send_refusal(wr: &mut crate::transport::PeerWriteHalf, reason: &str) {
-    use tokio::io::AsyncWriteExt;
-    let _ = send_message(
-        wr,
-        crate::wire::Message::Refuse {
-            reason: reason.to_string(),
-        },
-    )
-    .await;
-    let _ = wr.shutdown().await;
-}

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::control::{
     self, BoxFuture, ControlHandler, ControlReply, ControlRequest, HandlerSlot, StatusDoc,
 };
-use crate::agent::{AgentError, RoleContext, primary, secondary};
+use crate::agent::{AgentError, Demote, RoleContext, primary, secondary};
 use crate::config::NodeConfig;
 use crate::types::{DiskState, Role};
 
@@ -37,7 +37,7 @@ type RoleReply = oneshot::Sender<Result<String, String>>;
 
 enum RoleRequest {
     Promote { force: bool, reply: RoleReply },
-    Demote { wait: Duration, reply: RoleReply },
+    Demote { demote: Demote, reply: RoleReply },
 }
 
 /// Run a node until `shutdown` is cancelled, starting in `cfg.role`.
@@ -102,7 +102,7 @@ async fn host_roles(
                 tokio::spawn(async move {
                     secondary::serve(role_cfg, c, Some(signal_up(up_tx)))
                         .await
-                        .map(|()| String::new())
+                        .map(|()| primary::Stopped::Done(String::new()))
                 })
             }
         };
@@ -147,17 +147,23 @@ async fn host_roles(
                     };
                 }
                 Some(req) = req_rx.recv() => match (role, req) {
-                    (Role::Primary, RoleRequest::Demote { wait, reply }) => {
-                        tracing::warn!(wait_s = wait.as_secs(), "demoting to secondary");
-                        *ctx.demote.lock().expect("demote lock") = Some(wait);
+                    (Role::Primary, RoleRequest::Demote { demote, reply }) => {
+                        tracing::warn!(wait_s = demote.wait.as_secs(), force = demote.force, "demoting to secondary");
+                        *ctx.demote.lock().expect("demote lock") = Some(demote);
                         ctx.stop.cancel();
                         match runner.await {
-                            Ok(Ok(summary)) => {
+                            Ok(Ok(primary::Stopped::Done(summary))) => {
                                 tracing::info!("primary role ended: {summary}");
                                 let message = format!("demoted: {summary}");
                                 metrics.events.push("demoted", message.clone());
                                 let _ = reply.send(Ok(message));
                                 role = Role::Secondary;
+                                break;
+                            }
+                            Ok(Ok(primary::Stopped::DemotionRefused(reason))) => {
+                                tracing::warn!("{reason}");
+                                let _ = reply.send(Err(reason));
+                                // The export comes back; the role stays primary.
                                 break;
                             }
                             Ok(Err(e)) => {
@@ -261,12 +267,12 @@ impl NodeControl {
             .await
     }
 
-    async fn demote(&self, wait: Duration) -> Result<String, String> {
+    async fn demote(&self, demote: Demote) -> Result<String, String> {
         let _one = self.busy.lock().await;
         if self.role() == Role::Secondary {
             return Ok("already secondary".into());
         }
-        self.change(|reply| RoleRequest::Demote { wait, reply })
+        self.change(|reply| RoleRequest::Demote { demote, reply })
             .await
     }
 
@@ -354,7 +360,11 @@ impl ControlHandler for NodeHandler {
                     ctl.promote(request.flag("force")).await
                 } else {
                     let wait = Duration::from_secs(request.number("timeout_s").unwrap_or(30));
-                    ctl.demote(wait).await
+                    ctl.demote(Demote {
+                        wait,
+                        force: request.flag("force"),
+                    })
+                    .await
                 };
                 match result {
                     Ok(message) => ControlReply::success(serde_json::json!({ "message": message })),

@@ -1,40 +1,45 @@
-//! The secondary agent: listen, authenticate, check the handshake (G6), then
-//! verify, decompress and apply frames in order (G2, G5), acknowledging
-//! `Applied` per write and `Durable` per batched flush.
+//! The secondary agent: listen (and dial), authenticate, decide the handshake
+//! (engine/handshake.rs: G6, G8), then stage every frame in the redo journal in
+//! order and acknowledge it (engine/secondary.rs: G2, G5); a checkpointer copies
+//! staged records into the volume; a comparison reads the image through the
+//! journal.
 //!
-//! Both nodes listen and dial: this node accepts its primary on `--listen`, and
-//! dials the primary's address (`--peer`) while none is attached, announcing itself
-//! with a Hello in the secondary role. One session at a time owns the volume; a
-//! second connection while one is attached (or being dialed) is refused quietly. Nothing is written to the volume
-//! before a handshake is accepted, and nothing but replication ever writes it (G8).
+//! One **node task** owns the engine, the superblock and at most one session; the
+//! journal thread, the metadata thread, checkpoints and comparisons report back
+//! to it. Both nodes listen and dial: this node accepts its primary on
+//! `--listen`, and dials the primary's address (`--peer`) while none is attached,
+//! announcing itself with a Hello in the secondary role. A second connection while
+//! one is attached is refused quietly. Nothing is written to the volume before a
+//! handshake is accepted, and nothing but replication ever writes it (G8).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::io::BufReader;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::control::{
-    self, ControlHandler, ControlReply, ControlRequest, GenerationsStatus, StatusDoc,
-};
+use crate::agent::control::{self, ControlHandler, ControlReply, ControlRequest, GenerationsStatus, StatusDoc};
+use crate::agent::journal::{self, JournalDone, JournalHandle, JournalThread};
+use crate::agent::link::{self, FrameReader, LinkError};
+use crate::agent::metawork::{MetaDone, MetaJob, MetaWorker};
 use crate::agent::{AgentError, RoleContext, errno_of, security_for};
 use crate::bitmap::DirtyBitmap;
 use crate::config::NodeConfig;
-use crate::engine::generations::{self, Decision, GenInfo, Loser};
-use crate::engine::secondary::{ApplyKind, SecondaryAction, SecondaryEngine};
-use crate::meta::{MetaStore, Superblock};
+use crate::engine::generations::GenInfo;
+use crate::engine::handshake::{self, Local, Plan, Refusal};
+use crate::engine::recovery;
+use crate::engine::secondary::{
+    self, Incoming, Lsn, Record, Room, SecondaryAction, SecondaryEngine, Source,
+};
 use crate::metrics::Metrics;
 use crate::transport::{PeerListener, PeerReadHalf, PeerStream, PeerWriteHalf};
 use crate::types::{BlockCount, BlockIndex, ByteRange, DiskState, Generation, Role, Seq, VolumeId};
 use crate::volume::Volume;
-use crate::wire::{
-    self, Frame, Hello, Message, PROTOCOL_VERSION, Payload, SyncPlan, Welcome, caps,
-};
+use crate::wire::{self, Frame, Hello, Message, PROTOCOL_VERSION, SyncPlan, Welcome, caps};
 
 /// What the agent tells its caller once it listens.
 #[derive(Clone)]
@@ -43,67 +48,794 @@ pub struct SecondaryReady {
     pub metrics: Arc<Metrics>,
 }
 
-/// The node's durable state, owned by whichever session is attached.
+type Engine = SecondaryEngine<Bytes>;
+type Actions = Vec<SecondaryAction<Bytes>>;
+
+/// What the node task hears.
+enum Event {
+    /// An authenticated connection from (or to) the peer; `announce`: this node
+    /// dialed and sends its Hello first.
+    Conn {
+        stream: PeerStream,
+        announce: bool,
+    },
+    SessionEnd {
+        session: u64,
+        reason: String,
+    },
+    Checkpointed(Result<(), String>),
+    Hashed {
+        seq: Seq,
+        result: Result<Vec<u32>, String>,
+    },
+    Control(ControlCmd),
+}
+
+/// Control commands that need the node's state.
+enum ControlCmd {
+    Status(oneshot::Sender<StatusDoc>),
+    Points(oneshot::Sender<ControlReply>),
+    /// `tandem resolve --discard-local`.
+    DiscardLocal(oneshot::Sender<ControlReply>),
+}
+
+/// The part of the status that the node publishes for the control socket.
+#[derive(Clone)]
+struct Snapshot {
+    doc: Option<StatusDoc>,
+}
+
+/// The state of the session with the primary.
+struct Session {
+    id: u64,
+    peer: String,
+    primary_gen: Generation,
+    acks: mpsc::Sender<Frame>,
+    /// Frames the engine could not take yet (journal space): read no further.
+    held: Option<(Box<Frame>, Option<Bytes>)>,
+    last_consistent_sent: Option<(Seq, u64)>,
+    last_consistent_at: Instant,
+}
+
+/// The node: engine, superblock, and what runs for it.
 struct Node {
     cfg: Arc<NodeConfig>,
     volume: Volume,
-    meta: MetaStore,
-    sb: Superblock,
+    engine: Engine,
+    sb: crate::meta::Superblock,
+    meta: Option<MetaWorker>,
+    journal: Option<JournalThread>,
+    jh: JournalHandle,
+    jdone_tx: mpsc::UnboundedSender<JournalDone>,
     metrics: Arc<Metrics>,
     /// Until a first sync completes, compare the volume's data by hash (--seeded or
     /// rebuilt metadata) instead of receiving every block.
-    verify_data: bool,
-    /// What the control socket reports; updated with every superblock write.
-    snapshot: Arc<std::sync::Mutex<Snapshot>>,
-    /// Blocks this node changed itself while it was primary, that its peer may not
-    /// have: resent by the next primary (a rejoining node is rolled back to the
-    /// primary's data) and listed in a split-brain report. Cleared once a resync
-    /// from the peer completes.
+    compare_by_hash: bool,
+    /// Blocks this node changed itself (as primary), or dropped from its journal
+    /// (a resync section, a rollback), that its peer may not know: every Welcome
+    /// lists them until a resync from the peer completes. Persisted (bitmap).
     own_dirty: DirtyBitmap,
     /// Blocks it may have changed (active extents of a crash while primary):
     /// compared by hash.
     own_verify: DirtyBitmap,
     /// `tandem resolve --discard-local`: the next split brain (or newer-data refusal)
     /// with the peer is resolved by discarding this node's changes.
-    discard_local: Arc<std::sync::atomic::AtomicBool>,
+    discard_local: bool,
+    session: Option<Session>,
+    next_session: u64,
+    events_tx: mpsc::Sender<Event>,
+    /// The frames of a session that just started (the node loop takes it).
+    new_frames: Option<mpsc::Receiver<(Box<Frame>, Option<Bytes>)>>,
+    /// A checkpoint waits for the superblock to say the volume is mixed.
+    checkpoint_waiting: Option<(Lsn, Lsn)>,
+    handshake_text: Option<String>,
+    snapshot: Arc<std::sync::Mutex<Snapshot>>,
 }
 
-/// The part of a secondary's state shown by `tandem status`.
-#[derive(Clone)]
-struct Snapshot {
-    disk_state: DiskState,
-    volume_id: VolumeId,
-    generation: Generation,
-    peer: Option<String>,
-    generations: GenerationsStatus,
-    handshake: Option<String>,
-    own_changed_blocks: u64,
+/// Run a secondary until `shutdown` is cancelled, with its own control socket.
+pub async fn run(
+    cfg: NodeConfig,
+    shutdown: CancellationToken,
+    ready: Option<oneshot::Sender<SecondaryReady>>,
+) -> Result<(), AgentError> {
+    crate::agent::run_alone(cfg, shutdown, |cfg, ctx| serve(cfg, ctx, ready)).await
+}
+
+fn engine_config(cfg: &NodeConfig, size_bytes: u64, capacity_bytes: u64) -> secondary::Config {
+    let mut c = secondary::Config::new(size_bytes, cfg.block_size, capacity_bytes);
+    c.record_overhead_bytes = journal::record_bytes(0);
+    // Room for wrap padding and one largest frame beyond the engine's count.
+    c.journal_capacity_bytes = capacity_bytes.saturating_sub(2 * (wire::PAYLOAD_MAX_BYTES as u64));
+    c.rollback_window_bytes = capacity_bytes / 2;
+    c.rollback_window_ms = cfg.rollback_window_ms;
+    c.sync_threshold_bytes = cfg.flush_bytes_max.min(16 << 20);
+    c.allow_inconsistent = cfg.resync_overflow_inconsistent;
+    c
+}
+
+/// Serve the secondary role until `ctx.stop` is cancelled.
+pub async fn serve(
+    cfg: Arc<NodeConfig>,
+    ctx: RoleContext,
+    ready: Option<oneshot::Sender<SecondaryReady>>,
+) -> Result<(), AgentError> {
+    let shutdown = ctx.stop.clone();
+    let (volume, opened, rebuilt) = crate::agent::open_node(&cfg, Role::Secondary)?;
+    // A kill -9 leaves writes in the page cache: durable before anything counts on
+    // them (engine/recovery.rs).
+    volume
+        .flush()
+        .await
+        .map_err(|e| AgentError::Refused(format!("flushing the volume at start failed: {e}")))?;
+    let start = recovery::secondary_start(&opened.superblock, &opened.bitmap, &opened.activity);
+    let mut sb = start.sb.clone();
+    if start.demoted {
+        tracing::warn!(generation = %sb.gen_current, "node was primary; starting as secondary (demoted)");
+    }
+    let mut store = opened.store;
+    if start.own_dirty.dirty_count().0 > 0 || start.own_verify.dirty_count().0 > 0 {
+        tracing::warn!(
+            changed_blocks = start.own_dirty.dirty_count().0,
+            compare_blocks = start.own_verify.dirty_count().0,
+            generation = %sb.gen_current,
+            "this node changed blocks as primary that its peer may not have; the next primary resends them (or a split brain is reported)"
+        );
+    }
+    // Own changes are in the bitmap now; the activity log (a primary's) starts empty.
+    let mut covered = start.own_dirty.clone();
+    covered.union_with(&start.own_verify);
+    store.persist_bitmap(&mut sb, &covered)?;
+    store.write_activity(cfg.al_extent_bytes, &[])?;
+
+    let (events_tx, mut events_rx) = mpsc::channel::<Event>(1024);
+    let (jdone_tx, mut jdone_rx) = mpsc::unbounded_channel();
+    // A node that never had a consistent image may have no journal yet; one that
+    // had must find its journal (its staged writes are part of its image).
+    let may_create = sb.is_new || sb.disk_state == DiskState::Inconsistent || (sb.clean_shutdown && !cfg.journal.exists());
+    let jopened = journal::open(
+        &cfg.journal,
+        sb.volume_id,
+        cfg.block_size,
+        cfg.journal_bytes,
+        may_create,
+        jdone_tx.clone(),
+    )
+    .map_err(|e| AgentError::Refused(format!("{e}")))?;
+    tracing::info!(
+        journal = %cfg.journal.display(),
+        records = jopened.records.len(),
+        capacity_bytes = jopened.capacity_bytes,
+        "redo journal open"
+    );
+    let size_bytes = volume.size_bytes();
+    let volume_consistent = !sb.is_new && sb.disk_state != DiskState::Inconsistent;
+    let engine = Engine::new(
+        engine_config(&cfg, size_bytes, jopened.capacity_bytes),
+        jopened.applied,
+        jopened.records,
+        volume_consistent,
+    );
+    if let Some((lsn, seq, at_ms)) = engine.consistent_point() {
+        tracing::info!(lsn = lsn.0, seq = seq.0, at_ms, section_open = engine.is_section_open(), "consistent image recovered");
+    }
+    let metrics = ctx.metrics.clone().unwrap_or_default();
+    metrics.reset_role_state();
+    let (meta_tx, mut meta_rx) = mpsc::unbounded_channel();
+    let worker = MetaWorker::start(store, sb.clone(), cfg.al_extent_bytes, meta_tx);
+    let jh = jopened.thread.handle();
+    let snapshot = Arc::new(std::sync::Mutex::new(Snapshot { doc: None }));
+    let mut node = Node {
+        cfg: cfg.clone(),
+        volume,
+        engine,
+        sb,
+        meta: Some(worker),
+        journal: Some(jopened.thread),
+        jh,
+        jdone_tx: jdone_tx.clone(),
+        metrics: metrics.clone(),
+        compare_by_hash: cfg.seeded || rebuilt,
+        own_dirty: start.own_dirty,
+        own_verify: start.own_verify,
+        discard_local: false,
+        session: None,
+        next_session: 1,
+        events_tx: events_tx.clone(),
+        new_frames: None,
+        checkpoint_waiting: None,
+        handshake_text: None,
+        snapshot: snapshot.clone(),
+    };
+    node.publish();
+
+    let security = security_for(&cfg);
+    let listen = cfg.listen.expect("validated");
+    let listener = PeerListener::bind(listen, &security).await?;
+    let bound = listener.local_addr();
+    tracing::info!(listen = %bound, expecting = %cfg.peer_name, "secondary listening");
+    let handler: Arc<dyn ControlHandler> = Arc::new(SecondaryControl {
+        events_tx: events_tx.clone(),
+        metrics: metrics.clone(),
+        snapshot,
+    });
+    ctx.control.set(Some(handler.clone()));
+    let observers = crate::agent::monitor::start(&cfg, handler, metrics.clone()).await?;
+    if let Some(ready) = ready {
+        let _ = ready.send(SecondaryReady {
+            listen: bound,
+            metrics: metrics.clone(),
+        });
+    }
+    let stop_conns = CancellationToken::new();
+    let accept_task = tokio::spawn(accept_loop(listener, events_tx.clone(), metrics.clone(), stop_conns.clone()));
+    let dial_task = cfg.peer.map(|peer| tokio::spawn(dial_loop(peer, security.clone(), cfg.connect_timeout_ms, events_tx.clone(), stop_conns.clone())));
+
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.flush_interval_ms.clamp(1, 5)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out: Actions = Vec::new();
+    // The current session's frames; read only while the engine takes them
+    // (journal space is backpressure on the TCP stream).
+    let mut frames: Option<mpsc::Receiver<(Box<Frame>, Option<Bytes>)>> = None;
+    loop {
+        if let Some(f) = node.new_frames.take() {
+            frames = Some(f);
+        }
+        if node.session.is_none() {
+            frames = None;
+        }
+        let can_read = frames.is_some() && node.session.as_ref().is_some_and(|s| s.held.is_none());
+        tokio::select! {
+            biased;
+            Some(done) = jdone_rx.recv() => node.on_journal(done, &mut out),
+            Some((frame, data)) = async { frames.as_mut().expect("can_read").recv().await }, if can_read => {
+                node.feed(frame, data, &mut out);
+                node.act(&mut out);
+            }
+            Some(done) = meta_rx.recv() => node.on_meta(done, &mut out),
+            Some(ev) = events_rx.recv() => node.on_event(ev, &mut out).await,
+            _ = tick.tick() => {
+                node.engine.tick(crate::agent::unix_now_ms(), &mut out);
+                node.act(&mut out);
+                node.retry_held(&mut out);
+                node.report_consistent();
+                node.publish();
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    tracing::info!("stopping: ending the session, making the journal durable");
+    stop_conns.cancel();
+    let _ = accept_task.await;
+    if let Some(t) = dial_task {
+        let _ = t.await;
+    }
+    observers.stop().await;
+    ctx.control.set(None);
+    let promoting = *ctx.promoting.lock().expect("promoting lock");
+    node.finish(promoting, &mut jdone_rx, &mut meta_rx, &mut events_rx).await
 }
 
 impl Node {
-    fn write_superblock(&mut self) -> Result<(), String> {
-        self.meta
-            .write_superblock(&self.sb)
-            .map_err(|e| format!("writing metadata: {e}"))?;
-        self.update_snapshot();
+    fn meta(&self) -> &MetaWorker {
+        self.meta.as_ref().expect("metadata worker runs until finish")
+    }
+
+    fn write_superblock(&self) {
+        self.meta().send(MetaJob::Superblock { sb: self.sb.clone() });
+    }
+
+    /// Carry out engine actions.
+    fn act(&mut self, out: &mut Actions) {
+        while !out.is_empty() {
+            let batch = std::mem::take(out);
+            for a in batch {
+                self.act_one(a, out);
+            }
+        }
+    }
+
+    fn act_one(&mut self, action: SecondaryAction<Bytes>, _out: &mut Actions) {
+        match action {
+            SecondaryAction::Append { record, data } => {
+                if record.kind.changes_data() {
+                    Metrics::add(&self.metrics.applied_writes, 1);
+                    Metrics::add(&self.metrics.applied_bytes, record.range.len);
+                }
+                self.jh.append(&record, data);
+            }
+            SecondaryAction::SyncJournal { .. } => self.jh.sync(),
+            SecondaryAction::Checkpoint {
+                from,
+                through,
+                volume_consistent_after,
+            } => {
+                if !volume_consistent_after && self.sb.disk_state != DiskState::Inconsistent {
+                    // The copy makes the volume alone mixed: say so durably first.
+                    tracing::warn!("copying an unfinished resync into the volume (resync-overflow = inconsistent): the node is Inconsistent until it completes");
+                    self.sb.disk_state = DiskState::Inconsistent;
+                    self.write_superblock();
+                    self.checkpoint_waiting = Some((from, through));
+                } else {
+                    self.start_checkpoint(from, through);
+                }
+            }
+            SecondaryAction::StartHash {
+                seq,
+                range,
+                unit_bytes,
+                hashes,
+                sources,
+            } => {
+                let volume = self.volume.clone();
+                let jh = self.jh.clone();
+                let tx = self.events_tx.clone();
+                tokio::spawn(async move {
+                    let result = hash_image(&volume, &jh, range, unit_bytes, &hashes, &sources).await;
+                    let _ = tx.send(Event::Hashed { seq, result }).await;
+                });
+            }
+            SecondaryAction::SendApplied { seq } => self.ack(Message::Applied { seq: seq.0 }),
+            SecondaryAction::SendDurable { through } => self.ack(Message::Durable { through_seq: through.0 }),
+            SecondaryAction::SendHashReply { seq, mismatched } => {
+                Metrics::add(&self.metrics.verify_mismatched_blocks, mismatched.len() as u64);
+                self.ack(Message::HashReply {
+                    seq: seq.0,
+                    mismatched,
+                })
+            }
+            SecondaryAction::MarkConsistent { through, at_ms } => {
+                let primary = self.session.as_ref().map(|s| s.primary_gen);
+                let was = (self.sb.gen_current, self.sb.disk_state);
+                if let Some(g) = primary {
+                    let disk = self.sb.disk_state;
+                    self.sb = recovery::adopt_generation(&self.sb, g);
+                    // The volume alone may still be mixed (a first copy whose records
+                    // are not all copied yet): the checkpointer says when it is not.
+                    self.sb.disk_state = if disk == DiskState::Inconsistent { DiskState::Inconsistent } else { DiskState::UpToDate };
+                }
+                if self.own_dirty.dirty_count().0 > 0 || self.own_verify.dirty_count().0 > 0 {
+                    self.own_dirty.clear_all();
+                    self.own_verify.clear_all();
+                    self.meta().send(MetaJob::Bitmap {
+                        bitmap: self.own_dirty.clone(),
+                    });
+                }
+                self.write_superblock();
+                if was != (self.sb.gen_current, self.sb.disk_state) || true {
+                    tracing::info!(generation = %self.sb.gen_current, journal_lsn = through.0, newest_write_at_ms = at_ms, "in sync with the primary: a consistent image");
+                    self.metrics.events.push("consistent", format!("consistent through the primary's write of {at_ms} ms"));
+                }
+            }
+            SecondaryAction::MarkSectionOpen => {
+                if let Some(s) = &self.session {
+                    self.sb = recovery::sync_target(&self.sb, s.primary_gen);
+                    self.write_superblock();
+                }
+                tracing::info!("resync section open: the last consistent image is kept in the journal until it ends");
+            }
+            SecondaryAction::Fail { fault } => {
+                tracing::error!("stopping the session: {fault}");
+                self.metrics.set_error(fault.to_string());
+                self.metrics.events.push("session-refused", fault.to_string());
+                self.ack(Message::Refuse {
+                    reason: fault.to_string(),
+                });
+                if let Some(s) = self.session.take() {
+                    tracing::info!(session = s.id, "session ended by this node");
+                }
+            }
+        }
+    }
+
+    fn ack(&self, msg: Message) {
+        if let Some(s) = &self.session {
+            // Full: the primary does not read its acks; the session dies of that.
+            let _ = s.acks.try_send(link::control_frame(msg));
+        }
+    }
+
+    fn start_checkpoint(&mut self, from: Lsn, through: Lsn) {
+        let records: Vec<Record> = self
+            .engine
+            .records()
+            .filter(|r| r.lsn >= from && r.lsn <= through)
+            .copied()
+            .collect();
+        let volume = self.volume.clone();
+        let jh = self.jh.clone();
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = copy_records(&volume, &jh, &records).await;
+            let result = match result {
+                Ok(()) => {
+                    jh.release(through);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+            let _ = tx.send(Event::Checkpointed(result)).await;
+        });
+    }
+
+    fn on_journal(&mut self, done: JournalDone, out: &mut Actions) {
+        match done {
+            JournalDone::Synced(r) => self.engine.journal_synced(r, out),
+            JournalDone::Released(r) => {
+                if let Err(e) = r {
+                    tracing::error!("releasing journal records failed: {e}");
+                    self.metrics.set_error(format!("journal: {e}"));
+                }
+            }
+            JournalDone::Truncated(r) => {
+                if let Err(e) = r {
+                    tracing::error!("truncating the journal failed: {e}");
+                }
+            }
+        }
+        self.act(out);
+        self.retry_held(out);
+    }
+
+    fn on_meta(&mut self, done: MetaDone, out: &mut Actions) {
+        let r = match done {
+            MetaDone::Activity(r) | MetaDone::Bitmap(r) | MetaDone::Superblock(r) => r,
+        };
+        if let Err(e) = r {
+            tracing::error!("metadata write failed: {e}; the node is poisoned, restart it after checking the disk");
+            self.metrics.set_error(format!("metadata write failed: {e}"));
+            self.metrics.events.push("io-error", e);
+        }
+        if let Some((from, through)) = self.checkpoint_waiting.take() {
+            self.start_checkpoint(from, through);
+        }
+        self.act(out);
+    }
+
+    async fn on_event(&mut self, ev: Event, out: &mut Actions) {
+        match ev {
+            Event::Conn { stream, announce } => {
+                if self.session.is_some() {
+                    let (_rd, mut wr) = stream.into_split();
+                    link::send_refusal(&mut wr, crate::agent::ALREADY_CONNECTED).await;
+                    return;
+                }
+                let peer = stream.peer_addr();
+                if let Err(reason) = self.handshake(stream, announce).await {
+                    if reason.is_empty() {
+                        return;
+                    }
+                    crate::agent::log_repeated(&format!("handshake:{reason}"), || {
+                        tracing::warn!(%peer, "session refused: {reason}")
+                    });
+                }
+            }
+            Event::SessionEnd { session, reason } => {
+                if self.session.as_ref().is_some_and(|s| s.id == session) {
+                    let s = self.session.take().expect("checked");
+                    tracing::info!(session = s.id, primary = %s.peer, "primary detached: {reason}");
+                    self.metrics.set_connected(false, &reason);
+                    if reason.contains("Goodbye (outdated)") {
+                        self.sb = recovery::outdate(&self.sb);
+                        self.write_superblock();
+                        tracing::warn!("the primary stopped without draining: this node is Outdated (consistent, but it lacks writes); promoting it needs --force");
+                        self.metrics.events.push("outdated", "the primary stopped without draining".into());
+                    }
+                    self.engine.session_ended(out);
+                }
+            }
+            Event::Checkpointed(r) => self.engine.checkpointed(r, out),
+            Event::Hashed { seq, result } => self.engine.hash_done(seq, result, out),
+            Event::Control(cmd) => self.on_control(cmd),
+        }
+        self.act(out);
+    }
+
+    /// Feed one frame to the engine, or hold it while the journal has no room.
+    fn feed(&mut self, frame: Box<Frame>, data: Option<Bytes>, out: &mut Actions) {
+        if let Some(s) = &mut self.session
+            && s.held.is_some()
+        {
+            // Cannot happen: the reader waits while one is held.
+            s.held = Some((frame, data));
+            return;
+        }
+        match self.engine.room(out) {
+            Room::Free => {}
+            Room::Wait => {
+                if let Some(s) = &mut self.session {
+                    s.held = Some((frame, data));
+                }
+                return;
+            }
+            Room::Stuck => return,
+        }
+        let now = crate::agent::unix_now_ms();
+        let seq = Seq(frame.seq);
+        let incoming = match frame.msg {
+            Message::ResyncStart { blocks, full } => {
+                if blocks > 0 {
+                    tracing::info!(blocks, bytes = blocks * self.cfg.block_size as u64, full, "primary announces a resync");
+                }
+                Incoming::ResyncStart { next: seq, blocks, full }
+            }
+            Message::Write { offset, fua, at_ms } => {
+                let data = data.expect("the reader opens payloads of writes");
+                Incoming::Write {
+                    seq,
+                    offset,
+                    fua,
+                    at_ms,
+                    len: data.len() as u64,
+                    data,
+                }
+            }
+            Message::WriteZeroes { offset, len, fua, at_ms } => Incoming::Zeroes { seq, offset, len, fua, at_ms },
+            Message::Trim { offset, len, at_ms } => Incoming::Trim { seq, offset, len, at_ms },
+            Message::Flush => Incoming::Flush { through: seq },
+            Message::ResyncDone { through_seq } => Incoming::ResyncDone { through: Seq(through_seq) },
+            Message::HashCheck { offset, block_size, hashes } => {
+                let mut buf = BytesMut::with_capacity(hashes.len() * 32);
+                for h in &hashes {
+                    buf.extend_from_slice(h);
+                }
+                Incoming::HashCheck {
+                    seq,
+                    offset,
+                    unit_bytes: block_size,
+                    count: hashes.len() as u32,
+                    hashes: buf.freeze(),
+                }
+            }
+            other => {
+                let reason = format!("unexpected message kind {} from the primary", other.kind());
+                out.push(SecondaryAction::Fail {
+                    fault: secondary::Fault::BeforeStart { what: "an unexpected message" },
+                });
+                tracing::warn!("{reason}");
+                return;
+            }
+        };
+        self.engine.receive(incoming, now, out);
+    }
+
+    /// Frames held back for journal room go in when there is room.
+    fn retry_held(&mut self, out: &mut Actions) {
+        let Some(s) = &mut self.session else { return };
+        let Some((frame, data)) = s.held.take() else { return };
+        self.feed(frame, data, out);
+        self.act(out);
+    }
+
+    /// Tell the primary where this node's consistent image stands (a few times a
+    /// second at most).
+    fn report_consistent(&mut self) {
+        let point = self.engine.consistent_point().map(|(_, seq, at)| (seq, at));
+        let Some(s) = &mut self.session else { return };
+        if point.is_none() || point == s.last_consistent_sent || s.last_consistent_at.elapsed() < Duration::from_millis(250) {
+            return;
+        }
+        s.last_consistent_sent = point;
+        s.last_consistent_at = Instant::now();
+        let (seq, at_ms) = point.expect("checked");
+        let _ = s.acks.try_send(link::control_frame(Message::Consistent { seq: seq.0, at_ms }));
+    }
+
+    /// Decide a handshake (engine/handshake.rs) and start the session.
+    /// Err(""): a quiet end (both secondary, already connected).
+    async fn handshake(&mut self, stream: PeerStream, announce: bool) -> Result<(), String> {
+        let peer_addr = stream.peer_addr();
+        let cfg = self.cfg.clone();
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::with_capacity(1 << 20, rd);
+        if announce {
+            link::send_message(&mut wr, Message::Hello(self.hello()))
+                .await
+                .map_err(|e| format!("sending Hello: {e}"))?;
+        }
+        let mut scratch = BytesMut::new();
+        let first = tokio::time::timeout(
+            Duration::from_millis(cfg.connect_timeout_ms),
+            wire::read_frame(&mut rd, &mut scratch),
+        )
+        .await
+        .map_err(|_| format!("no Hello within {} ms", cfg.connect_timeout_ms))?
+        .map_err(|e| format!("reading Hello: {e}"))?;
+        let hello = match first.msg {
+            Message::Hello(h) => h,
+            Message::Refuse { reason } if reason.contains(crate::agent::ALREADY_CONNECTED) => return Err(String::new()),
+            Message::Refuse { reason } => return Err(format!("the peer refused: {reason}")),
+            other => return Err(format!("expected Hello, got message kind {}", other.kind())),
+        };
+        let local = self.local();
+        let plan = match handshake::decide(&hello, &local) {
+            Ok(p) => p,
+            Err(refusal) => {
+                if !refusal.is_quiet() {
+                    tracing::error!(peer = %peer_addr, "refusing primary: {refusal}");
+                    self.metrics.set_error(refusal.to_string());
+                    self.handshake_text = Some(format!("refused: {refusal}"));
+                    if refusal.is_split_brain() {
+                        self.metrics.events.push("split-brain", refusal.to_string());
+                    } else {
+                        self.metrics.events.push("handshake-refused", refusal.to_string());
+                    }
+                }
+                link::send_refusal(&mut wr, &refusal.to_string()).await;
+                return Err(if refusal.is_quiet() { String::new() } else { refusal.to_string() });
+            }
+        };
+        if plan.discards_local {
+            match write_discard_report(self, &hello.node_name, &plan) {
+                Ok(path) => {
+                    tracing::warn!(report = %path.display(), changed_blocks = self.own_dirty.dirty_count().0, "{plan}; this node's changed ranges are listed in the report");
+                    self.discard_local = false;
+                }
+                Err(reason) => {
+                    tracing::error!("{reason}");
+                    link::send_refusal(&mut wr, &reason).await;
+                    return Err(reason);
+                }
+            }
+        }
+        tracing::info!(
+            primary = %hello.node_name,
+            primary_generation = %Generation(hello.generations.current),
+            primary_base = %Generation(hello.generations.bitmap_base),
+            primary_changed_blocks = hello.changed_blocks,
+            generation = %self.sb.gen_current,
+            base = %self.sb.gen_bitmap_base,
+            own_changed_blocks = self.own_dirty.dirty_count().0,
+            "handshake decision: {plan}"
+        );
+        self.handshake_text = Some(plan.to_string());
+        // An open resync section too large to finish is dropped; its blocks are
+        // listed as this node's own (persisted first) so the primary resends them.
+        let dropped = self.engine.restart_large_section();
+        if !dropped.is_empty() {
+            let bs = self.cfg.block_size;
+            for r in &dropped {
+                let (a, b) = r.blocks(bs);
+                self.own_dirty.mark(a, b);
+            }
+            tracing::warn!(ranges = dropped.len(), "dropping an unfinished resync that filled half the journal; its blocks are resent");
+            self.persist_own_bitmap_now().await?;
+            self.jh.truncate(self.engine.tail());
+        }
+        if self.sb.is_new {
+            // Adopt the primary's identity (G6) before anything is written; the
+            // journal is recreated for it (a new node's is empty).
+            self.sb = recovery::adopt_identity(&self.sb, VolumeId(hello.volume_id), Generation(hello.generations.current));
+            self.recreate_journal().await?;
+            self.write_superblock();
+            tracing::info!(volume_id = %self.sb.volume_id, "new secondary adopted the primary's volume identity");
+        }
+        // A bitmap resync covers what this node changed (or dropped) on its own too.
+        let (own_dirty, own_verify) = if plan.sync == SyncPlan::Bitmap {
+            (
+                self.own_dirty.runs(wire::RUNS_PER_WELCOME_MAX),
+                self.own_verify.runs(wire::RUNS_PER_WELCOME_MAX),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let welcome = Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            volume_id: self.sb.volume_id.0,
+            size_bytes: self.volume.size_bytes(),
+            block_size: cfg.block_size,
+            node_name: cfg.name.clone(),
+            role: wire::ROLE_SECONDARY,
+            disk_state: disk_code(self.sb.disk_state, self.sb.is_new),
+            generations: wire::Generations {
+                current: self.sb.gen_current.0,
+                bitmap_base: self.sb.gen_bitmap_base.0,
+                history: [self.sb.gen_history[0].0, self.sb.gen_history[1].0],
+            },
+            capabilities: caps::ZSTD,
+            needs: plan.sync,
+            own_dirty,
+            own_verify,
+            decision: plan.to_string(),
+        };
+        link::send_message(&mut wr, Message::Welcome(welcome))
+            .await
+            .map_err(|e| format!("sending Welcome: {e}"))?;
+        tracing::info!(peer = %peer_addr, primary = %hello.node_name, primary_next_seq = hello.first_seq, plan = ?plan.sync, disk = %self.sb.disk_state, "primary attached");
+        self.metrics.set_connected(true, &hello.node_name);
+        self.metrics.clear_error();
+        Metrics::add(&self.metrics.sessions, 1);
+        let id = self.next_session;
+        self.next_session += 1;
+        let (ack_tx, ack_rx) = mpsc::channel(link::WRITER_QUEUE_FRAMES_MAX);
+        let (hb_tx, hb_rx) = mpsc::channel(8);
+        tokio::spawn(link::run_writer(wr, ack_rx, hb_rx, cfg.heartbeat_interval_ms));
+        let (frames_tx, frames_rx) = mpsc::channel(64);
+        tokio::spawn(frame_reader(
+            FrameReader::new(rd, cfg.peer_timeout_ms, Some(hb_tx)),
+            id,
+            frames_tx,
+            self.events_tx.clone(),
+            self.metrics.clone(),
+        ));
+        self.new_frames = Some(frames_rx);
+        self.session = Some(Session {
+            id,
+            peer: hello.node_name.clone(),
+            primary_gen: Generation(hello.generations.current),
+            acks: ack_tx,
+            held: None,
+            last_consistent_sent: None,
+            last_consistent_at: Instant::now(),
+        });
+        let _ = Plan::clone(&plan);
         Ok(())
     }
 
-    fn set_peer(&mut self, peer: Option<String>) {
-        self.snapshot.lock().expect("snapshot lock").peer = peer;
+    async fn persist_own_bitmap_now(&mut self) -> Result<(), String> {
+        // Through the worker, in order; the handshake waits for nothing else.
+        self.meta().send(MetaJob::Bitmap {
+            bitmap: {
+                let mut b = self.own_dirty.clone();
+                b.union_with(&self.own_verify);
+                b
+            },
+        });
+        Ok(())
     }
 
-    fn update_snapshot(&self) {
-        let mut s = self.snapshot.lock().expect("snapshot lock");
-        s.disk_state = self.sb.disk_state;
-        s.volume_id = self.sb.volume_id;
-        s.generation = self.sb.gen_current;
-        s.generations = GenerationsStatus::of(&self.sb);
-        s.own_changed_blocks = self.own_dirty.dirty_count().0;
+    async fn recreate_journal(&mut self) -> Result<(), String> {
+        // The journal of a new node holds nothing (no session ever attached): make a
+        // new one under the adopted identity.
+        if self.engine.tail() != self.engine.applied() {
+            return Err("a new node's journal holds records; refusing to recreate it".into());
+        }
+        if let Some(j) = self.journal.take() {
+            j.stop();
+        }
+        let _ = std::fs::remove_file(&self.cfg.journal);
+        let opened = journal::open(
+            &self.cfg.journal,
+            self.sb.volume_id,
+            self.cfg.block_size,
+            self.cfg.journal_bytes,
+            true,
+            self.jdone_tx.clone(),
+        )
+        .map_err(|e| e.to_string())?;
+        self.jh = opened.thread.handle();
+        self.journal = Some(opened.thread);
+        Ok(())
     }
 
-    fn set_handshake(&mut self, text: String) {
-        self.snapshot.lock().expect("snapshot lock").handshake = Some(text);
+impl Node {
+    /// What the handshake decision needs to know about this node.
+    fn local(&self) -> Local {
+        Local {
+            name: self.cfg.name.clone(),
+            peer_name: self.cfg.peer_name.clone(),
+            size_bytes: self.volume.size_bytes(),
+            block_size: self.cfg.block_size,
+            volume_id: self.sb.volume_id,
+            is_new: self.sb.is_new,
+            gens: GenInfo {
+                current: self.sb.gen_current,
+                bitmap_base: self.sb.gen_bitmap_base,
+                history: self.sb.gen_history,
+                changed_blocks: self.own_dirty.dirty_count().0,
+                promoted_at_s: self.sb.promoted_at_s,
+                inconsistent: self.engine.is_section_open(),
+            },
+            has_consistent_image: self.engine.consistent_point().is_some(),
+            compare_by_hash: self.compare_by_hash && !self.has_completed_a_sync(),
+            discard_local: self.discard_local,
+            policy: self.cfg.split_brain_policy.clone(),
+            meta_path: self.cfg.meta.display().to_string(),
+        }
+    }
+
+    /// A pre-seeded node compares by hash only until its first sync completed.
+    fn has_completed_a_sync(&self) -> bool {
+        !self.sb.is_new && self.sb.gen_current != Generation::NONE && self.sb.disk_state != DiskState::Inconsistent
     }
 
     /// The Hello this node sends when it dials its primary (role secondary).
@@ -129,501 +861,417 @@ impl Node {
         }
     }
 
-    /// This node's generations and changes, as the decision sees them.
-    fn gen_info(&self) -> GenInfo {
-        GenInfo {
-            current: self.sb.gen_current,
-            bitmap_base: self.sb.gen_bitmap_base,
-            history: self.sb.gen_history,
-            changed_blocks: self.own_dirty.dirty_count().0,
-            promoted_at_s: self.sb.promoted_at_s,
-            inconsistent: self.sb.disk_state != DiskState::UpToDate,
-        }
-    }
-
-    /// A resync from the peer completed: its generation is now this node's, and
-    /// nothing this node changed on its own remains.
-    fn adopt_generation(&mut self, primary: Generation) -> Result<(), String> {
-        if self.sb.gen_current != primary {
-            self.sb.gen_history = [self.sb.gen_current, self.sb.gen_history[0]];
-            self.sb.gen_current = primary;
-        }
-        self.sb.gen_bitmap_base = Generation::NONE;
-        self.sb.disk_state = DiskState::UpToDate;
-        if self.own_dirty.dirty_count().0 > 0 || self.own_verify.dirty_count().0 > 0 {
-            self.own_dirty.clear_all();
-            self.own_verify.clear_all();
-            self.meta
-                .persist_bitmap(&mut self.sb, &self.own_dirty)
-                .map_err(|e| format!("writing metadata: {e}"))?;
-            self.meta
-                .write_activity(self.cfg.al_extent_bytes, &[])
-                .map_err(|e| format!("writing metadata: {e}"))?;
-        }
-        self.write_superblock()
-    }
-}
-
-/// What this node itself may have changed that its peer lacks, from its metadata:
-/// the persisted bitmap (a node that was primary), plus, after an unclean stop,
-/// the activity log's extents (compared by hash). Empty for a node that was only
-/// ever secondary.
-fn own_changes(
-    cfg: &NodeConfig,
-    sb: &crate::meta::Superblock,
-    opened: &crate::meta::Opened,
-    size_bytes: u64,
-) -> (DirtyBitmap, DirtyBitmap) {
-    let mut dirty = opened.bitmap.clone();
-    let mut verify = DirtyBitmap::for_volume(size_bytes, cfg.block_size);
-    if sb.is_new {
-        dirty.clear_all();
-    } else if !sb.bitmap_valid {
-        dirty.clear_all();
-        verify.mark_all();
-    } else if !sb.clean_shutdown {
-        let activity = &opened.activity;
-        if activity.intact {
-            for &e in &activity.extents {
-                let start = e as u64 * activity.extent_bytes;
-                let range = ByteRange::new(
-                    start,
-                    activity.extent_bytes.min(size_bytes.saturating_sub(start)),
-                );
-                let (a, b) = range.blocks(cfg.block_size);
-                verify.mark(a, b);
-            }
-        } else {
-            verify.mark_all();
-        }
-        let mut cursor = BlockIndex(0);
-        while let Some((first, n)) = dirty.next_dirty_run(cursor, BlockCount(u64::MAX)) {
-            verify.clear(first, BlockIndex(first.0 + n.0));
-            cursor = BlockIndex(first.0 + n.0);
-        }
-    }
-    (dirty, verify)
-}
-
-/// Run a secondary until `shutdown` is cancelled, with its own control socket.
-pub async fn run(
-    cfg: NodeConfig,
-    shutdown: CancellationToken,
-    ready: Option<oneshot::Sender<SecondaryReady>>,
-) -> Result<(), AgentError> {
-    crate::agent::run_alone(cfg, shutdown, |cfg, ctx| serve(cfg, ctx, ready)).await
-}
-
-/// Serve the secondary role until `ctx.stop` is cancelled.
-pub async fn serve(
-    cfg: Arc<NodeConfig>,
-    ctx: RoleContext,
-    ready: Option<oneshot::Sender<SecondaryReady>>,
-) -> Result<(), AgentError> {
-    let shutdown = ctx.stop.clone();
-    let (volume, opened, rebuilt) = crate::agent::open_node(&cfg, Role::Secondary)?;
-    // Data already on the volume (a pre-seeded copy, or metadata rebuilt after
-    // damage) is compared by hash rather than overwritten wholesale.
-    let verify_data = cfg.seeded || rebuilt;
-    let mut sb = opened.superblock.clone();
-    if sb.role == Role::Primary {
-        tracing::warn!(generation = %sb.gen_current, "node was primary; starting as secondary (demoted)");
-        sb.role = Role::Secondary;
-    }
-    let (own_dirty, own_verify) = own_changes(&cfg, &sb, &opened, volume.size_bytes());
-    let mut meta = opened.store;
-    if sb.clean_shutdown && !opened.activity.extents.is_empty() {
-        // A clean stop left nothing in flight: the old activity log says nothing now.
-        meta.write_activity(cfg.al_extent_bytes, &[])?;
-    }
-    if own_dirty.dirty_count().0 > 0 || own_verify.dirty_count().0 > 0 {
-        tracing::warn!(
-            changed_blocks = own_dirty.dirty_count().0,
-            compare_blocks = own_verify.dirty_count().0,
-            generation = %sb.gen_current,
-            "this node changed blocks as primary that its peer may not have; the next primary resends them (or a split brain is reported)"
+    /// The status document, published for the control socket on every tick.
+    fn status(&self) -> StatusDoc {
+        let m = &self.metrics;
+        let mut doc = StatusDoc::build(
+            &self.cfg,
+            Role::Secondary,
+            m,
+            self.session.as_ref().map(|s| (s.peer.clone(), "UpToDate".to_string())),
+            self.disk_state_shown(),
+            0,
+            0,
+            self.own_dirty.dirty_count(),
+            None,
+            self.sb.volume_id,
+            self.sb.gen_current,
         );
-    }
-    sb.clean_shutdown = false;
-    meta.write_superblock(&sb)?;
-    let metrics = ctx.metrics.clone().unwrap_or_default();
-    metrics.reset_role_state();
-    let snapshot = Arc::new(std::sync::Mutex::new(Snapshot {
-        disk_state: sb.disk_state,
-        volume_id: sb.volume_id,
-        generation: sb.gen_current,
-        peer: None,
-        generations: GenerationsStatus::of(&sb),
-        handshake: None,
-        own_changed_blocks: own_dirty.dirty_count().0,
-    }));
-    let discard_local = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let node = Arc::new(Mutex::new(Node {
-        cfg: cfg.clone(),
-        volume,
-        meta,
-        sb,
-        metrics: metrics.clone(),
-        snapshot: snapshot.clone(),
-        verify_data,
-        own_dirty,
-        own_verify,
-        discard_local: discard_local.clone(),
-    }));
-
-    let security = security_for(&cfg);
-    let listen = cfg.listen.expect("validated");
-    let listener = PeerListener::bind(listen, &security).await?;
-    let bound = listener.local_addr();
-    tracing::info!(listen = %bound, expecting = %cfg.peer_name, "secondary listening");
-
-    let handler: Arc<dyn ControlHandler> = Arc::new(SecondaryControl {
-        cfg: cfg.clone(),
-        metrics: metrics.clone(),
-        snapshot,
-        discard_local,
-    });
-    ctx.control.set(Some(handler.clone()));
-    let observers = crate::agent::monitor::start(&cfg, handler, metrics.clone()).await?;
-    if let Some(ready) = ready {
-        let _ = ready.send(SecondaryReady {
-            listen: bound,
-            metrics: metrics.clone(),
+        doc.generations = Some(GenerationsStatus::of(&self.sb));
+        doc.handshake = self.handshake_text.clone();
+        doc.consistent_point = self.engine.consistent_point().map(|(lsn, seq, at_ms)| control::ConsistentStatus {
+            seq: seq.0,
+            at_unix_ms: at_ms,
+            age_s: if at_ms > 0 {
+                crate::agent::unix_now_ms().saturating_sub(at_ms) as f64 / 1000.0
+            } else {
+                0.0
+            },
+            journal_lsn: lsn.0,
+            resync_open: self.engine.is_section_open(),
         });
+        doc.journal = Some(control::JournalStatus {
+            path: self.cfg.journal.display().to_string(),
+            capacity_bytes: self.cfg.journal_bytes,
+            used_bytes: self.engine.live_bytes(),
+            records: self.engine.records().count() as u64,
+            points: self.engine.points(usize::MAX).len() as u64,
+        });
+        doc
     }
 
-    let sessions = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    if let Some(peer) = cfg.peer {
-        // Both nodes dial: this one too, while no primary is attached.
-        tasks.spawn(dialer(
-            node.clone(),
-            peer,
-            security.clone(),
-            sessions.clone(),
-        ));
+    /// The disk state an operator means: the image's (Inconsistent only when no
+    /// consistent image exists at all; Outdated when known stale).
+    fn disk_state_shown(&self) -> DiskState {
+        match (self.engine.consistent_point(), self.sb.disk_state) {
+            (None, _) => DiskState::Inconsistent,
+            (Some(_), DiskState::Outdated) => DiskState::Outdated,
+            (Some(_), _) => DiskState::UpToDate,
+        }
     }
+
+    fn publish(&self) {
+        let doc = self.status();
+        self.snapshot.lock().expect("snapshot lock").doc = Some(doc);
+    }
+
+    fn on_control(&mut self, cmd: ControlCmd) {
+        match cmd {
+            ControlCmd::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            ControlCmd::Points(reply) => {
+                let points: Vec<serde_json::Value> = self
+                    .engine
+                    .points(10_000)
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "journal_lsn": p.lsn.0,
+                            "seq": p.seq.0,
+                            "at_unix_ms": p.at_ms,
+                            "later_bytes": p.later_bytes,
+                        })
+                    })
+                    .collect();
+                let _ = reply.send(ControlReply::success(serde_json::json!({ "points": points })));
+            }
+            ControlCmd::DiscardLocal(reply) => {
+                self.discard_local = true;
+                let _ = reply.send(ControlReply::success(serde_json::json!({
+                    "message": format!(
+                        "{} discards its own changes at the next handshake that needs it (split brain, or newer data); a report of the discarded ranges is written beside its metadata",
+                        self.cfg.name
+                    )
+                })));
+            }
+        }
+    }
+
+    /// Stop: say Goodbye, make the journal durable; for a promotion, bring the
+    /// image to its last consistent point and copy it into the volume.
+    async fn finish(
+        mut self,
+        promoting: bool,
+        jdone_rx: &mut mpsc::UnboundedReceiver<JournalDone>,
+        meta_rx: &mut mpsc::UnboundedReceiver<MetaDone>,
+        events_rx: &mut mpsc::Receiver<Event>,
+    ) -> Result<(), AgentError> {
+        if let Some(s) = self.session.take() {
+            let _ = s.acks.try_send(link::control_frame(Message::Goodbye { outdated: false }));
+        }
+        let mut out = Vec::new();
+        self.engine.session_ended(&mut out);
+        self.settle(&mut out, jdone_rx, meta_rx, events_rx).await?;
+        if promoting {
+            // The image becomes the consistent point: an open section is dropped
+            // (its blocks now differ from the old primary's: they go into this
+            // node's bitmap, which the primary role starts from), then everything
+            // is copied into the volume.
+            if let Some((lsn, seq, at_ms)) = self.engine.consistent_point() {
+                let dropped = if self.engine.is_section_open() || self.engine.tail() > lsn {
+                    let d = self.engine.truncate_after(lsn);
+                    self.jh.truncate(lsn);
+                    d
+                } else {
+                    Vec::new()
+                };
+                let bs = self.cfg.block_size;
+                for r in &dropped {
+                    let (a, b) = r.blocks(bs);
+                    self.own_dirty.mark(a, b);
+                }
+                if !dropped.is_empty() {
+                    tracing::warn!(ranges = dropped.len(), "promotion mid-resync: rolled back to the last consistent point; the dropped resync's blocks are resent to the old primary when it rejoins");
+                }
+                let age_s = crate::agent::unix_now_ms().saturating_sub(at_ms) as f64 / 1000.0;
+                tracing::warn!(seq = seq.0, newest_write_at_ms = at_ms, age_s = format!("{age_s:.1}"), "promoting at the consistent point");
+                self.metrics.events.push(
+                    "promoted-at",
+                    format!("now primary at the consistent point of the primary's write accepted at {at_ms} ms, {age_s:.1} s before now"),
+                );
+                loop {
+                    let mut out = Vec::new();
+                    if !self.engine.checkpoint_all(&mut out) && self.engine.is_idle() {
+                        break;
+                    }
+                    self.act(&mut out);
+                    self.settle(&mut out, jdone_rx, meta_rx, events_rx).await?;
+                    if self.engine.applied() == self.engine.tail() {
+                        break;
+                    }
+                }
+            }
+        }
+        // Persist what this node itself lacks relative to its peer (own changes,
+        // dropped records): the next role starts from it.
+        let mut bm = self.own_dirty.clone();
+        bm.union_with(&self.own_verify);
+        let worker = self.meta.take().expect("finish once");
+        let (mut store, mut sb) = tokio::task::spawn_blocking(move || worker.finish())
+            .await
+            .map_err(|e| AgentError::Refused(format!("metadata thread: {e}")))?;
+        while meta_rx.try_recv().is_ok() {}
+        let keep_disk = sb.disk_state;
+        sb = self.sb.clone();
+        if sb.disk_state != keep_disk && keep_disk == DiskState::Inconsistent && !self.engine.is_volume_consistent() {
+            sb.disk_state = DiskState::Inconsistent;
+        }
+        if promoting && self.engine.consistent_point().is_some() && sb.disk_state == DiskState::Inconsistent && self.engine.is_volume_consistent() {
+            sb.disk_state = DiskState::UpToDate;
+        }
+        sb.clean_shutdown = true;
+        store.persist_bitmap(&mut sb, &bm)?;
+        if let Some(j) = self.journal.take() {
+            j.stop();
+        }
+        self.volume
+            .flush()
+            .await
+            .map_err(|e| AgentError::Refused(format!("final flush failed: {e}")))?;
+        tracing::info!(disk = %self.disk_state_shown(), "clean shutdown");
+        Ok(())
+    }
+
+    /// Run the engine's I/O until it is idle (syncs, checkpoints, comparisons).
+    async fn settle(
+        &mut self,
+        out: &mut Actions,
+        jdone_rx: &mut mpsc::UnboundedReceiver<JournalDone>,
+        meta_rx: &mut mpsc::UnboundedReceiver<MetaDone>,
+        events_rx: &mut mpsc::Receiver<Event>,
+    ) -> Result<(), AgentError> {
+        self.act(out);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            self.engine.tick(crate::agent::unix_now_ms(), out);
+            self.act(out);
+            if self.engine.is_idle() && self.engine.durable() == self.engine.tail() && self.checkpoint_waiting.is_none() {
+                return Ok(());
+            }
+            if self.engine.is_poisoned() {
+                return Err(AgentError::Refused("the journal or the volume failed while stopping; check the disk".into()));
+            }
+            tokio::select! {
+                Some(d) = jdone_rx.recv() => self.on_journal(d, out),
+                Some(d) = meta_rx.recv() => self.on_meta(d, out),
+                Some(ev) = events_rx.recv() => match ev {
+                    Event::Checkpointed(r) => { self.engine.checkpointed(r, out); self.act(out) }
+                    Event::Hashed { seq, result } => { self.engine.hash_done(seq, result, out); self.act(out) }
+                    Event::Conn { stream, .. } => {
+                        let (_rd, mut wr) = stream.into_split();
+                        link::send_refusal(&mut wr, "the secondary is stopping").await;
+                    }
+                    _ => {}
+                },
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(AgentError::Refused("the journal did not settle within 120 s while stopping".into()));
+                }
+            }
+        }
+    }
+}
+
+/// Copy journal records into the volume in order (a checkpoint), then make the
+/// volume durable. Zero and trim records punch holes where the volume can (a thin
+/// secondary stays thin).
+async fn copy_records(volume: &Volume, jh: &JournalHandle, records: &[Record]) -> Result<(), String> {
+    use crate::engine::secondary::RecordKind;
+    for r in records {
+        let result = match r.kind {
+            RecordKind::Write => {
+                let data = jh.read(r.lsn).await?;
+                if data.len() as u64 != r.range.len {
+                    return Err(format!(
+                        "journal record {} holds {} bytes for a {}-byte write",
+                        r.lsn,
+                        data.len(),
+                        r.range.len
+                    ));
+                }
+                if volume.writes_inline() {
+                    volume.write_inline(r.range.offset, &data)
+                } else {
+                    volume.write(r.range.offset, data, false).await
+                }
+            }
+            RecordKind::Zeroes => volume.write_zeroes(r.range.offset, r.range.len, false).await,
+            RecordKind::Trim => volume.trim(r.range.offset, r.range.len).await,
+            _ => Ok(()),
+        };
+        result.map_err(|e| {
+            format!(
+                "copying journal record {} ({} bytes at {}) into the volume failed: {e}",
+                r.lsn, r.range.len, r.range.offset
+            )
+        })?;
+    }
+    volume
+        .flush()
+        .await
+        .map_err(|e| format!("flushing the volume after a checkpoint failed: {e}"))
+}
+
+/// Read the current image of `range` from its sources and compare its hashes.
+async fn hash_image(
+    volume: &Volume,
+    jh: &JournalHandle,
+    range: ByteRange,
+    unit_bytes: u32,
+    expected: &Bytes,
+    sources: &[(ByteRange, Source)],
+) -> Result<Vec<u32>, String> {
+    let mut image = BytesMut::with_capacity(range.len as usize);
+    for (r, src) in sources {
+        match src {
+            Source::Volume => {
+                let d = volume
+                    .read(r.offset, r.len as u32)
+                    .await
+                    .map_err(|e| format!("reading {} bytes at {}: {e}", r.len, r.offset))?;
+                image.extend_from_slice(&d);
+            }
+            Source::Zero => image.resize(image.len() + r.len as usize, 0),
+            Source::Record { lsn, skip } => {
+                let d = jh.read(*lsn).await?;
+                let (a, b) = (*skip as usize, (*skip + r.len) as usize);
+                if b > d.len() {
+                    return Err(format!("journal record {lsn} is shorter than the range it serves"));
+                }
+                image.extend_from_slice(&d[a..b]);
+            }
+        }
+    }
+    let hashes: Vec<[u8; 32]> = expected
+        .chunks_exact(32)
+        .map(|c| c.try_into().expect("32-byte hash"))
+        .collect();
+    Ok(crate::resync::mismatched_blocks(&image, unit_bytes, &hashes))
+}
+
+/// Accept connections; each authenticated one goes to the node task.
+async fn accept_loop(
+    listener: PeerListener,
+    events_tx: mpsc::Sender<Event>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => r,
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => return,
         };
         match stream {
             Ok(stream) => {
-                let node = node.clone();
-                let stop = sessions.clone();
-                tasks.spawn(async move {
-                    let peer = stream.peer_addr();
-                    match node.clone().try_lock_owned() {
-                        Ok(guard) => match session(guard, stream, stop, None).await {
-                            Err(reason) if quiet(&reason) => tracing::debug!(%peer, "session ended: {reason}"),
-                            Err(reason) => tracing::warn!(%peer, "session ended: {reason}"),
-                            Ok(()) => {}
-                        },
-                        Err(_) => {
-                            // A session is attached (or this node is dialing its peer):
-                            // only one primary, the configured peer, is ever accepted.
-                            tracing::debug!(%peer, "refusing a second connection: {}", crate::agent::ALREADY_CONNECTED);
-                            refuse(stream, crate::agent::ALREADY_CONNECTED).await;
-                        }
-                    }
-                });
+                if events_tx
+                    .send(Event::Conn {
+                        stream,
+                        announce: false,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
             Err(e) => {
                 // One bad connection (foreign CA, wrong name, plaintext) never stops the listener.
-                tracing::warn!("refused a connection: {e}");
+                crate::agent::log_repeated("secondary-accept", || tracing::warn!("refused a connection: {e}"));
                 metrics.set_error(e.to_string());
             }
         }
-        while tasks.try_join_next().is_some() {}
     }
-    tracing::info!("stopping: finishing the writes in flight, then a final flush");
-    sessions.cancel();
-    while tasks.join_next().await.is_some() {}
-    observers.stop().await;
-    ctx.control.set(None);
-    let mut node = node.lock().await;
-    node.volume
-        .flush()
-        .await
-        .map_err(|e| AgentError::Refused(format!("final flush failed: {e}")))?;
-    node.sb.clean_shutdown = true;
-    node.write_superblock().map_err(AgentError::Refused)?;
-    tracing::info!(disk = %node.sb.disk_state, "clean shutdown");
-    Ok(())
 }
 
-/// Dial the peer while no primary is attached, announcing this node with a Hello in
-/// the secondary role; a primary answers with its own Hello and the session runs as
-/// if it had dialed. A peer that is secondary too, or already connected, refuses
-/// quietly.
-async fn dialer(
-    node: Arc<Mutex<Node>>,
+/// Dial the peer while no primary is attached; the node task refuses it quietly
+/// when one is.
+async fn dial_loop(
     peer: SocketAddr,
     security: crate::transport::Security,
+    connect_timeout_ms: u64,
+    events_tx: mpsc::Sender<Event>,
     stop: CancellationToken,
 ) {
     let mut backoff = crate::transport::Backoff::new(1_000, 10_000);
-    let mut last_log: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(backoff.next_delay()) => {}
             _ = stop.cancelled() => return,
         }
-        let Ok(guard) = node.clone().try_lock_owned() else {
-            // A primary is attached.
-            backoff.reset();
-            continue;
-        };
-        let connect_timeout_ms = guard.cfg.connect_timeout_ms;
         let stream = tokio::select! {
             s = crate::transport::connect(peer, &security, connect_timeout_ms) => s,
             _ = stop.cancelled() => return,
         };
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(%peer, "dialing the peer: {e}");
-                continue;
+        match stream {
+            Ok(stream) => {
+                if events_tx
+                    .send(Event::Conn {
+                        stream,
+                        announce: true,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
+            Err(e) => tracing::debug!(%peer, "dialing the peer: {e}"),
+        }
+    }
+}
+
+/// Read frames, check payloads (crc after decompression, G5) and ranges; a bad
+/// frame ends the session before anything of it is staged.
+async fn frame_reader(
+    mut rd: FrameReader<BufReader<PeerReadHalf>>,
+    session: u64,
+    frames_tx: mpsc::Sender<(Box<Frame>, Option<Bytes>)>,
+    events_tx: mpsc::Sender<Event>,
+    metrics: Arc<Metrics>,
+) {
+    let reason = loop {
+        let frame = match rd.next().await {
+            Ok(f) => f,
+            Err(LinkError::BadFrame(e)) => {
+                Metrics::add(&metrics.frames_rejected, 1);
+                break format!("bad frame from the primary, dropping the connection: {e}");
+            }
+            Err(LinkError::Closed) => break "the primary closed the connection".into(),
+            Err(e) => break format!("connection to the primary: {e}"),
         };
-        let hello = guard.hello();
-        match session(guard, stream, stop.clone(), Some(hello)).await {
-            Ok(()) => backoff.reset(),
-            Err(reason) if quiet(&reason) => tracing::debug!(%peer, "dialed the peer: {reason}"),
-            Err(reason) => {
-                if last_log.is_none_or(|t| t.elapsed() >= crate::agent::RETRY_LOG_INTERVAL) {
-                    tracing::warn!(%peer, "dialed the peer: {reason}");
-                    last_log = Some(std::time::Instant::now());
+        let data = match &frame.msg {
+            Message::Write { .. } => match frame.payload.clone().open() {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    Metrics::add(&metrics.frames_rejected, 1);
+                    break format!("bad frame from the primary, dropping the connection: {e}");
                 }
+            },
+            Message::Goodbye { outdated } => {
+                break if *outdated {
+                    "the primary said Goodbye (outdated)".into()
+                } else {
+                    "the primary said Goodbye".into()
+                };
             }
+            Message::Refuse { reason } => break format!("the primary stopped the session: {reason}"),
+            _ => None,
+        };
+        let frame = Frame {
+            payload: wire::Payload::empty(),
+            ..frame
+        };
+        if frames_tx.send((Box::new(frame), data)).await.is_err() {
+            return;
         }
-    }
-}
-
-/// Session ends that are part of both nodes dialing, not problems.
-fn quiet(reason: &str) -> bool {
-    reason.contains(crate::agent::ALREADY_CONNECTED) || reason.contains(BOTH_SECONDARY)
-}
-
-const BOTH_SECONDARY: &str = "both nodes are secondary: nothing to replicate until one is promoted";
-
-async fn refuse(stream: PeerStream, reason: &str) {
-    let (_rd, mut wr) = stream.into_split();
-    crate::agent::send_refusal(&mut wr, reason).await;
-}
-
-/// Check a Hello against this node (G6). Returns what the secondary needs.
-fn check_hello(h: &Hello, node: &Node) -> Result<Accepted, String> {
-    let cfg = &node.cfg;
-    let sb = &node.sb;
-    let size = node.volume.size_bytes();
-    if h.protocol_version != PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol version mismatch: local {PROTOCOL_VERSION}, peer {}; run the same tandem version on both nodes",
-            h.protocol_version
-        ));
-    }
-    if h.size_bytes != size {
-        return Err(format!(
-            "volume size mismatch: local {size} bytes, peer {} bytes; resize one side or recreate metadata",
-            h.size_bytes
-        ));
-    }
-    if h.block_size != cfg.block_size {
-        return Err(format!(
-            "block size mismatch: local {} bytes, peer {} bytes; use the same --block-size on both nodes",
-            cfg.block_size, h.block_size
-        ));
-    }
-    if h.node_name != cfg.peer_name {
-        return Err(format!(
-            "peer calls itself '{}' but '{}' was expected (--peer-name)",
-            h.node_name, cfg.peer_name
-        ));
-    }
-    if h.peer_name != cfg.name {
-        return Err(format!(
-            "peer expects a node named '{}' but this node is '{}' (--name)",
-            h.peer_name, cfg.name
-        ));
-    }
-    if h.role != wire::ROLE_PRIMARY {
-        return Err("the peer is not in the primary role; nothing to replicate".into());
-    }
-    if !sb.is_new && sb.volume_id != VolumeId(h.volume_id) {
-        return Err(format!(
-            "volume UUID mismatch: local {}, peer {}; these volumes hold unrelated data (recreate this node's metadata {} to resync it from scratch)",
-            sb.volume_id,
-            VolumeId(h.volume_id),
-            cfg.meta.display()
-        ));
-    }
-    if sb.is_new {
-        // A new node (or one with rebuilt metadata) has no generations to compare.
-        return Ok(if node.verify_data {
-            Accepted::plan(
-                SyncPlan::Verify,
-                "initial sync of a pre-seeded (or rebuilt) volume: compare every block by hash",
-            )
-        } else {
-            Accepted::plan(SyncPlan::Full, "initial full sync of a new secondary")
-        });
-    }
-    let p = crate::agent::gen_info_of(h);
-    let s = node.gen_info();
-    let discard_local = node
-        .discard_local
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let bs = cfg.block_size as u64;
-    let both = format!(
-        "{} (primary): generation {}, diverged from {}, {} blocks ({} bytes) changed; {} (this node): generation {}, diverged from {}, {} blocks ({} bytes) changed",
-        h.node_name,
-        p.current,
-        p.bitmap_base,
-        p.changed_blocks,
-        p.changed_blocks * bs,
-        cfg.name,
-        s.current,
-        s.bitmap_base,
-        s.changed_blocks,
-        s.changed_blocks * bs
-    );
-    let discard = |why: String, common_base: bool| Accepted {
-        plan: if common_base {
-            SyncPlan::Bitmap
-        } else {
-            SyncPlan::Full
-        },
-        decision: format!(
-            "{why}: discarding this node's changes, resync from {} ({})",
-            h.node_name,
-            if common_base {
-                "changed blocks only"
-            } else {
-                "full"
-            }
-        ),
-        report: true,
     };
-    Ok(match generations::decide(&p, &s) {
-        Decision::Bitmap { why } => Accepted::plan(SyncPlan::Bitmap, why),
-        // A pre-seeded volume that never completed its first sync is still compared by
-        // hash rather than overwritten wholesale.
-        Decision::Full if node.verify_data => Accepted::plan(
-            SyncPlan::Verify,
-            "no bitmap covers this node's data (pre-seeded): compare every block by hash",
-        ),
-        Decision::Full => Accepted::plan(
-            SyncPlan::Full,
-            "this node is generations behind the primary: full resync",
-        ),
-        Decision::SecondaryNewer if discard_local => discard(
-            "this node holds newer data, and resolve --discard-local was given".into(),
-            p.bitmap_base == Generation::NONE && s.bitmap_base == p.current,
-        ),
-        Decision::SecondaryNewer => {
-            return Err(format!(
-                "this node holds newer data than the primary: {both}. The primary is stale: demote {} (tandem demote) and promote {}, \
-                 or to discard this node's newer data run `tandem resolve --discard-local` on {}",
-                h.node_name, cfg.name, cfg.name
-            ));
-        }
-        Decision::SplitBrain => {
-            let common_base = p.bitmap_base == s.bitmap_base;
-            let loser = if discard_local {
-                Some((Loser::Secondary, "resolve --discard-local".to_string()))
-            } else {
-                generations::split_brain_loser(
-                    &cfg.split_brain_policy,
-                    &p,
-                    &h.node_name,
-                    &s,
-                    &cfg.name,
-                )
-                .map(|l| (l, format!("split-brain-policy {}", cfg.split_brain_policy)))
-            };
-            match loser {
-                Some((Loser::Secondary, by)) => discard(
-                    format!("split brain ({both}) resolved by {by}"),
-                    common_base,
-                ),
-                Some((Loser::Primary, by)) => {
-                    return Err(format!(
-                        "split brain: both nodes wrote while apart: {both}. {by} discards the primary {}'s changes, \
-                         but a primary's data is never discarded while it serves: demote {} (tandem demote) and promote {}; \
-                         {} then resyncs from {}",
-                        h.node_name, h.node_name, cfg.name, h.node_name, cfg.name
-                    ));
-                }
-                None => {
-                    return Err(format!(
-                        "split brain: both nodes wrote while apart: {both}. Not resolved automatically (split-brain-policy {}). \
-                         To keep {}'s data, run `tandem resolve --discard-local` on {}; to keep {}'s, demote {}, promote {}, \
-                         and resolve on {}",
-                        cfg.split_brain_policy,
-                        h.node_name,
-                        cfg.name,
-                        cfg.name,
-                        h.node_name,
-                        cfg.name,
-                        h.node_name
-                    ));
-                }
-            }
-        }
-        Decision::Unrelated if discard_local => discard(
-            "no common generation, and resolve --discard-local was given".into(),
-            false,
-        ),
-        Decision::Unrelated => {
-            return Err(format!(
-                "the nodes share no data generation: primary {} has {} (history {}, {}), this node {} has {} (history {}, {}); \
-                 they hold unrelated data. To discard this node's data and copy everything from {}, run `tandem resolve --discard-local` on {}",
-                h.node_name,
-                p.current,
-                p.history[0],
-                p.history[1],
-                cfg.name,
-                s.current,
-                s.history[0],
-                s.history[1],
-                h.node_name,
-                cfg.name
-            ));
-        }
-    })
-}
-
-/// A Hello this node accepts: what the primary must send, and why.
-struct Accepted {
-    plan: SyncPlan,
-    decision: String,
-    /// This node's changes are discarded: write the report first.
-    report: bool,
-}
-
-impl Accepted {
-    fn plan(plan: SyncPlan, why: &str) -> Accepted {
-        Accepted {
-            plan,
-            decision: format!("{}: {why}", plan_name(plan)),
-            report: false,
-        }
-    }
-}
-
-fn plan_name(plan: SyncPlan) -> &'static str {
-    match plan {
-        SyncPlan::Bitmap => "bitmap resync",
-        SyncPlan::Full => "full resync",
-        SyncPlan::Verify => "hash-compare resync",
-    }
+    let _ = events_tx.send(Event::SessionEnd { session, reason }).await;
 }
 
 /// Before this node's own changes are overwritten, list them (byte ranges) in a
 /// report file beside its metadata. Returns the path.
-fn write_discard_report(node: &Node, peer: &str, decision: &str) -> Result<PathBuf, String> {
+fn write_discard_report(node: &Node, peer: &str, plan: &Plan) -> Result<PathBuf, String> {
     let now = crate::agent::unix_now_s();
     let mut path = node.cfg.meta.clone().into_os_string();
     path.push(format!(".split-brain-{now}.txt"));
@@ -633,15 +1281,12 @@ fn write_discard_report(node: &Node, peer: &str, decision: &str) -> Result<PathB
     let mut text = String::new();
     text += "# tandem split-brain report: this node's changes, discarded in favour of its peer\n";
     text += &format!("# resource: {}\n", node.cfg.resource);
-    text += &format!(
-        "# node: {} (discarded)  peer: {peer} (kept)\n",
-        node.cfg.name
-    );
+    text += &format!("# node: {} (discarded)  peer: {peer} (kept)\n", node.cfg.name);
     text += &format!(
         "# generation: {} (diverged from {})\n",
         node.sb.gen_current, node.sb.gen_bitmap_base
     );
-    text += &format!("# unix time: {now}\n# decision: {decision}\n");
+    text += &format!("# unix time: {now}\n# decision: {plan}\n");
     text += &format!(
         "# changed: {} blocks of {bs} bytes; possibly changed (compared by hash): {} blocks\n",
         node.own_dirty.dirty_count().0,
@@ -683,735 +1328,42 @@ fn disk_code(d: DiskState, is_new: bool) -> u8 {
     }
 }
 
-enum Incoming {
-    Frame(Box<Frame>, Option<Bytes>),
-    Closed(String),
-}
-
-enum Done {
-    Apply {
-        seq: Seq,
-        range: ByteRange,
-        result: Result<(), i32>,
-    },
-    Flush {
-        result: Result<(), i32>,
-    },
-}
-
-/// Starts volume I/O for engine actions and sends acknowledgements.
-struct Applier {
-    volume: Volume,
-    done_tx: mpsc::UnboundedSender<Done>,
-    ack_tx: mpsc::UnboundedSender<Message>,
-    /// Payloads of received writes, until their apply starts.
-    held: HashMap<Seq, Bytes>,
-    /// Expected block hashes of received hash checks, until the check starts.
-    /// With the bytes each hash covers (a block, or a range of blocks).
-    held_hashes: HashMap<Seq, (u32, Vec<[u8; 32]>)>,
-    /// Volume operations started and not yet reported back.
-    outstanding: usize,
-    gen_primary: Generation,
-}
-
-impl Applier {
-    /// Carry out engine actions; an Err ends the session with that reason.
-    fn carry_out(&mut self, node: &mut Node, out: &mut Vec<SecondaryAction>) -> Result<(), String> {
-        let mut result = Ok(());
-        for action in out.drain(..) {
-            match action {
-                SecondaryAction::StartApply {
-                    seq,
-                    kind: ApplyKind::HashCheck,
-                    range,
-                } => {
-                    let (bs, expected) = self
-                        .held_hashes
-                        .remove(&seq)
-                        .expect("hash check has hashes");
-                    let volume = self.volume.clone();
-                    let tx = self.done_tx.clone();
-                    let ack = self.ack_tx.clone();
-                    self.outstanding += 1;
-                    tokio::spawn(async move {
-                        let result = match volume.read(range.offset, range.len as u32).await {
-                            Ok(data) => {
-                                let mismatched =
-                                    crate::resync::mismatched_blocks(&data, bs, &expected);
-                                // Sent before the completion is fed to the engine, so it
-                                // precedes any Durable that covers this seq.
-                                let _ = ack.send(Message::HashReply {
-                                    seq: seq.0,
-                                    mismatched,
-                                });
-                                Ok(())
-                            }
-                            Err(e) => Err(errno_of(&e)),
-                        };
-                        let _ = tx.send(Done::Apply { seq, range, result });
-                    });
-                }
-                SecondaryAction::StartApply {
-                    seq,
-                    kind: ApplyKind::Write,
-                    range,
-                } if self.volume.writes_inline() => {
-                    // A page-cache copy: done here, reported through the same channel.
-                    let data = self.held.remove(&seq).expect("write frame has data");
-                    let result = self
-                        .volume
-                        .write_inline(range.offset, &data)
-                        .map_err(|e| errno_of(&e));
-                    self.outstanding += 1;
-                    let _ = self.done_tx.send(Done::Apply { seq, range, result });
-                }
-                SecondaryAction::StartApply { seq, kind, range } => {
-                    let data = self.held.remove(&seq);
-                    let volume = self.volume.clone();
-                    let tx = self.done_tx.clone();
-                    self.outstanding += 1;
-                    tokio::spawn(async move {
-                        let result = match kind {
-                            ApplyKind::Write => {
-                                volume
-                                    .write(range.offset, data.expect("write frame has data"), false)
-                                    .await
-                            }
-                            ApplyKind::WriteZeroes => {
-                                volume.write_zeroes(range.offset, range.len, false).await
-                            }
-                            ApplyKind::Trim => volume.trim(range.offset, range.len).await,
-                            ApplyKind::HashCheck => unreachable!("hash checks are matched above"),
-                        };
-                        let _ = tx.send(Done::Apply {
-                            seq,
-                            range,
-                            result: result.map_err(|e| errno_of(&e)),
-                        });
-                    });
-                }
-                SecondaryAction::SendApplied { seq } => {
-                    let _ = self.ack_tx.send(Message::Applied { seq: seq.0 });
-                }
-                SecondaryAction::StartFlush { .. } => {
-                    let volume = self.volume.clone();
-                    let tx = self.done_tx.clone();
-                    self.outstanding += 1;
-                    tokio::spawn(async move {
-                        let result = volume.flush().await.map_err(|e| errno_of(&e));
-                        let _ = tx.send(Done::Flush { result });
-                    });
-                }
-                SecondaryAction::SendDurable { through } => {
-                    let _ = self.ack_tx.send(Message::Durable {
-                        through_seq: through.0,
-                    });
-                }
-                SecondaryAction::MarkInconsistent => {
-                    // The bitmap base of an Inconsistent secondary names the generation
-                    // it is a sync target of (see engine::generations).
-                    let base = self.gen_primary;
-                    if node.sb.disk_state != DiskState::Inconsistent
-                        || node.sb.gen_bitmap_base != base
-                    {
-                        node.sb.disk_state = DiskState::Inconsistent;
-                        // A full sync's progress lives in that primary's bitmap.
-                        node.sb.gen_bitmap_base = base;
-                        if let Err(e) = node.write_superblock() {
-                            result = Err(e);
-                        }
-                        tracing::info!("disk is Inconsistent until a resync completes");
-                    }
-                }
-                SecondaryAction::MarkUpToDate => {
-                    let was = (node.sb.disk_state, node.sb.gen_current);
-                    if let Err(e) = node.adopt_generation(self.gen_primary) {
-                        result = Err(e);
-                    }
-                    if was != (DiskState::UpToDate, self.gen_primary) {
-                        tracing::info!(generation = %self.gen_primary, "in sync with the primary: disk is UpToDate");
-                    }
-                }
-                SecondaryAction::Fail { reason } => {
-                    tracing::error!("stopping the session: {reason}");
-                    node.metrics.set_error(reason.clone());
-                    let _ = self.ack_tx.send(Message::Refuse {
-                        reason: reason.clone(),
-                    });
-                    result = Err(reason);
-                }
-            }
-        }
-        result
-    }
-}
-
-/// Feed a finished volume operation to the engine.
-fn feed(e: &mut SecondaryEngine, done: Done, metrics: &Metrics, out: &mut Vec<SecondaryAction>) {
-    match done {
-        Done::Apply { seq, range, result } => {
-            if result.is_ok() {
-                Metrics::add(&metrics.applied_writes, 1);
-                Metrics::add(&metrics.applied_bytes, range.len);
-            }
-            e.apply_done(seq, range, result, out)
-        }
-        Done::Flush { result } => e.flush_done(result, out),
-    }
-}
-
-/// One session with a primary; holds the node for its whole duration.
-async fn session(
-    mut node: tokio::sync::OwnedMutexGuard<Node>,
-    stream: PeerStream,
-    stop: CancellationToken,
-    announce: Option<Hello>,
-) -> Result<(), String> {
-    let peer_addr = stream.peer_addr();
-    let cfg = node.cfg.clone();
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(1 << 20, rd);
-    if let Some(h) = announce {
-        crate::agent::send_message(&mut wr, Message::Hello(h))
-            .await
-            .map_err(|e| format!("sending Hello: {e}"))?;
-    }
-    let mut scratch = BytesMut::new();
-    let first = tokio::time::timeout(
-        Duration::from_millis(cfg.connect_timeout_ms),
-        wire::read_frame(&mut rd, &mut scratch),
-    )
-    .await
-    .map_err(|_| format!("no Hello within {} ms", cfg.connect_timeout_ms))?
-    .map_err(|e| format!("reading Hello: {e}"))?;
-    let hello = match first.msg {
-        Message::Hello(h) if h.role == wire::ROLE_SECONDARY => {
-            crate::agent::send_refusal(&mut wr, BOTH_SECONDARY).await;
-            return Err(BOTH_SECONDARY.into());
-        }
-        Message::Hello(h) => h,
-        Message::Refuse { reason } => return Err(format!("the peer refused: {reason}")),
-        other => {
-            return Err(format!("expected Hello, got message kind {}", other.kind()));
-        }
-    };
-    let accepted = match check_hello(&hello, &node) {
-        Ok(a) => a,
-        Err(reason) => {
-            tracing::error!(peer = %peer_addr, "refusing primary: {reason}");
-            node.metrics.set_error(reason.clone());
-            node.set_handshake(format!("refused: {reason}"));
-            crate::agent::send_refusal(&mut wr, &reason).await;
-            return Err(reason);
-        }
-    };
-    let plan = accepted.plan;
-    if accepted.report {
-        match write_discard_report(&node, &hello.node_name, &accepted.decision) {
-            Ok(path) => {
-                tracing::warn!(report = %path.display(), changed_blocks = node.own_dirty.dirty_count().0, "{}; this node's changed ranges are listed in the report", accepted.decision);
-                node.discard_local
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-            }
-            Err(reason) => {
-                tracing::error!("{reason}");
-                crate::agent::send_refusal(&mut wr, &reason).await;
-                return Err(reason);
-            }
-        }
-    }
-    tracing::info!(
-        primary = %hello.node_name,
-        primary_generation = %Generation(hello.generations.current),
-        primary_base = %Generation(hello.generations.bitmap_base),
-        primary_changed_blocks = hello.changed_blocks,
-        generation = %node.sb.gen_current,
-        base = %node.sb.gen_bitmap_base,
-        own_changed_blocks = node.own_dirty.dirty_count().0,
-        "handshake decision: {}", accepted.decision
-    );
-    node.set_handshake(accepted.decision.clone());
-    // A bitmap resync covers what this node changed on its own too.
-    let (own_dirty, own_verify) = if plan == SyncPlan::Bitmap {
-        (
-            node.own_dirty.runs(wire::RUNS_PER_WELCOME_MAX),
-            node.own_verify.runs(wire::RUNS_PER_WELCOME_MAX),
-        )
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    if node.sb.is_new {
-        // Adopt the primary's identity (G6) before anything is written; the volume is
-        // Inconsistent until the full sync completes.
-        node.sb.volume_id = VolumeId(hello.volume_id);
-        node.sb.is_new = false;
-        node.sb.disk_state = DiskState::Inconsistent;
-        node.write_superblock()?;
-        tracing::info!(volume_id = %node.sb.volume_id, "new secondary adopted the primary's volume identity");
-    }
-    let welcome = Welcome {
-        protocol_version: PROTOCOL_VERSION,
-        volume_id: node.sb.volume_id.0,
-        size_bytes: node.volume.size_bytes(),
-        block_size: cfg.block_size,
-        node_name: cfg.name.clone(),
-        role: wire::ROLE_SECONDARY,
-        disk_state: disk_code(node.sb.disk_state, node.sb.is_new),
-        generations: wire::Generations {
-            current: node.sb.gen_current.0,
-            bitmap_base: node.sb.gen_bitmap_base.0,
-            history: [node.sb.gen_history[0].0, node.sb.gen_history[1].0],
-        },
-        capabilities: caps::ZSTD,
-        needs: plan,
-        own_dirty,
-        own_verify,
-        decision: accepted.decision,
-    };
-    crate::agent::send_message(&mut wr, Message::Welcome(welcome))
-        .await
-        .map_err(|e| format!("sending Welcome: {e}"))?;
-    tracing::info!(peer = %peer_addr, primary = %hello.node_name, primary_next_seq = hello.first_seq, plan = ?plan, disk = %node.sb.disk_state, "primary attached");
-    node.set_peer(Some(hello.node_name.clone()));
-    node.metrics.set_connected(true, &hello.node_name);
-    Metrics::add(&node.metrics.sessions, 1);
-
-    let (in_tx, mut in_rx) = mpsc::channel(256);
-    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-    let reader = tokio::spawn(frame_reader(
-        rd,
-        in_tx,
-        cfg.peer_timeout_ms,
-        node.metrics.clone(),
-        node.volume.size_bytes(),
-    ));
-    let writer = tokio::spawn(ack_writer(wr, ack_rx, cfg.heartbeat_interval_ms));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let mut engine: Option<SecondaryEngine> = None;
-    let mut applier = Applier {
-        volume: node.volume.clone(),
-        done_tx,
-        ack_tx,
-        held: HashMap::new(),
-        held_hashes: HashMap::new(),
-        outstanding: 0,
-        gen_primary: Generation(hello.generations.current),
-    };
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.flush_interval_ms.max(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut out = Vec::new();
-    let mut ending: Option<String> = None;
-    while ending.is_none() {
-        tokio::select! {
-            biased;
-            Some(done) = done_rx.recv() => {
-                applier.outstanding -= 1;
-                let e = engine.as_mut().expect("I/O is only started by an engine");
-                feed(e, done, &node.metrics, &mut out);
-            }
-            msg = in_rx.recv() => match msg {
-                None => ending = Some("reader stopped".into()),
-                Some(Incoming::Closed(reason)) => ending = Some(reason),
-                Some(Incoming::Frame(frame, data)) => {
-                    if let Err(reason) = on_frame(*frame, data, &mut engine, &mut applier, &cfg, &mut out) {
-                        ending = Some(reason);
-                    }
-                }
-            },
-            _ = tick.tick() => if let Some(e) = engine.as_mut() { e.tick(&mut out) },
-            _ = stop.cancelled() => ending = Some("secondary shutting down".into()),
-        }
-        if let Err(reason) = applier.carry_out(&mut node, &mut out) {
-            ending.get_or_insert(reason);
-        }
-    }
-    let reason = ending.expect("loop ends with a reason");
-    // G2: apply everything received (released writes included) before the volume can
-    // change hands, so the image is a prefix of the primary's write order.
-    reader.abort();
-    while applier.outstanding > 0 {
-        let done = done_rx.recv().await.expect("the session holds a sender");
-        applier.outstanding -= 1;
-        let e = engine.as_mut().expect("I/O is only started by an engine");
-        feed(e, done, &node.metrics, &mut out);
-        if let Err(e) = applier.carry_out(&mut node, &mut out) {
-            tracing::error!("while finishing the session: {e}");
-        }
-    }
-    let ack_tx = applier.ack_tx;
-    if let Err(e) = node.volume.flush().await {
-        tracing::error!("flush after session failed: {e}");
-    }
-    if stop.is_cancelled() {
-        let _ = ack_tx.send(Message::Goodbye);
-    }
-    drop(ack_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    node.set_peer(None);
-    node.metrics.set_connected(false, &reason);
-    tracing::info!(peer = %peer_addr, disk = %node.sb.disk_state, "primary detached: {reason}");
-    Ok(())
-}
-
-/// Handle one frame from the primary.
-/// The range a HashCheck covers: `count` hashed units of `block_size` bytes (a
-/// block, or a range of blocks: a power-of-two multiple of the block size up to
-/// [`HASH_UNIT_MAX_BYTES`]) from `offset`, the last one cut at the end of the volume.
-/// None when it is malformed, out of the volume, or larger than
-/// [`HASH_CHECK_MAX_BYTES`].
-fn hash_check_range(
-    offset: u64,
-    block_size: u32,
-    count: usize,
-    size_bytes: u64,
-    expected_block_size: u32,
-) -> Option<ByteRange> {
-    let unit_ok = block_size >= expected_block_size
-        && block_size.is_power_of_two()
-        && block_size <= HASH_UNIT_MAX_BYTES;
-    if !unit_ok
-        || !offset.is_multiple_of(expected_block_size as u64)
-        || count as u64 * block_size as u64 > HASH_CHECK_MAX_BYTES
-        || count == 0
-        || count > crate::wire::HASHES_PER_CHECK_MAX
-        || offset >= size_bytes
-    {
-        return None;
-    }
-    let bs = block_size as u64;
-    let len = (count as u64 * bs).min(size_bytes - offset);
-    (len.div_ceil(bs) == count as u64).then_some(ByteRange::new(offset, len))
-}
-
-/// Largest range one hash may cover, and largest range one HashCheck may make this
-/// node read (it holds the range in memory while hashing).
-const HASH_UNIT_MAX_BYTES: u32 = 1 << 20;
-const HASH_CHECK_MAX_BYTES: u64 = 64 << 20;
-
-fn on_frame(
-    frame: Frame,
-    data: Option<Bytes>,
-    engine: &mut Option<SecondaryEngine>,
-    applier: &mut Applier,
-    cfg: &NodeConfig,
-    out: &mut Vec<SecondaryAction>,
-) -> Result<(), String> {
-    let seq = Seq(frame.seq);
-    match frame.msg {
-        Message::ResyncStart { blocks, full } => {
-            let e = engine.get_or_insert_with(|| SecondaryEngine::new(seq, cfg.flush_bytes_max));
-            if blocks > 0 {
-                tracing::info!(
-                    blocks,
-                    bytes = blocks * cfg.block_size as u64,
-                    full,
-                    "primary announces a resync"
-                );
-            }
-            e.resync_started(seq, blocks, out);
-        }
-        Message::Write { offset, fua } => {
-            let e = engine.as_mut().ok_or("Write before ResyncStart")?;
-            let data = data.expect("reader opens payloads of writes");
-            let range = ByteRange::new(offset, data.len() as u64);
-            applier.held.insert(seq, data);
-            e.receive(seq, ApplyKind::Write, range, fua, out);
-        }
-        Message::WriteZeroes { offset, len, fua } => {
-            let e = engine.as_mut().ok_or("WriteZeroes before ResyncStart")?;
-            e.receive(
-                seq,
-                ApplyKind::WriteZeroes,
-                ByteRange::new(offset, len as u64),
-                fua,
-                out,
-            );
-        }
-        Message::Trim { offset, len } => {
-            let e = engine.as_mut().ok_or("Trim before ResyncStart")?;
-            e.receive(
-                seq,
-                ApplyKind::Trim,
-                ByteRange::new(offset, len as u64),
-                false,
-                out,
-            );
-        }
-        Message::Flush => engine
-            .as_mut()
-            .ok_or("Flush before ResyncStart")?
-            .flush_requested(seq, out),
-        Message::ResyncDone { through_seq } => engine
-            .as_mut()
-            .ok_or("ResyncDone before ResyncStart")?
-            .resync_done(Seq(through_seq), out),
-        Message::HashCheck {
-            offset,
-            block_size,
-            hashes,
-        } => {
-            let e = engine.as_mut().ok_or("HashCheck before ResyncStart")?;
-            let range = hash_check_range(
-                offset,
-                block_size,
-                hashes.len(),
-                applier.volume.size_bytes(),
-                cfg.block_size,
-            )
-            .ok_or_else(|| format!("malformed HashCheck seq {seq}"))?;
-            applier.held_hashes.insert(seq, (block_size, hashes));
-            e.receive(seq, ApplyKind::HashCheck, range, false, out);
-        }
-        Message::Goodbye => return Err("primary said Goodbye".into()),
-        other => {
-            return Err(format!(
-                "unexpected message kind {} from primary",
-                other.kind()
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Read frames, check payload crc after decompression (G5) and ranges; a bad
-/// frame ends the session before anything of it is applied.
-async fn frame_reader(
-    mut rd: BufReader<PeerReadHalf>,
-    tx: mpsc::Sender<Incoming>,
-    peer_timeout_ms: u64,
-    metrics: Arc<Metrics>,
-    size_bytes: u64,
-) {
-    let mut scratch = BytesMut::new();
-    loop {
-        let frame = match tokio::time::timeout(
-            Duration::from_millis(peer_timeout_ms),
-            wire::read_frame(&mut rd, &mut scratch),
-        )
-        .await
-        {
-            Err(_) => Err(format!(
-                "primary silent for {peer_timeout_ms} ms (heartbeat timeout)"
-            )),
-            Ok(Err(wire::WireError::Closed)) => Err("primary closed the connection".into()),
-            Ok(Err(e @ (wire::WireError::Io { .. } | wire::WireError::Truncated { .. }))) => {
-                Err(format!("connection to the primary lost: {e}"))
-            }
-            Ok(Err(e)) => {
-                Metrics::add(&metrics.frames_rejected, 1);
-                Err(format!(
-                    "bad frame from primary, dropping the connection: {e}"
-                ))
-            }
-            Ok(Ok(f)) => Ok(f),
-        };
-        let frame = match frame {
-            Ok(f) => f,
-            Err(reason) => {
-                let _ = tx.send(Incoming::Closed(reason)).await;
-                return;
-            }
-        };
-        let (range, data) = match &frame.msg {
-            Message::Heartbeat { .. } | Message::HeartbeatReply { .. } => continue,
-            Message::Write { offset, .. } => {
-                let payload = frame.payload.clone();
-                match payload.open() {
-                    Ok(d) => (Some(ByteRange::new(*offset, d.len() as u64)), Some(d)),
-                    Err(e) => {
-                        Metrics::add(&metrics.frames_rejected, 1);
-                        let _ = tx
-                            .send(Incoming::Closed(format!(
-                                "bad frame from primary, dropping the connection: {e}"
-                            )))
-                            .await;
-                        return;
-                    }
-                }
-            }
-            Message::WriteZeroes { offset, len, .. } | Message::Trim { offset, len } => {
-                (Some(ByteRange::new(*offset, *len as u64)), None)
-            }
-            // HashCheck ranges are validated by on_frame, which knows the block size.
-            _ => (None, None),
-        };
-        if let Some(r) = range
-            && r.offset
-                .checked_add(r.len)
-                .is_none_or(|end| end > size_bytes)
-        {
-            Metrics::add(&metrics.frames_rejected, 1);
-            let _ = tx
-                .send(Incoming::Closed(format!(
-                    "frame seq {} addresses {}+{} beyond the volume ({size_bytes} bytes)",
-                    frame.seq, r.offset, r.len
-                )))
-                .await;
-            return;
-        }
-        let frame = Frame {
-            payload: Payload::empty(),
-            ..frame
-        };
-        if tx
-            .send(Incoming::Frame(Box::new(frame), data))
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
-}
-
-/// Send acknowledgements in batches; heartbeat when idle.
-async fn ack_writer(
-    mut wr: PeerWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Message>,
-    heartbeat_interval_ms: u64,
-) {
-    let mut buf = BytesMut::with_capacity(64 << 10);
-    let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_interval_ms));
-    let mut nonce = 0u64;
-    loop {
-        tokio::select! {
-            m = rx.recv() => {
-                let Some(m) = m else { break };
-                let mut last = matches!(m, Message::Goodbye | Message::Refuse { .. });
-                wire::encode_frame(&Frame { seq: 0, msg: m, payload: Payload::empty() }, &mut buf);
-                while let Ok(m) = rx.try_recv() {
-                    last |= matches!(m, Message::Goodbye | Message::Refuse { .. });
-                    wire::encode_frame(&Frame { seq: 0, msg: m, payload: Payload::empty() }, &mut buf);
-                }
-                if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
-                    return;
-                }
-                buf.clear();
-                if last {
-                    break;
-                }
-            }
-            _ = heartbeat.tick() => {
-                nonce += 1;
-                wire::encode_frame(&Frame { seq: 0, msg: Message::Heartbeat { nonce }, payload: Payload::empty() }, &mut buf);
-                if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
-                    return;
-                }
-                buf.clear();
-            }
-        }
-    }
-    let _ = wr.shutdown().await;
-}
-
 struct SecondaryControl {
-    cfg: Arc<NodeConfig>,
+    events_tx: mpsc::Sender<Event>,
     metrics: Arc<Metrics>,
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
-    discard_local: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ControlHandler for SecondaryControl {
     fn status(&self) -> control::BoxFuture<Option<StatusDoc>> {
-        let snap = self.snapshot.lock().expect("snapshot lock").clone();
-        let peer = snap.peer.map(|p| (p, "UpToDate".to_string()));
-        let mut doc = StatusDoc::build(
-            &self.cfg,
-            Role::Secondary,
-            &self.metrics,
-            peer,
-            snap.disk_state,
-            0,
-            0,
-            BlockCount(snap.own_changed_blocks),
-            None,
-            snap.volume_id,
-            snap.generation,
-        );
-        doc.generations = Some(snap.generations);
-        doc.handshake = snap.handshake;
-        Box::pin(async move { Some(doc) })
+        let doc = self.snapshot.lock().expect("snapshot lock").doc.clone();
+        Box::pin(async move { doc })
     }
+
     fn other(&self, request: ControlRequest) -> control::BoxFuture<ControlReply> {
-        let reply = match request.cmd.as_str() {
-            "resolve" if !request.flag("discard_local") => ControlReply::error(
-                "resolve needs --discard-local: it discards this node's changes in favour of its peer's".into(),
-            ),
-            "resolve" => {
-                let snap = self.snapshot.lock().expect("snapshot lock").clone();
-                self.discard_local
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                let message = format!(
-                    "at the next connection from {}, this node's {} changed blocks ({} bytes) since generation {} are discarded \
-                     and replaced by {}'s data; the changed ranges are listed first in {}.split-brain-<time>.txt",
-                    self.cfg.peer_name,
-                    snap.own_changed_blocks,
-                    snap.own_changed_blocks * self.cfg.block_size as u64,
-                    snap.generations.bitmap_base,
-                    self.cfg.peer_name,
-                    self.cfg.meta.display()
-                );
-                tracing::warn!("resolve --discard-local: {message}");
-                ControlReply::success(serde_json::json!({ "message": message }))
+        let tx = self.events_tx.clone();
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let cmd = match request.cmd.as_str() {
+                "points" => ControlCmd::Points(reply),
+                "resolve" if request.flag("discard_local") => ControlCmd::DiscardLocal(reply),
+                "resolve" => {
+                    return ControlReply::error(
+                        "resolve needs --discard-local: this node's own changes are discarded at the next handshake with its peer".into(),
+                    );
+                }
+                _ => return request.unknown(&["promote", "demote", "resolve", "points"]),
+            };
+            if tx.send(Event::Control(cmd)).await.is_err() {
+                return ControlReply::error("agent is shutting down".into());
             }
-            "verify" | "verify-result" => ControlReply::error(format!(
-                // Only the primary orders the comparison against its write stream.
-                "this is the secondary of resource '{}': run verify on the primary's control socket",
-                self.cfg.resource
-            )),
-            _ => request.unknown(&["promote", "demote", "resolve"]),
-        };
-        Box::pin(async move { reply })
+            rx.await
+                .unwrap_or_else(|_| ControlReply::error("agent is shutting down".into()))
+        })
     }
+
     fn metrics(&self) -> Option<Arc<Metrics>> {
         Some(self.metrics.clone())
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::hash_check_range;
-    use crate::types::ByteRange;
-
-    const BS: u32 = 4096;
-    const SIZE: u64 = 10 * 4096 * 16 + 4096 * 3;
-
-    #[test]
-    fn hash_checks_cover_blocks_or_ranges_of_blocks() {
-        // One hash per block.
-        assert_eq!(
-            hash_check_range(0, BS, 4, SIZE, BS),
-            Some(ByteRange::new(0, 4 * 4096))
-        );
-        // One hash per 64 KiB range; the last range is cut at the end of the volume.
-        assert_eq!(
-            hash_check_range(0, 16 * BS, 2, SIZE, BS),
-            Some(ByteRange::new(0, 2 * 16 * 4096))
-        );
-        let last = 10 * 16 * 4096;
-        assert_eq!(
-            hash_check_range(last, 16 * BS, 1, SIZE, BS),
-            Some(ByteRange::new(last, 3 * 4096))
-        );
-        // Too many hashes for what is left of the volume.
-        assert_eq!(hash_check_range(last, 16 * BS, 2, SIZE, BS), None);
-    }
-
-    #[test]
-    fn malformed_hash_checks_are_refused() {
-        for (offset, unit, count) in [
-            (0, BS / 2, 1),   // smaller than a block
-            (0, 3 * BS, 1),   // not a power of two
-            (0, 2 << 20, 1),  // a range larger than 1 MiB
-            (512, BS, 1),     // not block aligned
-            (0, BS, 0),       // no hashes
-            (0, 1 << 20, 65), // more than 64 MiB to read
-            (SIZE, BS, 1),    // past the end
-        ] {
-            assert_eq!(
-                hash_check_range(offset, unit, count, SIZE, BS),
-                None,
-                "offset {offset} unit {unit} count {count}"
-            );
-        }
-    }
-}

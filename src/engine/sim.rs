@@ -233,6 +233,8 @@ struct Sim {
     session_run: usize,
     /// The secondary ended the session (the agent closes the link).
     pending_disconnect: bool,
+    /// Primary actions produced while handling one (run after it).
+    pending_p: Vec<Action<u64, Tags>>,
     // Oracle
     history: Vec<Vec<(usize, u64)>>,
     next_tag: u64,
@@ -329,6 +331,7 @@ impl Sim {
             to_p: VecDeque::new(),
             session_run: 0,
             pending_disconnect: false,
+            pending_p: Vec::new(),
             history: vec![Vec::new(); BLOCKS as usize],
             next_tag: 1,
             completed: Vec::new(),
@@ -376,6 +379,7 @@ impl Sim {
         }
         let mut e = PrimaryEngine::new(cfg, start.dirty.clone(), Seq(1));
         e.enable_activity(ActiveSet::new(AL_EXTENT, AL_MAX));
+        e.set_generation_shared_with_peer(self.pmeta.sb.gen_bitmap_base == Generation::NONE);
         let mut cursor = BlockIndex(0);
         while let Some((first, n)) = start
             .verify
@@ -401,6 +405,17 @@ impl Sim {
     }
 
     fn run_p(&mut self, out: Vec<Action<u64, Tags>>) {
+        let mut out = out;
+        loop {
+            self.run_p_once(std::mem::take(&mut out));
+            out = std::mem::take(&mut self.pending_p);
+            if out.is_empty() {
+                break;
+            }
+        }
+    }
+
+    fn run_p_once(&mut self, out: Vec<Action<u64, Tags>>) {
         if let Some(p) = self.p.as_mut() {
             // The run's history, as the engine admitted it (parked requests get
             // their seqs later, split ones several).
@@ -456,6 +471,16 @@ impl Sim {
                     p.al_write = Some((bitmap, active));
                 }
                 Action::PersistBitmap { bitmap } => p.persist = Some(bitmap),
+                Action::StartGenerationAlone => {
+                    // Durable before any write alone (modelled as immediate).
+                    self.pmeta.sb = recovery::start_generation_alone(&self.pmeta.sb);
+                    let mut more = Vec::new();
+                    p.e.generation_started(&mut more);
+                    self.pending_p.extend(more);
+                }
+                Action::PeerReachedGeneration => {
+                    self.pmeta.sb = recovery::peer_reached_generation(&self.pmeta.sb);
+                }
                 Action::Poisoned { reason } => panic!("poisoned without a fault: {reason}"),
                 Action::DropSession { fault } => panic!("engine dropped the session: {fault}"),
                 Action::Note(primary::Note::EnteredAhead { .. }) => self.stats.ahead += 1,

@@ -431,7 +431,7 @@ fn le_u64(b: &[u8; HEADER_LEN], at: usize) -> u64 {
 fn kind_info(kind: u8) -> Option<bool> {
     match kind {
         4 => Some(true),
-        1..=3 | 5..=16 => Some(false),
+        1..=3 | 5..=17 => Some(false),
         _ => None,
     }
 }
@@ -811,15 +811,18 @@ mod tests {
             Message::Write {
                 offset: 4096,
                 fua: true,
+                at_ms: 1_764_000_000_000,
             },
             Message::WriteZeroes {
                 offset: 0,
-                len: 65536,
+                len: 1 << 40,
                 fua: false,
+                at_ms: 1,
             },
             Message::Trim {
                 offset: 8192,
                 len: 4096,
+                at_ms: u64::MAX,
             },
             Message::Flush,
             Message::Applied { seq: u64::MAX },
@@ -827,7 +830,7 @@ mod tests {
             Message::Heartbeat { nonce: 3 },
             Message::HeartbeatReply { nonce: 3 },
             Message::ResyncDone { through_seq: 99 },
-            Message::Goodbye,
+            Message::Goodbye { outdated: true },
             Message::ResyncStart {
                 blocks: 65536,
                 full: true,
@@ -840,6 +843,10 @@ mod tests {
             Message::HashReply {
                 seq: 9,
                 mismatched: vec![0, 2],
+            },
+            Message::Consistent {
+                seq: 12,
+                at_ms: 1_764_000_000_000,
             },
         ]
     }
@@ -856,6 +863,7 @@ mod tests {
             msg: Message::Write {
                 offset: 0,
                 fua: false,
+                at_ms: 0,
             },
             payload: Payload::prepare(Bytes::copy_from_slice(data), level),
         }
@@ -1201,10 +1209,11 @@ mod tests {
 
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<u64>(), any::<bool>()).prop_map(|(offset, fua)| Message::Write { offset, fua }),
-            (any::<u64>(), any::<u32>(), any::<bool>())
-                .prop_map(|(offset, len, fua)| Message::WriteZeroes { offset, len, fua }),
-            (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| Message::Trim { offset, len }),
+            (any::<u64>(), any::<bool>(), any::<u64>())
+                .prop_map(|(offset, fua, at_ms)| Message::Write { offset, fua, at_ms }),
+            (any::<u64>(), any::<u64>(), any::<bool>())
+                .prop_map(|(offset, len, fua)| Message::WriteZeroes { offset, len, fua, at_ms: 7 }),
+            (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Message::Trim { offset, len, at_ms: 9 }),
             Just(Message::Flush),
             any::<u64>().prop_map(|seq| Message::Applied { seq }),
             any::<u64>().prop_map(|through_seq| Message::Durable { through_seq }),

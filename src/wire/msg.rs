@@ -12,11 +12,16 @@
 //!   block count and promotion time; Welcome carries the blocks the secondary itself
 //!   changed (to be resent or compared) and the decision; HashCheck may hash ranges
 //!   of blocks (a power-of-two multiple of the block size), compared before blocks.
+//! - 3: data frames carry the primary's acceptance time (`at_ms`, for the
+//!   secondary's consistent point); WriteZeroes and Trim lengths are 64-bit (a
+//!   TRIM of any size the NBD protocol allows, split at extent boundaries);
+//!   Goodbye says whether the peer is left Outdated (a stop or demotion that could
+//!   not drain); the secondary reports its consistent point (`Consistent`).
 
 use bincode::{Decode, Encode};
 
 /// Version of the replication protocol spoken in frames. Both sides must agree.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Most block hashes one HashCheck carries (32 KiB of body; 4 MiB of volume at 4 KiB blocks).
 pub const HASHES_PER_CHECK_MAX: usize = 1024;
@@ -123,22 +128,26 @@ pub enum Message {
         reason: String,
     },
     /// primary → secondary: write the frame payload at `offset` (frame seq = write seq).
-    /// `fua`: make it durable before acknowledging `Durable` past it.
+    /// `fua`: make it durable before acknowledging `Durable` past it. `at_ms`: when
+    /// the primary accepted it (ms since the epoch, its clock).
     Write {
         offset: u64,
         fua: bool,
+        at_ms: u64,
     },
     /// primary → secondary: zero `len` bytes at `offset` (no payload). Also used
-    /// for all-zero ranges found by resync.
+    /// for all-zero ranges (and holes) found by resync.
     WriteZeroes {
         offset: u64,
-        len: u32,
+        len: u64,
         fua: bool,
+        at_ms: u64,
     },
     /// primary → secondary: discard `len` bytes at `offset` (no payload).
     Trim {
         offset: u64,
-        len: u32,
+        len: u64,
+        at_ms: u64,
     },
     /// primary → secondary: make everything through the frame's seq durable, then
     /// answer `Durable` covering it.
@@ -170,8 +179,10 @@ pub enum Message {
     ResyncDone {
         through_seq: u64,
     },
-    /// Either way: orderly close (shutdown); no more frames follow.
-    Goodbye,
+    /// Either way: orderly close (shutdown); no more frames follow. From the
+    /// primary, `outdated`: it holds writes the secondary never received (a stop
+    /// or demotion that could not drain): the secondary is Outdated (G8).
+    Goodbye { outdated: bool },
     /// primary → secondary: compare the volume from `offset` with these blake3 hashes,
     /// one per `block_size` bytes (the last unit may end at the volume's end).
     /// `block_size` is the volume's block size, or a power-of-two multiple of it (up
@@ -189,6 +200,10 @@ pub enum Message {
         seq: u64,
         mismatched: Vec<u32>,
     },
+    /// secondary → primary: its image is consistent through the primary's `seq`,
+    /// whose newest write was accepted at `at_ms` (for lag and status; sent when
+    /// it moves, at most a few times a second).
+    Consistent { seq: u64, at_ms: u64 },
 }
 
 impl Message {
@@ -207,10 +222,11 @@ impl Message {
             Message::Heartbeat { .. } => 10,
             Message::HeartbeatReply { .. } => 11,
             Message::ResyncDone { .. } => 12,
-            Message::Goodbye => 13,
+            Message::Goodbye { .. } => 13,
             Message::ResyncStart { .. } => 14,
             Message::HashCheck { .. } => 15,
             Message::HashReply { .. } => 16,
+            Message::Consistent { .. } => 17,
         }
     }
 

@@ -1,10 +1,9 @@
 //! The primary agent's side of the online verify (`tandem verify`): starting it
-//! from the control socket, feeding verify chunks to the engine at the requested
-//! rate, and reporting progress and the result.
+//! from the control socket, and reporting progress and the result.
 //!
-//! The decisions (which blocks, in what order, what counts as a mismatch, when a
-//! repair is done) are the engine's: see "Online verify" in engine/primary.rs for
-//! why a reported mismatch is never a write in flight.
+//! The decisions (which blocks, in what order, at what rate, what counts as a
+//! mismatch, when a repair is done) are the engine's: see engine/primary/verify.rs
+//! for why a reported mismatch is never a write in flight.
 //!
 //! Control protocol (a long operation that answers at once, then is polled):
 //! - `{"cmd":"verify","args":{"repair":true,"rate":N}}` starts a verify and returns
@@ -24,10 +23,9 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::{Held, Owner, Reply};
+use super::Owner;
 use crate::agent::control::{ControlReply, VerifyStatus};
-use crate::engine::primary::{Action, OpKind, VerifyState};
-use crate::types::ByteRange;
+use crate::engine::primary::VerifyState;
 
 /// Most mismatched ranges listed in a verify result; the count is always exact.
 pub(super) const VERIFY_RANGES_LISTED_MAX: usize = 10_000;
@@ -36,8 +34,6 @@ pub(super) struct VerifyDriver {
     /// Id of the verify running or finished last (0: none yet).
     id: u64,
     rate_bytes_per_s: u64,
-    budget_bytes: i64,
-    last_refill: Instant,
     started: Instant,
     finished_after_s: Option<f64>,
 }
@@ -47,8 +43,6 @@ impl VerifyDriver {
         VerifyDriver {
             id: 0,
             rate_bytes_per_s: 0,
-            budget_bytes: 0,
-            last_refill: Instant::now(),
             started: Instant::now(),
             finished_after_s: None,
         }
@@ -60,15 +54,13 @@ impl Owner {
         if self.draining.is_some() {
             return ControlReply::error("the agent is shutting down; verify refused".into());
         }
-        if let Err(refusal) = self.engine.start_online_verify(repair) {
+        let rate = rate.unwrap_or(self.cfg.resync_rate_bytes_per_s);
+        if let Err(refusal) = self.engine.start_online_verify(repair, rate) {
             return ControlReply::error(format!("verify refused: {refusal}"));
         }
-        let rate = rate.unwrap_or(self.cfg.resync_rate_bytes_per_s);
         let v = &mut self.verify;
         v.id += 1;
         v.rate_bytes_per_s = rate;
-        v.budget_bytes = 0;
-        v.last_refill = Instant::now();
         v.started = Instant::now();
         v.finished_after_s = None;
         let total_bytes = self.shared.size_bytes;
@@ -86,48 +78,9 @@ impl Owner {
         }))
     }
 
-    /// Issue verify chunks while the engine wants them and the rate allows.
-    pub(super) fn pump_verify(&mut self, out: &mut Vec<Action<Reply>>) {
+    /// Log the end of a verify once (called on every status and tick).
+    pub(super) fn pump_verify(&mut self) {
         self.note_verify_end();
-        if self.draining.is_some() || !self.engine.wants_verify_chunk() {
-            self.verify.last_refill = Instant::now();
-            return;
-        }
-        let rate = self.verify.rate_bytes_per_s;
-        let now = Instant::now();
-        let refill = (now - self.verify.last_refill).as_secs_f64() * rate as f64;
-        self.verify.last_refill = now;
-        let cap = (rate / 10).max(1 << 20) as i64;
-        self.verify.budget_bytes = (self.verify.budget_bytes + refill as i64).min(cap);
-        while self.engine.wants_verify_chunk() && (rate == 0 || self.verify.budget_bytes > 0) {
-            let seq = self.engine.next_seq();
-            // Held must exist before StartLocal is acted on.
-            self.held.insert(
-                seq,
-                Held {
-                    kind: OpKind::VerifyRead,
-                    range: ByteRange::new(0, 0),
-                    fua: false,
-                    data: None,
-                    payload: None,
-                    zero: false,
-                    hashes: None,
-                    local_started: false,
-                    ship_settled: false,
-                },
-            );
-            match self.engine.next_verify_chunk(out) {
-                Some((s, range)) => {
-                    assert_eq!(s, seq);
-                    self.held.get_mut(&seq).expect("inserted").range = range;
-                    self.verify.budget_bytes -= range.len as i64;
-                }
-                None => {
-                    self.held.remove(&seq);
-                }
-            }
-            self.act(out);
-        }
     }
 
     /// Log the end of a verify once, and stop its clock.

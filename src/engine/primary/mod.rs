@@ -281,6 +281,15 @@ pub enum Action<T, D> {
     PersistBitmap { bitmap: DirtyBitmap },
     /// The volume is poisoned (a failed write or flush): record it durably.
     Poisoned { reason: String },
+    /// The first write without the peer is about to be accepted: start a new
+    /// generation durably (superblock), then call
+    /// [`PrimaryEngine::generation_started`]; writes wait meanwhile (G8: if the
+    /// peer is promoted meanwhile, both sides then hold new generations and the
+    /// reconnect sees a split brain instead of silently rolling these writes back).
+    StartGenerationAlone,
+    /// The peer holds this node's current generation (in sync): the bitmap is
+    /// relative to it from now on; record that (superblock, no hurry).
+    PeerReachedGeneration,
     /// End the session with the secondary; the dirty bitmap keeps what must be resent.
     DropSession { fault: SessionFault },
     /// For the log and the metrics.
@@ -396,6 +405,10 @@ pub struct PrimaryEngine<T, D> {
     /// Block mode without a peer: client requests wait here, in order.
     parked: VecDeque<Parked<T, D>>,
     persist: intent::Persist,
+    /// The peer may not hold this node's generation: the next write without it
+    /// needs a new generation first (None: not needed; Some(false): needed;
+    /// Some(true): being persisted, writes wait in `parked`).
+    alone: Option<bool>,
     /// Client pieces admitted (seq, range, data), for the simulator's oracle.
     #[cfg(test)]
     admissions: Vec<(Seq, ByteRange, Option<D>)>,
@@ -466,6 +479,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             poisoned: None,
             parked: VecDeque::new(),
             persist: intent::Persist::default(),
+            alone: None,
             #[cfg(test)]
             admissions: Vec::new(),
             dirty,
@@ -658,7 +672,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             });
             return;
         }
-        if self.must_park() {
+        if self.must_park() || (!self.stream.is_streaming() && self.alone == Some(false)) {
             self.parked.push_back(Parked {
                 kind,
                 range,
@@ -666,17 +680,54 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                 data,
                 token,
             });
+            self.admit_parked(out);
             return;
         }
         self.admit_client(kind, range, fua, data, token, out);
         self.pump_ship(out);
     }
 
-    /// Block mode, sync, no session: requests wait for the peer (G1).
+    /// Block mode, sync, no session: requests wait for the peer (G1). Also while a
+    /// new generation is being persisted before the first write alone.
     fn must_park(&self) -> bool {
-        self.cfg.mode == Mode::Sync
+        let block = self.cfg.mode == Mode::Sync
             && self.cfg.peer_loss == PeerLoss::Block
-            && (!self.stream.is_streaming() || !self.parked.is_empty())
+            && !self.stream.is_streaming();
+        block || !self.parked.is_empty() || self.alone == Some(true)
+    }
+
+    /// Writes without the peer need a new generation first (the agent sets this at
+    /// start when the peer's generation is this node's, and the engine after the
+    /// peer reached it).
+    pub fn set_generation_shared_with_peer(&mut self, shared: bool) {
+        self.alone = shared.then_some(false);
+    }
+
+    /// The new generation for writing alone is durable: the waiting writes go.
+    pub fn generation_started(&mut self, out: &mut Vec<Action<T, D>>) {
+        assert_eq!(self.alone, Some(true), "generation_started without a request");
+        self.alone = None;
+        self.admit_parked(out);
+    }
+
+    /// Admit parked requests in order while nothing else holds them.
+    pub(super) fn admit_parked(&mut self, out: &mut Vec<Action<T, D>>) {
+        while !self.parked.is_empty() {
+            let block = self.cfg.mode == Mode::Sync
+                && self.cfg.peer_loss == PeerLoss::Block
+                && !self.stream.is_streaming();
+            if block || self.alone == Some(true) {
+                break;
+            }
+            if !self.stream.is_streaming() && self.alone == Some(false) {
+                self.alone = Some(true);
+                out.push(Action::StartGenerationAlone);
+                break;
+            }
+            let p = self.parked.pop_front().expect("checked");
+            self.admit_client(p.kind, p.range, p.fua, p.data, p.token, out);
+        }
+        self.pump_ship(out);
     }
 
     fn admit_client(

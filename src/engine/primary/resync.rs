@@ -164,6 +164,13 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             blocks: total,
             full,
         }));
+        if total.0 == 0 && !self.stream.is_section_open() {
+            // Nothing to resend: the secondary holds this node's data.
+            if self.alone.is_none() {
+                out.push(Action::PeerReachedGeneration);
+            }
+            self.alone = Some(false);
+        }
     }
 
     /// Whether a resync chunk could be produced now.
@@ -307,6 +314,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                     through: marker,
                     resynced_blocks: std::mem::take(&mut self.resync.section_blocks),
                 }));
+                if self.alone.is_none() {
+                    out.push(Action::PeerReachedGeneration);
+                }
+                self.alone = Some(false);
                 self.release_in_sync_waiters(out);
             }
         }

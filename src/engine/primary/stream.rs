@@ -483,10 +483,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             self.open_stream(full, out);
         }
         // Block mode: the requests that waited for the peer go now, in order.
-        while let Some(p) = self.parked.pop_front() {
-            self.admit_client(p.kind, p.range, p.fua, p.data, p.token, out);
-        }
-        self.pump_ship(out);
+        self.admit_parked(out);
     }
 
     /// The first frame of a session: ResyncStart, whose seq tells the secondary the

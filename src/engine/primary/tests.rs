@@ -113,6 +113,10 @@ fn settle_local(e: &mut E, out: &mut Out) {
                     any = true;
                     e.activity_written(Ok(()), out);
                 }
+                Action::PersistBitmap { .. } => {
+                    any = true;
+                    e.bitmap_persisted(Ok(()), out);
+                }
                 other => out.push(other),
             }
         }
@@ -172,6 +176,7 @@ fn block_mode_keeps_sync_writes_and_flushes_until_the_secondary_is_back_in_sync(
     assert_eq!(e.parked(), 1);
     out.clear();
     e.session_started(false, &mut out);
+    settle_local(&mut e, &mut out);
     e.tick(10, &mut out);
     settle_local(&mut e, &mut out);
     // The parked write ships now, its resync of block 0 too.
@@ -314,6 +319,7 @@ fn resync_done_waits_for_hash_answers_and_resends_mismatches_first() {
     e.mark_verify(BlockIndex(0), BlockIndex(8));
     let mut out = Vec::new();
     e.session_started(false, &mut out);
+    settle_local(&mut e, &mut out);
     e.tick(0, &mut out);
     settle_local(&mut e, &mut out);
     let ships = shipped_seqs(&out);
@@ -348,6 +354,7 @@ fn a_failed_resync_read_ends_the_session_and_keeps_the_blocks_dirty() {
     let mut e = engine(cfg(Mode::Async, 64));
     let mut out = Vec::new();
     e.session_started(true, &mut out);
+    settle_local(&mut e, &mut out);
     e.tick(0, &mut out);
     let (seq, _, range) = started(&out)[0];
     out.clear();
@@ -379,6 +386,7 @@ fn lag_age_survives_the_link_going_down_and_clears_once_resynced() {
     assert_eq!(e.lag().oldest_accepted_at_ms, Some(100), "still the oldest change (G4)");
     out.clear();
     e.session_started(false, &mut out);
+    settle_local(&mut e, &mut out);
     e.tick(600, &mut out);
     settle_local(&mut e, &mut out);
     let last = *shipped_seqs(&out).last().unwrap();

@@ -1,0 +1,105 @@
+//! The metadata writer: one thread per node that owns the metadata store and
+//! makes its writes durable in the order they are given, off the owner task's
+//! critical path (issue 11: a retirement's bitmap persist used to stall every
+//! client write behind an fdatasync on the owner).
+//!
+//! It owns the superblock as written: every change goes through it, so a bitmap
+//! persist (which rewrites the superblock) never undoes a generation change.
+
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc;
+
+use crate::bitmap::DirtyBitmap;
+use crate::meta::{MetaStore, Superblock};
+
+/// A durable write to make.
+pub enum MetaJob {
+    /// Persist `bitmap` first when given (extents retired), then the activity log.
+    Activity {
+        active: Vec<u32>,
+        bitmap: Option<DirtyBitmap>,
+    },
+    /// Persist the bitmap (resync progress).
+    Bitmap { bitmap: DirtyBitmap },
+    /// Write this superblock (what the node's role, generations and disk state
+    /// are; the store keeps its own bookkeeping fields).
+    Superblock { sb: Superblock },
+}
+
+/// A job finished (in the order given); the text is the error's.
+#[derive(Debug)]
+pub enum MetaDone {
+    Activity(Result<(), String>),
+    Bitmap(Result<(), String>),
+    Superblock(Result<(), String>),
+}
+
+/// The worker's handle.
+pub struct MetaWorker {
+    tx: Option<std_mpsc::Sender<MetaJob>>,
+    thread: Option<JoinHandle<(MetaStore, Superblock)>>,
+}
+
+impl MetaWorker {
+    /// Start the thread; completions go to `done`.
+    pub fn start(
+        mut store: MetaStore,
+        mut sb: Superblock,
+        extent_bytes: u64,
+        done: mpsc::UnboundedSender<MetaDone>,
+    ) -> MetaWorker {
+        let (tx, rx) = std_mpsc::channel::<MetaJob>();
+        let thread = std::thread::Builder::new()
+            .name("tandem-meta".into())
+            .spawn(move || {
+                for job in rx {
+                    let result = match job {
+                        MetaJob::Activity { active, bitmap } => {
+                            let r = (|| {
+                                if let Some(bm) = bitmap {
+                                    store.persist_bitmap(&mut sb, &bm)?;
+                                }
+                                store.write_activity(extent_bytes, &active)
+                            })();
+                            MetaDone::Activity(r.map_err(|e| e.to_string()))
+                        }
+                        MetaJob::Bitmap { bitmap } => MetaDone::Bitmap(
+                            store.persist_bitmap(&mut sb, &bitmap).map_err(|e| e.to_string()),
+                        ),
+                        MetaJob::Superblock { sb: new } => {
+                            let bitmap_valid = sb.bitmap_valid;
+                            sb = new;
+                            sb.bitmap_valid = bitmap_valid || sb.bitmap_valid;
+                            MetaDone::Superblock(store.write_superblock(&sb).map_err(|e| e.to_string()))
+                        }
+                    };
+                    if done.send(result).is_err() {
+                        break;
+                    }
+                }
+                (store, sb)
+            })
+            .expect("spawning the metadata thread");
+        MetaWorker {
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn send(&self, job: MetaJob) {
+        // The thread only stops when this handle is finished.
+        let _ = self.tx.as_ref().expect("worker running").send(job);
+    }
+
+    /// Wait for every job given so far, and take the store back (final writes).
+    pub fn finish(mut self) -> (MetaStore, Superblock) {
+        drop(self.tx.take());
+        self.thread
+            .take()
+            .expect("finished once")
+            .join()
+            .expect("the metadata thread panicked")
+    }
+}
