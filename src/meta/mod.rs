@@ -26,6 +26,7 @@
 //! (activity-log record).
 
 pub mod al;
+pub mod file;
 pub mod format;
 pub mod layout;
 mod store;
@@ -34,6 +35,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use al::{AL_EXTENTS_MAX, ActivityRecord, ActivitySnapshot};
+pub use file::{DurableFile, SimFile, SimStats};
 pub use format::{BitmapHeader, FORMAT_VERSION, SlotFault, SlotImage, Superblock};
 pub use layout::Layout;
 pub use store::{MetaStore, Opened};
