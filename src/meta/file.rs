@@ -17,7 +17,11 @@
 //!   write order, so any sector may or may not have reached the disk, and one
 //!   written several times since the last `fdatasync` may come back as any of
 //!   those versions (or the durable one). A file length changed since the last
-//!   `fdatasync` comes back as either the old or the new length.
+//!   `fdatasync` comes back as either the old or the new length. The choice
+//!   is made per 4 KiB page (writeback's unit): each page reached the disk
+//!   whole (newest or an older version), not at all, or torn (each sector on
+//!   its own); the share of pages that made it varies from one power loss to
+//!   the next, so "everything but one page" and "nothing but one page" both occur.
 //! - [`SimFile::kill9`] keeps everything: the page cache survives the process.
 //!   What was volatile stays volatile (a later power loss can still drop it).
 //! - [`SimFile::fail_next_sync`] makes the next `fdatasync` fail once, with
@@ -71,8 +75,8 @@ pub trait DurableFile: fmt::Debug + Send + Sync {
     /// After an error nothing written since the previous successful call can be
     /// assumed durable, and a later `Ok` does not change that (Linux semantics).
     fn sync_data(&self) -> io::Result<()>;
-    /// Current length of the file in bytes.
-    fn len(&self) -> io::Result<u64>;
+    /// Current length of the file.
+    fn len_bytes(&self) -> io::Result<u64>;
     /// `ftruncate`: grow (with zeroes, sparse) or shrink the file.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// `fallocate` mode 0: reserve space for `[offset, offset + len)`, growing
@@ -117,7 +121,7 @@ impl DurableFile for File {
         File::sync_data(self)
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn len_bytes(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
     }
 
@@ -157,6 +161,19 @@ pub fn available_bytes(file: &File) -> io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// What reached the disk of one 4 KiB page in the cache at a power loss.
+#[derive(Clone, Copy)]
+enum PageFate {
+    Durable,
+    Newest,
+    /// Any of the unsynced versions, per sector.
+    Older,
+    /// Per sector: the durable contents or any unsynced version.
+    Torn,
+}
+
+const SECTORS_PER_PAGE: u64 = 4096 / SECTOR_BYTES;
+
 /// One sector's contents; `None` is all zeroes (a hole costs no memory).
 type SectorData = Option<Box<[u8; SECTOR]>>;
 
@@ -164,7 +181,7 @@ type SectorData = Option<Box<[u8; SECTOR]>>;
 /// newest ones, which are the interesting ones for "an older write survived".
 const VERSIONS_MAX: usize = 4;
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Sector {
     durable: SectorData,
     /// Writes since the data last reached the disk, oldest first. Non-empty
@@ -203,6 +220,7 @@ pub struct SimStats {
 
 type DetHashMap<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
 
+#[derive(Clone)]
 struct SimState {
     sectors: DetHashMap<u64, Sector>,
     /// Sectors written since the last fdatasync (ordered: power loss walks it).
@@ -312,33 +330,77 @@ impl SimFile {
         }
     }
 
+    /// An independent copy of the file as it is now (contents, cache, length,
+    /// pending faults, counters): to try several crash outcomes from one
+    /// instant. The copy has no handles open and no lock held.
+    pub fn fork(&self) -> SimFile {
+        let mut state = self.lock().clone();
+        state.lock_owner = None;
+        state.boot += 1;
+        let boot = state.boot;
+        SimFile {
+            state: Arc::new(Mutex::new(state)),
+            handle: 0,
+            boot,
+        }
+    }
+
     /// Power loss of the node: the durable image survives, plus a random subset
     /// of the volatile sectors (each one as any of its unsynced versions), and
     /// the old or the new length. The cache is then empty, pending injected
     /// faults are cleared, locks are released, and handles opened before it are dead.
     pub fn power_loss(&self, rng: &mut (impl RngCore + ?Sized)) {
-        // 0 keeps the durable contents, k ≥ 1 keeps the k-th unsynced write.
+        // How much of the cache reached the disk varies from one power loss to
+        // the next; writeback goes by 4 KiB page, and a page in flight may be torn.
+        let keep_p: f64 = rng.r#gen();
         let keep_new_len = rng.gen_bool(0.5);
-        self.power_loss_with(&mut |versions| rng.gen_range(0..=versions), keep_new_len);
+        let mut page = u64::MAX;
+        let mut choice = PageFate::Durable;
+        self.power_loss_with(
+            &mut |index, versions| {
+                if index / SECTORS_PER_PAGE != page {
+                    page = index / SECTORS_PER_PAGE;
+                    choice = if rng.gen_ratio(1, 8) {
+                        PageFate::Torn
+                    } else if !rng.gen_bool(keep_p) {
+                        PageFate::Durable
+                    } else if rng.gen_ratio(1, 4) {
+                        PageFate::Older
+                    } else {
+                        PageFate::Newest
+                    };
+                }
+                match choice {
+                    PageFate::Durable => 0,
+                    PageFate::Newest => versions,
+                    PageFate::Older => rng.gen_range(1..=versions),
+                    PageFate::Torn => rng.gen_range(0..=versions),
+                }
+            },
+            keep_new_len,
+        );
     }
 
     /// Power loss that keeps nothing volatile: the worst case, deterministic.
     pub fn power_loss_dropping_volatile(&self) {
-        self.power_loss_with(&mut |_| 0, false);
+        self.power_loss_with(&mut |_, _| 0, false);
     }
 
     /// Power loss that keeps the newest version of every volatile sector: what
     /// a lucky writeback leaves (everything written survives, unordered writes included).
     pub fn power_loss_keeping_volatile(&self) {
-        self.power_loss_with(&mut |versions| versions, true);
+        self.power_loss_with(&mut |_, versions| versions, true);
     }
 
-    fn power_loss_with(&self, pick: &mut dyn FnMut(usize) -> usize, keep_new_len: bool) {
+    /// `pick(sector, versions)` chooses what survives of a volatile sector:
+    /// 0 its durable contents, k in 1..=versions its k-th unsynced write.
+    /// Sectors are offered in ascending order.
+    fn power_loss_with(&self, pick: &mut dyn FnMut(u64, usize) -> usize, keep_new_len: bool) {
         let mut s = self.lock();
         let dirty = std::mem::take(&mut s.dirty);
         for index in &dirty {
             let sector = s.sectors.get_mut(index).expect("dirty sector exists");
-            let k = pick(sector.versions.len());
+            let k = pick(*index, sector.versions.len());
             if k > 0 {
                 sector.durable = sector.versions.swap_remove(k - 1);
             }
@@ -354,7 +416,7 @@ impl SimFile {
             index < first_gone && sector.durable.is_some()
         });
         // A sector cut by the length reads as zeroes past it after regrowth.
-        if durable_len % SECTOR_BYTES != 0 {
+        if !durable_len.is_multiple_of(SECTOR_BYTES) {
             let index = durable_len / SECTOR_BYTES;
             if let Some(Some(data)) = s.sectors.get_mut(&index).map(|sec| sec.durable.as_mut()) {
                 data[(durable_len % SECTOR_BYTES) as usize..].fill(0);
@@ -632,7 +694,7 @@ impl DurableFile for SimFile {
         Ok(())
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn len_bytes(&self) -> io::Result<u64> {
         Ok(self.enter(false)?.len)
     }
 
@@ -694,7 +756,7 @@ mod tests {
     fn writes_are_visible_at_once_and_durable_only_after_sync() {
         let f = SimFile::new(1);
         f.write_all_at(&[7u8; 1000], 100).unwrap();
-        assert_eq!(f.len().unwrap(), 1100);
+        assert_eq!(f.len_bytes().unwrap(), 1100);
         assert_eq!(read(&f, 100, 1000), vec![7u8; 1000]);
         assert_eq!(read(&f, 0, 100), vec![0u8; 100]);
         assert_eq!(f.durable_len(), 0);
@@ -716,7 +778,7 @@ mod tests {
         f.write_all_at(&[3u8; 512], 8192).unwrap();
         f.power_loss_dropping_volatile();
         let g = f.reopen();
-        assert_eq!(g.len().unwrap(), 4096);
+        assert_eq!(g.len_bytes().unwrap(), 4096);
         assert_eq!(read(&g, 0, 4096), vec![1u8; 4096]);
     }
 
@@ -822,10 +884,10 @@ mod tests {
         f.allocate(0, 8192).unwrap();
         f.sync_data().unwrap();
         f.set_len(100).unwrap();
-        assert_eq!(f.len().unwrap(), 100);
+        assert_eq!(f.len_bytes().unwrap(), 100);
         f.power_loss_dropping_volatile();
         let g = f.reopen();
-        assert_eq!(g.len().unwrap(), 8192);
+        assert_eq!(g.len_bytes().unwrap(), 8192);
         g.write_all_at(&[9u8; 512], 0).unwrap();
         g.set_len(10).unwrap();
         g.set_len(512).unwrap();
@@ -858,6 +920,17 @@ mod tests {
     }
 
     #[test]
+    fn a_fork_is_independent() {
+        let f = SimFile::new(1);
+        f.write_all_at(&[1u8; 512], 0).unwrap();
+        let g = f.fork();
+        f.write_all_at(&[2u8; 512], 0).unwrap();
+        g.power_loss_dropping_volatile();
+        assert_eq!(read(&f, 0, 512), vec![2u8; 512]);
+        assert_eq!(read(&g.reopen(), 0, 512), Vec::<u8>::new());
+    }
+
+    #[test]
     fn punch_hole_reads_zero() {
         let f = SimFile::new(1);
         f.write_all_at(&[3u8; 2048], 0).unwrap();
@@ -866,7 +939,7 @@ mod tests {
         assert!(d[..100].iter().all(|&b| b == 3));
         assert!(d[100..1100].iter().all(|&b| b == 0));
         assert!(d[1100..].iter().all(|&b| b == 3));
-        assert_eq!(f.len().unwrap(), 2048);
+        assert_eq!(f.len_bytes().unwrap(), 2048);
     }
 
     #[test]
@@ -884,7 +957,7 @@ mod tests {
         };
         let a = open();
         a.allocate(0, 1 << 20).unwrap();
-        assert_eq!(DurableFile::len(&a).unwrap(), 1 << 20);
+        assert_eq!(a.len_bytes().unwrap(), 1 << 20);
         DurableFile::write_all_at(&a, &[1u8; 8192], 0).unwrap();
         a.punch_hole(4096, 4096).unwrap();
         let d = a.read_at_most(0, 8192).unwrap();

@@ -1,11 +1,16 @@
 //! `MetaStore`: the open, exclusively locked metadata file and the durable
 //! write sequences on it. Metadata writes are rare (role changes, bitmap
-//! persists, activity-extent changes), so plain `pwrite` + `fdatasync` through
-//! `std::fs` is enough; callers on an async runtime use `spawn_blocking`.
+//! persists, activity-extent changes), so plain `pwrite` + `fdatasync` is
+//! enough; callers on an async runtime use `spawn_blocking`.
+//!
+//! The store does its I/O through [`DurableFile`]: a real file
+//! (`MetaStore<File>`, the default, opened by path with
+//! [`MetaStore::open_or_create`]) or a [`super::SimFile`] in tests and the
+//! simulator ([`MetaStore::open_or_create_on`], [`MetaStore::create_on`],
+//! [`MetaStore::open_on`]).
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::bitmap::DirtyBitmap;
@@ -14,6 +19,7 @@ use super::MetaError;
 use super::al::{
     AL_EXTENTS_MAX, ActivityRecord, ActivitySnapshot, AlGeometry, al_slot_of, select_newest,
 };
+use super::file::DurableFile;
 use super::format::{BitmapHeader, FORMAT_VERSION, SlotFault, SlotImage, Superblock};
 use super::layout::{
     AL_LEN_BYTES, AL_OFFSET_BYTES, AL_SLOT_LEN_BYTES, BITMAP_HEADER_LEN_BYTES,
@@ -28,9 +34,10 @@ const LINK_OP: &str = "link into place";
 /// The metadata file, held open and `flock`ed exclusively for as long as this
 /// value lives.
 #[derive(Debug)]
-pub struct MetaStore {
+pub struct MetaStore<F: DurableFile = File> {
+    /// The file's path, or the name given to a simulated file; used in messages.
     path: PathBuf,
-    file: File,
+    file: F,
     layout: Layout,
     /// Slot (0 = A, 1 = B) holding the newest valid superblock.
     current_slot: usize,
@@ -47,8 +54,8 @@ pub struct MetaStore {
 
 /// Result of [`MetaStore::open_or_create`].
 #[derive(Debug)]
-pub struct Opened {
-    pub store: MetaStore,
+pub struct Opened<F: DurableFile = File> {
+    pub store: MetaStore<F>,
     pub superblock: Superblock,
     /// The last persisted bitmap. If `superblock.bitmap_valid` is false it may
     /// miss blocks written since, and the caller must widen it (activity log,
@@ -98,13 +105,13 @@ fn validate_geometry(size_bytes: u64, block_size: u32) -> Result<(), MetaError> 
 
 /// Lock `file` exclusively without waiting. The lock belongs to the open file
 /// description and is released when the `File` is closed.
-fn lock_exclusive(file: &File, path: &Path) -> Result<(), MetaError> {
-    match file.try_lock() {
-        Ok(()) => Ok(()),
-        Err(TryLockError::WouldBlock) => Err(MetaError::Locked {
+fn lock_exclusive(file: &impl DurableFile, path: &Path) -> Result<(), MetaError> {
+    match file.try_lock_exclusive() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(MetaError::Locked {
             path: path.to_path_buf(),
         }),
-        Err(TryLockError::Error(source)) => Err(MetaError::Io {
+        Err(source) => Err(MetaError::Io {
             path: path.to_path_buf(),
             op: "flock",
             source,
@@ -112,41 +119,12 @@ fn lock_exclusive(file: &File, path: &Path) -> Result<(), MetaError> {
     }
 }
 
-/// Read exactly `len` bytes at `offset`, or fewer if the file ends first.
-fn read_at_most(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    let mut filled = 0;
-    while filled < len {
-        match file.read_at(&mut buf[filled..], offset + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(filled);
-    Ok(buf)
-}
-
-impl MetaStore {
+impl MetaStore<File> {
     /// `<volume>.tandem-meta`, the sidecar file beside an image.
     pub fn default_path_for(volume: &Path) -> PathBuf {
         let mut name = volume.as_os_str().to_owned();
         name.push(".tandem-meta");
         PathBuf::from(name)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn layout(&self) -> &Layout {
-        &self.layout
-    }
-
-    /// A write or fdatasync failed; every later write returns [`MetaError::Poisoned`].
-    pub fn is_poisoned(&self) -> bool {
-        self.poisoned
     }
 
     /// Open the metadata file at `path`, or create it (`created = true`) for a
@@ -219,7 +197,16 @@ impl MetaStore {
             .create_new(true)
             .open(&tmp)
             .map_err(io_err(&tmp, "create"))?;
-        let result = Self::initialize(path, &tmp, file, layout, sb);
+        let result = Self::initialize(&tmp, file, layout, sb).and_then(|mut opened| {
+            opened
+                .store
+                .file
+                .sync_all()
+                .map_err(io_err(&tmp, "fsync"))?;
+            std::fs::hard_link(&tmp, path).map_err(io_err(path, LINK_OP))?;
+            opened.store.path = path.to_path_buf();
+            Ok(opened)
+        });
         // Whether linking succeeded or not, the temporary name must go.
         let _ = std::fs::remove_file(&tmp);
         let opened = result?;
@@ -235,15 +222,91 @@ impl MetaStore {
             ))?;
         Ok(opened)
     }
+}
 
-    /// Write a complete, valid metadata file at `tmp`, then link it to `path`.
+impl<F: DurableFile> MetaStore<F> {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// A write or fdatasync failed; every later write returns [`MetaError::Poisoned`].
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// The file underneath (a simulator inspects a [`super::SimFile`] through it).
+    pub fn file(&self) -> &F {
+        &self.file
+    }
+
+    /// [`MetaStore::open_or_create`] on an already open file: creates the
+    /// metadata in place (see [`create_on`](Self::create_on)) when the file is
+    /// empty, opens it otherwise. `name` is used in messages.
+    pub fn open_or_create_on(
+        file: F,
+        name: impl Into<PathBuf>,
+        size_bytes: u64,
+        block_size: u32,
+        fresh: impl FnOnce() -> Superblock,
+    ) -> Result<Opened<F>, MetaError> {
+        let name = name.into();
+        let len = file.len_bytes().map_err(io_err(&name, "stat"))?;
+        if len == 0 {
+            Self::create_on(file, name, size_bytes, block_size, fresh())
+        } else {
+            Self::open_on(file, name, size_bytes, block_size)
+        }
+    }
+
+    /// Write new metadata into `file` in place, for a volume of this size and
+    /// block size, with `sb` as the initial superblock and an all-clean
+    /// persisted bitmap. Unlike [`MetaStore::open_or_create`] this is not
+    /// atomic: a crash part way leaves a file whose superblock slots are
+    /// zero or torn ([`MetaError::BothSlotsBad`] when opened), never one that
+    /// opens with half-written contents.
+    pub fn create_on(
+        file: F,
+        name: impl Into<PathBuf>,
+        size_bytes: u64,
+        block_size: u32,
+        sb: Superblock,
+    ) -> Result<Opened<F>, MetaError> {
+        validate_geometry(size_bytes, block_size)?;
+        let layout = Layout::new(size_bytes, block_size);
+        assert_eq!(
+            sb.size_bytes, layout.size_bytes,
+            "fresh superblock size differs from the volume size"
+        );
+        assert_eq!(
+            sb.block_size, layout.block_size,
+            "fresh superblock block size differs from the requested one"
+        );
+        Self::initialize(&name.into(), file, layout, sb)
+    }
+
+    /// Open existing metadata in `file` (see [`MetaStore::open_or_create`] for
+    /// what is checked and recovered). `name` is used in messages.
+    pub fn open_on(
+        file: F,
+        name: impl Into<PathBuf>,
+        size_bytes: u64,
+        block_size: u32,
+    ) -> Result<Opened<F>, MetaError> {
+        validate_geometry(size_bytes, block_size)?;
+        Self::open_existing(&name.into(), file, Layout::new(size_bytes, block_size))
+    }
+
+    /// Write a complete, valid metadata file into `file` (named `tmp` in messages).
     fn initialize(
-        path: &Path,
         tmp: &Path,
-        file: File,
+        file: F,
         layout: Layout,
         sb: Superblock,
-    ) -> Result<Opened, MetaError> {
+    ) -> Result<Opened<F>, MetaError> {
         lock_exclusive(&file, tmp)?;
         // Zero-filled (sparse): the AL area and bitmap copy 1 start out zero.
         file.set_len(layout.file_len_bytes())
@@ -265,9 +328,6 @@ impl MetaStore {
         // always has a good twin and opening a healthy file reports nothing.
         store.write_superblock(&sb)?;
         store.write_superblock(&sb)?;
-        store.file.sync_all().map_err(io_err(tmp, "fsync"))?;
-        std::fs::hard_link(tmp, path).map_err(io_err(path, LINK_OP))?;
-        store.path = path.to_path_buf();
         Ok(Opened {
             store,
             superblock: sb,
@@ -278,11 +338,12 @@ impl MetaStore {
         })
     }
 
-    fn open_existing(path: &Path, file: File, layout: Layout) -> Result<Opened, MetaError> {
+    fn open_existing(path: &Path, file: F, layout: Layout) -> Result<Opened<F>, MetaError> {
         lock_exclusive(&file, path)?;
         let mut slots: Vec<Result<SlotImage, SlotFault>> = Vec::with_capacity(2);
         for offset in SUPERBLOCK_SLOT_OFFSETS {
-            let bytes = read_at_most(&file, offset, SUPERBLOCK_SLOT_LEN_BYTES as usize)
+            let bytes = file
+                .read_at_most(offset, SUPERBLOCK_SLOT_LEN_BYTES as usize)
                 .map_err(io_err(path, "read of a superblock slot"))?;
             slots.push(SlotImage::decode(&bytes));
         }
@@ -398,7 +459,9 @@ impl MetaStore {
     /// an I/O failure; the inner one says why the copy's contents are unusable.
     fn read_bitmap_copy(&self) -> Result<Result<DirtyBitmap, String>, MetaError> {
         let offset = self.layout.bitmap_copy_offset_bytes(self.bitmap_copy);
-        let header_bytes = read_at_most(&self.file, offset, BITMAP_HEADER_LEN_BYTES as usize)
+        let header_bytes = self
+            .file
+            .read_at_most(offset, BITMAP_HEADER_LEN_BYTES as usize)
             .map_err(io_err(&self.path, "read of a bitmap header"))?;
         let header = match BitmapHeader::decode(&header_bytes) {
             Ok(h) => h,
@@ -436,7 +499,9 @@ impl MetaStore {
         }
         // The length was just checked against the layout, so this allocation is bounded.
         let len = usize::try_from(header.len_bytes).expect("bitmap length fits in memory");
-        let data = read_at_most(&self.file, offset + BITMAP_HEADER_LEN_BYTES, len)
+        let data = self
+            .file
+            .read_at_most(offset + BITMAP_HEADER_LEN_BYTES, len)
             .map_err(io_err(&self.path, "read of a bitmap copy"))?;
         if data.len() != len {
             return Ok(Err(format!(
@@ -577,7 +642,9 @@ impl MetaStore {
     /// [`MetaError::AlUnsupportedVersion`] rather than skipped, since
     /// leaving it out could forget active extents.
     pub fn read_activity(&self) -> Result<ActivitySnapshot, MetaError> {
-        let area = read_at_most(&self.file, AL_OFFSET_BYTES, AL_LEN_BYTES as usize)
+        let area = self
+            .file
+            .read_at_most(AL_OFFSET_BYTES, AL_LEN_BYTES as usize)
             .map_err(io_err(&self.path, "read of the activity log"))?;
         let geometry = AlGeometry {
             size_bytes: self.layout.size_bytes,
