@@ -394,6 +394,35 @@ impl DirtyBitmap {
         &self.words[start..end]
     }
 
+    /// Blocks of `page`: `[page × PAGE_BLOCKS, min((page + 1) × PAGE_BLOCKS, block_count))`.
+    pub fn page_blocks(&self, page: BitmapPage) -> (BlockIndex, BlockIndex) {
+        assert!(page.0 < self.page_count(), "page {} out of range", page.0);
+        let first = page.0 * PAGE_BLOCKS;
+        (
+            BlockIndex(first),
+            BlockIndex((first + PAGE_BLOCKS).min(self.block_count)),
+        )
+    }
+
+    /// Set, in `words` (the words of `page`, as [`page_words`](Self::page_words)
+    /// lays them out), the bits of blocks `[first, end)` that fall in the page.
+    /// For building one page of "bitmap plus ranges in flight" without a
+    /// copy of the whole bitmap. The caller keeps `end` within the volume.
+    pub fn mark_in_page(page: BitmapPage, words: &mut [u64], first: BlockIndex, end: BlockIndex) {
+        let page_first = page.0 * PAGE_BLOCKS;
+        let lo = first.0.max(page_first);
+        let hi = end.0.min(page_first + words.len() as u64 * WORD_BITS);
+        let mut b = lo;
+        while b < hi {
+            let rel = b - page_first;
+            let w = (rel / WORD_BITS) as usize;
+            let bit = rel % WORD_BITS;
+            let last_bit = (hi - 1 - page_first).min((w as u64 + 1) * WORD_BITS - 1) % WORD_BITS;
+            words[w] |= bit_mask(bit, last_bit);
+            b = page_first + w as u64 * WORD_BITS + last_bit + 1;
+        }
+    }
+
     /// A bitmap from its words (as [`page_words`](Self::page_words) gives them,
     /// concatenated). No page counts as changed. Fails like
     /// [`from_bytes`](Self::from_bytes) on a wrong length or bits past the end.
@@ -661,6 +690,34 @@ mod tests {
                 block_count: blocks
             })
         );
+    }
+
+    #[test]
+    fn mark_in_page_matches_mark_on_the_whole_bitmap() {
+        let blocks = 2 * PAGE_BLOCKS + 130;
+        for (a, b) in [
+            (0, 1),
+            (63, 65),
+            (PAGE_BLOCKS - 3, PAGE_BLOCKS + 70),
+            (5, blocks),
+            (2 * PAGE_BLOCKS + 64, 2 * PAGE_BLOCKS + 129),
+            (100, 100),
+        ] {
+            let mut whole = DirtyBitmap::new(BlockCount(blocks));
+            whole.mark(BlockIndex(7), BlockIndex(9));
+            let base = whole.clone();
+            whole.mark(BlockIndex(a), BlockIndex(b));
+            for p in 0..whole.page_count() {
+                let page = BitmapPage(p);
+                let mut words = base.page_words(page).to_vec();
+                DirtyBitmap::mark_in_page(page, &mut words, BlockIndex(a), BlockIndex(b));
+                assert_eq!(words, whole.page_words(page), "[{a}, {b}) page {p}");
+            }
+            assert_eq!(
+                base.page_blocks(BitmapPage(2)),
+                (BlockIndex(2 * PAGE_BLOCKS), BlockIndex(blocks))
+            );
+        }
     }
 
     #[test]

@@ -128,6 +128,52 @@ fn persist_bitmap_writes_the_changed_pages_then_the_superblock() {
 }
 
 #[test]
+fn pages_built_from_a_bitmap_plus_ranges_in_flight_persist_like_the_union() {
+    let (disk, mut store, _) = sim_store(SIZE_16_GIB);
+    let mut dirty = DirtyBitmap::for_volume(SIZE_16_GIB, BLOCK_SIZE);
+    dirty.mark(BlockIndex(5), BlockIndex(9));
+    let in_flight = [
+        (BlockIndex(30_000), BlockIndex(40_000)),
+        (BlockIndex(7), BlockIndex(8)),
+    ];
+    let (a, b) = (BlockIndex(0), BlockIndex(70_000));
+    let done = store
+        .persist_bitmap_pages_with(dirty.pages_of(a, b), |page, words| {
+            words.copy_from_slice(dirty.page_words(page));
+            for &(first, end) in &in_flight {
+                DirtyBitmap::mark_in_page(page, words, first, end);
+            }
+        })
+        .unwrap();
+    assert_eq!(
+        done.pages_written, 2,
+        "pages 0 and 1 changed, page 2 did not"
+    );
+    let mut union = dirty.clone();
+    for &(first, end) in &in_flight {
+        union.mark(first, end);
+    }
+    // Persisting the union now changes nothing: the same bytes are on disk.
+    let again = store
+        .persist_bitmap_pages(&union, union.pages_of(a, b))
+        .unwrap();
+    assert_eq!(again.pages_written, 0);
+    drop(store);
+    let opened = MetaStore::open_on(disk.reopen(), "sim", SIZE_16_GIB, BLOCK_SIZE).unwrap();
+    assert_eq!(opened.bitmap, union);
+}
+
+#[test]
+#[should_panic(expected = "bits set past the last block")]
+fn a_page_filled_past_the_last_block_is_a_caller_bug() {
+    let size = 16 * 4096 * 70 + 4096; // 1121 blocks: the last word holds 33
+    let (_, mut store, _) = sim_store(size);
+    let _ = store.persist_bitmap_pages_with([BitmapPage(0)], |_, words| {
+        *words.last_mut().unwrap() = u64::MAX;
+    });
+}
+
+#[test]
 fn rewrite_bitmap_writes_every_page() {
     let (disk, mut store, mut sb) = sim_store(SIZE_16_GIB);
     let bm = DirtyBitmap::for_volume(SIZE_16_GIB, BLOCK_SIZE);

@@ -826,6 +826,30 @@ impl<F: DurableFile> MetaStore<F> {
         self.write_superblock(sb)
     }
 
+    /// [`persist_bitmap_pages`](Self::persist_bitmap_pages) without a bitmap:
+    /// `fill(page, words)` fills the zeroed `words` of each listed page (as
+    /// [`DirtyBitmap::page_words`] would give them) with the out-of-sync
+    /// blocks. Lets a caller whose out-of-sync set is a bitmap plus ranges in
+    /// flight build just the pages it persists, instead of a copy of the
+    /// whole bitmap (32 MiB per TiB) per retirement:
+    ///
+    /// ```text
+    /// store.persist_bitmap_pages_with(dirty.pages_of(a, b), |page, words| {
+    ///     words.copy_from_slice(dirty.page_words(page));
+    ///     for r in in_flight { DirtyBitmap::mark_in_page(page, words, r.first, r.end) }
+    /// })
+    /// ```
+    ///
+    /// Panics if `fill` sets a bit past the volume's last block.
+    pub fn persist_bitmap_pages_with(
+        &mut self,
+        pages: impl IntoIterator<Item = BitmapPage>,
+        fill: impl FnMut(BitmapPage, &mut [u64]),
+    ) -> Result<PagesPersisted, MetaError> {
+        self.check_writable()?;
+        self.write_words_if_changed(pages, fill, false)
+    }
+
     /// [`persist_bitmap`](Self::persist_bitmap), but every page is written
     /// whether or not it changed: rewrites a bitmap area suspected damaged.
     pub fn rewrite_bitmap(
@@ -851,6 +875,29 @@ impl<F: DurableFile> MetaStore<F> {
             self.layout.block_count,
             "bitmap block count differs from the metadata's"
         );
+        self.write_words_if_changed(
+            pages,
+            |page, words| words.copy_from_slice(bm.page_words(page)),
+            force,
+        )
+    }
+
+    /// Words of page `page` of this volume's bitmap: [`PAGE_WORDS`], fewer for the last.
+    fn page_word_count(&self, page: u64) -> usize {
+        let words = self.layout.block_count.0.div_ceil(64);
+        (words - page * PAGE_WORDS).min(PAGE_WORDS) as usize
+    }
+
+    fn write_words_if_changed(
+        &mut self,
+        pages: impl IntoIterator<Item = BitmapPage>,
+        mut fill: impl FnMut(BitmapPage, &mut [u64]),
+        force: bool,
+    ) -> Result<PagesPersisted, MetaError> {
+        let tail_mask = match self.layout.block_count.0 % 64 {
+            0 => u64::MAX,
+            n => u64::MAX >> (64 - n),
+        };
         let mut pages: Vec<u64> = pages.into_iter().map(|p| p.0).collect();
         pages.sort_unstable();
         pages.dedup();
@@ -870,9 +917,20 @@ impl<F: DurableFile> MetaStore<F> {
         let mut batch_first: Option<u64> = None;
         let mut batch_hashes: Vec<(u64, PageHash)> = Vec::new();
         let mut page_buf = vec![0u8; BITMAP_PAGE_BYTES];
+        let mut words_buf = vec![0u64; PAGE_WORDS as usize];
         let mut written_hashes: Vec<(u64, PageHash)> = Vec::new();
         for &page in &pages {
-            BitmapSector::encode_page(page, bm.page_words(BitmapPage(page)), &mut page_buf);
+            let words = &mut words_buf[..self.page_word_count(page)];
+            words.fill(0);
+            fill(BitmapPage(page), words);
+            if page + 1 == self.layout.bitmap_page_count {
+                let last = words.last().copied().unwrap_or(0);
+                assert!(
+                    last & !tail_mask == 0,
+                    "bitmap page {page} has bits set past the last block"
+                );
+            }
+            BitmapSector::encode_page(page, words, &mut page_buf);
             let hash = page_hash(&page_buf);
             if !force && self.page_hashes[page as usize] == Some(hash) {
                 continue;
