@@ -25,6 +25,9 @@
 //! All I/O goes through [`DurableFile`]: a real file, or a [`SimFile`] that
 //! models power loss (ARCHITECTURE §4a) for tests and the simulator.
 //!
+//! The on-disk log ring (the primary's spill log, the secondary's redo
+//! journal) is a file of its own: [`journal`].
+//!
 //! Layout byte by byte: [`layout`] (regions), [`SlotImage`] (superblock
 //! slot), [`BitmapSector`] (bitmap area), [`ActivityRecord`] (activity-log
 //! record), [`BitmapHeader`] (format version 1's bitmap copy header, read to
@@ -33,6 +36,7 @@
 pub mod al;
 pub mod file;
 pub mod format;
+pub mod journal;
 pub mod layout;
 mod store;
 
@@ -44,6 +48,9 @@ pub use file::{DurableFile, SimFile, SimStats};
 pub use format::{
     BitmapHeader, BitmapLocation, BitmapSector, FORMAT_VERSION, SectorFault, SlotFault, SlotImage,
     Superblock,
+};
+pub use journal::{
+    Journal, JournalError, JournalIdentity, JournalKind, Lsn, RecordFields, RecordInfo, ScanEnd,
 };
 pub use layout::Layout;
 pub use store::{MetaStore, Opened, PagesPersisted};
