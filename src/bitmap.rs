@@ -11,12 +11,34 @@
 //! the number of dirty blocks is maintained incrementally (`dirty_count` is
 //! O(1)). Invariant: bits at positions `>= block_count` in the last word are
 //! always zero, so scans never report blocks past the end of the volume.
+//!
+//! **Pages.** The bitmap is persisted in place by pages ([`BitmapPage`], each
+//! [`PAGE_BLOCKS`] bits, one 4 KiB page of the metadata file, see
+//! `meta::format::BitmapSector`), so that persisting costs I/O proportional to
+//! what changed (ARCHITECTURE §4). The bitmap records which pages had a bit
+//! change since the caller last took the list ([`take_changed_pages`]): one
+//! bit per page, 1 KiB per TiB of volume at 4 KiB blocks. It knows nothing of
+//! the disk; `meta::MetaStore` skips pages whose contents it already wrote.
+//!
+//! [`take_changed_pages`]: DirtyBitmap::take_changed_pages
 
 use std::fmt;
+use std::ops::Range;
 
 use crate::types::{BlockCount, BlockIndex};
 
 const WORD_BITS: u64 = 64;
+
+/// 64-bit words in one persisted page: 8 sectors of 504 data bytes (63 words)
+/// each; the other 8 bytes of each 512-byte sector are its index and checksum.
+pub const PAGE_WORDS: u64 = 504;
+/// Blocks (bits) in one persisted page: 32,256, so a page covers 126 MiB of
+/// volume at 4 KiB blocks and a 4 MiB activity extent touches one page or two.
+pub const PAGE_BLOCKS: u64 = PAGE_WORDS * WORD_BITS;
+
+/// Index of a persisted bitmap page: blocks `[p × PAGE_BLOCKS, (p + 1) × PAGE_BLOCKS)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BitmapPage(pub u64);
 
 /// Errors decoding a persisted bitmap.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -38,13 +60,25 @@ pub enum BitmapError {
 }
 
 /// One bit per block; a set bit means "this block may differ from the peer".
-#[derive(Clone, PartialEq, Eq)]
+/// Equality compares the bits only, not which pages changed.
+#[derive(Clone)]
 pub struct DirtyBitmap {
     words: Vec<u64>,
     block_count: u64,
     /// Number of set bits, kept equal to the popcount of `words`.
     dirty_count: u64,
+    /// One bit per page: some bit of the page changed since the last
+    /// [`take_changed_pages`](Self::take_changed_pages).
+    changed: Vec<u64>,
 }
+
+impl PartialEq for DirtyBitmap {
+    fn eq(&self, other: &Self) -> bool {
+        self.block_count == other.block_count && self.words == other.words
+    }
+}
+
+impl Eq for DirtyBitmap {}
 
 impl fmt::Debug for DirtyBitmap {
     // The words themselves can be megabytes: show the shape, not the bits.
@@ -67,6 +101,14 @@ fn word_count(block_count: u64) -> usize {
         .expect("bitmap word count exceeds address space")
 }
 
+fn page_count(block_count: u64) -> u64 {
+    block_count.div_ceil(PAGE_BLOCKS)
+}
+
+fn changed_words(block_count: u64) -> Vec<u64> {
+    vec![0; word_count(page_count(block_count))]
+}
+
 impl DirtyBitmap {
     /// An all-clean bitmap of `block_count` blocks.
     pub fn new(block_count: BlockCount) -> Self {
@@ -74,6 +116,7 @@ impl DirtyBitmap {
             words: vec![0; word_count(block_count.0)],
             block_count: block_count.0,
             dirty_count: 0,
+            changed: changed_words(block_count.0),
         }
     }
 
@@ -106,20 +149,12 @@ impl DirtyBitmap {
 
     /// Mark blocks `[first, end)` dirty. Panics unless `first <= end <= block_count`.
     pub fn mark(&mut self, first: BlockIndex, end: BlockIndex) {
-        self.for_each_word_mask(first, end, |word, mask| {
-            let old = *word;
-            *word |= mask;
-            (*word).count_ones() as i64 - old.count_ones() as i64
-        });
+        self.for_each_word_mask(first, end, |word, mask| word | mask);
     }
 
     /// Mark blocks `[first, end)` clean. Panics unless `first <= end <= block_count`.
     pub fn clear(&mut self, first: BlockIndex, end: BlockIndex) {
-        self.for_each_word_mask(first, end, |word, mask| {
-            let old = *word;
-            *word &= !mask;
-            (*word).count_ones() as i64 - old.count_ones() as i64
-        });
+        self.for_each_word_mask(first, end, |word, mask| word & !mask);
     }
 
     pub fn mark_all(&mut self) {
@@ -127,18 +162,38 @@ impl DirtyBitmap {
     }
 
     pub fn clear_all(&mut self) {
-        self.words.fill(0);
+        for w in 0..self.words.len() {
+            if self.words[w] != 0 {
+                self.words[w] = 0;
+                self.note_word_changed(w);
+            }
+        }
         self.dirty_count = 0;
     }
 
-    /// Apply `op(word, mask)` to every word overlapping `[first, end)`, with
-    /// `mask` selecting the bits of the range in that word; `op` returns the
-    /// change in set bits.
+    fn note_word_changed(&mut self, word: usize) {
+        let page = word as u64 / PAGE_WORDS;
+        self.changed[(page / WORD_BITS) as usize] |= 1 << (page % WORD_BITS);
+    }
+
+    /// Set word `w` to `new`; returns the change in set bits.
+    fn set_word(&mut self, w: usize, new: u64) -> i64 {
+        let old = self.words[w];
+        if old == new {
+            return 0;
+        }
+        self.words[w] = new;
+        self.note_word_changed(w);
+        new.count_ones() as i64 - old.count_ones() as i64
+    }
+
+    /// Replace every word overlapping `[first, end)` by `op(word, mask)`, with
+    /// `mask` selecting the bits of the range in that word.
     fn for_each_word_mask(
         &mut self,
         first: BlockIndex,
         end: BlockIndex,
-        mut op: impl FnMut(&mut u64, u64) -> i64,
+        op: impl Fn(u64, u64) -> u64,
     ) {
         assert!(
             first.0 <= end.0 && end.0 <= self.block_count,
@@ -154,17 +209,17 @@ impl DirtyBitmap {
         let (first_word, last_word) = ((first.0 / WORD_BITS) as usize, (last / WORD_BITS) as usize);
         let (first_bit, last_bit) = (first.0 % WORD_BITS, last % WORD_BITS);
         let mut delta: i64 = 0;
+        let mut apply = |this: &mut Self, w: usize, mask: u64| {
+            delta += this.set_word(w, op(this.words[w], mask));
+        };
         if first_word == last_word {
-            delta += op(&mut self.words[first_word], bit_mask(first_bit, last_bit));
+            apply(self, first_word, bit_mask(first_bit, last_bit));
         } else {
-            delta += op(
-                &mut self.words[first_word],
-                bit_mask(first_bit, WORD_BITS - 1),
-            );
-            for word in &mut self.words[first_word + 1..last_word] {
-                delta += op(word, u64::MAX);
+            apply(self, first_word, bit_mask(first_bit, WORD_BITS - 1));
+            for w in first_word + 1..last_word {
+                apply(self, w, u64::MAX);
             }
-            delta += op(&mut self.words[last_word], bit_mask(0, last_bit));
+            apply(self, last_word, bit_mask(0, last_bit));
         }
         self.dirty_count = self
             .dirty_count
@@ -259,12 +314,140 @@ impl DirtyBitmap {
             self.block_count, other.block_count,
             "union of bitmaps with different block counts"
         );
-        let mut dirty: u64 = 0;
-        for (mine, theirs) in self.words.iter_mut().zip(&other.words) {
-            *mine |= *theirs;
-            dirty += u64::from(mine.count_ones());
+        let mut delta: i64 = 0;
+        for w in 0..self.words.len() {
+            let theirs = other.words[w];
+            if theirs & !self.words[w] != 0 {
+                delta += self.set_word(w, self.words[w] | theirs);
+            }
         }
-        self.dirty_count = dirty;
+        self.dirty_count = self
+            .dirty_count
+            .checked_add_signed(delta)
+            .expect("dirty count out of range");
+    }
+
+    /// Number of persisted pages the bitmap spans (see [`PAGE_BLOCKS`]).
+    pub fn page_count(&self) -> u64 {
+        page_count(self.block_count)
+    }
+
+    /// The pages holding blocks `[first, end)` (empty if the range is).
+    /// Panics unless `first <= end <= block_count`.
+    pub fn pages_of(
+        &self,
+        first: BlockIndex,
+        end: BlockIndex,
+    ) -> impl Iterator<Item = BitmapPage> + use<> {
+        assert!(
+            first.0 <= end.0 && end.0 <= self.block_count,
+            "block range [{}, {}) invalid for a bitmap of {} blocks",
+            first.0,
+            end.0,
+            self.block_count
+        );
+        let pages: Range<u64> = if first.0 == end.0 {
+            0..0
+        } else {
+            first.0 / PAGE_BLOCKS..(end.0 - 1) / PAGE_BLOCKS + 1
+        };
+        pages.map(BitmapPage)
+    }
+
+    /// The pages with a bit changed since the last
+    /// [`take_changed_pages`](Self::take_changed_pages) (or since the bitmap
+    /// was made), ascending.
+    pub fn changed_pages(&self) -> impl Iterator<Item = BitmapPage> + '_ {
+        self.changed.iter().enumerate().flat_map(|(i, &word)| {
+            let mut bits = word;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let bit = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                Some(BitmapPage(i as u64 * WORD_BITS + bit))
+            })
+        })
+    }
+
+    /// [`changed_pages`](Self::changed_pages), and forget them: the next call
+    /// reports only pages changed after this one.
+    pub fn take_changed_pages(&mut self) -> Vec<BitmapPage> {
+        let pages = self.changed_pages().collect();
+        self.changed.fill(0);
+        pages
+    }
+
+    /// Mark `page` as changed, e.g. to persist it again after a failed persist.
+    pub fn note_page_changed(&mut self, page: BitmapPage) {
+        assert!(page.0 < self.page_count(), "page {} out of range", page.0);
+        self.changed[(page.0 / WORD_BITS) as usize] |= 1 << (page.0 % WORD_BITS);
+    }
+
+    /// The words of `page` (bit `b` of word `i` is block
+    /// `page × PAGE_BLOCKS + 64 i + b`); fewer than [`PAGE_WORDS`] for the last page.
+    pub fn page_words(&self, page: BitmapPage) -> &[u64] {
+        assert!(page.0 < self.page_count(), "page {} out of range", page.0);
+        let start = (page.0 * PAGE_WORDS) as usize;
+        let end = (start + PAGE_WORDS as usize).min(self.words.len());
+        &self.words[start..end]
+    }
+
+    /// Blocks of `page`: `[page × PAGE_BLOCKS, min((page + 1) × PAGE_BLOCKS, block_count))`.
+    pub fn page_blocks(&self, page: BitmapPage) -> (BlockIndex, BlockIndex) {
+        assert!(page.0 < self.page_count(), "page {} out of range", page.0);
+        let first = page.0 * PAGE_BLOCKS;
+        (
+            BlockIndex(first),
+            BlockIndex((first + PAGE_BLOCKS).min(self.block_count)),
+        )
+    }
+
+    /// Set, in `words` (the words of `page`, as [`page_words`](Self::page_words)
+    /// lays them out), the bits of blocks `[first, end)` that fall in the page.
+    /// For building one page of "bitmap plus ranges in flight" without a
+    /// copy of the whole bitmap. The caller keeps `end` within the volume.
+    pub fn mark_in_page(page: BitmapPage, words: &mut [u64], first: BlockIndex, end: BlockIndex) {
+        let page_first = page.0 * PAGE_BLOCKS;
+        let lo = first.0.max(page_first);
+        let hi = end.0.min(page_first + words.len() as u64 * WORD_BITS);
+        let mut b = lo;
+        while b < hi {
+            let rel = b - page_first;
+            let w = (rel / WORD_BITS) as usize;
+            let bit = rel % WORD_BITS;
+            let last_bit = (hi - 1 - page_first).min((w as u64 + 1) * WORD_BITS - 1) % WORD_BITS;
+            words[w] |= bit_mask(bit, last_bit);
+            b = page_first + w as u64 * WORD_BITS + last_bit + 1;
+        }
+    }
+
+    /// A bitmap from its words (as [`page_words`](Self::page_words) gives them,
+    /// concatenated). No page counts as changed. Fails like
+    /// [`from_bytes`](Self::from_bytes) on a wrong length or bits past the end.
+    pub fn from_words(block_count: BlockCount, words: Vec<u64>) -> Result<Self, BitmapError> {
+        let expected = word_count(block_count.0);
+        if words.len() != expected {
+            return Err(BitmapError::LengthMismatch {
+                block_count: block_count.0,
+                expected_bytes: Self::encoded_len_bytes(block_count),
+                actual_bytes: words.len() as u64 * 8,
+            });
+        }
+        let tail_bits = block_count.0 % WORD_BITS;
+        if tail_bits != 0 && words[expected - 1] & (u64::MAX << tail_bits) != 0 {
+            return Err(BitmapError::BitsBeyondEnd {
+                block_count: block_count.0,
+            });
+        }
+        let dirty_count = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        Ok(DirtyBitmap {
+            words,
+            block_count: block_count.0,
+            dirty_count,
+            changed: changed_words(block_count.0),
+        })
     }
 
     /// Length of the serialized form: one bit per block, rounded up to a byte.
@@ -318,6 +501,7 @@ impl DirtyBitmap {
             words,
             block_count: block_count.0,
             dirty_count,
+            changed: changed_words(block_count.0),
         })
     }
 }
@@ -468,6 +652,96 @@ mod tests {
         assert_eq!(bm.dirty_count(), BlockCount(1));
     }
 
+    #[test]
+    fn pages_cover_their_blocks_and_words_round_trip() {
+        let blocks = 3 * PAGE_BLOCKS + 100;
+        let mut bm = DirtyBitmap::new(BlockCount(blocks));
+        assert_eq!(bm.page_count(), 4);
+        let pages = |bm: &DirtyBitmap, a, b| {
+            bm.pages_of(BlockIndex(a), BlockIndex(b))
+                .map(|p| p.0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pages(&bm, 0, 0), Vec::<u64>::new());
+        assert_eq!(pages(&bm, 0, 1), vec![0]);
+        assert_eq!(pages(&bm, PAGE_BLOCKS - 1, PAGE_BLOCKS + 1), vec![0, 1]);
+        assert_eq!(pages(&bm, PAGE_BLOCKS, 2 * PAGE_BLOCKS), vec![1]);
+        assert_eq!(pages(&bm, 0, blocks), vec![0, 1, 2, 3]);
+        assert_eq!(bm.page_words(BitmapPage(0)).len(), PAGE_WORDS as usize);
+        assert_eq!(bm.page_words(BitmapPage(3)).len(), 2);
+        bm.mark(BlockIndex(PAGE_BLOCKS + 5), BlockIndex(PAGE_BLOCKS + 7));
+        bm.mark(BlockIndex(blocks - 1), BlockIndex(blocks));
+        assert_eq!(bm.page_words(BitmapPage(1))[0], 0b110_0000);
+        let words: Vec<u64> = (0..4)
+            .flat_map(|p| bm.page_words(BitmapPage(p)).to_vec())
+            .collect();
+        let back = DirtyBitmap::from_words(BlockCount(blocks), words.clone()).unwrap();
+        assert_eq!(back, bm);
+        assert_eq!(
+            back.changed_pages().count(),
+            0,
+            "a loaded bitmap changed nothing"
+        );
+        let mut stray = words;
+        *stray.last_mut().unwrap() |= 1 << 63;
+        assert_eq!(
+            DirtyBitmap::from_words(BlockCount(blocks), stray),
+            Err(BitmapError::BitsBeyondEnd {
+                block_count: blocks
+            })
+        );
+    }
+
+    #[test]
+    fn mark_in_page_matches_mark_on_the_whole_bitmap() {
+        let blocks = 2 * PAGE_BLOCKS + 130;
+        for (a, b) in [
+            (0, 1),
+            (63, 65),
+            (PAGE_BLOCKS - 3, PAGE_BLOCKS + 70),
+            (5, blocks),
+            (2 * PAGE_BLOCKS + 64, 2 * PAGE_BLOCKS + 129),
+            (100, 100),
+        ] {
+            let mut whole = DirtyBitmap::new(BlockCount(blocks));
+            whole.mark(BlockIndex(7), BlockIndex(9));
+            let base = whole.clone();
+            whole.mark(BlockIndex(a), BlockIndex(b));
+            for p in 0..whole.page_count() {
+                let page = BitmapPage(p);
+                let mut words = base.page_words(page).to_vec();
+                DirtyBitmap::mark_in_page(page, &mut words, BlockIndex(a), BlockIndex(b));
+                assert_eq!(words, whole.page_words(page), "[{a}, {b}) page {p}");
+            }
+            assert_eq!(
+                base.page_blocks(BitmapPage(2)),
+                (BlockIndex(2 * PAGE_BLOCKS), BlockIndex(blocks))
+            );
+        }
+    }
+
+    #[test]
+    fn only_pages_whose_bits_changed_are_reported() {
+        let mut bm = DirtyBitmap::new(BlockCount(4 * PAGE_BLOCKS));
+        bm.mark(BlockIndex(10), BlockIndex(20));
+        bm.clear(BlockIndex(2 * PAGE_BLOCKS), BlockIndex(3 * PAGE_BLOCKS)); // already clear
+        assert_eq!(bm.take_changed_pages(), vec![BitmapPage(0)]);
+        assert_eq!(bm.take_changed_pages(), vec![]);
+        bm.mark(BlockIndex(10), BlockIndex(20)); // already set
+        assert_eq!(bm.changed_pages().count(), 0);
+        bm.mark(BlockIndex(PAGE_BLOCKS - 1), BlockIndex(3 * PAGE_BLOCKS + 1));
+        assert_eq!(
+            bm.take_changed_pages(),
+            vec![BitmapPage(0), BitmapPage(1), BitmapPage(2), BitmapPage(3)]
+        );
+        bm.clear_all();
+        bm.note_page_changed(BitmapPage(2));
+        assert_eq!(
+            bm.take_changed_pages(),
+            vec![BitmapPage(0), BitmapPage(1), BitmapPage(2), BitmapPage(3)]
+        );
+    }
+
     #[derive(Clone, Debug)]
     enum Op {
         Mark(u64, u64),
@@ -476,6 +750,7 @@ mod tests {
         ClearAll,
         Union(Vec<(u64, u64)>),
         RoundTrip,
+        TakeChanged,
     }
 
     fn range(n: u64) -> impl Strategy<Value = (u64, u64)> {
@@ -490,6 +765,7 @@ mod tests {
             1 => Just(Op::ClearAll),
             2 => proptest::collection::vec(range(n), 0..4).prop_map(Op::Union),
             1 => Just(Op::RoundTrip),
+            2 => Just(Op::TakeChanged),
         ]
     }
 
@@ -521,7 +797,10 @@ mod tests {
         fn bitmap_matches_btreeset_model((n, ops, queries) in case()) {
             let mut bm = DirtyBitmap::new(BlockCount(n));
             let mut model = BTreeSet::new();
+            // Pages where some bit flipped since the last take.
+            let mut model_changed = BTreeSet::new();
             for op in ops {
+                let before = model.clone();
                 match op {
                     Op::Mark(a, b) => { bm.mark(BlockIndex(a), BlockIndex(b)); model.extend(a..b); }
                     Op::Clear(a, b) => { bm.clear(BlockIndex(a), BlockIndex(b)); for i in a..b { model.remove(&i); } }
@@ -536,10 +815,21 @@ mod tests {
                         let bytes = bm.to_bytes();
                         prop_assert_eq!(bytes.len() as u64, n.div_ceil(8));
                         bm = DirtyBitmap::from_bytes(BlockCount(n), &bytes).unwrap();
+                        model_changed.clear();
                     }
+                    Op::TakeChanged => {
+                        let taken: Vec<u64> = bm.take_changed_pages().iter().map(|p| p.0).collect();
+                        prop_assert_eq!(taken, model_changed.iter().copied().collect::<Vec<_>>());
+                        model_changed.clear();
+                    }
+                }
+                for b in before.symmetric_difference(&model) {
+                    model_changed.insert(b / PAGE_BLOCKS);
                 }
                 prop_assert_eq!(bm.dirty_count().0, model.len() as u64);
             }
+            let reported: Vec<u64> = bm.changed_pages().map(|p| p.0).collect();
+            prop_assert_eq!(reported, model_changed.into_iter().collect::<Vec<_>>());
             for i in 0..n {
                 prop_assert_eq!(bm.is_dirty(BlockIndex(i)), model.contains(&i), "block {}", i);
             }
@@ -552,6 +842,56 @@ mod tests {
             }
             let back = DirtyBitmap::from_bytes(BlockCount(n), &bm.to_bytes()).unwrap();
             prop_assert_eq!(back, bm);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Page tracking across page boundaries, against a plain vector of bits:
+        /// a page is reported iff one of its bits flipped since the last take.
+        #[test]
+        fn changed_pages_match_a_model_across_pages(
+            (n, ops) in (PAGE_BLOCKS..3 * PAGE_BLOCKS + 300).prop_flat_map(|n| {
+                (Just(n), proptest::collection::vec(op(n), 0..12))
+            })
+        ) {
+            let mut bm = DirtyBitmap::new(BlockCount(n));
+            let mut model = vec![false; n as usize];
+            let mut model_changed = BTreeSet::new();
+            for op in ops {
+                let before = model.clone();
+                match op {
+                    Op::Mark(a, b) => { bm.mark(BlockIndex(a), BlockIndex(b)); model[a as usize..b as usize].fill(true); }
+                    Op::Clear(a, b) => { bm.clear(BlockIndex(a), BlockIndex(b)); model[a as usize..b as usize].fill(false); }
+                    Op::MarkAll => { bm.mark_all(); model.fill(true); }
+                    Op::ClearAll => { bm.clear_all(); model.fill(false); }
+                    Op::Union(ranges) => {
+                        let mut other = DirtyBitmap::new(BlockCount(n));
+                        for (a, b) in ranges { other.mark(BlockIndex(a), BlockIndex(b)); model[a as usize..b as usize].fill(true); }
+                        bm.union_with(&other);
+                    }
+                    Op::RoundTrip => {
+                        let words: Vec<u64> = (0..bm.page_count())
+                            .flat_map(|p| bm.page_words(BitmapPage(p)).to_vec())
+                            .collect();
+                        bm = DirtyBitmap::from_words(BlockCount(n), words).unwrap();
+                        model_changed.clear();
+                    }
+                    Op::TakeChanged => {
+                        let taken: Vec<u64> = bm.take_changed_pages().iter().map(|p| p.0).collect();
+                        prop_assert_eq!(taken, model_changed.iter().copied().collect::<Vec<_>>());
+                        model_changed.clear();
+                    }
+                }
+                for (b, (x, y)) in before.iter().zip(&model).enumerate() {
+                    if x != y {
+                        model_changed.insert(b as u64 / PAGE_BLOCKS);
+                    }
+                }
+                prop_assert_eq!(bm.dirty_count().0, model.iter().filter(|&&x| x).count() as u64);
+            }
+            let reported: Vec<u64> = bm.changed_pages().map(|p| p.0).collect();
+            prop_assert_eq!(reported, model_changed.into_iter().collect::<Vec<_>>());
         }
     }
 }

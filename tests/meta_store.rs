@@ -1,13 +1,14 @@
 //! MetaStore against a real file: creation, reopen, torn and zeroed superblock
-//! slots, torn bitmap copies, geometry mismatches and the exclusive lock.
+//! slots, torn and damaged bitmap pages, geometry mismatches and the exclusive
+//! lock. (Conversion from format version 1: tests/meta_v1_conversion.rs.)
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use tandem::bitmap::DirtyBitmap;
-use tandem::meta::layout::{BITMAP_HEADER_LEN_BYTES, Layout, SUPERBLOCK_SLOT_OFFSETS};
-use tandem::meta::{MetaError, MetaStore, Opened, Superblock};
+use tandem::bitmap::{BitmapPage, DirtyBitmap};
+use tandem::meta::layout::{Layout, SUPERBLOCK_SLOT_OFFSETS};
+use tandem::meta::{BitmapSector, MetaError, MetaStore, Opened, Superblock};
 use tandem::types::{BlockCount, BlockIndex, DiskState, Generation, Role, VolumeId};
 
 const SIZE_BYTES: u64 = 64 * 1024 * 1024 + 512; // partial last block on purpose
@@ -67,15 +68,6 @@ fn slot_seqs(path: &Path) -> [u64; 2] {
 fn newest_slot(path: &Path) -> usize {
     let s = slot_seqs(path);
     if s[1] > s[0] { 1 } else { 0 }
-}
-
-/// Bitmap copy selected by a slot (byte 54).
-fn selected_copy(path: &Path, slot: usize) -> u8 {
-    let f = std::fs::File::open(path).unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, SUPERBLOCK_SLOT_OFFSETS[slot] + 54)
-        .unwrap();
-    b[0]
 }
 
 fn garbage(len: usize, seed: u8) -> Vec<u8> {
@@ -270,46 +262,70 @@ fn invalid_geometry_is_refused_before_touching_the_disk() {
     assert!(!path.exists());
 }
 
-#[test]
-fn torn_bitmap_write_keeps_the_last_persisted_bitmap() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = meta_path(&dir);
-    let mut store = open(&path).unwrap().store;
-    let mut sb = fresh();
-    let mut bm1 = DirtyBitmap::new(layout().block_count);
-    bm1.mark(BlockIndex(0), BlockIndex(1000));
-    store.persist_bitmap(&mut sb, &bm1).unwrap();
-    let mut bm2 = bm1.clone();
-    bm2.mark(BlockIndex(5000), BlockIndex(9000));
-    store.persist_bitmap(&mut sb, &bm2).unwrap();
-    drop(store);
+/// The bitmap area's file offset and a page's bytes as the store writes them.
+fn area_offset(path: &Path) -> u64 {
+    let f = std::fs::File::open(path).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, SUPERBLOCK_SLOT_OFFSETS[newest_slot(path)] + 96)
+        .unwrap();
+    u64::from_le_bytes(b)
+}
 
-    // A crash in the middle of a third persist: the copy not selected by the
-    // newest superblock is half written, the superblock was not yet written.
-    let current = selected_copy(&path, newest_slot(&path));
-    let other_offset = layout().bitmap_copy_offset_bytes(1 - current);
-    overwrite(&path, other_offset, &garbage(6000, 5));
-    let opened = reopen(&path);
-    assert_eq!(opened.recovered_from, None);
-    assert_eq!(opened.bitmap, bm2);
+fn encoded_page(bm: &DirtyBitmap, page: u64) -> Vec<u8> {
+    let mut out = vec![0u8; 4096];
+    BitmapSector::encode_page(page, bm.page_words(BitmapPage(page)), &mut out);
+    out
 }
 
 #[test]
-fn torn_superblock_after_bitmap_write_keeps_the_previous_bitmap() {
+fn a_torn_page_write_leaves_each_sector_old_or_new_and_is_not_damage() {
     let dir = tempfile::tempdir().unwrap();
     let path = meta_path(&dir);
     let mut store = open(&path).unwrap().store;
     let mut sb = fresh();
-    let mut bm1 = DirtyBitmap::new(layout().block_count);
-    bm1.mark(BlockIndex(10), BlockIndex(20));
-    store.persist_bitmap(&mut sb, &bm1).unwrap();
-    let mut bm2 = bm1.clone();
-    bm2.mark_all();
-    store.persist_bitmap(&mut sb, &bm2).unwrap();
+    let mut old = DirtyBitmap::new(layout().block_count);
+    old.mark(BlockIndex(0), BlockIndex(4032 * 3)); // sectors 0..3 all set
+    store.persist_bitmap(&mut sb, &old).unwrap();
     drop(store);
 
-    // The superblock that selected bm2 was torn: the older slot selects bm1's
-    // copy, which the bm2 persist must not have overwritten.
+    // A persist of `new` (sectors 0..3 cleared, sector 3 set) torn after
+    // sectors 0 and 3 reached the disk: the others kept their old contents.
+    let mut new = old.clone();
+    new.clear(BlockIndex(0), BlockIndex(4032 * 3));
+    new.mark(BlockIndex(4032 * 3), BlockIndex(4032 * 4));
+    let page = encoded_page(&new, 0);
+    let area = area_offset(&path);
+    for s in [0u64, 3] {
+        overwrite(
+            &path,
+            area + s * 512,
+            &page[(s * 512) as usize..(s * 512 + 512) as usize],
+        );
+    }
+    let opened = reopen(&path);
+    assert_eq!(opened.recovered_from, None, "a tear is not damage");
+    let mut expect = DirtyBitmap::new(layout().block_count);
+    expect.mark(BlockIndex(4032), BlockIndex(4032 * 3)); // sectors 1, 2: old (set)
+    expect.mark(BlockIndex(4032 * 3), BlockIndex(4032 * 4)); // sector 3: new (set)
+    assert_eq!(opened.bitmap, expect);
+}
+
+#[test]
+fn a_torn_superblock_after_a_persist_keeps_the_new_pages_with_the_older_superblock() {
+    // Version 2 writes the bitmap in place: the pages are durable before the
+    // superblock, so losing that superblock keeps them (documented crash rule).
+    let dir = tempfile::tempdir().unwrap();
+    let path = meta_path(&dir);
+    let mut store = open(&path).unwrap().store;
+    let mut sb = fresh();
+    sb.gen_current = Generation(5);
+    store.write_superblock(&sb).unwrap();
+    let mut bm = DirtyBitmap::new(layout().block_count);
+    bm.mark(BlockIndex(10), BlockIndex(20));
+    let mut newer = sb.clone();
+    newer.gen_current = Generation(6);
+    store.persist_bitmap(&mut newer, &bm).unwrap();
+    drop(store);
     overwrite(
         &path,
         SUPERBLOCK_SLOT_OFFSETS[newest_slot(&path)],
@@ -317,11 +333,12 @@ fn torn_superblock_after_bitmap_write_keeps_the_previous_bitmap() {
     );
     let opened = reopen(&path);
     assert!(opened.recovered_from.unwrap().contains("superblock slot"));
-    assert_eq!(opened.bitmap, bm1);
+    assert_eq!(opened.superblock, sb);
+    assert_eq!(opened.bitmap, bm);
 }
 
 #[test]
-fn corrupt_current_bitmap_copy_means_every_block_is_dirty() {
+fn a_damaged_bitmap_sector_marks_its_blocks_dirty_and_the_next_persist_repairs_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = meta_path(&dir);
     let mut store = open(&path).unwrap().store;
@@ -331,61 +348,65 @@ fn corrupt_current_bitmap_copy_means_every_block_is_dirty() {
     store.persist_bitmap(&mut sb, &bm).unwrap();
     drop(store);
 
-    let current = selected_copy(&path, newest_slot(&path));
-    // Flip one byte of the data (not the header): only the data crc catches it.
-    let data_offset = layout().bitmap_copy_offset_bytes(current) + BITMAP_HEADER_LEN_BYTES + 100;
-    overwrite(&path, data_offset, &[0xFF]);
+    // Flip one byte of sector 3's data: only its checksum catches it.
+    overwrite(&path, area_offset(&path) + 3 * 512 + 100, &[0xFF]);
     let opened = reopen(&path);
     let note = opened
         .recovered_from
+        .clone()
         .expect("damaged bitmap must be reported");
-    assert!(
-        note.contains(&format!("bitmap copy {current} unusable")),
-        "{note}"
-    );
-    assert!(note.contains("data checksum mismatch"), "{note}");
+    assert!(note.contains("1 bitmap page sector(s) damaged"), "{note}");
+    assert!(note.contains("sector 3, checksum mismatch"), "{note}");
+    let mut expect = bm.clone();
+    expect.mark(BlockIndex(3 * 4032), BlockIndex(4 * 4032));
+    assert_eq!(opened.bitmap, expect);
+
+    // The damaged page is rewritten by the next persist even though the
+    // caller's bitmap did not change it.
+    let mut store = opened.store;
+    let written = store
+        .persist_bitmap_pages(&opened.bitmap, [BitmapPage(0)])
+        .unwrap();
+    assert_eq!(written.pages_written, 1);
+    drop(store);
+    let healed = reopen(&path);
+    assert_eq!(healed.recovered_from, None);
+    assert_eq!(healed.bitmap, expect);
+}
+
+#[test]
+fn a_wiped_bitmap_area_means_every_block_is_dirty() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = meta_path(&dir);
+    drop(open(&path).unwrap());
+    overwrite(&path, area_offset(&path), &vec![0u8; 4096]);
+    let opened = reopen(&path);
+    let note = opened.recovered_from.unwrap();
+    assert!(note.contains("all zeroes"), "{note}");
     assert_eq!(opened.bitmap.dirty_count(), layout().block_count);
 }
 
 #[test]
-fn stale_bitmap_copy_with_valid_checksum_is_not_used() {
-    // Double fault: a persist wrote the copy the older slot selects (valid
-    // checksum, newer sequence number) and crashed before its superblock
-    // write, and then the newest slot was lost too. The older slot's bitmap
-    // sequence number exposes the mismatch instead of trusting the copy.
+fn a_truncated_bitmap_area_means_its_missing_blocks_are_dirty() {
     let dir = tempfile::tempdir().unwrap();
     let path = meta_path(&dir);
-    let mut store = open(&path).unwrap().store;
-    let mut sb = fresh();
-    let mut bm = DirtyBitmap::new(layout().block_count);
-    for i in 0..3 {
-        bm.mark(BlockIndex(i * 100), BlockIndex(i * 100 + 1));
-        store.persist_bitmap(&mut sb, &bm).unwrap();
-    }
-    drop(store);
-    let newest = newest_slot(&path);
-    let older_copy = selected_copy(&path, 1 - newest);
-    assert_eq!(
-        older_copy,
-        selected_copy(&path, newest) ^ 1,
-        "persists alternate copies"
-    );
-
-    let header_offset = layout().bitmap_copy_offset_bytes(older_copy);
-    let f = std::fs::File::open(&path).unwrap();
-    let mut header = vec![0u8; 48];
-    f.read_exact_at(&mut header, header_offset).unwrap();
-    let seq = u64::from_le_bytes(header[16..24].try_into().unwrap());
-    header[16..24].copy_from_slice(&(seq + 2).to_le_bytes());
-    let crc = crc32fast::hash(&header[..44]);
-    header[44..48].copy_from_slice(&crc.to_le_bytes());
-    overwrite(&path, header_offset, &header);
-    overwrite(&path, SUPERBLOCK_SLOT_OFFSETS[newest], &[0u8; 4096]);
-
+    drop(open(&path).unwrap());
+    let end = area_offset(&path) + 2048;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(end)
+        .unwrap();
     let opened = reopen(&path);
-    let note = opened.recovered_from.unwrap();
-    assert!(note.contains("sequence number"), "{note}");
-    assert_eq!(opened.bitmap.dirty_count(), layout().block_count);
+    assert!(
+        opened
+            .recovered_from
+            .unwrap()
+            .contains("past the end of the file")
+    );
+    // 16385 blocks: sectors 0..4 kept (clean), sector 4 (blocks 16128..) lost.
+    assert_eq!(opened.bitmap.dirty_count(), BlockCount(16_385 - 4 * 4032));
 }
 
 #[test]
@@ -398,7 +419,7 @@ fn unsupported_version_is_refused_not_rolled_back() {
     let mut bytes = vec![0u8; 4096];
     f.read_exact_at(&mut bytes, SUPERBLOCK_SLOT_OFFSETS[slot])
         .unwrap();
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
     let crc = crc32fast::hash(&bytes[..4092]);
     bytes[4092..].copy_from_slice(&crc.to_le_bytes());
     overwrite(&path, SUPERBLOCK_SLOT_OFFSETS[slot], &bytes);
@@ -407,8 +428,8 @@ fn unsupported_version_is_refused_not_rolled_back() {
         matches!(
             err,
             MetaError::UnsupportedVersion {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             }
         ),

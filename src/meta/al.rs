@@ -25,10 +25,13 @@
 
 use std::fmt;
 
-use super::format::{FORMAT_VERSION, SlotFault};
+use super::format::SlotFault;
 use super::layout::{AL_SLOT_COUNT, AL_SLOT_LEN_BYTES};
 
 pub const AL_MAGIC: [u8; 8] = *b"TANDEMAL";
+/// Version of the record format. Format version 2 of the file did not change
+/// the record, so a converted file keeps its log as it is.
+pub const AL_RECORD_VERSION: u32 = 1;
 
 const RECORD_LEN: usize = AL_SLOT_LEN_BYTES as usize;
 /// Bytes before the extent list.
@@ -88,7 +91,7 @@ impl AlGeometry {
 /// ```text
 /// offset  len        field
 /// 0       8          magic "TANDEMAL"
-/// 8       4          format version (1, the file's FORMAT_VERSION)
+/// 8       4          record version (1, AL_RECORD_VERSION)
 /// 12      4          extent count n, 0..=1015
 /// 16      8          transaction number, 1..=2^62; stored in slot txn % 64
 /// 24      8          extent size in bytes (power of two, ≥ block size)
@@ -140,7 +143,7 @@ impl ActivityRecord {
         );
         let mut b = vec![0u8; RECORD_LEN];
         b[0..8].copy_from_slice(&AL_MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&AL_RECORD_VERSION.to_le_bytes());
         let count = u32::try_from(self.extents.len()).expect("count ≤ 1015");
         b[12..16].copy_from_slice(&count.to_le_bytes());
         b[16..24].copy_from_slice(&self.txn.to_le_bytes());
@@ -174,7 +177,7 @@ impl ActivityRecord {
             return Err(SlotFault::BadCrc { stored, computed });
         }
         let version = u32_at(b, 8);
-        if version != FORMAT_VERSION {
+        if version != AL_RECORD_VERSION {
             return Err(SlotFault::UnsupportedVersion { found: version });
         }
         let bad = |field: &'static str, value: u64| Err(SlotFault::BadField { field, value });
@@ -369,7 +372,7 @@ mod tests {
         let b = r.encode();
         assert_eq!(b.len(), 4096);
         assert_eq!(&b[0..8], b"TANDEMAL");
-        assert_eq!(u32_at(&b, 8), FORMAT_VERSION);
+        assert_eq!(u32_at(&b, 8), AL_RECORD_VERSION);
         assert_eq!(u32_at(&b, 12), 3);
         assert_eq!(u64_at(&b, 16), 65);
         assert_eq!(u64_at(&b, 24), 4 << 20);

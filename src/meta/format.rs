@@ -1,17 +1,33 @@
-//! Byte-level encoding of a superblock slot and a bitmap copy header.
+//! Byte-level encoding of a superblock slot, a bitmap sector (format
+//! version 2) and a bitmap copy header (format version 1, read to convert).
 //!
 //! All integers are little-endian. Decoding never trusts the bytes: every
 //! field is range-checked and the checksum is verified before anything else is
 //! interpreted beyond the magic.
+//!
+//! Format versions:
+//! - **1** (until 134a6c6): two whole bitmap copies, written alternately, each
+//!   with a header and one checksum ([`BitmapHeader`]); the superblock selects
+//!   one. Every persist wrote and fdatasync'd a whole copy: 32 MiB per TiB.
+//! - **2**: one bitmap area written in place by 4 KiB pages of checksummed
+//!   512-byte sectors ([`BitmapSector`]); the superblock records where the area
+//!   is. A persist writes only the pages that changed. A version-1 file is
+//!   converted when it is opened (see `MetaStore`).
+//!
+//! The activity-log record has its own version ([`super::al::AL_RECORD_VERSION`]),
+//! unchanged by version 2.
 
 use std::fmt;
 
+use crate::bitmap::PAGE_WORDS;
 use crate::types::{BlockIndex, DiskState, Generation, Role, VolumeId};
 
-use super::layout::SUPERBLOCK_SLOT_LEN_BYTES;
+use super::layout::{BITMAP_AREA_OFFSET_BYTES, REGION_ALIGN_BYTES, SUPERBLOCK_SLOT_LEN_BYTES};
 
-/// The current on-disk format version (superblock and bitmap header).
-pub const FORMAT_VERSION: u32 = 1;
+/// The on-disk format version this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The previous format, still read (and converted) at open.
+pub const FORMAT_VERSION_V1: u32 = 1;
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"TANDEMSB";
 pub const BITMAP_MAGIC: [u8; 8] = *b"TANDEMBM";
 
@@ -26,8 +42,8 @@ const FLAG_RESYNC_CURSOR: u32 = 1 << 3;
 const FLAGS_KNOWN: u32 = FLAG_IS_NEW | FLAG_CLEAN_SHUTDOWN | FLAG_BITMAP_VALID | FLAG_RESYNC_CURSOR;
 
 /// The node's durable state (ARCHITECTURE §4), as callers see it. The store
-/// adds the slot sequence number and the bitmap-copy selection when it
-/// writes a slot; see [`SlotImage`] for the bytes.
+/// adds the slot sequence number and where the bitmap is when it writes a
+/// slot; see [`SlotImage`] for the bytes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Superblock {
     pub volume_id: VolumeId,
@@ -45,7 +61,9 @@ pub struct Superblock {
     pub promoted_at_s: u64,
     pub clean_shutdown: bool,
     pub resync_cursor: Option<BlockIndex>,
-    /// The persisted bitmap area holds the bitmap as of the last persist.
+    /// The persisted bitmap covers every block that may differ, except
+    /// blocks of extents in the activity log (when this is false the caller
+    /// must widen it, e.g. compare everything). Set by `persist_bitmap`.
     pub bitmap_valid: bool,
 }
 
@@ -54,7 +72,7 @@ pub struct Superblock {
 /// ```text
 /// offset  len   field
 /// 0       8     magic "TANDEMSB"
-/// 8       4     format version (1)
+/// 8       4     format version: 2 (1 is read, to convert it)
 /// 12      4     flags: bit0 is_new, bit1 clean_shutdown, bit2 bitmap_valid,
 ///               bit3 resync_cursor present; other bits must be 0
 /// 16      8     slot sequence number (the valid slot with the highest wins)
@@ -63,15 +81,17 @@ pub struct Superblock {
 /// 48      4     block size in bytes
 /// 52      1     role: 1 primary, 2 secondary
 /// 53      1     disk state: 1 UpToDate, 2 Inconsistent, 3 Outdated
-/// 54      1     current bitmap copy: 0 or 1
+/// 54      1     v1: current bitmap copy, 0 or 1; v2: reserved, 0
 /// 55      1     reserved, 0
 /// 56      8     generation: current
 /// 64      8     generation: bitmap base
 /// 72      16    generation: history[0], history[1]
 /// 88      8     resync cursor (block index; meaningful only if flag bit3)
-/// 96      8     bitmap sequence number the current copy's header must carry
+/// 96      8     v1: bitmap sequence number the current copy's header must carry
+///               v2: file offset of the bitmap area (multiple of 4096, ≥ 270336)
 /// 104     8     promoted at (unix seconds; 0 = never primary)
-/// 112     3980  reserved, 0
+/// 112     8     v1: reserved, 0; v2: bitmap page count (must match the volume)
+/// 120     3972  reserved, 0
 /// 4092    4     crc32 (crc32fast) of bytes 0..4092
 /// ```
 ///
@@ -80,15 +100,40 @@ pub struct Superblock {
 /// selection needs nothing else; the enums start at 1 so an all-zero slot
 /// fails field checks as well as the checksum; the crc is last so it covers
 /// every byte before it, and a write torn at any sector boundary leaves a
-/// mismatch. The bitmap sequence number ties the slot to one specific
-/// persist of the bitmap, so a copy with a valid checksum but from an older
+/// mismatch. Version 2 reuses version 1's bitmap fields (the layout is
+/// otherwise identical, so the conversion changes only those): the area's
+/// offset is stored rather than implied so a converted file can keep its
+/// version-1 copies intact while the new area is written beside them, and
+/// the page count lets a reader check the area against the volume before
+/// reading it. In version 1 the bitmap sequence number ties the slot to one
+/// specific persist, so a copy with a valid checksum but from an older
 /// persist is never mistaken for the current one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SlotImage {
     pub superblock: Superblock,
     pub slot_seq: u64,
-    pub bitmap_copy: u8,
-    pub bitmap_seq: u64,
+    pub bitmap: BitmapLocation,
+}
+
+/// Where a slot says the persisted bitmap is; the variant is the format version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BitmapLocation {
+    /// Version 1: copy 0 or 1, whose header must carry `seq`.
+    V1 { copy: u8, seq: u64 },
+    /// Version 2: `page_count` pages of 4 KiB from `area_offset_bytes`.
+    V2 {
+        area_offset_bytes: u64,
+        page_count: u64,
+    },
+}
+
+impl SlotImage {
+    pub fn version(&self) -> u32 {
+        match self.bitmap {
+            BitmapLocation::V1 { .. } => FORMAT_VERSION_V1,
+            BitmapLocation::V2 { .. } => FORMAT_VERSION,
+        }
+    }
 }
 
 /// Why a slot could not be used. Shown to operators in `Opened::recovered_from`.
@@ -132,7 +177,8 @@ impl fmt::Display for SlotFault {
             SlotFault::UnsupportedVersion { found } => {
                 write!(
                     f,
-                    "format version {found}, this build reads version {FORMAT_VERSION}"
+                    "format version {found}, this build reads versions \
+                     {FORMAT_VERSION_V1} and {FORMAT_VERSION}"
                 )
             }
         }
@@ -164,7 +210,6 @@ fn disk_state_code(d: DiskState) -> u8 {
 
 impl SlotImage {
     pub fn encode(&self) -> Vec<u8> {
-        assert!(self.bitmap_copy < 2);
         let sb = &self.superblock;
         let mut b = vec![0u8; SLOT_LEN];
         let mut flags = 0;
@@ -181,7 +226,7 @@ impl SlotImage {
             flags |= FLAG_RESYNC_CURSOR;
         }
         b[0..8].copy_from_slice(&SUPERBLOCK_MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version().to_le_bytes());
         b[12..16].copy_from_slice(&flags.to_le_bytes());
         b[16..24].copy_from_slice(&self.slot_seq.to_le_bytes());
         b[24..40].copy_from_slice(&sb.volume_id.0);
@@ -189,13 +234,25 @@ impl SlotImage {
         b[48..52].copy_from_slice(&sb.block_size.to_le_bytes());
         b[52] = role_code(sb.role);
         b[53] = disk_state_code(sb.disk_state);
-        b[54] = self.bitmap_copy;
+        match self.bitmap {
+            BitmapLocation::V1 { copy, seq } => {
+                assert!(copy < 2, "bitmap copy {copy}");
+                b[54] = copy;
+                b[96..104].copy_from_slice(&seq.to_le_bytes());
+            }
+            BitmapLocation::V2 {
+                area_offset_bytes,
+                page_count,
+            } => {
+                b[96..104].copy_from_slice(&area_offset_bytes.to_le_bytes());
+                b[112..120].copy_from_slice(&page_count.to_le_bytes());
+            }
+        }
         b[56..64].copy_from_slice(&sb.gen_current.0.to_le_bytes());
         b[64..72].copy_from_slice(&sb.gen_bitmap_base.0.to_le_bytes());
         b[72..80].copy_from_slice(&sb.gen_history[0].0.to_le_bytes());
         b[80..88].copy_from_slice(&sb.gen_history[1].0.to_le_bytes());
         b[88..96].copy_from_slice(&sb.resync_cursor.map_or(0, |c| c.0).to_le_bytes());
-        b[96..104].copy_from_slice(&self.bitmap_seq.to_le_bytes());
         b[104..112].copy_from_slice(&sb.promoted_at_s.to_le_bytes());
         let crc = crc32fast::hash(&b[..SLOT_CRC_OFFSET]);
         b[SLOT_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
@@ -219,7 +276,7 @@ impl SlotImage {
             return Err(SlotFault::BadCrc { stored, computed });
         }
         let version = u32_at(b, 8);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_V1 {
             return Err(SlotFault::UnsupportedVersion { found: version });
         }
         let flags = u32_at(b, 12);
@@ -250,13 +307,46 @@ impl SlotImage {
                 });
             }
         };
-        let bitmap_copy = b[54];
-        if bitmap_copy > 1 {
-            return Err(SlotFault::BadField {
-                field: "bitmap copy",
-                value: u64::from(bitmap_copy),
-            });
-        }
+        let bitmap = if version == FORMAT_VERSION_V1 {
+            let copy = b[54];
+            if copy > 1 {
+                return Err(SlotFault::BadField {
+                    field: "bitmap copy",
+                    value: u64::from(copy),
+                });
+            }
+            BitmapLocation::V1 {
+                copy,
+                seq: u64_at(b, 96),
+            }
+        } else {
+            if b[54] != 0 {
+                return Err(SlotFault::BadField {
+                    field: "reserved byte 54",
+                    value: u64::from(b[54]),
+                });
+            }
+            let area_offset_bytes = u64_at(b, 96);
+            if area_offset_bytes < BITMAP_AREA_OFFSET_BYTES
+                || !area_offset_bytes.is_multiple_of(REGION_ALIGN_BYTES)
+            {
+                return Err(SlotFault::BadField {
+                    field: "bitmap area offset",
+                    value: area_offset_bytes,
+                });
+            }
+            let page_count = u64_at(b, 112);
+            if page_count == 0 {
+                return Err(SlotFault::BadField {
+                    field: "bitmap page count",
+                    value: 0,
+                });
+            }
+            BitmapLocation::V2 {
+                area_offset_bytes,
+                page_count,
+            }
+        };
         let cursor = u64_at(b, 88);
         let resync_cursor = if flags & FLAG_RESYNC_CURSOR != 0 {
             Some(BlockIndex(cursor))
@@ -286,8 +376,7 @@ impl SlotImage {
         Ok(SlotImage {
             superblock,
             slot_seq: u64_at(b, 16),
-            bitmap_copy,
-            bitmap_seq: u64_at(b, 96),
+            bitmap,
         })
     }
 }
@@ -297,7 +386,7 @@ impl SlotImage {
 /// ```text
 /// offset  len   field
 /// 0       8     magic "TANDEMBM"
-/// 8       4     format version (1)
+/// 8       4     format version (1: only version 1 has copies)
 /// 12      4     copy index (0 or 1): catches a copy read from the wrong offset
 /// 16      8     bitmap sequence number (must equal the superblock's)
 /// 24      8     block count
@@ -326,7 +415,7 @@ impl BitmapHeader {
     pub fn encode_into(&self, out: &mut [u8]) {
         let b = &mut out[..BITMAP_HEADER_USED_BYTES];
         b[0..8].copy_from_slice(&BITMAP_MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&FORMAT_VERSION_V1.to_le_bytes());
         b[12..16].copy_from_slice(&u32::from(self.copy).to_le_bytes());
         b[16..24].copy_from_slice(&self.bitmap_seq.to_le_bytes());
         b[24..32].copy_from_slice(&self.block_count.to_le_bytes());
@@ -351,9 +440,9 @@ impl BitmapHeader {
             ));
         }
         let version = u32_at(b, 8);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION_V1 {
             return Err(format!(
-                "header format version {version}, expected {FORMAT_VERSION}"
+                "header format version {version}, expected {FORMAT_VERSION_V1}"
             ));
         }
         let copy = u32_at(b, 12);
@@ -367,6 +456,188 @@ impl BitmapHeader {
             len_bytes: u64_at(b, 32),
             data_crc: u32_at(b, 40),
         })
+    }
+}
+
+/// Bytes of one version-2 bitmap page: eight [`BitmapSector`]s.
+pub const BITMAP_PAGE_BYTES: usize = 4096;
+/// Bytes of one bitmap sector, the unit a torn write keeps or loses whole.
+pub const BITMAP_SECTOR_BYTES: usize = 512;
+/// Sectors in a page.
+pub const BITMAP_SECTORS_PER_PAGE: usize = BITMAP_PAGE_BYTES / BITMAP_SECTOR_BYTES;
+/// Bitmap bytes in a sector: 63 words.
+pub const BITMAP_SECTOR_DATA_BYTES: usize = 504;
+/// Bitmap words (64 blocks each) in a sector.
+pub const BITMAP_SECTOR_WORDS: usize = BITMAP_SECTOR_DATA_BYTES / 8;
+/// Blocks covered by one sector: 4032.
+pub const BITMAP_SECTOR_BLOCKS: u64 = BITMAP_SECTOR_WORDS as u64 * 64;
+const SECTOR_INDEX_OFFSET: usize = BITMAP_SECTOR_DATA_BYTES;
+const SECTOR_CRC_OFFSET: usize = BITMAP_SECTOR_BYTES - 4;
+
+const _: () = assert!(BITMAP_SECTOR_WORDS * BITMAP_SECTORS_PER_PAGE == PAGE_WORDS as usize);
+
+/// One 512-byte sector of the version-2 bitmap area. The area is an array of
+/// pages of 4096 bytes, 8 sectors each; page `p` holds the bits of
+/// [`crate::bitmap::BitmapPage`] `p` (32,256 blocks), sector `s` of it blocks
+/// `(8p + s) × 4032 .. (8p + s + 1) × 4032`.
+///
+/// ```text
+/// offset  len   field
+/// 0       504   63 bitmap words, u64 little-endian: bit b of word w is block
+///               (sector index × 4032 + 64 w + b); bits past the volume's
+///               last block are 0
+/// 504     4     sector index within the area (8 × page + sector), u32
+/// 508     4     crc32 (crc32fast) of bytes 0..508
+/// ```
+///
+/// Why sectors and not one checksum per page: a power loss can leave a page
+/// write torn at any sector boundary (ARCHITECTURE §4a), and each sector then
+/// holds either its old or its new contents. That is harmless by
+/// construction (the crash rule on `MetaStore::persist_bitmap_pages`: set bits
+/// are relied upon only once their page is durable, and a clear torn midway
+/// leaves bits set), so a torn page must not look damaged: a per-page
+/// checksum would fail and throw away 126 MiB of bitmap after every crash
+/// during a persist. A checksum per sector stays valid through any tear and
+/// still catches real damage: bit rot, a lost or zeroed write (an all-zero
+/// sector fails, since the crc of zeroes is not zero), or a sector written at
+/// the wrong place (the index). A damaged sector's 4032 blocks are treated as
+/// dirty (G3: what cannot be proven in sync is resynced). The index comes
+/// after the data so the data is word-aligned in the sector; the crc is last
+/// so it covers everything before it. 504 bytes of data per 512 is 1.6 %
+/// overhead; a page covers 32,256 blocks instead of 32,768.
+#[derive(Debug)]
+pub struct BitmapSector;
+
+/// Why a bitmap sector was not used. Its blocks are then treated as dirty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SectorFault {
+    /// Every byte zero: never written, or wiped.
+    Zeroed,
+    /// The file ends before the sector does.
+    Short,
+    BadCrc {
+        stored: u32,
+        computed: u32,
+    },
+    /// A valid sector of another place in the area.
+    WrongIndex {
+        found: u32,
+    },
+    /// A valid sector with bits set for blocks past the end of the volume.
+    BitsBeyondEnd,
+}
+
+impl fmt::Display for SectorFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SectorFault::Zeroed => f.write_str("all zeroes"),
+            SectorFault::Short => f.write_str("past the end of the file"),
+            SectorFault::BadCrc { stored, computed } => write!(
+                f,
+                "checksum mismatch (stored {stored:08x}, computed {computed:08x})"
+            ),
+            SectorFault::WrongIndex { found } => {
+                write!(f, "holds sector {found} (misplaced write)")
+            }
+            SectorFault::BitsBeyondEnd => f.write_str("bits set past the last block"),
+        }
+    }
+}
+
+impl BitmapSector {
+    /// Encode the words of page `page` (at most [`PAGE_WORDS`]; missing
+    /// words are zero) into `out`, [`BITMAP_PAGE_BYTES`] long.
+    pub fn encode_page(page: u64, words: &[u64], out: &mut [u8]) {
+        assert_eq!(out.len(), BITMAP_PAGE_BYTES);
+        assert!(words.len() <= PAGE_WORDS as usize);
+        out.fill(0);
+        for (s, sector) in out.chunks_exact_mut(BITMAP_SECTOR_BYTES).enumerate() {
+            let first = s * BITMAP_SECTOR_WORDS;
+            for (w, word) in words
+                .iter()
+                .skip(first)
+                .take(BITMAP_SECTOR_WORDS)
+                .enumerate()
+            {
+                sector[8 * w..8 * w + 8].copy_from_slice(&word.to_le_bytes());
+            }
+            let index = u32::try_from(page * BITMAP_SECTORS_PER_PAGE as u64 + s as u64)
+                .expect("bitmap sector index fits in 32 bits");
+            sector[SECTOR_INDEX_OFFSET..SECTOR_CRC_OFFSET].copy_from_slice(&index.to_le_bytes());
+            let crc = crc32fast::hash(&sector[..SECTOR_CRC_OFFSET]);
+            sector[SECTOR_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+
+    /// Decode page `page` from `bytes` (shorter than a page if the file ends
+    /// early) into `words` (the page's words: [`PAGE_WORDS`], fewer for the
+    /// last page), of which the last holds `tail_bits` valid bits (64 if all).
+    /// A damaged sector's words are left untouched and its fault returned
+    /// with its index in the page.
+    pub fn decode_page(
+        page: u64,
+        bytes: &[u8],
+        words: &mut [u64],
+        tail_bits: u32,
+    ) -> Vec<(usize, SectorFault)> {
+        assert!(words.len() <= PAGE_WORDS as usize && (1..=64).contains(&tail_bits));
+        let mut faults = Vec::new();
+        let sectors = words.len().div_ceil(BITMAP_SECTOR_WORDS);
+        for s in 0..sectors {
+            let start = s * BITMAP_SECTOR_BYTES;
+            let Some(sector) = bytes.get(start..start + BITMAP_SECTOR_BYTES) else {
+                faults.push((s, SectorFault::Short));
+                continue;
+            };
+            if let Err(fault) = Self::check(page, s, sector, words, tail_bits) {
+                faults.push((s, fault));
+                continue;
+            }
+            let first = s * BITMAP_SECTOR_WORDS;
+            let last = (first + BITMAP_SECTOR_WORDS).min(words.len());
+            for (w, word) in words[first..last].iter_mut().enumerate() {
+                *word = u64_at(sector, 8 * w);
+            }
+        }
+        faults
+    }
+
+    fn check(
+        page: u64,
+        s: usize,
+        sector: &[u8],
+        words: &[u64],
+        tail_bits: u32,
+    ) -> Result<(), SectorFault> {
+        if sector.iter().all(|&b| b == 0) {
+            return Err(SectorFault::Zeroed);
+        }
+        let stored = u32_at(sector, SECTOR_CRC_OFFSET);
+        let computed = crc32fast::hash(&sector[..SECTOR_CRC_OFFSET]);
+        if stored != computed {
+            return Err(SectorFault::BadCrc { stored, computed });
+        }
+        let found = u32_at(sector, SECTOR_INDEX_OFFSET);
+        if u64::from(found) != page * BITMAP_SECTORS_PER_PAGE as u64 + s as u64 {
+            return Err(SectorFault::WrongIndex { found });
+        }
+        // Words of this sector past the page's last word, and bits past the last block.
+        let first = s * BITMAP_SECTOR_WORDS;
+        for w in 0..BITMAP_SECTOR_WORDS {
+            let word = u64_at(sector, 8 * w);
+            let index = first + w;
+            let allowed = if index + 1 < words.len() {
+                u64::MAX
+            } else if index + 1 == words.len() {
+                u64::MAX >> (64 - tail_bits)
+            } else {
+                0
+            };
+            if word & !allowed != 0 {
+                return Err(SectorFault::BitsBeyondEnd);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -392,8 +663,10 @@ mod tests {
                 bitmap_valid: true,
             },
             slot_seq: 42,
-            bitmap_copy: 1,
-            bitmap_seq: 9,
+            bitmap: BitmapLocation::V2 {
+                area_offset_bytes: 270_336,
+                page_count: 9,
+            },
         }
     }
 
@@ -410,8 +683,26 @@ mod tests {
         other.superblock.clean_shutdown = false;
         other.superblock.bitmap_valid = false;
         other.superblock.resync_cursor = None;
-        other.bitmap_copy = 0;
-        assert_eq!(SlotImage::decode(&other.encode()), Ok(other));
+        other.bitmap = BitmapLocation::V1 { copy: 1, seq: 9 };
+        let b = other.encode();
+        assert_eq!(u32_at(&b, 8), 1);
+        assert_eq!(b[54], 1);
+        assert_eq!(u64_at(&b, 96), 9);
+        assert_eq!(SlotImage::decode(&b), Ok(other));
+    }
+
+    #[test]
+    fn v2_slot_layout_matches_the_doc() {
+        let b = sample().encode();
+        assert_eq!(&b[0..8], b"TANDEMSB");
+        assert_eq!(u32_at(&b, 8), 2);
+        assert_eq!(u64_at(&b, 16), 42);
+        assert_eq!(b[54], 0);
+        assert_eq!(u64_at(&b, 96), 270_336);
+        assert_eq!(u64_at(&b, 104), 1_700_000_000);
+        assert_eq!(u64_at(&b, 112), 9);
+        assert!(b[120..4092].iter().all(|&x| x == 0));
+        assert_eq!(u32_at(&b, 4092), crc32fast::hash(&b[..4092]));
     }
 
     #[test]
@@ -440,10 +731,10 @@ mod tests {
             b
         };
         let mut b = sample().encode();
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b[8..12].copy_from_slice(&3u32.to_le_bytes());
         assert_eq!(
             SlotImage::decode(&reseal(b)),
-            Err(SlotFault::UnsupportedVersion { found: 2 })
+            Err(SlotFault::UnsupportedVersion { found: 3 })
         );
         let mut b = sample().encode();
         b[52] = 0;
@@ -454,7 +745,9 @@ mod tests {
                 value: 0
             })
         );
-        let mut b = sample().encode();
+        let mut v1 = sample();
+        v1.bitmap = BitmapLocation::V1 { copy: 0, seq: 1 };
+        let mut b = v1.encode();
         b[54] = 2;
         assert!(matches!(
             SlotImage::decode(&reseal(b)),
@@ -463,12 +756,100 @@ mod tests {
                 ..
             })
         ));
+        for (at, value, field) in [
+            (54, 1u64, "reserved byte 54"),
+            (96, 4096, "bitmap area offset"),
+            (96, 270_336 + 512, "bitmap area offset"),
+            (112, 0, "bitmap page count"),
+        ] {
+            let mut b = sample().encode();
+            if at == 54 {
+                b[54] = value as u8;
+            } else {
+                b[at..at + 8].copy_from_slice(&value.to_le_bytes());
+            }
+            match SlotImage::decode(&reseal(b)) {
+                Err(SlotFault::BadField { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
         let mut b = sample().encode();
         b[12] |= 0x80;
         assert!(matches!(
             SlotImage::decode(&reseal(b)),
             Err(SlotFault::BadField { field: "flags", .. })
         ));
+    }
+
+    #[test]
+    fn bitmap_sectors_round_trip_and_layout_matches_the_doc() {
+        let words: Vec<u64> = (0..PAGE_WORDS).map(|i| i * 0x0101_0101 + 1).collect();
+        let mut page = vec![0u8; BITMAP_PAGE_BYTES];
+        BitmapSector::encode_page(3, &words, &mut page);
+        // Sector 1 of page 3: index 25, words 63..126.
+        let sector = &page[512..1024];
+        assert_eq!(u64_at(sector, 0), words[63]);
+        assert_eq!(u64_at(sector, 496), words[125]);
+        assert_eq!(u32_at(sector, 504), 25);
+        assert_eq!(u32_at(sector, 508), crc32fast::hash(&sector[..508]));
+        let mut back = vec![0u64; PAGE_WORDS as usize];
+        assert_eq!(BitmapSector::decode_page(3, &page, &mut back, 64), vec![]);
+        assert_eq!(back, words);
+        assert_eq!(BITMAP_SECTOR_BLOCKS, 4032);
+    }
+
+    #[test]
+    fn damaged_bitmap_sectors_are_reported_one_by_one() {
+        let words = vec![u64::MAX; PAGE_WORDS as usize];
+        let mut page = vec![0u8; BITMAP_PAGE_BYTES];
+        BitmapSector::encode_page(0, &words, &mut page);
+        let mut other = vec![0u8; BITMAP_PAGE_BYTES];
+        BitmapSector::encode_page(1, &words, &mut other);
+        page[2 * 512 + 7] ^= 1; // bit rot in sector 2
+        page[4 * 512..5 * 512].fill(0); // sector 4 lost
+        page[5 * 512..6 * 512].copy_from_slice(&other[5 * 512..6 * 512]); // misplaced
+        let mut back = vec![0u64; PAGE_WORDS as usize];
+        let faults = BitmapSector::decode_page(0, &page[..7 * 512 + 100], &mut back, 64);
+        let kinds: Vec<(usize, String)> = faults.iter().map(|(s, f)| (*s, f.to_string())).collect();
+        assert_eq!(kinds.len(), 4, "{kinds:?}");
+        assert!(kinds[0].0 == 2 && kinds[0].1.contains("checksum mismatch"));
+        assert_eq!(kinds[1], (4, "all zeroes".to_string()));
+        assert_eq!(
+            kinds[2],
+            (5, "holds sector 13 (misplaced write)".to_string())
+        );
+        assert_eq!(kinds[3], (7, "past the end of the file".to_string()));
+        // Good sectors decoded, damaged ones left alone (0 here).
+        assert_eq!(back[0], u64::MAX);
+        assert_eq!(back[2 * 63], 0);
+        assert_eq!(back[3 * 63], u64::MAX);
+    }
+
+    #[test]
+    fn bits_past_the_last_block_are_damage() {
+        // A last page of 70 words whose last word holds 10 valid bits.
+        let mut words = vec![0u64; 70];
+        words[69] = 1 << 9;
+        let mut page = vec![0u8; BITMAP_PAGE_BYTES];
+        BitmapSector::encode_page(2, &words, &mut page);
+        let mut back = vec![0u64; 70];
+        assert_eq!(BitmapSector::decode_page(2, &page, &mut back, 10), vec![]);
+        assert_eq!(back, words);
+        words[69] = 1 << 10;
+        BitmapSector::encode_page(2, &words, &mut page);
+        assert_eq!(
+            BitmapSector::decode_page(2, &page, &mut back, 10),
+            vec![(1, SectorFault::BitsBeyondEnd)]
+        );
+        // A word past the page's last one, in an encoded (valid) sector.
+        let mut long = vec![0u64; 80];
+        long[75] = 1;
+        BitmapSector::encode_page(2, &long, &mut page);
+        let mut back = vec![0u64; 70];
+        assert_eq!(
+            BitmapSector::decode_page(2, &page, &mut back, 64),
+            vec![(1, SectorFault::BitsBeyondEnd)]
+        );
     }
 
     #[test]

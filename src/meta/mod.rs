@@ -5,28 +5,38 @@
 //! not decide *what* the superblock says (that is the engine's job) nor which
 //! bits are dirty (`bitmap.rs` holds the bits, the engine marks them).
 //!
-//! Crash safety (G3) rests on two rules:
-//! - **Two of everything.** There are two superblock slots and two bitmap
-//!   copies. A write always goes to the slot/copy that is *not* the newest,
-//!   so a torn write can only destroy something already superseded.
-//! - **Data, flush, then pointer.** A bitmap copy is written and fdatasync'd
-//!   before the superblock that selects it is written (and fdatasync'd).
-//!   A crash between the two leaves the previous superblock pointing at the
-//!   previous, intact copy.
+//! Crash safety (G3) rests on three rules:
+//! - **Never overwrite the newest.** There are two superblock slots; a write
+//!   always goes to the one that is *not* the newest, so a torn write can
+//!   only destroy something already superseded. The activity log is a ring of
+//!   64 full snapshots with the same rule (see [`al`]).
+//! - **Data, flush, then pointer.** Whatever a superblock or log record
+//!   relies on is written and fdatasync'd before it.
+//! - **Bitmap pages in place, set bits relied upon only once durable.** The
+//!   bitmap (format version 2) is one area written in place by pages of
+//!   checksummed 512-byte sectors; a torn page leaves each sector old or new,
+//!   which is safe because a caller drops the activity-log cover of a block
+//!   only after the page holding its bit is durable (see [`MetaStore`]).
 //!
 //! A failed write or fdatasync poisons the store: later writes are refused,
 //! because after a failed fdatasync the kernel may have dropped the dirty
 //! pages and a retry that "succeeds" proves nothing.
 //!
-//! The activity log is a ring of 64 full snapshots instead of two slots; the
-//! same rule holds (a write never lands on the newest record), see [`al`].
+//! All I/O goes through [`DurableFile`]: a real file, or a [`SimFile`] that
+//! models power loss (ARCHITECTURE §4a) for tests and the simulator.
+//!
+//! The on-disk log ring (the primary's spill log, the secondary's redo
+//! journal) is a file of its own: [`journal`].
 //!
 //! Layout byte by byte: [`layout`] (regions), [`SlotImage`] (superblock
-//! slot), [`BitmapHeader`] (bitmap copy header), [`ActivityRecord`]
-//! (activity-log record).
+//! slot), [`BitmapSector`] (bitmap area), [`ActivityRecord`] (activity-log
+//! record), [`BitmapHeader`] (format version 1's bitmap copy header, read to
+//! convert).
 
 pub mod al;
+pub mod file;
 pub mod format;
+pub mod journal;
 pub mod layout;
 mod store;
 
@@ -34,9 +44,16 @@ use std::io;
 use std::path::PathBuf;
 
 pub use al::{AL_EXTENTS_MAX, ActivityRecord, ActivitySnapshot};
-pub use format::{BitmapHeader, FORMAT_VERSION, SlotFault, SlotImage, Superblock};
+pub use file::{DurableFile, SimFile, SimStats};
+pub use format::{
+    BitmapHeader, BitmapLocation, BitmapSector, FORMAT_VERSION, SectorFault, SlotFault, SlotImage,
+    Superblock,
+};
+pub use journal::{
+    Journal, JournalError, JournalIdentity, JournalKind, Lsn, RecordFields, RecordInfo, ScanEnd,
+};
 pub use layout::Layout;
-pub use store::{MetaStore, Opened};
+pub use store::{MetaStore, Opened, PagesPersisted};
 
 /// Errors opening, creating or writing a metadata file.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +138,18 @@ pub enum MetaError {
         size_bytes: u64,
         block_size: u32,
         reason: &'static str,
+    },
+
+    #[error(
+        "metadata {}: the superblock describes a bitmap area of {on_disk_pages} pages but the \
+         volume needs {expected_pages}; the file is inconsistent: restore it or recreate the \
+         metadata (forces a full resync)",
+        path.display()
+    )]
+    BitmapAreaMismatch {
+        path: PathBuf,
+        on_disk_pages: u64,
+        expected_pages: u64,
     },
 
     #[error(

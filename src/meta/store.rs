@@ -1,24 +1,72 @@
 //! `MetaStore`: the open, exclusively locked metadata file and the durable
 //! write sequences on it. Metadata writes are rare (role changes, bitmap
-//! persists, activity-extent changes), so plain `pwrite` + `fdatasync` through
-//! `std::fs` is enough; callers on an async runtime use `spawn_blocking`.
+//! persists, activity-extent changes), so plain `pwrite` + `fdatasync` is
+//! enough; callers on an async runtime use `spawn_blocking`.
+//!
+//! **Bitmap persists (format version 2).** The bitmap lives in one area,
+//! written in place by 4 KiB pages ([`BitmapSector`]). The store remembers a
+//! 128-bit hash of every page as it last made it durable (16 bytes per
+//! 126 MiB of volume), so a persist writes only the pages whose contents
+//! differ and fdatasyncs once, and skips the fdatasync when nothing differs.
+//! The crash rule that makes writing in place safe, which callers must keep:
+//!
+//! - A bit that is **set** is relied upon only once the page holding it is
+//!   durable: the caller keeps the blocks covered by other means (their
+//!   activity-log extent) until [`MetaStore::persist_bitmap_pages`] has
+//!   returned, and only then writes the activity-log record that drops the
+//!   extent. One fdatasync cannot cover both: the log record must not become
+//!   durable before the pages.
+//! - A page write torn by a power loss leaves each 512-byte sector with its
+//!   old or its new contents (each sector is checksummed on its own, so a
+//!   tear is not damage). A tear in a write that clears bits therefore leaves
+//!   some of them set: the safe side. A tear in a write that sets bits loses
+//!   only bits the rule above does not yet rely on.
+//! - Consequently a persist is not atomic across pages, nor with the
+//!   superblock that [`MetaStore::persist_bitmap`] writes after the pages: a
+//!   crash in between leaves the new pages with the old superblock. That is
+//!   safe whenever the old superblock stays true of the new bitmap, which
+//!   holds when the bitmap only drops blocks that are durably in sync (the
+//!   one reason to clear a bit) and only adds blocks already covered.
+//!
+//! `bitmap_valid` keeps its meaning: the persisted bitmap covers every block
+//! that may differ except those of the activity log's extents.
+//!
+//! **Version-1 files** are converted when opened: the copy the version-1
+//! superblock selects is read (with the same fallbacks as before), the
+//! version-2 area is written *after* both version-1 copies and made durable,
+//! then the version-2 superblock is written to the older slot and made
+//! durable, then to the other slot; finally the version-1 copies are punched
+//! out. A power loss at any point leaves a file that opens as version 1
+//! (selected copy untouched, a torn version-2 slot falls back to the
+//! version-1 one) or as version 2.
+//!
+//! The store does its I/O through [`DurableFile`]: a real file
+//! (`MetaStore<File>`, the default, opened by path with
+//! [`MetaStore::open_or_create`]) or a [`super::SimFile`] in tests and the
+//! simulator ([`MetaStore::open_or_create_on`], [`MetaStore::create_on`],
+//! [`MetaStore::open_on`]).
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::bitmap::DirtyBitmap;
+use crate::bitmap::{BitmapPage, DirtyBitmap, PAGE_WORDS};
+use crate::types::BlockIndex;
 
 use super::MetaError;
 use super::al::{
-    AL_EXTENTS_MAX, ActivityRecord, ActivitySnapshot, AlGeometry, al_slot_of, select_newest,
+    AL_EXTENTS_MAX, AL_RECORD_VERSION, ActivityRecord, ActivitySnapshot, AlGeometry, al_slot_of,
+    select_newest,
 };
-use super::format::{BitmapHeader, FORMAT_VERSION, SlotFault, SlotImage, Superblock};
+use super::file::DurableFile;
+use super::format::{
+    BITMAP_PAGE_BYTES, BITMAP_SECTOR_BLOCKS, BitmapHeader, BitmapLocation, BitmapSector,
+    FORMAT_VERSION, FORMAT_VERSION_V1, SlotFault, SlotImage, Superblock,
+};
 use super::layout::{
-    AL_LEN_BYTES, AL_OFFSET_BYTES, AL_SLOT_LEN_BYTES, BITMAP_HEADER_LEN_BYTES,
-    BLOCK_SIZE_MAX_BYTES, BLOCK_SIZE_MIN_BYTES, Layout, SUPERBLOCK_SLOT_LEN_BYTES,
-    SUPERBLOCK_SLOT_OFFSETS,
+    AL_LEN_BYTES, AL_OFFSET_BYTES, AL_SLOT_LEN_BYTES, BITMAP_AREA_OFFSET_BYTES,
+    BITMAP_HEADER_LEN_BYTES, BITMAP_PAGE_LEN_BYTES, BLOCK_SIZE_MAX_BYTES, BLOCK_SIZE_MIN_BYTES,
+    Layout, SUPERBLOCK_SLOT_LEN_BYTES, SUPERBLOCK_SLOT_OFFSETS,
 };
 
 const SLOT_NAMES: [char; 2] = ['A', 'B'];
@@ -28,17 +76,21 @@ const LINK_OP: &str = "link into place";
 /// The metadata file, held open and `flock`ed exclusively for as long as this
 /// value lives.
 #[derive(Debug)]
-pub struct MetaStore {
+pub struct MetaStore<F: DurableFile = File> {
+    /// The file's path, or the name given to a simulated file; used in messages.
     path: PathBuf,
-    file: File,
+    file: F,
     layout: Layout,
     /// Slot (0 = A, 1 = B) holding the newest valid superblock.
     current_slot: usize,
     /// Its sequence number; the next write uses `slot_seq + 1`.
     slot_seq: u64,
-    /// Bitmap copy selected by the newest superblock, and its sequence number.
-    bitmap_copy: u8,
-    bitmap_seq: u64,
+    /// Where the bitmap area starts (270336, or after the version-1 copies in
+    /// a converted file).
+    bitmap_area_offset: u64,
+    /// Hash of each page's bytes as last made durable; `None` when unknown
+    /// (damaged on disk, or a failed write), so the page is always rewritten.
+    page_hashes: Vec<Option<PageHash>>,
     /// Transaction number of the newest activity-log record (0: none yet);
     /// the next record is `al_txn + 1`.
     al_txn: u64,
@@ -47,8 +99,8 @@ pub struct MetaStore {
 
 /// Result of [`MetaStore::open_or_create`].
 #[derive(Debug)]
-pub struct Opened {
-    pub store: MetaStore,
+pub struct Opened<F: DurableFile = File> {
+    pub store: MetaStore<F>,
     pub superblock: Superblock,
     /// The last persisted bitmap. If `superblock.bitmap_valid` is false it may
     /// miss blocks written since, and the caller must widen it (activity log,
@@ -66,6 +118,37 @@ pub struct Opened {
     /// What was damaged and what was used instead, e.g.
     /// "superblock slot B unusable (all zeroes), used slot A"; `None` if nothing was.
     pub recovered_from: Option<String>,
+    /// The file was in this older format version and has been converted to
+    /// [`FORMAT_VERSION`] (worth a log line); `None` if it was current.
+    pub converted_from: Option<u32>,
+}
+
+type PageHash = [u8; 16];
+
+fn page_hash(page: &[u8]) -> PageHash {
+    let h = blake3::hash(page);
+    h.as_bytes()[..16].try_into().expect("16 bytes")
+}
+
+/// Pages written per `pwrite` at most (1 MiB): bounds the buffer of a persist
+/// that changes many pages (a full sync marks 32.5 MiB per TiB).
+const PAGES_PER_WRITE_MAX: usize = 256;
+
+/// What a bitmap persist did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PagesPersisted {
+    /// Pages asked for (after removing duplicates).
+    pub pages_checked: u64,
+    /// Pages whose contents differed from the durable ones, written.
+    pub pages_written: u64,
+    /// Whether an fdatasync was issued (not when nothing needed writing).
+    pub synced: bool,
+}
+
+impl PagesPersisted {
+    pub fn bytes_written(&self) -> u64 {
+        self.pages_written * BITMAP_PAGE_LEN_BYTES
+    }
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> MetaError + 'a {
@@ -98,13 +181,13 @@ fn validate_geometry(size_bytes: u64, block_size: u32) -> Result<(), MetaError> 
 
 /// Lock `file` exclusively without waiting. The lock belongs to the open file
 /// description and is released when the `File` is closed.
-fn lock_exclusive(file: &File, path: &Path) -> Result<(), MetaError> {
-    match file.try_lock() {
-        Ok(()) => Ok(()),
-        Err(TryLockError::WouldBlock) => Err(MetaError::Locked {
+fn lock_exclusive(file: &impl DurableFile, path: &Path) -> Result<(), MetaError> {
+    match file.try_lock_exclusive() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(MetaError::Locked {
             path: path.to_path_buf(),
         }),
-        Err(TryLockError::Error(source)) => Err(MetaError::Io {
+        Err(source) => Err(MetaError::Io {
             path: path.to_path_buf(),
             op: "flock",
             source,
@@ -112,41 +195,12 @@ fn lock_exclusive(file: &File, path: &Path) -> Result<(), MetaError> {
     }
 }
 
-/// Read exactly `len` bytes at `offset`, or fewer if the file ends first.
-fn read_at_most(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    let mut filled = 0;
-    while filled < len {
-        match file.read_at(&mut buf[filled..], offset + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(filled);
-    Ok(buf)
-}
-
-impl MetaStore {
+impl MetaStore<File> {
     /// `<volume>.tandem-meta`, the sidecar file beside an image.
     pub fn default_path_for(volume: &Path) -> PathBuf {
         let mut name = volume.as_os_str().to_owned();
         name.push(".tandem-meta");
         PathBuf::from(name)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn layout(&self) -> &Layout {
-        &self.layout
-    }
-
-    /// A write or fdatasync failed; every later write returns [`MetaError::Poisoned`].
-    pub fn is_poisoned(&self) -> bool {
-        self.poisoned
     }
 
     /// Open the metadata file at `path`, or create it (`created = true`) for a
@@ -219,7 +273,16 @@ impl MetaStore {
             .create_new(true)
             .open(&tmp)
             .map_err(io_err(&tmp, "create"))?;
-        let result = Self::initialize(path, &tmp, file, layout, sb);
+        let result = Self::initialize(&tmp, file, layout, sb).and_then(|mut opened| {
+            opened
+                .store
+                .file
+                .sync_all()
+                .map_err(io_err(&tmp, "fsync"))?;
+            std::fs::hard_link(&tmp, path).map_err(io_err(path, LINK_OP))?;
+            opened.store.path = path.to_path_buf();
+            Ok(opened)
+        });
         // Whether linking succeeded or not, the temporary name must go.
         let _ = std::fs::remove_file(&tmp);
         let opened = result?;
@@ -235,39 +298,117 @@ impl MetaStore {
             ))?;
         Ok(opened)
     }
+}
 
-    /// Write a complete, valid metadata file at `tmp`, then link it to `path`.
-    fn initialize(
-        path: &Path,
-        tmp: &Path,
-        file: File,
-        layout: Layout,
+impl<F: DurableFile> MetaStore<F> {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// A write or fdatasync failed; every later write returns [`MetaError::Poisoned`].
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// The file underneath (a simulator inspects a [`super::SimFile`] through it).
+    pub fn file(&self) -> &F {
+        &self.file
+    }
+
+    /// [`MetaStore::open_or_create`] on an already open file: creates the
+    /// metadata in place (see [`create_on`](Self::create_on)) when the file is
+    /// empty, opens it otherwise. `name` is used in messages.
+    pub fn open_or_create_on(
+        file: F,
+        name: impl Into<PathBuf>,
+        size_bytes: u64,
+        block_size: u32,
+        fresh: impl FnOnce() -> Superblock,
+    ) -> Result<Opened<F>, MetaError> {
+        let name = name.into();
+        let len = file.len_bytes().map_err(io_err(&name, "stat"))?;
+        if len == 0 {
+            Self::create_on(file, name, size_bytes, block_size, fresh())
+        } else {
+            Self::open_on(file, name, size_bytes, block_size)
+        }
+    }
+
+    /// Write new metadata into `file` in place, for a volume of this size and
+    /// block size, with `sb` as the initial superblock and an all-clean
+    /// persisted bitmap. Unlike [`MetaStore::open_or_create`] this is not
+    /// atomic: a crash part way leaves a file whose superblock slots are
+    /// zero or torn ([`MetaError::BothSlotsBad`] when opened), never one that
+    /// opens with half-written contents.
+    pub fn create_on(
+        file: F,
+        name: impl Into<PathBuf>,
+        size_bytes: u64,
+        block_size: u32,
         sb: Superblock,
-    ) -> Result<Opened, MetaError> {
-        lock_exclusive(&file, tmp)?;
-        // Zero-filled (sparse): the AL area and bitmap copy 1 start out zero.
-        file.set_len(layout.file_len_bytes())
-            .map_err(io_err(tmp, "set_len"))?;
-        let mut store = MetaStore {
-            path: tmp.to_path_buf(),
+    ) -> Result<Opened<F>, MetaError> {
+        validate_geometry(size_bytes, block_size)?;
+        let layout = Layout::new(size_bytes, block_size);
+        assert_eq!(
+            sb.size_bytes, layout.size_bytes,
+            "fresh superblock size differs from the volume size"
+        );
+        assert_eq!(
+            sb.block_size, layout.block_size,
+            "fresh superblock block size differs from the requested one"
+        );
+        Self::initialize(&name.into(), file, layout, sb)
+    }
+
+    /// Open existing metadata in `file` (see [`MetaStore::open_or_create`] for
+    /// what is checked and recovered). `name` is used in messages.
+    pub fn open_on(
+        file: F,
+        name: impl Into<PathBuf>,
+        size_bytes: u64,
+        block_size: u32,
+    ) -> Result<Opened<F>, MetaError> {
+        validate_geometry(size_bytes, block_size)?;
+        Self::open_existing(&name.into(), file, Layout::new(size_bytes, block_size))
+    }
+
+    fn with_file(path: &Path, file: F, layout: Layout) -> Self {
+        MetaStore {
+            path: path.to_path_buf(),
             file,
             layout,
             current_slot: 1, // so the first superblock write goes to slot A
             slot_seq: 0,
-            bitmap_copy: 1, // so the first bitmap write goes to copy 0
-            bitmap_seq: 0,
+            bitmap_area_offset: BITMAP_AREA_OFFSET_BYTES,
+            page_hashes: vec![None; layout.bitmap_page_count as usize],
             al_txn: 0,
             poisoned: false,
-        };
+        }
+    }
+
+    /// Write a complete, valid metadata file into `file` (named `tmp` in messages).
+    fn initialize(
+        tmp: &Path,
+        file: F,
+        layout: Layout,
+        sb: Superblock,
+    ) -> Result<Opened<F>, MetaError> {
+        lock_exclusive(&file, tmp)?;
+        // Zero-filled (sparse): the AL area starts out zero (= never written).
+        file.set_len(layout.file_len_bytes())
+            .map_err(io_err(tmp, "set_len"))?;
+        let mut store = Self::with_file(tmp, file, layout);
         let bitmap = DirtyBitmap::new(layout.block_count);
-        store.write_bitmap_copy(&bitmap)?;
+        // Every page is written: an all-zero sector reads as damage, not as clean.
+        store.write_pages(&bitmap, (0..layout.bitmap_page_count).map(BitmapPage))?;
         // Both slots valid from the start, so a later torn write of either
         // always has a good twin and opening a healthy file reports nothing.
         store.write_superblock(&sb)?;
         store.write_superblock(&sb)?;
-        store.file.sync_all().map_err(io_err(tmp, "fsync"))?;
-        std::fs::hard_link(tmp, path).map_err(io_err(path, LINK_OP))?;
-        store.path = path.to_path_buf();
         Ok(Opened {
             store,
             superblock: sb,
@@ -275,19 +416,21 @@ impl MetaStore {
             activity: ActivitySnapshot::empty(),
             created: true,
             recovered_from: None,
+            converted_from: None,
         })
     }
 
-    fn open_existing(path: &Path, file: File, layout: Layout) -> Result<Opened, MetaError> {
+    fn open_existing(path: &Path, file: F, layout: Layout) -> Result<Opened<F>, MetaError> {
         lock_exclusive(&file, path)?;
         let mut slots: Vec<Result<SlotImage, SlotFault>> = Vec::with_capacity(2);
         for offset in SUPERBLOCK_SLOT_OFFSETS {
-            let bytes = read_at_most(&file, offset, SUPERBLOCK_SLOT_LEN_BYTES as usize)
+            let bytes = file
+                .read_at_most(offset, SUPERBLOCK_SLOT_LEN_BYTES as usize)
                 .map_err(io_err(path, "read of a superblock slot"))?;
             slots.push(SlotImage::decode(&bytes));
         }
-        // A slot written by another format version is not damage: falling back
-        // to its older twin would silently roll the node's state back.
+        // A slot written by an unknown format version is not damage: falling
+        // back to its older twin would silently roll the node's state back.
         for (i, slot) in slots.iter().enumerate() {
             if let Err(SlotFault::UnsupportedVersion { found }) = slot {
                 return Err(MetaError::UnsupportedVersion {
@@ -323,7 +466,7 @@ impl MetaStore {
                 });
             }
         };
-        let sb = image.superblock;
+        let sb = image.superblock.clone();
         if sb.size_bytes != layout.size_bytes {
             return Err(MetaError::SizeMismatch {
                 path: path.to_path_buf(),
@@ -338,17 +481,9 @@ impl MetaStore {
                 requested_bytes: layout.block_size,
             });
         }
-        let mut store = MetaStore {
-            path: path.to_path_buf(),
-            file,
-            layout,
-            current_slot,
-            slot_seq: image.slot_seq,
-            bitmap_copy: image.bitmap_copy,
-            bitmap_seq: image.bitmap_seq,
-            al_txn: 0,
-            poisoned: false,
-        };
+        let mut store = Self::with_file(path, file, layout);
+        store.current_slot = current_slot;
+        store.slot_seq = image.slot_seq;
         let activity = store.read_activity()?;
         store.al_txn = activity.txn;
         if activity.bad_slots > 0 {
@@ -367,16 +502,37 @@ impl MetaStore {
                  different from the peer"
             ));
         }
-        let bitmap = match store.read_bitmap_copy()? {
-            Ok(bm) => bm,
-            Err(why) => {
-                notes.push(format!(
-                    "bitmap copy {} unusable ({why}); every block is treated as dirty",
-                    image.bitmap_copy
-                ));
-                let mut bm = DirtyBitmap::new(layout.block_count);
-                bm.mark_all();
-                bm
+        let (bitmap, converted_from) = match image.bitmap {
+            BitmapLocation::V1 { copy, seq } => {
+                let bitmap = match store.read_v1_bitmap_copy(copy, seq)? {
+                    Ok(bm) => bm,
+                    Err(why) => {
+                        notes.push(format!(
+                            "bitmap copy {copy} unusable ({why}); every block is treated as dirty"
+                        ));
+                        let mut bm = DirtyBitmap::new(layout.block_count);
+                        bm.mark_all();
+                        bm
+                    }
+                };
+                store.convert_from_v1(&sb, &bitmap)?;
+                (bitmap, Some(FORMAT_VERSION_V1))
+            }
+            BitmapLocation::V2 {
+                area_offset_bytes,
+                page_count,
+            } => {
+                if page_count != layout.bitmap_page_count {
+                    return Err(MetaError::BitmapAreaMismatch {
+                        path: path.to_path_buf(),
+                        on_disk_pages: page_count,
+                        expected_pages: layout.bitmap_page_count,
+                    });
+                }
+                store.bitmap_area_offset = area_offset_bytes;
+                let (bitmap, note) = store.read_bitmap_area()?;
+                notes.extend(note);
+                (bitmap, None)
             }
         };
         let recovered_from = if notes.is_empty() {
@@ -391,14 +547,123 @@ impl MetaStore {
             activity,
             created: false,
             recovered_from,
+            converted_from,
         })
     }
 
-    /// Read the bitmap copy the current superblock selects. The outer error is
-    /// an I/O failure; the inner one says why the copy's contents are unusable.
-    fn read_bitmap_copy(&self) -> Result<Result<DirtyBitmap, String>, MetaError> {
-        let offset = self.layout.bitmap_copy_offset_bytes(self.bitmap_copy);
-        let header_bytes = read_at_most(&self.file, offset, BITMAP_HEADER_LEN_BYTES as usize)
+    /// Convert a version-1 file whose newest superblock is `sb` and whose
+    /// bitmap is `bitmap` (see the module documentation for the order).
+    fn convert_from_v1(&mut self, sb: &Superblock, bitmap: &DirtyBitmap) -> Result<(), MetaError> {
+        let v1_end = self.layout.v1_file_len_bytes();
+        let area_len = self.layout.bitmap_area_len_bytes();
+        self.bitmap_area_offset = v1_end;
+        match self.file.allocate(v1_end, area_len) {
+            Ok(()) => {}
+            // No fallocate on this filesystem: grow the file; the writes allocate.
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => self
+                .file
+                .set_len(v1_end + area_len)
+                .map_err(io_err(&self.path, "set_len for the converted bitmap"))?,
+            Err(source) => {
+                return Err(MetaError::Io {
+                    path: self.path.clone(),
+                    op: "fallocate for the converted bitmap",
+                    source,
+                });
+            }
+        }
+        self.write_pages(bitmap, (0..self.layout.bitmap_page_count).map(BitmapPage))?;
+        // First the older slot (the version-1 one that is not newest), then
+        // the other, so no version-1 slot remains to fall back to.
+        self.write_superblock(sb)?;
+        self.write_superblock(sb)?;
+        // The version-1 copies are dead: give their space back. Best effort:
+        // not every filesystem punches holes, and left in place they are
+        // only unused bytes.
+        let _ = self
+            .file
+            .punch_hole(BITMAP_AREA_OFFSET_BYTES, v1_end - BITMAP_AREA_OFFSET_BYTES);
+        Ok(())
+    }
+
+    /// Read the version-2 bitmap area. A damaged sector's blocks are marked
+    /// dirty and reported in the note; its page's hash stays unknown, so the
+    /// next persist rewrites it.
+    fn read_bitmap_area(&mut self) -> Result<(DirtyBitmap, Option<String>), MetaError> {
+        let layout = self.layout;
+        let word_count = layout.block_count.0.div_ceil(64) as usize;
+        let tail_bits = match layout.block_count.0 % 64 {
+            0 => 64,
+            n => n as u32,
+        };
+        let mut words = vec![0u64; word_count];
+        let mut damaged: Vec<(u64, String)> = Vec::new();
+        let chunk_pages = PAGES_PER_WRITE_MAX as u64;
+        let mut first = 0;
+        while first < layout.bitmap_page_count {
+            let pages = chunk_pages.min(layout.bitmap_page_count - first);
+            let bytes = self
+                .file
+                .read_at_most(
+                    self.bitmap_area_offset + first * BITMAP_PAGE_LEN_BYTES,
+                    (pages * BITMAP_PAGE_LEN_BYTES) as usize,
+                )
+                .map_err(io_err(&self.path, "read of the bitmap area"))?;
+            for page in first..first + pages {
+                let start = ((page - first) * BITMAP_PAGE_LEN_BYTES) as usize;
+                let page_bytes =
+                    &bytes[start.min(bytes.len())..(start + BITMAP_PAGE_BYTES).min(bytes.len())];
+                let w0 = (page * PAGE_WORDS) as usize;
+                let w1 = (w0 + PAGE_WORDS as usize).min(word_count);
+                let last_page = page + 1 == layout.bitmap_page_count;
+                let faults = BitmapSector::decode_page(
+                    page,
+                    page_bytes,
+                    &mut words[w0..w1],
+                    if last_page { tail_bits } else { 64 },
+                );
+                if faults.is_empty() && page_bytes.len() == BITMAP_PAGE_BYTES {
+                    self.page_hashes[page as usize] = Some(page_hash(page_bytes));
+                }
+                for (sector, fault) in faults {
+                    damaged.push((page * 8 + sector as u64, fault.to_string()));
+                }
+            }
+            first += pages;
+        }
+        let mut bitmap = DirtyBitmap::from_words(layout.block_count, words)
+            .expect("decoding checked the length and the bits past the end");
+        for (sector, _) in &damaged {
+            let a = sector * BITMAP_SECTOR_BLOCKS;
+            let b = (a + BITMAP_SECTOR_BLOCKS).min(layout.block_count.0);
+            bitmap.mark(BlockIndex(a), BlockIndex(b));
+        }
+        // Loading is not a change.
+        bitmap.take_changed_pages();
+        let note = (!damaged.is_empty()).then(|| {
+            let (sector, why) = &damaged[0];
+            format!(
+                "{} bitmap page sector(s) damaged (first: sector {sector}, {why}); their \
+                 blocks ({} each) are treated as dirty",
+                damaged.len(),
+                BITMAP_SECTOR_BLOCKS
+            )
+        });
+        Ok((bitmap, note))
+    }
+
+    /// Read the version-1 bitmap copy `copy`, whose header must carry `seq`.
+    /// The outer error is an I/O failure; the inner one says why the copy's
+    /// contents are unusable.
+    fn read_v1_bitmap_copy(
+        &self,
+        copy: u8,
+        seq: u64,
+    ) -> Result<Result<DirtyBitmap, String>, MetaError> {
+        let offset = self.layout.bitmap_copy_offset_bytes(copy);
+        let header_bytes = self
+            .file
+            .read_at_most(offset, BITMAP_HEADER_LEN_BYTES as usize)
             .map_err(io_err(&self.path, "read of a bitmap header"))?;
         let header = match BitmapHeader::decode(&header_bytes) {
             Ok(h) => h,
@@ -411,32 +676,26 @@ impl MetaStore {
                 Err(format!("header {what} is {found}, expected {wanted}"))
             }
         };
-        let checks = expect(
-            "copy index",
-            u64::from(header.copy),
-            u64::from(self.bitmap_copy),
-        )
-        .and(expect(
-            "sequence number",
-            header.bitmap_seq,
-            self.bitmap_seq,
-        ))
-        .and(expect(
-            "block count",
-            header.block_count,
-            self.layout.block_count.0,
-        ))
-        .and(expect(
-            "length",
-            header.len_bytes,
-            self.layout.bitmap_len_bytes,
-        ));
+        let checks = expect("copy index", u64::from(header.copy), u64::from(copy))
+            .and(expect("sequence number", header.bitmap_seq, seq))
+            .and(expect(
+                "block count",
+                header.block_count,
+                self.layout.block_count.0,
+            ))
+            .and(expect(
+                "length",
+                header.len_bytes,
+                self.layout.bitmap_len_bytes,
+            ));
         if let Err(why) = checks {
             return Ok(Err(why));
         }
         // The length was just checked against the layout, so this allocation is bounded.
         let len = usize::try_from(header.len_bytes).expect("bitmap length fits in memory");
-        let data = read_at_most(&self.file, offset + BITMAP_HEADER_LEN_BYTES, len)
+        let data = self
+            .file
+            .read_at_most(offset + BITMAP_HEADER_LEN_BYTES, len)
             .map_err(io_err(&self.path, "read of a bitmap copy"))?;
         if data.len() != len {
             return Ok(Err(format!(
@@ -464,6 +723,17 @@ impl MetaStore {
         }
     }
 
+    fn poison(&mut self, op: &'static str) -> impl FnOnce(io::Error) -> MetaError + '_ {
+        move |source| {
+            self.poisoned = true;
+            MetaError::Io {
+                path: self.path.clone(),
+                op,
+                source,
+            }
+        }
+    }
+
     /// `pwrite` then `fdatasync`; any failure poisons the store.
     fn write_durable(
         &mut self,
@@ -475,14 +745,7 @@ impl MetaStore {
             .file
             .write_all_at(bytes, offset)
             .and_then(|()| self.file.sync_data());
-        result.map_err(|source| {
-            self.poisoned = true;
-            MetaError::Io {
-                path: self.path.clone(),
-                op,
-                source,
-            }
-        })
+        result.map_err(self.poison(op))
     }
 
     /// Write the superblock to the older slot with an incremented sequence
@@ -505,8 +768,10 @@ impl MetaStore {
         let image = SlotImage {
             superblock: sb.clone(),
             slot_seq,
-            bitmap_copy: self.bitmap_copy,
-            bitmap_seq: self.bitmap_seq,
+            bitmap: BitmapLocation::V2 {
+                area_offset_bytes: self.bitmap_area_offset,
+                page_count: self.layout.bitmap_page_count,
+            },
         };
         self.write_durable(
             SUPERBLOCK_SLOT_OFFSETS[target],
@@ -518,57 +783,229 @@ impl MetaStore {
         Ok(())
     }
 
-    /// Write `bm` to the bitmap copy the newest superblock does not select,
-    /// and fdatasync; on success the store selects it for the next superblock
-    /// write.
-    fn write_bitmap_copy(&mut self, bm: &DirtyBitmap) -> Result<(), MetaError> {
+    /// Make the listed pages of `bm` durable in the bitmap area: pages whose
+    /// contents already are durable are skipped; the others are written
+    /// (consecutive pages in one `pwrite`) and made durable by one fdatasync
+    /// (none if nothing needed writing). The superblock is not written.
+    ///
+    /// This is the persist to use when an activity extent retires
+    /// (ARCHITECTURE §4): pass the pages holding its blocks
+    /// (`bm.pages_of(first, end)`), and write the activity-log record that drops
+    /// the extent only after this returned `Ok` (see the crash rule in the
+    /// module documentation). `bm` must be the complete out-of-sync set, since
+    /// each listed page is written whole. Costs 4 KiB per changed page, about
+    /// 2 µs of hashing per listed page.
+    ///
+    /// A failure poisons the store. Panics on a caller bug: a bitmap of
+    /// another size, a page beyond the bitmap.
+    pub fn persist_bitmap_pages(
+        &mut self,
+        bm: &DirtyBitmap,
+        pages: impl IntoIterator<Item = BitmapPage>,
+    ) -> Result<PagesPersisted, MetaError> {
         self.check_writable()?;
-        assert_eq!(
-            bm.block_count(),
-            self.layout.block_count,
-            "bitmap block count differs from the metadata's"
-        );
-        let target = 1 - self.bitmap_copy;
-        let bitmap_seq = self
-            .bitmap_seq
-            .checked_add(1)
-            .expect("bitmap sequence number overflow");
-        let data = bm.to_bytes();
-        debug_assert_eq!(data.len() as u64, self.layout.bitmap_len_bytes);
-        // One buffer, one pwrite: header, data, zero padding to the copy's end.
-        let mut buf = vec![0u8; self.layout.bitmap_copy_len_bytes as usize];
-        let header = BitmapHeader {
-            copy: target,
-            bitmap_seq,
-            block_count: self.layout.block_count.0,
-            len_bytes: data.len() as u64,
-            data_crc: crc32fast::hash(&data),
-        };
-        header.encode_into(&mut buf);
-        let data_start = BITMAP_HEADER_LEN_BYTES as usize;
-        buf[data_start..data_start + data.len()].copy_from_slice(&data);
-        self.write_durable(
-            self.layout.bitmap_copy_offset_bytes(target),
-            &buf,
-            "bitmap write",
-        )?;
-        self.bitmap_copy = target;
-        self.bitmap_seq = bitmap_seq;
-        Ok(())
+        self.write_pages_if_changed(bm, pages, false)
     }
 
-    /// Persist the bitmap durably: write it to the copy the newest superblock
-    /// does not select, fdatasync, then write `sb` (with `bitmap_valid` set)
-    /// selecting that copy. A crash at any point leaves the last good bitmap
-    /// selected by the last good superblock.
+    /// Persist the bitmap durably: make every page of `bm` durable (writing
+    /// only those that changed, see [`persist_bitmap_pages`]), then write
+    /// `sb` (with `bitmap_valid` set) and fdatasync. A crash before the
+    /// superblock write leaves the old superblock with a bitmap that is, per
+    /// 512-byte sector, the old or the new one (see the module documentation).
+    ///
+    /// [`persist_bitmap_pages`]: Self::persist_bitmap_pages
     pub fn persist_bitmap(
         &mut self,
         sb: &mut Superblock,
         bm: &DirtyBitmap,
     ) -> Result<(), MetaError> {
-        self.write_bitmap_copy(bm)?;
+        self.check_writable()?;
+        let all = (0..self.layout.bitmap_page_count).map(BitmapPage);
+        self.write_pages_if_changed(bm, all, false)?;
         sb.bitmap_valid = true;
         self.write_superblock(sb)
+    }
+
+    /// [`persist_bitmap_pages`](Self::persist_bitmap_pages) without a bitmap:
+    /// `fill(page, words)` fills the zeroed `words` of each listed page (as
+    /// [`DirtyBitmap::page_words`] would give them) with the out-of-sync
+    /// blocks. Lets a caller whose out-of-sync set is a bitmap plus ranges in
+    /// flight build just the pages it persists, instead of a copy of the
+    /// whole bitmap (32 MiB per TiB) per retirement:
+    ///
+    /// ```text
+    /// store.persist_bitmap_pages_with(dirty.pages_of(a, b), |page, words| {
+    ///     words.copy_from_slice(dirty.page_words(page));
+    ///     for r in in_flight { DirtyBitmap::mark_in_page(page, words, r.first, r.end) }
+    /// })
+    /// ```
+    ///
+    /// Panics if `fill` sets a bit past the volume's last block.
+    pub fn persist_bitmap_pages_with(
+        &mut self,
+        pages: impl IntoIterator<Item = BitmapPage>,
+        fill: impl FnMut(BitmapPage, &mut [u64]),
+    ) -> Result<PagesPersisted, MetaError> {
+        self.check_writable()?;
+        self.write_words_if_changed(pages, fill, false)
+    }
+
+    /// [`persist_bitmap`](Self::persist_bitmap), but every page is written
+    /// whether or not it changed: rewrites a bitmap area suspected damaged.
+    pub fn rewrite_bitmap(
+        &mut self,
+        sb: &mut Superblock,
+        bm: &DirtyBitmap,
+    ) -> Result<(), MetaError> {
+        self.check_writable()?;
+        let all = (0..self.layout.bitmap_page_count).map(BitmapPage);
+        self.write_pages_if_changed(bm, all, true)?;
+        sb.bitmap_valid = true;
+        self.write_superblock(sb)
+    }
+
+    fn write_pages_if_changed(
+        &mut self,
+        bm: &DirtyBitmap,
+        pages: impl IntoIterator<Item = BitmapPage>,
+        force: bool,
+    ) -> Result<PagesPersisted, MetaError> {
+        assert_eq!(
+            bm.block_count(),
+            self.layout.block_count,
+            "bitmap block count differs from the metadata's"
+        );
+        self.write_words_if_changed(
+            pages,
+            |page, words| words.copy_from_slice(bm.page_words(page)),
+            force,
+        )
+    }
+
+    /// Words of page `page` of this volume's bitmap: [`PAGE_WORDS`], fewer for the last.
+    fn page_word_count(&self, page: u64) -> usize {
+        let words = self.layout.block_count.0.div_ceil(64);
+        (words - page * PAGE_WORDS).min(PAGE_WORDS) as usize
+    }
+
+    fn write_words_if_changed(
+        &mut self,
+        pages: impl IntoIterator<Item = BitmapPage>,
+        mut fill: impl FnMut(BitmapPage, &mut [u64]),
+        force: bool,
+    ) -> Result<PagesPersisted, MetaError> {
+        let tail_mask = match self.layout.block_count.0 % 64 {
+            0 => u64::MAX,
+            n => u64::MAX >> (64 - n),
+        };
+        let mut pages: Vec<u64> = pages.into_iter().map(|p| p.0).collect();
+        pages.sort_unstable();
+        pages.dedup();
+        if let Some(&last) = pages.last() {
+            assert!(
+                last < self.layout.bitmap_page_count,
+                "bitmap page {last} beyond the bitmap ({} pages)",
+                self.layout.bitmap_page_count
+            );
+        }
+        let mut result = PagesPersisted {
+            pages_checked: pages.len() as u64,
+            ..PagesPersisted::default()
+        };
+        // Encode each page, keep those whose bytes differ from the durable ones.
+        let mut batch: Vec<u8> = Vec::new();
+        let mut batch_first: Option<u64> = None;
+        let mut batch_hashes: Vec<(u64, PageHash)> = Vec::new();
+        let mut page_buf = vec![0u8; BITMAP_PAGE_BYTES];
+        let mut words_buf = vec![0u64; PAGE_WORDS as usize];
+        let mut written_hashes: Vec<(u64, PageHash)> = Vec::new();
+        for &page in &pages {
+            let words = &mut words_buf[..self.page_word_count(page)];
+            words.fill(0);
+            fill(BitmapPage(page), words);
+            if page + 1 == self.layout.bitmap_page_count {
+                let last = words.last().copied().unwrap_or(0);
+                assert!(
+                    last & !tail_mask == 0,
+                    "bitmap page {page} has bits set past the last block"
+                );
+            }
+            BitmapSector::encode_page(page, words, &mut page_buf);
+            let hash = page_hash(&page_buf);
+            if !force && self.page_hashes[page as usize] == Some(hash) {
+                continue;
+            }
+            let contiguous = batch_first.is_some_and(|f| f + batch_hashes.len() as u64 == page);
+            if !contiguous || batch_hashes.len() == PAGES_PER_WRITE_MAX {
+                self.flush_batch(
+                    &mut batch,
+                    batch_first,
+                    &mut batch_hashes,
+                    &mut written_hashes,
+                )?;
+                batch_first = Some(page);
+            }
+            batch.extend_from_slice(&page_buf);
+            batch_hashes.push((page, hash));
+        }
+        self.flush_batch(
+            &mut batch,
+            batch_first,
+            &mut batch_hashes,
+            &mut written_hashes,
+        )?;
+        result.pages_written = written_hashes.len() as u64;
+        if written_hashes.is_empty() {
+            return Ok(result);
+        }
+        self.file
+            .sync_data()
+            .map_err(self.poison("fdatasync of bitmap pages"))?;
+        result.synced = true;
+        for (page, hash) in written_hashes {
+            self.page_hashes[page as usize] = Some(hash);
+        }
+        Ok(result)
+    }
+
+    fn flush_batch(
+        &mut self,
+        batch: &mut Vec<u8>,
+        first: Option<u64>,
+        hashes: &mut Vec<(u64, PageHash)>,
+        written: &mut Vec<(u64, PageHash)>,
+    ) -> Result<(), MetaError> {
+        let Some(first) = first else { return Ok(()) };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // Until the fdatasync succeeds, these pages' durable contents are unknown.
+        for (page, _) in hashes.iter() {
+            self.page_hashes[*page as usize] = None;
+        }
+        let offset = self.bitmap_area_offset + first * BITMAP_PAGE_LEN_BYTES;
+        self.file
+            .write_all_at(batch, offset)
+            .map_err(self.poison("bitmap page write"))?;
+        written.append(hashes);
+        batch.clear();
+        Ok(())
+    }
+
+    /// Write every listed page and fdatasync, regardless of what is durable
+    /// (creation and conversion).
+    fn write_pages(
+        &mut self,
+        bm: &DirtyBitmap,
+        pages: impl IntoIterator<Item = BitmapPage>,
+    ) -> Result<PagesPersisted, MetaError> {
+        self.check_writable()?;
+        self.write_pages_if_changed(bm, pages, true)
+    }
+
+    /// Pages in the bitmap area.
+    pub fn bitmap_page_count(&self) -> u64 {
+        self.layout.bitmap_page_count
     }
 
     /// Read the activity log and pick its newest valid record (see
@@ -577,7 +1014,9 @@ impl MetaStore {
     /// [`MetaError::AlUnsupportedVersion`] rather than skipped, since
     /// leaving it out could forget active extents.
     pub fn read_activity(&self) -> Result<ActivitySnapshot, MetaError> {
-        let area = read_at_most(&self.file, AL_OFFSET_BYTES, AL_LEN_BYTES as usize)
+        let area = self
+            .file
+            .read_at_most(AL_OFFSET_BYTES, AL_LEN_BYTES as usize)
             .map_err(io_err(&self.path, "read of the activity log"))?;
         let geometry = AlGeometry {
             size_bytes: self.layout.size_bytes,
@@ -596,7 +1035,7 @@ impl MetaStore {
             path: self.path.clone(),
             slot: fault.slot,
             found: fault.found,
-            supported: FORMAT_VERSION,
+            supported: AL_RECORD_VERSION,
         })
     }
 
