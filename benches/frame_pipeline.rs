@@ -44,6 +44,7 @@ fn write_frame(payload: Payload) -> Frame {
         msg: Message::Write {
             offset: 1 << 20,
             fua: false,
+            at_ms: 0,
         },
         payload,
     }

@@ -237,6 +237,12 @@ pub struct NodeConfig {
     pub rpo_seconds: Option<f64>,
     /// Command (run with `sh -c`) when the lag crosses the RPO target either way.
     pub rpo_hook: Option<String>,
+    /// The secondary's redo journal file, its ring size, and the rollback window.
+    pub journal: PathBuf,
+    pub journal_bytes: u64,
+    pub rollback_window_ms: u64,
+    /// A resync larger than the journal may make the secondary inconsistent.
+    pub resync_overflow_inconsistent: bool,
 }
 
 /// Defaults, with the reasoning behind each number.

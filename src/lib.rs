@@ -52,19 +52,15 @@
 //! - **G8 Roles are explicit.** Only the primary accepts client writes; taking the
 //!   primary role starts a new generation.
 
-#[cfg(any())]
 pub mod agent;
 pub mod bitmap;
 pub mod cli;
 pub mod config;
-#[cfg(any())]
 pub mod demo;
 pub mod engine;
 pub mod frontend;
 pub mod meta;
-#[cfg(any())]
 pub mod metrics;
-#[cfg(any())]
 pub mod ops;
 pub mod resync;
 pub mod transport;

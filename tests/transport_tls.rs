@@ -83,6 +83,7 @@ async fn mutual_tls_round_trips_frames_both_ways() {
             msg: Message::Write {
                 offset: seq * (1 << 20),
                 fua: seq == 8,
+                at_ms: 0,
             },
             payload: Payload::prepare(Bytes::from(data.clone()), if seq % 2 == 0 { 3 } else { 0 }),
         })

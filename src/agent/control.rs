@@ -171,6 +171,40 @@ pub struct StatusDoc {
     /// The online verify running on a primary (`tandem verify`); null when none runs.
     #[serde(default)]
     pub verify: Option<VerifyStatus>,
+    /// The secondary's last consistent image (the DR copy a promotion serves); on a
+    /// primary, as its secondary last reported it. Null while none exists.
+    #[serde(default)]
+    pub consistent_point: Option<ConsistentStatus>,
+    /// The secondary's redo journal.
+    #[serde(default)]
+    pub journal: Option<JournalStatus>,
+}
+
+/// Where the consistent image stands (issue 10).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ConsistentStatus {
+    /// The primary's seq of the newest write the image holds.
+    pub seq: u64,
+    /// When the primary accepted that write (unix ms; 0 = unknown).
+    pub at_unix_ms: u64,
+    /// How old that is now, seconds.
+    pub age_s: f64,
+    /// The journal record it ends at (secondary).
+    pub journal_lsn: u64,
+    /// A resync is running: the image being received is mixed until it ends, the
+    /// consistent point stays where it was.
+    pub resync_open: bool,
+}
+
+/// The secondary's redo journal.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JournalStatus {
+    pub path: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub records: u64,
+    /// Consistent points a rollback can go back to.
+    pub points: u64,
 }
 
 /// Progress of a running online verify, in `tandem status`.
@@ -441,6 +475,8 @@ impl StatusDoc {
                 }
             }),
             verify: None,
+            consistent_point: None,
+            journal: None,
         }
     }
 

@@ -28,6 +28,8 @@ enum Job {
     Stats {
         reply: oneshot::Sender<(u64, u64)>,
     },
+    /// Every job before it is done: the thread ends (other handles may remain).
+    Stop,
 }
 
 /// A journal operation finished (in the order given).
@@ -167,6 +169,7 @@ impl JournalThread {
                         Job::Stats { reply } => {
                             let _ = reply.send((j.used_bytes(), j.capacity_bytes()));
                         }
+                        Job::Stop => return,
                     }
                 }
             })
@@ -181,13 +184,10 @@ impl JournalThread {
         self.handle.clone()
     }
 
-    /// Wait for every job given so far and stop the thread.
+    /// Wait for every job given so far and stop the thread (handles still held
+    /// elsewhere find it gone: reads fail, other jobs are dropped).
     pub fn stop(mut self) {
-        let JournalHandle { tx } = self.handle.clone();
-        drop(tx);
-        // The thread ends when every sender is gone: ours, and the clones the
-        // node's tasks hold (they end with the node).
-        drop(self.handle);
+        let _ = self.handle.tx.send(Job::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

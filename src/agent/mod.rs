@@ -8,6 +8,7 @@
 
 pub mod control;
 pub mod link;
+pub mod journal;
 pub(crate) mod metawork;
 pub mod monitor;
 pub mod node;
@@ -74,6 +75,9 @@ pub struct RoleContext {
     pub demote: std::sync::Arc<std::sync::Mutex<Option<Demote>>>,
     /// Promotion of a disk that is not UpToDate (`tandem promote --force`).
     pub force: bool,
+    /// Set before `stop` is cancelled for a promotion: a secondary brings its image
+    /// to its last consistent point and copies it into the volume.
+    pub promoting: std::sync::Arc<std::sync::Mutex<bool>>,
     /// The node's figures, kept across role changes (counters and events describe
     /// the node); None: the role makes its own.
     pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,

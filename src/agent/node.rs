@@ -88,6 +88,7 @@ async fn host_roles(
             control: slot.clone(),
             demote: Arc::default(),
             force: std::mem::take(&mut force),
+            promoting: Arc::default(),
             metrics: Some(metrics.clone()),
         };
         let (up_tx, up_rx) = oneshot::channel::<()>();
@@ -178,6 +179,7 @@ async fn host_roles(
                     }
                     (Role::Secondary, RoleRequest::Promote { force: f, reply }) => {
                         tracing::warn!(force = f, "promoting to primary");
+                        *ctx.promoting.lock().expect("promoting lock") = true;
                         ctx.stop.cancel();
                         match runner.await {
                             Ok(Ok(_)) => {}

@@ -26,18 +26,18 @@ use crate::agent::control::{self, ControlHandler, ControlReply, ControlRequest, 
 use crate::agent::journal::{self, JournalDone, JournalHandle, JournalThread};
 use crate::agent::link::{self, FrameReader, LinkError};
 use crate::agent::metawork::{MetaDone, MetaJob, MetaWorker};
-use crate::agent::{AgentError, RoleContext, errno_of, security_for};
+use crate::agent::{AgentError, RoleContext, security_for};
 use crate::bitmap::DirtyBitmap;
 use crate::config::NodeConfig;
 use crate::engine::generations::GenInfo;
-use crate::engine::handshake::{self, Local, Plan, Refusal};
+use crate::engine::handshake::{self, Local, Plan};
 use crate::engine::recovery;
 use crate::engine::secondary::{
     self, Incoming, Lsn, Record, Room, SecondaryAction, SecondaryEngine, Source,
 };
 use crate::metrics::Metrics;
-use crate::transport::{PeerListener, PeerReadHalf, PeerStream, PeerWriteHalf};
-use crate::types::{BlockCount, BlockIndex, ByteRange, DiskState, Generation, Role, Seq, VolumeId};
+use crate::transport::{PeerListener, PeerReadHalf, PeerStream};
+use crate::types::{ByteRange, DiskState, Generation, Role, Seq, VolumeId};
 use crate::volume::Volume;
 use crate::wire::{self, Frame, Hello, Message, PROTOCOL_VERSION, SyncPlan, Welcome, caps};
 
@@ -73,7 +73,6 @@ enum Event {
 
 /// Control commands that need the node's state.
 enum ControlCmd {
-    Status(oneshot::Sender<StatusDoc>),
     Points(oneshot::Sender<ControlReply>),
     /// `tandem resolve --discard-local`.
     DiscardLocal(oneshot::Sender<ControlReply>),
@@ -806,6 +805,7 @@ impl Node {
         self.journal = Some(opened.thread);
         Ok(())
     }
+}
 
 impl Node {
     /// What the handshake decision needs to know about this node.
@@ -917,9 +917,6 @@ impl Node {
 
     fn on_control(&mut self, cmd: ControlCmd) {
         match cmd {
-            ControlCmd::Status(reply) => {
-                let _ = reply.send(self.status());
-            }
             ControlCmd::Points(reply) => {
                 let points: Vec<serde_json::Value> = self
                     .engine
@@ -963,6 +960,19 @@ impl Node {
         let mut out = Vec::new();
         self.engine.session_ended(&mut out);
         self.settle(&mut out, jdone_rx, meta_rx, events_rx).await?;
+        if !promoting {
+            // A clean stop copies the consistent image into the volume, so the image
+            // file at rest is the replica (the rollback window starts over at the
+            // next start); records of an unfinished resync stay in the journal.
+            loop {
+                let mut out = Vec::new();
+                if !self.engine.checkpoint_all(&mut out) {
+                    break;
+                }
+                self.act(&mut out);
+                self.settle(&mut out, jdone_rx, meta_rx, events_rx).await?;
+            }
+        }
         if promoting {
             // The image becomes the consistent point: an open section is dropped
             // (its blocks now differ from the old primary's: they go into this

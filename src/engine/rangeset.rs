@@ -166,3 +166,141 @@ mod tests {
         }
     }
 }
+
+/// Disjoint byte ranges each mapped to a value (the newest journal record that
+/// wrote them): inserting a range overwrites whatever it covers, splitting the
+/// pieces it cuts.
+#[derive(Clone, Debug, Default)]
+pub struct RangeMap<V> {
+    /// start → (end, value); pieces never overlap.
+    pieces: BTreeMap<u64, (u64, V)>,
+}
+
+impl<V: Copy + PartialEq> RangeMap<V> {
+    pub fn new() -> Self {
+        RangeMap {
+            pieces: BTreeMap::new(),
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.pieces.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.pieces.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// Cut the pieces overlapping `[start, end)` out of the map.
+    fn cut(&mut self, start: u64, end: u64) {
+        let overlapping: Vec<(u64, u64, V)> = self
+            .pieces
+            .range(..end)
+            .rev()
+            .take_while(|(_, (e, _))| *e > start)
+            .map(|(s, (e, v))| (*s, *e, *v))
+            .collect();
+        for (s, e, v) in overlapping {
+            self.pieces.remove(&s);
+            if s < start {
+                self.pieces.insert(s, (start, v));
+            }
+            if e > end {
+                self.pieces.insert(end, (e, v));
+            }
+        }
+    }
+
+    /// `[start, end)` now maps to `value`.
+    pub fn insert(&mut self, start: u64, end: u64, value: V) {
+        if start >= end {
+            return;
+        }
+        self.cut(start, end);
+        self.pieces.insert(start, (end, value));
+    }
+
+    /// Remove the pieces of `[start, end)` that still map to `value` (a record whose
+    /// data moved to the volume; newer records over it stay).
+    pub fn remove_value(&mut self, start: u64, end: u64, value: V) {
+        let hit: Vec<(u64, u64)> = self
+            .pieces
+            .range(..end)
+            .rev()
+            .take_while(|(_, (e, _))| *e > start)
+            .filter(|(_, (_, v))| *v == value)
+            .map(|(s, (e, _))| (*s, *e))
+            .collect();
+        for (s, e) in hit {
+            self.cut(s.max(start), e.min(end));
+        }
+    }
+
+    /// The pieces of `[start, end)` in order, gaps as `None`.
+    pub fn query(&self, start: u64, end: u64) -> Vec<(u64, u64, Option<V>)> {
+        let mut out = Vec::new();
+        let mut at = start;
+        let first = self
+            .pieces
+            .range(..=start)
+            .next_back()
+            .filter(|(_, (e, _))| *e > start)
+            .map(|(s, _)| *s)
+            .unwrap_or(start);
+        for (&s, &(e, v)) in self.pieces.range(first..end) {
+            let (s, e) = (s.max(start), e.min(end));
+            if s >= e {
+                continue;
+            }
+            if s > at {
+                out.push((at, s, None));
+            }
+            out.push((s, e, Some(v)));
+            at = e;
+        }
+        if at < end {
+            out.push((at, end, None));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod map_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn behaves_like_a_byte_array_of_values(ops in proptest::collection::vec((any::<bool>(), 0u64..300, 1u64..60, 0u8..8), 0..60)) {
+            let mut map = RangeMap::new();
+            let mut model = vec![None; 400];
+            for (insert, start, len, v) in ops {
+                let end = start + len;
+                if insert {
+                    map.insert(start, end, v);
+                    for x in start..end { model[x as usize] = Some(v); }
+                } else {
+                    map.remove_value(start, end, v);
+                    for x in start..end { if model[x as usize] == Some(v) { model[x as usize] = None; } }
+                }
+            }
+            let pieces = map.query(0, 400);
+            let mut at = 0;
+            for (s, e, v) in pieces {
+                prop_assert_eq!(s, at);
+                for x in s..e { prop_assert_eq!(model[x as usize], v); }
+                at = e;
+            }
+            prop_assert_eq!(at, 400);
+            for (s, e, v) in map.query(37, 211) {
+                prop_assert!(s >= 37 && e <= 211);
+                for x in s..e { prop_assert_eq!(model[x as usize], v); }
+            }
+        }
+    }
+}

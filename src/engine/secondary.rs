@@ -35,7 +35,9 @@
 //! state, the journal's space and the checkpoint policy. It does no I/O: the agent
 //! appends, syncs, copies and reads as told.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::engine::rangeset::RangeMap;
 
 use crate::types::{BlockIndex, ByteRange, Seq};
 
@@ -391,7 +393,7 @@ pub struct SecondaryEngine<D> {
     /// The checkpointer may not pass this record (an inspection holds it).
     pin: Option<Lsn>,
     /// Newest record per block among the live records.
-    index: HashMap<u64, Lsn>,
+    index: RangeMap<Lsn>,
     session: Option<Session>,
     poisoned: Option<String>,
     _data: std::marker::PhantomData<D>,
@@ -423,7 +425,7 @@ impl<D> SecondaryEngine<D> {
             durable_write: (Seq::ZERO, 0),
             last_point: applied,
             pin: None,
-            index: HashMap::new(),
+            index: RangeMap::new(),
             session: None,
             poisoned: None,
             _data: std::marker::PhantomData,
@@ -495,10 +497,7 @@ impl<D> SecondaryEngine<D> {
         }
         r.in_section = self.in_section || r.kind == RecordKind::SectionStart;
         if r.kind.changes_data() {
-            let (a, b) = r.range.blocks(self.cfg.block_size);
-            for blk in a.0..b.0 {
-                self.index.insert(blk, r.lsn);
-            }
+            self.index.insert(r.range.offset, r.range.end(), r.lsn);
             self.last_write = (r.seq, r.at_ms);
         }
         self.live_bytes += r.journal_bytes;
@@ -543,55 +542,47 @@ impl<D> SecondaryEngine<D> {
         became
     }
 
-    /// Where to read the current image of `range` from (newest record per block,
-    /// else the volume), merged into runs.
+    /// Where to read the current image of `range` from (the newest record for each
+    /// byte, else the volume), merged into runs.
     pub fn sources(&self, range: ByteRange) -> Vec<(ByteRange, Source)> {
-        self.resolve(range, |blk| self.index.get(&blk).copied())
+        self.resolve(&self.index, range)
     }
 
-    /// A view of the image as of record `at` (≥ applied): the newest record per
-    /// block at or before it. Built once per inspection.
-    pub fn view_at(&self, at: Lsn) -> HashMap<u64, Lsn> {
-        let mut view = HashMap::new();
+    /// A view of the image as of record `at` (≥ applied): the newest record for
+    /// each byte at or before it. Built once per inspection.
+    pub fn view_at(&self, at: Lsn) -> RangeMap<Lsn> {
+        let mut view = RangeMap::new();
         for r in self.records.iter().take_while(|r| r.lsn <= at) {
             if r.kind.changes_data() {
-                let (a, b) = r.range.blocks(self.cfg.block_size);
-                for blk in a.0..b.0 {
-                    view.insert(blk, r.lsn);
-                }
+                view.insert(r.range.offset, r.range.end(), r.lsn);
             }
         }
         view
     }
 
     /// Where to read `range` of a view built by [`Self::view_at`].
-    pub fn sources_in(&self, view: &HashMap<u64, Lsn>, range: ByteRange) -> Vec<(ByteRange, Source)> {
-        self.resolve(range, |blk| view.get(&blk).copied())
+    pub fn sources_in(&self, view: &RangeMap<Lsn>, range: ByteRange) -> Vec<(ByteRange, Source)> {
+        self.resolve(view, range)
     }
 
-    fn resolve(&self, range: ByteRange, newest: impl Fn(u64) -> Option<Lsn>) -> Vec<(ByteRange, Source)> {
-        let bs = self.cfg.block_size as u64;
+    fn resolve(&self, map: &RangeMap<Lsn>, range: ByteRange) -> Vec<(ByteRange, Source)> {
         let mut out: Vec<(ByteRange, Source)> = Vec::new();
-        let mut offset = range.offset;
-        while offset < range.end() {
-            let blk = offset / bs;
-            let end = ((blk + 1) * bs).min(range.end());
-            let src = match newest(blk).and_then(|l| self.record(l)) {
+        for (start, end, lsn) in map.query(range.offset, range.end()) {
+            let src = match lsn.and_then(|l| self.record(l)) {
                 None => Source::Volume,
                 Some(r) if r.kind == RecordKind::Write => Source::Record {
                     lsn: r.lsn,
-                    skip: offset - r.range.offset,
+                    skip: start - r.range.offset,
                 },
                 Some(_) => Source::Zero,
             };
-            let piece = ByteRange::new(offset, end - offset);
+            let piece = ByteRange::new(start, end - start);
             match out.last_mut() {
-                Some((prev, s)) if prev.end() == offset && continues(s, &src, prev.len) => {
+                Some((prev, s)) if prev.end() == start && continues(s, &src, prev.len) => {
                     prev.len += piece.len;
                 }
                 _ => out.push((piece, src)),
             }
-            offset = end;
         }
         out
     }
@@ -1174,12 +1165,7 @@ impl<D> SecondaryEngine<D> {
             self.live_bytes -= r.journal_bytes;
             self.volume_consistent = !r.in_section;
             if r.kind.changes_data() {
-                let (a, b) = r.range.blocks(self.cfg.block_size);
-                for blk in a.0..b.0 {
-                    if self.index.get(&blk) == Some(&r.lsn) {
-                        self.index.remove(&blk);
-                    }
-                }
+                self.index.remove_value(r.range.offset, r.range.end(), r.lsn);
             }
         }
         self.applied = through;
@@ -1199,7 +1185,12 @@ impl<D> SecondaryEngine<D> {
     /// lost, the consistent image never is.
     pub fn restart_large_section(&mut self) -> Vec<ByteRange> {
         match self.consistent {
-            Some(c) if self.in_section && self.live_bytes > self.cfg.journal_capacity_bytes / 2 => {
+            // Only while no I/O runs (a sync or checkpoint in flight): else next time.
+            Some(c)
+                if self.in_section
+                    && self.is_idle()
+                    && self.live_bytes > self.cfg.journal_capacity_bytes / 2 =>
+            {
                 self.truncate_after(c)
             }
             _ => Vec::new(),

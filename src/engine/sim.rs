@@ -147,7 +147,6 @@ enum LocalIo {
         range: ByteRange,
         tags: Option<Tags>,
         fua: bool,
-        trim: bool,
     },
     Read {
         seq: Seq,
@@ -169,15 +168,11 @@ struct Primary {
     persist: Option<DirtyBitmap>,
     /// Client writes and flushes not answered yet: token → what they cover.
     clients: HashMap<u64, Client>,
-    /// The generation must be persisted before the next write alone.
-    wrote_alone: bool,
 }
 
 #[derive(Clone)]
 enum Client {
     Write {
-        range: ByteRange,
-        tags: Option<Tags>,
         fua: bool,
         /// Position in each block's history.
         hist: Vec<(usize, usize)>,
@@ -400,7 +395,6 @@ impl Sim {
             al_write: None,
             persist: None,
             clients: HashMap::new(),
-            wrote_alone: false,
         });
     }
 
@@ -440,7 +434,6 @@ impl Sim {
                             range,
                             tags: data,
                             fua,
-                            trim: kind == OpKind::Trim,
                         },
                         _ => LocalIo::Read {
                             seq,
@@ -544,12 +537,7 @@ impl Sim {
         }
         p.clients.insert(
             token,
-            Client::Write {
-                range,
-                tags: tags.clone(),
-                fua,
-                hist,
-            },
+            Client::Write { fua, hist },
         );
         let mut out = Vec::new();
         p.e.submit(kind, range, fua, tags, token, self.now_ms, &mut out);
@@ -585,7 +573,6 @@ impl Sim {
                 range,
                 tags,
                 fua,
-                trim: _,
             } => {
                 self.pdisk.write_range(range, tags.as_deref(), fua);
                 p.e.local_done(seq, Ok(()), &mut out);

@@ -235,6 +235,14 @@ impl Metrics {
         }
     }
 
+    /// The condition behind the last error is over (connected again, in sync):
+    /// status no longer shows it.
+    pub fn clear_error(&self) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = None;
+        }
+    }
+
     pub fn set_error(&self, message: String) {
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(message);

@@ -398,6 +398,8 @@ mod tests {
             generations: None,
             handshake: None,
             verify: None,
+            consistent_point: None,
+            journal: None,
             rpo: Some(RpoStatus {
                 target_s: 10.0,
                 exceeded: true,

@@ -88,10 +88,6 @@ impl<T> Flushes<T> {
         self.volatile_new.iter().chain(self.volatile_running.iter())
     }
 
-    pub(super) fn volatile_blocks(&self) -> u64 {
-        self.volatile_new.count().0 + self.volatile_running.count().0
-    }
-
     pub(super) fn assert_invariants(&self) {
         if self.running.is_none() {
             assert!(self.volatile_running.is_empty());
