@@ -264,3 +264,233 @@ fn demo_passes() {
     );
     assert!(!stdout.contains("DIFFERENT"), "{stdout}");
 }
+
+/// A resource file shaped like deploy/r0.toml (every path under `dir`, loopback
+/// addresses), for start-up checks.
+fn resource_file(dir: &Path, tls_dir: &Path, beta_volume: &str) -> PathBuf {
+    let cfg = dir.join("r0.toml");
+    let text = format!(
+        r#"[resource]
+name = "r0"
+mode = "sync"
+tls-dir = "{tls}"
+
+[nodes.alpha]
+address = "127.0.0.1:{pa}"
+volume = "{d}/r0.img"
+size = "100G"
+meta = "{d}/r0.img.tandem-meta"
+nbd = "127.0.0.1:{pn}"
+control = "{d}/control.sock"
+
+[nodes.beta]
+address = "127.0.0.1:{pb}"
+volume = "{beta_volume}"
+meta = "{d}/beta.meta"
+nbd = "127.0.0.1:{pn}"
+control = "{d}/beta.sock"
+"#,
+        tls = tls_dir.display(),
+        d = dir.display(),
+        pa = free_port(),
+        pb = free_port(),
+        pn = free_port(),
+    );
+    std::fs::write(&cfg, text).expect("write resource file");
+    cfg
+}
+
+#[test]
+fn a_start_without_ca_pem_creates_no_image_and_no_metadata() {
+    // Issue 15.8: the primary used to create a 100 GiB image and new metadata,
+    // serve NBD, and only then exit on the missing ca.pem.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = dir.path().join("tls");
+    common::make_certs(&tls, &["alpha", "beta"]);
+    std::fs::remove_file(tls.join("ca.pem")).expect("remove ca.pem");
+    let cfg = resource_file(dir.path(), &tls, "/dev/null-tandem-absent");
+    let cfg_s = cfg.display().to_string();
+    let before = listing(dir.path());
+    for role in ["primary", "secondary"] {
+        let out = tandem(&[role, "--config", &cfg_s, "--node", "alpha"], dir.path());
+        let line = one_error_line(&out, "missing ca.pem");
+        assert!(
+            line.contains("ca.pem") && line.contains("tandem certs"),
+            "names the file and the fix: {line}"
+        );
+        assert_eq!(
+            listing(dir.path()),
+            before,
+            "{role}: nothing may be created"
+        );
+    }
+    // A certificate for another name is refused the same way, before anything.
+    common::make_certs(&dir.path().join("other"), &["alpha", "beta"]);
+    std::fs::copy(dir.path().join("other/ca.pem"), tls.join("ca.pem")).expect("copy");
+    let before = listing(dir.path());
+    let out = tandem(
+        &["primary", "--config", &cfg_s, "--node", "alpha"],
+        dir.path(),
+    );
+    let line = one_error_line(&out, "certificate of another CA");
+    assert!(
+        line.contains("alpha.pem") && line.contains("--ca"),
+        "{line}"
+    );
+    assert_eq!(listing(dir.path()), before, "nothing may be created");
+}
+
+#[test]
+fn a_missing_block_device_is_never_created_and_the_error_says_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = dir.path().join("tls");
+    common::make_certs(&tls, &["alpha", "beta"]);
+    let dev = "/dev/tandem-test-absent-disk";
+    let cfg = resource_file(dir.path(), &tls, dev);
+    let cfg_s = cfg.display().to_string();
+    let before = listing(dir.path());
+    for args in [
+        vec!["secondary", "--config", &cfg_s, "--node", "beta"],
+        // --size must not turn a device path into an image file under /dev.
+        vec![
+            "secondary",
+            "--config",
+            &cfg_s,
+            "--node",
+            "beta",
+            "--size",
+            "1G",
+        ],
+    ] {
+        let out = tandem(&args, dir.path());
+        let line = one_error_line(&out, "missing block device");
+        assert!(
+            line.contains(dev) && line.contains("block device") && !line.contains("--size"),
+            "names the device, never suggests --size: {line}"
+        );
+        assert!(!Path::new(dev).exists(), "nothing created under /dev");
+    }
+    assert_eq!(listing(dir.path()), before);
+    // A directory that does not exist: say which and how to make it.
+    let out = tandem(
+        &[
+            "secondary",
+            "--config",
+            &cfg_s,
+            "--node",
+            "alpha",
+            "--control",
+            &dir.path().join("run/r0/control.sock").display().to_string(),
+        ],
+        dir.path(),
+    );
+    let line = one_error_line(&out, "missing control directory");
+    assert!(line.contains("mkdir -p"), "{line}");
+    assert_eq!(listing(dir.path()), before);
+}
+
+#[test]
+fn a_start_that_fails_after_creating_the_image_removes_it() {
+    // Everything the start-up checks can see is fine, but the metadata belongs
+    // to a volume of another size: the agent fails after it created the image.
+    let site = Site::new();
+    let other = site.path("other.img");
+    let meta = site.path("shared.meta");
+    let certs = site.certs.display().to_string();
+    let mut first = Agent::spawn(
+        "meta-owner",
+        &[
+            "secondary",
+            "--volume",
+            &other.display().to_string(),
+            "--size",
+            "8M",
+            "--meta",
+            &meta.display().to_string(),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--tls-dir",
+            &certs,
+            "--control",
+            &site.path("owner.sock").display().to_string(),
+        ]
+        .map(String::from),
+        site.path("owner.log"),
+        site.path("owner.sock"),
+    );
+    first.wait_status("control socket", READY_TIMEOUT, |_| true);
+    first.stop();
+    let img = site.path("new.img");
+    let out = tandem(
+        &[
+            "secondary",
+            "--volume",
+            &img.display().to_string(),
+            "--size",
+            "16M",
+            "--meta",
+            &meta.display().to_string(),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--tls-dir",
+            &certs,
+            "--control",
+            &site.path("new.sock").display().to_string(),
+        ],
+        site.dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("removed") && stderr.contains("new.img"),
+        "says what it removed: {stderr}"
+    );
+    assert!(!img.exists(), "the image this start created is removed");
+    assert!(meta.exists(), "the metadata it did not create is kept");
+}
+
+#[test]
+fn files_are_created_private_whatever_the_umask_and_logs_have_no_colour_off_a_terminal() {
+    use std::os::unix::fs::PermissionsExt;
+    let site = Site::new();
+    let img = site.path("private.img");
+    let control = site.path("private.sock");
+    let log = site.path("private.log");
+    let log_file = std::fs::File::create(&log).expect("log");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("umask 022; exec \"$@\"")
+        .arg("sh")
+        .arg(common::tandem_bin())
+        .args(["secondary", "--volume"])
+        .arg(&img)
+        .args(["--size", "8M", "--listen"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--tls-dir")
+        .arg(&site.certs)
+        .arg("--control")
+        .arg(&control)
+        .env("TANDEM_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    while common::status_of(&control).is_none() {
+        assert!(std::time::Instant::now() < deadline, "agent did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: kill(2) with our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().expect("wait");
+    for p in [img.clone(), sidecar(&img, ".tandem-meta")] {
+        let mode = std::fs::metadata(&p).expect("created").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is mode {mode:o}", p.display());
+    }
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(text.contains("INFO"), "the agent logged: {text}");
+    assert!(
+        !text.contains('\x1b'),
+        "no ANSI colour in a log file: {text:?}"
+    );
+}
