@@ -1282,4 +1282,49 @@ size = "1G"
         .unwrap_err();
         assert!(e.to_string().contains("--peer"), "{e}");
     }
+
+    /// The keys serde accepts in a section, from the error an unknown key gets.
+    fn accepted_keys(section: &str) -> Vec<String> {
+        let text = format!("{section}\nzz-unknown = 1\n");
+        let e = toml::from_str::<ResourceFile>(&text).unwrap_err().to_string();
+        let list = e.split("expected one of").nth(1).expect("serde lists the fields");
+        list.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The resource-file examples of README.md and deploy/r0.toml parse, and
+    /// each names every key the parser accepts (issue 15.9).
+    #[test]
+    fn documented_resource_files_parse_and_name_every_key() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let section = &readme[readme.find("## Resource file").unwrap()..];
+        let start = section.find("```toml\n").unwrap() + 8;
+        let example = &section[start..start + section[start..].find("```").unwrap()];
+        let deploy = std::fs::read_to_string(root.join("deploy/r0.toml")).unwrap();
+        for (what, text) in [("README.md", example), ("deploy/r0.toml", deploy.as_str())] {
+            let file: ResourceFile = toml::from_str(text).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(file.nodes.len(), 2, "{what}");
+            // Commented-out keys count as documented: uncomment them.
+            let uncommented: String = text
+                .lines()
+                .map(|l| l.trim_start().strip_prefix("# ").filter(|r| r.contains(" = ")).unwrap_or(l))
+                .collect::<Vec<_>>()
+                .join("\n");
+            for (section, keys) in [
+                ("[resource]", accepted_keys("[resource]")),
+                ("[nodes.a]", accepted_keys("[nodes.a]")),
+            ] {
+                for key in keys {
+                    let documented = uncommented
+                        .lines()
+                        .any(|l| l.trim_start().starts_with(&format!("{key} =")));
+                    assert!(documented, "{what}: key {key} of {section} is not documented");
+                }
+            }
+        }
+    }
 }
