@@ -494,3 +494,164 @@ fn files_are_created_private_whatever_the_umask_and_logs_have_no_colour_off_a_te
         "no ANSI colour in a log file: {text:?}"
     );
 }
+
+#[test]
+fn a_node_certificate_signed_later_by_the_existing_ca_is_accepted_by_a_running_peer() {
+    // Issue 12.6: `tandem certs --ca` signs a third node with the existing CA.
+    let site = Site::with_names(&["alpha", "beta"]);
+    let certs = site.certs.display().to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut beta = Agent::spawn(
+        "beta",
+        &[
+            "secondary",
+            "--name",
+            "beta",
+            "--peer-name",
+            "gamma",
+            "--volume",
+            &site.path("beta.img").display().to_string(),
+            "--size",
+            "16M",
+            "--listen",
+            &listen,
+            "--tls-dir",
+            &certs,
+            "--control",
+            &site.path("beta.sock").display().to_string(),
+        ]
+        .map(String::from),
+        site.path("beta.log"),
+        site.path("beta.sock"),
+    );
+    beta.wait_status("control socket", READY_TIMEOUT, |_| true);
+    // Signed after beta started, into a directory of its own.
+    let gamma_dir = site.path("gamma-tls");
+    let out = tandem(
+        &[
+            "certs",
+            "--ca",
+            &certs,
+            "--name",
+            "gamma",
+            "--out",
+            &gamma_dir.display().to_string(),
+        ],
+        site.dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(gamma_dir.join("ca.pem").exists(), "ca.pem copied");
+    let mut gamma = Agent::spawn(
+        "gamma",
+        &[
+            "primary",
+            "--name",
+            "gamma",
+            "--peer-name",
+            "beta",
+            "--volume",
+            &site.path("gamma.img").display().to_string(),
+            "--size",
+            "16M",
+            "--peer",
+            &listen,
+            "--nbd",
+            &format!("127.0.0.1:{}", free_port()),
+            "--tls-dir",
+            &gamma_dir.display().to_string(),
+            "--control",
+            &site.path("gamma.sock").display().to_string(),
+        ]
+        .map(String::from),
+        site.path("gamma.log"),
+        site.path("gamma.sock"),
+    );
+    gamma.wait_status("connected and in sync", READY_TIMEOUT, |s| {
+        s["peer"]["connection"] == "connected" && s["peer"]["disk_state"] == "UpToDate"
+    });
+    gamma.stop();
+    beta.stop();
+}
+
+#[test]
+fn status_all_asks_every_resource_and_a_silent_agent_times_out() {
+    let site = Site::with_names(&["alpha", "beta"]);
+    let dir = site.path("etc");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let write = |name: &str| {
+        let text = format!(
+            "[resource]\nname = \"{name}\"\ntls-dir = \"{certs}\"\n\n[nodes.alpha]\naddress = \"127.0.0.1:{pa}\"\n\
+             volume = \"{d}/{name}.img\"\nsize = \"16M\"\ncontrol = \"{d}/{name}.sock\"\n\n\
+             [nodes.beta]\naddress = \"127.0.0.1:{pb}\"\nvolume = \"{d}/{name}-b.img\"\n",
+            certs = site.certs.display(),
+            d = site.dir.path().display(),
+            pa = free_port(),
+            pb = free_port(),
+        );
+        std::fs::write(dir.join(format!("{name}.toml")), text).expect("write");
+        // The unit's env file names this host's node.
+        std::fs::write(
+            dir.join(format!("{name}.env")),
+            "ROLE=secondary\nNODE=alpha\n",
+        )
+        .expect("env");
+    };
+    write("r0");
+    write("r1");
+    let r0 = dir.join("r0.toml").display().to_string();
+    let mut agent = Agent::spawn(
+        "r0-alpha",
+        &["secondary", "--config", &r0, "--node", "alpha"].map(String::from),
+        site.path("r0.log"),
+        site.path("r0.sock"),
+    );
+    agent.wait_status("control socket", READY_TIMEOUT, |_| true);
+    let dir_s = dir.display().to_string();
+    let out = tandem(&["status", "--all", "--dir", &dir_s], site.dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "r1 is not running: {stdout}");
+    assert!(stdout.contains("r0 role:secondary"), "{stdout}");
+    assert!(
+        stdout.contains("r1 (") && stdout.contains("not answering"),
+        "{stdout}"
+    );
+    let out = tandem(
+        &["status", "--all", "--dir", &dir_s, "--json"],
+        site.dir.path(),
+    );
+    let docs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json array");
+    assert_eq!(docs.as_array().map(Vec::len), Some(2), "{docs}");
+    assert_eq!(docs[0]["ok"], true);
+    assert_eq!(docs[0]["status"]["resource"], "r0");
+    assert_eq!(docs[1]["ok"], false);
+    agent.stop();
+
+    // An agent that accepts and never answers: the client gives up in time.
+    let silent = site.path("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&silent).expect("bind");
+    let start = std::time::Instant::now();
+    let out = tandem(
+        &[
+            "status",
+            "--control",
+            &silent.display().to_string(),
+            "--control-timeout",
+            "1",
+        ],
+        site.dir.path(),
+    );
+    let line = one_error_line(&out, "silent agent");
+    assert!(
+        line.contains("did not answer") && line.contains("--control-timeout"),
+        "{line}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+}
