@@ -185,7 +185,7 @@ pub struct ControlTarget {
     /// Resource file: gives the resource name and, with --node, the control socket.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// With --config: the node whose agent to ask.
+    /// With --config: the node whose agent to ask; with --all: this host's node in every file.
     #[arg(long)]
     pub node: Option<String>,
 }
