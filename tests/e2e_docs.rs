@@ -37,6 +37,25 @@ use std::time::{Duration, Instant};
 
 use common::{run_ok, run_with_timeout};
 
+/// What the shipped unit gives the agent (deploy/tandem@.service), emulated
+/// in a private mount namespace of the daemon step: `StateDirectory=tandem`
+/// and `RuntimeDirectory=tandem/%i` create their directories, then
+/// `ProtectSystem=strict` makes every other mount read-only (except /dev,
+/// /proc, /sys). So the README's paths are proven to work inside the unit.
+const UNIT_SANDBOX: &str = r#"set -e
+mkdir -p -m 0700 /var/lib/tandem /run/tandem/r0
+mount --bind /var/lib/tandem /var/lib/tandem
+mount --bind /run/tandem/r0 /run/tandem/r0
+awk '{print $2}' /proc/self/mounts | while read -r m; do
+  case "$m" in
+    /var/lib/tandem|/run/tandem/r0|/dev|/dev/*|/proc|/proc/*|/sys|/sys/*) ;;
+    *) mount -o remount,bind,ro "$m" 2>/dev/null || true ;;
+  esac
+done
+touch /var/lib/tandem/.rw-check && rm /var/lib/tandem/.rw-check
+if touch /etc/.rw-check 2>/dev/null; then echo "sandbox: /etc is writable" >&2; exit 99; fi
+set +e"#;
+
 /// The README's nbdfuse file, as the kernel names a loop device's backing file.
 const FUSE_FILE: &str = "/run/tandem/r0.fuse/nbd";
 
@@ -435,8 +454,9 @@ impl Lab {
             .nsenter()
             // Its own process group: a crash kills the agent, not only its shell.
             .process_group(0)
+            .args(["unshare", "--mount", "--propagation", "private"])
             .args(["bash", "--noprofile", "--norc", "-c"])
-            .arg(format!("set -e\n{}", step.code.trim_end()))
+            .arg(format!("{UNIT_SANDBOX}\nset -e\n{}", step.code.trim_end()))
             .env_clear()
             .env("PATH", path)
             .env("HOME", "/root")
