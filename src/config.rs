@@ -12,10 +12,11 @@
 //! tls-dir = "/etc/tandem/r0"
 //!
 //! [nodes.alpha]
-//! address = "192.0.2.10:7789"    # replication address (the secondary listens here)
+//! address = "192.0.2.10:7789"    # replication address (this node listens here)
 //! volume = "/dev/vdb"
 //! meta = "/var/lib/tandem/r0.meta"
-//! nbd = "127.0.0.1:10809"        # export served while primary
+//! nbd = "unix:/run/tandem/r0/nbd.sock"  # export served while primary
+//! control = "/run/tandem/r0/control.sock"
 //! metrics = "127.0.0.1:9942"     # Prometheus /metrics (optional)
 //!
 //! [nodes.beta]
@@ -23,6 +24,11 @@
 //! volume = "/srv/images/r0.img"
 //! size = "100G"
 //! ```
+//!
+//! Also the start-up checks of a node ([`NodeConfig::preflight`]): everything
+//! that would make a start fail is looked at before the agent creates or opens
+//! anything, so a refused start leaves no file behind; and the resources of a
+//! host for `tandem status --all` ([`local_resources`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -729,7 +735,7 @@ impl NodeConfig {
                 if self.nbd.is_none() {
                     return Err(ConfigError::Missing {
                         option: "--nbd",
-                        hint: "the NBD export address, e.g. 127.0.0.1:10809 or unix:/run/tandem/r0.nbd",
+                        hint: "the NBD export address, e.g. unix:/run/tandem/r0/nbd.sock or 127.0.0.1:10809",
                     });
                 }
             }
@@ -1286,8 +1292,13 @@ size = "1G"
     /// The keys serde accepts in a section, from the error an unknown key gets.
     fn accepted_keys(section: &str) -> Vec<String> {
         let text = format!("{section}\nzz-unknown = 1\n");
-        let e = toml::from_str::<ResourceFile>(&text).unwrap_err().to_string();
-        let list = e.split("expected one of").nth(1).expect("serde lists the fields");
+        let e = toml::from_str::<ResourceFile>(&text)
+            .unwrap_err()
+            .to_string();
+        let list = e
+            .split("expected one of")
+            .nth(1)
+            .expect("serde lists the fields");
         list.split('`')
             .skip(1)
             .step_by(2)
@@ -1311,7 +1322,12 @@ size = "1G"
             // Commented-out keys count as documented: uncomment them.
             let uncommented: String = text
                 .lines()
-                .map(|l| l.trim_start().strip_prefix("# ").filter(|r| r.contains(" = ")).unwrap_or(l))
+                .map(|l| {
+                    l.trim_start()
+                        .strip_prefix("# ")
+                        .filter(|r| r.contains(" = "))
+                        .unwrap_or(l)
+                })
                 .collect::<Vec<_>>()
                 .join("\n");
             for (section, keys) in [
@@ -1322,7 +1338,10 @@ size = "1G"
                     let documented = uncommented
                         .lines()
                         .any(|l| l.trim_start().starts_with(&format!("{key} =")));
-                    assert!(documented, "{what}: key {key} of {section} is not documented");
+                    assert!(
+                        documented,
+                        "{what}: key {key} of {section} is not documented"
+                    );
                 }
             }
         }
