@@ -127,12 +127,12 @@ pub fn status_line(s: &StatusDoc) -> String {
 }
 
 /// Keep systemd informed while the node runs, until `stop`: every tick (half
-/// the watchdog timeout, or [`STATUS_INTERVAL`]) ask the role for its status
+/// the watchdog timeout, or 5 s) ask the role for its status
 /// through the control slot — on the primary that request is answered by the
 /// owner task's loop, so an answer proves the loop runs — then send
 /// `WATCHDOG=1` and a fresh `STATUS=`. No answer within the tick: no ping, and
 /// systemd restarts the service once the timeout passes. While a role change
-/// leaves the slot empty, pings continue for at most [`ROLE_CHANGE_MAX`].
+/// leaves the slot empty, pings continue for at most 5 minutes.
 ///
 /// Does nothing without `$NOTIFY_SOCKET`.
 pub fn supervise(slot: HandlerSlot, stop: CancellationToken) {
