@@ -109,7 +109,10 @@ async fn host_roles(
             }
         };
         tokio::select! {
-            _ = up_rx => {
+            // docs: `Ok` only: a role that fails before it serves drops its ready
+            // sender, and that `Err` must not count as up (it sent READY=1 and
+            // answered a failed promotion "now primary" when this branch won the race).
+            Ok(()) = up_rx => {
                 // docs: READY=1 for systemd (Type=notify): the export or the listener is bound.
                 crate::systemd::ready(&format!("{role} of resource {}, node {}: serving", cfg.resource, cfg.name));
                 if let Some((reply, _)) = pending.take() {
