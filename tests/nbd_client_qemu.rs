@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
-use tandem::demo::nbd_client::{
+use tandem::nbd::client::{
     NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
     NbdClient, NbdClientError,
 };
@@ -290,7 +290,9 @@ async fn requests_beyond_the_end_get_server_errors_and_the_connection_survives()
     let size = client.size_bytes();
 
     match client.read(size - 512, 4096).await {
-        Err(NbdClientError::Server { errno, op, offset }) => {
+        Err(NbdClientError::Server {
+            errno, op, offset, ..
+        }) => {
             assert_ne!(errno, 0);
             assert_eq!(op, "read");
             assert_eq!(offset, size - 512);
