@@ -26,9 +26,9 @@
 //!   any moment after it is issued, so the record is durable before the write is
 //!   issued: any block that may differ is either in the persisted maps or in a
 //!   hot extent.
-//! - If this node was not the primary in between (the generation changed: the
-//!   peer wrote, and its writes were never marked here), every map is marked
-//!   whole.
+//! - If this node was a secondary in between (its peer wrote, and those writes
+//!   were never marked here), or the volume's metadata was recreated (another
+//!   volume id), every map is marked whole.
 //! - A checkpoint created while writes are in flight includes their ranges (a
 //!   backup started after the create may read the old contents of a block whose
 //!   write completes later).
@@ -52,11 +52,11 @@
 //! 32     4    block size in bytes (the unit of the maps)
 //! 36     4    reserved, 0
 //! 40     8    hot extent size in bytes
-//! 48     8    generation the maps track (the primary generation, see G8)
-//! 56     4    number of checkpoints
-//! 60     4    crc32 of the records area
-//! 64     8    length of the records area in bytes
-//! 72     4020 reserved, 0
+//! 48     16   volume id (UUID) of the volume the maps belong to
+//! 64     4    number of checkpoints
+//! 68     4    crc32 of the records area
+//! 72     8    length of the records area in bytes
+//! 80     4012 reserved, 0
 //! 4092   4    crc32 (crc32fast) of bytes 0..4092
 //!
 //! write-intent slots A and B, INTENT_SLOT_LEN (32768) bytes each, at 4096 and 36864
@@ -75,8 +75,8 @@
 //! 2+L    8    created (unix seconds)
 //! +8     8    merge gap in blocks (0: exact runs; g: runs closer than g were merged)
 //! +8     1    over-approximation: 0 none, 1 unclean stop (hot extents marked),
-//!             2 generation changed (all marked), 3 unclean stop without a
-//!             readable intent record (all marked)
+//!             2 the node was a secondary or its metadata was recreated (all
+//!             marked), 3 unclean stop without a readable intent record (all marked)
 //! +1     8    when that was recorded (unix seconds; 0 if none)
 //! +8     8    number of runs m
 //! +8     16m  runs: first block, block count (sorted, disjoint, not touching)
@@ -101,7 +101,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::control::{ControlReply, ControlRequest};
 use crate::frontend::{Extent, STATE_DIRTY};
-use crate::types::Generation;
+use crate::types::VolumeId;
 
 /// Write-intent granularity: the first write to each such extent after a
 /// persist costs one small durable write; after a crash whole extents are marked.
@@ -166,8 +166,9 @@ pub enum CheckpointError {
 pub enum Recovery {
     /// The agent stopped uncleanly: extents written since the last persist were marked whole.
     UncleanStop,
-    /// This node was not the primary in between: everything was marked.
-    GenerationChanged,
+    /// This node was a secondary in between, or its metadata was recreated:
+    /// everything was marked.
+    WrittenElsewhere,
     /// Unclean stop and the write-intent record was unreadable: everything was marked.
     UncleanStopNoIntent,
 }
@@ -176,7 +177,7 @@ impl Recovery {
     fn code(self) -> u8 {
         match self {
             Recovery::UncleanStop => 1,
-            Recovery::GenerationChanged => 2,
+            Recovery::WrittenElsewhere => 2,
             Recovery::UncleanStopNoIntent => 3,
         }
     }
@@ -185,7 +186,7 @@ impl Recovery {
         match c {
             0 => Some(None),
             1 => Some(Some(Recovery::UncleanStop)),
-            2 => Some(Some(Recovery::GenerationChanged)),
+            2 => Some(Some(Recovery::WrittenElsewhere)),
             3 => Some(Some(Recovery::UncleanStopNoIntent)),
             _ => None,
         }
@@ -196,8 +197,8 @@ impl Recovery {
             Recovery::UncleanStop => {
                 "the agent stopped uncleanly; every 64 MiB extent written since the last persist is marked changed"
             }
-            Recovery::GenerationChanged => {
-                "this node was not the primary for a while (its peer wrote); every block is marked changed"
+            Recovery::WrittenElsewhere => {
+                "this node was a secondary for a while (its peer wrote), or its metadata was recreated; every block is marked changed"
             }
             Recovery::UncleanStopNoIntent => {
                 "the agent stopped uncleanly and its write-intent record was unreadable; every block is marked changed"
@@ -327,7 +328,7 @@ pub struct CheckpointStore {
     path: PathBuf,
     size_bytes: u64,
     block_size: u32,
-    generation: Generation,
+    volume_id: VolumeId,
     state: Mutex<State>,
     /// Serialises writes to the file (full persists and intent records).
     file: tokio::sync::Mutex<()>,
@@ -370,7 +371,7 @@ struct FileImage {
     size_bytes: u64,
     block_size: u32,
     hot_extent_bytes: u64,
-    generation: Generation,
+    volume_id: VolumeId,
     checkpoints: BTreeMap<String, Checkpoint>,
     /// The newest valid intent slot's extents (None: no valid slot).
     hot: Option<Vec<u64>>,
@@ -408,10 +409,10 @@ fn encode_header(img: &FileImage, records: &[u8]) -> [u8; HEADER_LEN] {
     h[24..32].copy_from_slice(&img.size_bytes.to_le_bytes());
     h[32..36].copy_from_slice(&img.block_size.to_le_bytes());
     h[40..48].copy_from_slice(&img.hot_extent_bytes.to_le_bytes());
-    h[48..56].copy_from_slice(&img.generation.0.to_le_bytes());
-    h[56..60].copy_from_slice(&(img.checkpoints.len() as u32).to_le_bytes());
-    h[60..64].copy_from_slice(&crc(records).to_le_bytes());
-    h[64..72].copy_from_slice(&(records.len() as u64).to_le_bytes());
+    h[48..64].copy_from_slice(&img.volume_id.0);
+    h[64..68].copy_from_slice(&(img.checkpoints.len() as u32).to_le_bytes());
+    h[68..72].copy_from_slice(&crc(records).to_le_bytes());
+    h[72..80].copy_from_slice(&(records.len() as u64).to_le_bytes());
     let c = crc(&h[..HEADER_LEN - 4]);
     h[HEADER_LEN - 4..].copy_from_slice(&c.to_le_bytes());
     h
@@ -479,9 +480,9 @@ fn decode_file(bytes: &[u8]) -> Result<FileImage, &'static str> {
         return Err("unknown flags");
     }
     let file_seq = le_u64(&h[16..24]);
-    let count = le_u32(&h[56..60]) as usize;
-    let records_crc = le_u32(&h[60..64]);
-    let records_len = le_u64(&h[64..72]);
+    let count = le_u32(&h[64..68]) as usize;
+    let records_crc = le_u32(&h[68..72]);
+    let records_len = le_u64(&h[72..80]);
     let records = bytes
         .get(RECORDS_OFFSET as usize..)
         .filter(|r| r.len() as u64 == records_len)
@@ -561,7 +562,7 @@ fn decode_file(bytes: &[u8]) -> Result<FileImage, &'static str> {
         size_bytes: le_u64(&h[24..32]),
         block_size: le_u32(&h[32..36]),
         hot_extent_bytes: le_u64(&h[40..48]),
-        generation: Generation(le_u64(&h[48..56])),
+        volume_id: VolumeId(h[48..64].try_into().expect("16 bytes")),
         checkpoints,
         hot,
     })
@@ -612,21 +613,24 @@ impl CheckpointStore {
         (offset / bs, offset.saturating_add(len).div_ceil(bs))
     }
 
-    /// Open the checkpoints of the volume whose metadata is `meta` and which the
-    /// primary now serves in `generation`. Recovers after an unclean stop (see the
-    /// module docs) and records the running state durably before returning.
+    /// Open the checkpoints of the volume whose metadata is `meta`, as the primary
+    /// starts serving it. `was_secondary`: the node was a secondary since it last
+    /// served as primary (its volume was written by replication, unmarked).
+    /// Recovers after an unclean stop (see the module docs) and records the
+    /// running state durably before returning.
     pub async fn open(
         meta: &Path,
         size_bytes: u64,
         block_size: u32,
-        generation: Generation,
+        volume_id: VolumeId,
+        was_secondary: bool,
     ) -> Result<Arc<CheckpointStore>, CheckpointError> {
         let path = path_for(meta);
         let store = Arc::new(CheckpointStore {
             path: path.clone(),
             size_bytes,
             block_size,
-            generation,
+            volume_id,
             state: Mutex::new(State {
                 checkpoints: BTreeMap::new(),
                 hot: Default::default(),
@@ -674,10 +678,10 @@ impl CheckpointStore {
                 c.recovery = Some((why, now));
             }
         };
-        if img.generation != generation {
-            tracing::warn!(checkpoints = checkpoints.len(), file_generation = %img.generation, %generation,
-                "this node was not the primary since the checkpoints were last saved; every checkpoint now marks the whole volume changed");
-            mark_all(&mut checkpoints, Recovery::GenerationChanged);
+        if was_secondary || img.volume_id != volume_id {
+            tracing::warn!(checkpoints = checkpoints.len(), was_secondary, file_volume_id = %img.volume_id, %volume_id,
+                "this node was a secondary (or its metadata was recreated) since the checkpoints were last saved; every checkpoint now marks the whole volume changed");
+            mark_all(&mut checkpoints, Recovery::WrittenElsewhere);
         } else if !img.clean {
             match img.hot {
                 Some(hot) => {
@@ -945,7 +949,7 @@ impl CheckpointStore {
                 size_bytes: self.size_bytes,
                 block_size: self.block_size,
                 hot_extent_bytes: HOT_EXTENT_BYTES,
-                generation: self.generation,
+                volume_id: self.volume_id,
                 checkpoints: st.checkpoints.clone(),
                 hot: Some(Vec::new()),
             };
@@ -1207,10 +1211,20 @@ mod tests {
     const BS: u32 = 4096;
     const MIB: u64 = 1 << 20;
 
-    async fn store(dir: &Path, size: u64, generation: u64) -> Arc<CheckpointStore> {
-        CheckpointStore::open(&dir.join("vol.meta"), size, BS, Generation(generation))
-            .await
-            .unwrap()
+    async fn store(dir: &Path, size: u64, volume: u8) -> Arc<CheckpointStore> {
+        open(dir, size, volume, false).await
+    }
+
+    async fn open(dir: &Path, size: u64, volume: u8, was_secondary: bool) -> Arc<CheckpointStore> {
+        CheckpointStore::open(
+            &dir.join("vol.meta"),
+            size,
+            BS,
+            VolumeId([volume; 16]),
+            was_secondary,
+        )
+        .await
+        .unwrap()
     }
 
     fn dirty_ranges(s: &CheckpointStore, name: &str) -> Vec<(u64, u64)> {
@@ -1302,21 +1316,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_new_generation_marks_everything() {
+    async fn a_stint_as_secondary_or_new_metadata_marks_everything() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path(), 64 * MIB, 7).await;
         s.create("b").await.unwrap();
+        s.create("c").await.unwrap();
         s.close().await.unwrap();
         drop(s);
-        let s = store(dir.path(), 64 * MIB, 8).await;
+        let s = open(dir.path(), 64 * MIB, 7, true).await;
         assert_eq!(dirty_ranges(&s, "b"), vec![(0, 64 * MIB)]);
-        assert!(
-            s.list()[0]
-                .reason
-                .as_deref()
-                .unwrap()
-                .contains("not the primary")
-        );
+        assert!(s.list()[0].reason.as_deref().unwrap().contains("secondary"));
+        s.remove("b").await.unwrap();
+        s.close().await.unwrap();
+        drop(s);
+        let s = store(dir.path(), 64 * MIB, 9).await;
+        assert_eq!(dirty_ranges(&s, "c"), vec![(0, 64 * MIB)]);
     }
 
     #[tokio::test]
@@ -1348,9 +1362,15 @@ mod tests {
         s.create("c").await.unwrap();
         s.close().await.unwrap();
         drop(s);
-        let e = CheckpointStore::open(&dir.path().join("vol.meta"), 128 * MIB, BS, Generation(7))
-            .await
-            .unwrap_err();
+        let e = CheckpointStore::open(
+            &dir.path().join("vol.meta"),
+            128 * MIB,
+            BS,
+            VolumeId([7; 16]),
+            false,
+        )
+        .await
+        .unwrap_err();
         assert!(e.to_string().contains("134217728"), "{e}");
     }
 
@@ -1404,7 +1424,7 @@ mod tests {
                 (name, Checkpoint { created_unix_s: 5, runs, merge_gap_blocks: 0, recovery: Some((Recovery::UncleanStop, 9)) })
             }).collect();
             let img = FileImage { clean, file_seq: seq, size_bytes: 1 << 30, block_size: BS, hot_extent_bytes: HOT_EXTENT_BYTES,
-                generation: Generation(3), checkpoints, hot: Some(Vec::new()) };
+                volume_id: VolumeId([3; 16]), checkpoints, hot: Some(Vec::new()) };
             let bytes = encode_file(&img);
             prop_assert_eq!(decode_file(&bytes).unwrap(), img);
             // Any single flipped byte is detected (or lands in padding and changes nothing).

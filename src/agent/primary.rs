@@ -323,6 +323,9 @@ pub async fn serve(
     if opened.created {
         tracing::info!(meta = %cfg.meta.display(), volume_id = %sb.volume_id, generation = %sb.gen_current, "created metadata for a new primary volume");
     }
+    // nbd (issue 13): a node that was a secondary had its volume written by
+    // replication, which no checkpoint marked.
+    let (was_secondary, volume_id) = (sb.role == Role::Secondary, sb.volume_id);
     if sb.role == Role::Secondary || sb.is_new {
         // G8: taking the primary role starts a new generation.
         if sb.is_new || (sb.disk_state != DiskState::UpToDate && !ctx.force) {
@@ -541,10 +544,15 @@ pub async fn serve(
     // nbd (issue 13): checkpoints (qemu:dirty-bitmap:NAME, marked on every client
     // write), base:allocation, TLS on the export; the logic lives in crate::nbd and
     // crate::checkpoint.
-    let checkpoints =
-        crate::checkpoint::CheckpointStore::open(&cfg.meta, size_bytes, cfg.block_size, generation)
-            .await
-            .map_err(|e| AgentError::Nbd(e.to_string()))?;
+    let checkpoints = crate::checkpoint::CheckpointStore::open(
+        &cfg.meta,
+        size_bytes,
+        cfg.block_size,
+        volume_id,
+        was_secondary,
+    )
+    .await
+    .map_err(|e| AgentError::Nbd(e.to_string()))?;
     let checkpoint_stop = CancellationToken::new();
     let checkpoint_task = checkpoints.spawn_periodic(checkpoint_stop.clone());
     let server = NbdServer::with_options(

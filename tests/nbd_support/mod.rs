@@ -334,3 +334,90 @@ impl ExportBackend for RecordingBackend {
         Box::pin(async move { Ok(out) })
     }
 }
+
+/// `nbdinfo --map` output (`start length type description` per line) as
+/// (start, length, type).
+pub fn parse_map(text: &str) -> Vec<(u64, u64, u32)> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].parse()
+                    .unwrap_or_else(|_| panic!("bad map line {l:?}")),
+                f[1].parse()
+                    .unwrap_or_else(|_| panic!("bad map line {l:?}")),
+                f[2].parse()
+                    .unwrap_or_else(|_| panic!("bad map line {l:?}")),
+            )
+        })
+        .collect()
+}
+
+/// The byte ranges of a map whose type satisfies `pred`, neighbours merged;
+/// also checks the map is contiguous from 0 and returns its total length.
+pub fn ranges_where(map: &[(u64, u64, u32)], pred: impl Fn(u32) -> bool) -> (Vec<(u64, u64)>, u64) {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = 0;
+    for &(start, len, ty) in map {
+        assert_eq!(start, at, "map is not contiguous: {map:?}");
+        if pred(ty) {
+            match out.last_mut() {
+                Some(last) if last.1 == start => last.1 = start + len,
+                _ => out.push((start, start + len)),
+            }
+        }
+        at = start + len;
+    }
+    (out, at)
+}
+
+/// Bytes a file occupies on disk (st_blocks × 512).
+pub fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// Compare two (sparse) files of equal size without reading their holes: the
+/// data extents of either are compared byte for byte, the rest is a hole in both.
+pub fn assert_same_sparse(a: &std::path::Path, b: &std::path::Path) {
+    use std::os::unix::fs::FileExt;
+    let size = std::fs::metadata(a).unwrap().len();
+    assert_eq!(size, std::fs::metadata(b).unwrap().len(), "sizes differ");
+    let data = |p: &std::path::Path| {
+        let x = tandem::nbd::extents::VolumeExtents::open(Some(p), size).unwrap();
+        let mut at = 0;
+        let mut out = Vec::new();
+        for e in x.allocation(0, size, usize::MAX).unwrap() {
+            if e.flags == 0 {
+                out.push((at, at + e.len_bytes));
+            }
+            at += e.len_bytes;
+        }
+        out
+    };
+    let mut ranges = data(a);
+    ranges.extend(data(b));
+    let (fa, fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    for (s, e) in ranges {
+        let mut at = s;
+        while at < e {
+            let n = (e - at).min(1 << 20) as usize;
+            fa.read_exact_at(&mut ba[..n], at).unwrap();
+            fb.read_exact_at(&mut bb[..n], at).unwrap();
+            assert!(
+                ba[..n] == bb[..n],
+                "{} and {} differ in [{at}, {})",
+                a.display(),
+                b.display(),
+                at + n as u64
+            );
+            at += n as u64;
+        }
+    }
+}
