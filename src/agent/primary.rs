@@ -567,7 +567,7 @@ pub async fn serve(
             .map_err(|e| AgentError::Nbd(format!("{e}")))?,
         ),
         export,
-        crate::nbd::tls::server_options(&cfg, &nbd_addr)
+        crate::nbd::tls::server_options(&cfg, &nbd_addr, &metrics)
             .map_err(|e| AgentError::Nbd(format!("{e}")))?,
     );
     let nbd_stop = CancellationToken::new();

@@ -283,9 +283,15 @@ pub async fn serve(
     let readonly_stop = CancellationToken::new();
     let readonly_export = match (&cfg.export_readonly, readonly_volume) {
         (Some(addr), Some(volume)) => Some(
-            crate::nbd::readonly::serve_readonly(&cfg, addr, volume, readonly_stop.clone())
-                .await
-                .map_err(|e| AgentError::Nbd(e.to_string()))?,
+            crate::nbd::readonly::serve_readonly(
+                &cfg,
+                addr,
+                volume,
+                &metrics,
+                readonly_stop.clone(),
+            )
+            .await
+            .map_err(|e| AgentError::Nbd(e.to_string()))?,
         ),
         _ => None,
     };

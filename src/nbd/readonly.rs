@@ -108,6 +108,7 @@ pub async fn serve_readonly(
     cfg: &NodeConfig,
     address: &str,
     volume: Volume,
+    metrics: &crate::metrics::Metrics,
     stop: CancellationToken,
 ) -> Result<(NbdAddress, tokio::task::JoinHandle<()>), super::NbdError> {
     let addr: NbdAddress = address.parse()?;
@@ -115,7 +116,7 @@ pub async fn serve_readonly(
         name: cfg.nbd_name.clone(),
         reason: format!("cannot open the volume for allocation queries: {e}"),
     })?;
-    let options = super::tls::server_options(cfg, &addr)?;
+    let options = super::tls::server_options(cfg, &addr, metrics)?;
     let export = NbdExport {
         name: cfg.nbd_name.clone(),
         description: format!(

@@ -321,6 +321,9 @@ pub struct ServerOptions {
     /// Shorter timeouts for tests: payload stall, reply stall (default: the constants).
     pub payload_stall_timeout: Option<Duration>,
     pub reply_stall_timeout: Option<Duration>,
+    /// Where to count (e.g. the agent's [`crate::metrics::Metrics::nbd`]); a fresh
+    /// set when None.
+    pub stats: Option<Arc<NbdStats>>,
 }
 
 impl fmt::Debug for ServerOptions {
@@ -378,7 +381,7 @@ pub struct NbdServer {
     attached: AtomicUsize,
     /// Payload bytes held by all connections ([`TOTAL_PAYLOAD_BYTES_MAX`]).
     payload_budget: Arc<Semaphore>,
-    stats: NbdStats,
+    stats: Arc<NbdStats>,
     refusals: QuietLog,
 }
 
@@ -436,7 +439,7 @@ impl NbdServer {
                 .unwrap_or(Duration::from_millis(REPLY_STALL_TIMEOUT_MS)),
             attached: AtomicUsize::new(0),
             payload_budget: Arc::new(Semaphore::new(TOTAL_PAYLOAD_BYTES_MAX as usize)),
-            stats: NbdStats::default(),
+            stats: options.stats.unwrap_or_default(),
             refusals: QuietLog::new(Duration::from_secs(REFUSAL_LOG_PERIOD_S)),
         })
     }

@@ -18,18 +18,27 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use super::client::ClientTls;
 use super::{NbdAddress, NbdError, ServerOptions};
 use crate::config::NodeConfig;
+use crate::metrics::Metrics;
 use crate::transport::TlsFiles;
 
-/// The server options (TLS or not) for an export of `cfg` on `addr`, or why
-/// that export must not be served.
-pub fn server_options(cfg: &NodeConfig, addr: &NbdAddress) -> Result<ServerOptions, NbdError> {
+/// The server options (TLS or not, counters in `metrics`) for an export of
+/// `cfg` on `addr`, or why that export must not be served.
+pub fn server_options(
+    cfg: &NodeConfig,
+    addr: &NbdAddress,
+    metrics: &Metrics,
+) -> Result<ServerOptions, NbdError> {
+    let plain = ServerOptions {
+        stats: Some(Arc::clone(&metrics.nbd)),
+        ..ServerOptions::default()
+    };
     if cfg.nbd_tls_clients.is_empty() {
         if !addr.is_local() && !cfg.danger_nbd_plaintext {
             return Err(NbdError::PlaintextNotLoopback {
                 address: addr.to_string(),
             });
         }
-        return Ok(ServerOptions::default());
+        return Ok(plain);
     }
     let files = TlsFiles {
         dir: cfg.tls_dir.clone(),
@@ -40,7 +49,7 @@ pub fn server_options(cfg: &NodeConfig, addr: &NbdAddress) -> Result<ServerOptio
         .map_err(|e| NbdError::TlsConfig(e.to_string()))?;
     Ok(ServerOptions {
         tls: Some(config),
-        ..ServerOptions::default()
+        ..plain
     })
 }
 
