@@ -207,3 +207,68 @@ fn a_plaintext_export_off_loopback_is_refused_at_startup() {
         assert!(!image.exists(), "{role} touched its volume before refusing");
     }
 }
+
+#[test]
+fn export_options_come_from_the_resource_file_and_flags_win() {
+    use tandem::config::{NodeConfig, Overrides};
+    use tandem::types::Role;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("r0.toml");
+    std::fs::write(
+        &file,
+        r#"
+[resource]
+name = "r0"
+nbd-tls-clients = ["backup", "restore"]
+
+[nodes.alpha]
+address = "127.0.0.1:7001"
+volume = "/srv/a.img"
+nbd = "0.0.0.0:10809"
+
+[nodes.beta]
+address = "127.0.0.1:7002"
+volume = "/srv/b.img"
+export-readonly = "127.0.0.1:10810"
+"#,
+    )
+    .unwrap();
+    let overrides = |node: &str| Overrides {
+        config: Some(file.clone()),
+        node: Some(node.into()),
+        ..Default::default()
+    };
+    // TLS is configured, so the export may listen off loopback.
+    let alpha = NodeConfig::resolve(Role::Primary, overrides("alpha")).unwrap();
+    assert_eq!(alpha.nbd_tls_clients, ["backup", "restore"]);
+    assert!(!alpha.danger_nbd_plaintext);
+    let beta = NodeConfig::resolve(Role::Secondary, overrides("beta")).unwrap();
+    assert_eq!(beta.export_readonly.as_deref(), Some("127.0.0.1:10810"));
+    let flags = Overrides {
+        nbd_tls_clients: vec!["other".into()],
+        export_readonly: Some("unix:/run/ro.sock".into()),
+        ..overrides("beta")
+    };
+    let beta = NodeConfig::resolve(Role::Secondary, flags).unwrap();
+    assert_eq!(beta.nbd_tls_clients, ["other"]);
+    assert_eq!(beta.export_readonly.as_deref(), Some("unix:/run/ro.sock"));
+    // Without TLS the non-loopback export is refused, naming the way out.
+    std::fs::write(
+        &file,
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("nbd-tls-clients = [\"backup\", \"restore\"]", ""),
+    )
+    .unwrap();
+    let e = NodeConfig::resolve(Role::Primary, overrides("alpha")).unwrap_err();
+    assert!(e.to_string().contains("--danger-nbd-plaintext"), "{e}");
+    let alpha = NodeConfig::resolve(
+        Role::Primary,
+        Overrides {
+            danger_nbd_plaintext: true,
+            ..overrides("alpha")
+        },
+    )
+    .unwrap();
+    assert!(alpha.danger_nbd_plaintext);
+}

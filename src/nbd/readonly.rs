@@ -111,11 +111,24 @@ pub async fn serve_readonly(
     metrics: &crate::metrics::Metrics,
     stop: CancellationToken,
 ) -> Result<(NbdAddress, tokio::task::JoinHandle<()>), super::NbdError> {
-    let addr: NbdAddress = address.parse()?;
     let backend = ReadOnlyExport::new(volume).map_err(|e| super::NbdError::InvalidExport {
         name: cfg.nbd_name.clone(),
         reason: format!("cannot open the volume for allocation queries: {e}"),
     })?;
+    serve_backend_readonly(cfg, address, Arc::new(backend), metrics, stop).await
+}
+
+/// Like [`serve_readonly`] for any backend: the consistent-image view of the
+/// secondary journal plugs in here (its writes must fail; the server refuses
+/// them before they get there anyway).
+pub async fn serve_backend_readonly(
+    cfg: &NodeConfig,
+    address: &str,
+    backend: Arc<dyn ExportBackend>,
+    metrics: &crate::metrics::Metrics,
+    stop: CancellationToken,
+) -> Result<(NbdAddress, tokio::task::JoinHandle<()>), super::NbdError> {
+    let addr: NbdAddress = address.parse()?;
     let options = super::tls::server_options(cfg, &addr, metrics)?;
     let export = NbdExport {
         name: cfg.nbd_name.clone(),
@@ -135,7 +148,7 @@ pub async fn serve_readonly(
             address: addr.to_string(),
             source,
         })?;
-    let server = NbdServer::with_options(Arc::new(backend), export, options);
+    let server = NbdServer::with_options(backend, export, options);
     tracing::info!(nbd = %bound, "read-only NBD export of the secondary's volume");
     let task = tokio::spawn(async move {
         if let Err(e) = server.serve(listener, stop).await {
