@@ -33,6 +33,12 @@
 //!   backup started after the create may read the old contents of a block whose
 //!   write completes later).
 //!
+//! - If the write-intent record cannot be made durable (an I/O error on the
+//!   metadata's filesystem), the client's write fails with EIO rather than go
+//!   unrecorded. The record is rewritten in place, so a full filesystem does not
+//!   cause this; only the periodic full persist needs new space (its failure is
+//!   logged and retried, the record keeps covering the changes).
+//!
 //! `checkpoint list` says which maps were over-approximated this way, when and
 //! why, and how many bytes they mark. Maps are run lists (O(changed runs) in
 //! memory and on disk, not O(volume)); past [`RUNS_MAX`] runs, runs closer than
@@ -979,12 +985,13 @@ impl CheckpointStore {
         }
     }
 
-    /// Persist every [`PERSIST_INTERVAL_S`] seconds while the maps change, until `stop`.
+    /// Persist every [`PERSIST_INTERVAL_S`] seconds while the maps change, until
+    /// `stop` is cancelled or the store is dropped.
     pub fn spawn_periodic(
         self: &Arc<Self>,
         stop: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        let store = Arc::clone(self);
+        let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(PERSIST_INTERVAL_S));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -994,6 +1001,7 @@ impl CheckpointStore {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
+                let Some(store) = weak.upgrade() else { return };
                 if store.lock().dirty
                     && let Err(e) = store.persist(false).await
                 {
@@ -1331,6 +1339,24 @@ mod tests {
         drop(s);
         let s = store(dir.path(), 64 * MIB, 9).await;
         assert_eq!(dirty_ranges(&s, "c"), vec![(0, 64 * MIB)]);
+    }
+
+    #[tokio::test]
+    async fn a_periodic_persist_makes_older_writes_exact_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1024 * MIB, 7).await;
+        s.create("b").await.unwrap();
+        drop(s.mark(200 * MIB, 4096).await.unwrap());
+        // What the periodic task does: the maps are saved, the record emptied.
+        s.persist(false).await.unwrap();
+        drop(s.mark(700 * MIB + 8192, 4096).await.unwrap());
+        drop(s);
+        let s = store(dir.path(), 1024 * MIB, 7).await;
+        assert_eq!(
+            dirty_ranges(&s, "b"),
+            vec![(200 * MIB, 200 * MIB + 4096), (640 * MIB, 704 * MIB)],
+            "the saved write exactly, the later one by its extent"
+        );
     }
 
     #[tokio::test]

@@ -553,8 +553,6 @@ pub async fn serve(
     )
     .await
     .map_err(|e| AgentError::Nbd(e.to_string()))?;
-    let checkpoint_stop = CancellationToken::new();
-    let checkpoint_task = checkpoints.spawn_periodic(checkpoint_stop.clone());
     let server = NbdServer::with_options(
         Arc::new(
             crate::nbd::tracked::TrackedExport::new(
@@ -570,6 +568,8 @@ pub async fn serve(
         crate::nbd::tls::server_options(&cfg, &nbd_addr, &metrics)
             .map_err(|e| AgentError::Nbd(format!("{e}")))?,
     );
+    let checkpoint_stop = CancellationToken::new();
+    let checkpoint_task = checkpoints.spawn_periodic(checkpoint_stop.clone());
     let nbd_stop = CancellationToken::new();
     let accept_stop = CancellationToken::new();
     let nbd_task = tokio::spawn(server.clone().serve_until(
