@@ -56,6 +56,7 @@ pub mod agent;
 // docs: the architecture and guarantees document (src/ARCHITECTURE.md), rendered by rustdoc.
 pub mod architecture;
 pub mod bitmap;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -63,6 +64,7 @@ pub mod engine;
 pub mod frontend;
 pub mod meta;
 pub mod metrics;
+pub mod nbd;
 pub mod ops;
 pub mod resync;
 // docs: sd_notify readiness, status and watchdog for the systemd unit.

@@ -261,6 +261,11 @@ async fn run(command: Command, timeouts: Timeouts) -> Result<ExitCode, String> {
             timeouts.query(),
         )
         .await),
+        // nbd (issue 13)
+        Command::Checkpoint { command } => {
+            tandem::checkpoint::run_cli(command).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { size, seconds, dir } => {
             let size_bytes = tandem::types::parse_size(&size)?;
             let ok = tandem::demo::run(size_bytes, seconds, dir)
