@@ -73,6 +73,12 @@ enum Event {
 
 /// Control commands that need the node's state.
 enum ControlCmd {
+    /// The read-only export reads the last consistent image: where from.
+    ExportRead {
+        range: ByteRange,
+        reply: oneshot::Sender<Option<Vec<(ByteRange, Source)>>>,
+    },
+    ExportReadDone,
     Points(oneshot::Sender<ControlReply>),
     /// `tandem resolve --discard-local`.
     DiscardLocal(oneshot::Sender<ControlReply>),
@@ -252,6 +258,28 @@ pub async fn serve(
     let listener = PeerListener::bind(listen, &security).await?;
     let bound = listener.local_addr();
     tracing::info!(listen = %bound, expecting = %cfg.peer_name, "secondary listening");
+    // `--export-readonly ADDR`: the last consistent image, read through the
+    // journal, served while replication continues (issues 10 and 13).
+    let readonly_stop = CancellationToken::new();
+    let readonly_export = match &cfg.export_readonly {
+        Some(addr) => Some(
+            crate::nbd::readonly::serve_backend_readonly(
+                &cfg,
+                addr,
+                Arc::new(ConsistentExport {
+                    events_tx: events_tx.clone(),
+                    volume: node.volume.clone(),
+                    jh: node.jh.clone(),
+                    size_bytes,
+                }),
+                &metrics,
+                readonly_stop.clone(),
+            )
+            .await
+            .map_err(|e| AgentError::Nbd(e.to_string()))?,
+        ),
+        None => None,
+    };
     let handler: Arc<dyn ControlHandler> = Arc::new(SecondaryControl {
         events_tx: events_tx.clone(),
         metrics: metrics.clone(),
@@ -310,6 +338,11 @@ pub async fn serve(
     }
     observers.stop().await;
     ctx.control.set(None);
+    readonly_stop.cancel();
+    if let Some((_, task)) = readonly_export {
+        // Readers finish first; their reads need the node loop, which runs in settle().
+        task.abort();
+    }
     let promoting = *ctx.promoting.lock().expect("promoting lock");
     node.finish(promoting, &mut jdone_rx, &mut meta_rx, &mut events_rx).await
 }
@@ -917,6 +950,20 @@ impl Node {
 
     fn on_control(&mut self, cmd: ControlCmd) {
         match cmd {
+            ControlCmd::ExportRead { range, reply } => {
+                let sources = self.engine.begin_consistent_read(range);
+                let started = sources.is_some();
+                if reply.send(sources).is_err() && started {
+                    let mut out = Vec::new();
+                    self.engine.end_read(&mut out);
+                    self.act(&mut out);
+                }
+            }
+            ControlCmd::ExportReadDone => {
+                let mut out = Vec::new();
+                self.engine.end_read(&mut out);
+                self.act(&mut out);
+            }
             ControlCmd::Points(reply) => {
                 let points: Vec<serde_json::Value> = self
                     .engine
@@ -1132,27 +1179,7 @@ async fn hash_image(
     expected: &Bytes,
     sources: &[(ByteRange, Source)],
 ) -> Result<Vec<u32>, String> {
-    let mut image = BytesMut::with_capacity(range.len as usize);
-    for (r, src) in sources {
-        match src {
-            Source::Volume => {
-                let d = volume
-                    .read(r.offset, r.len as u32)
-                    .await
-                    .map_err(|e| format!("reading {} bytes at {}: {e}", r.len, r.offset))?;
-                image.extend_from_slice(&d);
-            }
-            Source::Zero => image.resize(image.len() + r.len as usize, 0),
-            Source::Record { lsn, skip } => {
-                let d = jh.read(*lsn).await?;
-                let (a, b) = (*skip as usize, (*skip + r.len) as usize);
-                if b > d.len() {
-                    return Err(format!("journal record {lsn} is shorter than the range it serves"));
-                }
-                image.extend_from_slice(&d[a..b]);
-            }
-        }
-    }
+    let image = read_sources(volume, jh, range, sources).await?;
     let hashes: Vec<[u8; 32]> = expected
         .chunks_exact(32)
         .map(|c| c.try_into().expect("32-byte hash"))
@@ -1336,6 +1363,90 @@ fn disk_code(d: DiskState, is_new: bool) -> u8 {
         DiskState::Inconsistent => wire::DISK_INCONSISTENT,
         DiskState::Outdated => wire::DISK_OUTDATED,
     }
+}
+
+/// The read-only export's view: the last consistent image, through the journal.
+struct ConsistentExport {
+    events_tx: mpsc::Sender<Event>,
+    volume: Volume,
+    jh: JournalHandle,
+    size_bytes: u64,
+}
+
+impl crate::frontend::ExportBackend for ConsistentExport {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn read(&self, offset: u64, len: u32) -> crate::frontend::IoFuture<Bytes> {
+        let tx = self.events_tx.clone();
+        let volume = self.volume.clone();
+        let jh = self.jh.clone();
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let range = ByteRange::new(offset, len as u64);
+            tx.send(Event::Control(ControlCmd::ExportRead { range, reply }))
+                .await
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
+            let sources = rx
+                .await
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?
+                .ok_or_else(|| {
+                    std::io::Error::other("this secondary holds no consistent image yet (its first copy is running)")
+                })?;
+            let result = read_sources(&volume, &jh, range, &sources).await;
+            let _ = tx.send(Event::Control(ControlCmd::ExportReadDone)).await;
+            result.map_err(std::io::Error::other)
+        })
+    }
+
+    fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> crate::frontend::IoFuture<()> {
+        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::EPERM)) })
+    }
+
+    fn write_zeroes(&self, _offset: u64, _len: u32, _fua: bool) -> crate::frontend::IoFuture<()> {
+        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::EPERM)) })
+    }
+
+    fn trim(&self, _offset: u64, _len: u32) -> crate::frontend::IoFuture<()> {
+        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::EPERM)) })
+    }
+
+    /// Nothing was written through this export.
+    fn flush(&self) -> crate::frontend::IoFuture<()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Read `range` of an image from its sources (volume, journal records, zeroes).
+async fn read_sources(
+    volume: &Volume,
+    jh: &JournalHandle,
+    range: ByteRange,
+    sources: &[(ByteRange, Source)],
+) -> Result<Bytes, String> {
+    let mut image = BytesMut::with_capacity(range.len as usize);
+    for (r, src) in sources {
+        match src {
+            Source::Volume => {
+                let d = volume
+                    .read(r.offset, r.len as u32)
+                    .await
+                    .map_err(|e| format!("reading {} bytes at {}: {e}", r.len, r.offset))?;
+                image.extend_from_slice(&d);
+            }
+            Source::Zero => image.resize(image.len() + r.len as usize, 0),
+            Source::Record { lsn, skip } => {
+                let d = jh.read(*lsn).await?;
+                let (a, b) = (*skip as usize, (*skip + r.len) as usize);
+                if b > d.len() {
+                    return Err(format!("journal record {lsn} is shorter than the range it serves"));
+                }
+                image.extend_from_slice(&d[a..b]);
+            }
+        }
+    }
+    Ok(image.freeze())
 }
 
 struct SecondaryControl {

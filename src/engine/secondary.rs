@@ -376,7 +376,11 @@ pub struct SecondaryEngine<D> {
     /// A checkpoint in flight (through).
     checkpointing: Option<Lsn>,
     /// Hash reads in flight (checkpoints wait for them).
-    hashing: u32,
+    /// Reads of the image in flight (comparisons, the read-only export): no
+    /// checkpoint moves records while they read.
+    readers: u32,
+    /// The consistent image while a section is open: (its record, its view).
+    consistent_view: Option<(Lsn, RangeMap<Lsn>)>,
     /// Appending goes into a mixed image (a section is open, or no consistent
     /// image exists yet).
     in_section: bool,
@@ -417,7 +421,8 @@ impl<D> SecondaryEngine<D> {
             sync_again: false,
             bytes_since_sync: 0,
             checkpointing: None,
-            hashing: 0,
+            readers: 0,
+            consistent_view: None,
             in_section: !volume_consistent,
             consistent: volume_consistent.then_some(applied),
             consistent_write: (Seq::ZERO, 0),
@@ -481,7 +486,7 @@ impl<D> SecondaryEngine<D> {
     }
 
     pub fn is_idle(&self) -> bool {
-        self.syncing.is_none() && self.checkpointing.is_none() && self.hashing == 0
+        self.syncing.is_none() && self.checkpointing.is_none() && self.readers == 0
     }
 
     /// Add a record at the tail of the tracked list (appended or recovered).
@@ -587,6 +592,31 @@ impl<D> SecondaryEngine<D> {
         out
     }
 
+    /// Start a read of the last consistent image of `range`: where to read it
+    /// from, or None when no consistent image exists (a first copy). No checkpoint
+    /// runs until [`Self::end_read`].
+    pub fn begin_consistent_read(&mut self, range: ByteRange) -> Option<Vec<(ByteRange, Source)>> {
+        let c = self.consistent?;
+        let sources = if !self.in_section {
+            // Outside a section every record is part of a consistent prefix.
+            self.sources(range)
+        } else {
+            if self.consistent_view.as_ref().is_none_or(|(l, _)| *l != c) {
+                self.consistent_view = Some((c, self.view_at(c)));
+            }
+            let (_, view) = self.consistent_view.as_ref().expect("just built");
+            self.resolve(view, range)
+        };
+        self.readers += 1;
+        Some(sources)
+    }
+
+    /// A read started with [`Self::begin_consistent_read`] finished.
+    pub fn end_read(&mut self, out: &mut Vec<SecondaryAction<D>>) {
+        self.readers -= 1;
+        self.maybe_checkpoint(out);
+    }
+
     /// Consistent points in the rollback window, oldest first (the newest `max`).
     pub fn points(&self, max: usize) -> Vec<Point> {
         let Some(end) = self.consistent else {
@@ -662,7 +692,7 @@ impl<D> SecondaryEngine<D> {
         if self.live_bytes + frame_max <= self.cfg.journal_capacity_bytes {
             return Room::Free;
         }
-        if self.checkpointing.is_some() || self.hashing > 0 {
+        if self.checkpointing.is_some() || self.readers > 0 {
             return Room::Wait;
         }
         self.maybe_checkpoint(out);
@@ -889,7 +919,7 @@ impl<D> SecondaryEngine<D> {
         let s = self.session.as_mut().expect("checked");
         s.expected_next = seq.next();
         s.pending.insert(seq, Pending::Hash);
-        self.hashing += 1;
+        self.readers += 1;
         let sources = self.sources(range);
         out.push(SecondaryAction::StartHash {
             seq,
@@ -902,7 +932,7 @@ impl<D> SecondaryEngine<D> {
 
     /// A hash comparison finished: `mismatched` indices, or an I/O error.
     pub fn hash_done(&mut self, seq: Seq, result: Result<Vec<u32>, String>, out: &mut Vec<SecondaryAction<D>>) {
-        self.hashing -= 1;
+        self.readers -= 1;
         match result {
             Ok(mismatched) => {
                 if let Some(s) = self.session.as_mut()
@@ -1084,7 +1114,7 @@ impl<D> SecondaryEngine<D> {
     }
 
     fn maybe_checkpoint(&mut self, out: &mut Vec<SecondaryAction<D>>) {
-        if self.checkpointing.is_some() || self.hashing > 0 || self.poisoned.is_some() {
+        if self.checkpointing.is_some() || self.readers > 0 || self.poisoned.is_some() {
             return;
         }
         let limit = self.copy_limit();
@@ -1129,7 +1159,7 @@ impl<D> SecondaryEngine<D> {
     /// Copy everything copyable now (promotion, shutdown), ignoring the rollback
     /// window. Returns false when nothing is left to copy.
     pub fn checkpoint_all(&mut self, out: &mut Vec<SecondaryAction<D>>) -> bool {
-        if self.checkpointing.is_some() || self.hashing > 0 {
+        if self.checkpointing.is_some() || self.readers > 0 {
             return true;
         }
         let limit = self.copy_limit();
@@ -1215,6 +1245,7 @@ impl<D> SecondaryEngine<D> {
             }
         }
         // Rebuild everything derived from the records.
+        self.consistent_view = None;
         let records: Vec<Record> = self.records.drain(..).collect();
         self.live_bytes = 0;
         self.index.clear();
