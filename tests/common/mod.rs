@@ -246,6 +246,8 @@ pub struct Agent {
     pub child: Option<Child>,
     pub log: PathBuf,
     pub control: PathBuf,
+    /// The command line, for a restart.
+    pub args: Vec<String>,
 }
 
 impl Agent {
@@ -270,7 +272,15 @@ impl Agent {
             child: Some(child),
             log,
             control,
+            args: args.to_vec(),
         }
+    }
+
+    /// Start the same command line again (after it exited or was killed).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "{} still runs", self.name);
+        let mut again = Agent::spawn(&self.name, &self.args, self.log.clone(), self.control.clone());
+        self.child = again.child.take();
     }
 
     pub fn pid(&self) -> i32 {
@@ -578,6 +588,20 @@ impl Pair {
         self.secondary.wait_status("UpToDate", timeout, |s| {
             s["disk_state"] == "UpToDate" && s["peer"]["connection"] == "connected"
         });
+    }
+
+    /// Kill the secondary (SIGKILL: a crash; its journal keeps what was durable)
+    /// or stop it (SIGTERM), start it again, and wait until it answers.
+    pub fn restart_secondary(&mut self, kill: bool) {
+        if kill {
+            self.secondary.signal(libc::SIGKILL);
+            self.secondary.wait_exit(Duration::from_secs(30));
+        } else {
+            self.secondary.stop();
+        }
+        self.secondary.restart();
+        self.secondary
+            .wait_status("control socket after a restart", READY_TIMEOUT, |_| true);
     }
 
     /// Drain and stop both agents (primary first), each must exit 0.
