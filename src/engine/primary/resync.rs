@@ -318,6 +318,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                     out.push(Action::PeerReachedGeneration);
                 }
                 self.alone = Some(false);
+                // The bitmap on disk still lists what this pass resent (a full sync:
+                // every block); a crash before the next periodic persist would
+                // resend all of it again.
+                self.persist_now(out);
                 self.release_in_sync_waiters(out);
             }
         }

@@ -581,3 +581,31 @@ mod verify {
         e.assert_invariants();
     }
 }
+
+/// Found by e2e_crash (primary killed 2.5 s after the initial full sync): the
+/// all-dirty bitmap persisted when the full sync started stayed on disk until the
+/// next periodic persist, so a crash then resent the whole volume. Reaching in
+/// sync persists the (now clean) bitmap at once.
+#[test]
+fn reaching_in_sync_persists_the_clean_bitmap_at_once() {
+    let mut e = engine(cfg(Mode::Async, 8));
+    let mut out = Vec::new();
+    e.session_started(true, &mut out);
+    settle_local(&mut e, &mut out);
+    e.tick(0, &mut out);
+    settle_local(&mut e, &mut out);
+    let last = *shipped_seqs(&out).last().expect("resync chunks shipped");
+    out.clear();
+    e.peer_durable(last, &mut out);
+    let through = resync_done(&out).expect("resync done");
+    e.peer_durable(through, &mut out);
+    assert!(e.is_in_sync());
+    let persisted: Vec<_> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::PersistBitmap { bitmap } => Some(bitmap.dirty_count().0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(persisted, vec![0], "one persist of a clean bitmap: {out:?}");
+}
