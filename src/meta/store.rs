@@ -826,6 +826,27 @@ impl<F: DurableFile> MetaStore<F> {
         self.write_superblock(sb)
     }
 
+    /// Persist the pages of `bm` that changed since its changed-page list was
+    /// last taken ([`DirtyBitmap::take_changed_pages`]), and take it: after
+    /// `Ok`, `bm` reports only pages changed after this persist. For a
+    /// bitmap that is itself the complete out-of-sync set (e.g. while
+    /// disconnected, every write goes to it): a periodic persist then costs
+    /// the pages touched since the previous one. On an error the pages stay
+    /// listed as changed (and the store is poisoned).
+    pub fn persist_changed_pages(
+        &mut self,
+        bm: &mut DirtyBitmap,
+    ) -> Result<PagesPersisted, MetaError> {
+        let pages = bm.take_changed_pages();
+        let result = self.persist_bitmap_pages(bm, pages.iter().copied());
+        if result.is_err() {
+            for &page in &pages {
+                bm.note_page_changed(page);
+            }
+        }
+        result
+    }
+
     /// [`persist_bitmap_pages`](Self::persist_bitmap_pages) without a bitmap:
     /// `fill(page, words)` fills the zeroed `words` of each listed page (as
     /// [`DirtyBitmap::page_words`] would give them) with the out-of-sync
