@@ -75,7 +75,6 @@ const LINK_OP: &str = "link into place";
 
 /// The metadata file, held open and `flock`ed exclusively for as long as this
 /// value lives.
-#[derive(Debug)]
 pub struct MetaStore<F: DurableFile = File> {
     /// The file's path, or the name given to a simulated file; used in messages.
     path: PathBuf,
@@ -95,6 +94,20 @@ pub struct MetaStore<F: DurableFile = File> {
     /// the next record is `al_txn + 1`.
     al_txn: u64,
     poisoned: bool,
+}
+
+impl<F: DurableFile> std::fmt::Debug for MetaStore<F> {
+    // One hash per bitmap page (8,000 per TiB): show the shape.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaStore")
+            .field("path", &self.path)
+            .field("layout", &self.layout)
+            .field("slot_seq", &self.slot_seq)
+            .field("bitmap_area_offset", &self.bitmap_area_offset)
+            .field("al_txn", &self.al_txn)
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
 }
 
 /// Result of [`MetaStore::open_or_create`].
