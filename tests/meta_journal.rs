@@ -174,8 +174,8 @@ fn op() -> impl Strategy<Value = Op> {
         12 => prop_oneof![Just(0usize), 1..600usize, 600..3000usize].prop_map(Op::Append),
         4 => Just(Op::Sync),
         2 => Just(Op::WriteBuffered),
-        3 => any::<u8>().prop_map(Op::Release),
-        2 => Just(Op::PersistHead),
+        4 => any::<u8>().prop_map(Op::Release),
+        3 => Just(Op::PersistHead),
         1 => any::<u8>().prop_map(Op::Truncate),
         1 => any::<u64>().prop_map(Op::PowerLoss),
         1 => Just(Op::Kill9),
@@ -188,22 +188,17 @@ fn run_model(capacity: u64, ops: &[Op], seed: u64) -> Result<(), TestCaseError> 
     let mut j = create(&disk, capacity);
     let mut w = World::new();
     let mut tag = 0u64;
-    let mut wraps = 0u64;
     for (step, op) in ops.iter().enumerate() {
         let what = format!("step {step} {op:?}");
         match op {
             Op::Append(len) => {
                 tag += 1;
                 let (f, p) = (fields(tag, *len), payload(tag, *len));
-                let tail_before = j.used_bytes();
                 match j.append(f, &p) {
                     Ok(lsn) => {
                         prop_assert_eq!(lsn.0, w.next, "{}", what);
                         w.recs.insert(lsn.0, (f, p));
                         w.next += 1;
-                        if j.records().last().unwrap().position == 0 && tail_before > 0 {
-                            wraps += 1;
-                        }
                     }
                     Err(JournalError::Full {
                         needed_bytes,
@@ -293,7 +288,6 @@ fn run_model(capacity: u64, ops: &[Op], seed: u64) -> Result<(), TestCaseError> 
     disk.power_loss(&mut StdRng::seed_from_u64(seed ^ 0x5EED));
     let j = open(&disk);
     w.explains(&j).map_err(TestCaseError::fail)?;
-    let _ = wraps;
     Ok(())
 }
 
@@ -301,8 +295,9 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(192))]
     #[test]
     fn the_log_holds_every_synced_record_and_a_prefix_of_the_rest(
-        capacity in prop_oneof![Just(8192u64), Just(16_384u64), Just(65_536u64)],
-        ops in proptest::collection::vec(op(), 1..120),
+        // Small rings, so that histories wrap around them (a few times per case).
+        capacity in prop_oneof![3 => Just(8192u64), 2 => Just(16_384u64), 1 => Just(65_536u64)],
+        ops in proptest::collection::vec(op(), 1..160),
         seed in any::<u64>(),
     ) {
         run_model(capacity, &ops, seed)?;
@@ -310,8 +305,9 @@ proptest! {
 }
 
 #[test]
-fn the_model_test_wraps_the_ring_many_times() {
-    // Not a property: makes sure the generated histories exercise the wrap.
+fn a_long_history_wraps_the_ring_many_times_and_survives_a_power_loss() {
+    // Not a property: a history that certainly wraps (the model's small rings
+    // of 8-64 KiB with records up to 3 KiB wrap too, but unmeasured).
     let disk = SimFile::new(1);
     let mut j = create(&disk, 8192);
     let mut wraps = 0;
