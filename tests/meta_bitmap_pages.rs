@@ -174,6 +174,26 @@ fn a_page_filled_past_the_last_block_is_a_caller_bug() {
 }
 
 #[test]
+fn persist_changed_pages_writes_what_changed_since_the_last_persist() {
+    let (disk, mut store, _) = sim_store(SIZE_16_GIB);
+    let mut bm = DirtyBitmap::for_volume(SIZE_16_GIB, BLOCK_SIZE);
+    for e in [3, 2000, 2001] {
+        let (a, _) = extent(e);
+        bm.mark(a, BlockIndex(a.0 + 5));
+    }
+    let done = store.persist_changed_pages(&mut bm).unwrap();
+    assert_eq!((done.pages_checked, done.pages_written), (2, 2));
+    assert_eq!(bm.changed_pages().count(), 0);
+    let done = store.persist_changed_pages(&mut bm).unwrap();
+    assert_eq!((done.pages_checked, done.synced), (0, false));
+    let (a, _) = extent(4000);
+    bm.mark(a, BlockIndex(a.0 + 1));
+    disk.fail_next_write();
+    assert!(store.persist_changed_pages(&mut bm).is_err());
+    assert_eq!(bm.changed_pages().count(), 1, "still to be persisted");
+}
+
+#[test]
 fn rewrite_bitmap_writes_every_page() {
     let (disk, mut store, mut sb) = sim_store(SIZE_16_GIB);
     let bm = DirtyBitmap::for_volume(SIZE_16_GIB, BLOCK_SIZE);

@@ -174,8 +174,8 @@ fn op() -> impl Strategy<Value = Op> {
         12 => prop_oneof![Just(0usize), 1..600usize, 600..3000usize].prop_map(Op::Append),
         4 => Just(Op::Sync),
         2 => Just(Op::WriteBuffered),
-        3 => any::<u8>().prop_map(Op::Release),
-        2 => Just(Op::PersistHead),
+        4 => any::<u8>().prop_map(Op::Release),
+        3 => Just(Op::PersistHead),
         1 => any::<u8>().prop_map(Op::Truncate),
         1 => any::<u64>().prop_map(Op::PowerLoss),
         1 => Just(Op::Kill9),
@@ -188,22 +188,17 @@ fn run_model(capacity: u64, ops: &[Op], seed: u64) -> Result<(), TestCaseError> 
     let mut j = create(&disk, capacity);
     let mut w = World::new();
     let mut tag = 0u64;
-    let mut wraps = 0u64;
     for (step, op) in ops.iter().enumerate() {
         let what = format!("step {step} {op:?}");
         match op {
             Op::Append(len) => {
                 tag += 1;
                 let (f, p) = (fields(tag, *len), payload(tag, *len));
-                let tail_before = j.used_bytes();
                 match j.append(f, &p) {
                     Ok(lsn) => {
                         prop_assert_eq!(lsn.0, w.next, "{}", what);
                         w.recs.insert(lsn.0, (f, p));
                         w.next += 1;
-                        if j.records().last().unwrap().position == 0 && tail_before > 0 {
-                            wraps += 1;
-                        }
                     }
                     Err(JournalError::Full {
                         needed_bytes,
@@ -293,7 +288,6 @@ fn run_model(capacity: u64, ops: &[Op], seed: u64) -> Result<(), TestCaseError> 
     disk.power_loss(&mut StdRng::seed_from_u64(seed ^ 0x5EED));
     let j = open(&disk);
     w.explains(&j).map_err(TestCaseError::fail)?;
-    let _ = wraps;
     Ok(())
 }
 
@@ -301,8 +295,9 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(192))]
     #[test]
     fn the_log_holds_every_synced_record_and_a_prefix_of_the_rest(
-        capacity in prop_oneof![Just(8192u64), Just(16_384u64), Just(65_536u64)],
-        ops in proptest::collection::vec(op(), 1..120),
+        // Small rings, so that histories wrap around them (a few times per case).
+        capacity in prop_oneof![3 => Just(8192u64), 2 => Just(16_384u64), 1 => Just(65_536u64)],
+        ops in proptest::collection::vec(op(), 1..160),
         seed in any::<u64>(),
     ) {
         run_model(capacity, &ops, seed)?;
@@ -310,8 +305,9 @@ proptest! {
 }
 
 #[test]
-fn the_model_test_wraps_the_ring_many_times() {
-    // Not a property: makes sure the generated histories exercise the wrap.
+fn a_long_history_wraps_the_ring_many_times_and_survives_a_power_loss() {
+    // Not a property: a history that certainly wraps (the model's small rings
+    // of 8-64 KiB with records up to 3 KiB wrap too, but unmeasured).
     let disk = SimFile::new(1);
     let mut j = create(&disk, 8192);
     let mut wraps = 0;
@@ -885,4 +881,46 @@ fn invalid_capacities_are_refused() {
             "{capacity}: {err:?}"
         );
     }
+}
+
+/// Figures for the engine (not asserted: shared machine): appending 4 KiB
+/// records to a real file in batches of 32 per sync (a secondary's `Durable`
+/// batch), and the recovery scan of what they leave. Run with --nocapture.
+#[test]
+fn appends_and_syncs_on_a_real_file_print_their_cost() {
+    const RECORDS: u64 = 4096;
+    const BATCH: u64 = 32;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cost.tandem-redo");
+    let mut j = Journal::create(&path, IDENTITY, 64 << 20).unwrap();
+    let data = payload(1, 4096);
+    let started = std::time::Instant::now();
+    for i in 0..RECORDS {
+        let f = RecordFields {
+            kind: 1,
+            seq: i + 1,
+            offset_bytes: i * 4096,
+            len_bytes: 4096,
+            ..RecordFields::default()
+        };
+        j.append(f, &data).unwrap();
+        if (i + 1) % BATCH == 0 {
+            j.sync().unwrap();
+        }
+    }
+    let elapsed = started.elapsed();
+    let syncs = RECORDS / BATCH;
+    drop(j);
+    let started = std::time::Instant::now();
+    let j = Journal::open(&path, IDENTITY).unwrap();
+    let scan = started.elapsed();
+    assert_eq!(j.records().count() as u64, RECORDS);
+    println!(
+        "journal: {RECORDS} records of 4 KiB, a sync per {BATCH}: {:.0} MB/s, {:.0} us per \
+         batch (append + pwrite + fdatasync); reopen scanning {} MiB: {} ms",
+        (RECORDS * 4096) as f64 / elapsed.as_secs_f64() / 1e6,
+        elapsed.as_micros() as f64 / syncs as f64,
+        j.used_bytes() >> 20,
+        scan.as_millis()
+    );
 }

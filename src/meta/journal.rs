@@ -701,7 +701,6 @@ impl fmt::Display for ScanEnd {
 }
 
 /// The journal, held open and locked (see the module documentation).
-#[derive(Debug)]
 pub struct Journal<F: DurableFile = File> {
     path: PathBuf,
     file: F,
@@ -737,6 +736,23 @@ pub struct Journal<F: DurableFile = File> {
     unsynced: bool,
     scan_end: Option<ScanEnd>,
     poisoned: bool,
+}
+
+impl<F: DurableFile> fmt::Debug for Journal<F> {
+    // The index and the buffer can be megabytes: show the shape.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Journal")
+            .field("path", &self.path)
+            .field("kind", &self.identity.kind)
+            .field("capacity", &self.capacity)
+            .field("epoch", &self.epoch)
+            .field("head_lsn", &self.head_lsn)
+            .field("next_lsn", &self.next_lsn)
+            .field("durable_lsn", &self.durable_lsn)
+            .field("used", &self.used)
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
 }
 
 fn validate_capacity(capacity_bytes: u64) -> Result<(), JournalError> {

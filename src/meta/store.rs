@@ -75,7 +75,6 @@ const LINK_OP: &str = "link into place";
 
 /// The metadata file, held open and `flock`ed exclusively for as long as this
 /// value lives.
-#[derive(Debug)]
 pub struct MetaStore<F: DurableFile = File> {
     /// The file's path, or the name given to a simulated file; used in messages.
     path: PathBuf,
@@ -95,6 +94,20 @@ pub struct MetaStore<F: DurableFile = File> {
     /// the next record is `al_txn + 1`.
     al_txn: u64,
     poisoned: bool,
+}
+
+impl<F: DurableFile> std::fmt::Debug for MetaStore<F> {
+    // One hash per bitmap page (8,000 per TiB): show the shape.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaStore")
+            .field("path", &self.path)
+            .field("layout", &self.layout)
+            .field("slot_seq", &self.slot_seq)
+            .field("bitmap_area_offset", &self.bitmap_area_offset)
+            .field("al_txn", &self.al_txn)
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
 }
 
 /// Result of [`MetaStore::open_or_create`].
@@ -824,6 +837,27 @@ impl<F: DurableFile> MetaStore<F> {
         self.write_pages_if_changed(bm, all, false)?;
         sb.bitmap_valid = true;
         self.write_superblock(sb)
+    }
+
+    /// Persist the pages of `bm` that changed since its changed-page list was
+    /// last taken ([`DirtyBitmap::take_changed_pages`]), and take it: after
+    /// `Ok`, `bm` reports only pages changed after this persist. For a
+    /// bitmap that is itself the complete out-of-sync set (e.g. while
+    /// disconnected, every write goes to it): a periodic persist then costs
+    /// the pages touched since the previous one. On an error the pages stay
+    /// listed as changed (and the store is poisoned).
+    pub fn persist_changed_pages(
+        &mut self,
+        bm: &mut DirtyBitmap,
+    ) -> Result<PagesPersisted, MetaError> {
+        let pages = bm.take_changed_pages();
+        let result = self.persist_bitmap_pages(bm, pages.iter().copied());
+        if result.is_err() {
+            for &page in &pages {
+                bm.note_page_changed(page);
+            }
+        }
+        result
     }
 
     /// [`persist_bitmap_pages`](Self::persist_bitmap_pages) without a bitmap:
