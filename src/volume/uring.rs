@@ -192,8 +192,7 @@ impl InFlight {
                 ..
             } => {
                 let len_bytes = buf.len() - *done_bytes;
-                // SAFETY: done_bytes < buf.len(), so the pointer stays inside the allocation.
-                let ptr = unsafe { buf.as_mut_ptr().add(*done_bytes) };
+                let ptr = buf.as_mut_slice()[*done_bytes..].as_mut_ptr();
                 let at = *offset + *done_bytes as u64;
                 let fd = files.fd_for(at, len_bytes as u64, ptr as usize);
                 opcode::Read::new(types::Fd(fd), ptr, len_bytes as u32)
