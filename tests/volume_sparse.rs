@@ -516,3 +516,85 @@ async fn memory_volume_models_a_sparse_file() {
     assert_eq!(volume.next_data(0, size).await.unwrap(), None);
     assert!(!volume.punch_hole_unsupported());
 }
+
+mod model {
+    //! `allocated_ranges` (widening, clipping, merging) against a model: a set of
+    //! allocated 4 KiB pages of a memory volume, built by random writes and punches.
+
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    const PAGE: u64 = 4096;
+    const SIZE: u64 = 256 * PAGE;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write(u64, u64),
+        Punch(u64, u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        (0..SIZE, 1..64 * PAGE, any::<bool>()).prop_map(|(at, len, write)| {
+            let len = len.min(SIZE - at).max(1);
+            if write {
+                Op::Write(at, len)
+            } else {
+                Op::Punch(at, len)
+            }
+        })
+    }
+
+    fn expected(pages: &BTreeSet<u64>, start: u64, end: u64, align: u64) -> Vec<Range> {
+        let mut out: Vec<Range> = Vec::new();
+        for p in pages {
+            let (a, b) = ((p * PAGE).max(start), ((p + 1) * PAGE).min(end));
+            if a >= b {
+                continue;
+            }
+            let w = (a / align * align).max(start)..b.next_multiple_of(align).min(end);
+            match out.last_mut() {
+                Some(last) if w.start <= last.end => last.end = last.end.max(w.end),
+                _ => out.push(w),
+            }
+        }
+        out
+    }
+
+    type Range = std::ops::Range<u64>;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn allocated_ranges_match_the_page_model(
+            ops in proptest::collection::vec(op(), 1..24),
+            start in 0..SIZE,
+            len in 0..SIZE,
+            align_shift in 9u32..17,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let volume = Volume::memory(SIZE);
+            let mut pages = BTreeSet::new();
+            rt.block_on(async {
+                for op in &ops {
+                    match *op {
+                        Op::Write(at, n) => {
+                            volume.write(at, Bytes::from(vec![1; n as usize]), false).await.unwrap();
+                            pages.extend(at / PAGE..(at + n).div_ceil(PAGE));
+                        }
+                        Op::Punch(at, n) => {
+                            volume.punch_hole(at, n).await.unwrap();
+                            for p in at.div_ceil(PAGE)..(at + n) / PAGE {
+                                pages.remove(&p);
+                            }
+                        }
+                    }
+                }
+            });
+            let end = (start + len).min(SIZE);
+            let align = 1u64 << align_shift;
+            let got = ranges(&volume, start, end - start, align);
+            prop_assert_eq!(got, expected(&pages, start, end, align));
+        }
+    }
+}
