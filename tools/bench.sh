@@ -94,7 +94,7 @@ COMMAND_LINE+="tools/bench.sh"
 
 if [[ -z "${TANDEM_BIN:-}" || -z "${FAULTPROXY_BIN:-}" ]]; then
     log "cargo build --release (tandem, faultproxy)"
-    (cd "$REPO" && cargo build --release --quiet --bin tandem --bin faultproxy)
+    (cd "$REPO" && cargo build --release --quiet -p tandem -p faultproxy --bin tandem --bin faultproxy)
     TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
     TANDEM_BIN=${TANDEM_BIN:-$TARGET_DIR/release/tandem}
     FAULTPROXY_BIN=${FAULTPROXY_BIN:-$TARGET_DIR/release/faultproxy}
