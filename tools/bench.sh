@@ -88,7 +88,7 @@ fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (fio >= 3.1
 COMMAND_LINE=""
 for v in $(compgen -e | grep -E '^(BENCH_|TANDEM_BIN$|FAULTPROXY_BIN$)' | sort); do
     [[ $v == BENCH_REPO || $v == BENCH_COMMAND ]] && continue
-    COMMAND_LINE+="$v=${!v} "
+    COMMAND_LINE+="$v=$(printf '%q' "${!v}") "
 done
 COMMAND_LINE+="tools/bench.sh"
 
