@@ -126,6 +126,20 @@ fn bench_script_runs_every_section_and_cleans_up() {
     assert!(!text.contains("failed:"), "{text}");
     assert!(text.contains("- commit: ") && text.contains("- command: `"));
     assert!(text.contains("[mirror] QMP blockdev-mirror"));
+    // Each tandem target runs in its own mode (the async targets once ran in sync mode).
+    for (target, mode, direct) in [
+        ("tandem-sync/", "sync", false),
+        ("tandem-async/", "async", false),
+        ("tandem-sync-direct/", "sync", true),
+        ("tandem-async-direct/", "async", true),
+    ] {
+        let primary = text
+            .lines()
+            .find(|l| l.starts_with("[tandem] ") && l.contains(" primary ") && l.contains(target))
+            .unwrap_or_else(|| panic!("no primary command for {target}"));
+        assert!(primary.contains(&format!("--mode {mode} ")), "{primary}");
+        assert_eq!(primary.contains("--direct"), direct, "{primary}");
+    }
 
     let dir_text = dir.path().to_string_lossy().into_owned();
     let left = processes_mentioning(&dir_text);

@@ -510,7 +510,8 @@ def start_matrix_target(work, certs, name, section):
     if name.startswith("mirror"):
         mode = "write-blocking" if " wb " in name else "background"
         return Mirror(work, slug, size, mode, name.endswith("direct"), section)
-    mode = "sync" if "sync" in name.split()[1] else "async"
+    mode = name.split()[1]  # "tandem sync ...", "tandem async ..."
+    assert mode in ("sync", "async"), name
     t = Tandem(work, certs, slug, size, mode, direct=name.endswith("direct"), prealloc=True, section=section)
     t.wait_in_sync(CFG["sync_timeout"], "initial sync")
     return t
