@@ -45,6 +45,9 @@
 #   BENCH_SECONDS [15] BENCH_RAMP [3]   fio runtime and ramp per matrix job
 #   BENCH_SIZE [1G]                     matrix image size
 #   BENCH_LARGE_SIZE [64G] BENCH_LARGE_RANGE [1G] BENCH_LARGE_SECONDS [30]
+#   BENCH_LARGE_SEEDED [1]              0: the large pair does a full initial sync (only
+#                                       once that keeps the secondary thin; today it
+#                                       would allocate all 64 GiB)
 #   BENCH_INIT_SIZE [1T] BENCH_INIT_TIMEOUT [180] BENCH_ALLOC_GUARD [6G]
 #   BENCH_WAN_BYTES [512M] BENCH_WAN_RATE [10000000]
 #   BENCH_RESYNC_BYTES [512M] BENCH_RESYNC_LINK [50000000]
