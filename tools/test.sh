@@ -17,6 +17,8 @@ cd "$(dirname "$0")/.."
 declare -A needs=(
   [qemu-io]=qemu-utils
   [qemu-img]=qemu-utils
+  [qemu-storage-daemon]=qemu-utils # bench: tools/bench.sh smoke test (QEMU mirror)
+  [mkfs.ext2]=e2fsprogs # bench: tests/volume_sparse.rs
   [fio]=fio
   [nbdcopy]=libnbd-bin
   [nbdinfo]=libnbd-bin

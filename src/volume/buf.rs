@@ -50,10 +50,6 @@ impl AlignedBuf {
         self.len_bytes
     }
 
-    pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is valid for len_bytes initialised (zeroed) bytes owned by self.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len_bytes) }
@@ -91,7 +87,7 @@ mod tests {
     fn buffers_are_aligned_zeroed_and_convert_without_copy() {
         for len in [0usize, 1, 511, 4096, 4097, 1 << 20] {
             let mut buf = AlignedBuf::zeroed(len);
-            assert_eq!(buf.as_mut_ptr() as usize % BUF_ALIGN_BYTES, 0);
+            assert_eq!(buf.as_slice().as_ptr() as usize % BUF_ALIGN_BYTES, 0);
             assert_eq!(buf.len(), len);
             assert!(buf.as_slice().iter().all(|b| *b == 0));
             if len > 0 {

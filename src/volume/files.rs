@@ -1,13 +1,16 @@
 //! The open file descriptors of one on-disk volume and the synchronous (blocking)
 //! operations on them, shared by both engines: the threads engine runs everything
-//! here; the io_uring engine uses it for `write_zeroes` and `trim` (run on tokio's
-//! blocking pool) and for routing each request to the right descriptor.
+//! here; the io_uring engine uses it for `write_zeroes`, `punch_hole`, `trim` and the
+//! allocation queries (run on tokio's blocking pool) and for routing each request to
+//! the right descriptor.
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 
@@ -18,9 +21,6 @@ use super::sys;
 /// `FALLOC_FL_ZERO_RANGE`, unaligned edges on block devices): 1 MiB bounds the memory
 /// a single `write_zeroes` of any length can take.
 pub const ZERO_CHUNK_BYTES_MAX: u64 = 1 << 20;
-
-/// Sector size the block-device zero/discard ioctls require offsets and lengths to be multiples of.
-const SECTOR_BYTES: u64 = 512;
 
 /// The descriptors of an open image file or block device.
 pub struct VolumeFiles {
@@ -35,6 +35,33 @@ pub struct VolumeFiles {
     /// Alignment (offset, length, memory address) `O_DIRECT` needs; 0 when not direct.
     pub direct_align_bytes: u64,
     pub is_block_device: bool,
+    /// Granularity of the block-device zeroing calls (`fallocate` on a block device
+    /// needs offset and length aligned to the logical block size): the device's
+    /// logical block size, or 512 for files (unused there).
+    pub zero_align_bytes: u64,
+    /// What the file system turned out not to support; each is learned (and logged)
+    /// once, after which the fallback is used without trying again.
+    pub sparse: SparseProbe,
+}
+
+/// Sparse-file capabilities learned from the first failing call.
+#[derive(Debug, Default)]
+pub struct SparseProbe {
+    /// `fallocate(PUNCH_HOLE)` failed with EOPNOTSUPP (ext2, ext4 without extents,
+    /// ramfs, vfat; block devices without write-zeroes support).
+    punch_hole_unsupported: AtomicBool,
+    /// `lseek(SEEK_DATA)` failed with EINVAL/EOPNOTSUPP: the whole file counts as data.
+    seek_data_unsupported: AtomicBool,
+}
+
+impl SparseProbe {
+    pub fn punch_hole_unsupported(&self) -> bool {
+        self.punch_hole_unsupported.load(Ordering::Relaxed)
+    }
+
+    pub fn seek_data_unsupported(&self) -> bool {
+        self.seek_data_unsupported.load(Ordering::Relaxed)
+    }
 }
 
 impl VolumeFiles {
@@ -141,12 +168,14 @@ impl VolumeFiles {
             return Ok(());
         }
         if self.is_block_device {
-            let (head, body, tail) = split_sectors(offset, len_bytes);
+            let (head, body, tail) = split_aligned(offset, len_bytes, self.zero_align_bytes);
             for (at, len) in [head, tail] {
                 self.write_zero_chunks(at, len)?;
             }
             if body.1 > 0 {
-                match sys::block_zero_out(&self.primary, body.0, body.1) {
+                // fallocate(ZERO_RANGE) on a block device is BLKZEROOUT: the kernel
+                // writes zero pages itself where the device has no zeroing command.
+                match sys::zero_range(&self.primary, body.0, body.1) {
                     Ok(()) => {}
                     Err(e) if is_unsupported(&e) => self.write_zero_chunks(body.0, body.1)?,
                     Err(e) => return Err(e),
@@ -177,35 +206,94 @@ impl VolumeFiles {
         Ok(())
     }
 
-    /// Tell the storage `[offset, offset + len_bytes)` is unused. Files: the range is
-    /// deallocated and reads back as zeros (zeros are written where the file system
-    /// cannot punch holes, so files always read zeros after a trim). Block devices:
-    /// the range is zeroed (BLKZEROOUT), because after BLKDISCARD the content is
-    /// unspecified and replicas must stay identical.
-    pub fn trim_sync(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
+    /// Make `[offset, offset + len_bytes)` read as zeros and give its space back where
+    /// the storage can: files get a hole (`PUNCH_HOLE | KEEP_SIZE`); block devices get
+    /// `fallocate(PUNCH_HOLE)` (write-zeroes with unmapping allowed: a thin device or a
+    /// loop device over a sparse file deallocates) for the logical-block-aligned body,
+    /// zeros written as data for the unaligned edges. Where the file system or device
+    /// cannot punch, this is learned once, logged once (warn), and zeros are written
+    /// instead ([`Self::write_zeroes_sync`]), so the range always reads as zeros.
+    pub fn punch_hole_sync(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
         if len_bytes == 0 {
             return Ok(());
         }
-        if self.is_block_device {
-            // After BLKDISCARD a device's contents are unspecified, so two replicas
-            // could differ in trimmed ranges; zeroing keeps every image defined
-            // (kernel-notes/trim.md). Files punch holes, which read as zeros.
-            self.write_zeroes_sync(offset, len_bytes, false)
+        if self.sparse.punch_hole_unsupported() {
+            return self.write_zeroes_sync(offset, len_bytes, false);
+        }
+        let (head, body, tail) = if self.is_block_device {
+            split_aligned(offset, len_bytes, self.zero_align_bytes)
         } else {
-            match sys::punch_hole(&self.primary, offset, len_bytes) {
-                Err(e) if is_unsupported(&e) => self.write_zeroes_sync(offset, len_bytes, false),
-                other => other,
+            ((offset, 0), (offset, len_bytes), (offset + len_bytes, 0))
+        };
+        if body.1 > 0 {
+            match sys::punch_hole(&self.primary, body.0, body.1) {
+                Ok(()) => {}
+                Err(e) if is_unsupported(&e) => {
+                    if !self
+                        .sparse
+                        .punch_hole_unsupported
+                        .swap(true, Ordering::Relaxed)
+                    {
+                        tracing::warn!(
+                            volume = %self.path.display(),
+                            error = %e,
+                            "this {} cannot punch holes; zero ranges are written as zeros and take space (a thin volume fills up)",
+                            if self.is_block_device { "block device" } else { "file system" }
+                        );
+                    }
+                    return self.write_zeroes_sync(offset, len_bytes, false);
+                }
+                Err(e) => return Err(e),
             }
         }
+        for (at, len) in [head, tail] {
+            self.write_zero_chunks(at, len)?;
+        }
+        Ok(())
+    }
+
+    /// The first range inside `[offset, end)` that may hold data, or `None` when the
+    /// rest is a hole. Files: `lseek(SEEK_DATA)` then `lseek(SEEK_HOLE)`, so the
+    /// range ends where the next hole starts (clipped to `end`); boundaries are the
+    /// file system's block boundaries. A file system without SEEK_DATA (learned once,
+    /// logged once at debug level) and every block device report the whole rest as
+    /// data: the caller reads it and may skip zeros itself.
+    pub fn next_data_sync(&self, offset: u64, end: u64) -> io::Result<Option<Range<u64>>> {
+        if offset >= end {
+            return Ok(None);
+        }
+        if self.is_block_device || self.sparse.seek_data_unsupported() {
+            return Ok(Some(offset..end));
+        }
+        let data = match sys::seek_data(&self.primary, offset) {
+            Ok(Some(data)) => data,
+            Ok(None) => return Ok(None),
+            Err(e) if is_seek_unsupported(&e) => {
+                if !self
+                    .sparse
+                    .seek_data_unsupported
+                    .swap(true, Ordering::Relaxed)
+                {
+                    tracing::debug!(volume = %self.path.display(), error = %e, "no SEEK_DATA on this file system; treating the whole volume as data");
+                }
+                return Ok(Some(offset..end));
+            }
+            Err(e) => return Err(e),
+        };
+        if data >= end {
+            return Ok(None);
+        }
+        let hole = sys::seek_hole(&self.primary, data)?;
+        Ok(Some(data..hole.clamp(data, end)))
     }
 }
 
-/// Split a range into an unaligned head, a 512-aligned body and an unaligned tail,
-/// each as `(offset, len)`.
-fn split_sectors(offset: u64, len_bytes: u64) -> ((u64, u64), (u64, u64), (u64, u64)) {
+/// Split a range into an unaligned head, an `align`-aligned body and an unaligned
+/// tail, each as `(offset, len)`.
+fn split_aligned(offset: u64, len_bytes: u64, align: u64) -> ((u64, u64), (u64, u64), (u64, u64)) {
     let end = offset + len_bytes;
-    let body_start = offset.next_multiple_of(SECTOR_BYTES).min(end);
-    let body_end = (end / SECTOR_BYTES * SECTOR_BYTES).max(body_start);
+    let body_start = offset.next_multiple_of(align).min(end);
+    let body_end = (end / align * align).max(body_start);
     (
         (offset, body_start - offset),
         (body_start, body_end - body_start),
@@ -217,6 +305,15 @@ fn is_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::ENOSYS)
+    )
+}
+
+/// `lseek` answers EINVAL for an unknown `whence` (a file system or kernel without
+/// SEEK_DATA); some FUSE and network file systems answer EOPNOTSUPP.
+fn is_seek_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
     )
 }
 
@@ -236,13 +333,17 @@ mod tests {
 
     #[test]
     fn ranges_split_into_unaligned_edges_and_aligned_body() {
-        assert_eq!(split_sectors(0, 1024), ((0, 0), (0, 1024), (1024, 0)));
+        assert_eq!(split_aligned(0, 1024, 512), ((0, 0), (0, 1024), (1024, 0)));
         assert_eq!(
-            split_sectors(100, 1000),
+            split_aligned(100, 1000, 512),
             ((100, 412), (512, 512), (1024, 76))
         );
-        assert_eq!(split_sectors(100, 10), ((100, 10), (110, 0), (110, 0)));
-        assert_eq!(split_sectors(510, 4), ((510, 2), (512, 0), (512, 2)));
+        assert_eq!(split_aligned(100, 10, 512), ((100, 10), (110, 0), (110, 0)));
+        assert_eq!(split_aligned(510, 4, 512), ((510, 2), (512, 0), (512, 2)));
+        assert_eq!(
+            split_aligned(4095, 8194, 4096),
+            ((4095, 1), (4096, 8192), (12288, 1))
+        );
     }
 
     #[test]
@@ -257,6 +358,8 @@ mod tests {
             buffered: None,
             direct_align_bytes: 0,
             is_block_device: false,
+            zero_align_bytes: 512,
+            sparse: SparseProbe::default(),
         };
         files.write_zero_chunks(1000, len).unwrap();
         let back = files.read_sync(0, (len + 2000) as u32).unwrap();
@@ -281,6 +384,8 @@ mod routing_tests {
             buffered: Some(buffered),
             direct_align_bytes: 4096,
             is_block_device: false,
+            zero_align_bytes: 512,
+            sparse: SparseProbe::default(),
         };
         assert_eq!(files.fd_for(8192, 4096, 4096 * 3), direct_fd);
         assert_eq!(files.fd_for(8192 + 512, 4096, 4096), buffered_fd);
@@ -302,6 +407,8 @@ mod routing_tests {
             buffered: None,
             direct_align_bytes: 0,
             is_block_device: false,
+            zero_align_bytes: 512,
+            sparse: SparseProbe::default(),
         };
         assert_eq!(plain.fd_for(1, 1, 1), plain.primary.as_raw_fd());
         assert!(!plain.needs_aligned_copy(0, misaligned));

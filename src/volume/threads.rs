@@ -39,7 +39,7 @@ pub enum PoolOp {
         fua: bool,
         reply: oneshot::Sender<io::Result<()>>,
     },
-    Trim {
+    PunchHole {
         offset: u64,
         len_bytes: u64,
         reply: oneshot::Sender<io::Result<()>>,
@@ -112,11 +112,11 @@ fn execute(files: &VolumeFiles, op: PoolOp) {
             fua,
             reply,
         } => drop(reply.send(files.write_zeroes_sync(offset, len_bytes, fua))),
-        PoolOp::Trim {
+        PoolOp::PunchHole {
             offset,
             len_bytes,
             reply,
-        } => drop(reply.send(files.trim_sync(offset, len_bytes))),
+        } => drop(reply.send(files.punch_hole_sync(offset, len_bytes))),
     }
 }
 

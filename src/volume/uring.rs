@@ -192,8 +192,7 @@ impl InFlight {
                 ..
             } => {
                 let len_bytes = buf.len() - *done_bytes;
-                // SAFETY: done_bytes < buf.len(), so the pointer stays inside the allocation.
-                let ptr = unsafe { buf.as_mut_ptr().add(*done_bytes) };
+                let ptr = buf.as_mut_slice()[*done_bytes..].as_mut_ptr();
                 let at = *offset + *done_bytes as u64;
                 let fd = files.fd_for(at, len_bytes as u64, ptr as usize);
                 opcode::Read::new(types::Fd(fd), ptr, len_bytes as u32)
@@ -556,16 +555,12 @@ mod tests {
     use super::*;
     use std::fs::File;
     use std::io::Write;
-    use std::os::fd::FromRawFd;
     use std::os::unix::fs::FileExt;
     use std::time::Duration;
 
     fn pipe() -> (File, File) {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two fds into the live local array.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: both fds were just created and are owned by nothing else.
-        unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+        let (rx, tx) = std::io::pipe().unwrap();
+        (File::from(OwnedFd::from(rx)), File::from(OwnedFd::from(tx)))
     }
 
     /// The "direct" descriptor is the read end of an empty pipe, so an aligned read
@@ -584,6 +579,8 @@ mod tests {
             buffered: Some(file),
             direct_align_bytes: 4096,
             is_block_device: false,
+            zero_align_bytes: 512,
+            sparse: Default::default(),
         });
         let engine = UringEngine::start(files).unwrap();
         // Dropped before the engine (reverse declaration order), so if an assertion
@@ -650,6 +647,8 @@ mod tests {
             buffered: None,
             direct_align_bytes: 0,
             is_block_device: false,
+            zero_align_bytes: 512,
+            sparse: Default::default(),
         });
         let engine = UringEngine::start(files).unwrap();
         let mut replies = Vec::new();
