@@ -72,6 +72,7 @@ fn notified_agent(
         child: Some(child),
         log,
         control,
+        args: full.clone(),
     };
     let ready = receive_until(&sock, Duration::from_secs(60), "READY=1", |m| {
         m.lines().any(|l| l == "READY=1")

@@ -140,6 +140,20 @@ fn three_corrupted_secondary_blocks_are_reported_exactly_then_repaired() {
             chosen.insert(b);
         }
     }
+    // The synced data sits in the secondary's redo journal until it is copied into
+    // the volume; a clean restart copies all of it, so the volume file alone is
+    // the replica and damage to it (bit rot at rest) is what verify must find.
+    p.secondary.stop();
+    p.secondary.restart();
+    p.secondary
+        .wait_status("reattached after the restart", READY_TIMEOUT, |s| {
+            s["peer"]["connection"] == "connected" && s["disk_state"] == "UpToDate"
+        });
+    p.primary.wait_status(
+        "in sync again after the restart",
+        READY_TIMEOUT,
+        primary_in_sync,
+    );
     // Behind the agent's back: pwrite into the secondary's image through the page
     // cache, which the agent (buffered I/O) reads through too.
     let f = std::fs::OpenOptions::new()

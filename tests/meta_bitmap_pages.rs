@@ -32,6 +32,7 @@ fn fresh(size_bytes: u64) -> Superblock {
         clean_shutdown: false,
         resync_cursor: None,
         bitmap_valid: true,
+        volume_mixed: false,
     }
 }
 

@@ -41,6 +41,7 @@ fn fresh() -> Superblock {
         clean_shutdown: false,
         resync_cursor: None,
         bitmap_valid: true,
+        volume_mixed: false,
     }
 }
 

@@ -62,6 +62,7 @@ fn expected_superblock() -> Superblock {
         clean_shutdown: false,
         resync_cursor: Some(BlockIndex(777)),
         bitmap_valid: true,
+        volume_mixed: false,
     }
 }
 

@@ -17,10 +17,17 @@ use crate::meta::journal::{
 use crate::types::{ByteRange, Seq, VolumeId};
 
 enum Job {
-    Append { fields: RecordFields, payload: Bytes },
+    Append {
+        fields: RecordFields,
+        payload: Bytes,
+    },
     Sync,
-    Release { through: Lsn },
-    Truncate { after: Lsn },
+    Release {
+        through: Lsn,
+    },
+    Truncate {
+        after: Lsn,
+    },
     Read {
         lsn: Lsn,
         reply: oneshot::Sender<Result<Bytes, String>>,
@@ -93,7 +100,10 @@ pub fn open(
                 kind: JournalKind::Redo,
                 path: path.to_path_buf(),
                 op: "recovery (a record of an unknown kind: written by a newer tandem?)",
-                source: std::io::Error::other(format!("record {} has kind {}", info.lsn, info.fields.kind)),
+                source: std::io::Error::other(format!(
+                    "record {} has kind {}",
+                    info.lsn, info.fields.kind
+                )),
             });
         };
         records.push(Record {
@@ -154,7 +164,9 @@ impl JournalThread {
                             }
                         }
                         Job::Truncate { after } => {
-                            let r = j.truncate_after(journal::Lsn(after.0)).map_err(|e| e.to_string());
+                            let r = j
+                                .truncate_after(journal::Lsn(after.0))
+                                .map_err(|e| e.to_string());
                             if done.send(JournalDone::Truncated(r)).is_err() {
                                 return;
                             }
@@ -228,7 +240,8 @@ impl JournalHandle {
         self.tx
             .send(Job::Read { lsn, reply })
             .map_err(|_| "the journal thread stopped".to_string())?;
-        rx.await.map_err(|_| "the journal thread stopped".to_string())?
+        rx.await
+            .map_err(|_| "the journal thread stopped".to_string())?
     }
 
     /// (used, capacity) bytes.

@@ -186,7 +186,11 @@ impl Batch {
     }
 
     /// Write everything (what is still in `buf` goes last).
-    async fn write<W: AsyncWrite + Unpin>(mut self, wr: &mut W, buf: &mut BytesMut) -> std::io::Result<()> {
+    async fn write<W: AsyncWrite + Unpin>(
+        mut self,
+        wr: &mut W,
+        buf: &mut BytesMut,
+    ) -> std::io::Result<()> {
         if !buf.is_empty() {
             self.chunks.push_back(buf.split().freeze());
         }
@@ -276,12 +280,17 @@ mod tests {
         }
         // Idle: a heartbeat from A is answered by B's writer, which A reads.
         let mut a_reader = FrameReader::new(a_rd, 2_000, None);
-        tx.send(control_frame(Message::Goodbye { outdated: false })).await.unwrap();
+        tx.send(control_frame(Message::Goodbye { outdated: false }))
+            .await
+            .unwrap();
         let f = reader.next().await.unwrap();
         assert!(matches!(f.msg, Message::Goodbye { outdated: false }));
         assert_eq!(writer.await.unwrap(), LinkError::ClosedHere);
         drop(_b_tx);
         let _ = b_writer.await;
-        assert!(matches!(a_reader.next().await, Err(LinkError::Closed) | Err(LinkError::Broken(_))));
+        assert!(matches!(
+            a_reader.next().await,
+            Err(LinkError::Closed) | Err(LinkError::Broken(_))
+        ));
     }
 }

@@ -66,13 +66,17 @@ impl MetaWorker {
                             MetaDone::Activity(r.map_err(|e| e.to_string()))
                         }
                         MetaJob::Bitmap { bitmap } => MetaDone::Bitmap(
-                            store.persist_bitmap(&mut sb, &bitmap).map_err(|e| e.to_string()),
+                            store
+                                .persist_bitmap(&mut sb, &bitmap)
+                                .map_err(|e| e.to_string()),
                         ),
                         MetaJob::Superblock { sb: new } => {
                             let bitmap_valid = sb.bitmap_valid;
                             sb = new;
                             sb.bitmap_valid = bitmap_valid || sb.bitmap_valid;
-                            MetaDone::Superblock(store.write_superblock(&sb).map_err(|e| e.to_string()))
+                            MetaDone::Superblock(
+                                store.write_superblock(&sb).map_err(|e| e.to_string()),
+                            )
                         }
                     };
                     if done.send(result).is_err() {

@@ -7,8 +7,8 @@
 //! and the replication window bound.
 
 pub mod control;
-pub mod link;
 pub mod journal;
+pub mod link;
 pub(crate) mod metawork;
 pub mod monitor;
 pub mod node;
@@ -143,7 +143,11 @@ pub(crate) fn log_repeated(key: &str, log: impl FnOnce()) {
         Some((at, skipped)) if now.duration_since(*at) < RETRY_LOG_INTERVAL => *skipped += 1,
         Some((at, skipped)) => {
             if *skipped > 0 {
-                tracing::info!(repeats = *skipped, "the next message repeated {} times since it was last logged", *skipped);
+                tracing::info!(
+                    repeats = *skipped,
+                    "the next message repeated {} times since it was last logged",
+                    *skipped
+                );
             }
             *at = now;
             *skipped = 0;
@@ -264,6 +268,7 @@ fn fresh_superblock(
         clean_shutdown: true,
         resync_cursor: None,
         bitmap_valid: true,
+        volume_mixed: false,
     }
 }
 
@@ -306,16 +311,7 @@ pub(crate) fn open_node(
     };
     let (opened, rebuilt) = match open() {
         Err(e @ MetaError::BothSlotsBad { .. }) if role == crate::types::Role::Secondary => {
-            let aside = {
-                let mut p = cfg.meta.clone().into_os_string();
-                p.push(format!(
-                    ".damaged-{}",
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs())
-                ));
-                std::path::PathBuf::from(p)
-            };
+            let aside = aside_path(&cfg.meta);
             tracing::error!(
                 "{e}. Rebuilding it as a new secondary (the damaged file is kept as {}); the data on {} is kept and every block will be compared with the primary's by hash",
                 aside.display(),
@@ -343,6 +339,18 @@ pub(crate) fn open_node(
         tracing::warn!(meta = %cfg.meta.display(), "metadata recovered: {r}");
     }
     Ok((volume, opened, rebuilt))
+}
+
+/// Where a damaged file is kept: `PATH.damaged-UNIXSECONDS`.
+pub(crate) fn aside_path(path: &std::path::Path) -> std::path::PathBuf {
+    let mut p = path.to_path_buf().into_os_string();
+    p.push(format!(
+        ".damaged-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    ));
+    std::path::PathBuf::from(p)
 }
 
 /// How long a starting agent waits for a lock held by a previous holder. An agent

@@ -200,7 +200,9 @@ enum PeerEvent {
 enum ToPeer {
     Frame(Outgoing<Bytes>),
     /// The last frame: `outdated` when the peer does not hold every write.
-    Goodbye { outdated: bool },
+    Goodbye {
+        outdated: bool,
+    },
 }
 
 struct Session {
@@ -413,7 +415,11 @@ pub async fn serve(
         description: format!(
             "tandem resource {} ({} mode)",
             cfg.resource,
-            if cfg.mode == Mode::Sync { "sync" } else { "async" }
+            if cfg.mode == Mode::Sync {
+                "sync"
+            } else {
+                "async"
+            }
         ),
         block_size_preferred: cfg.block_size.max(512),
         ..NbdExport::default()
@@ -555,7 +561,14 @@ struct ReplicatedExport {
 }
 
 impl ReplicatedExport {
-    fn submit(&self, kind: OpKind, offset: u64, len: u64, data: Option<Bytes>, fua: bool) -> IoFuture<()> {
+    fn submit(
+        &self,
+        kind: OpKind,
+        offset: u64,
+        len: u64,
+        data: Option<Bytes>,
+        fua: bool,
+    ) -> IoFuture<()> {
         let shared = self.shared.clone();
         Box::pin(async move {
             let start = Instant::now();
@@ -737,8 +750,12 @@ impl Owner {
             }
             Action::PersistBitmap { bitmap } => self.meta().send(MetaJob::Bitmap { bitmap }),
             Action::Poisoned { reason } => {
-                tracing::error!("volume poisoned: {reason}; every further request fails until the agent is restarted after checking the disk");
-                self.shared.metrics.set_error(format!("volume poisoned: {reason}"));
+                tracing::error!(
+                    "volume poisoned: {reason}; every further request fails until the agent is restarted after checking the disk"
+                );
+                self.shared
+                    .metrics
+                    .set_error(format!("volume poisoned: {reason}"));
                 self.shared.metrics.events.push("io-error", reason);
             }
             Action::StartGenerationAlone => {
@@ -763,7 +780,9 @@ impl Owner {
     }
 
     fn meta(&self) -> &MetaWorker {
-        self.meta.as_ref().expect("metadata worker runs until finish")
+        self.meta
+            .as_ref()
+            .expect("metadata worker runs until finish")
     }
 
     fn note(&mut self, note: Note) {
@@ -781,7 +800,10 @@ impl Owner {
                 );
                 Metrics::add(&m.ahead_episodes, 1);
                 self.ahead_since = Some(Instant::now());
-                m.events.push("ahead", format!("window full ({lag_bytes} bytes in flight): going ahead"));
+                m.events.push(
+                    "ahead",
+                    format!("window full ({lag_bytes} bytes in flight): going ahead"),
+                );
             }
             Note::LeftAhead {
                 out_of_sync_blocks,
@@ -799,7 +821,12 @@ impl Owner {
                 "replication window full during a resync: writes wait for room so that the secondary reaches a consistent point"
             ),
             Note::ResyncStarted { blocks, full } => {
-                tracing::info!(blocks = blocks.0, bytes = blocks.0 * bs, full, "resync starts");
+                tracing::info!(
+                    blocks = blocks.0,
+                    bytes = blocks.0 * bs,
+                    full,
+                    "resync starts"
+                );
                 m.resync_total_blocks.store(blocks.0, Ordering::Relaxed);
                 m.resync_shipped_blocks.store(0, Ordering::Relaxed);
                 if self.resync_started.is_none() {
@@ -810,7 +837,10 @@ impl Owner {
                 through,
                 resynced_blocks,
             } => {
-                let took = self.resync_started.take().map_or(0.0, |t| t.elapsed().as_secs_f64());
+                let took = self
+                    .resync_started
+                    .take()
+                    .map_or(0.0, |t| t.elapsed().as_secs_f64());
                 tracing::info!(
                     through = through.0,
                     resynced_blocks,
@@ -820,7 +850,10 @@ impl Owner {
                 );
                 m.events.push(
                     "resync-done",
-                    format!("secondary in sync: {} bytes resynced in {took:.1} s", resynced_blocks * bs),
+                    format!(
+                        "secondary in sync: {} bytes resynced in {took:.1} s",
+                        resynced_blocks * bs
+                    ),
                 );
             }
             Note::LocalWriteFailed { seq, range, errno } => tracing::error!(
@@ -852,7 +885,10 @@ impl Owner {
                 .volume
                 .write_inline(range.offset, &data)
                 .map_err(|e| errno_of(&e));
-            self.shared.metrics.local_write_latency.record(started.elapsed());
+            self.shared
+                .metrics
+                .local_write_latency
+                .record(started.elapsed());
             let _ = self.io_tx.send(IoDone::Local { seq, result });
             return;
         }
@@ -924,8 +960,21 @@ impl Owner {
             Outgoing::Zeroes { seq, .. } | Outgoing::Trim { seq, .. } => {
                 self.shipped_at.push_back((*seq, Instant::now()));
             }
-            Outgoing::HashCheck { hashes, .. } => {
-                Metrics::add(&m.verify_wire_bytes, (wire::HEADER_LEN + hashes.len()) as u64);
+            Outgoing::HashCheck {
+                hashes,
+                unit_bytes,
+                offset,
+                ..
+            } => {
+                // Each 32-byte hash stands for one unit of the volume compared (the
+                // last one may end at the volume's end).
+                let span = (hashes.len() / 32) as u64 * u64::from(*unit_bytes);
+                let compared = span.min(self.volume.size_bytes().saturating_sub(*offset));
+                Metrics::add(&m.verified_bytes, compared);
+                Metrics::add(
+                    &m.verify_wire_bytes,
+                    (wire::HEADER_LEN + hashes.len()) as u64,
+                );
             }
             _ => {}
         }
@@ -934,7 +983,9 @@ impl Owner {
         };
         if let Err(e) = s.tx.try_send(ToPeer::Frame(frame)) {
             let reason = match e {
-                mpsc::error::TrySendError::Full(_) => "the session's send queue is full (the peer does not read)",
+                mpsc::error::TrySendError::Full(_) => {
+                    "the session's send queue is full (the peer does not read)"
+                }
                 mpsc::error::TrySendError::Closed(_) => "the session's writer stopped",
             };
             self.drop_session(reason, out);
@@ -999,12 +1050,14 @@ impl Owner {
                 force,
                 reply,
             } => {
-                let deadline = tokio::time::Instant::now() + Duration::from_millis(self.cfg.drain_timeout_ms);
+                let deadline =
+                    tokio::time::Instant::now() + Duration::from_millis(self.cfg.drain_timeout_ms);
                 let lag = self.engine.lag();
                 tracing::info!(
                     lag_writes = lag.writes,
                     lag_bytes = lag.bytes,
-                    out_of_sync_bytes = self.engine.dirty().dirty_count().0 * self.cfg.block_size as u64,
+                    out_of_sync_bytes =
+                        self.engine.dirty().dirty_count().0 * self.cfg.block_size as u64,
                     "draining to the secondary: every write and every out-of-sync block"
                 );
                 self.draining = Some(Draining {
@@ -1049,7 +1102,9 @@ impl Owner {
             MetaDone::Activity(r) => {
                 if let Err(e) = &r {
                     tracing::error!("activity log write failed: {e}; refusing further writes");
-                    self.shared.metrics.set_error(format!("activity log write failed: {e}"));
+                    self.shared
+                        .metrics
+                        .set_error(format!("activity log write failed: {e}"));
                 }
                 self.engine.activity_written(r, out);
             }
@@ -1062,7 +1117,8 @@ impl Owner {
             MetaDone::Superblock(r) => {
                 if let Err(e) = r {
                     tracing::error!("writing the superblock failed: {e}; refusing further writes");
-                    self.engine.poison(format!("writing the superblock failed: {e}"), out);
+                    self.engine
+                        .poison(format!("writing the superblock failed: {e}"), out);
                 }
                 if std::mem::take(&mut self.pending_generation) {
                     self.engine.generation_started(out);
@@ -1092,16 +1148,20 @@ impl Owner {
                 self.shared.metrics.set_connected(true, &peer.node_name);
                 self.shared.metrics.clear_error();
                 Metrics::add(&self.shared.metrics.sessions, 1);
-                let (needs, own_dirty, own_verify) = (peer.needs, peer.own_dirty.clone(), peer.own_verify.clone());
+                let (needs, own_dirty, own_verify) =
+                    (peer.needs, peer.own_dirty.clone(), peer.own_verify.clone());
                 self.session = Some(Session {
                     id,
                     tx,
                     peer: *peer,
                     consistent: None,
                 });
-                self.engine.peer_connected(needs, &own_dirty, &own_verify, out);
+                self.engine
+                    .peer_connected(needs, &own_dirty, &own_verify, out);
             }
-            PeerEvent::Applied { id, seq } if Some(id) == current => self.engine.peer_applied(seq, out),
+            PeerEvent::Applied { id, seq } if Some(id) == current => {
+                self.engine.peer_applied(seq, out)
+            }
             PeerEvent::Durable { id, through } if Some(id) == current => {
                 while let Some(&(seq, at)) = self.shipped_at.front()
                     && seq <= through
@@ -1111,8 +1171,15 @@ impl Owner {
                 }
                 self.engine.peer_durable(through, out)
             }
-            PeerEvent::HashReply { id, seq, mismatched } if Some(id) == current => {
-                Metrics::add(&self.shared.metrics.verify_mismatched_blocks, mismatched.len() as u64);
+            PeerEvent::HashReply {
+                id,
+                seq,
+                mismatched,
+            } if Some(id) == current => {
+                Metrics::add(
+                    &self.shared.metrics.verify_mismatched_blocks,
+                    mismatched.len() as u64,
+                );
                 self.engine.peer_hash_reply(seq, &mismatched, out)
             }
             PeerEvent::Consistent { id, seq, at_ms } if Some(id) == current => {
@@ -1120,7 +1187,9 @@ impl Owner {
                     s.consistent = Some((seq, at_ms));
                 }
             }
-            PeerEvent::Down { id, reason } if Some(id) == current => self.drop_session(&reason, out),
+            PeerEvent::Down { id, reason } if Some(id) == current => {
+                self.drop_session(&reason, out)
+            }
             _ => {}
         }
         self.act(out);
@@ -1132,7 +1201,8 @@ impl Owner {
         let progress = self.engine.resync_progress();
         m.set_resync_active(progress.is_some());
         if let Some(p) = progress {
-            m.resync_shipped_blocks.store(p.shipped_blocks.0, Ordering::Relaxed);
+            m.resync_shipped_blocks
+                .store(p.shipped_blocks.0, Ordering::Relaxed);
             if self.resync_log.elapsed() >= Duration::from_secs(2) {
                 self.resync_log = Instant::now();
                 let bs = self.cfg.block_size as u64;
@@ -1212,14 +1282,21 @@ impl Owner {
             lag.bytes,
             self.engine.dirty().dirty_count(),
             self.engine.resync_progress().map(|p| {
-                let elapsed_s = self.resync_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+                let elapsed_s = self
+                    .resync_started
+                    .map_or(0.0, |t| t.elapsed().as_secs_f64());
                 (p.shipped_blocks, p.total_blocks, elapsed_s)
             }),
             self.sb.volume_id,
             self.sb.gen_current,
         );
         doc.generations = Some(control::GenerationsStatus::of(&self.sb));
-        doc.handshake = self.shared.handshake.lock().expect("handshake lock").clone();
+        doc.handshake = self
+            .shared
+            .handshake
+            .lock()
+            .expect("handshake lock")
+            .clone();
         doc.verify = self.verify_status();
         let _ = self.started;
         doc
@@ -1227,12 +1304,17 @@ impl Owner {
 
     /// Final local flush; tell the peer whether it is left Outdated; persist what
     /// may differ and mark a clean shutdown.
-    async fn finish(mut self, meta_rx: &mut mpsc::UnboundedReceiver<MetaDone>) -> Result<(), AgentError> {
+    async fn finish(
+        mut self,
+        meta_rx: &mut mpsc::UnboundedReceiver<MetaDone>,
+    ) -> Result<(), AgentError> {
         let draining = self.draining.take();
         let in_sync = self.engine.is_in_sync() && self.engine.lag().writes == 0;
         let out_of_sync = self.engine.out_of_sync();
         let out_of_sync_bytes = out_of_sync.dirty_count().0 * self.cfg.block_size as u64;
-        let (demote, force) = draining.as_ref().map_or((false, false), |d| (d.demote, d.force));
+        let (demote, force) = draining
+            .as_ref()
+            .map_or((false, false), |d| (d.demote, d.force));
         if demote && !in_sync && !force {
             // Refused: the role stays primary (the node restarts it). Nothing is
             // said to the peer; the bitmap keeps what it lacks.
@@ -1240,7 +1322,11 @@ impl Owner {
                 "demotion refused: the secondary does not hold every write yet ({out_of_sync_bytes} bytes out of sync, {}); \
                  this node stays primary. Retry once `tandem status` shows the peer UpToDate, or demote with --force \
                  (the peer is then Outdated and its promotion needs --force)",
-                if self.session.is_some() { "a resync is running" } else { "the peer is not connected" }
+                if self.session.is_some() {
+                    "a resync is running"
+                } else {
+                    "the peer is not connected"
+                }
             );
             self.close_clean(meta_rx, &out_of_sync, false).await?;
             if let Some(d) = draining {
@@ -1257,7 +1343,9 @@ impl Owner {
                 self.cfg.drain_timeout_ms
             )
         } else {
-            format!("peer not connected: {out_of_sync_bytes} bytes stay marked out of sync for the next resync")
+            format!(
+                "peer not connected: {out_of_sync_bytes} bytes stay marked out of sync for the next resync"
+            )
         };
         if !in_sync {
             tracing::warn!("{summary}");
@@ -1276,7 +1364,9 @@ impl Owner {
         outdated: bool,
     ) -> Result<(), AgentError> {
         if let Err(e) = self.volume.flush().await {
-            tracing::error!("final flush of the volume failed: {e}; the next start compares everything");
+            tracing::error!(
+                "final flush of the volume failed: {e}; the next start compares everything"
+            );
             return Err(AgentError::Refused(format!("final flush failed: {e}")));
         }
         if let Some(s) = self.session.take() {
@@ -1293,7 +1383,10 @@ impl Owner {
         sb.gen_history = self.sb.gen_history;
         sb.clean_shutdown = true;
         store.persist_bitmap(&mut sb, out_of_sync)?;
-        tracing::info!(out_of_sync_blocks = out_of_sync.dirty_count().0, "metadata persisted; clean shutdown");
+        tracing::info!(
+            out_of_sync_blocks = out_of_sync.dirty_count().0,
+            "metadata persisted; clean shutdown"
+        );
         Ok(())
     }
 }
@@ -1469,7 +1562,15 @@ fn plain_frame(out: Outgoing<Bytes>) -> Frame {
             len,
             fua,
             at_ms,
-        } => (seq.0, Message::WriteZeroes { offset, len, fua, at_ms }),
+        } => (
+            seq.0,
+            Message::WriteZeroes {
+                offset,
+                len,
+                fua,
+                at_ms,
+            },
+        ),
         Outgoing::Trim {
             seq,
             offset,
@@ -1596,8 +1697,18 @@ async fn connector(
         {
             break;
         }
-        let enc = tokio::spawn(encoder(out_rx, frame_tx, shared.compress.clone(), metrics.clone()));
-        let mut writer = tokio::spawn(link::run_writer(wr, frame_rx, hb_rx, cfg.heartbeat_interval_ms));
+        let enc = tokio::spawn(encoder(
+            out_rx,
+            frame_tx,
+            shared.compress.clone(),
+            metrics.clone(),
+        ));
+        let mut writer = tokio::spawn(link::run_writer(
+            wr,
+            frame_rx,
+            hb_rx,
+            cfg.heartbeat_interval_ms,
+        ));
         let mut reader = tokio::spawn(session_reader(
             FrameReader::new(rd, cfg.peer_timeout_ms, Some(hb_tx)),
             id,
@@ -1696,11 +1807,23 @@ async fn answer_dialers(
                 }
                 tracing::debug!(peer = %peer_addr, "the secondary dialed this node");
                 if let Err(
-                    mpsc::error::TrySendError::Full(mut i) | mpsc::error::TrySendError::Closed(mut i),
+                    mpsc::error::TrySendError::Full(mut i)
+                    | mpsc::error::TrySendError::Closed(mut i),
                 ) = inbound_tx.try_send(Inbound { rd, wr })
                 {
                     link::send_refusal(&mut i.wr, crate::agent::ALREADY_CONNECTED).await;
                 }
+                return;
+            }
+            if let Ok(Ok(Frame {
+                msg: Message::Refuse { reason },
+                ..
+            })) = &first
+                && reason.contains(crate::agent::ALREADY_CONNECTED)
+            {
+                // The secondary dialed while this node's own connection to it was
+                // being set up: nothing to answer.
+                tracing::debug!(peer = %peer_addr, "the secondary is already attached");
                 return;
             }
             let (reply, rx) = oneshot::channel();
@@ -1720,7 +1843,10 @@ async fn answer_dialers(
                     if split {
                         shared.metrics.events.push(
                             "split-brain",
-                            format!("both nodes are primary and both wrote: {} {} / {} {}", cfg.name, ours.current, h.node_name, theirs.current),
+                            format!(
+                                "both nodes are primary and both wrote: {} {} / {} {}",
+                                cfg.name, ours.current, h.node_name, theirs.current
+                            ),
                         );
                     }
                     format!(
@@ -1739,9 +1865,10 @@ async fn answer_dialers(
                 Ok(Err(e)) => format!("reading Hello: {e}"),
                 Err(_) => "no Hello in time".to_string(),
             };
-            crate::agent::log_repeated(&format!("two-primaries:{peer_addr}"), || {
-                tracing::error!(peer = %peer_addr, "refusing a connection: {reason}")
-            });
+            crate::agent::log_repeated(
+                &format!("two-primaries:{peer_addr}"),
+                || tracing::error!(peer = %peer_addr, "refusing a connection: {reason}"),
+            );
             shared.metrics.set_error(reason.clone());
             shared.set_handshake(format!("refused: {reason}"));
             link::send_refusal(&mut wr, &reason).await;
@@ -1773,7 +1900,10 @@ async fn handshake(
             return Err(format!("secondary refused the connection: {reason}"));
         }
         other => {
-            return Err(format!("expected Welcome, got message kind {}", other.kind()));
+            return Err(format!(
+                "expected Welcome, got message kind {}",
+                other.kind()
+            ));
         }
     };
     let problem = if welcome.protocol_version != PROTOCOL_VERSION {

@@ -22,7 +22,9 @@ use tokio::io::BufReader;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::control::{self, ControlHandler, ControlReply, ControlRequest, GenerationsStatus, StatusDoc};
+use crate::agent::control::{
+    self, ControlHandler, ControlReply, ControlRequest, GenerationsStatus, StatusDoc,
+};
 use crate::agent::journal::{self, JournalDone, JournalHandle, JournalThread};
 use crate::agent::link::{self, FrameReader, LinkError};
 use crate::agent::metawork::{MetaDone, MetaJob, MetaWorker};
@@ -132,7 +134,16 @@ struct Node {
     /// The frames of a session that just started (the node loop takes it).
     new_frames: Option<mpsc::Receiver<(Box<Frame>, Option<Bytes>)>>,
     /// A checkpoint waits for the superblock to say the volume is mixed.
-    checkpoint_waiting: Option<(Lsn, Lsn)>,
+    checkpoint_waiting: Option<(Lsn, Lsn, bool, u64)>,
+    /// A copied checkpoint waits for this metadata job (the superblock saying the
+    /// volume is consistent) before its records are released.
+    release_waiting: Option<(Lsn, u64)>,
+    /// The checkpoint being copied: its last record, and whether the volume is a
+    /// consistent image after it.
+    copying: Option<(Lsn, bool)>,
+    /// Metadata jobs handed to the thread and finished (they finish in order).
+    meta_sent: u64,
+    meta_done: u64,
     handshake_text: Option<String>,
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
 }
@@ -196,7 +207,31 @@ pub async fn serve(
     let (jdone_tx, mut jdone_rx) = mpsc::unbounded_channel();
     // A node that never had a consistent image may have no journal yet; one that
     // had must find its journal (its staged writes are part of its image).
-    let may_create = sb.is_new || sb.disk_state == DiskState::Inconsistent || (sb.clean_shutdown && !cfg.journal.exists());
+    let was = &opened.superblock;
+    let mut may_create = was.is_new
+        || was.disk_state == DiskState::Inconsistent
+        || (was.clean_shutdown && !cfg.journal.exists());
+    if rebuilt && cfg.journal.exists() {
+        // The metadata was rebuilt (both superblock slots lost): every block is
+        // compared with the primary's, so whatever the old journal staged is not
+        // needed; it belongs to the lost identity and is kept aside, not reused.
+        let aside = crate::agent::aside_path(&cfg.journal);
+        tracing::warn!(journal = %cfg.journal.display(), aside = %aside.display(), "metadata rebuilt: the old redo journal is kept aside and a new one is made");
+        std::fs::rename(&cfg.journal, &aside).map_err(|e| {
+            AgentError::Refused(format!(
+                "cannot move the old redo journal {} aside: {e}",
+                cfg.journal.display()
+            ))
+        })?;
+    }
+    if start.demoted {
+        // A primary's volume holds all of its data: records left in its journal
+        // from an earlier time as secondary were copied into the volume before it
+        // was promoted, and replaying them now would roll its own writes back.
+        discard_stale_journal(&cfg, sb.volume_id, jdone_tx.clone())?;
+        may_create = true;
+    }
+    may_create |= rebuilt;
     let jopened = journal::open(
         &cfg.journal,
         sb.volume_id,
@@ -213,7 +248,8 @@ pub async fn serve(
         "redo journal open"
     );
     let size_bytes = volume.size_bytes();
-    let volume_consistent = !sb.is_new && sb.disk_state != DiskState::Inconsistent;
+    let volume_consistent =
+        !sb.is_new && sb.disk_state != DiskState::Inconsistent && !sb.volume_mixed;
     let engine = Engine::new(
         engine_config(&cfg, size_bytes, jopened.capacity_bytes),
         jopened.applied,
@@ -221,7 +257,13 @@ pub async fn serve(
         volume_consistent,
     );
     if let Some((lsn, seq, at_ms)) = engine.consistent_point() {
-        tracing::info!(lsn = lsn.0, seq = seq.0, at_ms, section_open = engine.is_section_open(), "consistent image recovered");
+        tracing::info!(
+            lsn = lsn.0,
+            seq = seq.0,
+            at_ms,
+            section_open = engine.is_section_open(),
+            "consistent image recovered"
+        );
     }
     let metrics = ctx.metrics.clone().unwrap_or_default();
     metrics.reset_role_state();
@@ -248,6 +290,10 @@ pub async fn serve(
         events_tx: events_tx.clone(),
         new_frames: None,
         checkpoint_waiting: None,
+        release_waiting: None,
+        copying: None,
+        meta_sent: 0,
+        meta_done: 0,
         handshake_text: None,
         snapshot: snapshot.clone(),
     };
@@ -281,6 +327,7 @@ pub async fn serve(
         None => None,
     };
     let handler: Arc<dyn ControlHandler> = Arc::new(SecondaryControl {
+        resource: cfg.resource.clone(),
         events_tx: events_tx.clone(),
         metrics: metrics.clone(),
         snapshot,
@@ -294,8 +341,22 @@ pub async fn serve(
         });
     }
     let stop_conns = CancellationToken::new();
-    let accept_task = tokio::spawn(accept_loop(listener, events_tx.clone(), metrics.clone(), stop_conns.clone()));
-    let dial_task = cfg.peer.map(|peer| tokio::spawn(dial_loop(peer, security.clone(), cfg.connect_timeout_ms, events_tx.clone(), stop_conns.clone())));
+    let accept_task = tokio::spawn(accept_loop(
+        listener,
+        events_tx.clone(),
+        metrics.clone(),
+        stop_conns.clone(),
+    ));
+    let dial_task = cfg.peer.map(|peer| {
+        tokio::spawn(dial_loop(
+            peer,
+            security.clone(),
+            cfg.connect_timeout_ms,
+            metrics.clone(),
+            events_tx.clone(),
+            stop_conns.clone(),
+        ))
+    });
 
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.flush_interval_ms.clamp(1, 5)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -344,16 +405,27 @@ pub async fn serve(
         task.abort();
     }
     let promoting = *ctx.promoting.lock().expect("promoting lock");
-    node.finish(promoting, &mut jdone_rx, &mut meta_rx, &mut events_rx).await
+    node.finish(promoting, &mut jdone_rx, &mut meta_rx, &mut events_rx)
+        .await
 }
 
 impl Node {
     fn meta(&self) -> &MetaWorker {
-        self.meta.as_ref().expect("metadata worker runs until finish")
+        self.meta
+            .as_ref()
+            .expect("metadata worker runs until finish")
     }
 
-    fn write_superblock(&self) {
-        self.meta().send(MetaJob::Superblock { sb: self.sb.clone() });
+    /// Hand a job to the metadata thread; returns its number (jobs finish in order).
+    fn send_meta(&mut self, job: MetaJob) -> u64 {
+        self.meta().send(job);
+        self.meta_sent += 1;
+        self.meta_sent
+    }
+
+    fn write_superblock(&mut self) -> u64 {
+        let sb = self.sb.clone();
+        self.send_meta(MetaJob::Superblock { sb })
     }
 
     /// Carry out engine actions.
@@ -381,14 +453,30 @@ impl Node {
                 through,
                 volume_consistent_after,
             } => {
-                if !volume_consistent_after && self.sb.disk_state != DiskState::Inconsistent {
-                    // The copy makes the volume alone mixed: say so durably first.
-                    tracing::warn!("copying an unfinished resync into the volume (resync-overflow = inconsistent): the node is Inconsistent until it completes");
-                    self.sb.disk_state = DiskState::Inconsistent;
-                    self.write_superblock();
-                    self.checkpoint_waiting = Some((from, through));
+                // A copy that ends inside a resync section leaves the volume alone
+                // mixed: recorded durably before the copy. If it also goes past the
+                // consistent point (resync-overflow = inconsistent), the node has
+                // no consistent image left until the section ends.
+                let past_consistent = self
+                    .engine
+                    .consistent_point()
+                    .is_none_or(|(lsn, _, _)| through > lsn);
+                let mixes = !volume_consistent_after && !self.sb.volume_mixed;
+                let loses = !volume_consistent_after
+                    && past_consistent
+                    && self.sb.disk_state != DiskState::Inconsistent;
+                if mixes || loses {
+                    self.sb.volume_mixed = true;
+                    if loses {
+                        tracing::warn!(
+                            "copying an unfinished resync into the volume (resync-overflow = inconsistent): the node is Inconsistent until it completes"
+                        );
+                        self.sb.disk_state = DiskState::Inconsistent;
+                    }
+                    let job = self.write_superblock();
+                    self.checkpoint_waiting = Some((from, through, volume_consistent_after, job));
                 } else {
-                    self.start_checkpoint(from, through);
+                    self.start_checkpoint(from, through, volume_consistent_after);
                 }
             }
             SecondaryAction::StartHash {
@@ -402,14 +490,20 @@ impl Node {
                 let jh = self.jh.clone();
                 let tx = self.events_tx.clone();
                 tokio::spawn(async move {
-                    let result = hash_image(&volume, &jh, range, unit_bytes, &hashes, &sources).await;
+                    let result =
+                        hash_image(&volume, &jh, range, unit_bytes, &hashes, &sources).await;
                     let _ = tx.send(Event::Hashed { seq, result }).await;
                 });
             }
             SecondaryAction::SendApplied { seq } => self.ack(Message::Applied { seq: seq.0 }),
-            SecondaryAction::SendDurable { through } => self.ack(Message::Durable { through_seq: through.0 }),
+            SecondaryAction::SendDurable { through } => self.ack(Message::Durable {
+                through_seq: through.0,
+            }),
             SecondaryAction::SendHashReply { seq, mismatched } => {
-                Metrics::add(&self.metrics.verify_mismatched_blocks, mismatched.len() as u64);
+                Metrics::add(
+                    &self.metrics.verify_mismatched_blocks,
+                    mismatched.len() as u64,
+                );
                 self.ack(Message::HashReply {
                     seq: seq.0,
                     mismatched,
@@ -419,23 +513,26 @@ impl Node {
                 let primary = self.session.as_ref().map(|s| s.primary_gen);
                 let was = (self.sb.gen_current, self.sb.disk_state);
                 if let Some(g) = primary {
-                    let disk = self.sb.disk_state;
                     self.sb = recovery::adopt_generation(&self.sb, g);
-                    // The volume alone may still be mixed (a first copy whose records
-                    // are not all copied yet): the checkpointer says when it is not.
-                    self.sb.disk_state = if disk == DiskState::Inconsistent { DiskState::Inconsistent } else { DiskState::UpToDate };
                 }
+                // The node's image (volume and journal through this point) is
+                // consistent; the volume alone may not be yet (a first copy whose
+                // records are not all copied): the checkpointer clears that.
+                self.sb.disk_state = DiskState::UpToDate;
+                self.sb.volume_mixed = !self.engine.is_volume_consistent();
                 if self.own_dirty.dirty_count().0 > 0 || self.own_verify.dirty_count().0 > 0 {
                     self.own_dirty.clear_all();
                     self.own_verify.clear_all();
-                    self.meta().send(MetaJob::Bitmap {
-                        bitmap: self.own_dirty.clone(),
-                    });
+                    let bitmap = self.own_dirty.clone();
+                    self.send_meta(MetaJob::Bitmap { bitmap });
                 }
                 self.write_superblock();
                 if was != (self.sb.gen_current, self.sb.disk_state) || true {
                     tracing::info!(generation = %self.sb.gen_current, journal_lsn = through.0, newest_write_at_ms = at_ms, "in sync with the primary: a consistent image");
-                    self.metrics.events.push("consistent", format!("consistent through the primary's write of {at_ms} ms"));
+                    self.metrics.events.push(
+                        "consistent",
+                        format!("consistent through the primary's write of {at_ms} ms"),
+                    );
                 }
             }
             SecondaryAction::MarkSectionOpen => {
@@ -443,12 +540,16 @@ impl Node {
                     self.sb = recovery::sync_target(&self.sb, s.primary_gen);
                     self.write_superblock();
                 }
-                tracing::info!("resync section open: the last consistent image is kept in the journal until it ends");
+                tracing::info!(
+                    "resync section open: the last consistent image is kept in the journal until it ends"
+                );
             }
             SecondaryAction::Fail { fault } => {
                 tracing::error!("stopping the session: {fault}");
                 self.metrics.set_error(fault.to_string());
-                self.metrics.events.push("session-refused", fault.to_string());
+                self.metrics
+                    .events
+                    .push("session-refused", fault.to_string());
                 self.ack(Message::Refuse {
                     reason: fault.to_string(),
                 });
@@ -466,27 +567,42 @@ impl Node {
         }
     }
 
-    fn start_checkpoint(&mut self, from: Lsn, through: Lsn) {
+    fn start_checkpoint(&mut self, from: Lsn, through: Lsn, volume_consistent_after: bool) {
         let records: Vec<Record> = self
             .engine
             .records()
             .filter(|r| r.lsn >= from && r.lsn <= through)
             .copied()
             .collect();
+        self.copying = Some((through, volume_consistent_after));
         let volume = self.volume.clone();
         let jh = self.jh.clone();
         let tx = self.events_tx.clone();
         tokio::spawn(async move {
             let result = copy_records(&volume, &jh, &records).await;
-            let result = match result {
-                Ok(()) => {
-                    jh.release(through);
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            };
             let _ = tx.send(Event::Checkpointed(result)).await;
         });
+    }
+
+    /// The records of a checkpoint are in the volume, durably. Before they are
+    /// released, a volume that now holds a consistent image on its own must be
+    /// recorded as such (a node whose journal is empty and whose superblock says
+    /// its volume is mixed has no consistent image to recover).
+    fn on_copied(&mut self, result: Result<(), String>, out: &mut Actions) {
+        let (through, volume_consistent_after) =
+            self.copying.take().expect("a checkpoint was copying");
+        if result.is_err() {
+            self.engine.checkpointed(result, out);
+            return;
+        }
+        if volume_consistent_after && self.sb.volume_mixed {
+            self.sb.volume_mixed = false;
+            let job = self.write_superblock();
+            self.release_waiting = Some((through, job));
+            return;
+        }
+        self.jh.release(through);
+        self.engine.checkpointed(Ok(()), out);
     }
 
     fn on_journal(&mut self, done: JournalDone, out: &mut Actions) {
@@ -513,12 +629,26 @@ impl Node {
             MetaDone::Activity(r) | MetaDone::Bitmap(r) | MetaDone::Superblock(r) => r,
         };
         if let Err(e) = r {
-            tracing::error!("metadata write failed: {e}; the node is poisoned, restart it after checking the disk");
-            self.metrics.set_error(format!("metadata write failed: {e}"));
+            tracing::error!(
+                "metadata write failed: {e}; the node is poisoned, restart it after checking the disk"
+            );
+            self.metrics
+                .set_error(format!("metadata write failed: {e}"));
             self.metrics.events.push("io-error", e);
         }
-        if let Some((from, through)) = self.checkpoint_waiting.take() {
-            self.start_checkpoint(from, through);
+        self.meta_done += 1;
+        if let Some((from, through, after, job)) = self.checkpoint_waiting
+            && self.meta_done >= job
+        {
+            self.checkpoint_waiting = None;
+            self.start_checkpoint(from, through, after);
+        }
+        if let Some((through, job)) = self.release_waiting
+            && self.meta_done >= job
+        {
+            self.release_waiting = None;
+            self.jh.release(through);
+            self.engine.checkpointed(Ok(()), out);
         }
         self.act(out);
     }
@@ -536,9 +666,10 @@ impl Node {
                     if reason.is_empty() {
                         return;
                     }
-                    crate::agent::log_repeated(&format!("handshake:{reason}"), || {
-                        tracing::warn!(%peer, "session refused: {reason}")
-                    });
+                    crate::agent::log_repeated(
+                        &format!("handshake:{reason}"),
+                        || tracing::warn!(%peer, "session refused: {reason}"),
+                    );
                 }
             }
             Event::SessionEnd { session, reason } => {
@@ -549,13 +680,17 @@ impl Node {
                     if reason.contains("Goodbye (outdated)") {
                         self.sb = recovery::outdate(&self.sb);
                         self.write_superblock();
-                        tracing::warn!("the primary stopped without draining: this node is Outdated (consistent, but it lacks writes); promoting it needs --force");
-                        self.metrics.events.push("outdated", "the primary stopped without draining".into());
+                        tracing::warn!(
+                            "the primary stopped without draining: this node is Outdated (consistent, but it lacks writes); promoting it needs --force"
+                        );
+                        self.metrics
+                            .events
+                            .push("outdated", "the primary stopped without draining".into());
                     }
                     self.engine.session_ended(out);
                 }
             }
-            Event::Checkpointed(r) => self.engine.checkpointed(r, out),
+            Event::Checkpointed(r) => self.on_copied(r, out),
             Event::Hashed { seq, result } => self.engine.hash_done(seq, result, out),
             Event::Control(cmd) => self.on_control(cmd),
         }
@@ -586,9 +721,18 @@ impl Node {
         let incoming = match frame.msg {
             Message::ResyncStart { blocks, full } => {
                 if blocks > 0 {
-                    tracing::info!(blocks, bytes = blocks * self.cfg.block_size as u64, full, "primary announces a resync");
+                    tracing::info!(
+                        blocks,
+                        bytes = blocks * self.cfg.block_size as u64,
+                        full,
+                        "primary announces a resync"
+                    );
                 }
-                Incoming::ResyncStart { next: seq, blocks, full }
+                Incoming::ResyncStart {
+                    next: seq,
+                    blocks,
+                    full,
+                }
             }
             Message::Write { offset, fua, at_ms } => {
                 let data = data.expect("the reader opens payloads of writes");
@@ -601,11 +745,33 @@ impl Node {
                     data,
                 }
             }
-            Message::WriteZeroes { offset, len, fua, at_ms } => Incoming::Zeroes { seq, offset, len, fua, at_ms },
-            Message::Trim { offset, len, at_ms } => Incoming::Trim { seq, offset, len, at_ms },
+            Message::WriteZeroes {
+                offset,
+                len,
+                fua,
+                at_ms,
+            } => Incoming::Zeroes {
+                seq,
+                offset,
+                len,
+                fua,
+                at_ms,
+            },
+            Message::Trim { offset, len, at_ms } => Incoming::Trim {
+                seq,
+                offset,
+                len,
+                at_ms,
+            },
             Message::Flush => Incoming::Flush { through: seq },
-            Message::ResyncDone { through_seq } => Incoming::ResyncDone { through: Seq(through_seq) },
-            Message::HashCheck { offset, block_size, hashes } => {
+            Message::ResyncDone { through_seq } => Incoming::ResyncDone {
+                through: Seq(through_seq),
+            },
+            Message::HashCheck {
+                offset,
+                block_size,
+                hashes,
+            } => {
                 let mut buf = BytesMut::with_capacity(hashes.len() * 32);
                 for h in &hashes {
                     buf.extend_from_slice(h);
@@ -621,7 +787,9 @@ impl Node {
             other => {
                 let reason = format!("unexpected message kind {} from the primary", other.kind());
                 out.push(SecondaryAction::Fail {
-                    fault: secondary::Fault::BeforeStart { what: "an unexpected message" },
+                    fault: secondary::Fault::BeforeStart {
+                        what: "an unexpected message",
+                    },
                 });
                 tracing::warn!("{reason}");
                 return;
@@ -633,7 +801,9 @@ impl Node {
     /// Frames held back for journal room go in when there is room.
     fn retry_held(&mut self, out: &mut Actions) {
         let Some(s) = &mut self.session else { return };
-        let Some((frame, data)) = s.held.take() else { return };
+        let Some((frame, data)) = s.held.take() else {
+            return;
+        };
         self.feed(frame, data, out);
         self.act(out);
     }
@@ -643,13 +813,19 @@ impl Node {
     fn report_consistent(&mut self) {
         let point = self.engine.consistent_point().map(|(_, seq, at)| (seq, at));
         let Some(s) = &mut self.session else { return };
-        if point.is_none() || point == s.last_consistent_sent || s.last_consistent_at.elapsed() < Duration::from_millis(250) {
+        if point.is_none()
+            || point == s.last_consistent_sent
+            || s.last_consistent_at.elapsed() < Duration::from_millis(250)
+        {
             return;
         }
         s.last_consistent_sent = point;
         s.last_consistent_at = Instant::now();
         let (seq, at_ms) = point.expect("checked");
-        let _ = s.acks.try_send(link::control_frame(Message::Consistent { seq: seq.0, at_ms }));
+        let _ = s.acks.try_send(link::control_frame(Message::Consistent {
+            seq: seq.0,
+            at_ms,
+        }));
     }
 
     /// Decide a handshake (engine/handshake.rs) and start the session.
@@ -674,7 +850,9 @@ impl Node {
         .map_err(|e| format!("reading Hello: {e}"))?;
         let hello = match first.msg {
             Message::Hello(h) => h,
-            Message::Refuse { reason } if reason.contains(crate::agent::ALREADY_CONNECTED) => return Err(String::new()),
+            Message::Refuse { reason } if reason.contains(crate::agent::ALREADY_CONNECTED) => {
+                return Err(String::new());
+            }
             Message::Refuse { reason } => return Err(format!("the peer refused: {reason}")),
             other => return Err(format!("expected Hello, got message kind {}", other.kind())),
         };
@@ -689,11 +867,17 @@ impl Node {
                     if refusal.is_split_brain() {
                         self.metrics.events.push("split-brain", refusal.to_string());
                     } else {
-                        self.metrics.events.push("handshake-refused", refusal.to_string());
+                        self.metrics
+                            .events
+                            .push("handshake-refused", refusal.to_string());
                     }
                 }
                 link::send_refusal(&mut wr, &refusal.to_string()).await;
-                return Err(if refusal.is_quiet() { String::new() } else { refusal.to_string() });
+                return Err(if refusal.is_quiet() {
+                    String::new()
+                } else {
+                    refusal.to_string()
+                });
             }
         };
         if plan.discards_local {
@@ -729,14 +913,21 @@ impl Node {
                 let (a, b) = r.blocks(bs);
                 self.own_dirty.mark(a, b);
             }
-            tracing::warn!(ranges = dropped.len(), "dropping an unfinished resync that filled half the journal; its blocks are resent");
+            tracing::warn!(
+                ranges = dropped.len(),
+                "dropping an unfinished resync that filled half the journal; its blocks are resent"
+            );
             self.persist_own_bitmap_now().await?;
             self.jh.truncate(self.engine.tail());
         }
         if self.sb.is_new {
             // Adopt the primary's identity (G6) before anything is written; the
             // journal is recreated for it (a new node's is empty).
-            self.sb = recovery::adopt_identity(&self.sb, VolumeId(hello.volume_id), Generation(hello.generations.current));
+            self.sb = recovery::adopt_identity(
+                &self.sb,
+                VolumeId(hello.volume_id),
+                Generation(hello.generations.current),
+            );
             self.recreate_journal().await?;
             self.write_superblock();
             tracing::info!(volume_id = %self.sb.volume_id, "new secondary adopted the primary's volume identity");
@@ -780,7 +971,12 @@ impl Node {
         self.next_session += 1;
         let (ack_tx, ack_rx) = mpsc::channel(link::WRITER_QUEUE_FRAMES_MAX);
         let (hb_tx, hb_rx) = mpsc::channel(8);
-        tokio::spawn(link::run_writer(wr, ack_rx, hb_rx, cfg.heartbeat_interval_ms));
+        tokio::spawn(link::run_writer(
+            wr,
+            ack_rx,
+            hb_rx,
+            cfg.heartbeat_interval_ms,
+        ));
         let (frames_tx, frames_rx) = mpsc::channel(64);
         tokio::spawn(frame_reader(
             FrameReader::new(rd, cfg.peer_timeout_ms, Some(hb_tx)),
@@ -805,13 +1001,9 @@ impl Node {
 
     async fn persist_own_bitmap_now(&mut self) -> Result<(), String> {
         // Through the worker, in order; the handshake waits for nothing else.
-        self.meta().send(MetaJob::Bitmap {
-            bitmap: {
-                let mut b = self.own_dirty.clone();
-                b.union_with(&self.own_verify);
-                b
-            },
-        });
+        let mut bitmap = self.own_dirty.clone();
+        bitmap.union_with(&self.own_verify);
+        self.send_meta(MetaJob::Bitmap { bitmap });
         Ok(())
     }
 
@@ -868,7 +1060,9 @@ impl Node {
 
     /// A pre-seeded node compares by hash only until its first sync completed.
     fn has_completed_a_sync(&self) -> bool {
-        !self.sb.is_new && self.sb.gen_current != Generation::NONE && self.sb.disk_state != DiskState::Inconsistent
+        !self.sb.is_new
+            && self.sb.gen_current != Generation::NONE
+            && self.sb.disk_state != DiskState::Inconsistent
     }
 
     /// The Hello this node sends when it dials its primary (role secondary).
@@ -901,7 +1095,9 @@ impl Node {
             &self.cfg,
             Role::Secondary,
             m,
-            self.session.as_ref().map(|s| (s.peer.clone(), "UpToDate".to_string())),
+            self.session
+                .as_ref()
+                .map(|s| (s.peer.clone(), "UpToDate".to_string())),
             self.disk_state_shown(),
             0,
             0,
@@ -912,17 +1108,20 @@ impl Node {
         );
         doc.generations = Some(GenerationsStatus::of(&self.sb));
         doc.handshake = self.handshake_text.clone();
-        doc.consistent_point = self.engine.consistent_point().map(|(lsn, seq, at_ms)| control::ConsistentStatus {
-            seq: seq.0,
-            at_unix_ms: at_ms,
-            age_s: if at_ms > 0 {
-                crate::agent::unix_now_ms().saturating_sub(at_ms) as f64 / 1000.0
-            } else {
-                0.0
-            },
-            journal_lsn: lsn.0,
-            resync_open: self.engine.is_section_open(),
-        });
+        doc.consistent_point =
+            self.engine
+                .consistent_point()
+                .map(|(lsn, seq, at_ms)| control::ConsistentStatus {
+                    seq: seq.0,
+                    at_unix_ms: at_ms,
+                    age_s: if at_ms > 0 {
+                        crate::agent::unix_now_ms().saturating_sub(at_ms) as f64 / 1000.0
+                    } else {
+                        0.0
+                    },
+                    journal_lsn: lsn.0,
+                    resync_open: self.engine.is_section_open(),
+                });
         doc.journal = Some(control::JournalStatus {
             path: self.cfg.journal.display().to_string(),
             capacity_bytes: self.cfg.journal_bytes,
@@ -978,7 +1177,9 @@ impl Node {
                         })
                     })
                     .collect();
-                let _ = reply.send(ControlReply::success(serde_json::json!({ "points": points })));
+                let _ = reply.send(ControlReply::success(
+                    serde_json::json!({ "points": points }),
+                ));
             }
             ControlCmd::DiscardLocal(reply) => {
                 self.discard_local = true;
@@ -1002,7 +1203,9 @@ impl Node {
         events_rx: &mut mpsc::Receiver<Event>,
     ) -> Result<(), AgentError> {
         if let Some(s) = self.session.take() {
-            let _ = s.acks.try_send(link::control_frame(Message::Goodbye { outdated: false }));
+            let _ = s
+                .acks
+                .try_send(link::control_frame(Message::Goodbye { outdated: false }));
         }
         let mut out = Vec::new();
         self.engine.session_ended(&mut out);
@@ -1039,10 +1242,18 @@ impl Node {
                     self.own_dirty.mark(a, b);
                 }
                 if !dropped.is_empty() {
-                    tracing::warn!(ranges = dropped.len(), "promotion mid-resync: rolled back to the last consistent point; the dropped resync's blocks are resent to the old primary when it rejoins");
+                    tracing::warn!(
+                        ranges = dropped.len(),
+                        "promotion mid-resync: rolled back to the last consistent point; the dropped resync's blocks are resent to the old primary when it rejoins"
+                    );
                 }
                 let age_s = crate::agent::unix_now_ms().saturating_sub(at_ms) as f64 / 1000.0;
-                tracing::warn!(seq = seq.0, newest_write_at_ms = at_ms, age_s = format!("{age_s:.1}"), "promoting at the consistent point");
+                tracing::warn!(
+                    seq = seq.0,
+                    newest_write_at_ms = at_ms,
+                    age_s = format!("{age_s:.1}"),
+                    "promoting at the consistent point"
+                );
                 self.metrics.events.push(
                     "promoted-at",
                     format!("now primary at the consistent point of the primary's write accepted at {at_ms} ms, {age_s:.1} s before now"),
@@ -1065,18 +1276,12 @@ impl Node {
         let mut bm = self.own_dirty.clone();
         bm.union_with(&self.own_verify);
         let worker = self.meta.take().expect("finish once");
-        let (mut store, mut sb) = tokio::task::spawn_blocking(move || worker.finish())
+        let (mut store, _) = tokio::task::spawn_blocking(move || worker.finish())
             .await
             .map_err(|e| AgentError::Refused(format!("metadata thread: {e}")))?;
         while meta_rx.try_recv().is_ok() {}
-        let keep_disk = sb.disk_state;
-        sb = self.sb.clone();
-        if sb.disk_state != keep_disk && keep_disk == DiskState::Inconsistent && !self.engine.is_volume_consistent() {
-            sb.disk_state = DiskState::Inconsistent;
-        }
-        if promoting && self.engine.consistent_point().is_some() && sb.disk_state == DiskState::Inconsistent && self.engine.is_volume_consistent() {
-            sb.disk_state = DiskState::UpToDate;
-        }
+        let mut sb = self.sb.clone();
+        sb.volume_mixed = !self.engine.is_volume_consistent();
         sb.clean_shutdown = true;
         store.persist_bitmap(&mut sb, &bm)?;
         if let Some(j) = self.journal.take() {
@@ -1103,17 +1308,23 @@ impl Node {
         loop {
             self.engine.tick(crate::agent::unix_now_ms(), out);
             self.act(out);
-            if self.engine.is_idle() && self.engine.durable() == self.engine.tail() && self.checkpoint_waiting.is_none() {
+            if self.engine.is_idle()
+                && self.engine.durable() == self.engine.tail()
+                && self.checkpoint_waiting.is_none()
+                && self.release_waiting.is_none()
+            {
                 return Ok(());
             }
             if self.engine.is_poisoned() {
-                return Err(AgentError::Refused("the journal or the volume failed while stopping; check the disk".into()));
+                return Err(AgentError::Refused(
+                    "the journal or the volume failed while stopping; check the disk".into(),
+                ));
             }
             tokio::select! {
                 Some(d) = jdone_rx.recv() => self.on_journal(d, out),
                 Some(d) = meta_rx.recv() => self.on_meta(d, out),
                 Some(ev) = events_rx.recv() => match ev {
-                    Event::Checkpointed(r) => { self.engine.checkpointed(r, out); self.act(out) }
+                    Event::Checkpointed(r) => { self.on_copied(r, out); self.act(out) }
                     Event::Hashed { seq, result } => { self.engine.hash_done(seq, result, out); self.act(out) }
                     Event::Conn { stream, .. } => {
                         let (_rd, mut wr) = stream.into_split();
@@ -1130,10 +1341,45 @@ impl Node {
     }
 }
 
+/// A demoted primary's journal (if any) holds nothing of its image: check that it
+/// is this volume's (a misconfigured path must not destroy another's) and remove it.
+fn discard_stale_journal(
+    cfg: &NodeConfig,
+    volume_id: VolumeId,
+    done: mpsc::UnboundedSender<JournalDone>,
+) -> Result<(), AgentError> {
+    if !cfg.journal.exists() {
+        return Ok(());
+    }
+    let opened = journal::open(
+        &cfg.journal,
+        volume_id,
+        cfg.block_size,
+        cfg.journal_bytes,
+        false,
+        done,
+    )
+    .map_err(|e| AgentError::Refused(format!("{e}")))?;
+    if !opened.records.is_empty() {
+        tracing::info!(journal = %cfg.journal.display(), records = opened.records.len(), "demoted primary: dropping journal records from before its promotion (already in the volume)");
+    }
+    opened.thread.stop();
+    std::fs::remove_file(&cfg.journal).map_err(|e| {
+        AgentError::Refused(format!(
+            "cannot remove the stale redo journal {}: {e}",
+            cfg.journal.display()
+        ))
+    })
+}
+
 /// Copy journal records into the volume in order (a checkpoint), then make the
 /// volume durable. Zero and trim records punch holes where the volume can (a thin
 /// secondary stays thin).
-async fn copy_records(volume: &Volume, jh: &JournalHandle, records: &[Record]) -> Result<(), String> {
+async fn copy_records(
+    volume: &Volume,
+    jh: &JournalHandle,
+    records: &[Record],
+) -> Result<(), String> {
     use crate::engine::secondary::RecordKind;
     for r in records {
         let result = match r.kind {
@@ -1153,7 +1399,11 @@ async fn copy_records(volume: &Volume, jh: &JournalHandle, records: &[Record]) -
                     volume.write(r.range.offset, data, false).await
                 }
             }
-            RecordKind::Zeroes => volume.write_zeroes(r.range.offset, r.range.len, false).await,
+            RecordKind::Zeroes => {
+                volume
+                    .write_zeroes(r.range.offset, r.range.len, false)
+                    .await
+            }
             RecordKind::Trim => volume.trim(r.range.offset, r.range.len).await,
             _ => Ok(()),
         };
@@ -1184,7 +1434,9 @@ async fn hash_image(
         .chunks_exact(32)
         .map(|c| c.try_into().expect("32-byte hash"))
         .collect();
-    Ok(crate::resync::mismatched_blocks(&image, unit_bytes, &hashes))
+    Ok(crate::resync::mismatched_blocks(
+        &image, unit_bytes, &hashes,
+    ))
 }
 
 /// Accept connections; each authenticated one goes to the node task.
@@ -1214,19 +1466,22 @@ async fn accept_loop(
             }
             Err(e) => {
                 // One bad connection (foreign CA, wrong name, plaintext) never stops the listener.
-                crate::agent::log_repeated("secondary-accept", || tracing::warn!("refused a connection: {e}"));
+                crate::agent::log_repeated("secondary-accept", || {
+                    tracing::warn!("refused a connection: {e}")
+                });
                 metrics.set_error(e.to_string());
             }
         }
     }
 }
 
-/// Dial the peer while no primary is attached; the node task refuses it quietly
-/// when one is.
+/// Dial the peer while no primary is attached (one that attached meanwhile makes
+/// the node task refuse the extra connection quietly).
 async fn dial_loop(
     peer: SocketAddr,
     security: crate::transport::Security,
     connect_timeout_ms: u64,
+    metrics: Arc<Metrics>,
     events_tx: mpsc::Sender<Event>,
     stop: CancellationToken,
 ) {
@@ -1235,6 +1490,10 @@ async fn dial_loop(
         tokio::select! {
             _ = tokio::time::sleep(backoff.next_delay()) => {}
             _ = stop.cancelled() => return,
+        }
+        if metrics.connected.load(std::sync::atomic::Ordering::Relaxed) {
+            backoff = crate::transport::Backoff::new(1_000, 10_000);
+            continue;
         }
         let stream = tokio::select! {
             s = crate::transport::connect(peer, &security, connect_timeout_ms) => s,
@@ -1292,7 +1551,9 @@ async fn frame_reader(
                     "the primary said Goodbye".into()
                 };
             }
-            Message::Refuse { reason } => break format!("the primary stopped the session: {reason}"),
+            Message::Refuse { reason } => {
+                break format!("the primary stopped the session: {reason}");
+            }
             _ => None,
         };
         let frame = Frame {
@@ -1318,7 +1579,10 @@ fn write_discard_report(node: &Node, peer: &str, plan: &Plan) -> Result<PathBuf,
     let mut text = String::new();
     text += "# tandem split-brain report: this node's changes, discarded in favour of its peer\n";
     text += &format!("# resource: {}\n", node.cfg.resource);
-    text += &format!("# node: {} (discarded)  peer: {peer} (kept)\n", node.cfg.name);
+    text += &format!(
+        "# node: {} (discarded)  peer: {peer} (kept)\n",
+        node.cfg.name
+    );
     text += &format!(
         "# generation: {} (diverged from {})\n",
         node.sb.gen_current, node.sb.gen_bitmap_base
@@ -1392,7 +1656,9 @@ impl crate::frontend::ExportBackend for ConsistentExport {
                 .await
                 .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?
                 .ok_or_else(|| {
-                    std::io::Error::other("this secondary holds no consistent image yet (its first copy is running)")
+                    std::io::Error::other(
+                        "this secondary holds no consistent image yet (its first copy is running)",
+                    )
                 })?;
             let result = read_sources(&volume, &jh, range, &sources).await;
             let _ = tx.send(Event::Control(ControlCmd::ExportReadDone)).await;
@@ -1440,7 +1706,9 @@ async fn read_sources(
                 let d = jh.read(*lsn).await?;
                 let (a, b) = (*skip as usize, (*skip + r.len) as usize);
                 if b > d.len() {
-                    return Err(format!("journal record {lsn} is shorter than the range it serves"));
+                    return Err(format!(
+                        "journal record {lsn} is shorter than the range it serves"
+                    ));
                 }
                 image.extend_from_slice(&d[a..b]);
             }
@@ -1450,6 +1718,7 @@ async fn read_sources(
 }
 
 struct SecondaryControl {
+    resource: String,
     events_tx: mpsc::Sender<Event>,
     metrics: Arc<Metrics>,
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
@@ -1463,6 +1732,7 @@ impl ControlHandler for SecondaryControl {
 
     fn other(&self, request: ControlRequest) -> control::BoxFuture<ControlReply> {
         let tx = self.events_tx.clone();
+        let resource = self.resource.clone();
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let cmd = match request.cmd.as_str() {
@@ -1472,6 +1742,13 @@ impl ControlHandler for SecondaryControl {
                     return ControlReply::error(
                         "resolve needs --discard-local: this node's own changes are discarded at the next handshake with its peer".into(),
                     );
+                }
+                "verify" | "verify-result" | "wait-sync" => {
+                    // Only the primary orders a comparison against its write stream.
+                    return ControlReply::error(format!(
+                        "this is the secondary of resource '{}': run {} on the primary's control socket",
+                        resource, request.cmd
+                    ));
                 }
                 _ => return request.unknown(&["promote", "demote", "resolve", "points"]),
             };
@@ -1487,4 +1764,3 @@ impl ControlHandler for SecondaryControl {
         Some(self.metrics.clone())
     }
 }
-

@@ -53,7 +53,10 @@ pub enum Why {
     Bitmap(&'static str),
     GenerationsBehind,
     PreSeededCompare,
-    Discard { reason: String, full: bool },
+    Discard {
+        reason: String,
+        full: bool,
+    },
 }
 
 impl fmt::Display for Plan {
@@ -74,7 +77,10 @@ impl fmt::Display for Plan {
                 "{plan}: this node's first full copy never completed, it holds no consistent image: start over"
             ),
             Why::Bitmap(why) => write!(f, "{plan}: {why}"),
-            Why::GenerationsBehind => write!(f, "{plan}: this node is generations behind the primary: full resync"),
+            Why::GenerationsBehind => write!(
+                f,
+                "{plan}: this node is generations behind the primary: full resync"
+            ),
             Why::PreSeededCompare => write!(
                 f,
                 "{plan}: no bitmap covers this node's data (pre-seeded): compare every block by hash"
@@ -121,11 +127,17 @@ impl fmt::Display for Both {
 /// A refused handshake.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("protocol version mismatch: local {local}, peer {peer}; run the same tandem version on both nodes")]
+    #[error(
+        "protocol version mismatch: local {local}, peer {peer}; run the same tandem version on both nodes"
+    )]
     ProtocolVersion { local: u16, peer: u16 },
-    #[error("volume size mismatch: local {local} bytes, peer {peer} bytes; resize one side or recreate metadata")]
+    #[error(
+        "volume size mismatch: local {local} bytes, peer {peer} bytes; resize one side or recreate metadata"
+    )]
     SizeMismatch { local: u64, peer: u64 },
-    #[error("block size mismatch: local {local} bytes, peer {peer} bytes; use the same --block-size on both nodes")]
+    #[error(
+        "block size mismatch: local {local} bytes, peer {peer} bytes; use the same --block-size on both nodes"
+    )]
     BlockSizeMismatch { local: u32, peer: u32 },
     #[error("peer calls itself '{got}' but '{expected}' was expected (--peer-name)")]
     PeerName { got: String, expected: String },
@@ -177,7 +189,10 @@ impl Refusal {
     }
     /// A split brain (for events and status).
     pub fn is_split_brain(&self) -> bool {
-        matches!(self, Refusal::SplitBrain { .. } | Refusal::SplitBrainPrimaryLoses { .. })
+        matches!(
+            self,
+            Refusal::SplitBrain { .. } | Refusal::SplitBrainPrimaryLoses { .. }
+        )
     }
 }
 
@@ -299,10 +314,13 @@ pub fn decide(h: &Hello, local: &Local) -> Result<Plan, Refusal> {
                     .map(|l| (l, format!("split-brain-policy {}", local.policy)))
             };
             match loser {
-                Some((Loser::Secondary, by)) => {
-                    discard(format!("split brain ({both}) resolved by {by}"), common_base)
+                Some((Loser::Secondary, by)) => discard(
+                    format!("split brain ({both}) resolved by {by}"),
+                    common_base,
+                ),
+                Some((Loser::Primary, by)) => {
+                    return Err(Refusal::SplitBrainPrimaryLoses { both, by });
                 }
-                Some((Loser::Primary, by)) => return Err(Refusal::SplitBrainPrimaryLoses { both, by }),
                 None => {
                     return Err(Refusal::SplitBrain {
                         both,
@@ -311,9 +329,10 @@ pub fn decide(h: &Hello, local: &Local) -> Result<Plan, Refusal> {
                 }
             }
         }
-        Decision::Unrelated if local.discard_local => {
-            discard("no common generation, and resolve --discard-local was given".into(), false)
-        }
+        Decision::Unrelated if local.discard_local => discard(
+            "no common generation, and resolve --discard-local was given".into(),
+            false,
+        ),
         Decision::Unrelated => {
             return Err(Refusal::Unrelated {
                 primary: h.node_name.clone(),

@@ -72,9 +72,18 @@ pub enum StartRefusal {
     Outdated,
 }
 
-fn extent_blocks(activity: &ActivitySnapshot, e: u32, size_bytes: u64, block_size: u32) -> (BlockIndex, BlockIndex) {
+fn extent_blocks(
+    activity: &ActivitySnapshot,
+    e: u32,
+    size_bytes: u64,
+    block_size: u32,
+) -> (BlockIndex, BlockIndex) {
     let start = e as u64 * activity.extent_bytes;
-    ByteRange::new(start, activity.extent_bytes.min(size_bytes.saturating_sub(start))).blocks(block_size)
+    ByteRange::new(
+        start,
+        activity.extent_bytes.min(size_bytes.saturating_sub(start)),
+    )
+    .blocks(block_size)
 }
 
 /// The primary role starts (a new primary, a restart, or a promotion).
@@ -193,7 +202,11 @@ pub struct SecondaryStart {
 /// The caller makes the volume and the journal durable first: records a kill -9
 /// left in the page cache are recovered as valid, and must be on disk before this
 /// node counts them (a consistent point, a generation adopted) in its metadata.
-pub fn secondary_start(sb: &Superblock, bitmap: &DirtyBitmap, activity: &ActivitySnapshot) -> SecondaryStart {
+pub fn secondary_start(
+    sb: &Superblock,
+    bitmap: &DirtyBitmap,
+    activity: &ActivitySnapshot,
+) -> SecondaryStart {
     let mut sb = sb.clone();
     let size_bytes = sb.size_bytes;
     let block_size = sb.block_size;
@@ -255,7 +268,11 @@ pub fn peer_reached_generation(sb: &Superblock) -> Superblock {
 /// A new secondary takes the primary's volume identity at its first handshake
 /// (G6), before anything is written; it has no consistent image until its first
 /// full copy completes.
-pub fn adopt_identity(sb: &Superblock, volume_id: crate::types::VolumeId, sync_target: Generation) -> Superblock {
+pub fn adopt_identity(
+    sb: &Superblock,
+    volume_id: crate::types::VolumeId,
+    sync_target: Generation,
+) -> Superblock {
     let mut sb = sb.clone();
     sb.volume_id = volume_id;
     sb.is_new = false;
@@ -315,6 +332,7 @@ mod tests {
             clean_shutdown: true,
             resync_cursor: None,
             bitmap_valid: true,
+            volume_mixed: false,
         }
     }
 
@@ -350,7 +368,10 @@ mod tests {
             Err(StartRefusal::NoConsistentImage { .. })
         ));
         let s = sb(Role::Secondary, DiskState::Outdated);
-        assert_eq!(primary_start(&s, &bm, &none, false, 0).unwrap_err(), StartRefusal::Outdated);
+        assert_eq!(
+            primary_start(&s, &bm, &none, false, 0).unwrap_err(),
+            StartRefusal::Outdated
+        );
         assert!(primary_start(&s, &bm, &none, true, 0).is_ok());
     }
 
@@ -369,6 +390,10 @@ mod tests {
             ..activity(&[1])
         };
         let p = primary_start(&s, &bm, &torn, false, 0).unwrap();
-        assert_eq!(p.verify.dirty_count().0, 64, "an incomplete log: compare everything");
+        assert_eq!(
+            p.verify.dirty_count().0,
+            64,
+            "an incomplete log: compare everything"
+        );
     }
 }

@@ -79,7 +79,10 @@ pub enum RecordKind {
 
 impl RecordKind {
     pub fn changes_data(self) -> bool {
-        matches!(self, RecordKind::Write | RecordKind::Zeroes | RecordKind::Trim)
+        matches!(
+            self,
+            RecordKind::Write | RecordKind::Zeroes | RecordKind::Trim
+        )
     }
 
     /// Byte encoding in the journal.
@@ -130,7 +133,10 @@ pub struct Record {
 pub enum Source {
     Volume,
     /// The record's payload; `skip` bytes into it.
-    Record { lsn: Lsn, skip: u64 },
+    Record {
+        lsn: Lsn,
+        skip: u64,
+    },
     /// Reads as zeroes (a zero or trim record).
     Zero,
 }
@@ -184,9 +190,14 @@ pub enum Incoming<D> {
 pub enum SecondaryAction<D> {
     /// Append this record (with its payload for a write) to the journal, not yet
     /// durably.
-    Append { record: Record, data: Option<D> },
+    Append {
+        record: Record,
+        data: Option<D>,
+    },
     /// fdatasync the journal; report with [`SecondaryEngine::journal_synced`].
-    SyncJournal { through: Lsn },
+    SyncJournal {
+        through: Lsn,
+    },
     /// Copy records `from..=through` into the volume in order, fdatasync the
     /// volume, release them from the journal durably; report with
     /// [`SecondaryEngine::checkpointed`]. When `volume_consistent_after` is false
@@ -207,17 +218,29 @@ pub enum SecondaryAction<D> {
         hashes: D,
         sources: Vec<(ByteRange, Source)>,
     },
-    SendApplied { seq: Seq },
-    SendDurable { through: Seq },
-    SendHashReply { seq: Seq, mismatched: Vec<u32> },
+    SendApplied {
+        seq: Seq,
+    },
+    SendDurable {
+        through: Seq,
+    },
+    SendHashReply {
+        seq: Seq,
+        mismatched: Vec<u32>,
+    },
     /// The image is consistent again (or for the first time), through `through`
     /// whose newest write was accepted at `at_ms` (for the log and status).
-    MarkConsistent { through: Lsn, at_ms: u64 },
+    MarkConsistent {
+        through: Lsn,
+        at_ms: u64,
+    },
     /// A resync section began: the image being appended to is mixed until it ends
     /// (the last consistent point stays in the journal). For the log and status.
     MarkSectionOpen,
     /// The session cannot continue.
-    Fail { fault: Fault },
+    Fail {
+        fault: Fault,
+    },
 }
 
 /// Why a session ends (the secondary's side).
@@ -252,14 +275,19 @@ pub enum Fault {
          resource file (then restart this node), or set resync-overflow = inconsistent to allow an \
          inconsistent resync"
     )]
-    ResyncTooLarge { needed_bytes: u64, available_bytes: u64 },
+    ResyncTooLarge {
+        needed_bytes: u64,
+        available_bytes: u64,
+    },
     #[error(
         "the journal filled up during a resync ({capacity_bytes} bytes); this node keeps its last \
          consistent image and stops the resync: grow journal-size in the resource file, or set \
          resync-overflow = inconsistent"
     )]
     JournalFullDuringResync { capacity_bytes: u64 },
-    #[error("a journal or volume write failed: {0}; the node is poisoned, check the disk and restart it")]
+    #[error(
+        "a journal or volume write failed: {0}; the node is poisoned, check the disk and restart it"
+    )]
     Io(String),
 }
 
@@ -633,13 +661,19 @@ impl<D> SecondaryEngine<D> {
                 later_bytes: after,
             });
         }
+        // A point whose image equals the previous one's (only markers between
+        // them) is not listed twice.
+        let mut changed = points.is_empty();
         for r in self.records.iter().take_while(|r| r.lsn <= end) {
             after -= r.journal_bytes;
             if r.kind.changes_data() {
                 write = (r.seq, r.at_ms);
+                changed = true;
             }
-            let listed = matches!(r.kind, RecordKind::Point | RecordKind::SectionEnd) || r.lsn == end;
-            if !r.in_section && listed {
+            let listed =
+                matches!(r.kind, RecordKind::Point | RecordKind::SectionEnd) || r.lsn == end;
+            if !r.in_section && listed && changed {
+                changed = false;
                 points.push(Point {
                     lsn: r.lsn,
                     seq: write.0,
@@ -723,7 +757,9 @@ impl<D> SecondaryEngine<D> {
             return;
         }
         match frame {
-            Incoming::ResyncStart { next, blocks, full } => self.resync_start(next, blocks, full, out),
+            Incoming::ResyncStart { next, blocks, full } => {
+                self.resync_start(next, blocks, full, out)
+            }
             Incoming::Write {
                 seq,
                 offset,
@@ -731,7 +767,16 @@ impl<D> SecondaryEngine<D> {
                 at_ms,
                 data,
                 len,
-            } => self.data_frame(seq, RecordKind::Write, offset, len, fua, at_ms, Some(data), out),
+            } => self.data_frame(
+                seq,
+                RecordKind::Write,
+                offset,
+                len,
+                fua,
+                at_ms,
+                Some(data),
+                out,
+            ),
             Incoming::Zeroes {
                 seq,
                 offset,
@@ -763,7 +808,12 @@ impl<D> SecondaryEngine<D> {
             return false;
         }
         let Some(s) = &self.session else {
-            self.fail(Fault::BeforeStart { what: "a data frame" }, out);
+            self.fail(
+                Fault::BeforeStart {
+                    what: "a data frame",
+                },
+                out,
+            );
             return false;
         };
         if seq != s.expected_next {
@@ -774,9 +824,21 @@ impl<D> SecondaryEngine<D> {
         true
     }
 
-    fn resync_start(&mut self, next: Seq, blocks: u64, _full: bool, out: &mut Vec<SecondaryAction<D>>) {
+    fn resync_start(
+        &mut self,
+        next: Seq,
+        blocks: u64,
+        _full: bool,
+        out: &mut Vec<SecondaryAction<D>>,
+    ) {
         if next.0 == 0 || next.0 > SEQ_MAX {
-            self.fail(Fault::BadSeq { seq: next, max: SEQ_MAX }, out);
+            self.fail(
+                Fault::BadSeq {
+                    seq: next,
+                    max: SEQ_MAX,
+                },
+                out,
+            );
             return;
         }
         match &mut self.session {
@@ -804,10 +866,10 @@ impl<D> SecondaryEngine<D> {
             }
         }
         if blocks == 0 {
-            // Nothing differs: the image is the primary's as of `next - 1`.
-            if self.in_section {
-                self.append_marker(RecordKind::SectionEnd, out);
-            }
+            // Nothing differs: the image is the primary's as of `next - 1`. A
+            // marker says so durably (also when no section is open: the node then
+            // takes the primary's generation, MarkConsistent).
+            self.append_marker(RecordKind::SectionEnd, out);
         } else if !self.in_section {
             if !self.cfg.allow_inconsistent {
                 let needed = blocks * self.cfg.block_size as u64;
@@ -850,7 +912,11 @@ impl<D> SecondaryEngine<D> {
         if !self.check_seq(seq, out) {
             return;
         }
-        if len == 0 || offset.checked_add(len).is_none_or(|e| e > self.cfg.size_bytes) {
+        if len == 0
+            || offset
+                .checked_add(len)
+                .is_none_or(|e| e > self.cfg.size_bytes)
+        {
             self.fail(
                 Fault::OutOfRange {
                     seq,
@@ -931,7 +997,12 @@ impl<D> SecondaryEngine<D> {
     }
 
     /// A hash comparison finished: `mismatched` indices, or an I/O error.
-    pub fn hash_done(&mut self, seq: Seq, result: Result<Vec<u32>, String>, out: &mut Vec<SecondaryAction<D>>) {
+    pub fn hash_done(
+        &mut self,
+        seq: Seq,
+        result: Result<Vec<u32>, String>,
+        out: &mut Vec<SecondaryAction<D>>,
+    ) {
         self.readers -= 1;
         match result {
             Ok(mismatched) => {
@@ -951,14 +1022,26 @@ impl<D> SecondaryEngine<D> {
         self.maybe_checkpoint(out);
     }
 
-    fn marker_session(&mut self, what: &'static str, through: Seq, out: &mut Vec<SecondaryAction<D>>) -> bool {
+    fn marker_session(
+        &mut self,
+        what: &'static str,
+        through: Seq,
+        out: &mut Vec<SecondaryAction<D>>,
+    ) -> bool {
         let Some(s) = self.session.as_mut() else {
             self.fail(Fault::BeforeStart { what }, out);
             return false;
         };
         if through >= s.expected_next {
             let expected = s.expected_next;
-            self.fail(Fault::MarkerAhead { what, through, expected }, out);
+            self.fail(
+                Fault::MarkerAhead {
+                    what,
+                    through,
+                    expected,
+                },
+                out,
+            );
             return false;
         }
         s.sync_wanted = s.sync_wanted.max(through);
@@ -1040,7 +1123,11 @@ impl<D> SecondaryEngine<D> {
     }
 
     /// The journal sync issued last finished.
-    pub fn journal_synced(&mut self, result: Result<(), String>, out: &mut Vec<SecondaryAction<D>>) {
+    pub fn journal_synced(
+        &mut self,
+        result: Result<(), String>,
+        out: &mut Vec<SecondaryAction<D>>,
+    ) {
         let through = self.syncing.take().expect("journal_synced without a sync");
         if let Err(e) = result {
             // Never retried and assumed (G3): poisoned until an operator acts.
@@ -1050,7 +1137,10 @@ impl<D> SecondaryEngine<D> {
         }
         if self.mark_durable(through) {
             let (lsn, _, at_ms) = self.consistent_point().expect("just became consistent");
-            out.push(SecondaryAction::MarkConsistent { through: lsn, at_ms });
+            out.push(SecondaryAction::MarkConsistent {
+                through: lsn,
+                at_ms,
+            });
         }
         self.advance_durable(out);
         self.maybe_sync(false, out);
@@ -1122,7 +1212,9 @@ impl<D> SecondaryEngine<D> {
             return;
         }
         // Keep the rollback window unless the journal needs room.
-        let over_window = self.live_bytes.saturating_sub(self.cfg.rollback_window_bytes);
+        let over_window = self
+            .live_bytes
+            .saturating_sub(self.cfg.rollback_window_bytes);
         let frame_max = self.cfg.frame_max_bytes + self.cfg.record_overhead_bytes * 4;
         let pressure = self.live_bytes * 4 > self.cfg.journal_capacity_bytes * 3
             || self.live_bytes + frame_max > self.cfg.journal_capacity_bytes;
@@ -1132,8 +1224,8 @@ impl<D> SecondaryEngine<D> {
             if r.lsn > limit || bytes >= self.cfg.checkpoint_batch_bytes {
                 break;
             }
-            let old = r.at_ms > 0
-                && self.now_ms.saturating_sub(r.at_ms) > self.cfg.rollback_window_ms;
+            let old =
+                r.at_ms > 0 && self.now_ms.saturating_sub(r.at_ms) > self.cfg.rollback_window_ms;
             if !(pressure || bytes < over_window || old) {
                 break;
             }
@@ -1181,7 +1273,10 @@ impl<D> SecondaryEngine<D> {
 
     /// A checkpoint finished: the records are in the volume, durably, and released.
     pub fn checkpointed(&mut self, result: Result<(), String>, out: &mut Vec<SecondaryAction<D>>) {
-        let through = self.checkpointing.take().expect("checkpointed without a checkpoint");
+        let through = self
+            .checkpointing
+            .take()
+            .expect("checkpointed without a checkpoint");
         if let Err(e) = result {
             self.poisoned = Some(e.clone());
             self.fail(Fault::Io(e), out);
@@ -1195,7 +1290,8 @@ impl<D> SecondaryEngine<D> {
             self.live_bytes -= r.journal_bytes;
             self.volume_consistent = !r.in_section;
             if r.kind.changes_data() {
-                self.index.remove_value(r.range.offset, r.range.end(), r.lsn);
+                self.index
+                    .remove_value(r.range.offset, r.range.end(), r.lsn);
             }
         }
         self.applied = through;
@@ -1232,7 +1328,10 @@ impl<D> SecondaryEngine<D> {
     /// touched: they now differ from the primary's data.
     pub fn truncate_after(&mut self, lsn: Lsn) -> Vec<ByteRange> {
         assert!(self.session.is_none(), "truncate while a session runs");
-        assert!(lsn >= self.applied, "cannot drop records already in the volume");
+        assert!(
+            lsn >= self.applied,
+            "cannot drop records already in the volume"
+        );
         assert!(self.is_idle(), "truncate while I/O runs");
         let mut dropped = Vec::new();
         while let Some(r) = self.records.back() {

@@ -220,6 +220,9 @@ struct Sim {
     /// Blocks the secondary lacks that the primary may not know of (a dropped
     /// resync section), persisted with its metadata.
     s_own_dirty: DirtyBitmap,
+    /// The secondary once held a consistent image: from then on it must never
+    /// be Inconsistent (issue 10; the sim never allows resync overflow).
+    s_ever_consistent: bool,
     s: Option<Secondary>,
     // Link
     up: bool,
@@ -279,7 +282,11 @@ enum Ack {
 fn fresh_sb(role: Role) -> Superblock {
     let primary = role == Role::Primary;
     Superblock {
-        volume_id: if primary { VolumeId([7; 16]) } else { VolumeId::NIL },
+        volume_id: if primary {
+            VolumeId([7; 16])
+        } else {
+            VolumeId::NIL
+        },
         size_bytes: SIZE,
         block_size: BS,
         role,
@@ -289,13 +296,18 @@ fn fresh_sb(role: Role) -> Superblock {
             DiskState::Inconsistent
         },
         is_new: !primary,
-        gen_current: if primary { Generation(1) } else { Generation::NONE },
+        gen_current: if primary {
+            Generation(1)
+        } else {
+            Generation::NONE
+        },
         gen_bitmap_base: Generation::NONE,
         gen_history: [Generation::NONE; 2],
         promoted_at_s: 0,
         clean_shutdown: true,
         resync_cursor: None,
         bitmap_valid: true,
+        volume_mixed: false,
     }
 }
 
@@ -320,6 +332,7 @@ impl Sim {
             volume_origin: None,
             ssb: fresh_sb(Role::Secondary),
             s_own_dirty: DirtyBitmap::for_volume(SIZE, BS),
+            s_ever_consistent: false,
             s: None,
             up: false,
             to_s: VecDeque::new(),
@@ -355,8 +368,9 @@ impl Sim {
             bad_slots: 0,
             intact: true,
         };
-        let start = recovery::primary_start(&self.pmeta.sb, &self.pmeta.bitmap, &activity, false, 0)
-            .expect("the primary starts");
+        let start =
+            recovery::primary_start(&self.pmeta.sb, &self.pmeta.bitmap, &activity, false, 0)
+                .expect("the primary starts");
         // Persist the recovered set before serving; the log starts empty.
         self.pmeta.sb = start.sb.clone();
         self.pmeta.bitmap = start.covered();
@@ -535,10 +549,7 @@ impl Sim {
             self.history[blk as usize].push((p.run, tag));
             hist.push((blk as usize, self.history[blk as usize].len() - 1));
         }
-        p.clients.insert(
-            token,
-            Client::Write { fua, hist },
-        );
+        p.clients.insert(token, Client::Write { fua, hist });
         let mut out = Vec::new();
         p.e.submit(kind, range, fua, tags, token, self.now_ms, &mut out);
         self.run_p(out);
@@ -636,7 +647,9 @@ impl Sim {
         // The agent fdatasyncs the volume and the journal before trusting either.
         self.sdisk.flush();
         let records: Vec<Record> = self.journal.iter().map(|r| r.rec).collect();
-        let volume_consistent = self.ssb.disk_state != DiskState::Inconsistent && !self.ssb.is_new;
+        let volume_consistent = self.ssb.disk_state != DiskState::Inconsistent
+            && !self.ssb.is_new
+            && !self.ssb.volume_mixed;
         let mut cfg = secondary::Config::new(SIZE, BS, JOURNAL_BYTES);
         cfg.record_overhead_bytes = OVERHEAD;
         cfg.frame_max_bytes = 4 * BS as u64;
@@ -645,6 +658,15 @@ impl Sim {
         cfg.sync_threshold_bytes = 8 * BS as u64;
         cfg.checkpoint_batch_bytes = 8 * BS as u64;
         let e = SecondaryEngine::new(cfg, self.journal_head, records, volume_consistent);
+        // Issue 10: a node whose metadata says it holds a consistent image finds
+        // one at restart (promotable without --force), whatever crashed when.
+        assert!(
+            self.ssb.disk_state != DiskState::UpToDate
+                || self.ssb.is_new
+                || e.consistent_point().is_some(),
+            "the secondary restarted UpToDate without a consistent image (volume mixed: {})",
+            self.ssb.volume_mixed
+        );
         self.s = Some(Secondary {
             e,
             syncing: false,
@@ -654,11 +676,22 @@ impl Sim {
     }
 
     fn run_s(&mut self, out: Vec<SecondaryAction<Tags>>) {
+        self.run_s_actions(out);
+        assert!(
+            !self.s_ever_consistent || self.ssb.disk_state != DiskState::Inconsistent,
+            "the secondary held a consistent image and is now recorded Inconsistent"
+        );
+    }
+
+    fn run_s_actions(&mut self, out: Vec<SecondaryAction<Tags>>) {
         for a in out {
             let s = self.s.as_mut().expect("secondary runs");
             match a {
                 SecondaryAction::Append { record, data } => {
-                    assert_eq!(record.lsn.0, self.journal_head.0 + self.journal.len() as u64 + 1);
+                    assert_eq!(
+                        record.lsn.0,
+                        self.journal_head.0 + self.journal.len() as u64 + 1
+                    );
                     let origin = (self.session_run, record.seq);
                     self.journal.push(JRec {
                         rec: record,
@@ -678,8 +711,15 @@ impl Sim {
                 } => {
                     assert!(s.checkpoint.is_none());
                     if !volume_consistent_after {
-                        // Recorded before the copy makes the volume mixed.
-                        self.ssb.disk_state = DiskState::Inconsistent;
+                        // Recorded before the copy makes the volume mixed; past the
+                        // consistent point the node has no consistent image left.
+                        self.ssb.volume_mixed = true;
+                        if s.e
+                            .consistent_point()
+                            .is_none_or(|(lsn, _, _)| through > lsn)
+                        {
+                            self.ssb.disk_state = DiskState::Inconsistent;
+                        }
                     }
                     s.checkpoint = Some((from, through, 0));
                 }
@@ -709,9 +749,9 @@ impl Sim {
                     self.s_own_dirty.clear_all();
                     let gen_p = self.pmeta.sb.gen_current;
                     self.ssb = recovery::adopt_generation(&self.ssb, gen_p);
-                    if !s.e.is_volume_consistent() {
-                        self.ssb.disk_state = DiskState::Inconsistent;
-                    }
+                    self.ssb.disk_state = DiskState::UpToDate;
+                    self.ssb.volume_mixed = !s.e.is_volume_consistent();
+                    self.s_ever_consistent = true;
                 }
                 SecondaryAction::MarkSectionOpen => {}
                 SecondaryAction::Fail {
@@ -775,7 +815,8 @@ impl Sim {
                     if r.rec.lsn < from || r.rec.lsn > through || !r.rec.kind.changes_data() {
                         continue;
                     }
-                    self.sdisk.write_range(r.rec.range, r.tags.as_deref(), false);
+                    self.sdisk
+                        .write_range(r.rec.range, r.tags.as_deref(), false);
                 }
                 s.checkpoint = Some((from, through, 1));
             }
@@ -789,8 +830,9 @@ impl Sim {
                 self.journal_head = through;
                 let last = released.last().expect("released something");
                 self.volume_origin = (!last.rec.in_section).then_some(last.origin);
-                if !last.rec.in_section && !self.ssb.is_new {
-                    self.ssb.disk_state = DiskState::UpToDate;
+                if !last.rec.in_section {
+                    // Recorded before the release (the agent waits for it).
+                    self.ssb.volume_mixed = false;
                 }
                 s.checkpoint = None;
                 self.stats.checkpoints += 1;
@@ -865,7 +907,10 @@ impl Sim {
             generations: crate::wire::Generations {
                 current: self.pmeta.sb.gen_current.0,
                 bitmap_base: self.pmeta.sb.gen_bitmap_base.0,
-                history: [self.pmeta.sb.gen_history[0].0, self.pmeta.sb.gen_history[1].0],
+                history: [
+                    self.pmeta.sb.gen_history[0].0,
+                    self.pmeta.sb.gen_history[1].0,
+                ],
             },
             capabilities: 0,
             first_seq: p.e.next_seq().0,
@@ -893,7 +938,8 @@ impl Sim {
             policy: Default::default(),
             meta_path: "sim".into(),
         };
-        let plan = handshake::decide(&hello, &local).unwrap_or_else(|r| panic!("handshake refused: {r}"));
+        let plan =
+            handshake::decide(&hello, &local).unwrap_or_else(|r| panic!("handshake refused: {r}"));
         // A resync section too large to finish is dropped; its blocks are resent.
         // The dropped ranges go into this node's own bitmap durably first: every
         // Welcome lists them until a resync completes.
@@ -914,7 +960,11 @@ impl Sim {
             Vec::new()
         };
         if self.ssb.is_new {
-            self.ssb = recovery::adopt_identity(&self.ssb, self.pmeta.sb.volume_id, self.pmeta.sb.gen_current);
+            self.ssb = recovery::adopt_identity(
+                &self.ssb,
+                self.pmeta.sb.volume_id,
+                self.pmeta.sb.gen_current,
+            );
         } else {
             self.ssb = recovery::sync_target(&self.ssb, self.pmeta.sb.gen_current);
         }
@@ -1106,15 +1156,28 @@ impl Sim {
         let expected = self.runs[origin.0].state(origin.1);
         self.stats.g2_checks += 1;
         if img != expected {
-            let diff: Vec<usize> = (0..BLOCKS as usize).filter(|&b| img[b] != expected[b]).collect();
+            let diff: Vec<usize> = (0..BLOCKS as usize)
+                .filter(|&b| img[b] != expected[b])
+                .collect();
             for r in &self.journal {
-                eprintln!("journal {:?} durable {} origin {:?} tags {:?}", r.rec, r.durable, r.origin, r.tags);
+                eprintln!(
+                    "journal {:?} durable {} origin {:?} tags {:?}",
+                    r.rec, r.durable, r.origin, r.tags
+                );
             }
             for (seq, op) in &self.runs[origin.0].ops {
                 eprintln!("run {} op {seq}: {op:?}", origin.0);
             }
             for b in &diff {
-                eprintln!("block {b}: image {} expected {} sdisk durable {} cur {} pdisk {} history {:?}", img[*b], expected[*b], self.sdisk.durable[*b], self.sdisk.cur[*b], self.pdisk.cur[*b], self.history[*b]);
+                eprintln!(
+                    "block {b}: image {} expected {} sdisk durable {} cur {} pdisk {} history {:?}",
+                    img[*b],
+                    expected[*b],
+                    self.sdisk.durable[*b],
+                    self.sdisk.cur[*b],
+                    self.pdisk.cur[*b],
+                    self.history[*b]
+                );
             }
             panic!(
                 "G2: the consistent image through journal record {lsn} is not the primary's run {} through seq {}: blocks {diff:?} differ",
@@ -1134,7 +1197,9 @@ impl Sim {
         let s_img = self.secondary_image(Lsn(u64::MAX), true);
         let s_cur = self.secondary_image(Lsn(u64::MAX), false);
         for b in 0..BLOCKS as usize {
-            let differs = self.pdisk.durable[b] != s_img[b] || self.pdisk.cur[b] != s_img[b] || self.pdisk.cur[b] != s_cur[b];
+            let differs = self.pdisk.durable[b] != s_img[b]
+                || self.pdisk.cur[b] != s_img[b]
+                || self.pdisk.cur[b] != s_cur[b];
             if differs && !self.pmeta.sb.is_new && !covered.is_dirty(BlockIndex(b as u64)) {
                 eprintln!(
                     "step {} p running {} up {} s consistent {:?} s section {:?} ssb new {} disk {} persisted bitmap {} al {:?} dirty {:?} runs {}",
@@ -1151,7 +1216,10 @@ impl Sim {
                     self.runs.len()
                 );
                 for r in &self.journal {
-                    eprintln!("journal {:?} durable {} origin {:?}", r.rec, r.durable, r.origin);
+                    eprintln!(
+                        "journal {:?} durable {} origin {:?}",
+                        r.rec, r.durable, r.origin
+                    );
                 }
             }
             if differs && !self.pmeta.sb.is_new {
@@ -1246,7 +1314,12 @@ impl Sim {
             }
             if i == 399_999 {
                 eprintln!("{}", p.e.debug_ops(12));
-                eprintln!("sim al_write {:?} persist {} flushing {:?}", p.al_write.as_ref().map(|(b, a)| (b.is_some(), a.clone())), p.persist.is_some(), p.flushing);
+                eprintln!(
+                    "sim al_write {:?} persist {} flushing {:?}",
+                    p.al_write.as_ref().map(|(b, a)| (b.is_some(), a.clone())),
+                    p.persist.is_some(),
+                    p.flushing
+                );
                 panic!(
                     "seed {seed}: did not converge: up {} in_sync {} streaming {} ahead {} dirty {} local {} ops {} to_s {} to_p {} syncing {} hashes {} durable {} tail {} progress {:?} parked {} poisoned {:?} stats {:?}",
                     self.up,
@@ -1284,8 +1357,13 @@ impl Sim {
             // Clients go quiet: only completions and deliveries.
         }
         let s_img = self.secondary_image(Lsn(u64::MAX), false);
-        let differ: Vec<usize> = (0..BLOCKS as usize).filter(|&b| self.pdisk.cur[b] != s_img[b]).collect();
-        assert!(differ.is_empty(), "seed {seed}: blocks {differ:?} differ after convergence");
+        let differ: Vec<usize> = (0..BLOCKS as usize)
+            .filter(|&b| self.pdisk.cur[b] != s_img[b])
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "seed {seed}: blocks {differ:?} differ after convergence"
+        );
         assert_eq!(self.p.as_ref().unwrap().e.dirty().dirty_count().0, 0);
     }
 }
@@ -1323,7 +1401,9 @@ fn run_many(default_base: u64, mode: Mode, runs: u64) {
                 total.sections += st.sections;
             }
             Err(e) => {
-                eprintln!("sim FAILED: seed {seed} mode {mode:?} (rerun with TANDEM_SIM_SEED={seed})");
+                eprintln!(
+                    "sim FAILED: seed {seed} mode {mode:?} (rerun with TANDEM_SIM_SEED={seed})"
+                );
                 std::panic::resume_unwind(e);
             }
         }
@@ -1350,8 +1430,15 @@ fn random_workloads_with_faults_and_power_loss_keep_g1_g2_g3_sync() {
 
 #[test]
 fn one_seed_from_the_environment() {
-    let seed: u64 = std::env::var("TANDEM_SIM_ONE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    let mode = if seed % 2 == 0 { Mode::Sync } else { Mode::Async };
+    let seed: u64 = std::env::var("TANDEM_SIM_ONE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let mode = if seed % 2 == 0 {
+        Mode::Sync
+    } else {
+        Mode::Async
+    };
     let t = std::time::Instant::now();
     let st = run(seed, mode, 3000);
     eprintln!("seed {seed} {mode:?}: {st:?} in {:?}", t.elapsed());

@@ -39,7 +39,9 @@ const FLAG_IS_NEW: u32 = 1 << 0;
 const FLAG_CLEAN_SHUTDOWN: u32 = 1 << 1;
 const FLAG_BITMAP_VALID: u32 = 1 << 2;
 const FLAG_RESYNC_CURSOR: u32 = 1 << 3;
-const FLAGS_KNOWN: u32 = FLAG_IS_NEW | FLAG_CLEAN_SHUTDOWN | FLAG_BITMAP_VALID | FLAG_RESYNC_CURSOR;
+const FLAG_VOLUME_MIXED: u32 = 1 << 4;
+const FLAGS_KNOWN: u32 =
+    FLAG_IS_NEW | FLAG_CLEAN_SHUTDOWN | FLAG_BITMAP_VALID | FLAG_RESYNC_CURSOR | FLAG_VOLUME_MIXED;
 
 /// The node's durable state (ARCHITECTURE §4), as callers see it. The store
 /// adds the slot sequence number and where the bitmap is when it writes a
@@ -65,6 +67,10 @@ pub struct Superblock {
     /// blocks of extents in the activity log (when this is false the caller
     /// must widen it, e.g. compare everything). Set by `persist_bitmap`.
     pub bitmap_valid: bool,
+    /// Secondary: the volume file alone is not a consistent image (a checkpoint
+    /// copied part of a resync section into it); the consistent image is the
+    /// volume plus the redo journal's records through the consistent point.
+    pub volume_mixed: bool,
 }
 
 /// One superblock slot as stored: 4096 bytes.
@@ -74,7 +80,9 @@ pub struct Superblock {
 /// 0       8     magic "TANDEMSB"
 /// 8       4     format version: 2 (1 is read, to convert it)
 /// 12      4     flags: bit0 is_new, bit1 clean_shutdown, bit2 bitmap_valid,
-///               bit3 resync_cursor present; other bits must be 0
+///               bit3 resync_cursor present, bit4 volume_mixed (secondary: the
+///               volume alone is not consistent, its journal completes it);
+///               other bits must be 0
 /// 16      8     slot sequence number (the valid slot with the highest wins)
 /// 24      16    volume id (UUID bytes)
 /// 40      8     volume size in bytes
@@ -221,6 +229,9 @@ impl SlotImage {
         }
         if sb.bitmap_valid {
             flags |= FLAG_BITMAP_VALID;
+        }
+        if sb.volume_mixed {
+            flags |= FLAG_VOLUME_MIXED;
         }
         if sb.resync_cursor.is_some() {
             flags |= FLAG_RESYNC_CURSOR;
@@ -372,6 +383,7 @@ impl SlotImage {
             clean_shutdown: flags & FLAG_CLEAN_SHUTDOWN != 0,
             resync_cursor,
             bitmap_valid: flags & FLAG_BITMAP_VALID != 0,
+            volume_mixed: flags & FLAG_VOLUME_MIXED != 0,
         };
         Ok(SlotImage {
             superblock,
@@ -661,6 +673,7 @@ mod tests {
                 clean_shutdown: true,
                 resync_cursor: Some(BlockIndex(12345)),
                 bitmap_valid: true,
+                volume_mixed: false,
             },
             slot_seq: 42,
             bitmap: BitmapLocation::V2 {

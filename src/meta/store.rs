@@ -1138,6 +1138,7 @@ mod tests {
             clean_shutdown: false,
             resync_cursor: None,
             bitmap_valid: true,
+            volume_mixed: false,
         };
         let mut store = MetaStore::open_or_create(&path, size_bytes, 4096, fresh)
             .unwrap()

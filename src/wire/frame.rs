@@ -1211,9 +1211,19 @@ mod tests {
         prop_oneof![
             (any::<u64>(), any::<bool>(), any::<u64>())
                 .prop_map(|(offset, fua, at_ms)| Message::Write { offset, fua, at_ms }),
-            (any::<u64>(), any::<u64>(), any::<bool>())
-                .prop_map(|(offset, len, fua)| Message::WriteZeroes { offset, len, fua, at_ms: 7 }),
-            (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Message::Trim { offset, len, at_ms: 9 }),
+            (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(offset, len, fua)| {
+                Message::WriteZeroes {
+                    offset,
+                    len,
+                    fua,
+                    at_ms: 7,
+                }
+            }),
+            (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Message::Trim {
+                offset,
+                len,
+                at_ms: 9
+            }),
             Just(Message::Flush),
             any::<u64>().prop_map(|seq| Message::Applied { seq }),
             any::<u64>().prop_map(|through_seq| Message::Durable { through_seq }),

@@ -182,7 +182,9 @@ pub enum Message {
     /// Either way: orderly close (shutdown); no more frames follow. From the
     /// primary, `outdated`: it holds writes the secondary never received (a stop
     /// or demotion that could not drain): the secondary is Outdated (G8).
-    Goodbye { outdated: bool },
+    Goodbye {
+        outdated: bool,
+    },
     /// primary → secondary: compare the volume from `offset` with these blake3 hashes,
     /// one per `block_size` bytes (the last unit may end at the volume's end).
     /// `block_size` is the volume's block size, or a power-of-two multiple of it (up
@@ -203,7 +205,10 @@ pub enum Message {
     /// secondary → primary: its image is consistent through the primary's `seq`,
     /// whose newest write was accepted at `at_ms` (for lag and status; sent when
     /// it moves, at most a few times a second).
-    Consistent { seq: u64, at_ms: u64 },
+    Consistent {
+        seq: u64,
+        at_ms: u64,
+    },
 }
 
 impl Message {

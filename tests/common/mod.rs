@@ -279,7 +279,12 @@ impl Agent {
     /// Start the same command line again (after it exited or was killed).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "{} still runs", self.name);
-        let mut again = Agent::spawn(&self.name, &self.args, self.log.clone(), self.control.clone());
+        let mut again = Agent::spawn(
+            &self.name,
+            &self.args,
+            self.log.clone(),
+            self.control.clone(),
+        );
         self.child = again.child.take();
     }
 

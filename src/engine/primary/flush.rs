@@ -177,7 +177,11 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         result: Result<(), Errno>,
         out: &mut Vec<Action<T, D>>,
     ) {
-        assert_eq!(self.flush.running, Some(id), "local_flush_done for a flush not running");
+        assert_eq!(
+            self.flush.running,
+            Some(id),
+            "local_flush_done for a flush not running"
+        );
         self.flush.running = None;
         match result {
             Ok(()) => {

@@ -95,7 +95,11 @@ impl Intent {
 
     #[cfg(test)]
     pub(super) fn blocked_len(&self) -> String {
-        let mut pins: Vec<_> = self.pins.iter().map(|(s, (r, c))| (s.0, r.offset, *c)).collect();
+        let mut pins: Vec<_> = self
+            .pins
+            .iter()
+            .map(|(s, (r, c))| (s.0, r.offset, *c))
+            .collect();
         pins.sort();
         format!(
             "blocked {} (first {:?}) pins {:?} active {:?} issued {} completed {} changed {}",
@@ -260,7 +264,9 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     /// ahead), so that a restart resends little: at most every
     /// `persist_interval_ms`, one persist at a time.
     pub(super) fn maybe_persist_progress(&mut self, out: &mut Vec<Action<T, D>>) {
-        if self.persist.in_flight || self.dirty.dirty_count().0 == self.persist.last_count && !self.persist.changed {
+        if self.persist.in_flight
+            || self.dirty.dirty_count().0 == self.persist.last_count && !self.persist.changed
+        {
             return;
         }
         if self.now_ms.saturating_sub(self.persist.last_ms) < self.cfg.persist_interval_ms {

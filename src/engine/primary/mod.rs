@@ -235,7 +235,10 @@ pub enum Note {
     /// The window filled: new writes are tracked in the bitmap only (G4).
     EnteredAhead { lag_writes: u64, lag_bytes: u64 },
     /// The secondary caught up; a resync pass sends what changed meanwhile.
-    LeftAhead { out_of_sync_blocks: u64, ahead_ms: u64 },
+    LeftAhead {
+        out_of_sync_blocks: u64,
+        ahead_ms: u64,
+    },
     /// The window filled while a resync section was open: writes wait for room
     /// instead of going ahead again, so the section ends at a consistent point.
     Throttling { lag_bytes: u64 },
@@ -244,7 +247,11 @@ pub enum Note {
     /// The secondary is a consistent copy as of `through` again.
     InSync { through: Seq, resynced_blocks: u64 },
     /// A local write failed: the volume is poisoned.
-    LocalWriteFailed { seq: Seq, range: ByteRange, errno: Errno },
+    LocalWriteFailed {
+        seq: Seq,
+        range: ByteRange,
+        errno: Errno,
+    },
 }
 
 /// Something the agent must do, in the order given.
@@ -301,7 +308,10 @@ pub enum Action<T, D> {
 enum LocalStage {
     /// Waiting for earlier overlapping ops (`ordered`) and for its extents to be
     /// durably in the activity log (`logged`).
-    Waiting { ordered: bool, logged: bool },
+    Waiting {
+        ordered: bool,
+        logged: bool,
+    },
     Running,
     Done(Result<(), Errno>),
 }
@@ -458,7 +468,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             DirtyBitmap::for_volume(cfg.size_bytes, cfg.block_size).block_count()
         );
         assert!(first_seq > Seq::ZERO);
-        assert!(cfg.range_hash_blocks >= 2, "a range hash covers at least 2 blocks");
+        assert!(
+            cfg.range_hash_blocks >= 2,
+            "a range hash covers at least 2 blocks"
+        );
         let mut cfg = cfg;
         let bs = cfg.block_size as u64;
         cfg.resync_chunk_bytes = (cfg.resync_chunk_bytes.clamp(bs, 32 << 20) / bs) * bs;
@@ -489,7 +502,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
 
     /// Use a write-intent log with this active set (ARCHITECTURE §4).
     pub fn enable_activity(&mut self, set: ActiveSet) {
-        assert!(self.ops.is_empty(), "enable the activity log before any write");
+        assert!(
+            self.ops.is_empty(),
+            "enable the activity log before any write"
+        );
         self.intent = Some(intent::Intent::new(set));
     }
 
@@ -705,7 +721,11 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
 
     /// The new generation for writing alone is durable: the waiting writes go.
     pub fn generation_started(&mut self, out: &mut Vec<Action<T, D>>) {
-        assert_eq!(self.alone, Some(true), "generation_started without a request");
+        assert_eq!(
+            self.alone,
+            Some(true),
+            "generation_started without a request"
+        );
         self.alone = None;
         self.admit_parked(out);
     }
@@ -839,7 +859,12 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
 
     /// Admit an op of the replication itself (a resync read or a comparison): no
     /// client waits for it; it starts once earlier overlapping ops are done (G2).
-    fn admit_internal(&mut self, range: ByteRange, kind: OpKind, out: &mut Vec<Action<T, D>>) -> Seq {
+    fn admit_internal(
+        &mut self,
+        range: ByteRange,
+        kind: OpKind,
+        out: &mut Vec<Action<T, D>>,
+    ) -> Seq {
         let seq = self.assign_seq();
         let ordered = self.sequencer.admit(seq, range);
         self.ops.insert(
@@ -900,7 +925,11 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     /// The local write, write-zeroes or trim `seq` finished.
     pub fn local_done(&mut self, seq: Seq, result: Result<(), Errno>, out: &mut Vec<Action<T, D>>) {
         let op = self.ops.get_mut(&seq).expect("local_done for unknown op");
-        assert_eq!(op.local, LocalStage::Running, "local_done for op not running");
+        assert_eq!(
+            op.local,
+            LocalStage::Running,
+            "local_done for op not running"
+        );
         assert!(op.kind.is_client(), "reads complete with read_done");
         op.local = LocalStage::Done(result);
         let (range, fua) = (op.range, op.fua);
@@ -939,7 +968,11 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         out: &mut Vec<Action<T, D>>,
     ) {
         let op = self.ops.get_mut(&seq).expect("read_done for unknown op");
-        assert_eq!(op.local, LocalStage::Running, "read_done for op not running");
+        assert_eq!(
+            op.local,
+            LocalStage::Running,
+            "read_done for op not running"
+        );
         assert!(op.kind.is_resync(), "client ops complete with local_done");
         let (kind, range) = (op.kind, op.range);
         match result {
@@ -1040,7 +1073,12 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         }
     }
 
-    fn answer(&mut self, completion: Completion<T>, result: Result<(), Errno>, out: &mut Vec<Action<T, D>>) {
+    fn answer(
+        &mut self,
+        completion: Completion<T>,
+        result: Result<(), Errno>,
+        out: &mut Vec<Action<T, D>>,
+    ) {
         match completion {
             Completion::None => {}
             Completion::Token(token) => out.push(Action::Complete { token, result }),
@@ -1081,10 +1119,16 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.stream.assert_invariants(self.next_seq);
         for (seq, op) in &self.ops {
             if matches!(op.ship, ShipStage::Shipped | ShipStage::Applied) {
-                assert!(*seq < self.stream.next_ship(), "shipped op {seq} beyond the cursor");
+                assert!(
+                    *seq < self.stream.next_ship(),
+                    "shipped op {seq} beyond the cursor"
+                );
             }
             if matches!(op.ship, ShipStage::Ready | ShipStage::AwaitingRead) {
-                assert!(self.stream.is_streaming(), "op {seq} waits to ship while not streaming");
+                assert!(
+                    self.stream.is_streaming(),
+                    "op {seq} waits to ship while not streaming"
+                );
             }
         }
         if let Some(i) = &self.intent {

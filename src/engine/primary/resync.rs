@@ -111,7 +111,13 @@ impl Resync {
     /// A comparison was lost with its session: compare again next time, except the
     /// blocks already known to differ (the blocks of a range known to differ stay
     /// marked for a block-by-block comparison).
-    pub(super) fn requeue_comparison(&mut self, range: ByteRange, unit_blocks: u64, keep: &[ByteRange], block_size: u32) {
+    pub(super) fn requeue_comparison(
+        &mut self,
+        range: ByteRange,
+        unit_blocks: u64,
+        keep: &[ByteRange],
+        block_size: u32,
+    ) {
         let (a, b) = range.blocks(block_size);
         self.verify.mark(a, b);
         if unit_blocks <= 1 {
@@ -157,7 +163,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                 exhausted: false,
                 live: 0,
             });
-            out.push(Action::Note(Note::ResyncStarted { blocks: total, full }));
+            out.push(Action::Note(Note::ResyncStarted {
+                blocks: total,
+                full,
+            }));
         }
         out.push(Action::Ship(Outgoing::ResyncStart {
             next: self.stream.next_ship(),
@@ -175,12 +184,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
 
     /// Whether a resync chunk could be produced now.
     pub fn wants_resync_chunk(&self) -> bool {
-        self.is_shipping()
-            && self
-                .resync
-                .pass
-                .as_ref()
-                .is_some_and(|p| !p.exhausted)
+        self.is_shipping() && self.resync.pass.as_ref().is_some_and(|p| !p.exhausted)
     }
 
     /// Produce chunks while the rate limit and the window allow.
@@ -201,7 +205,9 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         }
         while self.wants_resync_chunk()
             && (rate == 0 || self.resync.budget_bytes > 0)
-            && self.stream.has_window_room(&self.cfg, self.cfg.resync_chunk_bytes)
+            && self
+                .stream
+                .has_window_room(&self.cfg, self.cfg.resync_chunk_bytes)
         {
             self.next_resync_chunk(out);
         }
@@ -274,7 +280,8 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         };
         let seq = self.admit_internal(range, kind, out);
         let wire = if kind == OpKind::ResyncRead { len } else { 0 };
-        self.stream.enqueue_carried(seq, range, self.now_ms, carried, wire);
+        self.stream
+            .enqueue_carried(seq, range, self.now_ms, carried, wire);
     }
 
     /// End the pass once every chunk is produced and durable (see the module docs).

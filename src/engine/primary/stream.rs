@@ -142,7 +142,14 @@ impl Stream {
         self.unacked.front().map(|u| u.at_ms)
     }
 
-    pub(super) fn enqueue(&mut self, seq: Seq, range: ByteRange, at_ms: u64, resync: bool, wire_bytes: u64) {
+    pub(super) fn enqueue(
+        &mut self,
+        seq: Seq,
+        range: ByteRange,
+        at_ms: u64,
+        resync: bool,
+        wire_bytes: u64,
+    ) {
         debug_assert!(!resync);
         self.enqueue_carried(seq, range, at_ms, Carried::Client, wire_bytes);
     }
@@ -213,10 +220,17 @@ impl Stream {
         let mut prev = Seq::ZERO;
         for u in &self.unacked {
             assert!(u.seq > prev, "unacked out of order");
-            assert!(u.seq >= self.stream_first, "unacked from an earlier session");
+            assert!(
+                u.seq >= self.stream_first,
+                "unacked from an earlier session"
+            );
             prev = u.seq;
             assert!(self.streaming, "unacked writes while not streaming");
-            assert_eq!(u.shipped, u.seq < self.next_ship, "shipped flag and cursor disagree");
+            assert_eq!(
+                u.shipped,
+                u.seq < self.next_ship,
+                "shipped flag and cursor disagree"
+            );
         }
         assert_eq!(
             self.unacked_bytes,
@@ -224,9 +238,16 @@ impl Stream {
         );
         assert_eq!(
             self.shipped_bytes,
-            self.unacked.iter().filter(|u| u.shipped).map(|u| u.wire_bytes).sum::<u64>()
+            self.unacked
+                .iter()
+                .filter(|u| u.shipped)
+                .map(|u| u.wire_bytes)
+                .sum::<u64>()
         );
-        assert_eq!(self.shipped_writes, self.unacked.iter().filter(|u| u.shipped).count() as u64);
+        assert_eq!(
+            self.shipped_writes,
+            self.unacked.iter().filter(|u| u.shipped).count() as u64
+        );
         assert!(self.next_ship <= next_seq);
         if self.ahead.is_some() {
             assert!(self.section_open, "ahead without an open section");
@@ -265,7 +286,8 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             return Placement::Outside;
         }
         if self.cfg.mode == Mode::Sync || self.stream.has_room(&self.cfg, wire_bytes) {
-            if self.stream.throttling && self.stream.unacked_bytes <= self.cfg.window_bytes_max / 2 {
+            if self.stream.throttling && self.stream.unacked_bytes <= self.cfg.window_bytes_max / 2
+            {
                 self.stream.throttling = false;
             }
             return Placement::InStream;
@@ -341,7 +363,11 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             if op.ship == ShipStage::AwaitingRead || !logged {
                 break;
             }
-            assert_eq!(op.ship, ShipStage::Ready, "seq {seq} at the cursor is not in the stream");
+            assert_eq!(
+                op.ship,
+                ShipStage::Ready,
+                "seq {seq} at the cursor is not in the stream"
+            );
             // Entries before it are shipped, it is the first one that is not.
             let u = &mut self.stream.unacked[self.stream.shipped_writes as usize];
             assert_eq!(u.seq, seq, "the ship cursor and the stream disagree");
@@ -450,7 +476,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             SyncPlan::Verify => {
                 // A pre-seeded secondary (or one whose metadata was rebuilt): every
                 // block is compared by hash, only those that differ are sent.
-                self.mark_verify(crate::types::BlockIndex(0), crate::types::BlockIndex(blocks));
+                self.mark_verify(
+                    crate::types::BlockIndex(0),
+                    crate::types::BlockIndex(blocks),
+                );
             }
             SyncPlan::Full => {}
         }
@@ -615,8 +644,12 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                 Carried::Data => self.dirty.mark(a, b),
                 Carried::Compare { unit_blocks } => {
                     self.dirty.mark(a, b);
-                    self.resync
-                        .requeue_comparison(u.range, unit_blocks, &u.keep, self.cfg.block_size);
+                    self.resync.requeue_comparison(
+                        u.range,
+                        unit_blocks,
+                        &u.keep,
+                        self.cfg.block_size,
+                    );
                 }
                 Carried::Verify => {}
             }
@@ -628,7 +661,8 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.resync.session_ended();
         self.online.session_ended();
         self.fail_verify(
-            "the connection to the secondary was lost; run verify again once it is connected".into(),
+            "the connection to the secondary was lost; run verify again once it is connected"
+                .into(),
         );
         let seqs: Vec<Seq> = self.ops.keys().copied().collect();
         for seq in seqs {
@@ -639,7 +673,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             let unshipped = matches!(op.ship, ShipStage::Ready | ShipStage::AwaitingRead);
             op.ship = ShipStage::Outside;
             op.held_for_window = false;
-            if unshipped && op.kind == OpKind::Write && !matches!(op.local, LocalStage::Waiting { .. }) {
+            if unshipped
+                && op.kind == OpKind::Write
+                && !matches!(op.local, LocalStage::Waiting { .. })
+            {
                 op.data = None;
             }
             if op.kind.is_client() {

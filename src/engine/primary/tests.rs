@@ -132,11 +132,18 @@ fn sync_write_completes_only_after_applied_and_fua_only_after_durable() {
     let s1 = write(&mut e, 0, 1, false, 1, &mut out);
     let s2 = write(&mut e, 2, 1, true, 2, &mut out);
     settle_local(&mut e, &mut out);
-    assert!(completed(&out).is_empty(), "nothing completes before the peer: {out:?}");
+    assert!(
+        completed(&out).is_empty(),
+        "nothing completes before the peer: {out:?}"
+    );
     out.clear();
     e.peer_applied(s1, &mut out);
     e.peer_applied(s2, &mut out);
-    assert_eq!(completed(&out), vec![(1, Ok(()))], "the FUA write waits for Durable (G1)");
+    assert_eq!(
+        completed(&out),
+        vec![(1, Ok(()))],
+        "the FUA write waits for Durable (G1)"
+    );
     out.clear();
     e.peer_durable(s2, &mut out);
     assert_eq!(completed(&out), vec![(2, Ok(()))]);
@@ -172,7 +179,10 @@ fn block_mode_keeps_sync_writes_and_flushes_until_the_secondary_is_back_in_sync(
     e.flush(2, 0, &mut out);
     write(&mut e, 4, 1, false, 3, &mut out);
     settle_local(&mut e, &mut out);
-    assert!(completed(&out).is_empty(), "flush and new write wait: {out:?}");
+    assert!(
+        completed(&out).is_empty(),
+        "flush and new write wait: {out:?}"
+    );
     assert_eq!(e.parked(), 1);
     out.clear();
     e.session_started(false, &mut out);
@@ -194,7 +204,11 @@ fn block_mode_keeps_sync_writes_and_flushes_until_the_secondary_is_back_in_sync(
     e.peer_durable(through, &mut out);
     let mut done: Vec<u32> = completed(&out).iter().map(|(t, _)| *t).collect();
     done.sort();
-    assert_eq!(done, vec![1, 2, 3], "held write and flush complete once in sync: {out:?}");
+    assert_eq!(
+        done,
+        vec![1, 2, 3],
+        "held write and flush complete once in sync: {out:?}"
+    );
     e.assert_invariants();
 }
 
@@ -383,7 +397,11 @@ fn lag_age_survives_the_link_going_down_and_clears_once_resynced() {
     e.session_ended(&mut out);
     e.tick(300, &mut out);
     assert_eq!(e.lag().writes, 0);
-    assert_eq!(e.lag().oldest_accepted_at_ms, Some(100), "still the oldest change (G4)");
+    assert_eq!(
+        e.lag().oldest_accepted_at_ms,
+        Some(100),
+        "still the oldest change (G4)"
+    );
     out.clear();
     e.session_started(false, &mut out);
     settle_local(&mut e, &mut out);
@@ -419,7 +437,10 @@ fn a_full_window_goes_ahead_once_then_holds_writes_until_the_section_ends() {
     write(&mut e, 1, 1, false, 2, &mut out);
     write(&mut e, 2, 1, false, 3, &mut out);
     assert!(e.is_ahead(), "the third write does not fit");
-    assert!(out.iter().any(|a| matches!(a, Action::Note(Note::EnteredAhead { .. }))));
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Note(Note::EnteredAhead { .. })))
+    );
     settle_local(&mut e, &mut out);
     assert_eq!(completed(&out).len(), 3, "async: local completion");
     e.peer_durable(Seq(s1.0 + 1), &mut out);
@@ -433,7 +454,10 @@ fn a_full_window_goes_ahead_once_then_holds_writes_until_the_section_ends() {
     }
     settle_local(&mut e, &mut out);
     assert!(!e.is_ahead());
-    assert!(out.iter().any(|a| matches!(a, Action::Note(Note::Throttling { .. }))));
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Note(Note::Throttling { .. })))
+    );
     assert!(
         completed(&out).len() < 4,
         "held writes wait for room: {:?}",
@@ -464,7 +488,8 @@ mod verify {
         let (mut e, mut out) = connected_verify(8, 4);
         let w1 = write(&mut e, 1, 1, false, 1, &mut out);
         assert!(started(&out).iter().any(|s| s.0 == w1));
-        e.start_online_verify(false, 0).expect("connected and clean");
+        e.start_online_verify(false, 0)
+            .expect("connected and clean");
         out.clear();
         e.tick(0, &mut out);
         // The first chunk covers blocks 0..4 and waits for w1.
@@ -476,7 +501,10 @@ mod verify {
         );
         out.clear();
         let w2 = write(&mut e, 2, 1, false, 2, &mut out);
-        assert!(!started(&out).iter().any(|s| s.0 == w2), "later overlapping write waits");
+        assert!(
+            !started(&out).iter().any(|s| s.0 == w2),
+            "later overlapping write waits"
+        );
         out.clear();
         e.local_done(w1, Ok(()), &mut out);
         assert!(started(&out).iter().any(|s| s.0 == v), "{out:?}");
@@ -512,7 +540,11 @@ mod verify {
                 false
             )
         );
-        assert_eq!(e.dirty().dirty_count().0, 0, "without repair nothing is marked");
+        assert_eq!(
+            e.dirty().dirty_count().0,
+            0,
+            "without repair nothing is marked"
+        );
         e.assert_invariants();
     }
 
@@ -527,7 +559,9 @@ mod verify {
         e.peer_hash_reply(seq, &[2, 5], &mut out);
         assert_eq!(e.verify_report().unwrap().state, VerifyState::Repairing);
         assert!(
-            out.iter().any(|a| matches!(a, Action::Ship(Outgoing::ResyncStart { blocks, .. }) if blocks.0 == 2)),
+            out.iter().any(
+                |a| matches!(a, Action::Ship(Outgoing::ResyncStart { blocks, .. }) if blocks.0 == 2)
+            ),
             "{out:?}"
         );
         e.tick(1, &mut out);
@@ -536,7 +570,10 @@ mod verify {
             .filter(|(_, k, _)| *k == OpKind::ResyncRead)
             .map(|(_, _, r)| r)
             .collect();
-        assert_eq!(resent, vec![ByteRange::new(2 * BS, BS), ByteRange::new(5 * BS, BS)]);
+        assert_eq!(
+            resent,
+            vec![ByteRange::new(2 * BS, BS), ByteRange::new(5 * BS, BS)]
+        );
         settle_local(&mut e, &mut out);
         assert_eq!(e.verify_report().unwrap().state, VerifyState::Repairing);
         let last = Seq(e.next_seq().0 - 1);
@@ -548,7 +585,10 @@ mod verify {
     #[test]
     fn verify_is_refused_unless_connected_shipping_clean_and_idle() {
         let mut e = engine(cfg(Mode::Async, 8));
-        assert_eq!(e.start_online_verify(false, 0), Err(VerifyRefusal::NotConnected));
+        assert_eq!(
+            e.start_online_verify(false, 0),
+            Err(VerifyRefusal::NotConnected)
+        );
         let mut out = Vec::new();
         e.session_started(true, &mut out);
         assert!(matches!(
@@ -559,7 +599,11 @@ mod verify {
         e.start_online_verify(false, 0).unwrap();
         let err = e.start_online_verify(true, 0).unwrap_err();
         assert!(matches!(err, VerifyRefusal::InProgress(_)));
-        assert!(err.to_string().contains("already in progress: 0 of 8 blocks"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("already in progress: 0 of 8 blocks"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -118,7 +118,11 @@ impl Online {
 impl<T, D: Clone> PrimaryEngine<T, D> {
     /// Start an online verify of the whole volume (see the module docs), reading at
     /// most `rate_bytes_per_s` (0 = unlimited).
-    pub fn start_online_verify(&mut self, repair: bool, rate_bytes_per_s: u64) -> Result<(), VerifyRefusal> {
+    pub fn start_online_verify(
+        &mut self,
+        repair: bool,
+        rate_bytes_per_s: u64,
+    ) -> Result<(), VerifyRefusal> {
         if let Some(v) = &self.online.run
             && matches!(v.state, VerifyState::Scanning | VerifyState::Repairing)
         {
@@ -294,7 +298,13 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     }
 
     /// The secondary answered verify chunk `seq`.
-    fn verify_reply(&mut self, seq: Seq, range: ByteRange, mismatched: &[u32], out: &mut Vec<Action<T, D>>) {
+    fn verify_reply(
+        &mut self,
+        seq: Seq,
+        range: ByteRange,
+        mismatched: &[u32],
+        out: &mut Vec<Action<T, D>>,
+    ) {
         let bs = self.cfg.block_size as u64;
         let blocks = range.len.div_ceil(bs);
         if mismatched.iter().any(|&m| m as u64 >= blocks) {

@@ -8,7 +8,12 @@ type E = SecondaryEngine<u8>;
 type Out = Vec<SecondaryAction<u8>>;
 
 fn engine(blocks: u64, journal_bytes: u64) -> E {
-    SecondaryEngine::new(Config::new(blocks * BS, BS as u32, journal_bytes), Lsn::ZERO, Vec::new(), true)
+    SecondaryEngine::new(
+        Config::new(blocks * BS, BS as u32, journal_bytes),
+        Lsn::ZERO,
+        Vec::new(),
+        true,
+    )
 }
 
 fn write(seq: u64, block: u64, at_ms: u64) -> Incoming<u8> {
@@ -88,8 +93,11 @@ fn writes_are_applied_on_append_and_durable_once_the_journal_is_synced() {
     e.receive(start(1, 0), 0, &mut out);
     e.receive(write(1, 0, 10), 0, &mut out);
     e.receive(write(2, 1, 11), 0, &mut out);
-    assert_eq!(appended(&out).len(), 2);
-    assert!(out.iter().any(|a| matches!(a, SecondaryAction::SendApplied { seq } if *seq == Seq(2))));
+    assert_eq!(appended(&out).len(), 3, "the in-step marker and two writes");
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, SecondaryAction::SendApplied { seq } if *seq == Seq(2)))
+    );
     assert_eq!(durable(&out), None, "not before the sync");
     e.tick(1, &mut out);
     settle(&mut e, &mut out);
@@ -106,9 +114,15 @@ fn an_out_of_order_frame_is_refused_and_nothing_of_it_is_kept() {
     e.receive(write(1, 0, 0), 0, &mut out);
     out.clear();
     e.receive(write(1, 5, 0), 0, &mut out);
-    assert!(matches!(failed(&out), Some(Fault::OutOfOrder { .. })), "{out:?}");
-    assert!(appended(&out).is_empty(), "nothing of a refused frame is appended");
-    assert_eq!(e.tail(), Lsn(1));
+    assert!(
+        matches!(failed(&out), Some(Fault::OutOfOrder { .. })),
+        "{out:?}"
+    );
+    assert!(
+        appended(&out).is_empty(),
+        "nothing of a refused frame is appended"
+    );
+    assert_eq!(e.tail(), Lsn(2), "the in-step marker and the first write");
 }
 
 /// Issue 9 finding 11: seqs that would overflow or are zero end the session with
@@ -119,7 +133,10 @@ fn hostile_seqs_end_the_session_without_a_panic() {
         let mut e = engine(16, 256 << 20);
         let mut out = Vec::new();
         e.receive(start(next, 0), 0, &mut out);
-        assert!(matches!(failed(&out), Some(Fault::BadSeq { .. })), "{out:?}");
+        assert!(
+            matches!(failed(&out), Some(Fault::BadSeq { .. })),
+            "{out:?}"
+        );
     }
     let mut e = engine(16, 256 << 20);
     let mut out = Vec::new();
@@ -144,7 +161,10 @@ fn hostile_seqs_end_the_session_without_a_panic() {
         0,
         &mut out,
     );
-    assert!(matches!(failed(&out), Some(Fault::BadSeq { .. })), "{out:?}");
+    assert!(
+        matches!(failed(&out), Some(Fault::BadSeq { .. })),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -164,8 +184,16 @@ fn a_resync_section_keeps_the_last_consistent_point_until_it_ends() {
     e.tick(2, &mut out);
     settle(&mut e, &mut out);
     assert!(e.is_section_open());
-    assert_eq!(e.consistent_point(), Some(before), "mid-section: the old point stands");
-    assert_eq!(durable(&out), Some(Seq(6)), "durable acks run through the section: {out:?}");
+    assert_eq!(
+        e.consistent_point(),
+        Some(before),
+        "mid-section: the old point stands"
+    );
+    assert_eq!(
+        durable(&out),
+        Some(Seq(6)),
+        "durable acks run through the section: {out:?}"
+    );
     // The checkpointer never copies section records.
     assert!(!e.checkpoint_all(&mut out) || e.applied() <= before.0);
     settle(&mut e, &mut out);
@@ -175,7 +203,10 @@ fn a_resync_section_keeps_the_last_consistent_point_until_it_ends() {
     assert!(!e.is_section_open());
     let after = e.consistent_point().unwrap();
     assert_eq!((after.1, after.2), (Seq(6), 210));
-    assert!(out.iter().any(|a| matches!(a, SecondaryAction::MarkConsistent { .. })));
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, SecondaryAction::MarkConsistent { .. }))
+    );
 }
 
 #[test]
@@ -197,7 +228,10 @@ fn promotion_mid_section_drops_the_section_and_reports_what_it_touched() {
     assert_eq!(touched, vec![ByteRange::new(7 * BS, BS)]);
     assert!(!e.is_section_open());
     assert_eq!(e.tail(), lsn);
-    assert_eq!(e.sources(ByteRange::new(7 * BS, BS)), vec![(ByteRange::new(7 * BS, BS), Source::Volume)]);
+    assert_eq!(
+        e.sources(ByteRange::new(7 * BS, BS)),
+        vec![(ByteRange::new(7 * BS, BS), Source::Volume)]
+    );
 }
 
 #[test]
@@ -206,7 +240,10 @@ fn a_resync_larger_than_the_journal_is_refused_and_the_image_kept() {
     // 1 M blocks of 4 KiB: 4 GiB, far more than the journal.
     let mut out = Vec::new();
     e.receive(start(1, 1 << 20), 0, &mut out);
-    assert!(matches!(failed(&out), Some(Fault::ResyncTooLarge { .. })), "{out:?}");
+    assert!(
+        matches!(failed(&out), Some(Fault::ResyncTooLarge { .. })),
+        "{out:?}"
+    );
     assert!(!e.is_section_open());
     assert!(e.consistent_point().is_some());
 }
@@ -239,7 +276,13 @@ fn a_hash_check_reads_the_newest_records_and_holds_checkpoints() {
         sources,
         vec![
             (ByteRange::new(0, BS), Source::Volume),
-            (ByteRange::new(BS, BS), Source::Record { lsn: Lsn(1), skip: 0 }),
+            (
+                ByteRange::new(BS, BS),
+                Source::Record {
+                    lsn: Lsn(2),
+                    skip: 0
+                }
+            ),
             (ByteRange::new(2 * BS, 2 * BS), Source::Volume),
         ]
     );
@@ -248,7 +291,9 @@ fn a_hash_check_reads_the_newest_records_and_holds_checkpoints() {
     assert_eq!(durable(&out), Some(Seq(1)), "the hash check is still open");
     assert!(!e.checkpoint_all(&mut Vec::new()) || e.applied() == Lsn::ZERO);
     e.hash_done(Seq(2), Ok(vec![3]), &mut out);
-    assert!(out.iter().any(|a| matches!(a, SecondaryAction::SendHashReply { mismatched, .. } if *mismatched == vec![3])));
+    assert!(out.iter().any(
+        |a| matches!(a, SecondaryAction::SendHashReply { mismatched, .. } if *mismatched == vec![3])
+    ));
     assert_eq!(durable(&out), Some(Seq(2)));
 }
 
@@ -266,5 +311,27 @@ fn flush_markers_become_listed_rollback_points() {
     let points = e.points(10);
     let times: Vec<u64> = points.iter().map(|p| p.at_ms).collect();
     assert_eq!(times, vec![0, 1000, 2000, 3000], "{points:?}");
-    assert!(points.windows(2).all(|w| w[0].later_bytes > w[1].later_bytes));
+    assert!(
+        points
+            .windows(2)
+            .all(|w| w[0].later_bytes > w[1].later_bytes)
+    );
+}
+
+/// Found by e2e_failover (planned switchover): a session with nothing to resend
+/// (the new primary descends from this node's generation) must still mark the
+/// image consistent, or the secondary never takes the new primary's generation
+/// and stays "UpToDate" in the old one.
+#[test]
+fn a_session_with_nothing_to_resync_marks_the_image_consistent() {
+    let mut e = engine(16, 256 << 20);
+    let mut out = Vec::new();
+    e.receive(start(1, 0), 0, &mut out);
+    e.tick(1, &mut out);
+    settle(&mut e, &mut out);
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, SecondaryAction::MarkConsistent { .. })),
+        "{out:?}"
+    );
 }
