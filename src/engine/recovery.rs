@@ -70,6 +70,13 @@ pub enum StartRefusal {
          serve the older data (the peer's newer writes then make a split brain)"
     )]
     Outdated,
+    #[error(
+        "this node stopped as a secondary without copying its redo journal into its volume (it crashed, \
+         or a checkpoint was interrupted): its volume alone is not its replica. Start it as secondary \
+         first (tandem secondary; the journal is replayed), then promote it (tandem promote), which \
+         copies the consistent image into the volume"
+    )]
+    JournalNotCopied,
 }
 
 fn extent_blocks(
@@ -114,6 +121,10 @@ pub fn primary_start(
             }
             DiskState::Outdated if !force => return Err(StartRefusal::Outdated),
             DiskState::Outdated | DiskState::UpToDate => {}
+        }
+        if sb.role == Role::Secondary && (!sb.clean_shutdown || sb.volume_mixed) {
+            // Issue 10: the replica is the volume plus the journal's records.
+            return Err(StartRefusal::JournalNotCopied);
         }
         promoted_from = Some(sb.gen_current);
         sb = promote(&sb, now_s);
@@ -373,6 +384,27 @@ mod tests {
             StartRefusal::Outdated
         );
         assert!(primary_start(&s, &bm, &none, true, 0).is_ok());
+    }
+
+    #[test]
+    fn a_secondary_whose_journal_was_not_copied_is_not_started_as_primary() {
+        let bm = DirtyBitmap::for_volume(64 * 4096, 4096);
+        let none = ActivitySnapshot::empty();
+        let mut s = sb(Role::Secondary, DiskState::UpToDate);
+        s.clean_shutdown = false;
+        assert_eq!(
+            primary_start(&s, &bm, &none, true, 0).unwrap_err(),
+            StartRefusal::JournalNotCopied,
+            "a crashed secondary's journal holds part of its image"
+        );
+        s.clean_shutdown = true;
+        s.volume_mixed = true;
+        assert_eq!(
+            primary_start(&s, &bm, &none, true, 0).unwrap_err(),
+            StartRefusal::JournalNotCopied
+        );
+        s.volume_mixed = false;
+        assert!(primary_start(&s, &bm, &none, false, 0).is_ok());
     }
 
     #[test]
