@@ -147,7 +147,8 @@ fn split_brain_is_refused_with_both_generations_then_resolved_by_hand() {
         "{s}"
     );
     // beta steps down; alpha's next attempt meets a secondary that refuses it.
-    c.ctl_ok(BETA, "demote", &["--timeout", "1"]);
+    // beta's writes are on no peer: a demotion then needs --force (issue 9).
+    c.ctl_ok(BETA, "demote", &["--timeout", "1", "--force"]);
     let s = c
         .agent(BETA)
         .wait_status("split brain refused", TIMEOUT, |s| {
@@ -178,9 +179,10 @@ fn split_brain_is_refused_with_both_generations_then_resolved_by_hand() {
     assert_converged(&mut c, ALPHA, &BETA_WRITES, &ALPHA_WRITES, 0xaa);
 }
 
-/// Reconnect with beta (the younger primary) demoted to secondary.
+/// Reconnect with beta (the younger primary) demoted to secondary (with --force:
+/// its writes are on no peer).
 fn reconnect_with_beta_secondary(c: &mut Cluster) {
-    c.ctl_ok(BETA, "demote", &["--timeout", "1"]);
+    c.ctl_ok(BETA, "demote", &["--timeout", "1", "--force"]);
     c.start(ALPHA, "primary");
 }
 
@@ -221,7 +223,7 @@ fn policy_discard_node_never_discards_a_serving_primary() {
         "{s}"
     );
     // As the policy says: alpha steps down, beta takes over, alpha is resynced.
-    c.ctl_ok(ALPHA, "demote", &["--timeout", "1"]);
+    c.ctl_ok(ALPHA, "demote", &["--timeout", "1", "--force"]);
     c.ctl_ok(BETA, "promote", &[]);
     assert_converged(&mut c, BETA, &ALPHA_WRITES, &BETA_WRITES, 0xbb);
 }

@@ -122,12 +122,7 @@ where
     result
 }
 
-/// Milliseconds since the epoch (0 if the clock is before it).
-pub(crate) fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub(crate) use crate::metrics::unix_now_ms;
 
 /// Run `log` at most once per [`RETRY_LOG_INTERVAL`] for `key` (a condition that
 /// repeats, like two primaries refusing each other), counting what was left out.
@@ -269,6 +264,8 @@ fn fresh_superblock(
         resync_cursor: None,
         bitmap_valid: true,
         volume_mixed: false,
+        consistent_seq: 0,
+        consistent_at_ms: 0,
     }
 }
 

@@ -78,7 +78,9 @@ async fn host_roles(
     // event ring survive role changes (a failover's story stays in `tandem events`).
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
     // A role change waiting for the new role to come up, and the role to fall back to.
-    let mut pending: Option<(RoleReply, Role)> = None;
+    // A role change waiting for the new role to serve: its reply, the role to go
+    // back to if it fails, and what the old role said about it.
+    let mut pending: Option<(RoleReply, Role, String)> = None;
     loop {
         let role_cfg = Arc::new(
             cfg.with_role(role)
@@ -105,7 +107,7 @@ async fn host_roles(
                 tokio::spawn(async move {
                     secondary::serve(role_cfg, c, Some(signal_up(up_tx)))
                         .await
-                        .map(|()| primary::Stopped::Done(String::new()))
+                        .map(primary::Stopped::Done)
                 })
             }
         };
@@ -116,9 +118,13 @@ async fn host_roles(
             Ok(()) = up_rx => {
                 // docs: READY=1 for systemd (Type=notify): the export or the listener is bound.
                 crate::systemd::ready(&format!("{role} of resource {}, node {}: serving", cfg.resource, cfg.name));
-                if let Some((reply, _)) = pending.take() {
+                if let Some((reply, _, note)) = pending.take() {
                     let generation = slot.status().await.map(|s| s.generation).unwrap_or_default();
-                    let message = format!("now {role}, generation {generation}");
+                    let message = if note.is_empty() {
+                        format!("now {role}, generation {generation}")
+                    } else {
+                        format!("now {role}, generation {generation}, {note}")
+                    };
                     metrics.events.push("promoted", message.clone());
                     let _ = reply.send(Ok(message));
                 }
@@ -133,7 +139,7 @@ async fn host_roles(
                     return Ok(());
                 }
                 match pending.take() {
-                    Some((reply, back)) => {
+                    Some((reply, back, _)) => {
                         tracing::error!("becoming {role} failed: {err}; staying {back}");
                         let _ = reply.send(Err(format!("becoming {role} failed: {err}; the node stays {back}")));
                         role = back;
@@ -188,8 +194,9 @@ async fn host_roles(
                         tracing::warn!(force = f, "promoting to primary");
                         *ctx.promoting.lock().expect("promoting lock") = true;
                         ctx.stop.cancel();
-                        match runner.await {
-                            Ok(Ok(_)) => {}
+                        let note = match runner.await {
+                            Ok(Ok(primary::Stopped::Done(note))) => note,
+                            Ok(Ok(_)) => String::new(),
                             Ok(Err(e)) => {
                                 let _ = reply.send(Err(format!("promotion failed: {e}")));
                                 return Err(e);
@@ -198,8 +205,8 @@ async fn host_roles(
                                 let _ = reply.send(Err(format!("promotion failed: {e}")));
                                 return Err(AgentError::Refused(format!("the secondary role failed: {e}")));
                             }
-                        }
-                        pending = Some((reply, Role::Secondary));
+                        };
+                        pending = Some((reply, Role::Secondary, note));
                         force = f;
                         role = Role::Primary;
                         break;

@@ -140,7 +140,7 @@ struct Node {
     release_waiting: Option<(Lsn, u64)>,
     /// The checkpoint being copied: its last record, and whether the volume is a
     /// consistent image after it.
-    copying: Option<(Lsn, bool)>,
+    copying: Option<(Lsn, bool, Option<(Seq, u64)>)>,
     /// Metadata jobs handed to the thread and finished (they finish in order).
     meta_sent: u64,
     meta_done: u64,
@@ -154,7 +154,10 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<oneshot::Sender<SecondaryReady>>,
 ) -> Result<(), AgentError> {
-    crate::agent::run_alone(cfg, shutdown, |cfg, ctx| serve(cfg, ctx, ready)).await
+    crate::agent::run_alone(cfg, shutdown, |cfg, ctx| async move {
+        serve(cfg, ctx, ready).await.map(|_| ())
+    })
+    .await
 }
 
 fn engine_config(cfg: &NodeConfig, size_bytes: u64, capacity_bytes: u64) -> secondary::Config {
@@ -174,7 +177,7 @@ pub async fn serve(
     cfg: Arc<NodeConfig>,
     ctx: RoleContext,
     ready: Option<oneshot::Sender<SecondaryReady>>,
-) -> Result<(), AgentError> {
+) -> Result<String, AgentError> {
     let shutdown = ctx.stop.clone();
     let (volume, opened, rebuilt) = crate::agent::open_node(&cfg, Role::Secondary)?;
     // A kill -9 leaves writes in the page cache: durable before anything counts on
@@ -255,6 +258,7 @@ pub async fn serve(
         jopened.applied,
         jopened.records,
         volume_consistent,
+        (Seq(sb.consistent_seq), sb.consistent_at_ms),
     );
     if let Some((lsn, seq, at_ms)) = engine.consistent_point() {
         tracing::info!(
@@ -423,6 +427,17 @@ impl Node {
         self.meta_sent
     }
 
+    /// The consistent point's newest write goes into the next superblock written:
+    /// what status reports after a restart that left no newer record.
+    fn note_consistent_write(&mut self) {
+        if let Some((_, seq, at_ms)) = self.engine.consistent_point()
+            && at_ms >= self.sb.consistent_at_ms
+        {
+            self.sb.consistent_seq = seq.0;
+            self.sb.consistent_at_ms = at_ms;
+        }
+    }
+
     fn write_superblock(&mut self) -> u64 {
         let sb = self.sb.clone();
         self.send_meta(MetaJob::Superblock { sb })
@@ -520,6 +535,7 @@ impl Node {
                 // records are not all copied): the checkpointer clears that.
                 self.sb.disk_state = DiskState::UpToDate;
                 self.sb.volume_mixed = !self.engine.is_volume_consistent();
+                self.note_consistent_write();
                 if self.own_dirty.dirty_count().0 > 0 || self.own_verify.dirty_count().0 > 0 {
                     self.own_dirty.clear_all();
                     self.own_verify.clear_all();
@@ -574,7 +590,12 @@ impl Node {
             .filter(|r| r.lsn >= from && r.lsn <= through)
             .copied()
             .collect();
-        self.copying = Some((through, volume_consistent_after));
+        let newest = records
+            .iter()
+            .rev()
+            .find(|r| r.kind.changes_data())
+            .map(|r| (r.seq, r.at_ms));
+        self.copying = Some((through, volume_consistent_after, newest));
         let volume = self.volume.clone();
         let jh = self.jh.clone();
         let tx = self.events_tx.clone();
@@ -589,14 +610,22 @@ impl Node {
     /// recorded as such (a node whose journal is empty and whose superblock says
     /// its volume is mixed has no consistent image to recover).
     fn on_copied(&mut self, result: Result<(), String>, out: &mut Actions) {
-        let (through, volume_consistent_after) =
+        let (through, volume_consistent_after, newest) =
             self.copying.take().expect("a checkpoint was copying");
         if result.is_err() {
             self.engine.checkpointed(result, out);
             return;
         }
-        if volume_consistent_after && self.sb.volume_mixed {
+        // The volume's newest write is recorded too (the consistent point a
+        // restart reports when the journal then holds nothing newer).
+        let newer = newest
+            .filter(|&(_, at_ms)| volume_consistent_after && at_ms > self.sb.consistent_at_ms);
+        if volume_consistent_after && (self.sb.volume_mixed || newer.is_some()) {
             self.sb.volume_mixed = false;
+            if let Some((seq, at_ms)) = newer {
+                self.sb.consistent_seq = seq.0;
+                self.sb.consistent_at_ms = at_ms;
+            }
             let job = self.write_superblock();
             self.release_waiting = Some((through, job));
             return;
@@ -675,7 +704,7 @@ impl Node {
             Event::SessionEnd { session, reason } => {
                 if self.session.as_ref().is_some_and(|s| s.id == session) {
                     let s = self.session.take().expect("checked");
-                    tracing::info!(session = s.id, primary = %s.peer, "primary detached: {reason}");
+                    tracing::info!(session = s.id, primary = %s.peer, disk = %self.disk_state_shown(), "primary detached: {reason}");
                     self.metrics.set_connected(false, &reason);
                     if reason.contains("Goodbye (outdated)") {
                         self.sb = recovery::outdate(&self.sb);
@@ -1201,7 +1230,9 @@ impl Node {
         jdone_rx: &mut mpsc::UnboundedReceiver<JournalDone>,
         meta_rx: &mut mpsc::UnboundedReceiver<MetaDone>,
         events_rx: &mut mpsc::Receiver<Event>,
-    ) -> Result<(), AgentError> {
+    ) -> Result<String, AgentError> {
+        // For a promotion: where the image stands (returned to the caller).
+        let mut note = String::new();
         if let Some(s) = self.session.take() {
             let _ = s
                 .acks
@@ -1247,17 +1278,12 @@ impl Node {
                         "promotion mid-resync: rolled back to the last consistent point; the dropped resync's blocks are resent to the old primary when it rejoins"
                     );
                 }
-                let age_s = crate::agent::unix_now_ms().saturating_sub(at_ms) as f64 / 1000.0;
-                tracing::warn!(
-                    seq = seq.0,
-                    newest_write_at_ms = at_ms,
-                    age_s = format!("{age_s:.1}"),
-                    "promoting at the consistent point"
-                );
-                self.metrics.events.push(
-                    "promoted-at",
-                    format!("now primary at the consistent point of the primary's write accepted at {at_ms} ms, {age_s:.1} s before now"),
-                );
+                let (_, newest_at) = self.engine.newest_received();
+                note = promotion_note(seq, at_ms, newest_at);
+                tracing::warn!(seq = seq.0, newest_write_at_ms = at_ms, "promoting {note}");
+                self.metrics
+                    .events
+                    .push("promoted-at", format!("now primary {note}"));
                 loop {
                     let mut out = Vec::new();
                     if !self.engine.checkpoint_all(&mut out) && self.engine.is_idle() {
@@ -1280,6 +1306,7 @@ impl Node {
             .await
             .map_err(|e| AgentError::Refused(format!("metadata thread: {e}")))?;
         while meta_rx.try_recv().is_ok() {}
+        self.note_consistent_write();
         let mut sb = self.sb.clone();
         sb.volume_mixed = !self.engine.is_volume_consistent();
         sb.clean_shutdown = true;
@@ -1292,7 +1319,7 @@ impl Node {
             .await
             .map_err(|e| AgentError::Refused(format!("final flush failed: {e}")))?;
         tracing::info!(disk = %self.disk_state_shown(), "clean shutdown");
-        Ok(())
+        Ok(note)
     }
 
     /// Run the engine's I/O until it is idle (syncs, checkpoints, comparisons).
@@ -1338,6 +1365,39 @@ impl Node {
                 }
             }
         }
+    }
+}
+
+/// How a promotion at the consistent point reads: `at the consistent point of
+/// 2026-11-29 12:03:41.220 UTC (write 812), 37.2 s behind the newest write
+/// received from the old primary`.
+fn promotion_note(seq: Seq, at_ms: u64, newest_received_at_ms: u64) -> String {
+    if at_ms == 0 {
+        return format!(
+            "at the consistent point of write {} (its time is not known)",
+            seq.0
+        );
+    }
+    let when = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3] UTC"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| format!("{at_ms} ms"));
+    let behind = newest_received_at_ms.saturating_sub(at_ms) as f64 / 1000.0;
+    if behind > 0.0 {
+        format!(
+            "at the consistent point of {when} (write {}), {behind:.1} s behind the newest write received from the old primary",
+            seq.0
+        )
+    } else {
+        format!(
+            "at the consistent point of {when} (write {}), the newest write received from the old primary",
+            seq.0
+        )
     }
 }
 
@@ -1762,5 +1822,22 @@ impl ControlHandler for SecondaryControl {
 
     fn metrics(&self) -> Option<Arc<Metrics>> {
         Some(self.metrics.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_promotion_note_names_the_point_in_utc_and_how_far_behind_it_is() {
+        // 2026-11-29 12:03:41.220 UTC
+        let at = 1_795_003_421_220 + 11 * 86_400_000;
+        let note = promotion_note(Seq(812), at, at + 37_200);
+        assert_eq!(
+            note,
+            "at the consistent point of 2026-11-29 12:03:41.220 UTC (write 812), 37.2 s behind the newest write received from the old primary"
+        );
+        assert!(promotion_note(Seq(5), 0, 0).contains("not known"));
     }
 }

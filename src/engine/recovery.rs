@@ -344,6 +344,8 @@ mod tests {
             resync_cursor: None,
             bitmap_valid: true,
             volume_mixed: false,
+            consistent_seq: 0,
+            consistent_at_ms: 0,
         }
     }
 

@@ -420,6 +420,9 @@ pub struct SecondaryEngine<D> {
     last_write: (Seq, u64),
     /// Newest durable data record: (seq, at_ms).
     durable_write: (Seq, u64),
+    /// Newest write copied into the volume (as recorded at start, then by
+    /// checkpoints): (seq, at_ms).
+    volume_write: (Seq, u64),
     /// Newest point marker (or section end) appended.
     last_point: Lsn,
     /// The checkpointer may not pass this record (an inspection holds it).
@@ -435,8 +438,16 @@ impl<D> SecondaryEngine<D> {
     /// A secondary whose journal holds `records` (recovered, in order, all
     /// durable) after `applied` (everything before is in the volume).
     /// `volume_consistent`: the volume alone is a consistent image (false for a
-    /// new node before its first full copy, or after an inconsistent resync).
-    pub fn new(cfg: Config, applied: Lsn, records: Vec<Record>, volume_consistent: bool) -> Self {
+    /// new node before its first full copy, or after an inconsistent resync);
+    /// `volume_write`: the newest write it holds as last recorded (seq, accept
+    /// time; zeroes when unknown), reported while no record is newer.
+    pub fn new(
+        cfg: Config,
+        applied: Lsn,
+        records: Vec<Record>,
+        volume_consistent: bool,
+        volume_write: (Seq, u64),
+    ) -> Self {
         let mut e = SecondaryEngine {
             now_ms: 0,
             records: VecDeque::new(),
@@ -453,9 +464,10 @@ impl<D> SecondaryEngine<D> {
             consistent_view: None,
             in_section: !volume_consistent,
             consistent: volume_consistent.then_some(applied),
-            consistent_write: (Seq::ZERO, 0),
-            last_write: (Seq::ZERO, 0),
-            durable_write: (Seq::ZERO, 0),
+            consistent_write: volume_write,
+            last_write: volume_write,
+            durable_write: volume_write,
+            volume_write,
             last_point: applied,
             pin: None,
             index: RangeMap::new(),
@@ -505,12 +517,17 @@ impl<D> SecondaryEngine<D> {
         self.consistent
             .map(|l| (l, self.consistent_write.0, self.consistent_write.1))
     }
+    /// The newest write received (seq, the primary's accept time), consistent or
+    /// not: how far a promotion at the consistent point is behind the old primary.
+    pub fn newest_received(&self) -> (Seq, u64) {
+        self.last_write
+    }
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.is_some()
     }
-    /// What the volume alone holds (unknown once its records are released).
+    /// The newest write the volume alone holds.
     fn consistent_write_of_volume(&self) -> (Seq, u64) {
-        (Seq::ZERO, 0)
+        self.volume_write
     }
 
     pub fn is_idle(&self) -> bool {
@@ -1292,6 +1309,7 @@ impl<D> SecondaryEngine<D> {
             if r.kind.changes_data() {
                 self.index
                     .remove_value(r.range.offset, r.range.end(), r.lsn);
+                self.volume_write = (r.seq, r.at_ms);
             }
         }
         self.applied = through;

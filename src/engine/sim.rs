@@ -223,6 +223,9 @@ struct Sim {
     /// The secondary once held a consistent image: from then on it must never
     /// be Inconsistent (issue 10; the sim never allows resync overflow).
     s_ever_consistent: bool,
+    /// The newest write of the newest consistent point that was durable on the
+    /// secondary: after any restart its consistent point is at least as new.
+    s_marked_at_ms: u64,
     s: Option<Secondary>,
     // Link
     up: bool,
@@ -308,6 +311,8 @@ fn fresh_sb(role: Role) -> Superblock {
         resync_cursor: None,
         bitmap_valid: true,
         volume_mixed: false,
+        consistent_seq: 0,
+        consistent_at_ms: 0,
     }
 }
 
@@ -333,6 +338,7 @@ impl Sim {
             ssb: fresh_sb(Role::Secondary),
             s_own_dirty: DirtyBitmap::for_volume(SIZE, BS),
             s_ever_consistent: false,
+            s_marked_at_ms: 0,
             s: None,
             up: false,
             to_s: VecDeque::new(),
@@ -657,7 +663,13 @@ impl Sim {
         cfg.rollback_window_ms = 200;
         cfg.sync_threshold_bytes = 8 * BS as u64;
         cfg.checkpoint_batch_bytes = 8 * BS as u64;
-        let e = SecondaryEngine::new(cfg, self.journal_head, records, volume_consistent);
+        let e = SecondaryEngine::new(
+            cfg,
+            self.journal_head,
+            records,
+            volume_consistent,
+            (Seq(self.ssb.consistent_seq), self.ssb.consistent_at_ms),
+        );
         // Issue 10: a node whose metadata says it holds a consistent image finds
         // one at restart (promotable without --force), whatever crashed when.
         assert!(
@@ -667,6 +679,13 @@ impl Sim {
             "the secondary restarted UpToDate without a consistent image (volume mixed: {})",
             self.ssb.volume_mixed
         );
+        if let Some((_, _, at_ms)) = e.consistent_point() {
+            assert!(
+                at_ms >= self.s_marked_at_ms,
+                "the restarted secondary reports an older consistent point ({at_ms} ms) than it had made durable ({} ms)",
+                self.s_marked_at_ms
+            );
+        }
         self.s = Some(Secondary {
             e,
             syncing: false,
@@ -751,6 +770,10 @@ impl Sim {
                     self.ssb = recovery::adopt_generation(&self.ssb, gen_p);
                     self.ssb.disk_state = DiskState::UpToDate;
                     self.ssb.volume_mixed = !s.e.is_volume_consistent();
+                    if let Some((_, seq, at_ms)) = s.e.consistent_point() {
+                        self.ssb.consistent_seq = seq.0;
+                        self.ssb.consistent_at_ms = at_ms;
+                    }
                     self.s_ever_consistent = true;
                 }
                 SecondaryAction::MarkSectionOpen => {}
@@ -799,6 +822,9 @@ impl Sim {
         }
         let mut out = Vec::new();
         s.e.journal_synced(Ok(()), &mut out);
+        if let Some((_, _, at_ms)) = s.e.consistent_point() {
+            self.s_marked_at_ms = self.s_marked_at_ms.max(at_ms);
+        }
         self.run_s(out);
     }
 
@@ -831,8 +857,13 @@ impl Sim {
                 let last = released.last().expect("released something");
                 self.volume_origin = (!last.rec.in_section).then_some(last.origin);
                 if !last.rec.in_section {
-                    // Recorded before the release (the agent waits for it).
+                    // Recorded before the release (the agent waits for it): the
+                    // volume is consistent, and holds this newest write.
                     self.ssb.volume_mixed = false;
+                    if let Some(w) = released.iter().rev().find(|r| r.rec.kind.changes_data()) {
+                        self.ssb.consistent_seq = w.rec.seq.0;
+                        self.ssb.consistent_at_ms = self.ssb.consistent_at_ms.max(w.rec.at_ms);
+                    }
                 }
                 s.checkpoint = None;
                 self.stats.checkpoints += 1;

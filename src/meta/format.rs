@@ -71,6 +71,12 @@ pub struct Superblock {
     /// copied part of a resync section into it); the consistent image is the
     /// volume plus the redo journal's records through the consistent point.
     pub volume_mixed: bool,
+    /// Secondary: the newest write of its last recorded consistent image (seq,
+    /// primary's accept time in unix ms; 0 = unknown). Never newer than what the
+    /// volume and journal hold: reported as the consistent point when the
+    /// journal holds nothing newer.
+    pub consistent_seq: u64,
+    pub consistent_at_ms: u64,
 }
 
 /// One superblock slot as stored: 4096 bytes.
@@ -99,7 +105,10 @@ pub struct Superblock {
 ///               v2: file offset of the bitmap area (multiple of 4096, ≥ 270336)
 /// 104     8     promoted at (unix seconds; 0 = never primary)
 /// 112     8     v1: reserved, 0; v2: bitmap page count (must match the volume)
-/// 120     3972  reserved, 0
+/// 120     8     secondary: seq of the newest write in its last recorded consistent
+///               image (0 = unknown)
+/// 128     8     secondary: when the primary accepted that write (unix ms; 0 = unknown)
+/// 136     3956  reserved, 0
 /// 4092    4     crc32 (crc32fast) of bytes 0..4092
 /// ```
 ///
@@ -265,6 +274,8 @@ impl SlotImage {
         b[80..88].copy_from_slice(&sb.gen_history[1].0.to_le_bytes());
         b[88..96].copy_from_slice(&sb.resync_cursor.map_or(0, |c| c.0).to_le_bytes());
         b[104..112].copy_from_slice(&sb.promoted_at_s.to_le_bytes());
+        b[120..128].copy_from_slice(&sb.consistent_seq.to_le_bytes());
+        b[128..136].copy_from_slice(&sb.consistent_at_ms.to_le_bytes());
         let crc = crc32fast::hash(&b[..SLOT_CRC_OFFSET]);
         b[SLOT_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -384,6 +395,8 @@ impl SlotImage {
             resync_cursor,
             bitmap_valid: flags & FLAG_BITMAP_VALID != 0,
             volume_mixed: flags & FLAG_VOLUME_MIXED != 0,
+            consistent_seq: u64_at(b, 120),
+            consistent_at_ms: u64_at(b, 128),
         };
         Ok(SlotImage {
             superblock,
@@ -674,6 +687,8 @@ mod tests {
                 resync_cursor: Some(BlockIndex(12345)),
                 bitmap_valid: true,
                 volume_mixed: false,
+                consistent_seq: 0,
+                consistent_at_ms: 0,
             },
             slot_seq: 42,
             bitmap: BitmapLocation::V2 {
@@ -714,7 +729,7 @@ mod tests {
         assert_eq!(u64_at(&b, 96), 270_336);
         assert_eq!(u64_at(&b, 104), 1_700_000_000);
         assert_eq!(u64_at(&b, 112), 9);
-        assert!(b[120..4092].iter().all(|&x| x == 0));
+        assert!(b[136..4092].iter().all(|&x| x == 0));
         assert_eq!(u32_at(&b, 4092), crc32fast::hash(&b[..4092]));
     }
 

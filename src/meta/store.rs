@@ -1139,6 +1139,8 @@ mod tests {
             resync_cursor: None,
             bitmap_valid: true,
             volume_mixed: false,
+            consistent_seq: 0,
+            consistent_at_ms: 0,
         };
         let mut store = MetaStore::open_or_create(&path, size_bytes, 4096, fresh)
             .unwrap()

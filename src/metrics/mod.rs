@@ -254,13 +254,15 @@ impl Metrics {
         }
     }
 
-    /// Seconds since the oldest write not yet durable on the secondary was accepted.
+    /// Seconds since the oldest write not yet durable on the secondary was accepted
+    /// (`lag_oldest_at_ms` is wall-clock unix ms: the engine's time, which also
+    /// stamps the frames the secondary's consistent point is reported in).
     pub fn lag_seconds(&self) -> f64 {
         let at = Metrics::get(&self.lag_oldest_at_ms);
         if at == 0 {
             return 0.0;
         }
-        self.now_ms().saturating_sub(at) as f64 / 1000.0
+        unix_now_ms().saturating_sub(at) as f64 / 1000.0
     }
 
     pub fn latency_summary(&self) -> LatencySummary {
@@ -368,4 +370,27 @@ pub struct LatencySummary {
     pub p99_us: u64,
     pub p999_us: u64,
     pub max_us: u64,
+}
+
+/// Wall-clock time in unix milliseconds.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by e2e_rpo: the engine stamps writes with unix ms, and the lag was
+    /// computed against the process's uptime clock (always 0 s: no RPO alert).
+    #[test]
+    fn lag_seconds_is_the_age_of_a_unix_ms_stamp() {
+        let m = Metrics::default();
+        m.lag_oldest_at_ms
+            .store(unix_now_ms() - 5_000, Ordering::Relaxed);
+        let lag = m.lag_seconds();
+        assert!((4.9..60.0).contains(&lag), "{lag}");
+    }
 }

@@ -13,6 +13,7 @@ fn engine(blocks: u64, journal_bytes: u64) -> E {
         Lsn::ZERO,
         Vec::new(),
         true,
+        (Seq::ZERO, 0),
     )
 }
 
