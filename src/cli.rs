@@ -98,9 +98,15 @@ pub enum Command {
         /// The agent's control socket.
         #[arg(long)]
         control: PathBuf,
-        /// Seconds to wait for NBD clients to disconnect by themselves.
+        /// Seconds to wait for NBD clients to disconnect by themselves, then for the
+        /// secondary to hold every write (async mode: the backlog drains).
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        /// Demote even though the secondary does not hold every write (it is not
+        /// connected, or did not catch up in time): this node keeps its changes in
+        /// its bitmap, and the peer is told it is Outdated if connected.
+        #[arg(long)]
+        force: bool,
     },
     /// Resolve a split brain on the losing node (a secondary): its changes since the
     /// split are discarded at the next connection and replaced by the peer's data. The

@@ -213,9 +213,10 @@ async fn run(command: Command, timeouts: Timeouts) -> Result<ExitCode, String> {
         Command::Demote {
             control: path,
             timeout,
+            force,
         } => {
             let mut req = control::ControlRequest::new("demote");
-            req.args = serde_json::json!({ "timeout_s": timeout });
+            req.args = serde_json::json!({ "timeout_s": timeout, "force": force });
             role_command(&path, &req, timeouts.demote(timeout)).await
         }
         Command::Resolve {

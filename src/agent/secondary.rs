@@ -1212,12 +1212,21 @@ impl Node {
             }
             ControlCmd::DiscardLocal(reply) => {
                 self.discard_local = true;
-                let _ = reply.send(ControlReply::success(serde_json::json!({
-                    "message": format!(
-                        "{} discards its own changes at the next handshake that needs it (split brain, or newer data); a report of the discarded ranges is written beside its metadata",
-                        self.cfg.name
-                    )
-                })));
+                let mut own = self.own_dirty.clone();
+                own.union_with(&self.own_verify);
+                let blocks = own.dirty_count().0;
+                let message = format!(
+                    "at the next connection from {peer}, this node's {blocks} changed blocks ({} bytes) since generation {base} are discarded \
+                     and replaced by {peer}'s data; the changed ranges are listed first in {}.split-brain-<time>.txt",
+                    blocks * u64::from(self.cfg.block_size),
+                    self.cfg.meta.display(),
+                    peer = self.cfg.peer_name,
+                    base = self.sb.gen_bitmap_base,
+                );
+                tracing::warn!("resolve --discard-local: {message}");
+                let _ = reply.send(ControlReply::success(
+                    serde_json::json!({ "message": message }),
+                ));
             }
         }
     }
