@@ -734,13 +734,32 @@ impl Trial {
                     .map(|(b, n)| format!("blocks {b}..{} ({n})", b + n))
                     .collect();
                 let owners = block_owners(&self.nodes[primary].volume(), &ranges);
+                let extents: std::collections::BTreeSet<u64> = ranges
+                    .iter()
+                    .flat_map(|(b, n)| (*b / 1024)..=((*b + n - 1) / 1024))
+                    .collect();
+                let contents: Vec<String> = ranges
+                    .iter()
+                    .take(3)
+                    .map(|(b, _)| {
+                        format!(
+                            "block {b}: {} {}, {} {}",
+                            self.nodes[A].name,
+                            block_summary(&pa, *b),
+                            self.nodes[B].name,
+                            block_summary(&pb, *b)
+                        )
+                    })
+                    .collect();
                 self.find(
                     "diverged",
                     format!(
-                        "after convergence the images differ in {blocks} blocks of 4 KiB in {} ranges: {}{}; owners on the final primary's ext4: {owners}",
+                        "after convergence (status in sync) the images differ in {blocks} blocks of 4 KiB in {} ranges, within {} of the 4 MiB activity-log extents: {}{}; contents: {}; owners on the final primary's ext4: {owners}",
                         ranges.len(),
+                        extents.len(),
                         shown.join(", "),
-                        if ranges.len() > 8 { ", ..." } else { "" }
+                        if ranges.len() > 8 { ", ..." } else { "" },
+                        contents.join("; ")
                     ),
                 );
             }
@@ -818,6 +837,23 @@ pub fn diff_blocks(a: &Path, b: &Path) -> std::io::Result<Vec<(u64, u64)>> {
         offset += n as u64;
     }
     Ok(ranges)
+}
+
+/// "zeros" or the first bytes of a 4 KiB block, in hex.
+fn block_summary(image: &Path, block: u64) -> String {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 4096];
+    match fs::File::open(image).and_then(|f| f.read_exact_at(&mut buf, block * 4096)) {
+        Ok(()) if buf.iter().all(|&x| x == 0) => "zeros".into(),
+        Ok(()) => format!(
+            "data {}...",
+            buf[..12]
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>()
+        ),
+        Err(e) => format!("unreadable: {e}"),
+    }
 }
 
 /// Which inodes and paths own the first differing blocks (ext4 with 4 KiB blocks
