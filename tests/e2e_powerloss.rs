@@ -9,9 +9,9 @@
 //! - `power_cut_device_loses_unflushed_writes_and_keeps_flushed_ones`: the
 //!   self-test of the harness: through the whole node stack, a write that reached
 //!   the device without a flush is gone after a cut, a flushed one survives.
-//! - `power_cut_{primary,secondary,both}_*`: one seeded trial each (CI scale: a
-//!   1 GiB volume, 16 activity-log extents so that extents retire during the
-//!   workload); `TANDEM_TEST_SEED` replays one.
+//! - `power_cut_{primary,secondary,both}_*`: seeded trials (CI scale: a 1 GiB
+//!   volume, 16 activity-log extents so that extents retire during the
+//!   workload); `TANDEM_TEST_SEED` replays the first trial of a test.
 //! - `powerloss_campaign` (ignored; `tools/powerloss/run.sh`): many trials per
 //!   role and mode on a 16 GiB sparse volume, figures in a JSON-lines file.
 //!
@@ -29,7 +29,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use powerloss_support::disk::PowerDisk;
-use powerloss_support::{Role, TrialConfig, TrialReport, certs, run_trial};
+use powerloss_support::{Role, TrialConfig, certs, run_trial};
 
 const GIB: u64 = 1 << 30;
 
@@ -165,51 +165,58 @@ fn power_cut_device_loses_unflushed_writes_and_keeps_flushed_ones() {
     disk.power_off_clean();
 }
 
-fn ci_trial(role: Role, mode: &str, test: &str) -> TrialReport {
+/// `trials` seeded trials of one role and mode at CI scale (1 GiB volume, 16
+/// activity-log extents, so extents retire during the workload). The seeds come
+/// from the test's seed; every failed check of every trial is reported.
+fn ci_trials(role: Role, mode: &str, test: &str, trials: u32) {
     let seed = common::seed(test);
     let dir = tempfile::Builder::new()
         .prefix("tandem-powerloss-certs-")
         .tempdir()
         .expect("tempdir");
     let certs = certs(dir.path());
-    let cfg = TrialConfig {
-        role,
-        mode: mode.into(),
-        volume_bytes: GIB,
-        al_extents: 16,
-        seed,
-        cut_after_ms: (1500, 6000),
-        converge_timeout: Duration::from_secs(150),
-    };
-    run_trial(&cfg, &certs)
-}
-
-fn assert_clean(report: &TrialReport) {
+    let mut rng = common::TestRng::new(seed);
+    let mut failed = Vec::new();
+    for i in 0..trials {
+        let cfg = TrialConfig {
+            role,
+            mode: mode.into(),
+            volume_bytes: GIB,
+            al_extents: 16,
+            // The first trial replays from the test's seed itself.
+            seed: if i == 0 { seed } else { rng.next_u64() },
+            cut_after_ms: (2500, 7000),
+            converge_timeout: Duration::from_secs(150),
+        };
+        let report = run_trial(&cfg, &certs);
+        if !report.findings.is_empty() {
+            failed.push(report.summary());
+        }
+    }
     assert!(
-        report.findings.is_empty(),
-        "power-loss trial failed (seed {}):\n{}",
-        report.config.seed,
-        report.summary()
+        failed.is_empty(),
+        "{} of {trials} power-loss trial(s) failed (test seed {seed}):\n{}",
+        failed.len(),
+        failed.join("\n")
     );
 }
 
+// Bug-hunting odds (measured at 134a6c6): a primary cut diverges in about two
+// trials of three, so the primary and both-cut tests run two trials each.
+
 #[test]
 fn power_cut_primary_sync_failover_converges_and_fscks_clean() {
-    assert_clean(&ci_trial(Role::Primary, "sync", "power_cut_primary_sync"));
+    ci_trials(Role::Primary, "sync", "power_cut_primary_sync", 2);
 }
 
 #[test]
 fn power_cut_secondary_async_restarts_consistent_and_converges() {
-    assert_clean(&ci_trial(
-        Role::Secondary,
-        "async",
-        "power_cut_secondary_async",
-    ));
+    ci_trials(Role::Secondary, "async", "power_cut_secondary_async", 1);
 }
 
 #[test]
 fn power_cut_both_sync_converges_and_fscks_clean() {
-    assert_clean(&ci_trial(Role::Both, "sync", "power_cut_both_sync"));
+    ci_trials(Role::Both, "sync", "power_cut_both_sync", 2);
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -247,10 +254,10 @@ fn powerloss_campaign() {
         .map(str::to_owned)
         .collect();
     let volume_bytes = parse_size(&env_or("POWERLOSS_SIZE", "16G"));
-    let al_extents: u32 = env_or("POWERLOSS_AL_EXTENTS", "64")
+    let al_extents: u32 = env_or("POWERLOSS_AL_EXTENTS", "32")
         .parse()
         .expect("AL_EXTENTS");
-    let cut = env_or("POWERLOSS_CUT_MS", "1500..8000");
+    let cut = env_or("POWERLOSS_CUT_MS", "2500..8000");
     let (lo, hi) = cut.split_once("..").expect("POWERLOSS_CUT_MS is MIN..MAX");
     let cut_after_ms = (lo.parse().expect("cut min"), hi.parse().expect("cut max"));
     let converge_timeout = Duration::from_secs(

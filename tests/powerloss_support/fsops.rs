@@ -241,7 +241,14 @@ impl FioJob {
             format!("--io_size={}", self.io_bytes),
             format!("--bs={}", self.bs_bytes),
             format!("--rw={}", self.rw),
-            "--ioengine=psync".into(),
+            // The O_DIRECT writer keeps a few writes in flight (concurrent
+            // activity-log activations are committed together).
+            if self.direct {
+                "--ioengine=libaio".into()
+            } else {
+                "--ioengine=psync".into()
+            },
+            format!("--iodepth={}", if self.direct { 4 } else { 1 }),
             format!("--direct={}", u8::from(self.direct)),
             // A large sparse job is preallocated (unwritten extents: metadata
             // only), so its random writes land all over its region of the volume.
@@ -294,16 +301,16 @@ impl FioJob {
     }
 }
 
-/// The application: fio jobs, one after another, in `DIRS` directories (ext4
-/// spreads top-level directories over block groups): small files, some fsync'd
-/// and recorded for verification, some not, some deleted; and O_DIRECT random
-/// writes over large preallocated files, which touch more activity-log extents
-/// than the log holds and are never followed by a FLUSH of their own.
+/// The application: fio jobs on the mounted filesystem, in rounds (see
+/// `run_files`): fsync'd small files, recorded for verification; O_DIRECT random
+/// writes spread over a quarter of the volume with no FLUSH after them; buffered
+/// files left unsynced; deletions. Files are in `DIRS` directories, which ext4
+/// spreads over block groups.
 pub struct Workload {
     stop: Arc<AtomicBool>,
-    pid: Arc<AtomicI32>,
+    pids: Arc<[AtomicI32; 1]>,
     done: Arc<Mutex<Vec<FioJob>>>,
-    handle: Option<std::thread::JoinHandle<String>>,
+    handles: Vec<std::thread::JoinHandle<String>>,
 }
 
 const DIRS: usize = 8;
@@ -318,40 +325,47 @@ impl Workload {
 
     pub fn start(mnt: &Path, volume_bytes: u64, seed: u64) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
-        let pid = Arc::new(AtomicI32::new(0));
+        let pids = Arc::new([AtomicI32::new(0)]);
         let done = Arc::new(Mutex::new(Vec::new()));
-        let (s, p, d) = (stop.clone(), pid.clone(), done.clone());
-        let mnt = mnt.to_owned();
-        let handle = std::thread::spawn(move || run_workload(&mnt, volume_bytes, seed, &s, &p, &d));
+        let handles = {
+            let (s, p, d, mnt) = (stop.clone(), pids.clone(), done.clone(), mnt.to_owned());
+            vec![std::thread::spawn(move || {
+                run_files(&mnt, volume_bytes, seed, &s, &p[0], &d)
+            })]
+        };
         Workload {
             stop,
-            pid,
+            pids,
             done,
-            handle: Some(handle),
+            handles,
         }
     }
 
-    /// PID of the fio process running now (0 between jobs).
-    pub fn fio_pid(&self) -> i32 {
-        self.pid.load(Ordering::SeqCst)
+    /// PIDs of the fio processes running now.
+    pub fn fio_pids(&self) -> Vec<i32> {
+        self.pids
+            .iter()
+            .map(|p| p.load(Ordering::SeqCst))
+            .filter(|&p| p > 0)
+            .collect()
     }
 
-    /// Stop after the current job (or at once if `kill`); returns how it ended.
+    /// Stop after the current jobs (or at once if `kill`); returns how it ended.
     pub fn finish(&mut self, kill: bool) -> String {
         self.stop.store(true, Ordering::SeqCst);
         if kill {
-            let p = self.fio_pid();
-            if p > 0 {
+            for p in self.fio_pids() {
                 kill9(p);
             }
         }
-        self.handle
-            .take()
+        self.handles
+            .drain(..)
             .map(|h| {
                 h.join()
                     .unwrap_or_else(|_| "workload thread panicked".into())
             })
-            .unwrap_or_default()
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// The jobs that completed with fsync (in the order they completed).
@@ -362,13 +376,47 @@ impl Workload {
 
 impl Drop for Workload {
     fn drop(&mut self) {
-        if self.handle.is_some() {
+        if !self.handles.is_empty() {
             self.finish(true);
         }
     }
 }
 
-fn run_workload(
+/// Run one fio job to its end, its pid published in `pid` meanwhile.
+fn run_job(mnt: &Path, job: &FioJob, pid: &AtomicI32) -> Result<(), String> {
+    // fio's report goes to a log beside the mount point (the trial's directory).
+    let log_path = mnt
+        .parent()
+        .expect("mount point has a parent")
+        .join(format!(
+            "fio-{}.log",
+            if job.direct { "spread" } else { "files" }
+        ));
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("open {}: {e}", log_path.display()))?;
+    let log2 = log.try_clone().map_err(|e| format!("dup fio log: {e}"))?;
+    let mut child = job
+        .write_cmd(mnt)
+        .arg("--status-interval=1")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .spawn()
+        .map_err(|e| format!("cannot start fio: {e}"))?;
+    pid.store(child.id() as i32, Ordering::SeqCst);
+    let status = child.wait();
+    pid.store(0, Ordering::SeqCst);
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("fio job {} ended with {s}", job.file)),
+        Err(e) => Err(format!("waiting for fio: {e}")),
+    }
+}
+
+fn run_files(
     mnt: &Path,
     volume_bytes: u64,
     seed: u64,
@@ -378,90 +426,80 @@ fn run_workload(
 ) -> String {
     let mut rng = TestRng::new(seed);
     let mut unsynced: Vec<String> = Vec::new();
-    let mut spread: Vec<String> = Vec::new();
     let mut n = 0u64;
+    // Rounds of: a burst of 1-3 fsync'd files; then an O_DIRECT job of random
+    // writes over the spread file (a quarter of the volume, preallocated:
+    // unwritten extents, metadata only), which touches more activity-log extents
+    // than the log holds and is followed by no FLUSH of its own; then now and
+    // then a buffered file left unsynced, or a deletion.
     while !stop.load(Ordering::SeqCst) {
-        n += 1;
-        let dice = rng.below(20);
-        if dice == 0 && !unsynced.is_empty() {
+        let mut round: Vec<FioJob> = Vec::new();
+        for _ in 0..1 + rng.below(3) {
+            n += 1;
+            let size_bytes = (1 + rng.below(16)) * 256 * 1024;
+            round.push(FioJob {
+                file: format!("d{}/f{n}", rng.below(DIRS as u64)),
+                size_bytes,
+                io_bytes: size_bytes,
+                bs_bytes: [4096u64, 16384, 65536][rng.below(3) as usize],
+                rw: if rng.below(2) == 0 {
+                    "write"
+                } else {
+                    "randwrite"
+                },
+                seed: rng.next_u64() >> 1,
+                fsynced: true,
+                direct: false,
+            });
+        }
+        round.push(FioJob {
+            file: "spread".into(),
+            size_bytes: volume_bytes / 4,
+            io_bytes: (1 + rng.below(4)) << 18,
+            bs_bytes: [4096u64, 16384][rng.below(2) as usize],
+            rw: "randwrite",
+            seed: rng.next_u64() >> 1,
+            fsynced: false,
+            direct: true,
+        });
+        if rng.below(3) == 0 {
+            n += 1;
+            let size_bytes = (1 + rng.below(16)) * 256 * 1024;
+            round.push(FioJob {
+                file: format!("d{}/f{n}", rng.below(DIRS as u64)),
+                size_bytes,
+                io_bytes: size_bytes,
+                bs_bytes: 65536,
+                rw: "write",
+                seed: rng.next_u64() >> 1,
+                fsynced: false,
+                direct: false,
+            });
+        }
+        if rng.below(3) == 0 && !unsynced.is_empty() {
             let i = rng.below(unsynced.len() as u64) as usize;
             let f = unsynced.swap_remove(i);
             let _ = fs::remove_file(mnt.join(&f));
-            continue;
         }
-        let file = format!("d{}/f{n}", rng.below(DIRS as u64));
-        let bs_bytes = [4096u64, 16384, 65536][rng.below(3) as usize];
-        let seed = rng.next_u64() >> 1;
-        let rw = if rng.below(2) == 0 {
-            "write"
-        } else {
-            "randwrite"
-        };
-        let job = if dice < 6 {
-            // O_DIRECT random writes over a large preallocated file (1/16 to 1/8
-            // of the volume): many activity-log extents, no FLUSH after them.
-            let size_bytes = (volume_bytes / 16) * (1 + rng.below(2));
-            FioJob {
-                file,
-                size_bytes,
-                io_bytes: (1 + rng.below(4)) << 20,
-                bs_bytes: bs_bytes.min(16384),
-                rw: "randwrite",
-                seed,
-                fsynced: false,
-                direct: true,
+        for job in round {
+            if stop.load(Ordering::SeqCst) {
+                break;
             }
-        } else {
-            let size_bytes = (1 + rng.below(16)) * 256 * 1024;
-            FioJob {
-                file,
-                size_bytes,
-                io_bytes: size_bytes,
-                bs_bytes,
-                rw,
-                seed,
-                fsynced: dice >= 9,
-                direct: false,
+            if let Err(e) = run_job(mnt, &job, pid) {
+                return format!("{e} after {n} files");
             }
-        };
-        if job.direct {
-            // At most two large files at a time (space on the volume).
-            while spread.len() >= 2 {
-                let f = spread.remove(0);
-                let _ = fs::remove_file(mnt.join(&f));
+            if job.fsynced {
+                // fio fsync'd the file; make its directory entry durable as well.
+                let dir = mnt.join(&job.file);
+                let dir = dir.parent().expect("job dir");
+                if let Err(e) = fs::File::open(dir).and_then(|d| d.sync_all()) {
+                    return format!("fsync of {}: {e}", dir.display());
+                }
+                done.lock().expect("jobs").push(job);
+            } else if !job.direct {
+                unsynced.push(job.file);
             }
-        }
-        let child = job
-            .write_cmd(mnt)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match child {
-            Ok(c) => c,
-            Err(e) => return format!("cannot start fio: {e}"),
-        };
-        pid.store(child.id() as i32, Ordering::SeqCst);
-        let status = child.wait();
-        pid.store(0, Ordering::SeqCst);
-        match status {
-            Ok(s) if s.success() => {}
-            Ok(s) => return format!("fio job {} ended with {s} after {n} jobs", job.file),
-            Err(e) => return format!("waiting for fio: {e}"),
-        }
-        if job.fsynced {
-            // fio fsync'd the file; make its directory entry durable as well.
-            let dir = mnt.join(&job.file);
-            let dir = dir.parent().expect("job dir");
-            if let Err(e) = fs::File::open(dir).and_then(|d| d.sync_all()) {
-                return format!("fsync of {}: {e}", dir.display());
-            }
-            done.lock().expect("jobs").push(job);
-        } else if job.direct {
-            spread.push(job.file);
-        } else {
-            unsynced.push(job.file);
         }
     }
-    format!("stopped after {n} jobs")
+    format!("stopped after {n} files")
 }

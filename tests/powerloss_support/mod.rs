@@ -353,16 +353,15 @@ impl Trial {
         loop {
             let p = self.status(primary);
             let s = self.status(1 - primary);
-            if let (Some(p), Some(s)) = (&p, &s) {
-                if p["role"] == "primary"
-                    && primary_in_sync(p)
-                    && s["role"] == "secondary"
-                    && s["disk_state"] == "UpToDate"
-                    && s["peer"]["connection"] == "connected"
-                    && s["generation"] == p["generation"]
-                {
-                    return Ok(());
-                }
+            if let (Some(p), Some(s)) = (&p, &s)
+                && p["role"] == "primary"
+                && primary_in_sync(p)
+                && s["role"] == "secondary"
+                && s["disk_state"] == "UpToDate"
+                && s["peer"]["connection"] == "connected"
+                && s["generation"] == p["generation"]
+            {
+                return Ok(());
             }
             for node in [A, B] {
                 let running = self.nodes[node]
@@ -436,16 +435,22 @@ impl Trial {
         self.client = Some(client);
         self.workload = Some(workload);
         std::thread::sleep(Duration::from_millis(cut_after_ms));
+        if let Some(st) = self.status(A) {
+            eprintln!(
+                "powerloss: alpha just before the cut: {} client writes ({} bytes), lag {} writes, out of sync {} bytes",
+                st["counters"]["client_writes"],
+                st["counters"]["client_write_bytes"],
+                st["lag"]["writes"],
+                st["out_of_sync_bytes"]
+            );
+        }
 
         let role = self.cfg.role;
         let jobs = match role {
             Role::Primary | Role::Both => {
                 // The application runs on the primary node: it dies with it.
                 let mut same = vec![self.agent_pid(A)];
-                let workload = self.workload.as_ref().expect("workload");
-                if workload.fio_pid() > 0 {
-                    same.push(workload.fio_pid());
-                }
+                same.extend(self.workload.as_ref().expect("workload").fio_pids());
                 if role == Role::Primary {
                     same.push(self.client_pid());
                     self.nodes[A].disk.cut(&same);
@@ -529,6 +534,21 @@ impl Trial {
             "copy of the raw image: {}",
             describe(&out)
         );
+        // How far the two copies are apart right now (the peer's image as it is:
+        // its agent is idle or stopped), for the log: what a resync must repair.
+        let peer = self.nodes[1 - node].volume();
+        if peer.exists() {
+            match diff_blocks(&copy, &peer) {
+                Ok(r) => eprintln!(
+                    "powerloss: {}'s durable image differs from {}'s in {} blocks ({} ranges) after the cut",
+                    self.nodes[node].name,
+                    self.nodes[1 - node].name,
+                    r.iter().map(|x| x.1).sum::<u64>(),
+                    r.len()
+                ),
+                Err(e) => eprintln!("powerloss: cannot compare the copies: {e}"),
+            }
+        }
         let what = format!(
             "{}'s raw image after its power returned",
             self.nodes[node].name
@@ -608,13 +628,13 @@ impl Trial {
             if self.sync_mode() { jobs } else { &[] },
         );
         self.start_agent(B, "secondary")?;
-        if let Some(c) = self.client.take() {
-            if let Err(e) = c.detach() {
-                self.find(
-                    "app",
-                    format!("unmounting the application's ext4 on alpha: {e}"),
-                );
-            }
+        if let Some(c) = self.client.take()
+            && let Err(e) = c.detach()
+        {
+            self.find(
+                "app",
+                format!("unmounting the application's ext4 on alpha: {e}"),
+            );
         }
         self.wait_converged(A, "after the secondary restarted")?;
         self.final_check(A, jobs)
@@ -700,11 +720,11 @@ impl Trial {
             agent.signal(libc::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(90);
             let status = loop {
-                if let Some(c) = agent.child.as_mut() {
-                    if let Some(s) = c.try_wait().expect("try_wait") {
-                        agent.child = None;
-                        break Some(s);
-                    }
+                if let Some(c) = agent.child.as_mut()
+                    && let Some(s) = c.try_wait().expect("try_wait")
+                {
+                    agent.child = None;
+                    break Some(s);
                 }
                 if Instant::now() > deadline {
                     break None;

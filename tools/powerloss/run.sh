@@ -15,9 +15,9 @@
 #   ROLES       comma list of primary,secondary,both (default all three)
 #   MODES       comma list of sync,async (default both)
 #   SIZE        volume size, sparse (default 16G)
-#   AL_EXTENTS  --al-extents of both agents (default 64: 256 MiB of active extents,
+#   AL_EXTENTS  --al-extents of both agents (default 32: 128 MiB of active extents,
 #               so the workload's spread writes make extents retire)
-#   CUT_MS      MIN..MAX ms after the workload starts when the power is cut (1500..8000)
+#   CUT_MS      MIN..MAX ms after the workload starts when the power is cut (2500..8000)
 #   CONVERGE_S  how long the pair may take to converge after a restart (600)
 #   SEED        master seed (default random, printed); each trial's seed derives from it
 #   OUT         results file (default target/powerloss/campaign-SEED.jsonl)
