@@ -446,7 +446,10 @@ impl Trial {
         }
 
         let role = self.cfg.role;
-        let jobs = match role {
+        // The files whose fsync completed before the cut: recorded before it.
+        // (A job recorded between this and the kill is left out: conservative.)
+        let jobs = self.workload.as_ref().expect("workload").fsynced_jobs();
+        let all_jobs = match role {
             Role::Primary | Role::Both => {
                 // The application runs on the primary node: it dies with it.
                 let mut same = vec![self.agent_pid(A)];
@@ -489,7 +492,7 @@ impl Trial {
         );
         let _ = match role {
             Role::Primary => self.after_primary_cut(&jobs),
-            Role::Secondary => self.after_secondary_cut(&jobs),
+            Role::Secondary => self.after_secondary_cut(&jobs, &all_jobs),
             Role::Both => self.after_both_cut(&jobs),
         };
         jobs.len()
@@ -620,7 +623,9 @@ impl Trial {
 
     /// The secondary lost power: its raw copy must be consistent (and in sync
     /// mode hold every fsync'd file, G1); it restarts and catches up.
-    fn after_secondary_cut(&mut self, jobs: &[FioJob]) -> Step {
+    /// `all_jobs`: also those the application fsync'd on the primary alone after
+    /// the cut (the final image must hold them too).
+    fn after_secondary_cut(&mut self, jobs: &[FioJob], all_jobs: &[FioJob]) -> Step {
         self.nodes[B].disk.restore();
         self.check_raw_copy(
             B,
@@ -637,7 +642,7 @@ impl Trial {
             );
         }
         self.wait_converged(A, "after the secondary restarted")?;
-        self.final_check(A, jobs)
+        self.final_check(A, all_jobs)
     }
 
     /// Both lost power: both raw copies are checked; then (seeded) either alpha
