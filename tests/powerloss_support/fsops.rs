@@ -309,6 +309,8 @@ impl FioJob {
 pub struct Workload {
     stop: Arc<AtomicBool>,
     pids: Arc<[AtomicI32; 1]>,
+    /// Since when the O_DIRECT spread job now running has been running.
+    spread_since: Arc<Mutex<Option<Instant>>>,
     done: Arc<Mutex<Vec<FioJob>>>,
     handles: Vec<std::thread::JoinHandle<String>>,
 }
@@ -327,18 +329,29 @@ impl Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let pids = Arc::new([AtomicI32::new(0)]);
         let done = Arc::new(Mutex::new(Vec::new()));
+        let spread_since = Arc::new(Mutex::new(None));
         let handles = {
             let (s, p, d, mnt) = (stop.clone(), pids.clone(), done.clone(), mnt.to_owned());
+            let since = spread_since.clone();
             vec![std::thread::spawn(move || {
-                run_files(&mnt, volume_bytes, seed, &s, &p[0], &d)
+                run_files(&mnt, volume_bytes, seed, &s, &p[0], &d, &since)
             })]
         };
         Workload {
             stop,
             pids,
+            spread_since,
             done,
             handles,
         }
+    }
+
+    /// How long the O_DIRECT spread job now running has been running, if one is.
+    pub fn spread_running_for(&self) -> Option<Duration> {
+        self.spread_since
+            .lock()
+            .expect("spread")
+            .map(|t| t.elapsed())
     }
 
     /// PIDs of the fio processes running now.
@@ -423,6 +436,7 @@ fn run_files(
     stop: &AtomicBool,
     pid: &AtomicI32,
     done: &Mutex<Vec<FioJob>>,
+    spread_since: &Mutex<Option<Instant>>,
 ) -> String {
     let mut rng = TestRng::new(seed);
     let mut unsynced: Vec<String> = Vec::new();
@@ -485,7 +499,12 @@ fn run_files(
             if stop.load(Ordering::SeqCst) {
                 break;
             }
-            if let Err(e) = run_job(mnt, &job, pid) {
+            if job.direct {
+                *spread_since.lock().expect("spread") = Some(Instant::now());
+            }
+            let result = run_job(mnt, &job, pid);
+            *spread_since.lock().expect("spread") = None;
+            if let Err(e) = result {
                 return format!("{e} after {n} files");
             }
             if job.fsynced {

@@ -74,20 +74,26 @@ pub struct TrialConfig {
     pub cut_after_ms: (u64, u64),
     /// How long the pair may take to converge after a restart.
     pub converge_timeout: Duration,
+    /// CI only: after `cut_after_ms`, also wait until an O_DIRECT spread job has
+    /// run for a seeded 0.5-1.5 s (at most 30 s more), so that the cut falls where
+    /// unflushed writes sit in extents that may have retired. The campaign keeps
+    /// plain random instants.
+    pub cut_in_spread: bool,
 }
 
 impl TrialConfig {
     /// The command that replays this trial.
     pub fn replay(&self) -> String {
         format!(
-            "POWERLOSS_TRIAL_SEED={} POWERLOSS_ROLES={} POWERLOSS_MODES={} POWERLOSS_SIZE={} POWERLOSS_AL_EXTENTS={} POWERLOSS_CUT_MS={}..{} tools/powerloss/run.sh",
+            "POWERLOSS_TRIAL_SEED={} POWERLOSS_ROLES={} POWERLOSS_MODES={} POWERLOSS_SIZE={} POWERLOSS_AL_EXTENTS={} POWERLOSS_CUT_MS={}..{} POWERLOSS_CUT_IN_SPREAD={} tools/powerloss/run.sh",
             self.seed,
             self.role,
             self.mode,
             self.volume_bytes,
             self.al_extents,
             self.cut_after_ms.0,
-            self.cut_after_ms.1
+            self.cut_after_ms.1,
+            u8::from(self.cut_in_spread)
         )
     }
 }
@@ -435,6 +441,14 @@ impl Trial {
         self.client = Some(client);
         self.workload = Some(workload);
         std::thread::sleep(Duration::from_millis(cut_after_ms));
+        if self.cfg.cut_in_spread {
+            let within = Duration::from_millis(500 + self.rng.below(1000));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let w = self.workload.as_ref().expect("workload");
+            while w.spread_running_for().is_none_or(|d| d < within) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         if let Some(st) = self.status(A) {
             eprintln!(
                 "powerloss: alpha just before the cut: {} client writes ({} bytes), lag {} writes, out of sync {} bytes",
