@@ -311,13 +311,18 @@ impl Drop for PowerDisk {
             let _ = Command::new("losetup").arg("-d").arg(&dev).status();
         }
         if let Some(mut f) = self.nbdfuse.take() {
+            let _ = f.kill();
+            let _ = f.wait();
             let _ = Command::new("fusermount3")
                 .arg("-uz")
                 .arg(&self.fuse_dir)
                 .stderr(Stdio::null())
                 .status();
-            let _ = f.kill();
-            let _ = f.wait();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.fuse_dir)
+                .stderr(Stdio::null())
+                .status();
         }
         if let Some(mut k) = self.nbdkit.take() {
             let _ = k.kill();

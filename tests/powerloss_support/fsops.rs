@@ -173,9 +173,24 @@ impl Mounted {
         if let Some(dev) = self.loop_dev.take() {
             let _ = Command::new("losetup").arg("-d").arg(&dev).status();
         }
+        if let Some(mut c) = self.nbdfuse.take() {
+            if lazy {
+                // Crashed: the server is gone first (as it would be with its node).
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            self.nbdfuse = Some(c);
+        }
         if let Some(dir) = self.fuse_dir.take() {
             let _ = Command::new("fusermount3")
                 .arg(if lazy { "-uz" } else { "-u" })
+                .arg(&dir)
+                .stderr(Stdio::null())
+                .status();
+            // fusermount3 can race with a server that is still exiting; a lazy
+            // unmount of a mount point that is already gone just fails quietly.
+            let _ = Command::new("umount")
+                .arg("-l")
                 .arg(&dir)
                 .stderr(Stdio::null())
                 .status();
