@@ -304,9 +304,19 @@ fn powerloss_campaign() {
     // (role, mode) -> (trials, failed trials, failed checks by name, failing seeds)
     type Tally = (u64, u64, BTreeMap<&'static str, u64>, Vec<u64>);
     let mut tally: BTreeMap<(String, String), Tally> = BTreeMap::new();
-    for _ in 0..trials {
+    // `touch target/powerloss/STOP` ends the campaign after the running trial.
+    let stop_file = out_path.with_file_name("STOP");
+    let _ = fs::remove_file(&stop_file);
+    'campaign: for _ in 0..trials {
         for mode in &modes {
             for &role in &roles {
+                if stop_file.exists() {
+                    eprintln!(
+                        "powerloss campaign: {} exists: stopping",
+                        stop_file.display()
+                    );
+                    break 'campaign;
+                }
                 let seed = replay.unwrap_or_else(|| rng.next_u64());
                 let cfg = TrialConfig {
                     role,

@@ -23,6 +23,8 @@
 #   SEED        master seed (default random, printed); each trial's seed derives from it
 #   OUT         results file (default target/powerloss/campaign-SEED.jsonl)
 #   KEEP=1      keep each trial's directory (disks, logs) for inspection
+#   touch DIR_OF_OUT/STOP (target/powerloss/STOP) to end a campaign after the running
+#   trial; the summary table is printed as usual.
 #   PROFILE     cargo profile: release (default; a 16 GiB initial sync in a debug
 #               build takes minutes) or dev
 set -euo pipefail
