@@ -34,6 +34,11 @@ declare -A needs=(
   [promtool]=prometheus
   [ocf-tester]=resource-agents
   [xmllint]=libxml2-utils
+  [systemd-analyze]=systemd
+  [sshd]=openssh-server
+  [ssh]=openssh-client
+  [ip]=iproute2
+  [nsenter]=util-linux
 )
 missing=()
 for cmd in "${!needs[@]}"; do

@@ -35,8 +35,15 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, client, rustls, server};
 
 pub use backoff::Backoff;
 pub use certs::generate_certs;
+// docs: signing with an existing CA, and the start-up check of a node's TLS files.
+pub use certs::{
+    CertError, Signed, VALID_YEARS_DEFAULT, check_tls_files, generate_certs_valid_for,
+    sign_node_cert,
+};
 pub use tcp::{KEEPALIVE_S_DEFAULT, USER_TIMEOUT_MS_DEFAULT, configure_tcp};
 pub use tls::Side;
+// nbd (issue 13): TLS configurations for the NBD export and its clients.
+pub use tls::{export_client_config, export_server_config};
 
 /// How long an accepted connection may take to complete its TLS handshake
 /// before it is dropped. A peer that connects and stays silent cannot hold
