@@ -276,6 +276,8 @@ impl FioJob {
                 }
             ),
             "--verify=crc32c".into(),
+            // No verify-state file in the working directory when a job is killed.
+            "--verify_state_save=0".into(),
             format!("--randseed={}", self.seed),
             "--output-format=terse".into(),
         ]
