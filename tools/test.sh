@@ -27,6 +27,9 @@ declare -A needs=(
   [fusermount3]=fuse3
   [mkfs.ext4]=e2fsprogs
   [e2fsck]=e2fsprogs
+  # tests/e2e_powerloss.rs (power-cut disks): debugfs names the files that own
+  # differing blocks; nbdkit's file plugin and cache filter come with nbdkit.
+  [debugfs]=e2fsprogs
   [losetup]=util-linux
   [mount]=mount
   [curl]=curl
