@@ -62,6 +62,8 @@ pub mod frontend;
 pub mod meta;
 pub mod metrics;
 pub mod ops;
+// Rate-limited logging for repeatable conditions (hardening).
+pub mod ratelog;
 pub mod resync;
 pub mod transport;
 pub mod types;
