@@ -499,7 +499,10 @@ pub async fn serve(
     // primary's is refused with both generations named.
     let listener_task = match cfg.listen {
         Some(addr) => {
-            let listener = transport::PeerListener::bind(addr, &security_for(&cfg)).await?;
+            // Refusals of misconfigured peers become events (hardening).
+            let listener = transport::PeerListener::bind(addr, &security_for(&cfg))
+                .await?
+                .with_events(metrics.clone());
             Some(tokio::spawn(answer_dialers(
                 listener,
                 cfg.clone(),

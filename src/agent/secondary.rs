@@ -273,7 +273,10 @@ pub async fn serve(
 
     let security = security_for(&cfg);
     let listen = cfg.listen.expect("validated");
-    let listener = PeerListener::bind(listen, &security).await?;
+    // Refusals of misconfigured peers become events (hardening).
+    let listener = PeerListener::bind(listen, &security)
+        .await?
+        .with_events(metrics.clone());
     let bound = listener.local_addr();
     tracing::info!(listen = %bound, expecting = %cfg.peer_name, "secondary listening");
 
