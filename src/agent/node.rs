@@ -111,7 +111,8 @@ async fn host_roles(
                 if let Some((reply, _)) = pending.take() {
                     let generation = slot.status().await.map(|s| s.generation).unwrap_or_default();
                     let message = format!("now {role}, generation {generation}");
-                    metrics.events.push("promoted", message.clone());
+                    // Typed event (hardening: `tandem events --follow`).
+                    metrics.events.emit(crate::metrics::events::EventKind::Promoted { role: role.to_string(), generation });
                     let _ = reply.send(Ok(message));
                 }
             }
@@ -155,7 +156,7 @@ async fn host_roles(
                             Ok(Ok(summary)) => {
                                 tracing::info!("primary role ended: {summary}");
                                 let message = format!("demoted: {summary}");
-                                metrics.events.push("demoted", message.clone());
+                                metrics.events.emit(crate::metrics::events::EventKind::Demoted { role: "secondary".into(), detail: summary }); // typed event (hardening)
                                 let _ = reply.send(Ok(message));
                                 role = Role::Secondary;
                                 break;
