@@ -23,7 +23,8 @@
 //! [`NbdServer::serve`] returns. A request whose header was read but whose payload
 //! was not complete is dropped without a reply (it never reached the backend).
 
-mod proto;
+// Public for the fuzz targets in tools/fuzz (hardening).
+pub mod proto;
 
 use std::fmt;
 use std::io::{self, IoSlice};
