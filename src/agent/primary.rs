@@ -969,6 +969,16 @@ impl Owner {
             self.shared
                 .metrics
                 .set_error(format!("activity log write failed: {e}"));
+            // Event (hardening): metadata I/O failed.
+            self.shared
+                .metrics
+                .events
+                .emit(crate::metrics::events::EventKind::IoError {
+                    op: "metadata".into(),
+                    error: e.to_string(),
+                    offset: None,
+                    len: None,
+                });
             self.engine.poison();
         }
         self.engine.activity_written(out);
@@ -1976,6 +1986,15 @@ async fn answer_dialers(
             };
             tracing::error!(peer = %peer_addr, "refusing a connection: {reason}");
             shared.metrics.set_error(reason.clone());
+            // Event (hardening): a dialer's Hello refused (two primaries, split brain).
+            shared
+                .metrics
+                .events
+                .emit(crate::metrics::events::EventKind::HandshakeRefused {
+                    peer_addr: peer_addr.to_string(),
+                    stage: "hello".into(),
+                    reason: reason.clone(),
+                });
             shared.set_handshake(format!("refused: {reason}"));
             crate::agent::send_refusal(&mut wr, &reason).await;
         });

@@ -546,6 +546,19 @@ fn check_hello(h: &Hello, node: &Node) -> Result<Accepted, String> {
                 )
                 .map(|l| (l, format!("split-brain-policy {}", cfg.split_brain_policy)))
             };
+            // Event (hardening): the split brain, and the rule that settles it (None: refused).
+            node.metrics
+                .events
+                .emit(crate::metrics::events::EventKind::SplitBrain {
+                    peer: h.node_name.clone(),
+                    local_generation: s.current.to_string(),
+                    peer_generation: p.current.to_string(),
+                    resolution: match &loser {
+                        Some((Loser::Secondary, by)) => Some(by.clone()),
+                        _ => None,
+                    },
+                    detail: both.clone(),
+                });
             match loser {
                 Some((Loser::Secondary, by)) => discard(
                     format!("split brain ({both}) resolved by {by}"),
@@ -817,6 +830,15 @@ impl Applier {
                     if node.sb.disk_state != DiskState::Inconsistent
                         || node.sb.gen_bitmap_base != base
                     {
+                        if node.sb.disk_state != DiskState::Inconsistent {
+                            // Event (hardening): disk state change.
+                            node.metrics.events.emit(
+                                crate::metrics::events::EventKind::DiskState {
+                                    disk_state: DiskState::Inconsistent.to_string(),
+                                    previous: node.sb.disk_state.to_string(),
+                                },
+                            );
+                        }
                         node.sb.disk_state = DiskState::Inconsistent;
                         // A full sync's progress lives in that primary's bitmap.
                         node.sb.gen_bitmap_base = base;
@@ -833,6 +855,15 @@ impl Applier {
                     }
                     if was != (DiskState::UpToDate, self.gen_primary) {
                         tracing::info!(generation = %self.gen_primary, "in sync with the primary: disk is UpToDate");
+                    }
+                    if was.0 != node.sb.disk_state {
+                        // Event (hardening): disk state change.
+                        node.metrics
+                            .events
+                            .emit(crate::metrics::events::EventKind::DiskState {
+                                disk_state: node.sb.disk_state.to_string(),
+                                previous: was.0.to_string(),
+                            });
                     }
                 }
                 SecondaryAction::Fail { reason } => {
@@ -857,9 +888,33 @@ fn feed(e: &mut SecondaryEngine, done: Done, metrics: &Metrics, out: &mut Vec<Se
                 Metrics::add(&metrics.applied_writes, 1);
                 Metrics::add(&metrics.applied_bytes, range.len);
             }
+            if let Err(errno) = result {
+                // Event (hardening): the volume refused a replicated write.
+                metrics
+                    .events
+                    .emit(crate::metrics::events::EventKind::IoError {
+                        op: "write".into(),
+                        error: std::io::Error::from_raw_os_error(errno).to_string(),
+                        offset: Some(range.offset),
+                        len: Some(range.len),
+                    });
+            }
             e.apply_done(seq, range, result, out)
         }
-        Done::Flush { result } => e.flush_done(result, out),
+        Done::Flush { result } => {
+            if let Err(errno) = result {
+                // Event (hardening): a flush of the volume failed.
+                metrics
+                    .events
+                    .emit(crate::metrics::events::EventKind::IoError {
+                        op: "flush".into(),
+                        error: std::io::Error::from_raw_os_error(errno).to_string(),
+                        offset: None,
+                        len: None,
+                    });
+            }
+            e.flush_done(result, out)
+        }
     }
 }
 
@@ -903,6 +958,14 @@ async fn session(
         Err(reason) => {
             tracing::error!(peer = %peer_addr, "refusing primary: {reason}");
             node.metrics.set_error(reason.clone());
+            // Event (hardening): a Hello refused (G6 identity, generations).
+            node.metrics
+                .events
+                .emit(crate::metrics::events::EventKind::HandshakeRefused {
+                    peer_addr: peer_addr.to_string(),
+                    stage: "hello".into(),
+                    reason: reason.clone(),
+                });
             node.set_handshake(format!("refused: {reason}"));
             crate::agent::send_refusal(&mut wr, &reason).await;
             return Err(reason);
