@@ -19,8 +19,11 @@ pub mod nbd_option;
 pub mod nbd_request;
 pub mod secondary;
 
+/// A target's entry point.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, as `run.sh` and the replay tests know them.
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("frame", frame::run),
     ("secondary", secondary::run),
     ("nbd_option", nbd_option::run),

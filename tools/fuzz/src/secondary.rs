@@ -494,7 +494,7 @@ pub fn encode_record(
 ) -> Option<Vec<u8>> {
     let delta = i8::try_from(seq as i64 - expected_next as i64).ok()? as u8;
     let u16_of = |v: u64, unit: u64| -> Option<[u8; 2]> {
-        (v % unit == 0).then_some(())?;
+        v.is_multiple_of(unit).then_some(())?;
         Some(u16::try_from(v / unit).ok()?.to_le_bytes())
     };
     let mut out = vec![schedule];

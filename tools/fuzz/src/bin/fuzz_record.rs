@@ -231,7 +231,7 @@ fn seeds(replication: &Path, nbd: &Path, corpus: &Path) -> anyhow::Result<()> {
         write_seed(&corpus.join("nbd_request"), &format!("rec-{i}"), &seed)?;
         counts[3] += 1;
     }
-    if counts.iter().any(|c| *c == 0) {
+    if counts.contains(&0) {
         bail!("some target got no seed (frame, secondary, nbd_option, nbd_request): {counts:?}");
     }
     println!(
