@@ -14,6 +14,10 @@ export RUSTFLAGS="-C passes=sancov-module \
  -C llvm-args=-sanitizer-coverage-trace-compares \
  --cfg fuzzing -C debug-assertions -C overflow-checks -C codegen-units=16"
 # A target dir of its own: these flags would otherwise invalidate the normal build.
-cargo build --release --quiet -p tandem-fuzz --features libfuzzer --bins \
+# Only the fuzz_* binaries link libFuzzer's coverage callbacks; the recorder is
+# built normally (record-seeds.sh).
+bins=()
+for t in frame secondary nbd_option nbd_request control; do bins+=(--bin "fuzz_$t"); done
+cargo build --release --quiet -p tandem-fuzz --features libfuzzer "${bins[@]}" \
   --target "$triple" --target-dir target/fuzz >&2
 echo "target/fuzz/$triple/release"

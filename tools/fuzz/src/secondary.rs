@@ -43,7 +43,7 @@ const EIO: i32 = 5;
 
 /// Hand one decoded frame to the engine as the agent does. `Err`: the session
 /// ends (protocol error or a frame the reader drops).
-fn feed(
+pub fn feed(
     engine: &mut Option<SecondaryEngine>,
     seq: u64,
     msg: &Message,
@@ -143,6 +143,14 @@ fn tick(e: &mut SecondaryEngine, out: &mut Vec<SecondaryAction>) {
     e.tick(out);
 }
 
+/// With `FUZZ_TRACE=1`, print what the harness does (to read a crash input).
+fn trace(line: impl FnOnce() -> String) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("FUZZ_TRACE").is_some()) {
+        eprintln!("{}", line());
+    }
+}
+
 // ---- the model ---------------------------------------------------------------
 
 #[derive(Default)]
@@ -163,6 +171,8 @@ struct Model {
     durable: u64,
     failed: bool,
     io_failed: bool,
+    /// Open bugs not to report (see [`Open`]).
+    open: Open,
 }
 
 impl Model {
@@ -191,9 +201,12 @@ impl Model {
                 };
                 assert_eq!((k, r), (kind, range), "StartApply of seq {seq} changed");
                 assert!(self.started.insert(seq), "seq {seq} started twice");
+                // A zero-length range touches no byte: it orders against nothing.
+                let touches =
+                    |a: &ByteRange, b: &ByteRange| a.len > 0 && b.len > 0 && a.overlaps(b);
                 for (s, (_, earlier)) in self.accepted.range(..seq) {
                     assert!(
-                        !earlier.overlaps(range) || self.completed(*s),
+                        !touches(earlier, range) || self.completed(*s),
                         "seq {seq} {range:?} started before overlapping seq {s} {earlier:?} completed (G2)"
                     );
                 }
@@ -230,7 +243,7 @@ impl Model {
             SecondaryAction::MarkInconsistent => {}
             SecondaryAction::MarkUpToDate => {
                 assert!(
-                    !self.io_failed,
+                    !self.io_failed || self.open.uptodate_after_failure,
                     "UpToDate after a failed write or flush in this session"
                 );
             }
@@ -248,12 +261,14 @@ struct Harness {
 impl Harness {
     fn process(&mut self) {
         for a in std::mem::take(&mut self.out) {
+            trace(|| format!("  -> {a:?}"));
             self.model.on_action(&a);
         }
     }
 
     /// Deliver the frame; `false` when the session ends.
     fn frame(&mut self, seq: u64, msg: &Message, payload_len: u64) -> bool {
+        trace(|| format!("frame seq {seq} {msg:?} payload {payload_len}"));
         let m = &mut self.model;
         let was_failed = m.failed;
         // What the engine must do with it (the protocol, ARCHITECTURE §3).
@@ -330,6 +345,12 @@ impl Harness {
         };
         if c & 0x80 != 0 && self.model.flushing.is_some() {
             let (through, done_at_start) = self.model.flushing.take().expect("checked");
+            trace(|| {
+                format!(
+                    "flush through {through} done: {}",
+                    if ok { "ok" } else { "EIO" }
+                )
+            });
             flush_done(e, ok, &mut self.out);
             if ok {
                 let durable: Vec<u64> = self
@@ -359,6 +380,7 @@ impl Harness {
         let i = usize::from(c) % self.model.in_flight.len();
         let seq = self.model.in_flight.remove(i);
         let range = self.model.accepted[&seq].1;
+        trace(|| format!("apply seq {seq} done: {}", if ok { "ok" } else { "EIO" }));
         if ok {
             self.model.completed_ok.insert(seq);
         } else {
@@ -371,6 +393,7 @@ impl Harness {
 
     fn tick(&mut self) {
         if let Some(e) = self.engine.as_mut() {
+            trace(|| "tick".into());
             tick(e, &mut self.out);
             self.process();
         }
@@ -455,11 +478,47 @@ fn decode_msg(input: &mut Input, expected_next: u64) -> Option<(u64, Message, u6
     Some((seq, msg, 0))
 }
 
+/// Bugs found by this target in code outside tools/fuzz and not fixed yet.
+/// `run` steers around them so campaigns look for others; `run_strict`
+/// reports them. Each has an ignored test in tests/regressions.rs that its fix
+/// un-ignores; the fix also sets its flag here to false.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Open {
+    /// Open 1: `agent::secondary::on_frame` creates the engine with the frame
+    /// seq of the first ResyncStart, and `SecondaryEngine::new` asserts seq > 0:
+    /// an authenticated primary that sends ResyncStart with seq 0 panics the
+    /// secondary's session task.
+    pub seq_zero_resync_start: bool,
+    /// Open 2: a flush that started before a write failed still completes with
+    /// `MarkUpToDate` when it covers a pending ResyncDone: the disk is recorded
+    /// UpToDate after the engine marked it Inconsistent for a failed write.
+    pub uptodate_after_failure: bool,
+}
+
+/// The open bugs `run` steers around.
+pub const OPEN: Open = Open {
+    seq_zero_resync_start: true,
+    uptodate_after_failure: true,
+};
+
+/// The fuzz target (open bugs not reported).
 pub fn run(data: &[u8]) {
+    run_checked(data, OPEN);
+}
+
+/// Every check, open bugs included (for the regression tests).
+pub fn run_strict(data: &[u8]) {
+    run_checked(data, Open::default());
+}
+
+fn run_checked(data: &[u8], open: Open) {
     let mut input = Input(data);
     let mut h = Harness {
         engine: None,
-        model: Model::default(),
+        model: Model {
+            open,
+            ..Model::default()
+        },
         out: Vec::new(),
     };
     for _ in 0..FRAMES_MAX {
@@ -471,10 +530,22 @@ pub fn run(data: &[u8]) {
         if schedule & 0x08 != 0 {
             h.tick();
         }
+        // The agent ends the session at a Fail: no frame is fed after it (the
+        // operations in flight still complete, in `drain`).
+        if h.model.failed {
+            break;
+        }
         let expected = h.model.expected_next.unwrap_or(1);
         let Some((seq, msg, payload_len)) = decode_msg(&mut input, expected) else {
             break;
         };
+        if open.seq_zero_resync_start
+            && matches!(msg, Message::ResyncStart { .. })
+            && seq == 0
+            && h.engine.is_none()
+        {
+            break;
+        }
         if !h.frame(seq, &msg, payload_len) {
             break;
         }
