@@ -347,6 +347,12 @@ fn junk_flood_keeps_logs_small_and_is_counted_in_status_and_metrics() {
         grown[0],
         grown[1]
     );
+    // What the secondary logged about the flood (a few lines per condition).
+    let tail = std::fs::read(&logs[1]).unwrap();
+    println!(
+        "----- the secondary's log during the flood -----\n{}",
+        String::from_utf8_lossy(&tail[(before[1] as usize).min(tail.len())..])
+    );
     for (i, name) in ["primary", "secondary"].iter().enumerate() {
         assert!(
             grown[i] < 100_000,
