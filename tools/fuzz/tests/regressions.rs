@@ -85,3 +85,14 @@ fn an_incomplete_frame_may_fail_on_its_body_first() {
     assert!(matches!(tandem::wire::decode_frame(&data), Ok(None)));
     tandem_fuzz::frame::run(&data);
 }
+
+/// Found by `control` after 6.2 million executions, in the target itself: a
+/// request whose args hold a float like 1.0485048585085049e27 decodes, and
+/// re-encoded decodes one ulp away (serde_json's default float parsing). Not
+/// a bug for the agent (commands take integers, booleans and strings); the
+/// target compares floats within a few ulps now.
+#[test]
+fn a_float_argument_may_come_back_one_ulp_away() {
+    let data = input("regressions/control/float-last-bit-after-round-trip");
+    tandem_fuzz::control::run(&data);
+}
