@@ -128,6 +128,13 @@ pub enum Command {
         #[arg(long)]
         timeout: Option<u64>,
     },
+    /// Named checkpoints on a running primary (incremental backups over NBD: a
+    /// checkpoint's changed blocks are metadata context qemu:dirty-bitmap:NAME).
+    // nbd (issue 13)
+    Checkpoint {
+        #[command(subcommand)]
+        command: crate::checkpoint::CheckpointCommand,
+    },
     /// Run a self-contained demonstration on loopback: certificates, a secondary and a
     /// primary with 256 MiB images, a mixed workload through the NBD export in sync
     /// then async mode, and a final check that both images are identical.
@@ -294,6 +301,18 @@ pub struct NodeArgs {
     /// TANDEM_PEER, TANDEM_LAG_SECONDS and TANDEM_RPO_SECONDS set.
     #[arg(long, value_name = "CMD")]
     pub rpo_hook: Option<String>,
+    // nbd (issue 13):
+    /// Secondary: serve the volume read-only over NBD on this address (HOST:PORT,
+    /// unix:/path or /abs/path) while replication continues.
+    #[arg(long, value_name = "ADDR")]
+    pub export_readonly: Option<String>,
+    /// Require TLS on the NBD export and accept client certificates (same CA as
+    /// the nodes) issued for NAME; repeat for several clients.
+    #[arg(long = "nbd-tls-client", value_name = "NAME")]
+    pub nbd_tls_clients: Vec<String>,
+    /// DANGER: serve the NBD export without TLS on a non-loopback address.
+    #[arg(long)]
+    pub danger_nbd_plaintext: bool,
 }
 
 impl NodeArgs {
@@ -335,6 +354,9 @@ impl NodeArgs {
             metrics: self.metrics,
             rpo_seconds: self.rpo_seconds,
             rpo_hook: self.rpo_hook,
+            export_readonly: self.export_readonly,
+            nbd_tls_clients: self.nbd_tls_clients,
+            danger_nbd_plaintext: self.danger_nbd_plaintext,
         }
     }
 }

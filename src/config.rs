@@ -111,6 +111,9 @@ pub struct ResourceSection {
     pub fence_peer: Option<String>,
     pub rpo_seconds: Option<f64>,
     pub rpo_hook: Option<String>,
+    // nbd (issue 13): TLS on the NBD export, and plaintext off loopback.
+    pub nbd_tls_clients: Option<Vec<String>>,
+    pub danger_nbd_plaintext: Option<bool>,
 }
 
 /// Per-node options (`[nodes.NAME]`).
@@ -125,6 +128,8 @@ pub struct NodeSection {
     pub nbd_name: Option<String>,
     pub control: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
+    // nbd (issue 13): the secondary's read-only export.
+    pub export_readonly: Option<String>,
 }
 
 /// A parsed resource file.
@@ -228,6 +233,14 @@ pub struct NodeConfig {
     pub rpo_seconds: Option<f64>,
     /// Command (run with `sh -c`) when the lag crosses the RPO target either way.
     pub rpo_hook: Option<String>,
+    // nbd (issue 13):
+    /// Secondary: serve the volume read-only over NBD on this address.
+    pub export_readonly: Option<String>,
+    /// Names whose client certificates (same CA) may use the NBD export; when
+    /// any is given, every export client must negotiate TLS.
+    pub nbd_tls_clients: Vec<String>,
+    /// Allow a plaintext NBD export on a non-loopback address.
+    pub danger_nbd_plaintext: bool,
 }
 
 /// Defaults, with the reasoning behind each number.
@@ -295,6 +308,10 @@ pub struct Overrides {
     pub metrics: Option<SocketAddr>,
     pub rpo_seconds: Option<f64>,
     pub rpo_hook: Option<String>,
+    // nbd (issue 13):
+    pub export_readonly: Option<String>,
+    pub nbd_tls_clients: Vec<String>,
+    pub danger_nbd_plaintext: bool,
 }
 
 /// Where `tandem status`/`tandem events` find an agent: `--control SOCK`, or the
@@ -559,6 +576,15 @@ impl NodeConfig {
             rpo_hook: o.rpo_hook.or(res.rpo_hook).filter(|h| !h.trim().is_empty()),
             split_brain_policy,
             fence_peer,
+            // nbd (issue 13): flags win over the file.
+            export_readonly: o.export_readonly.or(mine.export_readonly),
+            nbd_tls_clients: if o.nbd_tls_clients.is_empty() {
+                res.nbd_tls_clients.unwrap_or_default()
+            } else {
+                o.nbd_tls_clients
+            },
+            danger_nbd_plaintext: o.danger_nbd_plaintext
+                || res.danger_nbd_plaintext.unwrap_or(false),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -587,6 +613,26 @@ impl NodeConfig {
                         option,
                         message: format!(
                             "{addr} is not a loopback address, and --danger-plaintext is refused off loopback; remove --danger-plaintext and use TLS (tandem certs)"
+                        ),
+                    });
+                }
+            }
+        }
+        // nbd (issue 13): a plaintext NBD export is refused off loopback.
+        if self.nbd_tls_clients.is_empty() && !self.danger_nbd_plaintext {
+            for (option, addr) in [
+                ("--nbd", &self.nbd),
+                ("--export-readonly", &self.export_readonly),
+            ] {
+                if let Some(addr) = addr
+                    && let Ok(crate::nbd::NbdAddress::Tcp(a)) =
+                        addr.parse::<crate::nbd::NbdAddress>()
+                    && !a.ip().to_canonical().is_loopback()
+                {
+                    return Err(ConfigError::Invalid {
+                        option,
+                        message: format!(
+                            "{a} is not a loopback address and the NBD export has no TLS: anyone on the network could read and write the volume; add --nbd-tls-client NAME (certificates from tandem certs), or --danger-nbd-plaintext to accept that"
                         ),
                     });
                 }

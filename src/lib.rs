@@ -54,6 +54,7 @@
 
 pub mod agent;
 pub mod bitmap;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -61,6 +62,7 @@ pub mod engine;
 pub mod frontend;
 pub mod meta;
 pub mod metrics;
+pub mod nbd;
 pub mod ops;
 // Rate-limited logging for repeatable conditions (hardening).
 pub mod ratelog;

@@ -175,6 +175,11 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         Command::WaitSync { control, timeout } => {
             Ok(tandem::ops::wait_sync(&control, timeout.map(std::time::Duration::from_secs)).await)
         }
+        // nbd (issue 13)
+        Command::Checkpoint { command } => {
+            tandem::checkpoint::run_cli(command).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { size, seconds, dir } => {
             let size_bytes = tandem::types::parse_size(&size)?;
             let ok = tandem::demo::run(size_bytes, seconds, dir)

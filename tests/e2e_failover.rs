@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::cluster::Cluster;
 use common::{Cleanup, TestRng, assert_same_file, run_ok, wait_until};
-use tandem::demo::nbd_client::NbdClient;
+use tandem::nbd::client::NbdClient;
 
 const BLOCK: u64 = 4096;
 const SYNC_TIMEOUT: Duration = Duration::from_secs(90);

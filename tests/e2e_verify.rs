@@ -186,7 +186,7 @@ fn three_corrupted_secondary_blocks_are_reported_exactly_then_repaired() {
 /// flushes, some FUA) by four concurrent writers through
 /// the NBD export until `stop`, counting requests in `done`.
 fn workload(nbd_port: u16, size: u64, seed: u64, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) {
-    use tandem::demo::nbd_client::NbdClient;
+    use tandem::nbd::client::NbdClient;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem::demo::nbd_client::{
+use tandem::nbd::client::{
     NBD_FLAG_HAS_FLAGS, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH, NbdClient, NbdClientError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -363,7 +363,7 @@ async fn a_silent_server_times_out_the_handshake() {
     let started = std::time::Instant::now();
     match NbdClient::connect(&addr, "").await {
         Err(NbdClientError::HandshakeTimeout { timeout_ms, .. }) => {
-            assert_eq!(timeout_ms, tandem::demo::nbd_client::HANDSHAKE_TIMEOUT_MS)
+            assert_eq!(timeout_ms, tandem::nbd::client::HANDSHAKE_TIMEOUT_MS)
         }
         other => panic!("expected HandshakeTimeout, got {other:?}"),
     }
@@ -434,7 +434,8 @@ async fn a_server_error_reply_maps_to_errno_and_the_stream_stays_in_sync() {
                 NbdClientError::Server {
                     errno: 5,
                     op: "read",
-                    offset: 8192
+                    offset: 8192,
+                    message: None,
                 }
             ));
             assert!(e.to_string().contains("EIO"), "{e}");

@@ -157,7 +157,10 @@ async fn nbdinfo_reports_size_flags_block_sizes_and_list() {
         "\"can_trim\":true",
         "\"can_zero\":true",
         "\"can_multi_conn\":true",
-        "\"can_df\":false",
+        // nbdinfo negotiates structured replies: one content chunk per read, so DF.
+        "\"can_df\":true",
+        "\"can_cache\":true",
+        "\"can_fast_zero\":true",
         "\"block_size_minimum\":512",
         "\"block_size_preferred\":4096",
         "\"block_size_maximum\":33554432",

@@ -24,10 +24,12 @@ const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
 const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_SET_META_CONTEXT: u32 = 10;
 const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
@@ -37,14 +39,18 @@ const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
 const CMD_TRIM: u16 = 4;
+const CMD_CACHE: u16 = 5;
 const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_BLOCK_STATUS: u16 = 7;
 const FLAG_FUA: u16 = 1;
+const FLAG_DF: u16 = 1 << 2;
 const FLAG_FAST_ZERO: u16 = 1 << 4;
 
 const EPERM: u32 = 1;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 const EOVERFLOW: u32 = 75;
+const ENOTSUP: u32 = 95;
 
 const SIZE: u64 = 1 << 20;
 
@@ -181,8 +187,12 @@ async fn malformed_and_out_of_range_requests_get_errors_and_never_reach_the_back
     exp.max_request_bytes = 64 * 1024;
     let srv = start(backend.clone(), exp, "127.0.0.1:0").await;
     let (mut c, flags) = Client::connect(srv.tcp_port(), "vol0").await;
-    // HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES, CAN_MULTI_CONN; not READ_ONLY.
-    assert_eq!(flags, 1 | 1 << 2 | 1 << 3 | 1 << 5 | 1 << 6 | 1 << 8);
+    // HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES, CAN_MULTI_CONN,
+    // SEND_CACHE, SEND_FAST_ZERO; not READ_ONLY, not SEND_DF (simple replies).
+    assert_eq!(
+        flags,
+        1 | 1 << 2 | 1 << 3 | 1 << 5 | 1 << 6 | 1 << 8 | 1 << 10 | 1 << 11
+    );
 
     let block = vec![0x99u8; 512];
     let big = vec![0x99u8; 128 * 1024];
@@ -201,10 +211,17 @@ async fn malformed_and_out_of_range_requests_get_errors_and_never_reach_the_back
         (CMD_WRITE, 0, 0, 0, &[], EINVAL),
         (99, 0, 0, 512, &[], EINVAL),
         (CMD_FLUSH, 0, 0, 512, &[], EINVAL),
-        (CMD_TRIM, 0, SIZE, 1, &[], ENOSPC),
+        (CMD_TRIM, 0, SIZE, 1, &[], EINVAL),
         (CMD_TRIM, 0, 0, 0, &[], EINVAL),
-        (CMD_WRITE_ZEROES, FLAG_FAST_ZERO, 0, 512, &[], EINVAL),
+        // This backend does not zero fast: refused at once, nothing changed.
+        (CMD_WRITE_ZEROES, FLAG_FAST_ZERO, 0, 512, &[], ENOTSUP),
+        (CMD_WRITE_ZEROES, 1 << 9, 0, 512, &[], EINVAL),
         (CMD_WRITE_ZEROES, 0, SIZE - 1, 2, &[], ENOSPC),
+        (CMD_CACHE, 0, SIZE - 1, 2, &[], EINVAL),
+        (CMD_CACHE, FLAG_DF, 0, 512, &[], EINVAL),
+        // DF needs structured replies; block status needs a metadata context.
+        (CMD_READ, FLAG_DF, 0, 512, &[], EINVAL),
+        (CMD_BLOCK_STATUS, 0, 0, 512, &[], EINVAL),
     ];
     for (i, (kind, fl, off, len, payload, errno)) in cases.iter().enumerate() {
         c.request(*kind, *fl, i as u64, *off, *len, payload).await;
@@ -300,10 +317,21 @@ async fn option_haggling_errors_then_export_name_without_no_zeroes() {
     // Client flags: FIXED_NEWSTYLE only, so EXPORT_NAME's reply carries 124 zero bytes.
     let mut c = Client::hello(srv.tcp_port(), 0b01).await;
 
-    c.option(OPT_STRUCTURED_REPLY, &[]).await;
-    assert_eq!(c.option_reply(OPT_STRUCTURED_REPLY).await.0, REP_ERR_UNSUP);
+    // Structured replies take no data; without TLS configured STARTTLS is refused
+    // by policy; metadata contexts need structured replies first.
+    c.option(OPT_STRUCTURED_REPLY, &[1]).await;
+    assert_eq!(
+        c.option_reply(OPT_STRUCTURED_REPLY).await.0,
+        REP_ERR_INVALID
+    );
     c.option(OPT_STARTTLS, &[]).await;
-    assert_eq!(c.option_reply(OPT_STARTTLS).await.0, REP_ERR_UNSUP);
+    assert_eq!(c.option_reply(OPT_STARTTLS).await.0, REP_ERR_POLICY);
+    c.option(OPT_SET_META_CONTEXT, &[0, 0, 0, 0, 0, 0, 0, 0])
+        .await;
+    assert_eq!(
+        c.option_reply(OPT_SET_META_CONTEXT).await.0,
+        REP_ERR_INVALID
+    );
     c.option(0x4242, b"whatever").await;
     assert_eq!(c.option_reply(0x4242).await.0, REP_ERR_UNSUP);
     c.option(OPT_INFO, &vec![0u8; 100 * 1024]).await;

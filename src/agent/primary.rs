@@ -323,6 +323,9 @@ pub async fn serve(
     if opened.created {
         tracing::info!(meta = %cfg.meta.display(), volume_id = %sb.volume_id, generation = %sb.gen_current, "created metadata for a new primary volume");
     }
+    // nbd (issue 13): a node that was a secondary had its volume written by
+    // replication, which no checkpoint marked.
+    let (was_secondary, volume_id) = (sb.role == Role::Secondary, sb.volume_id);
     if sb.role == Role::Secondary || sb.is_new {
         // G8: taking the primary role starts a new generation.
         if sb.is_new || (sb.disk_state != DiskState::UpToDate && !ctx.force) {
@@ -541,12 +544,35 @@ pub async fn serve(
         block_size_preferred: cfg.block_size.max(512),
         ..NbdExport::default()
     };
-    let server = NbdServer::new(
-        Arc::new(ReplicatedExport {
-            shared: shared.clone(),
-        }),
+    // nbd (issue 13): checkpoints (qemu:dirty-bitmap:NAME, marked on every client
+    // write), base:allocation, TLS on the export; the logic lives in crate::nbd and
+    // crate::checkpoint.
+    let checkpoints = crate::checkpoint::CheckpointStore::open(
+        &cfg.meta,
+        size_bytes,
+        cfg.block_size,
+        volume_id,
+        was_secondary,
+    )
+    .await
+    .map_err(|e| AgentError::Nbd(e.to_string()))?;
+    let server = NbdServer::with_options(
+        Arc::new(
+            crate::nbd::tracked::TrackedExport::new(
+                Arc::new(ReplicatedExport {
+                    shared: shared.clone(),
+                }),
+                &shared.volume,
+                checkpoints.clone(),
+            )
+            .map_err(|e| AgentError::Nbd(format!("{e}")))?,
+        ),
         export,
+        crate::nbd::tls::server_options(&cfg, &nbd_addr, &metrics)
+            .map_err(|e| AgentError::Nbd(format!("{e}")))?,
     );
+    let checkpoint_stop = CancellationToken::new();
+    let checkpoint_task = checkpoints.spawn_periodic(checkpoint_stop.clone());
     let nbd_stop = CancellationToken::new();
     let accept_stop = CancellationToken::new();
     let nbd_task = tokio::spawn(server.clone().serve_until(
@@ -559,6 +585,7 @@ pub async fn serve(
     let handler: Arc<dyn ControlHandler> = Arc::new(PrimaryControl {
         cmd_tx: cmd_tx.clone(),
         metrics: metrics.clone(),
+        checkpoints: checkpoints.clone(), // nbd (issue 13)
     });
     ctx.control.set(Some(handler.clone()));
     let observers = crate::agent::monitor::start(&cfg, handler, metrics.clone()).await?;
@@ -604,6 +631,14 @@ pub async fn serve(
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!("NBD server: {e}"),
         Err(e) => tracing::error!("NBD server task: {e}"),
+    }
+    // nbd (issue 13): no client write is left; the checkpoint maps are exact.
+    checkpoint_stop.cancel();
+    let _ = checkpoint_task.await;
+    if let Err(e) = checkpoints.close().await {
+        tracing::error!(
+            "checkpoints not saved cleanly (they will over-approximate at the next start): {e}"
+        );
     }
     let (tx, rx) = oneshot::channel();
     if cmd_tx.send(Cmd::Shutdown { reply: tx }).await.is_ok()
@@ -1721,6 +1756,8 @@ pub(crate) fn is_all_zero(data: &[u8]) -> bool {
 struct PrimaryControl {
     cmd_tx: mpsc::Sender<Cmd>,
     metrics: Arc<Metrics>,
+    /// nbd (issue 13): `checkpoint-create/list/remove`.
+    checkpoints: Arc<crate::checkpoint::CheckpointStore>,
 }
 
 impl ControlHandler for PrimaryControl {
@@ -1733,6 +1770,13 @@ impl ControlHandler for PrimaryControl {
         })
     }
     fn other(&self, request: ControlRequest) -> control::BoxFuture<ControlReply> {
+        // nbd (issue 13): checkpoint commands are answered by the checkpoint store.
+        if crate::checkpoint::CONTROL_COMMANDS.contains(&request.cmd.as_str()) {
+            let checkpoints = self.checkpoints.clone();
+            return Box::pin(
+                async move { crate::checkpoint::control(&checkpoints, &request).await },
+            );
+        }
         let tx = self.cmd_tx.clone();
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
@@ -1743,7 +1787,18 @@ impl ControlHandler for PrimaryControl {
                     reply,
                 },
                 "verify-result" => Cmd::VerifyResult { reply },
-                _ => return request.unknown(&["promote", "demote", "verify", "verify-result"]),
+                _ => {
+                    return request.unknown(&[
+                        "promote",
+                        "demote",
+                        "verify",
+                        "verify-result",
+                        // nbd (issue 13)
+                        "checkpoint-create",
+                        "checkpoint-list",
+                        "checkpoint-remove",
+                    ]);
+                }
             };
             if tx.send(cmd).await.is_err() {
                 return ControlReply::error("agent is shutting down".into());

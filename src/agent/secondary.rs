@@ -258,6 +258,8 @@ pub async fn serve(
         own_changed_blocks: own_dirty.dirty_count().0,
     }));
     let discard_local = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // nbd (issue 13): the read-only export reads the volume beside replication.
+    let readonly_volume = cfg.export_readonly.as_ref().map(|_| volume.clone());
     let node = Arc::new(Mutex::new(Node {
         cfg: cfg.clone(),
         volume,
@@ -279,6 +281,23 @@ pub async fn serve(
         .with_events(metrics.clone());
     let bound = listener.local_addr();
     tracing::info!(listen = %bound, expecting = %cfg.peer_name, "secondary listening");
+    // nbd (issue 13): `--export-readonly ADDR` serves this volume read-only
+    // (crate::nbd::readonly) while replication continues.
+    let readonly_stop = CancellationToken::new();
+    let readonly_export = match (&cfg.export_readonly, readonly_volume) {
+        (Some(addr), Some(volume)) => Some(
+            crate::nbd::readonly::serve_readonly(
+                &cfg,
+                addr,
+                volume,
+                &metrics,
+                readonly_stop.clone(),
+            )
+            .await
+            .map_err(|e| AgentError::Nbd(e.to_string()))?,
+        ),
+        _ => None,
+    };
 
     let handler: Arc<dyn ControlHandler> = Arc::new(SecondaryControl {
         cfg: cfg.clone(),
@@ -343,6 +362,11 @@ pub async fn serve(
     tracing::info!("stopping: finishing the writes in flight, then a final flush");
     sessions.cancel();
     while tasks.join_next().await.is_some() {}
+    // nbd (issue 13): readers of the read-only export finish before the final flush.
+    readonly_stop.cancel();
+    if let Some((_, task)) = readonly_export {
+        let _ = task.await;
+    }
     observers.stop().await;
     ctx.control.set(None);
     let mut node = node.lock().await;

@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent;
 use crate::config::{NodeConfig, Overrides};
-use crate::demo::nbd_client::NbdClient;
 use crate::metrics::Metrics;
+use crate::nbd::client::NbdClient;
 use crate::types::Role;
 
 const MIB: f64 = (1u64 << 20) as f64;

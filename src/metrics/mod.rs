@@ -82,6 +82,10 @@ pub struct Metrics {
     pub rpo_exceeded: AtomicBool,
     pub rpo_exceeded_since_unix_ms: AtomicU64,
     pub rpo_violations: AtomicU64,
+    /// nbd (issue 13/14): the NBD export's counters (refused connections and
+    /// requests, dropped stalled clients, TLS failures, sessions by feature),
+    /// kept across role changes like the other counters.
+    pub nbd: std::sync::Arc<crate::nbd::NbdStats>,
 }
 
 impl Default for Metrics {
@@ -128,6 +132,7 @@ impl Default for Metrics {
             rpo_exceeded: AtomicBool::new(false),
             rpo_exceeded_since_unix_ms: AtomicU64::new(0),
             rpo_violations: AtomicU64::new(0),
+            nbd: Default::default(),
         }
     }
 }

@@ -131,7 +131,12 @@ pub fn generate_certs(out_dir: &Path, node_names: &[&str]) -> Result<(), Transpo
         dn.push(DnType::CommonName, *name);
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // nbd (issue 13): no keyUsage extension on node and client certificates.
+        // The extended key usage below already limits them to TLS; qemu's x509
+        // credential check (crypto/tlscredsx509.c) refuses a certificate whose
+        // keyUsage lacks keyEncipherment, which an ECDSA key must not assert
+        // (RFC 5480), so qemu accepts these only without the extension.
+        params.key_usages = Vec::new();
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,

@@ -59,6 +59,8 @@ pub use backoff::Backoff;
 pub use certs::generate_certs;
 pub use tcp::{KEEPALIVE_S_DEFAULT, USER_TIMEOUT_MS_DEFAULT, configure_tcp};
 pub use tls::{Side, TlsClient, TlsServer};
+// nbd (issue 13): TLS configurations for the NBD export and its clients.
+pub use tls::{export_client_config, export_server_config};
 
 /// How long an accepted connection may take to complete its handshake before it
 /// is dropped. A TLS 1.3 handshake with client authentication takes two round

@@ -394,3 +394,116 @@ pub(super) fn classify_handshake_error(
         _ => TransportError::Handshake { addr, source: e },
     }
 }
+
+// nbd (issue 13): TLS for the NBD export. Its clients are not the peer node:
+// they present certificates from the same CA (`tandem certs --name backup`)
+// under names of their own, listed with --nbd-tls-client.
+
+/// The CA check of [`WebPkiClientVerifier`] plus "valid for one of these names".
+#[derive(Debug)]
+struct AnyNameClientVerifier {
+    ca_verifier: Arc<dyn ClientCertVerifier>,
+    allowed: Vec<ServerName<'static>>,
+}
+
+impl ClientCertVerifier for AnyNameClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.ca_verifier.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .ca_verifier
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        if self
+            .allowed
+            .iter()
+            .any(|name| rustls::client::verify_server_name(&parsed, name).is_ok())
+        {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.ca_verifier.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.ca_verifier.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.ca_verifier.supported_verify_schemes()
+    }
+}
+
+/// Server configuration for an NBD export: this node's certificate
+/// (`files.node_name`), TLS 1.3 or 1.2 (NBD clients must support 1.2; gnutls
+/// clients such as qemu and libnbd negotiate 1.3), and a client certificate
+/// signed by `ca.pem` and valid for one of `client_names` required.
+pub fn export_server_config(
+    files: &TlsFiles,
+    client_names: &[String],
+) -> Result<Arc<ServerConfig>, TransportError> {
+    let allowed = client_names
+        .iter()
+        .map(|name| match ServerName::try_from(name.clone()) {
+            Ok(n @ ServerName::DnsName(_)) => Ok(n),
+            _ => Err(TransportError::BadNodeName { name: name.clone() }),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let roots = load_roots(files)?;
+    let certs = load_certs(&files.cert_path())?;
+    let key = load_key(&files.key_path())?;
+    let ca_verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TransportError::CertFileInvalid {
+            path: files.ca_path(),
+            reason: e.to_string(),
+        })?;
+    let verifier = Arc::new(AnyNameClientVerifier {
+        ca_verifier,
+        allowed,
+    });
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(config_error(files))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(config_error(files))?;
+    Ok(Arc::new(config))
+}
+
+/// Client configuration for tandem's own NBD client: the certificate of
+/// `files.node_name` (a client name), `ca.pem` as the only root.
+pub fn export_client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TransportError> {
+    client_config(files)
+}

@@ -6,7 +6,7 @@
 //! Owns: the [`Rig`] (proxy on a tokio runtime owned by the test, agents as
 //! processes, restart with the same arguments, kill -9, convergence, clean
 //! stop plus image comparison), the [`Workload`] (pipelined random writes
-//! through `tandem::demo::nbd_client::NbdClient`, never two overlapping
+//! through `tandem::nbd::client::NbdClient`, never two overlapping
 //! writes in flight, so the last completed write of every block is known),
 //! and counter helpers for the "recovery is bounded by the dirty set" checks.
 //!
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use faultproxy::Proxy;
-use tandem::demo::nbd_client::NbdClient;
+use tandem::nbd::client::NbdClient;
 use tokio::task::JoinSet;
 
 use crate::common::{

@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem::frontend::{ExportBackend, IoFuture, NbdAddress, NbdExport, NbdServer};
+use tandem::frontend::{
+    ExportBackend, Extent, IoFuture, MetaContext, NbdAddress, NbdExport, NbdServer,
+};
+use tandem::nbd::ServerOptions;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -143,6 +146,16 @@ impl Running {
 }
 
 pub async fn start(backend: Arc<MemBackend>, export: NbdExport, address: &str) -> Running {
+    start_with(backend, export, address, ServerOptions::default()).await
+}
+
+/// Like [`start`], for any backend and with server options (TLS, timeouts).
+pub async fn start_with(
+    backend: Arc<dyn ExportBackend>,
+    export: NbdExport,
+    address: &str,
+    options: ServerOptions,
+) -> Running {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -154,7 +167,7 @@ pub async fn start(backend: Arc<MemBackend>, export: NbdExport, address: &str) -
         .await
         .expect("bind NBD listener");
     let address = listener.local_addr().unwrap();
-    let server = NbdServer::new(backend, export);
+    let server = NbdServer::with_options(backend, export, options);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn({
         let server = Arc::clone(&server);
@@ -203,5 +216,208 @@ pub async fn wait_for_connections(server: &NbdServer, n: usize) {
             server.connections()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A large volume that keeps no data: reads return zeroes, mutations are
+/// recorded as (kind, offset, length). Block status for `base:allocation`
+/// reports `holes` (byte ranges) as hole+zero, the rest as data; a dirty
+/// bitmap named "cp" reports `dirty` ranges.
+pub struct RecordingBackend {
+    pub size_bytes: u64,
+    pub ops: Mutex<Vec<(&'static str, u64, u64)>>,
+    pub holes: Vec<(u64, u64)>,
+    pub dirty: Vec<(u64, u64)>,
+    pub caches: AtomicU64,
+}
+
+impl RecordingBackend {
+    pub fn new(
+        size_bytes: u64,
+        holes: Vec<(u64, u64)>,
+        dirty: Vec<(u64, u64)>,
+    ) -> Arc<RecordingBackend> {
+        Arc::new(RecordingBackend {
+            size_bytes,
+            ops: Mutex::new(Vec::new()),
+            holes,
+            dirty,
+            caches: AtomicU64::new(0),
+        })
+    }
+
+    fn record(&self, kind: &'static str, offset: u64, len: u64) {
+        assert!(
+            offset + len <= self.size_bytes,
+            "{kind} {offset}+{len} beyond the volume"
+        );
+        self.ops.lock().unwrap().push((kind, offset, len));
+    }
+
+    /// Extents of `[offset, offset + len)`: `ranges` with `flags`, the rest 0.
+    fn extents(ranges: &[(u64, u64)], flags: u32, offset: u64, len: u64) -> Vec<Extent> {
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        for &(s, e) in ranges {
+            let (s, e) = (s.max(pos), e.min(end));
+            if s >= e {
+                continue;
+            }
+            if s > pos {
+                out.push(Extent {
+                    len_bytes: s - pos,
+                    flags: 0,
+                });
+            }
+            out.push(Extent {
+                len_bytes: e - s,
+                flags,
+            });
+            pos = e;
+        }
+        if pos < end {
+            out.push(Extent {
+                len_bytes: end - pos,
+                flags: 0,
+            });
+        }
+        out
+    }
+}
+
+impl ExportBackend for RecordingBackend {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+    fn read(&self, _offset: u64, len: u32) -> IoFuture<Bytes> {
+        Box::pin(async move { Ok(Bytes::from(vec![0u8; len as usize])) })
+    }
+    fn write(&self, offset: u64, data: Bytes, _fua: bool) -> IoFuture<()> {
+        self.record("write", offset, data.len() as u64);
+        Box::pin(async { Ok(()) })
+    }
+    fn write_zeroes(&self, offset: u64, len: u32, _fua: bool) -> IoFuture<()> {
+        self.record("zeroes", offset, len.into());
+        Box::pin(async { Ok(()) })
+    }
+    fn trim(&self, offset: u64, len: u32) -> IoFuture<()> {
+        self.record("trim", offset, len.into());
+        Box::pin(async { Ok(()) })
+    }
+    fn flush(&self) -> IoFuture<()> {
+        Box::pin(async { Ok(()) })
+    }
+    fn fast_zeroes(&self) -> bool {
+        true
+    }
+    fn cache(&self, offset: u64, len: u64) -> IoFuture<()> {
+        assert!(offset + len <= self.size_bytes);
+        self.caches.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        vec!["cp".into()]
+    }
+    fn block_status(
+        &self,
+        context: &MetaContext,
+        offset: u64,
+        len: u64,
+        _max: usize,
+    ) -> IoFuture<Vec<Extent>> {
+        let len = len.min(self.size_bytes - offset);
+        let out = match context {
+            MetaContext::Allocation => Self::extents(&self.holes, 3, offset, len),
+            MetaContext::DirtyBitmap(_) => Self::extents(&self.dirty, 1, offset, len),
+        };
+        Box::pin(async move { Ok(out) })
+    }
+}
+
+/// `nbdinfo --map` output (`start length type description` per line) as
+/// (start, length, type).
+pub fn parse_map(text: &str) -> Vec<(u64, u64, u32)> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].parse()
+                    .unwrap_or_else(|_| panic!("bad map line {l:?}")),
+                f[1].parse()
+                    .unwrap_or_else(|_| panic!("bad map line {l:?}")),
+                f[2].parse()
+                    .unwrap_or_else(|_| panic!("bad map line {l:?}")),
+            )
+        })
+        .collect()
+}
+
+/// The byte ranges of a map whose type satisfies `pred`, neighbours merged;
+/// also checks the map is contiguous from 0 and returns its total length.
+pub fn ranges_where(map: &[(u64, u64, u32)], pred: impl Fn(u32) -> bool) -> (Vec<(u64, u64)>, u64) {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = 0;
+    for &(start, len, ty) in map {
+        assert_eq!(start, at, "map is not contiguous: {map:?}");
+        if pred(ty) {
+            match out.last_mut() {
+                Some(last) if last.1 == start => last.1 = start + len,
+                _ => out.push((start, start + len)),
+            }
+        }
+        at = start + len;
+    }
+    (out, at)
+}
+
+/// Bytes a file occupies on disk (st_blocks × 512).
+pub fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// Compare two (sparse) files of equal size without reading their holes: the
+/// data extents of either are compared byte for byte, the rest is a hole in both.
+pub fn assert_same_sparse(a: &std::path::Path, b: &std::path::Path) {
+    use std::os::unix::fs::FileExt;
+    let size = std::fs::metadata(a).unwrap().len();
+    assert_eq!(size, std::fs::metadata(b).unwrap().len(), "sizes differ");
+    let data = |p: &std::path::Path| {
+        let x = tandem::nbd::extents::VolumeExtents::open(Some(p), size).unwrap();
+        let mut at = 0;
+        let mut out = Vec::new();
+        for e in x.allocation(0, size, usize::MAX).unwrap() {
+            if e.flags == 0 {
+                out.push((at, at + e.len_bytes));
+            }
+            at += e.len_bytes;
+        }
+        out
+    };
+    let mut ranges = data(a);
+    ranges.extend(data(b));
+    let (fa, fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    for (s, e) in ranges {
+        let mut at = s;
+        while at < e {
+            let n = (e - at).min(1 << 20) as usize;
+            fa.read_exact_at(&mut ba[..n], at).unwrap();
+            fb.read_exact_at(&mut bb[..n], at).unwrap();
+            assert!(
+                ba[..n] == bb[..n],
+                "{} and {} differ in [{at}, {})",
+                a.display(),
+                b.display(),
+                at + n as u64
+            );
+            at += n as u64;
+        }
     }
 }

@@ -1,128 +1,140 @@
 //! The NBD option haggling, as the server runs it after its greeting: client
-//! flags, then options (`IHAVEOPT`, option, length, data) answered by
-//! `proto::answer_option` until one ends the haggling. Checks that every reply
-//! is well-formed (option-reply magic, the option echoed, the announced length
-//! present and bounded) and that the export's data is only sent when the
-//! client may enter transmission.
+//! flags, then options (`IHAVEOPT`, option, length, data) answered by the
+//! sans-IO `nbd::negotiate::ServerNegotiation` until one ends the haggling.
+//! Every byte the server answers is read back with the client's decoders
+//! (`nbd::proto::decode_option_reply*`, `decode_export_name_reply`): replies
+//! well-formed, for the option asked, ending with one final reply; a
+//! negotiated session's flags match the export.
 //!
-//! Adapter note: mirrors `NbdServer::handshake` in src/frontend/nbd.rs; when the
-//! NBD protocol module is rewritten, only the three calls into `proto` change.
+//! Adapter note: mirrors the option loop of `NbdServer` in src/nbd/server.rs.
 
-use tandem::frontend::nbd::proto::{self, ExportInfo, OptionOutcome};
+use tandem::nbd::negotiate::{ExportInfo, ServerNegotiation, ServerStep, TlsMode};
+use tandem::nbd::proto;
 
 use crate::Input;
 
 const SIZE_BYTES: u64 = 1 << 30;
 
-fn export() -> ExportInfo {
+fn export(read_only: bool) -> ExportInfo {
     ExportInfo {
         name: "r0".into(),
         description: "tandem resource r0 (sync mode)".into(),
         size_bytes: SIZE_BYTES,
-        transmission_flags: proto::TFLAG_HAS_FLAGS
-            | proto::TFLAG_SEND_FLUSH
-            | proto::TFLAG_SEND_FUA
-            | proto::TFLAG_SEND_TRIM
-            | proto::TFLAG_SEND_WRITE_ZEROES,
+        read_only,
         block_size_min: 1,
         block_size_preferred: 4096,
-        max_request_bytes: 32 << 20,
+        max_payload_bytes: 32 << 20,
+        dirty_bitmaps: vec!["ckpt-1".into()],
     }
 }
 
-/// Check the server's bytes for one option: a sequence of option replies, or
-/// (EXPORT_NAME) the export's size and flags.
-fn check_replies(option: u32, outcome: &OptionOutcome, no_zeroes: bool, out: &[u8]) {
+/// Read the server's answer to one option back as a client would.
+fn check_replies(option: u32, step: &ServerStep, out: &[u8]) {
     if option == proto::OPT_EXPORT_NAME {
-        match outcome {
-            OptionOutcome::Transmission => {
-                assert_eq!(out.len(), if no_zeroes { 10 } else { 134 });
-                assert_eq!(
-                    u64::from_be_bytes(out[..8].try_into().expect("8")),
-                    SIZE_BYTES
-                );
+        match step {
+            ServerStep::Transmission(_) => {
+                let (size, _) = proto::decode_export_name_reply(out)
+                    .unwrap_or_else(|e| panic!("EXPORT_NAME reply undecodable: {e}"));
+                assert_eq!(size, SIZE_BYTES);
             }
-            OptionOutcome::Close(_) => assert!(out.is_empty()),
-            OptionOutcome::Continue => panic!("EXPORT_NAME must end the haggling"),
+            ServerStep::Close(_) => assert!(out.is_empty() || out.len() >= 20),
+            other => {
+                // Refused before TLS: an error reply is allowed by the spec's FORCEDTLS.
+                assert!(matches!(other, ServerStep::Continue), "{other:?}");
+            }
         }
-        return;
+        if !matches!(step, ServerStep::Continue) {
+            return;
+        }
     }
     let mut rest = Input(out);
-    let mut replies = 0;
-    let mut acked = false;
+    let mut final_reply = false;
     while !rest.0.is_empty() {
-        let head = rest.take(20).expect("a reply header is 20 bytes");
-        assert_eq!(
-            u64::from_be_bytes(head[..8].try_into().expect("8")),
-            proto::OPTION_REPLY_MAGIC
-        );
-        assert_eq!(
-            u32::from_be_bytes(head[8..12].try_into().expect("4")),
-            option
-        );
-        let kind = u32::from_be_bytes(head[12..16].try_into().expect("4"));
-        let len = u32::from_be_bytes(head[16..20].try_into().expect("4")) as usize;
-        let body = rest
-            .take(len)
+        assert!(!final_reply, "option {option}: a reply after the final one");
+        let head = rest
+            .take(proto::OPTION_REPLY_HEADER_LEN)
+            .expect("a whole reply header");
+        let h = proto::decode_option_reply_header(head.try_into().expect("header length"))
+            .unwrap_or_else(|e| panic!("option {option}: bad reply header: {e}"));
+        assert_eq!(h.option, option, "a reply for another option");
+        let data = rest
+            .take(h.len as usize)
             .expect("the reply carries its announced length");
-        assert!(!acked, "a reply after the final ACK");
-        if kind == proto::REP_ACK {
-            assert!(body.is_empty());
-            acked = true;
+        let reply = proto::decode_option_reply(h.reply_type, data)
+            .unwrap_or_else(|e| panic!("option {option}: reply undecodable by a client: {e}"));
+        if matches!(
+            reply,
+            proto::OptionReply::Ack | proto::OptionReply::Error { .. }
+        ) {
+            final_reply = true;
         }
-        if kind & (1 << 31) != 0 {
-            // An error is final and its message is bounded.
-            assert!(len <= 4096 + 256, "error message of {len} bytes");
-            acked = true;
-        }
-        replies += 1;
     }
-    assert!(replies > 0, "option {option} got no reply");
-    assert!(acked, "option {option} got no final reply");
-    if matches!(outcome, OptionOutcome::Transmission) {
-        assert_eq!(option, proto::OPT_GO);
+    match step {
+        ServerStep::Close(_) => {}
+        _ => assert!(final_reply, "option {option}: no final reply"),
     }
 }
 
 pub fn run(data: &[u8]) {
     let mut input = Input(data);
-    let info = export();
+    // First byte: TLS required or not, read-only or not.
+    let Some(mode) = input.u8() else { return };
+    let tls_mode = if mode & 1 != 0 {
+        TlsMode::Required
+    } else {
+        TlsMode::Off
+    };
+    let read_only = mode & 2 != 0;
+    let mut neg = ServerNegotiation::new(export(read_only), tls_mode);
     let Some(flags) = input.take(4) else { return };
-    let client_flags = u32::from_be_bytes(flags.try_into().expect("4"));
-    let known = proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES;
-    if client_flags & !known != 0 {
-        return; // refused, connection closed
+    if neg
+        .client_flags(u32::from_be_bytes(flags.try_into().expect("4")))
+        .is_err()
+    {
+        return;
     }
-    let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
     let mut out = Vec::new();
-    for _ in 0..proto::OPTIONS_PER_CONNECTION_MAX {
-        let Some(head) = input.take(16) else { return };
-        if u64::from_be_bytes(head[..8].try_into().expect("8")) != proto::IHAVEOPT {
-            return;
-        }
-        let option = u32::from_be_bytes(head[8..12].try_into().expect("4"));
-        let len_bytes = u32::from_be_bytes(head[12..16].try_into().expect("4"));
-        out.clear();
-        if len_bytes > proto::OPTION_DATA_MAX_BYTES {
-            if len_bytes > proto::OPTION_DISCARD_MAX_BYTES || option == proto::OPT_EXPORT_NAME {
-                return;
-            }
-            // The server discards the data; the input rarely holds that much.
-            if input.take(len_bytes as usize).is_none() {
-                return;
-            }
-            proto::answer_oversized_option(option, len_bytes, &mut out);
-            check_replies(option, &OptionOutcome::Continue, no_zeroes, &out);
-            continue;
-        }
-        let Some(data) = input.take(len_bytes as usize) else {
+    for _ in 0..=300 {
+        let Some(head) = input.take(proto::OPTION_HEADER_LEN) else {
             return;
         };
-        let outcome = proto::answer_option(&info, no_zeroes, option, data, &mut out);
-        check_replies(option, &outcome, no_zeroes, &out);
-        match outcome {
-            OptionOutcome::Continue => {}
-            OptionOutcome::Transmission | OptionOutcome::Close(_) => return,
+        let Ok(h) = proto::decode_option_header(head.try_into().expect("header length")) else {
+            return; // bad magic: the connection is closed
+        };
+        out.clear();
+        let step = if h.len > proto::OPTION_DATA_MAX_BYTES {
+            // The server skips the data (up to its discard bound).
+            if input.take(h.len as usize).is_none() {
+                return;
+            }
+            neg.oversized_option(h, &mut out)
+        } else {
+            let Some(data) = input.take(h.len as usize) else {
+                return;
+            };
+            neg.option(h.option, data, &mut out)
+        };
+        check_replies(h.option, &step, &out);
+        match step {
+            ServerStep::Continue => {}
+            ServerStep::StartTls => neg.tls_started(),
+            ServerStep::Transmission(n) => {
+                assert_eq!(
+                    n.transmission_flags & proto::TFLAG_READ_ONLY != 0,
+                    read_only,
+                    "{n:?}"
+                );
+                assert!(
+                    tls_mode == TlsMode::Off || n.tls,
+                    "transmission without TLS"
+                );
+                return;
+            }
+            ServerStep::Close(reason) => {
+                assert!(!reason.is_empty());
+                return;
+            }
         }
     }
+    panic!("more than 256 options were answered");
 }

@@ -214,19 +214,23 @@ fn seeds(replication: &Path, nbd: &Path, corpus: &Path) -> anyhow::Result<()> {
     }
     // NBD: the client's bytes; the option phase and the request phase apart.
     for (i, stream) in recordings(nbd, "c2s")?.iter().enumerate() {
-        let Some(options_end) = option_phase_len(stream) else {
+        let Some((options_end, options)) = option_phase(stream) else {
             continue;
         };
-        write_seed(
-            &corpus.join("nbd_option"),
-            &format!("rec-{i}"),
-            &stream[..options_end],
-        )?;
+        // Mode byte 0: TLS off, writable export.
+        let mut seed = vec![0u8];
+        seed.extend_from_slice(&stream[..options_end]);
+        write_seed(&corpus.join("nbd_option"), &format!("rec-{i}"), &seed)?;
         counts[2] += 1;
         let requests = &stream[options_end..];
         let cut = requests.len().min(SEED_BYTES_MAX);
-        // Shape byte 10: a 1 GiB writable export.
-        let mut seed = vec![10u8];
+        // Shape byte 10: a 1 GiB export; the session byte says what the
+        // client negotiated (the server grants all of these).
+        let extended = options.contains(&11);
+        let structured = options.contains(&8);
+        let contexts = u8::from(options.contains(&10));
+        let session = u8::from(extended) | u8::from(structured) << 2 | contexts << 3;
+        let mut seed = vec![10u8, session];
         seed.extend_from_slice(&requests[..cut]);
         write_seed(&corpus.join("nbd_request"), &format!("rec-{i}"), &seed)?;
         counts[3] += 1;
@@ -241,17 +245,19 @@ fn seeds(replication: &Path, nbd: &Path, corpus: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Length of the option phase of a recorded NBD client stream: client flags,
-/// then options until NBD_OPT_GO or NBD_OPT_EXPORT_NAME.
-fn option_phase_len(stream: &[u8]) -> Option<usize> {
+/// Length of the option phase of a recorded NBD client stream (client flags,
+/// then options until NBD_OPT_GO or NBD_OPT_EXPORT_NAME) and the options sent.
+fn option_phase(stream: &[u8]) -> Option<(usize, Vec<u32>)> {
     let mut at = 4;
+    let mut options = Vec::new();
     loop {
         let head = stream.get(at..at + 16)?;
         let option = u32::from_be_bytes(head[8..12].try_into().ok()?);
         let len = u32::from_be_bytes(head[12..16].try_into().ok()?) as usize;
         at += 16 + len;
+        options.push(option);
         if option == 7 || option == 1 {
-            return (at <= stream.len()).then_some(at);
+            return (at <= stream.len()).then_some((at, options));
         }
     }
 }
