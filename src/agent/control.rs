@@ -488,6 +488,8 @@ impl StatusDoc {
                 // rejections counted process-wide are added (see metrics::rejections).
                 let mut r = rejections::global().counts();
                 r.frames += Metrics::get(&m.frames_rejected);
+                // The NBD server counts its refused requests in its own stats.
+                r.nbd_requests += Metrics::get(&m.nbd.requests_rejected);
                 r
             },
         }

@@ -6,7 +6,7 @@
 //!   and volume completions, checked against a model: nothing applied out of
 //!   order or that the engine did not accept, no acknowledgement it cannot back.
 //! - [`nbd_option`] / [`nbd_request`]: the NBD option haggling and the request
-//!   header checks (`frontend::nbd::proto`).
+//!   header checks (`nbd::negotiate`, `nbd::proto`).
 //! - [`control`]: the control socket's line splitter and request decoder.
 //!
 //! Each `run(data)` panics on a broken invariant; libFuzzer (src/bin) or the
