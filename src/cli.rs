@@ -19,35 +19,64 @@ pub struct Cli {
     /// Log format: human (default) or json (one object per line, for log shippers).
     #[arg(long, global = true, default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
+    /// Seconds a command that talks to an agent waits for each answer on the control
+    /// socket (status, events, verify, wait-sync: default 10; promote: 150, room for
+    /// the fencing command; demote: its --timeout plus 90, room for the drain).
+    #[arg(long, global = true, value_name = "SECS")]
+    pub control_timeout: Option<u64>,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Make a test CA and node certificates: DIR/ca.pem, DIR/NAME.pem, DIR/NAME.key.
+    /// Make a private CA and node certificates for mutual TLS (DIR/ca.pem, DIR/ca.key,
+    /// DIR/NAME.pem, DIR/NAME.key), or with --ca sign a node certificate with an
+    /// existing CA (a new node, or --renew an expiring one). Keep ca.key off the nodes.
     Certs {
-        /// Directory to write into (created if missing; existing files are never overwritten).
+        /// Directory to write into (created mode 0700 if missing; existing files are
+        /// never overwritten, except NAME.pem/NAME.key with --renew).
         #[arg(long)]
         out: PathBuf,
-        /// Node names to issue certificates for.
-        #[arg(long = "name", default_values = ["primary", "secondary"])]
+        /// Node names to issue certificates for (default without --ca: primary secondary).
+        #[arg(long = "name")]
         names: Vec<String>,
+        /// Sign with the existing CA in this directory (its ca.pem and ca.key) instead of
+        /// making a new CA; ca.pem is copied into --out when it has none.
+        #[arg(long, value_name = "DIR")]
+        ca: Option<PathBuf>,
+        /// With --ca: replace an existing NAME.pem/NAME.key (kept as NAME.pem.old/NAME.key.old).
+        #[arg(long, requires = "ca")]
+        renew: bool,
+        /// Validity of the new certificates in years, from one day before now (a node
+        /// certificate never outlives its CA).
+        #[arg(long, default_value_t = crate::transport::VALID_YEARS_DEFAULT)]
+        valid_years: u32,
     },
     /// Run a node in the primary role: serve the NBD export and replicate every write.
     Primary(NodeArgs),
     /// Run a node in the secondary role: accept a primary and apply its writes in order.
     Secondary(NodeArgs),
-    /// Show a running agent's state (one screen, or --json).
+    /// Show a running agent's state (one screen, or --json), or with --all the state
+    /// of every resource of this host.
     Status {
         #[command(flatten)]
         target: ControlTarget,
-        /// Print the status document as JSON (stable field names).
+        /// Print the status document as JSON (stable field names); with --all, an array.
         #[arg(long)]
         json: bool,
         /// Refresh every second until interrupted.
         #[arg(long)]
         watch: bool,
+        /// Every resource file (*.toml) in --dir: this host's node of each (--node, else
+        /// NODE= of RESOURCE.env beside it, else the node named like the host, else
+        /// the node whose address is this host's) is asked for its status.
+        /// Exit status 1 when an agent does not answer.
+        #[arg(long, conflicts_with = "control")]
+        all: bool,
+        /// With --all: the directory of resource files.
+        #[arg(long, default_value = "/etc/tandem", requires = "all")]
+        dir: PathBuf,
     },
     /// Make a running secondary the primary: it starts a new generation and serves the
     /// NBD export. Refused while the peer is primary and connected, and while this
@@ -163,7 +192,7 @@ pub struct ControlTarget {
     /// Resource file: gives the resource name and, with --node, the control socket.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// With --config: the node whose agent to ask.
+    /// With --config: the node whose agent to ask; with --all: this host's node in every file.
     #[arg(long)]
     pub node: Option<String>,
 }

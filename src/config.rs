@@ -12,10 +12,11 @@
 //! tls-dir = "/etc/tandem/r0"
 //!
 //! [nodes.alpha]
-//! address = "192.0.2.10:7789"    # replication address (the secondary listens here)
+//! address = "192.0.2.10:7789"    # replication address (this node listens here)
 //! volume = "/dev/vdb"
 //! meta = "/var/lib/tandem/r0.meta"
-//! nbd = "127.0.0.1:10809"        # export served while primary
+//! nbd = "unix:/run/tandem/r0/nbd.sock"  # export served while primary
+//! control = "/run/tandem/r0/control.sock"
 //! metrics = "127.0.0.1:9942"     # Prometheus /metrics (optional)
 //!
 //! [nodes.beta]
@@ -23,6 +24,11 @@
 //! volume = "/srv/images/r0.img"
 //! size = "100G"
 //! ```
+//!
+//! Also the start-up checks of a node ([`NodeConfig::preflight`]): everything
+//! that would make a start fail is looked at before the agent creates or opens
+//! anything, so a refused start leaves no file behind; and the resources of a
+//! host for `tandem status --all` ([`local_resources`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -366,6 +372,132 @@ pub fn control_target(
     Ok((control, resource))
 }
 
+/// One resource file of a directory, as `tandem status --all` finds it: the
+/// resource, which of its nodes is this host, and that node's control socket.
+#[derive(Clone, Debug)]
+pub struct LocalResource {
+    pub file: PathBuf,
+    pub resource: String,
+    /// This host's node, or why it could not be told.
+    pub node: Result<String, String>,
+    /// The node's control socket (`control`, else `VOLUME.tandem.sock`).
+    pub control: Option<PathBuf>,
+}
+
+/// `NODE=` from the unit's environment file beside a resource file (`r0.env`).
+fn node_from_env_file(file: &Path) -> Option<String> {
+    let env = file.with_extension("env");
+    let text = std::fs::read_to_string(env).ok()?;
+    text.lines().find_map(|l| {
+        let v = l.trim().strip_prefix("NODE=")?;
+        let v = v.trim().trim_matches('"').trim_matches('\'');
+        (!v.is_empty()).then(|| v.to_string())
+    })
+}
+
+/// This host's name (`uname -n`).
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+/// Which node of `file` this host is: `--node`, else `NODE=` of the unit's env
+/// file beside it, else the node named like the host, else the only node whose
+/// replication address is assigned to this host.
+fn local_node(path: &Path, file: &ResourceFile, node: Option<&str>) -> Result<String, String> {
+    let known = || file.nodes.keys().cloned().collect::<Vec<_>>().join(", ");
+    if let Some(n) = node
+        .map(str::to_string)
+        .or_else(|| node_from_env_file(path))
+    {
+        return if file.nodes.contains_key(&n) {
+            Ok(n)
+        } else {
+            Err(format!(
+                "node '{n}' is not in the file (nodes: {})",
+                known()
+            ))
+        };
+    }
+    if let Some(h) = host_name()
+        && file.nodes.contains_key(&h)
+    {
+        return Ok(h);
+    }
+    let local: Vec<&String> = file
+        .nodes
+        .iter()
+        .filter(|(_, n)| {
+            n.address
+                .is_some_and(|a| std::net::TcpListener::bind(SocketAddr::new(a.ip(), 0)).is_ok())
+        })
+        .map(|(k, _)| k)
+        .collect();
+    match local.as_slice() {
+        [one] => Ok((*one).clone()),
+        _ => Err(format!(
+            "cannot tell which node this host is (nodes: {}); pass --node, or write NODE=NAME into {}",
+            known(),
+            path.with_extension("env").display()
+        )),
+    }
+}
+
+/// Every resource file (`*.toml`) in `dir`, sorted by name, with this host's node
+/// and its control socket. A file that does not parse is returned with the reason
+/// in `node`.
+pub fn local_resources(dir: &Path, node: Option<&str>) -> Result<Vec<LocalResource>, ConfigError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| ConfigError::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    let mut out = Vec::with_capacity(files.len());
+    for path in files {
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file = match ResourceFile::load(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                out.push(LocalResource {
+                    file: path,
+                    resource: stem,
+                    node: Err(e.to_string()),
+                    control: None,
+                });
+                continue;
+            }
+        };
+        let resource = file.resource.name.clone().unwrap_or_else(|| "r0".into());
+        let node = local_node(&path, &file, node);
+        let control = node.as_ref().ok().and_then(|n| {
+            let section = &file.nodes[n];
+            section.control.clone().or_else(|| {
+                section.volume.as_ref().map(|v| {
+                    let mut p = v.clone().into_os_string();
+                    p.push(".tandem.sock");
+                    PathBuf::from(p)
+                })
+            })
+        });
+        out.push(LocalResource {
+            file: path,
+            resource,
+            node,
+            control,
+        });
+    }
+    Ok(out)
+}
+
 fn size_opt(
     cli: &Option<String>,
     file: &Option<SizeValue>,
@@ -649,7 +781,7 @@ impl NodeConfig {
                 if self.nbd.is_none() {
                     return Err(ConfigError::Missing {
                         option: "--nbd",
-                        hint: "the NBD export address, e.g. 127.0.0.1:10809 or unix:/run/tandem/r0.nbd",
+                        hint: "the NBD export address, e.g. unix:/run/tandem/r0/nbd.sock or 127.0.0.1:10809",
                     });
                 }
             }
@@ -702,6 +834,337 @@ impl NodeConfig {
             });
         }
         Ok(())
+    }
+}
+
+/// Why a node agent refuses to start, found before anything is created,
+/// opened for writing or bound (see [`NodeConfig::preflight`]).
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::transport::CertError),
+    #[error(
+        "volume {path} does not exist and is under /dev, so it must be a block device: check the device name (ls -l /dev/disk/by-id/) and that the disk is attached; tandem never creates files under /dev"
+    )]
+    NoBlockDevice { path: PathBuf },
+    #[error(
+        "volume {path} does not exist; pass --size (size = in the resource file) to create a sparse image of that size, or point --volume at the existing image or block device"
+    )]
+    NoVolume { path: PathBuf },
+    #[error(
+        "{what} {path} is under /dev, which is lost at reboot; set {option} to a path on a persistent filesystem, e.g. /var/lib/tandem/RESOURCE.meta"
+    )]
+    UnderDev {
+        what: &'static str,
+        path: PathBuf,
+        option: &'static str,
+    },
+    #[error(
+        "{volume} is a block device: set --meta (meta = in the resource file) to a path on a persistent filesystem, e.g. /var/lib/tandem/{resource}.meta"
+    )]
+    BlockDeviceMeta { volume: PathBuf, resource: String },
+    #[error(
+        "{what} {path}: directory {dir} does not exist; create it (mkdir -p -m 0700 {dir}), or set {option} to a path in an existing directory"
+    )]
+    NoDirectory {
+        what: &'static str,
+        path: PathBuf,
+        dir: PathBuf,
+        option: &'static str,
+    },
+    #[error(
+        "{what} {path}: cannot create files in {dir} ({source}); fix its owner or mode, or if the agent runs under the systemd unit (ProtectSystem=strict) add ReadWritePaths={dir} in a drop-in (systemctl edit tandem@RESOURCE)"
+    )]
+    DirectoryNotWritable {
+        what: &'static str,
+        path: PathBuf,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{what} {path} cannot be opened for reading and writing ({source}); fix its owner or mode, or if the agent runs under the systemd unit add ReadWritePaths= for it in a drop-in"
+    )]
+    NotWritable {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path} is {kind}; point {option} at {expected}")]
+    WrongKind {
+        what: &'static str,
+        path: PathBuf,
+        kind: &'static str,
+        option: &'static str,
+        expected: &'static str,
+    },
+    #[error(
+        "control socket {path}: another agent is listening on it; stop it, or give this one another --control path"
+    )]
+    ControlInUse { path: PathBuf },
+    #[error("cannot listen on {addr} ({what}): {source}; {hint}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        hint: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("NBD export address {input:?}: {message}")]
+    NbdAddress { input: String, message: String },
+}
+
+/// `access(2)` for reading and writing (`dir`: writing and searching), which also
+/// reports a read-only filesystem (EROFS), as the unit's ProtectSystem=strict makes one.
+fn access_rw(path: &Path, dir: bool) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mode = if dir {
+        libc::W_OK | libc::X_OK
+    } else {
+        libc::R_OK | libc::W_OK
+    };
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call;
+    // access(2) only reads it.
+    if unsafe { libc::access(c.as_ptr(), mode) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn is_under_dev(path: &Path) -> bool {
+    path.starts_with("/dev")
+}
+
+/// The directory a new file at `path` would be created in.
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A file tandem may create at `path`: its directory exists and is writable.
+fn check_can_create(
+    what: &'static str,
+    path: &Path,
+    option: &'static str,
+) -> Result<(), PreflightError> {
+    let dir = parent_dir(path);
+    if !dir.is_dir() {
+        return Err(PreflightError::NoDirectory {
+            what,
+            path: path.to_owned(),
+            dir,
+            option,
+        });
+    }
+    access_rw(&dir, true).map_err(|source| PreflightError::DirectoryNotWritable {
+        what,
+        path: path.to_owned(),
+        dir,
+        source,
+    })
+}
+
+/// A unix socket tandem will bind at `path` (removing a stale one): its directory
+/// is writable, and whatever is there now is a socket nobody answers on.
+fn check_socket_path(
+    what: &'static str,
+    path: &Path,
+    option: &'static str,
+) -> Result<(), PreflightError> {
+    use std::os::unix::fs::FileTypeExt;
+    check_can_create(what, path, option)?;
+    match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                Err(PreflightError::ControlInUse {
+                    path: path.to_owned(),
+                })
+            } else {
+                Ok(())
+            }
+        }
+        Ok(_) => Err(PreflightError::WrongKind {
+            what,
+            path: path.to_owned(),
+            kind: "not a socket (it would be replaced)",
+            option,
+            expected: "a socket path of its own, e.g. /run/tandem/RESOURCE/control.sock",
+        }),
+    }
+}
+
+/// Bind `addr` and release it at once: the port is free and the address is this
+/// host's. std sets SO_REUSEADDR, so the agent's own bind right after succeeds.
+fn check_bind(
+    what: &'static str,
+    addr: SocketAddr,
+    hint: &'static str,
+) -> Result<(), PreflightError> {
+    std::net::TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|source| PreflightError::Bind {
+            what,
+            addr,
+            hint,
+            source,
+        })
+}
+
+impl NodeConfig {
+    /// Every precondition of starting this node, checked before anything is
+    /// created or written, so that a refused start leaves nothing behind: the TLS
+    /// files (readable, key matching, certificate valid now for this node's name
+    /// under ca.pem, both names valid and different), the volume (an existing
+    /// image or block device we may read and write, or a new image with `--size`
+    /// in a writable directory, never under /dev), the metadata path, the
+    /// control socket and a unix NBD socket (writable directories, no live agent
+    /// there), and the addresses (the replication listener, the primary's NBD
+    /// export, metrics: bindable now).
+    pub fn preflight(&self) -> Result<(), PreflightError> {
+        if !self.danger_plaintext {
+            crate::transport::check_tls_files(&crate::transport::TlsFiles {
+                dir: self.tls_dir.clone(),
+                node_name: self.name.clone(),
+                peer_name: self.peer_name.clone(),
+            })?;
+        }
+        self.preflight_volume()?;
+        check_socket_path("control socket", &self.control, "--control (control =)")?;
+        let nbd = match &self.nbd {
+            Some(text) => Some(text.parse::<crate::frontend::NbdAddress>().map_err(|e| {
+                PreflightError::NbdAddress {
+                    input: text.clone(),
+                    message: e.to_string(),
+                }
+            })?),
+            None => None,
+        };
+        if let Some(crate::frontend::NbdAddress::Unix(path)) = &nbd {
+            check_socket_path("NBD socket", path, "--nbd (nbd =)")?;
+        }
+        // A secondary's read-only export (nbd: issue 13), checked like the NBD export.
+        let readonly = match (&self.export_readonly, self.role) {
+            (Some(text), Role::Secondary) => {
+                Some(text.parse::<crate::frontend::NbdAddress>().map_err(|e| {
+                    PreflightError::NbdAddress {
+                        input: text.clone(),
+                        message: e.to_string(),
+                    }
+                })?)
+            }
+            _ => None,
+        };
+        match readonly {
+            Some(crate::frontend::NbdAddress::Unix(path)) => {
+                check_socket_path("read-only NBD socket", &path, "--export-readonly")?
+            }
+            Some(crate::frontend::NbdAddress::Tcp(addr)) => check_bind(
+                "read-only NBD export, --export-readonly",
+                addr,
+                "is another agent or resource serving on this port? give each resource its own (or a unix socket)",
+            )?,
+            None => {}
+        }
+        if let Some(addr) = self.listen {
+            check_bind(
+                "replication address, --listen or this node's address =",
+                addr,
+                "is it this host's address (check --node: it picks this host's section), and is no other agent or resource using the port?",
+            )?;
+        }
+        if self.role == Role::Primary
+            && let Some(crate::frontend::NbdAddress::Tcp(addr)) = nbd
+        {
+            check_bind(
+                "NBD export, --nbd",
+                addr,
+                "is another agent or resource serving NBD on this port? give each resource its own (or a unix socket)",
+            )?;
+        }
+        if let Some(addr) = self.metrics {
+            check_bind(
+                "metrics, --metrics",
+                addr,
+                "is another agent or resource serving metrics on this port? give each resource its own",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn preflight_volume(&self) -> Result<(), PreflightError> {
+        use std::os::unix::fs::FileTypeExt;
+        let volume = &self.volume;
+        let is_block_device = match std::fs::metadata(volume) {
+            Ok(m) if m.file_type().is_block_device() => true,
+            Ok(m) if m.is_file() => false,
+            Ok(_) => {
+                return Err(PreflightError::WrongKind {
+                    what: "volume",
+                    path: volume.clone(),
+                    kind: "neither a regular file nor a block device",
+                    option: "--volume (volume =)",
+                    expected: "an image file or a block device",
+                });
+            }
+            Err(_) if is_under_dev(volume) => {
+                return Err(PreflightError::NoBlockDevice {
+                    path: volume.clone(),
+                });
+            }
+            Err(_) => {
+                if self.size_bytes.is_none() {
+                    return Err(PreflightError::NoVolume {
+                        path: volume.clone(),
+                    });
+                }
+                check_can_create("volume", volume, "--volume (volume =)")?;
+                false
+            }
+        };
+        if volume.exists() {
+            access_rw(volume, false).map_err(|source| PreflightError::NotWritable {
+                what: "volume",
+                path: volume.clone(),
+                source,
+            })?;
+        }
+        if is_block_device && self.meta == crate::meta::MetaStore::default_path_for(volume) {
+            return Err(PreflightError::BlockDeviceMeta {
+                volume: volume.clone(),
+                resource: self.resource.clone(),
+            });
+        }
+        if is_under_dev(&self.meta) {
+            return Err(PreflightError::UnderDev {
+                what: "metadata",
+                path: self.meta.clone(),
+                option: "--meta (meta =)",
+            });
+        }
+        match std::fs::metadata(&self.meta) {
+            Ok(m) if m.is_file() => {
+                access_rw(&self.meta, false).map_err(|source| PreflightError::NotWritable {
+                    what: "metadata",
+                    path: self.meta.clone(),
+                    source,
+                })
+            }
+            Ok(_) => Err(PreflightError::WrongKind {
+                what: "metadata",
+                path: self.meta.clone(),
+                kind: "not a regular file",
+                option: "--meta (meta =)",
+                expected: "a metadata file of its own",
+            }),
+            Err(_) => check_can_create("metadata", &self.meta, "--meta (meta =)"),
+        }
     }
 }
 
@@ -893,5 +1356,63 @@ size = "1G"
         )
         .unwrap_err();
         assert!(e.to_string().contains("--peer"), "{e}");
+    }
+
+    /// The keys serde accepts in a section, from the error an unknown key gets.
+    fn accepted_keys(section: &str) -> Vec<String> {
+        let text = format!("{section}\nzz-unknown = 1\n");
+        let e = toml::from_str::<ResourceFile>(&text)
+            .unwrap_err()
+            .to_string();
+        let list = e
+            .split("expected one of")
+            .nth(1)
+            .expect("serde lists the fields");
+        list.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The resource-file examples of README.md and deploy/r0.toml parse, and
+    /// each names every key the parser accepts (issue 15.9).
+    #[test]
+    fn documented_resource_files_parse_and_name_every_key() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let section = &readme[readme.find("## Resource file").unwrap()..];
+        let start = section.find("```toml\n").unwrap() + 8;
+        let example = &section[start..start + section[start..].find("```").unwrap()];
+        let deploy = std::fs::read_to_string(root.join("deploy/r0.toml")).unwrap();
+        for (what, text) in [("README.md", example), ("deploy/r0.toml", deploy.as_str())] {
+            let file: ResourceFile = toml::from_str(text).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(file.nodes.len(), 2, "{what}");
+            // Commented-out keys count as documented: uncomment them.
+            let uncommented: String = text
+                .lines()
+                .map(|l| {
+                    l.trim_start()
+                        .strip_prefix("# ")
+                        .filter(|r| r.contains(" = "))
+                        .unwrap_or(l)
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            for (section, keys) in [
+                ("[resource]", accepted_keys("[resource]")),
+                ("[nodes.a]", accepted_keys("[nodes.a]")),
+            ] {
+                for key in keys {
+                    let documented = uncommented
+                        .lines()
+                        .any(|l| l.trim_start().starts_with(&format!("{key} =")));
+                    assert!(
+                        documented,
+                        "{what}: key {key} of {section} is not documented"
+                    );
+                }
+            }
+        }
     }
 }

@@ -31,7 +31,7 @@
 //! - [`volume`]: block I/O — io_uring engine, thread-pool fallback, memory device.
 //! - [`metrics`]: counters and latency histograms behind the status document.
 //!
-//! ## Guarantees (ARCHITECTURE.md; code and tests refer to them by number)
+//! ## Guarantees ([`architecture`], src/ARCHITECTURE.md; code and tests refer to them by number)
 //!
 //! - **G1 Sync durability.** In sync mode a write completes only after the local
 //!   write and the secondary's write; a FLUSH or FUA write only after both nodes
@@ -53,6 +53,8 @@
 //!   primary role starts a new generation.
 
 pub mod agent;
+// docs: the architecture and guarantees document (src/ARCHITECTURE.md), rendered by rustdoc.
+pub mod architecture;
 pub mod bitmap;
 pub mod checkpoint;
 pub mod cli;
@@ -67,6 +69,8 @@ pub mod ops;
 // Rate-limited logging for repeatable conditions (hardening).
 pub mod ratelog;
 pub mod resync;
+// docs: sd_notify readiness, status and watchdog for the systemd unit.
+pub mod systemd;
 pub mod transport;
 pub mod types;
 pub mod volume;

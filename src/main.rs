@@ -1,6 +1,15 @@
 //! The `tandem` binary: parse the command line, set up logging, run.
+//!
+//! Starting a node agent: the configuration is resolved, then every
+//! precondition is checked ([`NodeConfig::preflight`]) before the agent creates
+//! or opens anything; files are created private (umask 077); a start that
+//! fails before the node ever served removes the image and metadata it created,
+//! so a refused start leaves nothing behind.
 
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use tandem::agent::{self, control};
@@ -9,12 +18,24 @@ use tandem::config::NodeConfig;
 use tandem::types::Role;
 use tokio_util::sync::CancellationToken;
 
+/// Colour (ANSI escapes) in human logs only on a terminal, and never with
+/// `NO_COLOR` set to anything non-empty (https://no-color.org): files, pipes
+/// and journald get plain text.
+fn log_colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 fn init_logging(format: &str, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let ansi = log_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR"),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
@@ -48,7 +69,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let timeouts = Timeouts(cli.control_timeout.map(Duration::from_secs));
+    match runtime.block_on(run(cli.command, timeouts)) {
         Ok(code) => code,
         Err(message) => {
             eprintln!("error: {message}");
@@ -57,47 +79,108 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> Result<ExitCode, String> {
+/// The control timeout the user gave (`--control-timeout`), or each command's default.
+#[derive(Clone, Copy)]
+struct Timeouts(Option<Duration>);
+
+impl Timeouts {
+    fn query(self) -> Duration {
+        self.0.unwrap_or(tandem::ops::CONTROL_TIMEOUT_DEFAULT)
+    }
+    fn promote(self) -> Duration {
+        self.0.unwrap_or(tandem::ops::PROMOTE_TIMEOUT_DEFAULT)
+    }
+    fn demote(self, wait_s: u64) -> Duration {
+        self.0
+            .unwrap_or(Duration::from_secs(wait_s) + tandem::ops::DEMOTE_TIMEOUT_EXTRA)
+    }
+}
+
+/// Files the agent may create: the ones absent now.
+fn absent(paths: &[&Path]) -> Vec<PathBuf> {
+    paths
+        .iter()
+        .filter(|p| std::fs::symlink_metadata(p).is_err())
+        .map(|p| p.to_path_buf())
+        .collect()
+}
+
+/// Run a node agent: resolve, check every precondition, then run until SIGTERM.
+async fn run_agent(role: Role, args: tandem::cli::NodeArgs) -> Result<ExitCode, String> {
+    let cfg = NodeConfig::resolve(role, args.overrides()).map_err(|e| e.to_string())?;
+    cfg.preflight().map_err(|e| e.to_string())?;
+    // Images, metadata, split-brain reports and sockets are the agent's alone,
+    // whatever umask it inherited (the unit sets UMask=0077 too).
+    // SAFETY: umask(2) only sets the process's file mode mask; it takes no pointers.
+    unsafe { libc::umask(0o077) };
+    let created = absent(&[&cfg.volume, &cfg.meta]);
+    let stop = CancellationToken::new();
+    agent::cancel_on_signals(stop.clone());
+    let stopping = stop.clone();
+    tokio::spawn(async move {
+        stopping.cancelled().await;
+        tandem::systemd::stopping("stopping: draining to the peer, flushing, persisting metadata");
+    });
+    match agent::node::run(cfg, stop).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if !tandem::systemd::was_ready() => {
+            // The node never served: nothing but this start can have used the
+            // files it created, and a refused start must leave nothing behind.
+            let removed: Vec<String> = created
+                .iter()
+                .filter(|p| std::fs::remove_file(p).is_ok())
+                .map(|p| p.display().to_string())
+                .collect();
+            if removed.is_empty() {
+                Err(e.to_string())
+            } else {
+                Err(format!(
+                    "{e} (removed what this start had created: {})",
+                    removed.join(", ")
+                ))
+            }
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn run(command: Command, timeouts: Timeouts) -> Result<ExitCode, String> {
     match command {
-        Command::Certs { out, names } => {
-            let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            tandem::transport::generate_certs(&out, &names).map_err(|e| e.to_string())?;
-            println!(
-                "wrote {}/ca.pem and a certificate and key for: {}",
-                out.display(),
-                names.join(", ")
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Primary(args) => {
-            let cfg =
-                NodeConfig::resolve(Role::Primary, args.overrides()).map_err(|e| e.to_string())?;
-            let stop = CancellationToken::new();
-            agent::cancel_on_signals(stop.clone());
-            agent::node::run(cfg, stop)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Secondary(args) => {
-            let cfg = NodeConfig::resolve(Role::Secondary, args.overrides())
-                .map_err(|e| e.to_string())?;
-            let stop = CancellationToken::new();
-            agent::cancel_on_signals(stop.clone());
-            agent::node::run(cfg, stop)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Certs {
+            out,
+            names,
+            ca,
+            renew,
+            valid_years,
+        } => certs(&out, names, ca.as_deref(), renew, valid_years),
+        Command::Primary(args) => run_agent(Role::Primary, args).await,
+        Command::Secondary(args) => run_agent(Role::Secondary, args).await,
         Command::Status {
             target,
             json,
             watch,
+            all,
+            dir,
         } => loop {
+            if all {
+                if watch {
+                    print!("\x1b[2J\x1b[H");
+                }
+                let ok = status_all(&dir, target.node.as_deref(), json, timeouts.query()).await?;
+                if !watch {
+                    return Ok(if ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    });
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
             let (path, resource) = target.clone().resolve().map_err(|e| e.to_string())?;
             let mut req = control::ControlRequest::new("status");
             req.resource = resource;
-            let reply = control::request(&path, &req).await?;
+            let reply = tandem::ops::ask(&path, &req, timeouts.query()).await?;
             let Some(status) = reply.status else {
                 return Err(reply
                     .error
@@ -125,7 +208,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         } => {
             let mut req = control::ControlRequest::new("promote");
             req.args = serde_json::json!({ "force": force });
-            role_command(&path, &req).await
+            role_command(&path, &req, timeouts.promote()).await
         }
         Command::Demote {
             control: path,
@@ -133,7 +216,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         } => {
             let mut req = control::ControlRequest::new("demote");
             req.args = serde_json::json!({ "timeout_s": timeout });
-            role_command(&path, &req).await
+            role_command(&path, &req, timeouts.demote(timeout)).await
         }
         Command::Resolve {
             control: path,
@@ -146,7 +229,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             }
             let mut req = control::ControlRequest::new("resolve");
             req.args = serde_json::json!({ "discard_local": true });
-            role_command(&path, &req).await
+            role_command(&path, &req, timeouts.query()).await
         }
         Command::Events {
             target,
@@ -155,7 +238,7 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             since,
         } => {
             let (path, resource) = target.resolve().map_err(|e| e.to_string())?;
-            events(&path, resource, since, follow, json).await
+            events(&path, resource, since, follow, json, timeouts.query()).await
         }
         Command::Verify {
             control,
@@ -170,11 +253,14 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                     return Ok(ExitCode::from(tandem::ops::EXIT_ERROR));
                 }
             };
-            Ok(tandem::ops::verify(&control, repair, json, rate).await)
+            Ok(tandem::ops::verify(&control, repair, json, rate, timeouts.query()).await)
         }
-        Command::WaitSync { control, timeout } => {
-            Ok(tandem::ops::wait_sync(&control, timeout.map(std::time::Duration::from_secs)).await)
-        }
+        Command::WaitSync { control, timeout } => Ok(tandem::ops::wait_sync(
+            &control,
+            timeout.map(Duration::from_secs),
+            timeouts.query(),
+        )
+        .await),
         // nbd (issue 13)
         Command::Checkpoint { command } => {
             tandem::checkpoint::run_cli(command).await?;
@@ -194,12 +280,127 @@ async fn run(command: Command) -> Result<ExitCode, String> {
     }
 }
 
+/// `tandem certs`: a new CA and node certificates, or (`--ca`) node certificates
+/// signed by an existing CA.
+fn certs(
+    out: &Path,
+    names: Vec<String>,
+    ca: Option<&Path>,
+    renew: bool,
+    valid_years: u32,
+) -> Result<ExitCode, String> {
+    let Some(ca) = ca else {
+        let names = if names.is_empty() {
+            vec!["primary".to_string(), "secondary".to_string()]
+        } else {
+            names
+        };
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        tandem::transport::generate_certs_valid_for(out, &names, valid_years)
+            .map_err(|e| e.to_string())?;
+        println!(
+            "wrote {0}/ca.pem, {0}/ca.key (keep it off the nodes) and a certificate and key for: {1}; valid for {valid_years} years",
+            out.display(),
+            names.join(", ")
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    if names.is_empty() {
+        return Err("--ca needs --name NAME: the node to sign a certificate for".into());
+    }
+    for name in &names {
+        let signed = tandem::transport::sign_node_cert(ca, name, out, valid_years, renew)
+            .map_err(|e| e.to_string())?;
+        println!(
+            "wrote {} and {} for {name}, signed by {}/ca.pem, valid until {}{}{}",
+            signed.cert.display(),
+            signed.key.display(),
+            ca.display(),
+            signed.not_after,
+            signed
+                .previous
+                .map(|(c, k)| format!(
+                    "; the old pair is kept as {} and {}",
+                    c.display(),
+                    k.display()
+                ))
+                .unwrap_or_default(),
+            signed
+                .ca_copied
+                .map(|c| format!("; copied the CA certificate to {}", c.display()))
+                .unwrap_or_default(),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tandem status --all`: every resource file in `dir`, this host's node of each
+/// asked for its status. Returns whether every agent answered.
+async fn status_all(
+    dir: &Path,
+    node: Option<&str>,
+    json: bool,
+    timeout: Duration,
+) -> Result<bool, String> {
+    let resources = tandem::config::local_resources(dir, node).map_err(|e| e.to_string())?;
+    if resources.is_empty() {
+        return Err(format!(
+            "no resource files (*.toml) in {}; pass --dir DIR",
+            dir.display()
+        ));
+    }
+    let mut all_ok = true;
+    let mut docs = Vec::new();
+    for r in resources {
+        let answer = match (&r.node, &r.control) {
+            (Err(e), _) => Err(e.clone()),
+            (Ok(n), None) => Err(format!("node '{n}' has neither control nor volume")),
+            (Ok(_), Some(control)) => {
+                let mut req = control::ControlRequest::new("status");
+                req.resource = Some(r.resource.clone());
+                match tandem::ops::ask(control, &req, timeout).await {
+                    Ok(reply) => reply
+                        .status
+                        .ok_or_else(|| reply.error.unwrap_or_else(|| "no status".into())),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        all_ok &= answer.is_ok();
+        if json {
+            docs.push(match answer {
+                Ok(status) => serde_json::json!({
+                    "file": r.file, "resource": r.resource, "node": r.node.ok(),
+                    "control": r.control, "ok": true, "status": status,
+                }),
+                Err(error) => serde_json::json!({
+                    "file": r.file, "resource": r.resource, "node": r.node.ok(),
+                    "control": r.control, "ok": false, "error": error,
+                }),
+            });
+        } else {
+            match answer {
+                Ok(status) => print!("{}", status.human()),
+                Err(e) => println!("{} ({}): not answering: {e}", r.resource, r.file.display()),
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&docs).expect("status serializes")
+        );
+    }
+    Ok(all_ok)
+}
+
 /// Send a command that answers with a message; print it, or fail with the error.
 async fn role_command(
-    path: &std::path::Path,
+    path: &Path,
     req: &control::ControlRequest,
+    timeout: Duration,
 ) -> Result<ExitCode, String> {
-    let reply = control::request(path, req).await?;
+    let reply = tandem::ops::ask(path, req, timeout).await?;
     if !reply.ok {
         return Err(reply.error.unwrap_or_else(|| "refused".into()));
     }
@@ -221,6 +422,7 @@ async fn events(
     mut since: u64,
     follow: bool,
     json: bool,
+    timeout: Duration,
 ) -> Result<ExitCode, String> {
     use tandem::metrics::events::EventsSince;
     if follow {
@@ -231,7 +433,7 @@ async fn events(
         let mut req = control::ControlRequest::new("events");
         req.resource = resource.clone();
         req.args = serde_json::json!({ "since": since });
-        let reply = control::request(path, &req).await?;
+        let reply = tandem::ops::ask(path, &req, timeout).await?;
         if !reply.ok {
             return Err(reply
                 .error
@@ -316,4 +518,21 @@ fn format_unix_ms(unix_ms: u64) -> String {
         rem % 60,
         unix_ms % 1000
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_colour;
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color() {
+        assert!(log_colour(true, None));
+        assert!(
+            log_colour(true, Some("".into())),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!log_colour(true, Some("1".into())));
+        assert!(!log_colour(false, None));
+        assert!(!log_colour(false, Some("1".into())));
+    }
 }

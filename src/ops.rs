@@ -1,5 +1,7 @@
-//! Long foreground operator commands run against an agent's control socket:
-//! `tandem verify` and `tandem wait-sync`. They start or watch an operation on the
+//! Operator commands run against an agent's control socket: every request goes
+//! through [`ask`], bounded by the control timeout (`--control-timeout`), so a
+//! wedged agent never hangs a script, a unit or the OCF agent. And the long
+//! foreground commands `tandem verify` and `tandem wait-sync`. They start or watch an operation on the
 //! agent and poll it; the work itself happens in the agent (agent/primary/verify.rs).
 //!
 //! Progress is an indicatif bar on stderr when stderr is a terminal; off a terminal
@@ -30,6 +32,33 @@ const WAIT_SYNC_POLL: Duration = Duration::from_millis(500);
 /// `wait-sync` off a terminal: one progress line this often.
 const WAIT_SYNC_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How long a query (status, events, verify polls) waits for the agent's answer
+/// by default: a live agent answers in milliseconds; 10 s rides out a busy disk.
+pub const CONTROL_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// `tandem promote` by default: the fencing command may run up to 120 s first.
+pub const PROMOTE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(150);
+/// `tandem demote` waits its `--timeout` for clients, then the drain (up to
+/// `drain-timeout-ms`, 30 s by default): this much more by default.
+pub const DEMOTE_TIMEOUT_EXTRA: Duration = Duration::from_secs(90);
+
+/// Send one request to the agent behind `path` and wait at most `timeout` for
+/// its reply (connecting included).
+pub async fn ask(
+    path: &Path,
+    req: &ControlRequest,
+    timeout: Duration,
+) -> Result<control::ControlReply, String> {
+    match tokio::time::timeout(timeout, control::request(path, req)).await {
+        Ok(reply) => reply,
+        Err(_) => Err(format!(
+            "the agent on {} did not answer '{}' within {} s; it may be busy or hung: check its log (journalctl -u tandem@RESOURCE), or wait longer with --control-timeout SECS",
+            path.display(),
+            req.cmd,
+            timeout.as_secs_f64()
+        )),
+    }
+}
+
 pub const EXIT_IDENTICAL: u8 = 0;
 pub const EXIT_DIFFERENT: u8 = 1;
 pub const EXIT_ERROR: u8 = 2;
@@ -59,8 +88,9 @@ pub async fn verify(
     repair: bool,
     json: bool,
     rate_bytes_per_s: Option<u64>,
+    timeout: Duration,
 ) -> ExitCode {
-    match verify_inner(path, repair, rate_bytes_per_s).await {
+    match verify_inner(path, repair, rate_bytes_per_s, timeout).await {
         Ok(result) => {
             let code = report_verify(&result, repair, json);
             ExitCode::from(code)
@@ -78,14 +108,19 @@ pub async fn verify(
     }
 }
 
-async fn verify_inner(path: &Path, repair: bool, rate: Option<u64>) -> Result<Value, String> {
+async fn verify_inner(
+    path: &Path,
+    repair: bool,
+    rate: Option<u64>,
+    timeout: Duration,
+) -> Result<Value, String> {
     let mut req = ControlRequest::new("verify");
     let mut args = serde_json::json!({ "repair": repair });
     if let Some(r) = rate {
         args["rate"] = r.into();
     }
     req.args = args;
-    let reply = control::request(path, &req).await?;
+    let reply = ask(path, &req, timeout).await?;
     if !reply.ok {
         return Err(reply.error.unwrap_or_else(|| "verify refused".into()));
     }
@@ -97,7 +132,7 @@ async fn verify_inner(path: &Path, repair: bool, rate: Option<u64>) -> Result<Va
     let bar = byte_bar(total, "verify");
     loop {
         tokio::time::sleep(VERIFY_POLL).await;
-        let reply = control::request(path, &ControlRequest::new("verify-result")).await?;
+        let reply = ask(path, &ControlRequest::new("verify-result"), timeout).await?;
         if !reply.ok {
             return Err(reply.error.unwrap_or_else(|| "verify-result failed".into()));
         }
@@ -220,13 +255,17 @@ fn sync_state_line(s: &StatusDoc) -> String {
 
 /// Run `tandem wait-sync`: wait until the primary behind `path` reports its peer
 /// connected and in sync. Returns the documented exit code.
-pub async fn wait_sync(path: &Path, timeout: Option<Duration>) -> ExitCode {
+pub async fn wait_sync(
+    path: &Path,
+    timeout: Option<Duration>,
+    control_timeout: Duration,
+) -> ExitCode {
     let start = Instant::now();
     let mut bar: Option<ProgressBar> = None;
     let tty = std::io::stderr().is_terminal();
     let mut last_log: Option<Instant> = None;
     loop {
-        let reply = match control::request(path, &ControlRequest::new("status")).await {
+        let reply = match ask(path, &ControlRequest::new("status"), control_timeout).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("error: {e}");

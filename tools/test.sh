@@ -36,6 +36,11 @@ declare -A needs=(
   [promtool]=prometheus
   [ocf-tester]=resource-agents
   [xmllint]=libxml2-utils
+  [systemd-analyze]=systemd
+  [sshd]=openssh-server
+  [ssh]=openssh-client
+  [ip]=iproute2
+  [nsenter]=util-linux
   # libFuzzer (tools/fuzz) is C++, built from source by libfuzzer-sys.
   [g++]=g++
 )

@@ -56,6 +56,8 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> Result<(), Age
     let control_stop = CancellationToken::new();
     let control_task =
         control::serve(&cfg.control, &cfg.resource, handler, control_stop.clone()).await?;
+    // docs: systemd STATUS= lines and watchdog pings while the role answers (Type=notify).
+    crate::systemd::supervise(slot.clone(), control_stop.clone());
     let result = host_roles(&cfg, &slot, &role_now, &mut req_rx, &shutdown).await;
     control_stop.cancel();
     let _ = control_task.await;
@@ -107,7 +109,12 @@ async fn host_roles(
             }
         };
         tokio::select! {
-            _ = up_rx => {
+            // docs: `Ok` only: a role that fails before it serves drops its ready
+            // sender, and that `Err` must not count as up (it sent READY=1 and
+            // answered a failed promotion "now primary" when this branch won the race).
+            Ok(()) = up_rx => {
+                // docs: READY=1 for systemd (Type=notify): the export or the listener is bound.
+                crate::systemd::ready(&format!("{role} of resource {}, node {}: serving", cfg.resource, cfg.name));
                 if let Some((reply, _)) = pending.take() {
                     let generation = slot.status().await.map(|s| s.generation).unwrap_or_default();
                     let message = format!("now {role}, generation {generation}");

@@ -57,6 +57,11 @@ use crate::metrics::rejections::{self, RejectClass, Rejections};
 
 pub use backoff::Backoff;
 pub use certs::generate_certs;
+// docs: signing with an existing CA, and the start-up check of a node's TLS files.
+pub use certs::{
+    CertError, Signed, VALID_YEARS_DEFAULT, check_tls_files, generate_certs_valid_for,
+    sign_node_cert,
+};
 pub use tcp::{KEEPALIVE_S_DEFAULT, USER_TIMEOUT_MS_DEFAULT, configure_tcp};
 pub use tls::{Side, TlsClient, TlsServer};
 // nbd (issue 13): TLS configurations for the NBD export and its clients.
