@@ -60,12 +60,9 @@ pub const CONTROL_LINE_MAX_BYTES: usize = 64 << 10;
 pub const CONTROL_CONNECTIONS_MAX: usize = 64;
 /// A connection that sends no request for this long is closed.
 pub const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long the client waits for a reply to a quick command (`status`,
-/// `events`, `verify-result`, ...).
+/// How long `events --follow` waits for the agent's first reply (the stream
+/// after it may be quiet for as long as nothing happens).
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
-/// How long the client waits for a role change (`promote` may run the fencing
-/// handler for up to 120 s, then start the role; `demote` adds its own wait).
-pub const ROLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -1030,19 +1027,12 @@ async fn follow(
     }
 }
 
-/// How long the client waits for the reply to `req`.
-pub fn request_timeout(req: &ControlRequest) -> Duration {
-    match req.cmd.as_str() {
-        "promote" | "resolve" => ROLE_CHANGE_TIMEOUT,
-        "demote" => ROLE_CHANGE_TIMEOUT + Duration::from_secs(req.number("timeout_s").unwrap_or(0)),
-        _ => REQUEST_TIMEOUT_DEFAULT,
-    }
-}
-
-/// Client side: send one request and read one reply, within
-/// [`request_timeout`] (10 s for quick commands).
+/// Client side: send one request and read one reply. Not bounded in time by
+/// itself: callers bound it ([`crate::ops::ask`] with `--control-timeout`, or
+/// [`request_within`]).
 pub async fn request(path: &Path, req: &ControlRequest) -> Result<ControlReply, String> {
-    request_within(path, req, request_timeout(req)).await
+    let (mut lines, _wr) = send_request(path, req).await?;
+    read_reply(path, &mut lines).await
 }
 
 /// [`request`] with an explicit timeout.
@@ -1051,11 +1041,8 @@ pub async fn request_within(
     req: &ControlRequest,
     timeout: Duration,
 ) -> Result<ControlReply, String> {
-    tokio::time::timeout(timeout, async {
-        let (mut lines, _wr) = send_request(path, req).await?;
-        read_reply(path, &mut lines).await
-    })
-    .await
+    tokio::time::timeout(timeout, request(path, req))
+        .await
     .map_err(|_| {
         format!(
             "the agent at {} did not answer '{}' within {} s; it may be hung or overloaded: check its log (and whether the process is alive)",
@@ -1195,23 +1182,5 @@ mod tests {
         );
         let r = decode_request(b"{\"cmd\":\"status\"}\r").unwrap();
         assert_eq!(r.cmd, "status");
-    }
-
-    #[test]
-    fn role_changes_get_longer_timeouts() {
-        assert_eq!(
-            request_timeout(&ControlRequest::new("status")),
-            REQUEST_TIMEOUT_DEFAULT
-        );
-        assert_eq!(
-            request_timeout(&ControlRequest::new("promote")),
-            ROLE_CHANGE_TIMEOUT
-        );
-        let mut d = ControlRequest::new("demote");
-        d.args = serde_json::json!({"timeout_s": 30});
-        assert_eq!(
-            request_timeout(&d),
-            ROLE_CHANGE_TIMEOUT + Duration::from_secs(30)
-        );
     }
 }
