@@ -66,6 +66,8 @@ pub mod meta;
 pub mod metrics;
 pub mod nbd;
 pub mod ops;
+// Rate-limited logging for repeatable conditions (hardening).
+pub mod ratelog;
 pub mod resync;
 // docs: sd_notify readiness, status and watchdog for the systemd unit.
 pub mod systemd;

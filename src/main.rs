@@ -426,6 +426,10 @@ async fn events(
     timeout: Duration,
 ) -> Result<ExitCode, String> {
     use tandem::metrics::events::EventsSince;
+    if follow {
+        // Pushed by the agent as they happen (hardening: no polling).
+        return follow_events(path, resource, since, json).await;
+    }
     loop {
         let mut req = control::ControlRequest::new("events");
         req.resource = resource.clone();
@@ -465,6 +469,33 @@ async fn events(
         let _ = std::io::stdout().flush();
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+}
+
+/// `tandem events --follow`: print each event the agent pushes (the events after
+/// `since`, the state dump, then live ones) until the agent goes away.
+async fn follow_events(
+    path: &std::path::Path,
+    resource: Option<String>,
+    since: u64,
+    json: bool,
+) -> Result<ExitCode, String> {
+    use std::io::Write;
+    control::follow_events(path, resource, since, |e| {
+        if json {
+            println!("{}", serde_json::to_string(&e).expect("event serializes"));
+        } else {
+            println!(
+                "{} #{} {:<18} {}",
+                format_unix_ms(e.unix_ms),
+                e.id,
+                e.kind,
+                e.message
+            );
+        }
+        let _ = std::io::stdout().flush();
+    })
+    .await?;
+    Err("the agent closed the event stream (it stopped?)".into())
 }
 
 /// `2025-01-31T12:34:56.789Z` from milliseconds since the Unix epoch (UTC).

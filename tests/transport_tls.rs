@@ -142,7 +142,7 @@ async fn foreign_ca_is_refused_in_both_directions() {
     // A client of another cluster: it rejects our server certificate, and
     // our listener sees the refusal.
     let (server, client) = tokio::join!(
-        listener.accept(),
+        listener.accept_or_refuse(),
         dial(listener.local_addr(), tls(foreign.path(), "beta", "alpha"))
     );
     let client_err = client.unwrap_err();
@@ -167,7 +167,7 @@ async fn foreign_ca_is_refused_in_both_directions() {
         std::fs::copy(foreign.path().join(f), mixed.path().join(f)).unwrap();
     }
     let (server, client) = tokio::join!(
-        listener.accept(),
+        listener.accept_or_refuse(),
         dial(listener.local_addr(), tls(mixed.path(), "beta", "alpha"))
     );
     let server_err = server.unwrap_err();
@@ -195,7 +195,7 @@ async fn foreign_ca_is_refused_in_both_directions() {
         .await
         .unwrap();
     let (server, client) = tokio::join!(
-        foreign_listener.accept(),
+        foreign_listener.accept_or_refuse(),
         dial(
             foreign_listener.local_addr(),
             tls(ours.path(), "beta", "alpha")
@@ -223,7 +223,7 @@ async fn wrong_peer_name_is_refused_on_both_sides() {
 
     // gamma holds a valid certificate of the same CA, but alpha expects beta.
     let (server, client) = tokio::join!(
-        listener.accept(),
+        listener.accept_or_refuse(),
         dial(listener.local_addr(), tls(certs.path(), "gamma", "alpha"))
     );
     match server.unwrap_err() {
@@ -252,7 +252,7 @@ async fn wrong_peer_name_is_refused_on_both_sides() {
 
     // beta dials expecting gamma but reaches alpha.
     let (server, client) = tokio::join!(
-        listener.accept(),
+        listener.accept_or_refuse(),
         dial(listener.local_addr(), tls(certs.path(), "beta", "gamma"))
     );
     let err = client.unwrap_err();
@@ -279,7 +279,7 @@ async fn plaintext_client_is_refused_and_listener_keeps_accepting() {
         .await
         .unwrap();
     let addr = listener.local_addr();
-    let (server, client) = tokio::join!(listener.accept(), async {
+    let (server, client) = tokio::join!(listener.accept_or_refuse(), async {
         let mut s = connect(addr, &Security::DangerPlaintext, TIMEOUT_MS)
             .await
             .unwrap();
@@ -306,14 +306,13 @@ async fn tls_client_against_plaintext_listener_fails_cleanly() {
         .await
         .unwrap();
     let (server, client) = tokio::join!(
-        async {
-            let mut s = listener.accept().await.unwrap();
-            // The plaintext node reads a frame and finds a TLS ClientHello.
-            read_frame(&mut s, &mut BytesMut::new()).await
-        },
+        // The plaintext listener finds a TLS ClientHello where the frame magic belongs.
+        listener.accept_or_refuse(),
         dial(listener.local_addr(), tls(certs.path(), "beta", "alpha"))
     );
-    assert!(matches!(server, Err(WireError::BadMagic { .. })));
+    let err = server.unwrap_err();
+    assert!(matches!(err, TransportError::NotTandem { .. }), "{err}");
+    assert!(err.to_string().contains("with TLS too"), "{err}");
     let err = client.unwrap_err();
     assert!(
         matches!(err, TransportError::HandshakeClosed { .. }),
@@ -333,7 +332,7 @@ async fn silent_peer_times_out_and_listener_keeps_accepting() {
         .await
         .unwrap();
     assert!(matches!(
-        listener.accept().await,
+        listener.accept_or_refuse().await,
         Err(TransportError::HandshakeTimeout {
             timeout_ms: 200,
             ..

@@ -10,6 +10,25 @@
 //! returns `{"events":[{"id","unix_ms","kind","message"}...],"missed","last_id"}`,
 //! the events after id N from a ring of the last 256); other commands are the
 //! agent's own ([`ControlHandler::other`]).
+//!
+//! `{"cmd":"events","args":{"follow":true,"since":N}}` turns the connection
+//! into an event stream (`tandem events --follow`): one reply line
+//! `{"ok":true,"result":{"following":true,"last_id":L}}`, then one event object
+//! per line ([`crate::metrics::events`] documents the form): the events after N
+//! still in the ring, the initial state dump (`exists` lines, then
+//! `dump-done`), then every event as it is recorded, pushed, until either side
+//! closes. A follower that falls more than
+//! [`crate::metrics::events::FOLLOW_BACKLOG_MAX`] events behind gets a `missed`
+//! line with the count.
+//!
+//! Bad input: a line longer than [`CONTROL_LINE_MAX_BYTES`] is refused as soon
+//! as it passes the limit (never buffered whole: memory per connection is
+//! bounded by the limit) and the rest of it is discarded; a line that is not
+//! UTF-8 or not a JSON request gets an error reply. The connection stays usable
+//! after each. At most [`CONTROL_CONNECTIONS_MAX`] connections are served at
+//! once; one idle for [`CONTROL_IDLE_TIMEOUT`] between requests is closed. Each
+//! refusal is counted (`rejected.control_lines`) and logged rate-limited.
+//!
 //! The socket file is created with mode 0600: the control socket can change
 //! roles, so only root (the agent's user) may talk to it.
 
@@ -18,8 +37,10 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -27,8 +48,21 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::AgentError;
 use crate::config::NodeConfig;
 use crate::engine::primary::Mode;
+use crate::metrics::events::Event;
+use crate::metrics::rejections::{self, RejectClass, RejectionCounts};
 use crate::metrics::{LatencySummary, Metrics};
 use crate::types::{BlockCount, DiskState, Generation, Role, VolumeId};
+
+/// The longest control request line. Requests are a few hundred bytes; the
+/// limit only bounds what a broken or hostile client can make the agent hold.
+pub const CONTROL_LINE_MAX_BYTES: usize = 64 << 10;
+/// Control connections served at once (each holds at most one line).
+pub const CONTROL_CONNECTIONS_MAX: usize = 64;
+/// A connection that sends no request for this long is closed.
+pub const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `events --follow` waits for the agent's first reply (the stream
+/// after it may be quiet for as long as nothing happens).
+pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -178,6 +212,10 @@ pub struct StatusDoc {
     /// The secondary's redo journal.
     #[serde(default)]
     pub journal: Option<JournalStatus>,
+    /// Refused input, counted since the process started (hardening, issue 14):
+    /// connections, handshakes, frames, NBD requests, control lines, and per reason.
+    #[serde(default)]
+    pub rejected: RejectionCounts,
 }
 
 /// Where the consistent image stands (issue 10).
@@ -445,7 +483,8 @@ impl StatusDoc {
                 ahead_episodes: Metrics::get(&m.ahead_episodes),
                 applied_writes: Metrics::get(&m.applied_writes),
                 sessions: Metrics::get(&m.sessions),
-                frames_rejected: Metrics::get(&m.frames_rejected),
+                frames_rejected: Metrics::get(&m.frames_rejected)
+                    + rejections::global().get(RejectClass::Frame),
             },
             write_latency_us: LatencyStatus::of(&lat),
             local_write_latency_us: LatencyStatus::of(&m.local_write_latency.summary()),
@@ -477,6 +516,15 @@ impl StatusDoc {
             verify: None,
             consistent_point: None,
             journal: None,
+            rejected: {
+                // Frames refused by the secondary are counted in the node's metrics;
+                // rejections counted process-wide are added (see metrics::rejections).
+                let mut r = rejections::global().counts();
+                r.frames += Metrics::get(&m.frames_rejected);
+                // The NBD server counts its refused requests in its own stats.
+                r.nbd_requests += Metrics::get(&m.nbd.requests_rejected);
+                r
+            },
         }
     }
 
@@ -574,6 +622,13 @@ impl StatusDoc {
                 r.violations
             );
         }
+        let r = &self.rejected;
+        if r.total() > 0 {
+            s += &format!(
+                "  rejected: {} connections, {} handshakes, {} frames, {} NBD requests, {} control lines\n",
+                r.connections, r.handshakes, r.frames, r.nbd_requests, r.control_lines
+            );
+        }
         if let Some(e) = &self.last_error {
             s += &format!("  last error: {e}\n");
         }
@@ -607,14 +662,32 @@ pub async fn serve(
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     let path: PathBuf = path.to_owned();
     let resource: Arc<str> = resource.into();
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONTROL_CONNECTIONS_MAX));
     Ok(tokio::spawn(async move {
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
-                    Ok((stream, _)) => {
-                        tokio::spawn(serve_one(stream, resource.clone(), handler.clone()));
+                    Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                        Ok(slot) => {
+                            let conn = serve_one(stream, resource.clone(), handler.clone(), stop.clone());
+                            tokio::spawn(async move {
+                                conn.await;
+                                drop(slot);
+                            });
+                        }
+                        Err(_) => {
+                            rejections::reject(RejectClass::ControlLine, "control.too-many-connections", || {
+                                format!("control socket: refused a connection, {CONTROL_CONNECTIONS_MAX} are open already")
+                            });
+                            tokio::spawn(refuse_busy(stream));
+                        }
+                    },
+                    Err(e) => {
+                        rejections::reject(RejectClass::ControlLine, "control.accept-failed", || {
+                            format!("control socket accept: {e}")
+                        });
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    Err(e) => tracing::warn!("control socket accept: {e}"),
                 },
                 _ = stop.cancelled() => break,
             }
@@ -623,59 +696,416 @@ pub async fn serve(
     }))
 }
 
-async fn serve_one(stream: UnixStream, resource: Arc<str>, handler: Arc<dyn ControlHandler>) {
-    let (rd, mut wr) = stream.into_split();
-    let mut lines = BufReader::new(rd).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if line.len() > 64 << 10 {
-            break;
+async fn refuse_busy(mut stream: UnixStream) {
+    let reply = ControlReply::error(format!(
+        "the agent already serves {CONTROL_CONNECTIONS_MAX} control connections; close some (tandem events --follow?) and retry"
+    ));
+    let _ = tokio::time::timeout(Duration::from_secs(1), write_json(&mut stream, &reply)).await;
+}
+
+async fn write_json<W: tokio::io::AsyncWrite + Unpin, T: Serialize>(
+    wr: &mut W,
+    value: &T,
+) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(value).expect("control messages serialize");
+    text.push('\n');
+    wr.write_all(text.as_bytes()).await
+}
+
+/// One piece of a control connection's input, as cut by [`LineSplitter`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LineEvent {
+    /// A complete line (without its `\n`), at most the limit long.
+    Line(Vec<u8>),
+    /// The current line passed the limit: it is refused now and its remaining
+    /// bytes, up to the next `\n`, are discarded without being kept.
+    TooLong,
+}
+
+/// Cuts a byte stream into lines of at most `max_bytes`, holding at most
+/// `max_bytes` at any time whatever the input (sans-IO, so it can be fuzzed).
+#[derive(Debug)]
+pub struct LineSplitter {
+    buf: Vec<u8>,
+    max_bytes: usize,
+    discarding: bool,
+}
+
+impl LineSplitter {
+    pub fn new(max_bytes: usize) -> LineSplitter {
+        LineSplitter {
+            buf: Vec::new(),
+            max_bytes,
+            discarding: false,
         }
-        let reply = match serde_json::from_str::<ControlRequest>(&line) {
-            Err(e) => ControlReply::error(format!("malformed control request: {e}")),
-            Ok(req) if req.resource.as_deref().is_some_and(|r| r != &*resource) => {
-                ControlReply::error(format!(
-                    "this control socket belongs to resource '{resource}', not '{}'; check --control",
-                    req.resource.as_deref().unwrap_or_default()
-                ))
+    }
+
+    /// Bytes of an unfinished line held now (never above the limit).
+    pub fn held_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Feed bytes; complete lines and refusals are appended to `out` in order.
+    pub fn push(&mut self, mut bytes: &[u8], out: &mut Vec<LineEvent>) {
+        while !bytes.is_empty() {
+            let newline = bytes.iter().position(|b| *b == b'\n');
+            let (part, rest) = match newline {
+                Some(i) => (&bytes[..i], Some(&bytes[i + 1..])),
+                None => (bytes, None),
+            };
+            if !self.discarding {
+                if self.buf.len() + part.len() > self.max_bytes {
+                    self.buf = Vec::new();
+                    self.discarding = true;
+                    out.push(LineEvent::TooLong);
+                } else {
+                    self.buf.extend_from_slice(part);
+                }
             }
-            Ok(req) if req.cmd == "status" => match handler.status().await {
-                Some(status) => ControlReply {
-                    ok: true,
-                    error: None,
-                    status: Some(status),
-                    result: None,
-                },
-                None => ControlReply::error("agent is shutting down".into()),
-            },
-            Ok(req) if req.cmd == "events" => match handler.metrics() {
-                Some(m) => ControlReply::success(
-                    serde_json::to_value(m.events.since(req.number("since").unwrap_or(0)))
-                        .expect("events serialize"),
-                ),
-                None => ControlReply::error("this agent keeps no events".into()),
-            },
-            Ok(req) => handler.other(req).await,
-        };
-        let mut text = serde_json::to_string(&reply).expect("reply serializes");
-        text.push('\n');
-        if wr.write_all(text.as_bytes()).await.is_err() {
-            break;
+            match rest {
+                Some(rest) => {
+                    if self.discarding {
+                        self.discarding = false;
+                    } else {
+                        out.push(LineEvent::Line(std::mem::take(&mut self.buf)));
+                    }
+                    bytes = rest;
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// The input ended: a last line without `\n` still counts.
+    pub fn finish(&mut self, out: &mut Vec<LineEvent>) {
+        if !self.discarding && !self.buf.is_empty() {
+            out.push(LineEvent::Line(std::mem::take(&mut self.buf)));
+        }
+        self.discarding = false;
+    }
+}
+
+/// Why a control line was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlLineError {
+    #[error(
+        "control request longer than {CONTROL_LINE_MAX_BYTES} bytes, refused; requests are one JSON object per line"
+    )]
+    TooLong,
+    #[error(
+        "control request is not UTF-8 (invalid byte at offset {offset}); send one JSON object per line, e.g. {{\"cmd\":\"status\"}}"
+    )]
+    NotUtf8 { offset: usize },
+    #[error(
+        "malformed control request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"status\"}}"
+    )]
+    Json(#[from] serde_json::Error),
+}
+
+impl ControlLineError {
+    fn key(&self) -> &'static str {
+        match self {
+            ControlLineError::TooLong => "control.line-too-long",
+            ControlLineError::NotUtf8 { .. } => "control.not-utf8",
+            ControlLineError::Json(_) => "control.malformed-json",
         }
     }
 }
 
-/// Client side: send one request and read one reply.
+/// Decode one request line (without its `\n`).
+pub fn decode_request(line: &[u8]) -> Result<ControlRequest, ControlLineError> {
+    if line.len() > CONTROL_LINE_MAX_BYTES {
+        return Err(ControlLineError::TooLong);
+    }
+    let text = std::str::from_utf8(line).map_err(|e| ControlLineError::NotUtf8 {
+        offset: e.valid_up_to(),
+    })?;
+    // A trailing '\r' (a client using CRLF) is whitespace to JSON.
+    Ok(serde_json::from_str(text)?)
+}
+
+/// Count and log a refused line; the reply to send.
+fn refuse_line(e: &ControlLineError) -> ControlReply {
+    rejections::reject(RejectClass::ControlLine, e.key(), || {
+        format!("control socket: {e}")
+    });
+    ControlReply::error(e.to_string())
+}
+
+async fn serve_one(
+    stream: UnixStream,
+    resource: Arc<str>,
+    handler: Arc<dyn ControlHandler>,
+    stop: CancellationToken,
+) {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut splitter = LineSplitter::new(CONTROL_LINE_MAX_BYTES);
+    let mut chunk = vec![0u8; 16 << 10];
+    let mut pieces = Vec::new();
+    loop {
+        let n = tokio::select! {
+            r = tokio::time::timeout(CONTROL_IDLE_TIMEOUT, rd.read(&mut chunk)) => match r {
+                Ok(Ok(n)) => n,
+                // Idle, or the client went away.
+                Ok(Err(_)) | Err(_) => return,
+            },
+            _ = stop.cancelled() => return,
+        };
+        if n == 0 {
+            splitter.finish(&mut pieces);
+        } else {
+            splitter.push(&chunk[..n], &mut pieces);
+        }
+        for piece in pieces.drain(..) {
+            let request = match piece {
+                LineEvent::TooLong => Err(ControlLineError::TooLong),
+                LineEvent::Line(line) if line.iter().all(u8::is_ascii_whitespace) => continue,
+                LineEvent::Line(line) => decode_request(&line),
+            };
+            let reply = match request {
+                Err(e) => refuse_line(&e),
+                Ok(req) if req.resource.as_deref().is_some_and(|r| r != &*resource) => {
+                    ControlReply::error(format!(
+                        "this control socket belongs to resource '{resource}', not '{}'; check --control",
+                        req.resource.as_deref().unwrap_or_default()
+                    ))
+                }
+                Ok(req) if req.cmd == "events" && req.flag("follow") => {
+                    follow(&mut rd, &mut wr, &resource, &handler, &req, &stop).await;
+                    return;
+                }
+                Ok(req) => answer(&resource, &handler, req).await,
+            };
+            if write_json(&mut wr, &reply).await.is_err() {
+                return;
+            }
+        }
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// The reply to one request (every command but `events --follow`).
+async fn answer(
+    resource: &str,
+    handler: &Arc<dyn ControlHandler>,
+    req: ControlRequest,
+) -> ControlReply {
+    match req.cmd.as_str() {
+        "status" => match handler.status().await {
+            Some(status) => ControlReply {
+                ok: true,
+                error: None,
+                status: Some(status),
+                result: None,
+            },
+            None => ControlReply::error("agent is shutting down".into()),
+        },
+        "events" => match handler.metrics() {
+            Some(m) => {
+                let mut got = m.events.since(req.number("since").unwrap_or(0));
+                let node = node_name(handler).await;
+                for e in &mut got.events {
+                    e.resource = resource.to_string();
+                    e.node.clone_from(&node);
+                }
+                ControlReply::success(serde_json::to_value(got).expect("events serialize"))
+            }
+            None => ControlReply::error("this agent keeps no events".into()),
+        },
+        _ => handler.other(req).await,
+    }
+}
+
+async fn node_name(handler: &Arc<dyn ControlHandler>) -> String {
+    handler.status().await.map(|s| s.node).unwrap_or_default()
+}
+
+/// The state dump at the start of a follow (`exists` lines), from the status.
+fn state_dump(status: &StatusDoc) -> Vec<Event> {
+    let obj = |v: serde_json::Value| match v {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    let mut dump = vec![
+        Event::unrecorded(
+            "exists",
+            "role",
+            format!("role {}, generation {}", status.role, status.generation),
+            obj(serde_json::json!({ "role": status.role, "generation": status.generation })),
+        ),
+        Event::unrecorded(
+            "exists",
+            "disk-state",
+            format!("disk state {}", status.disk_state),
+            obj(serde_json::json!({ "disk_state": status.disk_state })),
+        ),
+        Event::unrecorded(
+            "exists",
+            "connection",
+            format!(
+                "peer {} {}, peer disk {}",
+                status.peer.name,
+                status.peer.connection,
+                status.peer.disk_state.as_deref().unwrap_or("unknown")
+            ),
+            obj(serde_json::json!({
+                "peer": status.peer.name,
+                "connection": status.peer.connection,
+                "peer_disk_state": status.peer.disk_state,
+            })),
+        ),
+    ];
+    if let Some(r) = &status.resync {
+        dump.push(Event::unrecorded(
+            "exists",
+            "resync",
+            format!(
+                "resync {:.1}% ({} of {} bytes)",
+                r.percent, r.done_bytes, r.total_bytes
+            ),
+            obj(serde_json::json!({
+                "done_bytes": r.done_bytes,
+                "total_bytes": r.total_bytes,
+                "percent": r.percent,
+            })),
+        ));
+    }
+    if let Some(v) = &status.verify {
+        dump.push(Event::unrecorded(
+            "exists",
+            "verify",
+            format!("verify {} {:.1}%", v.state, v.percent),
+            obj(serde_json::json!({
+                "state": v.state,
+                "done_bytes": v.done_bytes,
+                "total_bytes": v.total_bytes,
+                "mismatched_blocks": v.mismatched_blocks,
+            })),
+        ));
+    }
+    dump.push(Event::unrecorded(
+        "dump-done",
+        "dump-done",
+        "end of the initial state".into(),
+        serde_json::Map::new(),
+    ));
+    dump
+}
+
+/// Serve `events --follow`: history after `since`, the state dump, then every
+/// event as it is recorded, until the client closes or the agent stops.
+async fn follow(
+    rd: &mut tokio::net::unix::OwnedReadHalf,
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    resource: &str,
+    handler: &Arc<dyn ControlHandler>,
+    req: &ControlRequest,
+    stop: &CancellationToken,
+) {
+    let Some(metrics) = handler.metrics() else {
+        let _ = write_json(
+            wr,
+            &ControlReply::error("this agent keeps no events".into()),
+        )
+        .await;
+        return;
+    };
+    // Subscribe before reading the state: a change racing with the dump is
+    // sent after it, never lost.
+    let (backlog, mut live) = metrics.events.follow(req.number("since").unwrap_or(0));
+    let status = handler.status().await;
+    let node = status.as_ref().map(|s| s.node.clone()).unwrap_or_default();
+    let head = ControlReply::success(serde_json::json!({
+        "following": true,
+        "last_id": backlog.last_id,
+        "missed": backlog.missed,
+    }));
+    if write_json(wr, &head).await.is_err() {
+        return;
+    }
+    let stamp = |mut e: Event| {
+        e.resource = resource.to_string();
+        e.node.clone_from(&node);
+        e
+    };
+    let dump = status.as_ref().map(state_dump).unwrap_or_default();
+    for e in backlog.events.into_iter().chain(dump) {
+        if write_json(wr, &stamp(e)).await.is_err() {
+            return;
+        }
+    }
+    let mut probe = [0u8; 1];
+    loop {
+        let e = tokio::select! {
+            r = live.recv() => match r {
+                Ok(e) => e,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let mut fields = serde_json::Map::new();
+                    fields.insert("count".into(), n.into());
+                    Event::unrecorded(
+                        "event",
+                        "missed",
+                        format!("{n} events were recorded faster than this follower read them and are not shown"),
+                        fields,
+                    )
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            // Anything from the client (or its close) ends the stream.
+            _ = rd.read(&mut probe) => return,
+            _ = stop.cancelled() => return,
+        };
+        if write_json(wr, &stamp(e)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Client side: send one request and read one reply. Not bounded in time by
+/// itself: callers bound it ([`crate::ops::ask`] with `--control-timeout`, or
+/// [`request_within`]).
 pub async fn request(path: &Path, req: &ControlRequest) -> Result<ControlReply, String> {
+    let (mut lines, _wr) = send_request(path, req).await?;
+    read_reply(path, &mut lines).await
+}
+
+/// [`request`] with an explicit timeout.
+pub async fn request_within(
+    path: &Path,
+    req: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlReply, String> {
+    tokio::time::timeout(timeout, request(path, req))
+        .await
+    .map_err(|_| {
+        format!(
+            "the agent at {} did not answer '{}' within {} s; it may be hung or overloaded: check its log (and whether the process is alive)",
+            path.display(),
+            req.cmd,
+            timeout.as_secs()
+        )
+    })?
+}
+
+type ReplyLines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;
+
+async fn send_request(
+    path: &Path,
+    req: &ControlRequest,
+) -> Result<(ReplyLines, tokio::net::unix::OwnedWriteHalf), String> {
     let stream = UnixStream::connect(path)
         .await
         .map_err(|e| format!("cannot reach the agent's control socket {}: {e}; is the agent running (see --control)?", path.display()))?;
     let (rd, mut wr) = stream.into_split();
-    let mut text = serde_json::to_string(req).expect("request serializes");
-    text.push('\n');
-    wr.write_all(text.as_bytes())
+    write_json(&mut wr, req)
         .await
         .map_err(|e| format!("control socket {}: {e}", path.display()))?;
-    let mut lines = BufReader::new(rd).lines();
+    Ok((BufReader::new(rd).lines(), wr))
+}
+
+async fn read_reply(path: &Path, lines: &mut ReplyLines) -> Result<ControlReply, String> {
     let line = lines
         .next_line()
         .await
@@ -683,4 +1113,110 @@ pub async fn request(path: &Path, req: &ControlRequest) -> Result<ControlReply, 
         .ok_or_else(|| format!("control socket {}: closed without a reply", path.display()))?;
     serde_json::from_str(&line)
         .map_err(|e| format!("control socket {}: malformed reply: {e}", path.display()))
+}
+
+/// Client side of `events --follow`: calls `on_event` for each event the agent
+/// pushes (the events after `since`, the state dump, then live ones) until the
+/// agent closes the stream. The first reply must come within
+/// [`REQUEST_TIMEOUT_DEFAULT`]; after that the stream may be quiet for as long
+/// as nothing happens.
+pub async fn follow_events(
+    path: &Path,
+    resource: Option<String>,
+    since: u64,
+    mut on_event: impl FnMut(Event),
+) -> Result<(), String> {
+    let mut req = ControlRequest::new("events");
+    req.resource = resource;
+    req.args = serde_json::json!({ "follow": true, "since": since });
+    let (mut lines, _wr) = tokio::time::timeout(REQUEST_TIMEOUT_DEFAULT, async {
+        let (mut lines, wr) = send_request(path, &req).await?;
+        let head = read_reply(path, &mut lines).await?;
+        if !head.ok {
+            return Err(head
+                .error
+                .unwrap_or_else(|| "agent refused the events request".into()));
+        }
+        Ok((lines, wr))
+    })
+    .await
+    .map_err(|_| {
+        format!(
+            "the agent at {} did not answer 'events' within {} s; it may be hung or overloaded: check its log",
+            path.display(),
+            REQUEST_TIMEOUT_DEFAULT.as_secs()
+        )
+    })??;
+    while let Some(line) = lines
+        .next_line()
+        .await
+        .map_err(|e| format!("control socket {}: {e}", path.display()))?
+    {
+        let event: Event = serde_json::from_str(&line)
+            .map_err(|e| format!("control socket {}: malformed event: {e}", path.display()))?;
+        on_event(event);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(max: usize, chunks: &[&[u8]]) -> Vec<LineEvent> {
+        let mut s = LineSplitter::new(max);
+        let mut out = Vec::new();
+        for c in chunks {
+            s.push(c, &mut out);
+            assert!(s.held_bytes() <= max);
+        }
+        s.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn lines_are_cut_at_newlines_whatever_the_chunks() {
+        let line = |s: &str| LineEvent::Line(s.as_bytes().to_vec());
+        assert_eq!(
+            split(10, &[b"ab\ncd", b"e\n", b"\n", b"tail"]),
+            vec![line("ab"), line("cde"), line(""), line("tail")]
+        );
+        // Exactly at the limit is accepted.
+        assert_eq!(split(3, &[b"abc\n"]), vec![line("abc")]);
+    }
+
+    #[test]
+    fn a_line_past_the_limit_is_refused_at_once_and_the_rest_discarded() {
+        let line = |s: &str| LineEvent::Line(s.as_bytes().to_vec());
+        let mut s = LineSplitter::new(4);
+        let mut out = Vec::new();
+        s.push(b"abc", &mut out);
+        assert!(out.is_empty());
+        s.push(b"de", &mut out);
+        // Refused as soon as the 5th byte arrives, before any newline.
+        assert_eq!(out, vec![LineEvent::TooLong]);
+        assert_eq!(s.held_bytes(), 0);
+        for _ in 0..1000 {
+            s.push(&[b'x'; 1000], &mut out);
+            assert_eq!(s.held_bytes(), 0);
+        }
+        s.push(b"zz\nok\n", &mut out);
+        assert_eq!(out, vec![LineEvent::TooLong, line("ok")]);
+        // A too-long last line without newline is refused, not delivered.
+        assert_eq!(split(2, &[b"abc"]), vec![LineEvent::TooLong]);
+    }
+
+    #[test]
+    fn undecodable_lines_get_errors_that_say_what_to_send() {
+        let e = decode_request(b"{\"cmd\":\"st\xffatus\"}").unwrap_err();
+        assert!(matches!(e, ControlLineError::NotUtf8 { offset: 10 }), "{e}");
+        assert!(e.to_string().contains("not UTF-8"), "{e}");
+        let e = decode_request(b"{\"cmd\":").unwrap_err();
+        assert!(
+            e.to_string().starts_with("malformed control request"),
+            "{e}"
+        );
+        let r = decode_request(b"{\"cmd\":\"status\"}\r").unwrap();
+        assert_eq!(r.cmd, "status");
+    }
 }

@@ -172,7 +172,12 @@ async fn rpo_check(
                 message
             }
         };
-        metrics.events.push(t.kind(), message);
+        let _ = message; // the event builds the same text (hardening: typed events)
+        metrics.events.emit(crate::metrics::events::EventKind::Rpo {
+            exceeded: matches!(t, RpoTransition::Exceeded),
+            lag_s,
+            target_s,
+        });
         if let Some(tx) = &hook_tx
             && tx.try_send((t, lag_s)).is_err()
         {

@@ -125,7 +125,8 @@ async fn host_roles(
                     } else {
                         format!("now {role}, generation {generation}, {note}")
                     };
-                    metrics.events.push("promoted", message.clone());
+                    // Typed event (hardening: `tandem events --follow`).
+                    metrics.events.emit(crate::metrics::events::EventKind::Promoted { role: role.to_string(), generation });
                     let _ = reply.send(Ok(message));
                 }
             }
@@ -169,7 +170,7 @@ async fn host_roles(
                             Ok(Ok(primary::Stopped::Done(summary))) => {
                                 tracing::info!("primary role ended: {summary}");
                                 let message = format!("demoted: {summary}");
-                                metrics.events.push("demoted", message.clone());
+                                metrics.events.emit(crate::metrics::events::EventKind::Demoted { role: "secondary".into(), detail: summary }); // typed event (hardening)
                                 let _ = reply.send(Ok(message));
                                 role = Role::Secondary;
                                 break;

@@ -385,7 +385,10 @@ pub async fn serve(
     // primary's is refused with both generations named.
     let listener_task = match cfg.listen {
         Some(addr) => {
-            let listener = transport::PeerListener::bind(addr, &security_for(&cfg)).await?;
+            // Refusals of misconfigured peers become events (hardening).
+            let listener = transport::PeerListener::bind(addr, &security_for(&cfg))
+                .await?
+                .with_events(metrics.clone());
             Some(tokio::spawn(answer_dialers(
                 listener,
                 cfg.clone(),
@@ -1870,6 +1873,15 @@ async fn answer_dialers(
                 || tracing::error!(peer = %peer_addr, "refusing a connection: {reason}"),
             );
             shared.metrics.set_error(reason.clone());
+            // Event (hardening): a dialer's Hello refused (two primaries, split brain).
+            shared
+                .metrics
+                .events
+                .emit(crate::metrics::events::EventKind::HandshakeRefused {
+                    peer_addr: peer_addr.to_string(),
+                    stage: "hello".into(),
+                    reason: reason.clone(),
+                });
             shared.set_handshake(format!("refused: {reason}"));
             link::send_refusal(&mut wr, &reason).await;
         });

@@ -38,6 +38,7 @@ use crate::engine::secondary::{
     self, Incoming, Lsn, Record, Room, SecondaryAction, SecondaryEngine, Source,
 };
 use crate::metrics::Metrics;
+use crate::metrics::events::EventKind;
 use crate::transport::{PeerListener, PeerReadHalf, PeerStream};
 use crate::types::{ByteRange, DiskState, Generation, Role, Seq, VolumeId};
 use crate::volume::Volume;
@@ -141,6 +142,8 @@ struct Node {
     /// The checkpoint being copied: its last record, and whether the volume is a
     /// consistent image after it.
     copying: Option<(Lsn, bool, Option<(Seq, u64)>)>,
+    /// The disk state last written (a change is an event).
+    recorded_disk_state: DiskState,
     /// Metadata jobs handed to the thread and finished (they finish in order).
     meta_sent: u64,
     meta_done: u64,
@@ -275,6 +278,7 @@ pub async fn serve(
     let worker = MetaWorker::start(store, sb.clone(), cfg.al_extent_bytes, meta_tx);
     let jh = jopened.thread.handle();
     let snapshot = Arc::new(std::sync::Mutex::new(Snapshot { doc: None }));
+    let recorded_disk_state = sb.disk_state;
     let mut node = Node {
         cfg: cfg.clone(),
         volume,
@@ -296,6 +300,7 @@ pub async fn serve(
         checkpoint_waiting: None,
         release_waiting: None,
         copying: None,
+        recorded_disk_state,
         meta_sent: 0,
         meta_done: 0,
         handshake_text: None,
@@ -305,7 +310,10 @@ pub async fn serve(
 
     let security = security_for(&cfg);
     let listen = cfg.listen.expect("validated");
-    let listener = PeerListener::bind(listen, &security).await?;
+    // Refusals of misconfigured peers become events (hardening).
+    let listener = PeerListener::bind(listen, &security)
+        .await?
+        .with_events(metrics.clone());
     let bound = listener.local_addr();
     tracing::info!(listen = %bound, expecting = %cfg.peer_name, "secondary listening");
     // `--export-readonly ADDR`: the last consistent image, read through the
@@ -439,6 +447,14 @@ impl Node {
     }
 
     fn write_superblock(&mut self) -> u64 {
+        if self.sb.disk_state != self.recorded_disk_state {
+            // Event (hardening): the node's disk state changed.
+            self.metrics.events.emit(EventKind::DiskState {
+                disk_state: self.sb.disk_state.to_string(),
+                previous: self.recorded_disk_state.to_string(),
+            });
+            self.recorded_disk_state = self.sb.disk_state;
+        }
         let sb = self.sb.clone();
         self.send_meta(MetaJob::Superblock { sb })
     }
@@ -663,7 +679,12 @@ impl Node {
             );
             self.metrics
                 .set_error(format!("metadata write failed: {e}"));
-            self.metrics.events.push("io-error", e);
+            self.metrics.events.emit(EventKind::IoError {
+                op: "metadata".into(),
+                error: e,
+                offset: None,
+                len: None,
+            });
         }
         self.meta_done += 1;
         if let Some((from, through, after, job)) = self.checkpoint_waiting
@@ -893,13 +914,22 @@ impl Node {
                     tracing::error!(peer = %peer_addr, "refusing primary: {refusal}");
                     self.metrics.set_error(refusal.to_string());
                     self.handshake_text = Some(format!("refused: {refusal}"));
-                    if refusal.is_split_brain() {
-                        self.metrics.events.push("split-brain", refusal.to_string());
+                    let event = if refusal.is_split_brain() {
+                        EventKind::SplitBrain {
+                            peer: hello.node_name.clone(),
+                            local_generation: self.sb.gen_current.to_string(),
+                            peer_generation: Generation(hello.generations.current).to_string(),
+                            resolution: None,
+                            detail: refusal.to_string(),
+                        }
                     } else {
-                        self.metrics
-                            .events
-                            .push("handshake-refused", refusal.to_string());
-                    }
+                        EventKind::HandshakeRefused {
+                            peer_addr: peer_addr.to_string(),
+                            stage: "hello".into(),
+                            reason: refusal.to_string(),
+                        }
+                    };
+                    self.metrics.events.emit(event);
                 }
                 link::send_refusal(&mut wr, &refusal.to_string()).await;
                 return Err(if refusal.is_quiet() {

@@ -11,6 +11,8 @@
 pub mod events;
 pub mod http;
 pub mod prometheus;
+// Counted, rate-limited rejections of hostile input (hardening).
+pub mod rejections;
 pub mod rpo;
 
 use std::sync::Mutex;
@@ -195,12 +197,18 @@ impl Metrics {
         if self.connected.swap(up, Ordering::Relaxed) == up {
             return;
         }
-        let (kind, message) = if up {
-            ("peer-connected", format!("peer connected: {detail}"))
+        // Typed events (hardening: `tandem events --follow`).
+        self.events.emit(if up {
+            events::EventKind::PeerConnected {
+                connection: "connected".into(),
+                peer: detail.into(),
+            }
         } else {
-            ("peer-disconnected", format!("peer disconnected: {detail}"))
-        };
-        self.events.push(kind, message);
+            events::EventKind::PeerDisconnected {
+                connection: "connecting".into(),
+                reason: detail.into(),
+            }
+        });
     }
 
     /// Primary: record a resync pass starting or ending, with an event on a change.
@@ -212,20 +220,18 @@ impl Metrics {
         let shipped = Metrics::get(&self.resync_shipped_blocks);
         if active {
             // "resync starts" is logged where the pass is planned, with its size.
-            self.events.push(
-                "resync-started",
-                format!("resync started: {total} blocks to send or compare"),
-            );
+            self.events.emit(events::EventKind::ResyncStarted {
+                total_blocks: total,
+            });
         } else if self.connected.load(Ordering::Relaxed) {
             tracing::info!(
                 event = "resync-done",
                 shipped_blocks = shipped,
                 "resync done: the secondary holds every block durably"
             );
-            self.events.push(
-                "resync-done",
-                format!("resync done: {shipped} blocks sent or compared"),
-            );
+            self.events.emit(events::EventKind::ResyncDone {
+                shipped_blocks: shipped,
+            });
         } else {
             tracing::warn!(
                 event = "resync-interrupted",
@@ -233,10 +239,10 @@ impl Metrics {
                 total_blocks = total,
                 "resync interrupted: the peer went away; it resumes on reconnect"
             );
-            self.events.push(
-                "resync-interrupted",
-                "resync interrupted: the peer went away".into(),
-            );
+            self.events.emit(events::EventKind::ResyncInterrupted {
+                shipped_blocks: shipped,
+                total_blocks: total,
+            });
         }
     }
 

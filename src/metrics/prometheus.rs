@@ -11,6 +11,7 @@
 use std::fmt::Write as _;
 
 use crate::agent::control::{LatencyStatus, StatusDoc};
+use crate::metrics::rejections::RejectClass;
 
 /// The Content-Type of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -242,6 +243,31 @@ pub fn render(doc: &StatusDoc) -> String {
         "Frames refused for a bad checksum or malformed content (G5).",
         c.frames_rejected,
     );
+    // Refused input (hardening, issue 14): one sample per kind, always present.
+    e.family(
+        "tandem_rejected_total",
+        "counter",
+        "Input refused since the process started: connections dropped before their handshake, failed handshakes, frames, NBD requests and control lines (label kind).",
+    );
+    for class in RejectClass::ALL {
+        e.sample(
+            "tandem_rejected_total",
+            &[("kind", class.label())],
+            doc.rejected.of_class(class) as f64,
+        );
+    }
+    e.family(
+        "tandem_rejected_reasons_total",
+        "counter",
+        "Input refused, by reason (the key of its rate-limited log line, e.g. transport.handshake-timeout).",
+    );
+    for (reason, n) in &doc.rejected.reasons {
+        e.sample(
+            "tandem_rejected_reasons_total",
+            &[("reason", reason)],
+            *n as f64,
+        );
+    }
     e.counter(
         "tandem_ahead_episodes_total",
         "Times the primary went ahead (replication window full; writes tracked in the bitmap).",
@@ -406,6 +432,19 @@ mod tests {
                 since: Some(1_700_000_000_000),
                 violations: 3,
             }),
+            rejected: crate::metrics::rejections::RejectionCounts {
+                connections: 4,
+                handshakes: 70,
+                frames: 1,
+                nbd_requests: 0,
+                control_lines: 2,
+                reasons: [
+                    ("transport.handshake-timeout".to_string(), 60),
+                    ("transport.not-tls".to_string(), 10),
+                ]
+                .into_iter()
+                .collect(),
+            },
         }
     }
 
@@ -592,6 +631,28 @@ mod tests {
         assert_eq!(value(&samples, "tandem_rpo_seconds", &[]), 10.0);
         assert_eq!(value(&samples, "tandem_rpo_exceeded", &[]), 1.0);
         assert_eq!(value(&samples, "tandem_rpo_violations_total", &[]), 3.0);
+        assert_eq!(families["tandem_rejected_total"], "counter");
+        for (kind, n) in [
+            ("connection", 4.0),
+            ("handshake", 70.0),
+            ("frame", 1.0),
+            ("nbd_request", 0.0),
+            ("control_line", 2.0),
+        ] {
+            assert_eq!(
+                value(&samples, "tandem_rejected_total", &[("kind", kind)]),
+                n,
+                "{kind}"
+            );
+        }
+        assert_eq!(
+            value(
+                &samples,
+                "tandem_rejected_reasons_total",
+                &[("reason", "transport.handshake-timeout")]
+            ),
+            60.0
+        );
     }
 
     #[test]

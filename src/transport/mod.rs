@@ -11,6 +11,23 @@
 //! Plaintext ([`Security::DangerPlaintext`]) exists for tests and benchmarks
 //! on one host and is refused on any address that is not loopback.
 //!
+//! The stream type is generic over any `AsyncRead + AsyncWrite` byte stream:
+//! [`PeerStream<S>`] (default `TcpStream`), with [`TlsClient::connect`] and
+//! [`TlsServer::accept`] running the same TLS handshake and checks over TCP or
+//! an in-memory pipe (`tokio::io::duplex`).
+//!
+//! **Hostile connections** (issue 14). The replication port may face networks
+//! the user does not control. [`PeerListener`] handshakes connections
+//! concurrently, each within a short deadline
+//! ([`HANDSHAKE_TIMEOUT_MS_DEFAULT`]), with at most
+//! [`HANDSHAKES_IN_PROGRESS_MAX`] in progress and
+//! [`HANDSHAKES_PER_SOURCE_MAX`] from one address. A new connection always
+//! gets a slot: when full, the oldest unauthenticated handshake of the address
+//! holding the most slots is dropped. So junk that connects and stalls can
+//! delay a real peer by one handshake at most, never by a queue of deadlines.
+//! Every refused connection is counted and logged rate-limited
+//! ([`crate::metrics::rejections`]).
+//!
 //! Authentication: the dialing side verifies the server certificate against
 //! `DIR/ca.pem` with server name = the expected peer name; the accepting side
 //! requires a client certificate signed by the same CA and then checks that it
@@ -22,16 +39,21 @@ mod certs;
 mod tcp;
 mod tls;
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector, client, rustls, server};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_rustls::{client, rustls, server};
+
+use crate::metrics::rejections::{self, RejectClass, Rejections};
 
 pub use backoff::Backoff;
 pub use certs::generate_certs;
@@ -41,14 +63,22 @@ pub use certs::{
     sign_node_cert,
 };
 pub use tcp::{KEEPALIVE_S_DEFAULT, USER_TIMEOUT_MS_DEFAULT, configure_tcp};
-pub use tls::Side;
+pub use tls::{Side, TlsClient, TlsServer};
 // nbd (issue 13): TLS configurations for the NBD export and its clients.
 pub use tls::{export_client_config, export_server_config};
 
-/// How long an accepted connection may take to complete its TLS handshake
-/// before it is dropped. A peer that connects and stays silent cannot hold
-/// the listener longer than this.
-pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// How long an accepted connection may take to complete its handshake before it
+/// is dropped. A TLS 1.3 handshake with client authentication takes two round
+/// trips plus a few ms of signing: under 1 s even on a 300 ms WAN link. Junk
+/// that connects and stalls is freed after this.
+pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+/// Handshakes in progress at once, from all sources. Each holds a socket and
+/// a rustls server state (~20 KiB).
+pub const HANDSHAKES_IN_PROGRESS_MAX: usize = 64;
+/// Handshakes in progress from one IP address: one address cannot take more
+/// than a quarter of the slots, so a peer at another address always finds room
+/// without evicting anyone.
+pub const HANDSHAKES_PER_SOURCE_MAX: usize = 16;
 
 /// Where this node's certificate, key and CA live, and who the peer must be.
 /// Certificates are `DIR/<node_name>.pem` + `DIR/<node_name>.key`, the CA is
@@ -143,9 +173,26 @@ pub enum TransportError {
         source: io::Error,
     },
     #[error(
-        "TLS handshake with {addr} did not finish within {timeout_ms} ms; the peer may speak plaintext (--danger-plaintext) or be stalled"
+        "handshake with {addr} did not finish within {timeout_ms} ms; the peer may not be a tandem node, speak plaintext (--danger-plaintext) to a TLS node, or be stalled"
     )]
     HandshakeTimeout { addr: SocketAddr, timeout_ms: u64 },
+    #[error(
+        "dropped the unfinished handshake with {addr} after {age_ms} ms to make room: {in_progress} handshakes in progress ({from_source} from {source_ip}); if this is the peer, something floods this port with connections"
+    )]
+    Evicted {
+        addr: SocketAddr,
+        age_ms: u64,
+        in_progress: usize,
+        from_source: usize,
+        source_ip: IpAddr,
+    },
+    #[error(
+        "peer {addr} does not speak the tandem protocol (first bytes {first_bytes}); if it is a tandem node started with TLS, start this one with TLS too (without --danger-plaintext)"
+    )]
+    NotTandem {
+        addr: SocketAddr,
+        first_bytes: String,
+    },
     #[error(
         "peer {addr} spoke plaintext to a TLS listener (first bytes {first_bytes}); start it without --danger-plaintext, with certificates from the same `tandem certs` run"
     )]
@@ -204,6 +251,44 @@ pub enum TransportError {
     },
 }
 
+impl TransportError {
+    /// How a refused connection is counted and which rate-limited log key it uses.
+    pub fn rejection(&self) -> (RejectClass, &'static str) {
+        use TransportError as E;
+        match self {
+            E::Evicted { .. } => (RejectClass::Connection, "transport.evicted"),
+            E::Accept { .. } => (RejectClass::Connection, "transport.accept-failed"),
+            E::SocketOption { .. } => (RejectClass::Connection, "transport.socket-option"),
+            E::HandshakeTimeout { .. } => (RejectClass::Handshake, "transport.handshake-timeout"),
+            E::PlaintextPeer { .. } => (RejectClass::Handshake, "transport.plaintext-peer"),
+            E::NotTandem { .. } => (RejectClass::Handshake, "transport.not-tandem"),
+            E::NotTls { .. } => (RejectClass::Handshake, "transport.not-tls"),
+            E::HandshakeClosed { .. } => (RejectClass::Handshake, "transport.handshake-closed"),
+            E::UnknownCa { .. } => (RejectClass::Handshake, "transport.unknown-ca"),
+            E::PeerName { .. } => (RejectClass::Handshake, "transport.peer-name"),
+            E::PeerCertificate { .. } => (RejectClass::Handshake, "transport.peer-certificate"),
+            E::NoClientCertificate { .. } => {
+                (RejectClass::Handshake, "transport.no-client-certificate")
+            }
+            E::PeerRefusedUs { .. } => (RejectClass::Handshake, "transport.peer-refused-us"),
+            _ => (RejectClass::Handshake, "transport.handshake-failed"),
+        }
+    }
+
+    /// A refusal an operator should hear about as an event: a tandem node (or
+    /// something holding a certificate) that is misconfigured, not random junk.
+    pub fn is_misconfigured_peer(&self) -> bool {
+        matches!(
+            self,
+            TransportError::PlaintextPeer { .. }
+                | TransportError::UnknownCa { .. }
+                | TransportError::PeerName { .. }
+                | TransportError::PeerCertificate { .. }
+                | TransportError::NoClientCertificate { .. }
+        )
+    }
+}
+
 fn check_plaintext_allowed(addr: SocketAddr) -> Result<(), TransportError> {
     if addr.ip().to_canonical().is_loopback() {
         Ok(())
@@ -212,26 +297,36 @@ fn check_plaintext_allowed(addr: SocketAddr) -> Result<(), TransportError> {
     }
 }
 
-enum Inner {
+enum Inner<S> {
     // Boxed: a TLS stream holds ~1 KiB of connection state, the TCP stream a
     // few words.
-    Client(Box<client::TlsStream<TcpStream>>),
-    Server(Box<server::TlsStream<TcpStream>>),
-    Plain(TcpStream),
+    Client(Box<client::TlsStream<S>>),
+    Server(Box<server::TlsStream<S>>),
+    Plain(S),
 }
 
-/// An established, authenticated (or loopback plaintext) link to the peer.
-pub struct PeerStream {
-    inner: Inner,
+/// An established, authenticated (or loopback plaintext) link to the peer, over
+/// TCP by default or over any byte stream `S` (an in-memory pipe in tests).
+pub struct PeerStream<S = TcpStream> {
+    inner: Inner<S>,
     peer_addr: SocketAddr,
 }
 
 /// The read half of a [`PeerStream`] (for a reader task).
-pub type PeerReadHalf = tokio::io::ReadHalf<PeerStream>;
+pub type PeerReadHalf<S = TcpStream> = tokio::io::ReadHalf<PeerStream<S>>;
 /// The write half of a [`PeerStream`] (for the sender task).
-pub type PeerWriteHalf = tokio::io::WriteHalf<PeerStream>;
+pub type PeerWriteHalf<S = TcpStream> = tokio::io::WriteHalf<PeerStream<S>>;
 
-impl PeerStream {
+impl<S> PeerStream<S> {
+    /// A plaintext link over `io` (no authentication). For tests and in-memory
+    /// links; over TCP, [`connect`] and [`PeerListener`] enforce loopback (G7).
+    pub fn plain(io: S, peer_addr: SocketAddr) -> PeerStream<S> {
+        PeerStream {
+            inner: Inner::Plain(io),
+            peer_addr,
+        }
+    }
+
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer_addr
     }
@@ -240,14 +335,16 @@ impl PeerStream {
     pub fn is_tls(&self) -> bool {
         !matches!(self.inner, Inner::Plain(_))
     }
+}
 
+impl<S: AsyncRead + AsyncWrite + Unpin> PeerStream<S> {
     /// Split into halves usable from two tasks.
-    pub fn into_split(self) -> (PeerReadHalf, PeerWriteHalf) {
+    pub fn into_split(self) -> (PeerReadHalf<S>, PeerWriteHalf<S>) {
         tokio::io::split(self)
     }
 }
 
-impl std::fmt::Debug for PeerStream {
+impl<S> std::fmt::Debug for PeerStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeerStream")
             .field("peer_addr", &self.peer_addr)
@@ -256,7 +353,7 @@ impl std::fmt::Debug for PeerStream {
     }
 }
 
-impl AsyncRead for PeerStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for PeerStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -270,7 +367,7 @@ impl AsyncRead for PeerStream {
     }
 }
 
-impl AsyncWrite for PeerStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PeerStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -334,41 +431,115 @@ pub async fn connect(
             check_plaintext_allowed(addr)?;
             None
         }
-        Security::Tls(files) => {
-            Some((files, tls::client_config(files)?, files.peer_server_name()?))
-        }
+        Security::Tls(files) => Some(TlsClient::load(files)?),
     };
     let dial = async {
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|source| TransportError::Connect { addr, source })?;
         configure_tcp(&tcp, KEEPALIVE_S_DEFAULT, USER_TIMEOUT_MS_DEFAULT)?;
-        let inner = match tls {
-            None => Inner::Plain(tcp),
-            Some((files, config, server_name)) => {
-                let stream = TlsConnector::from(config)
-                    .connect(server_name, tcp)
-                    .await
-                    .map_err(|e| tls::classify_handshake_error(files, addr, Side::Server, e))?;
-                Inner::Client(Box::new(stream))
-            }
-        };
-        Ok(PeerStream {
-            inner,
-            peer_addr: addr,
-        })
+        match tls {
+            None => Ok(PeerStream::plain(tcp, addr)),
+            Some(client) => client.connect(tcp, addr).await,
+        }
     };
     tokio::time::timeout(Duration::from_millis(timeout_ms), dial)
         .await
         .map_err(|_| TransportError::ConnectTimeout { addr, timeout_ms })?
 }
 
-/// Accepts and authenticates peer connections.
+/// Bounds of a [`PeerListener`] (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerLimits {
+    pub handshake_timeout_ms: u64,
+    pub in_progress_max: usize,
+    pub per_source_max: usize,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits {
+            handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
+            in_progress_max: HANDSHAKES_IN_PROGRESS_MAX,
+            per_source_max: HANDSHAKES_PER_SOURCE_MAX,
+        }
+    }
+}
+
+type HandshakeResult = (u64, Result<PeerStream, TransportError>);
+
+struct InProgress {
+    addr: SocketAddr,
+    started: Instant,
+    abort: AbortHandle,
+}
+
+/// The handshakes running for one listener. Owned by the listener (dropping it
+/// aborts them all); driven by whoever calls `accept`.
+#[derive(Default)]
+struct Handshakes {
+    tasks: JoinSet<HandshakeResult>,
+    in_progress: HashMap<u64, InProgress>,
+    next_id: u64,
+}
+
+impl Handshakes {
+    fn count_of_source(&self, ip: IpAddr) -> usize {
+        self.in_progress
+            .values()
+            .filter(|h| h.addr.ip() == ip)
+            .count()
+    }
+
+    /// Make room for a connection from `ip`: when its address, or the listener,
+    /// is at its limit, drop the oldest handshake of that address (or of the
+    /// address holding the most slots). Returns the dropped connection's error.
+    fn make_room(&mut self, ip: IpAddr, limits: &ListenerLimits) -> Option<TransportError> {
+        let from_ip = self.count_of_source(ip);
+        let victim_ip = if from_ip >= limits.per_source_max.max(1) {
+            ip
+        } else if self.in_progress.len() >= limits.in_progress_max.max(1) {
+            let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();
+            for h in self.in_progress.values() {
+                *per_ip.entry(h.addr.ip()).or_default() += 1;
+            }
+            per_ip
+                .into_iter()
+                .max_by_key(|(_, n)| *n)
+                .map(|(ip, _)| ip)?
+        } else {
+            return None;
+        };
+        let (&id, _) = self
+            .in_progress
+            .iter()
+            .filter(|(_, h)| h.addr.ip() == victim_ip)
+            .min_by_key(|(id, h)| (h.started, **id))?;
+        let in_progress = self.in_progress.len();
+        let from_source = self.count_of_source(victim_ip);
+        let victim = self.in_progress.remove(&id).expect("victim is in progress");
+        victim.abort.abort();
+        Some(TransportError::Evicted {
+            addr: victim.addr,
+            age_ms: victim.started.elapsed().as_millis() as u64,
+            in_progress,
+            from_source,
+            source_ip: victim_ip,
+        })
+    }
+}
+
+/// Accepts and authenticates peer connections, many handshakes at once (see
+/// the module docs for the bounds).
 pub struct PeerListener {
     listener: TcpListener,
     local_addr: SocketAddr,
-    tls: Option<(TlsFiles, TlsAcceptor)>,
-    handshake_timeout_ms: u64,
+    tls: Option<Arc<TlsServer>>,
+    limits: ListenerLimits,
+    handshakes: tokio::sync::Mutex<Handshakes>,
+    rejections: &'static Rejections,
+    /// Where refusals of misconfigured peers are recorded as events.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for PeerListener {
@@ -376,6 +547,7 @@ impl std::fmt::Debug for PeerListener {
         f.debug_struct("PeerListener")
             .field("local_addr", &self.local_addr)
             .field("tls", &self.tls.is_some())
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -392,6 +564,79 @@ fn hex_bytes(bytes: &[u8]) -> String {
     s
 }
 
+/// Wait for the first bytes of a TLS connection and refuse a peer that is not
+/// speaking TLS, naming what it sent (rustls would only say "corrupt message").
+async fn check_first_byte_tls(tcp: &TcpStream, addr: SocketAddr) -> Result<(), TransportError> {
+    let mut first = [0u8; 8];
+    let n = tcp
+        .peek(&mut first)
+        .await
+        .map_err(|source| TransportError::Handshake { addr, source })?;
+    if n == 0 {
+        return Err(TransportError::HandshakeClosed { addr });
+    }
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        return Err(TransportError::PlaintextPeer {
+            addr,
+            first_bytes: hex_bytes(&first[..n]),
+        });
+    }
+    Ok(())
+}
+
+/// Plaintext: the dialer sends its Hello first, so a tandem peer's first four
+/// bytes are the frame magic. Anything else is refused before an agent sees
+/// it, so plaintext junk costs no more than TLS junk.
+async fn check_first_bytes_plain(tcp: &TcpStream, addr: SocketAddr) -> Result<(), TransportError> {
+    let magic = crate::wire::FRAME_MAGIC.to_le_bytes();
+    let mut first = [0u8; 4];
+    loop {
+        let n = tcp
+            .peek(&mut first)
+            .await
+            .map_err(|source| TransportError::Handshake { addr, source })?;
+        if n == 0 {
+            return Err(TransportError::HandshakeClosed { addr });
+        }
+        if first[..n] != magic[..n] {
+            return Err(TransportError::NotTandem {
+                addr,
+                first_bytes: hex_bytes(&first[..n]),
+            });
+        }
+        if n == magic.len() {
+            return Ok(());
+        }
+        // peek returns at once while fewer bytes than asked are queued: wait a
+        // little for the rest (the handshake deadline bounds the loop).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn handshake(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    tls: Option<Arc<TlsServer>>,
+    timeout_ms: u64,
+) -> Result<PeerStream, TransportError> {
+    let handshake = async {
+        configure_tcp(&tcp, KEEPALIVE_S_DEFAULT, USER_TIMEOUT_MS_DEFAULT)?;
+        match tls {
+            None => {
+                check_first_bytes_plain(&tcp, addr).await?;
+                Ok(PeerStream::plain(tcp, addr))
+            }
+            Some(server) => {
+                check_first_byte_tls(&tcp, addr).await?;
+                server.accept(tcp, addr).await
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_millis(timeout_ms), handshake)
+        .await
+        .map_err(|_| TransportError::HandshakeTimeout { addr, timeout_ms })?
+}
+
 impl PeerListener {
     /// Listen on `addr`. Certificates are loaded now, so a missing file fails
     /// at startup rather than at the first connection.
@@ -404,11 +649,7 @@ impl PeerListener {
                 check_plaintext_allowed(addr)?;
                 None
             }
-            Security::Tls(files) => {
-                files.peer_server_name()?;
-                let config = tls::server_config(files)?;
-                Some((files.clone(), TlsAcceptor::from(config)))
-            }
+            Security::Tls(files) => Some(Arc::new(TlsServer::load(files)?)),
         };
         let listener = TcpListener::bind(addr)
             .await
@@ -420,13 +661,36 @@ impl PeerListener {
             listener,
             local_addr,
             tls,
-            handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
+            limits: ListenerLimits::default(),
+            handshakes: tokio::sync::Mutex::new(Handshakes::default()),
+            rejections: rejections::global(),
+            metrics: None,
         })
     }
 
     /// Change how long one connection's handshake may take.
     pub fn with_handshake_timeout_ms(mut self, handshake_timeout_ms: u64) -> Self {
-        self.handshake_timeout_ms = handshake_timeout_ms;
+        self.limits.handshake_timeout_ms = handshake_timeout_ms;
+        self
+    }
+
+    /// Change all the bounds.
+    pub fn with_limits(mut self, limits: ListenerLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Count rejections in `rejections` instead of the process-wide counters.
+    pub fn with_rejections(mut self, rejections: &'static Rejections) -> Self {
+        self.rejections = rejections;
+        self
+    }
+
+    /// Record refusals of misconfigured peers (wrong CA, wrong name, plaintext
+    /// to TLS) as `handshake-refused` events in `metrics`, at most one per
+    /// condition per log summary interval.
+    pub fn with_events(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -434,53 +698,124 @@ impl PeerListener {
         self.local_addr
     }
 
-    /// Accept one connection and authenticate it. A failed handshake returns
-    /// `Err` for that connection only; the listener stays usable. Connections
-    /// are handshaken one at a time (a replication listener expects one
-    /// peer), each bounded by the handshake timeout.
-    pub async fn accept(&self) -> Result<PeerStream, TransportError> {
-        let (tcp, addr) = self
-            .listener
-            .accept()
-            .await
-            .map_err(|source| TransportError::Accept { source })?;
-        configure_tcp(&tcp, KEEPALIVE_S_DEFAULT, USER_TIMEOUT_MS_DEFAULT)?;
-        let Some((files, acceptor)) = &self.tls else {
-            return Ok(PeerStream {
-                inner: Inner::Plain(tcp),
-                peer_addr: addr,
-            });
-        };
-        let timeout_ms = self.handshake_timeout_ms;
-        let handshake = async {
-            // Peek before handing the socket to rustls, so a plaintext peer is
-            // named as such (rustls would only say "corrupt message").
-            let mut first = [0u8; 8];
-            let n = tcp
-                .peek(&mut first)
-                .await
-                .map_err(|source| TransportError::Handshake { addr, source })?;
-            if n == 0 {
-                return Err(TransportError::HandshakeClosed { addr });
-            }
-            if first[0] != TLS_HANDSHAKE_RECORD {
-                return Err(TransportError::PlaintextPeer {
-                    addr,
-                    first_bytes: hex_bytes(&first[..n]),
-                });
-            }
-            let stream = acceptor
-                .accept(tcp)
-                .await
-                .map_err(|e| tls::classify_handshake_error(files, addr, Side::Client, e))?;
-            tls::check_client_name(files, addr, stream.get_ref().1.peer_certificates())?;
-            Ok(PeerStream {
-                inner: Inner::Server(Box::new(stream)),
-                peer_addr: addr,
-            })
-        };
-        tokio::time::timeout(Duration::from_millis(timeout_ms), handshake)
-            .await
-            .map_err(|_| TransportError::HandshakeTimeout { addr, timeout_ms })?
+    pub fn limits(&self) -> ListenerLimits {
+        self.limits
     }
+
+    /// Handshakes in progress now.
+    pub async fn handshakes_in_progress(&self) -> usize {
+        self.handshakes.lock().await.in_progress.len()
+    }
+
+    /// The next authenticated connection. Refused connections (failed or timed
+    /// out handshakes, evictions) are counted and logged rate-limited, never
+    /// returned, so this only returns `Err` if the listener cannot accept at
+    /// all. Cancel-safe: handshakes in progress go on between calls, and a
+    /// finished one waits for the next call.
+    pub async fn accept(&self) -> Result<PeerStream, TransportError> {
+        loop {
+            match self.accept_or_refuse().await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => {
+                    let accept_failed = matches!(e, TransportError::Accept { .. });
+                    self.refused(&e);
+                    if accept_failed {
+                        // EMFILE and friends: give handshakes time to finish and
+                        // free descriptors instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Count and log a refused connection; misconfigured peers also become events.
+    fn refused(&self, e: &TransportError) {
+        let (class, key) = e.rejection();
+        let logged = self
+            .rejections
+            .reject(class, key, || format!("refused a connection: {e}"));
+        if logged
+            && e.is_misconfigured_peer()
+            && let Some(m) = &self.metrics
+        {
+            m.events
+                .emit(crate::metrics::events::EventKind::HandshakeRefused {
+                    peer_addr: match e {
+                        TransportError::PlaintextPeer { addr, .. }
+                        | TransportError::UnknownCa { addr, .. }
+                        | TransportError::PeerName { addr, .. }
+                        | TransportError::PeerCertificate { addr, .. }
+                        | TransportError::NoClientCertificate { addr } => addr.to_string(),
+                        _ => String::new(),
+                    },
+                    stage: "tls".into(),
+                    reason: e.to_string(),
+                });
+        }
+    }
+
+    /// The outcome of the next connection to finish its handshake (or to be
+    /// evicted): what `accept` did before handshakes ran concurrently. For
+    /// tests and callers that want each refusal's error.
+    pub async fn accept_or_refuse(&self) -> Result<PeerStream, TransportError> {
+        let mut hs = self.handshakes.lock().await;
+        loop {
+            let has_tasks = !hs.tasks.is_empty();
+            tokio::select! {
+                biased;
+                done = hs.tasks.join_next(), if has_tasks => match done {
+                    Some(Ok((id, result))) => {
+                        hs.in_progress.remove(&id);
+                        return result;
+                    }
+                    // Evicted: already counted when it was aborted.
+                    Some(Err(e)) if e.is_cancelled() => continue,
+                    Some(Err(e)) => {
+                        // A panic inside rustls or our checks: a bug, but one
+                        // connection's, not the listener's.
+                        tracing::error!("a handshake task failed: {e}");
+                        hs.in_progress.retain(|_, h| !h.abort.is_finished());
+                        continue;
+                    }
+                    None => continue,
+                },
+                accepted = self.listener.accept() => {
+                    let (tcp, addr) =
+                        accepted.map_err(|source| TransportError::Accept { source })?;
+                    let evicted = hs.make_room(addr.ip(), &self.limits);
+                    let id = hs.next_id;
+                    hs.next_id += 1;
+                    let abort = hs.tasks.spawn(handshake_task(
+                        id,
+                        tcp,
+                        addr,
+                        self.tls.clone(),
+                        self.limits.handshake_timeout_ms,
+                    ));
+                    hs.in_progress.insert(
+                        id,
+                        InProgress {
+                            addr,
+                            started: Instant::now(),
+                            abort,
+                        },
+                    );
+                    if let Some(e) = evicted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn handshake_task(
+    id: u64,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    tls: Option<Arc<TlsServer>>,
+    timeout_ms: u64,
+) -> HandshakeResult {
+    (id, handshake(tcp, addr, tls, timeout_ms).await)
 }

@@ -18,7 +18,82 @@ use tokio_rustls::rustls::{
     ServerConfig, SignatureScheme,
 };
 
-use super::{TlsFiles, TransportError};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::{Inner, PeerStream, TlsFiles, TransportError};
+
+/// The dialing side's TLS, loaded once from the certificate files: runs the
+/// handshake over any byte stream (TCP, or an in-memory pipe in tests).
+#[derive(Clone)]
+pub struct TlsClient {
+    files: TlsFiles,
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl TlsClient {
+    pub fn load(files: &TlsFiles) -> Result<TlsClient, TransportError> {
+        Ok(TlsClient {
+            files: files.clone(),
+            connector: TlsConnector::from(client_config(files)?),
+            server_name: files.peer_server_name()?,
+        })
+    }
+
+    /// Run the client handshake over `io`: the server must present a
+    /// certificate of our CA for the expected peer name (G7). `addr` names
+    /// the peer in errors.
+    pub async fn connect<S>(&self, io: S, addr: SocketAddr) -> Result<PeerStream<S>, TransportError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let stream = self
+            .connector
+            .connect(self.server_name.clone(), io)
+            .await
+            .map_err(|e| classify_handshake_error(&self.files, addr, Side::Server, e))?;
+        Ok(PeerStream {
+            inner: Inner::Client(Box::new(stream)),
+            peer_addr: addr,
+        })
+    }
+}
+
+/// The accepting side's TLS, loaded once from the certificate files.
+#[derive(Clone)]
+pub struct TlsServer {
+    files: TlsFiles,
+    acceptor: TlsAcceptor,
+}
+
+impl TlsServer {
+    pub fn load(files: &TlsFiles) -> Result<TlsServer, TransportError> {
+        files.peer_server_name()?;
+        Ok(TlsServer {
+            files: files.clone(),
+            acceptor: TlsAcceptor::from(server_config(files)?),
+        })
+    }
+
+    /// Run the server handshake over `io`: the client must present a
+    /// certificate of our CA valid for the expected peer name (G7).
+    pub async fn accept<S>(&self, io: S, addr: SocketAddr) -> Result<PeerStream<S>, TransportError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let stream = self
+            .acceptor
+            .accept(io)
+            .await
+            .map_err(|e| classify_handshake_error(&self.files, addr, Side::Client, e))?;
+        check_client_name(&self.files, addr, stream.get_ref().1.peer_certificates())?;
+        Ok(PeerStream {
+            inner: Inner::Server(Box::new(stream)),
+            peer_addr: addr,
+        })
+    }
+}
 
 impl TlsFiles {
     pub fn ca_path(&self) -> PathBuf {

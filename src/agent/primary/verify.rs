@@ -106,6 +106,27 @@ impl Owner {
                 tracing::warn!(id = self.verify.id, "online verify failed: {reason}")
             }
         }
+        // Event (hardening): the verify's result.
+        let error = match &r.state {
+            VerifyState::Failed(reason) => Some(reason.to_string()),
+            _ => None,
+        };
+        let outcome = match (&error, r.mismatched_blocks.0, r.repair) {
+            (Some(_), _, _) => "failed",
+            (None, 0, _) => "identical",
+            (None, _, true) => "repaired",
+            (None, _, false) => "differences",
+        };
+        self.shared
+            .metrics
+            .events
+            .emit(crate::metrics::events::EventKind::VerifyDone {
+                verify_id: self.verify.id,
+                outcome: outcome.into(),
+                mismatched_blocks: r.mismatched_blocks.0,
+                compared_bytes: r.compared_blocks.0 * u64::from(self.cfg.block_size),
+                error,
+            });
         self.verify.finished_after_s = Some(elapsed_s);
     }
 

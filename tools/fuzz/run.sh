@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Run fuzz targets for a fixed time each and fail on the first crash.
+#
+#   tools/fuzz/run.sh [-t SECONDS] [-j] [TARGET...]   (default: every target, 30 s each)
+#
+# The binaries are built by tools/fuzz/build.sh (coverage-instrumented, stable
+# toolchain). Each target starts from its committed seeds
+# (tools/fuzz/corpus/TARGET) and past crashes (tools/fuzz/regressions/TARGET);
+# inputs it finds go to target/fuzz/corpus/TARGET (kept between runs, never
+# committed). A crash leaves its input in target/fuzz/artifacts/TARGET/ and
+# the script exits non-zero, printing how to keep it as a regression test.
+# Extra libFuzzer flags: FUZZ_ARGS="-max_len=4096 ...".
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+seconds=30
+all=(frame secondary nbd_option nbd_request control)
+while getopts "t:" opt; do
+  case $opt in
+    t) seconds=$OPTARG ;;
+    *) echo "usage: $0 [-t SECONDS] [TARGET...]" >&2; exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+targets=("$@")
+if ((${#targets[@]} == 0)); then targets=("${all[@]}"); fi
+
+bin_dir=$(tools/fuzz/build.sh)
+status=0
+for t in "${targets[@]}"; do
+  bin="$bin_dir/fuzz_$t"
+  [ -x "$bin" ] || { echo "run.sh: no target '$t' (known: ${all[*]})" >&2; exit 2; }
+  work="target/fuzz/corpus/$t"
+  artifacts="target/fuzz/artifacts/$t"
+  mkdir -p "$work" "$artifacts" "tools/fuzz/regressions/$t"
+  echo "run.sh: fuzzing $t for $seconds s" >&2
+  # -timeout: one input taking over 10 s is a hang and counts as a crash.
+  # -rss_limit_mb: the decoders must stay far below this on any input.
+  if ! "$bin" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+      -print_final_stats=1 -artifact_prefix="$artifacts/" ${FUZZ_ARGS:-} \
+      "$work" "tools/fuzz/corpus/$t" "tools/fuzz/regressions/$t" \
+      > "target/fuzz/$t.log" 2>&1; then
+    status=1
+    tail -n 60 "target/fuzz/$t.log" >&2
+    echo "run.sh: target $t CRASHED; input(s): $(ls "$artifacts")" >&2
+    echo "run.sh: keep it as a regression test: cp $artifacts/<crash-file> tools/fuzz/regressions/$t/<what-it-found>" >&2
+  else
+    grep -E "stat::number_of_executed_units|stat::peak_rss_mb" "target/fuzz/$t.log" | sed "s/^/run.sh: $t /" >&2
+  fi
+done
+exit "$status"
