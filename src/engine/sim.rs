@@ -33,7 +33,8 @@
 //!   durable metadata (bitmap or activity log); after the faults stop, the pair
 //!   converges to identical images with nothing left dirty.
 //!
-//! Every run prints its seed; `TANDEM_SIM_SEED=N` replays N (and the runs after it).
+//! Every run prints its seed; `TANDEM_SIM_SEED=N` replays N (and the runs after it),
+//! `TANDEM_SIM_RUNS=N` sets how many seeds each mode runs (CI: 150 per mode).
 //! Role changes and split brain are exercised by the e2e tests
 //! (tests/e2e_failover.rs, tests/e2e_split_brain.rs), not here.
 
@@ -1417,6 +1418,11 @@ fn run_many(default_base: u64, mode: Mode, runs: u64) {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default_base);
+    // `TANDEM_SIM_RUNS=N` for a longer campaign than CI's.
+    let runs: u64 = std::env::var("TANDEM_SIM_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(runs);
     let mut total = Stats::default();
     for i in 0..runs {
         let seed = base + i;
