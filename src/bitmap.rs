@@ -423,6 +423,32 @@ impl DirtyBitmap {
         }
     }
 
+    /// Replace the words of `page` by `words` (as [`page_words`](Self::page_words)
+    /// lays them out): what a persisted page image does to the bitmap read back.
+    /// Panics on a page out of range, a wrong word count, or bits past the end.
+    pub fn set_page_words(&mut self, page: BitmapPage, words: &[u64]) {
+        let start = (page.0 * PAGE_WORDS) as usize;
+        let count = self.page_words(page).len();
+        assert_eq!(words.len(), count, "page {} holds {count} words", page.0);
+        if let Some(&last) = words.last()
+            && start + count == self.words.len()
+            && self.block_count % WORD_BITS != 0
+        {
+            assert!(
+                last >> (self.block_count % WORD_BITS) == 0,
+                "bits set past the last block"
+            );
+        }
+        let mut delta = 0;
+        for (i, &w) in words.iter().enumerate() {
+            delta += self.set_word(start + i, w);
+        }
+        self.dirty_count = self
+            .dirty_count
+            .checked_add_signed(delta)
+            .expect("dirty count out of range");
+    }
+
     /// A bitmap from its words (as [`page_words`](Self::page_words) gives them,
     /// concatenated). No page counts as changed. Fails like
     /// [`from_bytes`](Self::from_bytes) on a wrong length or bits past the end.
@@ -503,6 +529,88 @@ impl DirtyBitmap {
             dirty_count,
             changed: changed_words(block_count.0),
         })
+    }
+}
+
+/// Some pages of a bitmap image, each whole: what a persist writes when an
+/// activity extent retires (ARCHITECTURE §4: "retiring one writes only the bitmap
+/// pages that cover it"), instead of a copy of the whole bitmap (32 MiB per TiB).
+/// Built from the dirty bitmap's pages, then widened with the ranges in flight
+/// ([`BitmapPages::mark`]); a page not listed is left as it is on disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BitmapPages {
+    pages: std::collections::BTreeMap<u64, Vec<u64>>,
+}
+
+impl BitmapPages {
+    /// The pages of `bm` that hold blocks of `ranges`, copied.
+    pub fn covering(
+        bm: &DirtyBitmap,
+        ranges: impl IntoIterator<Item = (BlockIndex, BlockIndex)>,
+    ) -> BitmapPages {
+        let mut pages = std::collections::BTreeMap::new();
+        for (first, end) in ranges {
+            for page in bm.pages_of(first, end) {
+                pages
+                    .entry(page.0)
+                    .or_insert_with(|| bm.page_words(page).to_vec());
+            }
+        }
+        BitmapPages { pages }
+    }
+
+    /// Set the bits of blocks `[first, end)` in the listed pages (blocks of other
+    /// pages are not part of this image).
+    pub fn mark(&mut self, first: BlockIndex, end: BlockIndex) {
+        if first.0 >= end.0 {
+            return;
+        }
+        let (lo, hi) = (first.0 / PAGE_BLOCKS, (end.0 - 1) / PAGE_BLOCKS);
+        for (&page, words) in self.pages.range_mut(lo..=hi) {
+            DirtyBitmap::mark_in_page(BitmapPage(page), words, first, end);
+        }
+    }
+
+    /// Whether block `b` is listed and set.
+    pub fn is_dirty(&self, b: BlockIndex) -> bool {
+        let rel = b.0 % PAGE_BLOCKS;
+        self.pages.get(&(b.0 / PAGE_BLOCKS)).is_some_and(|w| {
+            w.get((rel / WORD_BITS) as usize)
+                .is_some_and(|word| word >> (rel % WORD_BITS) & 1 == 1)
+        })
+    }
+
+    /// Whether page `page` is listed.
+    pub fn contains(&self, page: BitmapPage) -> bool {
+        self.pages.contains_key(&page.0)
+    }
+
+    /// The listed pages, ascending, with their words.
+    pub fn iter(&self) -> impl Iterator<Item = (BitmapPage, &[u64])> + '_ {
+        self.pages
+            .iter()
+            .map(|(&p, w)| (BitmapPage(p), w.as_slice()))
+    }
+
+    /// The words of a listed page.
+    pub fn words(&self, page: BitmapPage) -> Option<&[u64]> {
+        self.pages.get(&page.0).map(Vec::as_slice)
+    }
+
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// Write the listed pages into `bm` (what the bitmap read back after this
+    /// image was persisted holds).
+    pub fn apply_to(&self, bm: &mut DirtyBitmap) {
+        for (page, words) in self.iter() {
+            bm.set_page_words(page, words);
+        }
     }
 }
 

@@ -11,15 +11,16 @@ use std::thread::JoinHandle;
 
 use tokio::sync::mpsc;
 
-use crate::bitmap::DirtyBitmap;
+use crate::bitmap::{BitmapPages, DirtyBitmap};
 use crate::meta::{MetaStore, Superblock};
 
 /// A durable write to make.
 pub enum MetaJob {
-    /// Persist `bitmap` first when given (extents retired), then the activity log.
+    /// Persist the bitmap pages first when given (the pages of retired extents;
+    /// the others stay as they are on disk), then the activity log.
     Activity {
         active: Vec<u32>,
-        bitmap: Option<DirtyBitmap>,
+        bitmap: Option<BitmapPages>,
     },
     /// Persist the bitmap (resync progress).
     Bitmap { bitmap: DirtyBitmap },
@@ -58,8 +59,17 @@ impl MetaWorker {
                     let result = match job {
                         MetaJob::Activity { active, bitmap } => {
                             let r = (|| {
-                                if let Some(bm) = bitmap {
-                                    store.persist_bitmap(&mut sb, &bm)?;
+                                if let Some(pages) = bitmap {
+                                    // One pwrite per run of pages, one fdatasync; the
+                                    // superblock is not rewritten (bitmap_valid holds).
+                                    store.persist_bitmap_pages_with(
+                                        pages.iter().map(|(p, _)| p),
+                                        |page, words| {
+                                            words.copy_from_slice(
+                                                pages.words(page).expect("a listed page"),
+                                            )
+                                        },
+                                    )?;
                                 }
                                 store.write_activity(extent_bytes, &active)
                             })();

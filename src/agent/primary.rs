@@ -341,6 +341,11 @@ pub async fn serve(
         cfg.al_extents_max,
     ));
     engine.set_generation_shared_with_peer(sb.gen_bitmap_base == Generation::NONE);
+    // scale (issue 11): image files say where their holes are; resyncs send those
+    // as zero chunks without reading them.
+    if !volume.is_block_device() {
+        engine.enable_hole_probes();
+    }
     let mut cursor = BlockIndex(0);
     while let Some((first, n)) = start.verify.next_dirty_run(cursor, BlockCount(u64::MAX)) {
         engine.mark_verify(first, BlockIndex(first.0 + n.0));
@@ -752,6 +757,7 @@ impl Owner {
                 self.meta().send(MetaJob::Activity { active, bitmap })
             }
             Action::PersistBitmap { bitmap } => self.meta().send(MetaJob::Bitmap { bitmap }),
+            Action::ProbeHoles { offset, len } => self.probe_holes(offset, len, out),
             Action::Poisoned { reason } => {
                 tracing::error!(
                     "volume poisoned: {reason}; every further request fails until the agent is restarted after checking the disk"
@@ -869,6 +875,36 @@ impl Owner {
         }
     }
 
+    /// Answer a hole probe of the resync (scale, issue 11) at once: the data
+    /// ranges of `[offset, offset + len)`, at most `PROBE_RANGES_MAX` of them (the
+    /// answer then covers less). A failed lseek answers "all data".
+    fn probe_holes(&mut self, offset: u64, len: u64, out: &mut Actions) {
+        const PROBE_RANGES_MAX: usize = 4096;
+        let bs = u64::from(self.cfg.block_size);
+        let mut data = Vec::new();
+        let mut covered = len;
+        for r in self.volume.allocated_ranges(offset, len, bs) {
+            match r {
+                Ok(r) if data.len() == PROBE_RANGES_MAX => {
+                    covered = r.start - offset;
+                    break;
+                }
+                Ok(r) => data.push(r),
+                Err(e) => {
+                    tracing::warn!(
+                        offset,
+                        len,
+                        "cannot tell the volume's holes ({e}): reading them"
+                    );
+                    data = vec![offset..offset + len];
+                    covered = len;
+                    break;
+                }
+            }
+        }
+        self.engine.holes_probed(offset, covered, &data, out);
+    }
+
     /// Start the local I/O the engine asked for.
     fn start_local(
         &mut self,
@@ -923,25 +959,14 @@ impl Owner {
                         .map_err(|e| errno_of(&e)),
                 },
                 OpKind::HashRead | OpKind::VerifyRead | OpKind::RangeHashRead => {
-                    let result = match volume.read(range.offset, range.len as u32).await {
-                        Ok(data) => {
-                            let hashes = crate::resync::hash_blocks(&data, hash_unit_bytes);
-                            let mut buf = BytesMut::with_capacity(32 * hashes.len());
-                            for h in hashes {
-                                buf.extend_from_slice(&h);
-                            }
-                            Ok(ReadResult::Hashes(buf.freeze()))
-                        }
-                        Err(e) => Err(errno_of(&e)),
-                    };
+                    let result = hash_read(&volume, range, hash_unit_bytes)
+                        .await
+                        .map(ReadResult::Hashes)
+                        .map_err(|e| errno_of(&e));
                     IoDone::Read { seq, result }
                 }
                 OpKind::ResyncRead => {
-                    let result = match volume.read(range.offset, range.len as u32).await {
-                        Ok(data) if is_all_zero(&data) => Ok(ReadResult::Zero),
-                        Ok(data) => Ok(ReadResult::Data(data)),
-                        Err(e) => Err(errno_of(&e)),
-                    };
+                    let result = resync_read(&volume, range).await.map_err(|e| errno_of(&e));
                     IoDone::Read { seq, result }
                 }
             };
@@ -1403,6 +1428,63 @@ fn disk_state_name(code: u8) -> String {
         _ => "Unknown",
     }
     .to_string()
+}
+
+/// A resync read (scale, issue 11): a range in a hole of the image is not read;
+/// read data that is all zeros goes as a zero frame too. A range longer than one
+/// read is a zero chunk the engine built from a hole probe: it must still be a
+/// hole (or zeros); finding data there is an error (something else wrote the
+/// image), which ends the session and leaves the blocks dirty.
+async fn resync_read(volume: &Volume, range: ByteRange) -> std::io::Result<ReadResult<Bytes>> {
+    const PIECE: u64 = 8 << 20;
+    if volume.knows_holes() && volume.next_data(range.offset, range.end()).await?.is_none() {
+        return Ok(ReadResult::Zero);
+    }
+    if range.len > 32 << 20 {
+        let mut at = range.offset;
+        while at < range.end() {
+            let n = (range.end() - at).min(PIECE);
+            if !is_all_zero(&volume.read(at, n as u32).await?) {
+                return Err(std::io::Error::other(format!(
+                    "a resync zero chunk ({} bytes at {}) found data at {at}: the image changed behind this agent",
+                    range.len, range.offset
+                )));
+            }
+            at += n;
+        }
+        return Ok(ReadResult::Zero);
+    }
+    let data = volume.read(range.offset, range.len as u32).await?;
+    Ok(if is_all_zero(&data) {
+        ReadResult::Zero
+    } else {
+        ReadResult::Data(data)
+    })
+}
+
+/// Block hashes of a comparison or verify read; a range in a hole of the image is
+/// hashed as zeros without reading it (scale, issue 11).
+async fn hash_read(volume: &Volume, range: ByteRange, unit_bytes: u32) -> std::io::Result<Bytes> {
+    let hole = volume.knows_holes() && volume.next_data(range.offset, range.end()).await?.is_none();
+    let mut buf = BytesMut::with_capacity(32 * range.len.div_ceil(u64::from(unit_bytes)) as usize);
+    if hole {
+        let unit = u64::from(unit_bytes);
+        let zeros = vec![0u8; unit_bytes as usize];
+        let full = *blake3::hash(&zeros).as_bytes();
+        for _ in 0..range.len / unit {
+            buf.extend_from_slice(&full);
+        }
+        let rest = (range.len % unit) as usize;
+        if rest > 0 {
+            buf.extend_from_slice(blake3::hash(&zeros[..rest]).as_bytes());
+        }
+    } else {
+        let data = volume.read(range.offset, range.len as u32).await?;
+        for h in crate::resync::hash_blocks(&data, unit_bytes) {
+            buf.extend_from_slice(&h);
+        }
+    }
+    Ok(buf.freeze())
 }
 
 pub(crate) fn is_all_zero(data: &[u8]) -> bool {

@@ -1498,11 +1498,9 @@ async fn copy_records(
                     volume.write(r.range.offset, data, false).await
                 }
             }
-            RecordKind::Zeroes => {
-                volume
-                    .write_zeroes(r.range.offset, r.range.len, false)
-                    .await
-            }
+            // A zero range stays unallocated (punch_hole writes zeros where the
+            // volume cannot punch): write_zeroes' ZERO_RANGE allocates it (issue 11).
+            RecordKind::Zeroes => volume.punch_hole(r.range.offset, r.range.len).await,
             RecordKind::Trim => volume.trim(r.range.offset, r.range.len).await,
             _ => Ok(()),
         };

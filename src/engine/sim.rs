@@ -165,7 +165,7 @@ struct Primary {
     flushing: Option<LocalFlushId>,
     /// An activity-log write in flight: the bitmap to persist first (None once
     /// it is durable), then the active set.
-    al_write: Option<(Option<DirtyBitmap>, Vec<u32>)>,
+    al_write: Option<(Option<crate::bitmap::BitmapPages>, Vec<u32>)>,
     persist: Option<DirtyBitmap>,
     /// Client writes and flushes not answered yet: token → what they cover.
     clients: HashMap<u64, Client>,
@@ -485,6 +485,8 @@ impl Sim {
                     p.al_write = Some((bitmap, active));
                 }
                 Action::PersistBitmap { bitmap } => p.persist = Some(bitmap),
+                // scale: the simulated volume does not answer hole probes (not enabled).
+                Action::ProbeHoles { .. } => unreachable!("hole probes are not enabled"),
                 Action::StartGenerationAlone => {
                     // Durable before any write alone (modelled as immediate).
                     self.pmeta.sb = recovery::start_generation_alone(&self.pmeta.sb);
@@ -634,8 +636,9 @@ impl Sim {
             return;
         }
         match p.al_write.take() {
-            Some((Some(bm), active)) => {
-                self.pmeta.bitmap = bm;
+            Some((Some(pages), active)) => {
+                // scale (issue 11): a retirement persists only its extents' pages.
+                pages.apply_to(&mut self.pmeta.bitmap);
                 p.al_write = Some((None, active));
             }
             Some((None, active)) => {

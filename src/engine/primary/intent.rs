@@ -21,8 +21,9 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::{Action, LocalStage, PrimaryEngine, ShipStage};
+use crate::bitmap::BitmapPages;
 use crate::engine::activity::ActiveSet;
-use crate::types::{ByteRange, Seq};
+use crate::types::{BlockIndex, ByteRange, Seq};
 
 pub(super) struct Intent {
     set: ActiveSet,
@@ -33,8 +34,9 @@ pub(super) struct Intent {
     recording: HashMap<u32, u64>,
     /// The set changed since the last write was issued.
     changed: bool,
-    /// Extents left the set since the last write was issued.
-    retired: bool,
+    /// Extents that left the set since the last write was issued: their bitmap
+    /// pages are persisted before the write that drops them.
+    retired: Vec<u32>,
     /// Ops waiting for log write n.
     waiters: BTreeMap<u64, Vec<Seq>>,
     /// Ops whose extents did not fit (every active extent pinned), in seq order.
@@ -53,7 +55,7 @@ impl Intent {
             completed: 0,
             recording: HashMap::new(),
             changed: false,
-            retired: false,
+            retired: Vec::new(),
             waiters: BTreeMap::new(),
             blocked: VecDeque::new(),
             pins: HashMap::new(),
@@ -74,7 +76,7 @@ impl Intent {
         self.pins.insert(seq, (range, count));
         if let Some(t) = transition {
             self.changed = true;
-            self.retired |= !t.retired.is_empty();
+            self.retired.extend_from_slice(&t.retired);
             for e in t.activated {
                 self.recording.insert(e, self.issued + 1);
             }
@@ -149,6 +151,9 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         in_stream: bool,
         out: &mut Vec<Action<T, D>>,
     ) -> bool {
+        // The range may hold data from now on (hole hints of resync passes).
+        let (a, b) = range.blocks(self.cfg.block_size);
+        self.resync.holes.forget(a.0, b.0);
         let Some(intent) = self.intent.as_mut() else {
             return true;
         };
@@ -179,8 +184,41 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         intent.changed = false;
         let retired = std::mem::take(&mut intent.retired);
         let active = intent.set.active();
-        let bitmap = retired.then(|| self.persist_image());
+        let bitmap = (!retired.is_empty()).then(|| self.retirement_pages(&retired));
         out.push(Action::WriteActivityLog { active, bitmap });
+    }
+
+    /// The pages of [`PrimaryEngine::persist_image`] that hold the blocks of the
+    /// `retired` extents, built page by page (issue 11: a copy of the whole bitmap
+    /// per retirement made random writes over a large volume cost O(volume size)).
+    /// Pages not listed stay as they are on disk: their blocks that may differ are
+    /// either of active extents (covered by the log) or were on disk already when
+    /// their own extent retired; bits cleared since then are cleared lazily by the
+    /// next periodic or final persist (a stale set bit only resends a block).
+    pub(super) fn retirement_pages(&self, retired: &[u32]) -> BitmapPages {
+        let intent = self.intent.as_ref().expect("activity log enabled");
+        let bs = u64::from(self.cfg.block_size);
+        let per_extent = intent.extent_bytes() / bs;
+        let blocks = self.dirty.block_count().0;
+        let ranges = retired.iter().map(|&e| {
+            let first = (u64::from(e) * per_extent).min(blocks);
+            (
+                BlockIndex(first),
+                BlockIndex((first + per_extent).min(blocks)),
+            )
+        });
+        let mut pages = BitmapPages::covering(&self.dirty, ranges);
+        for (a, b) in self.stream.unacked_block_ranges(self.cfg.block_size) {
+            pages.mark(a, b);
+        }
+        for op in self.ops.values().filter(|op| op.kind.is_client()) {
+            let (a, b) = op.range.blocks(self.cfg.block_size);
+            pages.mark(a, b);
+        }
+        for (a, b) in self.flush.volatile_runs() {
+            pages.mark(a, b);
+        }
+        pages
     }
 
     /// The activity-log write issued last is durable (or failed: then the volume is

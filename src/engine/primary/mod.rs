@@ -49,7 +49,7 @@ use crate::engine::sequencer::RangeSequencer;
 use crate::types::{BlockCount, BlockIndex, ByteRange, Seq};
 
 pub use flush::LocalFlushId;
-pub use resync::{RANGE_HASH_BLOCKS, ResyncProgress};
+pub use resync::{HOLE_PROBE_BYTES, RANGE_HASH_BLOCKS, ResyncProgress, ZERO_CHUNK_BYTES_MAX};
 pub use verify::{VERIFY_CHUNKS_IN_FLIGHT_MAX, VerifyRefusal, VerifyReport, VerifyState};
 
 /// Replication mode (one word, one meaning: "sync" is the mode, "flush" the block operation).
@@ -277,12 +277,17 @@ pub enum Action<T, D> {
     StartLocalFlush { id: LocalFlushId },
     /// Write the activity log with this active set durably, then call
     /// [`PrimaryEngine::activity_written`]. When `bitmap` is given (extents
-    /// retired), persist it durably FIRST: it covers the retired extents' blocks
-    /// that may differ (ARCHITECTURE §4).
+    /// retired), persist those bitmap pages durably FIRST: they cover the retired
+    /// extents' blocks that may differ (ARCHITECTURE §4); other pages stay as on disk.
     WriteActivityLog {
         active: Vec<u32>,
-        bitmap: Option<DirtyBitmap>,
+        // scale (issue 11): only the pages covering the retired extents.
+        bitmap: Option<crate::bitmap::BitmapPages>,
     },
+    /// scale (issue 11): tell where `[offset, offset + len)` holds data (SEEK_DATA),
+    /// at once, with [`PrimaryEngine::holes_probed`] (only after
+    /// [`PrimaryEngine::enable_hole_probes`]).
+    ProbeHoles { offset: u64, len: u64 },
     /// Persist this bitmap (resync progress); report with
     /// [`PrimaryEngine::bitmap_persisted`].
     PersistBitmap { bitmap: DirtyBitmap },

@@ -32,6 +32,87 @@ use crate::types::{BlockCount, BlockIndex, ByteRange, Seq};
 /// (the usual case) do much better.
 pub const RANGE_HASH_BLOCKS: u64 = 16;
 
+/// Bytes of the volume one hole probe asks about ([`Action::ProbeHoles`]).
+pub const HOLE_PROBE_BYTES: u64 = 64 << 30;
+
+/// Largest zero chunk (payload-free): a hole of a sparse volume goes in frames of
+/// up to this many bytes, so a 1 TiB volume holding little data syncs in a few
+/// dozen frames instead of a million reads of zeros (issue 11).
+pub const ZERO_CHUNK_BYTES_MAX: u64 = 16 << 30;
+
+/// What the agent reported of the volume's allocation (SEEK_DATA / SEEK_HOLE),
+/// kept true as client writes arrive: the hint that lets a resync pass send holes
+/// as zero chunks without reading them.
+///
+/// Soundness: a zero chunk gets a seq like any resync chunk, so on the secondary it
+/// lands after every write with a smaller seq; it must therefore equal this node's
+/// image as of its seq. A probe answered while client writes were in flight may not
+/// see them, so their ranges are taken out of the answer; every client write
+/// admitted later takes its range out of the hint when it is admitted (before any
+/// chunk after it can be produced). What remains read as zeros at the chunk's seq.
+#[derive(Debug, Default)]
+pub(super) struct Holes {
+    /// The agent answers probes (image files whose file system reports holes).
+    pub(super) enabled: bool,
+    /// Blocks `[from, to)` are described: hole runs (first → end) in `zero`,
+    /// everything else there may hold data.
+    from: u64,
+    to: u64,
+    zero: std::collections::BTreeMap<u64, u64>,
+    /// A probe was asked and not answered yet.
+    probing: bool,
+}
+
+impl Holes {
+    fn covers(&self, b: u64) -> bool {
+        self.from <= b && b < self.to
+    }
+
+    /// End of the hole holding `b`, if any.
+    fn hole_end(&self, b: u64) -> Option<u64> {
+        self.zero
+            .range(..=b)
+            .next_back()
+            .filter(|(_, e)| **e > b)
+            .map(|(_, e)| *e)
+    }
+
+    /// Start of the first hole after `b`.
+    fn next_hole(&self, b: u64) -> Option<u64> {
+        self.zero.range(b + 1..).next().map(|(s, _)| *s)
+    }
+
+    /// Blocks `[first, end)` may hold data from now on.
+    pub(super) fn forget(&mut self, first: u64, end: u64) {
+        if first >= end || self.zero.is_empty() {
+            return;
+        }
+        let hit: Vec<(u64, u64)> = self
+            .zero
+            .range(..end)
+            .rev()
+            .take_while(|(_, e)| **e > first)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in hit {
+            self.zero.remove(&s);
+            if s < first {
+                self.zero.insert(s, first);
+            }
+            if e > end {
+                self.zero.insert(end, e);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.from = 0;
+        self.to = 0;
+        self.zero.clear();
+        self.probing = false;
+    }
+}
+
 /// Progress of a resync pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResyncProgress {
@@ -63,6 +144,8 @@ pub(super) struct Resync {
     last_refill_ms: Option<u64>,
     /// Blocks shipped by the passes of the current section (for the InSync note).
     section_blocks: u64,
+    /// Holes of the volume ahead of the cursor (when the agent answers probes).
+    pub(super) holes: Holes,
 }
 
 impl Resync {
@@ -74,6 +157,7 @@ impl Resync {
             budget_bytes: 0,
             last_refill_ms: None,
             section_blocks: 0,
+            holes: Holes::default(),
         }
     }
 
@@ -135,6 +219,9 @@ impl Resync {
     pub(super) fn session_ended(&mut self) {
         self.pass = None;
         self.last_refill_ms = None;
+        let enabled = self.holes.enabled;
+        self.holes.clear();
+        self.holes.enabled = enabled;
     }
 }
 
@@ -184,7 +271,59 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
 
     /// Whether a resync chunk could be produced now.
     pub fn wants_resync_chunk(&self) -> bool {
-        self.is_shipping() && self.resync.pass.as_ref().is_some_and(|p| !p.exhausted)
+        self.is_shipping()
+            && !self.resync.holes.probing
+            && self.resync.pass.as_ref().is_some_and(|p| !p.exhausted)
+    }
+
+    /// The agent can say where the volume's holes are (an image file on a file
+    /// system with SEEK_DATA): resync passes then ask ([`Action::ProbeHoles`]) and
+    /// send holes as zero chunks without reading them.
+    pub fn enable_hole_probes(&mut self) {
+        self.resync.holes.enabled = true;
+    }
+
+    /// The answer to [`Action::ProbeHoles`]: of `[offset, offset + len)` (`len` may
+    /// be shorter than asked: the answer covers only that much), only `data` may
+    /// hold data (ranges in order, any alignment); the rest reads as zeros. Must be
+    /// given before any other event (the agent answers as it carries out the
+    /// action), and read the allocation after every write completed so far.
+    pub fn holes_probed(
+        &mut self,
+        offset: u64,
+        len: u64,
+        data: &[std::ops::Range<u64>],
+        out: &mut Vec<Action<T, D>>,
+    ) {
+        let bs = u64::from(self.cfg.block_size);
+        let holes = &mut self.resync.holes;
+        holes.probing = false;
+        holes.zero.clear();
+        holes.from = offset.div_ceil(bs);
+        holes.to = (offset + len)
+            .min(self.cfg.size_bytes)
+            .div_ceil(bs)
+            .max(holes.from);
+        if offset + len >= self.cfg.size_bytes {
+            holes.to = self.dirty.block_count().0;
+        }
+        let mut at = holes.from;
+        for r in data {
+            let (a, b) = (r.start / bs, r.end.div_ceil(bs).min(holes.to));
+            if a > at {
+                holes.zero.insert(at, a.min(holes.to));
+            }
+            at = at.max(b);
+        }
+        if at < holes.to {
+            holes.zero.insert(at, holes.to);
+        }
+        // Writes in flight may be missing from the answer.
+        for op in self.ops.values().filter(|op| op.kind.is_client()) {
+            let (a, b) = op.range.blocks(self.cfg.block_size);
+            self.resync.holes.forget(a.0, b.0);
+        }
+        self.pump_resync(out);
     }
 
     /// Produce chunks while the rate limit and the window allow.
@@ -219,7 +358,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         let bs = self.cfg.block_size as u64;
         let max_blocks = BlockCount(self.cfg.resync_chunk_bytes / bs);
         let cursor = self.resync.pass.as_ref().expect("checked").progress.cursor;
-        let Some((first, run)) = self.dirty.next_dirty_run(cursor, max_blocks) else {
+        let Some((first, mut run)) = self.dirty.next_dirty_run(cursor, max_blocks) else {
             let blocks = self.dirty.block_count();
             let p = self.resync.pass.as_mut().expect("checked");
             p.exhausted = true;
@@ -227,6 +366,45 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             self.maybe_finish_pass(out);
             return;
         };
+        if self.resync.holes.enabled {
+            let holes = &mut self.resync.holes;
+            if !holes.covers(first.0) {
+                holes.probing = true;
+                let offset = first.0 * bs;
+                out.push(Action::ProbeHoles {
+                    offset,
+                    len: HOLE_PROBE_BYTES.min(self.cfg.size_bytes - offset),
+                });
+                return;
+            }
+            if let Some(end) = holes.hole_end(first.0) {
+                // A hole: one zero chunk over the dirty run inside it, compared
+                // blocks included (zeros sent are exact, a hash costs a read).
+                let cap = (end - first.0).min(ZERO_CHUNK_BYTES_MAX / bs);
+                let (_, n) = self
+                    .dirty
+                    .next_dirty_run(first, BlockCount(cap))
+                    .expect("first is dirty");
+                let end = BlockIndex(first.0 + n.0);
+                self.resync.verify.clear(first, end);
+                self.resync.fine.clear(first, end);
+                let range = ByteRange::new(
+                    first.0 * bs,
+                    (n.0 * bs).min(self.cfg.size_bytes - first.0 * bs),
+                );
+                let p = self.resync.pass.as_mut().expect("checked");
+                p.progress.cursor = end;
+                p.live += 1;
+                let seq = self.admit_internal(range, OpKind::ResyncRead, out);
+                self.stream
+                    .enqueue_carried(seq, range, self.now_ms, Carried::Data, 0);
+                return;
+            }
+            // Data: stop where the next hole starts, which goes as a zero chunk.
+            if let Some(h) = holes.next_hole(first.0) {
+                run = BlockCount(run.0.min(h - first.0));
+            }
+        }
         // Blocks to verify go out as hashes (at most HASHES_PER_CHECK_MAX), the others
         // as data; a chunk is one or the other. Whole ranges are compared first (one
         // hash per range_hash_blocks), blocks of a range that differed one by one.

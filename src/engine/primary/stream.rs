@@ -197,6 +197,18 @@ impl Stream {
         }
     }
 
+    /// The block ranges [`Self::mark_unacked`] marks, one by one (scale, issue 11:
+    /// a retirement persists only the bitmap pages of its extents).
+    pub(super) fn unacked_block_ranges(
+        &self,
+        block_size: u32,
+    ) -> impl Iterator<Item = (crate::types::BlockIndex, crate::types::BlockIndex)> + '_ {
+        self.unacked
+            .iter()
+            .filter(|u| u.carried != Carried::Verify)
+            .map(move |u| u.range.blocks(block_size))
+    }
+
     /// A range was marked dirty outside the stream: resync chunks in flight over it
     /// must not clear it when durable.
     pub(super) fn keep_dirty(&mut self, range: ByteRange) {
