@@ -1078,9 +1078,10 @@ impl Owner {
     /// passed, or there is no session to drain to).
     fn drain_over(&self) -> bool {
         let settled = self.engine.ops_in_flight() == 0 && self.engine.parked() == 0;
-        let synced = self.engine.is_in_sync() && self.engine.lag().writes == 0;
         let d = self.draining.as_ref().expect("draining");
-        (settled && (synced || self.session.is_none())) || tokio::time::Instant::now() >= d.deadline
+        self.engine.ready_to_hand_over()
+            || (settled && self.session.is_none())
+            || tokio::time::Instant::now() >= d.deadline
     }
 
     fn on_io(&mut self, done: IoDone, out: &mut Actions) {
@@ -1312,7 +1313,7 @@ impl Owner {
         meta_rx: &mut mpsc::UnboundedReceiver<MetaDone>,
     ) -> Result<(), AgentError> {
         let draining = self.draining.take();
-        let in_sync = self.engine.is_in_sync() && self.engine.lag().writes == 0;
+        let in_sync = self.engine.ready_to_hand_over();
         let out_of_sync = self.engine.out_of_sync();
         let out_of_sync_bytes = out_of_sync.dirty_count().0 * self.cfg.block_size as u64;
         let (demote, force) = draining
