@@ -308,6 +308,10 @@ pub async fn serve(
             send_bytes = send_blocks * bs,
             "previous run stopped uncleanly: resyncing the bitmap, and comparing the activity log's extents by hash"
         ),
+        recovery::Recovery::Poisoned { compare_blocks } => tracing::warn!(
+            compare_bytes = compare_blocks * bs,
+            "this disk failed a write or fdatasync before (poisoned); started with --force: every block will be compared with the peer by hash"
+        ),
         recovery::Recovery::Unknown {
             bitmap_valid,
             activity_log_intact,
@@ -760,6 +764,13 @@ impl Owner {
                     .metrics
                     .set_error(format!("volume poisoned: {reason}"));
                 self.shared.metrics.events.push("io-error", reason);
+                // Issue 9 item 5: remembered across restarts (recovery refuses to
+                // serve this disk again without --force).
+                if !self.sb.poisoned {
+                    self.sb.poisoned = true;
+                    let sb = self.sb.clone();
+                    self.meta().send(MetaJob::Superblock { sb });
+                }
             }
             Action::StartGenerationAlone => {
                 self.sb = recovery::start_generation_alone(&self.sb);
@@ -1294,6 +1305,7 @@ impl Owner {
             self.sb.volume_id,
             self.sb.gen_current,
         );
+        doc.poisoned = self.sb.poisoned || self.engine.is_poisoned();
         doc.generations = Some(control::GenerationsStatus::of(&self.sb));
         doc.handshake = self
             .shared
