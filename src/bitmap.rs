@@ -1002,4 +1002,37 @@ mod tests {
             prop_assert_eq!(reported, model_changed.into_iter().collect::<Vec<_>>());
         }
     }
+    #[test]
+    fn bitmap_pages_hold_whole_pages_and_apply_back() {
+        let blocks = 3 * PAGE_BLOCKS + 10;
+        let mut bm = DirtyBitmap::new(BlockCount(blocks));
+        bm.mark(BlockIndex(5), BlockIndex(7));
+        bm.mark(BlockIndex(PAGE_BLOCKS + 1), BlockIndex(PAGE_BLOCKS + 2));
+        bm.mark(BlockIndex(3 * PAGE_BLOCKS + 9), BlockIndex(blocks));
+        // Pages of blocks in page 1 and the last page only.
+        let mut pages = BitmapPages::covering(
+            &bm,
+            [
+                (BlockIndex(PAGE_BLOCKS), BlockIndex(PAGE_BLOCKS + 4)),
+                (BlockIndex(blocks - 1), BlockIndex(blocks)),
+            ],
+        );
+        assert_eq!(pages.len(), 2);
+        assert!(pages.contains(BitmapPage(1)) && pages.contains(BitmapPage(3)));
+        assert!(pages.is_dirty(BlockIndex(PAGE_BLOCKS + 1)));
+        assert!(!pages.is_dirty(BlockIndex(5)), "page 0 is not listed");
+        // Ranges in flight mark listed pages only.
+        pages.mark(BlockIndex(0), BlockIndex(PAGE_BLOCKS + 100));
+        assert!(pages.is_dirty(BlockIndex(PAGE_BLOCKS + 99)));
+        assert!(!pages.is_dirty(BlockIndex(3)));
+        // Applied to an older persisted copy: listed pages replaced, others kept.
+        let mut disk = DirtyBitmap::new(BlockCount(blocks));
+        disk.mark(BlockIndex(2 * PAGE_BLOCKS), BlockIndex(2 * PAGE_BLOCKS + 1));
+        pages.apply_to(&mut disk);
+        assert!(disk.is_dirty(BlockIndex(2 * PAGE_BLOCKS)));
+        assert!(disk.is_dirty(BlockIndex(PAGE_BLOCKS + 50)));
+        assert!(disk.is_dirty(BlockIndex(blocks - 1)));
+        assert!(!disk.is_dirty(BlockIndex(5)));
+        assert_eq!(disk.dirty_count().0, 1 + 100 + 1);
+    }
 }
