@@ -20,8 +20,8 @@
 #      randwrite 4 KiB QD32 (IOPS), write 1 MiB QD16 (MB/s), randwrite 4 KiB QD1
 #      (p50/p99 µs), randwrite 4 KiB QD1 with --fsync=1 (NBD_CMD_FLUSH after each write; IOPS)
 #   large     random 4 KiB writes QD32 over a whole BENCH_LARGE_SIZE (64G) sparse volume:
-#             qemu-nbd --cache=writeback, then tandem async (secondary --seeded so the
-#             initial sync compares instead of allocating zeros), then tandem over a
+#             qemu-nbd --cache=writeback, then tandem async (after a full initial sync,
+#             which sends the holes as zero chunks), then tandem over a
 #             BENCH_LARGE_RANGE (1G) range of the same volume
 #   initsync  initial sync of a fresh BENCH_INIT_SIZE (1T) sparse pair: time, bytes
 #             allocated on the secondary, peak RSS (VmHWM) of both agents; stopped early
@@ -45,9 +45,8 @@
 #   BENCH_SECONDS [15] BENCH_RAMP [3]   fio runtime and ramp per matrix job
 #   BENCH_SIZE [1G]                     matrix image size
 #   BENCH_LARGE_SIZE [64G] BENCH_LARGE_RANGE [1G] BENCH_LARGE_SECONDS [30]
-#   BENCH_LARGE_SEEDED [1]              0: the large pair does a full initial sync (only
-#                                       once that keeps the secondary thin; today it
-#                                       would allocate all 64 GiB)
+#   BENCH_LARGE_SEEDED [0]              1: the large pair's secondary is --seeded (hash
+#                                       compare) instead of a full initial sync
 #   BENCH_INIT_SIZE [1T] BENCH_INIT_TIMEOUT [180] BENCH_ALLOC_GUARD [6G]
 #   BENCH_WAN_BYTES [512M] BENCH_WAN_RATE [10000000]
 #   BENCH_RESYNC_BYTES [512M] BENCH_RESYNC_LINK [50000000]
