@@ -282,7 +282,7 @@ pub async fn serve(
         opened.superblock.role == Role::Secondary,
         opened.superblock.volume_id,
     );
-    let start = recovery::primary_start(
+    let mut start = recovery::primary_start(
         &opened.superblock,
         &opened.bitmap,
         &opened.activity,
@@ -290,6 +290,9 @@ pub async fn serve(
         crate::agent::unix_now_s(),
     )
     .map_err(|e| AgentError::Refused(e.to_string()))?;
+    // scale (issue 11): every copy of the bitmap is 32 MiB of RSS per TiB; the
+    // recovered one is in `start` now.
+    drop(opened.bitmap);
     if let Some(old) = start.promoted_from {
         tracing::warn!(old = %old, new = %start.sb.gen_current, base = %start.sb.gen_bitmap_base, "node was secondary; promoting with a new generation");
     }
@@ -339,7 +342,12 @@ pub async fn serve(
         volume: volume.clone(),
         handshake: std::sync::Mutex::new(None),
     });
-    let mut engine = Engine::new(engine_config(&cfg, size_bytes), start.dirty.clone(), Seq(1));
+    // scale: moved, not copied (see above).
+    let dirty = std::mem::replace(
+        &mut start.dirty,
+        crate::bitmap::DirtyBitmap::new(BlockCount(0)),
+    );
+    let mut engine = Engine::new(engine_config(&cfg, size_bytes), dirty, Seq(1));
     engine.enable_activity(crate::engine::activity::ActiveSet::new(
         cfg.al_extent_bytes,
         cfg.al_extents_max,
@@ -355,6 +363,7 @@ pub async fn serve(
         engine.mark_verify(first, BlockIndex(first.0 + n.0));
         cursor = BlockIndex(first.0 + n.0);
     }
+    drop(start); // scale: its bitmaps are in the engine
     let (meta_tx, meta_rx) = mpsc::unbounded_channel();
     let worker = MetaWorker::start(meta, sb.clone(), cfg.al_extent_bytes, meta_tx);
     let (peer_tx, peer_rx) = mpsc::channel(4096);
