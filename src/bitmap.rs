@@ -432,7 +432,7 @@ impl DirtyBitmap {
         assert_eq!(words.len(), count, "page {} holds {count} words", page.0);
         if let Some(&last) = words.last()
             && start + count == self.words.len()
-            && self.block_count % WORD_BITS != 0
+            && !self.block_count.is_multiple_of(WORD_BITS)
         {
             assert!(
                 last >> (self.block_count % WORD_BITS) == 0,

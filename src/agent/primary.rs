@@ -916,7 +916,7 @@ impl Owner {
                         len,
                         "cannot tell the volume's holes ({e}): reading them"
                     );
-                    data = vec![offset..offset + len];
+                    data = std::iter::once(offset..offset + len).collect();
                     covered = len;
                     break;
                 }

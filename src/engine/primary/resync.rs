@@ -595,7 +595,8 @@ mod hole_tests {
         out.clear();
         // Data at [1 GiB, 1 GiB + 64 KiB) only.
         let g = 1u64 << 30;
-        e.holes_probed(offset, len, &[g..g + (64 << 10)], &mut out);
+        let data: Vec<std::ops::Range<u64>> = std::iter::once(g..g + (64 << 10)).collect();
+        e.holes_probed(offset, len, &data, &mut out);
         let mut frames = Vec::new();
         settle(&mut e, &mut out, &mut frames);
         assert_eq!(
