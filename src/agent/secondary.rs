@@ -192,6 +192,20 @@ pub async fn serve(
         .flush()
         .await
         .map_err(|e| AgentError::Refused(format!("flushing the volume at start failed: {e}")))?;
+    if opened.superblock.poisoned {
+        // Issue 9 item 5: pages whose writeback failed may still be cached (as
+        // clean); the volume and the journal are read from the disk from here on.
+        for path in [&cfg.volume, &cfg.journal] {
+            if path.exists() {
+                crate::agent::drop_cached_pages(path).map_err(|e| {
+                    AgentError::Refused(format!(
+                        "dropping the cached pages of {} (a disk that failed before) failed: {e}",
+                        path.display()
+                    ))
+                })?;
+            }
+        }
+    }
     let start = recovery::secondary_start(&opened.superblock, &opened.bitmap, &opened.activity);
     let mut sb = start.sb.clone();
     if start.demoted {
