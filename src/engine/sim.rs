@@ -1580,10 +1580,13 @@ fn run_many(default_base: u64, mode: Mode, runs: u64) {
     assert!(total.power_losses > runs, "{total:?}");
     assert!(total.checkpoints > runs, "{total:?}");
     assert!(total.ahead > 0 || mode == Mode::Sync, "{total:?}");
-    assert!(
-        total.io_errors > 0 && total.forced_restarts > 0,
-        "{total:?}"
-    );
+    if runs >= 8 {
+        // One seed in four injects I/O errors.
+        assert!(
+            total.io_errors > 0 && total.forced_restarts > 0,
+            "{total:?}"
+        );
+    }
     if mode == Mode::Sync {
         assert!(total.g1_checks > runs, "{total:?}");
     }
