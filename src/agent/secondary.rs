@@ -826,7 +826,7 @@ impl Node {
                 if blocks > 0 {
                     tracing::info!(
                         blocks,
-                        bytes = blocks * self.cfg.block_size as u64,
+                        bytes = blocks.saturating_mul(self.cfg.block_size as u64),
                         full,
                         "primary announces a resync"
                     );
@@ -1302,7 +1302,7 @@ impl Node {
                 let message = format!(
                     "at the next connection from {peer}, this node's {blocks} changed blocks ({} bytes) since generation {base} are discarded \
                      and replaced by {peer}'s data; the changed ranges are listed first in {}.split-brain-<time>.txt",
-                    blocks * u64::from(self.cfg.block_size),
+                    blocks.saturating_mul(u64::from(self.cfg.block_size)),
                     self.cfg.meta.display(),
                     peer = self.cfg.peer_name,
                     base = self.sb.gen_bitmap_base,
