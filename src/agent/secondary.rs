@@ -280,6 +280,15 @@ pub async fn serve(
         volume_consistent,
         (Seq(sb.consistent_seq), sb.consistent_at_ms),
     );
+    if let Some(adopted) = recovery::recovered_sync_end(
+        &sb,
+        engine.is_section_open(),
+        engine.consistent_point().is_some(),
+    ) {
+        tracing::warn!(generation = %adopted.gen_current, "the journal holds the end of a resync the superblock did not record (a crash in between): recording the copy as the sync target's generation");
+        sb = adopted;
+        store.write_superblock(&sb)?;
+    }
     if let Some((lsn, seq, at_ms)) = engine.consistent_point() {
         tracing::info!(
             lsn = lsn.0,

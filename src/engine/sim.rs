@@ -777,6 +777,15 @@ impl Sim {
             volume_consistent,
             (Seq(self.ssb.consistent_seq), self.ssb.consistent_at_ms),
         );
+        // As the agent does: a sync end the superblock missed is recorded now.
+        if let Some(adopted) = recovery::recovered_sync_end(
+            &self.ssb,
+            e.is_section_open(),
+            e.consistent_point().is_some(),
+        ) {
+            self.ssb = adopted;
+            self.s_ever_consistent = true;
+        }
         // Issue 10: a node whose metadata says it holds a consistent image finds
         // one at restart (promotable without --force), whatever crashed when.
         assert!(
