@@ -752,3 +752,52 @@ fn async_switchover_while_ahead_loses_no_acknowledged_write() {
     model.lock().expect("model").verify(&rig.secondary_img);
     common::assert_same_file(&rig.primary_img, &rig.secondary_img);
 }
+
+/// Issue 9 finding 12, with a relay that cuts once: the first session of a new
+/// pair drops after the secondary's Welcome (it has taken the volume's identity)
+/// and before the ResyncStart. The pair must start the first copy over when the
+/// link returns, not refuse each other for sharing no data generation until an
+/// operator runs `resolve --discard-local`.
+///
+/// Every chunk towards the secondary is held 500 ms (the TLS handshake still fits
+/// in the connect timeout), so after the Welcome the primary's ResyncStart is
+/// still in the relay when the connections are reset.
+#[test]
+fn a_first_session_cut_after_the_welcome_starts_the_first_copy_over() {
+    let seed = common::seed("cut after welcome");
+    let mut rig = Rig::launch(
+        RigOpts::new("sync", SIZE_BYTES),
+        seed,
+        Some(Fault::Delay {
+            ms: 500,
+            jitter_ms: 0,
+            dir: Dir::Up,
+        }),
+    );
+    common::wait_until(
+        "the secondary takes the volume's identity",
+        Duration::from_secs(60),
+        || {
+            rig.secondary
+                .log_text()
+                .contains("adopted the primary's volume identity")
+        },
+    );
+    rig.proxy.set(Fault::Reset { reject_new: false });
+    rig.proxy.clear();
+    assert!(
+        !rig.secondary
+            .log_text()
+            .contains("primary announces a resync"),
+        "the cut came after the ResyncStart: this run did not test the window"
+    );
+    let s = rig.wait_converged("after the cut");
+    eprintln!("after the cut: {}", s["handshake"]);
+    assert!(
+        !rig.secondary
+            .log_text()
+            .contains("share no data generation"),
+        "the secondary refused its own primary after the cut"
+    );
+    rig.finish(&Model::shared());
+}
