@@ -961,6 +961,7 @@ impl Owner {
             let _ = self.io_tx.send(IoDone::Local { seq, result });
             return;
         }
+        let zero_chunk = kind == OpKind::ResyncRead && self.engine.is_zero_chunk(seq);
         let volume = self.volume.clone();
         let tx = self.io_tx.clone();
         let metrics = self.shared.metrics.clone();
@@ -996,7 +997,9 @@ impl Owner {
                     IoDone::Read { seq, result }
                 }
                 OpKind::ResyncRead => {
-                    let result = resync_read(&volume, range).await.map_err(|e| errno_of(&e));
+                    let result = resync_read(&volume, range, zero_chunk)
+                        .await
+                        .map_err(|e| errno_of(&e));
                     IoDone::Read { seq, result }
                 }
             };
@@ -1463,16 +1466,20 @@ fn disk_state_name(code: u8) -> String {
 }
 
 /// A resync read (scale, issue 11): a range in a hole of the image is not read;
-/// read data that is all zeros goes as a zero frame too. A range longer than one
-/// read is a zero chunk the engine built from a hole probe: it must still be a
-/// hole (or zeros); finding data there is an error (something else wrote the
-/// image), which ends the session and leaves the blocks dirty.
-async fn resync_read(volume: &Volume, range: ByteRange) -> std::io::Result<ReadResult<Bytes>> {
+/// read data that is all zeros goes as a zero frame too. A zero chunk (built by the
+/// engine from a hole probe, possibly longer than any read) must still be a hole
+/// (or zeros); finding data there is an error (something else wrote the image),
+/// which ends the session and leaves the blocks dirty.
+async fn resync_read(
+    volume: &Volume,
+    range: ByteRange,
+    zero_chunk: bool,
+) -> std::io::Result<ReadResult<Bytes>> {
     const PIECE: u64 = 8 << 20;
     if volume.knows_holes() && volume.next_data(range.offset, range.end()).await?.is_none() {
         return Ok(ReadResult::Zero);
     }
-    if range.len > 32 << 20 {
+    if zero_chunk {
         let mut at = range.offset;
         while at < range.end() {
             let n = (range.end() - at).min(PIECE);

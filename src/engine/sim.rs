@@ -266,6 +266,11 @@ struct Sim {
     /// fdatasync failing); decided from the seed alone so that the other seeds
     /// replay exactly as before.
     eio: bool,
+    /// scale (issue 11): the primary answers hole probes (resyncs send holes as
+    /// zero chunks) on even seeds when TANDEM_SIM_HOLES=1. Off by default until the
+    /// handshake refusal it exposes is fixed (seed 31426 async: a fresh secondary
+    /// whose first copy went as zero chunks is refused as unrelated after faults).
+    holes: bool,
     /// Faults are injected now (not while converging).
     injecting: bool,
     /// A planned switchover is under way: the primary takes no new client
@@ -395,6 +400,7 @@ impl Sim {
             rng: StdRng::seed_from_u64(seed),
             mode,
             eio: seed % 4 == 3,
+            holes: seed % 2 == 0 && std::env::var("TANDEM_SIM_HOLES").is_ok_and(|v| v == "1"),
             injecting: false,
             draining: false,
             step: 0,
@@ -477,6 +483,9 @@ impl Sim {
         }
         let mut e = PrimaryEngine::new(cfg, start.dirty.clone(), Seq(1));
         e.enable_activity(ActiveSet::new(AL_EXTENT, AL_MAX));
+        if self.holes {
+            e.enable_hole_probes(); // scale (issue 11)
+        }
         e.set_generation_shared_with_peer(self.pmeta.sb.gen_bitmap_base == Generation::NONE);
         let mut cursor = BlockIndex(0);
         while let Some((first, n)) = start
@@ -567,8 +576,24 @@ impl Sim {
                     p.al_write = Some((bitmap, active));
                 }
                 Action::PersistBitmap { bitmap } => p.persist = Some(bitmap),
-                // scale: the simulated volume does not answer hole probes (not enabled).
-                Action::ProbeHoles { .. } => unreachable!("hole probes are not enabled"),
+                // scale: data = blocks the page cache holds non-zero (what SEEK_DATA
+                // reports, minus written zeros), answered at once.
+                Action::ProbeHoles { offset, len } => {
+                    let (a, b) = ByteRange::new(offset, len).blocks(BS);
+                    let mut data: Vec<std::ops::Range<u64>> = Vec::new();
+                    for blk in a.0..b.0 {
+                        if self.pdisk.cur[blk as usize] != 0 {
+                            let (s, e) = (blk * BS as u64, (blk + 1) * BS as u64);
+                            match data.last_mut() {
+                                Some(r) if r.end == s => r.end = e,
+                                _ => data.push(s..e),
+                            }
+                        }
+                    }
+                    let mut more = Vec::new();
+                    p.e.holes_probed(offset, len, &data, &mut more);
+                    self.pending_p.extend(more);
+                }
                 Action::StartGenerationAlone => {
                     // Durable before any write alone (modelled as immediate).
                     self.pmeta.sb = recovery::start_generation_alone(&self.pmeta.sb);
@@ -702,6 +727,14 @@ impl Sim {
                 unit_blocks,
             } => {
                 let tags = self.pdisk.read(range);
+                // scale: a zero chunk must find zeros (its seq orders it after every
+                // write to its range the probe could not see).
+                if kind == OpKind::ResyncRead && p.e.is_zero_chunk(seq) {
+                    assert!(
+                        tags.iter().all(|&t| t == 0),
+                        "zero chunk {seq:?} over {range:?} finds data {tags:?}"
+                    );
+                }
                 let r = match kind {
                     OpKind::ResyncRead if tags.iter().all(|&t| t == 0) => ReadResult::Zero,
                     OpKind::ResyncRead => ReadResult::Data(tags),

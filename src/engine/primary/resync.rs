@@ -61,6 +61,9 @@ pub(super) struct Holes {
     zero: std::collections::BTreeMap<u64, u64>,
     /// A probe was asked and not answered yet.
     probing: bool,
+    /// Zero chunks produced in this session (pruned as they become durable): their
+    /// reads must find zeros ([`PrimaryEngine::is_zero_chunk`]).
+    chunks: std::collections::BTreeSet<Seq>,
 }
 
 impl Holes {
@@ -110,6 +113,7 @@ impl Holes {
         self.to = 0;
         self.zero.clear();
         self.probing = false;
+        self.chunks.clear();
     }
 }
 
@@ -276,6 +280,13 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             && self.resync.pass.as_ref().is_some_and(|p| !p.exhausted)
     }
 
+    /// Whether resync read `seq` is a zero chunk built from a hole probe: its range
+    /// must still read as zeros (finding data there means something else wrote the
+    /// volume), and may be longer than any read.
+    pub fn is_zero_chunk(&self, seq: Seq) -> bool {
+        self.resync.holes.chunks.contains(&seq)
+    }
+
     /// The agent can say where the volume's holes are (an image file on a file
     /// system with SEEK_DATA): resync passes then ask ([`Action::ProbeHoles`]) and
     /// send holes as zero chunks without reading them.
@@ -395,6 +406,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                 let p = self.resync.pass.as_mut().expect("checked");
                 p.progress.cursor = end;
                 p.live += 1;
+                let durable = self.stream.durable_through();
+                let chunks = &mut self.resync.holes.chunks;
+                *chunks = chunks.split_off(&durable.next());
+                chunks.insert(self.next_seq);
                 let seq = self.admit_internal(range, OpKind::ResyncRead, out);
                 self.stream
                     .enqueue_carried(seq, range, self.now_ms, Carried::Data, 0);
