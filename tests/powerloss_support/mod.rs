@@ -237,7 +237,7 @@ pub fn run_trial(cfg: &TrialConfig, certs: &Path) -> TrialReport {
     let nbd_ports = [free_port(), free_port()];
     let config_file = dir.join("r0.toml");
     let mut text = format!(
-        "[resource]\nname = \"r0\"\nmode = \"{}\"\ntls-dir = \"{}\"\npeer-timeout-ms = 2000\nheartbeat-interval-ms = 300\ndrain-timeout-ms = 60000\n",
+        "[resource]\nname = \"r0\"\nmode = \"{}\"\ntls-dir = \"{}\"\npeer-timeout-ms = 6000\nheartbeat-interval-ms = 300\ndrain-timeout-ms = 60000\n",
         cfg.mode,
         certs.display()
     );
