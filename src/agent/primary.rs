@@ -1318,7 +1318,12 @@ impl Owner {
         let (demote, force) = draining
             .as_ref()
             .map_or((false, false), |d| (d.demote, d.force));
-        if demote && !in_sync && !force {
+        // ha: a peer that lacks nothing (no block out of sync, no write unacked)
+        // loses nothing by a demotion, connected or not: a lone primary that wrote
+        // nothing since it last saw its peer demotes (Pacemaker's demote on a lone
+        // node, ocf-tester); one with writes its peer lacks still needs --force.
+        let peer_lacks_nothing = out_of_sync_bytes == 0 && self.engine.lag().writes == 0;
+        if demote && !in_sync && !peer_lacks_nothing && !force {
             // Refused: the role stays primary (the node restarts it). Nothing is
             // said to the peer; the bitmap keeps what it lacks.
             let reason = format!(
