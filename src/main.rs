@@ -44,8 +44,50 @@ fn init_logging(format: &str, default_level: &str) {
     }
 }
 
+/// Exit status of a process stopped by a panic (the same as Rust's own for a
+/// panic on the main thread).
+const EXIT_PANIC: i32 = 101;
+
+/// The message a panic carries (`panic!("...")` gives `&str` or `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// A panic anywhere ends the process. Tokio catches a panic in a spawned task and
+/// only reports it to whoever awaits the task's handle: an agent whose metadata
+/// thread, session or encoder task died would keep its control socket and export
+/// and look alive while no longer replicating. Once a panic is logged (one line
+/// naming the thread and place), the process exits with status 101, so systemd
+/// or Pacemaker restart it and the next start recovers from the metadata (G3).
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // Rust's own report first (with a backtrace when RUST_BACKTRACE is set).
+        default(info);
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_else(|| "unknown place".into());
+        let message = panic_message(info.payload());
+        tracing::error!(
+            thread,
+            location,
+            "panic: {message}; exiting with status {EXIT_PANIC} (a partly running agent could stop replicating unnoticed; the next start recovers from the metadata)"
+        );
+        tandem::systemd::stopping(&format!("panic at {location}: {message}"));
+        std::process::exit(EXIT_PANIC);
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    install_panic_hook();
     // The demo prints its own progress; agents log at info (TANDEM_LOG or RUST_LOG override).
     let level = if matches!(cli.command, Command::Demo { .. }) {
         "warn"
