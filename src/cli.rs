@@ -57,6 +57,36 @@ pub enum Command {
     Primary(NodeArgs),
     /// Run a node in the secondary role: accept a primary and apply its writes in order.
     Secondary(NodeArgs),
+    /// Run a node in the role its metadata persisted (the systemd unit's command):
+    /// a new node or one that stopped as secondary comes up secondary; one that
+    /// stopped as primary comes up secondary, waits for a primary peer to connect
+    /// (the peer may have been promoted meanwhile), and otherwise promotes itself
+    /// with the checks and fencing of `tandem promote`. Never a second primary.
+    Up(NodeArgs),
+    /// Re-read the resource file of a running agent (SIGHUP does the same): the
+    /// resync rate changes live, other keys at the next role change; a file that
+    /// changes the volume, the metadata or the node names is refused, nothing changed.
+    Adjust {
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+    /// Change a running agent's settings live.
+    Set {
+        #[command(subcommand)]
+        setting: SetCommand,
+    },
+    /// Pause the resync on a running primary: out-of-sync blocks wait (and stay
+    /// tracked), client writes still replicate. The secondary stays Inconsistent
+    /// (or keeps its last consistent image) until `tandem resume-sync`.
+    PauseSync {
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+    /// Resume a resync paused with `tandem pause-sync`.
+    ResumeSync {
+        #[command(flatten)]
+        target: ControlTarget,
+    },
     /// Show a running agent's state (one screen, or --json), or with --all the state
     /// of every resource of this host.
     Status {
@@ -183,6 +213,20 @@ pub enum Command {
         /// Keep the demo's files in this directory instead of a temporary one.
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+}
+
+/// `tandem set ...`: settings changed on a running agent.
+#[derive(Debug, Subcommand)]
+pub enum SetCommand {
+    /// The resync rate limit in bytes per second (K, M, G suffixes; 0 = unlimited),
+    /// live on a primary, kept for later roles on a secondary; the resource file's
+    /// value returns at the next adjust or restart.
+    ResyncRate {
+        /// Bytes per second, e.g. 40M.
+        rate: String,
+        #[command(flatten)]
+        target: ControlTarget,
     },
 }
 

@@ -149,6 +149,12 @@ enum Cmd {
     VerifyResult {
         reply: oneshot::Sender<ControlReply>,
     },
+    /// ha: change the resync rate and/or pause or resume the resync, live.
+    SetResync {
+        rate_bytes_per_s: Option<u64>,
+        paused: Option<bool>,
+        reply: oneshot::Sender<ControlReply>,
+    },
 }
 
 enum IoDone {
@@ -1048,6 +1054,39 @@ impl Owner {
             Cmd::VerifyResult { reply } => {
                 let _ = reply.send(ControlReply::success(self.verify_result_json()));
             }
+            // ha: runtime resync control (tandem set-resync-rate / pause-sync / resume-sync / adjust).
+            Cmd::SetResync {
+                rate_bytes_per_s,
+                paused,
+                reply,
+            } => {
+                if let Some(rate) = rate_bytes_per_s {
+                    self.engine.set_resync_rate(rate);
+                }
+                if let Some(p) = paused {
+                    self.engine.set_resync_paused(p);
+                }
+                let cfg = self.engine.config();
+                let (rate, paused) = (cfg.resync_rate_bytes_per_s, cfg.resync_paused);
+                tracing::info!(rate_bytes_per_s = rate, paused, "resync settings changed");
+                let out_of_sync_bytes =
+                    self.engine.dirty().dirty_count().0 * self.cfg.block_size as u64;
+                let message = format!(
+                    "resync {} at {}; {out_of_sync_bytes} bytes out of sync",
+                    if paused { "paused" } else { "running" },
+                    if rate == 0 {
+                        "an unlimited rate".to_string()
+                    } else {
+                        format!("{rate} bytes/s")
+                    }
+                );
+                let _ = reply.send(ControlReply::success(serde_json::json!({
+                    "message": message,
+                    "resync_rate_bytes_per_s": rate,
+                    "resync_paused": paused,
+                    "out_of_sync_bytes": out_of_sync_bytes,
+                })));
+            }
             Cmd::Shutdown {
                 demote,
                 force,
@@ -1450,12 +1489,35 @@ impl ControlHandler for PrimaryControl {
                     reply,
                 },
                 "verify-result" => Cmd::VerifyResult { reply },
+                // ha: runtime resync control.
+                "set-resync-rate" => match request.number("rate_bytes_per_s") {
+                    Some(rate) => Cmd::SetResync {
+                        rate_bytes_per_s: Some(rate),
+                        paused: None,
+                        reply,
+                    },
+                    None => {
+                        return ControlReply::error(
+                            "set-resync-rate needs rate_bytes_per_s (tandem set resync-rate RATE)"
+                                .into(),
+                        );
+                    }
+                },
+                "pause-sync" | "resume-sync" => Cmd::SetResync {
+                    rate_bytes_per_s: None,
+                    paused: Some(request.cmd == "pause-sync"),
+                    reply,
+                },
                 _ => {
                     return request.unknown(&[
                         "promote",
                         "demote",
                         "verify",
                         "verify-result",
+                        "set-resync-rate",
+                        "pause-sync",
+                        "resume-sync",
+                        "adjust",
                         // nbd (issue 13)
                         "checkpoint-create",
                         "checkpoint-list",
@@ -1628,7 +1690,9 @@ async fn connector(
     stop: CancellationToken,
 ) {
     let metrics = shared.metrics.clone();
-    let peer_addr: SocketAddr = cfg.peer.expect("validated");
+    // ha: a primary promoted with no peer address configured (a lone DR node) dials
+    // nobody; a secondary that dials it (its `listen`) is answered as usual.
+    let peer_addr: Option<SocketAddr> = cfg.peer;
     let mut backoff = Backoff::new(100, 5_000);
     let mut id = 0u64;
     let mut last_log: Option<Instant> = None;
@@ -1639,7 +1703,7 @@ async fn connector(
             let (rd, wr) = match waiting.take() {
                 Some(i) => (i.rd, i.wr),
                 None => tokio::select! {
-                    s = transport::connect(peer_addr, &security, cfg.connect_timeout_ms) => {
+                    s = connect_peer(peer_addr, &security, cfg.connect_timeout_ms) => {
                         let (rd, wr) = s.map_err(|e| e.to_string())?.into_split();
                         (BufReader::with_capacity(256 << 10, rd), wr)
                     }
@@ -1663,7 +1727,7 @@ async fn connector(
             Err(reason) if reason.contains(crate::agent::ALREADY_CONNECTED) => {
                 // The secondary is dialing this node at the same moment; its
                 // connection arrives on the listener.
-                tracing::debug!(peer = %peer_addr, "{reason}");
+                tracing::debug!(peer = ?peer_addr, "{reason}");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => continue,
                     Some(i) = inbound_rx.recv() => { waiting = Some(i); continue }
@@ -1676,10 +1740,10 @@ async fn connector(
                     shared.set_handshake(format!("refused: {reason}"));
                 }
                 if last_log.is_none_or(|t| t.elapsed() >= RETRY_LOG_INTERVAL) {
-                    tracing::warn!(peer = %peer_addr, "cannot connect to secondary: {reason}; retrying with backoff");
+                    tracing::warn!(peer = ?peer_addr, "cannot connect to secondary: {reason}; retrying with backoff");
                     last_log = Some(Instant::now());
                 } else {
-                    tracing::debug!(peer = %peer_addr, "cannot connect to secondary: {reason}");
+                    tracing::debug!(peer = ?peer_addr, "cannot connect to secondary: {reason}");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => continue,
@@ -1756,6 +1820,19 @@ async fn connector(
             Some(i) = inbound_rx.recv() => waiting = Some(i),
             _ = stop.cancelled() => break,
         }
+    }
+}
+
+/// ha: dial the secondary at `peer`, or (no peer address: a lone primary) wait
+/// forever, leaving only the secondary's own dial to this node's listener.
+async fn connect_peer(
+    peer: Option<SocketAddr>,
+    security: &Security,
+    timeout_ms: u64,
+) -> Result<crate::transport::PeerStream, crate::transport::TransportError> {
+    match peer {
+        Some(addr) => transport::connect(addr, security, timeout_ms).await,
+        None => std::future::pending().await,
     }
 }
 
