@@ -503,6 +503,15 @@ impl NodeControl {
                 cfg.name, status.disk_state, cfg.peer_name, cfg.peer_name
             ));
         }
+        if status.poisoned && !force {
+            // lead (issue 9 item 5): checked before the secondary stops, like the
+            // disk state; recovery::primary_start refuses the same.
+            return Err(format!(
+                "refusing to promote {}: {}",
+                cfg.name,
+                crate::engine::recovery::StartRefusal::Poisoned
+            ));
+        }
         cfg.with_role(Role::Primary)
             .map_err(|e| format!("refusing to promote {}: {e}", cfg.name))?;
         if let Some(cmd) = &cfg.fence_peer {
