@@ -96,7 +96,8 @@ fn a_lone_primary_demotes_unless_its_peer_lacks_writes() {
     // demote of a lone node, ocf-tester).
     let out = c.ctl_ok(0, "demote", &["--timeout", "1"]);
     assert!(out.contains("demoted"), "{out}");
-    assert_eq!(c.status(0)["role"], "secondary");
+    c.agent(0)
+        .wait_status("secondary", SYNC_TIMEOUT, |s| s["role"] == "secondary");
     let out = c.ctl_ok(0, "promote", &[]);
     assert!(out.contains("now primary"), "{out}");
 
@@ -118,8 +119,8 @@ fn a_lone_primary_demotes_unless_its_peer_lacks_writes() {
     assert!(serves_nbd(&c.nbd_addr(0)), "the export did not come back");
     let out = c.ctl_ok(0, "demote", &["--timeout", "1", "--force"]);
     assert!(out.contains("stay marked out of sync"), "{out}");
-    let s = c.status(0);
-    assert_eq!(s["role"], "secondary", "{s}");
+    c.agent(0)
+        .wait_status("secondary", SYNC_TIMEOUT, |s| s["role"] == "secondary");
 }
 
 #[test]
