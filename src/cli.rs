@@ -87,6 +87,14 @@ pub enum Command {
         #[command(flatten)]
         target: ControlTarget,
     },
+    /// Mark a disconnected secondary Outdated: its data is consistent but lacks
+    /// the primary's newer writes, so it is not promoted without --force. The
+    /// primary's fencing command (`fence-peer`) runs this on its peer before it
+    /// writes alone; the node is UpToDate again once resynced.
+    Outdate {
+        #[command(flatten)]
+        target: ControlTarget,
+    },
     /// Show a running agent's state (one screen, or --json), or with --all the state
     /// of every resource of this host.
     Status {

@@ -254,6 +254,9 @@ async fn run(command: Command, timeouts: Timeouts) -> Result<ExitCode, String> {
             )
             .await
         }
+        Command::Outdate { target } => {
+            simple_command(target, "outdate", serde_json::json!({}), timeouts.query()).await
+        }
         Command::ResumeSync { target } => {
             simple_command(
                 target,

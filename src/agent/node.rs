@@ -496,6 +496,14 @@ impl NodeControl {
                 cfg.name, cfg.peer_name, cfg.peer_name, cfg.peer_name
             ));
         }
+        if status.disk_state == DiskState::Outdated.to_string() && !force {
+            // ha (issue 12 item 2): the same refusal as recovery::primary_start's.
+            return Err(format!(
+                "refusing to promote {}: {}",
+                cfg.name,
+                crate::engine::recovery::StartRefusal::Outdated
+            ));
+        }
         if status.disk_state != DiskState::UpToDate.to_string() && !force {
             return Err(format!(
                 "refusing to promote {}: its disk is {} (a resync from {} did not complete, so its data may mix two generations). \
@@ -515,7 +523,9 @@ impl NodeControl {
         cfg.with_role(Role::Primary)
             .map_err(|e| format!("refusing to promote {}: {e}", cfg.name))?;
         if let Some(cmd) = &cfg.fence_peer {
-            fence_peer(&cfg, cmd).await?;
+            fence_peer(&cfg, cmd, "promote")
+                .await
+                .map_err(|e| format!("refusing to promote: {e}"))?;
         }
         self.change(|reply| RoleRequest::Promote { force, reply })
             .await
@@ -541,14 +551,18 @@ impl NodeControl {
     }
 }
 
-/// Run the fencing command before a promotion while the peer is unreachable:
-/// it must make sure the peer cannot write (power it off, cut its storage
-/// network). A failure, or no answer within [`FENCE_TIMEOUT`], refuses the promotion.
-async fn fence_peer(cfg: &NodeConfig, cmd: &str) -> Result<(), String> {
-    tracing::warn!(command = cmd, peer = %cfg.peer_name, "peer not connected: fencing it before promotion");
+/// Run the fencing command while the peer is unreachable, before a promotion
+/// (`reason` "promote": it must make sure the peer cannot write: power it off,
+/// cut its storage network) or before a primary's first write without its peer
+/// ("write-alone": it must make sure the peer cannot be promoted with the older
+/// data: `tandem outdate` on it, a Pacemaker constraint). `Err` says why it
+/// failed, or that it gave no answer within [`FENCE_TIMEOUT`].
+pub(crate) async fn fence_peer(cfg: &NodeConfig, cmd: &str, reason: &str) -> Result<(), String> {
+    tracing::warn!(command = cmd, peer = %cfg.peer_name, reason, "peer not connected: running the fencing command");
     let mut c = tokio::process::Command::new("sh");
     c.arg("-c")
         .arg(cmd)
+        .env("TANDEM_FENCE_REASON", reason)
         .env("TANDEM_RESOURCE", &cfg.resource)
         .env("TANDEM_NODE", &cfg.name)
         .env("TANDEM_PEER", &cfg.peer_name)
@@ -562,11 +576,11 @@ async fn fence_peer(cfg: &NodeConfig, cmd: &str) -> Result<(), String> {
         .await
         .map_err(|_| {
             format!(
-                "refusing to promote: the fencing command did not finish within {} s",
+                "the fencing command did not finish within {} s",
                 FENCE_TIMEOUT.as_secs()
             )
         })?
-        .map_err(|e| format!("refusing to promote: cannot run the fencing command: {e}"))?;
+        .map_err(|e| format!("cannot run the fencing command: {e}"))?;
     if out.status.success() {
         tracing::info!(peer = %cfg.peer_name, "fencing command succeeded");
         return Ok(());
@@ -582,7 +596,7 @@ async fn fence_peer(cfg: &NodeConfig, cmd: &str) -> Result<(), String> {
         .rev()
         .collect();
     Err(format!(
-        "refusing to promote: the fencing command for {} failed ({}){}",
+        "the fencing command for {} failed ({}){}",
         cfg.peer_name,
         out.status,
         if tail.is_empty() {
@@ -645,6 +659,12 @@ impl ControlHandler for NodeHandler {
                     Ok(message) => ControlReply::success(serde_json::json!({ "message": message })),
                     Err(e) => ControlReply::error(e),
                 }
+            }),
+            "outdate" if ctl.role() == Role::Primary => Box::pin(async move {
+                ControlReply::error(format!(
+                    "{} is primary: only a secondary is outdated (its primary's fencing handler runs tandem outdate on it)",
+                    ctl.cfg().name
+                ))
             }),
             "pause-sync" | "resume-sync" if ctl.role() == Role::Secondary => Box::pin(async move {
                 let cfg = ctl.cfg();

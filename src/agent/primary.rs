@@ -116,6 +116,10 @@ impl AdaptiveCompression {
     }
 }
 
+/// ha: a failed fencing command before writing alone is retried this often
+/// (writes stay frozen meanwhile).
+const FENCE_RETRY: Duration = Duration::from_secs(5);
+
 enum Cmd {
     Submit {
         kind: OpKind,
@@ -148,6 +152,11 @@ enum Cmd {
     /// The running or last verify's progress and result.
     VerifyResult {
         reply: oneshot::Sender<ControlReply>,
+    },
+    /// ha (issue 12 item 2): the fencing command run before the first write
+    /// without the peer ended.
+    FenceDone {
+        result: Result<(), String>,
     },
     /// ha: change the resync rate and/or pause or resume the resync, live.
     SetResync {
@@ -779,12 +788,13 @@ impl Owner {
                 }
             }
             Action::StartGenerationAlone => {
-                self.sb = recovery::start_generation_alone(&self.sb);
-                tracing::warn!(generation = %self.sb.gen_current, base = %self.sb.gen_bitmap_base, "writing without the peer: new generation");
-                let sb = self.sb.clone();
-                self.meta().send(MetaJob::Superblock { sb });
-                // Writes wait for the superblock: on_meta calls generation_started.
-                self.pending_generation = true;
+                // ha (issue 12 item 2): with a fencing command, the peer is fenced
+                // (outdated) first; the writes wait (the engine parks them).
+                if self.cfg.fence_peer.is_some() {
+                    self.fence_before_writing_alone();
+                } else {
+                    self.start_generation_alone();
+                }
             }
             Action::PeerReachedGeneration => {
                 if self.sb.gen_bitmap_base != Generation::NONE {
@@ -1065,6 +1075,42 @@ impl Owner {
             Cmd::VerifyResult { reply } => {
                 let _ = reply.send(ControlReply::success(self.verify_result_json()));
             }
+            // ha (issue 12 item 2): fencing before the first write alone.
+            Cmd::FenceDone { result } => match result {
+                Ok(()) => {
+                    tracing::warn!(peer = %self.cfg.peer_name, "fencing command succeeded: the peer is outdated; writes proceed on this node alone");
+                    self.shared.metrics.events.push(
+                        "fenced",
+                        format!("{} fenced before the first write alone", self.cfg.peer_name),
+                    );
+                    self.start_generation_alone();
+                }
+                Err(e) if self.session.is_some() => {
+                    tracing::warn!(
+                        "fencing before writing alone failed ({e}), but the peer is back: the writes go to it"
+                    );
+                    self.start_generation_alone();
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "fencing before writing alone failed: {e}; writes stay frozen until the fencing command succeeds (retried every {} s) or the peer is back",
+                        FENCE_RETRY.as_secs()
+                    );
+                    self.shared
+                        .metrics
+                        .set_error(format!("fencing failed, writes frozen: {e}"));
+                    self.shared.metrics.events.push("fence-failed", e);
+                    let tx = self.shared.cmd_tx.clone();
+                    let cfg = self.cfg.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(FENCE_RETRY).await;
+                        let cmd = cfg.fence_peer.clone().unwrap_or_default();
+                        let result =
+                            crate::agent::node::fence_peer(&cfg, &cmd, "write-alone").await;
+                        let _ = tx.send(Cmd::FenceDone { result }).await;
+                    });
+                }
+            },
             // ha: runtime resync control (tandem set-resync-rate / pause-sync / resume-sync / adjust).
             Cmd::SetResync {
                 rate_bytes_per_s,
@@ -1355,6 +1401,31 @@ impl Owner {
         doc.verify = self.verify_status();
         let _ = self.started;
         doc
+    }
+
+    /// The first write without the peer: a new generation, durable before the
+    /// write is (G8); `on_meta` then calls `generation_started`.
+    fn start_generation_alone(&mut self) {
+        self.sb = recovery::start_generation_alone(&self.sb);
+        tracing::warn!(generation = %self.sb.gen_current, base = %self.sb.gen_bitmap_base, "writing without the peer: new generation");
+        let sb = self.sb.clone();
+        self.meta().send(MetaJob::Superblock { sb });
+        // Writes wait for the superblock: on_meta calls generation_started.
+        self.pending_generation = true;
+    }
+
+    /// ha (issue 12 item 2, like DRBD's fence-peer with `fencing resource-only`):
+    /// run the fencing command before the first write without the peer; writes
+    /// freeze until it answers (Cmd::FenceDone).
+    fn fence_before_writing_alone(&mut self) {
+        tracing::warn!(peer = %self.cfg.peer_name, "the peer is gone: fencing it before the first write alone; writes wait");
+        let tx = self.shared.cmd_tx.clone();
+        let cfg = self.cfg.clone();
+        tokio::spawn(async move {
+            let cmd = cfg.fence_peer.clone().unwrap_or_default();
+            let result = crate::agent::node::fence_peer(&cfg, &cmd, "write-alone").await;
+            let _ = tx.send(Cmd::FenceDone { result }).await;
+        });
     }
 
     /// Final local flush; tell the peer whether it is left Outdated; persist what

@@ -85,6 +85,8 @@ enum ControlCmd {
     Points(oneshot::Sender<ControlReply>),
     /// `tandem resolve --discard-local`.
     DiscardLocal(oneshot::Sender<ControlReply>),
+    /// ha: `tandem outdate` (the primary's fencing handler, before it writes alone).
+    Outdate(oneshot::Sender<ControlReply>),
 }
 
 /// The part of the status that the node publishes for the control socket.
@@ -1280,6 +1282,37 @@ impl Node {
                     serde_json::json!({ "points": points }),
                 ));
             }
+            // ha (issue 12 item 2): the primary is about to write without this node
+            // (its fencing handler calls this): consistent, but it will lack writes.
+            ControlCmd::Outdate(reply) => {
+                if let Some(s) = &self.session {
+                    let _ = reply.send(ControlReply::error(format!(
+                        "{} is connected to its primary {}: it receives every write, so it is not outdated; \
+                         cut the link first (the primary's fencing handler runs once it lost this node)",
+                        self.cfg.name, s.peer
+                    )));
+                    return;
+                }
+                let before = self.sb.disk_state;
+                self.sb = recovery::outdate(&self.sb);
+                if self.sb.disk_state != before {
+                    self.write_superblock();
+                    tracing::warn!(
+                        "outdated by the primary's fencing handler: this node's data is consistent but will lack the primary's writes; promoting it needs --force"
+                    );
+                    self.metrics.events.push(
+                        "outdated",
+                        "outdated by the primary's fencing handler (tandem outdate)".into(),
+                    );
+                }
+                let message = format!(
+                    "{} is {} (was {before}); it becomes UpToDate again once resynced from its primary",
+                    self.cfg.name, self.sb.disk_state
+                );
+                let _ = reply.send(ControlReply::success(
+                    serde_json::json!({ "message": message, "disk_state": self.sb.disk_state.to_string() }),
+                ));
+            }
             ControlCmd::DiscardLocal(reply) => {
                 self.discard_local = true;
                 let mut own = self.own_dirty.clone();
@@ -1876,6 +1909,7 @@ impl ControlHandler for SecondaryControl {
             let (reply, rx) = oneshot::channel();
             let cmd = match request.cmd.as_str() {
                 "points" => ControlCmd::Points(reply),
+                "outdate" => ControlCmd::Outdate(reply), // ha
                 "resolve" if request.flag("discard_local") => ControlCmd::DiscardLocal(reply),
                 "resolve" => {
                     return ControlReply::error(
@@ -1889,7 +1923,9 @@ impl ControlHandler for SecondaryControl {
                         resource, request.cmd
                     ));
                 }
-                _ => return request.unknown(&["promote", "demote", "resolve", "points"]),
+                _ => {
+                    return request.unknown(&["promote", "demote", "resolve", "points", "outdate"]);
+                }
             };
             if tx.send(Event::Control(cmd)).await.is_err() {
                 return ControlReply::error("agent is shutting down".into());
