@@ -372,8 +372,9 @@ pub struct NodeArgs {
     /// discard-least-changes, or "discard-node NAME".
     #[arg(long)]
     pub split_brain_policy: Option<String>,
-    /// Fencing command (run with `sh -c`) before a promotion while the peer is
-    /// unreachable; a non-zero exit stops the promotion.
+    /// Fencing command (run with `sh -c`) while the peer is unreachable: before
+    /// the primary's first write without it (writes wait until it exits 0) and
+    /// before a promotion (a non-zero exit stops the promotion).
     #[arg(long)]
     pub fence_peer: Option<String>,
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9942.

@@ -184,3 +184,106 @@ fn degrade_mode_fences_the_peer_before_writing_alone_and_the_outdated_peer_is_no
     secondary.stop();
     common::assert_same_file(&site.path("primary.img"), &site.path("secondary.img"));
 }
+
+/// `cibadmin` on the CIB file `cib` (Pacemaker's CIB_file: no cluster needed).
+fn cibadmin(cib: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = run_with_timeout(
+        Command::new("cibadmin").env("CIB_file", cib).args(args),
+        Duration::from_secs(30),
+    );
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// deploy/pacemaker/tandem-fence-peer as `fence-peer`: the constraint that keeps
+/// Pacemaker from promoting the peer is in the CIB before the first write alone,
+/// and `--unfence-if-synced` (the OCF monitor's call) removes it only once the
+/// peer is connected and in sync.
+#[test]
+fn the_pacemaker_handler_bans_promoting_the_peer_until_it_is_in_sync() {
+    let site = Site::with_names(&["alpha", "beta"]);
+    let cib = site.path("cib.xml");
+    let empty = run_with_timeout(
+        Command::new("cibadmin").arg("--empty"),
+        Duration::from_secs(30),
+    );
+    assert!(empty.status.success(), "cibadmin --empty: {empty:?}");
+    std::fs::write(&cib, &empty.stdout).unwrap();
+    let (ok, out) = cibadmin(
+        &cib,
+        &[
+            "--create",
+            "--scope",
+            "resources",
+            "--xml-text",
+            "<clone id=\"r0-clone\"><meta_attributes id=\"r0-clone-meta\"><nvpair id=\"r0-clone-promotable\" name=\"promotable\" value=\"true\"/></meta_attributes><primitive id=\"r0\" class=\"ocf\" provider=\"tandem\" type=\"tandem\"/></clone>",
+        ],
+    );
+    assert!(ok, "{out}");
+    let handler =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/pacemaker/tandem-fence-peer");
+    let extra = format!(
+        "fence-peer = \"CIB_file={} TANDEM_PCMK_NODE=alpha {}\"\n",
+        cib.display(),
+        handler.display()
+    );
+    let mut c = common::cluster::Cluster::new("sync", SIZE, &extra);
+    c.start(1, "secondary");
+    c.start(0, "primary");
+    c.wait_synced(0, TIMEOUT);
+    c.stop(1);
+    c.agent(0).wait_status("peer gone", TIMEOUT, |s| {
+        s["peer"]["connection"] == "connecting"
+    });
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = NbdClient::connect(&c.nbd_addr(0), "").await.expect("nbd");
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            client.write(0, Bytes::from(vec![5u8; 4096]), false),
+        )
+        .await
+        .expect("the first write alone waits for the handler: did it fail? see alpha's log")
+        .expect("the first write alone completes once the constraint is in");
+    });
+    let (ok, constraints) = cibadmin(&cib, &["--query", "--scope", "constraints"]);
+    assert!(ok, "{constraints}");
+    assert!(
+        constraints.contains("id=\"tandem-fence-r0\"")
+            && constraints.contains("rsc=\"r0-clone\"")
+            && constraints.contains("role=\"Promoted\"")
+            && constraints.contains("score=\"-INFINITY\"")
+            && constraints.contains("operation=\"ne\" value=\"alpha\""),
+        "{constraints}"
+    );
+    let unfence = |c: &common::cluster::Cluster| {
+        let out = run_with_timeout(
+            Command::new(&handler)
+                .env("CIB_file", &cib)
+                .env("TANDEM_BIN", tandem_bin())
+                .arg("--unfence-if-synced")
+                .arg("--control")
+                .arg(c.control(0)),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "{out:?}");
+    };
+    // The peer is still away: the constraint stays.
+    unfence(&c);
+    let (_, constraints) = cibadmin(&cib, &["--query", "--scope", "constraints"]);
+    assert!(constraints.contains("tandem-fence-r0"), "{constraints}");
+    // Back and resynced: it goes.
+    c.start(1, "secondary");
+    c.wait_synced(0, TIMEOUT);
+    unfence(&c);
+    let (_, constraints) = cibadmin(&cib, &["--query", "--scope", "constraints"]);
+    assert!(!constraints.contains("tandem-fence-r0"), "{constraints}");
+    c.stop(0);
+    c.stop(1);
+}
