@@ -87,6 +87,19 @@ pub enum Command {
         #[command(flatten)]
         target: ControlTarget,
     },
+    /// Take the replication link down on a running primary and keep it down (the
+    /// peer's dials are refused) until `tandem connect`: writes are tracked in the
+    /// bitmap (degrade) or wait (block), as for any link loss. A role change ends it.
+    Disconnect {
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+    /// Bring back a link taken down with `tandem disconnect`: the primary dials
+    /// the peer again and resyncs what changed meanwhile.
+    Connect {
+        #[command(flatten)]
+        target: ControlTarget,
+    },
     /// Mark a disconnected secondary Outdated: its data is consistent but lacks
     /// the primary's newer writes, so it is not promoted without --force. The
     /// primary's fencing command (`fence-peer`) runs this on its peer before it

@@ -254,6 +254,18 @@ async fn run(command: Command, timeouts: Timeouts) -> Result<ExitCode, String> {
             )
             .await
         }
+        Command::Disconnect { target } => {
+            simple_command(
+                target,
+                "disconnect",
+                serde_json::json!({}),
+                timeouts.query(),
+            )
+            .await
+        }
+        Command::Connect { target } => {
+            simple_command(target, "connect", serde_json::json!({}), timeouts.query()).await
+        }
         Command::Outdate { target } => {
             simple_command(target, "outdate", serde_json::json!({}), timeouts.query()).await
         }

@@ -466,3 +466,38 @@ fn a_panic_in_an_agent_task_ends_the_process_with_a_log_line() {
         common::status_of(&c.control(1)).is_none()
     });
 }
+
+#[test]
+fn disconnect_holds_the_link_down_until_connect_then_the_peer_resyncs() {
+    let mut c = Cluster::new("sync", 16 * MIB, "");
+    c.start(1, "secondary");
+    c.start(0, "primary");
+    c.wait_synced(0, SYNC_TIMEOUT);
+    let out = c.ctl_ok(0, "disconnect", &[]);
+    assert!(out.contains("disconnected"), "{out}");
+    c.agent(0).wait_status("link down", SYNC_TIMEOUT, |s| {
+        s["peer"]["connection"] == "connecting"
+    });
+    // Longer than the reconnect backoff (5 s): both sides keep trying, the link stays down.
+    write_blocks(&c.nbd_addr(0), 0, 32, 10);
+    let until = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < until {
+        let s = c.status(0);
+        assert_eq!(s["peer"]["connection"], "connecting", "{s}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(c.status(0)["out_of_sync_bytes"], 32 * BLOCK);
+    // On the secondary: refused, naming the primary.
+    let (ok, text) = c.ctl(1, "disconnect", &[]);
+    assert!(!ok && text.contains("primary"), "{text}");
+    assert!(
+        c.ctl_ok(0, "disconnect", &[])
+            .contains("already disconnected")
+    );
+    let out = c.ctl_ok(0, "connect", &[]);
+    assert!(out.contains("connecting"), "{out}");
+    c.wait_synced(0, SYNC_TIMEOUT);
+    c.stop(0);
+    c.stop(1);
+    assert_same_file(&c.image(0), &c.image(1));
+}

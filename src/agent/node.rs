@@ -666,13 +666,17 @@ impl ControlHandler for NodeHandler {
                     ctl.cfg().name
                 ))
             }),
-            "pause-sync" | "resume-sync" if ctl.role() == Role::Secondary => Box::pin(async move {
-                let cfg = ctl.cfg();
-                ControlReply::error(format!(
-                    "{} is secondary: the resync is paced by the primary ({}); run tandem {} against the primary's control socket",
-                    cfg.name, cfg.peer_name, request.cmd
-                ))
-            }),
+            "pause-sync" | "resume-sync" | "connect" | "disconnect"
+                if ctl.role() == Role::Secondary =>
+            {
+                Box::pin(async move {
+                    let cfg = ctl.cfg();
+                    ControlReply::error(format!(
+                        "{} is secondary: the primary ({}) dials and paces the replication link; run tandem {} against the primary's control socket",
+                        cfg.name, cfg.peer_name, request.cmd
+                    ))
+                })
+            }
             // ha: a panic in an agent task on request, to test that the process
             // then exits (main's panic hook). Debug builds with
             // TANDEM_DEBUG_COMMANDS=1 only.

@@ -158,6 +158,11 @@ enum Cmd {
     FenceDone {
         result: Result<(), String>,
     },
+    /// ha: `tandem disconnect` (true) / `tandem connect` (false).
+    HoldLink {
+        down: bool,
+        reply: oneshot::Sender<ControlReply>,
+    },
     /// ha: change the resync rate and/or pause or resume the resync, live.
     SetResync {
         rate_bytes_per_s: Option<u64>,
@@ -236,6 +241,8 @@ struct Shared {
     volume: Volume,
     /// The last handshake decision or refusal, for status.
     handshake: std::sync::Mutex<Option<String>>,
+    /// ha: `tandem disconnect` holds the link down until `tandem connect`.
+    held_down: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -353,6 +360,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         volume: volume.clone(),
         handshake: std::sync::Mutex::new(None),
+        held_down: tokio::sync::watch::Sender::new(false),
     });
     let mut engine = Engine::new(engine_config(&cfg, size_bytes), start.dirty.clone(), Seq(1));
     engine.enable_activity(crate::engine::activity::ActiveSet::new(
@@ -1075,6 +1083,41 @@ impl Owner {
             Cmd::VerifyResult { reply } => {
                 let _ = reply.send(ControlReply::success(self.verify_result_json()));
             }
+            // ha (issue 12 item 4): tandem disconnect / connect.
+            Cmd::HoldLink { down, reply } => {
+                let was = self.shared.held_down.send_replace(down);
+                let message = match (was, down) {
+                    (false, true) => {
+                        tracing::warn!(
+                            "disconnected by an administrator (tandem disconnect): the link stays down until tandem connect"
+                        );
+                        self.drop_session(
+                            "disconnected by an administrator (tandem disconnect)",
+                            out,
+                        );
+                        self.shared.metrics.events.push(
+                            "disconnected",
+                            "tandem disconnect: the link stays down until tandem connect".into(),
+                        );
+                        "disconnected: the link stays down until tandem connect; writes are tracked for the resync".to_string()
+                    }
+                    (true, false) => {
+                        tracing::info!("tandem connect: dialing the peer again");
+                        self.shared
+                            .metrics
+                            .events
+                            .push("connect", "tandem connect".into());
+                        "connecting: the peer is dialed again and resynced".to_string()
+                    }
+                    (true, true) => "already disconnected".to_string(),
+                    (false, false) => {
+                        "not disconnected: the link is up or being dialed".to_string()
+                    }
+                };
+                let _ = reply.send(ControlReply::success(
+                    serde_json::json!({ "message": message }),
+                ));
+            }
             // ha (issue 12 item 2): fencing before the first write alone.
             Cmd::FenceDone { result } => match result {
                 Ok(()) => {
@@ -1575,6 +1618,11 @@ impl ControlHandler for PrimaryControl {
                     reply,
                 },
                 "verify-result" => Cmd::VerifyResult { reply },
+                // ha: tandem disconnect / connect.
+                "disconnect" | "connect" => Cmd::HoldLink {
+                    down: request.cmd == "disconnect",
+                    reply,
+                },
                 // ha: runtime resync control.
                 "set-resync-rate" => match request.number("rate_bytes_per_s") {
                     Some(rate) => Cmd::SetResync {
@@ -1601,6 +1649,8 @@ impl ControlHandler for PrimaryControl {
                         "verify",
                         "verify-result",
                         "set-resync-rate",
+                        "disconnect",
+                        "connect",
                         "pause-sync",
                         "resume-sync",
                         "adjust",
@@ -1785,6 +1835,32 @@ async fn connector(
     // A secondary that dialed this node while it waited between attempts.
     let mut waiting: Option<Inbound> = None;
     while !stop.is_cancelled() {
+        // ha: `tandem disconnect` holds the link down: no dialing, and a
+        // secondary that dials is refused, until `tandem connect`.
+        if *shared.held_down.borrow() {
+            let mut held = shared.held_down.subscribe();
+            let refuse = |mut i: Inbound| {
+                tokio::spawn(async move {
+                    link::send_refusal(
+                        &mut i.wr,
+                        "the primary was disconnected by an administrator (tandem disconnect); tandem connect on it resumes replication",
+                    )
+                    .await;
+                });
+            };
+            if let Some(i) = waiting.take() {
+                refuse(i);
+            }
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = held.wait_for(|down| !*down) => { if r.is_err() { return } break }
+                    Some(i) = inbound_rx.recv() => refuse(i),
+                }
+            }
+            backoff.reset();
+            continue;
+        }
         let attempt = async {
             let (rd, wr) = match waiting.take() {
                 Some(i) => (i.rd, i.wr),
