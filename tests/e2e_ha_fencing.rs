@@ -133,6 +133,12 @@ fn degrade_mode_fences_the_peer_before_writing_alone_and_the_outdated_peer_is_no
         text.contains("Outdated") && text.contains("--force"),
         "{text}"
     );
+    // Outdated is persisted: a restart keeps it.
+    secondary.stop();
+    secondary.restart();
+    secondary.wait_status("Outdated after a restart", TIMEOUT, |s| {
+        s["disk_state"] == "Outdated"
+    });
     // An outdate on a connected node or a primary is refused.
     let (ok, text) = ctl(&primary.control, &["outdate"]);
     assert!(!ok && text.contains("is primary"), "{text}");
