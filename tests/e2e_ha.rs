@@ -501,3 +501,31 @@ fn disconnect_holds_the_link_down_until_connect_then_the_peer_resyncs() {
     c.stop(1);
     assert_same_file(&c.image(0), &c.image(1));
 }
+
+/// A primary killed -9 (writes its peer lacks, activity log extents open) and
+/// restarted by `up` alone: it promotes itself after the window and, once the
+/// peer is back, resyncs everything it may have changed.
+#[test]
+fn up_after_a_crash_of_a_lone_primary_loses_nothing_on_the_peer() {
+    let mut c = Cluster::new("sync", 32 * MIB, "");
+    c.start(1, "secondary");
+    c.start(0, "primary");
+    c.wait_synced(0, SYNC_TIMEOUT);
+    write_blocks(&c.nbd_addr(0), 0, 64, 11);
+    c.stop(1);
+    c.agent(0).wait_status("peer gone", SYNC_TIMEOUT, |s| {
+        s["peer"]["connection"] == "connecting"
+    });
+    write_blocks(&c.nbd_addr(0), 500, 64, 12);
+    write_mib(&c.nbd_addr(0), 20, 4, 13);
+    c.kill(0);
+    c.start(0, "up");
+    c.agent(0)
+        .wait_status("promoted by up", SYNC_TIMEOUT, |s| s["role"] == "primary");
+    write_blocks(&c.nbd_addr(0), 1000, 16, 14);
+    c.start(1, "up");
+    c.wait_synced(0, SYNC_TIMEOUT);
+    c.stop(0);
+    c.stop(1);
+    assert_same_file(&c.image(0), &c.image(1));
+}
