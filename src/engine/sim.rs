@@ -400,7 +400,8 @@ impl Sim {
             rng: StdRng::seed_from_u64(seed),
             mode,
             eio: seed % 4 == 3,
-            holes: seed % 2 == 0 && std::env::var("TANDEM_SIM_HOLES").is_ok_and(|v| v == "1"),
+            holes: seed.is_multiple_of(2)
+                && std::env::var("TANDEM_SIM_HOLES").is_ok_and(|v| v == "1"),
             injecting: false,
             draining: false,
             step: 0,

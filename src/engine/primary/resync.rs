@@ -433,6 +433,9 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                 let chunks = &mut self.resync.holes.chunks;
                 *chunks = chunks.split_off(&durable.next());
                 chunks.insert(self.next_seq);
+                // Charged like any chunk (its read gives back all but a header:
+                // charge_read), so the credit stays balanced under a rate limit.
+                self.resync.charge_start(OpKind::ResyncRead, range);
                 let seq = self.admit_internal(range, OpKind::ResyncRead, out);
                 self.stream
                     .enqueue_carried(seq, range, self.now_ms, Carried::Data, 0);
@@ -685,5 +688,40 @@ mod hole_tests {
         assert!(!e.resync.holes.zero.is_empty() || e.resync.holes.to > 0);
         e.resync.holes.forget(0, blocks);
         assert!(e.resync.holes.hole_end(200).is_none());
+    }
+    /// A zero chunk is charged like any chunk when it starts, so the refund of its
+    /// read (all but a header) leaves no credit behind: merged with the ha branch's
+    /// start-time charging, a 1 GiB hole left 1 GiB of credit and the rate limit of
+    /// the rest of the pass was void.
+    #[test]
+    fn a_zero_chunk_leaves_no_rate_credit() {
+        let blocks = 1 << 18; // 1 GiB
+        let mut c = Config::new(Mode::Async, blocks * BS, BS as u32);
+        c.resync_chunk_bytes = 16 * BS;
+        c.resync_rate_bytes_per_s = 1 << 20;
+        let mut dirty = DirtyBitmap::for_volume(c.size_bytes, c.block_size);
+        dirty.mark_all();
+        let mut e: E = PrimaryEngine::new(c, dirty, Seq(1));
+        e.enable_hole_probes();
+        let mut out = Vec::new();
+        e.session_started(true, &mut out);
+        out.clear();
+        e.bitmap_persisted(Ok(()), &mut out);
+        e.tick(1, &mut out);
+        e.tick(200, &mut out); // some budget
+        let (offset, len) = probe(&out).expect("probe");
+        out.clear();
+        // Data in the last 64 KiB only: one zero chunk first.
+        let end = blocks * BS;
+        let data: Vec<std::ops::Range<u64>> = std::iter::once(end - (64 << 10)..end).collect();
+        e.holes_probed(offset, len, &data, &mut out);
+        let mut frames = Vec::new();
+        settle(&mut e, &mut out, &mut frames);
+        assert_eq!(frames.first(), Some(&(0, end - (64 << 10), false)));
+        assert!(
+            e.resync.budget_bytes <= 1 << 20,
+            "{} bytes of credit after a zero chunk",
+            e.resync.budget_bytes
+        );
     }
 }
