@@ -1480,7 +1480,7 @@ impl ControlHandler for PrimaryControl {
                 // dr (issue 10): the rollback window is the secondary's.
                 "points" | "rollback" | "inspect" => {
                     return ControlReply::error(format!(
-                        "this node is the primary: its volume is the live copy and has no rollback window;                          run `tandem {}` on the secondary's control socket (a rollback there needs it disconnected:                          stop or demote this primary first)",
+                        "this node is the primary: its volume is the live copy and has no rollback window; run `tandem {}` on the secondary's control socket (a rollback there needs it disconnected: stop or demote this primary first)",
                         request.cmd
                     ));
                 }

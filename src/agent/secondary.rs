@@ -2032,7 +2032,7 @@ impl Node {
             return refuse(
                 reply,
                 format!(
-                    "this secondary is connected to its primary {}: a rollback would be undone by replication.                      Disconnect it first (stop or demote the primary, or stop this node's link), then roll back,                      then promote this node (or let the primary resend the blocks after the point)",
+                    "this secondary is connected to its primary {}: a rollback would be undone by replication. Disconnect it first (stop or demote the primary, or stop this node's link), then roll back, then promote this node (or let the primary resend the blocks after the point)",
                     s.peer
                 ),
             );
@@ -2208,7 +2208,7 @@ impl Node {
         let view = self.engine.view_at(lsn);
         let nbd = bound.to_string();
         let message = format!(
-            "serving the image as of {} read-only on {nbd} while replication continues              (e.g. nbdfuse DIR nbd://ADDR, losetup -r, mount -o ro); it ends with              `tandem inspect --stop`, or when the journal needs the room for replication",
+            "serving the image as of {} read-only on {nbd} while replication continues (e.g. nbdfuse DIR nbd://ADDR, losetup -r, mount -o ro); it ends with `tandem inspect --stop`, or when the journal needs the room for replication",
             crate::dr::describe_point(&point)
         );
         tracing::info!("inspection: {message}");
