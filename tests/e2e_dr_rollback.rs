@@ -10,7 +10,8 @@
 //! message naming what to do: rollback on a connected secondary, on the primary,
 //! outside the window. Then the primary stops, the secondary is rolled back to
 //! the clean point (`tandem rollback --to SEQ`), promoted without --force, and its
-//! volume is a clean ext4 (`e2fsck -fn`) with the original files.
+//! volume is a clean ext4 (`e2fsck -fn`) with the original files. Last, the old
+//! primary rejoins as secondary and ends identical to the rolled-back volume.
 
 mod common;
 
@@ -292,4 +293,14 @@ fn rollback_and_inspection_bring_back_files_overwritten_and_deleted_on_the_prima
         got, expected,
         "the rolled-back volume holds the original files"
     );
+
+    // Failback: the old primary rejoins as secondary and is brought to the
+    // rolled-back data block for block (the blocks the rollback dropped are in
+    // beta's bitmap), its later writes overwritten.
+    c.start(BETA, "primary");
+    c.start(ALPHA, "secondary");
+    c.wait_synced(BETA, SYNC_TIMEOUT);
+    c.stop(BETA);
+    c.stop(ALPHA);
+    common::assert_same_file(&c.image(ALPHA), &c.image(BETA));
 }
