@@ -308,6 +308,10 @@ pub async fn serve(
             send_bytes = send_blocks * bs,
             "previous run stopped uncleanly: resyncing the bitmap, and comparing the activity log's extents by hash"
         ),
+        recovery::Recovery::Poisoned { compare_blocks } => tracing::warn!(
+            compare_bytes = compare_blocks * bs,
+            "this disk failed a write or fdatasync before (poisoned); started with --force: every block will be compared with the peer by hash"
+        ),
         recovery::Recovery::Unknown {
             bitmap_valid,
             activity_log_intact,
@@ -764,6 +768,13 @@ impl Owner {
                     .metrics
                     .set_error(format!("volume poisoned: {reason}"));
                 self.shared.metrics.events.push("io-error", reason);
+                // Issue 9 item 5: remembered across restarts (recovery refuses to
+                // serve this disk again without --force).
+                if !self.sb.poisoned {
+                    self.sb.poisoned = true;
+                    let sb = self.sb.clone();
+                    self.meta().send(MetaJob::Superblock { sb });
+                }
             }
             Action::StartGenerationAlone => {
                 self.sb = recovery::start_generation_alone(&self.sb);
@@ -1082,9 +1093,10 @@ impl Owner {
     /// passed, or there is no session to drain to).
     fn drain_over(&self) -> bool {
         let settled = self.engine.ops_in_flight() == 0 && self.engine.parked() == 0;
-        let synced = self.engine.is_in_sync() && self.engine.lag().writes == 0;
         let d = self.draining.as_ref().expect("draining");
-        (settled && (synced || self.session.is_none())) || tokio::time::Instant::now() >= d.deadline
+        self.engine.ready_to_hand_over()
+            || (settled && self.session.is_none())
+            || tokio::time::Instant::now() >= d.deadline
     }
 
     fn on_io(&mut self, done: IoDone, out: &mut Actions) {
@@ -1299,6 +1311,7 @@ impl Owner {
             self.sb.volume_id,
             self.sb.gen_current,
         );
+        doc.poisoned = self.sb.poisoned || self.engine.is_poisoned();
         doc.generations = Some(control::GenerationsStatus::of(&self.sb));
         doc.handshake = self
             .shared
@@ -1344,7 +1357,7 @@ impl Owner {
         meta_rx: &mut mpsc::UnboundedReceiver<MetaDone>,
     ) -> Result<(), AgentError> {
         let draining = self.draining.take();
-        let in_sync = self.engine.is_in_sync() && self.engine.lag().writes == 0;
+        let in_sync = self.engine.ready_to_hand_over();
         let out_of_sync = self.engine.out_of_sync();
         let out_of_sync_bytes = out_of_sync.dirty_count().0 * self.cfg.block_size as u64;
         let (demote, force) = draining

@@ -198,8 +198,12 @@ struct Secondary {
     /// A checkpoint in flight: from, through, and its stage (0: copying, 1: the
     /// volume is flushed, 2: released).
     checkpoint: Option<(Lsn, Lsn, u8)>,
-    hashes: Vec<(Seq, ByteRange, u32, Tags, Vec<(ByteRange, Source)>)>,
+    hashes: Vec<PendingHash>,
 }
+
+/// A hash check the secondary engine asked for: its seq, range, block size, tags
+/// and where each part of the range is read from.
+type PendingHash = (Seq, ByteRange, u32, Tags, Vec<(ByteRange, Source)>);
 
 struct Sim {
     rng: StdRng,
@@ -312,6 +316,7 @@ fn fresh_sb(role: Role) -> Superblock {
         resync_cursor: None,
         bitmap_valid: true,
         volume_mixed: false,
+        poisoned: false,
         consistent_seq: 0,
         consistent_at_ms: 0,
     }
@@ -1471,7 +1476,7 @@ fn one_seed_from_the_environment() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
-    let mode = if seed % 2 == 0 {
+    let mode = if seed.is_multiple_of(2) {
         Mode::Sync
     } else {
         Mode::Async

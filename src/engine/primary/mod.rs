@@ -536,6 +536,17 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.parked.len()
     }
 
+    /// A demotion may hand the data over: nothing in flight or waiting, the
+    /// secondary in sync (no resync, nothing dirty, not ahead) and holding every
+    /// write durably (issue 9 bug 4: the unacked queue alone is not enough).
+    pub fn ready_to_hand_over(&self) -> bool {
+        self.ops.is_empty()
+            && self.parked.is_empty()
+            && self.is_in_sync()
+            && !self.is_ahead()
+            && self.lag().writes == 0
+    }
+
     /// Change the resync rate limit (bytes per second on the wire; 0 = unlimited).
     pub fn set_resync_rate(&mut self, bytes_per_s: u64) {
         self.cfg.resync_rate_bytes_per_s = bytes_per_s;
@@ -653,6 +664,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     /// refused with EINVAL; a payload-free request spanning many extents is split
     /// at extent boundaries (each piece has its own seq; the client is answered
     /// once every piece is done).
+    #[allow(clippy::too_many_arguments)]
     pub fn submit(
         &mut self,
         kind: OpKind,
