@@ -1363,7 +1363,11 @@ impl Node {
             }
             ControlCmd::InspectRead { id, range, reply } => {
                 let answer = match &self.inspection {
-                    Some(i) if i.id == id && self.engine.pin() == Some(i.lsn) => {
+                    Some(i)
+                        if i.id == id
+                            && self.engine.pin() == Some(i.lsn)
+                            && i.lsn >= self.engine.applied() =>
+                    {
                         Ok(self.engine.begin_view_read(&i.view, range))
                     }
                     _ => Err("the inspection ended (stopped, rolled back, or its point left the journal to make room for replication); start a new one with `tandem inspect`".to_string()),
@@ -2139,6 +2143,17 @@ impl Node {
                 }
                 self.end_inspection("the secondary is rolling back");
                 let lsn = Lsn(self.rollback.as_ref().expect("checked").point.journal_lsn);
+                if lsn < self.engine.applied() {
+                    // A checkpoint already under way when it was asked copied past
+                    // the point: it is in the volume now, out of reach.
+                    let r = self.rollback.take().expect("checked");
+                    self.engine.set_pin(None);
+                    let _ = r.reply.send(ControlReply::error(format!(
+                        "cannot roll back to {}: a checkpoint running when the rollback was asked copied past it into the volume; pick a newer point (`tandem points`)",
+                        crate::dr::describe_point(&r.point)
+                    )));
+                    return;
+                }
                 let dropped = self.engine.truncate_after(lsn);
                 let bs = self.cfg.block_size;
                 let mut bytes = 0;
@@ -2225,6 +2240,12 @@ impl Node {
             .choose(&self.point_docs())
             .map_err(|e| format!("cannot inspect {e}"))?;
         let lsn = Lsn(point.journal_lsn);
+        if self.checkpoint_past(lsn) {
+            return Err(format!(
+                "a checkpoint is copying records after {} into the volume right now; retry in a moment, or pick a newer point",
+                crate::dr::describe_point(&point)
+            ));
+        }
         let id = self.next_inspection;
         self.next_inspection += 1;
         let stop = CancellationToken::new();
@@ -2265,6 +2286,19 @@ impl Node {
             task,
         });
         Ok(message)
+    }
+
+    /// A checkpoint under way (waiting for the superblock, copying, or waiting to
+    /// release) goes past `lsn`: the volume will hold records after it.
+    fn checkpoint_past(&self, lsn: Lsn) -> bool {
+        lsn < self.engine.applied()
+            || self
+                .checkpoint_waiting
+                .is_some_and(|(_, through, _, _)| through > lsn)
+            || self.copying.is_some_and(|(through, _, _)| through > lsn)
+            || self
+                .release_waiting
+                .is_some_and(|(through, _)| through > lsn)
     }
 
     /// End the inspection being served (if any): stop its export, unpin.
