@@ -212,13 +212,15 @@ tc qdisc change dev "$VH" root tbf rate "$(( RATE_MB * 8 ))mbit" burst 256kb lat
 head -c $((200 << 20)) /dev/urandom > "$W/big.bin"
 
 # --- the load --------------------------------------------------------------
-# Rounds: a 200 MiB file, /usr/share/doc, sync, a random pause; bursts of
-# hundreds of MiB against a 20 MB/s link.
+# Rounds: a 200 MiB file and sync, /usr/share/doc (140 MiB of small files)
+# and sync, a random pause: bursts of hundreds of MiB against a 20 MB/s link
+# (without the syncs the page cache would hold it all past the kill).
 workload() {
     local mnt=$1 seed=$2 r=0
     RANDOM=$seed
     while true; do
         cp "$W/big.bin" "$mnt/data/big$(( r % 2 )).bin" || return
+        sync -f "$mnt" || return
         rm -rf "$mnt/data/doc$(( r % 2 ))" && cp -a /usr/share/doc "$mnt/data/doc$(( r % 2 ))" || return
         sync -f "$mnt" || return
         sleep "0.$(( RANDOM % 10 ))"
