@@ -106,6 +106,25 @@ fn attach(cleanup: &mut Cleanup, dir: &Path, uri: &str, read_only: bool) -> Stri
 
 fn detach(cleanup: &mut Cleanup, dir: &Path, dev: &str) {
     cleanup.detach_loop(dev);
+    // `losetup -d` lets go of the backing file asynchronously: a busy machine
+    // still holds it a moment later, and the FUSE unmount would fail busy.
+    let nbd_file = dir.join("nbd");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let held = run_ok(
+            Command::new("losetup").arg("-j").arg(&nbd_file),
+            CMD_TIMEOUT,
+        );
+        if held.trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{held} still holds {}",
+            nbd_file.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     cleanup.unmount_fuse(dir);
 }
 
