@@ -14,7 +14,11 @@
 # about the DR copy just before the kill. A summary ends the run.
 #
 #   tools/dr/trials.sh [--trials N] [--seed S] [--rate MBYTES_PER_S] [--size SIZE]
-#                      [--bin PATH] [--out DIR] [--keep]
+#                      [--kill-after MIN_S-MAX_S] [--bin PATH] [--out DIR] [--keep]
+#
+# --kill-after 60-90 makes long trials: the samples of the primary's view of
+# the DR copy (OUT/samples-N.tsv: unix ms, consistent point ms, behind s, lag s)
+# show whether the consistent point keeps advancing under sustained load.
 #
 # Needs root (netns, tc, loop, mount), iproute2, nbdfuse (libnbd-bin), fuse3,
 # e2fsprogs. Default binary: target/release/tandem (built when missing).
@@ -31,6 +35,8 @@ SIZE=2G
 BIN=""
 OUT=""
 KEEP=0
+KILL_MIN_MS=3000
+KILL_MAX_MS=8000
 while [ $# -gt 0 ]; do
     case "$1" in
         --trials) TRIALS=$2; shift 2 ;;
@@ -40,7 +46,8 @@ while [ $# -gt 0 ]; do
         --bin) BIN=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        --kill-after) KILL_MIN_MS=$(( ${2%-*} * 1000 )); KILL_MAX_MS=$(( ${2#*-} * 1000 )); shift 2 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -233,7 +240,9 @@ log "running $TRIALS trials, seed $SEED, link ${RATE_MB} MB/s, results in $RESUL
 for i in $(seq 1 "$TRIALS"); do
     tseed=$(( SEED + i ))
     RANDOM=$tseed
-    kill_after_ms=$(( 3000 + (RANDOM % 5001) ))
+    span=$(( KILL_MAX_MS - KILL_MIN_MS + 1 ))
+    if [ "$span" -le 32768 ]; then r=$RANDOM; else r=$(( RANDOM * 32768 + RANDOM )); fi
+    kill_after_ms=$(( KILL_MIN_MS + r % span ))
     rm -rf "$W/trial"; mkdir -p "$W/trial"
     for f in primary.img primary.img.tandem-meta secondary.img secondary.img.tandem-meta; do
         cp --sparse=always "$W/base/$f" "$W/trial/$f"
@@ -255,7 +264,7 @@ for i in $(seq 1 "$TRIALS"); do
     while [ $(( $(now_ms) - start_ms )) -lt "$kill_after_ms" ]; do
         if s=$(status "$W/trial/primary.sock"); then
             prekill=$s; prekill_ms=$(now_ms)
-            printf '%s\t%s\t%s\n' "$(json consistent_point.at_unix_ms <<<"$s")" "$(json consistent_point.behind_s <<<"$s")" "$(json lag.seconds <<<"$s")" >> "$W/trial/samples"
+            printf '%s\t%s\t%s\t%s\n' "$prekill_ms" "$(json consistent_point.at_unix_ms <<<"$s")" "$(json consistent_point.behind_s <<<"$s")" "$(json lag.seconds <<<"$s")" >> "$W/trial/samples"
         fi
         sleep 0.25
     done
@@ -303,7 +312,7 @@ for i in $(seq 1 "$TRIALS"); do
 import sys
 ats, behinds = [], []
 for line in open(sys.argv[1]):
-    a, b, _ = (line.rstrip("\n").split("\t") + ["", "", ""])[:3]
+    _, a, b, _ = (line.rstrip("\n").split("\t") + ["", "", "", ""])[:4]
     if a: ats.append(int(a))
     if b: behinds.append(float(b))
 adv = sum(1 for x, y in zip(ats, ats[1:]) if y > x)
@@ -315,6 +324,7 @@ PY
         "$kill_ms" "$loss" "$prekill_lag" "$prekill_behind" "$prekill_at" "$regressed" "$section_open" \
         "$advances" "$max_behind" "$excess" "$msg" >> "$RESULTS"
     log "trial $i/$TRIALS seed $tseed: kill at ${kill_after_ms} ms, promoted=$promoted mount=$mount_ok fsck=$fsck_clean loss=${loss} s (pre-kill behind ${prekill_behind} s, lag ${prekill_lag} s, resync open ${section_open:-?})"
+    cp "$W/trial/samples" "$OUT/samples-$i.tsv"
     if [ "$promoted" = 0 ] || [ "$fsck_clean" = 0 ]; then
         mkdir -p "$OUT/failed-$i"
         cp "$W"/trial/*.log "$OUT/failed-$i/" 2>/dev/null || true
