@@ -367,3 +367,59 @@ fn a_rolled_back_secondary_is_resynced_forward_by_its_returning_primary() {
     c.stop(BETA);
     common::assert_same_file(&c.image(ALPHA), &c.image(BETA));
 }
+
+/// An inspection never stops replication: when the journal needs the room its
+/// point holds, the inspection ends (its reads fail with the reason) and the
+/// writes keep flowing.
+#[test]
+fn an_inspection_yields_when_replication_needs_the_journal() {
+    // 256 MiB: a whole-volume resync after the primary went ahead fits (a 128 MiB
+    // journal leaves 56 MiB for a resync, less than this 64 MiB volume).
+    let mut c = Cluster::new("async", 64 << 20, "journal-size = \"256M\"");
+    c.start(BETA, "secondary");
+    c.start(ALPHA, "primary");
+    c.wait_synced(ALPHA, SYNC_TIMEOUT);
+    let uri = c.nbd_uri(ALPHA);
+    qemu_io(&uri, &["write -P 0x33 0 1M", "flush"]);
+    let point = synced_seq(&mut c);
+    let addr = format!("127.0.0.1:{}", free_port());
+    c.ctl_ok(
+        BETA,
+        "inspect",
+        &["--at", &point.to_string(), "--nbd", &addr],
+    );
+    let inspect_uri = format!("nbd://{addr}");
+    let out = run_ok(
+        Command::new("qemu-io")
+            .args(["-r", "-f", "raw", "-c", "read -P 0x33 0 1M"])
+            .arg(&inspect_uri),
+        CMD_TIMEOUT,
+    );
+    assert!(
+        !out.contains("fail"),
+        "the inspection reads the point: {out}"
+    );
+    // Twice the journal's ring of writes: the pin must yield.
+    for round in 0..6u8 {
+        qemu_io(
+            &uri,
+            &[&format!("write -P 0x{:02x} 0 64M", 0x40 + round), "flush"],
+        );
+    }
+    c.wait_synced(ALPHA, SYNC_TIMEOUT);
+    let listed = points(&c, BETA);
+    assert!(
+        listed["inspection"].is_null(),
+        "the inspection ended: {listed}"
+    );
+    let events = c.ctl_ok(BETA, "events", &[]);
+    assert!(
+        events.contains("needed the room for replication"),
+        "an event says why the inspection ended:\n{events}"
+    );
+    let (ok, text) = c.ctl(BETA, "inspect", &["--stop"]);
+    assert!(!ok && text.contains("no inspection"), "{text}");
+    c.stop(ALPHA);
+    c.stop(BETA);
+    common::assert_same_file(&c.image(ALPHA), &c.image(BETA));
+}
