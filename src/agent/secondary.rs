@@ -1446,6 +1446,9 @@ impl Node {
             // node's bitmap, which the primary role starts from), then everything
             // is copied into the volume.
             if let Some((lsn, seq, at_ms)) = self.engine.consistent_point() {
+                // dr (issue 10): the newest write received, before the truncation
+                // below forgets the dropped records (e2e_dr_promote).
+                let (_, newest_at) = self.engine.newest_received();
                 let dropped = if self.engine.is_section_open() || self.engine.tail() > lsn {
                     let d = self.engine.truncate_after(lsn);
                     self.jh.truncate(lsn);
@@ -1464,7 +1467,6 @@ impl Node {
                         "promotion mid-resync: rolled back to the last consistent point; the dropped resync's blocks are resent to the old primary when it rejoins"
                     );
                 }
-                let (_, newest_at) = self.engine.newest_received();
                 note = promotion_note(seq, at_ms, newest_at);
                 tracing::warn!(seq = seq.0, newest_write_at_ms = at_ms, "promoting {note}");
                 self.metrics
