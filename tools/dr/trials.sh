@@ -353,5 +353,5 @@ if excess:
 print(f"consistent point older than the one the primary showed before the kill: {count('point_regressed')}/{n}")
 print(f"resync open at the kill: {sum(1 for r in rows if r['section_open_at_kill'] == 'True')}/{n}")
 if behind:
-    print(f"under load, the primary's 'behind' figure: median of per-trial max {statistics.median(behind):.2f} s, max {max(behind):.2f} s; the consistent point advanced {statistics.median(adv)} times per trial (median) at 4 samples/s")
+    print(f"under load, the primary's 'behind' figure: median of per-trial max {statistics.median(behind):.2f} s, max {max(behind):.2f} s; the consistent point advanced {statistics.median(adv)} times per trial (median; the status is sampled about once a second)")
 PY
