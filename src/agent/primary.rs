@@ -272,6 +272,16 @@ pub async fn serve(
         .flush()
         .await
         .map_err(|e| AgentError::Refused(format!("flushing the volume at start failed: {e}")))?;
+    if opened.superblock.poisoned {
+        // Issue 9 item 5: what a failed writeback left in the page cache is not
+        // on the disk; read the disk itself from here on.
+        crate::agent::drop_cached_pages(&cfg.volume).map_err(|e| {
+            AgentError::Refused(format!(
+                "dropping the cached pages of {} (a disk that failed before) failed: {e}",
+                cfg.volume.display()
+            ))
+        })?;
+    }
     let mut meta = opened.store;
     if opened.created {
         tracing::info!(meta = %cfg.meta.display(), volume_id = %opened.superblock.volume_id, generation = %opened.superblock.gen_current, "created metadata for a new primary volume");

@@ -248,6 +248,20 @@ pub async fn serve(
         .flush()
         .await
         .map_err(|e| AgentError::Refused(format!("flushing the volume at start failed: {e}")))?;
+    if opened.superblock.poisoned {
+        // Issue 9 item 5: pages whose writeback failed may still be cached (as
+        // clean); the volume and the journal are read from the disk from here on.
+        for path in [&cfg.volume, &cfg.journal] {
+            if path.exists() {
+                crate::agent::drop_cached_pages(path).map_err(|e| {
+                    AgentError::Refused(format!(
+                        "dropping the cached pages of {} (a disk that failed before) failed: {e}",
+                        path.display()
+                    ))
+                })?;
+            }
+        }
+    }
     let start = recovery::secondary_start(&opened.superblock, &opened.bitmap, &opened.activity);
     let mut sb = start.sb.clone();
     if start.demoted {
@@ -322,6 +336,15 @@ pub async fn serve(
         volume_consistent,
         (Seq(sb.consistent_seq), sb.consistent_at_ms),
     );
+    if let Some(adopted) = recovery::recovered_sync_end(
+        &sb,
+        engine.is_section_open(),
+        engine.consistent_point().is_some(),
+    ) {
+        tracing::warn!(generation = %adopted.gen_current, "the journal holds the end of a resync the superblock did not record (a crash in between): recording the copy as the sync target's generation");
+        sb = adopted;
+        store.write_superblock(&sb)?;
+    }
     if let Some((lsn, seq, at_ms)) = engine.consistent_point() {
         tracing::info!(
             lsn = lsn.0,
@@ -882,7 +905,7 @@ impl Node {
                 if blocks > 0 {
                     tracing::info!(
                         blocks,
-                        bytes = blocks * self.cfg.block_size as u64,
+                        bytes = blocks.saturating_mul(self.cfg.block_size as u64),
                         full,
                         "primary announces a resync"
                     );
@@ -1387,7 +1410,7 @@ impl Node {
                 let message = format!(
                     "at the next connection from {peer}, this node's {blocks} changed blocks ({} bytes) since generation {base} are discarded \
                      and replaced by {peer}'s data; the changed ranges are listed first in {}.split-brain-<time>.txt",
-                    blocks * u64::from(self.cfg.block_size),
+                    blocks.saturating_mul(u64::from(self.cfg.block_size)),
                     self.cfg.meta.display(),
                     peer = self.cfg.peer_name,
                     base = self.sb.gen_bitmap_base,
