@@ -421,5 +421,18 @@ fn an_inspection_yields_when_replication_needs_the_journal() {
     assert!(!ok && text.contains("no inspection"), "{text}");
     c.stop(ALPHA);
     c.stop(BETA);
+    same_or_logs(&c);
+}
+
+/// The images are identical, else the agents' logs are printed with the difference.
+fn same_or_logs(c: &Cluster) {
+    let diff = common::first_difference(&c.image(ALPHA), &c.image(BETA)).expect("compare images");
+    if diff.is_some() {
+        for name in common::cluster::NODES {
+            let log =
+                std::fs::read_to_string(c.site.path(&format!("{name}.log"))).unwrap_or_default();
+            eprintln!("----- log of {name} -----\n{log}");
+        }
+    }
     common::assert_same_file(&c.image(ALPHA), &c.image(BETA));
 }
