@@ -371,6 +371,16 @@ fn a_rolled_back_secondary_is_resynced_forward_by_its_returning_primary() {
 /// An inspection never stops replication: when the journal needs the room its
 /// point holds, the inspection ends (its reads fail with the reason) and the
 /// writes keep flowing.
+///
+/// Known failure (about 1 run in 9 on a loaded machine, not caused by the
+/// inspection): the primary's clean stop says Goodbye right after a resync it
+/// counts as done (Durable covers the ResyncDone's seq), while the secondary
+/// still holds the ResyncDone frame (waiting for journal room) or has it queued;
+/// the session end drops it, the section stays open, and the secondary's volume
+/// at rest is the previous consistent image (`beta.img` differs: an older round
+/// at offset 0, and its log lacks the last "in sync with the primary"). Reported
+/// to the lead with the fix direction (end a session only after its frames).
+
 #[test]
 fn an_inspection_yields_when_replication_needs_the_journal() {
     // 256 MiB: a whole-volume resync after the primary went ahead fits (a 128 MiB
