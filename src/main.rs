@@ -390,6 +390,29 @@ async fn run(command: Command, timeouts: Timeouts) -> Result<ExitCode, String> {
             tandem::checkpoint::run_cli(command).await?;
             Ok(ExitCode::SUCCESS)
         }
+        // dr (issue 10)
+        Command::Points { target, json } => {
+            let (path, _) = target.resolve().map_err(|e| e.to_string())?;
+            tandem::dr::points(&path, json, timeouts.query()).await
+        }
+        Command::Rollback { control, to } => {
+            tandem::dr::rollback(&control, &to, timeouts.promote()).await
+        }
+        Command::Inspect {
+            control,
+            at,
+            nbd,
+            stop,
+        } => {
+            tandem::dr::inspect(
+                &control,
+                at.as_deref(),
+                nbd.as_deref(),
+                stop,
+                timeouts.query(),
+            )
+            .await
+        }
         Command::Demo { size, seconds, dir } => {
             let size_bytes = tandem::types::parse_size(&size)?;
             let ok = tandem::demo::run(size_bytes, seconds, dir)

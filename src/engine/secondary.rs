@@ -621,6 +621,18 @@ impl<D> SecondaryEngine<D> {
         self.resolve(view, range)
     }
 
+    /// dr (issue 10): start a read of `range` in a view built by [`Self::view_at`]
+    /// (an inspection of an older point, pinned with [`Self::set_pin`]): where to
+    /// read it from. No checkpoint starts until [`Self::end_read`].
+    pub fn begin_view_read(
+        &mut self,
+        view: &RangeMap<Lsn>,
+        range: ByteRange,
+    ) -> Vec<(ByteRange, Source)> {
+        self.readers += 1;
+        self.resolve(view, range)
+    }
+
     fn resolve(&self, map: &RangeMap<Lsn>, range: ByteRange) -> Vec<(ByteRange, Source)> {
         let mut out: Vec<(ByteRange, Source)> = Vec::new();
         for (start, end, lsn) in map.query(range.offset, range.end()) {
@@ -675,12 +687,14 @@ impl<D> SecondaryEngine<D> {
         };
         let mut points = Vec::new();
         let mut after = self.live_bytes;
-        let mut write = (Seq::ZERO, 0);
+        let mut write = self.volume_write;
         if self.volume_consistent {
+            // dr (issue 10): the volume's point carries its newest write as last
+            // recorded (a rollback to it reports a time, not "unknown").
             points.push(Point {
                 lsn: self.applied,
-                seq: Seq::ZERO,
-                at_ms: 0,
+                seq: self.volume_write.0,
+                at_ms: self.volume_write.1,
                 later_bytes: after,
             });
         }
@@ -755,6 +769,16 @@ impl<D> SecondaryEngine<D> {
         self.maybe_checkpoint(out);
         if self.checkpointing.is_some() {
             return Room::Wait;
+        }
+        // dr (issue 10): an inspection's pin never stops replication. When it is
+        // what keeps the checkpointer from making room, it yields (the agent sees
+        // `pin()` gone and ends the inspection).
+        if let Some(pin) = self.pin.take() {
+            self.maybe_checkpoint(out);
+            if self.checkpointing.is_some() {
+                return Room::Wait;
+            }
+            self.pin = Some(pin);
         }
         if self.syncing.is_some() || self.tail > self.durable {
             // Records not durable yet cannot be copied: sync first.
@@ -1372,6 +1396,12 @@ impl<D> SecondaryEngine<D> {
     /// Hold the checkpointer at `lsn` (an inspection of that point), or release.
     pub fn set_pin(&mut self, pin: Option<Lsn>) {
         self.pin = pin;
+    }
+
+    /// dr (issue 10): the pin in force; None after [`Self::room`] made it yield
+    /// to replication (the journal had no room left while it held it).
+    pub fn pin(&self) -> Option<Lsn> {
+        self.pin
     }
 
     /// At the start of a session: an open resync section that has taken more than
