@@ -2,75 +2,164 @@
 //! crashed a target and are fixed live in `regressions/TARGET/` (replayed by
 //! tests/corpus.rs); bugs found in other people's code and not fixed yet live
 //! in `open/TARGET/` with an ignored test here that the fix un-ignores (and
-//! the matching `known_open` guard in the target goes with it).
+//! the matching `OPEN` flag of the target goes with it).
 
 use std::path::Path;
 
-use tandem::engine::secondary::SecondaryAction;
-use tandem::wire::Message;
+use tandem::engine::secondary::{Config, Fault, Lsn, SecondaryAction, SecondaryEngine};
+use tandem::types::Seq;
+use tandem_fuzz::secondary::{Frame, incoming};
 
 fn input(path: &str) -> Vec<u8> {
     std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).expect(path)
 }
 
-/// Found by `secondary` in its first minute: a ResyncStart with frame seq 0
-/// reaches `SecondaryEngine::new`, which asserts seq > 0. In the agent
-/// (`agent::secondary::on_frame`) that is a panic of the session task on
-/// bytes from the network. Fix (lead): refuse it as a protocol error (an
-/// `Err` from on_frame, or the engine returning Fail), then set
-/// `Open::seq_zero_resync_start` to false in src/secondary.rs and remove this `ignore`.
+fn secondary_engine(volume_consistent: bool) -> SecondaryEngine<u64> {
+    SecondaryEngine::new(
+        Config::new(64 << 20, 4096, 16 << 20),
+        Lsn::ZERO,
+        Vec::new(),
+        volume_consistent,
+        (Seq::ZERO, 0),
+    )
+}
+
+/// Found by `secondary` in its first minute, against the old apply engine: a
+/// ResyncStart with frame seq 0 reached `SecondaryEngine::new`'s assert — a
+/// panic of the secondary's session task on bytes from the network. The
+/// redo-journal engine checks every seq it is given: seq 0 (and seqs past
+/// `SEQ_MAX`) end the session with `Fault::BadSeq` and leave nothing behind.
+/// The input (re-encoded for the current target) is a ResyncStart with seq 0.
 #[test]
-#[ignore = "open bug in agent::secondary::on_frame / engine::secondary (lead); see the doc comment"]
 fn resync_start_with_frame_seq_zero_is_refused_not_a_panic() {
-    let result = std::panic::catch_unwind(|| {
-        let mut engine = None;
-        let mut out: Vec<SecondaryAction> = Vec::new();
-        let msg = Message::ResyncStart {
+    for seq in [0, u64::MAX] {
+        let mut e = secondary_engine(true);
+        let mut out = Vec::new();
+        let f = Frame::ResyncStart {
+            seq,
             blocks: 0,
             full: false,
         };
-        let _ = tandem_fuzz::secondary::feed(&mut engine, 0, &msg, 0, &mut out);
-        out
-    });
-    let out = result.expect("a ResyncStart with seq 0 must not panic the session");
-    assert!(
-        out.iter()
-            .any(|a| matches!(a, SecondaryAction::Fail { .. }))
-            || out.is_empty(),
-        "{out:?}"
-    );
-    // And the raw input the fuzzer found runs clean through the target.
-    let data = input("open/secondary/resync-start-seq-zero");
-    tandem_fuzz::secondary::run_strict(&data);
+        e.receive(incoming(&f), 0, &mut out);
+        assert!(
+            matches!(
+                out.as_slice(),
+                [SecondaryAction::Fail {
+                    fault: Fault::BadSeq { .. }
+                }]
+            ),
+            "{out:?}"
+        );
+        assert_eq!(e.tail(), Lsn::ZERO, "nothing appended");
+    }
+    tandem_fuzz::secondary::run_strict(&input("regressions/secondary/resync-start-seq-zero"));
 }
 
-/// Found by `secondary` in its first minutes (input minimized):
+/// The old engine's second finding (`uptodate-after-failed-write`: a flush in
+/// flight when a write failed still ended with `MarkUpToDate`) in the
+/// redo-journal engine's terms. A failed journal fdatasync poisons the engine
+/// (`journal_synced(Err)`: `Fail { Io }`, "never retried and assumed"), but:
 ///
 /// ```text
-/// frame seq 1 ResyncStart { blocks: 0 }   -> MarkUpToDate
-/// frame seq 1 Write @0+512                -> StartApply 1
-/// frame seq 2 ResyncDone { through: 1 }   (flush wanted through 1)
-/// frame seq 2 Write @0+512                (waits behind 1)
-/// apply 1 ok                              -> Applied 1, StartApply 2, StartFlush through 1
-/// apply 2 EIO                             -> MarkInconsistent, Fail
-/// flush through 1 ok                      -> Durable 1, MarkUpToDate   <- the bug
+/// new node (volume not consistent), 1 MiB journal
+/// frame ResyncStart seq 1, blocks 0  -> Append SectionEnd (lsn 1), SyncJournal through 1
+/// journal sync: EIO                  -> Fail { Io }        (poisoned)
+/// tick                               -> SyncJournal through 1   <- issued after the failure
+/// journal sync: ok                   -> MarkConsistent { through: 1 }  <- UpToDate
 /// ```
 ///
-/// After a failed write the engine marks the disk Inconsistent (the image is
-/// no longer a prefix of the primary's, G2), but the flush already in flight
-/// completes with `MarkUpToDate` because it covers the pending ResyncDone. The
-/// agent runs that completion while draining the ended session
-/// (`agent::secondary::session`: `feed` + `carry_out` after the loop), so the
-/// superblock says UpToDate over an image with a torn write: a promotion
-/// before the next resync serves it. Fix (lead, engine::secondary): once an
-/// apply or flush failed, `flush_done` must not emit `MarkUpToDate` (Durable
-/// for what was flushed stays truthful); then set
-/// `Open::uptodate_after_failure` to false and remove this `ignore`.
+/// `tick` (and `session_ended`, `room`) call `maybe_sync`, which does not look
+/// at `poisoned` (src/engine/secondary.rs, `fn maybe_sync`), and
+/// `journal_synced(Ok)` marks the records durable and moves the consistent
+/// point without looking at it either (`fn journal_synced`). The agent then
+/// records the node UpToDate in the new generation (`MarkConsistent` in
+/// agent::secondary). Today the journal layer masks it: `meta::journal::Journal`
+/// poisons itself on a failed fdatasync and fails every later `sync`, so the
+/// retry never succeeds in the agent. The engine's own contract (G3: a failed
+/// sync is never retried and assumed) should not depend on that. Fix (lead,
+/// engine::secondary): no `SyncJournal` once poisoned, or ignore a sync's
+/// success once poisoned; then set `Open::durable_after_failed_sync` to false
+/// in src/secondary.rs, remove this `ignore` and move the input to
+/// regressions/secondary/.
 #[test]
-#[ignore = "open bug in engine::secondary::flush_done (lead); see the doc comment"]
-fn a_failed_write_is_never_followed_by_uptodate() {
-    let data = input("open/secondary/uptodate-after-failed-write");
-    tandem_fuzz::secondary::run_strict(&data);
+#[ignore = "open bug in engine::secondary::maybe_sync / journal_synced (lead); see the doc comment"]
+fn a_failed_journal_sync_is_never_followed_by_durability() {
+    let mut e = secondary_engine(false);
+    let mut out = Vec::new();
+    let f = Frame::ResyncStart {
+        seq: 1,
+        blocks: 0,
+        full: false,
+    };
+    e.receive(incoming(&f), 0, &mut out);
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, SecondaryAction::SyncJournal { .. })),
+        "{out:?}"
+    );
+    out.clear();
+    e.journal_synced(Err("EIO".into()), &mut out);
+    assert!(e.is_poisoned());
+    out.clear();
+    e.tick(1, &mut out);
+    if out
+        .iter()
+        .any(|a| matches!(a, SecondaryAction::SyncJournal { .. }))
+    {
+        out.clear();
+        e.journal_synced(Ok(()), &mut out);
+    }
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, SecondaryAction::MarkConsistent { .. })),
+        "the node is marked consistent after a failed journal sync: {out:?}"
+    );
+    assert_eq!(
+        e.durable(),
+        Lsn::ZERO,
+        "nothing became durable after the failure"
+    );
+    assert_eq!(e.consistent_point(), None);
+    tandem_fuzz::secondary::run_strict(&input("open/secondary/consistent-after-failed-sync"));
+}
+
+/// Found by the ported `secondary` target in its first seconds: a ResyncStart
+/// whose block count times the block size passes `u64::MAX`
+/// (`blocks * self.cfg.block_size as u64` in `SecondaryEngine::resync_start`,
+/// src/engine/secondary.rs) panics with overflow checks (debug builds, the
+/// fuzz build) and in release wraps to a small number, so a resync of
+/// "18 446 744 073 709 551 615 blocks" may be judged to fit the journal. The
+/// count comes from the network (`Message::ResyncStart { blocks }`); the
+/// agent's log line in `agent::secondary` `feed` multiplies it the same way.
+/// Fix (lead): `checked_mul` (overflow = too large: `Fault::ResyncTooLarge`),
+/// or refuse a count above the volume's blocks; then set
+/// `Open::resync_blocks_overflow` to false, remove this `ignore` and move the
+/// input to regressions/secondary/.
+#[test]
+#[ignore = "open bug in engine::secondary::resync_start (lead); see the doc comment"]
+fn a_resync_start_with_a_huge_block_count_is_refused_not_a_panic() {
+    let result = std::panic::catch_unwind(|| {
+        let mut e = secondary_engine(true);
+        let mut out = Vec::new();
+        let f = Frame::ResyncStart {
+            seq: 1,
+            blocks: u64::MAX / 4096 + 1,
+            full: true,
+        };
+        e.receive(incoming(&f), 0, &mut out);
+        out
+    });
+    let out = result.expect("a huge ResyncStart must not panic the session");
+    assert!(
+        matches!(
+            out.as_slice(),
+            [SecondaryAction::Fail {
+                fault: Fault::ResyncTooLarge { .. }
+            }]
+        ),
+        "{out:?}"
+    );
+    tandem_fuzz::secondary::run_strict(&input("open/secondary/resync-blocks-overflow"));
 }
 
 /// Found by `frame` in its first seconds, in the target itself: a stream whose
