@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 
 execs=10000000
 hours=2
-all=(frame secondary nbd_option nbd_request control)
+all=(frame secondary primary nbd_option nbd_request control)
 while getopts "n:h:" opt; do
   case $opt in
     n) execs=$OPTARG ;;
