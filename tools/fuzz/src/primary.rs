@@ -167,6 +167,8 @@ struct Harness {
     bugs: Open,
     /// An fdatasync failed in this input.
     fdatasync_failed: bool,
+    /// A bitmap persist failed in this input.
+    persist_failed: bool,
     /// Stream state of the session: next seq a data frame must carry.
     ship_expected: Option<Seq>,
     /// Highest seq shipped in this session.
@@ -209,6 +211,7 @@ impl Harness {
             peer: Peer::default(),
             bugs: Open::default(),
             fdatasync_failed: false,
+            persist_failed: false,
             ship_expected: None,
             shipped_through: Seq(0),
             peer_has: BTreeSet::new(),
@@ -687,6 +690,7 @@ impl Harness {
         }
         trace(|| format!("bitmap persisted: {}", if fail { "EIO" } else { "ok" }));
         self.may_poison = fail;
+        self.persist_failed |= fail;
         self.e.bitmap_persisted(
             if fail {
                 Err("EIO (fuzz)".into())
@@ -900,6 +904,10 @@ impl Harness {
     /// Everything succeeds and the peer behaves until nothing moves; then every
     /// request must be answered.
     fn drain(&mut self) {
+        if self.bugs.gate_after_failed_persist && self.persist_failed && self.peer.connected {
+            // Steer around the open bug: a new session persists again.
+            self.disconnect();
+        }
         let progress = |h: &Harness| {
             (
                 h.e.durable_through(),
@@ -1092,12 +1100,19 @@ pub struct Open {
     /// later `assert_invariants` panics (the simulator's, this target's). See
     /// tests/regressions.rs `a_failed_fdatasync_keeps_the_flush_invariants`.
     pub failed_fdatasync_invariant: bool,
+    /// A session waits (`stream.gate`) for a bitmap persist before its first
+    /// frame; when that persist fails (`bitmap_persisted(Err)`: poisoned) the
+    /// gate never opens and nothing retries it, so a sync-mode write accepted in
+    /// the session is never answered (the session stays up, heartbeats and all).
+    /// See tests/regressions.rs `a_failed_gate_persist_does_not_hang_sync_writes`.
+    pub gate_after_failed_persist: bool,
 }
 
 /// The open bugs `run` steers around.
 pub const OPEN: Open = Open {
     submit_range_overflow: true,
     failed_fdatasync_invariant: true,
+    gate_after_failed_persist: true,
 };
 
 /// The fuzz target (open bugs not reported).
