@@ -218,6 +218,11 @@ pub struct Open {
     /// consistent read serves the mixed volume). See tests/regressions.rs
     /// `an_inconsistent_checkpoint_gives_up_the_consistent_point`.
     pub consistent_point_behind_checkpoint: bool,
+    /// `truncate_after(applied)` (a rollback to the volume's own point) leaves
+    /// `consistent_write` at the newest write of the dropped records: the
+    /// consistent point (the volume) reports a write it does not hold. See
+    /// tests/regressions.rs `a_rollback_to_the_volume_reports_the_volume_s_write`.
+    pub truncate_keeps_consistent_write: bool,
 }
 
 /// The open bugs `run` steers around.
@@ -225,6 +230,7 @@ pub const OPEN: Open = Open {
     durable_after_failed_sync: true,
     resync_blocks_overflow: true,
     consistent_point_behind_checkpoint: true,
+    truncate_keeps_consistent_write: true,
 };
 
 /// A consistent point as the engine reports it: record, newest write (seq, accept time).
@@ -306,6 +312,9 @@ struct Model {
     consistent: Option<Point>,
     now_ms: u64,
     open: Open,
+    /// Steering (Open::truncate_keeps_consistent_write): the consistent point's
+    /// write is stale since a truncation to the volume, until the point moves.
+    stale_point_write: Option<Lsn>,
 }
 
 impl Model {
@@ -335,6 +344,7 @@ impl Model {
             consistent: None,
             now_ms: 1_000_000,
             open,
+            stale_point_write: None,
         }
     }
 
@@ -938,16 +948,21 @@ impl Harness {
                 "consistent point {lsn} not durable ({})",
                 m.durable
             );
-            let steer = m.open.consistent_point_behind_checkpoint && m.cfg().allow_inconsistent;
-            assert!(lsn >= m.applied || steer, "consistent point {lsn} released");
-            if lsn < m.applied {
-                // Steered around (Open::consistent_point_behind_checkpoint).
-            } else if lsn == m.applied {
+            // Steered around (Open::consistent_point_behind_checkpoint): a point
+            // at or before what an inconsistent checkpoint copied over.
+            let steered = m.open.consistent_point_behind_checkpoint
+                && m.cfg().allow_inconsistent
+                && (lsn < m.applied || (lsn == m.applied && !m.volume_consistent));
+            assert!(
+                lsn >= m.applied || steered,
+                "consistent point {lsn} released"
+            );
+            if lsn == m.applied {
                 assert!(
-                    m.volume_consistent || steer,
+                    m.volume_consistent || steered,
                     "consistent point at a mixed volume"
                 );
-            } else {
+            } else if lsn > m.applied {
                 let r = m
                     .record(lsn)
                     .expect("the consistent point's record is live");
@@ -956,10 +971,12 @@ impl Harness {
                     "the consistent point {lsn} sits inside a section"
                 );
             }
-            assert_eq!(
+            let stale = m.stale_point_write == Some(lsn);
+            assert!(
+                steered || stale || (seq, at_ms) == m.newest_write_through(lsn),
+                "the consistent point {lsn} reports another write: {:?}, not {:?}",
                 (seq, at_ms),
-                m.newest_write_through(lsn),
-                "the consistent point {lsn} reports another write"
+                m.newest_write_through(lsn)
             );
         }
         if let Some(prev) = m.consistent {
@@ -979,6 +996,9 @@ impl Harness {
                 point, frozen_point,
                 "consistent point moved after a failed I/O"
             );
+        }
+        if self.m.stale_point_write.is_some() && self.m.stale_point_write != point.map(|p| p.0) {
+            self.m.stale_point_write = None;
         }
         self.m.consistent = point;
         self.check_points();
@@ -1280,6 +1300,9 @@ impl Harness {
             return;
         }
         trace(|| format!("truncate after {lsn}"));
+        if self.m.open.truncate_keeps_consistent_write && lsn == self.m.applied {
+            self.m.stale_point_write = Some(lsn);
+        }
         let dropped = self.e.truncate_after(lsn);
         let m = &mut self.m;
         let mut expected = Vec::new();
