@@ -223,6 +223,11 @@ pub struct Open {
     /// consistent point (the volume) reports a write it does not hold. See
     /// tests/regressions.rs `a_rollback_to_the_volume_reports_the_volume_s_write`.
     pub truncate_keeps_consistent_write: bool,
+    /// `checkpoint_all` (promotion, shutdown) starts a checkpoint on a poisoned
+    /// engine (after a failed journal sync, checkpoint or hash read), although
+    /// `maybe_checkpoint` refuses to. See tests/regressions.rs
+    /// `a_poisoned_engine_starts_no_checkpoint`.
+    pub checkpoint_all_when_poisoned: bool,
 }
 
 /// The open bugs `run` steers around.
@@ -231,6 +236,7 @@ pub const OPEN: Open = Open {
     resync_blocks_overflow: true,
     consistent_point_behind_checkpoint: true,
     truncate_keeps_consistent_write: true,
+    checkpoint_all_when_poisoned: true,
 };
 
 /// A consistent point as the engine reports it: record, newest write (seq, accept time).
@@ -1341,6 +1347,9 @@ impl Harness {
     }
 
     fn checkpoint_all(&mut self) {
+        if self.m.open.checkpoint_all_when_poisoned && self.m.poisoned {
+            return;
+        }
         trace(|| "checkpoint_all".into());
         self.e.checkpoint_all(&mut self.out);
         self.process("checkpoint_all");
