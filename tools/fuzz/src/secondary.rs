@@ -1196,11 +1196,16 @@ impl Harness {
     }
 
     fn begin_read(&mut self, range: ByteRange) {
-        let view = if self.m.in_section {
-            self.e.consistent_point().map(|c| c.0)
-        } else {
-            Some(Lsn(u64::MAX))
-        };
+        // No consistent image at all (a first copy, or a section end that never
+        // became durable): nothing to read. Outside a section every record is
+        // part of it.
+        let view = self.e.consistent_point().map(|c| {
+            if self.m.in_section {
+                c.0
+            } else {
+                Lsn(u64::MAX)
+            }
+        });
         let sources = self.e.begin_consistent_read(range);
         trace(|| format!("consistent read {range:?}: {sources:?}"));
         match (sources, view) {
