@@ -149,6 +149,17 @@ pub fn decide(p: &GenInfo, s: &GenInfo) -> Decision {
         };
     }
     if !s.inconsistent && s.bitmap_base != none && s.bitmap_base == p.current {
+        if p.knows_in_history(s.current) {
+            // A sync target of this primary (its base names the primary's
+            // generation, its own is one the primary descends from) whose resync
+            // ended in memory but not yet on disk: the session dropped before its
+            // section's end marker was durable. A node promoted from the primary's
+            // generation would hold a new one, unknown to the primary (found by the
+            // simulator with switchovers, seeds 100038 async / 100094 sync).
+            return Decision::Bitmap {
+                why: "resuming a resync from this generation whose end was not recorded",
+            };
+        }
         return Decision::SecondaryNewer;
     }
     if s.knows_in_history(p.current) {
@@ -246,6 +257,15 @@ mod tests {
         let p = g(A2, G1, [G1, N]);
         let mut s = g(G1, A2, [N, N]);
         s.inconsistent = true;
+        assert!(matches!(decide(&p, &s), Decision::Bitmap { .. }));
+    }
+
+    #[test]
+    fn a_resync_whose_end_was_not_recorded_resumes() {
+        // The demoted node (G1) was the sync target of A2 (promoted from G1); the
+        // section ended but the session dropped before its end marker was durable.
+        let p = g(A2, N, [G1, N]);
+        let s = g(G1, A2, [N, N]);
         assert!(matches!(decide(&p, &s), Decision::Bitmap { .. }));
     }
 

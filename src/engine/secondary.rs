@@ -889,7 +889,9 @@ impl<D> SecondaryEngine<D> {
             self.append_marker(RecordKind::SectionEnd, out);
         } else if !self.in_section {
             if !self.cfg.allow_inconsistent {
-                let needed = blocks * self.cfg.block_size as u64;
+                // From the network: an overflowing count is simply too large
+                // (fuzz finding resync-blocks-overflow).
+                let needed = blocks.saturating_mul(self.cfg.block_size as u64);
                 let available = self.space_for_section();
                 if needed > available {
                     self.fail(
@@ -1110,7 +1112,9 @@ impl<D> SecondaryEngine<D> {
     }
 
     fn maybe_sync(&mut self, tick: bool, out: &mut Vec<SecondaryAction<D>>) {
-        if self.tail == self.durable {
+        if self.tail == self.durable || self.poisoned.is_some() {
+            // Poisoned: a sync after a failed one proves nothing (G3; fuzz finding
+            // consistent-after-failed-sync).
             return;
         }
         if self.syncing.is_some() {
@@ -1146,6 +1150,11 @@ impl<D> SecondaryEngine<D> {
         out: &mut Vec<SecondaryAction<D>>,
     ) {
         let through = self.syncing.take().expect("journal_synced without a sync");
+        if self.poisoned.is_some() {
+            // A sync issued before the failure that reports success later: the
+            // failed one may have dropped pages it covered.
+            return;
+        }
         if let Err(e) = result {
             // Never retried and assumed (G3): poisoned until an operator acts.
             self.poisoned = Some(e.clone());
@@ -1255,6 +1264,14 @@ impl<D> SecondaryEngine<D> {
     }
 
     fn start_checkpoint(&mut self, through: Lsn, out: &mut Vec<SecondaryAction<D>>) {
+        if self.consistent.is_some_and(|c| through > c) {
+            // resync-overflow = inconsistent: copying part of a section past the
+            // consistent point destroys that image as the copy starts (fuzz
+            // finding consistent-point-behind-inconsistent-checkpoint); the next
+            // section end makes a new one.
+            self.consistent = None;
+            self.consistent_view = None;
+        }
         self.checkpointing = Some(through);
         let from = self.applied.next();
         let last = *self.record(through).expect("live record");
@@ -1268,6 +1285,11 @@ impl<D> SecondaryEngine<D> {
     /// Copy everything copyable now (promotion, shutdown), ignoring the rollback
     /// window. Returns false when nothing is left to copy.
     pub fn checkpoint_all(&mut self, out: &mut Vec<SecondaryAction<D>>) -> bool {
+        if self.poisoned.is_some() {
+            // Never copy into a volume (or from a journal) that failed (fuzz
+            // finding checkpoint-all-when-poisoned).
+            return false;
+        }
         if self.checkpointing.is_some() || self.readers > 0 {
             return true;
         }
@@ -1372,6 +1394,10 @@ impl<D> SecondaryEngine<D> {
         self.consistent = self.volume_consistent.then_some(self.applied);
         self.last_point = self.applied;
         self.durable_write = self.consistent_write_of_volume();
+        // A rollback to the volume itself keeps no record: the point is the
+        // volume's write, not a dropped one's (fuzz finding
+        // rollback-to-volume-keeps-newer-write).
+        self.consistent_write = self.durable_write;
         for r in records {
             self.tail = r.lsn;
             self.track(r);

@@ -19,9 +19,16 @@
 //! Events, all from the seed: client writes, write-zeroes and trims (up to the
 //! whole volume), FLUSH and FUA; local and remote completions in random order;
 //! ahead episodes from the real window policy; link drops; power loss and kill -9
-//! of either node or both; restarts from persisted state.
+//! of either node or both; restarts from persisted state. One seed in four also
+//! injects I/O errors on the primary's volume: a failed write (each block new or
+//! old) and a failed fdatasync with Linux semantics (reported once; each dirty
+//! block reached the disk or its page is dropped from writeback for good, still
+//! served from the cache, and no later fdatasync writes it). The poisoned primary
+//! is restarted by the "operator" (forced, sometimes after a power cut).
 //!
 //! Oracles, checked after every step:
+//! - **local durability**: a FLUSH or FUA write answered with success is on the
+//!   primary's own durable image (no success after a failed fdatasync);
 //! - **G1** (sync mode, `on-disconnect = block`): when a FLUSH or FUA write
 //!   completes, the secondary's durable image holds every write it covers (or a
 //!   newer version);
@@ -35,8 +42,13 @@
 //!
 //! Every run prints its seed; `TANDEM_SIM_SEED=N` replays N (and the runs after it),
 //! `TANDEM_SIM_RUNS=N` sets how many seeds each mode runs (CI: 150 per mode).
-//! Role changes and split brain are exercised by the e2e tests
-//! (tests/e2e_failover.rs, tests/e2e_split_brain.rs), not here.
+//! Planned switchovers (G8, both modes): the primary stops taking requests and
+//! hands over when its engine says the secondary holds every write; at that
+//! moment the secondary's image must equal the primary's, then the disks and
+//! metadata swap roles through `recovery::secondary_start` (demoted) and
+//! `recovery::primary_start` (promoted: a new generation) and the run goes on,
+//! faults included. Unplanned failover and split brain are exercised by the e2e
+//! tests (tests/e2e_failover.rs, tests/e2e_split_brain.rs), not here.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -74,6 +86,10 @@ struct Disk {
     durable: Vec<u64>,
     /// Versions written since the block was last durable, oldest first.
     volatile: BTreeMap<usize, Vec<u64>>,
+    /// Blocks whose writeback failed (an fdatasync reported EIO, Linux semantics):
+    /// the page cache still serves the new version, marked clean, so no later
+    /// flush writes it; the disk keeps the old one.
+    lost: std::collections::BTreeSet<usize>,
 }
 
 impl Disk {
@@ -82,11 +98,13 @@ impl Disk {
             cur: vec![0; BLOCKS as usize],
             durable: vec![0; BLOCKS as usize],
             volatile: BTreeMap::new(),
+            lost: Default::default(),
         }
     }
 
     fn write(&mut self, block: usize, tag: u64, durable: bool) {
         self.cur[block] = tag;
+        self.lost.remove(&block);
         if durable {
             self.durable[block] = tag;
             self.volatile.remove(&block);
@@ -104,11 +122,47 @@ impl Disk {
     }
 
     fn flush(&mut self) {
-        self.durable.copy_from_slice(&self.cur);
+        for b in 0..BLOCKS as usize {
+            if !self.lost.contains(&b) {
+                self.durable[b] = self.cur[b];
+            }
+        }
         self.volatile.clear();
     }
 
+    /// An fdatasync that fails: each dirty block reached the disk (some version)
+    /// or its writeback failed and the page is dropped from writeback for good.
+    fn failed_flush(&mut self, rng: &mut StdRng) {
+        for (blk, versions) in std::mem::take(&mut self.volatile) {
+            if rng.gen_bool(0.5) {
+                self.durable[blk] = versions[rng.gen_range(0..versions.len())];
+            } else {
+                self.lost.insert(blk);
+            }
+        }
+    }
+
+    /// A write that fails: each block holds the new version (volatile) or not.
+    fn failed_write(&mut self, range: ByteRange, tags: Option<&[u64]>, rng: &mut StdRng) {
+        let (a, b) = range.blocks(BS);
+        for (i, blk) in (a.0..b.0).enumerate() {
+            if rng.gen_bool(0.5) {
+                self.write(blk as usize, tags.map_or(0, |t| t[i]), false);
+            }
+        }
+    }
+
+    /// The agent drops the volume's cached pages (posix_fadvise DONTNEED) before it
+    /// serves a disk that failed: reads then show what the disk holds.
+    fn drop_clean_cache(&mut self) {
+        for b in std::mem::take(&mut self.lost) {
+            self.cur[b] = self.durable[b];
+            self.volatile.remove(&b);
+        }
+    }
+
     fn power_loss(&mut self, rng: &mut StdRng) {
+        self.lost.clear();
         for (blk, versions) in std::mem::take(&mut self.volatile) {
             let pick = rng.gen_range(0..=versions.len());
             if pick > 0 {
@@ -198,12 +252,26 @@ struct Secondary {
     /// A checkpoint in flight: from, through, and its stage (0: copying, 1: the
     /// volume is flushed, 2: released).
     checkpoint: Option<(Lsn, Lsn, u8)>,
-    hashes: Vec<(Seq, ByteRange, u32, Tags, Vec<(ByteRange, Source)>)>,
+    hashes: Vec<PendingHash>,
 }
+
+/// A hash check the secondary engine asked for: its seq, range, block size, tags
+/// and where each part of the range is read from.
+type PendingHash = (Seq, ByteRange, u32, Tags, Vec<(ByteRange, Source)>);
 
 struct Sim {
     rng: StdRng,
     mode: Mode,
+    /// This seed injects I/O errors on the primary's volume (a write or an
+    /// fdatasync failing); decided from the seed alone so that the other seeds
+    /// replay exactly as before.
+    eio: bool,
+    /// Faults are injected now (not while converging).
+    injecting: bool,
+    /// A planned switchover is under way: the primary takes no new client
+    /// requests and hands over once its engine says the secondary holds every
+    /// write (`ready_to_hand_over`); a crash cancels it.
+    draining: bool,
     step: u64,
     now_ms: u64,
     // Primary node
@@ -254,6 +322,9 @@ struct Stats {
     ahead: u64,
     sections: u64,
     journal_full: u64,
+    io_errors: u64,
+    forced_restarts: u64,
+    switchovers: u64,
 }
 
 /// The primary's history of one run: its image at the start, and every client op
@@ -312,6 +383,7 @@ fn fresh_sb(role: Role) -> Superblock {
         resync_cursor: None,
         bitmap_valid: true,
         volume_mixed: false,
+        poisoned: false,
         consistent_seq: 0,
         consistent_at_ms: 0,
     }
@@ -322,6 +394,9 @@ impl Sim {
         let mut sim = Sim {
             rng: StdRng::seed_from_u64(seed),
             mode,
+            eio: seed % 4 == 3,
+            injecting: false,
+            draining: false,
             step: 0,
             now_ms: 1,
             pdisk: Disk::new(),
@@ -366,6 +441,13 @@ impl Sim {
     // ---- primary node ----
 
     fn start_primary(&mut self) {
+        let poisoned = self.pmeta.sb.poisoned;
+        if poisoned {
+            // A disk that failed is served again only when forced (the operator
+            // checked it); the agent drops its cached pages first.
+            self.pdisk.drop_clean_cache();
+            self.stats.forced_restarts += 1;
+        }
         // The agent fdatasyncs the volume before anything else (recovery.rs).
         self.pdisk.flush();
         let activity = ActivitySnapshot {
@@ -376,7 +458,7 @@ impl Sim {
             intact: true,
         };
         let start =
-            recovery::primary_start(&self.pmeta.sb, &self.pmeta.bitmap, &activity, false, 0)
+            recovery::primary_start(&self.pmeta.sb, &self.pmeta.bitmap, &activity, poisoned, 0)
                 .expect("the primary starts");
         // Persist the recovered set before serving; the log starts empty.
         self.pmeta.sb = start.sb.clone();
@@ -495,7 +577,12 @@ impl Sim {
                 Action::PeerReachedGeneration => {
                     self.pmeta.sb = recovery::peer_reached_generation(&self.pmeta.sb);
                 }
-                Action::Poisoned { reason } => panic!("poisoned without a fault: {reason}"),
+                Action::Poisoned { reason } => {
+                    assert!(self.eio, "poisoned without a fault: {reason}");
+                    // Persisted before anything else is acknowledged (the agent's
+                    // superblock write; modelled as immediate).
+                    self.pmeta.sb.poisoned = true;
+                }
                 Action::DropSession { fault } => panic!("engine dropped the session: {fault}"),
                 Action::Note(primary::Note::EnteredAhead { .. }) => self.stats.ahead += 1,
                 Action::Note(primary::Note::ResyncStarted { .. }) => self.stats.sections += 1,
@@ -513,10 +600,14 @@ impl Sim {
             Client::Write { fua, hist, .. } => {
                 self.completed.extend(hist.iter().copied());
                 if fua {
+                    self.check_local(&hist);
                     self.check_g1(&hist);
                 }
             }
-            Client::Flush { covers } => self.check_g1(&covers),
+            Client::Flush { covers } => {
+                self.check_local(&covers);
+                self.check_g1(&covers);
+            }
         }
     }
 
@@ -592,8 +683,15 @@ impl Sim {
                 tags,
                 fua,
             } => {
-                self.pdisk.write_range(range, tags.as_deref(), fua);
-                p.e.local_done(seq, Ok(()), &mut out);
+                if self.eio && self.injecting && self.rng.gen_bool(0.01) {
+                    self.stats.io_errors += 1;
+                    let mut rng = StdRng::seed_from_u64(self.rng.r#gen());
+                    self.pdisk.failed_write(range, tags.as_deref(), &mut rng);
+                    p.e.local_done(seq, Err(libc::EIO), &mut out);
+                } else {
+                    self.pdisk.write_range(range, tags.as_deref(), fua);
+                    p.e.local_done(seq, Ok(()), &mut out);
+                }
             }
             LocalIo::Read {
                 seq,
@@ -616,9 +714,17 @@ impl Sim {
     fn complete_flush(&mut self) {
         let p = self.p.as_mut().expect("primary");
         if let Some(id) = p.flushing.take() {
-            self.pdisk.flush();
             let mut out = Vec::new();
-            p.e.local_flush_done(id, Ok(()), &mut out);
+            if self.eio && self.injecting && self.rng.gen_bool(0.03) {
+                // Reported once (Linux): the next fdatasync may well succeed.
+                self.stats.io_errors += 1;
+                let mut rng = StdRng::seed_from_u64(self.rng.r#gen());
+                self.pdisk.failed_flush(&mut rng);
+                p.e.local_flush_done(id, Err(libc::EIO), &mut out);
+            } else {
+                self.pdisk.flush();
+                p.e.local_flush_done(id, Ok(()), &mut out);
+            }
             self.run_p(out);
         }
     }
@@ -777,7 +883,9 @@ impl Sim {
                     }
                     self.s_ever_consistent = true;
                 }
-                SecondaryAction::MarkSectionOpen => {}
+                SecondaryAction::MarkSectionOpen => {
+                    self.ssb = recovery::sync_target(&self.ssb, self.pmeta.sb.gen_current);
+                }
                 SecondaryAction::Fail {
                     fault: secondary::Fault::JournalFullDuringResync { .. },
                 } => {
@@ -997,9 +1105,9 @@ impl Sim {
                 self.pmeta.sb.volume_id,
                 self.pmeta.sb.gen_current,
             );
-        } else {
-            self.ssb = recovery::sync_target(&self.ssb, self.pmeta.sb.gen_current);
         }
+        // A node that already has an image records the primary as its sync target
+        // only when a resync section opens (MarkSectionOpen), as the agent does.
         self.up = true;
         self.session_run = p.run;
         let mut out = Vec::new();
@@ -1119,6 +1227,7 @@ impl Sim {
     // ---- faults ----
 
     fn crash_primary(&mut self, power: bool) {
+        self.draining = false;
         self.disconnect();
         self.p = None;
         if power {
@@ -1132,6 +1241,7 @@ impl Sim {
     }
 
     fn crash_secondary(&mut self, power: bool) {
+        self.draining = false;
         self.disconnect();
         self.s = None;
         if power {
@@ -1165,6 +1275,23 @@ impl Sim {
                 ok,
                 "G1: block {blk} completed with a FLUSH/FUA as version {:?} but the secondary's durable image holds {}",
                 versions[pos], img[blk]
+            );
+        }
+    }
+
+    /// The primary's own disk: a FLUSH or FUA write answered with success has
+    /// every block it covers (that version or a newer one) on the durable image,
+    /// also after a failed fdatasync whose pages no later flush writes.
+    fn check_local(&mut self, hist: &[(usize, usize)]) {
+        for &(blk, pos) in hist {
+            let versions = &self.history[blk];
+            let ok = versions[pos..]
+                .iter()
+                .any(|&(_, tag)| tag == self.pdisk.durable[blk]);
+            assert!(
+                ok,
+                "local durability: block {blk} completed with a FLUSH/FUA as version {:?} but the primary's disk holds {}",
+                versions[pos], self.pdisk.durable[blk]
             );
         }
     }
@@ -1219,6 +1346,11 @@ impl Sim {
     }
 
     fn check_g3(&mut self) {
+        if self.pmeta.sb.poisoned {
+            // Durably poisoned: the next (forced) start compares every block.
+            self.stats.g3_checks += 1;
+            return;
+        }
         let mut covered = self.pmeta.bitmap.clone();
         covered.union_with(&self.s_own_dirty);
         for &e in &self.pmeta.al {
@@ -1285,11 +1417,19 @@ impl Sim {
 
     fn step(&mut self, faults: bool) {
         let clients = faults;
+        self.injecting = faults;
         self.step += 1;
+        if self.p.as_ref().is_some_and(|p| p.e.is_poisoned()) && self.rng.gen_bool(0.02) {
+            // The operator restarts a primary whose disk failed (forced, after
+            // checking it), sometimes after a power cut.
+            let power = self.rng.gen_bool(0.5);
+            self.crash_primary(power);
+            self.start_primary();
+        }
         let r = self.rng.gen_range(0..1000);
         match r {
-            0..=149 if clients && self.p.is_some() => self.client_write(),
-            150..=179 if clients && self.p.is_some() => self.client_flush(),
+            0..=149 if clients && !self.draining && self.p.is_some() => self.client_write(),
+            150..=179 if clients && !self.draining && self.p.is_some() => self.client_flush(),
             180..=379 if self.p.is_some() => self.complete_local(),
             380..=429 if self.p.is_some() => self.complete_flush(),
             430..=479 if self.p.is_some() => self.complete_meta(),
@@ -1314,6 +1454,7 @@ impl Sim {
                 self.crash_primary(power);
                 self.crash_secondary(power);
             }
+            984..=989 if faults && self.p.is_some() && self.s.is_some() => self.draining = true,
             _ => {
                 if self.p.is_none() {
                     self.start_primary();
@@ -1326,12 +1467,103 @@ impl Sim {
         if std::mem::take(&mut self.pending_disconnect) {
             self.disconnect();
         }
+        if self.draining && self.ready_to_swap() {
+            self.switchover();
+        }
         self.check_g2();
         self.check_g3();
     }
 
+    /// Both nodes idle and the primary's engine ready to hand over.
+    fn ready_to_swap(&self) -> bool {
+        let (Some(p), Some(s)) = (&self.p, &self.s) else {
+            return false;
+        };
+        self.up
+            && p.e.ready_to_hand_over()
+            && p.local.is_empty()
+            && p.flushing.is_none()
+            && p.al_write.is_none()
+            && p.persist.is_none()
+            && p.clients.is_empty()
+            && self.to_s.is_empty()
+            && self.to_p.is_empty()
+            && !s.syncing
+            && s.hashes.is_empty()
+            && s.checkpoint.is_none()
+            && s.e.durable() == s.e.tail()
+    }
+
+    /// A planned switchover (G8): the primary demotes, the secondary is promoted.
+    /// At the handover the secondary's image equals the primary's; every later
+    /// oracle then runs with the roles swapped (the disks and metadata change
+    /// slots: the promoted node's metadata goes through `recovery::primary_start`,
+    /// the demoted node's through `recovery::secondary_start`).
+    fn switchover(&mut self) {
+        self.draining = false;
+        let s_img = self.secondary_image(Lsn(u64::MAX), false);
+        assert_eq!(
+            s_img, self.pdisk.cur,
+            "G8: the primary handed over but the secondary's image differs from it"
+        );
+        self.stats.switchovers += 1;
+        self.disconnect();
+        self.p = None;
+        self.s = None;
+        // The primary stops cleanly: its volume flushed, its metadata exact.
+        self.pdisk.flush();
+        let mut old_p = self.pmeta.sb.clone();
+        old_p.clean_shutdown = true;
+        let old_bitmap = self.pmeta.bitmap.clone();
+        let old_al = std::mem::take(&mut self.pmeta.al);
+        // The secondary finishes for promotion: every record copied, flushed.
+        for r in &self.journal {
+            if r.rec.kind.changes_data() {
+                self.sdisk
+                    .write_range(r.rec.range, r.tags.as_deref(), false);
+            }
+        }
+        self.sdisk.flush();
+        self.journal_head = Lsn(self.journal_head.0 + self.journal.len() as u64);
+        self.journal.clear();
+        let mut promoted = self.ssb.clone();
+        promoted.clean_shutdown = true;
+        promoted.volume_mixed = false;
+        // Slots swap: the promoted node's disk and metadata become the primary's.
+        std::mem::swap(&mut self.pdisk, &mut self.sdisk);
+        self.pmeta = PMeta {
+            sb: promoted,
+            bitmap: self.s_own_dirty.clone(),
+            al: Vec::new(),
+        };
+        let activity = ActivitySnapshot {
+            txn: 1,
+            extent_bytes: AL_EXTENT,
+            extents: old_al,
+            bad_slots: 0,
+            intact: true,
+        };
+        let demoted = recovery::secondary_start(&old_p, &old_bitmap, &activity);
+        assert!(demoted.demoted);
+        let mut own = demoted.own_dirty.clone();
+        own.union_with(&demoted.own_verify);
+        self.ssb = demoted.sb;
+        self.ssb.consistent_seq = 0;
+        self.ssb.consistent_at_ms = 0;
+        self.s_own_dirty = own;
+        self.s_marked_at_ms = 0;
+        self.start_primary();
+        // The demoted node's volume is the image the new run starts from.
+        self.volume_origin = Some((self.runs.len() - 1, Seq::ZERO));
+        self.start_secondary();
+    }
+
     /// Stop the faults and run until the pair is in sync and idle.
     fn converge(&mut self, seed: u64) {
+        self.draining = false;
+        if self.p.as_ref().is_some_and(|p| p.e.is_poisoned()) {
+            self.crash_primary(false);
+        }
         if self.p.is_none() {
             self.start_primary();
         }
@@ -1436,6 +1668,9 @@ fn run_many(default_base: u64, mode: Mode, runs: u64) {
                 total.checkpoints += st.checkpoints;
                 total.ahead += st.ahead;
                 total.sections += st.sections;
+                total.io_errors += st.io_errors;
+                total.forced_restarts += st.forced_restarts;
+                total.switchovers += st.switchovers;
             }
             Err(e) => {
                 eprintln!(
@@ -1450,6 +1685,14 @@ fn run_many(default_base: u64, mode: Mode, runs: u64) {
     assert!(total.power_losses > runs, "{total:?}");
     assert!(total.checkpoints > runs, "{total:?}");
     assert!(total.ahead > 0 || mode == Mode::Sync, "{total:?}");
+    if runs >= 8 {
+        assert!(total.switchovers > 0, "{total:?}");
+        // One seed in four injects I/O errors.
+        assert!(
+            total.io_errors > 0 && total.forced_restarts > 0,
+            "{total:?}"
+        );
+    }
     if mode == Mode::Sync {
         assert!(total.g1_checks > runs, "{total:?}");
     }
@@ -1471,7 +1714,7 @@ fn one_seed_from_the_environment() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
-    let mode = if seed % 2 == 0 {
+    let mode = if seed.is_multiple_of(2) {
         Mode::Sync
     } else {
         Mode::Async

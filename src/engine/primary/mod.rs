@@ -226,6 +226,8 @@ pub enum SessionFault {
     DurableBeyondShipped { through: Seq, next_ship: Seq },
     #[error("peer reports seq {seq} applied, but only seqs below {next_ship} were shipped")]
     AppliedBeyondShipped { seq: Seq, next_ship: Seq },
+    #[error("the bitmap could not be persisted before the session's stream could start")]
+    GatePersistFailed,
 }
 
 /// Something worth a log line or a counter; decided here so that it is said once
@@ -536,6 +538,17 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.parked.len()
     }
 
+    /// A demotion may hand the data over: nothing in flight or waiting, the
+    /// secondary in sync (no resync, nothing dirty, not ahead) and holding every
+    /// write durably (issue 9 bug 4: the unacked queue alone is not enough).
+    pub fn ready_to_hand_over(&self) -> bool {
+        self.ops.is_empty()
+            && self.parked.is_empty()
+            && self.is_in_sync()
+            && !self.is_ahead()
+            && self.lag().writes == 0
+    }
+
     /// Change the resync rate limit (bytes per second on the wire; 0 = unlimited).
     pub fn set_resync_rate(&mut self, bytes_per_s: u64) {
         self.cfg.resync_rate_bytes_per_s = bytes_per_s;
@@ -653,6 +666,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     /// refused with EINVAL; a payload-free request spanning many extents is split
     /// at extent boundaries (each piece has its own seq; the client is answered
     /// once every piece is done).
+    #[allow(clippy::too_many_arguments)]
     pub fn submit(
         &mut self,
         kind: OpKind,
@@ -677,7 +691,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             });
             return;
         }
-        if range.len == 0 || range.end() > self.cfg.size_bytes || range.offset > range.end() {
+        // checked: a request whose end wraps u64 is refused, not a panic (fuzz
+        // finding, tools/fuzz regressions/primary/submit-range-overflow).
+        let end = range.offset.checked_add(range.len);
+        if range.len == 0 || end.is_none_or(|e| e > self.cfg.size_bytes) {
             out.push(Action::Complete {
                 token,
                 result: if range.len == 0 && range.offset <= self.cfg.size_bytes {

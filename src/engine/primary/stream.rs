@@ -213,7 +213,7 @@ impl Stream {
     fn has_room(&self, cfg: &super::Config, wire_bytes: u64) -> bool {
         self.unacked.is_empty()
             || (self.unacked_bytes + wire_bytes <= cfg.window_bytes_max
-                && self.unacked.len() as u64 + 1 <= cfg.window_writes_max)
+                && (self.unacked.len() as u64) < cfg.window_writes_max)
     }
 
     pub(super) fn assert_invariants(&self, next_seq: Seq) {
