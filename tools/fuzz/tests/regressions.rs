@@ -82,7 +82,6 @@ fn resync_start_with_frame_seq_zero_is_refused_not_a_panic() {
 /// in src/secondary.rs, remove this `ignore` and move the input to
 /// regressions/secondary/.
 #[test]
-#[ignore = "open bug in engine::secondary::maybe_sync / journal_synced (lead); see the doc comment"]
 fn a_failed_journal_sync_is_never_followed_by_durability() {
     let mut e = secondary_engine(false);
     let mut out = Vec::new();
@@ -120,7 +119,9 @@ fn a_failed_journal_sync_is_never_followed_by_durability() {
         "nothing became durable after the failure"
     );
     assert_eq!(e.consistent_point(), None);
-    tandem_fuzz::secondary::run_strict(&input("open/secondary/consistent-after-failed-sync"));
+    tandem_fuzz::secondary::run_strict(&input(
+        "regressions/secondary/consistent-after-failed-sync",
+    ));
 }
 
 /// Found by the ported `secondary` target in its first seconds: a ResyncStart
@@ -136,7 +137,6 @@ fn a_failed_journal_sync_is_never_followed_by_durability() {
 /// `Open::resync_blocks_overflow` to false, remove this `ignore` and move the
 /// input to regressions/secondary/.
 #[test]
-#[ignore = "open bug in engine::secondary::resync_start (lead); see the doc comment"]
 fn a_resync_start_with_a_huge_block_count_is_refused_not_a_panic() {
     let result = std::panic::catch_unwind(|| {
         let mut e = secondary_engine(true);
@@ -159,7 +159,7 @@ fn a_resync_start_with_a_huge_block_count_is_refused_not_a_panic() {
         ),
         "{out:?}"
     );
-    tandem_fuzz::secondary::run_strict(&input("open/secondary/resync-blocks-overflow"));
+    tandem_fuzz::secondary::run_strict(&input("regressions/secondary/resync-blocks-overflow"));
 }
 
 /// Found by `frame` in its first seconds, in the target itself: a stream whose
@@ -200,7 +200,6 @@ fn a_float_argument_may_come_back_one_ulp_away() {
 /// src/primary.rs, remove this `ignore` and move the input to
 /// regressions/primary/.
 #[test]
-#[ignore = "open bug in engine::primary::PrimaryEngine::submit (lead); see the doc comment"]
 fn a_request_whose_end_wraps_is_refused_not_a_panic() {
     use tandem::engine::primary::{Action, Config, Mode, OpKind, PrimaryEngine};
     use tandem::types::ByteRange;
@@ -224,7 +223,7 @@ fn a_request_whose_end_wraps_is_refused_not_a_panic() {
         ),
         "{out:?}"
     );
-    tandem_fuzz::primary::run_strict(&input("open/primary/submit-range-overflow"));
+    tandem_fuzz::primary::run_strict(&input("regressions/primary/submit-range-overflow"));
 }
 
 /// Found by the `primary` target in its first minutes (input minimized):
@@ -248,7 +247,6 @@ fn a_request_whose_end_wraps_is_refused_not_a_panic() {
 /// `Open::failed_fdatasync_invariant` to false in src/primary.rs, remove this
 /// `ignore` and move the input to regressions/primary/.
 #[test]
-#[ignore = "open bug in engine::primary::PrimaryEngine::local_flush_done (lead); see the doc comment"]
 fn a_failed_fdatasync_keeps_the_flush_invariants() {
     use tandem::engine::primary::{Action, Config, Mode, OpKind, PrimaryEngine};
     use tandem::types::ByteRange;
@@ -285,7 +283,7 @@ fn a_failed_fdatasync_keeps_the_flush_invariants() {
     e.local_flush_done(id, Err(5), &mut out);
     assert!(e.is_poisoned());
     e.assert_invariants();
-    tandem_fuzz::primary::run_strict(&input("open/primary/failed-fdatasync-invariant"));
+    tandem_fuzz::primary::run_strict(&input("regressions/primary/failed-fdatasync-invariant"));
 }
 
 /// Found by the `primary` target (input minimized): in sync mode,
@@ -313,10 +311,9 @@ fn a_failed_fdatasync_keeps_the_flush_invariants() {
 /// `Open::gate_after_failed_persist` to false in src/primary.rs, remove this
 /// `ignore` and move the input to regressions/primary/.
 #[test]
-#[ignore = "open bug in engine::primary bitmap_persisted / the session gate (lead); see the doc comment"]
 fn a_failed_gate_persist_does_not_hang_sync_writes() {
     tandem_fuzz::primary::run_strict(&input(
-        "open/primary/sync-write-hangs-after-failed-gate-persist",
+        "regressions/primary/sync-write-hangs-after-failed-gate-persist",
     ));
 }
 
@@ -345,7 +342,6 @@ fn a_failed_gate_persist_does_not_hang_sync_writes() {
 /// `Open::consistent_point_behind_checkpoint` to false in src/secondary.rs,
 /// remove this `ignore` and move the input to regressions/secondary/.
 #[test]
-#[ignore = "open bug in engine::secondary::checkpointed / copy_limit (lead); see the doc comment"]
 fn an_inconsistent_checkpoint_gives_up_the_consistent_point() {
     let mut cfg = Config::new(1 << 20, 4096, 256 << 10);
     cfg.allow_inconsistent = true;
@@ -375,7 +371,7 @@ fn an_inconsistent_checkpoint_gives_up_the_consistent_point() {
         );
     }
     tandem_fuzz::secondary::run_strict(&input(
-        "open/secondary/consistent-point-behind-inconsistent-checkpoint",
+        "regressions/secondary/consistent-point-behind-inconsistent-checkpoint",
     ));
 }
 
@@ -402,11 +398,10 @@ fn an_inconsistent_checkpoint_gives_up_the_consistent_point() {
 /// src/secondary.rs, remove this `ignore` and move the input to
 /// regressions/secondary/.
 #[test]
-#[ignore = "open bug in engine::secondary::truncate_after (lead); see the doc comment"]
 fn a_rollback_to_the_volume_reports_the_volume_s_write() {
     // The harness drives the sequence above (trace it with FUZZ_TRACE=1).
     tandem_fuzz::secondary::run_strict(&input(
-        "open/secondary/rollback-to-volume-keeps-newer-write",
+        "regressions/secondary/rollback-to-volume-keeps-newer-write",
     ));
 }
 
@@ -422,7 +417,79 @@ fn a_rollback_to_the_volume_reports_the_volume_s_write() {
 /// `Open::checkpoint_all_when_poisoned` to false in src/secondary.rs, remove
 /// this `ignore` and move the input to regressions/secondary/.
 #[test]
-#[ignore = "open bug in engine::secondary::checkpoint_all (lead); see the doc comment"]
 fn a_poisoned_engine_starts_no_checkpoint() {
-    tandem_fuzz::secondary::run_strict(&input("open/secondary/checkpoint-all-when-poisoned"));
+    tandem_fuzz::secondary::run_strict(&input(
+        "regressions/secondary/checkpoint-all-when-poisoned",
+    ));
+}
+
+/// Found by the ported `secondary` target after 303 365 executions (input
+/// minimized by hand into the test below; the fuzzer's input is
+/// open/secondary/stale-hash-done-in-a-new-session):
+///
+/// ```text
+/// session 1: ResyncStart seq 1, HashCheck seq 1      -> StartHash seq 1 (a read in flight)
+/// the session ends (a fault, a reconnect)
+/// session 2: ResyncStart seq 1, Write seq 1          -> Append lsn 2, Applied 1 (not synced)
+/// the old hash read completes: hash_done(seq 1, Ok)  -> SendHashReply seq 1, SendDurable through 1
+/// ```
+///
+/// `SecondaryEngine::hash_done` (src/engine/secondary.rs) looks `seq` up in the
+/// session that is current when the read completes, not the one that asked:
+/// the new session's write seq 1 has its `Pending::Record` overwritten with
+/// `Done`, a hash reply for a write goes to the primary, and `advance_durable`
+/// sends `Durable` through seq 1 while its journal record is not synced (G3: a
+/// power loss then loses a write the primary was told is durable; in sync mode
+/// its client was answered). Had seq 1 been a HashCheck of the new session, the
+/// old range's result would answer it (blocks judged equal that differ: the
+/// resync skips them, silent divergence). The agent reaches it when a hash read
+/// (up to 64 MiB) outlives its session and the primary reconnects meanwhile
+/// (agent::secondary `Event::Hashed`). Fix (lead): tie each hash read to its
+/// session (an id in `Pending::Hash` / the StartHash action, checked in
+/// `hash_done`), ignoring completions of ended sessions but still counting the
+/// reader down; then set `Open::stale_hash_done` to false in src/secondary.rs,
+/// remove this `ignore` and move the input to regressions/secondary/.
+#[test]
+#[ignore = "open bug in engine::secondary::hash_done (lead); see the doc comment"]
+fn a_hash_read_of_an_ended_session_is_not_taken_for_a_new_one() {
+    let mut e = secondary_engine(true);
+    let mut out = Vec::new();
+    let start = Frame::ResyncStart {
+        seq: 1,
+        blocks: 0,
+        full: false,
+    };
+    e.receive(incoming(&start), 0, &mut out);
+    let check = Frame::HashCheck {
+        seq: 1,
+        offset: 0,
+        unit_bytes: 4096,
+        count: 1,
+    };
+    e.receive(incoming(&check), 0, &mut out);
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, SecondaryAction::StartHash { .. })),
+        "{out:?}"
+    );
+    e.session_ended(&mut out);
+    e.receive(incoming(&start), 0, &mut out);
+    let write = Frame::Write {
+        seq: 1,
+        offset: 0,
+        len: 4096,
+        fua: false,
+        at_ms: 1,
+    };
+    e.receive(incoming(&write), 0, &mut out);
+    out.clear();
+    e.hash_done(Seq(1), Ok(vec![0]), &mut out);
+    assert!(
+        !out.iter().any(|a| matches!(
+            a,
+            SecondaryAction::SendHashReply { .. } | SecondaryAction::SendDurable { .. }
+        )),
+        "a hash read of the ended session answered the new session's write seq 1: {out:?}"
+    );
+    tandem_fuzz::secondary::run_strict(&input("open/secondary/stale-hash-done-in-a-new-session"));
 }
