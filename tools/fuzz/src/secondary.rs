@@ -1086,7 +1086,9 @@ impl Harness {
             )
         });
         if ok {
-            if self.m.frozen.is_none() || self.m.open.durable_after_failed_sync {
+            // A poisoned engine (any failed I/O) ignores a late success: the
+            // failure may have dropped pages the sync covered.
+            if !self.m.poisoned || self.m.open.durable_after_failed_sync {
                 self.m.durable = through;
             }
             self.e.journal_synced(Ok(()), &mut self.out);
