@@ -85,6 +85,8 @@ enum ControlCmd {
     Points(oneshot::Sender<ControlReply>),
     /// `tandem resolve --discard-local`.
     DiscardLocal(oneshot::Sender<ControlReply>),
+    /// ha: `tandem outdate` (the primary's fencing handler, before it writes alone).
+    Outdate(oneshot::Sender<ControlReply>),
 }
 
 /// The part of the status that the node publishes for the control socket.
@@ -150,6 +152,9 @@ struct Node {
     /// Metadata jobs handed to the thread and finished (they finish in order).
     meta_sent: u64,
     meta_done: u64,
+    /// ha: `tandem outdate` answers once the superblock saying Outdated is
+    /// durable (job number, reply, message).
+    outdate_waiting: Option<(u64, oneshot::Sender<ControlReply>, String)>,
     handshake_text: Option<String>,
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
 }
@@ -280,6 +285,15 @@ pub async fn serve(
         volume_consistent,
         (Seq(sb.consistent_seq), sb.consistent_at_ms),
     );
+    if let Some(adopted) = recovery::recovered_sync_end(
+        &sb,
+        engine.is_section_open(),
+        engine.consistent_point().is_some(),
+    ) {
+        tracing::warn!(generation = %adopted.gen_current, "the journal holds the end of a resync the superblock did not record (a crash in between): recording the copy as the sync target's generation");
+        sb = adopted;
+        store.write_superblock(&sb)?;
+    }
     if let Some((lsn, seq, at_ms)) = engine.consistent_point() {
         tracing::info!(
             lsn = lsn.0,
@@ -327,6 +341,7 @@ pub async fn serve(
         recorded_disk_state,
         meta_sent: 0,
         meta_done: 0,
+        outdate_waiting: None,
         handshake_text: None,
         snapshot: snapshot.clone(),
     };
@@ -714,6 +729,7 @@ impl Node {
         let r = match done {
             MetaDone::Activity(r) | MetaDone::Bitmap(r) | MetaDone::Superblock(r) => r,
         };
+        let failed = r.as_ref().err().cloned();
         if let Err(e) = r {
             tracing::error!(
                 "metadata write failed: {e}; the node is poisoned, restart it after checking the disk"
@@ -728,6 +744,20 @@ impl Node {
             });
         }
         self.meta_done += 1;
+        // ha: `tandem outdate` is answered once its superblock is durable.
+        if self
+            .outdate_waiting
+            .as_ref()
+            .is_some_and(|(job, _, _)| self.meta_done >= *job)
+        {
+            let (_, reply, message) = self.outdate_waiting.take().expect("checked");
+            let _ = reply.send(match &failed {
+                None => ControlReply::success(serde_json::json!({ "message": message })),
+                Some(e) => ControlReply::error(format!(
+                    "writing the Outdated state failed: {e}; the node is poisoned"
+                )),
+            });
+        }
         if let Some((from, through, after, job)) = self.checkpoint_waiting
             && self.meta_done >= job
         {
@@ -1292,6 +1322,47 @@ impl Node {
                     .collect();
                 let _ = reply.send(ControlReply::success(
                     serde_json::json!({ "points": points }),
+                ));
+            }
+            // ha (issue 12 item 2): the primary is about to write without this node
+            // (its fencing handler calls this): consistent, but it will lack writes.
+            ControlCmd::Outdate(reply) => {
+                if let Some(s) = &self.session {
+                    let _ = reply.send(ControlReply::error(format!(
+                        "{} is connected to its primary {}: it receives every write, so it is not outdated; \
+                         cut the link first (the primary's fencing handler runs once it lost this node)",
+                        self.cfg.name, s.peer
+                    )));
+                    return;
+                }
+                let before = self.sb.disk_state;
+                self.sb = recovery::outdate(&self.sb);
+                let message = format!(
+                    "{} is {} (was {before}); it becomes UpToDate again once resynced from its primary",
+                    self.cfg.name, self.sb.disk_state
+                );
+                if self.sb.disk_state != before {
+                    let job = self.write_superblock();
+                    tracing::warn!(
+                        "outdated by the primary's fencing handler: this node's data is consistent but will lack the primary's writes; promoting it needs --force"
+                    );
+                    self.metrics.events.push(
+                        "outdated",
+                        "outdated by the primary's fencing handler (tandem outdate)".into(),
+                    );
+                    // Answered once durable (on_meta): the handler's success must hold
+                    // across a crash of this node.
+                    if let Some((_, earlier, _)) =
+                        self.outdate_waiting.replace((job, reply, message))
+                    {
+                        let _ = earlier.send(ControlReply::error(
+                            "superseded by a later tandem outdate".into(),
+                        ));
+                    }
+                    return;
+                }
+                let _ = reply.send(ControlReply::success(
+                    serde_json::json!({ "message": message }),
                 ));
             }
             ControlCmd::DiscardLocal(reply) => {
@@ -1890,6 +1961,7 @@ impl ControlHandler for SecondaryControl {
             let (reply, rx) = oneshot::channel();
             let cmd = match request.cmd.as_str() {
                 "points" => ControlCmd::Points(reply),
+                "outdate" => ControlCmd::Outdate(reply), // ha
                 "resolve" if request.flag("discard_local") => ControlCmd::DiscardLocal(reply),
                 "resolve" => {
                     return ControlReply::error(
@@ -1903,7 +1975,9 @@ impl ControlHandler for SecondaryControl {
                         resource, request.cmd
                     ));
                 }
-                _ => return request.unknown(&["promote", "demote", "resolve", "points"]),
+                _ => {
+                    return request.unknown(&["promote", "demote", "resolve", "points", "outdate"]);
+                }
             };
             if tx.send(Event::Control(cmd)).await.is_err() {
                 return ControlReply::error("agent is shutting down".into());
