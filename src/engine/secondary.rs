@@ -412,6 +412,10 @@ pub struct SecondaryEngine<D> {
     /// source naming it could not be read; found by the simulator, seed 100194
     /// sync). Counted in `readers`.
     deferred_hashes: Vec<(Seq, ByteRange, u32, D)>,
+    /// Hash reads still running for sessions that ended, by seq (a new session
+    /// reuses seqs): their answers are dropped, and a new comparison of the same
+    /// seq waits for them (fuzz finding stale-hash-done-in-a-new-session).
+    stale_hash_reads: BTreeMap<Seq, u32>,
     /// The consistent image while a section is open: (its record, its view).
     consistent_view: Option<(Lsn, RangeMap<Lsn>)>,
     /// Appending goes into a mixed image (a section is open, or no consistent
@@ -467,6 +471,7 @@ impl<D> SecondaryEngine<D> {
             checkpointing: None,
             readers: 0,
             deferred_hashes: Vec::new(),
+            stale_hash_reads: BTreeMap::new(),
             consistent_view: None,
             in_section: !volume_consistent,
             consistent: volume_consistent.then_some(applied),
@@ -740,8 +745,27 @@ impl<D> SecondaryEngine<D> {
     /// The session ended: nothing more arrives; what was appended stays (the
     /// primary resends whatever it did not see durable).
     pub fn session_ended(&mut self, out: &mut Vec<SecondaryAction<D>>) {
-        self.session = None;
+        self.end_session();
         self.maybe_sync(true, out);
+    }
+
+    /// Forget the session; its comparisons still reading become stale (their
+    /// answers are dropped), those not started are dropped now.
+    fn end_session(&mut self) {
+        let Some(s) = self.session.take() else {
+            return;
+        };
+        for (seq, p) in s.pending {
+            if !matches!(p, Pending::Hash) {
+                continue;
+            }
+            if let Some(i) = self.deferred_hashes.iter().position(|d| d.0 == seq) {
+                self.deferred_hashes.remove(i);
+                self.readers -= 1;
+            } else {
+                *self.stale_hash_reads.entry(seq).or_default() += 1;
+            }
+        }
     }
 
     /// Periodic tick (a few ms): sync what was appended, maybe checkpoint.
@@ -752,7 +776,7 @@ impl<D> SecondaryEngine<D> {
     }
 
     fn fail(&mut self, fault: Fault, out: &mut Vec<SecondaryAction<D>>) {
-        self.session = None;
+        self.end_session();
         out.push(SecondaryAction::Fail { fault });
     }
 
@@ -1035,7 +1059,7 @@ impl<D> SecondaryEngine<D> {
         s.expected_next = seq.next();
         s.pending.insert(seq, Pending::Hash);
         self.readers += 1;
-        if self.checkpointing.is_some() {
+        if self.checkpointing.is_some() || self.stale_hash_reads.contains_key(&seq) {
             self.deferred_hashes.push((seq, range, unit_bytes, hashes));
             return;
         }
@@ -1057,6 +1081,10 @@ impl<D> SecondaryEngine<D> {
                 self.readers -= 1;
                 continue;
             }
+            if self.checkpointing.is_some() || self.stale_hash_reads.contains_key(&seq) {
+                self.deferred_hashes.push((seq, range, unit_bytes, hashes));
+                continue;
+            }
             let sources = self.sources(range);
             out.push(SecondaryAction::StartHash {
                 seq,
@@ -1076,10 +1104,27 @@ impl<D> SecondaryEngine<D> {
         out: &mut Vec<SecondaryAction<D>>,
     ) {
         self.readers -= 1;
+        if let Some(n) = self.stale_hash_reads.get_mut(&seq) {
+            // A read of a session that ended: its answer is for nobody.
+            *n -= 1;
+            if *n == 0 {
+                self.stale_hash_reads.remove(&seq);
+            }
+            if let Err(e) = result {
+                self.poisoned = Some(e.clone());
+                self.fail(Fault::Io(e), out);
+                self.start_deferred_hashes(true, out);
+            } else {
+                self.start_deferred_hashes(false, out);
+            }
+            self.maybe_checkpoint(out);
+            return;
+        }
         match result {
             Ok(mismatched) => {
                 if let Some(s) = self.session.as_mut()
                     && let Some(p) = s.pending.get_mut(&seq)
+                    && matches!(p, Pending::Hash)
                 {
                     *p = Pending::Done;
                     out.push(SecondaryAction::SendHashReply { seq, mismatched });

@@ -243,7 +243,7 @@ pub const OPEN: Open = Open {
     consistent_point_behind_checkpoint: false,
     truncate_keeps_consistent_write: false,
     checkpoint_all_when_poisoned: false,
-    stale_hash_done: true,
+    stale_hash_done: false,
 };
 
 /// A consistent point as the engine reports it: record, newest write (seq, accept time).

@@ -425,7 +425,7 @@ fn a_poisoned_engine_starts_no_checkpoint() {
 
 /// Found by the ported `secondary` target after 303 365 executions (input
 /// minimized by hand into the test below; the fuzzer's input is
-/// open/secondary/stale-hash-done-in-a-new-session):
+/// regressions/secondary/stale-hash-done-in-a-new-session):
 ///
 /// ```text
 /// session 1: ResyncStart seq 1, HashCheck seq 1      -> StartHash seq 1 (a read in flight)
@@ -450,7 +450,6 @@ fn a_poisoned_engine_starts_no_checkpoint() {
 /// reader down; then set `Open::stale_hash_done` to false in src/secondary.rs,
 /// remove this `ignore` and move the input to regressions/secondary/.
 #[test]
-#[ignore = "open bug in engine::secondary::hash_done (lead); see the doc comment"]
 fn a_hash_read_of_an_ended_session_is_not_taken_for_a_new_one() {
     let mut e = secondary_engine(true);
     let mut out = Vec::new();
@@ -491,5 +490,7 @@ fn a_hash_read_of_an_ended_session_is_not_taken_for_a_new_one() {
         )),
         "a hash read of the ended session answered the new session's write seq 1: {out:?}"
     );
-    tandem_fuzz::secondary::run_strict(&input("open/secondary/stale-hash-done-in-a-new-session"));
+    tandem_fuzz::secondary::run_strict(&input(
+        "regressions/secondary/stale-hash-done-in-a-new-session",
+    ));
 }
