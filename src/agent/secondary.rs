@@ -121,6 +121,12 @@ struct Session {
     held: Option<(Box<Frame>, Option<Bytes>)>,
     last_consistent_sent: Option<(Seq, u64)>,
     last_consistent_at: Instant,
+    /// The reader saw the session end (Goodbye, a closed link): it ends once
+    /// every frame read before is fed to the engine. The primary counted on
+    /// them: a ResyncDone still queued when a demoted primary said Goodbye
+    /// left the section open, and the promotion then rolled its writes back
+    /// (found by the dr helper's e2e_dr_rollback).
+    ending: Option<String>,
 }
 
 /// A checkpoint being copied into the volume: its last record, whether the volume
@@ -502,6 +508,17 @@ pub async fn serve(
             }
             _ = shutdown.cancelled() => break,
         }
+        let drained = frames
+            .as_ref()
+            .is_none_or(|f| f.is_closed() && f.is_empty());
+        if drained
+            && node
+                .session
+                .as_ref()
+                .is_some_and(|s| s.ending.is_some() && s.held.is_none())
+        {
+            node.end_session(&mut out);
+        }
     }
     tracing::info!("stopping: ending the session, making the journal durable");
     stop_conns.cancel();
@@ -876,26 +893,37 @@ impl Node {
                 }
             }
             Event::SessionEnd { session, reason } => {
-                if self.session.as_ref().is_some_and(|s| s.id == session) {
-                    let s = self.session.take().expect("checked");
-                    tracing::info!(session = s.id, primary = %s.peer, disk = %self.disk_state_shown(), "primary detached: {reason}");
-                    self.metrics.set_connected(false, &reason);
-                    if reason.contains("Goodbye (outdated)") {
-                        self.sb = recovery::outdate(&self.sb);
-                        self.write_superblock();
-                        tracing::warn!(
-                            "the primary stopped without draining: this node is Outdated (consistent, but it lacks writes); promoting it needs --force"
-                        );
-                        self.metrics
-                            .events
-                            .push("outdated", "the primary stopped without draining".into());
-                    }
-                    self.engine.session_ended(out);
+                if let Some(s) = self.session.as_mut()
+                    && s.id == session
+                {
+                    // Ended by the node loop once the frames before it are in.
+                    s.ending = Some(reason);
                 }
             }
             Event::Checkpointed(r) => self.on_copied(r, out),
             Event::Hashed { seq, result } => self.engine.hash_done(seq, result, out),
             Event::Control(cmd) => self.on_control(cmd).await,
+        }
+        self.act(out);
+    }
+
+    /// The session whose reader ended: every frame it read is in the engine now.
+    fn end_session(&mut self, out: &mut Actions) {
+        if let Some(reason) = self.session.as_mut().and_then(|s| s.ending.take()) {
+            let s = self.session.take().expect("checked");
+            tracing::info!(session = s.id, primary = %s.peer, disk = %self.disk_state_shown(), "primary detached: {reason}");
+            self.metrics.set_connected(false, &reason);
+            if reason.contains("Goodbye (outdated)") {
+                self.sb = recovery::outdate(&self.sb);
+                self.write_superblock();
+                tracing::warn!(
+                    "the primary stopped without draining: this node is Outdated (consistent, but it lacks writes); promoting it needs --force"
+                );
+                self.metrics
+                    .events
+                    .push("outdated", "the primary stopped without draining".into());
+            }
+            self.engine.session_ended(out);
         }
         self.act(out);
     }
@@ -1206,6 +1234,7 @@ impl Node {
             held: None,
             last_consistent_sent: None,
             last_consistent_at: Instant::now(),
+            ending: None,
         });
         let _ = Plan::clone(&plan);
         Ok(())
