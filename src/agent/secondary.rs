@@ -1655,6 +1655,13 @@ impl Node {
                 Some(ev) = events_rx.recv() => match ev {
                     Event::Checkpointed(r) => { self.on_copied(r, out); self.act(out) }
                     Event::Hashed { seq, result } => { self.engine.hash_done(seq, result, out); self.act(out) }
+                    // A read of the read-only or inspect export that was in flight
+                    // when the node stopped: its end releases the journal (else the
+                    // stop waits for it forever; reported by the dr helper).
+                    Event::Control(ControlCmd::ExportReadDone) => {
+                        self.engine.end_read(out);
+                        self.act(out)
+                    }
                     Event::Conn { stream, .. } => {
                         let (_rd, mut wr) = stream.into_split();
                         link::send_refusal(&mut wr, "the secondary is stopping").await;
