@@ -185,8 +185,7 @@ async fn run_agent(role: Role, args: tandem::cli::NodeArgs, up: bool) -> Result<
     }
     // Images, metadata, split-brain reports and sockets are the agent's alone,
     // whatever umask it inherited (the unit sets UMask=0077 too).
-    // SAFETY: umask(2) only sets the process's file mode mask; it takes no pointers.
-    unsafe { libc::umask(0o077) };
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let created = absent(&[&cfg.volume, &cfg.meta]);
     let stop = CancellationToken::new();
     agent::cancel_on_signals(stop.clone());
