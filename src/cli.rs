@@ -221,6 +221,48 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::checkpoint::CheckpointCommand,
     },
+    // dr (issue 10): the DR copy's rollback window.
+    /// List the consistent points a secondary can roll back to (its rollback
+    /// window), oldest first: UTC time and write seq of the newest write each
+    /// holds, and the journal bytes a rollback to it discards.
+    Points {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Roll a disconnected secondary back to a consistent point of its rollback
+    /// window (after ransomware or an `rm -rf`); then promote it, or let the primary
+    /// resend what changed since. Refused on a primary, on a connected secondary and
+    /// outside the window.
+    Rollback {
+        /// The secondary's control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// The point: a write seq (812 or seq:812, as `tandem points` lists), a UTC
+        /// time (2026-11-30T00:12:03Z) or a time relative to now (-10m); the newest
+        /// point at or before it is taken.
+        #[arg(long, value_name = "SEQ|TIME")]
+        to: String,
+    },
+    /// Serve a secondary's image as of a consistent point read-only over NBD (to
+    /// look before a rollback or a promotion) while replication continues; or stop
+    /// it. The inspection ends when the journal needs the room for replication.
+    Inspect {
+        /// The secondary's control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// The point, as for `rollback --to` (default: the newest).
+        #[arg(long, value_name = "SEQ|TIME", conflicts_with = "stop")]
+        at: Option<String>,
+        /// Where to serve it: HOST:PORT, unix:/path or /abs/path.
+        #[arg(long, required_unless_present = "stop")]
+        nbd: Option<String>,
+        /// Stop the inspection being served.
+        #[arg(long)]
+        stop: bool,
+    },
     /// Run a self-contained demonstration on loopback: certificates, a secondary and a
     /// primary with 256 MiB images, a mixed workload through the NBD export in sync
     /// then async mode, and a final check that both images are identical.

@@ -1059,21 +1059,13 @@ pub enum PreflightError {
 /// `access(2)` for reading and writing (`dir`: writing and searching), which also
 /// reports a read-only filesystem (EROFS), as the unit's ProtectSystem=strict makes one.
 fn access_rw(path: &Path, dir: bool) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    use rustix::fs::Access;
     let mode = if dir {
-        libc::W_OK | libc::X_OK
+        Access::WRITE_OK | Access::EXEC_OK
     } else {
-        libc::R_OK | libc::W_OK
+        Access::READ_OK | Access::WRITE_OK
     };
-    // SAFETY: `c` is a valid NUL-terminated string that outlives the call;
-    // access(2) only reads it.
-    if unsafe { libc::access(c.as_ptr(), mode) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    rustix::fs::access(path, mode).map_err(std::io::Error::from)
 }
 
 fn is_under_dev(path: &Path) -> bool {

@@ -185,8 +185,7 @@ async fn run_agent(role: Role, args: tandem::cli::NodeArgs, up: bool) -> Result<
     }
     // Images, metadata, split-brain reports and sockets are the agent's alone,
     // whatever umask it inherited (the unit sets UMask=0077 too).
-    // SAFETY: umask(2) only sets the process's file mode mask; it takes no pointers.
-    unsafe { libc::umask(0o077) };
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let created = absent(&[&cfg.volume, &cfg.meta]);
     let stop = CancellationToken::new();
     agent::cancel_on_signals(stop.clone());
@@ -389,6 +388,29 @@ async fn run(command: Command, timeouts: Timeouts) -> Result<ExitCode, String> {
         Command::Checkpoint { command } => {
             tandem::checkpoint::run_cli(command).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        // dr (issue 10)
+        Command::Points { target, json } => {
+            let (path, _) = target.resolve().map_err(|e| e.to_string())?;
+            tandem::dr::points(&path, json, timeouts.query()).await
+        }
+        Command::Rollback { control, to } => {
+            tandem::dr::rollback(&control, &to, timeouts.promote()).await
+        }
+        Command::Inspect {
+            control,
+            at,
+            nbd,
+            stop,
+        } => {
+            tandem::dr::inspect(
+                &control,
+                at.as_deref(),
+                nbd.as_deref(),
+                stop,
+                timeouts.query(),
+            )
+            .await
         }
         Command::Demo { size, seconds, dir } => {
             let size_bytes = tandem::types::parse_size(&size)?;

@@ -536,6 +536,12 @@ impl NodeControl {
         if self.role() == Role::Secondary {
             return Ok("already secondary".into());
         }
+        // Checked before draining: a demotion that ends in a secondary role the
+        // configuration cannot run (no replication address to listen on) stopped
+        // the agent after handing over (exit 1; e2e_failover).
+        let cfg = self.cfg();
+        cfg.with_role(Role::Secondary)
+            .map_err(|e| format!("refusing to demote {}: {e}", cfg.name))?;
         self.change(|reply| RoleRequest::Demote { demote, reply })
             .await
     }

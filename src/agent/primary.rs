@@ -418,6 +418,7 @@ pub async fn serve(
         started: Instant::now(),
         ahead_since: None,
         pending_generation: false,
+        peer_consistent: None, // dr (issue 10)
     };
     let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx, meta_rx));
 
@@ -725,6 +726,9 @@ struct Owner {
     ahead_since: Option<Instant>,
     /// A new generation is being written; writes wait for it.
     pending_generation: bool,
+    /// dr (issue 10): the DR copy's consistent point as the secondary last
+    /// reported it (kept after the session ends: what a promotion there serves).
+    peer_consistent: Option<(Seq, u64)>,
 }
 
 impl Owner {
@@ -1376,6 +1380,8 @@ impl Owner {
                 if let Some(s) = self.session.as_mut() {
                     s.consistent = Some((seq, at_ms));
                 }
+                // dr (issue 10): a rollback there can move it back; take it as said.
+                self.peer_consistent = Some((seq, at_ms));
             }
             PeerEvent::Down { id, reason } if Some(id) == current => {
                 self.drop_session(&reason, out)
@@ -1489,6 +1495,7 @@ impl Owner {
             .expect("handshake lock")
             .clone();
         doc.verify = self.verify_status();
+        doc.consistent_point = self.dr_consistent_status(&lag); // dr (issue 10)
         let _ = self.started;
         doc
     }
@@ -1516,6 +1523,31 @@ impl Owner {
             let result = crate::agent::node::fence_peer(&cfg, &cmd, "write-alone").await;
             let _ = tx.send(Cmd::FenceDone { result }).await;
         });
+    }
+
+    /// dr (issue 10): where the DR copy stands, for status and /metrics: its
+    /// consistent point as last reported, its age, and how long ago this node
+    /// accepted the oldest write the copy lacks (the loss window of a disaster now).
+    fn dr_consistent_status(
+        &self,
+        lag: &crate::engine::primary::Lag,
+    ) -> Option<control::ConsistentStatus> {
+        let (seq, at_ms) = self.peer_consistent?;
+        let now = crate::agent::unix_now_ms();
+        Some(control::ConsistentStatus {
+            seq: seq.0,
+            at_unix_ms: at_ms,
+            age_s: if at_ms > 0 {
+                now.saturating_sub(at_ms) as f64 / 1000.0
+            } else {
+                0.0
+            },
+            behind_s: lag
+                .oldest_accepted_at_ms
+                .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0),
+            journal_lsn: 0,
+            resync_open: self.engine.resync_progress().is_some(),
+        })
     }
 
     /// Final local flush; tell the peer whether it is left Outdated; persist what
@@ -1750,6 +1782,13 @@ impl ControlHandler for PrimaryControl {
                     paused: Some(request.cmd == "pause-sync"),
                     reply,
                 },
+                // dr (issue 10): the rollback window is the secondary's.
+                "points" | "rollback" | "inspect" => {
+                    return ControlReply::error(format!(
+                        "this node is the primary: its volume is the live copy and has no rollback window; run `tandem {}` on the secondary's control socket (a rollback there needs it disconnected: stop or demote this primary first)",
+                        request.cmd
+                    ));
+                }
                 _ => {
                     return request.unknown(&[
                         "promote",

@@ -727,3 +727,32 @@ fn a_rate_limited_resync_starts_no_more_reads_than_its_budget_allows() {
     assert!(more >= 1, "zero reads kept their charge: {out:?}");
     e.assert_invariants();
 }
+
+/// dr (issue 10): in async mode a client FLUSH is relayed to the secondary too (a
+/// marker, nothing waits for it): there it becomes a listed consistent point of
+/// the rollback window. Without it an async secondary listed no point between
+/// its volume's and its newest (e2e_dr_rollback: `tandem inspect --at` fell back
+/// to the end of the first full sync).
+#[test]
+fn an_async_flush_is_relayed_as_a_marker_and_completes_locally() {
+    let (mut e, mut out) = connected(cfg(Mode::Async, 64));
+    settle_local(&mut e, &mut out);
+    let seq = write(&mut e, 0, 1, false, 1, &mut out);
+    settle_local(&mut e, &mut out);
+    out.clear();
+    e.flush(2, 0, &mut out);
+    settle_local(&mut e, &mut out);
+    let markers: Vec<Seq> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Ship(Outgoing::Flush { through }) => Some(*through),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(markers, vec![seq], "{out:?}");
+    assert_eq!(
+        completed(&out),
+        vec![(2, Ok(()))],
+        "async: the flush completes on the local fdatasync alone"
+    );
+}
