@@ -290,6 +290,8 @@ impl Harness {
                 self.generation_wanted = true;
             }
             Action::PeerReachedGeneration => {}
+            // scale (issue 11): hole probes are only enabled by agents on image files.
+            Action::ProbeHoles { .. } => unreachable!("hole probes are not enabled here"),
             Action::DropSession { fault } => {
                 assert!(self.may_drop, "the session dropped for nothing: {fault}");
                 // As agent::primary's drop_session: the engine's session ends.
