@@ -78,7 +78,7 @@ fn discard_2047m_and_a_whole_volume_blkdiscard_keep_the_pair_serving() {
         ],
     );
     // WRITE_ZEROES of the protocol's largest size (4 GiB - 512).
-    qemu_io(&uri, &[format!("write -z {} {}", GIB, 4 * GIB - 512)]);
+    qemu_io(&uri, &[format!("write -z -n {} {}", GIB, 4 * GIB - 512)]);
 
     // A whole-volume blkdiscard through the kernel: nbdfuse + a loop device.
     let fuse_dir = pair.site.path("fuse");

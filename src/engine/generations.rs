@@ -182,6 +182,16 @@ pub fn decide(p: &GenInfo, s: &GenInfo) -> Decision {
     if p.knows_in_history(s.current) {
         return Decision::Full;
     }
+    if s.inconsistent
+        && s.bitmap_base != none
+        && (s.bitmap_base == p.bitmap_base || p.knows_in_history(s.bitmap_base))
+    {
+        // A sync target of a generation the primary descends from (a first copy
+        // that completed but was never recorded, then a new section cut short):
+        // related data, copied again in a section that keeps its consistent image
+        // (sim seed 31426 async with hole probes).
+        return Decision::Full;
+    }
     Decision::Unrelated
 }
 
@@ -280,6 +290,16 @@ mod tests {
         // session dropped before it recorded the end; A2 then wrote alone (B2).
         let p = g(B2, A2, [A2, G1]);
         let s = g(G1, A2, [N, N]);
+        assert_eq!(decide(&p, &s), Decision::Full);
+    }
+
+    #[test]
+    fn a_sync_target_of_an_ancestor_generation_is_copied_again() {
+        // A new node took A2 as its sync target (first copy), then A2's node wrote
+        // alone (B2 from A2); the node never recorded a generation of its own.
+        let p = g(B2, A2, [A2, G1]);
+        let mut s = g(N, A2, [N, N]);
+        s.inconsistent = true;
         assert_eq!(decide(&p, &s), Decision::Full);
     }
 

@@ -267,9 +267,7 @@ struct Sim {
     /// replay exactly as before.
     eio: bool,
     /// scale (issue 11): the primary answers hole probes (resyncs send holes as
-    /// zero chunks) on even seeds when TANDEM_SIM_HOLES=1. Off by default until the
-    /// handshake refusal it exposes is fixed (seed 31426 async: a fresh secondary
-    /// whose first copy went as zero chunks is refused as unrelated after faults).
+    /// zero chunks) on even seeds (TANDEM_SIM_HOLES=0 turns them off).
     holes: bool,
     /// Faults are injected now (not while converging).
     injecting: bool,
@@ -401,7 +399,7 @@ impl Sim {
             mode,
             eio: seed % 4 == 3,
             holes: seed.is_multiple_of(2)
-                && std::env::var("TANDEM_SIM_HOLES").is_ok_and(|v| v == "1"),
+                && std::env::var("TANDEM_SIM_HOLES").map_or(true, |v| v != "0"),
             injecting: false,
             draining: false,
             step: 0,
