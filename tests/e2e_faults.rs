@@ -688,3 +688,120 @@ fn async_slow_link_does_not_throttle_writers_while_window_has_room() {
         mib(max_lag)
     );
 }
+
+/// Issue 9 bug 4 (acceptance): an async switchover while the primary is ahead
+/// loses no acknowledged write. The writes go ahead over a throttled link (the
+/// secondary lacks them, the bitmap holds them); `tandem demote` must wait for
+/// the resync that sends them, not only for the unacked queue, before it hands
+/// over. The promoted secondary then holds every acknowledged write. (Before
+/// the fix the drain ended with "lag_writes=0" and hundreds of MiB out of sync.)
+#[test]
+fn async_switchover_while_ahead_loses_no_acknowledged_write() {
+    let seed = common::seed("async switchover while ahead");
+    // Where the primary listens once it is demoted to secondary.
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let opts = RigOpts::new("async", SIZE_BYTES).primary(&[
+        "--queue-bytes-max",
+        "8M",
+        "--queue-writes-max",
+        "256",
+        "--listen",
+        &listen,
+    ]);
+    let mut rig = Rig::start(opts, seed);
+    let model = Model::shared();
+    rig.proxy.set(Fault::Throttle {
+        bytes_per_s: MIB,
+        dir: Dir::Up,
+    });
+    let load = rig.start_load(load_cfg(seed, 8 * MIB), &model);
+    rig.primary
+        .wait_status("ahead", Duration::from_secs(30), |s| {
+            s["peer"]["connection"] == "ahead"
+        });
+    std::thread::sleep(Duration::from_secs(1));
+    load.stop();
+    assert_no_failed_writes(&model, "async while ahead");
+    let s = rig.primary.status().expect("primary status");
+    let behind = s["out_of_sync_bytes"].as_u64().unwrap_or(0);
+    eprintln!(
+        "demoting with {} out of sync, connection {}",
+        mib(behind),
+        s["peer"]["connection"]
+    );
+    assert!(
+        behind > 0 && s["peer"]["connection"] == "ahead",
+        "the workload did not leave the primary ahead: {s}"
+    );
+
+    // The planned switchover, still over the throttled link.
+    let t = Instant::now();
+    let out = common::run_ok(
+        std::process::Command::new(common::tandem_bin())
+            .args(["demote", "--timeout", "120", "--control"])
+            .arg(&rig.primary.control),
+        Duration::from_secs(180),
+    );
+    eprintln!("demote after {:?}: {}", t.elapsed(), out.trim());
+    assert!(out.contains("peer holds every write"), "{out}");
+    rig.proxy.clear();
+    // The secondary (a standalone `tandem secondary`, promoted by restarting it
+    // as primary in production) holds the handed-over image; stopping it copies
+    // its journal into its volume.
+    let s = rig.secondary.status().expect("secondary status");
+    assert_eq!(s["disk_state"], "UpToDate", "{s}");
+    rig.secondary.stop();
+    rig.primary.stop();
+    // Every acknowledged write is on the secondary.
+    model.lock().expect("model").verify(&rig.secondary_img);
+    common::assert_same_file(&rig.primary_img, &rig.secondary_img);
+}
+
+/// Issue 9 finding 12, with a relay that cuts once: the first session of a new
+/// pair drops after the secondary's Welcome (it has taken the volume's identity)
+/// and before the ResyncStart. The pair must start the first copy over when the
+/// link returns, not refuse each other for sharing no data generation until an
+/// operator runs `resolve --discard-local`.
+///
+/// Every chunk towards the secondary is held 500 ms (the TLS handshake still fits
+/// in the connect timeout), so after the Welcome the primary's ResyncStart is
+/// still in the relay when the connections are reset.
+#[test]
+fn a_first_session_cut_after_the_welcome_starts_the_first_copy_over() {
+    let seed = common::seed("cut after welcome");
+    let mut rig = Rig::launch(
+        RigOpts::new("sync", SIZE_BYTES),
+        seed,
+        Some(Fault::Delay {
+            ms: 500,
+            jitter_ms: 0,
+            dir: Dir::Up,
+        }),
+    );
+    common::wait_until(
+        "the secondary takes the volume's identity",
+        Duration::from_secs(60),
+        || {
+            rig.secondary
+                .log_text()
+                .contains("adopted the primary's volume identity")
+        },
+    );
+    rig.proxy.set(Fault::Reset { reject_new: false });
+    rig.proxy.clear();
+    assert!(
+        !rig.secondary
+            .log_text()
+            .contains("primary announces a resync"),
+        "the cut came after the ResyncStart: this run did not test the window"
+    );
+    let s = rig.wait_converged("after the cut");
+    eprintln!("after the cut: {}", s["handshake"]);
+    assert!(
+        !rig.secondary
+            .log_text()
+            .contains("share no data generation"),
+        "the secondary refused its own primary after the cut"
+    );
+    rig.finish(&Model::shared());
+}

@@ -33,6 +33,7 @@ fn fresh(size_bytes: u64) -> Superblock {
         resync_cursor: None,
         bitmap_valid: true,
         volume_mixed: false,
+        poisoned: false,
         consistent_seq: 0,
         consistent_at_ms: 0,
     }

@@ -42,6 +42,7 @@ fn fresh() -> Superblock {
         resync_cursor: None,
         bitmap_valid: true,
         volume_mixed: false,
+        poisoned: false,
         consistent_seq: 0,
         consistent_at_ms: 0,
     }

@@ -63,6 +63,7 @@ fn expected_superblock() -> Superblock {
         resync_cursor: Some(BlockIndex(777)),
         bitmap_valid: true,
         volume_mixed: false,
+        poisoned: false,
         consistent_seq: 0,
         consistent_at_ms: 0,
     }

@@ -212,6 +212,11 @@ pub struct StatusDoc {
     /// The secondary's redo journal.
     #[serde(default)]
     pub journal: Option<JournalStatus>,
+    /// A write or fdatasync of this node's disk failed (issue 9 item 5): not
+    /// promoted or served as primary without --force until every block has been
+    /// compared with the peer's.
+    #[serde(default)]
+    pub poisoned: bool,
     /// Refused input, counted since the process started (hardening, issue 14):
     /// connections, handshakes, frames, NBD requests, control lines, and per reason.
     #[serde(default)]
@@ -527,6 +532,7 @@ impl StatusDoc {
             verify: None,
             consistent_point: None,
             journal: None,
+            poisoned: false,
             rejected: {
                 // Frames refused by the secondary are counted in the node's metrics;
                 // rejections counted process-wide are added (see metrics::rejections).

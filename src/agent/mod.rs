@@ -265,6 +265,7 @@ fn fresh_superblock(
         resync_cursor: None,
         bitmap_valid: true,
         volume_mixed: false,
+        poisoned: false,
         consistent_seq: 0,
         consistent_at_ms: 0,
     }
@@ -337,6 +338,18 @@ pub(crate) fn open_node(
         tracing::warn!(meta = %cfg.meta.display(), "metadata recovered: {r}");
     }
     Ok((volume, opened, rebuilt))
+}
+
+/// Drop a file's (or block device's) clean cached pages, after it was made
+/// durable: reads then show what the disk holds. A disk that failed a write or an
+/// fdatasync is served again only after this: Linux keeps the pages whose
+/// writeback failed in the page cache, marked clean, so a restart that only
+/// fsyncs would read, compare and replicate data the disk never got (found by the
+/// simulator: engine::sim, the seeds with I/O errors fail G3 without it).
+pub(crate) fn drop_cached_pages(path: &std::path::Path) -> std::io::Result<()> {
+    let f = std::fs::File::open(path)?;
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)?;
+    Ok(())
 }
 
 /// Where a damaged file is kept: `PATH.damaged-UNIXSECONDS`.

@@ -274,6 +274,15 @@ impl NodeControl {
                 self.cfg.name, status.disk_state, self.cfg.peer_name, self.cfg.peer_name
             ));
         }
+        if status.poisoned && !force {
+            // lead (issue 9 item 5): checked before the secondary stops, like the
+            // disk state; recovery::primary_start refuses the same.
+            return Err(format!(
+                "refusing to promote {}: {}",
+                self.cfg.name,
+                crate::engine::recovery::StartRefusal::Poisoned
+            ));
+        }
         self.cfg
             .with_role(Role::Primary)
             .map_err(|e| format!("refusing to promote {}: {e}", self.cfg.name))?;

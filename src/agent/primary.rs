@@ -273,6 +273,16 @@ pub async fn serve(
         .flush()
         .await
         .map_err(|e| AgentError::Refused(format!("flushing the volume at start failed: {e}")))?;
+    if opened.superblock.poisoned {
+        // Issue 9 item 5: what a failed writeback left in the page cache is not
+        // on the disk; read the disk itself from here on.
+        crate::agent::drop_cached_pages(&cfg.volume).map_err(|e| {
+            AgentError::Refused(format!(
+                "dropping the cached pages of {} (a disk that failed before) failed: {e}",
+                cfg.volume.display()
+            ))
+        })?;
+    }
     let mut meta = opened.store;
     if opened.created {
         tracing::info!(meta = %cfg.meta.display(), volume_id = %opened.superblock.volume_id, generation = %opened.superblock.gen_current, "created metadata for a new primary volume");
@@ -336,6 +346,10 @@ pub async fn serve(
             compare_bytes = compare_blocks * bs,
             send_bytes = send_blocks * bs,
             "previous run stopped uncleanly: resyncing the bitmap, and comparing the activity log's extents by hash"
+        ),
+        recovery::Recovery::Poisoned { compare_blocks } => tracing::warn!(
+            compare_bytes = compare_blocks * bs,
+            "this disk failed a write or fdatasync before (poisoned); started with --force: every block will be compared with the peer by hash"
         ),
         recovery::Recovery::Unknown {
             bitmap_valid,
@@ -811,6 +825,13 @@ impl Owner {
                     .metrics
                     .set_error(format!("volume poisoned: {reason}"));
                 self.shared.metrics.events.push("io-error", reason);
+                // Issue 9 item 5: remembered across restarts (recovery refuses to
+                // serve this disk again without --force).
+                if !self.sb.poisoned {
+                    self.sb.poisoned = true;
+                    let sb = self.sb.clone();
+                    self.meta().send(MetaJob::Superblock { sb });
+                }
             }
             Action::StartGenerationAlone => {
                 self.sb = recovery::start_generation_alone(&self.sb);
@@ -1431,6 +1452,7 @@ impl Owner {
             self.sb.volume_id,
             self.sb.gen_current,
         );
+        doc.poisoned = self.sb.poisoned || self.engine.is_poisoned();
         doc.generations = Some(control::GenerationsStatus::of(&self.sb));
         doc.handshake = self
             .shared

@@ -105,6 +105,10 @@ struct Session {
     last_consistent_at: Instant,
 }
 
+/// A checkpoint being copied into the volume: its last record, whether the volume
+/// is a consistent image after it, and the newest write that image holds.
+type Copying = (Lsn, bool, Option<(Seq, u64)>);
+
 /// The node: engine, superblock, and what runs for it.
 struct Node {
     cfg: Arc<NodeConfig>,
@@ -139,9 +143,8 @@ struct Node {
     /// A copied checkpoint waits for this metadata job (the superblock saying the
     /// volume is consistent) before its records are released.
     release_waiting: Option<(Lsn, u64)>,
-    /// The checkpoint being copied: its last record, and whether the volume is a
-    /// consistent image after it.
-    copying: Option<(Lsn, bool, Option<(Seq, u64)>)>,
+    /// The checkpoint being copied.
+    copying: Option<Copying>,
     /// The disk state last written (a change is an event).
     recorded_disk_state: DiskState,
     /// Metadata jobs handed to the thread and finished (they finish in order).
@@ -189,6 +192,20 @@ pub async fn serve(
         .flush()
         .await
         .map_err(|e| AgentError::Refused(format!("flushing the volume at start failed: {e}")))?;
+    if opened.superblock.poisoned {
+        // Issue 9 item 5: pages whose writeback failed may still be cached (as
+        // clean); the volume and the journal are read from the disk from here on.
+        for path in [&cfg.volume, &cfg.journal] {
+            if path.exists() {
+                crate::agent::drop_cached_pages(path).map_err(|e| {
+                    AgentError::Refused(format!(
+                        "dropping the cached pages of {} (a disk that failed before) failed: {e}",
+                        path.display()
+                    ))
+                })?;
+            }
+        }
+    }
     let start = recovery::secondary_start(&opened.superblock, &opened.bitmap, &opened.activity);
     let mut sb = start.sb.clone();
     if start.demoted {
@@ -274,6 +291,13 @@ pub async fn serve(
     }
     let metrics = ctx.metrics.clone().unwrap_or_default();
     metrics.reset_role_state();
+    if sb.poisoned {
+        tracing::warn!(
+            compare_blocks = start.own_verify.dirty_count().0,
+            "this disk failed a write or fdatasync before (poisoned): every block is compared with the primary's at the next resync; promotion needs --force until then"
+        );
+        metrics.set_error("poisoned: a write or fdatasync of this disk failed; every block is compared with the primary's at the next resync".into());
+    }
     let (meta_tx, mut meta_rx) = mpsc::unbounded_channel();
     let worker = MetaWorker::start(store, sb.clone(), cfg.al_extent_bytes, meta_tx);
     let jh = jopened.thread.handle();
@@ -467,6 +491,15 @@ impl Node {
                 self.act_one(a, out);
             }
         }
+        if self.engine.is_poisoned() && !self.sb.poisoned {
+            // Issue 9 item 5: a failed journal or volume write is remembered
+            // across restarts: the next start compares every block with the
+            // primary, and the node is not promoted without --force.
+            self.sb.poisoned = true;
+            self.metrics
+                .set_error("a journal or volume write failed: the node is poisoned".into());
+            self.write_superblock();
+        }
     }
 
     fn act_one(&mut self, action: SecondaryAction<Bytes>, _out: &mut Actions) {
@@ -557,9 +590,17 @@ impl Node {
                     self.own_verify.clear_all();
                     let bitmap = self.own_dirty.clone();
                     self.send_meta(MetaJob::Bitmap { bitmap });
+                    if self.sb.poisoned && !self.engine.is_poisoned() {
+                        // The primary compared every block since the failed write
+                        // (recovery::secondary_start): the image is whole again.
+                        tracing::info!(
+                            "every block compared with the primary since the failed write: no longer poisoned"
+                        );
+                        self.sb.poisoned = false;
+                    }
                 }
                 self.write_superblock();
-                if was != (self.sb.gen_current, self.sb.disk_state) || true {
+                if was != (self.sb.gen_current, self.sb.disk_state) {
                     tracing::info!(generation = %self.sb.gen_current, journal_lsn = through.0, newest_write_at_ms = at_ms, "in sync with the primary: a consistent image");
                     self.metrics.events.push(
                         "consistent",
@@ -712,6 +753,18 @@ impl Node {
                     return;
                 }
                 let peer = stream.peer_addr();
+                if self.engine.is_poisoned() {
+                    // Issue 9 item 5: a session would attach and never progress
+                    // (the engine takes nothing after a failed write). Say why.
+                    let reason = "this secondary's disk failed a write (poisoned): restart it after checking the disk";
+                    let (_rd, mut wr) = stream.into_split();
+                    link::send_refusal(&mut wr, reason).await;
+                    crate::agent::log_repeated(
+                        "handshake:poisoned",
+                        || tracing::warn!(%peer, "session refused: {reason}"),
+                    );
+                    return;
+                }
                 if let Err(reason) = self.handshake(stream, announce).await {
                     if reason.is_empty() {
                         return;
@@ -1168,6 +1221,7 @@ impl Node {
         );
         doc.generations = Some(GenerationsStatus::of(&self.sb));
         doc.handshake = self.handshake_text.clone();
+        doc.poisoned = self.sb.poisoned;
         doc.consistent_point =
             self.engine
                 .consistent_point()

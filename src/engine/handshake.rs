@@ -209,6 +209,9 @@ pub fn gen_info_of(h: &Hello) -> GenInfo {
 }
 
 /// Check a Hello against this node (G6) and decide what the primary must send (G8).
+// A refusal carries both nodes' generations for its message; it is built once per
+// handshake, so its size costs nothing.
+#[allow(clippy::result_large_err)]
 pub fn decide(h: &Hello, local: &Local) -> Result<Plan, Refusal> {
     if h.protocol_version != PROTOCOL_VERSION {
         return Err(Refusal::ProtocolVersion {

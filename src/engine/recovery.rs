@@ -23,6 +23,9 @@ pub enum Recovery {
         compare_blocks: u64,
         send_blocks: u64,
     },
+    /// The disk failed a write or fdatasync (started with --force): every block
+    /// is compared by hash.
+    Poisoned { compare_blocks: u64 },
     /// The metadata cannot say what changed: every block is compared by hash.
     Unknown {
         bitmap_valid: bool,
@@ -77,6 +80,13 @@ pub enum StartRefusal {
          copies the consistent image into the volume"
     )]
     JournalNotCopied,
+    #[error(
+        "this node's disk failed a write or an fdatasync (it is poisoned): blocks it acknowledged may \
+         not be on it. Check the disk, then promote its peer instead, or start this node as secondary \
+         (its peer compares every block with it) or promote it with --force (it compares every block \
+         with its peer and sends its own data where they differ)"
+    )]
+    Poisoned,
 }
 
 fn extent_blocks(
@@ -108,6 +118,10 @@ pub fn primary_start(
 ) -> Result<PrimaryStart, StartRefusal> {
     let mut sb = sb.clone();
     let mut promoted_from = None;
+    if sb.poisoned && !force {
+        // Issue 9 item 5: nothing is served as durable after a failed write.
+        return Err(StartRefusal::Poisoned);
+    }
     if sb.role == Role::Secondary || sb.is_new {
         // G8: taking the primary role starts a new generation.
         match sb.disk_state {
@@ -133,7 +147,20 @@ pub fn primary_start(
     let block_size = sb.block_size;
     let mut verify = DirtyBitmap::for_volume(size_bytes, block_size);
     let mut dirty = bitmap.clone();
-    let recovery = if sb.clean_shutdown && sb.bitmap_valid {
+    let recovery = if sb.poisoned {
+        // Forced: the persisted bitmap covers every block from here on, so the flag
+        // may go (a crash before the comparison ends resends everything).
+        let mut cursor = BlockIndex(0);
+        verify.mark_all();
+        while let Some((first, n)) = dirty.next_dirty_run(cursor, BlockCount(u64::MAX)) {
+            verify.clear(first, BlockIndex(first.0 + n.0));
+            cursor = BlockIndex(first.0 + n.0);
+        }
+        sb.poisoned = false;
+        Recovery::Poisoned {
+            compare_blocks: verify.dirty_count().0,
+        }
+    } else if sb.clean_shutdown && sb.bitmap_valid {
         Recovery::Clean {
             out_of_sync_blocks: dirty.dirty_count().0,
         }
@@ -230,6 +257,16 @@ pub fn secondary_start(
     } else if !sb.bitmap_valid {
         dirty.clear_all();
         verify.mark_all();
+    } else if sb.poisoned {
+        // A failed write or fdatasync: every block is compared (its own changes
+        // are still sent as such). The flag stays until the primary has compared
+        // them (the agent clears it at the next consistent point).
+        verify.mark_all();
+        let mut cursor = BlockIndex(0);
+        while let Some((first, n)) = dirty.next_dirty_run(cursor, BlockCount(u64::MAX)) {
+            verify.clear(first, BlockIndex(first.0 + n.0));
+            cursor = BlockIndex(first.0 + n.0);
+        }
     } else if !sb.clean_shutdown {
         if activity.intact {
             for &e in &activity.extents {
@@ -344,6 +381,7 @@ mod tests {
             resync_cursor: None,
             bitmap_valid: true,
             volume_mixed: false,
+            poisoned: false,
             consistent_seq: 0,
             consistent_at_ms: 0,
         }
@@ -429,5 +467,41 @@ mod tests {
             64,
             "an incomplete log: compare everything"
         );
+    }
+
+    /// Issue 9 item 5: a failed write or fdatasync is remembered across restarts.
+    #[test]
+    fn a_poisoned_node_is_not_served_as_primary_without_force_and_compares_every_block() {
+        let mut bm = DirtyBitmap::for_volume(64 * 4096, 4096);
+        bm.mark(BlockIndex(2), BlockIndex(3));
+        let none = ActivitySnapshot::empty();
+        let mut s = sb(Role::Primary, DiskState::UpToDate);
+        s.poisoned = true;
+        assert_eq!(
+            primary_start(&s, &bm, &none, false, 0).unwrap_err(),
+            StartRefusal::Poisoned
+        );
+        let p = primary_start(&s, &bm, &none, true, 0).unwrap();
+        assert_eq!(p.recovery, Recovery::Poisoned { compare_blocks: 63 });
+        assert!(
+            p.dirty.is_dirty(BlockIndex(2)),
+            "its own changes are still sent"
+        );
+        assert_eq!(p.covered().dirty_count().0, 64, "persisted before serving");
+        assert!(!p.sb.poisoned, "the bitmap covers every block instead");
+
+        let mut s = sb(Role::Secondary, DiskState::UpToDate);
+        s.poisoned = true;
+        assert_eq!(
+            primary_start(&s, &bm, &none, false, 0).unwrap_err(),
+            StartRefusal::Poisoned
+        );
+        let st = secondary_start(&s, &bm, &none);
+        assert!(
+            st.sb.poisoned,
+            "kept until the primary has compared every block"
+        );
+        assert_eq!(st.own_verify.dirty_count().0, 63);
+        assert!(st.own_dirty.is_dirty(BlockIndex(2)));
     }
 }

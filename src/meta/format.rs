@@ -40,8 +40,13 @@ const FLAG_CLEAN_SHUTDOWN: u32 = 1 << 1;
 const FLAG_BITMAP_VALID: u32 = 1 << 2;
 const FLAG_RESYNC_CURSOR: u32 = 1 << 3;
 const FLAG_VOLUME_MIXED: u32 = 1 << 4;
-const FLAGS_KNOWN: u32 =
-    FLAG_IS_NEW | FLAG_CLEAN_SHUTDOWN | FLAG_BITMAP_VALID | FLAG_RESYNC_CURSOR | FLAG_VOLUME_MIXED;
+const FLAG_POISONED: u32 = 1 << 5;
+const FLAGS_KNOWN: u32 = FLAG_IS_NEW
+    | FLAG_CLEAN_SHUTDOWN
+    | FLAG_BITMAP_VALID
+    | FLAG_RESYNC_CURSOR
+    | FLAG_VOLUME_MIXED
+    | FLAG_POISONED;
 
 /// The node's durable state (ARCHITECTURE §4), as callers see it. The store
 /// adds the slot sequence number and where the bitmap is when it writes a
@@ -71,6 +76,10 @@ pub struct Superblock {
     /// copied part of a resync section into it); the consistent image is the
     /// volume plus the redo journal's records through the consistent point.
     pub volume_mixed: bool,
+    /// A write or fdatasync of this node's volume or journal failed (G3: never
+    /// retried and assumed): it is not served as primary again without --force,
+    /// and its whole volume is compared with the peer's at the next resync.
+    pub poisoned: bool,
     /// Secondary: the newest write of its last recorded consistent image (seq,
     /// primary's accept time in unix ms; 0 = unknown). Never newer than what the
     /// volume and journal hold: reported as the consistent point when the
@@ -242,6 +251,9 @@ impl SlotImage {
         if sb.volume_mixed {
             flags |= FLAG_VOLUME_MIXED;
         }
+        if sb.poisoned {
+            flags |= FLAG_POISONED;
+        }
         if sb.resync_cursor.is_some() {
             flags |= FLAG_RESYNC_CURSOR;
         }
@@ -395,6 +407,7 @@ impl SlotImage {
             resync_cursor,
             bitmap_valid: flags & FLAG_BITMAP_VALID != 0,
             volume_mixed: flags & FLAG_VOLUME_MIXED != 0,
+            poisoned: flags & FLAG_POISONED != 0,
             consistent_seq: u64_at(b, 120),
             consistent_at_ms: u64_at(b, 128),
         };
@@ -687,6 +700,7 @@ mod tests {
                 resync_cursor: Some(BlockIndex(12345)),
                 bitmap_valid: true,
                 volume_mixed: false,
+                poisoned: false,
                 consistent_seq: 0,
                 consistent_at_ms: 0,
             },

@@ -1139,6 +1139,7 @@ mod tests {
             resync_cursor: None,
             bitmap_valid: true,
             volume_mixed: false,
+            poisoned: false,
             consistent_seq: 0,
             consistent_at_ms: 0,
         };

@@ -429,6 +429,7 @@ mod tests {
             verify: None,
             consistent_point: None,
             journal: None,
+            poisoned: false,
             rpo: Some(RpoStatus {
                 target_s: 10.0,
                 exceeded: true,

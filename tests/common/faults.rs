@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use faultproxy::Proxy;
+use faultproxy::{Fault, Proxy};
 use tandem::nbd::client::NbdClient;
 use tokio::task::JoinSet;
 
@@ -106,6 +106,15 @@ pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
 impl Rig {
     /// Start secondary, proxy and primary; wait for the initial sync.
     pub fn start(opts: RigOpts, seed: u64) -> Rig {
+        let mut rig = Rig::launch(opts, seed, None);
+        rig.wait_converged("initial sync");
+        rig
+    }
+
+    /// Start secondary, proxy (with `fault` set before the primary dials) and
+    /// primary; do not wait for anything.
+    #[allow(dead_code)]
+    pub fn launch(opts: RigOpts, seed: u64, fault: Option<Fault>) -> Rig {
         let site = Site::new();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -127,6 +136,9 @@ impl Rig {
                 seed,
             ))
             .expect("start the fault proxy");
+        if let Some(f) = fault {
+            proxy.set(f);
+        }
         let mut secondary = spawn_secondary(&site, &opts, &secondary_img, repl_port);
         secondary.wait_status("control socket", CONVERGE_TIMEOUT, |_| true);
         let primary = spawn_primary(
@@ -136,7 +148,7 @@ impl Rig {
             proxy.local_addr().port(),
             nbd_port,
         );
-        let mut rig = Rig {
+        Rig {
             primary,
             secondary,
             proxy,
@@ -147,9 +159,7 @@ impl Rig {
             nbd_port,
             repl_port,
             site,
-        };
-        rig.wait_converged("initial sync");
-        rig
+        }
     }
 
     pub fn nbd_addr(&self) -> String {

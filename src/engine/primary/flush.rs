@@ -199,6 +199,11 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             }
             Err(errno) => {
                 self.flush.wanted = false;
+                // Not durable, and no later fdatasync will make them so (Linux
+                // drops failed pages from writeback): still volatile, so whatever
+                // covers them (activity log extents) stays (found by the sim).
+                let failed = std::mem::take(&mut self.flush.volatile_running);
+                self.flush.volatile_new.union_with(&failed);
                 self.poison(
                     format!(
                         "a local flush (fdatasync) of the volume failed: {}",

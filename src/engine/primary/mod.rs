@@ -721,6 +721,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     /// refused with EINVAL; a payload-free request spanning many extents is split
     /// at extent boundaries (each piece has its own seq; the client is answered
     /// once every piece is done).
+    #[allow(clippy::too_many_arguments)]
     pub fn submit(
         &mut self,
         kind: OpKind,

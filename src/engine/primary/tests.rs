@@ -466,6 +466,32 @@ fn a_full_window_goes_ahead_once_then_holds_writes_until_the_section_ends() {
     e.assert_invariants();
 }
 
+/// Issue 9 bug 4: a demotion hands over only once the secondary holds every
+/// write, not when the unacked queue is empty: while ahead, the queue drains
+/// before the resync of what went into the bitmap has even started.
+#[test]
+fn a_demotion_does_not_hand_over_while_ahead_writes_are_only_in_the_bitmap() {
+    let mut c = cfg(Mode::Async, 64);
+    c.window_writes_max = 2;
+    c.ahead_min_ms = 0;
+    let (mut e, mut out) = connected(c);
+    let s1 = write(&mut e, 0, 1, false, 1, &mut out);
+    write(&mut e, 1, 1, false, 2, &mut out);
+    write(&mut e, 2, 1, false, 3, &mut out);
+    assert!(e.is_ahead());
+    settle_local(&mut e, &mut out);
+    e.peer_durable(Seq(s1.0 + 1), &mut out);
+    assert_eq!(e.lag().writes, 0, "the unacked queue is empty");
+    assert!(
+        !e.ready_to_hand_over(),
+        "block 2 is only in the bitmap: the peer lacks it"
+    );
+    e.tick(10, &mut out);
+    assert!(e.resync_progress().is_some());
+    assert!(!e.ready_to_hand_over(), "the resync runs");
+    e.assert_invariants();
+}
+
 mod verify {
     use super::*;
 
