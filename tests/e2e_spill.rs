@@ -12,7 +12,6 @@
 //! the burst: the primary goes ahead only once it is full.
 //! Each test prints its seed; rerun with `TANDEM_TEST_SEED=<seed>`.
 
-#[allow(dead_code)]
 mod common;
 #[allow(dead_code)]
 #[path = "common/faults.rs"]

@@ -9,7 +9,6 @@
 //! was written; the pair converges with identical images. Speed itself is
 //! measured by tools (benches/RESULTS.md), not asserted here.
 
-#[allow(dead_code)]
 mod common;
 #[allow(dead_code)]
 #[path = "common/faults.rs"]

@@ -126,7 +126,6 @@ impl StreamDecoder {
                     ))
                 })?;
             let produced = output.pos() > pos;
-            drop(output);
             // Done once the input is consumed and the last call filled less than
             // the room it had (nothing left inside the decoder).
             if input.pos() == self.chunk.len() && !(produced && out.capacity() == out.len()) {
@@ -548,7 +547,6 @@ impl StreamCompressor {
                         zstd::zstd_safe::get_error_name(code)
                     ))
                 })?;
-            drop(outb);
             if remaining == 0 && inb.pos() == input.len() {
                 break;
             }
