@@ -126,8 +126,11 @@ fn planned_switchover_under_load_loses_no_write() {
     assert!(out.contains("peer holds every write"), "{out}");
     // The writer was attached: the demotion says what it did with it.
     assert!(out.contains("1 NBD client(s) attached"), "{out}");
-    let s = c.status(0);
-    assert_eq!(s["role"], "secondary", "{s}");
+    // The reply comes before the secondary role serves its control socket.
+    c.agent(0)
+        .wait_status("alpha serving as secondary", SYNC_TIMEOUT, |s| {
+            s["role"] == "secondary"
+        });
     let out = c.ctl_ok(1, "promote", &[]);
     assert!(out.contains("now primary"), "{out}");
     // The node's event ring carries on across the role change and tells the story.

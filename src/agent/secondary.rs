@@ -280,6 +280,15 @@ pub async fn serve(
         volume_consistent,
         (Seq(sb.consistent_seq), sb.consistent_at_ms),
     );
+    if let Some(adopted) = recovery::recovered_sync_end(
+        &sb,
+        engine.is_section_open(),
+        engine.consistent_point().is_some(),
+    ) {
+        tracing::warn!(generation = %adopted.gen_current, "the journal holds the end of a resync the superblock did not record (a crash in between): recording the copy as the sync target's generation");
+        sb = adopted;
+        store.write_superblock(&sb)?;
+    }
     if let Some((lsn, seq, at_ms)) = engine.consistent_point() {
         tracing::info!(
             lsn = lsn.0,
@@ -826,7 +835,7 @@ impl Node {
                 if blocks > 0 {
                     tracing::info!(
                         blocks,
-                        bytes = blocks * self.cfg.block_size as u64,
+                        bytes = blocks.saturating_mul(self.cfg.block_size as u64),
                         full,
                         "primary announces a resync"
                     );
@@ -1303,7 +1312,7 @@ impl Node {
                 let message = format!(
                     "at the next connection from {peer}, this node's {blocks} changed blocks ({} bytes) since generation {base} are discarded \
                      and replaced by {peer}'s data; the changed ranges are listed first in {}.split-brain-<time>.txt",
-                    blocks * u64::from(self.cfg.block_size),
+                    blocks.saturating_mul(u64::from(self.cfg.block_size)),
                     self.cfg.meta.display(),
                     peer = self.cfg.peer_name,
                     base = self.sb.gen_bitmap_base,

@@ -133,6 +133,22 @@ pub enum Decision {
 /// Compare a primary's and a secondary's generations (see the module docs).
 pub fn decide(p: &GenInfo, s: &GenInfo) -> Decision {
     let none = Generation::NONE;
+    // A secondary whose bitmap base names a generation it never held itself (not
+    // in its history), while its own is one the primary descends from, is a sync
+    // target that has not recorded the end of its resync (a section open, or its
+    // end marker not yet durable when the session dropped): its image is not
+    // known to be that generation's. A node promoted (or that wrote alone) keeps
+    // its old generation in its history as its base, and holds a new one the
+    // primary does not know. Found by the simulator with switchovers (seeds
+    // 100038, 100040 async; 100094 sync), where the old rules refused such a node
+    // as "newer" or as a split brain.
+    let sync_target = s.bitmap_base != none
+        && !s.knows_in_history(s.bitmap_base)
+        && (s.current == none || p.knows_in_history(s.current) || p.bitmap_base == s.current);
+    let s = &GenInfo {
+        inconsistent: s.inconsistent || sync_target,
+        ..*s
+    };
     if s.current != none && s.current == p.current {
         return Decision::Bitmap {
             why: "same generation",
@@ -247,6 +263,24 @@ mod tests {
         let mut s = g(G1, A2, [N, N]);
         s.inconsistent = true;
         assert!(matches!(decide(&p, &s), Decision::Bitmap { .. }));
+    }
+
+    #[test]
+    fn a_resync_whose_end_was_not_recorded_resumes() {
+        // The demoted node (G1) was the sync target of A2 (promoted from G1); the
+        // section ended but the session dropped before its end marker was durable.
+        let p = g(A2, N, [G1, N]);
+        let s = g(G1, A2, [N, N]);
+        assert!(matches!(decide(&p, &s), Decision::Bitmap { .. }));
+    }
+
+    #[test]
+    fn an_unrecorded_sync_target_of_an_ancestor_is_copied_not_refused() {
+        // The demoted node (G1) was the sync target of A2 (promoted from G1), the
+        // session dropped before it recorded the end; A2 then wrote alone (B2).
+        let p = g(B2, A2, [A2, G1]);
+        let s = g(G1, A2, [N, N]);
+        assert_eq!(decide(&p, &s), Decision::Full);
     }
 
     #[test]

@@ -292,6 +292,28 @@ pub fn secondary_start(
     }
 }
 
+/// A secondary restarts and its journal holds the end of a resync section (or of
+/// its first full copy) that its superblock never recorded: the crash came after
+/// the end marker was durable and before the superblock said so. Its image is
+/// then the generation it was the sync target of (its bitmap base, which it never
+/// held itself), recorded now as the consistent point would have been. Without
+/// this the handshake compared a generation-less (or older) superblock with a
+/// journal that holds a complete copy and refused the pair as unrelated (the
+/// simulator, seed 100714 async). None when nothing is to be recorded.
+pub fn recovered_sync_end(
+    sb: &Superblock,
+    section_open: bool,
+    has_consistent_point: bool,
+) -> Option<Superblock> {
+    let base = sb.gen_bitmap_base;
+    let sync_target = sb.role == Role::Secondary
+        && !sb.is_new
+        && base != Generation::NONE
+        && base != sb.gen_current
+        && !sb.gen_history.contains(&base);
+    (sync_target && !section_open && has_consistent_point).then(|| adopt_generation(sb, base))
+}
+
 /// The first write accepted while the peer is away starts a new generation, made
 /// durable before the write is: if the peer is promoted meanwhile, both sides then
 /// hold new generations from one common one, and the reconnect sees a split brain
@@ -503,5 +525,27 @@ mod tests {
         );
         assert_eq!(st.own_verify.dirty_count().0, 63);
         assert!(st.own_dirty.is_dirty(BlockIndex(2)));
+    }
+
+    #[test]
+    fn a_sync_end_the_superblock_missed_is_recorded_at_restart() {
+        let mut s = sb(Role::Secondary, DiskState::Inconsistent);
+        s.gen_current = Generation::NONE;
+        s.gen_bitmap_base = Generation(9);
+        let adopted = recovered_sync_end(&s, false, true).expect("recorded");
+        assert_eq!(adopted.gen_current, Generation(9));
+        assert_eq!(adopted.disk_state, DiskState::UpToDate);
+        assert_eq!(adopted.gen_bitmap_base, Generation::NONE);
+        assert!(
+            recovered_sync_end(&s, true, true).is_none(),
+            "still in the section"
+        );
+        assert!(recovered_sync_end(&s, false, false).is_none(), "no image");
+        // A node promoted from generation 7 keeps 7 as its base: not a sync target.
+        let mut p = sb(Role::Secondary, DiskState::UpToDate);
+        p.gen_current = Generation(8);
+        p.gen_bitmap_base = Generation(7);
+        p.gen_history = [Generation(7), Generation::NONE];
+        assert!(recovered_sync_end(&p, false, true).is_none());
     }
 }

@@ -407,6 +407,11 @@ pub struct SecondaryEngine<D> {
     /// Reads of the image in flight (comparisons, the read-only export): no
     /// checkpoint moves records while they read.
     readers: u32,
+    /// Hash checks that arrived while a checkpoint was copying: their sources are
+    /// resolved once it ends (a record it copies is released when it ends, so a
+    /// source naming it could not be read; found by the simulator, seed 100194
+    /// sync). Counted in `readers`.
+    deferred_hashes: Vec<(Seq, ByteRange, u32, D)>,
     /// The consistent image while a section is open: (its record, its view).
     consistent_view: Option<(Lsn, RangeMap<Lsn>)>,
     /// Appending goes into a mixed image (a section is open, or no consistent
@@ -461,6 +466,7 @@ impl<D> SecondaryEngine<D> {
             bytes_since_sync: 0,
             checkpointing: None,
             readers: 0,
+            deferred_hashes: Vec::new(),
             consistent_view: None,
             in_section: !volume_consistent,
             consistent: volume_consistent.then_some(applied),
@@ -889,7 +895,9 @@ impl<D> SecondaryEngine<D> {
             self.append_marker(RecordKind::SectionEnd, out);
         } else if !self.in_section {
             if !self.cfg.allow_inconsistent {
-                let needed = blocks * self.cfg.block_size as u64;
+                // From the network: an overflowing count is simply too large
+                // (fuzz finding resync-blocks-overflow).
+                let needed = blocks.saturating_mul(self.cfg.block_size as u64);
                 let available = self.space_for_section();
                 if needed > available {
                     self.fail(
@@ -1003,6 +1011,10 @@ impl<D> SecondaryEngine<D> {
         s.expected_next = seq.next();
         s.pending.insert(seq, Pending::Hash);
         self.readers += 1;
+        if self.checkpointing.is_some() {
+            self.deferred_hashes.push((seq, range, unit_bytes, hashes));
+            return;
+        }
         let sources = self.sources(range);
         out.push(SecondaryAction::StartHash {
             seq,
@@ -1011,6 +1023,25 @@ impl<D> SecondaryEngine<D> {
             hashes,
             sources,
         });
+    }
+
+    /// Start the hash checks that waited for a checkpoint (its records are in the
+    /// volume now), or drop them when the node failed.
+    fn start_deferred_hashes(&mut self, failed: bool, out: &mut Vec<SecondaryAction<D>>) {
+        for (seq, range, unit_bytes, hashes) in std::mem::take(&mut self.deferred_hashes) {
+            if failed {
+                self.readers -= 1;
+                continue;
+            }
+            let sources = self.sources(range);
+            out.push(SecondaryAction::StartHash {
+                seq,
+                range,
+                unit_bytes,
+                hashes,
+                sources,
+            });
+        }
     }
 
     /// A hash comparison finished: `mismatched` indices, or an I/O error.
@@ -1110,7 +1141,9 @@ impl<D> SecondaryEngine<D> {
     }
 
     fn maybe_sync(&mut self, tick: bool, out: &mut Vec<SecondaryAction<D>>) {
-        if self.tail == self.durable {
+        if self.tail == self.durable || self.poisoned.is_some() {
+            // Poisoned: a sync after a failed one proves nothing (G3; fuzz finding
+            // consistent-after-failed-sync).
             return;
         }
         if self.syncing.is_some() {
@@ -1146,6 +1179,11 @@ impl<D> SecondaryEngine<D> {
         out: &mut Vec<SecondaryAction<D>>,
     ) {
         let through = self.syncing.take().expect("journal_synced without a sync");
+        if self.poisoned.is_some() {
+            // A sync issued before the failure that reports success later: the
+            // failed one may have dropped pages it covered.
+            return;
+        }
         if let Err(e) = result {
             // Never retried and assumed (G3): poisoned until an operator acts.
             self.poisoned = Some(e.clone());
@@ -1255,6 +1293,14 @@ impl<D> SecondaryEngine<D> {
     }
 
     fn start_checkpoint(&mut self, through: Lsn, out: &mut Vec<SecondaryAction<D>>) {
+        if self.consistent.is_some_and(|c| through > c) {
+            // resync-overflow = inconsistent: copying part of a section past the
+            // consistent point destroys that image as the copy starts (fuzz
+            // finding consistent-point-behind-inconsistent-checkpoint); the next
+            // section end makes a new one.
+            self.consistent = None;
+            self.consistent_view = None;
+        }
         self.checkpointing = Some(through);
         let from = self.applied.next();
         let last = *self.record(through).expect("live record");
@@ -1268,6 +1314,11 @@ impl<D> SecondaryEngine<D> {
     /// Copy everything copyable now (promotion, shutdown), ignoring the rollback
     /// window. Returns false when nothing is left to copy.
     pub fn checkpoint_all(&mut self, out: &mut Vec<SecondaryAction<D>>) -> bool {
+        if self.poisoned.is_some() {
+            // Never copy into a volume (or from a journal) that failed (fuzz
+            // finding checkpoint-all-when-poisoned).
+            return false;
+        }
         if self.checkpointing.is_some() || self.readers > 0 {
             return true;
         }
@@ -1297,6 +1348,7 @@ impl<D> SecondaryEngine<D> {
         if let Err(e) = result {
             self.poisoned = Some(e.clone());
             self.fail(Fault::Io(e), out);
+            self.start_deferred_hashes(true, out);
             return;
         }
         while let Some(r) = self.records.front() {
@@ -1313,6 +1365,7 @@ impl<D> SecondaryEngine<D> {
             }
         }
         self.applied = through;
+        self.start_deferred_hashes(false, out);
         self.maybe_checkpoint(out);
     }
 
@@ -1372,6 +1425,10 @@ impl<D> SecondaryEngine<D> {
         self.consistent = self.volume_consistent.then_some(self.applied);
         self.last_point = self.applied;
         self.durable_write = self.consistent_write_of_volume();
+        // A rollback to the volume itself keeps no record: the point is the
+        // volume's write, not a dropped one's (fuzz finding
+        // rollback-to-volume-keeps-newer-write).
+        self.consistent_write = self.durable_write;
         for r in records {
             self.tail = r.lsn;
             self.track(r);

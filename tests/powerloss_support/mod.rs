@@ -237,7 +237,7 @@ pub fn run_trial(cfg: &TrialConfig, certs: &Path) -> TrialReport {
     let nbd_ports = [free_port(), free_port()];
     let config_file = dir.join("r0.toml");
     let mut text = format!(
-        "[resource]\nname = \"r0\"\nmode = \"{}\"\ntls-dir = \"{}\"\npeer-timeout-ms = 2000\nheartbeat-interval-ms = 300\ndrain-timeout-ms = 60000\n",
+        "[resource]\nname = \"r0\"\nmode = \"{}\"\ntls-dir = \"{}\"\npeer-timeout-ms = 6000\nheartbeat-interval-ms = 300\ndrain-timeout-ms = 60000\n",
         cfg.mode,
         certs.display()
     );
@@ -534,6 +534,58 @@ impl Trial {
         self.cfg.mode == "sync"
     }
 
+    /// A secondary's image is its volume plus the records of its redo journal
+    /// through its consistent point, not the volume file alone (a checkpoint
+    /// may have been copying part of a resync section when the power went). Run
+    /// the node alone once, cut off from its peer (its own listen address and
+    /// control socket, the peer's address unreachable), and stop it cleanly: the
+    /// clean stop copies its consistent image into the volume, which the raw
+    /// check then reads, as a promotion would serve it.
+    fn settle_secondary_image(&mut self, node: usize) {
+        let n = &self.nodes[node];
+        let control = self.dir.join(format!("{}-settle.sock", n.name));
+        let log = self.dir.join(format!("{}-settle.log", n.name));
+        let args: Vec<String> = vec![
+            "secondary".into(),
+            "--config".into(),
+            self.config_file.display().to_string(),
+            "--node".into(),
+            n.name.into(),
+            "--al-extents".into(),
+            self.cfg.al_extents.to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--peer".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--control".into(),
+            control.display().to_string(),
+        ];
+        let name = n.name;
+        let mut agent = Agent::spawn(name, &args, log, control);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while agent.status().is_none() {
+            if !agent.is_running() || Instant::now() > deadline {
+                let text = agent.log_text();
+                drop(agent);
+                self.find(
+                    "secondary-settle",
+                    format!("{name} did not start alone to settle its image: {text}"),
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        agent.signal(libc::SIGTERM);
+        let status = agent.wait_exit(Duration::from_secs(300));
+        if !status.success() {
+            let text = agent.log_text();
+            self.find(
+                "secondary-settle",
+                format!("{name}'s clean stop (settling its image) exited with {status}: {text}"),
+            );
+        }
+    }
+
     /// Check a node's raw image right after its power returned, before its agent
     /// runs again: a copy (the original must stay untouched for the agent) must
     /// mount, fsck clean and hold every file in `must_hold`.
@@ -635,12 +687,14 @@ impl Trial {
         self.final_check(B, if self.sync_mode() { jobs } else { &[] })
     }
 
-    /// The secondary lost power: its raw copy must be consistent (and in sync
+    /// The secondary lost power: its image, settled by a clean stop of the node
+    /// alone, must be consistent (and in sync
     /// mode hold every fsync'd file, G1); it restarts and catches up.
     /// `all_jobs`: also those the application fsync'd on the primary alone after
     /// the cut (the final image must hold them too).
     fn after_secondary_cut(&mut self, jobs: &[FioJob], all_jobs: &[FioJob]) -> Step {
         self.nodes[B].disk.restore();
+        self.settle_secondary_image(B);
         self.check_raw_copy(
             B,
             "secondary-raw",
@@ -665,6 +719,7 @@ impl Trial {
         self.nodes[A].disk.restore();
         self.nodes[B].disk.restore();
         self.check_raw_copy(A, "primary-raw", jobs);
+        self.settle_secondary_image(B);
         self.check_raw_copy(
             B,
             "secondary-raw",

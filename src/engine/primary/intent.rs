@@ -305,6 +305,16 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.persist.in_flight = false;
         if let Err(e) = result {
             self.poison(format!("the bitmap could not be persisted: {e}"), out);
+            if self.stream.gate.is_some() {
+                // A session waits for this persist to start streaming: end it, so
+                // the writes waiting on the peer complete alone or wait for the
+                // next session, whose gate persists again (fuzz finding
+                // sync-write-hangs-after-failed-gate-persist).
+                self.stream.gate = None;
+                out.push(Action::DropSession {
+                    fault: super::SessionFault::GatePersistFailed,
+                });
+            }
             return;
         }
         self.persist.done = self.persist.issued;

@@ -235,6 +235,8 @@ pub enum SessionFault {
     /// wan (issue 11 item 5)
     #[error("{reason}; the spill log is off until the agent restarts, its writes are resynced")]
     SpillFailed { reason: String },
+    #[error("the bitmap could not be persisted before the session's stream could start")]
+    GatePersistFailed,
 }
 
 /// Something worth a log line or a counter; decided here so that it is said once
@@ -746,7 +748,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             });
             return;
         }
-        if range.len == 0 || range.end() > self.cfg.size_bytes || range.offset > range.end() {
+        // checked: a request whose end wraps u64 is refused, not a panic (fuzz
+        // finding, tools/fuzz regressions/primary/submit-range-overflow).
+        let end = range.offset.checked_add(range.len);
+        if range.len == 0 || end.is_none_or(|e| e > self.cfg.size_bytes) {
             out.push(Action::Complete {
                 token,
                 result: if range.len == 0 && range.offset <= self.cfg.size_bytes {
