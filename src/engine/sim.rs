@@ -1639,6 +1639,8 @@ impl Sim {
         self.disconnect();
         self.p = None;
         self.s = None;
+        // wan: a clean stop empties the spill log (its bitmap covers the records).
+        self.pspill.clear();
         // The primary stops cleanly: its volume flushed, its metadata exact.
         self.pdisk.flush();
         let mut old_p = self.pmeta.sb.clone();
