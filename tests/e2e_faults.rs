@@ -707,6 +707,9 @@ fn async_switchover_while_ahead_loses_no_acknowledged_write() {
         "256",
         "--listen",
         &listen,
+        // wan: no spill log, so that the full window goes ahead (the premise).
+        "--spill-size",
+        "0",
     ]);
     let mut rig = Rig::start(opts, seed);
     let model = Model::shared();

@@ -43,6 +43,20 @@ pub enum LinkError {
     ClosedHere,
 }
 
+/// One read that must deliver something within `timeout_ms` (else the peer is silent).
+async fn read_some<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut [u8],
+    timeout_ms: u64,
+) -> Result<usize, LinkError> {
+    use tokio::io::AsyncReadExt;
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), rd.read(buf)).await {
+        Err(_) => Err(LinkError::Silent(timeout_ms)),
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(e)) => Err(LinkError::Broken(e.to_string())),
+    }
+}
+
 /// Read frames; heartbeats are answered (through `hb_tx`, the writer's heartbeat
 /// queue) and not returned. A peer silent for `timeout_ms` is dead.
 pub struct FrameReader<R> {
@@ -77,18 +91,28 @@ impl StreamDecoder {
         }
     }
 
-    /// Read one chunk and append what it decodes to.
-    async fn read_chunk<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> Result<(), LinkError> {
-        use tokio::io::AsyncReadExt;
+    /// Read one chunk and append what it decodes to. The peer is silent (dead)
+    /// only when no byte arrives for `timeout_ms`: a chunk of megabytes takes
+    /// seconds over a slow link (e2e_faults' async switchover over 1 MiB/s timed
+    /// out every session when the whole chunk had to arrive within the timeout).
+    async fn read_chunk<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+        timeout_ms: u64,
+    ) -> Result<(), LinkError> {
         let mut hdr = [0u8; 4];
-        match rd.read(&mut hdr[..1]).await {
-            Ok(0) => return Err(LinkError::Closed),
-            Ok(_) => {}
-            Err(e) => return Err(LinkError::Broken(e.to_string())),
+        let mut got = 0;
+        while got < 4 {
+            match read_some(rd, &mut hdr[got..], timeout_ms).await? {
+                0 if got == 0 => return Err(LinkError::Closed),
+                0 => {
+                    return Err(LinkError::Broken(
+                        "the peer closed inside a chunk header".into(),
+                    ));
+                }
+                n => got += n,
+            }
         }
-        rd.read_exact(&mut hdr[1..])
-            .await
-            .map_err(|e| LinkError::Broken(format!("reading a chunk header: {e}")))?;
         let word = u32::from_le_bytes(hdr);
         let len = (word & !CHUNK_COMPRESSED) as usize;
         if len > CHUNK_DECODED_MAX_BYTES {
@@ -97,9 +121,13 @@ impl StreamDecoder {
             )));
         }
         self.chunk.resize(len, 0);
-        rd.read_exact(&mut self.chunk)
-            .await
-            .map_err(|e| LinkError::Broken(format!("reading a chunk: {e}")))?;
+        let mut got = 0;
+        while got < len {
+            match read_some(rd, &mut self.chunk[got..], timeout_ms).await? {
+                0 => return Err(LinkError::Broken("the peer closed inside a chunk".into())),
+                n => got += n,
+            }
+        }
         if word & CHUNK_COMPRESSED == 0 {
             self.decoded.extend_from_slice(&self.chunk);
             return Ok(());
@@ -166,15 +194,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 Ok(None) => {}
                 Err(e) => return Err(LinkError::BadFrame(e.to_string())),
             }
-            match tokio::time::timeout(
-                Duration::from_millis(self.timeout_ms),
-                d.read_chunk(&mut self.rd),
-            )
-            .await
-            {
-                Err(_) => return Err(LinkError::Silent(self.timeout_ms)),
-                Ok(r) => r?,
-            }
+            d.read_chunk(&mut self.rd, self.timeout_ms).await?;
         }
     }
 
