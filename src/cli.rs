@@ -57,6 +57,57 @@ pub enum Command {
     Primary(NodeArgs),
     /// Run a node in the secondary role: accept a primary and apply its writes in order.
     Secondary(NodeArgs),
+    /// Run a node in the role its metadata persisted (the systemd unit's command):
+    /// a new node or one that stopped as secondary comes up secondary; one that
+    /// stopped as primary comes up secondary, waits for a primary peer to connect
+    /// (the peer may have been promoted meanwhile), and otherwise promotes itself
+    /// with the checks and fencing of `tandem promote`. Never a second primary.
+    Up(NodeArgs),
+    /// Re-read the resource file of a running agent (SIGHUP does the same): the
+    /// resync rate changes live, other keys at the next role change; a file that
+    /// changes the volume, the metadata or the node names is refused, nothing changed.
+    Adjust {
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+    /// Change a running agent's settings live.
+    Set {
+        #[command(subcommand)]
+        setting: SetCommand,
+    },
+    /// Pause the resync on a running primary: out-of-sync blocks wait (and stay
+    /// tracked), client writes still replicate. The secondary stays Inconsistent
+    /// (or keeps its last consistent image) until `tandem resume-sync`.
+    PauseSync {
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+    /// Resume a resync paused with `tandem pause-sync`.
+    ResumeSync {
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+    /// Take the replication link down on a running primary and keep it down (the
+    /// peer's dials are refused) until `tandem connect`: writes are tracked in the
+    /// bitmap (degrade) or wait (block), as for any link loss. A role change ends it.
+    Disconnect {
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+    /// Bring back a link taken down with `tandem disconnect`: the primary dials
+    /// the peer again and resyncs what changed meanwhile.
+    Connect {
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+    /// Mark a disconnected secondary Outdated: its data is consistent but lacks
+    /// the primary's newer writes, so it is not promoted without --force. The
+    /// primary's fencing command (`fence-peer`) runs this on its peer before it
+    /// writes alone; the node is UpToDate again once resynced.
+    Outdate {
+        #[command(flatten)]
+        target: ControlTarget,
+    },
     /// Show a running agent's state (one screen, or --json), or with --all the state
     /// of every resource of this host.
     Status {
@@ -170,6 +221,48 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::checkpoint::CheckpointCommand,
     },
+    // dr (issue 10): the DR copy's rollback window.
+    /// List the consistent points a secondary can roll back to (its rollback
+    /// window), oldest first: UTC time and write seq of the newest write each
+    /// holds, and the journal bytes a rollback to it discards.
+    Points {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Roll a disconnected secondary back to a consistent point of its rollback
+    /// window (after ransomware or an `rm -rf`); then promote it, or let the primary
+    /// resend what changed since. Refused on a primary, on a connected secondary and
+    /// outside the window.
+    Rollback {
+        /// The secondary's control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// The point: a write seq (812 or seq:812, as `tandem points` lists), a UTC
+        /// time (2026-11-30T00:12:03Z) or a time relative to now (-10m); the newest
+        /// point at or before it is taken.
+        #[arg(long, value_name = "SEQ|TIME")]
+        to: String,
+    },
+    /// Serve a secondary's image as of a consistent point read-only over NBD (to
+    /// look before a rollback or a promotion) while replication continues; or stop
+    /// it. The inspection ends when the journal needs the room for replication.
+    Inspect {
+        /// The secondary's control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// The point, as for `rollback --to` (default: the newest).
+        #[arg(long, value_name = "SEQ|TIME", conflicts_with = "stop")]
+        at: Option<String>,
+        /// Where to serve it: HOST:PORT, unix:/path or /abs/path.
+        #[arg(long, required_unless_present = "stop")]
+        nbd: Option<String>,
+        /// Stop the inspection being served.
+        #[arg(long)]
+        stop: bool,
+    },
     /// Run a self-contained demonstration on loopback: certificates, a secondary and a
     /// primary with 256 MiB images, a mixed workload through the NBD export in sync
     /// then async mode, and a final check that both images are identical.
@@ -183,6 +276,20 @@ pub enum Command {
         /// Keep the demo's files in this directory instead of a temporary one.
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+}
+
+/// `tandem set ...`: settings changed on a running agent.
+#[derive(Debug, Subcommand)]
+pub enum SetCommand {
+    /// The resync rate limit in bytes per second (K, M, G suffixes; 0 = unlimited),
+    /// live on a primary, kept for later roles on a secondary; the resource file's
+    /// value returns at the next adjust or restart.
+    ResyncRate {
+        /// Bytes per second, e.g. 40M.
+        rate: String,
+        #[command(flatten)]
+        target: ControlTarget,
     },
 }
 
@@ -320,8 +427,9 @@ pub struct NodeArgs {
     /// discard-least-changes, or "discard-node NAME".
     #[arg(long)]
     pub split_brain_policy: Option<String>,
-    /// Fencing command (run with `sh -c`) before a promotion while the peer is
-    /// unreachable; a non-zero exit stops the promotion.
+    /// Fencing command (run with `sh -c`) while the peer is unreachable: before
+    /// the primary's first write without it (writes wait until it exits 0) and
+    /// before a promotion (a non-zero exit stops the promotion).
     #[arg(long)]
     pub fence_peer: Option<String>,
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9942.

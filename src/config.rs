@@ -272,6 +272,84 @@ pub struct NodeConfig {
     pub danger_nbd_plaintext: bool,
 }
 
+/// What `tandem adjust` (or SIGHUP) does with a re-read resource file.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AdjustPlan {
+    /// Keys applied to the running role at once.
+    pub live: Vec<&'static str>,
+    /// Keys that change at the next role change or restart (listeners, the export,
+    /// the replication session's parameters).
+    pub later: Vec<&'static str>,
+}
+
+/// Compare the running configuration with a re-read one: refuse what would make
+/// it another node or another volume (`Err` names the keys: nothing is changed);
+/// otherwise say which keys change live and which at the next role change.
+pub fn adjust_plan(old: &NodeConfig, new: &NodeConfig) -> Result<AdjustPlan, String> {
+    macro_rules! changed {
+        ($($field:ident => $key:literal),* $(,)?) => {{
+            let mut keys: Vec<&'static str> = Vec::new();
+            $(if format!("{:?}", old.$field) != format!("{:?}", new.$field) {
+                keys.push($key);
+            })*
+            keys
+        }};
+    }
+    let fixed = changed!(
+        resource => "name (the resource)",
+        name => "the node's name",
+        peer_name => "the peer's name",
+        volume => "volume",
+        meta => "meta",
+        journal => "journal",
+        block_size => "block-size",
+        size_bytes => "size",
+    );
+    if !fixed.is_empty() {
+        return Err(format!(
+            "it changes {} of the running node, which never change live (a resize is `tandem resize`;              another volume or node is a new resource: stop this one first). Revert those keys and adjust again",
+            fixed.join(", ")
+        ));
+    }
+    let live = changed!(resync_rate_bytes_per_s => "resync-rate");
+    let later = changed!(
+        mode => "mode",
+        on_disconnect => "on-disconnect",
+        listen => "address",
+        peer => "the peer's address",
+        nbd => "nbd",
+        nbd_name => "nbd-name",
+        control => "control (at restart only)",
+        tls_dir => "tls-dir",
+        danger_plaintext => "danger-plaintext",
+        compress_level => "compress-level",
+        queue_bytes_max => "queue-bytes-max",
+        queue_writes_max => "queue-writes-max",
+        flush_interval_ms => "flush-interval-ms",
+        flush_bytes_max => "flush-bytes-max",
+        heartbeat_interval_ms => "heartbeat-interval-ms",
+        peer_timeout_ms => "peer-timeout-ms",
+        connect_timeout_ms => "connect-timeout-ms",
+        drain_timeout_ms => "drain-timeout-ms",
+        al_extents_max => "al-extents",
+        split_brain_policy => "split-brain-policy",
+        fence_peer => "fence-peer",
+        metrics => "metrics",
+        rpo_seconds => "rpo-seconds",
+        rpo_hook => "rpo-hook",
+        journal_bytes => "journal-size",
+        rollback_window_ms => "rollback-window-s",
+        resync_overflow_inconsistent => "resync-overflow",
+        export_readonly => "export-readonly",
+        nbd_tls_clients => "nbd-tls-client",
+        danger_nbd_plaintext => "danger-nbd-plaintext",
+        direct => "direct",
+        io_engine => "io-engine",
+        seeded => "seeded",
+    );
+    Ok(AdjustPlan { live, later })
+}
+
 /// Defaults, with the reasoning behind each number.
 pub mod defaults {
     /// 4 KiB: the page size, the usual filesystem block, 32 MiB of bitmap per TiB.
@@ -845,10 +923,13 @@ impl NodeConfig {
         }
         match self.role {
             Role::Primary => {
-                if self.peer.is_none() {
+                // A primary dials its secondary (--peer), or waits for it to dial
+                // in (--listen): a lone DR node promoted with no peer configured
+                // serves alone and resyncs the secondary that appears.
+                if self.peer.is_none() && self.listen.is_none() {
                     return Err(ConfigError::Missing {
                         option: "--peer",
-                        hint: "the secondary's replication address, e.g. 192.0.2.11:7789",
+                        hint: "the secondary's replication address, e.g. 192.0.2.11:7789 (or --listen ADDR for a lone primary that its secondary dials)",
                     });
                 }
                 if self.nbd.is_none() {
@@ -1010,21 +1091,13 @@ pub enum PreflightError {
 /// `access(2)` for reading and writing (`dir`: writing and searching), which also
 /// reports a read-only filesystem (EROFS), as the unit's ProtectSystem=strict makes one.
 fn access_rw(path: &Path, dir: bool) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    use rustix::fs::Access;
     let mode = if dir {
-        libc::W_OK | libc::X_OK
+        Access::WRITE_OK | Access::EXEC_OK
     } else {
-        libc::R_OK | libc::W_OK
+        Access::READ_OK | Access::WRITE_OK
     };
-    // SAFETY: `c` is a valid NUL-terminated string that outlives the call;
-    // access(2) only reads it.
-    if unsafe { libc::access(c.as_ptr(), mode) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    rustix::fs::access(path, mode).map_err(std::io::Error::from)
 }
 
 fn is_under_dev(path: &Path) -> bool {
@@ -1287,6 +1360,61 @@ address = "127.0.0.1:7002"
 volume = "/srv/b.img"
 size = "1G"
 "#;
+
+    #[test]
+    fn adjust_changes_the_rate_live_keeps_the_rest_for_later_and_refuses_another_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolve = |text: &str| {
+            let path = write(dir.path(), text);
+            NodeConfig::resolve(
+                Role::Primary,
+                Overrides {
+                    config: Some(path),
+                    node: Some("alpha".into()),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let old = resolve(FILE);
+        assert_eq!(adjust_plan(&old, &old), Ok(AdjustPlan::default()));
+        let new =
+            resolve(&FILE.replace("mode = \"async\"", "mode = \"sync\"\nresync-rate = \"10M\""));
+        assert_eq!(
+            adjust_plan(&old, &new),
+            Ok(AdjustPlan {
+                live: vec!["resync-rate"],
+                later: vec!["mode"],
+            })
+        );
+        let moved = resolve(&FILE.replace("/srv/a.img", "/srv/other.img"));
+        let e = adjust_plan(&old, &moved).unwrap_err();
+        assert!(e.contains("volume") && e.contains("meta"), "{e}");
+    }
+
+    /// A primary needs a peer to dial or a listener its secondary dials (a lone
+    /// DR node promoted without a peer configured).
+    #[test]
+    fn a_primary_without_a_peer_address_needs_a_listener() {
+        let base = NodeConfig::resolve(
+            Role::Secondary,
+            Overrides {
+                volume: Some("/x.img".into()),
+                listen: Some("127.0.0.1:7000".parse().unwrap()),
+                nbd: Some("127.0.0.1:10809".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(base.peer.is_none());
+        assert!(base.with_role(Role::Primary).is_ok());
+        let alone = NodeConfig {
+            listen: None,
+            ..base
+        };
+        let e = alone.with_role(Role::Primary).unwrap_err();
+        assert!(e.to_string().contains("--peer"), "{e}");
+    }
 
     #[test]
     fn resource_file_picks_this_node_and_the_other_as_peer() {

@@ -60,6 +60,8 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod demo;
+// dr (issue 10): points, rollback and inspect (client side).
+pub mod dr;
 pub mod engine;
 pub mod frontend;
 pub mod meta;

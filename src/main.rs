@@ -44,8 +44,50 @@ fn init_logging(format: &str, default_level: &str) {
     }
 }
 
+/// Exit status of a process stopped by a panic (the same as Rust's own for a
+/// panic on the main thread).
+const EXIT_PANIC: i32 = 101;
+
+/// The message a panic carries (`panic!("...")` gives `&str` or `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// A panic anywhere ends the process. Tokio catches a panic in a spawned task and
+/// only reports it to whoever awaits the task's handle: an agent whose metadata
+/// thread, session or encoder task died would keep its control socket and export
+/// and look alive while no longer replicating. Once a panic is logged (one line
+/// naming the thread and place), the process exits with status 101, so systemd
+/// or Pacemaker restart it and the next start recovers from the metadata (G3).
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // Rust's own report first (with a backtrace when RUST_BACKTRACE is set).
+        default(info);
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_else(|| "unknown place".into());
+        let message = panic_message(info.payload());
+        tracing::error!(
+            thread,
+            location,
+            "panic: {message}; exiting with status {EXIT_PANIC} (a partly running agent could stop replicating unnoticed; the next start recovers from the metadata)"
+        );
+        tandem::systemd::stopping(&format!("panic at {location}: {message}"));
+        std::process::exit(EXIT_PANIC);
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    install_panic_hook();
     // The demo prints its own progress; agents log at info (TANDEM_LOG or RUST_LOG override).
     let level = if matches!(cli.command, Command::Demo { .. }) {
         "warn"
@@ -106,13 +148,44 @@ fn absent(paths: &[&Path]) -> Vec<PathBuf> {
 }
 
 /// Run a node agent: resolve, check every precondition, then run until SIGTERM.
-async fn run_agent(role: Role, args: tandem::cli::NodeArgs) -> Result<ExitCode, String> {
-    let cfg = NodeConfig::resolve(role, args.overrides()).map_err(|e| e.to_string())?;
+/// `up`: the role is the one the metadata persisted (`role` is where it starts;
+/// see agent/node.rs).
+async fn run_agent(role: Role, args: tandem::cli::NodeArgs, up: bool) -> Result<ExitCode, String> {
+    let overrides = args.overrides();
+    let cfg = NodeConfig::resolve(role, overrides.clone()).map_err(|e| e.to_string())?;
     cfg.preflight().map_err(|e| e.to_string())?;
+    let mut start = agent::node::Start {
+        overrides: Some(overrides),
+        role: Some(role),
+        promote_after: None,
+    };
+    if up {
+        let persisted = tandem::ops::persisted_superblock(&cfg.meta)?;
+        match persisted.as_ref().map(|sb| sb.role) {
+            Some(Role::Primary) => {
+                let window = agent::node::up_window(&cfg);
+                tracing::warn!(
+                    window_s = window.as_secs(),
+                    "up: {} stopped as primary: starting as secondary; promoting it unless a primary peer connects within the window",
+                    cfg.name
+                );
+                start.promote_after = Some(window);
+            }
+            Some(Role::Secondary) => {
+                tracing::info!(
+                    "up: {} stopped as secondary: starting as secondary",
+                    cfg.name
+                )
+            }
+            None => tracing::info!(
+                "up: {} has no metadata yet: starting as secondary",
+                cfg.name
+            ),
+        }
+    }
     // Images, metadata, split-brain reports and sockets are the agent's alone,
     // whatever umask it inherited (the unit sets UMask=0077 too).
-    // SAFETY: umask(2) only sets the process's file mode mask; it takes no pointers.
-    unsafe { libc::umask(0o077) };
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let created = absent(&[&cfg.volume, &cfg.meta]);
     let stop = CancellationToken::new();
     agent::cancel_on_signals(stop.clone());
@@ -121,7 +194,7 @@ async fn run_agent(role: Role, args: tandem::cli::NodeArgs) -> Result<ExitCode, 
         stopping.cancelled().await;
         tandem::systemd::stopping("stopping: draining to the peer, flushing, persisting metadata");
     });
-    match agent::node::run(cfg, stop).await {
+    match agent::node::run_with(cfg, stop, start).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) if !tandem::systemd::was_ready() => {
             // The node never served: nothing but this start can have used the
@@ -153,8 +226,57 @@ async fn run(command: Command, timeouts: Timeouts) -> Result<ExitCode, String> {
             renew,
             valid_years,
         } => certs(&out, names, ca.as_deref(), renew, valid_years),
-        Command::Primary(args) => run_agent(Role::Primary, args).await,
-        Command::Secondary(args) => run_agent(Role::Secondary, args).await,
+        Command::Primary(args) => run_agent(Role::Primary, args, false).await,
+        Command::Secondary(args) => run_agent(Role::Secondary, args, false).await,
+        Command::Up(args) => run_agent(Role::Secondary, args, true).await,
+        Command::Adjust { target } => {
+            simple_command(target, "adjust", serde_json::json!({}), timeouts.query()).await
+        }
+        Command::Set {
+            setting: tandem::cli::SetCommand::ResyncRate { rate, target },
+        } => {
+            let rate = tandem::types::parse_size(&rate).map_err(|e| format!("resync-rate: {e}"))?;
+            simple_command(
+                target,
+                "set-resync-rate",
+                serde_json::json!({ "rate_bytes_per_s": rate }),
+                timeouts.query(),
+            )
+            .await
+        }
+        Command::PauseSync { target } => {
+            simple_command(
+                target,
+                "pause-sync",
+                serde_json::json!({}),
+                timeouts.query(),
+            )
+            .await
+        }
+        Command::Disconnect { target } => {
+            simple_command(
+                target,
+                "disconnect",
+                serde_json::json!({}),
+                timeouts.query(),
+            )
+            .await
+        }
+        Command::Connect { target } => {
+            simple_command(target, "connect", serde_json::json!({}), timeouts.query()).await
+        }
+        Command::Outdate { target } => {
+            simple_command(target, "outdate", serde_json::json!({}), timeouts.query()).await
+        }
+        Command::ResumeSync { target } => {
+            simple_command(
+                target,
+                "resume-sync",
+                serde_json::json!({}),
+                timeouts.query(),
+            )
+            .await
+        }
         Command::Status {
             target,
             json,
@@ -266,6 +388,29 @@ async fn run(command: Command, timeouts: Timeouts) -> Result<ExitCode, String> {
         Command::Checkpoint { command } => {
             tandem::checkpoint::run_cli(command).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        // dr (issue 10)
+        Command::Points { target, json } => {
+            let (path, _) = target.resolve().map_err(|e| e.to_string())?;
+            tandem::dr::points(&path, json, timeouts.query()).await
+        }
+        Command::Rollback { control, to } => {
+            tandem::dr::rollback(&control, &to, timeouts.promote()).await
+        }
+        Command::Inspect {
+            control,
+            at,
+            nbd,
+            stop,
+        } => {
+            tandem::dr::inspect(
+                &control,
+                at.as_deref(),
+                nbd.as_deref(),
+                stop,
+                timeouts.query(),
+            )
+            .await
         }
         Command::Demo { size, seconds, dir } => {
             let size_bytes = tandem::types::parse_size(&size)?;
@@ -393,6 +538,20 @@ async fn status_all(
         );
     }
     Ok(all_ok)
+}
+
+/// ha: a runtime command to the agent `target` names: print its message, or fail.
+async fn simple_command(
+    target: tandem::cli::ControlTarget,
+    cmd: &str,
+    args: serde_json::Value,
+    timeout: Duration,
+) -> Result<ExitCode, String> {
+    let (path, resource) = target.resolve().map_err(|e| e.to_string())?;
+    let mut req = control::ControlRequest::new(cmd);
+    req.resource = resource;
+    req.args = args;
+    role_command(&path, &req, timeout).await
 }
 
 /// Send a command that answers with a message; print it, or fail with the error.

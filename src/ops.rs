@@ -337,6 +337,44 @@ pub async fn wait_sync(
     }
 }
 
+/// ha: the superblock a node's metadata file holds (the newer of its two valid
+/// slots), read without opening the node; `Ok(None)` when there is no metadata
+/// yet (a new node). For `tandem up`, which starts the role it persisted.
+pub fn persisted_superblock(meta: &Path) -> Result<Option<crate::meta::Superblock>, String> {
+    use crate::meta::format::SlotImage;
+    use crate::meta::layout::{SUPERBLOCK_SLOT_LEN_BYTES, SUPERBLOCK_SLOT_OFFSETS};
+    use std::os::unix::fs::FileExt;
+    let file = match std::fs::File::open(meta) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read the metadata {}: {e}", meta.display())),
+    };
+    let mut best: Option<SlotImage> = None;
+    let mut faults = Vec::new();
+    for offset in SUPERBLOCK_SLOT_OFFSETS {
+        let mut buf = vec![0u8; SUPERBLOCK_SLOT_LEN_BYTES as usize];
+        let n = file
+            .read_at(&mut buf, offset)
+            .map_err(|e| format!("cannot read the metadata {}: {e}", meta.display()))?;
+        buf.truncate(n);
+        match SlotImage::decode(&buf) {
+            Ok(slot) if best.as_ref().is_none_or(|b| slot.slot_seq > b.slot_seq) => {
+                best = Some(slot)
+            }
+            Ok(_) => {}
+            Err(fault) => faults.push(format!("{fault}")),
+        }
+    }
+    match best {
+        Some(slot) => Ok(Some(slot.superblock)),
+        None => Err(format!(
+            "the metadata {} holds no readable superblock ({}): start the node with tandem secondary or tandem primary, which report and recover what they can",
+            meta.display(),
+            faults.join("; ")
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -426,3 +426,42 @@ fn the_secondary_dials_when_the_primary_cannot_reach_it() {
     sec.stop();
     assert_same_file(&site.path("p.img"), &site.path("s.img"));
 }
+
+/// A demotion the configuration cannot carry out (no replication address for the
+/// secondary role) is refused before anything drains, and the node keeps serving
+/// as primary. It used to hand over, then fail to start the secondary role and
+/// exit 1.
+#[test]
+fn a_demotion_without_a_secondary_configuration_is_refused_up_front() {
+    let site = common::Site::new();
+    let (peer, nbd) = (common::free_port(), common::free_port());
+    let mut primary = site.primary(
+        "primary",
+        &site.path("primary.img"),
+        16 << 20,
+        "sync",
+        peer,
+        nbd,
+        &common::NodeOpts::default(),
+    );
+    primary.wait_status("serving", Duration::from_secs(60), |s| {
+        s["role"] == "primary"
+    });
+    let out = common::run_with_timeout(
+        std::process::Command::new(common::tandem_bin())
+            .args(["demote", "--control"])
+            .arg(&primary.control),
+        Duration::from_secs(60),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "the demotion succeeded: {text}");
+    assert!(text.contains("refusing to demote"), "{text}");
+    assert!(text.contains("--listen"), "names what is missing: {text}");
+    let s = primary.status().expect("still serving");
+    assert_eq!(s["role"], "primary", "{s}");
+    primary.stop();
+}

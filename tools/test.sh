@@ -40,6 +40,8 @@ declare -A needs=(
   [curl]=curl
   [promtool]=prometheus
   [ocf-tester]=resource-agents
+  # tests/e2e_ha_fencing.rs: deploy/pacemaker/tandem-fence-peer on a CIB file.
+  [cibadmin]=pacemaker-cli-utils
   [xmllint]=libxml2-utils
   [systemd-analyze]=systemd
   [sshd]=openssh-server

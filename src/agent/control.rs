@@ -237,6 +237,12 @@ pub struct ConsistentStatus {
     /// A resync is running: the image being received is mixed until it ends, the
     /// consistent point stays where it was.
     pub resync_open: bool,
+    /// dr (issue 10): how far behind the consistent image is, seconds: on a
+    /// primary, how long ago it accepted the oldest write the DR copy's consistent
+    /// image lacks (0 = it holds every write; what a disaster now would lose); on a
+    /// secondary, how much older it is than the newest write received.
+    #[serde(default)]
+    pub behind_s: f64,
 }
 
 /// The secondary's redo journal.
@@ -630,6 +636,30 @@ impl StatusDoc {
         }
         if let Some(h) = &self.handshake {
             s += &format!("  last handshake: {h}\n");
+        }
+        // dr (issue 10): the DR copy's consistent point.
+        if let Some(c) = &self.consistent_point {
+            let when = if c.at_unix_ms == 0 {
+                "an unknown time".to_string()
+            } else {
+                crate::dr::format_utc_ms(c.at_unix_ms)
+            };
+            let whose = if self.role == "primary" {
+                "DR copy (peer): consistent as of"
+            } else {
+                "consistent image as of"
+            };
+            s += &format!(
+                "  {whose} {when} (write {}), {:.1} s behind, age {:.1} s{}\n",
+                c.seq,
+                c.behind_s,
+                c.age_s,
+                if c.resync_open {
+                    "; a resync is running, the consistent image is kept until it completes"
+                } else {
+                    ""
+                }
+            );
         }
         if let Some(r) = &self.rpo {
             s += &format!(

@@ -117,6 +117,10 @@ impl AdaptiveCompression {
     }
 }
 
+/// ha: a failed fencing command before writing alone is retried this often
+/// (writes stay frozen meanwhile).
+const FENCE_RETRY: Duration = Duration::from_secs(5);
+
 enum Cmd {
     Submit {
         kind: OpKind,
@@ -148,6 +152,22 @@ enum Cmd {
     },
     /// The running or last verify's progress and result.
     VerifyResult {
+        reply: oneshot::Sender<ControlReply>,
+    },
+    /// ha (issue 12 item 2): the fencing command run before the first write
+    /// without the peer ended.
+    FenceDone {
+        result: Result<(), String>,
+    },
+    /// ha: `tandem disconnect` (true) / `tandem connect` (false).
+    HoldLink {
+        down: bool,
+        reply: oneshot::Sender<ControlReply>,
+    },
+    /// ha: change the resync rate and/or pause or resume the resync, live.
+    SetResync {
+        rate_bytes_per_s: Option<u64>,
+        paused: Option<bool>,
         reply: oneshot::Sender<ControlReply>,
     },
 }
@@ -222,6 +242,8 @@ struct Shared {
     volume: Volume,
     /// The last handshake decision or refusal, for status.
     handshake: std::sync::Mutex<Option<String>>,
+    /// ha: `tandem disconnect` holds the link down until `tandem connect`.
+    held_down: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -386,6 +408,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         volume: volume.clone(),
         handshake: std::sync::Mutex::new(None),
+        held_down: tokio::sync::watch::Sender::new(false),
     });
     let mut engine_cfg = engine_config(&cfg, size_bytes);
     engine_cfg.spill_bytes_max = if spill_log.is_open() {
@@ -428,6 +451,7 @@ pub async fn serve(
         started: Instant::now(),
         ahead_since: None,
         pending_generation: false,
+        peer_consistent: None, // dr (issue 10)
     };
     let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx, meta_rx, spill_rx));
 
@@ -737,6 +761,9 @@ struct Owner {
     pending_generation: bool,
     /// wan (issue 11 item 5): the spill log's thread (async mode with a spill log).
     spill: Option<SpillWorker>,
+    /// dr (issue 10): the DR copy's consistent point as the secondary last
+    /// reported it (kept after the session ends: what a promotion there serves).
+    peer_consistent: Option<(Seq, u64)>,
 }
 
 impl Owner {
@@ -834,12 +861,13 @@ impl Owner {
                 }
             }
             Action::StartGenerationAlone => {
-                self.sb = recovery::start_generation_alone(&self.sb);
-                tracing::warn!(generation = %self.sb.gen_current, base = %self.sb.gen_bitmap_base, "writing without the peer: new generation");
-                let sb = self.sb.clone();
-                self.meta().send(MetaJob::Superblock { sb });
-                // Writes wait for the superblock: on_meta calls generation_started.
-                self.pending_generation = true;
+                // ha (issue 12 item 2): with a fencing command, the peer is fenced
+                // (outdated) first; the writes wait (the engine parks them).
+                if self.cfg.fence_peer.is_some() {
+                    self.fence_before_writing_alone();
+                } else {
+                    self.start_generation_alone();
+                }
             }
             Action::PeerReachedGeneration => {
                 if self.sb.gen_bitmap_base != Generation::NONE {
@@ -1199,6 +1227,110 @@ impl Owner {
             Cmd::VerifyResult { reply } => {
                 let _ = reply.send(ControlReply::success(self.verify_result_json()));
             }
+            // ha (issue 12 item 4): tandem disconnect / connect.
+            Cmd::HoldLink { down, reply } => {
+                let was = self.shared.held_down.send_replace(down);
+                let message = match (was, down) {
+                    (false, true) => {
+                        tracing::warn!(
+                            "disconnected by an administrator (tandem disconnect): the link stays down until tandem connect"
+                        );
+                        self.drop_session(
+                            "disconnected by an administrator (tandem disconnect)",
+                            out,
+                        );
+                        self.shared.metrics.events.push(
+                            "disconnected",
+                            "tandem disconnect: the link stays down until tandem connect".into(),
+                        );
+                        "disconnected: the link stays down until tandem connect; writes are tracked for the resync".to_string()
+                    }
+                    (true, false) => {
+                        tracing::info!("tandem connect: dialing the peer again");
+                        self.shared
+                            .metrics
+                            .events
+                            .push("connect", "tandem connect".into());
+                        "connecting: the peer is dialed again and resynced".to_string()
+                    }
+                    (true, true) => "already disconnected".to_string(),
+                    (false, false) => {
+                        "not disconnected: the link is up or being dialed".to_string()
+                    }
+                };
+                let _ = reply.send(ControlReply::success(
+                    serde_json::json!({ "message": message }),
+                ));
+            }
+            // ha (issue 12 item 2): fencing before the first write alone.
+            Cmd::FenceDone { result } => match result {
+                Ok(()) => {
+                    tracing::warn!(peer = %self.cfg.peer_name, "fencing command succeeded: the peer is outdated; writes proceed on this node alone");
+                    self.shared.metrics.events.push(
+                        "fenced",
+                        format!("{} fenced before the first write alone", self.cfg.peer_name),
+                    );
+                    self.start_generation_alone();
+                }
+                Err(e) if self.session.is_some() => {
+                    tracing::warn!(
+                        "fencing before writing alone failed ({e}), but the peer is back: the writes go to it"
+                    );
+                    self.start_generation_alone();
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "fencing before writing alone failed: {e}; writes stay frozen until the fencing command succeeds (retried every {} s) or the peer is back",
+                        FENCE_RETRY.as_secs()
+                    );
+                    self.shared
+                        .metrics
+                        .set_error(format!("fencing failed, writes frozen: {e}"));
+                    self.shared.metrics.events.push("fence-failed", e);
+                    let tx = self.shared.cmd_tx.clone();
+                    let cfg = self.cfg.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(FENCE_RETRY).await;
+                        let cmd = cfg.fence_peer.clone().unwrap_or_default();
+                        let result =
+                            crate::agent::node::fence_peer(&cfg, &cmd, "write-alone").await;
+                        let _ = tx.send(Cmd::FenceDone { result }).await;
+                    });
+                }
+            },
+            // ha: runtime resync control (tandem set-resync-rate / pause-sync / resume-sync / adjust).
+            Cmd::SetResync {
+                rate_bytes_per_s,
+                paused,
+                reply,
+            } => {
+                if let Some(rate) = rate_bytes_per_s {
+                    self.engine.set_resync_rate(rate);
+                }
+                if let Some(p) = paused {
+                    self.engine.set_resync_paused(p);
+                }
+                let cfg = self.engine.config();
+                let (rate, paused) = (cfg.resync_rate_bytes_per_s, cfg.resync_paused);
+                tracing::info!(rate_bytes_per_s = rate, paused, "resync settings changed");
+                let out_of_sync_bytes =
+                    self.engine.dirty().dirty_count().0 * self.cfg.block_size as u64;
+                let message = format!(
+                    "resync {} at {}; {out_of_sync_bytes} bytes out of sync",
+                    if paused { "paused" } else { "running" },
+                    if rate == 0 {
+                        "an unlimited rate".to_string()
+                    } else {
+                        format!("{rate} bytes/s")
+                    }
+                );
+                let _ = reply.send(ControlReply::success(serde_json::json!({
+                    "message": message,
+                    "resync_rate_bytes_per_s": rate,
+                    "resync_paused": paused,
+                    "out_of_sync_bytes": out_of_sync_bytes,
+                })));
+            }
             Cmd::Shutdown {
                 demote,
                 force,
@@ -1341,6 +1473,8 @@ impl Owner {
                 if let Some(s) = self.session.as_mut() {
                     s.consistent = Some((seq, at_ms));
                 }
+                // dr (issue 10): a rollback there can move it back; take it as said.
+                self.peer_consistent = Some((seq, at_ms));
             }
             PeerEvent::Down { id, reason } if Some(id) == current => {
                 self.drop_session(&reason, out)
@@ -1461,8 +1595,59 @@ impl Owner {
             .expect("handshake lock")
             .clone();
         doc.verify = self.verify_status();
+        doc.consistent_point = self.dr_consistent_status(&lag); // dr (issue 10)
         let _ = self.started;
         doc
+    }
+
+    /// The first write without the peer: a new generation, durable before the
+    /// write is (G8); `on_meta` then calls `generation_started`.
+    fn start_generation_alone(&mut self) {
+        self.sb = recovery::start_generation_alone(&self.sb);
+        tracing::warn!(generation = %self.sb.gen_current, base = %self.sb.gen_bitmap_base, "writing without the peer: new generation");
+        let sb = self.sb.clone();
+        self.meta().send(MetaJob::Superblock { sb });
+        // Writes wait for the superblock: on_meta calls generation_started.
+        self.pending_generation = true;
+    }
+
+    /// ha (issue 12 item 2, like DRBD's fence-peer with `fencing resource-only`):
+    /// run the fencing command before the first write without the peer; writes
+    /// freeze until it answers (Cmd::FenceDone).
+    fn fence_before_writing_alone(&mut self) {
+        tracing::warn!(peer = %self.cfg.peer_name, "the peer is gone: fencing it before the first write alone; writes wait");
+        let tx = self.shared.cmd_tx.clone();
+        let cfg = self.cfg.clone();
+        tokio::spawn(async move {
+            let cmd = cfg.fence_peer.clone().unwrap_or_default();
+            let result = crate::agent::node::fence_peer(&cfg, &cmd, "write-alone").await;
+            let _ = tx.send(Cmd::FenceDone { result }).await;
+        });
+    }
+
+    /// dr (issue 10): where the DR copy stands, for status and /metrics: its
+    /// consistent point as last reported, its age, and how long ago this node
+    /// accepted the oldest write the copy lacks (the loss window of a disaster now).
+    fn dr_consistent_status(
+        &self,
+        lag: &crate::engine::primary::Lag,
+    ) -> Option<control::ConsistentStatus> {
+        let (seq, at_ms) = self.peer_consistent?;
+        let now = crate::agent::unix_now_ms();
+        Some(control::ConsistentStatus {
+            seq: seq.0,
+            at_unix_ms: at_ms,
+            age_s: if at_ms > 0 {
+                now.saturating_sub(at_ms) as f64 / 1000.0
+            } else {
+                0.0
+            },
+            behind_s: lag
+                .oldest_accepted_at_ms
+                .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0),
+            journal_lsn: 0,
+            resync_open: self.engine.resync_progress().is_some(),
+        })
     }
 
     /// Final local flush; tell the peer whether it is left Outdated; persist what
@@ -1478,7 +1663,14 @@ impl Owner {
         let (demote, force) = draining
             .as_ref()
             .map_or((false, false), |d| (d.demote, d.force));
-        if demote && !in_sync && !force {
+        // ha: a peer that lacks nothing (no block out of sync, no write unacked)
+        // loses nothing by a demotion, connected or not: a lone primary that wrote
+        // nothing since it last saw its peer demotes (Pacemaker's demote on a lone
+        // node, ocf-tester); one with writes its peer lacks still needs --force.
+        // Connected, the engine's hand-over rule decides alone.
+        let peer_lacks_nothing =
+            self.session.is_none() && out_of_sync_bytes == 0 && self.engine.lag().writes == 0;
+        if demote && !in_sync && !peer_lacks_nothing && !force {
             // Refused: the role stays primary (the node restarts it). Nothing is
             // said to the peer; the bitmap keeps what it lacks.
             let reason = format!(
@@ -1610,12 +1802,49 @@ impl ControlHandler for PrimaryControl {
                     reply,
                 },
                 "verify-result" => Cmd::VerifyResult { reply },
+                // ha: tandem disconnect / connect.
+                "disconnect" | "connect" => Cmd::HoldLink {
+                    down: request.cmd == "disconnect",
+                    reply,
+                },
+                // ha: runtime resync control.
+                "set-resync-rate" => match request.number("rate_bytes_per_s") {
+                    Some(rate) => Cmd::SetResync {
+                        rate_bytes_per_s: Some(rate),
+                        paused: None,
+                        reply,
+                    },
+                    None => {
+                        return ControlReply::error(
+                            "set-resync-rate needs rate_bytes_per_s (tandem set resync-rate RATE)"
+                                .into(),
+                        );
+                    }
+                },
+                "pause-sync" | "resume-sync" => Cmd::SetResync {
+                    rate_bytes_per_s: None,
+                    paused: Some(request.cmd == "pause-sync"),
+                    reply,
+                },
+                // dr (issue 10): the rollback window is the secondary's.
+                "points" | "rollback" | "inspect" => {
+                    return ControlReply::error(format!(
+                        "this node is the primary: its volume is the live copy and has no rollback window; run `tandem {}` on the secondary's control socket (a rollback there needs it disconnected: stop or demote this primary first)",
+                        request.cmd
+                    ));
+                }
                 _ => {
                     return request.unknown(&[
                         "promote",
                         "demote",
                         "verify",
                         "verify-result",
+                        "set-resync-rate",
+                        "disconnect",
+                        "connect",
+                        "pause-sync",
+                        "resume-sync",
+                        "adjust",
                         // nbd (issue 13)
                         "checkpoint-create",
                         "checkpoint-list",
@@ -1806,18 +2035,46 @@ async fn connector(
     stop: CancellationToken,
 ) {
     let metrics = shared.metrics.clone();
-    let peer_addr: SocketAddr = cfg.peer.expect("validated");
+    // ha: a primary promoted with no peer address configured (a lone DR node) dials
+    // nobody; a secondary that dials it (its `listen`) is answered as usual.
+    let peer_addr: Option<SocketAddr> = cfg.peer;
     let mut backoff = Backoff::new(100, 5_000);
     let mut id = 0u64;
     let mut last_log: Option<Instant> = None;
     // A secondary that dialed this node while it waited between attempts.
     let mut waiting: Option<Inbound> = None;
     while !stop.is_cancelled() {
+        // ha: `tandem disconnect` holds the link down: no dialing, and a
+        // secondary that dials is refused, until `tandem connect`.
+        if *shared.held_down.borrow() {
+            let mut held = shared.held_down.subscribe();
+            let refuse = |mut i: Inbound| {
+                tokio::spawn(async move {
+                    link::send_refusal(
+                        &mut i.wr,
+                        "the primary was disconnected by an administrator (tandem disconnect); tandem connect on it resumes replication",
+                    )
+                    .await;
+                });
+            };
+            if let Some(i) = waiting.take() {
+                refuse(i);
+            }
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = held.wait_for(|down| !*down) => { if r.is_err() { return } break }
+                    Some(i) = inbound_rx.recv() => refuse(i),
+                }
+            }
+            backoff.reset();
+            continue;
+        }
         let attempt = async {
             let (rd, wr) = match waiting.take() {
                 Some(i) => (i.rd, i.wr),
                 None => tokio::select! {
-                    s = transport::connect(peer_addr, &security, cfg.connect_timeout_ms) => {
+                    s = connect_peer(peer_addr, &security, cfg.connect_timeout_ms) => {
                         let (rd, wr) = s.map_err(|e| e.to_string())?.into_split();
                         (BufReader::with_capacity(256 << 10, rd), wr)
                     }
@@ -1841,7 +2098,7 @@ async fn connector(
             Err(reason) if reason.contains(crate::agent::ALREADY_CONNECTED) => {
                 // The secondary is dialing this node at the same moment; its
                 // connection arrives on the listener.
-                tracing::debug!(peer = %peer_addr, "{reason}");
+                tracing::debug!(peer = ?peer_addr, "{reason}");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => continue,
                     Some(i) = inbound_rx.recv() => { waiting = Some(i); continue }
@@ -1854,10 +2111,10 @@ async fn connector(
                     shared.set_handshake(format!("refused: {reason}"));
                 }
                 if last_log.is_none_or(|t| t.elapsed() >= RETRY_LOG_INTERVAL) {
-                    tracing::warn!(peer = %peer_addr, "cannot connect to secondary: {reason}; retrying with backoff");
+                    tracing::warn!(peer = ?peer_addr, "cannot connect to secondary: {reason}; retrying with backoff");
                     last_log = Some(Instant::now());
                 } else {
-                    tracing::debug!(peer = %peer_addr, "cannot connect to secondary: {reason}");
+                    tracing::debug!(peer = ?peer_addr, "cannot connect to secondary: {reason}");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => continue,
@@ -1949,6 +2206,19 @@ async fn connector(
             Some(i) = inbound_rx.recv() => waiting = Some(i),
             _ = stop.cancelled() => break,
         }
+    }
+}
+
+/// ha: dial the secondary at `peer`, or (no peer address: a lone primary) wait
+/// forever, leaving only the secondary's own dial to this node's listener.
+async fn connect_peer(
+    peer: Option<SocketAddr>,
+    security: &Security,
+    timeout_ms: u64,
+) -> Result<crate::transport::PeerStream, crate::transport::TransportError> {
+    match peer {
+        Some(addr) => transport::connect(addr, security, timeout_ms).await,
+        None => std::future::pending().await,
     }
 }
 

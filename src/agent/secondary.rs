@@ -83,8 +83,26 @@ enum ControlCmd {
     },
     ExportReadDone,
     Points(oneshot::Sender<ControlReply>),
+    /// dr (issue 10): `tandem rollback --to`.
+    Rollback {
+        to: crate::dr::PointSpec,
+        reply: oneshot::Sender<ControlReply>,
+    },
+    /// dr (issue 10): `tandem inspect --at --nbd` (start) or `--stop`.
+    Inspect {
+        start: Option<(crate::dr::PointSpec, String)>,
+        reply: oneshot::Sender<ControlReply>,
+    },
+    /// dr (issue 10): the inspection export reads its view: where from.
+    InspectRead {
+        id: u64,
+        range: ByteRange,
+        reply: oneshot::Sender<Result<Vec<(ByteRange, Source)>, String>>,
+    },
     /// `tandem resolve --discard-local`.
     DiscardLocal(oneshot::Sender<ControlReply>),
+    /// ha: `tandem outdate` (the primary's fencing handler, before it writes alone).
+    Outdate(oneshot::Sender<ControlReply>),
 }
 
 /// The part of the status that the node publishes for the control socket.
@@ -103,6 +121,12 @@ struct Session {
     held: Option<(Box<Frame>, Option<Bytes>)>,
     last_consistent_sent: Option<(Seq, u64)>,
     last_consistent_at: Instant,
+    /// The reader saw the session end (Goodbye, a closed link): it ends once
+    /// every frame read before is fed to the engine. The primary counted on
+    /// them: a ResyncDone still queued when a demoted primary said Goodbye
+    /// left the section open, and the promotion then rolled its writes back
+    /// (found by the dr helper's e2e_dr_rollback).
+    ending: Option<String>,
 }
 
 /// A checkpoint being copied into the volume: its last record, whether the volume
@@ -150,8 +174,51 @@ struct Node {
     /// Metadata jobs handed to the thread and finished (they finish in order).
     meta_sent: u64,
     meta_done: u64,
+    /// ha: `tandem outdate` answers once the superblock saying Outdated is
+    /// durable (job number, reply, message).
+    outdate_waiting: Option<(u64, oneshot::Sender<ControlReply>, String)>,
     handshake_text: Option<String>,
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
+    /// dr (issue 10): a rollback under way.
+    rollback: Option<PendingRollback>,
+    /// dr (issue 10): the inspection export being served.
+    inspection: Option<Inspection>,
+    next_inspection: u64,
+}
+
+/// dr (issue 10): a rollback waits for the engine to be idle, then for the
+/// bitmap and superblock, then for the journal's truncation.
+struct PendingRollback {
+    point: crate::dr::PointDoc,
+    reply: oneshot::Sender<ControlReply>,
+    stage: RollbackStage,
+    /// Blocks the dropped records touched.
+    dropped_bytes: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RollbackStage {
+    /// Waiting for syncs, checkpoints and reads in flight to end.
+    Quiesce,
+    /// The bitmap naming the dropped blocks and the superblock are being written
+    /// (this metadata job): only then is the journal cut.
+    Metadata(u64),
+    /// The journal is being truncated durably.
+    Truncate,
+}
+
+/// dr (issue 10): a read-only NBD export of the image as of a consistent point.
+/// The engine's pin keeps the checkpointer from copying anything after the point
+/// into the volume while it runs; when replication needs the room the pin
+/// yields and the inspection ends (it never stops replication).
+struct Inspection {
+    id: u64,
+    point: crate::dr::PointDoc,
+    lsn: Lsn,
+    view: crate::engine::rangeset::RangeMap<Lsn>,
+    nbd: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// Run a secondary until `shutdown` is cancelled, with its own control socket.
@@ -336,8 +403,12 @@ pub async fn serve(
         recorded_disk_state,
         meta_sent: 0,
         meta_done: 0,
+        outdate_waiting: None,
         handshake_text: None,
         snapshot: snapshot.clone(),
+        rollback: None,
+        inspection: None,
+        next_inspection: 1,
     };
     node.publish();
 
@@ -430,10 +501,23 @@ pub async fn serve(
                 node.engine.tick(crate::agent::unix_now_ms(), &mut out);
                 node.act(&mut out);
                 node.retry_held(&mut out);
+                node.step_rollback(); // dr (issue 10)
+                node.check_inspection(); // dr (issue 10)
                 node.report_consistent();
                 node.publish();
             }
             _ = shutdown.cancelled() => break,
+        }
+        let drained = frames
+            .as_ref()
+            .is_none_or(|f| f.is_closed() && f.is_empty());
+        if drained
+            && node
+                .session
+                .as_ref()
+                .is_some_and(|s| s.ending.is_some() && s.held.is_none())
+        {
+            node.end_session(&mut out);
         }
     }
     tracing::info!("stopping: ending the session, making the journal durable");
@@ -710,9 +794,10 @@ impl Node {
                 }
             }
             JournalDone::Truncated(r) => {
-                if let Err(e) = r {
+                if let Err(e) = &r {
                     tracing::error!("truncating the journal failed: {e}");
                 }
+                self.rollback_truncated(r); // dr (issue 10)
             }
         }
         self.act(out);
@@ -723,6 +808,7 @@ impl Node {
         let r = match done {
             MetaDone::Activity(r) | MetaDone::Bitmap(r) | MetaDone::Superblock(r) => r,
         };
+        let failed = r.as_ref().err().cloned();
         if let Err(e) = r {
             tracing::error!(
                 "metadata write failed: {e}; the node is poisoned, restart it after checking the disk"
@@ -737,6 +823,21 @@ impl Node {
             });
         }
         self.meta_done += 1;
+        // ha: `tandem outdate` is answered once its superblock is durable.
+        if self
+            .outdate_waiting
+            .as_ref()
+            .is_some_and(|(job, _, _)| self.meta_done >= *job)
+        {
+            let (_, reply, message) = self.outdate_waiting.take().expect("checked");
+            let _ = reply.send(match &failed {
+                None => ControlReply::success(serde_json::json!({ "message": message })),
+                Some(e) => ControlReply::error(format!(
+                    "writing the Outdated state failed: {e}; the node is poisoned"
+                )),
+            });
+        }
+        self.step_rollback(); // dr (issue 10)
         if let Some((from, through, after, job)) = self.checkpoint_waiting
             && self.meta_done >= job
         {
@@ -759,6 +860,13 @@ impl Node {
                 if self.session.is_some() {
                     let (_rd, mut wr) = stream.into_split();
                     link::send_refusal(&mut wr, crate::agent::ALREADY_CONNECTED).await;
+                    return;
+                }
+                if self.rollback.is_some() {
+                    // dr (issue 10): no session starts while the image is cut back.
+                    let (_rd, mut wr) = stream.into_split();
+                    link::send_refusal(&mut wr, "the secondary is rolling back; retry shortly")
+                        .await;
                     return;
                 }
                 let peer = stream.peer_addr();
@@ -785,26 +893,37 @@ impl Node {
                 }
             }
             Event::SessionEnd { session, reason } => {
-                if self.session.as_ref().is_some_and(|s| s.id == session) {
-                    let s = self.session.take().expect("checked");
-                    tracing::info!(session = s.id, primary = %s.peer, disk = %self.disk_state_shown(), "primary detached: {reason}");
-                    self.metrics.set_connected(false, &reason);
-                    if reason.contains("Goodbye (outdated)") {
-                        self.sb = recovery::outdate(&self.sb);
-                        self.write_superblock();
-                        tracing::warn!(
-                            "the primary stopped without draining: this node is Outdated (consistent, but it lacks writes); promoting it needs --force"
-                        );
-                        self.metrics
-                            .events
-                            .push("outdated", "the primary stopped without draining".into());
-                    }
-                    self.engine.session_ended(out);
+                if let Some(s) = self.session.as_mut()
+                    && s.id == session
+                {
+                    // Ended by the node loop once the frames before it are in.
+                    s.ending = Some(reason);
                 }
             }
             Event::Checkpointed(r) => self.on_copied(r, out),
             Event::Hashed { seq, result } => self.engine.hash_done(seq, result, out),
-            Event::Control(cmd) => self.on_control(cmd),
+            Event::Control(cmd) => self.on_control(cmd).await,
+        }
+        self.act(out);
+    }
+
+    /// The session whose reader ended: every frame it read is in the engine now.
+    fn end_session(&mut self, out: &mut Actions) {
+        if let Some(reason) = self.session.as_mut().and_then(|s| s.ending.take()) {
+            let s = self.session.take().expect("checked");
+            tracing::info!(session = s.id, primary = %s.peer, disk = %self.disk_state_shown(), "primary detached: {reason}");
+            self.metrics.set_connected(false, &reason);
+            if reason.contains("Goodbye (outdated)") {
+                self.sb = recovery::outdate(&self.sb);
+                self.write_superblock();
+                tracing::warn!(
+                    "the primary stopped without draining: this node is Outdated (consistent, but it lacks writes); promoting it needs --force"
+                );
+                self.metrics
+                    .events
+                    .push("outdated", "the primary stopped without draining".into());
+            }
+            self.engine.session_ended(out);
         }
         self.act(out);
     }
@@ -1116,6 +1235,7 @@ impl Node {
             held: None,
             last_consistent_sent: None,
             last_consistent_at: Instant::now(),
+            ending: None,
         });
         let _ = Plan::clone(&plan);
         Ok(())
@@ -1244,6 +1364,8 @@ impl Node {
                     },
                     journal_lsn: lsn.0,
                     resync_open: self.engine.is_section_open(),
+                    // dr (issue 10)
+                    behind_s: self.engine.newest_received().1.saturating_sub(at_ms) as f64 / 1000.0,
                 });
         doc.journal = Some(control::JournalStatus {
             path: self.cfg.journal.display().to_string(),
@@ -1270,7 +1392,7 @@ impl Node {
         self.snapshot.lock().expect("snapshot lock").doc = Some(doc);
     }
 
-    fn on_control(&mut self, cmd: ControlCmd) {
+    async fn on_control(&mut self, cmd: ControlCmd) {
         match cmd {
             ControlCmd::ExportRead { range, reply } => {
                 let sources = self.engine.begin_consistent_read(range);
@@ -1287,22 +1409,90 @@ impl Node {
                 self.act(&mut out);
             }
             ControlCmd::Points(reply) => {
-                let points: Vec<serde_json::Value> = self
-                    .engine
-                    .points(10_000)
-                    .iter()
-                    .map(|p| {
-                        serde_json::json!({
-                            "journal_lsn": p.lsn.0,
-                            "seq": p.seq.0,
-                            "at_unix_ms": p.at_ms,
-                            "later_bytes": p.later_bytes,
-                        })
-                    })
-                    .collect();
+                // dr (issue 10): the typed list `tandem points` prints.
+                let doc = crate::dr::PointsDoc {
+                    points: self.point_docs(),
+                    inspection: self.inspection.as_ref().map(|i| crate::dr::InspectionDoc {
+                        nbd: i.nbd.clone(),
+                        point: i.point,
+                    }),
+                };
                 let _ = reply.send(ControlReply::success(
-                    serde_json::json!({ "points": points }),
+                    serde_json::to_value(doc).expect("points serialize"),
                 ));
+            }
+            // ha (issue 12 item 2): the primary is about to write without this node
+            // (its fencing handler calls this): consistent, but it will lack writes.
+            ControlCmd::Outdate(reply) => {
+                if let Some(s) = &self.session {
+                    let _ = reply.send(ControlReply::error(format!(
+                        "{} is connected to its primary {}: it receives every write, so it is not outdated; \
+                         cut the link first (the primary's fencing handler runs once it lost this node)",
+                        self.cfg.name, s.peer
+                    )));
+                    return;
+                }
+                let before = self.sb.disk_state;
+                self.sb = recovery::outdate(&self.sb);
+                let message = format!(
+                    "{} is {} (was {before}); it becomes UpToDate again once resynced from its primary",
+                    self.cfg.name, self.sb.disk_state
+                );
+                if self.sb.disk_state != before {
+                    let job = self.write_superblock();
+                    tracing::warn!(
+                        "outdated by the primary's fencing handler: this node's data is consistent but will lack the primary's writes; promoting it needs --force"
+                    );
+                    self.metrics.events.push(
+                        "outdated",
+                        "outdated by the primary's fencing handler (tandem outdate)".into(),
+                    );
+                    // Answered once durable (on_meta): the handler's success must hold
+                    // across a crash of this node.
+                    if let Some((_, earlier, _)) =
+                        self.outdate_waiting.replace((job, reply, message))
+                    {
+                        let _ = earlier.send(ControlReply::error(
+                            "superseded by a later tandem outdate".into(),
+                        ));
+                    }
+                    return;
+                }
+                let _ = reply.send(ControlReply::success(
+                    serde_json::json!({ "message": message }),
+                ));
+            }
+            ControlCmd::Rollback { to, reply } => self.start_rollback(to, reply),
+            ControlCmd::Inspect { start, reply } => {
+                let answer = match start {
+                    Some((at, nbd)) => self.start_inspection(at, &nbd).await,
+                    None => match self.end_inspection("stopped by `tandem inspect --stop`") {
+                        Some(m) => Ok(m),
+                        None => Err("no inspection is being served".to_string()),
+                    },
+                };
+                let _ = reply.send(match answer {
+                    Ok(message) => ControlReply::success(serde_json::json!({ "message": message })),
+                    Err(e) => ControlReply::error(e),
+                });
+            }
+            ControlCmd::InspectRead { id, range, reply } => {
+                let answer = match &self.inspection {
+                    Some(i)
+                        if i.id == id
+                            && self.engine.pin() == Some(i.lsn)
+                            && i.lsn >= self.engine.applied() =>
+                    {
+                        Ok(self.engine.begin_view_read(&i.view, range))
+                    }
+                    _ => Err("the inspection ended (stopped, rolled back, or its point left the journal to make room for replication); start a new one with `tandem inspect`".to_string()),
+                };
+                let started = answer.is_ok();
+                if reply.send(answer).is_err() && started {
+                    let mut out = Vec::new();
+                    self.engine.end_read(&mut out);
+                    self.act(&mut out);
+                }
             }
             ControlCmd::DiscardLocal(reply) => {
                 self.discard_local = true;
@@ -1336,6 +1526,14 @@ impl Node {
     ) -> Result<String, AgentError> {
         // For a promotion: where the image stands (returned to the caller).
         let mut note = String::new();
+        // dr (issue 10): an inspection ends with the node; nothing stays pinned.
+        self.end_inspection("the node is stopping");
+        if let Some(r) = self.rollback.take() {
+            let _ = r.reply.send(ControlReply::error(
+                "the node stopped before the rollback completed; the journal holds the image as it was (or as rolled back if the truncation was done): check `tandem points` after the restart".into(),
+            ));
+        }
+        self.engine.set_pin(None);
         if let Some(s) = self.session.take() {
             let _ = s
                 .acks
@@ -1363,6 +1561,9 @@ impl Node {
             // node's bitmap, which the primary role starts from), then everything
             // is copied into the volume.
             if let Some((lsn, seq, at_ms)) = self.engine.consistent_point() {
+                // dr (issue 10): the newest write received, before the truncation
+                // below forgets the dropped records (e2e_dr_promote).
+                let (_, newest_at) = self.engine.newest_received();
                 let dropped = if self.engine.is_section_open() || self.engine.tail() > lsn {
                     let d = self.engine.truncate_after(lsn);
                     self.jh.truncate(lsn);
@@ -1381,7 +1582,6 @@ impl Node {
                         "promotion mid-resync: rolled back to the last consistent point; the dropped resync's blocks are resent to the old primary when it rejoins"
                     );
                 }
-                let (_, newest_at) = self.engine.newest_received();
                 note = promotion_note(seq, at_ms, newest_at);
                 tracing::warn!(seq = seq.0, newest_write_at_ms = at_ms, "promoting {note}");
                 self.metrics
@@ -1456,6 +1656,13 @@ impl Node {
                 Some(ev) = events_rx.recv() => match ev {
                     Event::Checkpointed(r) => { self.on_copied(r, out); self.act(out) }
                     Event::Hashed { seq, result } => { self.engine.hash_done(seq, result, out); self.act(out) }
+                    // A read of the read-only or inspect export that was in flight
+                    // when the node stopped: its end releases the journal (else the
+                    // stop waits for it forever; reported by the dr helper).
+                    Event::Control(ControlCmd::ExportReadDone) => {
+                        self.engine.end_read(out);
+                        self.act(out)
+                    }
                     Event::Conn { stream, .. } => {
                         let (_rd, mut wr) = stream.into_split();
                         link::send_refusal(&mut wr, "the secondary is stopping").await;
@@ -1880,6 +2087,375 @@ async fn read_sources(
     Ok(image.freeze())
 }
 
+/// dr (issue 10): decode `rollback {to}` and `inspect {at, nbd} | {stop}`.
+fn dr_command(
+    request: &ControlRequest,
+    reply: oneshot::Sender<ControlReply>,
+) -> Result<ControlCmd, String> {
+    let spec = |key: &str| -> Result<Option<crate::dr::PointSpec>, String> {
+        match request.args.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => serde_json::from_value(v.clone())
+                .map(Some)
+                .map_err(|e| format!("'{}': malformed '{key}': {e}", request.cmd)),
+        }
+    };
+    if request.cmd == "rollback" {
+        let to = spec("to")?.ok_or("rollback needs a point: --to SEQ|TIME")?;
+        return Ok(ControlCmd::Rollback { to, reply });
+    }
+    if request.flag("stop") {
+        return Ok(ControlCmd::Inspect { start: None, reply });
+    }
+    let at = spec("at")?.unwrap_or(crate::dr::PointSpec::Newest);
+    let nbd = request
+        .args
+        .get("nbd")
+        .and_then(|v| v.as_str())
+        .ok_or("inspect needs --nbd ADDR (HOST:PORT or unix:/path), or --stop")?
+        .to_string();
+    Ok(ControlCmd::Inspect {
+        start: Some((at, nbd)),
+        reply,
+    })
+}
+
+/// dr (issue 10): the inspection export: the image as of a consistent point, read
+/// through the engine's view of it (volume, journal records, zeroes).
+struct InspectExport {
+    id: u64,
+    events_tx: mpsc::Sender<Event>,
+    volume: Volume,
+    jh: JournalHandle,
+    size_bytes: u64,
+}
+
+impl crate::frontend::ExportBackend for InspectExport {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn read(&self, offset: u64, len: u32) -> crate::frontend::IoFuture<Bytes> {
+        let tx = self.events_tx.clone();
+        let volume = self.volume.clone();
+        let jh = self.jh.clone();
+        let id = self.id;
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let range = ByteRange::new(offset, len as u64);
+            tx.send(Event::Control(ControlCmd::InspectRead { id, range, reply }))
+                .await
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
+            let sources = rx
+                .await
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?
+                .map_err(std::io::Error::other)?;
+            let result = read_sources(&volume, &jh, range, &sources).await;
+            let _ = tx.send(Event::Control(ControlCmd::ExportReadDone)).await;
+            result.map_err(std::io::Error::other)
+        })
+    }
+
+    fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> crate::frontend::IoFuture<()> {
+        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::EPERM)) })
+    }
+
+    fn write_zeroes(&self, _offset: u64, _len: u32, _fua: bool) -> crate::frontend::IoFuture<()> {
+        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::EPERM)) })
+    }
+
+    fn trim(&self, _offset: u64, _len: u32) -> crate::frontend::IoFuture<()> {
+        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::EPERM)) })
+    }
+
+    fn flush(&self) -> crate::frontend::IoFuture<()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// dr (issue 10): rollback and inspection on the node.
+impl Node {
+    /// The rollback window as `tandem points` lists it, oldest first.
+    fn point_docs(&self) -> Vec<crate::dr::PointDoc> {
+        self.engine
+            .points(usize::MAX)
+            .iter()
+            .map(|p| crate::dr::PointDoc {
+                journal_lsn: p.lsn.0,
+                seq: p.seq.0,
+                at_unix_ms: p.at_ms,
+                later_bytes: p.later_bytes,
+            })
+            .collect()
+    }
+
+    /// `tandem rollback --to`: refused on a connected secondary, outside the
+    /// window, or while another rollback runs; else the point is pinned (no
+    /// checkpoint passes it) and the rollback proceeds in [`Self::step_rollback`].
+    fn start_rollback(&mut self, to: crate::dr::PointSpec, reply: oneshot::Sender<ControlReply>) {
+        let refuse = |reply: oneshot::Sender<ControlReply>, e: String| {
+            let _ = reply.send(ControlReply::error(e));
+        };
+        if let Some(s) = &self.session {
+            return refuse(
+                reply,
+                format!(
+                    "this secondary is connected to its primary {}: a rollback would be undone by replication. Disconnect it first (stop or demote the primary, or stop this node's link), then roll back, then promote this node (or let the primary resend the blocks after the point)",
+                    s.peer
+                ),
+            );
+        }
+        if self.rollback.is_some() {
+            return refuse(reply, "a rollback is already under way".into());
+        }
+        if self.engine.is_poisoned() {
+            return refuse(
+                reply,
+                "the journal or the volume failed on this node; restart it after checking the disk"
+                    .into(),
+            );
+        }
+        let points = self.point_docs();
+        let point = match to.choose(&points) {
+            Ok(p) => p,
+            Err(e) => return refuse(reply, format!("cannot roll back to {e}")),
+        };
+        if Lsn(point.journal_lsn) == self.engine.tail() {
+            let _ = reply.send(ControlReply::success(serde_json::json!({
+                "message": format!(
+                    "already at {}: nothing to roll back",
+                    crate::dr::describe_point(&point)
+                ),
+                "point": point,
+            })));
+            return;
+        }
+        self.end_inspection("the secondary is rolling back");
+        self.engine.set_pin(Some(Lsn(point.journal_lsn)));
+        tracing::warn!(
+            seq = point.seq,
+            at_unix_ms = point.at_unix_ms,
+            discarded_bytes = point.later_bytes,
+            "rollback requested"
+        );
+        self.rollback = Some(PendingRollback {
+            point,
+            reply,
+            stage: RollbackStage::Quiesce,
+            dropped_bytes: 0,
+        });
+        self.step_rollback();
+    }
+
+    /// Advance a rollback: once no I/O runs, cut the engine's records after the
+    /// point, record the blocks they touched (this node now lacks the primary's
+    /// data there: the next session resends them) and the new consistent point
+    /// durably, then truncate the journal. A crash before the truncation leaves the
+    /// newer image and an over-marked bitmap (a harmless extra resync).
+    fn step_rollback(&mut self) {
+        let Some(r) = &self.rollback else { return };
+        match r.stage {
+            RollbackStage::Quiesce => {
+                if !self.engine.is_idle()
+                    || self.engine.durable() != self.engine.tail()
+                    || self.checkpoint_waiting.is_some()
+                    || self.release_waiting.is_some()
+                    || self.copying.is_some()
+                    || self.session.is_some()
+                {
+                    return;
+                }
+                self.end_inspection("the secondary is rolling back");
+                let lsn = Lsn(self.rollback.as_ref().expect("checked").point.journal_lsn);
+                if lsn < self.engine.applied() {
+                    // A checkpoint already under way when it was asked copied past
+                    // the point: it is in the volume now, out of reach.
+                    let r = self.rollback.take().expect("checked");
+                    self.engine.set_pin(None);
+                    let _ = r.reply.send(ControlReply::error(format!(
+                        "cannot roll back to {}: a checkpoint running when the rollback was asked copied past it into the volume; pick a newer point (`tandem points`)",
+                        crate::dr::describe_point(&r.point)
+                    )));
+                    return;
+                }
+                let dropped = self.engine.truncate_after(lsn);
+                let bs = self.cfg.block_size;
+                let mut bytes = 0;
+                for range in &dropped {
+                    let (a, b) = range.blocks(bs);
+                    self.own_dirty.mark(a, b);
+                    bytes += range.len;
+                }
+                let (seq, at_ms) = self
+                    .engine
+                    .consistent_point()
+                    .map_or((Seq::ZERO, 0), |(_, s, at)| (s, at));
+                self.sb.consistent_seq = seq.0;
+                self.sb.consistent_at_ms = at_ms;
+                self.sb.volume_mixed = !self.engine.is_volume_consistent();
+                let mut bitmap = self.own_dirty.clone();
+                bitmap.union_with(&self.own_verify);
+                self.send_meta(MetaJob::Bitmap { bitmap });
+                let job = self.write_superblock();
+                let r = self.rollback.as_mut().expect("checked");
+                r.dropped_bytes = bytes;
+                r.stage = RollbackStage::Metadata(job);
+            }
+            RollbackStage::Metadata(job) => {
+                if self.meta_done < job {
+                    return;
+                }
+                let lsn = Lsn(r.point.journal_lsn);
+                self.rollback.as_mut().expect("checked").stage = RollbackStage::Truncate;
+                self.jh.truncate(lsn);
+            }
+            RollbackStage::Truncate => {}
+        }
+    }
+
+    /// The journal's truncation for a rollback finished.
+    fn rollback_truncated(&mut self, result: Result<(), String>) {
+        let Some(r) = self
+            .rollback
+            .take_if(|r| r.stage == RollbackStage::Truncate)
+        else {
+            return;
+        };
+        self.engine.set_pin(None);
+        let reply = match result {
+            Ok(()) => {
+                let message = format!(
+                    "rolled back to the consistent point of {}; {} bytes of later writes dropped (their {} changed bytes of blocks are resent by the primary at the next connection, unless this node is promoted first)",
+                    crate::dr::describe_point(&r.point),
+                    r.point.later_bytes,
+                    r.dropped_bytes
+                );
+                tracing::warn!("{message}");
+                self.metrics.events.push("rollback", message.clone());
+                ControlReply::success(serde_json::json!({ "message": message, "point": r.point }))
+            }
+            Err(e) => {
+                self.metrics.set_error(format!("rollback: {e}"));
+                ControlReply::error(format!(
+                    "truncating the journal failed: {e}; restart the node after checking the disk (its image is the rolled-back one or the one before)"
+                ))
+            }
+        };
+        let _ = r.reply.send(reply);
+    }
+
+    /// `tandem inspect --at --nbd`: serve the image as of a point, read-only.
+    async fn start_inspection(
+        &mut self,
+        at: crate::dr::PointSpec,
+        nbd: &str,
+    ) -> Result<String, String> {
+        if let Some(i) = &self.inspection {
+            return Err(format!(
+                "an inspection of {} is served on {} already; stop it first with `tandem inspect --stop`",
+                crate::dr::describe_point(&i.point),
+                i.nbd
+            ));
+        }
+        if self.rollback.is_some() {
+            return Err("a rollback is under way; inspect after it".into());
+        }
+        let point = at
+            .choose(&self.point_docs())
+            .map_err(|e| format!("cannot inspect {e}"))?;
+        let lsn = Lsn(point.journal_lsn);
+        if self.checkpoint_past(lsn) {
+            return Err(format!(
+                "a checkpoint is copying records after {} into the volume right now; retry in a moment, or pick a newer point",
+                crate::dr::describe_point(&point)
+            ));
+        }
+        let id = self.next_inspection;
+        self.next_inspection += 1;
+        let stop = CancellationToken::new();
+        let backend = Arc::new(InspectExport {
+            id,
+            events_tx: self.events_tx.clone(),
+            volume: self.volume.clone(),
+            jh: self.jh.clone(),
+            size_bytes: self.volume.size_bytes(),
+        });
+        let (bound, task) = crate::nbd::readonly::serve_backend_readonly(
+            &self.cfg,
+            nbd,
+            backend,
+            &self.metrics,
+            stop.clone(),
+        )
+        .await
+        .map_err(|e| format!("cannot serve the inspection on {nbd}: {e}"))?;
+        self.engine.set_pin(Some(lsn));
+        let view = self.engine.view_at(lsn);
+        let nbd = bound.to_string();
+        let message = format!(
+            "serving the image as of {} read-only on {nbd} while replication continues (e.g. nbdfuse DIR nbd://ADDR, losetup -r, mount -o ro); it ends with `tandem inspect --stop`, or when the journal needs the room for replication",
+            crate::dr::describe_point(&point)
+        );
+        tracing::info!("inspection: {message}");
+        self.metrics
+            .events
+            .push("inspection", format!("started: {message}"));
+        self.inspection = Some(Inspection {
+            id,
+            point,
+            lsn,
+            view,
+            nbd,
+            stop,
+            task,
+        });
+        Ok(message)
+    }
+
+    /// A checkpoint under way (waiting for the superblock, copying, or waiting to
+    /// release) goes past `lsn`: the volume will hold records after it.
+    fn checkpoint_past(&self, lsn: Lsn) -> bool {
+        lsn < self.engine.applied()
+            || self
+                .checkpoint_waiting
+                .is_some_and(|(_, through, _, _)| through > lsn)
+            || self.copying.is_some_and(|(through, _, _)| through > lsn)
+            || self
+                .release_waiting
+                .is_some_and(|(through, _)| through > lsn)
+    }
+
+    /// End the inspection being served (if any): stop its export, unpin.
+    fn end_inspection(&mut self, why: &str) -> Option<String> {
+        let i = self.inspection.take()?;
+        i.stop.cancel();
+        i.task.abort();
+        if self.rollback.is_none() {
+            self.engine.set_pin(None);
+        }
+        let message = format!(
+            "the inspection of {} on {} ended: {why}",
+            crate::dr::describe_point(&i.point),
+            i.nbd
+        );
+        tracing::info!("{message}");
+        self.metrics.events.push("inspection", message.clone());
+        Some(message)
+    }
+
+    /// The engine took the pin back (the journal needed the room): the view no
+    /// longer holds; end the inspection.
+    fn check_inspection(&mut self) {
+        if let Some(i) = &self.inspection
+            && self.engine.pin() != Some(i.lsn)
+        {
+            self.end_inspection(
+                "the journal needed the room for replication (a larger journal-size keeps inspections longer)",
+            );
+        }
+    }
+}
+
 struct SecondaryControl {
     resource: String,
     events_tx: mpsc::Sender<Event>,
@@ -1900,6 +2476,12 @@ impl ControlHandler for SecondaryControl {
             let (reply, rx) = oneshot::channel();
             let cmd = match request.cmd.as_str() {
                 "points" => ControlCmd::Points(reply),
+                "outdate" => ControlCmd::Outdate(reply), // ha
+                // dr (issue 10)
+                "rollback" | "inspect" => match dr_command(&request, reply) {
+                    Ok(cmd) => cmd,
+                    Err(e) => return ControlReply::error(e),
+                },
                 "resolve" if request.flag("discard_local") => ControlCmd::DiscardLocal(reply),
                 "resolve" => {
                     return ControlReply::error(
@@ -1913,7 +2495,11 @@ impl ControlHandler for SecondaryControl {
                         resource, request.cmd
                     ));
                 }
-                _ => return request.unknown(&["promote", "demote", "resolve", "points"]),
+                _ => {
+                    return request.unknown(&[
+                        "promote", "demote", "resolve", "points", "rollback", "inspect", "outdate",
+                    ]);
+                }
             };
             if tx.send(Event::Control(cmd)).await.is_err() {
                 return ControlReply::error("agent is shutting down".into());

@@ -412,6 +412,10 @@ pub struct SecondaryEngine<D> {
     /// source naming it could not be read; found by the simulator, seed 100194
     /// sync). Counted in `readers`.
     deferred_hashes: Vec<(Seq, ByteRange, u32, D)>,
+    /// Hash reads still running for sessions that ended, by seq (a new session
+    /// reuses seqs): their answers are dropped, and a new comparison of the same
+    /// seq waits for them (fuzz finding stale-hash-done-in-a-new-session).
+    stale_hash_reads: BTreeMap<Seq, u32>,
     /// The consistent image while a section is open: (its record, its view).
     consistent_view: Option<(Lsn, RangeMap<Lsn>)>,
     /// Appending goes into a mixed image (a section is open, or no consistent
@@ -467,6 +471,7 @@ impl<D> SecondaryEngine<D> {
             checkpointing: None,
             readers: 0,
             deferred_hashes: Vec::new(),
+            stale_hash_reads: BTreeMap::new(),
             consistent_view: None,
             in_section: !volume_consistent,
             consistent: volume_consistent.then_some(applied),
@@ -621,6 +626,18 @@ impl<D> SecondaryEngine<D> {
         self.resolve(view, range)
     }
 
+    /// dr (issue 10): start a read of `range` in a view built by [`Self::view_at`]
+    /// (an inspection of an older point, pinned with [`Self::set_pin`]): where to
+    /// read it from. No checkpoint starts until [`Self::end_read`].
+    pub fn begin_view_read(
+        &mut self,
+        view: &RangeMap<Lsn>,
+        range: ByteRange,
+    ) -> Vec<(ByteRange, Source)> {
+        self.readers += 1;
+        self.resolve(view, range)
+    }
+
     fn resolve(&self, map: &RangeMap<Lsn>, range: ByteRange) -> Vec<(ByteRange, Source)> {
         let mut out: Vec<(ByteRange, Source)> = Vec::new();
         for (start, end, lsn) in map.query(range.offset, range.end()) {
@@ -675,12 +692,14 @@ impl<D> SecondaryEngine<D> {
         };
         let mut points = Vec::new();
         let mut after = self.live_bytes;
-        let mut write = (Seq::ZERO, 0);
+        let mut write = self.volume_write;
         if self.volume_consistent {
+            // dr (issue 10): the volume's point carries its newest write as last
+            // recorded (a rollback to it reports a time, not "unknown").
             points.push(Point {
                 lsn: self.applied,
-                seq: Seq::ZERO,
-                at_ms: 0,
+                seq: self.volume_write.0,
+                at_ms: self.volume_write.1,
                 later_bytes: after,
             });
         }
@@ -726,8 +745,27 @@ impl<D> SecondaryEngine<D> {
     /// The session ended: nothing more arrives; what was appended stays (the
     /// primary resends whatever it did not see durable).
     pub fn session_ended(&mut self, out: &mut Vec<SecondaryAction<D>>) {
-        self.session = None;
+        self.end_session();
         self.maybe_sync(true, out);
+    }
+
+    /// Forget the session; its comparisons still reading become stale (their
+    /// answers are dropped), those not started are dropped now.
+    fn end_session(&mut self) {
+        let Some(s) = self.session.take() else {
+            return;
+        };
+        for (seq, p) in s.pending {
+            if !matches!(p, Pending::Hash) {
+                continue;
+            }
+            if let Some(i) = self.deferred_hashes.iter().position(|d| d.0 == seq) {
+                self.deferred_hashes.remove(i);
+                self.readers -= 1;
+            } else {
+                *self.stale_hash_reads.entry(seq).or_default() += 1;
+            }
+        }
     }
 
     /// Periodic tick (a few ms): sync what was appended, maybe checkpoint.
@@ -738,7 +776,7 @@ impl<D> SecondaryEngine<D> {
     }
 
     fn fail(&mut self, fault: Fault, out: &mut Vec<SecondaryAction<D>>) {
-        self.session = None;
+        self.end_session();
         out.push(SecondaryAction::Fail { fault });
     }
 
@@ -755,6 +793,16 @@ impl<D> SecondaryEngine<D> {
         self.maybe_checkpoint(out);
         if self.checkpointing.is_some() {
             return Room::Wait;
+        }
+        // dr (issue 10): an inspection's pin never stops replication. When it is
+        // what keeps the checkpointer from making room, it yields (the agent sees
+        // `pin()` gone and ends the inspection).
+        if let Some(pin) = self.pin.take() {
+            self.maybe_checkpoint(out);
+            if self.checkpointing.is_some() {
+                return Room::Wait;
+            }
+            self.pin = Some(pin);
         }
         if self.syncing.is_some() || self.tail > self.durable {
             // Records not durable yet cannot be copied: sync first.
@@ -1011,7 +1059,7 @@ impl<D> SecondaryEngine<D> {
         s.expected_next = seq.next();
         s.pending.insert(seq, Pending::Hash);
         self.readers += 1;
-        if self.checkpointing.is_some() {
+        if self.checkpointing.is_some() || self.stale_hash_reads.contains_key(&seq) {
             self.deferred_hashes.push((seq, range, unit_bytes, hashes));
             return;
         }
@@ -1033,6 +1081,10 @@ impl<D> SecondaryEngine<D> {
                 self.readers -= 1;
                 continue;
             }
+            if self.checkpointing.is_some() || self.stale_hash_reads.contains_key(&seq) {
+                self.deferred_hashes.push((seq, range, unit_bytes, hashes));
+                continue;
+            }
             let sources = self.sources(range);
             out.push(SecondaryAction::StartHash {
                 seq,
@@ -1052,10 +1104,27 @@ impl<D> SecondaryEngine<D> {
         out: &mut Vec<SecondaryAction<D>>,
     ) {
         self.readers -= 1;
+        if let Some(n) = self.stale_hash_reads.get_mut(&seq) {
+            // A read of a session that ended: its answer is for nobody.
+            *n -= 1;
+            if *n == 0 {
+                self.stale_hash_reads.remove(&seq);
+            }
+            if let Err(e) = result {
+                self.poisoned = Some(e.clone());
+                self.fail(Fault::Io(e), out);
+                self.start_deferred_hashes(true, out);
+            } else {
+                self.start_deferred_hashes(false, out);
+            }
+            self.maybe_checkpoint(out);
+            return;
+        }
         match result {
             Ok(mismatched) => {
                 if let Some(s) = self.session.as_mut()
                     && let Some(p) = s.pending.get_mut(&seq)
+                    && matches!(p, Pending::Hash)
                 {
                     *p = Pending::Done;
                     out.push(SecondaryAction::SendHashReply { seq, mismatched });
@@ -1372,6 +1441,12 @@ impl<D> SecondaryEngine<D> {
     /// Hold the checkpointer at `lsn` (an inspection of that point), or release.
     pub fn set_pin(&mut self, pin: Option<Lsn>) {
         self.pin = pin;
+    }
+
+    /// dr (issue 10): the pin in force; None after [`Self::room`] made it yield
+    /// to replication (the journal had no room left while it held it).
+    pub fn pin(&self) -> Option<Lsn> {
+        self.pin
     }
 
     /// At the start of a session: an open resync section that has taken more than

@@ -323,7 +323,59 @@ pub fn render(doc: &StatusDoc) -> String {
         "Times the lag crossed above the RPO target.",
         violations,
     );
+    consistent_point(&mut e, doc);
     e.out
+}
+
+/// dr (issue 10): the DR copy's consistent point (on a primary as its secondary
+/// last reported it) and the secondary's redo journal. The consistent-point
+/// samples appear once a point is known (absent, not 0, before: a 0 timestamp
+/// would read as 1970 in an age alert).
+fn consistent_point(e: &mut Exposition, doc: &StatusDoc) {
+    if let Some(c) = &doc.consistent_point {
+        e.gauge(
+            "tandem_consistent_point_timestamp_seconds",
+            "Unix time the primary accepted the newest write of the DR copy's consistent image (on a primary: as its secondary last reported it); 0 when not known.",
+            c.at_unix_ms as f64 / 1000.0,
+        );
+        e.gauge(
+            "tandem_consistent_point_seq",
+            "The primary's write seq of the newest write in the DR copy's consistent image.",
+            c.seq as f64,
+        );
+        e.gauge(
+            "tandem_consistent_point_age_seconds",
+            "Seconds since the newest write of the consistent image was accepted.",
+            c.age_s,
+        );
+        e.gauge(
+            "tandem_consistent_point_behind_seconds",
+            "Primary: age of the oldest write the DR copy's consistent image lacks (0 = it holds every write; what a disaster now would lose). Secondary: how much older the consistent image is than the newest write received.",
+            c.behind_s,
+        );
+        e.gauge(
+            "tandem_consistent_point_resync_open",
+            "1 while a resync runs: the consistent image is kept as it was until the resync completes.",
+            flag(c.resync_open),
+        );
+    }
+    if let Some(j) = &doc.journal {
+        e.gauge(
+            "tandem_journal_capacity_bytes",
+            "Size of the secondary's redo journal.",
+            j.capacity_bytes as f64,
+        );
+        e.gauge(
+            "tandem_journal_used_bytes",
+            "Bytes of live records in the secondary's redo journal.",
+            j.used_bytes as f64,
+        );
+        e.gauge(
+            "tandem_rollback_points",
+            "Consistent points in the secondary's rollback window (`tandem points`).",
+            j.points as f64,
+        );
+    }
 }
 
 /// A latency summary: quantiles 0.5, 0.99, 0.999 (NaN before the first sample),
@@ -572,6 +624,56 @@ mod tests {
             .collect();
         assert_eq!(hits.len(), 1, "{name} {extra:?}: {hits:?}");
         hits[0]
+    }
+
+    /// dr (issue 10): the DR copy's consistent point and the journal, when known.
+    #[test]
+    fn the_consistent_point_and_the_journal_are_rendered_when_known() {
+        let text = render(&doc());
+        assert!(
+            !text.contains("tandem_consistent_point"),
+            "absent while unknown"
+        );
+        let mut d = doc();
+        d.consistent_point = Some(crate::agent::control::ConsistentStatus {
+            seq: 812,
+            at_unix_ms: 1_795_003_421_220,
+            age_s: 37.5,
+            behind_s: 12.25,
+            journal_lsn: 0,
+            resync_open: true,
+        });
+        d.journal = Some(crate::agent::control::JournalStatus {
+            path: "/srv/j".into(),
+            capacity_bytes: 1 << 30,
+            used_bytes: 4096,
+            records: 3,
+            points: 2,
+        });
+        let (families, samples) = parse(&render(&d));
+        assert_eq!(
+            families["tandem_consistent_point_timestamp_seconds"],
+            "gauge"
+        );
+        assert_eq!(
+            value(&samples, "tandem_consistent_point_timestamp_seconds", &[]),
+            1_795_003_421.22
+        );
+        assert_eq!(value(&samples, "tandem_consistent_point_seq", &[]), 812.0);
+        assert_eq!(
+            value(&samples, "tandem_consistent_point_age_seconds", &[]),
+            37.5
+        );
+        assert_eq!(
+            value(&samples, "tandem_consistent_point_behind_seconds", &[]),
+            12.25
+        );
+        assert_eq!(
+            value(&samples, "tandem_consistent_point_resync_open", &[]),
+            1.0
+        );
+        assert_eq!(value(&samples, "tandem_journal_used_bytes", &[]), 4096.0);
+        assert_eq!(value(&samples, "tandem_rollback_points", &[]), 2.0);
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! TCP socket options for replication links.
+//! TCP socket options for replication links (through rustix's typed socket
+//! options: no hand-written `unsafe`).
 
-use std::os::fd::AsRawFd;
+use std::time::Duration;
 
+use rustix::net::sockopt;
 use tokio::net::TcpStream;
 
 use super::TransportError;
@@ -16,39 +18,13 @@ pub const KEEPALIVE_S_DEFAULT: u64 = 5;
 /// retransmissions.
 pub const USER_TIMEOUT_MS_DEFAULT: u64 = 20_000;
 /// Keepalive probes sent before the connection is declared dead.
-const KEEPALIVE_PROBES: libc::c_int = 3;
+const KEEPALIVE_PROBES: u32 = 3;
 
-fn set_int_option(
-    stream: &TcpStream,
-    level: libc::c_int,
-    option: libc::c_int,
-    option_name: &'static str,
-    value: libc::c_int,
-) -> Result<(), TransportError> {
-    let fd = stream.as_raw_fd();
-    // SAFETY: `fd` is an open socket owned by `stream`, which outlives this
-    // call; `value` is a live c_int and the length passed is its exact size,
-    // as setsockopt(2) requires for these integer options.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            option,
-            (&value as *const libc::c_int).cast::<libc::c_void>(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(TransportError::SocketOption {
-            option: option_name,
-            source: std::io::Error::last_os_error(),
-        });
+fn option_error(option: &'static str) -> impl FnOnce(rustix::io::Errno) -> TransportError {
+    move |e| TransportError::SocketOption {
+        option,
+        source: e.into(),
     }
-    Ok(())
-}
-
-fn clamp_to_c_int(value: u64) -> libc::c_int {
-    value.min(libc::c_int::MAX as u64) as libc::c_int
 }
 
 /// TCP_NODELAY (frames are written whole; Nagle would only add latency to
@@ -65,66 +41,20 @@ pub fn configure_tcp(
             option: "TCP_NODELAY",
             source,
         })?;
-    let keepalive_s = clamp_to_c_int(keepalive_s.max(1));
-    set_int_option(
-        stream,
-        libc::SOL_SOCKET,
-        libc::SO_KEEPALIVE,
-        "SO_KEEPALIVE",
-        1,
-    )?;
-    set_int_option(
-        stream,
-        libc::IPPROTO_TCP,
-        libc::TCP_KEEPIDLE,
-        "TCP_KEEPIDLE",
-        keepalive_s,
-    )?;
-    set_int_option(
-        stream,
-        libc::IPPROTO_TCP,
-        libc::TCP_KEEPINTVL,
-        "TCP_KEEPINTVL",
-        keepalive_s,
-    )?;
-    set_int_option(
-        stream,
-        libc::IPPROTO_TCP,
-        libc::TCP_KEEPCNT,
-        "TCP_KEEPCNT",
-        KEEPALIVE_PROBES,
-    )?;
-    set_int_option(
-        stream,
-        libc::IPPROTO_TCP,
-        libc::TCP_USER_TIMEOUT,
-        "TCP_USER_TIMEOUT",
-        clamp_to_c_int(user_timeout_ms),
-    )?;
+    // The kernel keeps these in seconds as an int.
+    let keepalive = Duration::from_secs(keepalive_s.clamp(1, i32::MAX as u64));
+    sockopt::set_socket_keepalive(stream, true).map_err(option_error("SO_KEEPALIVE"))?;
+    sockopt::set_tcp_keepidle(stream, keepalive).map_err(option_error("TCP_KEEPIDLE"))?;
+    sockopt::set_tcp_keepintvl(stream, keepalive).map_err(option_error("TCP_KEEPINTVL"))?;
+    sockopt::set_tcp_keepcnt(stream, KEEPALIVE_PROBES).map_err(option_error("TCP_KEEPCNT"))?;
+    sockopt::set_tcp_user_timeout(stream, user_timeout_ms.min(i32::MAX as u64) as u32)
+        .map_err(option_error("TCP_USER_TIMEOUT"))?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn get_int_option(stream: &TcpStream, level: libc::c_int, option: libc::c_int) -> libc::c_int {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: the fd is open for the lifetime of `stream`; `value` and
-        // `len` are live locals of the sizes getsockopt(2) expects.
-        let rc = unsafe {
-            libc::getsockopt(
-                stream.as_raw_fd(),
-                level,
-                option,
-                (&mut value as *mut libc::c_int).cast::<libc::c_void>(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        value
-    }
 
     #[tokio::test]
     async fn options_are_set_on_the_socket() {
@@ -134,25 +64,16 @@ mod tests {
             .unwrap();
         configure_tcp(&stream, 7, 12_345).unwrap();
         assert!(stream.nodelay().unwrap());
+        assert!(sockopt::socket_keepalive(&stream).unwrap());
         assert_eq!(
-            get_int_option(&stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
-            1
+            sockopt::tcp_keepidle(&stream).unwrap(),
+            Duration::from_secs(7)
         );
         assert_eq!(
-            get_int_option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
-            7
+            sockopt::tcp_keepintvl(&stream).unwrap(),
+            Duration::from_secs(7)
         );
-        assert_eq!(
-            get_int_option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
-            7
-        );
-        assert_eq!(
-            get_int_option(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
-            3
-        );
-        assert_eq!(
-            get_int_option(&stream, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
-            12_345
-        );
+        assert_eq!(sockopt::tcp_keepcnt(&stream).unwrap(), 3);
+        assert_eq!(sockopt::tcp_user_timeout(&stream).unwrap(), 12_345);
     }
 }

@@ -17,7 +17,7 @@ export RUSTFLAGS="-C passes=sancov-module \
 # Only the fuzz_* binaries link libFuzzer's coverage callbacks; the recorder is
 # built normally (record-seeds.sh).
 bins=()
-for t in frame secondary nbd_option nbd_request control; do bins+=(--bin "fuzz_$t"); done
+for t in frame secondary primary nbd_option nbd_request control; do bins+=(--bin "fuzz_$t"); done
 cargo build --release --quiet -p tandem-fuzz --features libfuzzer "${bins[@]}" \
   --target "$triple" --target-dir target/fuzz >&2
 echo "target/fuzz/$triple/release"

@@ -4,7 +4,7 @@
 # or HOURS hours, whichever comes first. Crashes are kept in
 # target/fuzz/artifacts/TARGET/; the run goes on with the next target.
 #
-#   tools/fuzz/campaign.sh [-n EXECS] [-h HOURS] [TARGET...]   (default 10 000 000 executions, 2 h cap)
+#   tools/fuzz/campaign.sh [-n EXECS] [-h HOURS | -s SECONDS] [TARGET...]   (default 10 000 000 executions, 2 h cap)
 #
 # Prints, per target: executions, time, new corpus size, crashes. Quote these
 # figures (and the commit) when reporting a campaign.
@@ -12,13 +12,14 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 execs=10000000
-hours=2
-all=(frame secondary nbd_option nbd_request control)
-while getopts "n:h:" opt; do
+seconds=$((2 * 3600))
+all=(frame secondary primary nbd_option nbd_request control)
+while getopts "n:h:s:" opt; do
   case $opt in
     n) execs=$OPTARG ;;
-    h) hours=$OPTARG ;;
-    *) echo "usage: $0 [-n EXECS] [-h HOURS] [TARGET...]" >&2; exit 2 ;;
+    h) seconds=$((OPTARG * 3600)) ;;
+    s) seconds=$OPTARG ;;
+    *) echo "usage: $0 [-n EXECS] [-h HOURS | -s SECONDS] [TARGET...]" >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -35,7 +36,7 @@ for t in "${targets[@]}"; do
   # -runs stops after EXECS executions; -max_total_time caps the wall time.
   # -fork would survive crashes but needs more cores than this machine has.
   set +e
-  nice -n 10 "$bin_dir/fuzz_$t" -runs="$execs" -max_total_time=$((hours * 3600)) \
+  nice -n 10 "$bin_dir/fuzz_$t" -runs="$execs" -max_total_time="$seconds" \
     -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$artifacts/" \
     ${FUZZ_ARGS:-} "$work" "tools/fuzz/corpus/$t" "tools/fuzz/regressions/$t" > "$log" 2>&1
   rc=$?

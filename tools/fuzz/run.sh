@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 seconds=30
-all=(frame secondary nbd_option nbd_request control)
+all=(frame secondary primary nbd_option nbd_request control)
 while getopts "t:" opt; do
   case $opt in
     t) seconds=$OPTARG ;;

@@ -117,7 +117,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                 (super::PeerLoss::Degrade, false) => Remote::Nothing,
             },
         };
-        if remote != Remote::Nothing && self.stream.is_streaming() {
+        // dr (issue 10): async mode relays the FLUSH too (nothing waits for it):
+        // on the secondary it is a consistent point of the rollback window.
+        let relay = remote != Remote::Nothing || self.cfg.mode == super::Mode::Async;
+        if relay && self.stream.is_streaming() {
             self.stream.flush_markers.push_back(through);
         }
         let local_needed = self.request_local_flush(out);

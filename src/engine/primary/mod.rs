@@ -126,6 +126,9 @@ pub struct Config {
     pub range_hash_blocks: u64,
     /// Resync rate limit in bytes on the wire per second; 0 = unlimited.
     pub resync_rate_bytes_per_s: u64,
+    /// ha (`tandem pause-sync`): no resync chunk is produced while set; client
+    /// writes still replicate, the out-of-sync blocks wait.
+    pub resync_paused: bool,
     /// Shortest time the primary stays ahead once it went there: each return costs
     /// a resync pass, and a link slower than the writers would otherwise flap.
     pub ahead_min_ms: u64,
@@ -153,6 +156,7 @@ impl Config {
             resync_chunk_bytes: 1 << 20,
             range_hash_blocks: RANGE_HASH_BLOCKS,
             resync_rate_bytes_per_s: 0,
+            resync_paused: false,
             ahead_min_ms: 500,
             local_flush_interval_ms: 2_000,
             persist_interval_ms: 10_000,
@@ -607,6 +611,12 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     /// Change the resync rate limit (bytes per second on the wire; 0 = unlimited).
     pub fn set_resync_rate(&mut self, bytes_per_s: u64) {
         self.cfg.resync_rate_bytes_per_s = bytes_per_s;
+        self.resync.reset_budget(); // ha: the new rate starts from an empty bucket
+    }
+
+    /// ha: pause or resume the resync (`tandem pause-sync` / `resume-sync`).
+    pub fn set_resync_paused(&mut self, paused: bool) {
+        self.cfg.resync_paused = paused;
     }
 
     /// Mark blocks that differ on the secondary for reasons of its own (it wrote them

@@ -679,3 +679,80 @@ fn reaching_in_sync_persists_the_clean_bitmap_at_once() {
         .collect();
     assert_eq!(persisted, vec![0], "one persist of a clean bitmap: {out:?}");
 }
+
+/// ha (issue 12, `tandem set resync-rate`): the bucket was charged when a chunk's
+/// read completed, so every chunk the window allowed started at once and a
+/// 256 KiB/s resync sent 16 MiB in half a second (e2e_ha). Charged when started
+/// now; a read that finds zeroes gets back what it does not send.
+#[test]
+fn a_rate_limited_resync_starts_no_more_reads_than_its_budget_allows() {
+    let mut c = cfg(Mode::Async, 1024);
+    c.resync_rate_bytes_per_s = 160 * 1024;
+    let mut e = engine(c);
+    e.mark_out_of_sync(BlockIndex(0), BlockIndex(1024));
+    let mut out = Vec::new();
+    e.session_started(false, &mut out);
+    // The bitmap to resend is persisted before the pass opens.
+    for a in std::mem::take(&mut out) {
+        if let Action::PersistBitmap { .. } = a {
+            e.bitmap_persisted(Ok(()), &mut out);
+        }
+    }
+    e.tick(0, &mut out);
+    e.tick(1000, &mut out);
+    let reads = started(&out)
+        .iter()
+        .filter(|(_, k, _)| *k == OpKind::ResyncRead)
+        .count();
+    // One second of budget: 160 KiB, ten chunks of 16 KiB (the tenth overdraws).
+    assert!(
+        (1..=10).contains(&reads),
+        "{reads} chunks of 16 KiB started on 160 KiB of budget"
+    );
+    // Zero reads send no payload: their bytes return to the bucket.
+    let seqs: Vec<Seq> = started(&out)
+        .iter()
+        .filter(|(_, k, _)| *k == OpKind::ResyncRead)
+        .map(|(s, _, _)| *s)
+        .collect();
+    out.clear();
+    for s in seqs {
+        e.read_done(s, Ok(ReadResult::Zero), &mut out);
+    }
+    e.tick(1001, &mut out);
+    let more = started(&out)
+        .iter()
+        .filter(|(_, k, _)| *k == OpKind::ResyncRead)
+        .count();
+    assert!(more >= 1, "zero reads kept their charge: {out:?}");
+    e.assert_invariants();
+}
+
+/// dr (issue 10): in async mode a client FLUSH is relayed to the secondary too (a
+/// marker, nothing waits for it): there it becomes a listed consistent point of
+/// the rollback window. Without it an async secondary listed no point between
+/// its volume's and its newest (e2e_dr_rollback: `tandem inspect --at` fell back
+/// to the end of the first full sync).
+#[test]
+fn an_async_flush_is_relayed_as_a_marker_and_completes_locally() {
+    let (mut e, mut out) = connected(cfg(Mode::Async, 64));
+    settle_local(&mut e, &mut out);
+    let seq = write(&mut e, 0, 1, false, 1, &mut out);
+    settle_local(&mut e, &mut out);
+    out.clear();
+    e.flush(2, 0, &mut out);
+    settle_local(&mut e, &mut out);
+    let markers: Vec<Seq> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Ship(Outgoing::Flush { through }) => Some(*through),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(markers, vec![seq], "{out:?}");
+    assert_eq!(
+        completed(&out),
+        vec![(2, Ok(()))],
+        "async: the flush completes on the local fdatasync alone"
+    );
+}

@@ -336,3 +336,186 @@ fn a_session_with_nothing_to_resync_marks_the_image_consistent() {
         "{out:?}"
     );
 }
+
+// dr (issue 10): inspections, rollback points, reads through a view.
+
+/// A journal of `records` 4 KiB writes whose rollback window keeps everything
+/// until the journal needs room (the checkpointer copies only under pressure).
+fn small_engine(records: u64) -> E {
+    let mut cfg = Config::new(64 * BS, BS as u32, records * (BS + 64));
+    cfg.frame_max_bytes = BS;
+    cfg.rollback_window_bytes = u64::MAX;
+    cfg.checkpoint_batch_bytes = 4 * (BS + 64);
+    SecondaryEngine::new(cfg, Lsn::ZERO, Vec::new(), true, (Seq::ZERO, 0))
+}
+
+/// Feed one frame as the agent does: ask for room first, settle while waiting.
+fn feed(e: &mut E, frame: Incoming<u8>, out: &mut Out) {
+    for _ in 0..100 {
+        match e.room(out) {
+            Room::Free => {
+                e.receive(frame, 0, out);
+                e.tick(1, out);
+                settle(e, out);
+                return;
+            }
+            Room::Wait => settle(e, out),
+            Room::Stuck => panic!("journal stuck: {out:?}"),
+        }
+    }
+    panic!("no room after 100 rounds");
+}
+
+#[test]
+fn the_volume_point_carries_the_newest_write_recorded_for_the_volume() {
+    let mut e: E = SecondaryEngine::new(
+        Config::new(16 * BS, BS as u32, 256 << 20),
+        Lsn(40),
+        Vec::new(),
+        true,
+        (Seq(812), 1_795_000_000_000),
+    );
+    let points = e.points(10);
+    assert_eq!(points.len(), 1, "{points:?}");
+    assert_eq!((points[0].lsn, points[0].seq), (Lsn(40), Seq(812)));
+    assert_eq!(points[0].at_ms, 1_795_000_000_000);
+    let mut out = Vec::new();
+    e.receive(start(813, 0), 0, &mut out);
+    e.receive(Incoming::Flush { through: Seq(812) }, 0, &mut out);
+    e.tick(1, &mut out);
+    settle(&mut e, &mut out);
+    assert!(
+        e.points(10).iter().all(|p| p.at_ms == 1_795_000_000_000),
+        "markers without writes keep the volume's time: {:?}",
+        e.points(10)
+    );
+}
+
+#[test]
+fn a_view_read_serves_an_older_point_and_survives_checkpoints_up_to_the_pin() {
+    let mut e = small_engine(1024);
+    let mut out = Vec::new();
+    e.receive(start(1, 0), 0, &mut out);
+    e.receive(write(1, 0, 100), 0, &mut out);
+    e.receive(Incoming::Flush { through: Seq(1) }, 0, &mut out);
+    e.receive(write(2, 0, 200), 0, &mut out);
+    e.receive(write(3, 1, 300), 0, &mut out);
+    e.receive(Incoming::Flush { through: Seq(3) }, 0, &mut out);
+    e.tick(1, &mut out);
+    settle(&mut e, &mut out);
+    let first = e
+        .points(10)
+        .into_iter()
+        .find(|p| p.seq == Seq(1))
+        .expect("the point after write 1");
+    let view = e.view_at(first.lsn);
+    let sources = e.begin_view_read(&view, ByteRange::new(0, 2 * BS));
+    assert_eq!(
+        sources,
+        vec![
+            (
+                ByteRange::new(0, BS),
+                Source::Record {
+                    lsn: Lsn(2),
+                    skip: 0
+                }
+            ),
+            (ByteRange::new(BS, BS), Source::Volume),
+        ],
+        "block 0 as of write 1, block 1 not yet written"
+    );
+    assert!(
+        !e.checkpoint_all(&mut out) || e.applied() == Lsn::ZERO,
+        "no checkpoint while a read runs"
+    );
+    e.end_read(&mut out);
+    // Pinned at the point: the checkpointer copies up to it, not past it.
+    e.set_pin(Some(first.lsn));
+    while e.checkpoint_all(&mut out) {
+        settle(&mut e, &mut out);
+        if e.is_idle() && e.applied() == first.lsn {
+            break;
+        }
+    }
+    assert_eq!(e.applied(), first.lsn);
+    let sources = e.begin_view_read(&view, ByteRange::new(0, 2 * BS));
+    assert_eq!(
+        sources,
+        vec![(ByteRange::new(0, 2 * BS), Source::Volume)],
+        "what the view read from the journal is in the volume now"
+    );
+    e.end_read(&mut out);
+    assert_eq!(
+        e.sources(ByteRange::new(0, BS)),
+        vec![(
+            ByteRange::new(0, BS),
+            Source::Record {
+                lsn: Lsn(4),
+                skip: 0
+            }
+        )],
+        "the current image still reads write 2"
+    );
+}
+
+#[test]
+fn an_inspection_pin_holds_the_checkpointer_until_replication_needs_the_room() {
+    let mut e = small_engine(64);
+    let mut out = Vec::new();
+    feed(&mut e, start(1, 0), &mut out);
+    for seq in 1..=8 {
+        feed(&mut e, write(seq, seq % 16, seq * 10), &mut out);
+        feed(&mut e, Incoming::Flush { through: Seq(seq) }, &mut out);
+    }
+    let pin = e.points(usize::MAX).last().expect("a point").lsn;
+    e.set_pin(Some(pin));
+    let mut held_past_pressure = false;
+    let mut seq = 9;
+    while e.pin().is_some() {
+        assert!(seq < 1000, "the pin never yielded");
+        feed(&mut e, write(seq, seq % 16, seq * 10), &mut out);
+        if e.pin().is_some() {
+            assert!(e.applied() <= pin, "checkpointed past the pin");
+            held_past_pressure |= e.live_bytes() * 4 > e.config().journal_capacity_bytes * 3;
+        }
+        seq += 1;
+    }
+    assert!(held_past_pressure, "the pin held while there was room");
+    assert!(failed(&out).is_none(), "replication went on: {out:?}");
+    // And replication goes on after it yielded.
+    for s in seq..seq + 64 {
+        feed(&mut e, write(s, s % 16, s * 10), &mut out);
+    }
+    assert!(failed(&out).is_none(), "{out:?}");
+    assert!(e.applied() > pin);
+}
+
+#[test]
+fn a_rollback_to_a_listed_point_drops_the_later_records_and_names_their_ranges() {
+    let mut e = engine(16, 256 << 20);
+    let mut out = Vec::new();
+    e.receive(start(1, 0), 0, &mut out);
+    e.receive(write(1, 0, 100), 0, &mut out);
+    e.receive(Incoming::Flush { through: Seq(1) }, 0, &mut out);
+    e.receive(write(2, 3, 200), 0, &mut out);
+    e.receive(write(3, 5, 300), 0, &mut out);
+    e.receive(Incoming::Flush { through: Seq(3) }, 0, &mut out);
+    e.tick(1, &mut out);
+    settle(&mut e, &mut out);
+    e.session_ended(&mut out);
+    settle(&mut e, &mut out);
+    let target = e
+        .points(10)
+        .into_iter()
+        .find(|p| p.seq == Seq(1))
+        .expect("point 1");
+    let mut dropped = e.truncate_after(target.lsn);
+    dropped.sort_by_key(|r| r.offset);
+    assert_eq!(
+        dropped,
+        vec![ByteRange::new(3 * BS, BS), ByteRange::new(5 * BS, BS)]
+    );
+    let (lsn, seq, at_ms) = e.consistent_point().expect("consistent");
+    assert_eq!((lsn, seq, at_ms), (target.lsn, Seq(1), 100));
+    assert_eq!(e.points(10).last().map(|p| p.seq), Some(Seq(1)));
+}

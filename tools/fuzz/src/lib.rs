@@ -17,15 +17,17 @@ pub mod control;
 pub mod frame;
 pub mod nbd_option;
 pub mod nbd_request;
+pub mod primary;
 pub mod secondary;
 
 /// A target's entry point.
 pub type Target = fn(&[u8]);
 
 /// Every target by name, as `run.sh` and the replay tests know them.
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("frame", frame::run),
     ("secondary", secondary::run),
+    ("primary", primary::run),
     ("nbd_option", nbd_option::run),
     ("nbd_request", nbd_request::run),
     ("control", control::run),

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use tandem::wire::{Frame, Message, decode_frame};
+use tandem::wire::{Frame, decode_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Largest seed file: small seeds keep the corpus in the repository small and
@@ -158,38 +158,32 @@ fn seeds(replication: &Path, nbd: &Path, corpus: &Path) -> anyhow::Result<()> {
             write_seed(&corpus.join("frame"), &format!("rec-{i}-run"), &run)?;
             counts[0] += 1;
         }
-        // The secondary engine: the frames the primary sent, as the target encodes them.
+        // The secondary engine: the frames the primary sent, as the target
+        // encodes them (a 64 MiB volume and a 1 GiB journal, as recorded), each
+        // followed by the completion of the journal sync and checkpoint it asked
+        // for, and a tick every 8 frames.
+        let mut records = vec![0x43u8, 0];
         let mut expected = 1u64;
-        let mut records = Vec::new();
         let mut part = 0;
         for (k, (frame, _)) in frames.iter().enumerate() {
-            if let Message::ResyncStart { .. } = frame.msg
-                && records.is_empty()
-            {
-                expected = frame.seq;
-            }
-            // Complete two operations before each frame, tick every 8th.
-            let schedule = 2 | if k % 8 == 0 { 0x08 } else { 0 };
             let payload_len = u64::from(frame.payload.raw_len());
-            if let Some(mut rec) = tandem_fuzz::secondary::encode_record(
-                schedule,
-                frame.seq,
-                &frame.msg,
-                payload_len,
-                expected,
-            ) {
-                rec.splice(1..1, [0u8, 0u8]);
-                records.extend(rec);
-                if matches!(
-                    frame.msg,
-                    Message::Write { .. }
-                        | Message::WriteZeroes { .. }
-                        | Message::Trim { .. }
-                        | Message::HashCheck { .. }
-                        | Message::ResyncStart { .. }
-                ) {
-                    expected = frame.seq + 1;
-                }
+            let Some(f) = tandem_fuzz::secondary::frame_of(frame.seq, &frame.msg, payload_len)
+            else {
+                continue;
+            };
+            records.extend(tandem_fuzz::secondary::encode_frame(&f, expected));
+            records.extend([0x07, 0x08]);
+            if k % 8 == 0 {
+                records.extend([0x0a, 0x10]);
+            }
+            use tandem_fuzz::secondary::Frame;
+            match f {
+                Frame::ResyncStart { seq, .. } => expected = seq.max(expected),
+                Frame::Write { seq, .. }
+                | Frame::Zeroes { seq, .. }
+                | Frame::Trim { seq, .. }
+                | Frame::HashCheck { seq, .. } => expected = seq + 1,
+                Frame::Flush { .. } | Frame::ResyncDone { .. } => {}
             }
             if records.len() > 4096 {
                 write_seed(
@@ -199,11 +193,11 @@ fn seeds(replication: &Path, nbd: &Path, corpus: &Path) -> anyhow::Result<()> {
                 )?;
                 counts[1] += 1;
                 part += 1;
-                records.clear();
+                records.truncate(2);
                 break;
             }
         }
-        if !records.is_empty() {
+        if records.len() > 2 {
             write_seed(
                 &corpus.join("secondary"),
                 &format!("rec-{i}-{part}"),

@@ -1,0 +1,4 @@
+//! libFuzzer entry point of the `primary` target (see tandem_fuzz::primary).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tandem_fuzz::primary::run(data));
