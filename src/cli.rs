@@ -462,6 +462,15 @@ pub struct NodeArgs {
     /// (apply it in place; the secondary is not promotable until it completes).
     #[arg(long, value_name = "refuse|inconsistent")]
     pub resync_overflow: Option<String>,
+    /// Primary, async mode: the ordered spill log file (default: the metadata
+    /// path + ".spill"; wan, issue 11).
+    #[arg(long, value_name = "PATH")]
+    pub spill_log: Option<PathBuf>,
+    /// Primary, async mode: record bytes the spill log holds, preallocated (default
+    /// 1G, at least the replication window; 0 = none). Writes that do not fit the
+    /// window go there and ship in order; only a full spill log goes ahead.
+    #[arg(long, value_name = "SIZE")]
+    pub spill_size: Option<String>,
     // nbd (issue 13):
     /// Secondary: serve the volume read-only over NBD on this address (HOST:PORT,
     /// unix:/path or /abs/path) while replication continues.
@@ -519,6 +528,8 @@ impl NodeArgs {
             journal_size: self.journal_size,
             rollback_window_s: self.rollback_window_s,
             resync_overflow: self.resync_overflow,
+            spill_log: self.spill_log, // wan
+            spill_size: self.spill_size,
             export_readonly: self.export_readonly,
             nbd_tls_clients: self.nbd_tls_clients,
             danger_nbd_plaintext: self.danger_nbd_plaintext,

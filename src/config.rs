@@ -124,6 +124,8 @@ pub struct ResourceSection {
     /// What a resync too large for the journal does: refuse (keep the last
     /// consistent image) or inconsistent (apply it in place).
     pub resync_overflow: Option<String>,
+    /// wan (issue 11 item 5): the primary's spill log, record bytes (0 = none).
+    pub spill_size: Option<SizeValue>,
     // nbd (issue 13): TLS on the NBD export, and plaintext off loopback.
     pub nbd_tls_clients: Option<Vec<String>>,
     pub danger_nbd_plaintext: Option<bool>,
@@ -143,6 +145,8 @@ pub struct NodeSection {
     pub metrics: Option<SocketAddr>,
     /// The redo journal's file (default: the metadata path + ".journal").
     pub journal: Option<PathBuf>,
+    /// wan: the primary's spill log file (default: the metadata path + ".spill").
+    pub spill_log: Option<PathBuf>,
     // nbd (issue 13): the secondary's read-only export.
     pub export_readonly: Option<String>,
 }
@@ -254,6 +258,10 @@ pub struct NodeConfig {
     pub rollback_window_ms: u64,
     /// A resync larger than the journal may make the secondary inconsistent.
     pub resync_overflow_inconsistent: bool,
+    /// wan (issue 11 item 5): the primary's ordered spill log and the record
+    /// bytes it holds (0 = none: a full window goes ahead at once).
+    pub spill_log: PathBuf,
+    pub spill_bytes: u64,
     // nbd (issue 13):
     /// Secondary: serve the volume read-only over NBD on this address.
     pub export_readonly: Option<String>,
@@ -370,6 +378,9 @@ pub mod defaults {
     /// (whichever is reached first, issue 10).
     pub const JOURNAL_BYTES: u64 = 1 << 30;
     pub const ROLLBACK_WINDOW_S: u64 = 3600;
+    /// wan: the primary's spill log: 1 GiB of writes (16 windows; about 50 s of
+    /// a 20 MB/s WAN link's backlog) before async mode goes ahead.
+    pub const SPILL_BYTES: u64 = 1 << 30;
 }
 
 /// Raw option values from the command line (all optional; the file fills gaps).
@@ -415,6 +426,9 @@ pub struct Overrides {
     pub journal_size: Option<String>,
     pub rollback_window_s: Option<u64>,
     pub resync_overflow: Option<String>,
+    // wan (issue 11 item 5):
+    pub spill_log: Option<PathBuf>,
+    pub spill_size: Option<String>,
     // nbd (issue 13):
     pub export_readonly: Option<String>,
     pub nbd_tls_clients: Vec<String>,
@@ -817,6 +831,14 @@ impl NodeConfig {
             }),
             journal_bytes: size_opt(&o.journal_size, &res.journal_size, "--journal-size")?
                 .unwrap_or(defaults::JOURNAL_BYTES),
+            // wan (issue 11 item 5)
+            spill_log: o.spill_log.or(mine.spill_log).unwrap_or_else(|| {
+                let mut p = meta_for_journal.clone().into_os_string();
+                p.push(".spill");
+                PathBuf::from(p)
+            }),
+            spill_bytes: size_opt(&o.spill_size, &res.spill_size, "--spill-size")?
+                .unwrap_or(defaults::SPILL_BYTES),
             rollback_window_ms: o
                 .rollback_window_s
                 .or(res.rollback_window_s)
@@ -939,6 +961,16 @@ impl NodeConfig {
                     "{}: expected 16 to {}",
                     self.al_extents_max,
                     crate::meta::al::AL_EXTENTS_MAX
+                ),
+            });
+        }
+        // wan (issue 11 item 5): a spill log holds at least one window.
+        if self.spill_bytes > 0 && self.spill_bytes < self.queue_bytes_max {
+            return Err(ConfigError::Invalid {
+                option: "--spill-size",
+                message: format!(
+                    "{} bytes is smaller than the replication window ({} bytes, --queue-bytes-max): the spill log must hold at least one window; set it to at least {} bytes, or 0 for no spill log",
+                    self.spill_bytes, self.queue_bytes_max, self.queue_bytes_max
                 ),
             });
         }

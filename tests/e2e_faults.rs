@@ -492,6 +492,10 @@ fn throttled_link_overflows_async_window_goes_ahead_then_converges() {
         "1M",
         "--queue-writes-max",
         "16",
+        // wan: no spill log, so that the full window goes ahead at once
+        // (tests/e2e_spill.rs covers the spill log).
+        "--spill-size",
+        "0",
     ]);
     let mut rig = Rig::start(opts, seed);
     let model = Model::shared();
@@ -703,6 +707,9 @@ fn async_switchover_while_ahead_loses_no_acknowledged_write() {
         "256",
         "--listen",
         &listen,
+        // wan: no spill log, so that the full window goes ahead (the premise).
+        "--spill-size",
+        "0",
     ]);
     let mut rig = Rig::start(opts, seed);
     let model = Model::shared();

@@ -382,6 +382,14 @@ pub struct Counters {
     pub verify_wire_bytes: u64,
     /// Times the primary went ahead (async window full).
     pub ahead_episodes: u64,
+    /// wan (issue 11 item 5): spill episodes, bytes spilled, record bytes in the
+    /// spill log now.
+    #[serde(default)]
+    pub spill_episodes: u64,
+    #[serde(default)]
+    pub spilled_bytes: u64,
+    #[serde(default)]
+    pub spill_live_bytes: u64,
     pub applied_writes: u64,
     pub sessions: u64,
     pub frames_rejected: u64,
@@ -492,6 +500,9 @@ impl StatusDoc {
                 verify_wire_bytes: Metrics::get(&m.verify_wire_bytes),
                 verify_mismatched_blocks: Metrics::get(&m.verify_mismatched_blocks),
                 ahead_episodes: Metrics::get(&m.ahead_episodes),
+                spill_episodes: Metrics::get(&m.spill_episodes), // wan
+                spilled_bytes: Metrics::get(&m.spilled_bytes),
+                spill_live_bytes: Metrics::get(&m.spill_live_bytes),
                 applied_writes: Metrics::get(&m.applied_writes),
                 sessions: Metrics::get(&m.sessions),
                 frames_rejected: Metrics::get(&m.frames_rejected)

@@ -14,6 +14,7 @@ pub mod monitor;
 pub mod node;
 pub mod primary;
 pub mod secondary;
+pub mod spill; // wan (issue 11 item 5)
 
 use std::io;
 use std::time::Duration;

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::control::{self, ControlHandler, ControlReply, ControlRequest, StatusDoc};
 use crate::agent::link::{self, FrameReader, LinkError};
 use crate::agent::metawork::{MetaDone, MetaJob, MetaWorker};
+use crate::agent::spill::{SpillDone, SpillJob, SpillWorker}; // wan
 use crate::agent::{AgentError, RETRY_LOG_INTERVAL, RoleContext, errno_of, security_for};
 use crate::config::NodeConfig;
 use crate::engine::primary::{
@@ -314,9 +315,37 @@ pub async fn serve(
         opened.superblock.role == Role::Secondary,
         opened.superblock.volume_id,
     );
+    // wan (issue 11 item 5): writes still in the spill log may not be on the
+    // secondary: their blocks join the bitmap before anything else; the log is
+    // emptied once the bitmap below is durable.
+    let (mut spill_log, spilled) = crate::agent::spill::open(
+        &cfg.spill_log,
+        volume_id,
+        cfg.block_size,
+        if cfg.mode == Mode::Async {
+            cfg.spill_bytes
+        } else {
+            0
+        },
+        cfg.queue_bytes_max,
+    )
+    .map_err(|e| AgentError::Refused(e.to_string()))?;
+    let mut start_bitmap = opened.bitmap.clone();
+    if !spilled.is_empty() {
+        let bytes: u64 = spilled.iter().map(|r| r.len).sum();
+        tracing::warn!(
+            records = spilled.len(),
+            bytes,
+            "the spill log holds writes of the previous run: their blocks are resynced"
+        );
+        for r in &spilled {
+            let (a, b) = r.blocks(cfg.block_size);
+            start_bitmap.mark(a, b);
+        }
+    }
     let mut start = recovery::primary_start(
         &opened.superblock,
-        &opened.bitmap,
+        &start_bitmap,
         &opened.activity,
         ctx.force,
         crate::agent::unix_now_s(),
@@ -361,6 +390,15 @@ pub async fn serve(
     let mut sb = start.sb.clone();
     meta.persist_bitmap(&mut sb, &start.covered())?;
     meta.write_activity(cfg.al_extent_bytes, &[])?;
+    // wan: the bitmap now covers the spill log's records.
+    let spill_engine_bytes = if cfg.mode == Mode::Async {
+        cfg.spill_bytes
+    } else {
+        0
+    };
+    spill_log
+        .reset_after_persist(spill_engine_bytes)
+        .map_err(|e| AgentError::Refused(e.to_string()))?;
 
     let generation = sb.gen_current;
     let metrics = ctx.metrics.clone().unwrap_or_default();
@@ -380,7 +418,13 @@ pub async fn serve(
         &mut start.dirty,
         crate::bitmap::DirtyBitmap::new(BlockCount(0)),
     );
-    let mut engine = Engine::new(engine_config(&cfg, size_bytes), dirty, Seq(1));
+    let mut engine_cfg = engine_config(&cfg, size_bytes);
+    engine_cfg.spill_bytes_max = if spill_log.is_open() {
+        spill_engine_bytes
+    } else {
+        0
+    }; // wan
+    let mut engine = Engine::new(engine_cfg, dirty, Seq(1));
     engine.enable_activity(crate::engine::activity::ActiveSet::new(
         cfg.al_extent_bytes,
         cfg.al_extents_max,
@@ -401,7 +445,10 @@ pub async fn serve(
     let worker = MetaWorker::start(meta, sb.clone(), cfg.al_extent_bytes, meta_tx);
     let (peer_tx, peer_rx) = mpsc::channel(4096);
     let (io_tx, io_rx) = mpsc::unbounded_channel();
+    let (spill_tx, spill_rx) = mpsc::unbounded_channel(); // wan
+    let spill = spill_log.start(spill_tx);
     let owner = Owner {
+        spill,
         cfg: cfg.clone(),
         engine,
         volume,
@@ -420,7 +467,7 @@ pub async fn serve(
         pending_generation: false,
         peer_consistent: None, // dr (issue 10)
     };
-    let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx, meta_rx));
+    let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx, meta_rx, spill_rx));
 
     let conn_stop = CancellationToken::new();
     let (inbound_tx, inbound_rx) = mpsc::channel(1);
@@ -726,6 +773,8 @@ struct Owner {
     ahead_since: Option<Instant>,
     /// A new generation is being written; writes wait for it.
     pending_generation: bool,
+    /// wan (issue 11 item 5): the spill log's thread (async mode with a spill log).
+    spill: Option<SpillWorker>,
     /// dr (issue 10): the DR copy's consistent point as the secondary last
     /// reported it (kept after the session ends: what a promotion there serves).
     peer_consistent: Option<(Seq, u64)>,
@@ -738,6 +787,7 @@ impl Owner {
         mut io_rx: mpsc::UnboundedReceiver<IoDone>,
         mut peer_rx: mpsc::Receiver<PeerEvent>,
         mut meta_rx: mpsc::UnboundedReceiver<MetaDone>,
+        mut spill_rx: mpsc::UnboundedReceiver<SpillDone>,
     ) -> Result<(), AgentError> {
         let mut tick = tokio::time::interval(Duration::from_millis(5));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -747,6 +797,7 @@ impl Owner {
                 biased;
                 Some(done) = io_rx.recv() => self.on_io(done, &mut out),
                 Some(done) = meta_rx.recv() => self.on_meta(done, &mut out),
+                Some(done) = spill_rx.recv() => self.on_spill(done, &mut out), // wan
                 Some(ev) = peer_rx.recv() => self.on_peer(ev, &mut out),
                 cmd = cmd_rx.recv(), if self.draining.is_none() => match cmd {
                     Some(cmd) => self.on_cmd(cmd, &mut out),
@@ -843,7 +894,48 @@ impl Owner {
             }
             Action::DropSession { fault } => self.drop_session(&fault.to_string(), out),
             Action::Note(note) => self.note(note),
+            // wan (issue 11 item 5): the spill log's I/O, in order, on its thread.
+            Action::SpillAppend {
+                seq,
+                kind,
+                range,
+                fua,
+                at_ms,
+                data,
+            } => {
+                Metrics::add(&self.shared.metrics.spilled_bytes, range.len);
+                self.spill_job(SpillJob::Append {
+                    seq,
+                    kind,
+                    range,
+                    fua,
+                    at_ms,
+                    data,
+                })
+            }
+            Action::SyncSpill => self.spill_job(SpillJob::Sync),
+            Action::ReadSpill { seq } => self.spill_job(SpillJob::Read { seq }),
+            Action::ReleaseSpill { through } => self.spill_job(SpillJob::Release { through }),
+            Action::ResetSpill => self.spill_job(SpillJob::Reset),
         }
+    }
+
+    /// wan: hand a job to the spill thread (the engine only spills when it runs).
+    fn spill_job(&self, job: SpillJob) {
+        self.spill
+            .as_ref()
+            .expect("the engine spills only with a spill log")
+            .send(job);
+    }
+
+    /// wan: a spill-log job finished.
+    fn on_spill(&mut self, done: SpillDone, out: &mut Actions) {
+        match done {
+            SpillDone::Synced(r) => self.engine.spill_synced(r, out),
+            SpillDone::Read { seq, result } => self.engine.spill_read_done(seq, result, out),
+            SpillDone::Released(r) => self.engine.spill_released(r, out),
+        }
+        self.act(out);
     }
 
     fn meta(&self) -> &MetaWorker {
@@ -859,11 +951,13 @@ impl Owner {
             Note::EnteredAhead {
                 lag_writes,
                 lag_bytes,
+                spill_bytes,
             } => {
                 tracing::warn!(
                     lag_writes,
                     lag_bytes,
-                    "replication window full: going ahead, new writes are tracked in the bitmap until the secondary catches up"
+                    spill_bytes,
+                    "replication window (and spill log) full: going ahead, new writes are tracked in the bitmap until the secondary catches up"
                 );
                 Metrics::add(&m.ahead_episodes, 1);
                 self.ahead_since = Some(Instant::now());
@@ -882,6 +976,42 @@ impl Owner {
                     "secondary caught up: leaving ahead; resyncing what changed meanwhile"
                 );
                 self.ahead_since = None;
+            }
+            // wan (issue 11 item 5): once per episode, with figures.
+            Note::EnteredSpill {
+                lag_writes,
+                lag_bytes,
+                capacity_bytes,
+            } => {
+                tracing::info!(
+                    lag_writes,
+                    lag_bytes,
+                    capacity_bytes,
+                    "replication window full: spilling writes to the spill log, shipped from there in order (the secondary stays consistent)"
+                );
+                Metrics::add(&m.spill_episodes, 1);
+                m.events.push(
+                    "spill",
+                    format!("window full ({lag_bytes} bytes in flight): spilling to the spill log"),
+                );
+            }
+            Note::LeftSpill {
+                spilled_writes,
+                spilled_bytes,
+                peak_bytes,
+                spill_ms,
+            } => tracing::info!(
+                spilled_writes,
+                spilled_bytes,
+                peak_bytes,
+                spill_ms,
+                "spill log drained: every spilled write is durable on the secondary"
+            ),
+            Note::SpillFailed { reason } => {
+                tracing::error!(
+                    "spill log failed: {reason}; spilling is off until the agent restarts (a full window goes ahead)"
+                );
+                m.events.push("spill-failed", reason);
             }
             Note::Throttling { lag_bytes } => tracing::info!(
                 lag_bytes,
@@ -1421,6 +1551,8 @@ impl Owner {
         }
         let lag = self.engine.lag();
         m.lag_writes.store(lag.writes, Ordering::Relaxed);
+        m.spill_live_bytes
+            .store(self.engine.spill_usage().0, Ordering::Relaxed); // wan
         m.lag_bytes.store(lag.bytes, Ordering::Relaxed);
         m.lag_oldest_at_ms.store(
             lag.oldest_accepted_at_ms.map(|t| t.max(1)).unwrap_or(0),
@@ -1447,7 +1579,12 @@ impl Owner {
                 bitmap_base: self.sb.gen_bitmap_base.0,
                 history: [self.sb.gen_history[0].0, self.sb.gen_history[1].0],
             },
-            capabilities: caps::ZSTD,
+            // wan: stream compression when compressing at all.
+            capabilities: if self.cfg.compress_level > 0 {
+                caps::ZSTD | caps::ZSTD_STREAM
+            } else {
+                caps::ZSTD
+            },
             first_seq: self.engine.next_seq().0,
             changed_blocks: self.engine.dirty().dirty_count().0,
             promoted_at_s: self.sb.promoted_at_s,
@@ -1638,6 +1775,11 @@ impl Owner {
         sb.gen_history = self.sb.gen_history;
         sb.clean_shutdown = true;
         store.persist_bitmap(&mut sb, out_of_sync)?;
+        // wan: the bitmap covers every spilled write now: empty the spill log.
+        if let Some(w) = self.spill.take() {
+            w.send(SpillJob::Reset);
+            let _ = tokio::task::spawn_blocking(move || w.finish()).await;
+        }
         tracing::info!(
             out_of_sync_blocks = out_of_sync.dirty_count().0,
             "metadata persisted; clean shutdown"
@@ -1822,10 +1964,13 @@ impl ControlHandler for PrimaryControl {
 
 /// Turn engine frames into wire frames, compressing payloads in parallel (up to
 /// `PARALLEL` at once, order kept), and hand them to the writer.
+///
+/// `compress` None: the link compresses the whole stream (wan, issue 11 item 4);
+/// payloads go raw and the writer counts the wire bytes.
 async fn encoder(
     mut rx: mpsc::Receiver<ToPeer>,
     tx: mpsc::Sender<Frame>,
-    compress: Arc<AdaptiveCompression>,
+    compress: Option<Arc<AdaptiveCompression>>,
     metrics: Arc<Metrics>,
 ) {
     const PARALLEL: usize = 8;
@@ -1865,17 +2010,32 @@ async fn encoder(
                         at_ms,
                         data,
                     }) => {
-                        let compress = compress.clone();
-                        let metrics = metrics.clone();
-                        tokio::task::spawn_blocking(move || {
-                            let payload = compress.prepare(data);
-                            Metrics::add(&metrics.replicated_wire_bytes, payload.wire_len() as u64);
-                            Frame {
-                                seq: seq.0,
-                                msg: Message::Write { offset, fua, at_ms },
-                                payload,
+                        match compress.clone() {
+                            Some(compress) => {
+                                let metrics = metrics.clone();
+                                tokio::task::spawn_blocking(move || {
+                                    let payload = compress.prepare(data);
+                                    Metrics::add(
+                                        &metrics.replicated_wire_bytes,
+                                        payload.wire_len() as u64,
+                                    );
+                                    Frame {
+                                        seq: seq.0,
+                                        msg: Message::Write { offset, fua, at_ms },
+                                        payload,
+                                    }
+                                })
                             }
-                        })
+                            None => {
+                                // The crc32 over the payload only (G5).
+                                let frame = Frame {
+                                    seq: seq.0,
+                                    msg: Message::Write { offset, fua, at_ms },
+                                    payload: Payload::prepare(data, 0),
+                                };
+                                tokio::spawn(async move { frame })
+                            }
+                        }
                     }
                     ToPeer::Frame(other) => {
                         let frame = plain_frame(other);
@@ -2067,6 +2227,19 @@ async fn connector(
         let (out_tx, out_rx) = mpsc::channel(link::WRITER_QUEUE_FRAMES_MAX);
         let (frame_tx, frame_rx) = mpsc::channel(256);
         let (hb_tx, hb_rx) = mpsc::channel(8);
+        // wan (issue 11 item 4): one zstd stream per connection when both ends can.
+        let stream_compress =
+            cfg.compress_level > 0 && welcome.capabilities & caps::ZSTD_STREAM != 0;
+        tracing::debug!(
+            session = id,
+            stream_compress,
+            "replication link compression: {}",
+            if stream_compress {
+                "one zstd stream per connection"
+            } else {
+                "per frame"
+            }
+        );
         if peer_tx
             .send(PeerEvent::Up {
                 id,
@@ -2081,14 +2254,16 @@ async fn connector(
         let enc = tokio::spawn(encoder(
             out_rx,
             frame_tx,
-            shared.compress.clone(),
+            (!stream_compress).then(|| shared.compress.clone()),
             metrics.clone(),
         ));
-        let mut writer = tokio::spawn(link::run_writer(
+        let mut writer = tokio::spawn(link::run_writer_compressed(
             wr,
             frame_rx,
             hb_rx,
             cfg.heartbeat_interval_ms,
+            stream_compress
+                .then(|| link::StreamCompressor::new(cfg.compress_level, Some(metrics.clone()))),
         ));
         let mut reader = tokio::spawn(session_reader(
             FrameReader::new(rd, cfg.peer_timeout_ms, Some(hb_tx)),

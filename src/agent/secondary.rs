@@ -1194,7 +1194,7 @@ impl Node {
                 bitmap_base: self.sb.gen_bitmap_base.0,
                 history: [self.sb.gen_history[0].0, self.sb.gen_history[1].0],
             },
-            capabilities: caps::ZSTD,
+            capabilities: caps::ZSTD | caps::ZSTD_STREAM, // wan (issue 11 item 4)
             needs: plan.sync,
             own_dirty,
             own_verify,
@@ -1219,7 +1219,8 @@ impl Node {
         ));
         let (frames_tx, frames_rx) = mpsc::channel(64);
         tokio::spawn(frame_reader(
-            FrameReader::new(rd, cfg.peer_timeout_ms, Some(hb_tx)),
+            FrameReader::new(rd, cfg.peer_timeout_ms, Some(hb_tx))
+                .with_stream_decoding(hello.capabilities & caps::ZSTD_STREAM != 0), // wan
             id,
             frames_tx,
             self.events_tx.clone(),

@@ -13,6 +13,10 @@
 //!   power loss keeps the synced ones and a random prefix of the rest (a torn
 //!   tail is dropped); checkpoints copy records into the volume, flush it, then
 //!   release them, and a power loss can strike at each step;
+//! - the primary's **spill log** (wan, issue 11 item 5; about half the seeds):
+//!   appends are volatile until a spill sync, a crash keeps the synced records and
+//!   a random prefix of the rest; releases and resets are durable when they
+//!   complete; a restart marks every record's blocks in the bitmap first;
 //! - the **link**: frames in order, delivered after random delays, dropped
 //!   (with both sides' session end) at random.
 //!
@@ -37,7 +41,7 @@
 //!   history after some prefix of seqs;
 //! - **G3**: every block where the primary's disk (durable or cached) differs from
 //!   what the secondary would hold after a power loss is covered by the primary's
-//!   durable metadata (bitmap or activity log); after the faults stop, the pair
+//!   durable metadata (bitmap, activity log or durable spill records); after the faults stop, the pair
 //!   converges to identical images with nothing left dirty.
 //!
 //! Every run prints its seed; `TANDEM_SIM_SEED=N` replays N (and the runs after it),
@@ -223,6 +227,20 @@ struct Primary {
     persist: Option<DirtyBitmap>,
     /// Client writes and flushes not answered yet: token → what they cover.
     clients: HashMap<u64, Client>,
+    /// wan: spill-log I/O in flight: a sync (records appended before it),
+    /// read-backs, a release (`Some(through)`) or reset (`None`).
+    spill_sync: Option<usize>,
+    spill_reads: Vec<Seq>,
+    spill_release: Option<Option<Seq>>,
+}
+
+/// wan: one record of the primary's spill log in the model.
+#[derive(Clone)]
+struct SpillRec {
+    seq: Seq,
+    range: ByteRange,
+    tags: Option<Tags>,
+    durable: bool,
 }
 
 #[derive(Clone)]
@@ -282,6 +300,11 @@ struct Sim {
     pmeta: PMeta,
     p: Option<Primary>,
     runs: Vec<Run>,
+    /// wan: the spill log's capacity (0: none) and records; its own rng so that
+    /// seeds without a spill log run exactly as before.
+    spill_bytes: u64,
+    pspill: Vec<SpillRec>,
+    spill_rng: StdRng,
     // Secondary node
     sdisk: Disk,
     journal_head: Lsn,
@@ -325,6 +348,7 @@ struct Stats {
     ahead: u64,
     sections: u64,
     journal_full: u64,
+    spilled: u64,
     io_errors: u64,
     forced_restarts: u64,
     switchovers: u64,
@@ -412,6 +436,9 @@ impl Sim {
             },
             p: None,
             runs: Vec::new(),
+            spill_bytes: 0,
+            pspill: Vec::new(),
+            spill_rng: StdRng::seed_from_u64(seed ^ 0x5b11_1000),
             sdisk: Disk::new(),
             journal_head: Lsn::ZERO,
             journal: Vec::new(),
@@ -432,6 +459,11 @@ impl Sim {
             completed: Vec::new(),
             stats: Stats::default(),
         };
+        if sim.spill_rng.gen_bool(0.5) {
+            // wan: a spill log of 2 to 24 one-block records.
+            let records = sim.spill_rng.gen_range(2..=24);
+            sim.spill_bytes = records * primary::spill_record_bytes(BS as u64);
+        }
         if sim.rng.gen_bool(0.5) {
             // A pair that completed its first sync earlier (identical, empty volumes).
             sim.ssb = sim.pmeta.sb.clone();
@@ -455,6 +487,12 @@ impl Sim {
         }
         // The agent fdatasyncs the volume before anything else (recovery.rs).
         self.pdisk.flush();
+        // wan: the agent marks every spill record's blocks in the bitmap before
+        // recovery; the log is emptied once that bitmap is durable (below).
+        for r in std::mem::take(&mut self.pspill) {
+            let (a, b) = r.range.blocks(BS);
+            self.pmeta.bitmap.mark(a, b);
+        }
         let activity = ActivitySnapshot {
             txn: 1,
             extent_bytes: AL_EXTENT,
@@ -477,6 +515,7 @@ impl Sim {
         cfg.ahead_min_ms = 5;
         cfg.local_flush_interval_ms = 20;
         cfg.persist_interval_ms = 50;
+        cfg.spill_bytes_max = self.spill_bytes;
         if self.mode == Mode::Sync {
             cfg.peer_loss = PeerLoss::Block;
         }
@@ -506,6 +545,9 @@ impl Sim {
             al_write: None,
             persist: None,
             clients: HashMap::new(),
+            spill_sync: None,
+            spill_reads: Vec::new(),
+            spill_release: None,
         });
     }
 
@@ -610,6 +652,30 @@ impl Sim {
                     self.pmeta.sb.poisoned = true;
                 }
                 Action::DropSession { fault } => panic!("engine dropped the session: {fault}"),
+                Action::SpillAppend {
+                    seq, range, data, ..
+                } => {
+                    self.stats.spilled += 1;
+                    self.pspill.push(SpillRec {
+                        seq,
+                        range,
+                        tags: data,
+                        durable: false,
+                    });
+                }
+                Action::SyncSpill => {
+                    assert!(p.spill_sync.is_none(), "one spill sync at a time");
+                    p.spill_sync = Some(self.pspill.len());
+                }
+                Action::ReadSpill { seq } => p.spill_reads.push(seq),
+                Action::ReleaseSpill { through } => {
+                    assert!(p.spill_release.is_none(), "one spill release at a time");
+                    p.spill_release = Some(Some(through));
+                }
+                Action::ResetSpill => {
+                    assert!(p.spill_release.is_none(), "one spill release at a time");
+                    p.spill_release = Some(None);
+                }
                 Action::Note(primary::Note::EnteredAhead { .. }) => self.stats.ahead += 1,
                 Action::Note(primary::Note::ResyncStarted { .. }) => self.stats.sections += 1,
                 Action::Note(_) => {}
@@ -763,8 +829,49 @@ impl Sim {
         }
     }
 
+    /// wan: complete one spill-log operation in flight (true if there was one).
+    fn complete_spill(&mut self) -> bool {
+        let p = self.p.as_mut().expect("primary");
+        let mut out = Vec::new();
+        let pick = self.spill_rng.gen_range(0..3);
+        if pick == 0
+            && let Some(n) = p.spill_sync.take()
+        {
+            for r in &mut self.pspill[..n] {
+                r.durable = true;
+            }
+            p.e.spill_synced(Ok(()), &mut out);
+        } else if pick == 1 && !p.spill_reads.is_empty() {
+            let i = self.spill_rng.gen_range(0..p.spill_reads.len());
+            let seq = p.spill_reads.swap_remove(i);
+            // A read overtaken by a reset (the session ended) finds nothing: the
+            // engine must ignore it (a failed read of a live entry would drop the
+            // session, which the sim reports).
+            let result = match self.pspill.iter().find(|r| r.seq == seq) {
+                Some(rec) => Ok(rec.tags.clone().expect("only writes are read back")),
+                None => Err(format!("seq {seq} is not in the spill log")),
+            };
+            p.e.spill_read_done(seq, result, &mut out);
+        } else if pick == 2
+            && let Some(r) = p.spill_release.take()
+        {
+            match r {
+                Some(through) => self.pspill.retain(|r| r.seq > through),
+                None => self.pspill.clear(),
+            }
+            p.e.spill_released(Ok(()), &mut out);
+        } else {
+            return false;
+        }
+        self.run_p(out);
+        true
+    }
+
     /// One step of the metadata writes in flight: the bitmap first, then the log.
     fn complete_meta(&mut self) {
+        if self.spill_bytes > 0 && self.spill_rng.gen_bool(0.5) && self.complete_spill() {
+            return;
+        }
         let p = self.p.as_mut().expect("primary");
         if let Some(bm) = p.persist.take() {
             self.pmeta.bitmap = bm;
@@ -1279,6 +1386,14 @@ impl Sim {
             let mut rng = StdRng::seed_from_u64(self.rng.r#gen());
             self.pdisk.power_loss(&mut rng);
         }
+        // wan: the spill log keeps its synced records and a random prefix of the
+        // rest (kill -9 loses the agent's append buffer too).
+        let synced = self.pspill.iter().take_while(|r| r.durable).count();
+        let keep = synced + self.spill_rng.gen_range(0..=self.pspill.len() - synced);
+        self.pspill.truncate(keep);
+        for r in &mut self.pspill {
+            r.durable = true;
+        }
         // Completed writes before the crash: G1 bookkeeping starts over with what
         // the new run writes (flushed writes must still be on the secondary).
         self.completed.clear();
@@ -1397,6 +1512,11 @@ impl Sim {
         }
         let mut covered = self.pmeta.bitmap.clone();
         covered.union_with(&self.s_own_dirty);
+        // wan: a restart marks the durable spill records' blocks.
+        for r in self.pspill.iter().filter(|r| r.durable) {
+            let (a, b) = r.range.blocks(BS);
+            covered.mark(a, b);
+        }
         for &e in &self.pmeta.al {
             let r = ByteRange::new(e as u64 * AL_EXTENT, AL_EXTENT);
             let (a, b) = r.blocks(BS);
@@ -1554,6 +1674,8 @@ impl Sim {
         self.disconnect();
         self.p = None;
         self.s = None;
+        // wan: a clean stop empties the spill log (its bitmap covers the records).
+        self.pspill.clear();
         // The primary stops cleanly: its volume flushed, its metadata exact.
         self.pdisk.flush();
         let mut old_p = self.pmeta.sb.clone();
@@ -1712,6 +1834,7 @@ fn run_many(default_base: u64, mode: Mode, runs: u64) {
                 total.checkpoints += st.checkpoints;
                 total.ahead += st.ahead;
                 total.sections += st.sections;
+                total.spilled += st.spilled;
                 total.io_errors += st.io_errors;
                 total.forced_restarts += st.forced_restarts;
                 total.switchovers += st.switchovers;
@@ -1734,6 +1857,7 @@ fn run_many(default_base: u64, mode: Mode, runs: u64) {
     assert!(total.power_losses > runs, "{total:?}");
     assert!(total.checkpoints > runs, "{total:?}");
     assert!(total.ahead > 0 || mode == Mode::Sync, "{total:?}");
+    assert!(total.spilled > 0 || mode == Mode::Sync, "{total:?}");
     assert!(total.switchovers > 0, "{total:?}");
     // One seed in four injects I/O errors.
     assert!(

@@ -53,6 +53,11 @@ pub struct Metrics {
     /// Primary: connected but ahead (window was full; tracking writes in the bitmap).
     pub ahead: AtomicBool,
     pub ahead_episodes: AtomicU64,
+    /// wan (issue 11 item 5): primary: spill episodes, bytes of writes spilled, and
+    /// record bytes in the spill log now.
+    pub spill_episodes: AtomicU64,
+    pub spilled_bytes: AtomicU64,
+    pub spill_live_bytes: AtomicU64,
     /// Primary: a resync pass is running.
     pub resync_active: AtomicBool,
     pub sessions: AtomicU64,
@@ -112,6 +117,9 @@ impl Default for Metrics {
             connected: AtomicBool::new(false),
             ahead: AtomicBool::new(false),
             ahead_episodes: AtomicU64::new(0),
+            spill_episodes: AtomicU64::new(0), // wan
+            spilled_bytes: AtomicU64::new(0),
+            spill_live_bytes: AtomicU64::new(0),
             resync_active: AtomicBool::new(false),
             sessions: AtomicU64::new(0),
             frames_rejected: AtomicU64::new(0),

@@ -444,6 +444,9 @@ mod tests {
                 verify_wire_bytes: 0,
                 verify_mismatched_blocks: 0,
                 ahead_episodes: 1,
+                spill_episodes: 0, // wan
+                spilled_bytes: 0,
+                spill_live_bytes: 0,
                 applied_writes: 0,
                 sessions: 2,
                 frames_rejected: 0,

@@ -30,6 +30,9 @@ pub const HASHES_PER_CHECK_MAX: usize = 1024;
 pub mod caps {
     /// Payloads may be zstd-compressed.
     pub const ZSTD: u64 = 1 << 0;
+    /// wan (issue 11 item 4): the primary's frames may come as one zstd stream
+    /// per connection, in chunks (agent/link.rs). Used when both ends set it.
+    pub const ZSTD_STREAM: u64 = 1 << 1;
 }
 
 /// Role byte as carried on the wire.

@@ -363,6 +363,19 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.maybe_open_gate(done, out);
     }
 
+    /// wan (issue 11 item 5): the number of the last bitmap persist that is durable.
+    pub(super) fn persisted_through(&self) -> u64 {
+        self.persist.done
+    }
+
+    /// wan: whether `seq` holds pins now (false while it waits in the blocked
+    /// queue: it is pinned, with both pins, when it leaves it).
+    pub(super) fn holds_pins(&self, seq: Seq) -> bool {
+        self.intent
+            .as_ref()
+            .is_none_or(|i| i.pins.contains_key(&seq))
+    }
+
     /// Whether `seq`'s extents are durably logged (its frame may go out).
     pub(super) fn is_logged(&self, seq: Seq) -> bool {
         self.ops

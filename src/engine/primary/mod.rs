@@ -50,6 +50,7 @@ use crate::types::{BlockCount, BlockIndex, ByteRange, Seq};
 
 pub use flush::LocalFlushId;
 pub use resync::{HOLE_PROBE_BYTES, RANGE_HASH_BLOCKS, ResyncProgress, ZERO_CHUNK_BYTES_MAX};
+pub use stream::spill_record_bytes; // wan (issue 11 item 5)
 pub use verify::{VERIFY_CHUNKS_IN_FLIGHT_MAX, VerifyRefusal, VerifyReport, VerifyState};
 
 /// Replication mode (one word, one meaning: "sync" is the mode, "flush" the block operation).
@@ -137,6 +138,10 @@ pub struct Config {
     /// Persist a changing bitmap at most this often (resync progress; what a
     /// restart then resends).
     pub persist_interval_ms: u64,
+    /// wan (issue 11 item 5): record bytes the spill log may hold (async mode; 0 =
+    /// no spill log): writes that do not fit the window go there and ship from
+    /// there in order (stream.rs). The agent leaves room for one wrap of the ring.
+    pub spill_bytes_max: u64,
 }
 
 impl Config {
@@ -155,6 +160,7 @@ impl Config {
             ahead_min_ms: 500,
             local_flush_interval_ms: 2_000,
             persist_interval_ms: 10_000,
+            spill_bytes_max: 0,
         }
     }
 }
@@ -230,6 +236,9 @@ pub enum SessionFault {
     DurableBeyondShipped { through: Seq, next_ship: Seq },
     #[error("peer reports seq {seq} applied, but only seqs below {next_ship} were shipped")]
     AppliedBeyondShipped { seq: Seq, next_ship: Seq },
+    /// wan (issue 11 item 5)
+    #[error("{reason}; the spill log is off until the agent restarts, its writes are resynced")]
+    SpillFailed { reason: String },
     #[error("the bitmap could not be persisted before the session's stream could start")]
     GatePersistFailed,
 }
@@ -238,8 +247,29 @@ pub enum SessionFault {
 /// per episode, with its figures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Note {
-    /// The window filled: new writes are tracked in the bitmap only (G4).
-    EnteredAhead { lag_writes: u64, lag_bytes: u64 },
+    /// The window (and the spill log) filled: new writes are tracked in the bitmap
+    /// only (G4).
+    EnteredAhead {
+        lag_writes: u64,
+        lag_bytes: u64,
+        spill_bytes: u64,
+    },
+    /// wan (issue 11 item 5): the window filled: writes go to the spill log and
+    /// ship from there in order.
+    EnteredSpill {
+        lag_writes: u64,
+        lag_bytes: u64,
+        capacity_bytes: u64,
+    },
+    /// The spill log is empty again (everything in it is durable on the secondary).
+    LeftSpill {
+        spilled_writes: u64,
+        spilled_bytes: u64,
+        peak_bytes: u64,
+        spill_ms: u64,
+    },
+    /// A spill-log read or write failed: spilling is off until the next start.
+    SpillFailed { reason: String },
     /// The secondary caught up; a resync pass sends what changed meanwhile.
     LeftAhead {
         out_of_sync_blocks: u64,
@@ -312,6 +342,28 @@ pub enum Action<T, D> {
     DropSession { fault: SessionFault },
     /// For the log and the metrics.
     Note(Note),
+    /// wan (issue 11 item 5): append this async op to the spill log (buffered, not
+    /// yet durable): its frame ships from there later. `data` for a write.
+    SpillAppend {
+        seq: Seq,
+        kind: OpKind,
+        range: ByteRange,
+        fua: bool,
+        at_ms: u64,
+        data: Option<D>,
+    },
+    /// Make every spill append so far durable; report with
+    /// [`PrimaryEngine::spill_synced`].
+    SyncSpill,
+    /// Read the payload of spilled write `seq` back; report with
+    /// [`PrimaryEngine::spill_read_done`].
+    ReadSpill { seq: Seq },
+    /// The records through `seq` are durable on the secondary: release them
+    /// durably; report with [`PrimaryEngine::spill_released`].
+    ReleaseSpill { through: Seq },
+    /// Empty the spill log durably (every record's blocks are in the persisted
+    /// bitmap); report with [`PrimaryEngine::spill_released`].
+    ResetSpill,
 }
 
 /// The local side of an op.
@@ -339,6 +391,9 @@ enum ShipStage {
     Shipped,
     /// Shipped and reported applied by the secondary.
     Applied,
+    /// wan (issue 11 item 5): in the stream by way of the spill log; its frame is
+    /// the stream's entry's business (the op may leave the table before it ships).
+    Spilled,
 }
 
 /// Who is told when a client op completes.
@@ -416,7 +471,7 @@ pub struct PrimaryEngine<T, D> {
     /// seconds stays meaningful while the link is down or the primary is ahead).
     /// Conservative: it stays until `dirty` is empty.
     dirty_since_ms: Option<u64>,
-    stream: stream::Stream,
+    stream: stream::Stream<D>,
     resync: resync::Resync,
     flush: flush::Flushes<T>,
     intent: Option<intent::Intent>,
@@ -495,7 +550,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             next_group: 1,
             sequencer: RangeSequencer::new(),
             dirty_since_ms: None,
-            stream: stream::Stream::new(first_seq),
+            stream: stream::Stream::new(first_seq, cfg.spill_bytes_max),
             resync: resync::Resync::new(blocks),
             flush: flush::Flushes::new(),
             intent: None,
@@ -670,6 +725,8 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             self.dirty_since_ms = Some(self.now_ms);
         }
         self.maybe_leave_ahead(out);
+        self.maybe_leave_spill(out); // wan
+        self.pump_spill_io(out); // wan
         self.maybe_background_flush(out);
         self.maybe_persist_progress(out);
         self.pump_resync(out);
@@ -853,7 +910,11 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         let wire_bytes = if kind == OpKind::Write { range.len } else { 0 };
         let placement = self.place_in_stream(seq, wire_bytes, out);
         let in_stream = placement != stream::Placement::Outside;
-        if in_stream {
+        let spilled = placement == stream::Placement::Spilled;
+        if spilled {
+            // wan (issue 11 item 5)
+            self.spill_op(seq, kind, range, fua, at_ms, wire_bytes, data.clone(), out);
+        } else if in_stream {
             self.stream.enqueue(seq, range, at_ms, false, wire_bytes);
         } else {
             self.mark_dirty(range);
@@ -871,7 +932,9 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                 completion,
                 data,
                 local: LocalStage::Waiting { ordered, logged },
-                ship: if in_stream {
+                ship: if spilled {
+                    ShipStage::Spilled
+                } else if in_stream {
                     ShipStage::Ready
                 } else {
                     ShipStage::Outside
@@ -1096,6 +1159,8 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         }
         match (op.ship, self.cfg.mode) {
             (ShipStage::Outside, _) => true,
+            // Async only: the spill log holds it for the secondary.
+            (ShipStage::Spilled, _) => true,
             (ShipStage::AwaitingRead, _) => unreachable!("client ops need no read"),
             (ShipStage::Ready, Mode::Async) => !op.held_for_window,
             (ShipStage::Shipped | ShipStage::Applied, Mode::Async) => true,
@@ -1138,7 +1203,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             let answered = matches!(op.completion, Completion::None);
             let settled = matches!(
                 op.ship,
-                ShipStage::Outside | ShipStage::Shipped | ShipStage::Applied
+                ShipStage::Outside | ShipStage::Shipped | ShipStage::Applied | ShipStage::Spilled
             );
             if done && answered && settled {
                 self.ops.remove(&seq);
@@ -1156,7 +1221,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                     "shipped op {seq} beyond the cursor"
                 );
             }
-            if matches!(op.ship, ShipStage::Ready | ShipStage::AwaitingRead) {
+            if matches!(
+                op.ship,
+                ShipStage::Ready | ShipStage::AwaitingRead | ShipStage::Spilled
+            ) {
                 assert!(
                     self.stream.is_streaming(),
                     "op {seq} waits to ship while not streaming"

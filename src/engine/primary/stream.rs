@@ -1,15 +1,21 @@
 //! The session with the secondary: frames in seq order, the replication window,
 //! the ahead policy (G4), acknowledgements and the end of a session.
 //!
-//! **Window.** Every op in the stream (a client write, a resync chunk) holds its
-//! bytes (payload bytes; payload-free frames count 0) and one write slot from
-//! acceptance until the secondary says `Durable`. In sync mode a full window only
-//! delays shipping (clients wait for `Applied` anyway). In async mode a write that
-//! does not fit:
-//! - goes **ahead** when the secondary is a consistent copy (no resync section
-//!   open): it and every later write are tracked in the bitmap only, until the
-//!   window has drained to half and at least `ahead_min_ms` passed; then a resync
-//!   pass sends what changed;
+//! **Window.** Every op in the stream whose payload is held in memory (a client
+//! write, a resync chunk, a spilled write read back for shipping) holds its bytes
+//! (payload bytes; payload-free frames count 0) and one write slot until the
+//! secondary says `Durable`. In sync mode a full window only delays shipping
+//! (clients wait for `Applied` anyway). In async mode a write that does not fit:
+//! - goes to the **spill log** (VVR's SRL) while the log has room: the write keeps
+//!   its seq in the stream, its payload is appended to a preallocated on-disk log
+//!   (`Action::SpillAppend`) instead of being kept in memory, and it is read back
+//!   (`Action::ReadSpill`) and shipped in order once the shipped part of the window
+//!   has room. The secondary stays a prefix of this node's history (no section, its
+//!   consistent point keeps advancing) through bursts larger than the window;
+//! - goes **ahead** when the spill log is full (or there is none) and the secondary
+//!   is a consistent copy (no resync section open): it and every later write are
+//!   tracked in the bitmap only, until the window has drained to half and at least
+//!   `ahead_min_ms` passed; then a resync pass sends what changed;
 //! - is **held** otherwise (a section is open, i.e. the secondary is not a prefix
 //!   of this node's history until the running resync ends): it joins the stream
 //!   and its client waits until it is shipped. Going ahead again would extend the
@@ -20,6 +26,21 @@
 //! **Sections.** A section opens when the primary goes ahead or a resync of a
 //! non-empty bitmap starts, and closes when the `ResyncDone` that ends it is
 //! durable on the secondary.
+//!
+//! **Spill log and crashes (G3).** A spilled write pins its activity-log extents
+//! like any write in the stream, until its spill record is durable
+//! (`Action::SyncSpill`, one at a time, appends batched behind it); from then on
+//! the spill log covers it instead: at the next start, the blocks of every record
+//! still in the log are marked in the bitmap before anything else (agent/spill.rs).
+//! Records are released (`Action::ReleaseSpill`, durable) once the secondary made
+//! them durable. When the session ends, every write not yet durable there goes into
+//! the dirty bitmap as usual; the log is emptied (`Action::ResetSpill`) only after a
+//! bitmap persist covering those blocks is durable. Only a read-back or a log write
+//! that fails ends the session (the blocks are resynced from the volume) and turns
+//! the spill log off until the next start.
+//!
+//! **Episodes.** Entering and leaving the ahead state, the spill log and write
+//! throttling are each reported once per episode, with figures ([`super::Note`]).
 
 use std::collections::VecDeque;
 
@@ -28,6 +49,7 @@ use super::{
     ShipStage,
 };
 use crate::bitmap::DirtyBitmap;
+use crate::meta::journal::record_len_bytes;
 use crate::types::{ByteRange, Seq};
 
 /// Where a new write goes.
@@ -36,6 +58,8 @@ pub(super) enum Placement {
     InStream,
     /// In the stream, but its client waits until it is shipped.
     HeldForWindow,
+    /// In the stream, its payload in the spill log until it is read back to ship.
+    Spilled,
     Outside,
 }
 
@@ -55,7 +79,7 @@ pub(super) enum Carried {
 }
 
 #[derive(Debug)]
-pub(super) struct Unacked {
+pub(super) struct Unacked<D> {
     pub(super) seq: Seq,
     pub(super) range: ByteRange,
     pub(super) carried: Carried,
@@ -67,6 +91,92 @@ pub(super) struct Unacked {
     /// shipped while ahead, local errors), and for a comparison the blocks the
     /// secondary reported different. Its Durable must not clear them.
     pub(super) keep: Vec<ByteRange>,
+    /// A client write still holds the activity-log pin that stands for its
+    /// durability on the secondary (dropped at Durable, at the session's end, or
+    /// once its spill record is durable).
+    pub(super) remote_pin: bool,
+    /// The write was spilled: its payload is in the spill log until read back.
+    pub(super) spill: Option<Spilled<D>>,
+}
+
+impl<D> Unacked<D> {
+    /// Its payload is held in memory (or being read back into it).
+    fn in_memory(&self) -> bool {
+        self.spill
+            .as_ref()
+            .is_none_or(|s| !matches!(s.state, SpillState::Unread))
+    }
+}
+
+/// A spilled write's frame, rebuilt from its entry once its payload is back.
+#[derive(Debug)]
+pub(super) struct Spilled<D> {
+    kind: OpKind,
+    fua: bool,
+    /// Bytes its record takes in the spill log.
+    record_bytes: u64,
+    state: SpillState<D>,
+}
+
+#[derive(Debug)]
+enum SpillState<D> {
+    /// Only in the spill log.
+    Unread,
+    /// A read-back is running.
+    Reading,
+    /// Back in memory (`None`: a payload-free op), waiting for the ship cursor.
+    Loaded(Option<D>),
+    Shipped,
+}
+
+/// Reads of the spill log in flight at most.
+const SPILL_READS_MAX: u32 = 64;
+
+/// The spill log as the engine accounts for it (the agent owns the file).
+#[derive(Debug, Default)]
+struct SpillLog {
+    /// Record bytes it may hold (0: no spill log).
+    capacity_bytes: u64,
+    /// Record bytes and records appended and not yet released durably.
+    live_bytes: u64,
+    live_records: u64,
+    /// Spilled seqs appended since the last sync was issued: their remote pins
+    /// drop once a sync covers them.
+    unsynced: Vec<Seq>,
+    syncing: Option<Vec<Seq>>,
+    /// Released on the secondary's Durable, not yet freed: (through, bytes, records).
+    release_wanted: Option<(Seq, u64, u64)>,
+    releasing: Option<(Seq, u64, u64)>,
+    reset: Reset,
+    /// Spilled entries before this seq have had their read-back issued.
+    read_cursor: Seq,
+    reads_in_flight: u32,
+    /// A spill-log read or write failed: no more spilling until the next start.
+    failed: bool,
+    episode: Option<Episode>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+enum Reset {
+    #[default]
+    None,
+    /// Empty the log once the bitmap persist with this number is durable (it covers
+    /// every record's blocks).
+    AfterPersist(u64),
+    Running,
+}
+
+#[derive(Debug)]
+struct Episode {
+    since_ms: u64,
+    writes: u64,
+    bytes: u64,
+    peak_bytes: u64,
+}
+
+/// Bytes a spilled op of `payload_bytes` takes in the spill log.
+pub fn spill_record_bytes(payload_bytes: u64) -> u64 {
+    record_len_bytes(payload_bytes)
 }
 
 #[derive(Debug)]
@@ -76,7 +186,7 @@ struct Ahead {
     since_ms: u64,
 }
 
-pub(super) struct Stream {
+pub(super) struct Stream<D> {
     streaming: bool,
     ahead: Option<Ahead>,
     /// The secondary is not a prefix of this node's history until the resync that
@@ -87,12 +197,19 @@ pub(super) struct Stream {
     stream_first: Seq,
     next_ship: Seq,
     /// In-stream ops not yet durable on the secondary, in seq order.
-    pub(super) unacked: VecDeque<Unacked>,
-    /// Bytes and writes of `unacked` (window occupancy).
+    pub(super) unacked: VecDeque<Unacked<D>>,
+    /// Bytes of `unacked` (the lag).
     unacked_bytes: u64,
+    /// Bytes and writes of `unacked` whose payload is in memory (window occupancy).
+    mem_bytes: u64,
+    mem_writes: u64,
     /// Bytes and writes shipped and not yet durable.
     shipped_bytes: u64,
     shipped_writes: u64,
+    /// Spilled entries read back (or being read) and not yet shipped.
+    loading_bytes: u64,
+    loading_writes: u64,
+    spill: SpillLog,
     durable_through: Seq,
     /// Flush markers waiting for the ship cursor to pass them.
     pub(super) flush_markers: VecDeque<Seq>,
@@ -103,8 +220,8 @@ pub(super) struct Stream {
     pub(super) gate: Option<(bool, u64)>,
 }
 
-impl Stream {
-    pub(super) fn new(first_seq: Seq) -> Stream {
+impl<D> Stream<D> {
+    pub(super) fn new(first_seq: Seq, spill_bytes_max: u64) -> Stream<D> {
         Stream {
             streaming: false,
             ahead: None,
@@ -114,8 +231,17 @@ impl Stream {
             next_ship: first_seq,
             unacked: VecDeque::new(),
             unacked_bytes: 0,
+            mem_bytes: 0,
+            mem_writes: 0,
             shipped_bytes: 0,
             shipped_writes: 0,
+            loading_bytes: 0,
+            loading_writes: 0,
+            spill: SpillLog {
+                capacity_bytes: spill_bytes_max,
+                read_cursor: first_seq,
+                ..SpillLog::default()
+            },
             durable_through: Seq::ZERO,
             flush_markers: VecDeque::new(),
             done_marker: None,
@@ -172,8 +298,70 @@ impl Stream {
             wire_bytes,
             shipped: false,
             keep: Vec::new(),
+            remote_pin: carried == Carried::Client,
+            spill: None,
         });
         self.unacked_bytes += wire_bytes;
+        self.mem_bytes += wire_bytes;
+        self.mem_writes += 1;
+    }
+
+    /// A client op that goes to the spill log (see the module docs).
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_spilled(
+        &mut self,
+        seq: Seq,
+        range: ByteRange,
+        at_ms: u64,
+        kind: OpKind,
+        fua: bool,
+        wire_bytes: u64,
+        record_bytes: u64,
+    ) {
+        assert!(self.streaming, "spill while not streaming");
+        assert!(self.unacked.back().is_none_or(|u| u.seq < seq));
+        self.unacked.push_back(Unacked {
+            seq,
+            range,
+            carried: Carried::Client,
+            at_ms,
+            wire_bytes,
+            shipped: false,
+            keep: Vec::new(),
+            remote_pin: true,
+            spill: Some(Spilled {
+                kind,
+                fua,
+                record_bytes,
+                state: SpillState::Unread,
+            }),
+        });
+        self.unacked_bytes += wire_bytes;
+        self.spill.live_bytes += record_bytes;
+        self.spill.live_records += 1;
+        self.spill.unsynced.push(seq);
+    }
+
+    /// Whether a new op could go to the spill log now.
+    fn spill_room(&self, record_bytes: u64) -> bool {
+        let s = &self.spill;
+        s.capacity_bytes > 0
+            && !s.failed
+            && s.reset == Reset::None
+            && s.live_bytes + record_bytes <= s.capacity_bytes
+    }
+
+    /// Spill-log figures: (live record bytes, live records, capacity).
+    pub(super) fn spill_usage(&self) -> (u64, u64, u64) {
+        (
+            self.spill.live_bytes,
+            self.spill.live_records,
+            self.spill.capacity_bytes,
+        )
+    }
+
+    fn index_of(&self, seq: Seq) -> Option<usize> {
+        self.unacked.binary_search_by_key(&seq, |u| u.seq).ok()
     }
 
     pub(super) fn open_section(&mut self) {
@@ -223,9 +411,9 @@ impl Stream {
     }
 
     fn has_room(&self, cfg: &super::Config, wire_bytes: u64) -> bool {
-        self.unacked.is_empty()
-            || (self.unacked_bytes + wire_bytes <= cfg.window_bytes_max
-                && (self.unacked.len() as u64) < cfg.window_writes_max)
+        self.mem_writes == 0
+            || (self.mem_bytes + wire_bytes <= cfg.window_bytes_max
+                && self.mem_writes < cfg.window_writes_max)
     }
 
     pub(super) fn assert_invariants(&self, next_seq: Seq) {
@@ -247,6 +435,50 @@ impl Stream {
         assert_eq!(
             self.unacked_bytes,
             self.unacked.iter().map(|u| u.wire_bytes).sum::<u64>()
+        );
+        let mem = self.unacked.iter().filter(|u| u.in_memory());
+        assert_eq!(
+            self.mem_bytes,
+            mem.clone().map(|u| u.wire_bytes).sum::<u64>()
+        );
+        assert_eq!(self.mem_writes, mem.count() as u64);
+        let loading = self.unacked.iter().filter(|u| {
+            u.spill
+                .as_ref()
+                .is_some_and(|s| matches!(s.state, SpillState::Reading | SpillState::Loaded(_)))
+        });
+        assert_eq!(
+            self.loading_bytes,
+            loading.clone().map(|u| u.wire_bytes).sum::<u64>()
+        );
+        assert_eq!(self.loading_writes, loading.count() as u64);
+        for u in &self.unacked {
+            if let Some(s) = &u.spill {
+                assert_eq!(
+                    u.shipped,
+                    matches!(s.state, SpillState::Shipped),
+                    "a spilled entry ships from its loaded state"
+                );
+                if !matches!(s.state, SpillState::Unread) && u.seq >= self.spill.read_cursor {
+                    panic!("spilled seq {} read back beyond the read cursor", u.seq);
+                }
+            }
+        }
+        let spilled: u64 = self
+            .unacked
+            .iter()
+            .filter_map(|u| u.spill.as_ref())
+            .map(|s| s.record_bytes)
+            .sum();
+        if self.spill.reset == Reset::None {
+            assert!(
+                spilled <= self.spill.live_bytes,
+                "spilled entries beyond the live spill records"
+            );
+        }
+        assert!(
+            self.spill.live_bytes <= self.spill.capacity_bytes,
+            "spill log over capacity"
         );
         assert_eq!(
             self.shipped_bytes,
@@ -287,7 +519,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.stream.streaming && !self.stream.section_open && self.dirty.dirty_count().0 == 0
     }
 
-    /// Decide where a new client write of `wire_bytes` goes (see the module docs).
+    /// Decide where a new client op of `wire_bytes` goes (see the module docs).
     pub(super) fn place_in_stream(
         &mut self,
         seq: Seq,
@@ -298,11 +530,27 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             return Placement::Outside;
         }
         if self.cfg.mode == Mode::Sync || self.stream.has_room(&self.cfg, wire_bytes) {
-            if self.stream.throttling && self.stream.unacked_bytes <= self.cfg.window_bytes_max / 2
-            {
+            if self.stream.throttling && self.stream.mem_bytes <= self.cfg.window_bytes_max / 2 {
                 self.stream.throttling = false;
             }
             return Placement::InStream;
+        }
+        if self.stream.spill_room(spill_record_bytes(wire_bytes)) {
+            if self.stream.spill.episode.is_none() {
+                let (lag_writes, lag_bytes) = self.stream.unacked_totals();
+                self.stream.spill.episode = Some(Episode {
+                    since_ms: self.now_ms,
+                    writes: 0,
+                    bytes: 0,
+                    peak_bytes: 0,
+                });
+                out.push(Action::Note(Note::EnteredSpill {
+                    lag_writes,
+                    lag_bytes,
+                    capacity_bytes: self.stream.spill.capacity_bytes,
+                }));
+            }
+            return Placement::Spilled;
         }
         if !self.stream.section_open {
             let (lag_writes, lag_bytes) = self.stream.unacked_totals();
@@ -314,6 +562,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             out.push(Action::Note(Note::EnteredAhead {
                 lag_writes,
                 lag_bytes,
+                spill_bytes: self.stream.spill.live_bytes,
             }));
             return Placement::Outside;
         }
@@ -324,6 +573,287 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             }));
         }
         Placement::HeldForWindow
+    }
+
+    /// The spill log's figures: (record bytes live, records live, capacity).
+    pub fn spill_usage(&self) -> (u64, u64, u64) {
+        self.stream.spill_usage()
+    }
+
+    /// Put client op `seq` into the stream by way of the spill log.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn spill_op(
+        &mut self,
+        seq: Seq,
+        kind: OpKind,
+        range: ByteRange,
+        fua: bool,
+        at_ms: u64,
+        wire_bytes: u64,
+        data: Option<D>,
+        out: &mut Vec<Action<T, D>>,
+    ) {
+        let record_bytes = spill_record_bytes(wire_bytes);
+        self.stream
+            .enqueue_spilled(seq, range, at_ms, kind, fua, wire_bytes, record_bytes);
+        let live = self.stream.spill.live_bytes;
+        if let Some(e) = self.stream.spill.episode.as_mut() {
+            e.writes += 1;
+            e.bytes += wire_bytes;
+            e.peak_bytes = e.peak_bytes.max(live);
+        }
+        out.push(Action::SpillAppend {
+            seq,
+            kind,
+            range,
+            fua,
+            at_ms,
+            data,
+        });
+        self.pump_spill_io(out);
+    }
+
+    /// Issue the spill log's next sync, release or reset (one at a time).
+    pub(super) fn pump_spill_io(&mut self, out: &mut Vec<Action<T, D>>) {
+        let persisted = self.persisted_through();
+        let s = &mut self.stream.spill;
+        if s.syncing.is_some() || s.releasing.is_some() || s.reset == Reset::Running {
+            return;
+        }
+        if let Reset::AfterPersist(n) = s.reset {
+            if persisted >= n {
+                // Every record's blocks are in the persisted bitmap: the log is not
+                // needed for crash coverage any more.
+                s.reset = Reset::Running;
+                s.unsynced.clear();
+                s.release_wanted = None;
+                out.push(Action::ResetSpill);
+            }
+            return;
+        }
+        if !s.unsynced.is_empty() {
+            s.syncing = Some(std::mem::take(&mut s.unsynced));
+            out.push(Action::SyncSpill);
+            return;
+        }
+        if let Some(r) = s.release_wanted.take() {
+            s.releasing = Some(r);
+            out.push(Action::ReleaseSpill { through: r.0 });
+        }
+    }
+
+    /// The spill log's sync issued last is done.
+    pub fn spill_synced(&mut self, result: Result<(), String>, out: &mut Vec<Action<T, D>>) {
+        let seqs = self
+            .stream
+            .spill
+            .syncing
+            .take()
+            .expect("spill_synced without a sync");
+        if let Err(e) = result {
+            self.spill_failed(format!("writing the spill log failed: {e}"), out);
+            return;
+        }
+        // Durable in the log: the log covers these writes after a crash, so their
+        // extents no longer need to stay active for them. A write still waiting
+        // for room in the activity log keeps its remote pin until Durable (sim
+        // seed 1: dropping it here, before the pin existed, leaked it and
+        // blocked every later write).
+        for seq in seqs {
+            if let Some(i) = self.stream.index_of(seq)
+                && self.holds_pins(seq)
+                && std::mem::take(&mut self.stream.unacked[i].remote_pin)
+            {
+                self.unpin(seq, out);
+            }
+        }
+        self.pump_spill_io(out);
+        self.pump_ship(out);
+    }
+
+    /// The read-back of spilled write `seq` finished.
+    pub fn spill_read_done(
+        &mut self,
+        seq: Seq,
+        result: Result<D, String>,
+        out: &mut Vec<Action<T, D>>,
+    ) {
+        self.stream.spill.reads_in_flight -= 1;
+        let Some(i) = self.stream.index_of(seq) else {
+            // The session ended meanwhile.
+            return;
+        };
+        let Some(sp) = self.stream.unacked[i].spill.as_mut() else {
+            return;
+        };
+        if !matches!(sp.state, SpillState::Reading) {
+            return;
+        }
+        match result {
+            Ok(d) => {
+                sp.state = SpillState::Loaded(Some(d));
+                self.pump_ship(out);
+            }
+            Err(e) => self.spill_failed(
+                format!("reading write {seq} back from the spill log failed: {e}"),
+                out,
+            ),
+        }
+    }
+
+    /// The spill log's release or reset issued last is durable.
+    pub fn spill_released(&mut self, result: Result<(), String>, out: &mut Vec<Action<T, D>>) {
+        let s = &mut self.stream.spill;
+        if s.reset == Reset::Running {
+            s.reset = Reset::None;
+            s.live_bytes = 0;
+            s.live_records = 0;
+        } else {
+            let (_, bytes, records) = s
+                .releasing
+                .take()
+                .expect("spill_released without a release");
+            s.live_bytes -= bytes;
+            s.live_records -= records;
+        }
+        if let Err(e) = result {
+            self.spill_failed(format!("releasing spill-log records failed: {e}"), out);
+            return;
+        }
+        self.maybe_leave_spill(out);
+        self.pump_spill_io(out);
+    }
+
+    /// A spill-log read or write failed: no more spilling until the next start;
+    /// the session ends (its writes go into the bitmap and are resynced from the
+    /// volume). The records still in the log cover their writes after a crash.
+    fn spill_failed(&mut self, reason: String, out: &mut Vec<Action<T, D>>) {
+        if !self.stream.spill.failed {
+            self.stream.spill.failed = true;
+            out.push(Action::Note(Note::SpillFailed {
+                reason: reason.clone(),
+            }));
+        }
+        if self.stream.streaming {
+            self.end_session(SessionFault::SpillFailed { reason }, out);
+        }
+    }
+
+    /// The spill episode ends once the log is empty and the window has drained to half.
+    pub(super) fn maybe_leave_spill(&mut self, out: &mut Vec<Action<T, D>>) {
+        let s = &self.stream.spill;
+        if s.episode.is_none()
+            || s.live_records > 0
+            || self.stream.mem_bytes > self.cfg.window_bytes_max / 2
+        {
+            return;
+        }
+        let e = self.stream.spill.episode.take().expect("checked");
+        out.push(Action::Note(Note::LeftSpill {
+            spilled_writes: e.writes,
+            spilled_bytes: e.bytes,
+            peak_bytes: e.peak_bytes,
+            spill_ms: self.now_ms.saturating_sub(e.since_ms),
+        }));
+    }
+
+    /// Issue read-backs of spilled entries while the shipped part of the window
+    /// has room for them (the cursor's own window check then always passes for
+    /// them: no spilled entry waits behind memory it cannot get).
+    fn pump_spill_reads(&mut self, out: &mut Vec<Action<T, D>>) {
+        let st = &mut self.stream;
+        if st.spill.reads_in_flight >= SPILL_READS_MAX {
+            return;
+        }
+        let cursor = st.spill.read_cursor;
+        let start = st.unacked.partition_point(|u| u.seq < cursor);
+        for i in start..st.unacked.len() {
+            let u = &mut st.unacked[i];
+            if let Some(sp) = u.spill.as_mut()
+                && matches!(sp.state, SpillState::Unread)
+            {
+                let in_flight_writes = st.shipped_writes + st.loading_writes;
+                let room = in_flight_writes == 0
+                    || (st.shipped_bytes + st.loading_bytes + u.wire_bytes
+                        <= self.cfg.window_bytes_max
+                        && in_flight_writes < self.cfg.window_writes_max);
+                if !room || st.spill.reads_in_flight >= SPILL_READS_MAX {
+                    return;
+                }
+                if sp.kind == OpKind::Write {
+                    sp.state = SpillState::Reading;
+                    st.spill.reads_in_flight += 1;
+                    out.push(Action::ReadSpill { seq: u.seq });
+                } else {
+                    sp.state = SpillState::Loaded(None);
+                }
+                st.loading_bytes += u.wire_bytes;
+                st.loading_writes += 1;
+                st.mem_bytes += u.wire_bytes;
+                st.mem_writes += 1;
+            }
+            st.spill.read_cursor = u.seq.next();
+        }
+    }
+
+    /// Ship the spilled entry at the cursor (index `i` of the stream) if its
+    /// payload is back; false when the cursor must wait.
+    fn ship_spilled(&mut self, i: usize, out: &mut Vec<Action<T, D>>) -> bool {
+        let seq = self.stream.unacked[i].seq;
+        if !self.is_logged(seq) && self.ops.contains_key(&seq) {
+            return false;
+        }
+        let st = &mut self.stream;
+        let u = &mut st.unacked[i];
+        let sp = u.spill.as_mut().expect("a spilled entry");
+        if !matches!(sp.state, SpillState::Loaded(_)) {
+            return false;
+        }
+        if !(st.shipped_writes == 0
+            || (st.shipped_bytes + u.wire_bytes <= self.cfg.window_bytes_max
+                && st.shipped_writes < self.cfg.window_writes_max))
+        {
+            return false;
+        }
+        let SpillState::Loaded(data) = std::mem::replace(&mut sp.state, SpillState::Shipped) else {
+            unreachable!("checked above");
+        };
+        u.shipped = true;
+        st.shipped_bytes += u.wire_bytes;
+        st.shipped_writes += 1;
+        st.loading_bytes -= u.wire_bytes;
+        st.loading_writes -= 1;
+        st.next_ship = seq.next();
+        let (range, at_ms, fua, kind) = (u.range, u.at_ms, sp.fua, sp.kind);
+        let frame = match (kind, data) {
+            (OpKind::Write, Some(data)) => Outgoing::Write {
+                seq,
+                offset: range.offset,
+                fua,
+                at_ms,
+                data,
+            },
+            (OpKind::Trim, _) => Outgoing::Trim {
+                seq,
+                offset: range.offset,
+                len: range.len,
+                at_ms,
+            },
+            (OpKind::Write | OpKind::WriteZeroes, _) => Outgoing::Zeroes {
+                seq,
+                offset: range.offset,
+                len: range.len,
+                fua,
+                at_ms,
+            },
+            (other, _) => unreachable!("only client ops spill, not {other:?}"),
+        };
+        out.push(Action::Ship(frame));
+        if let Some(op) = self.ops.get_mut(&seq) {
+            op.ship = ShipStage::Shipped;
+        }
+        self.try_remove(seq);
+        true
     }
 
     /// Leave the ahead state once the window has drained to half (hysteresis, so the
@@ -363,10 +893,28 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         if !self.stream.streaming || self.stream.gate.is_some() {
             return;
         }
+        self.pump_spill_reads(out);
         while self.stream.next_ship < self.next_seq {
             let seq = self.stream.next_ship;
             if self.stream.ahead.as_ref().is_some_and(|a| seq >= a.from) {
                 break;
+            }
+            // The entry at the cursor is the first one not shipped.
+            let i = self.stream.shipped_writes as usize;
+            if self
+                .stream
+                .unacked
+                .get(i)
+                .is_some_and(|u| u.spill.is_some())
+            {
+                assert_eq!(
+                    self.stream.unacked[i].seq, seq,
+                    "the ship cursor and the stream disagree"
+                );
+                if !self.ship_spilled(i, out) {
+                    break;
+                }
+                continue;
             }
             let logged = self.is_logged(seq);
             let Some(op) = self.ops.get_mut(&seq) else {
@@ -507,6 +1055,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.stream.throttling = false;
         self.stream.stream_first = self.next_seq;
         self.stream.next_ship = self.next_seq;
+        self.stream.spill.read_cursor = self.next_seq;
         self.stream.durable_through = Seq(self.next_seq.0 - 1);
         self.stream.done_marker = None;
         if full {
@@ -588,8 +1137,19 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             self.stream.unacked_bytes -= u.wire_bytes;
             self.stream.shipped_bytes -= u.wire_bytes;
             self.stream.shipped_writes -= 1;
+            // Shipped entries are in memory (a spilled one was read back).
+            self.stream.mem_bytes -= u.wire_bytes;
+            self.stream.mem_writes -= 1;
+            if let Some(sp) = &u.spill {
+                let s = &mut self.stream.spill;
+                let (_, bytes, records) = s.release_wanted.get_or_insert((u.seq, 0, 0));
+                *bytes += sp.record_bytes;
+                *records += 1;
+                s.release_wanted.as_mut().expect("set").0 = u.seq;
+            }
             match u.carried {
-                Carried::Client => self.unpin(u.seq, out),
+                Carried::Client if u.remote_pin => self.unpin(u.seq, out),
+                Carried::Client => {}
                 Carried::Data | Carried::Compare { .. } => {
                     // The secondary durably holds this range as of u.seq (compared
                     // blocks that differed are in `keep`). A newer write in the
@@ -621,6 +1181,8 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             self.try_complete(seq, out);
         }
         self.after_durable(out);
+        self.pump_spill_io(out);
+        self.maybe_leave_spill(out);
         self.pump_ship(out);
     }
 
@@ -639,10 +1201,15 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.stream.streaming = false;
         self.stream.ahead = None;
         self.stream.throttling = false;
-        let drained: Vec<Unacked> = self.stream.unacked.drain(..).collect();
+        let drained: Vec<Unacked<D>> = self.stream.unacked.drain(..).collect();
         self.stream.unacked_bytes = 0;
+        self.stream.mem_bytes = 0;
+        self.stream.mem_writes = 0;
         self.stream.shipped_bytes = 0;
         self.stream.shipped_writes = 0;
+        self.stream.loading_bytes = 0;
+        self.stream.loading_writes = 0;
+        self.stream.spill.read_cursor = self.next_seq;
         let bs = self.cfg.block_size;
         for u in drained {
             let (a, b) = u.range.blocks(bs);
@@ -651,7 +1218,9 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                     self.dirty.mark(a, b);
                     // Not on the secondary yet: its age carries over into the bitmap.
                     self.note_dirty_since(u.at_ms);
-                    self.unpin(u.seq, out);
+                    if u.remote_pin {
+                        self.unpin(u.seq, out);
+                    }
                 }
                 Carried::Data => self.dirty.mark(a, b),
                 Carried::Compare { unit_blocks } => {
@@ -696,6 +1265,17 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             }
             self.try_remove(seq);
         }
+        // The spill log's records are now covered by the dirty bitmap, once a
+        // persist of it is durable; then the log is emptied.
+        let s = &self.stream.spill;
+        if !s.failed
+            && s.reset == Reset::None
+            && (s.live_records > 0 || s.syncing.is_some() || !s.unsynced.is_empty())
+        {
+            let n = self.persist_now(out);
+            self.stream.spill.reset = Reset::AfterPersist(n);
+        }
+        self.pump_spill_io(out);
         self.flush_session_ended(out);
     }
 }

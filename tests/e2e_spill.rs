@@ -1,0 +1,212 @@
+//! Issue 11 item 5: the primary's ordered spill log (G4), with real agent
+//! processes and the fault proxy throttling the replication link.
+//!
+//! Async mode with a small window (1 MiB / 16 writes) and writes faster than the
+//! link: without a spill log the primary goes ahead and the secondary is in a
+//! resync (not a prefix) most of the time (e2e_faults.rs, test (e)). With one,
+//! the burst goes to the spill log and ships from it in order: the primary never
+//! goes ahead, the secondary's consistent point keeps advancing and it is never
+//! in a resync section; after the burst the pair converges with identical
+//! images. A kill -9 of the primary with the log full of unshipped writes: the
+//! restart marks them in the bitmap and resyncs them. A spill log too small for
+//! the burst: the primary goes ahead only once it is full.
+//! Each test prints its seed; rerun with `TANDEM_TEST_SEED=<seed>`.
+
+mod common;
+#[allow(dead_code)]
+#[path = "common/faults.rs"]
+mod faults;
+
+use std::time::{Duration, Instant};
+
+use faultproxy::{Dir, Fault};
+use faults::{BLOCK_BYTES, LoadCfg, Model, Rig, RigOpts, counter, kill9, mib};
+
+const MIB: u64 = 1 << 20;
+const SIZE_BYTES: u64 = 128 * MIB;
+
+fn load_cfg(seed: u64, bytes_per_s: u64) -> LoadCfg {
+    LoadCfg {
+        seed,
+        volume_blocks: SIZE_BYTES / BLOCK_BYTES,
+        min_blocks: 1,
+        max_blocks: 16,
+        depth: 8,
+        bytes_per_s,
+        total_bytes: None,
+    }
+}
+
+fn spill_opts(spill_size: &str) -> RigOpts {
+    RigOpts::new("async", SIZE_BYTES).primary(&[
+        "--queue-bytes-max",
+        "1M",
+        "--queue-writes-max",
+        "16",
+        "--spill-size",
+        spill_size,
+    ])
+}
+
+/// What the secondary's status said about its consistent image while polled.
+#[derive(Default, Debug)]
+struct Watch {
+    polls: u64,
+    /// Polls where the secondary had a consistent image and no resync was open.
+    consistent: u64,
+    /// Distinct consistent seqs seen (the point advanced).
+    seqs: std::collections::BTreeSet<u64>,
+    primary_ahead: bool,
+}
+
+fn watch(rig: &Rig, w: &mut Watch) {
+    if let Some(s) = rig.secondary.status() {
+        w.polls += 1;
+        let cp = &s["consistent_point"];
+        if cp.is_object() && cp["resync_open"] == false {
+            w.consistent += 1;
+            w.seqs.insert(cp["seq"].as_u64().unwrap_or(0));
+        }
+    }
+    if let Some(p) = rig.primary.status() {
+        w.primary_ahead |= p["peer"]["connection"] == "ahead";
+    }
+}
+
+fn assert_no_failed_writes(model: &std::sync::Arc<std::sync::Mutex<Model>>, what: &str) {
+    let m = model.lock().expect("model");
+    assert_eq!(
+        m.failed_writes, 0,
+        "{what}: the primary must keep serving writes; last error: {:?}",
+        m.last_error
+    );
+}
+
+/// A burst 4× the link rate over a window of 1 MiB: spilled, never ahead; the
+/// secondary stays consistent and its consistent point advances throughout.
+#[test]
+fn throttled_burst_spills_in_order_and_secondary_stays_consistent() {
+    let seed = common::seed("spill burst");
+    let mut rig = Rig::start(spill_opts("64M"), seed);
+    let model = Model::shared();
+    rig.proxy.set(Fault::Throttle {
+        bytes_per_s: 2 * MIB,
+        dir: Dir::Up,
+    });
+    let load = rig.start_load(load_cfg(seed, 8 * MIB), &model);
+    let mut w = Watch::default();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < deadline {
+        watch(&rig, &mut w);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    load.stop();
+    let p = rig.primary.status().expect("primary status");
+    let spilled = counter(&p, "spilled_bytes");
+    let live = p["counters"]["spill_live_bytes"].as_u64().unwrap_or(0);
+    // The backlog drains through the throttled link, still in order.
+    let drain_deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < drain_deadline {
+        watch(&rig, &mut w);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rig.proxy.clear();
+    assert_no_failed_writes(&model, "spill burst");
+    let s = rig.wait_converged("after the burst");
+    let log = rig.primary.log_text();
+    eprintln!(
+        "spill burst: {} spilled, {} in the log at the end of the burst, {} ahead episodes; secondary consistent in {}/{} polls, {} distinct consistent points",
+        mib(spilled),
+        mib(live),
+        counter(&s, "ahead_episodes"),
+        w.consistent,
+        w.polls,
+        w.seqs.len()
+    );
+    rig.finish(&model);
+    assert!(
+        log.contains("spilling writes to the spill log"),
+        "the window of 1 MiB must overflow at 8 MiB/s over a 2 MiB/s link"
+    );
+    assert!(
+        log.contains("spill log drained"),
+        "the episode's end is logged"
+    );
+    assert!(spilled > 4 * MIB, "spilled only {spilled} bytes");
+    assert_eq!(
+        counter(&s, "ahead_episodes"),
+        0,
+        "never ahead with room in the spill log"
+    );
+    assert!(!w.primary_ahead, "status never shows ahead");
+    assert!(w.polls >= 20, "{w:?}");
+    assert_eq!(
+        w.consistent, w.polls,
+        "the secondary is a consistent copy at every poll: {w:?}"
+    );
+    assert!(
+        w.seqs.len() >= 5,
+        "the consistent point advances through the burst: {w:?}"
+    );
+}
+
+/// kill -9 of the primary while the spill log holds writes not yet shipped: the
+/// restart marks them in the bitmap before anything else and resyncs them.
+#[test]
+fn primary_killed_with_a_full_spill_log_resyncs_the_spilled_writes() {
+    let seed = common::seed("spill kill");
+    let mut rig = Rig::start(spill_opts("64M"), seed);
+    let model = Model::shared();
+    rig.proxy.set(Fault::Throttle {
+        bytes_per_s: MIB,
+        dir: Dir::Up,
+    });
+    let load = rig.start_load(load_cfg(seed, 8 * MIB), &model);
+    std::thread::sleep(Duration::from_secs(4));
+    load.stop();
+    let p = rig.primary.status().expect("primary status");
+    let live = p["counters"]["spill_live_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        live > 2 * MIB,
+        "the spill log holds a backlog: {live} bytes"
+    );
+    kill9(&mut rig.primary);
+    rig.proxy.clear();
+    rig.restart_primary();
+    assert_no_failed_writes(&model, "spill kill");
+    rig.wait_converged("after the restart");
+    let log = rig.primary.log_text();
+    rig.finish(&model);
+    assert!(
+        log.contains("the spill log holds writes of the previous run"),
+        "the restart reads the spill log"
+    );
+}
+
+/// A spill log smaller than the burst: it fills, then (only then) the primary
+/// goes ahead; the pair converges.
+#[test]
+fn a_full_spill_log_goes_ahead_then_converges() {
+    let seed = common::seed("spill full");
+    let mut rig = Rig::start(spill_opts("4M"), seed);
+    let model = Model::shared();
+    rig.proxy.set(Fault::Throttle {
+        bytes_per_s: MIB,
+        dir: Dir::Up,
+    });
+    let load = rig.start_load(load_cfg(seed, 8 * MIB), &model);
+    std::thread::sleep(Duration::from_secs(4));
+    load.stop();
+    rig.proxy.clear();
+    assert_no_failed_writes(&model, "spill full");
+    let s = rig.wait_converged("after the burst");
+    let log = rig.primary.log_text();
+    rig.finish(&model);
+    assert!(log.contains("spilling writes to the spill log"));
+    assert!(
+        log.contains("replication window (and spill log) full: going ahead"),
+        "a 4 MiB spill log overflows"
+    );
+    assert!(counter(&s, "ahead_episodes") >= 1);
+    assert!(counter(&s, "spill_episodes") >= 1);
+}
