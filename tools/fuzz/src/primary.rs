@@ -292,6 +292,13 @@ impl Harness {
             Action::PeerReachedGeneration => {}
             // scale (issue 11): hole probes are only enabled by agents on image files.
             Action::ProbeHoles { .. } => unreachable!("hole probes are not enabled here"),
+            // wan (issue 11 item 5): the target's engines run without a spill log
+            // (Config::spill_bytes_max 0), so none of its actions comes.
+            Action::SpillAppend { .. }
+            | Action::SyncSpill
+            | Action::ReadSpill { .. }
+            | Action::ReleaseSpill { .. }
+            | Action::ResetSpill => unreachable!("no spill log is configured here"),
             Action::DropSession { fault } => {
                 assert!(self.may_drop, "the session dropped for nothing: {fault}");
                 // As agent::primary's drop_session: the engine's session ends.
