@@ -39,6 +39,10 @@ pub enum Role {
     Primary,
     Secondary,
     Both,
+    /// The secondary goes away (kill -9) while the application writes on, comes
+    /// back, and loses power in the middle of the resync that follows (issue 10:
+    /// it must come back consistent).
+    SecondaryMidResync,
 }
 
 impl Role {
@@ -47,7 +51,8 @@ impl Role {
             "primary" => Role::Primary,
             "secondary" => Role::Secondary,
             "both" => Role::Both,
-            _ => panic!("unknown role {s:?}: primary, secondary or both"),
+            "secondary-resync" => Role::SecondaryMidResync,
+            _ => panic!("unknown role {s:?}: primary, secondary, both or secondary-resync"),
         }
     }
 }
@@ -58,6 +63,7 @@ impl fmt::Display for Role {
             Role::Primary => "primary",
             Role::Secondary => "secondary",
             Role::Both => "both",
+            Role::SecondaryMidResync => "secondary-resync",
         })
     }
 }
@@ -487,6 +493,18 @@ impl Trial {
                 eprintln!("powerloss: application at the cut: {ended}");
                 w.fsynced_jobs()
             }
+            Role::SecondaryMidResync => {
+                self.outage_then_resync();
+                let pid = self.agent_pid(B);
+                self.nodes[B].disk.cut(&[pid]);
+                self.reap_agent(B);
+                self.set_resync_rate("0");
+                std::thread::sleep(Duration::from_millis(self.rng.below(2000)));
+                let mut w = self.workload.take().expect("workload");
+                let ended = w.finish(false);
+                eprintln!("powerloss: application after the secondary's cut mid-resync: {ended}");
+                w.fsynced_jobs()
+            }
             Role::Secondary => {
                 let pid = self.agent_pid(B);
                 self.nodes[B].disk.cut(&[pid]);
@@ -507,9 +525,58 @@ impl Trial {
         let _ = match role {
             Role::Primary => self.after_primary_cut(&jobs),
             Role::Secondary => self.after_secondary_cut(&jobs, &all_jobs),
+            // Files fsync'd while it was away are not on it (nor in its last
+            // consistent image): it must be consistent, and whole after the resync.
+            Role::SecondaryMidResync => self.after_secondary_cut(&[], &all_jobs),
             Role::Both => self.after_both_cut(&jobs),
         };
         jobs.len()
+    }
+
+    /// SIGKILL the secondary, let the application write on for a seeded 2-4 s,
+    /// slow the primary's resync down, start the secondary again and wait until
+    /// the resync runs plus a seeded 0.2-1.5 s: the power cut then falls inside
+    /// the resync section.
+    fn outage_then_resync(&mut self) {
+        if let Some(a) = self.nodes[B].agent.as_ref() {
+            a.signal(libc::SIGKILL);
+        }
+        self.reap_agent(B);
+        std::thread::sleep(Duration::from_millis(2000 + self.rng.below(2000)));
+        self.set_resync_rate("4M");
+        if self.start_agent(B, "secondary").is_err() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.status(A).is_some_and(|s| !s["resync"].is_null()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200 + self.rng.below(1300)));
+        match self.status(A) {
+            Some(s) if !s["resync"].is_null() => eprintln!(
+                "powerloss: cutting the secondary mid-resync: {}",
+                s["resync"]
+            ),
+            _ => eprintln!("powerloss: the resync ended before the cut (not mid-resync this time)"),
+        }
+    }
+
+    fn set_resync_rate(&mut self, rate: &str) {
+        let out = run_with_timeout(
+            Command::new(crate::common::tandem_bin())
+                .args(["set", "resync-rate", rate, "--control"])
+                .arg(&self.nodes[A].control),
+            Duration::from_secs(60),
+        );
+        if !out.status.success() {
+            self.find(
+                "resync-rate",
+                format!("tandem set resync-rate {rate}: {}", describe(&out)),
+            );
+        }
     }
 
     fn agent_pid(&self, node: usize) -> i32 {

@@ -12,7 +12,8 @@
 #
 # Variables (POWERLOSS_X or the short name X):
 #   TRIALS      trials per role and mode (default 50); roles and modes interleave
-#   ROLES       comma list of primary,secondary,both (default all three)
+#   ROLES       comma list of primary,secondary,both,secondary-resync (default the
+#               first three; secondary-resync: the secondary loses power mid-resync)
 #   MODES       comma list of sync,async (default both)
 #   SIZE        volume size, sparse (default 16G)
 #   AL_EXTENTS  --al-extents of both agents (default 32: 128 MiB of active extents,
