@@ -166,7 +166,14 @@ fn a_failed_volume_write_poisons_the_secondary_across_a_crash() {
         nbd,
         &NodeOpts::default(),
     );
-    // The first full copy writes the whole volume: past 8 MiB it fails.
+    // The first copy of an empty sparse volume allocates nothing (holes go as
+    // zero chunks); 16 MiB of data copied into the volume does not fit.
+    primary.wait_status("in sync", READY_TIMEOUT, common::primary_in_sync);
+    let uri = format!("nbd://127.0.0.1:{nbd}");
+    assert!(
+        write_through(&uri, "16M"),
+        "async: the primary's own writes succeed"
+    );
     let s = secondary.wait_status("poisoned", Duration::from_secs(60), |s| {
         s["poisoned"] == true
     });
@@ -182,7 +189,7 @@ fn a_failed_volume_write_poisons_the_secondary_across_a_crash() {
     });
 
     // Killed while poisoned, restarted with room on its disk: it says so at
-    // start, and only a full pass over the volume makes it whole again.
+    // start, and the primary compares every block before it is whole again.
     secondary.signal(libc::SIGKILL);
     secondary.wait_exit(Duration::from_secs(30));
     remount(&small, 256);
@@ -198,7 +205,22 @@ fn a_failed_volume_write_poisons_the_secondary_across_a_crash() {
             .contains("failed a write or fdatasync before"),
         "the restart names the earlier failure"
     );
-    primary.wait_status("in sync", READY_TIMEOUT, common::primary_in_sync);
+    let p = primary.wait_status("in sync", READY_TIMEOUT, common::primary_in_sync);
+    // Every block is covered by the pass after the restart: the 16 MiB of data
+    // compared by hash, the holes sent as zero chunks.
+    assert!(
+        p["counters"]["verified_bytes"].as_u64().unwrap_or(0) >= 16 * MIB,
+        "the data compared after the failed write: {p}"
+    );
+    let blocks = SIZE_BYTES / 4096;
+    assert!(
+        primary
+            .log_text()
+            .matches(&format!("shipped_blocks={blocks}"))
+            .count()
+            >= 2,
+        "the pass after the restart covers all {blocks} blocks"
+    );
     primary.stop();
     secondary.stop();
     common::assert_same_file(&pimg, &simg);
