@@ -1045,13 +1045,8 @@ impl Owner {
                     seconds = format!("{took:.1}"),
                     "secondary in sync: a consistent copy of this node"
                 );
-                m.events.push(
-                    "resync-done",
-                    format!(
-                        "secondary in sync: {} bytes resynced in {took:.1} s",
-                        resynced_blocks * bs
-                    ),
-                );
+                // The event is the typed `resync-done` (Metrics::set_resync, with
+                // its block count): one event per fact.
             }
             Note::LocalWriteFailed { seq, range, errno } => tracing::error!(
                 seq = seq.0,
