@@ -79,7 +79,11 @@ enum ControlCmd {
     /// The read-only export reads the last consistent image: where from.
     ExportRead {
         range: ByteRange,
-        reply: oneshot::Sender<Option<Vec<(ByteRange, Source)>>>,
+        /// The sources, and the journal to read their records from (the node's
+        /// current one: a new node's journal is recreated when it takes the
+        /// primary's identity, and an export started before that held the old
+        /// one: every read failed with "the journal thread stopped").
+        reply: oneshot::Sender<Option<(Vec<(ByteRange, Source)>, JournalHandle)>>,
     },
     ExportReadDone,
     Points(oneshot::Sender<ControlReply>),
@@ -97,7 +101,7 @@ enum ControlCmd {
     InspectRead {
         id: u64,
         range: ByteRange,
-        reply: oneshot::Sender<Result<Vec<(ByteRange, Source)>, String>>,
+        reply: oneshot::Sender<Result<(Vec<(ByteRange, Source)>, JournalHandle), String>>,
     },
     /// `tandem resolve --discard-local`.
     DiscardLocal(oneshot::Sender<ControlReply>),
@@ -431,7 +435,6 @@ pub async fn serve(
                 Arc::new(ConsistentExport {
                     events_tx: events_tx.clone(),
                     volume: node.volume.clone(),
-                    jh: node.jh.clone(),
                     size_bytes,
                 }),
                 &metrics,
@@ -1395,7 +1398,10 @@ impl Node {
     async fn on_control(&mut self, cmd: ControlCmd) {
         match cmd {
             ControlCmd::ExportRead { range, reply } => {
-                let sources = self.engine.begin_consistent_read(range);
+                let sources = self
+                    .engine
+                    .begin_consistent_read(range)
+                    .map(|s| (s, self.jh.clone()));
                 let started = sources.is_some();
                 if reply.send(sources).is_err() && started {
                     let mut out = Vec::new();
@@ -1483,7 +1489,7 @@ impl Node {
                             && self.engine.pin() == Some(i.lsn)
                             && i.lsn >= self.engine.applied() =>
                     {
-                        Ok(self.engine.begin_view_read(&i.view, range))
+                        Ok((self.engine.begin_view_read(&i.view, range), self.jh.clone()))
                     }
                     _ => Err("the inspection ended (stopped, rolled back, or its point left the journal to make room for replication); start a new one with `tandem inspect`".to_string()),
                 };
@@ -2001,7 +2007,6 @@ fn disk_code(d: DiskState, is_new: bool) -> u8 {
 struct ConsistentExport {
     events_tx: mpsc::Sender<Event>,
     volume: Volume,
-    jh: JournalHandle,
     size_bytes: u64,
 }
 
@@ -2013,14 +2018,13 @@ impl crate::frontend::ExportBackend for ConsistentExport {
     fn read(&self, offset: u64, len: u32) -> crate::frontend::IoFuture<Bytes> {
         let tx = self.events_tx.clone();
         let volume = self.volume.clone();
-        let jh = self.jh.clone();
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let range = ByteRange::new(offset, len as u64);
             tx.send(Event::Control(ControlCmd::ExportRead { range, reply }))
                 .await
                 .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
-            let sources = rx
+            let (sources, jh) = rx
                 .await
                 .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?
                 .ok_or_else(|| {
@@ -2124,7 +2128,6 @@ struct InspectExport {
     id: u64,
     events_tx: mpsc::Sender<Event>,
     volume: Volume,
-    jh: JournalHandle,
     size_bytes: u64,
 }
 
@@ -2136,7 +2139,6 @@ impl crate::frontend::ExportBackend for InspectExport {
     fn read(&self, offset: u64, len: u32) -> crate::frontend::IoFuture<Bytes> {
         let tx = self.events_tx.clone();
         let volume = self.volume.clone();
-        let jh = self.jh.clone();
         let id = self.id;
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
@@ -2144,7 +2146,7 @@ impl crate::frontend::ExportBackend for InspectExport {
             tx.send(Event::Control(ControlCmd::InspectRead { id, range, reply }))
                 .await
                 .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
-            let sources = rx
+            let (sources, jh) = rx
                 .await
                 .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?
                 .map_err(std::io::Error::other)?;
@@ -2375,7 +2377,6 @@ impl Node {
             id,
             events_tx: self.events_tx.clone(),
             volume: self.volume.clone(),
-            jh: self.jh.clone(),
             size_bytes: self.volume.size_bytes(),
         });
         let (bound, task) = crate::nbd::readonly::serve_backend_readonly(
