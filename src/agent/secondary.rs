@@ -83,7 +83,7 @@ enum ControlCmd {
         /// current one: a new node's journal is recreated when it takes the
         /// primary's identity, and an export started before that held the old
         /// one: every read failed with "the journal thread stopped").
-        reply: oneshot::Sender<Option<(Vec<(ByteRange, Source)>, JournalHandle)>>,
+        reply: oneshot::Sender<Option<ExportSources>>,
     },
     ExportReadDone,
     Points(oneshot::Sender<ControlReply>),
@@ -101,7 +101,7 @@ enum ControlCmd {
     InspectRead {
         id: u64,
         range: ByteRange,
-        reply: oneshot::Sender<Result<(Vec<(ByteRange, Source)>, JournalHandle), String>>,
+        reply: oneshot::Sender<Result<ExportSources, String>>,
     },
     /// `tandem resolve --discard-local`.
     DiscardLocal(oneshot::Sender<ControlReply>),
@@ -132,6 +132,9 @@ struct Session {
     /// (found by the dr helper's e2e_dr_rollback).
     ending: Option<String>,
 }
+
+/// Where an export's read comes from, and the journal to read records from.
+type ExportSources = (Vec<(ByteRange, Source)>, JournalHandle);
 
 /// A checkpoint being copied into the volume: its last record, whether the volume
 /// is a consistent image after it, and the newest write that image holds.
