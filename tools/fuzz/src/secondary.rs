@@ -821,6 +821,11 @@ impl Harness {
                 );
                 assert!(through >= from, "an empty checkpoint");
                 assert!(through <= m.durable, "a checkpoint of records not durable");
+                if m.pin.is_some() && self.e.pin().is_none() {
+                    // dr (issue 10): an inspection's pin yields when replication
+                    // needs room (`room`): the engine dropped it to copy past it.
+                    m.pin = None;
+                }
                 if let Some(p) = m.pin {
                     assert!(through <= p, "a checkpoint past the pin {p}");
                 }
