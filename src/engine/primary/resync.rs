@@ -289,6 +289,12 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                 out.push(Action::PeerReachedGeneration);
             }
             self.alone = Some(false);
+            // Block-mode writes that lost their session wait for the secondary to
+            // hold everything again: it does (what it lacked would be dirty). They
+            // waited forever when their frames had been made durable before the
+            // session dropped (fuzz primary target, regressions/primary/
+            // block-waiters-after-an-empty-resync).
+            self.release_in_sync_waiters(out);
         }
     }
 
