@@ -234,6 +234,11 @@ pub struct Open {
     /// `HashReply` for it and may send `Durable` past a record not yet synced.
     /// See tests/regressions.rs `a_hash_read_of_an_ended_session_is_not_taken_for_a_new_one`.
     pub stale_hash_done: bool,
+    /// After a crash (records recovered, a new full section opened under
+    /// resync-overflow = inconsistent), a checkpoint's `volume_consistent_after`
+    /// disagrees with the model's section flag of its last record. Not triaged:
+    /// see tests/regressions.rs `a_checkpoint_after_a_restart_agrees_on_its_section`.
+    pub checkpoint_section_after_restart: bool,
 }
 
 /// The open bugs `run` steers around.
@@ -244,6 +249,7 @@ pub const OPEN: Open = Open {
     truncate_keeps_consistent_write: false,
     checkpoint_all_when_poisoned: false,
     stale_hash_done: false,
+    checkpoint_section_after_restart: true,
 };
 
 /// A consistent point as the engine reports it: record, newest write (seq, accept time).
@@ -838,7 +844,14 @@ impl Harness {
                     );
                 }
                 let last = *m.record(through).expect("a live record");
-                assert_eq!(volume_consistent_after, !last.in_section);
+                if volume_consistent_after == last.in_section
+                    && m.open.checkpoint_section_after_restart
+                {
+                    // Open finding (steered around, see `Open`).
+                    trace(|| "open finding: checkpoint section flag disagrees".to_string());
+                } else {
+                    assert_eq!(volume_consistent_after, !last.in_section);
+                }
                 if !volume_consistent_after {
                     // Recorded durably before the copy (agent::secondary).
                     m.volume_mixed = true;

@@ -494,3 +494,20 @@ fn a_hash_read_of_an_ended_session_is_not_taken_for_a_new_one() {
         "regressions/secondary/stale-hash-done-in-a-new-session",
     ));
 }
+
+/// Found by the CI run of the `secondary` target (30 s) at the end of session 4,
+/// not triaged yet: a node with resync-overflow = inconsistent completes a
+/// section (a ResyncStart with 0 blocks closes it), writes on outside it, crashes
+/// with records 4..=11 recovered, and in the next session (a full resync opens a
+/// section) the first checkpoint, `from 4 through 11`, says
+/// `volume_consistent_after: false` although the model has record 11 outside any
+/// section (trace with FUZZ_TRACE=1). Either the engine's recovery marks the
+/// recovered records as in a section, or the model's recovery is wrong. The
+/// target steers around it (`Open::checkpoint_section_after_restart`); once
+/// decided, set that flag to false, remove this `ignore` and move the input to
+/// regressions/secondary/.
+#[test]
+#[ignore = "open finding in engine::secondary recovery or the model (lead); see the doc comment"]
+fn a_checkpoint_after_a_restart_agrees_on_its_section() {
+    tandem_fuzz::secondary::run_strict(&input("open/secondary/checkpoint-section-after-restart"));
+}
