@@ -234,6 +234,8 @@ pub enum SessionFault {
     MalformedHashReply { seq: Seq, units: u64 },
     #[error("peer claims seq {through} durable, but only seqs below {next_ship} were shipped")]
     DurableBeyondShipped { through: Seq, next_ship: Seq },
+    #[error("peer claims seq {through} durable before it answered the hash check {seq}")]
+    DurableBeforeHashReply { through: Seq, seq: Seq },
     #[error("peer reports seq {seq} applied, but only seqs below {next_ship} were shipped")]
     AppliedBeyondShipped { seq: Seq, next_ship: Seq },
     /// wan (issue 11 item 5)

@@ -97,6 +97,10 @@ pub(super) struct Unacked<D> {
     pub(super) remote_pin: bool,
     /// The write was spilled: its payload is in the spill log until read back.
     pub(super) spill: Option<Spilled<D>>,
+    /// A hash check (`Carried::Compare`) whose reply came. The secondary holds
+    /// its Durable back until it answered (engine::secondary `Pending::Hash`),
+    /// so a Durable that covers an unanswered check is a protocol violation.
+    pub(super) answered: bool,
 }
 
 impl<D> Unacked<D> {
@@ -300,6 +304,7 @@ impl<D> Stream<D> {
             keep: Vec::new(),
             remote_pin: carried == Carried::Client,
             spill: None,
+            answered: false,
         });
         self.unacked_bytes += wire_bytes;
         self.mem_bytes += wire_bytes;
@@ -329,6 +334,7 @@ impl<D> Stream<D> {
             shipped: false,
             keep: Vec::new(),
             remote_pin: true,
+            answered: false,
             spill: Some(Spilled {
                 kind,
                 fua,
@@ -1125,6 +1131,20 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                 next_ship: self.stream.next_ship,
             };
             self.end_session(fault, out);
+            return;
+        }
+        // A Durable past a hash check the peer has not answered would clear the
+        // dirty bits of blocks only compared, never sent: refuse it.
+        let unanswered = self
+            .stream
+            .unacked
+            .iter()
+            .take_while(|u| u.seq <= through)
+            .find(|u| matches!(u.carried, Carried::Compare { .. }) && !u.answered)
+            .map(|u| u.seq)
+            .or_else(|| self.online.chunks.range(..=through).next().map(|(s, _)| *s));
+        if let Some(seq) = unanswered {
+            self.end_session(SessionFault::DurableBeforeHashReply { through, seq }, out);
             return;
         }
         self.stream.durable_through = through;

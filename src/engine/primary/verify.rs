@@ -103,7 +103,7 @@ struct Run {
 pub(super) struct Online {
     run: Option<Run>,
     /// Chunks issued in this session and not answered yet.
-    chunks: BTreeMap<Seq, ByteRange>,
+    pub(super) chunks: BTreeMap<Seq, ByteRange>,
 }
 
 impl Online {
@@ -283,6 +283,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             return;
         }
         let range = u.range;
+        self.stream.unacked[i].answered = true;
         for &m in mismatched {
             let off = range.offset + m as u64 * unit;
             let r = ByteRange::new(off, unit.min(range.end() - off));
