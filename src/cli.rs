@@ -108,6 +108,17 @@ pub enum Command {
         #[command(flatten)]
         target: ControlTarget,
     },
+    /// Discard this node's data and copy every block again from its primary (a
+    /// secondary only): the session ends, the node is Inconsistent (not promotable)
+    /// until the full resync completes, also across a crash or restart. Asks for
+    /// confirmation unless --yes.
+    Invalidate {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// Do not ask: discard this node's data.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Show a running agent's state (one screen, or --json), or with --all the state
     /// of every resource of this host.
     Status {

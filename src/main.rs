@@ -268,6 +268,10 @@ async fn run(command: Command, timeouts: Timeouts) -> Result<ExitCode, String> {
         Command::Outdate { target } => {
             simple_command(target, "outdate", serde_json::json!({}), timeouts.query()).await
         }
+        Command::Invalidate { target, yes } => {
+            let (path, resource) = target.resolve().map_err(|e| e.to_string())?;
+            tandem::ops::invalidate(&path, resource, yes, timeouts.query()).await
+        }
         Command::ResumeSync { target } => {
             simple_command(
                 target,

@@ -375,6 +375,58 @@ pub fn persisted_superblock(meta: &Path) -> Result<Option<crate::meta::Superbloc
     }
 }
 
+/// ha (issue 12): `tandem invalidate`: this node's data is discarded and copied
+/// again from its primary. Asks for confirmation on a terminal unless `yes`; off
+/// a terminal, `--yes` is required (a script states its intent).
+pub async fn invalidate(
+    path: &Path,
+    resource: Option<String>,
+    yes: bool,
+    timeout: Duration,
+) -> Result<ExitCode, String> {
+    if !yes {
+        let mut req = ControlRequest::new("status");
+        req.resource = resource.clone();
+        let reply = ask(path, &req, timeout).await?;
+        let status = reply.status.ok_or_else(|| {
+            reply
+                .error
+                .unwrap_or_else(|| "the agent returned no status".into())
+        })?;
+        if !std::io::stdin().is_terminal() {
+            return Err(format!(
+                "invalidate discards the data of {} (resource {}) and copies every block again from its primary: confirm with --yes (no terminal to ask on); nothing changed",
+                status.node, status.resource
+            ));
+        }
+        eprint!(
+            "This discards the data of {} (resource {}, {}, disk {}): it becomes Inconsistent and every block is copied again from its primary.\nType 'yes' to go on: ",
+            status.node, status.resource, status.role, status.disk_state
+        );
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| format!("reading the confirmation: {e}"))?;
+        if line.trim() != "yes" {
+            return Err("invalidate not confirmed; nothing changed".into());
+        }
+    }
+    let mut req = ControlRequest::new("invalidate");
+    req.resource = resource;
+    let reply = ask(path, &req, timeout).await?;
+    if !reply.ok {
+        return Err(reply.error.unwrap_or_else(|| "refused".into()));
+    }
+    let message = reply
+        .result
+        .as_ref()
+        .and_then(|r| r.get("message"))
+        .and_then(|m| m.as_str())
+        .unwrap_or("invalidated");
+    println!("{message}");
+    Ok(ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

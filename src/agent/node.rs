@@ -666,6 +666,16 @@ impl ControlHandler for NodeHandler {
                     Err(e) => ControlReply::error(e),
                 }
             }),
+            // ha (issue 12): a primary's data is what it serves.
+            "invalidate" if ctl.role() == Role::Primary => Box::pin(async move {
+                let cfg = ctl.cfg();
+                ControlReply::error(format!(
+                    "invalidate refused on {name}: it is primary, and a primary's data is what its clients and its peer read; nothing changed. \
+                     To copy {name}'s data again from {peer}: demote {name} (tandem demote), promote {peer} (tandem promote), then run tandem invalidate on {name}",
+                    name = cfg.name,
+                    peer = cfg.peer_name
+                ))
+            }),
             "outdate" if ctl.role() == Role::Primary => Box::pin(async move {
                 ControlReply::error(format!(
                     "{} is primary: only a secondary is outdated (its primary's fencing handler runs tandem outdate on it)",

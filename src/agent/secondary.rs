@@ -51,6 +51,9 @@ pub struct SecondaryReady {
     pub metrics: Arc<Metrics>,
 }
 
+// ha (issue 12): `tandem invalidate`.
+mod invalidate;
+
 type Engine = SecondaryEngine<Bytes>;
 type Actions = Vec<SecondaryAction<Bytes>>;
 
@@ -107,6 +110,8 @@ enum ControlCmd {
     DiscardLocal(oneshot::Sender<ControlReply>),
     /// ha: `tandem outdate` (the primary's fencing handler, before it writes alone).
     Outdate(oneshot::Sender<ControlReply>),
+    /// ha: `tandem invalidate` (this node's data is discarded, fully resynced).
+    Invalidate(oneshot::Sender<ControlReply>),
 }
 
 /// The part of the status that the node publishes for the control socket.
@@ -191,6 +196,8 @@ struct Node {
     /// dr (issue 10): the inspection export being served.
     inspection: Option<Inspection>,
     next_inspection: u64,
+    /// ha (issue 12): an invalidation under way.
+    invalidation: Option<invalidate::Pending>,
 }
 
 /// dr (issue 10): a rollback waits for the engine to be idle, then for the
@@ -329,6 +336,12 @@ pub async fn serve(
         may_create = true;
     }
     may_create |= rebuilt;
+    if recovery::full_sync_owed(&sb) {
+        // ha (issue 12): invalidated; a crash may have come before its journal
+        // was truncated.
+        invalidate::drop_journal_at_start(&cfg, sb.volume_id, jdone_tx.clone())?;
+        may_create = true;
+    }
     let jopened = journal::open(
         &cfg.journal,
         sb.volume_id,
@@ -416,6 +429,7 @@ pub async fn serve(
         rollback: None,
         inspection: None,
         next_inspection: 1,
+        invalidation: None, // ha
     };
     node.publish();
 
@@ -509,6 +523,7 @@ pub async fn serve(
                 node.retry_held(&mut out);
                 node.step_rollback(); // dr (issue 10)
                 node.check_inspection(); // dr (issue 10)
+                node.step_invalidation(None); // ha
                 node.report_consistent();
                 node.publish();
             }
@@ -682,6 +697,7 @@ impl Node {
                 // consistent; the volume alone may not be yet (a first copy whose
                 // records are not all copied): the checkpointer clears that.
                 self.sb.disk_state = DiskState::UpToDate;
+                self.full_sync_done(); // ha: the resync owed since an invalidate
                 self.sb.volume_mixed = !self.engine.is_volume_consistent();
                 self.note_consistent_write();
                 if self.own_dirty.dirty_count().0 > 0 || self.own_verify.dirty_count().0 > 0 {
@@ -803,7 +819,10 @@ impl Node {
                 if let Err(e) = &r {
                     tracing::error!("truncating the journal failed: {e}");
                 }
-                self.rollback_truncated(r); // dr (issue 10)
+                if !self.invalidation_truncated(&r) {
+                    // ha
+                    self.rollback_truncated(r); // dr (issue 10)
+                }
             }
         }
         self.act(out);
@@ -844,6 +863,7 @@ impl Node {
             });
         }
         self.step_rollback(); // dr (issue 10)
+        self.step_invalidation(failed.as_deref()); // ha
         if let Some((from, through, after, job)) = self.checkpoint_waiting
             && self.meta_done >= job
         {
@@ -866,6 +886,16 @@ impl Node {
                 if self.session.is_some() {
                     let (_rd, mut wr) = stream.into_split();
                     link::send_refusal(&mut wr, crate::agent::ALREADY_CONNECTED).await;
+                    return;
+                }
+                if self.invalidating() {
+                    // ha: no session starts before the invalidation is durable.
+                    let (_rd, mut wr) = stream.into_split();
+                    link::send_refusal(
+                        &mut wr,
+                        "the secondary is being invalidated (tandem invalidate); retry shortly",
+                    )
+                    .await;
                     return;
                 }
                 if self.rollback.is_some() {
@@ -1301,6 +1331,7 @@ impl Node {
             has_consistent_image: self.engine.consistent_point().is_some(),
             compare_by_hash: self.compare_by_hash && !self.has_completed_a_sync(),
             discard_local: self.discard_local,
+            full_sync_owed: recovery::full_sync_owed(&self.sb), // ha
             policy: self.cfg.split_brain_policy.clone(),
             meta_path: self.cfg.meta.display().to_string(),
         }
@@ -1471,6 +1502,7 @@ impl Node {
                     serde_json::json!({ "message": message }),
                 ));
             }
+            ControlCmd::Invalidate(reply) => self.start_invalidation(reply), // ha
             ControlCmd::Rollback { to, reply } => self.start_rollback(to, reply),
             ControlCmd::Inspect { start, reply } => {
                 let answer = match start {
@@ -1543,6 +1575,7 @@ impl Node {
             ));
         }
         self.engine.set_pin(None);
+        self.abandon_invalidation(); // ha
         if let Some(s) = self.session.take() {
             let _ = s
                 .acks
@@ -2479,6 +2512,7 @@ impl ControlHandler for SecondaryControl {
             let cmd = match request.cmd.as_str() {
                 "points" => ControlCmd::Points(reply),
                 "outdate" => ControlCmd::Outdate(reply), // ha
+                "invalidate" => ControlCmd::Invalidate(reply), // ha
                 // dr (issue 10)
                 "rollback" | "inspect" => match dr_command(&request, reply) {
                     Ok(cmd) => cmd,
@@ -2499,7 +2533,14 @@ impl ControlHandler for SecondaryControl {
                 }
                 _ => {
                     return request.unknown(&[
-                        "promote", "demote", "resolve", "points", "rollback", "inspect", "outdate",
+                        "promote",
+                        "demote",
+                        "resolve",
+                        "points",
+                        "rollback",
+                        "inspect",
+                        "outdate",
+                        "invalidate",
                     ]);
                 }
             };

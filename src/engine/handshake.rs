@@ -29,6 +29,9 @@ pub struct Local {
     pub compare_by_hash: bool,
     /// `tandem resolve --discard-local` was given.
     pub discard_local: bool,
+    /// ha (issue 12): `tandem invalidate` discarded this node's data and a full
+    /// resync has not completed since (`recovery::full_sync_owed`).
+    pub full_sync_owed: bool,
     pub policy: SplitBrainPolicy,
     /// Where its metadata lives (for the texts).
     pub meta_path: String,
@@ -57,6 +60,8 @@ pub enum Why {
         reason: String,
         full: bool,
     },
+    /// ha (issue 12): `tandem invalidate` discarded this node's data.
+    Invalidated,
 }
 
 impl fmt::Display for Plan {
@@ -84,6 +89,10 @@ impl fmt::Display for Plan {
             Why::PreSeededCompare => write!(
                 f,
                 "{plan}: no bitmap covers this node's data (pre-seeded): compare every block by hash"
+            ),
+            Why::Invalidated => write!(
+                f,
+                "{plan}: this node was invalidated (tandem invalidate): its data is discarded and every block is copied from the primary"
             ),
             Why::Discard { reason, full } => write!(
                 f,
@@ -258,6 +267,13 @@ pub fn decide(h: &Hello, local: &Local) -> Result<Plan, Refusal> {
         why,
         discards_local: false,
     };
+    if local.full_sync_owed && !local.is_new {
+        // Whatever its generations or journal say: the operator discarded its
+        // data, so nothing of it is compared or kept (not even by hash: a disk
+        // that corrupted blocks behind tandem's back may return them as they
+        // were hashed).
+        return Ok(plan(SyncPlan::Full, Why::Invalidated));
+    }
     if local.is_new {
         // A new node (or one with rebuilt metadata) has no generations to compare.
         return Ok(if local.compare_by_hash {
@@ -394,9 +410,51 @@ mod tests {
             has_consistent_image: false,
             compare_by_hash: false,
             discard_local: false,
+            full_sync_owed: false,
             policy: SplitBrainPolicy::Disconnect,
             meta_path: "/m".into(),
         }
+    }
+
+    /// A node in the primary's generation, in sync.
+    fn in_sync() -> Local {
+        let mut l = local();
+        l.gens.current = Generation(0x11);
+        l.gens.bitmap_base = Generation::NONE;
+        l.gens.inconsistent = false;
+        l.has_consistent_image = true;
+        l
+    }
+
+    /// ha (issue 12): `tandem invalidate` makes the next handshake a full resync
+    /// where the generations alone would plan a bitmap resync of nothing, and
+    /// also for a pre-seeded node (no hash comparison of discarded data).
+    #[test]
+    fn an_invalidated_node_gets_a_full_resync_whatever_its_generations_say() {
+        let h = hello(0x11, 0);
+        let p = decide(&h, &in_sync()).unwrap();
+        assert_eq!(p.sync, SyncPlan::Bitmap, "the same generation: {p}");
+        let mut l = in_sync();
+        l.full_sync_owed = true;
+        l.compare_by_hash = true;
+        let p = decide(&h, &l).unwrap();
+        assert_eq!(p.sync, SyncPlan::Full);
+        assert_eq!(p.why, Why::Invalidated);
+        assert!(
+            !p.discards_local,
+            "no split-brain report: nothing of its own"
+        );
+        assert!(p.to_string().contains("tandem invalidate"), "{p}");
+        // Also after the journal lost its consistent point (a crash mid-resync).
+        l.has_consistent_image = false;
+        assert_eq!(decide(&h, &l).unwrap().why, Why::Invalidated);
+        // Identity is still checked.
+        let mut other = h.clone();
+        other.volume_id = [2; 16];
+        assert!(matches!(
+            decide(&other, &l),
+            Err(Refusal::VolumeMismatch { .. })
+        ));
     }
 
     /// Issue 9 finding 12: a first session cut after the Welcome left the node

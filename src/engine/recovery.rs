@@ -87,6 +87,13 @@ pub enum StartRefusal {
          with its peer and sends its own data where they differ)"
     )]
     Poisoned,
+    // ha (issue 12): `tandem invalidate`.
+    #[error(
+        "this node was invalidated (tandem invalidate): its data was discarded and is owed a full \
+         resync from its peer, which has not completed; refusing to serve it as primary. Promote \
+         the peer instead and let this node resync from it"
+    )]
+    Invalidated,
 }
 
 fn extent_blocks(
@@ -123,6 +130,11 @@ pub fn primary_start(
         return Err(StartRefusal::Poisoned);
     }
     if sb.role == Role::Secondary || sb.is_new {
+        if full_sync_owed(&sb) {
+            // ha (issue 12): its data was discarded on purpose; --force does not
+            // bring it back.
+            return Err(StartRefusal::Invalidated);
+        }
         // G8: taking the primary role starts a new generation.
         match sb.disk_state {
             _ if sb.is_new => {
@@ -311,7 +323,9 @@ pub fn recovered_sync_end(
         && base != Generation::NONE
         && base != sb.gen_current
         && !sb.gen_history.contains(&base);
-    (sync_target && !section_open && has_consistent_point).then(|| adopt_generation(sb, base))
+    // An invalidated node's journal is dropped at start; nothing it held is adopted.
+    (sync_target && !section_open && has_consistent_point && !full_sync_owed(sb))
+        .then(|| adopt_generation(sb, base))
 }
 
 /// The first write accepted while the peer is away starts a new generation, made
@@ -369,6 +383,34 @@ pub fn adopt_generation(sb: &Superblock, primary: Generation) -> Superblock {
     }
     sb.gen_bitmap_base = Generation::NONE;
     sb.disk_state = DiskState::UpToDate;
+    sb
+}
+
+/// ha (issue 12): `tandem invalidate` on a secondary. Its data is discarded: the
+/// disk is Inconsistent (never promoted, never reported UpToDate) and a full
+/// resync is owed, recorded as a resync cursor at block 0. The agent writes this
+/// durably BEFORE it drops its journal's records, and a start that finds it drops
+/// whatever the journal still holds: the handshake then plans a full resync
+/// ([`crate::engine::handshake::Why::Invalidated`]) whatever the generations say,
+/// and only the end of that resync ([`full_sync_completed`]) clears it. A crash
+/// at any point in between comes back owing the full resync, never UpToDate.
+pub fn invalidate(sb: &Superblock) -> Superblock {
+    let mut sb = sb.clone();
+    sb.disk_state = DiskState::Inconsistent;
+    sb.resync_cursor = Some(BlockIndex(0));
+    sb
+}
+
+/// A full resync is owed to this node (it was invalidated and the resync has not
+/// completed): see [`invalidate`].
+pub fn full_sync_owed(sb: &Superblock) -> bool {
+    sb.resync_cursor.is_some()
+}
+
+/// The node's image is consistent again after a full resync: nothing is owed.
+pub fn full_sync_completed(sb: &Superblock) -> Superblock {
+    let mut sb = sb.clone();
+    sb.resync_cursor = None;
     sb
 }
 
@@ -525,6 +567,39 @@ mod tests {
         );
         assert_eq!(st.own_verify.dirty_count().0, 63);
         assert!(st.own_dirty.is_dirty(BlockIndex(2)));
+    }
+
+    /// ha (issue 12): an invalidated node owes a full resync until one completes,
+    /// across restarts (the superblock says so), and is never promoted meanwhile.
+    #[test]
+    fn an_invalidated_secondary_owes_a_full_resync_and_is_not_promoted() {
+        let bm = DirtyBitmap::for_volume(64 * 4096, 4096);
+        let none = ActivitySnapshot::empty();
+        let s = invalidate(&sb(Role::Secondary, DiskState::UpToDate));
+        assert!(full_sync_owed(&s));
+        assert_eq!(s.disk_state, DiskState::Inconsistent);
+        assert_eq!(s.gen_current, Generation(7), "the identity stays");
+        for force in [false, true] {
+            assert_eq!(
+                primary_start(&s, &bm, &none, force, 0).unwrap_err(),
+                StartRefusal::Invalidated
+            );
+        }
+        // A restart (crash or not) keeps owing it.
+        let mut crashed = s.clone();
+        crashed.clean_shutdown = false;
+        let st = secondary_start(&crashed, &bm, &none);
+        assert!(full_sync_owed(&st.sb));
+        assert_eq!(st.sb.disk_state, DiskState::Inconsistent);
+        // A resync's end adopting the primary's generation clears it only with
+        // full_sync_completed.
+        let adopted = adopt_generation(&st.sb, Generation(9));
+        assert!(full_sync_owed(&adopted));
+        let mut done = full_sync_completed(&adopted);
+        assert!(!full_sync_owed(&done));
+        assert_eq!(done.disk_state, DiskState::UpToDate);
+        done.clean_shutdown = true; // then stopped cleanly
+        assert!(primary_start(&done, &bm, &none, false, 0).is_ok());
     }
 
     #[test]

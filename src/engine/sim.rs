@@ -1226,6 +1226,7 @@ impl Sim {
             has_consistent_image: s.e.consistent_point().is_some(),
             compare_by_hash: false,
             discard_local: false,
+            full_sync_owed: crate::engine::recovery::full_sync_owed(&self.ssb), // ha
             policy: Default::default(),
             meta_path: "sim".into(),
         };

@@ -67,6 +67,9 @@ pub struct Superblock {
     /// policy `discard-younger-primary` compares it.
     pub promoted_at_s: u64,
     pub clean_shutdown: bool,
+    /// Secondary: a full resync from the peer is owed from this block on (set
+    /// by `tandem invalidate`, cleared when that resync completes; see
+    /// `engine::recovery::invalidate`).
     pub resync_cursor: Option<BlockIndex>,
     /// The persisted bitmap covers every block that may differ, except
     /// blocks of extents in the activity log (when this is false the caller
