@@ -131,6 +131,30 @@ impl DirtyBitmap {
         BlockCount(self.block_count)
     }
 
+    /// ha (issue 12, online grow): the volume grew to `block_count` blocks; the
+    /// new blocks are clean. The page that held the old end (and every new page)
+    /// counts as changed, so the next persist writes them. Panics on a shrink.
+    pub fn grow(&mut self, block_count: BlockCount) {
+        assert!(
+            block_count.0 >= self.block_count,
+            "a bitmap never shrinks ({} to {} blocks)",
+            self.block_count,
+            block_count.0
+        );
+        if block_count.0 == self.block_count {
+            return;
+        }
+        let old_pages = page_count(self.block_count);
+        // Bits past the old end are zero (the struct's invariant): clean.
+        self.words.resize(word_count(block_count.0), 0);
+        self.changed
+            .resize(word_count(page_count(block_count.0)), 0);
+        self.block_count = block_count.0;
+        for page in old_pages.saturating_sub(1)..page_count(block_count.0) {
+            self.changed[(page / WORD_BITS) as usize] |= 1 << (page % WORD_BITS);
+        }
+    }
+
     /// Number of dirty blocks, O(1).
     pub fn dirty_count(&self) -> BlockCount {
         BlockCount(self.dirty_count)
@@ -1034,5 +1058,25 @@ mod tests {
         assert!(disk.is_dirty(BlockIndex(blocks - 1)));
         assert!(!disk.is_dirty(BlockIndex(5)));
         assert_eq!(disk.dirty_count().0, 1 + 100 + 1);
+    }
+
+    /// ha (issue 12): a grown bitmap keeps its bits, adds clean blocks, and
+    /// names the old last page and the new pages as changed.
+    #[test]
+    fn a_grown_bitmap_keeps_its_bits_and_adds_clean_blocks() {
+        let mut bm = DirtyBitmap::new(BlockCount(PAGE_BLOCKS + 10));
+        bm.mark(BlockIndex(3), BlockIndex(5));
+        bm.mark(BlockIndex(PAGE_BLOCKS + 9), BlockIndex(PAGE_BLOCKS + 10));
+        bm.take_changed_pages();
+        bm.grow(BlockCount(3 * PAGE_BLOCKS + 1));
+        assert_eq!(bm.block_count(), BlockCount(3 * PAGE_BLOCKS + 1));
+        assert_eq!(bm.dirty_count(), BlockCount(3));
+        assert!(bm.is_dirty(BlockIndex(PAGE_BLOCKS + 9)));
+        assert!(!bm.is_dirty(BlockIndex(PAGE_BLOCKS + 10)));
+        assert!(!bm.is_dirty(BlockIndex(3 * PAGE_BLOCKS)));
+        let pages: Vec<u64> = bm.take_changed_pages().iter().map(|p| p.0).collect();
+        assert_eq!(pages, vec![1, 2, 3]);
+        bm.mark(BlockIndex(3 * PAGE_BLOCKS), BlockIndex(3 * PAGE_BLOCKS + 1));
+        assert_eq!(bm.dirty_count(), BlockCount(4));
     }
 }

@@ -119,6 +119,18 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Grow the volume online, on the running primary: the secondary grows first,
+    /// then the primary, then the NBD export's size (new NBD connections see it;
+    /// attached clients keep theirs until they reconnect). Image files are
+    /// extended; block devices must be grown first on both nodes. Shrinking is
+    /// refused. Needs the secondary connected.
+    Resize {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// The new size (K, M, G, T suffixes), at least the current one.
+        #[arg(long)]
+        size: String,
+    },
     /// Show a running agent's state (one screen, or --json), or with --all the state
     /// of every resource of this host.
     Status {

@@ -268,6 +268,17 @@ async fn run(command: Command, timeouts: Timeouts) -> Result<ExitCode, String> {
         Command::Outdate { target } => {
             simple_command(target, "outdate", serde_json::json!({}), timeouts.query()).await
         }
+        Command::Resize { target, size } => {
+            let size_bytes =
+                tandem::types::parse_size(&size).map_err(|e| format!("--size: {e}"))?;
+            simple_command(
+                target,
+                "resize",
+                serde_json::json!({ "size_bytes": size_bytes }),
+                timeouts.promote(),
+            )
+            .await
+        }
         Command::Invalidate { target, yes } => {
             let (path, resource) = target.resolve().map_err(|e| e.to_string())?;
             tandem::ops::invalidate(&path, resource, yes, timeouts.query()).await

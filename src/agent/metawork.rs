@@ -27,6 +27,10 @@ pub enum MetaJob {
     /// Write this superblock (what the node's role, generations and disk state
     /// are; the store keeps its own bookkeeping fields).
     Superblock { sb: Superblock },
+    /// ha (issue 12): the volume grew: grow the bitmap area (with `bitmap`, the
+    /// grown bitmap), then write `sb` with the new size. Answered by
+    /// `MetaDone::Grow`.
+    Grow { sb: Superblock, bitmap: DirtyBitmap },
 }
 
 /// A job finished (in the order given); the text is the error's.
@@ -35,6 +39,8 @@ pub enum MetaDone {
     Activity(Result<(), String>),
     Bitmap(Result<(), String>),
     Superblock(Result<(), String>),
+    /// ha (issue 12): a grow, with the size recorded.
+    Grow(Result<u64, String>),
 }
 
 /// The worker's handle.
@@ -80,6 +86,17 @@ impl MetaWorker {
                                 .persist_bitmap(&mut sb, &bitmap)
                                 .map_err(|e| e.to_string()),
                         ),
+                        MetaJob::Grow { sb: new, bitmap } => {
+                            let bitmap_valid = sb.bitmap_valid;
+                            sb = new;
+                            sb.bitmap_valid = bitmap_valid || sb.bitmap_valid;
+                            MetaDone::Grow(
+                                store
+                                    .grow(&sb, &bitmap)
+                                    .map(|()| sb.size_bytes)
+                                    .map_err(|e| e.to_string()),
+                            )
+                        }
                         MetaJob::Superblock { sb: new } => {
                             let bitmap_valid = sb.bitmap_valid;
                             sb = new;

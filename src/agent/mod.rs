@@ -283,8 +283,21 @@ pub(crate) fn open_node(
     cfg: &NodeConfig,
     role: crate::types::Role,
 ) -> Result<(crate::volume::Volume, crate::meta::Opened, bool), AgentError> {
+    // ha (issue 12): once a node has metadata, the size it records is the
+    // volume's (an online grow changes it; the resource file's `size` is the size
+    // a new image is created with). A volume larger than recorded is served at
+    // the recorded size: a block device grown before `tandem resize`, or a
+    // resize interrupted before this node's metadata recorded it.
+    let recorded_bytes = match crate::ops::persisted_superblock(&cfg.meta) {
+        Ok(Some(sb)) if cfg.volume.exists() => Some(sb.size_bytes),
+        _ => None,
+    };
     let opts = crate::volume::OpenOptions {
-        create_size_bytes: cfg.size_bytes,
+        create_size_bytes: if recorded_bytes.is_some() {
+            None
+        } else {
+            cfg.size_bytes
+        },
         direct: cfg.direct,
         engine: cfg.io_engine,
     };
@@ -292,6 +305,17 @@ pub(crate) fn open_node(
         || crate::volume::Volume::open(&cfg.volume, &opts),
         |e| matches!(e, crate::volume::VolumeError::Busy { .. }),
     )?;
+    if let Some(recorded) = recorded_bytes
+        && volume.size_bytes() > recorded
+    {
+        tracing::warn!(
+            volume = %cfg.volume.display(),
+            volume_bytes = volume.size_bytes(),
+            recorded_bytes = recorded,
+            "the volume is larger than its metadata records (grown before tandem resize, or a resize interrupted before it was recorded here): serving the recorded size; tandem resize on the primary uses the rest"
+        );
+        volume.limit_to(recorded);
+    }
     check_meta_path(cfg, &volume)?;
     let size_bytes = volume.size_bytes();
     tracing::info!(volume = %cfg.volume.display(), size_bytes, engine = volume.engine_name(), "opened volume");

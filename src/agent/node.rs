@@ -676,6 +676,14 @@ impl ControlHandler for NodeHandler {
                     peer = cfg.peer_name
                 ))
             }),
+            // ha (issue 12): online grow starts on the primary.
+            "resize" if ctl.role() == Role::Secondary => Box::pin(async move {
+                let cfg = ctl.cfg();
+                ControlReply::error(format!(
+                    "resize refused on {}: it is secondary; the primary ({}) grows the pair (this node first) — run tandem resize against the primary's control socket; nothing changed",
+                    cfg.name, cfg.peer_name
+                ))
+            }),
             "outdate" if ctl.role() == Role::Primary => Box::pin(async move {
                 ControlReply::error(format!(
                     "{} is primary: only a secondary is outdated (its primary's fencing handler runs tandem outdate on it)",

@@ -44,6 +44,8 @@ use crate::volume::Volume;
 use crate::wire::{self, Frame, Hello, Message, PROTOCOL_VERSION, Payload, Welcome, caps};
 
 mod verify;
+// ha (issue 12): online grow.
+mod grow;
 
 /// Reply channel of one client request.
 type Reply = oneshot::Sender<Result<(), Errno>>;
@@ -164,6 +166,11 @@ enum Cmd {
         down: bool,
         reply: oneshot::Sender<ControlReply>,
     },
+    /// ha (issue 12): `tandem resize --size` (online grow).
+    Resize {
+        size_bytes: u64,
+        reply: oneshot::Sender<ControlReply>,
+    },
     /// ha: change the resync rate and/or pause or resume the resync, live.
     SetResync {
         rate_bytes_per_s: Option<u64>,
@@ -211,6 +218,12 @@ enum PeerEvent {
         seq: Seq,
         at_ms: u64,
     },
+    /// ha (issue 12): the answer to `Grow`.
+    Grown {
+        id: u64,
+        size_bytes: u64,
+        error: String,
+    },
     Down {
         id: u64,
         reason: String,
@@ -224,6 +237,10 @@ enum ToPeer {
     Goodbye {
         outdated: bool,
     },
+    /// ha (issue 12): online grow, in frame order.
+    Grow {
+        size_bytes: u64,
+    },
 }
 
 struct Session {
@@ -236,7 +253,9 @@ struct Session {
 
 struct Shared {
     cmd_tx: mpsc::Sender<Cmd>,
-    size_bytes: u64,
+    /// The size the export serves; grows (ha, issue 12: `tandem resize`) once
+    /// both nodes recorded the new size.
+    size_bytes: std::sync::atomic::AtomicU64,
     compress: Arc<AdaptiveCompression>,
     metrics: Arc<Metrics>,
     volume: Volume,
@@ -406,7 +425,7 @@ pub async fn serve(
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let shared = Arc::new(Shared {
         cmd_tx: cmd_tx.clone(),
-        size_bytes,
+        size_bytes: size_bytes.into(),
         compress: Arc::new(AdaptiveCompression::new(cfg.compress_level)),
         metrics: metrics.clone(),
         volume: volume.clone(),
@@ -466,6 +485,7 @@ pub async fn serve(
         ahead_since: None,
         pending_generation: false,
         peer_consistent: None, // dr (issue 10)
+        grow: None,            // ha (issue 12)
     };
     let owner_task = tokio::spawn(owner.run(cmd_rx, io_rx, peer_rx, meta_rx, spill_rx));
 
@@ -700,7 +720,9 @@ impl ReplicatedExport {
 
 impl ExportBackend for ReplicatedExport {
     fn size_bytes(&self) -> u64 {
-        self.shared.size_bytes
+        self.shared
+            .size_bytes
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn read(&self, offset: u64, len: u32) -> IoFuture<Bytes> {
@@ -778,6 +800,8 @@ struct Owner {
     /// dr (issue 10): the DR copy's consistent point as the secondary last
     /// reported it (kept after the session ends: what a promotion there serves).
     peer_consistent: Option<(Seq, u64)>,
+    /// ha (issue 12): a resize under way.
+    grow: Option<grow::Pending>,
 }
 
 impl Owner {
@@ -1208,6 +1232,7 @@ impl Owner {
 
     fn drop_session(&mut self, reason: &str, out: &mut Actions) {
         self.shipped_at.clear();
+        self.grow_session_ended(); // ha (issue 12)
         if let Some(s) = self.session.take() {
             tracing::warn!(session = s.id, "dropping the session: {reason}");
             if self.cfg.mode == Mode::Sync {
@@ -1259,6 +1284,8 @@ impl Owner {
             Cmd::VerifyResult { reply } => {
                 let _ = reply.send(ControlReply::success(self.verify_result_json()));
             }
+            // ha (issue 12): online grow.
+            Cmd::Resize { size_bytes, reply } => self.start_resize(size_bytes, reply),
             // ha (issue 12 item 4): tandem disconnect / connect.
             Cmd::HoldLink { down, reply } => {
                 let was = self.shared.held_down.send_replace(down);
@@ -1433,6 +1460,8 @@ impl Owner {
                 }
                 self.engine.bitmap_persisted(r, out);
             }
+            // ha (issue 12): online grow.
+            MetaDone::Grow(r) => self.grow_recorded(r, out),
             MetaDone::Superblock(r) => {
                 if let Err(e) = r {
                     tracing::error!("writing the superblock failed: {e}; refusing further writes");
@@ -1508,6 +1537,12 @@ impl Owner {
                 // dr (issue 10): a rollback there can move it back; take it as said.
                 self.peer_consistent = Some((seq, at_ms));
             }
+            // ha (issue 12): online grow.
+            PeerEvent::Grown {
+                id,
+                size_bytes,
+                error,
+            } if Some(id) == current => self.peer_grown(id, size_bytes, error, out),
             PeerEvent::Down { id, reason } if Some(id) == current => {
                 self.drop_session(&reason, out)
             }
@@ -1563,7 +1598,10 @@ impl Owner {
         Hello {
             protocol_version: PROTOCOL_VERSION,
             volume_id: self.sb.volume_id.0,
-            size_bytes: self.shared.size_bytes,
+            size_bytes: self
+                .shared
+                .size_bytes
+                .load(std::sync::atomic::Ordering::Acquire),
             block_size: self.cfg.block_size,
             node_name: self.cfg.name.clone(),
             peer_name: self.cfg.peer_name.clone(),
@@ -1886,6 +1924,7 @@ impl ControlHandler for PrimaryControl {
             );
         }
         let tx = self.cmd_tx.clone();
+        let checkpoint_names = self.checkpoints.names(); // ha (issue 12): resize
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let cmd = match request.cmd.as_str() {
@@ -1895,6 +1934,24 @@ impl ControlHandler for PrimaryControl {
                     reply,
                 },
                 "verify-result" => Cmd::VerifyResult { reply },
+                // ha (issue 12): online grow.
+                "resize" => match request.number("size_bytes") {
+                    Some(size_bytes) => {
+                        let names = checkpoint_names;
+                        if !names.is_empty() {
+                            return ControlReply::error(format!(
+                                "resize refused: NBD checkpoints exist ({}), whose records are sized for the volume; remove them first (tandem checkpoint remove NAME), take a new full backup after the resize; nothing changed",
+                                names.join(", ")
+                            ));
+                        }
+                        Cmd::Resize { size_bytes, reply }
+                    }
+                    None => {
+                        return ControlReply::error(
+                            "resize needs size_bytes (tandem resize --size SIZE)".into(),
+                        );
+                    }
+                },
                 // ha: tandem disconnect / connect.
                 "disconnect" | "connect" => Cmd::HoldLink {
                     down: request.cmd == "disconnect",
@@ -1932,6 +1989,7 @@ impl ControlHandler for PrimaryControl {
                         "demote",
                         "verify",
                         "verify-result",
+                        "resize",
                         "set-resync-rate",
                         "disconnect",
                         "connect",
@@ -1996,6 +2054,11 @@ async fn encoder(
                 let handle = match out {
                     ToPeer::Goodbye { outdated } => {
                         let frame = link::control_frame(Message::Goodbye { outdated });
+                        tokio::spawn(async move { frame })
+                    }
+                    // ha (issue 12): online grow, after every frame before it.
+                    ToPeer::Grow { size_bytes } => {
+                        let frame = link::control_frame(Message::Grow { size_bytes });
                         tokio::spawn(async move { frame })
                     }
                     ToPeer::Frame(Outgoing::Write {
@@ -2484,7 +2547,9 @@ async fn handshake(
             "protocol version mismatch: local {PROTOCOL_VERSION}, peer {}; run the same tandem version on both nodes",
             welcome.protocol_version
         ))
-    } else if welcome.size_bytes != hello.size_bytes {
+    } else if welcome.size_bytes < hello.size_bytes {
+        // ha (issue 12): a larger secondary is one an interrupted resize grew
+        // first (engine/handshake.rs); a smaller one cannot hold this volume.
         Some(format!(
             "volume size mismatch: local {} bytes, peer {} bytes; resize one side or recreate metadata",
             hello.size_bytes, welcome.size_bytes
@@ -2544,6 +2609,12 @@ async fn session_reader(
                 id,
                 seq: Seq(seq),
                 at_ms,
+            },
+            // ha (issue 12): online grow.
+            Message::Grown { size_bytes, error } => PeerEvent::Grown {
+                id,
+                size_bytes,
+                error,
             },
             Message::Goodbye { .. } => return "secondary said Goodbye".into(),
             Message::Refuse { reason } => {

@@ -51,6 +51,8 @@ pub struct SecondaryReady {
     pub metrics: Arc<Metrics>,
 }
 
+// ha (issue 12): online grow.
+mod grow;
 // ha (issue 12): `tandem invalidate`.
 mod invalidate;
 
@@ -198,6 +200,8 @@ struct Node {
     next_inspection: u64,
     /// ha (issue 12): an invalidation under way.
     invalidation: Option<invalidate::Pending>,
+    /// ha (issue 12): a grow being recorded: (from, to) bytes.
+    growing: Option<(u64, u64)>,
 }
 
 /// dr (issue 10): a rollback waits for the engine to be idle, then for the
@@ -430,6 +434,7 @@ pub async fn serve(
         inspection: None,
         next_inspection: 1,
         invalidation: None, // ha
+        growing: None,      // ha
     };
     node.publish();
 
@@ -832,6 +837,11 @@ impl Node {
     fn on_meta(&mut self, done: MetaDone, out: &mut Actions) {
         let r = match done {
             MetaDone::Activity(r) | MetaDone::Bitmap(r) | MetaDone::Superblock(r) => r,
+            // ha (issue 12): online grow.
+            MetaDone::Grow(r) => {
+                self.grow_recorded(&r);
+                r.map(|_| ())
+            }
         };
         let failed = r.as_ref().err().cloned();
         if let Err(e) = r {
@@ -1031,6 +1041,11 @@ impl Node {
                 at_ms,
             },
             Message::Flush => Incoming::Flush { through: seq },
+            // ha (issue 12): online grow, in frame order.
+            Message::Grow { size_bytes } => {
+                self.start_grow(size_bytes);
+                return;
+            }
             Message::ResyncDone { through_seq } => Incoming::ResyncDone {
                 through: Seq(through_seq),
             },
@@ -1230,7 +1245,8 @@ impl Node {
                 bitmap_base: self.sb.gen_bitmap_base.0,
                 history: [self.sb.gen_history[0].0, self.sb.gen_history[1].0],
             },
-            capabilities: caps::ZSTD | caps::ZSTD_STREAM, // wan (issue 11 item 4)
+            // wan (issue 11 item 4); ha (issue 12): online grow.
+            capabilities: caps::ZSTD | caps::ZSTD_STREAM | caps::GROW,
             needs: plan.sync,
             own_dirty,
             own_verify,

@@ -228,7 +228,11 @@ pub fn decide(h: &Hello, local: &Local) -> Result<Plan, Refusal> {
             peer: h.protocol_version,
         });
     }
-    if h.size_bytes != local.size_bytes {
+    // ha (issue 12): a secondary larger than its primary is one an online grow
+    // reached first (the primary grows only once the secondary recorded it):
+    // its extra range is zeroed and unused until the primary grows too. A
+    // smaller one cannot hold the primary's volume: refused.
+    if h.size_bytes > local.size_bytes {
         return Err(Refusal::SizeMismatch {
             local: local.size_bytes,
             peer: h.size_bytes,
@@ -474,14 +478,28 @@ mod tests {
         assert_eq!(p.sync, SyncPlan::Full);
     }
 
+    /// ha (issue 12): a pair mid-grow (the secondary grew, the primary did not
+    /// record it before a crash) reconciles; a secondary too small is refused.
+    #[test]
+    fn a_secondary_an_interrupted_grow_made_larger_is_accepted() {
+        let mut l = local();
+        l.size_bytes = 2 << 20;
+        assert!(decide(&hello(0x11, 0), &l).is_ok());
+        l.size_bytes = 1 << 19;
+        assert!(matches!(
+            decide(&hello(0x11, 0), &l),
+            Err(Refusal::SizeMismatch { .. })
+        ));
+    }
+
     #[test]
     fn identity_mismatches_name_both_values() {
         let mut l = local();
-        l.size_bytes = 2 << 20;
+        l.size_bytes = 1 << 19;
         let e = decide(&hello(1, 0), &l).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "volume size mismatch: local 2097152 bytes, peer 1048576 bytes; resize one side or recreate metadata"
+            "volume size mismatch: local 524288 bytes, peer 1048576 bytes; resize one side or recreate metadata"
         );
     }
 }

@@ -1469,6 +1469,17 @@ impl<D> SecondaryEngine<D> {
         }
     }
 
+    /// ha (issue 12): the volume grew to `size_bytes` (the agent made it and the
+    /// metadata that large, durably): frames may address the new range.
+    pub fn grow(&mut self, size_bytes: u64) {
+        assert!(
+            size_bytes >= self.cfg.size_bytes,
+            "a volume never shrinks ({} to {size_bytes} bytes)",
+            self.cfg.size_bytes
+        );
+        self.cfg.size_bytes = size_bytes;
+    }
+
     /// Drop every record after `lsn` (a rollback, or a promotion mid-resync); the
     /// agent truncates the journal durably. Returns the ranges the dropped records
     /// touched: they now differ from the primary's data.

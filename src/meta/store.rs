@@ -1037,6 +1037,65 @@ impl<F: DurableFile> MetaStore<F> {
         self.write_pages_if_changed(bm, pages, true)
     }
 
+    /// ha (issue 12, online grow): the volume grew to `sb.size_bytes`. The
+    /// bitmap area is the file's last region (at 270336, or after a converted
+    /// file's version-1 copies), so it grows in place at its end; the layout
+    /// never moves the activity log. Order (G3): the page that held the old end
+    /// and every new page are written from `bm` (the grown bitmap: its new
+    /// blocks clean) and made durable; only then does the superblock record the
+    /// new size and page count. A crash before that leaves the old superblock,
+    /// whose pages are intact: the rewritten last page holds the same bits for
+    /// the old blocks and zeroes past the old end (a bit set there would only
+    /// mark its sector dirty at the next open). A size equal to the current one
+    /// writes the superblock alone.
+    ///
+    /// Panics on a caller bug: a smaller size, another block size, a bitmap of
+    /// another size.
+    pub fn grow(&mut self, sb: &Superblock, bm: &DirtyBitmap) -> Result<(), MetaError> {
+        self.check_writable()?;
+        let old = self.layout;
+        assert!(
+            sb.size_bytes >= old.size_bytes,
+            "metadata never shrinks ({} to {} bytes)",
+            old.size_bytes,
+            sb.size_bytes
+        );
+        assert_eq!(sb.block_size, old.block_size, "a grow keeps the block size");
+        validate_geometry(sb.size_bytes, sb.block_size)?;
+        let new = Layout::new(sb.size_bytes, sb.block_size);
+        assert_eq!(
+            bm.block_count(),
+            new.block_count,
+            "the grown bitmap's block count differs from the new size's"
+        );
+        if new.bitmap_page_count > old.bitmap_page_count {
+            let area_end = self.bitmap_area_offset + new.bitmap_area_len_bytes();
+            let len = self
+                .file
+                .len_bytes()
+                .map_err(io_err(&self.path, "size check before a grow"))?;
+            if len < area_end {
+                let r = self.file.set_len(area_end);
+                r.map_err(self.poison("extension of the bitmap area"))?;
+            }
+        }
+        self.layout = new;
+        self.page_hashes
+            .resize(new.bitmap_page_count as usize, None);
+        // The old last page's hash covered fewer words: rewrite it.
+        if let Some(h) = self
+            .page_hashes
+            .get_mut(old.bitmap_page_count.saturating_sub(1) as usize)
+        {
+            *h = None;
+        }
+        self.write_pages(
+            bm,
+            (old.bitmap_page_count.saturating_sub(1)..new.bitmap_page_count).map(BitmapPage),
+        )?;
+        self.write_superblock(sb)
+    }
+
     /// Pages in the bitmap area.
     pub fn bitmap_page_count(&self) -> u64 {
         self.layout.bitmap_page_count
@@ -1168,5 +1227,88 @@ mod tests {
             Err(MetaError::Poisoned { .. })
         ));
         assert_eq!(store.read_activity().unwrap().extents, vec![1]);
+    }
+
+    /// ha (issue 12): a grow keeps the bitmap's bits and the activity log, and
+    /// is recorded only by the superblock: before it the file opens at the old
+    /// size (the new pages are ignored), after it at the new size.
+    #[test]
+    fn a_grown_metadata_file_keeps_its_bits_and_opens_at_the_new_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        let old_bytes: u64 = 200 << 20; // 2 bitmap pages
+        let new_bytes: u64 = 600 << 20; // 5 pages
+        let fresh = |size_bytes| Superblock {
+            volume_id: VolumeId([1; 16]),
+            size_bytes,
+            block_size: 4096,
+            role: Role::Primary,
+            disk_state: DiskState::UpToDate,
+            is_new: false,
+            gen_current: Generation(7),
+            gen_bitmap_base: Generation::NONE,
+            gen_history: [Generation::NONE; 2],
+            promoted_at_s: 0,
+            clean_shutdown: true,
+            resync_cursor: None,
+            bitmap_valid: true,
+            volume_mixed: false,
+            poisoned: false,
+            consistent_seq: 0,
+            consistent_at_ms: 0,
+        };
+        let opened =
+            MetaStore::open_or_create(&path, old_bytes, 4096, || fresh(old_bytes)).unwrap();
+        let mut store = opened.store;
+        let mut sb = opened.superblock;
+        let mut bm = DirtyBitmap::for_volume(old_bytes, 4096);
+        let last_old = bm.block_count().0 - 1;
+        bm.mark(BlockIndex(5), BlockIndex(9));
+        bm.mark(BlockIndex(last_old), BlockIndex(last_old + 1));
+        store.persist_bitmap(&mut sb, &bm).unwrap();
+        store.write_activity(4 << 20, &[3, 49]).unwrap();
+
+        // The pages alone (a crash before the superblock): still the old size.
+        let mut grown = bm.clone();
+        grown.grow(DirtyBitmap::for_volume(new_bytes, 4096).block_count());
+        drop(store);
+        {
+            let mut store = MetaStore::open_or_create(&path, old_bytes, 4096, || unreachable!())
+                .unwrap()
+                .store;
+            let old_layout = store.layout;
+            store.layout = Layout::new(new_bytes, 4096);
+            store.page_hashes.resize(5, None);
+            store.page_hashes[1] = None;
+            store
+                .file
+                .set_len(store.bitmap_area_offset + store.layout.bitmap_area_len_bytes())
+                .unwrap();
+            store.write_pages(&grown, (1..5).map(BitmapPage)).unwrap();
+            store.layout = old_layout;
+        }
+        let again = MetaStore::open_or_create(&path, old_bytes, 4096, || unreachable!()).unwrap();
+        assert_eq!(again.superblock.size_bytes, old_bytes);
+        assert_eq!(again.bitmap, bm, "the old size's bits, intact");
+        assert!(again.recovered_from.is_none(), "{:?}", again.recovered_from);
+        let mut store = again.store;
+
+        // The grow.
+        sb.size_bytes = new_bytes;
+        store.grow(&sb, &grown).unwrap();
+        drop(store);
+        assert!(MetaStore::open_or_create(&path, old_bytes, 4096, || unreachable!()).is_err());
+        let opened = MetaStore::open_or_create(&path, new_bytes, 4096, || unreachable!()).unwrap();
+        assert_eq!(opened.superblock.size_bytes, new_bytes);
+        assert_eq!(opened.bitmap, grown);
+        assert_eq!(opened.bitmap.dirty_count().0, 5);
+        assert_eq!(opened.activity.extents, vec![3, 49]);
+        let mut store = opened.store;
+        let mut bm = opened.bitmap;
+        bm.mark(BlockIndex(150_000), BlockIndex(150_001));
+        store.persist_bitmap(&mut sb, &bm).unwrap();
+        drop(store);
+        let opened = MetaStore::open_or_create(&path, new_bytes, 4096, || unreachable!()).unwrap();
+        assert_eq!(opened.bitmap, bm);
     }
 }

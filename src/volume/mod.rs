@@ -151,6 +151,32 @@ pub enum VolumeError {
         #[source]
         source: io::Error,
     },
+    // ha (issue 12): online grow.
+    #[error(
+        "volume {path} is {current_bytes} bytes: shrinking it to {size_bytes} bytes is refused (a filesystem on it would lose its end); nothing changed. Give a size of at least {current_bytes} bytes"
+    )]
+    Shrink {
+        path: PathBuf,
+        size_bytes: u64,
+        current_bytes: u64,
+    },
+    #[error(
+        "block device {path} is {device_bytes} bytes, smaller than the {size_bytes} bytes asked; grow the device first (lvextend, the SAN), then run tandem resize again; nothing changed"
+    )]
+    DeviceTooSmall {
+        path: PathBuf,
+        size_bytes: u64,
+        device_bytes: u64,
+    },
+    #[error("growing {path} to {size_bytes} bytes failed: {source}; check the disk and free space")]
+    Grow {
+        path: PathBuf,
+        size_bytes: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("an in-memory volume cannot grow")]
+    GrowMemory,
     #[error("cannot create a sparse image of {size_bytes} bytes at {path}: {source}")]
     Create {
         path: PathBuf,
@@ -191,7 +217,8 @@ pub struct Volume {
 }
 
 struct Inner {
-    size_bytes: u64,
+    /// The size served; grows with [`Volume::grow`] (ha, issue 12), never shrinks.
+    size_bytes: std::sync::atomic::AtomicU64,
     path: Option<PathBuf>,
     is_block_device: bool,
     backend: Backend,
@@ -396,7 +423,7 @@ impl Volume {
         };
         let volume = Volume {
             inner: Arc::new(Inner {
-                size_bytes,
+                size_bytes: size_bytes.into(),
                 path: Some(path_buf),
                 is_block_device,
                 backend,
@@ -418,7 +445,7 @@ impl Volume {
         );
         Volume {
             inner: Arc::new(Inner {
-                size_bytes,
+                size_bytes: size_bytes.into(),
                 path: None,
                 is_block_device: false,
                 backend: Backend::Memory(MemoryDevice::new(size_bytes)),
@@ -428,7 +455,108 @@ impl Volume {
     }
 
     pub fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes
+        self.inner
+            .size_bytes
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// ha (issue 12): serve only the first `size_bytes` of a larger volume (the
+    /// metadata records a smaller size: a block device grown before `tandem
+    /// resize`, or a resize interrupted before its metadata recorded it). Never
+    /// grows.
+    pub fn limit_to(&self, size_bytes: u64) {
+        assert!(size_bytes > 0 && size_bytes.is_multiple_of(SECTOR_BYTES));
+        self.inner
+            .size_bytes
+            .fetch_min(size_bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The size the file or device has now (an image file's length, a block
+    /// device's size), whatever is served.
+    pub fn physical_size_bytes(&self) -> io::Result<u64> {
+        match &self.inner.backend {
+            Backend::Memory(_) => Ok(self.size_bytes()),
+            Backend::Uring { files, .. } | Backend::Threads { files, .. } => {
+                if files.is_block_device {
+                    sys::block_device_size_bytes(&files.primary)
+                } else {
+                    files.primary.metadata().map(|m| m.len())
+                }
+            }
+        }
+    }
+
+    /// ha (issue 12): grow the volume to `size_bytes`, durably: an image file is
+    /// extended (sparse; the new range reads as zeroes) and made durable; a block
+    /// device must already be that large (the operator grows it first) and its
+    /// new range is zeroed, so both nodes hold the same bytes there without a
+    /// resync. Then the new size is served. Refused for a smaller size.
+    pub fn grow(&self, size_bytes: u64) -> Result<(), VolumeError> {
+        let old = self.size_bytes();
+        let path = self
+            .inner
+            .path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("<memory>"));
+        if size_bytes < old {
+            return Err(VolumeError::Shrink {
+                path,
+                size_bytes,
+                current_bytes: old,
+            });
+        }
+        if size_bytes == 0 || !size_bytes.is_multiple_of(SECTOR_BYTES) {
+            return Err(VolumeError::SizeNotAligned { path, size_bytes });
+        }
+        if size_bytes == old {
+            return Ok(());
+        }
+        let files = match &self.inner.backend {
+            Backend::Memory(_) => return Err(VolumeError::GrowMemory),
+            Backend::Uring { files, .. } | Backend::Threads { files, .. } => files,
+        };
+        let grow_err = |source: io::Error| VolumeError::Grow {
+            path: files.path.clone(),
+            size_bytes,
+            source,
+        };
+        if files.is_block_device {
+            let device_bytes = sys::block_device_size_bytes(&files.primary).map_err(grow_err)?;
+            if device_bytes < size_bytes {
+                return Err(VolumeError::DeviceTooSmall {
+                    path: files.path.clone(),
+                    size_bytes,
+                    device_bytes,
+                });
+            }
+            // The new range holds whatever the device had: zeroed, on each node.
+            let mut offset = old;
+            while offset < size_bytes {
+                let len = (size_bytes - offset).min(1 << 30);
+                rustix::fs::fallocate(
+                    &files.primary,
+                    rustix::fs::FallocateFlags::ZERO_RANGE,
+                    offset,
+                    len,
+                )
+                .map_err(|e| grow_err(e.into()))?;
+                offset += len;
+            }
+            files.primary.sync_data().map_err(grow_err)?;
+        } else {
+            let len = files.primary.metadata().map_err(grow_err)?.len();
+            if len < size_bytes {
+                files.primary.set_len(size_bytes).map_err(grow_err)?;
+            }
+            // Past the old size the file reads as zeroes (a resize interrupted
+            // after extending it wrote nothing there: nothing is served there
+            // before the metadata records the new size).
+            files.primary.sync_all().map_err(grow_err)?;
+        }
+        self.inner
+            .size_bytes
+            .fetch_max(size_bytes, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
     }
 
     /// `"io_uring"`, `"threads"` or `"memory"`.
@@ -774,13 +902,13 @@ impl Volume {
 
     fn check_range(&self, what: &str, offset: u64, len_bytes: u64) -> io::Result<()> {
         match offset.checked_add(len_bytes) {
-            Some(end) if end <= self.inner.size_bytes => Ok(()),
+            Some(end) if end <= self.size_bytes() => Ok(()),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
                     "{what} of {len_bytes} bytes at offset {offset} ends past the end of volume {} ({} bytes)",
                     self.display_name(),
-                    self.inner.size_bytes
+                    self.size_bytes()
                 ),
             )),
         }
@@ -832,7 +960,7 @@ impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Volume")
             .field("path", &self.inner.path)
-            .field("size_bytes", &self.inner.size_bytes)
+            .field("size_bytes", &self.size_bytes())
             .field("engine", &self.engine_name())
             .finish()
     }

@@ -431,7 +431,7 @@ fn le_u64(b: &[u8; HEADER_LEN], at: usize) -> u64 {
 fn kind_info(kind: u8) -> Option<bool> {
     match kind {
         4 => Some(true),
-        1..=3 | 5..=17 => Some(false),
+        1..=3 | 5..=19 => Some(false),
         _ => None,
     }
 }
@@ -847,6 +847,13 @@ mod tests {
             Message::Consistent {
                 seq: 12,
                 at_ms: 1_764_000_000_000,
+            },
+            Message::Grow {
+                size_bytes: 2 << 30,
+            },
+            Message::Grown {
+                size_bytes: 2 << 30,
+                error: "no".into(),
             },
         ]
     }

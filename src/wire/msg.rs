@@ -17,6 +17,8 @@
 //!   TRIM of any size the NBD protocol allows, split at extent boundaries);
 //!   Goodbye says whether the peer is left Outdated (a stop or demotion that could
 //!   not drain); the secondary reports its consistent point (`Consistent`).
+//! - 3, additive (ha, issue 12): online grow, `Grow`/`Grown`, sent only to a
+//!   peer whose Welcome announces [`caps::GROW`] (older peers never see them).
 
 use bincode::{Decode, Encode};
 
@@ -33,6 +35,8 @@ pub mod caps {
     /// wan (issue 11 item 4): the primary's frames may come as one zstd stream
     /// per connection, in chunks (agent/link.rs). Used when both ends set it.
     pub const ZSTD_STREAM: u64 = 1 << 1;
+    /// ha (issue 12): the secondary answers `Grow` (online grow).
+    pub const GROW: u64 = 1 << 2;
 }
 
 /// Role byte as carried on the wire.
@@ -212,6 +216,21 @@ pub enum Message {
         seq: u64,
         at_ms: u64,
     },
+    /// ha (issue 12): primary → secondary: grow the volume to `size_bytes` (an
+    /// image file is extended, a block device must be that large and has its new
+    /// range zeroed) and record it durably in the metadata, then answer `Grown`.
+    /// Ordered after every frame sent before it; nothing addresses the new range
+    /// before the answer. Frame seq 0.
+    Grow {
+        size_bytes: u64,
+    },
+    /// ha (issue 12): secondary → primary: the answer to `Grow`. `error` empty:
+    /// the volume and its metadata are `size_bytes` durably; else why not
+    /// (nothing changed there).
+    Grown {
+        size_bytes: u64,
+        error: String,
+    },
 }
 
 impl Message {
@@ -235,6 +254,8 @@ impl Message {
             Message::HashCheck { .. } => 15,
             Message::HashReply { .. } => 16,
             Message::Consistent { .. } => 17,
+            Message::Grow { .. } => 18,  // ha
+            Message::Grown { .. } => 19, // ha
         }
     }
 

@@ -63,7 +63,10 @@ impl Owner {
         v.rate_bytes_per_s = rate;
         v.started = Instant::now();
         v.finished_after_s = None;
-        let total_bytes = self.shared.size_bytes;
+        let total_bytes = self
+            .shared
+            .size_bytes
+            .load(std::sync::atomic::Ordering::Acquire);
         tracing::info!(
             id = v.id,
             repair,
@@ -161,7 +164,10 @@ impl Owner {
             return (0, 0, 0.0, None);
         };
         let bs = self.cfg.block_size as u64;
-        let total = self.shared.size_bytes;
+        let total = self
+            .shared
+            .size_bytes
+            .load(std::sync::atomic::Ordering::Acquire);
         let done = (r.compared_blocks.0 * bs).min(total);
         let percent = 100.0 * done as f64 / total.max(1) as f64;
         let elapsed_s = self.verify_elapsed_s();

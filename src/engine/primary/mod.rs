@@ -33,6 +33,7 @@
 //! - while not shipping, every accepted client write's blocks are marked dirty.
 
 mod flush;
+mod grow; // ha (issue 12)
 mod intent;
 mod resync;
 mod stream;
@@ -49,6 +50,7 @@ use crate::engine::sequencer::RangeSequencer;
 use crate::types::{BlockCount, BlockIndex, ByteRange, Seq};
 
 pub use flush::LocalFlushId;
+pub use grow::GrowRefusal; // ha
 pub use resync::{HOLE_PROBE_BYTES, RANGE_HASH_BLOCKS, ResyncProgress, ZERO_CHUNK_BYTES_MAX};
 pub use stream::spill_record_bytes; // wan (issue 11 item 5)
 pub use verify::{VERIFY_CHUNKS_IN_FLIGHT_MAX, VerifyRefusal, VerifyReport, VerifyState};

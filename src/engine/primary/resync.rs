@@ -165,6 +165,11 @@ impl Resync {
         }
     }
 
+    /// ha (issue 12): the volume grew; the new blocks need no comparison.
+    pub(super) fn grow_fine(&mut self, blocks: crate::types::BlockCount) {
+        self.fine.grow(blocks);
+    }
+
     /// No chunk of a pass is in flight.
     pub(super) fn pass_is_idle(&self) -> bool {
         self.pass.as_ref().is_none_or(|p| p.live == 0)
