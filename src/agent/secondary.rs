@@ -352,6 +352,7 @@ pub async fn serve(
         jopened.applied,
         jopened.records,
         volume_consistent,
+        Lsn(sb.mixed_through),
         (Seq(sb.consistent_seq), sb.consistent_at_ms),
     );
     if let Some(adopted) = recovery::recovered_sync_end(
@@ -624,12 +625,16 @@ impl Node {
                     .engine
                     .consistent_point()
                     .is_none_or(|(lsn, _, _)| through > lsn);
-                let mixes = !volume_consistent_after && !self.sb.volume_mixed;
+                // The superblock also says how far the copy may reach (a cut copy
+                // leaves pieces of any record up to `through` in the volume).
+                let mixes = !volume_consistent_after
+                    && (!self.sb.volume_mixed || through.0 > self.sb.mixed_through);
                 let loses = !volume_consistent_after
                     && past_consistent
                     && self.sb.disk_state != DiskState::Inconsistent;
                 if mixes || loses {
                     self.sb.volume_mixed = true;
+                    self.sb.mixed_through = self.sb.mixed_through.max(through.0);
                     if loses {
                         tracing::warn!(
                             "copying an unfinished resync into the volume (resync-overflow = inconsistent): the node is Inconsistent until it completes"
@@ -683,6 +688,9 @@ impl Node {
                 // records are not all copied): the checkpointer clears that.
                 self.sb.disk_state = DiskState::UpToDate;
                 self.sb.volume_mixed = !self.engine.is_volume_consistent();
+                if !self.sb.volume_mixed {
+                    self.sb.mixed_through = 0;
+                }
                 self.note_consistent_write();
                 if self.own_dirty.dirty_count().0 > 0 || self.own_verify.dirty_count().0 > 0 {
                     self.own_dirty.clear_all();
@@ -778,6 +786,7 @@ impl Node {
             .filter(|&(_, at_ms)| volume_consistent_after && at_ms > self.sb.consistent_at_ms);
         if volume_consistent_after && (self.sb.volume_mixed || newer.is_some()) {
             self.sb.volume_mixed = false;
+            self.sb.mixed_through = 0;
             if let Some((seq, at_ms)) = newer {
                 self.sb.consistent_seq = seq.0;
                 self.sb.consistent_at_ms = at_ms;
@@ -1621,6 +1630,9 @@ impl Node {
         self.note_consistent_write();
         let mut sb = self.sb.clone();
         sb.volume_mixed = !self.engine.is_volume_consistent();
+        if !sb.volume_mixed {
+            sb.mixed_through = 0;
+        }
         sb.clean_shutdown = true;
         store.persist_bitmap(&mut sb, &bm)?;
         if let Some(j) = self.journal.take() {
@@ -2296,6 +2308,9 @@ impl Node {
                 self.sb.consistent_seq = seq.0;
                 self.sb.consistent_at_ms = at_ms;
                 self.sb.volume_mixed = !self.engine.is_volume_consistent();
+                if !self.sb.volume_mixed {
+                    self.sb.mixed_through = 0;
+                }
                 let mut bitmap = self.own_dirty.clone();
                 bitmap.union_with(&self.own_verify);
                 self.send_meta(MetaJob::Bitmap { bitmap });

@@ -448,13 +448,18 @@ impl<D> SecondaryEngine<D> {
     /// durable) after `applied` (everything before is in the volume).
     /// `volume_consistent`: the volume alone is a consistent image (false for a
     /// new node before its first full copy, or after an inconsistent resync);
-    /// `volume_write`: the newest write it holds as last recorded (seq, accept
-    /// time; zeroes when unknown), reported while no record is newer.
+    /// `mixed_through`: with a volume that is not consistent, the newest record a
+    /// checkpoint that mixed it may have copied pieces of (the superblock's
+    /// `mixed_through`; `Lsn::ZERO` when none): no image before it is
+    /// consistent. `volume_write`: the newest write it holds as last recorded
+    /// (seq, accept time; zeroes when unknown), reported while no record is
+    /// newer.
     pub fn new(
         cfg: Config,
         applied: Lsn,
         records: Vec<Record>,
         volume_consistent: bool,
+        mixed_through: Lsn,
         volume_write: (Seq, u64),
     ) -> Self {
         let mut e = SecondaryEngine {
@@ -491,6 +496,13 @@ impl<D> SecondaryEngine<D> {
             assert_eq!(r.lsn, e.tail.next(), "recovered records are consecutive");
             e.tail = r.lsn;
             e.track(r);
+            if !volume_consistent && r.lsn <= mixed_through {
+                // A mixed volume may hold pieces of any record a cut checkpoint
+                // covered: no image before the newest of them is consistent,
+                // whatever sections ended among them (fuzz finding
+                // checkpoint-section-after-restart).
+                e.records.back_mut().expect("just tracked").in_section = true;
+            }
         }
         // What was recovered is durable by definition.
         e.mark_durable(e.tail);
