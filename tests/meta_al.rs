@@ -39,6 +39,7 @@ fn fresh() -> Superblock {
         poisoned: false,
         consistent_seq: 0,
         consistent_at_ms: 0,
+        mixed_through: 0,
     }
 }
 

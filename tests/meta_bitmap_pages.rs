@@ -36,6 +36,7 @@ fn fresh(size_bytes: u64) -> Superblock {
         poisoned: false,
         consistent_seq: 0,
         consistent_at_ms: 0,
+        mixed_through: 0,
     }
 }
 

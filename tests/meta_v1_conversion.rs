@@ -66,6 +66,7 @@ fn expected_superblock() -> Superblock {
         poisoned: false,
         consistent_seq: 0,
         consistent_at_ms: 0,
+        mixed_through: 0,
     }
 }
 

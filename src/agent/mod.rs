@@ -268,6 +268,7 @@ fn fresh_superblock(
         poisoned: false,
         consistent_seq: 0,
         consistent_at_ms: 0,
+        mixed_through: 0,
     }
 }
 

@@ -369,6 +369,7 @@ pub async fn serve(
         jopened.applied,
         jopened.records,
         volume_consistent,
+        Lsn(sb.mixed_through),
         (Seq(sb.consistent_seq), sb.consistent_at_ms),
     );
     if let Some(adopted) = recovery::recovered_sync_end(
@@ -644,12 +645,16 @@ impl Node {
                     .engine
                     .consistent_point()
                     .is_none_or(|(lsn, _, _)| through > lsn);
-                let mixes = !volume_consistent_after && !self.sb.volume_mixed;
+                // The superblock also says how far the copy may reach (a cut copy
+                // leaves pieces of any record up to `through` in the volume).
+                let mixes = !volume_consistent_after
+                    && (!self.sb.volume_mixed || through.0 > self.sb.mixed_through);
                 let loses = !volume_consistent_after
                     && past_consistent
                     && self.sb.disk_state != DiskState::Inconsistent;
                 if mixes || loses {
                     self.sb.volume_mixed = true;
+                    self.sb.mixed_through = self.sb.mixed_through.max(through.0);
                     if loses {
                         tracing::warn!(
                             "copying an unfinished resync into the volume (resync-overflow = inconsistent): the node is Inconsistent until it completes"
@@ -704,6 +709,9 @@ impl Node {
                 self.sb.disk_state = DiskState::UpToDate;
                 self.full_sync_done(); // ha: the resync owed since an invalidate
                 self.sb.volume_mixed = !self.engine.is_volume_consistent();
+                if !self.sb.volume_mixed {
+                    self.sb.mixed_through = 0;
+                }
                 self.note_consistent_write();
                 if self.own_dirty.dirty_count().0 > 0 || self.own_verify.dirty_count().0 > 0 {
                     self.own_dirty.clear_all();
@@ -799,6 +807,7 @@ impl Node {
             .filter(|&(_, at_ms)| volume_consistent_after && at_ms > self.sb.consistent_at_ms);
         if volume_consistent_after && (self.sb.volume_mixed || newer.is_some()) {
             self.sb.volume_mixed = false;
+            self.sb.mixed_through = 0;
             if let Some((seq, at_ms)) = newer {
                 self.sb.consistent_seq = seq.0;
                 self.sb.consistent_at_ms = at_ms;
@@ -1670,6 +1679,9 @@ impl Node {
         self.note_consistent_write();
         let mut sb = self.sb.clone();
         sb.volume_mixed = !self.engine.is_volume_consistent();
+        if !sb.volume_mixed {
+            sb.mixed_through = 0;
+        }
         sb.clean_shutdown = true;
         store.persist_bitmap(&mut sb, &bm)?;
         if let Some(j) = self.journal.take() {
@@ -2345,6 +2357,9 @@ impl Node {
                 self.sb.consistent_seq = seq.0;
                 self.sb.consistent_at_ms = at_ms;
                 self.sb.volume_mixed = !self.engine.is_volume_consistent();
+                if !self.sb.volume_mixed {
+                    self.sb.mixed_through = 0;
+                }
                 let mut bitmap = self.own_dirty.clone();
                 bitmap.union_with(&self.own_verify);
                 self.send_meta(MetaJob::Bitmap { bitmap });

@@ -448,6 +448,7 @@ mod tests {
             poisoned: false,
             consistent_seq: 0,
             consistent_at_ms: 0,
+            mixed_through: 0,
         }
     }
 

@@ -390,6 +390,9 @@ pub struct SecondaryEngine<D> {
     live_bytes: u64,
     /// Records through this one are copied into the volume (and released).
     applied: Lsn,
+    /// With a volume that is not consistent: the newest record a checkpoint cut
+    /// before a restart may have copied pieces of (superblock `mixed_through`).
+    mixed_through: Lsn,
     /// The volume alone (records through `applied`) is a consistent image.
     volume_consistent: bool,
     /// Records through this one are durable in the journal.
@@ -448,13 +451,18 @@ impl<D> SecondaryEngine<D> {
     /// durable) after `applied` (everything before is in the volume).
     /// `volume_consistent`: the volume alone is a consistent image (false for a
     /// new node before its first full copy, or after an inconsistent resync);
-    /// `volume_write`: the newest write it holds as last recorded (seq, accept
-    /// time; zeroes when unknown), reported while no record is newer.
+    /// `mixed_through`: with a volume that is not consistent, the newest record a
+    /// checkpoint that mixed it may have copied pieces of (the superblock's
+    /// `mixed_through`; `Lsn::ZERO` when none): no image before it is
+    /// consistent. `volume_write`: the newest write it holds as last recorded
+    /// (seq, accept time; zeroes when unknown), reported while no record is
+    /// newer.
     pub fn new(
         cfg: Config,
         applied: Lsn,
         records: Vec<Record>,
         volume_consistent: bool,
+        mixed_through: Lsn,
         volume_write: (Seq, u64),
     ) -> Self {
         let mut e = SecondaryEngine {
@@ -474,6 +482,11 @@ impl<D> SecondaryEngine<D> {
             stale_hash_reads: BTreeMap::new(),
             consistent_view: None,
             in_section: !volume_consistent,
+            mixed_through: if volume_consistent {
+                Lsn::ZERO
+            } else {
+                mixed_through
+            },
             consistent: volume_consistent.then_some(applied),
             consistent_write: volume_write,
             last_write: volume_write,
@@ -556,7 +569,12 @@ impl<D> SecondaryEngine<D> {
         if r.kind == RecordKind::SectionEnd {
             self.last_point = r.lsn;
         }
-        r.in_section = self.in_section || r.kind == RecordKind::SectionStart;
+        // A mixed volume may hold pieces of any record a cut checkpoint covered:
+        // no image before the newest of them is consistent, whatever sections
+        // ended among them (fuzz finding checkpoint-section-after-restart).
+        r.in_section = self.in_section
+            || r.kind == RecordKind::SectionStart
+            || (!self.volume_consistent && r.lsn <= self.mixed_through);
         if r.kind.changes_data() {
             self.index.insert(r.range.offset, r.range.end(), r.lsn);
             self.last_write = (r.seq, r.at_ms);

@@ -413,6 +413,7 @@ fn fresh_sb(role: Role) -> Superblock {
         poisoned: false,
         consistent_seq: 0,
         consistent_at_ms: 0,
+        mixed_through: 0,
     }
 }
 
@@ -917,6 +918,7 @@ impl Sim {
             self.journal_head,
             records,
             volume_consistent,
+            Lsn(self.ssb.mixed_through),
             (Seq(self.ssb.consistent_seq), self.ssb.consistent_at_ms),
         );
         // As the agent does: a sync end the superblock missed is recorded now.
@@ -991,6 +993,7 @@ impl Sim {
                         // Recorded before the copy makes the volume mixed; past the
                         // consistent point the node has no consistent image left.
                         self.ssb.volume_mixed = true;
+                        self.ssb.mixed_through = self.ssb.mixed_through.max(through.0);
                         if s.e
                             .consistent_point()
                             .is_none_or(|(lsn, _, _)| through > lsn)
@@ -1028,6 +1031,9 @@ impl Sim {
                     self.ssb = recovery::adopt_generation(&self.ssb, gen_p);
                     self.ssb.disk_state = DiskState::UpToDate;
                     self.ssb.volume_mixed = !s.e.is_volume_consistent();
+                    if !self.ssb.volume_mixed {
+                        self.ssb.mixed_through = 0;
+                    }
                     if let Some((_, seq, at_ms)) = s.e.consistent_point() {
                         self.ssb.consistent_seq = seq.0;
                         self.ssb.consistent_at_ms = at_ms;
@@ -1120,6 +1126,7 @@ impl Sim {
                     // Recorded before the release (the agent waits for it): the
                     // volume is consistent, and holds this newest write.
                     self.ssb.volume_mixed = false;
+                    self.ssb.mixed_through = 0;
                     if let Some(w) = released.iter().rev().find(|r| r.rec.kind.changes_data()) {
                         self.ssb.consistent_seq = w.rec.seq.0;
                         self.ssb.consistent_at_ms = self.ssb.consistent_at_ms.max(w.rec.at_ms);
@@ -1696,6 +1703,7 @@ impl Sim {
         let mut promoted = self.ssb.clone();
         promoted.clean_shutdown = true;
         promoted.volume_mixed = false;
+        promoted.mixed_through = 0;
         // Slots swap: the promoted node's disk and metadata become the primary's.
         std::mem::swap(&mut self.pdisk, &mut self.sdisk);
         self.pmeta = PMeta {

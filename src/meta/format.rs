@@ -89,6 +89,11 @@ pub struct Superblock {
     /// journal holds nothing newer.
     pub consistent_seq: u64,
     pub consistent_at_ms: u64,
+    /// Secondary, with `volume_mixed`: the newest journal record (lsn) a
+    /// checkpoint that left the volume mixed may have copied pieces of. A cut
+    /// copy leaves pieces of any record up to it in the volume, so no image
+    /// before it is consistent after a restart (engine::secondary). 0 = none.
+    pub mixed_through: u64,
 }
 
 /// One superblock slot as stored: 4096 bytes.
@@ -120,7 +125,9 @@ pub struct Superblock {
 /// 120     8     secondary: seq of the newest write in its last recorded consistent
 ///               image (0 = unknown)
 /// 128     8     secondary: when the primary accepted that write (unix ms; 0 = unknown)
-/// 136     3956  reserved, 0
+/// 136     8     secondary, with bit4: the newest journal record (lsn) a checkpoint
+///               that left the volume mixed may have copied (0 = none)
+/// 144     3948  reserved, 0
 /// 4092    4     crc32 (crc32fast) of bytes 0..4092
 /// ```
 ///
@@ -291,6 +298,7 @@ impl SlotImage {
         b[104..112].copy_from_slice(&sb.promoted_at_s.to_le_bytes());
         b[120..128].copy_from_slice(&sb.consistent_seq.to_le_bytes());
         b[128..136].copy_from_slice(&sb.consistent_at_ms.to_le_bytes());
+        b[136..144].copy_from_slice(&sb.mixed_through.to_le_bytes());
         let crc = crc32fast::hash(&b[..SLOT_CRC_OFFSET]);
         b[SLOT_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -413,6 +421,7 @@ impl SlotImage {
             poisoned: flags & FLAG_POISONED != 0,
             consistent_seq: u64_at(b, 120),
             consistent_at_ms: u64_at(b, 128),
+            mixed_through: u64_at(b, 136),
         };
         Ok(SlotImage {
             superblock,
@@ -706,6 +715,7 @@ mod tests {
                 poisoned: false,
                 consistent_seq: 0,
                 consistent_at_ms: 0,
+                mixed_through: 0,
             },
             slot_seq: 42,
             bitmap: BitmapLocation::V2 {
@@ -746,7 +756,7 @@ mod tests {
         assert_eq!(u64_at(&b, 96), 270_336);
         assert_eq!(u64_at(&b, 104), 1_700_000_000);
         assert_eq!(u64_at(&b, 112), 9);
-        assert!(b[136..4092].iter().all(|&x| x == 0));
+        assert!(b[144..4092].iter().all(|&x| x == 0));
         assert_eq!(u32_at(&b, 4092), crc32fast::hash(&b[..4092]));
     }
 

@@ -1201,6 +1201,7 @@ mod tests {
             poisoned: false,
             consistent_seq: 0,
             consistent_at_ms: 0,
+            mixed_through: 0,
         };
         let mut store = MetaStore::open_or_create(&path, size_bytes, 4096, fresh)
             .unwrap()

@@ -1270,5 +1270,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             self.ops.get_mut(&seq).expect("listed").wait_in_sync = false;
             self.try_complete(seq, out);
         }
+        // FLUSHes waiting for the same (block mode) complete with them: a FLUSH
+        // that came while apart waited forever after a resync with nothing to
+        // resend (fuzz primary target, regressions/primary/
+        // block-flush-after-an-empty-resync).
+        self.try_complete_flushes(out);
     }
 }

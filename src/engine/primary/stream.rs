@@ -423,7 +423,12 @@ impl<D> Stream<D> {
     }
 
     pub(super) fn assert_invariants(&self, next_seq: Seq) {
+        // One pass over the window (the simulator and the fuzz targets call
+        // this after every step).
         let mut prev = Seq::ZERO;
+        let (mut unacked, mut mem, mut mem_writes, mut loading, mut loading_writes) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut shipped, mut shipped_writes, mut spilled) = (0u64, 0u64, 0u64);
         for u in &self.unacked {
             assert!(u.seq > prev, "unacked out of order");
             assert!(
@@ -437,29 +442,20 @@ impl<D> Stream<D> {
                 u.seq < self.next_ship,
                 "shipped flag and cursor disagree"
             );
-        }
-        assert_eq!(
-            self.unacked_bytes,
-            self.unacked.iter().map(|u| u.wire_bytes).sum::<u64>()
-        );
-        let mem = self.unacked.iter().filter(|u| u.in_memory());
-        assert_eq!(
-            self.mem_bytes,
-            mem.clone().map(|u| u.wire_bytes).sum::<u64>()
-        );
-        assert_eq!(self.mem_writes, mem.count() as u64);
-        let loading = self.unacked.iter().filter(|u| {
-            u.spill
-                .as_ref()
-                .is_some_and(|s| matches!(s.state, SpillState::Reading | SpillState::Loaded(_)))
-        });
-        assert_eq!(
-            self.loading_bytes,
-            loading.clone().map(|u| u.wire_bytes).sum::<u64>()
-        );
-        assert_eq!(self.loading_writes, loading.count() as u64);
-        for u in &self.unacked {
+            unacked += u.wire_bytes;
+            if u.in_memory() {
+                mem += u.wire_bytes;
+                mem_writes += 1;
+            }
+            if u.shipped {
+                shipped += u.wire_bytes;
+                shipped_writes += 1;
+            }
             if let Some(s) = &u.spill {
+                if matches!(s.state, SpillState::Reading | SpillState::Loaded(_)) {
+                    loading += u.wire_bytes;
+                    loading_writes += 1;
+                }
                 assert_eq!(
                     u.shipped,
                     matches!(s.state, SpillState::Shipped),
@@ -468,14 +464,14 @@ impl<D> Stream<D> {
                 if !matches!(s.state, SpillState::Unread) && u.seq >= self.spill.read_cursor {
                     panic!("spilled seq {} read back beyond the read cursor", u.seq);
                 }
+                spilled += s.record_bytes;
             }
         }
-        let spilled: u64 = self
-            .unacked
-            .iter()
-            .filter_map(|u| u.spill.as_ref())
-            .map(|s| s.record_bytes)
-            .sum();
+        assert_eq!(self.unacked_bytes, unacked);
+        assert_eq!(self.mem_bytes, mem);
+        assert_eq!(self.mem_writes, mem_writes);
+        assert_eq!(self.loading_bytes, loading);
+        assert_eq!(self.loading_writes, loading_writes);
         if self.spill.reset == Reset::None {
             assert!(
                 spilled <= self.spill.live_bytes,
@@ -486,18 +482,8 @@ impl<D> Stream<D> {
             self.spill.live_bytes <= self.spill.capacity_bytes,
             "spill log over capacity"
         );
-        assert_eq!(
-            self.shipped_bytes,
-            self.unacked
-                .iter()
-                .filter(|u| u.shipped)
-                .map(|u| u.wire_bytes)
-                .sum::<u64>()
-        );
-        assert_eq!(
-            self.shipped_writes,
-            self.unacked.iter().filter(|u| u.shipped).count() as u64
-        );
+        assert_eq!(self.shipped_bytes, shipped);
+        assert_eq!(self.shipped_writes, shipped_writes);
         assert!(self.next_ship <= next_seq);
         if self.ahead.is_some() {
             assert!(self.section_open, "ahead without an open section");

@@ -13,6 +13,7 @@ fn engine(blocks: u64, journal_bytes: u64) -> E {
         Lsn::ZERO,
         Vec::new(),
         true,
+        Lsn::ZERO,
         (Seq::ZERO, 0),
     )
 }
@@ -346,7 +347,7 @@ fn small_engine(records: u64) -> E {
     cfg.frame_max_bytes = BS;
     cfg.rollback_window_bytes = u64::MAX;
     cfg.checkpoint_batch_bytes = 4 * (BS + 64);
-    SecondaryEngine::new(cfg, Lsn::ZERO, Vec::new(), true, (Seq::ZERO, 0))
+    SecondaryEngine::new(cfg, Lsn::ZERO, Vec::new(), true, Lsn::ZERO, (Seq::ZERO, 0))
 }
 
 /// Feed one frame as the agent does: ask for room first, settle while waiting.
@@ -373,6 +374,7 @@ fn the_volume_point_carries_the_newest_write_recorded_for_the_volume() {
         Lsn(40),
         Vec::new(),
         true,
+        Lsn::ZERO,
         (Seq(812), 1_795_000_000_000),
     );
     let points = e.points(10);
@@ -518,4 +520,68 @@ fn a_rollback_to_a_listed_point_drops_the_later_records_and_names_their_ranges()
     let (lsn, seq, at_ms) = e.consistent_point().expect("consistent");
     assert_eq!((lsn, seq, at_ms), (target.lsn, Seq(1), 100));
     assert_eq!(e.points(10).last().map(|p| p.seq), Some(Seq(1)));
+}
+
+/// A checkpoint that copies records of an open section (resync-overflow =
+/// inconsistent) makes the volume mixed; when the node crashes mid-copy, the
+/// volume may hold pieces of any record the checkpoint covered, and nothing
+/// says which (only "mixed" is recorded durably). An image built from the
+/// volume and the records through an older point outside a section is then
+/// not consistent either: the pieces of the newer records stay in it. Found
+/// by the fuzz target `secondary` (open/secondary/checkpoint-section-after-
+/// restart): the engine recovered a consistent point at a record before the
+/// torn checkpoint's end (after a SectionEnd among the recovered records), so
+/// a promotion could roll back onto a mixed volume.
+#[test]
+fn a_mixed_volume_has_no_consistent_point_until_a_record_after_the_recovered_ones() {
+    let rec = |lsn: u64, seq: u64, kind: RecordKind, block: u64| Record {
+        lsn: Lsn(lsn),
+        seq: Seq(seq),
+        kind,
+        range: if kind.changes_data() {
+            ByteRange::new(block * BS, BS)
+        } else {
+            ByteRange::new(0, 0)
+        },
+        at_ms: 1000,
+        journal_bytes: 64 + BS,
+        in_section: false,
+    };
+    // W1 (in a section), its SectionEnd, W2 outside any section, a new section
+    // and W3 in it: the torn checkpoint ran through W3.
+    let records = vec![
+        rec(1, 1, RecordKind::Write, 1),
+        rec(2, 1, RecordKind::SectionEnd, 0),
+        rec(3, 2, RecordKind::Write, 2),
+        rec(4, 2, RecordKind::SectionStart, 0),
+        rec(5, 3, RecordKind::Write, 3),
+    ];
+    let mut e: E = SecondaryEngine::new(
+        Config::new(16 * BS, BS as u32, 256 << 20),
+        Lsn::ZERO,
+        records,
+        false,
+        Lsn(5),
+        (Seq::ZERO, 0),
+    );
+    assert_eq!(
+        e.consistent_point(),
+        None,
+        "the volume holds pieces of W3: no image before it is consistent"
+    );
+    assert!(
+        e.records().all(|r| r.in_section),
+        "every recovered record is part of the mixed image: {:?}",
+        e.records().collect::<Vec<_>>()
+    );
+    // The section ended among the recovered records: a new write outside a
+    // section covers them all, and its image is consistent again.
+    let mut out = Vec::new();
+    e.receive(start(4, 0), 0, &mut out);
+    e.receive(write(4, 5, 2000), 0, &mut out);
+    settle(&mut e, &mut out);
+    let c = e
+        .consistent_point()
+        .expect("a point after the recovered records");
+    assert!(c.0 > Lsn(5), "{c:?}");
 }

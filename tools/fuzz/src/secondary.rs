@@ -234,11 +234,6 @@ pub struct Open {
     /// `HashReply` for it and may send `Durable` past a record not yet synced.
     /// See tests/regressions.rs `a_hash_read_of_an_ended_session_is_not_taken_for_a_new_one`.
     pub stale_hash_done: bool,
-    /// After a crash (records recovered, a new full section opened under
-    /// resync-overflow = inconsistent), a checkpoint's `volume_consistent_after`
-    /// disagrees with the model's section flag of its last record. Not triaged:
-    /// see tests/regressions.rs `a_checkpoint_after_a_restart_agrees_on_its_section`.
-    pub checkpoint_section_after_restart: bool,
 }
 
 /// The open bugs `run` steers around.
@@ -249,7 +244,6 @@ pub const OPEN: Open = Open {
     truncate_keeps_consistent_write: false,
     checkpoint_all_when_poisoned: false,
     stale_hash_done: false,
-    checkpoint_section_after_restart: true,
 };
 
 /// A consistent point as the engine reports it: record, newest write (seq, accept time).
@@ -300,6 +294,9 @@ struct Model {
     /// The superblock's `volume_mixed`, as the agent records it (what a restart
     /// passes as `volume_consistent`).
     volume_mixed: bool,
+    /// The superblock's `mixed_through`: the newest record a checkpoint that left
+    /// the volume mixed covered (a cut copy leaves pieces of any of them).
+    mixed_through: Lsn,
     /// The engine's view: the records released so far left the volume consistent.
     volume_consistent: bool,
     /// The newest write copied into the volume (what a restart passes).
@@ -342,6 +339,7 @@ impl Model {
             tail: Lsn::ZERO,
             in_section: false,
             volume_mixed: false,
+            mixed_through: Lsn::ZERO,
             volume_consistent: true,
             volume_write: (Seq::ZERO, 0),
             syncing: None,
@@ -503,6 +501,7 @@ impl Harness {
             Lsn::ZERO,
             Vec::new(),
             volume_consistent,
+            Lsn::ZERO,
             (Seq::ZERO, 0),
         );
         let mut m = Model::new(setup, open);
@@ -844,17 +843,12 @@ impl Harness {
                     );
                 }
                 let last = *m.record(through).expect("a live record");
-                if volume_consistent_after == last.in_section
-                    && m.open.checkpoint_section_after_restart
-                {
-                    // Open finding (steered around, see `Open`).
-                    trace(|| "open finding: checkpoint section flag disagrees".to_string());
-                } else {
-                    assert_eq!(volume_consistent_after, !last.in_section);
-                }
+                assert_eq!(volume_consistent_after, !last.in_section);
                 if !volume_consistent_after {
-                    // Recorded durably before the copy (agent::secondary).
+                    // Recorded durably before the copy (agent::secondary), with
+                    // how far the copy reaches.
                     m.volume_mixed = true;
+                    m.mixed_through = m.mixed_through.max(through);
                 }
                 m.checkpointing = Some((from, through, volume_consistent_after));
             }
@@ -948,6 +942,9 @@ impl Harness {
                 }
                 // The agent records the node consistent, and the volume as it stands.
                 self.m.volume_mixed = !self.m.volume_consistent;
+                if !self.m.volume_mixed {
+                    self.m.mixed_through = Lsn::ZERO;
+                }
             }
             SecondaryAction::MarkSectionOpen => {
                 let rec = last_append.expect("MarkSectionOpen follows its marker");
@@ -1145,6 +1142,7 @@ impl Harness {
             m.volume_consistent = after;
             if after {
                 m.volume_mixed = false;
+                m.mixed_through = Lsn::ZERO;
             }
             self.e.checkpointed(Ok(()), &mut self.out);
         } else {
@@ -1290,13 +1288,20 @@ impl Harness {
             m.applied,
             records.clone(),
             !m.volume_mixed,
+            m.mixed_through,
             m.volume_write,
         );
+        let mixed_through = if m.volume_mixed {
+            m.mixed_through
+        } else {
+            Lsn::ZERO
+        };
         let mut model = Model::new(m.setup.clone(), m.open);
         model.applied = m.applied;
         model.durable = Lsn(keep.max(m.applied.0));
         model.tail = model.durable;
         model.volume_mixed = m.volume_mixed;
+        model.mixed_through = m.mixed_through;
         model.volume_consistent = !m.volume_mixed;
         model.session_id = m.session_id;
         model.volume_write = m.volume_write;
@@ -1313,7 +1318,12 @@ impl Harness {
             if r.kind.changes_data() {
                 model.writes.insert(r.lsn, (r.seq, r.at_ms));
             }
-            model.live.push(MRec { rec: *r });
+            // The volume may hold pieces of every record a cut checkpoint covered:
+            // no image before the newest of them is consistent.
+            let mut rec = *r;
+            rec.in_section =
+                model.in_section || r.kind == RecordKind::SectionStart || r.lsn <= mixed_through;
+            model.live.push(MRec { rec });
         }
         self.e = e;
         self.m = model;
@@ -1331,6 +1341,14 @@ impl Harness {
                 "a crash took the consistent point back from {} to {}",
                 b.0,
                 a.0
+            );
+        }
+        if let Some(a) = after {
+            assert!(
+                !self.m.volume_mixed || a.0 > self.m.mixed_through,
+                "a consistent point at {} on a volume that may hold pieces of records through {}",
+                a.0,
+                self.m.mixed_through
             );
         }
         self.m.consistent = after;
