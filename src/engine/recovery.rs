@@ -398,6 +398,9 @@ pub fn invalidate(sb: &Superblock) -> Superblock {
     let mut sb = sb.clone();
     sb.disk_state = DiskState::Inconsistent;
     sb.resync_cursor = Some(BlockIndex(0));
+    // The journal's records go (a start recreates it): no record it named is
+    // kept, and nothing before the full resync's end is consistent anyway.
+    sb.mixed_through = 0;
     sb
 }
 

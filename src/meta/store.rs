@@ -1257,6 +1257,7 @@ mod tests {
             poisoned: false,
             consistent_seq: 0,
             consistent_at_ms: 0,
+            mixed_through: 0,
         };
         let opened =
             MetaStore::open_or_create(&path, old_bytes, 4096, || fresh(old_bytes)).unwrap();

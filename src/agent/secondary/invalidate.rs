@@ -157,7 +157,14 @@ impl Node {
                 // its base. No I/O runs (Quiesce), no session can start.
                 let applied = self.engine.applied();
                 let cfg = self.engine.config().clone();
-                self.engine = Engine::new(cfg, applied, Vec::new(), false, (Seq::ZERO, 0));
+                self.engine = Engine::new(
+                    cfg,
+                    applied,
+                    Vec::new(),
+                    false,
+                    crate::engine::secondary::Lsn::ZERO,
+                    (Seq::ZERO, 0),
+                );
                 self.invalidation.as_mut().expect("checked").stage = Stage::Truncate;
                 self.jh.truncate(applied);
             }
