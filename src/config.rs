@@ -303,16 +303,20 @@ pub fn adjust_plan(old: &NodeConfig, new: &NodeConfig) -> Result<AdjustPlan, Str
         meta => "meta",
         journal => "journal",
         block_size => "block-size",
-        size_bytes => "size",
     );
     if !fixed.is_empty() {
         return Err(format!(
-            "it changes {} of the running node, which never change live (a resize is `tandem resize`;              another volume or node is a new resource: stop this one first). Revert those keys and adjust again",
+            "it changes {} of the running node, which never change live (another volume or node is a \
+             new resource: stop this one first). Revert those keys and adjust again",
             fixed.join(", ")
         ));
     }
     let live = changed!(resync_rate_bytes_per_s => "resync-rate");
     let later = changed!(
+        // ha (issue 12): the size a new image is created with; a running
+        // volume's size changes with `tandem resize` and is then recorded in
+        // its metadata, so the file may follow it.
+        size_bytes => "size (for a new image; tandem resize grows a running volume)",
         mode => "mode",
         on_disconnect => "on-disconnect",
         listen => "address",
@@ -1386,6 +1390,17 @@ size = "1G"
                 live: vec!["resync-rate"],
                 later: vec!["mode"],
             })
+        );
+        // ha (issue 12): after `tandem resize` the file may follow the new size.
+        let grown = resolve(&FILE.replace(
+            "volume = \"/srv/a.img\"",
+            "volume = \"/srv/a.img\"\nsize = \"2G\"",
+        ));
+        assert_eq!(
+            adjust_plan(&old, &grown).map(|p| p.later.len()),
+            Ok(1),
+            "{:?}",
+            adjust_plan(&old, &grown)
         );
         let moved = resolve(&FILE.replace("/srv/a.img", "/srv/other.img"));
         let e = adjust_plan(&old, &moved).unwrap_err();
