@@ -585,3 +585,64 @@ fn a_mixed_volume_has_no_consistent_point_until_a_record_after_the_recovered_one
         .expect("a point after the recovered records");
     assert!(c.0 > Lsn(5), "{c:?}");
 }
+
+/// ha (issue 12): `tandem invalidate` starts the engine over on the volume with
+/// no consistent image and no records (agent/secondary/invalidate.rs). The full
+/// resync that follows may be larger than the journal (an engine with a
+/// consistent image refuses that, to keep its image), and its end is the first
+/// consistent point: what clears the superblock's owed full resync.
+#[test]
+fn an_invalidated_engine_takes_a_full_resync_larger_than_its_journal() {
+    let blocks = 4096; // 16 MiB
+    let journal_bytes = 8 << 20;
+    let mut kept = engine(blocks, journal_bytes);
+    let mut out = Vec::new();
+    kept.receive(start(1, blocks), 0, &mut out);
+    assert!(
+        matches!(failed(&out), Some(Fault::ResyncTooLarge { .. })),
+        "{out:?}"
+    );
+
+    let mut e: E = SecondaryEngine::new(
+        Config::new(blocks * BS, BS as u32, journal_bytes),
+        Lsn(7),
+        Vec::new(),
+        false,
+        Lsn::ZERO,
+        (Seq::ZERO, 0),
+    );
+    assert!(e.consistent_point().is_none());
+    let mut out = Vec::new();
+    e.receive(
+        Incoming::ResyncStart {
+            next: Seq(1),
+            blocks,
+            full: true,
+        },
+        0,
+        &mut out,
+    );
+    assert!(failed(&out).is_none(), "{out:?}");
+    for seq in 1..=3 {
+        e.receive(write(seq, seq * 100, 5), 0, &mut out);
+    }
+    e.tick(1, &mut out);
+    settle(&mut e, &mut out);
+    assert!(
+        e.consistent_point().is_none(),
+        "consistent before the resync ended"
+    );
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, SecondaryAction::MarkConsistent { .. }))
+    );
+    e.receive(Incoming::ResyncDone { through: Seq(3) }, 0, &mut out);
+    e.tick(2, &mut out);
+    settle(&mut e, &mut out);
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, SecondaryAction::MarkConsistent { .. })),
+        "{out:?}"
+    );
+    assert_eq!(e.consistent_point().map(|c| c.1), Some(Seq(3)));
+}
