@@ -332,7 +332,8 @@ struct State {
 /// The checkpoints of one volume.
 pub struct CheckpointStore {
     path: PathBuf,
-    size_bytes: u64,
+    /// The volume's size; grows with `tandem resize` (ha, issue 12).
+    size_bytes: std::sync::atomic::AtomicU64,
     block_size: u32,
     volume_id: VolumeId,
     state: Mutex<State>,
@@ -634,7 +635,7 @@ impl CheckpointStore {
         let path = path_for(meta);
         let store = Arc::new(CheckpointStore {
             path: path.clone(),
-            size_bytes,
+            size_bytes: size_bytes.into(),
             block_size,
             volume_id,
             state: Mutex::new(State {
@@ -666,7 +667,12 @@ impl CheckpointStore {
                 return Ok(store);
             }
         };
-        if img.size_bytes != size_bytes || img.block_size != block_size {
+        // ha (issue 12): a file of a smaller volume with the same blocks is this
+        // volume before an online grow (`tandem resize`) that the file did not
+        // record yet: its checkpoints keep their runs, and the grown range counts
+        // as changed (writes there may not have been recorded).
+        let grown = img.block_size == block_size && img.size_bytes < size_bytes;
+        if (img.size_bytes != size_bytes || img.block_size != block_size) && !grown {
             return Err(CheckpointError::VolumeMismatch {
                 path,
                 file_bytes: img.size_bytes,
@@ -684,6 +690,18 @@ impl CheckpointStore {
                 c.recovery = Some((why, now));
             }
         };
+        if grown {
+            let old_blocks = img.size_bytes.div_ceil(u64::from(block_size));
+            tracing::warn!(
+                checkpoints = checkpoints.len(),
+                file_bytes = img.size_bytes,
+                volume_bytes = size_bytes,
+                "the volume grew (tandem resize) since the checkpoints were last saved: every checkpoint marks the grown range changed"
+            );
+            for c in checkpoints.values_mut() {
+                c.runs.insert(old_blocks, all_blocks);
+            }
+        }
         if was_secondary || img.volume_id != volume_id {
             tracing::warn!(checkpoints = checkpoints.len(), was_secondary, file_volume_id = %img.volume_id, %volume_id,
                 "this node was a secondary (or its metadata was recreated) since the checkpoints were last saved; every checkpoint now marks the whole volume changed");
@@ -732,6 +750,32 @@ impl CheckpointStore {
     }
 
     /// Names of the checkpoints (the `qemu:dirty-bitmap:NAME` contexts).
+    /// The volume's size as the checkpoints know it.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// ha (issue 12): the volume grew to `size_bytes` (before the export serves
+    /// it): marks and block status cover the new range from now on, and the next
+    /// save records the new size.
+    /// Every checkpoint counts the grown range as changed: a backup taken at
+    /// it had no such range.
+    pub fn grow(&self, size_bytes: u64) {
+        let old = self
+            .size_bytes
+            .fetch_max(size_bytes, std::sync::atomic::Ordering::AcqRel);
+        if size_bytes <= old {
+            return;
+        }
+        let bs = u64::from(self.block_size);
+        let (old_blocks, new_blocks) = (old.div_ceil(bs), size_bytes.div_ceil(bs));
+        let mut st = self.lock();
+        for c in st.checkpoints.values_mut() {
+            c.runs.insert(old_blocks, new_blocks);
+        }
+        st.dirty = true;
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.lock().checkpoints.keys().cloned().collect()
     }
@@ -758,7 +802,7 @@ impl CheckpointStore {
                 CheckpointInfo {
                     name: name.clone(),
                     created_unix_s: c.created_unix_s,
-                    changed_bytes: (c.runs.blocks() * bs).min(self.size_bytes),
+                    changed_bytes: (c.runs.blocks() * bs).min(self.size_bytes()),
                     context: format!("{}{name}", crate::nbd::proto::CONTEXT_DIRTY_BITMAP_PREFIX),
                     state: state.to_owned(),
                     reason,
@@ -952,7 +996,7 @@ impl CheckpointStore {
             let img = FileImage {
                 clean,
                 file_seq: st.file_seq + 1,
-                size_bytes: self.size_bytes,
+                size_bytes: self.size_bytes(),
                 block_size: self.block_size,
                 hot_extent_bytes: HOT_EXTENT_BYTES,
                 volume_id: self.volume_id,
@@ -1035,7 +1079,7 @@ impl CheckpointStore {
                 name: name.to_owned(),
             })?;
         let bs = u64::from(self.block_size);
-        let end = offset.saturating_add(len).min(self.size_bytes);
+        let end = offset.saturating_add(len).min(self.size_bytes());
         let mut out: Vec<Extent> = Vec::new();
         let push = |out: &mut Vec<Extent>, n: u64, flags: u32| {
             if n == 0 {
@@ -1236,7 +1280,7 @@ mod tests {
     }
 
     fn dirty_ranges(s: &CheckpointStore, name: &str) -> Vec<(u64, u64)> {
-        let size = s.size_bytes;
+        let size = s.size_bytes();
         let mut at = 0;
         let mut out = Vec::new();
         for e in s.block_status(name, 0, size, usize::MAX).unwrap() {
@@ -1247,6 +1291,47 @@ mod tests {
         }
         assert_eq!(at, size, "extents cover the volume");
         out
+    }
+
+    /// ha (issue 12): a resize grows the store (the grown range counts as
+    /// changed for every checkpoint), and a file saved before the grow opens
+    /// against the grown volume with the same answer; a smaller volume or
+    /// another block size is still refused.
+    #[tokio::test]
+    async fn a_grown_volume_counts_its_new_range_as_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 64 * MIB, 7).await;
+        s.create("b1").await.unwrap();
+        drop(s.mark(8192, 4096).await.unwrap());
+        s.close().await.unwrap();
+        drop(s);
+        // Saved at 64 MiB, the volume grew to 96 MiB (a crash before the save).
+        let s = store(dir.path(), 96 * MIB, 7).await;
+        assert_eq!(
+            dirty_ranges(&s, "b1"),
+            vec![(8192, 12288), (64 * MIB, 96 * MIB)]
+        );
+        // Online: grown while running.
+        s.create("b2").await.unwrap();
+        s.grow(128 * MIB);
+        assert_eq!(dirty_ranges(&s, "b2"), vec![(96 * MIB, 128 * MIB)]);
+        drop(s.mark(100 * MIB, 4096).await.unwrap());
+        s.close().await.unwrap();
+        drop(s);
+        let s = store(dir.path(), 128 * MIB, 7).await;
+        assert_eq!(dirty_ranges(&s, "b2"), vec![(96 * MIB, 128 * MIB)]);
+        drop(s);
+        assert!(
+            CheckpointStore::open(
+                &dir.path().join("vol.meta"),
+                64 * MIB,
+                BS,
+                VolumeId([7; 16]),
+                false
+            )
+            .await
+            .is_err()
+        );
     }
 
     #[tokio::test]

@@ -263,6 +263,9 @@ struct Shared {
     handshake: std::sync::Mutex<Option<String>>,
     /// ha: `tandem disconnect` holds the link down until `tandem connect`.
     held_down: tokio::sync::watch::Sender<bool>,
+    /// ha (issue 12): the NBD checkpoints, grown with the volume (set once
+    /// opened).
+    checkpoints: std::sync::OnceLock<Arc<crate::checkpoint::CheckpointStore>>,
 }
 
 impl Shared {
@@ -431,6 +434,7 @@ pub async fn serve(
         volume: volume.clone(),
         handshake: std::sync::Mutex::new(None),
         held_down: tokio::sync::watch::Sender::new(false),
+        checkpoints: std::sync::OnceLock::new(), // ha (issue 12)
     });
     // scale: moved, not copied (see above).
     let dirty = std::mem::replace(
@@ -558,6 +562,7 @@ pub async fn serve(
     )
     .await
     .map_err(|e| AgentError::Nbd(e.to_string()))?;
+    let _ = shared.checkpoints.set(checkpoints.clone()); // ha (issue 12)
     let server = NbdServer::with_options(
         Arc::new(
             crate::nbd::tracked::TrackedExport::new(
@@ -1924,7 +1929,6 @@ impl ControlHandler for PrimaryControl {
             );
         }
         let tx = self.cmd_tx.clone();
-        let checkpoint_names = self.checkpoints.names(); // ha (issue 12): resize
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let cmd = match request.cmd.as_str() {
@@ -1936,16 +1940,7 @@ impl ControlHandler for PrimaryControl {
                 "verify-result" => Cmd::VerifyResult { reply },
                 // ha (issue 12): online grow.
                 "resize" => match request.number("size_bytes") {
-                    Some(size_bytes) => {
-                        let names = checkpoint_names;
-                        if !names.is_empty() {
-                            return ControlReply::error(format!(
-                                "resize refused: NBD checkpoints exist ({}), whose records are sized for the volume; remove them first (tandem checkpoint remove NAME), take a new full backup after the resize; nothing changed",
-                                names.join(", ")
-                            ));
-                        }
-                        Cmd::Resize { size_bytes, reply }
-                    }
+                    Some(size_bytes) => Cmd::Resize { size_bytes, reply },
                     None => {
                         return ControlReply::error(
                             "resize needs size_bytes (tandem resize --size SIZE)".into(),

@@ -3,16 +3,17 @@
 //! Order, so that a crash at any point leaves the pair consistent and its
 //! metadata recoverable:
 //! 1. checks (nothing changed on refusal): not a shrink, block-size aligned, no
-//!    verify running, no NBD checkpoint (its file is sized for the volume), this
-//!    node's block device (if any) already that large, the secondary connected
-//!    and able to grow (capability GROW);
+//!    verify running, this node's block device (if any) already that large, the
+//!    secondary connected and able to grow (capability GROW);
 //! 2. `Grow` goes to the secondary in frame order; it grows its volume, then its
 //!    metadata durably, and answers `Grown` (agent/secondary/grow.rs);
 //! 3. this node grows its volume (image extended, block device's new range
 //!    zeroed), its engine (bitmaps: the new blocks are clean, both nodes hold
 //!    zeroes there), then its metadata (bitmap area, then the superblock with the
 //!    new size: durable);
-//! 4. only then the export's size grows: new NBD connections see it (NBD has no
+//! 4. the NBD checkpoints grow (every checkpoint counts the new range as
+//!    changed: a backup taken at it had none);
+//! 5. only then the export's size grows: new NBD connections see it (NBD has no
 //!    resize notification; attached clients keep the size they negotiated until
 //!    they reconnect), and nothing addresses the new range before.
 //!
@@ -201,6 +202,11 @@ impl Owner {
         };
         match result {
             Ok(size_bytes) => {
+                // NBD checkpoints cover the new range (counted as changed)
+                // before any client can write there.
+                if let Some(c) = self.shared.checkpoints.get() {
+                    c.grow(size_bytes);
+                }
                 // Publish: new NBD connections see the new size from here on.
                 self.shared
                     .size_bytes
