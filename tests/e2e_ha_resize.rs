@@ -9,7 +9,8 @@
 //! is run again. A primary killed -9 after its secondary grew (and before it
 //! did) reconciles with the larger secondary at the handshake.
 //!
-//! Not covered here: block devices (no device-mapper here to grow one), power
+//! Block devices are loop devices grown by `losetup -c` (as an operator grows
+//! an LV first). Not covered here: power
 //! loss (the metadata's order is a unit test in meta/store.rs), and a kill of a
 //! node inside its own volume-then-metadata grow (its outcome, a volume longer
 //! than its metadata, is built by hand in the third test).
@@ -337,4 +338,94 @@ fn checkpoints_follow_a_resize_and_the_primary_restarts() {
     c.stop(0);
     c.stop(1);
     assert_same_file(&c.image(0), &c.image(1));
+}
+
+/// Block devices (loop devices over files here): the operator grows them first.
+/// A resize before that is refused on the node whose device is too small,
+/// nothing changed; after `losetup -c`, the resize zeroes the new range on each
+/// node (whatever the devices held there: different garbage on each side here),
+/// so the devices are identical without a resync.
+#[test]
+fn block_devices_grown_by_the_operator_are_checked_then_their_new_range_zeroed() {
+    let mut cleanup = common::Cleanup::new();
+    let mut c = Cluster::new("sync", 64 * MIB, "");
+    let mut text = std::fs::read_to_string(&c.config).expect("resource file");
+    let mut devices = Vec::new();
+    for (node, name) in ["alpha", "beta"].iter().enumerate() {
+        let backing = c.site.path(&format!("{name}.backing"));
+        let f = std::fs::File::create(&backing).expect("backing file");
+        f.set_len(64 * MIB).expect("size");
+        let dev = common::run_ok(
+            Command::new("losetup")
+                .arg("-f")
+                .arg("--show")
+                .arg(&backing),
+            Duration::from_secs(30),
+        )
+        .trim()
+        .to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+        cleanup.add_loop(&dev);
+        let image = c.image(node).display().to_string();
+        text = text.replace(
+            &format!("volume = \"{image}\""),
+            &format!(
+                "volume = \"{dev}\"\nmeta = \"{}\"\njournal = \"{}\"",
+                c.site.path(&format!("{name}.meta")).display(),
+                c.site.path(&format!("{name}.journal")).display()
+            ),
+        );
+        devices.push((dev, backing));
+    }
+    std::fs::write(&c.config, &text).expect("write resource file");
+    c.start(1, "secondary");
+    c.start(0, "primary");
+    c.wait_synced(0, SYNC_TIMEOUT);
+    write_at(&c.nbd_addr(0), 4 * MIB, 4, 71);
+    c.wait_synced(0, SYNC_TIMEOUT);
+
+    // Not grown yet: refused on the primary, nothing changed.
+    let (ok, out) = resize(&c, 0, "96M");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("grow the device first") && out.contains("nothing changed"),
+        "{out}"
+    );
+    // The primary's device grown, the secondary's not: the secondary refuses.
+    let grow = |backing: &std::path::Path, dev: &str, fill: u8| {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(backing)
+            .expect("backing");
+        f.set_len(96 * MIB).expect("grow backing");
+        f.seek(SeekFrom::Start(64 * MIB)).expect("seek");
+        f.write_all(&vec![fill; 8 * MIB as usize]).expect("garbage");
+        f.sync_all().expect("sync");
+        common::run_ok(
+            Command::new("losetup").arg("-c").arg(dev),
+            Duration::from_secs(30),
+        );
+    };
+    grow(&devices[0].1, &devices[0].0, 0x11);
+    let (ok, out) = resize(&c, 0, "96M");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("refused by the secondary") && out.contains("grow the device first"),
+        "{out}"
+    );
+    assert_eq!(export_size(&c.nbd_addr(0)), 64 * MIB);
+    grow(&devices[1].1, &devices[1].0, 0x22);
+    let (ok, out) = resize(&c, 0, "96M");
+    assert!(ok, "{out}");
+    assert_eq!(export_size(&c.nbd_addr(0)), 96 * MIB);
+    write_at(&c.nbd_addr(0), 90 * MIB, 2, 72);
+    c.wait_synced(0, SYNC_TIMEOUT);
+    c.stop(0);
+    c.stop(1);
+    assert_same_file(&devices[0].1, &devices[1].1);
+    drop(c);
+    for (dev, _) in &devices {
+        cleanup.detach_loop(dev);
+    }
 }
