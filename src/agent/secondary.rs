@@ -1528,6 +1528,12 @@ impl Node {
                 ));
             }
             ControlCmd::Invalidate(reply) => self.start_invalidation(reply), // ha
+            ControlCmd::Rollback { reply, .. } if self.invalidating() => {
+                // ha: the image is being discarded.
+                let _ = reply.send(ControlReply::error(
+                    "an invalidation of this node is under way (tandem invalidate): its data is being discarded, there is nothing to roll back to".into(),
+                ));
+            }
             ControlCmd::Rollback { to, reply } => self.start_rollback(to, reply),
             ControlCmd::Inspect { start, reply } => {
                 let answer = match start {

@@ -122,15 +122,18 @@ impl Node {
     /// Advance an invalidation; `failed`: a metadata write that just failed.
     pub(super) fn step_invalidation(&mut self, failed: Option<&str>) {
         let Some(p) = &self.invalidation else { return };
+        // No journal sync, checkpoint or read may run when the engine is
+        // replaced (the checkpointer may start one while the superblock is
+        // written: it is waited for too).
+        let quiet = self.engine.is_idle()
+            && self.engine.durable() == self.engine.tail()
+            && self.checkpoint_waiting.is_none()
+            && self.release_waiting.is_none()
+            && self.copying.is_none()
+            && self.session.is_none();
         match p.stage {
             Stage::Quiesce => {
-                if !self.engine.is_idle()
-                    || self.engine.durable() != self.engine.tail()
-                    || self.checkpoint_waiting.is_some()
-                    || self.release_waiting.is_some()
-                    || self.copying.is_some()
-                    || self.session.is_some()
-                {
+                if !quiet {
                     return;
                 }
                 self.sb = recovery::invalidate(&self.sb);
@@ -149,7 +152,7 @@ impl Node {
                     )));
                     return;
                 }
-                if self.meta_done < job {
+                if self.meta_done < job || !quiet {
                     return;
                 }
                 // Every record goes: the engine starts over with no consistent
