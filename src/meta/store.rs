@@ -1070,10 +1070,10 @@ impl<F: DurableFile> MetaStore<F> {
         );
         if new.bitmap_page_count > old.bitmap_page_count {
             let area_end = self.bitmap_area_offset + new.bitmap_area_len_bytes();
-            let len = self
-                .file
-                .len_bytes()
-                .map_err(io_err(&self.path, "size check before a grow"))?;
+            // A failure poisons the store: the caller's next superblock names
+            // the new size, which this layout would not match.
+            let len = self.file.len_bytes();
+            let len = len.map_err(self.poison("size check before a grow"))?;
             if len < area_end {
                 let r = self.file.set_len(area_end);
                 r.map_err(self.poison("extension of the bitmap area"))?;
