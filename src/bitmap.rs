@@ -262,7 +262,7 @@ impl DirtyBitmap {
                 return Some(w as u64 * WORD_BITS + u64::from(word.trailing_zeros()));
             }
             w += 1;
-            if w % GROUP_WORDS == 0 {
+            if w.is_multiple_of(GROUP_WORDS) {
                 // Skip groups of clean words.
                 let g = w / GROUP_WORDS;
                 let next = self.group_nonzero.get(g..)?.iter().position(|&n| n != 0)?;
