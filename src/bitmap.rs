@@ -162,6 +162,9 @@ impl DirtyBitmap {
         let old_pages = page_count(self.block_count);
         // Bits past the old end are zero (the struct's invariant): clean.
         self.words.resize(word_count(block_count.0), 0);
+        // The new words are zero: their groups count none.
+        self.group_nonzero
+            .resize(self.words.len().div_ceil(GROUP_WORDS), 0);
         self.changed
             .resize(word_count(page_count(block_count.0)), 0);
         self.block_count = block_count.0;
@@ -1109,5 +1112,10 @@ mod tests {
         assert_eq!(pages, vec![1, 2, 3]);
         bm.mark(BlockIndex(3 * PAGE_BLOCKS), BlockIndex(3 * PAGE_BLOCKS + 1));
         assert_eq!(bm.dirty_count(), BlockCount(4));
+        assert_eq!(bm.group_nonzero, group_counts(&bm.words));
+        assert_eq!(
+            bm.next_dirty_run(BlockIndex(PAGE_BLOCKS + 10), BlockCount(u64::MAX)),
+            Some((BlockIndex(3 * PAGE_BLOCKS), BlockCount(1)))
+        );
     }
 }
