@@ -146,6 +146,65 @@ fn invalidate_on_a_secondary_repairs_blocks_corrupted_behind_its_back() {
     assert_same_file(&c.image(0), &c.image(1));
 }
 
+/// `tandem invalidate` on a terminal (a pty from script(1)) with `answer` typed
+/// at the prompt: (success, what the terminal showed).
+fn invalidate_on_a_terminal(c: &Cluster, node: usize, answer: &str) -> (bool, String) {
+    use std::io::Write;
+    let command = format!(
+        "{} invalidate --control {}",
+        tandem_bin(),
+        c.control(node).display()
+    );
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c", &command, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    // The prompt comes after a status query; typed ahead, the line waits.
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{answer}\n").as_bytes())
+        .expect("type");
+    let out = child.wait_with_output().expect("script");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// On a terminal, invalidate asks; anything but "yes" changes nothing.
+#[test]
+fn invalidate_asks_on_a_terminal_and_only_yes_goes_on() {
+    let mut c = Cluster::new("sync", 16 * MIB, "");
+    c.start(1, "secondary");
+    c.start(0, "primary");
+    c.wait_synced(0, SYNC_TIMEOUT);
+    let (ok, text) = invalidate_on_a_terminal(&c, 1, "no");
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("This discards the data of beta") && text.contains("not confirmed"),
+        "{text}"
+    );
+    let s = c.status(1);
+    assert_eq!(s["disk_state"], "UpToDate", "{s}");
+    assert_eq!(s["peer"]["connection"], "connected", "{s}");
+    let (ok, text) = invalidate_on_a_terminal(&c, 1, "yes");
+    assert!(ok, "{text}");
+    assert!(text.contains("beta invalidated"), "{text}");
+    c.wait_synced(0, SYNC_TIMEOUT);
+    c.stop(0);
+    c.stop(1);
+    assert_same_file(&c.image(0), &c.image(1));
+}
+
 #[test]
 fn invalidate_on_a_primary_is_refused_and_changes_nothing() {
     let mut c = Cluster::new("sync", 16 * MIB, "");

@@ -106,7 +106,13 @@ fn online_grow_from_1g_to_2g_under_fio_load_keeps_the_images_identical() {
     assert!(out.contains("grown from 1073741824 to 2147483648"), "{out}");
     assert_eq!(file_len(&c.image(0)), 2 * GIB);
     assert_eq!(file_len(&c.image(1)), 2 * GIB);
-    // A client connecting now sees the new size, and writes there.
+    // A client connecting now sees the new size (libnbd's nbdinfo, and ours),
+    // and writes there.
+    let info = common::run_ok(
+        Command::new("nbdinfo").arg("--size").arg(c.nbd_uri(0)),
+        Duration::from_secs(60),
+    );
+    assert_eq!(info.trim(), (2 * GIB).to_string(), "nbdinfo --size");
     assert_eq!(export_size(&c.nbd_addr(0)), 2 * GIB);
     write_at(&c.nbd_addr(0), GIB + 512 * MIB, 8, 31);
     write_at(&c.nbd_addr(0), 2 * GIB - 4 * MIB, 4, 32);
