@@ -435,3 +435,54 @@ fn block_devices_grown_by_the_operator_are_checked_then_their_new_range_zeroed()
         cleanup.detach_loop(dev);
     }
 }
+
+/// The same cut, then a failover instead of a second resize: the secondary that
+/// grew is promoted and serves the grown size; the old primary, started again
+/// as its secondary at the old size, grows itself to its new primary's size at
+/// the connection (it was refused as too small before: the pair could never be
+/// joined again, since a resize needs the peer connected).
+#[test]
+fn a_failover_to_the_secondary_that_grew_first_grows_the_old_primary_when_it_rejoins() {
+    let mut c = Cluster::new("sync", 64 * MIB, "");
+    c.start(1, "secondary");
+    c.start(0, "primary");
+    c.wait_synced(0, SYNC_TIMEOUT);
+    write_at(&c.nbd_addr(0), 8 * MIB, 4, 81);
+    c.wait_synced(0, SYNC_TIMEOUT);
+    c.agent(1).signal(libc::SIGSTOP);
+    let control = c.control(0);
+    let asking = std::thread::spawn(move || {
+        common::run_with_timeout(
+            Command::new(common::tandem_bin())
+                .args(["resize", "--size", "128M", "--control"])
+                .arg(control),
+            Duration::from_secs(60),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    c.kill(0);
+    let _ = asking.join().expect("resize thread");
+    c.agent(1).signal(libc::SIGCONT);
+    common::wait_until("the secondary grew alone", SYNC_TIMEOUT, || {
+        file_len(&c.image(1)) == 128 * MIB
+    });
+    c.agent(1)
+        .wait_status("the session gone", SYNC_TIMEOUT, |s| {
+            s["peer"]["connection"] != "connected"
+        });
+
+    let out = c.ctl_ok(1, "promote", &[]);
+    assert!(out.contains("now primary"), "{out}");
+    c.agent(1)
+        .wait_status("primary", SYNC_TIMEOUT, |s| s["role"] == "primary");
+    assert_eq!(export_size(&c.nbd_addr(1)), 128 * MIB);
+    write_at(&c.nbd_addr(1), 100 * MIB, 4, 82);
+    c.start(0, "secondary");
+    c.wait_synced(1, SYNC_TIMEOUT);
+    assert_eq!(file_len(&c.image(0)), 128 * MIB);
+    let log = c.agent(0).log_text();
+    assert!(log.contains("grows to it"), "{log}");
+    c.stop(1);
+    c.stop(0);
+    assert_same_file(&c.image(0), &c.image(1));
+}

@@ -200,8 +200,9 @@ struct Node {
     next_inspection: u64,
     /// ha (issue 12): an invalidation under way.
     invalidation: Option<invalidate::Pending>,
-    /// ha (issue 12): a grow being recorded: (from, to) bytes.
-    growing: Option<(u64, u64)>,
+    /// ha (issue 12): a grow being recorded: (from, to) bytes, and whether the
+    /// primary waits for `Grown`.
+    growing: Option<(u64, u64, bool)>,
 }
 
 /// dr (issue 10): a rollback waits for the engine to be idle, then for the
@@ -1148,6 +1149,25 @@ impl Node {
             other => return Err(format!("expected Hello, got message kind {}", other.kind())),
         };
         let local = self.local();
+        // ha (issue 12): a primary larger than this node (a pair cut mid-grow):
+        // once everything else of its Hello checks out, this node grows to it
+        // and the primary redials.
+        if hello.size_bytes > local.size_bytes && hello.role == wire::ROLE_PRIMARY {
+            let probe = Local {
+                size_bytes: hello.size_bytes,
+                ..local.clone()
+            };
+            if handshake::decide(&hello, &probe).is_ok() {
+                let reason = if self.growing.is_some() {
+                    "the secondary is growing its volume to the primary's size; retry shortly"
+                        .to_string()
+                } else {
+                    self.grow_for_handshake(&hello.node_name, hello.size_bytes)
+                };
+                link::send_refusal(&mut wr, &reason).await;
+                return Err(reason);
+            }
+        }
         let plan = match handshake::decide(&hello, &local) {
             Ok(p) => p,
             Err(refusal) => {

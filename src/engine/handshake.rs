@@ -231,7 +231,8 @@ pub fn decide(h: &Hello, local: &Local) -> Result<Plan, Refusal> {
     // ha (issue 12): a secondary larger than its primary is one an online grow
     // reached first (the primary grows only once the secondary recorded it):
     // its extra range is zeroed and unused until the primary grows too. A
-    // smaller one cannot hold the primary's volume: refused.
+    // smaller one cannot hold the primary's volume: refused (the agent grows
+    // it first when it can, agent/secondary/grow.rs, and the primary redials).
     if h.size_bytes > local.size_bytes {
         return Err(Refusal::SizeMismatch {
             local: local.size_bytes,
