@@ -2,18 +2,20 @@
 //! it: both image files grow from 1 GiB to 2 GiB under a fio write load through
 //! the export (`fio --ioengine=nbd`, its connection stays attached throughout),
 //! a new NBD client sees 2 GiB and writes there, and the images are identical
-//! after. Refusals (a shrink, on the secondary, with the secondary away) change
-//! nothing. A volume found larger than its metadata records at start (a resize
-//! cut after the image grew, before the metadata recorded it; or a block device
-//! grown before `tandem resize`) is served at the recorded size until the resize
-//! is run again. A primary killed -9 after its secondary grew (and before it
-//! did) reconciles with the larger secondary at the handshake.
+//! after. Refusals (a shrink, on the secondary, with the secondary away, a block
+//! device not grown yet) change nothing. A volume found larger than its
+//! metadata records at start (a resize cut after the image grew, before the
+//! metadata recorded it; or a block device grown before `tandem resize`) is
+//! served at the recorded size until the resize is run again. A primary killed
+//! -9 after its secondary grew (and before it did) reconciles with the larger
+//! secondary at the handshake; after a failover to that secondary, the old
+//! primary grows itself when it rejoins. NBD checkpoints follow the grow.
 //!
-//! Block devices are loop devices grown by `losetup -c` (as an operator grows
-//! an LV first). Not covered here: power
-//! loss (the metadata's order is a unit test in meta/store.rs), and a kill of a
-//! node inside its own volume-then-metadata grow (its outcome, a volume longer
-//! than its metadata, is built by hand in the third test).
+//! Block devices are loop devices grown by `losetup -c` (as an operator grows an
+//! LV first). Not covered here: power loss (the metadata's order is
+//! tests/meta_grow_power_loss.rs), and a kill of a node inside its own
+//! volume-then-metadata grow (its outcome, a volume longer than its metadata,
+//! is built by hand here).
 
 mod common;
 
