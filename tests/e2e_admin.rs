@@ -1,0 +1,83 @@
+//! What an administrator meets (issue 15): a demotion never cuts a client off
+//! unless told to, and names the clients it waits for.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::cluster::Cluster;
+use tandem::nbd::client::NbdClient;
+
+const MIB: u64 = 1 << 20;
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Issue 15.3: `tandem demote` with a client attached (a mounted filesystem, in
+/// production) is refused after `--timeout`, naming the client, and the node
+/// stays primary with its export serving; a client that detaches within the
+/// timeout lets it go ahead; `--force-disconnect` closes clients instead.
+#[test]
+fn demote_with_a_client_attached_is_refused_naming_it_unless_forced() {
+    let mut c = Cluster::new("sync", 16 * MIB, "");
+    c.start(1, "secondary");
+    c.start(0, "primary");
+    c.wait_synced(0, TIMEOUT);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let addr = c.nbd_addr(0);
+    let client = rt
+        .block_on(NbdClient::connect(&addr, ""))
+        .expect("attach to the export");
+
+    let (ok, text) = c.ctl(0, "demote", &["--timeout", "1"]);
+    assert!(!ok, "demoted with a client attached: {text}");
+    assert!(
+        text.contains("1 NBD client(s) still attached") && text.contains("127.0.0.1:"),
+        "the refusal names the client: {text}"
+    );
+    assert!(
+        text.contains("--force-disconnect") && text.contains("still primary"),
+        "{text}"
+    );
+    assert_eq!(c.status(0)["role"], "primary");
+    // Nothing was cut: the client still writes and flushes.
+    rt.block_on(async {
+        client
+            .write(0, Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .expect("write after the refused demotion");
+        client.flush().await.expect("flush");
+    });
+
+    // The client detaches while the demotion waits: it goes ahead and says so.
+    rt.spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        client.disconnect().await.expect("disconnect");
+    });
+    let out = c.ctl_ok(0, "demote", &["--timeout", "30"]);
+    assert!(
+        out.contains("1 NBD client(s) detached while it waited")
+            && out.contains("peer holds every write"),
+        "{out}"
+    );
+    c.agent(0)
+        .wait_status("secondary", TIMEOUT, |s| s["role"] == "secondary");
+
+    // Back to alpha as primary, a client attached, and --force-disconnect.
+    c.ctl_ok(1, "demote", &["--timeout", "5"]);
+    c.agent(1)
+        .wait_status("secondary", TIMEOUT, |s| s["role"] == "secondary");
+    c.ctl_ok(0, "promote", &[]);
+    c.wait_synced(0, TIMEOUT);
+    let client = rt
+        .block_on(NbdClient::connect(&addr, ""))
+        .expect("attach to the export again");
+    let out = c.ctl_ok(0, "demote", &["--timeout", "1", "--force-disconnect"]);
+    assert!(
+        out.contains("1 NBD client(s) attached; 1 still attached after 1 s were closed"),
+        "{out}"
+    );
+    assert!(
+        rt.block_on(client.flush()).is_err(),
+        "the closed client still flushes"
+    );
+}
