@@ -1,5 +1,6 @@
 //! What an administrator meets (issue 15): a demotion never cuts a client off
-//! unless told to, and names the clients it waits for.
+//! unless told to, and names the clients it waits for; two primaries refusing
+//! each other log it once per 30 s, not at every redial.
 
 mod common;
 
@@ -79,5 +80,41 @@ fn demote_with_a_client_attached_is_refused_naming_it_unless_forced() {
     assert!(
         rt.block_on(client.flush()).is_err(),
         "the closed client still flushes"
+    );
+}
+
+/// Issue 15.7: two primaries refuse each other at every redial; each side logs
+/// the refusal of the other's dial once, then a count every 30 s (it was one
+/// ERROR per dial, keyed by the dialer's ephemeral port: 8 in 9 s).
+#[test]
+fn two_primaries_refusing_each_other_log_it_once_per_30_s() {
+    let mut c = Cluster::new("sync", 16 * MIB, "");
+    c.start(0, "primary");
+    c.start(1, "primary");
+    let refusals = |text: &str| {
+        text.lines()
+            .filter(|l| l.contains("ERROR") && l.contains("refusing a connection"))
+            .count()
+    };
+    common::wait_until("alpha refuses beta's dial", TIMEOUT, || {
+        refusals(&c.agents[0].as_ref().expect("alpha").log_text()) >= 1
+    });
+    // beta redials with backoff (0.1 s doubling to 5 s): about 6 dials in 12 s.
+    std::thread::sleep(Duration::from_secs(12));
+    for node in 0..2 {
+        let log = c.agents[node].as_ref().expect("running").log_text();
+        let n = refusals(&log);
+        assert!(
+            n <= 1,
+            "{} logged {n} refusals in 12 s (rate limit: once per 30 s)",
+            common::cluster::NODES[node]
+        );
+    }
+    let s = c.status(0);
+    assert!(
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("both nodes are primary")),
+        "{s}"
     );
 }
