@@ -1,6 +1,7 @@
 //! What an administrator meets (issue 15): a demotion never cuts a client off
 //! unless told to, and names the clients it waits for; two primaries refusing
-//! each other log it once per 30 s, not at every redial.
+//! each other log it once per 30 s, not at every redial; `last error` clears
+//! when its condition does.
 
 mod common;
 
@@ -117,4 +118,53 @@ fn two_primaries_refusing_each_other_log_it_once_per_30_s() {
             .is_some_and(|e| e.contains("both nodes are primary")),
         "{s}"
     );
+}
+
+/// Issue 15.6: `last error` says what is wrong now: a primary that could not
+/// reach its secondary shows it while it cannot, and no longer once connected
+/// and in sync.
+#[test]
+fn last_error_clears_once_the_peer_is_connected_and_in_sync() {
+    let mut c = Cluster::new("sync", 16 * MIB, "");
+    c.start(0, "primary");
+    let s = c
+        .agent(0)
+        .wait_status("cannot connect, shown", TIMEOUT, |s| {
+            s["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("cannot connect"))
+        });
+    assert_eq!(s["role"], "primary", "{s}");
+    c.start(1, "secondary");
+    c.wait_synced(0, TIMEOUT);
+    for node in 0..2 {
+        let s = c.status(node);
+        assert!(s["last_error"].is_null(), "{s}");
+    }
+}
+
+/// Issue 15.9: every `Documentation=` of the shipped unit names a file that the
+/// install steps of deploy/README.md install.
+#[test]
+fn the_units_documentation_is_installed_by_the_install_steps() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("deploy/tandem@.service")).expect("unit");
+    let install = std::fs::read_to_string(root.join("deploy/README.md")).expect("deploy README");
+    let docs: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("Documentation="))
+        .flat_map(str::split_whitespace)
+        .collect();
+    assert!(!docs.is_empty(), "the unit has no Documentation=");
+    for doc in docs {
+        let path = doc
+            .strip_prefix("file:")
+            .unwrap_or_else(|| panic!("{doc}: not a file: URL"));
+        assert!(
+            install
+                .lines()
+                .any(|l| l.trim_start().starts_with("install ") && l.contains(&format!(" {path}"))),
+            "{path} (Documentation= of the unit) is installed by no step of deploy/README.md"
+        );
+    }
 }
