@@ -773,6 +773,11 @@ fn creation_is_refused_with_the_bytes_needed_when_the_filesystem_lacks_space() {
         "{msg}"
     );
     assert!(msg.contains("available"), "{msg}");
+    // It names the setting that sizes this file (a spill log said "configure a
+    // smaller journal", the redo journal's setting, when an async promotion found
+    // no room for it).
+    assert!(msg.contains("spill-size"), "{msg}");
+    assert!(!msg.contains("smaller journal"), "{msg}");
     assert!(!path.exists());
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),

@@ -172,6 +172,17 @@ impl JournalKind {
         }
     }
 
+    /// How an operator makes this file smaller.
+    fn smaller_steps(self) -> &'static str {
+        match self {
+            JournalKind::Spill => {
+                "set a smaller spill-size in the resource file (--spill-size; 0 turns the \
+                 spill log off: a full window then falls back to the bitmap)"
+            }
+            JournalKind::Redo => "set a smaller journal-size in the resource file (--journal-size)",
+        }
+    }
+
     /// What an operator can do when this journal is missing or damaged.
     fn recovery_steps(self) -> &'static str {
         match self {
@@ -590,12 +601,13 @@ pub enum JournalError {
 
     #[error(
         "{kind} {}: not enough space: it needs {needed_bytes} bytes{}; free space on that \
-         filesystem or configure a smaller journal",
+         filesystem or {}",
         path.display(),
         match available_bytes {
             Some(a) => format!(", the filesystem has {a} available"),
             None => String::new(),
-        }
+        },
+        kind.smaller_steps()
     )]
     NoSpace {
         kind: JournalKind,

@@ -207,8 +207,12 @@ struct Trial {
 fn size_of_node_disk(volume_bytes: u64) -> u64 {
     // The secondary's image ends up fully allocated (unwritten extents) by the
     // initial sync: the node filesystem must hold the whole volume plus ext4's
-    // own metadata and the agent's metadata file.
-    volume_bytes + volume_bytes / 8 + (1 << 30)
+    // own metadata, the agent's metadata file, the secondary's redo journal
+    // (1 GiB by default) and, once promoted in async mode, the primary's spill
+    // log (1 GiB by default, preallocated). Without room for the spill log an
+    // async promotion is refused (the campaign at seed 1132 found every async
+    // primary and both cut failing its promote check that way).
+    volume_bytes + volume_bytes / 8 + (3 << 30)
 }
 
 /// Run one trial end to end; the report lists every failed check.
