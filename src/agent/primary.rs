@@ -2429,8 +2429,10 @@ async fn answer_dialers(
                 Ok(Err(e)) => format!("reading Hello: {e}"),
                 Err(_) => "no Hello in time".to_string(),
             };
+            // ha (issue 15.7): keyed by the dialer's IP; its port is new at every
+            // redial, which logged every refusal.
             crate::agent::log_repeated(
-                &format!("two-primaries:{peer_addr}"),
+                &format!("two-primaries:{}", peer_addr.ip()),
                 || tracing::error!(peer = %peer_addr, "refusing a connection: {reason}"),
             );
             shared.metrics.set_error(reason.clone());
