@@ -362,6 +362,20 @@ impl DirtyBitmap {
         runs
     }
 
+    /// How many blocks are dirty in both `self` and `other` (same block count
+    /// required).
+    pub fn count_common(&self, other: &DirtyBitmap) -> u64 {
+        assert_eq!(
+            self.block_count, other.block_count,
+            "common count of bitmaps with different block counts"
+        );
+        self.words
+            .iter()
+            .zip(&other.words)
+            .map(|(a, b)| u64::from((a & b).count_ones()))
+            .sum()
+    }
+
     /// Mark every block that is dirty in `other` (same block count required).
     pub fn union_with(&mut self, other: &DirtyBitmap) {
         assert_eq!(
@@ -973,7 +987,10 @@ mod tests {
                     Op::ClearAll => { bm.clear_all(); model.clear(); }
                     Op::Union(ranges) => {
                         let mut other = DirtyBitmap::new(BlockCount(n));
-                        for (a, b) in ranges { other.mark(BlockIndex(a), BlockIndex(b)); model.extend(a..b); }
+                        let mut theirs = BTreeSet::new();
+                        for (a, b) in ranges { other.mark(BlockIndex(a), BlockIndex(b)); theirs.extend(a..b); }
+                        prop_assert_eq!(bm.count_common(&other), model.intersection(&theirs).count() as u64);
+                        model.extend(theirs);
                         bm.union_with(&other);
                     }
                     Op::RoundTrip => {

@@ -165,9 +165,10 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Make a running primary a secondary: stop accepting NBD clients, wait for those
-    /// attached to disconnect (up to --timeout, then close them after their requests
-    /// complete), drain the replication queue to the peer, and serve as secondary.
+    /// Make a running primary a secondary: wait up to --timeout for attached NBD
+    /// clients to detach (refused, naming them, if some stay; --force-disconnect
+    /// closes them instead), stop accepting NBD clients, drain the replication
+    /// queue to the peer, and serve as secondary.
     Demote {
         /// The agent's control socket.
         #[arg(long)]
@@ -181,6 +182,11 @@ pub enum Command {
         /// its bitmap, and the peer is told it is Outdated if connected.
         #[arg(long)]
         force: bool,
+        /// Close NBD clients still attached after --timeout (their requests in flight
+        /// complete first). Without it the demotion is refused, naming them: a
+        /// filesystem mounted on a closed export aborts its journal.
+        #[arg(long)]
+        force_disconnect: bool,
     },
     /// Resolve a split brain on the losing node (a secondary): its changes since the
     /// split are discarded at the next connection and replaced by the peer's data. The

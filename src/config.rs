@@ -42,7 +42,10 @@ use crate::types::{Role, parse_size};
 /// Errors building a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", path.display())]
+    #[error(
+        "cannot read config file {}: {source}; check the path given to --config (the unit reads /etc/tandem/RESOURCE.toml)",
+        path.display()
+    )]
     Read {
         path: PathBuf,
         #[source]
@@ -1608,6 +1611,17 @@ size = "1G"
             .step_by(2)
             .map(str::to_string)
             .collect()
+    }
+
+    /// An unreadable resource file: the error names it and says what to check
+    /// (issue 15: every error says what to do).
+    #[test]
+    fn a_missing_resource_file_names_it_and_the_fix() {
+        let e = ResourceFile::load(Path::new("/nonexistent/r0.toml"))
+            .expect_err("a missing file loads")
+            .to_string();
+        assert!(e.contains("/nonexistent/r0.toml"), "{e}");
+        assert!(e.contains("--config"), "{e}");
     }
 
     /// The resource-file examples of README.md and deploy/r0.toml parse, and

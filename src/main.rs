@@ -351,9 +351,10 @@ async fn run(command: Command, timeouts: Timeouts) -> Result<ExitCode, String> {
             control: path,
             timeout,
             force,
+            force_disconnect,
         } => {
             let mut req = control::ControlRequest::new("demote");
-            req.args = serde_json::json!({ "timeout_s": timeout, "force": force });
+            req.args = serde_json::json!({ "timeout_s": timeout, "force": force, "force_disconnect": force_disconnect });
             role_command(&path, &req, timeouts.demote(timeout)).await
         }
         Command::Resolve {

@@ -120,8 +120,10 @@ fn planned_switchover_under_load_loses_no_write() {
     assert!(!ok, "promotion while the peer is primary succeeded: {text}");
     assert!(text.contains("primary and connected"), "{text}");
 
-    // The switchover: the client is closed after 1 s, alpha drains to beta.
-    let out = c.ctl_ok(0, "demote", &["--timeout", "1"]);
+    // The switchover: the client is closed after 1 s (--force-disconnect; without
+    // it the demotion is refused while a client is attached: e2e_admin), alpha
+    // drains to beta.
+    let out = c.ctl_ok(0, "demote", &["--timeout", "1", "--force-disconnect"]);
     assert!(out.contains("demoted"), "{out}");
     assert!(out.contains("peer holds every write"), "{out}");
     // The writer was attached: the demotion says what it did with it.

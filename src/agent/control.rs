@@ -598,7 +598,8 @@ impl StatusDoc {
         }
         let c = &self.counters;
         s += &format!(
-            "  written: {} writes, {} bytes  replicated: {} bytes ({} on the wire, ratio {:.2})  resync: {} bytes\n",
+            // ha (issue 15.6): counters since the agent started, not the last resync's.
+            "  since start: written {} writes, {} bytes  replicated: {} bytes ({} on the wire, ratio {:.2})  resync data: {} bytes\n",
             c.client_writes,
             c.client_write_bytes,
             c.replicated_bytes,

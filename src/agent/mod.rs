@@ -91,6 +91,9 @@ pub struct Demote {
     pub wait: Duration,
     /// Demote even if the peer does not hold every write (it is then Outdated).
     pub force: bool,
+    /// ha (issue 15.3): close NBD clients still attached after `wait` (a mounted
+    /// filesystem on them aborts its journal); without it the demotion is refused.
+    pub force_disconnect: bool,
 }
 
 /// Run one role on a control socket of its own, without role changes (the demo

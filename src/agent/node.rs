@@ -542,8 +542,54 @@ impl NodeControl {
         let cfg = self.cfg();
         cfg.with_role(Role::Secondary)
             .map_err(|e| format!("refusing to demote {}: {e}", cfg.name))?;
-        self.change(|reply| RoleRequest::Demote { demote, reply })
-            .await
+        let waited_for = if demote.force_disconnect {
+            0
+        } else {
+            self.clients_gone(&cfg.name, demote.wait).await?
+        };
+        let done = self
+            .change(|reply| RoleRequest::Demote { demote, reply })
+            .await?;
+        Ok(if waited_for > 0 {
+            format!("{waited_for} NBD client(s) detached while it waited; {done}")
+        } else {
+            done
+        })
+    }
+
+    /// ha (issue 15.3): wait up to `wait` for the export's NBD clients to detach;
+    /// refuse, nothing changed, naming those still attached. Closing them is
+    /// `--force-disconnect`'s job: a filesystem mounted on a closed export aborts
+    /// its journal.
+    /// `Ok(n)`: the `n` clients attached at first have detached.
+    async fn clients_gone(&self, name: &str, wait: Duration) -> Result<usize, String> {
+        let Some(metrics) = self.slot.metrics() else {
+            return Ok(0);
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        let first = metrics.nbd.attached_clients().len();
+        let mut logged = false;
+        loop {
+            let clients = metrics.nbd.attached_clients();
+            if clients.is_empty() {
+                return Ok(first);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "refusing to demote {name}: {} NBD client(s) still attached after {} s: {}. \
+                     Unmount the filesystem and detach the device first (umount, then losetup -d + fusermount3 -u, or nbd-client -d), \
+                     or demote --force-disconnect to close them (a filesystem still mounted on them aborts its journal). {name} is still primary",
+                    clients.len(),
+                    wait.as_secs(),
+                    clients.join(", ")
+                ));
+            }
+            if !logged {
+                tracing::info!(clients = ?clients, wait_s = wait.as_secs(), "demote: waiting for the NBD clients to detach");
+                logged = true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn change(&self, req: impl FnOnce(RoleReply) -> RoleRequest) -> Result<String, String> {
@@ -637,6 +683,7 @@ impl ControlHandler for NodeHandler {
                     ctl.demote(Demote {
                         wait,
                         force: request.flag("force"),
+                        force_disconnect: request.flag("force_disconnect"),
                     })
                     .await
                 };

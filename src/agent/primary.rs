@@ -134,8 +134,10 @@ enum Cmd {
     Flush {
         reply: Reply,
     },
+    /// The Hello this node sends, and how many of its changed blocks are only
+    /// suspected (active extents at a crash).
     HelloInfo {
-        reply: oneshot::Sender<Hello>,
+        reply: oneshot::Sender<(Hello, u64)>,
     },
     Status {
         reply: oneshot::Sender<StatusDoc>,
@@ -1274,7 +1276,7 @@ impl Owner {
                 self.engine.flush(reply, now, out);
             }
             Cmd::HelloInfo { reply } => {
-                let _ = reply.send(self.hello());
+                let _ = reply.send((self.hello(), self.engine.suspected_blocks().0));
             }
             Cmd::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -2237,7 +2239,7 @@ async fn connector(
                 .send(Cmd::HelloInfo { reply })
                 .await
                 .map_err(|_| "agent stopping".to_string())?;
-            let hello = rx.await.map_err(|_| "agent stopping".to_string())?;
+            let (hello, _) = rx.await.map_err(|_| "agent stopping".to_string())?;
             handshake(rd, wr, hello, &cfg).await
         };
         let result = tokio::select! {
@@ -2452,7 +2454,9 @@ async fn answer_dialers(
             if cmd_tx.send(Cmd::HelloInfo { reply }).await.is_err() {
                 return;
             }
-            let Ok(mine) = rx.await else { return };
+            let Ok((mine, suspected)) = rx.await else {
+                return;
+            };
             let reason = match first {
                 Ok(Ok(Frame {
                     msg: Message::Hello(h),
@@ -2471,24 +2475,20 @@ async fn answer_dialers(
                             ),
                         );
                     }
-                    format!(
-                        "{}both nodes are primary: {} has generation {} ({} blocks changed), {} has generation {} ({} blocks changed). \
-                         Two primaries are never paired: demote one (tandem demote); if both wrote, resolve the split brain on the one whose changes are discarded (tandem resolve --discard-local)",
-                        if split { "split brain: " } else { "" },
-                        cfg.name,
-                        ours.current,
-                        ours.changed_blocks,
-                        h.node_name,
-                        theirs.current,
-                        theirs.changed_blocks
+                    two_primaries_message(
+                        split,
+                        (&cfg.name, &ours, suspected),
+                        (&h.node_name, &theirs),
                     )
                 }
                 Ok(Ok(_)) => "expected Hello".to_string(),
                 Ok(Err(e)) => format!("reading Hello: {e}"),
                 Err(_) => "no Hello in time".to_string(),
             };
+            // ha (issue 15.7): keyed by the dialer's IP; its port is new at every
+            // redial, which logged every refusal.
             crate::agent::log_repeated(
-                &format!("two-primaries:{peer_addr}"),
+                &format!("two-primaries:{}", peer_addr.ip()),
                 || tracing::error!(peer = %peer_addr, "refusing a connection: {reason}"),
             );
             shared.metrics.set_error(reason.clone());
@@ -2623,9 +2623,73 @@ async fn session_reader(
     }
 }
 
+/// The refusal two primaries log (issue 15.6): blocks changed on each, and on
+/// this node how many of them are only suspected (its active extents at a crash,
+/// compared by hash at the next resync), which used to read as written.
+fn two_primaries_message(
+    split: bool,
+    (ours_name, ours, suspected): (&str, &crate::engine::generations::GenInfo, u64),
+    (theirs_name, theirs): (&str, &crate::engine::generations::GenInfo),
+) -> String {
+    let ours_changed = if suspected > 0 {
+        format!(
+            "{} blocks changed, {} of them only suspected: its active extents at a crash",
+            ours.changed_blocks, suspected
+        )
+    } else {
+        format!("{} blocks changed", ours.changed_blocks)
+    };
+    format!(
+        "{}both nodes are primary: {} has generation {} ({ours_changed}), {} has generation {} ({} blocks changed). \
+         Two primaries are never paired: demote one (tandem demote); if both wrote, resolve the split brain on the one whose changes are discarded (tandem resolve --discard-local)",
+        if split { "split brain: " } else { "" },
+        ours_name,
+        ours.current,
+        theirs_name,
+        theirs.current,
+        theirs.changed_blocks
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::is_all_zero;
+
+    /// Issue 15.6: a restarted primary that wrote one small file reported its
+    /// active extents as "4096 blocks changed"; the message now says how many
+    /// are only suspected.
+    #[test]
+    fn two_primaries_say_which_changed_blocks_are_only_suspected() {
+        use crate::engine::generations::GenInfo;
+        use crate::types::Generation;
+        let info = |current, changed_blocks| GenInfo {
+            current: Generation(current),
+            bitmap_base: Generation(1),
+            history: [Generation::NONE; 2],
+            changed_blocks,
+            promoted_at_s: 0,
+            inconsistent: false,
+        };
+        let m = super::two_primaries_message(
+            true,
+            ("alpha", &info(2, 4098), 4096),
+            ("beta", &info(3, 10)),
+        );
+        assert!(
+            m.contains("alpha has generation")
+                && m.contains("(4098 blocks changed, 4096 of them only suspected: its active extents at a crash)")
+                && m.contains("beta has generation")
+                && m.contains("(10 blocks changed)")
+                && m.starts_with("split brain: "),
+            "{m}"
+        );
+        let m =
+            super::two_primaries_message(false, ("alpha", &info(2, 2), 0), ("beta", &info(3, 0)));
+        assert!(
+            m.contains("(2 blocks changed)") && !m.contains("suspected"),
+            "{m}"
+        );
+    }
 
     #[test]
     fn compression_steps_aside_for_incompressible_data_and_comes_back() {

@@ -81,14 +81,16 @@ enum Event {
 
 /// Control commands that need the node's state.
 enum ControlCmd {
-    /// The read-only export reads the last consistent image: where from.
-    ExportRead {
+    /// A read-only export reads its image (the last consistent one, or an
+    /// inspection's point): where from.
+    ImageRead {
+        view: ImageView,
         range: ByteRange,
         /// The sources, and the journal to read their records from (the node's
         /// current one: a new node's journal is recreated when it takes the
         /// primary's identity, and an export started before that held the old
         /// one: every read failed with "the journal thread stopped").
-        reply: oneshot::Sender<Option<ExportSources>>,
+        reply: oneshot::Sender<Result<ExportSources, String>>,
     },
     ExportReadDone,
     Points(oneshot::Sender<ControlReply>),
@@ -101,12 +103,6 @@ enum ControlCmd {
     Inspect {
         start: Option<(crate::dr::PointSpec, String)>,
         reply: oneshot::Sender<ControlReply>,
-    },
-    /// dr (issue 10): the inspection export reads its view: where from.
-    InspectRead {
-        id: u64,
-        range: ByteRange,
-        reply: oneshot::Sender<Result<ExportSources, String>>,
     },
     /// `tandem resolve --discard-local`.
     DiscardLocal(oneshot::Sender<ControlReply>),
@@ -456,7 +452,8 @@ pub async fn serve(
             crate::nbd::readonly::serve_backend_readonly(
                 &cfg,
                 addr,
-                Arc::new(ConsistentExport {
+                Arc::new(ImageExport {
+                    view: ImageView::Consistent,
                     events_tx: events_tx.clone(),
                     volume: node.volume.clone(),
                     size_bytes,
@@ -1476,13 +1473,29 @@ impl Node {
 
     async fn on_control(&mut self, cmd: ControlCmd) {
         match cmd {
-            ControlCmd::ExportRead { range, reply } => {
-                let sources = self
-                    .engine
-                    .begin_consistent_read(range)
-                    .map(|s| (s, self.jh.clone()));
-                let started = sources.is_some();
-                if reply.send(sources).is_err() && started {
+            ControlCmd::ImageRead { view, range, reply } => {
+                let answer = match view {
+                    ImageView::Consistent => self
+                        .engine
+                        .begin_consistent_read(range)
+                        .map(|s| (s, self.jh.clone()))
+                        .ok_or_else(|| {
+                            "this secondary holds no consistent image yet (its first copy is running)"
+                                .to_string()
+                        }),
+                    ImageView::Inspection(id) => match &self.inspection {
+                        Some(i)
+                            if i.id == id
+                                && self.engine.pin() == Some(i.lsn)
+                                && i.lsn >= self.engine.applied() =>
+                        {
+                            Ok((self.engine.begin_view_read(&i.view, range), self.jh.clone()))
+                        }
+                        _ => Err("the inspection ended (stopped, rolled back, or its point left the journal to make room for replication); start a new one with `tandem inspect`".to_string()),
+                    },
+                };
+                let started = answer.is_ok();
+                if reply.send(answer).is_err() && started {
                     let mut out = Vec::new();
                     self.engine.end_read(&mut out);
                     self.act(&mut out);
@@ -1567,24 +1580,6 @@ impl Node {
                     Ok(message) => ControlReply::success(serde_json::json!({ "message": message })),
                     Err(e) => ControlReply::error(e),
                 });
-            }
-            ControlCmd::InspectRead { id, range, reply } => {
-                let answer = match &self.inspection {
-                    Some(i)
-                        if i.id == id
-                            && self.engine.pin() == Some(i.lsn)
-                            && i.lsn >= self.engine.applied() =>
-                    {
-                        Ok((self.engine.begin_view_read(&i.view, range), self.jh.clone()))
-                    }
-                    _ => Err("the inspection ended (stopped, rolled back, or its point left the journal to make room for replication); start a new one with `tandem inspect`".to_string()),
-                };
-                let started = answer.is_ok();
-                if reply.send(answer).is_err() && started {
-                    let mut out = Vec::new();
-                    self.engine.end_read(&mut out);
-                    self.act(&mut out);
-                }
             }
             ControlCmd::DiscardLocal(reply) => {
                 self.discard_local = true;
@@ -2093,14 +2088,25 @@ fn disk_code(d: DiskState, is_new: bool) -> u8 {
     }
 }
 
-/// The read-only export's view: the last consistent image, through the journal.
-struct ConsistentExport {
+/// Which image a read-only export serves.
+#[derive(Clone, Copy, Debug)]
+enum ImageView {
+    /// The last consistent image, through the journal (`--export-readonly`).
+    Consistent,
+    /// dr (issue 10): inspection `id`'s point (`tandem inspect`).
+    Inspection(u64),
+}
+
+/// A read-only export of an image of this node: each read asks the node where
+/// the image's bytes are (volume, journal records, zeroes) and reads them.
+struct ImageExport {
+    view: ImageView,
     events_tx: mpsc::Sender<Event>,
     volume: Volume,
     size_bytes: u64,
 }
 
-impl crate::frontend::ExportBackend for ConsistentExport {
+impl crate::frontend::ExportBackend for ImageExport {
     fn size_bytes(&self) -> u64 {
         self.size_bytes
     }
@@ -2108,20 +2114,17 @@ impl crate::frontend::ExportBackend for ConsistentExport {
     fn read(&self, offset: u64, len: u32) -> crate::frontend::IoFuture<Bytes> {
         let tx = self.events_tx.clone();
         let volume = self.volume.clone();
+        let view = self.view;
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let range = ByteRange::new(offset, len as u64);
-            tx.send(Event::Control(ControlCmd::ExportRead { range, reply }))
+            tx.send(Event::Control(ControlCmd::ImageRead { view, range, reply }))
                 .await
                 .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
             let (sources, jh) = rx
                 .await
                 .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?
-                .ok_or_else(|| {
-                    std::io::Error::other(
-                        "this secondary holds no consistent image yet (its first copy is running)",
-                    )
-                })?;
+                .map_err(std::io::Error::other)?;
             let result = read_sources(&volume, &jh, range, &sources).await;
             let _ = tx.send(Event::Control(ControlCmd::ExportReadDone)).await;
             result.map_err(std::io::Error::other)
@@ -2210,57 +2213,6 @@ fn dr_command(
         start: Some((at, nbd)),
         reply,
     })
-}
-
-/// dr (issue 10): the inspection export: the image as of a consistent point, read
-/// through the engine's view of it (volume, journal records, zeroes).
-struct InspectExport {
-    id: u64,
-    events_tx: mpsc::Sender<Event>,
-    volume: Volume,
-    size_bytes: u64,
-}
-
-impl crate::frontend::ExportBackend for InspectExport {
-    fn size_bytes(&self) -> u64 {
-        self.size_bytes
-    }
-
-    fn read(&self, offset: u64, len: u32) -> crate::frontend::IoFuture<Bytes> {
-        let tx = self.events_tx.clone();
-        let volume = self.volume.clone();
-        let id = self.id;
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            let range = ByteRange::new(offset, len as u64);
-            tx.send(Event::Control(ControlCmd::InspectRead { id, range, reply }))
-                .await
-                .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?;
-            let (sources, jh) = rx
-                .await
-                .map_err(|_| std::io::Error::from_raw_os_error(libc::ESHUTDOWN))?
-                .map_err(std::io::Error::other)?;
-            let result = read_sources(&volume, &jh, range, &sources).await;
-            let _ = tx.send(Event::Control(ControlCmd::ExportReadDone)).await;
-            result.map_err(std::io::Error::other)
-        })
-    }
-
-    fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> crate::frontend::IoFuture<()> {
-        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::EPERM)) })
-    }
-
-    fn write_zeroes(&self, _offset: u64, _len: u32, _fua: bool) -> crate::frontend::IoFuture<()> {
-        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::EPERM)) })
-    }
-
-    fn trim(&self, _offset: u64, _len: u32) -> crate::frontend::IoFuture<()> {
-        Box::pin(async { Err(std::io::Error::from_raw_os_error(libc::EPERM)) })
-    }
-
-    fn flush(&self) -> crate::frontend::IoFuture<()> {
-        Box::pin(async { Ok(()) })
-    }
 }
 
 /// dr (issue 10): rollback and inspection on the node.
@@ -2466,8 +2418,8 @@ impl Node {
         let id = self.next_inspection;
         self.next_inspection += 1;
         let stop = CancellationToken::new();
-        let backend = Arc::new(InspectExport {
-            id,
+        let backend = Arc::new(ImageExport {
+            view: ImageView::Inspection(id),
             events_tx: self.events_tx.clone(),
             volume: self.volume.clone(),
             size_bytes: self.volume.size_bytes(),

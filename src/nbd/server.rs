@@ -364,6 +364,45 @@ pub struct NbdStats {
     pub payload_timeouts: AtomicU64,
     pub reply_timeouts: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// ha (issue 15.3): the clients attached now (transmission phase), by
+    /// connection number, as `tandem demote` names them.
+    clients: std::sync::Mutex<std::collections::BTreeMap<u64, String>>,
+    next_client: AtomicU64,
+}
+
+impl NbdStats {
+    /// The clients attached now, oldest first: their address (TCP) or the
+    /// socket plus the process on the other end (unix, from SO_PEERCRED).
+    pub fn attached_clients(&self) -> Vec<String> {
+        self.clients
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn client_attached(&self, peer: &str) -> u64 {
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut c) = self.clients.lock() {
+            c.insert(id, peer.to_owned());
+        }
+        id
+    }
+
+    fn client_detached(&self, id: u64) {
+        if let Ok(mut c) = self.clients.lock() {
+            c.remove(&id);
+        }
+    }
+}
+
+/// ha (issue 15.3): a client's entry in [`NbdStats::attached_clients`] for as long
+/// as it is attached.
+struct ClientEntry<'a>(&'a NbdStats, u64);
+
+impl Drop for ClientEntry<'_> {
+    fn drop(&mut self) {
+        self.0.client_detached(self.1);
+    }
 }
 
 fn bump(c: &AtomicU64) {
@@ -603,6 +642,7 @@ impl NbdServer {
         }
         self.attached.fetch_add(1, Ordering::Relaxed);
         let _attached = AttachedGuard(&self.attached);
+        let _entry = ClientEntry(&self.stats, self.stats.client_attached(peer));
         info!(%peer, tls = negotiated.tls, replies = ?negotiated.reply, headers = ?negotiated.style,
               contexts = ?negotiated.contexts.iter().map(|(_, c)| c.name()).collect::<Vec<_>>(),
               "NBD client attached");
@@ -1547,9 +1587,22 @@ async fn accept(listener: &NbdListener) -> io::Result<(Conn, String)> {
         }
         ListenerKind::Unix { listener, path } => {
             let (stream, _) = listener.accept().await?;
+            // ha (issue 15.3): name the process on the other end, so that logs and
+            // a refused `tandem demote` say which client is attached.
+            let who = stream
+                .peer_cred()
+                .ok()
+                .and_then(|c| c.pid())
+                .map(|pid| {
+                    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .map(|c| c.trim().to_owned())
+                        .unwrap_or_else(|_| "?".into());
+                    format!(" (pid {pid} {comm})")
+                })
+                .unwrap_or_default();
             Ok((
                 Conn::Plain(Plain::Unix(stream)),
-                format!("unix:{}", path.display()),
+                format!("unix:{}{who}", path.display()),
             ))
         }
     }

@@ -647,6 +647,12 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.resync.verify.dirty_count()
     }
 
+    /// Dirty blocks that are only suspected, not known, to differ: the active
+    /// extents at a crash (`mark_verify`), until a comparison settles them.
+    pub fn suspected_blocks(&self) -> BlockCount {
+        BlockCount(self.dirty.count_common(&self.resync.verify))
+    }
+
     /// Refuse every further client request with EIO (e.g. a failed metadata write:
     /// durability can no longer be promised).
     pub fn poison(&mut self, reason: String, out: &mut Vec<Action<T, D>>) {

@@ -756,3 +756,17 @@ fn an_async_flush_is_relayed_as_a_marker_and_completes_locally() {
         "async: the flush completes on the local fdatasync alone"
     );
 }
+
+/// Issue 15.6: the blocks of a crashed primary's active extents are dirty but
+/// only suspected; a write while apart is known. Both count as changed, only
+/// the first as suspected.
+#[test]
+fn suspected_blocks_are_the_active_extents_not_the_writes() {
+    let mut e = engine(cfg(Mode::Async, 16));
+    e.mark_verify(BlockIndex(0), BlockIndex(8));
+    let mut out = Vec::new();
+    write(&mut e, 12, 2, false, 1, &mut out);
+    settle_local(&mut e, &mut out);
+    assert_eq!(e.dirty().dirty_count().0, 10);
+    assert_eq!(e.suspected_blocks().0, 8);
+}
