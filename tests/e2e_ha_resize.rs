@@ -108,6 +108,11 @@ fn online_grow_from_1g_to_2g_under_fio_load_keeps_the_images_identical() {
     assert!(out.contains("grown from 1073741824 to 2147483648"), "{out}");
     assert_eq!(file_len(&c.image(0)), 2 * GIB);
     assert_eq!(file_len(&c.image(1)), 2 * GIB);
+    for node in 0..2 {
+        assert_eq!(c.status(node)["size_bytes"], 2 * GIB, "tandem status");
+    }
+    let (_, text) = c.ctl(0, "status", &[]);
+    assert!(text.contains("size:2147483648"), "{text}");
     // A client connecting now sees the new size (libnbd's nbdinfo, and ours),
     // and writes there.
     let info = common::run_ok(

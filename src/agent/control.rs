@@ -170,6 +170,10 @@ pub struct StatusDoc {
     pub role: String,
     pub mode: String,
     pub volume: String,
+    /// ha (issue 12): the volume's size as served, in bytes (grows with
+    /// `tandem resize`); 0 from an agent that does not say.
+    #[serde(default)]
+    pub size_bytes: u64,
     pub volume_id: String,
     pub generation: String,
     pub disk_state: String,
@@ -460,6 +464,7 @@ impl StatusDoc {
             }
             .into(),
             volume: cfg.volume.display().to_string(),
+            size_bytes: 0, // the role's status sets it (ha)
             volume_id: volume_id.to_string(),
             generation: generation.to_string(),
             disk_state: disk_state.to_string(),
@@ -555,8 +560,8 @@ impl StatusDoc {
     pub fn human(&self) -> String {
         let mut s = String::new();
         s += &format!(
-            "{} role:{} mode:{} volume:{}\n",
-            self.resource, self.role, self.mode, self.volume
+            "{} role:{} mode:{} volume:{} size:{}\n",
+            self.resource, self.role, self.mode, self.volume, self.size_bytes
         );
         s += &format!(
             "  disk:{}  id:{}  generation:{}\n",

@@ -1664,6 +1664,11 @@ impl Owner {
             self.sb.gen_current,
         );
         doc.poisoned = self.sb.poisoned || self.engine.is_poisoned();
+        // ha (issue 12): what new NBD clients see.
+        doc.size_bytes = self
+            .shared
+            .size_bytes
+            .load(std::sync::atomic::Ordering::Acquire);
         doc.generations = Some(control::GenerationsStatus::of(&self.sb));
         doc.handshake = self
             .shared

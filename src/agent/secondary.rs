@@ -1427,6 +1427,7 @@ impl Node {
             self.sb.volume_id,
             self.sb.gen_current,
         );
+        doc.size_bytes = self.volume.size_bytes(); // ha (issue 12)
         doc.generations = Some(GenerationsStatus::of(&self.sb));
         doc.handshake = self.handshake_text.clone();
         doc.poisoned = self.sb.poisoned;

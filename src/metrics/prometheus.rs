@@ -413,6 +413,7 @@ mod tests {
             role: "primary".into(),
             mode: "sync".into(),
             volume: "/srv/a.img".into(),
+            size_bytes: 1 << 30, // ha
             volume_id: "00000000-0000-0000-0000-000000000000".into(),
             generation: "1".into(),
             disk_state: "UpToDate".into(),
