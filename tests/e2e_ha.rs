@@ -9,7 +9,6 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::cluster::Cluster;
 use common::{Site, assert_same_file, run_with_timeout, tandem_bin, wait_until};
 use tandem::nbd::client::NbdClient;
@@ -17,45 +16,6 @@ use tandem::nbd::client::NbdClient;
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 const SYNC_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// Write `n` 4 KiB blocks of `seed`-derived data from `first_block` through the
-/// NBD export at `addr`, then flush.
-fn write_blocks(addr: &str, first_block: u64, n: u64, seed: u64) {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let c = NbdClient::connect(addr, "")
-            .await
-            .unwrap_or_else(|e| panic!("connect to the export {addr}: {e}"));
-        let mut rng = common::TestRng::new(seed);
-        for b in first_block..first_block + n {
-            let mut data = vec![0u8; BLOCK as usize];
-            rng.fill(&mut data);
-            c.write(b * BLOCK, Bytes::from(data), false)
-                .await
-                .expect("write");
-        }
-        c.flush().await.expect("flush");
-    });
-}
-
-/// Write `n` MiB of `seed`-derived data from MiB `first` through the export at `addr`.
-fn write_mib(addr: &str, first: u64, n: u64, seed: u64) {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let c = NbdClient::connect(addr, "")
-            .await
-            .unwrap_or_else(|e| panic!("connect to the export {addr}: {e}"));
-        let mut rng = common::TestRng::new(seed);
-        for m in first..first + n {
-            let mut data = vec![0u8; MIB as usize];
-            rng.fill(&mut data);
-            c.write(m * MIB, Bytes::from(data), false)
-                .await
-                .expect("write");
-        }
-        c.flush().await.expect("flush");
-    });
-}
 
 /// Whether an NBD client can attach to `addr` (a node serving writes there).
 fn serves_nbd(addr: &str) -> bool {
@@ -528,4 +488,14 @@ fn up_after_a_crash_of_a_lone_primary_loses_nothing_on_the_peer() {
     c.stop(0);
     c.stop(1);
     assert_same_file(&c.image(0), &c.image(1));
+}
+
+/// Write `n` 4 KiB blocks of `seed`-derived data from `first_block` on.
+fn write_blocks(addr: &str, first_block: u64, n: u64, seed: u64) {
+    common::write_seeded(addr, first_block, n, BLOCK, seed)
+}
+
+/// Write `n` MiB of `seed`-derived data from MiB `first` on.
+fn write_mib(addr: &str, first: u64, n: u64, seed: u64) {
+    common::write_seeded(addr, first, n, MIB, seed)
 }

@@ -15,33 +15,12 @@ use std::io::{Seek, SeekFrom, Write};
 use std::process::Command;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::cluster::Cluster;
 use common::{assert_same_file, run_with_timeout, tandem_bin};
-use tandem::nbd::client::NbdClient;
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Write `n` MiB of `seed`-derived data from MiB `first` through the export at `addr`.
-fn write_mib(addr: &str, first: u64, n: u64, seed: u64) {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let c = NbdClient::connect(addr, "")
-            .await
-            .unwrap_or_else(|e| panic!("connect to the export {addr}: {e}"));
-        let mut rng = common::TestRng::new(seed);
-        for m in first..first + n {
-            let mut data = vec![0u8; MIB as usize];
-            rng.fill(&mut data);
-            c.write(m * MIB, Bytes::from(data), false)
-                .await
-                .expect("write");
-        }
-        c.flush().await.expect("flush");
-    });
-}
 
 /// Overwrite 4 KiB blocks of an image file directly (behind the agent's back) with
 /// a pattern, and make it durable.
@@ -296,4 +275,9 @@ fn a_secondary_killed_after_invalidate_comes_back_owing_the_full_resync() {
     c.stop(0);
     c.stop(1);
     assert_same_file(&c.image(0), &c.image(1));
+}
+
+/// Write `n` MiB of `seed`-derived data from MiB `first` on.
+fn write_mib(addr: &str, first: u64, n: u64, seed: u64) {
+    common::write_seeded(addr, first, n, MIB, seed)
 }

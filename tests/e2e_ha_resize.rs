@@ -242,29 +242,8 @@ fn a_volume_longer_than_its_metadata_records_is_served_at_the_recorded_size() {
 /// handshake, the pair syncs, and the resize run again completes.
 #[test]
 fn a_primary_killed_after_its_secondary_grew_reconciles_and_the_resize_completes() {
-    let mut c = Cluster::new("sync", 64 * MIB, "");
-    c.start(1, "secondary");
-    c.start(0, "primary");
-    c.wait_synced(0, SYNC_TIMEOUT);
-    write_at(&c.nbd_addr(0), 8 * MIB, 4, 51);
-    c.wait_synced(0, SYNC_TIMEOUT);
-
-    c.agent(1).signal(libc::SIGSTOP);
-    let control = c.control(0);
-    let asking = std::thread::spawn(move || {
-        common::run_with_timeout(
-            Command::new(common::tandem_bin())
-                .args(["resize", "--size", "128M", "--control"])
-                .arg(control),
-            Duration::from_secs(60),
-        )
-    });
-    // The primary sends Grow at once and waits; well within its peer timeout.
-    std::thread::sleep(Duration::from_millis(700));
-    c.kill(0);
-    let out = asking.join().expect("resize thread");
+    let (mut c, out) = grow_cut_on_the_primary(51);
     assert!(!out.status.success(), "the resize completed: {out:?}");
-    c.agent(1).signal(libc::SIGCONT);
     c.agent(1)
         .wait_status("the session gone", SYNC_TIMEOUT, |s| {
             s["peer"]["connection"] != "connected"
@@ -450,26 +429,7 @@ fn block_devices_grown_by_the_operator_are_checked_then_their_new_range_zeroed()
 /// joined again, since a resize needs the peer connected).
 #[test]
 fn a_failover_to_the_secondary_that_grew_first_grows_the_old_primary_when_it_rejoins() {
-    let mut c = Cluster::new("sync", 64 * MIB, "");
-    c.start(1, "secondary");
-    c.start(0, "primary");
-    c.wait_synced(0, SYNC_TIMEOUT);
-    write_at(&c.nbd_addr(0), 8 * MIB, 4, 81);
-    c.wait_synced(0, SYNC_TIMEOUT);
-    c.agent(1).signal(libc::SIGSTOP);
-    let control = c.control(0);
-    let asking = std::thread::spawn(move || {
-        common::run_with_timeout(
-            Command::new(common::tandem_bin())
-                .args(["resize", "--size", "128M", "--control"])
-                .arg(control),
-            Duration::from_secs(60),
-        )
-    });
-    std::thread::sleep(Duration::from_millis(700));
-    c.kill(0);
-    let _ = asking.join().expect("resize thread");
-    c.agent(1).signal(libc::SIGCONT);
+    let (mut c, _) = grow_cut_on_the_primary(81);
     common::wait_until("the secondary grew alone", SYNC_TIMEOUT, || {
         file_len(&c.image(1)) == 128 * MIB
     });
@@ -492,4 +452,33 @@ fn a_failover_to_the_secondary_that_grew_first_grows_the_old_primary_when_it_rej
     c.stop(1);
     c.stop(0);
     assert_same_file(&c.image(0), &c.image(1));
+}
+
+/// A synced 64 MiB sync-mode pair (4 MiB written at 8 MiB with `seed`); its
+/// secondary SIGSTOPped while `tandem resize --size 128M` runs on the primary,
+/// which is killed -9 0.7 s in (it sends Grow at once and waits, well within its
+/// peer timeout); then the secondary continues. Returns the pair and the resize
+/// command's output.
+fn grow_cut_on_the_primary(seed: u64) -> (Cluster, std::process::Output) {
+    let mut c = Cluster::new("sync", 64 * MIB, "");
+    c.start(1, "secondary");
+    c.start(0, "primary");
+    c.wait_synced(0, SYNC_TIMEOUT);
+    write_at(&c.nbd_addr(0), 8 * MIB, 4, seed);
+    c.wait_synced(0, SYNC_TIMEOUT);
+    c.agent(1).signal(libc::SIGSTOP);
+    let control = c.control(0);
+    let asking = std::thread::spawn(move || {
+        common::run_with_timeout(
+            Command::new(common::tandem_bin())
+                .args(["resize", "--size", "128M", "--control"])
+                .arg(control),
+            Duration::from_secs(60),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    c.kill(0);
+    let out = asking.join().expect("resize thread");
+    c.agent(1).signal(libc::SIGCONT);
+    (c, out)
 }

@@ -82,6 +82,26 @@ impl TestRng {
     }
 }
 
+/// Write `n` units of `unit` bytes of `seed`-derived data, from unit `first` on,
+/// through the NBD export at `addr`, then flush.
+pub fn write_seeded(addr: &str, first: u64, n: u64, unit: u64, seed: u64) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let c = tandem::nbd::client::NbdClient::connect(addr, "")
+            .await
+            .unwrap_or_else(|e| panic!("connect to the export {addr}: {e}"));
+        let mut rng = TestRng::new(seed);
+        for u in first..first + n {
+            let mut data = vec![0u8; unit as usize];
+            rng.fill(&mut data);
+            c.write(u * unit, bytes::Bytes::from(data), false)
+                .await
+                .expect("write");
+        }
+        c.flush().await.expect("flush");
+    });
+}
+
 /// Write `len_bytes` of seeded random data to `path`.
 pub fn write_random_file(path: &Path, len_bytes: u64, seed: u64) {
     use std::io::Write;
