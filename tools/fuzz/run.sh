@@ -9,7 +9,8 @@
 # inputs it finds go to target/fuzz/corpus/TARGET (kept between runs, never
 # committed). A crash leaves its input in target/fuzz/artifacts/TARGET/ and
 # the script exits non-zero, printing how to keep it as a regression test.
-# Extra libFuzzer flags: FUZZ_ARGS="-max_len=4096 ...".
+# Extra libFuzzer flags: FUZZ_ARGS="-max_len=4096 ...". FUZZ_WORK=DIR keeps the
+# inputs found in DIR/TARGET instead of target/fuzz/corpus/TARGET.
 #
 # The random seed is fixed (FUZZ_SEED, default 1) so that a run is repeatable:
 # the same tree, seed and starting corpus make the same inputs in the same
@@ -46,7 +47,7 @@ status=0
 for t in "${targets[@]}"; do
   bin="$bin_dir/fuzz_$t"
   [ -x "$bin" ] || { echo "run.sh: no target '$t' (known: ${all[*]})" >&2; exit 2; }
-  work="target/fuzz/corpus/$t"
+  work="${FUZZ_WORK:-target/fuzz/corpus}/$t"
   artifacts="target/fuzz/artifacts/$t"
   mkdir -p "$work" "$artifacts" "tools/fuzz/regressions/$t"
   seed=${FUZZ_SEED:-1}
