@@ -643,6 +643,12 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.note_dirty_since(self.now_ms);
     }
 
+    /// Requests and internal operations in flight (the fuzz target checks the
+    /// invariants, which walk them, less often when there are thousands).
+    pub fn op_count(&self) -> usize {
+        self.ops.len()
+    }
+
     pub fn verify_count(&self) -> BlockCount {
         self.resync.verify.dirty_count()
     }
