@@ -1149,7 +1149,10 @@ impl Node {
         // ha (issue 12): a primary larger than this node (a pair cut mid-grow):
         // once everything else of its Hello checks out, this node grows to it
         // and the primary redials.
-        if hello.size_bytes > local.size_bytes && hello.role == wire::ROLE_PRIMARY {
+        // Only a node that already holds this volume (not a new one: a larger
+        // primary is then a misconfiguration, refused naming both sizes).
+        if hello.size_bytes > local.size_bytes && hello.role == wire::ROLE_PRIMARY && !local.is_new
+        {
             let probe = Local {
                 size_bytes: hello.size_bytes,
                 ..local.clone()
