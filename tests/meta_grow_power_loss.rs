@@ -8,9 +8,12 @@
 //! on: it opens the metadata at the size its superblock records and serves a
 //! longer volume at that size (agent/mod.rs `open_node`).
 
+mod meta_support;
+
+use meta_support::sectors_old_or_new;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tandem::bitmap::{BitmapPage, DirtyBitmap};
+use tandem::bitmap::DirtyBitmap;
 use tandem::meta::{MetaError, MetaStore, Opened, SimFile, Superblock};
 use tandem::types::{BlockIndex, DiskState, Generation, Role, VolumeId};
 
@@ -141,24 +144,6 @@ fn check(file: &SimFile, s: &States, what: &str) {
             "{what}: a bitmap sector is neither the grow's nor the persist's"
         );
     }
-}
-
-/// Words per 512-byte bitmap sector on disk (4032 blocks).
-const SECTOR_WORDS: usize = 63;
-
-fn sectors_old_or_new(found: &DirtyBitmap, before: &DirtyBitmap, after: &DirtyBitmap) -> bool {
-    (0..found.page_count()).all(|p| {
-        let page = BitmapPage(p);
-        let (f, b, a) = (
-            found.page_words(page),
-            before.page_words(page),
-            after.page_words(page),
-        );
-        f.chunks(SECTOR_WORDS)
-            .zip(b.chunks(SECTOR_WORDS))
-            .zip(a.chunks(SECTOR_WORDS))
-            .all(|((f, b), a)| f == b || f == a)
-    })
 }
 
 #[test]

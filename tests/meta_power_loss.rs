@@ -12,9 +12,12 @@
 //! Not covered here: damage that is not a crash (bit rot, wiped slots), see
 //! tests/meta_store.rs and tests/meta_al.rs.
 
+mod meta_support;
+
+use meta_support::sectors_old_or_new;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tandem::bitmap::{BitmapPage, DirtyBitmap};
+use tandem::bitmap::DirtyBitmap;
 use tandem::meta::{MetaError, MetaStore, Opened, SimFile, Superblock};
 use tandem::types::{BlockCount, BlockIndex, DiskState, Generation, Role, VolumeId};
 
@@ -159,25 +162,6 @@ fn run_until_cut(steps: &[Step], cut: Option<u64>) -> (SimFile, usize) {
         }
     }
     (disk, steps.len())
-}
-
-/// Words per 512-byte bitmap sector on disk (4032 blocks).
-const SECTOR_WORDS: usize = 63;
-
-/// Every sector of `found` equals that sector of `before` or of `after`.
-fn sectors_old_or_new(found: &DirtyBitmap, before: &DirtyBitmap, after: &DirtyBitmap) -> bool {
-    (0..found.page_count()).all(|p| {
-        let page = BitmapPage(p);
-        let (f, b, a) = (
-            found.page_words(page),
-            before.page_words(page),
-            after.page_words(page),
-        );
-        f.chunks(SECTOR_WORDS)
-            .zip(b.chunks(SECTOR_WORDS))
-            .zip(a.chunks(SECTOR_WORDS))
-            .all(|((f, b), a)| f == b || f == a)
-    })
 }
 
 /// What a reopened store holds, checked to be `before` or `after` (per
