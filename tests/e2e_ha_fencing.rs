@@ -37,14 +37,7 @@ fn ctl(control: &std::path::Path, args: &[&str]) -> (bool, String) {
             .arg(control),
         Duration::from_secs(60),
     );
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    (out.status.success(), common::output_text(&out))
 }
 
 #[test]
@@ -197,14 +190,7 @@ fn cibadmin(cib: &std::path::Path, args: &[&str]) -> (bool, String) {
         Command::new("cibadmin").env("CIB_file", cib).args(args),
         Duration::from_secs(30),
     );
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    (out.status.success(), common::output_text(&out))
 }
 
 /// deploy/pacemaker/tandem-fence-peer as `fence-peer`: the constraint that keeps

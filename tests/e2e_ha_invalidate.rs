@@ -44,14 +44,7 @@ fn verify(c: &Cluster) -> (i32, String) {
             .arg(c.control(0)),
         Duration::from_secs(120),
     );
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    (out.status.code().unwrap_or(-1), common::output_text(&out))
 }
 
 /// `tandem set resync-rate RATE` on the primary.
@@ -149,14 +142,7 @@ fn invalidate_on_a_terminal(c: &Cluster, node: usize, answer: &str) -> (bool, St
         .write_all(format!("{answer}\n").as_bytes())
         .expect("type");
     let out = child.wait_with_output().expect("script");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    (out.status.success(), common::output_text(&out))
 }
 
 /// On a terminal, invalidate asks; anything but "yes" changes nothing.

@@ -278,11 +278,7 @@ fn checkpoint(c: &Cluster, args: &[&str]) -> String {
             .arg(c.control(0)),
         Duration::from_secs(60),
     );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::output_text(&out);
     assert!(out.status.success(), "tandem checkpoint {args:?}: {text}");
     text
 }

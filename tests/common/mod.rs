@@ -231,6 +231,15 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     }
 }
 
+/// A command's stdout followed by its stderr, as text (for messages and checks).
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Run a command that must succeed within `timeout`; returns its stdout.
 pub fn run_ok(cmd: &mut Command, timeout: Duration) -> String {
     let shown = format!("{cmd:?}");
