@@ -333,14 +333,22 @@ pub async fn serve(
         // A primary's volume holds all of its data: records left in its journal
         // from an earlier time as secondary were copied into the volume before it
         // was promoted, and replaying them now would roll its own writes back.
-        discard_stale_journal(&cfg, sb.volume_id, jdone_tx.clone())?;
+        let dropped = remove_journal(&cfg, sb.volume_id, jdone_tx.clone())?;
+        if dropped > 0 {
+            tracing::info!(journal = %cfg.journal.display(), records = dropped, "demoted primary: dropping journal records from before its promotion (already in the volume)");
+        }
         may_create = true;
     }
     may_create |= rebuilt;
     if recovery::full_sync_owed(&sb) {
         // ha (issue 12): invalidated; a crash may have come before its journal
         // was truncated.
-        invalidate::drop_journal_at_start(&cfg, sb.volume_id, jdone_tx.clone())?;
+        let dropped = remove_journal(&cfg, sb.volume_id, jdone_tx.clone())?;
+        tracing::warn!(
+            journal = %cfg.journal.display(),
+            records = dropped,
+            "this node was invalidated (tandem invalidate) and owes a full resync: its redo journal's records are dropped"
+        );
         may_create = true;
     }
     let jopened = journal::open(
@@ -1806,15 +1814,17 @@ fn promotion_note(seq: Seq, at_ms: u64, newest_received_at_ms: u64) -> String {
     }
 }
 
-/// A demoted primary's journal (if any) holds nothing of its image: check that it
-/// is this volume's (a misconfigured path must not destroy another's) and remove it.
-fn discard_stale_journal(
+/// Remove a redo journal whose records are not part of this node's image (a
+/// demoted primary's, from before its promotion; an invalidated node's): check
+/// first that it is this volume's (a misconfigured path must not destroy
+/// another's). Returns how many records it held.
+fn remove_journal(
     cfg: &NodeConfig,
     volume_id: VolumeId,
     done: mpsc::UnboundedSender<JournalDone>,
-) -> Result<(), AgentError> {
+) -> Result<usize, AgentError> {
     if !cfg.journal.exists() {
-        return Ok(());
+        return Ok(0);
     }
     let opened = journal::open(
         &cfg.journal,
@@ -1825,16 +1835,15 @@ fn discard_stale_journal(
         done,
     )
     .map_err(|e| AgentError::Refused(format!("{e}")))?;
-    if !opened.records.is_empty() {
-        tracing::info!(journal = %cfg.journal.display(), records = opened.records.len(), "demoted primary: dropping journal records from before its promotion (already in the volume)");
-    }
+    let records = opened.records.len();
     opened.thread.stop();
     std::fs::remove_file(&cfg.journal).map_err(|e| {
         AgentError::Refused(format!(
-            "cannot remove the stale redo journal {}: {e}",
+            "cannot remove the redo journal {}: {e}; check the file's directory permissions, or move it aside by hand",
             cfg.journal.display()
         ))
-    })
+    })?;
+    Ok(records)
 }
 
 /// Copy journal records into the volume in order (a checkpoint), then make the

@@ -16,14 +16,12 @@
 //! and 3). The handshake then plans a full resync whatever the generations say;
 //! only its end clears the flag ([`Node::full_sync_done`]).
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-use super::{Engine, JournalDone, Node};
-use crate::agent::AgentError;
+use super::{Engine, Node};
 use crate::agent::control::ControlReply;
-use crate::config::NodeConfig;
 use crate::engine::recovery;
-use crate::types::{Seq, VolumeId};
+use crate::types::Seq;
 
 /// An invalidation under way.
 pub(super) struct Pending {
@@ -236,39 +234,4 @@ impl Node {
         tracing::info!("{message}");
         self.metrics.events.push("invalidate-done", message);
     }
-}
-
-/// At start: a node that owes a full resync drops whatever its redo journal holds
-/// (an invalidation cut by a crash before the journal was truncated): nothing of
-/// it is kept or counted as a consistent image. The journal is checked to be this
-/// volume's first (a misconfigured path must not destroy another's).
-pub(super) fn drop_journal_at_start(
-    cfg: &NodeConfig,
-    volume_id: VolumeId,
-    done: mpsc::UnboundedSender<JournalDone>,
-) -> Result<(), AgentError> {
-    if !cfg.journal.exists() {
-        return Ok(());
-    }
-    let opened = crate::agent::journal::open(
-        &cfg.journal,
-        volume_id,
-        cfg.block_size,
-        cfg.journal_bytes,
-        false,
-        done,
-    )
-    .map_err(|e| AgentError::Refused(format!("{e}")))?;
-    tracing::warn!(
-        journal = %cfg.journal.display(),
-        records = opened.records.len(),
-        "this node was invalidated (tandem invalidate) and owes a full resync: its redo journal's records are dropped"
-    );
-    opened.thread.stop();
-    std::fs::remove_file(&cfg.journal).map_err(|e| {
-        AgentError::Refused(format!(
-            "cannot remove the redo journal {} of an invalidated node: {e}",
-            cfg.journal.display()
-        ))
-    })
 }
