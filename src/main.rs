@@ -576,18 +576,7 @@ async fn role_command(
     req: &control::ControlRequest,
     timeout: Duration,
 ) -> Result<ExitCode, String> {
-    let reply = tandem::ops::ask(path, req, timeout).await?;
-    if !reply.ok {
-        return Err(reply.error.unwrap_or_else(|| "refused".into()));
-    }
-    let message = reply
-        .result
-        .as_ref()
-        .and_then(|r| r.get("message"))
-        .and_then(|m| m.as_str())
-        .unwrap_or("done");
-    println!("{message}");
-    Ok(ExitCode::SUCCESS)
+    tandem::ops::ask_and_print(path, req, timeout, "done").await
 }
 
 /// `tandem events`: print the agent's events after `since`; with `follow`, poll

@@ -413,7 +413,18 @@ pub async fn invalidate(
     }
     let mut req = ControlRequest::new("invalidate");
     req.resource = resource;
-    let reply = ask(path, &req, timeout).await?;
+    ask_and_print(path, &req, timeout, "invalidated").await
+}
+
+/// Send a command that answers with a message; print it (`default` when the
+/// answer has none), or fail with the agent's error.
+pub async fn ask_and_print(
+    path: &Path,
+    req: &ControlRequest,
+    timeout: Duration,
+    default: &str,
+) -> Result<ExitCode, String> {
+    let reply = ask(path, req, timeout).await?;
     if !reply.ok {
         return Err(reply.error.unwrap_or_else(|| "refused".into()));
     }
@@ -422,7 +433,7 @@ pub async fn invalidate(
         .as_ref()
         .and_then(|r| r.get("message"))
         .and_then(|m| m.as_str())
-        .unwrap_or("invalidated");
+        .unwrap_or(default);
     println!("{message}");
     Ok(ExitCode::SUCCESS)
 }
