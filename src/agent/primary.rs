@@ -134,9 +134,11 @@ enum Cmd {
     Flush {
         reply: Reply,
     },
-    /// The Hello this node sends, and how many of its changed blocks are only
-    /// suspected (active extents at a crash).
+    /// The Hello this node sends, and, when `suspected` asks for it (a walk of
+    /// the bitmaps: only for the two-primaries message, not every dial), how many
+    /// of its changed blocks are only suspected (active extents at a crash).
     HelloInfo {
+        suspected: bool,
         reply: oneshot::Sender<(Hello, u64)>,
     },
     Status {
@@ -1275,8 +1277,13 @@ impl Owner {
                 let now = self.now_ms();
                 self.engine.flush(reply, now, out);
             }
-            Cmd::HelloInfo { reply } => {
-                let _ = reply.send((self.hello(), self.engine.suspected_blocks().0));
+            Cmd::HelloInfo { suspected, reply } => {
+                let suspected = if suspected {
+                    self.engine.suspected_blocks().0
+                } else {
+                    0
+                };
+                let _ = reply.send((self.hello(), suspected));
             }
             Cmd::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -2241,7 +2248,10 @@ async fn connector(
             };
             let (reply, rx) = oneshot::channel();
             cmd_tx
-                .send(Cmd::HelloInfo { reply })
+                .send(Cmd::HelloInfo {
+                    suspected: false,
+                    reply,
+                })
                 .await
                 .map_err(|_| "agent stopping".to_string())?;
             let (hello, _) = rx.await.map_err(|_| "agent stopping".to_string())?;
@@ -2456,7 +2466,11 @@ async fn answer_dialers(
                 return;
             }
             let (reply, rx) = oneshot::channel();
-            if cmd_tx.send(Cmd::HelloInfo { reply }).await.is_err() {
+            let info = Cmd::HelloInfo {
+                suspected: true,
+                reply,
+            };
+            if cmd_tx.send(info).await.is_err() {
                 return;
             }
             let Ok((mine, suspected)) = rx.await else {
