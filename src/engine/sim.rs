@@ -1784,6 +1784,10 @@ impl Sim {
                 && p.e.is_in_sync()
                 && p.local.is_empty()
                 && p.e.ops_in_flight() == 0
+                // Writes completed locally may still be in the stream (a spill
+                // log read-back running): not converged until the secondary
+                // holds them (seed 200290 stopped with one in flight).
+                && p.e.lag().writes == 0
                 && self.to_s.is_empty()
                 && self.to_p.is_empty()
                 && !s.syncing
