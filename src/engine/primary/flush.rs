@@ -88,6 +88,18 @@ impl<T> Flushes<T> {
         self.volatile_new.iter().chain(self.volatile_running.iter())
     }
 
+    /// The local fdatasync that will have made every volatile block durable: the
+    /// next to start if blocks wait for one, else the one running.
+    pub(super) fn covering_volatile(&self) -> Option<LocalFlushId> {
+        if !self.volatile_new.is_empty() {
+            Some(LocalFlushId(self.last_id + 1))
+        } else if self.volatile_running.is_empty() {
+            None
+        } else {
+            self.running
+        }
+    }
+
     pub(super) fn assert_invariants(&self) {
         if self.running.is_none() {
             assert!(self.volatile_running.is_empty());
@@ -189,6 +201,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         match result {
             Ok(()) => {
                 self.flush.volatile_running.clear();
+                if self.persist.stale_until.is_some_and(|n| n <= id) {
+                    self.persist.stale_until = None;
+                    self.persist.changed = true;
+                }
                 for f in self.flush.pending.iter_mut() {
                     if f.local_needed <= id {
                         f.local_done = true;

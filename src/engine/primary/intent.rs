@@ -134,6 +134,10 @@ pub(super) struct Persist {
     done: u64,
     /// Another persist is wanted once the one in flight completes.
     again: bool,
+    /// A retirement persisted blocks only in the page cache as set bits: once
+    /// this local flush completes they are durable here, and a persist clears
+    /// them (a stale bit costs a resend of its block after every later crash).
+    pub(super) stale_until: Option<super::flush::LocalFlushId>,
 }
 
 impl<T, D: Clone> PrimaryEngine<T, D> {
@@ -185,6 +189,11 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         let retired = std::mem::take(&mut intent.retired);
         let active = intent.set.active();
         let bitmap = (!retired.is_empty()).then(|| self.retirement_pages(&retired));
+        if bitmap.is_some()
+            && let Some(id) = self.flush.covering_volatile()
+        {
+            self.persist.stale_until = self.persist.stale_until.max(Some(id));
+        }
         out.push(Action::WriteActivityLog { active, bitmap });
     }
 
@@ -208,15 +217,37 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             )
         });
         let mut pages = BitmapPages::covering(&self.dirty, ranges);
-        for (a, b) in self.stream.unacked_block_ranges(self.cfg.block_size) {
-            pages.mark(a, b);
-        }
-        for op in self.ops.values().filter(|op| op.kind.is_client()) {
-            let (a, b) = op.range.blocks(self.cfg.block_size);
-            pages.mark(a, b);
-        }
-        for (a, b) in self.flush.volatile_runs() {
-            pages.mark(a, b);
+        // Extents active before this log write and after it: whatever of them
+        // may differ, a crash recovery compares by hash, so their blocks in
+        // flight or only in the page cache stay out of the persisted bitmap
+        // (there they would be resent as data, and stay set until a later
+        // persist). Extents this write activates are not covered yet: until it
+        // is durable the log on disk is the previous one.
+        let mut covered: Vec<(u64, u64)> = intent
+            .set
+            .active()
+            .into_iter()
+            .filter(|e| !intent.recording.contains_key(e))
+            .map(|e| {
+                let first = (u64::from(e) * per_extent).min(blocks);
+                (first, (first + per_extent).min(blocks))
+            })
+            .collect();
+        covered.sort_unstable();
+        let unacked = self.stream.unacked_block_ranges(self.cfg.block_size);
+        let in_flight = self
+            .ops
+            .values()
+            .filter(|op| op.kind.is_client())
+            .map(|op| op.range.blocks(self.cfg.block_size));
+        for (a, b) in unacked
+            .into_iter()
+            .chain(in_flight)
+            .chain(self.flush.volatile_runs())
+        {
+            for (a, b) in outside(&covered, a, b) {
+                pages.mark(a, b);
+            }
         }
         pages
     }
@@ -319,6 +350,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.persist.last_ms = self.now_ms;
         self.persist.last_count = self.dirty.dirty_count().0;
         self.persist.changed = false;
+        // The image holds the volatile blocks too: clear them once flushed.
+        if let Some(id) = self.flush.covering_volatile() {
+            self.persist.stale_until = self.persist.stale_until.max(Some(id));
+        }
         out.push(Action::PersistBitmap {
             bitmap: self.persist_image(),
         });
@@ -382,4 +417,24 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             .get(&seq)
             .is_some_and(|op| !matches!(op.local, LocalStage::Waiting { logged: false, .. }))
     }
+}
+
+/// The parts of blocks `[a, b)` outside the sorted, disjoint `covered` ranges.
+fn outside(covered: &[(u64, u64)], a: BlockIndex, b: BlockIndex) -> Vec<(BlockIndex, BlockIndex)> {
+    let mut pieces = Vec::new();
+    let mut at = a.0;
+    let from = covered.partition_point(|&(_, end)| end <= at);
+    for &(first, end) in &covered[from..] {
+        if first >= b.0 {
+            break;
+        }
+        if first > at {
+            pieces.push((BlockIndex(at), BlockIndex(first)));
+        }
+        at = at.max(end);
+    }
+    if at < b.0 {
+        pieces.push((BlockIndex(at), b));
+    }
+    pieces
 }
