@@ -55,6 +55,9 @@
 #   BENCH_NOTE                          free text recorded with the results
 #   TANDEM_BIN, FAULTPROXY_BIN          binaries; unset: cargo build --release
 #   BENCH_DEBUG=1                       print tracebacks of failed parts
+#   BENCH_KEEP_LOGS [1]                 0: never keep logs; always: keep every part's logs
+#                                       (with TANDEM_LOG=tandem::agent::link=debug: the link's
+#                                       compression level decisions)
 #
 # Every process it starts is stopped on exit (by PID); its temporary directory is
 # removed; logs of failed parts are kept in BENCH_TMPDIR/tandem-bench-logs-*.

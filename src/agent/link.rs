@@ -474,8 +474,8 @@ async fn write_compressed<W: AsyncWrite + Unpin>(
 /// The compressing end of a connection's stream (see the module docs).
 ///
 /// **Adaptive level.** It starts at the configured level, at least 3 (zstd -3
-/// is where the issue's /usr/lib tar reaches 2.5:1). Every window (≥ 4 MiB of
-/// input and ≥ 250 ms) it compares the time spent compressing with the time spent
+/// is where the issue's /usr/lib tar reaches 2.5:1). Every window (≥ 16 MiB of
+/// input and ≥ 1 s) it compares the time spent compressing with the time spent
 /// waiting for the socket to take the bytes, while the writer was busy:
 /// - the link is the bottleneck (writes wait at least as long as compression):
 ///   one level up, two when writes wait 3× longer (at most [`Self::LEVEL_MAX`]):
@@ -487,12 +487,22 @@ async fn write_compressed<W: AsyncWrite + Unpin>(
 ///   compression is tried again.
 ///
 /// A level change ends the zstd frame (single-threaded zstd applies a new level
-/// at a frame start); the reader decodes consecutive frames as one stream.
+/// at a frame start, and the new frame starts without history); the reader
+/// decodes consecutive frames as one stream. So that few frames end, a window is
+/// ≥ 16 MiB of input and ≥ 1 s: shorter ones mostly measured the socket's buffer
+/// filling or draining (bench wan: a level change every ~16 MiB of the tar, each
+/// one losing up to 16 MiB of history).
+///
+/// **Long window.** Once the link has been the bottleneck the stream also
+/// matches 16 MiB back (see [`Self::set_level`]), from then on at every level
+/// from 3.
 pub struct StreamCompressor {
     cctx: zstd::zstd_safe::CCtx<'static>,
     level: i32,
     /// A level change waits for the current frame to end.
     pending_level: Option<i32>,
+    /// The link has been the bottleneck: frames from level 3 use the long window.
+    link_bound_seen: bool,
     /// Input bytes still to send raw.
     raw_left: u64,
     out: Vec<u8>,
@@ -514,22 +524,24 @@ struct Window {
 
 impl StreamCompressor {
     pub const LEVEL_MAX: i32 = 9;
-    /// From this level on, frames use a long window (see `set_level`).
-    pub const LONG_LEVEL: i32 = 4;
+    /// From this level on, frames of a link-bound stream use a long window (see
+    /// `set_level`).
+    pub const LONG_LEVEL: i32 = 3;
     const LONG_WINDOW_LOG: u32 = 24;
-    const WINDOW_BYTES: u64 = 4 << 20;
-    const WINDOW_TIME: Duration = Duration::from_millis(250);
+    const WINDOW_BYTES: u64 = 16 << 20;
+    const WINDOW_TIME: Duration = Duration::from_secs(1);
 
     /// Start at `level` (clamped to 3..=LEVEL_MAX); wire bytes are counted in
     /// `metrics.replicated_wire_bytes` when given.
     pub fn new(level: i32, metrics: Option<std::sync::Arc<crate::metrics::Metrics>>) -> Self {
         let level = level.clamp(3, Self::LEVEL_MAX);
         let mut cctx = zstd::zstd_safe::CCtx::create();
-        Self::set_level(&mut cctx, level);
+        Self::set_level(&mut cctx, level, false);
         StreamCompressor {
             cctx,
             level,
             pending_level: None,
+            link_bound_seen: false,
             raw_left: 0,
             out: Vec::new(),
             metrics,
@@ -542,15 +554,16 @@ impl StreamCompressor {
         self.level
     }
 
-    /// Parameters of the next frame. From [`Self::LONG_LEVEL`] (reached only while
-    /// the link is the bottleneck) the frame also matches against a 16 MiB window
-    /// with long-distance matching: on the issue's /usr/lib tar, zstd -3 gives
-    /// 2.50:1, -3 with a 16 MiB long window 2.56:1, at about half the speed (CPU
-    /// a link-bound writer has spare). It costs ~18 MiB on each end while used;
-    /// a CPU-bound (fast) link stays below the level and at the 2 MiB default.
-    fn set_level(cctx: &mut zstd::zstd_safe::CCtx<'static>, level: i32) {
+    /// Parameters of the next frame. With `link_bound` (the link has been the
+    /// bottleneck) and from [`Self::LONG_LEVEL`], the frame also matches against a
+    /// 16 MiB window with long-distance matching: on the issue's /usr/lib tar
+    /// (`zstd -b`, one core), -3 gives 2.50:1 at 176 MB/s, -3 --long=24 2.60:1 at
+    /// about the same speed, -4 --long=24 2.63:1 at 88 MB/s. It costs ~18 MiB on
+    /// each end while used; a link never seen as the bottleneck (loopback, a LAN
+    /// faster than the compressor) stays at the level's 2 MiB default.
+    fn set_level(cctx: &mut zstd::zstd_safe::CCtx<'static>, level: i32, link_bound: bool) {
         use zstd::zstd_safe::CParameter;
-        let long = level >= Self::LONG_LEVEL;
+        let long = link_bound && level >= Self::LONG_LEVEL;
         let _ = cctx.set_parameter(CParameter::CompressionLevel(level));
         let _ = cctx.set_parameter(CParameter::EnableLongDistanceMatching(long));
         // 0: the level's own window.
@@ -596,7 +609,7 @@ impl StreamCompressor {
         }
         if let Some(level) = self.pending_level.take() {
             self.level = level;
-            Self::set_level(&mut self.cctx, level);
+            Self::set_level(&mut self.cctx, level, self.link_bound_seen);
         }
         let len = (out.len() - 4) as u32;
         out[..4].copy_from_slice(&(len | CHUNK_COMPRESSED).to_le_bytes());
@@ -642,12 +655,17 @@ impl StreamCompressor {
         } else if !w.busy {
             return;
         } else if link_bound {
-            if level >= Self::LEVEL_MAX {
+            let first = !std::mem::replace(&mut self.link_bound_seen, true);
+            if level < Self::LEVEL_MAX {
+                // Far from balanced: two steps.
+                let step = if w.write > w.compress * 3 { 2 } else { 1 };
+                self.pending_level = Some((level + step).min(Self::LEVEL_MAX));
+            } else if first {
+                // Same level, a new frame: with the long window.
+                self.pending_level = Some(level);
+            } else {
                 return;
             }
-            // Far from balanced: two steps.
-            let step = if w.write > w.compress * 3 { 2 } else { 1 };
-            self.pending_level = Some((level + step).min(Self::LEVEL_MAX));
             "link-bound: level up"
         } else if w.compress > w.write * 2 && level > 1 {
             // Not below level 1: with the socket's buffers taking the first
@@ -846,7 +864,7 @@ mod tests {
     /// Compressed bytes for 4 MiB of half-random data sent twice in 4 KiB chunks
     /// by a compressor held at `level` (no adaptation: `encode` only), and checks
     /// the chunks decode to the input as one stream.
-    fn wire_bytes_for_a_repeat_4_mib_back(level: i32) -> (u64, u64) {
+    fn wire_bytes_for_a_repeat_4_mib_back(level: i32, link_bound: bool) -> (u64, u64) {
         // Half of each 4 KiB random, half zeros: about half its size on its own,
         // nothing at all if the window reaches its copy.
         let mut rng = 0x0fed_cba9_8765_4321u64;
@@ -859,6 +877,8 @@ mod tests {
             })
             .collect();
         let mut c = StreamCompressor::new(level, None);
+        c.link_bound_seen = link_bound;
+        StreamCompressor::set_level(&mut c.cctx, level, link_bound);
         let (mut stream, mut out, mut wire) = (Vec::new(), Vec::new(), 0u64);
         for _ in 0..2 {
             for chunk in block.chunks(4096) {
@@ -877,20 +897,57 @@ mod tests {
         (2 * block.len() as u64, wire)
     }
 
-    /// From `LONG_LEVEL` (a link-bound writer) the stream matches 16 MiB back: data
-    /// repeated 4 MiB later crosses in a fraction of its size, where the default
-    /// window (2 MiB at level 3) sees nothing to match.
+    /// Once the link has been the bottleneck, the stream matches 16 MiB back from
+    /// `LONG_LEVEL`: data repeated 4 MiB later crosses in a fraction of its size,
+    /// where the default window (2 MiB at level 3) sees nothing to match.
     #[test]
     fn a_link_bound_stream_matches_far_back() {
-        let (raw, short) = wire_bytes_for_a_repeat_4_mib_back(StreamCompressor::LONG_LEVEL - 1);
+        let level = StreamCompressor::LONG_LEVEL;
+        let (raw, short) = wire_bytes_for_a_repeat_4_mib_back(level, false);
         assert!(
             short * 10 > raw * 4,
             "level 3: {short} bytes on the wire for {raw}"
         );
-        let (raw, long) = wire_bytes_for_a_repeat_4_mib_back(StreamCompressor::LONG_LEVEL);
+        let (raw, long) = wire_bytes_for_a_repeat_4_mib_back(level, true);
         assert!(
             long * 100 < raw * 35,
             "long window: {long} bytes on the wire for {raw}"
+        );
+    }
+
+    /// A window in which the socket made the writer wait longer than compression
+    /// took: the level goes up (two steps when 3× longer) and the next frames use
+    /// the long window; a window the compressor was the bottleneck of goes down.
+    #[test]
+    fn the_level_follows_the_bottleneck_and_a_link_bound_stream_goes_long() {
+        let window = |c: &mut StreamCompressor, compress_ms: u64, write_ms: u64| {
+            c.win.started = Some(Instant::now() - StreamCompressor::WINDOW_TIME * 2);
+            c.observe(
+                true,
+                StreamCompressor::WINDOW_BYTES,
+                StreamCompressor::WINDOW_BYTES / 2,
+                Duration::from_millis(compress_ms),
+                Duration::from_millis(write_ms),
+                true,
+            );
+        };
+        let mut c = StreamCompressor::new(3, None);
+        window(&mut c, 500, 20);
+        assert_eq!(c.pending_level, Some(2), "CPU-bound: one level down");
+        assert!(!c.link_bound_seen, "a fast link keeps the short window");
+        window(&mut c, 100, 400);
+        assert_eq!(c.pending_level, Some(4), "link-bound: two levels up");
+        assert!(c.link_bound_seen);
+        window(&mut c, 100, 140);
+        assert_eq!(c.pending_level, Some(5), "link-bound: one up");
+        window(&mut c, 500, 200);
+        assert_eq!(c.pending_level, Some(4), "CPU-bound: one down");
+        let mut c = StreamCompressor::new(StreamCompressor::LEVEL_MAX, None);
+        window(&mut c, 100, 200);
+        assert_eq!(
+            c.pending_level,
+            Some(StreamCompressor::LEVEL_MAX),
+            "at the top level a first link-bound window still starts a long-window frame"
         );
     }
 

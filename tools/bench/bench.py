@@ -964,7 +964,8 @@ def main():
     finally:
         stop_all()
         leftovers = [p.pid for p in PROCS]
-        if ERRORS and ENV.get("BENCH_KEEP_LOGS", "1") == "1":
+        keep_logs = ENV.get("BENCH_KEEP_LOGS", "1")
+        if (ERRORS and keep_logs == "1") or keep_logs == "always":
             keep = os.path.join(CFG["tmpdir"], "tandem-bench-logs-" + time.strftime("%Y%m%d-%H%M%S"))
             os.makedirs(keep, exist_ok=True)
             for root, _, files in os.walk(work):
@@ -972,7 +973,7 @@ def main():
                     if f.endswith(".log") or f.endswith(".json"):
                         rel = os.path.relpath(os.path.join(root, f), work).replace("/", ".")
                         subprocess.run(["cp", os.path.join(root, f), os.path.join(keep, rel)])
-            log(f"logs of the failed parts kept in {keep}")
+            log(f"logs kept in {keep}")
         subprocess.run(["rm", "-rf", work])
         if leftovers:
             log(f"warning: processes still running: {leftovers}")
