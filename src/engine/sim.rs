@@ -1921,3 +1921,36 @@ fn one_seed_from_the_environment() {
 fn seed_303364_async_a_marker_only_checkpoint_records_the_volumes_newest_write() {
     run(303364, Mode::Async, 3000);
 }
+
+/// Seed 301491 sync (a campaign of 20000 seeds from 300000), open: a real bug,
+/// whose fix needs a design decision (see below), so the seed is pinned but
+/// ignored until then.
+///
+/// The primary's fdatasync fails (blocks 51 and 52 never reach its disk; Linux
+/// keeps their pages cached as clean) and the primary is poisoned. A planned
+/// switchover follows: the secondary holds every write durably, so the primary's
+/// engine is `ready_to_hand_over`, and the poisoned node is demoted. It starts
+/// as secondary through `recovery::secondary_start`, which keeps `poisoned` and
+/// marks every block for comparison, but leaves `disk_state` UpToDate; the
+/// secondary engine (agent and sim alike: `volume_consistent` is
+/// `!is_new && disk_state != Inconsistent && !volume_mixed`) then takes the
+/// volume as a consistent image at once. It is not: it lacks the two blocks the
+/// node acknowledged, so G2 fails (the consistent point names an image that is
+/// no prefix of the history) until the compare-everything resync ends. The agent
+/// would report that point in its status and serve it to `inspect`/rollback.
+///
+/// Why not fixed here: making the poisoned volume "not consistent" in the
+/// engine also clears `has_consistent_image` at the handshake, which then plans
+/// a Full copy (`Why::NeverCompleted`) and skips the generation comparison, and
+/// `generations::decide` skips split-brain detection for an `inconsistent`
+/// node: a poisoned node that wrote alone would be overwritten silently (G8),
+/// and every block would be copied where the contract says compared. The fix
+/// needs the handshake to tell "no consistent image now, but an image whose
+/// generations count and whose blocks are all compared" (a poisoned node) from
+/// "never completed a copy", and the issue-10 oracle (a node that held a
+/// consistent image is never Inconsistent) to allow a disk failure.
+#[test]
+#[ignore = "open: a demoted poisoned primary's volume is taken as a consistent image (design needed, see the comment)"]
+fn seed_301491_sync_a_demoted_poisoned_primary_claims_a_consistent_image() {
+    run(301491, Mode::Sync, 3000);
+}
