@@ -781,11 +781,10 @@ impl Node {
             .filter(|r| r.lsn >= from && r.lsn <= through)
             .copied()
             .collect();
-        let newest = records
-            .iter()
-            .rev()
-            .find(|r| r.kind.changes_data())
-            .map(|r| (r.seq, r.at_ms));
+        // simfix: the image's newest write through `through`, not only this
+        // batch's (a batch of markers only, its writes copied earlier while the
+        // volume was mixed, recorded none: simulator seed 303364 async).
+        let newest = Some(self.engine.newest_write_through(through));
         self.copying = Some((through, volume_consistent_after, newest));
         let volume = self.volume.clone();
         let jh = self.jh.clone();

@@ -554,6 +554,25 @@ impl<D> SecondaryEngine<D> {
         self.volume_write
     }
 
+    /// The newest write (seq, the primary's accept time) the image through `lsn`
+    /// holds: the newest data record at or before it, else the volume's newest
+    /// write. When a checkpoint through `lsn` leaves the volume consistent, this is
+    /// what the superblock records for the volume (`consistent_seq`/`_at_ms`): a
+    /// batch may hold markers only, its writes copied by earlier batches while
+    /// the volume was mixed, and the volume still holds them (the simulator, seed
+    /// 303364 async: a first copy's section end released alone left the
+    /// superblock at 0 ms, and a restart reported a consistent point 426 ms older
+    /// than the one it had made durable).
+    pub fn newest_write_through(&self, lsn: Lsn) -> (Seq, u64) {
+        self.records
+            .iter()
+            .rev()
+            .filter(|r| r.lsn <= lsn && r.kind.changes_data())
+            .map(|r| (r.seq, r.at_ms))
+            .next()
+            .unwrap_or(self.volume_write)
+    }
+
     pub fn is_idle(&self) -> bool {
         self.syncing.is_none() && self.checkpointing.is_none() && self.readers == 0
     }

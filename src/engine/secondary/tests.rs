@@ -338,6 +338,60 @@ fn a_session_with_nothing_to_resync_marks_the_image_consistent() {
     );
 }
 
+/// The simulator, seed 303364 async: a first copy's writes were copied into the
+/// volume while it was mixed, and its section end was then checkpointed alone.
+/// What the superblock records for the now consistent volume is the image's
+/// newest write, which no record of that last batch holds.
+#[test]
+fn a_checkpoint_of_markers_only_names_the_newest_write_the_volume_holds() {
+    let mut cfg = Config::new(16 * BS, BS as u32, 256 << 20);
+    cfg.rollback_window_ms = 1;
+    // A new node before its first full copy: its volume is not consistent.
+    let mut e: E =
+        SecondaryEngine::new(cfg, Lsn::ZERO, Vec::new(), false, Lsn::ZERO, (Seq::ZERO, 0));
+    let mut out = Vec::new();
+    e.receive(start(1, 2), 0, &mut out);
+    e.receive(write(1, 0, 10), 0, &mut out);
+    e.receive(write(2, 1, 20), 0, &mut out);
+    // The copy's records, old enough for the checkpointer, go into the volume.
+    e.tick(100, &mut out);
+    settle(&mut e, &mut out);
+    assert_eq!(e.applied(), e.tail(), "the writes are in the volume");
+    assert!(!e.is_volume_consistent(), "mixed until the section ends");
+    e.receive(Incoming::ResyncDone { through: Seq(2) }, 0, &mut out);
+    let end = e.tail();
+    assert_eq!(e.record(end).map(|r| r.kind), Some(RecordKind::SectionEnd));
+    e.tick(200, &mut out);
+    while let Some(i) = out
+        .iter()
+        .position(|a| matches!(a, SecondaryAction::SyncJournal { .. }))
+    {
+        out.remove(i);
+        e.journal_synced(Ok(()), &mut out);
+    }
+    let batch = out.iter().find_map(|a| match a {
+        SecondaryAction::Checkpoint {
+            from,
+            through,
+            volume_consistent_after,
+        } => Some((*from, *through, *volume_consistent_after)),
+        _ => None,
+    });
+    assert_eq!(
+        batch,
+        Some((end, end, true)),
+        "the section end alone: {out:?}"
+    );
+    assert_eq!(e.newest_write_through(end), (Seq(2), 20));
+    e.checkpointed(Ok(()), &mut out);
+    assert!(e.is_volume_consistent());
+    assert_eq!(
+        e.newest_write_through(end),
+        (Seq(2), 20),
+        "held by the volume"
+    );
+}
+
 // dr (issue 10): inspections, rollback points, reads through a view.
 
 /// A journal of `records` 4 KiB writes whose rollback window keeps everything
