@@ -1954,3 +1954,20 @@ fn seed_303364_async_a_marker_only_checkpoint_records_the_volumes_newest_write()
 fn seed_301491_sync_a_demoted_poisoned_primary_claims_a_consistent_image() {
     run(301491, Mode::Sync, 3000);
 }
+
+/// Seeds 400484, 313372 and 304732 async (campaigns of 20000 seeds from 300000 and
+/// 400000): G3 failed, a block the secondary lacked was in none of the primary's
+/// durable metadata. On a disconnect `session_ended` drained the stream and, entry
+/// by entry, marked the write dirty and dropped its pin; a dropped pin could
+/// retire an extent at once, and that retirement's bitmap pages were built while
+/// the entries after it were neither in the stream nor in the dirty bitmap. In
+/// 400484 such a write had been spilled (its spill record covered it), the spill
+/// log was released once a later persist covered it, and the retirement's pages,
+/// landing after that persist, cleared its bit. Every drained write is now marked
+/// before any pin drops.
+#[test]
+fn seeds_400484_313372_304732_async_a_disconnect_marks_every_drained_write_before_unpinning() {
+    for seed in [400484, 313372, 304732] {
+        run(seed, Mode::Async, 3000);
+    }
+}

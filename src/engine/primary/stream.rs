@@ -1217,6 +1217,12 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.stream.loading_writes = 0;
         self.stream.spill.read_cursor = self.next_seq;
         let bs = self.cfg.block_size;
+        // Every drained write is marked before any pin drops: an unpin may retire
+        // an extent, whose log write persists bitmap pages built from the dirty
+        // bitmap and the stream, and a write drained but not yet marked would be
+        // in neither (sim seed 400484: its spill record was released once a later
+        // persist covered it, then the retirement's pages landed without it).
+        let mut unpin = Vec::new();
         for u in drained {
             let (a, b) = u.range.blocks(bs);
             match u.carried {
@@ -1225,7 +1231,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                     // Not on the secondary yet: its age carries over into the bitmap.
                     self.note_dirty_since(u.at_ms);
                     if u.remote_pin {
-                        self.unpin(u.seq, out);
+                        unpin.push(u.seq);
                     }
                 }
                 Carried::Data => self.dirty.mark(a, b),
@@ -1240,6 +1246,9 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                 }
                 Carried::Verify => {}
             }
+        }
+        for seq in unpin {
+            self.unpin(seq, out);
         }
         self.stream.flush_markers.clear();
         self.stream.done_marker = None;
