@@ -235,6 +235,38 @@ impl DirtyBitmap {
         new.count_ones() as i64 - old.count_ones() as i64
     }
 
+    /// Set every word of group `g` (whole: GROUP_WORDS words) to `target` (0 or
+    /// all ones), as [`Self::set_word`] on each would: pages with a changed word
+    /// noted, the group's non-zero count, the change in set bits returned.
+    fn fill_group(&mut self, g: usize, target: u64) -> i64 {
+        debug_assert!(target == 0 || target == u64::MAX);
+        let start = g * GROUP_WORDS;
+        let words = &mut self.words[start..start + GROUP_WORDS];
+        // One comparison per group, not per word: `diff` has a bit set iff some
+        // word differs from the target.
+        let diff = words.iter().fold(0, |acc, &w| acc | (w ^ target));
+        if diff == 0 {
+            return 0;
+        }
+        let ones_before: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        // A group spans one page or two (PAGE_WORDS is not a multiple of
+        // GROUP_WORDS): note each page some changed word of the group lies in.
+        let mut at = start;
+        while at < start + GROUP_WORDS {
+            let page_end = ((at as u64 / PAGE_WORDS + 1) * PAGE_WORDS) as usize;
+            let seg_end = page_end.min(start + GROUP_WORDS);
+            let seg = &self.words[at..seg_end];
+            if seg.iter().fold(0, |acc, &w| acc | (w ^ target)) != 0 {
+                self.note_word_changed(at);
+            }
+            at = seg_end;
+        }
+        self.words[start..start + GROUP_WORDS].fill(target);
+        self.group_nonzero[g] = if target == 0 { 0 } else { GROUP_WORDS as u8 };
+        let ones_after = u64::from(target.count_ones()) * GROUP_WORDS as u64;
+        ones_after as i64 - ones_before as i64
+    }
+
     /// Replace every word overlapping `[first, end)` by `op(word, mask)`, with
     /// `mask` selecting the bits of the range in that word.
     fn for_each_word_mask(
@@ -257,17 +289,30 @@ impl DirtyBitmap {
         let (first_word, last_word) = ((first.0 / WORD_BITS) as usize, (last / WORD_BITS) as usize);
         let (first_bit, last_bit) = (first.0 % WORD_BITS, last % WORD_BITS);
         let mut delta: i64 = 0;
-        let mut apply = |this: &mut Self, w: usize, mask: u64| {
-            delta += this.set_word(w, op(this.words[w], mask));
-        };
+        let apply =
+            |this: &mut Self, w: usize, mask: u64| this.set_word(w, op(this.words[w], mask));
         if first_word == last_word {
-            apply(self, first_word, bit_mask(first_bit, last_bit));
+            delta += apply(self, first_word, bit_mask(first_bit, last_bit));
         } else {
-            apply(self, first_word, bit_mask(first_bit, WORD_BITS - 1));
-            for w in first_word + 1..last_word {
-                apply(self, w, u64::MAX);
+            delta += apply(self, first_word, bit_mask(first_bit, WORD_BITS - 1));
+            // Whole words: every one becomes `op(_, u64::MAX)` (all set for a
+            // mark, all clear for a clear). Groups of GROUP_WORDS entirely inside
+            // the range are done in bulk (a whole-volume mark of 64 GiB is 262,144
+            // words; the primary's persisted image marks such ranges per persist).
+            let target = op(0, u64::MAX);
+            debug_assert_eq!(target, op(u64::MAX, u64::MAX));
+            let (lo, hi) = (first_word + 1, last_word);
+            let mut w = lo;
+            while w < hi {
+                if w.is_multiple_of(GROUP_WORDS) && w + GROUP_WORDS <= hi {
+                    delta += self.fill_group(w / GROUP_WORDS, target);
+                    w += GROUP_WORDS;
+                } else {
+                    delta += apply(self, w, u64::MAX);
+                    w += 1;
+                }
             }
-            apply(self, last_word, bit_mask(0, last_bit));
+            delta += apply(self, last_word, bit_mask(0, last_bit));
         }
         self.dirty_count = self
             .dirty_count

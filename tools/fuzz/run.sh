@@ -39,7 +39,7 @@ shift $((OPTIND - 1))
 targets=("$@")
 if ((${#targets[@]} == 0)); then targets=("${all[@]}"); fi
 
-declare -A runs=([frame]=2000000 [secondary]=150000 [primary]=10000
+declare -A runs=([frame]=2000000 [secondary]=150000 [primary]=20000
   [nbd_option]=1500000 [nbd_request]=15000000 [control]=2500000)
 
 bin_dir=$(tools/fuzz/build.sh)

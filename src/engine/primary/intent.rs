@@ -234,17 +234,14 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             })
             .collect();
         covered.sort_unstable();
-        let unacked = self.stream.unacked_block_ranges(self.cfg.block_size);
-        let in_flight = self
-            .ops
-            .values()
-            .filter(|op| op.kind.is_client())
-            .map(|op| op.range.blocks(self.cfg.block_size));
-        for (a, b) in unacked
-            .into_iter()
-            .chain(in_flight)
-            .chain(self.flush.volatile_runs())
-        {
+        // Coalesced first: unacked writes and client ops in flight overlap, and
+        // each range costs a walk of the listed pages (the fuzz target's drains
+        // retire hundreds of extents with hundreds of ranges in flight).
+        let ranges = super::coalesce(
+            self.in_flight_block_ranges()
+                .chain(self.flush.volatile_runs()),
+        );
+        for (a, b) in ranges {
             for (a, b) in outside(&covered, a, b) {
                 pages.mark(a, b);
             }

@@ -683,23 +683,37 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     /// every write not yet durable there. This is what a persisted bitmap must cover
     /// (together with the activity log) after a clean stop.
     pub fn out_of_sync(&self) -> DirtyBitmap {
-        let mut bm = self.dirty.clone();
-        self.stream.mark_unacked(&mut bm, self.cfg.block_size);
-        for op in self.ops.values() {
-            if op.kind.is_client() {
-                let (a, b) = op.range.blocks(self.cfg.block_size);
-                bm.mark(a, b);
-            }
-        }
-        bm
+        self.dirty_plus(self.in_flight_block_ranges())
     }
 
     /// What a persisted bitmap must hold while running: [`Self::out_of_sync`] plus
     /// the blocks written locally and not yet covered by a local flush (a power
     /// loss of this node may undo them while the secondary keeps them).
     pub fn persist_image(&self) -> DirtyBitmap {
-        let mut bm = self.out_of_sync();
-        for (a, b) in self.flush.volatile_runs() {
+        self.dirty_plus(
+            self.in_flight_block_ranges()
+                .chain(self.flush.volatile_runs()),
+        )
+    }
+
+    /// Blocks of every write not yet durable on the secondary and of every
+    /// client op in flight (they overlap: an op in flight is often unacked too).
+    fn in_flight_block_ranges(&self) -> impl Iterator<Item = (BlockIndex, BlockIndex)> + '_ {
+        let bs = self.cfg.block_size;
+        self.stream.unacked_block_ranges(bs).chain(
+            self.ops
+                .values()
+                .filter(|op| op.kind.is_client())
+                .map(move |op| op.range.blocks(bs)),
+        )
+    }
+
+    /// A copy of the dirty bitmap with `ranges` marked, each block once: the
+    /// ranges are coalesced first (marking is idempotent, so the copy is the same
+    /// as marking them one by one, changed pages included).
+    fn dirty_plus(&self, ranges: impl Iterator<Item = (BlockIndex, BlockIndex)>) -> DirtyBitmap {
+        let mut bm = self.dirty.clone();
+        for (a, b) in coalesce(ranges) {
             bm.mark(a, b);
         }
         bm
@@ -1288,4 +1302,21 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         // block-flush-after-an-empty-resync).
         self.try_complete_flushes(out);
     }
+}
+
+/// `ranges` sorted and merged where they overlap or touch: the same blocks,
+/// each in one range.
+pub(super) fn coalesce(
+    ranges: impl Iterator<Item = (BlockIndex, BlockIndex)>,
+) -> Vec<(BlockIndex, BlockIndex)> {
+    let mut v: Vec<(BlockIndex, BlockIndex)> = ranges.filter(|(a, b)| a.0 < b.0).collect();
+    v.sort_unstable_by_key(|&(a, _)| a.0);
+    let mut out: Vec<(BlockIndex, BlockIndex)> = Vec::with_capacity(v.len());
+    for (a, b) in v {
+        match out.last_mut() {
+            Some((_, end)) if a.0 <= end.0 => end.0 = end.0.max(b.0),
+            _ => out.push((a, b)),
+        }
+    }
+    out
 }

@@ -48,7 +48,6 @@ use super::{
     Action, Completion, LocalStage, Mode, Note, OpKind, Outgoing, PrimaryEngine, SessionFault,
     ShipStage,
 };
-use crate::bitmap::DirtyBitmap;
 use crate::meta::journal::record_len_bytes;
 use crate::types::{ByteRange, Seq};
 
@@ -383,16 +382,9 @@ impl<D> Stream<D> {
         self.has_room(cfg, wire_bytes)
     }
 
-    /// Every block of every write not yet durable on the secondary.
-    pub(super) fn mark_unacked(&self, bm: &mut DirtyBitmap, block_size: u32) {
-        for u in self.unacked.iter().filter(|u| u.carried != Carried::Verify) {
-            let (a, b) = u.range.blocks(block_size);
-            bm.mark(a, b);
-        }
-    }
-
-    /// The block ranges [`Self::mark_unacked`] marks, one by one (scale, issue 11:
-    /// a retirement persists only the bitmap pages of its extents).
+    /// Every block of every write not yet durable on the secondary, range by
+    /// range (scale, issue 11: a retirement persists only the bitmap pages of its
+    /// extents).
     pub(super) fn unacked_block_ranges(
         &self,
         block_size: u32,

@@ -9,7 +9,8 @@
 //! shipped), ticks, online verifies, explicit poisoning — and checked after every
 //! step:
 //!
-//! - **no panic**, and `PrimaryEngine::assert_invariants` holds;
+//! - **no panic**, and `PrimaryEngine::assert_invariants` holds (in the final
+//!   drain: after every pass of completions and every tick);
 //! - **completions**: every client request is answered exactly once (never a
 //!   token it did not submit); a request beyond the volume gets EINVAL at once,
 //!   an empty one Ok; once the engine is poisoned a new write or FLUSH fails with
@@ -60,6 +61,8 @@ type Out = Vec<Action<T, D>>;
 const BLOCK: u64 = 4096;
 /// Operations per input (bounds time).
 const OPS_MAX: usize = 1024;
+/// Passes of the drain between two ticks, at most (see `Harness::drain`).
+const SETTLE_PASSES_MAX: u32 = 64;
 /// Pieces a huge payload-free request is split into, at most (bounds time);
 /// `FUZZ_PIECES_MAX` changes it (to time a whole-device discard).
 fn pieces_max() -> u64 {
@@ -169,6 +172,8 @@ struct Harness {
     fdatasync_failed: bool,
     /// Steps processed (see `process`).
     steps: u64,
+    /// In the drain: `process` leaves the invariant check to the drain's loop.
+    draining: bool,
     /// A bitmap persist failed in this input.
     persist_failed: bool,
     /// Stream state of the session: next seq a data frame must carry.
@@ -214,6 +219,7 @@ impl Harness {
             bugs: Open::default(),
             fdatasync_failed: false,
             steps: 0,
+            draining: false,
             persist_failed: false,
             ship_expected: None,
             shipped_through: Seq(0),
@@ -245,15 +251,23 @@ impl Harness {
         // there are a few hundred, every 64th when a whole-volume TRIM split per
         // extent leaves thousands (each step's walk made such an input run for
         // seconds, past libFuzzer's timeout).
-        let check = self.e.op_count() <= 256 || self.steps.is_multiple_of(64);
-        if check && !(self.bugs.failed_fdatasync_invariant && self.fdatasync_failed) {
-            self.e.assert_invariants();
+        // The drain (all I/O succeeding) checks once per pass and per tick
+        // instead (`check_invariants`): it makes most of an input's steps.
+        let check = !self.draining && (self.e.op_count() <= 256 || self.steps.is_multiple_of(64));
+        if check {
+            self.check_invariants();
         }
         assert_eq!(
             self.e.is_poisoned(),
             self.poisoned_said,
             "poisoned without saying so (or the reverse)"
         );
+    }
+
+    fn check_invariants(&self) {
+        if !(self.bugs.failed_fdatasync_invariant && self.fdatasync_failed) {
+            self.e.assert_invariants();
+        }
     }
 
     fn on_action(&mut self, a: Action<T, D>) {
@@ -926,6 +940,53 @@ impl Harness {
         self.process("misc");
     }
 
+    /// One pass of the drain over what completes without time passing: a new
+    /// generation or a connect, metadata writes, fdatasync, local I/O, the peer's
+    /// delivery and acks. Returns whether anything moved.
+    fn settle_pass(&mut self, zero: bool) -> bool {
+        let mut moved = false;
+        if self.generation_wanted {
+            self.generation_started();
+            moved = true;
+        } else if !self.peer.connected {
+            self.connect(0, (0, 0), (0, 0));
+            moved = true;
+        }
+        if self.al_write {
+            self.activity_written(false);
+            moved = true;
+        }
+        if self.persist {
+            self.bitmap_persisted(false);
+            moved = true;
+        }
+        if self.local_flush.is_some() {
+            self.local_flush_done(false);
+            moved = true;
+        }
+        while !self.running.is_empty() {
+            self.local_done(0, false, zero);
+            moved = true;
+        }
+        if !self.peer.wire.is_empty() {
+            self.deliver(255);
+            moved = true;
+        }
+        while !self.peer.to_apply.is_empty() {
+            self.ack_applied();
+            moved = true;
+        }
+        while !self.peer.to_answer.is_empty() {
+            self.ack_hash(Vec::new(), false);
+            moved = true;
+        }
+        if self.peer.durable_ok > self.peer.durable_sent {
+            self.ack_durable(0);
+            moved = true;
+        }
+        moved
+    }
+
     /// Everything succeeds and the peer behaves until nothing moves; then every
     /// request must be answered.
     fn drain(&mut self) {
@@ -945,46 +1006,22 @@ impl Harness {
         };
         let mut last = (progress(self), 0u32);
         for round in 0..1_000_000u32 {
+            // Everything that needs no time first, until nothing moves (bounded),
+            // then one tick: a tick paces resync chunks, background fdatasyncs and
+            // persists, so a round per metadata write (one activity-log write
+            // completing per tick) made a drain of a few hundred extents cost
+            // hundreds of ticks, each persisting the whole bitmap.
             let mut moved = false;
-            if self.generation_wanted {
-                self.generation_started();
-                moved = true;
-            } else if !self.peer.connected {
-                self.connect(0, (0, 0), (0, 0));
-                moved = true;
-            }
-            if self.al_write {
-                self.activity_written(false);
+            self.draining = true;
+            for pass in 0..SETTLE_PASSES_MAX {
+                let moved_now = self.settle_pass((round + pass).is_multiple_of(2));
+                self.check_invariants();
+                if !moved_now {
+                    break;
+                }
                 moved = true;
             }
-            if self.persist {
-                self.bitmap_persisted(false);
-                moved = true;
-            }
-            if self.local_flush.is_some() {
-                self.local_flush_done(false);
-                moved = true;
-            }
-            while !self.running.is_empty() {
-                self.local_done(0, false, round % 2 == 0);
-                moved = true;
-            }
-            if !self.peer.wire.is_empty() {
-                self.deliver(255);
-                moved = true;
-            }
-            while !self.peer.to_apply.is_empty() {
-                self.ack_applied();
-                moved = true;
-            }
-            while !self.peer.to_answer.is_empty() {
-                self.ack_hash(Vec::new(), false);
-                moved = true;
-            }
-            if self.peer.durable_ok > self.peer.durable_sent {
-                self.ack_durable(0);
-                moved = true;
-            }
+            self.draining = false;
             self.tick(3_000);
             let idle = self.running.is_empty()
                 && self.local_flush.is_none()
@@ -1048,11 +1085,15 @@ fn setup(input: &mut Input) -> Option<Harness> {
     let b = input.u8()?;
     let c = input.u8()?;
     let mode = if a & 1 != 0 { Mode::Sync } else { Mode::Async };
+    // The large volume is 16 GiB unless bit 7 asks for 64 GiB: every persist
+    // copies the bitmap (2 MiB at 64 GiB) and a whole-volume resync walks
+    // 2 048 chunks of 32 MiB at 64 GiB (512 at 16 GiB); 64 GiB stays one bit away.
     let size: u64 = match (a >> 2) & 3 {
         0 => 1 << 20,
         1 => 64 << 20,
         2 => 1 << 30,
-        _ => 64 << 30,
+        _ if a & 0x80 != 0 => 64 << 30,
+        _ => 16 << 30,
     };
     let mut cfg = Config::new(mode, size, BLOCK as u32);
     if a & 2 != 0 {
