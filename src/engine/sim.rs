@@ -1976,3 +1976,16 @@ fn seeds_400484_313372_304732_async_a_disconnect_marks_every_drained_write_befor
         run(seed, Mode::Async, 3000);
     }
 }
+
+/// Seed 40236 async (a campaign of 2 000 seeds from 40000), open: the handshake
+/// after a run of switchovers, crashes and reconnects is refused as a split brain,
+/// the secondary showing the run's very first generation (1) with a later one as
+/// its bitmap base, and 0 blocks changed. It fails at 173b8e5 too (before this
+/// session's changes). Not traced yet: a wrong generation transition in
+/// recovery/switchover, or a superblock the sim's switchover model restores
+/// wrongly.
+#[test]
+#[ignore = "open: split brain refused after switchovers (not traced yet)"]
+fn seed_40236_async_handshake_refused_as_split_brain() {
+    run(40236, Mode::Async, 3000);
+}
