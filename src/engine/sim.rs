@@ -1981,9 +1981,16 @@ fn seeds_400484_313372_304732_async_a_disconnect_marks_every_drained_write_befor
 /// after a run of switchovers, crashes and reconnects is refused as a split brain,
 /// the secondary showing the run's very first generation (1) with a later one as
 /// its bitmap base, and 0 blocks changed. It fails at 173b8e5 too (before this
-/// session's changes). Not traced yet: a wrong generation transition in
-/// recovery/switchover, or a superblock the sim's switchover model restores
-/// wrongly.
+/// session's changes). First trace (generations per step): from step 887 the
+/// secondary's superblock is a sync target (current 1, bitmap base G, set by
+/// MarkSectionOpen) and it never adopts G (no MarkConsistent for that section),
+/// while at step 2673 the primary records PeerReachedGeneration (its bitmap base
+/// cleared: "the peer holds G"). After a primary crash (2759) the first write
+/// alone starts a new generation on top of G (2767), and the next handshake sees
+/// the secondary as "diverged from G with 0 blocks changed": a split brain. So the
+/// two sides disagree on whether the resync to G completed; which one is wrong
+/// (the primary's PeerReachedGeneration too early, or the secondary's adoption
+/// missing) is the next thing to find.
 #[test]
 #[ignore = "open: split brain refused after switchovers (not traced yet)"]
 fn seed_40236_async_handshake_refused_as_split_brain() {
