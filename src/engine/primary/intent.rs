@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use super::{Action, LocalStage, PrimaryEngine, ShipStage};
 use crate::bitmap::BitmapPages;
 use crate::engine::activity::ActiveSet;
+use crate::engine::rangeset::RangeSet;
 use crate::types::{BlockIndex, ByteRange, Seq};
 
 pub(super) struct Intent {
@@ -217,34 +218,31 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             )
         });
         let mut pages = BitmapPages::covering(&self.dirty, ranges);
-        // Extents active before this log write and after it: whatever of them
-        // may differ, a crash recovery compares by hash, so their blocks in
-        // flight or only in the page cache stay out of the persisted bitmap
-        // (there they would be resent as data, and stay set until a later
-        // persist). Extents this write activates are not covered yet: until it
-        // is durable the log on disk is the previous one.
-        let mut covered: Vec<(u64, u64)> = intent
-            .set
-            .active()
-            .into_iter()
-            .filter(|e| !intent.recording.contains_key(e))
-            .map(|e| {
+        // Blocks in flight or only in the page cache, as one set (unacked writes
+        // and client ops in flight overlap; each run costs a walk of the pages).
+        let mut transient = RangeSet::new();
+        for (a, b) in self
+            .in_flight_block_ranges()
+            .chain(self.flush.volatile_runs())
+        {
+            transient.insert(a, b);
+        }
+        // Minus the extents active before this log write and after it: whatever
+        // of them may differ, a crash recovery compares by hash, so their blocks
+        // stay out of the persisted bitmap (there they would be resent as data,
+        // and stay set until a later persist). Extents this write activates are
+        // not covered yet: until it is durable the log on disk is the previous one.
+        for e in intent.set.active() {
+            if !intent.recording.contains_key(&e) {
                 let first = (u64::from(e) * per_extent).min(blocks);
-                (first, (first + per_extent).min(blocks))
-            })
-            .collect();
-        covered.sort_unstable();
-        // Coalesced first: unacked writes and client ops in flight overlap, and
-        // each range costs a walk of the listed pages (the fuzz target's drains
-        // retire hundreds of extents with hundreds of ranges in flight).
-        let ranges = super::coalesce(
-            self.in_flight_block_ranges()
-                .chain(self.flush.volatile_runs()),
-        );
-        for (a, b) in ranges {
-            for (a, b) in outside(&covered, a, b) {
-                pages.mark(a, b);
+                transient.remove(
+                    BlockIndex(first),
+                    BlockIndex((first + per_extent).min(blocks)),
+                );
             }
+        }
+        for (a, b) in transient.iter() {
+            pages.mark(a, b);
         }
         pages
     }
@@ -414,24 +412,4 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             .get(&seq)
             .is_some_and(|op| !matches!(op.local, LocalStage::Waiting { logged: false, .. }))
     }
-}
-
-/// The parts of blocks `[a, b)` outside the sorted, disjoint `covered` ranges.
-fn outside(covered: &[(u64, u64)], a: BlockIndex, b: BlockIndex) -> Vec<(BlockIndex, BlockIndex)> {
-    let mut pieces = Vec::new();
-    let mut at = a.0;
-    let from = covered.partition_point(|&(_, end)| end <= at);
-    for &(first, end) in &covered[from..] {
-        if first >= b.0 {
-            break;
-        }
-        if first > at {
-            pieces.push((BlockIndex(at), BlockIndex(first)));
-        }
-        at = at.max(end);
-    }
-    if at < b.0 {
-        pieces.push((BlockIndex(at), b));
-    }
-    pieces
 }

@@ -709,11 +709,15 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     }
 
     /// A copy of the dirty bitmap with `ranges` marked, each block once: the
-    /// ranges are coalesced first (marking is idempotent, so the copy is the same
-    /// as marking them one by one, changed pages included).
+    /// ranges are merged into one set first (marking is idempotent, so the copy is
+    /// the same as marking them one by one, changed pages included).
     fn dirty_plus(&self, ranges: impl Iterator<Item = (BlockIndex, BlockIndex)>) -> DirtyBitmap {
+        let mut set = crate::engine::rangeset::RangeSet::new();
+        for (a, b) in ranges {
+            set.insert(a, b);
+        }
         let mut bm = self.dirty.clone();
-        for (a, b) in coalesce(ranges) {
+        for (a, b) in set.iter() {
             bm.mark(a, b);
         }
         bm
@@ -1302,21 +1306,4 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         // block-flush-after-an-empty-resync).
         self.try_complete_flushes(out);
     }
-}
-
-/// `ranges` sorted and merged where they overlap or touch: the same blocks,
-/// each in one range.
-pub(super) fn coalesce(
-    ranges: impl Iterator<Item = (BlockIndex, BlockIndex)>,
-) -> Vec<(BlockIndex, BlockIndex)> {
-    let mut v: Vec<(BlockIndex, BlockIndex)> = ranges.filter(|(a, b)| a.0 < b.0).collect();
-    v.sort_unstable_by_key(|&(a, _)| a.0);
-    let mut out: Vec<(BlockIndex, BlockIndex)> = Vec::with_capacity(v.len());
-    for (a, b) in v {
-        match out.last_mut() {
-            Some((_, end)) if a.0 <= end.0 => end.0 = end.0.max(b.0),
-            _ => out.push((a, b)),
-        }
-    }
-    out
 }
