@@ -212,6 +212,10 @@ enum PeerEvent {
         id: u64,
         through: Seq,
     },
+    SectionDone {
+        id: u64,
+        through: Seq,
+    },
     HashReply {
         id: u64,
         seq: Seq,
@@ -1524,6 +1528,9 @@ impl Owner {
             PeerEvent::Applied { id, seq } if Some(id) == current => {
                 self.engine.peer_applied(seq, out)
             }
+            PeerEvent::SectionDone { id, through } if Some(id) == current => {
+                self.engine.peer_section_done(through, out)
+            }
             PeerEvent::Durable { id, through } if Some(id) == current => {
                 while let Some(&(seq, at)) = self.shipped_at.front()
                     && seq <= through
@@ -2616,6 +2623,10 @@ async fn session_reader(
                 mismatched,
             },
             Message::Durable { through_seq } => PeerEvent::Durable {
+                id,
+                through: Seq(through_seq),
+            },
+            Message::SectionDone { through_seq } => PeerEvent::SectionDone {
                 id,
                 through: Seq(through_seq),
             },

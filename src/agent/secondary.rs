@@ -177,6 +177,9 @@ struct Node {
     /// A copied checkpoint waits for this metadata job (the superblock saying the
     /// volume is consistent) before its records are released.
     release_waiting: Option<(Lsn, u64)>,
+    /// A `SectionDone` for the session `.0`, sent once the metadata job `.2` (the
+    /// superblock of the `MarkConsistent` before it) is durable.
+    section_done_waiting: Option<(u64, Seq, u64)>,
     /// The checkpoint being copied.
     copying: Option<Copying>,
     /// The disk state last written (a change is an event).
@@ -429,6 +432,7 @@ pub async fn serve(
         new_frames: None,
         checkpoint_waiting: None,
         release_waiting: None,
+        section_done_waiting: None,
         copying: None,
         recorded_disk_state,
         meta_sent: 0,
@@ -693,6 +697,14 @@ impl Node {
             SecondaryAction::SendDurable { through } => self.ack(Message::Durable {
                 through_seq: through.0,
             }),
+            SecondaryAction::SendSectionDone { through } => {
+                // Only once the superblock naming the primary's generation is
+                // durable: the primary then records that this node holds it.
+                if let Some(s) = &self.session {
+                    self.section_done_waiting = Some((s.id, through, self.meta_sent));
+                    self.send_section_done();
+                }
+            }
             SecondaryAction::SendHashReply { seq, mismatched } => {
                 Metrics::add(
                     &self.metrics.verify_mismatched_blocks,
@@ -764,6 +776,23 @@ impl Node {
                     tracing::info!(session = s.id, "session ended by this node");
                 }
             }
+        }
+    }
+
+    /// Send the `SectionDone` waiting for its metadata, if that is durable and
+    /// the session it belongs to is still the current one.
+    fn send_section_done(&mut self) {
+        let Some((session, through, job)) = self.section_done_waiting else {
+            return;
+        };
+        if self.meta_done < job {
+            return;
+        }
+        self.section_done_waiting = None;
+        if self.session.as_ref().is_some_and(|s| s.id == session) {
+            self.ack(Message::SectionDone {
+                through_seq: through.0,
+            });
         }
     }
 
@@ -885,6 +914,9 @@ impl Node {
                     "writing the Outdated state failed: {e}; the node is poisoned"
                 )),
             });
+        }
+        if failed.is_none() {
+            self.send_section_done();
         }
         self.step_rollback(); // dr (issue 10)
         self.step_invalidation(failed.as_deref()); // ha

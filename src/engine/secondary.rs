@@ -224,6 +224,14 @@ pub enum SecondaryAction<D> {
     SendDurable {
         through: Seq,
     },
+    /// The resync that ended with `ResyncDone { through }` is recorded durably:
+    /// its section end is in the durable journal and this node holds the
+    /// primary's image through `through` as a consistent one. Emitted after the
+    /// `MarkConsistent` it may need, whose metadata must be durable before the
+    /// agent sends it (the primary then takes the generation as the peer's).
+    SendSectionDone {
+        through: Seq,
+    },
     SendHashReply {
         seq: Seq,
         mismatched: Vec<u32>,
@@ -379,6 +387,9 @@ struct Session {
     durable_through: Seq,
     /// Highest seq the primary asked to make durable (FLUSH, FUA, ResyncDone).
     sync_wanted: Seq,
+    /// The last `ResyncDone` (its seq, the journal record that must be durable
+    /// with it) whose `SectionDone` is not sent yet.
+    section_done: Option<(Seq, Lsn)>,
 }
 
 /// The secondary's state.
@@ -957,6 +968,7 @@ impl<D> SecondaryEngine<D> {
                     skipped: BTreeMap::new(),
                     durable_through: next.prev(),
                     sync_wanted: Seq::ZERO,
+                    section_done: None,
                 });
             }
             Some(s) if next < s.expected_next => {
@@ -1219,7 +1231,30 @@ impl<D> SecondaryEngine<D> {
         if self.in_section {
             self.append_marker(RecordKind::SectionEnd, out);
         }
+        let tail = self.tail;
+        if let Some(s) = self.session.as_mut() {
+            s.section_done = Some((through, tail));
+        }
         self.maybe_sync(false, out);
+        self.maybe_section_done(out);
+    }
+
+    /// Send `SectionDone` once the section end (and everything before it) is
+    /// durable. A `Durable` covering the same seq does not say it: the section
+    /// end shares the seq of the last write, and may be appended after that
+    /// write's `Durable` went (sim seed 40236 async).
+    fn maybe_section_done(&mut self, out: &mut Vec<SecondaryAction<D>>) {
+        let durable = self.durable;
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        if let Some((through, lsn)) = s.section_done
+            && lsn <= durable
+            && s.durable_through >= through
+        {
+            s.section_done = None;
+            out.push(SecondaryAction::SendSectionDone { through });
+        }
     }
 
     /// Append a marker; its seq is the last seq received, so the image through it is
@@ -1343,6 +1378,7 @@ impl<D> SecondaryEngine<D> {
                 through: s.durable_through,
             });
         }
+        self.maybe_section_done(out);
     }
 
     /// The newest record the checkpointer may copy into the volume.

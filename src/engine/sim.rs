@@ -378,6 +378,7 @@ impl Run {
 enum Ack {
     Applied(Seq),
     Durable(Seq),
+    SectionDone(Seq),
     HashReply(Seq, Vec<u32>),
 }
 
@@ -1020,6 +1021,13 @@ impl Sim {
                         self.to_p.push_back(Ack::Durable(through));
                     }
                 }
+                SecondaryAction::SendSectionDone { through } => {
+                    // The superblock of a `MarkConsistent` before it is durable at
+                    // once here (`ssb`), as the agent waits for it.
+                    if self.up {
+                        self.to_p.push_back(Ack::SectionDone(through));
+                    }
+                }
                 SecondaryAction::SendHashReply { seq, mismatched } => {
                     if self.up {
                         self.to_p.push_back(Ack::HashReply(seq, mismatched));
@@ -1381,6 +1389,7 @@ impl Sim {
         match ack {
             Ack::Applied(seq) => p.e.peer_applied(seq, &mut out),
             Ack::Durable(seq) => p.e.peer_durable(seq, &mut out),
+            Ack::SectionDone(seq) => p.e.peer_section_done(seq, &mut out),
             Ack::HashReply(seq, m) => p.e.peer_hash_reply(seq, &m, &mut out),
         }
         self.run_p(out);
@@ -1977,30 +1986,21 @@ fn seeds_400484_313372_304732_async_a_disconnect_marks_every_drained_write_befor
     }
 }
 
-/// Seed 40236 async (a campaign of 2 000 seeds from 40000), open: the handshake
-/// after a run of switchovers, crashes and reconnects is refused as a split brain,
-/// the secondary showing the run's very first generation (1) with a later one as
-/// its bitmap base, and 0 blocks changed. It fails at 173b8e5 too (before this
-/// session's changes). First trace (generations per step): from step 887 the
-/// secondary's superblock is a sync target (current 1, bitmap base G, set by
-/// MarkSectionOpen) and it never adopts G (no MarkConsistent for that section),
-/// while at step 2673 the primary records PeerReachedGeneration (its bitmap base
-/// cleared: "the peer holds G"). After a primary crash (2759) the first write
-/// alone starts a new generation on top of G (2767), and the next handshake sees
-/// the secondary as "diverged from G with 0 blocks changed": a split brain. So the
-/// two sides disagree on whether the resync to G completed. Second trace: at
-/// step 2673 the secondary's Durable covers the seq of ResyncDone's `through`
-/// (its last write, record lsn 40) and the primary closes the section
-/// (`after_durable`: `durable_through >= done_marker`) and records
-/// PeerReachedGeneration; the secondary's SectionEnd record (lsn 41, same seq)
-/// is appended at step 2684 but never made durable before the link drops, so
-/// its MarkConsistent (adopting G) never fires. The Durable for a seq does not
-/// wait for a section end that shares it. A fix needs either the section end
-/// acknowledged on its own (the primary waits for it before
-/// PeerReachedGeneration) or the handshake to read a secondary whose bitmap base
-/// is a sync target (not in its history) with no section open as "holds G".
+/// Seed 40236 async (a campaign of 2 000 seeds from 40000): the handshake after a
+/// run of switchovers, crashes and reconnects was refused as a split brain, the
+/// secondary showing the run's very first generation (1) with a later one, G, as
+/// its bitmap base (a sync target of G), and 0 blocks changed. The primary had
+/// closed the resync section and recorded PeerReachedGeneration ("the peer holds
+/// G") when the secondary's `Durable` covered the seq of `ResyncDone`'s
+/// `through` (its last write, journal record 40); the secondary's section end
+/// (record 41, same seq) was appended after that `Durable` went and was never
+/// durable before the link dropped, so it never adopted G. After a primary crash
+/// the first write alone started a generation on top of G, and the next
+/// handshake saw the secondary as "diverged from G": a split brain. Fixed in the
+/// protocol (version 4): the secondary answers `ResyncDone` with `SectionDone`
+/// once the section end and its superblock are durable, and the primary closes
+/// the section on that.
 #[test]
-#[ignore = "open: split brain refused after switchovers (not traced yet)"]
-fn seed_40236_async_handshake_refused_as_split_brain() {
+fn seed_40236_async_a_section_closes_when_its_end_is_durable_on_the_secondary() {
     run(40236, Mode::Async, 3000);
 }

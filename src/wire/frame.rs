@@ -431,7 +431,7 @@ fn le_u64(b: &[u8; HEADER_LEN], at: usize) -> u64 {
 fn kind_info(kind: u8) -> Option<bool> {
     match kind {
         4 => Some(true),
-        1..=3 | 5..=19 => Some(false),
+        1..=3 | 5..=20 => Some(false),
         _ => None,
     }
 }
@@ -855,6 +855,7 @@ mod tests {
                 size_bytes: 2 << 30,
                 error: "no".into(),
             },
+            Message::SectionDone { through_seq: 99 },
         ]
     }
 

@@ -19,11 +19,15 @@
 //!   not drain); the secondary reports its consistent point (`Consistent`).
 //! - 3, additive (ha, issue 12): online grow, `Grow`/`Grown`, sent only to a
 //!   peer whose Welcome announces [`caps::GROW`] (older peers never see them).
+//! - 4: the secondary answers `ResyncDone` with `SectionDone` once the section's
+//!   end and the metadata naming the primary's generation are durable; the
+//!   primary closes the section (and takes its generation as the peer's) on it,
+//!   not on a `Durable` of the same seq (issue 9, sim seed 40236).
 
 use bincode::{Decode, Encode};
 
 /// Version of the replication protocol spoken in frames. Both sides must agree.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Most block hashes one HashCheck carries (32 KiB of body; 4 MiB of volume at 4 KiB blocks).
 pub const HASHES_PER_CHECK_MAX: usize = 1024;
@@ -216,6 +220,12 @@ pub enum Message {
         seq: u64,
         at_ms: u64,
     },
+    /// secondary → primary: the resync ended by `ResyncDone { through_seq }` is
+    /// recorded durably (section end in the journal, the primary's generation in
+    /// the superblock): this node is a consistent copy through that seq.
+    SectionDone {
+        through_seq: u64,
+    },
     /// ha (issue 12): primary → secondary: grow the volume to `size_bytes` (an
     /// image file is extended, a block device must be that large and has its new
     /// range zeroed) and record it durably in the metadata, then answer `Grown`.
@@ -256,6 +266,7 @@ impl Message {
             Message::Consistent { .. } => 17,
             Message::Grow { .. } => 18,  // ha
             Message::Grown { .. } => 19, // ha
+            Message::SectionDone { .. } => 20,
         }
     }
 

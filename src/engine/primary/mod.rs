@@ -240,6 +240,10 @@ pub enum SessionFault {
     DurableBeforeHashReply { through: Seq, seq: Seq },
     #[error("peer reports seq {seq} applied, but only seqs below {next_ship} were shipped")]
     AppliedBeyondShipped { seq: Seq, next_ship: Seq },
+    #[error(
+        "peer reports the resync section through seq {through} done, but no ResyncDone through it was shipped"
+    )]
+    SectionDoneUnasked { through: Seq },
     /// wan (issue 11 item 5)
     #[error("{reason}; the spill log is off until the agent restarts, its writes are resynced")]
     SpillFailed { reason: String },

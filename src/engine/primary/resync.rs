@@ -11,9 +11,13 @@
 //! while ahead, a block a comparison found different). The pass ends when all its
 //! chunks are durable (so every comparison has been answered: a `HashReply`
 //! precedes the `Durable` that covers it). Then:
-//! - nothing dirty left: `ResyncDone { through }` is shipped; once it is durable
-//!   the secondary is a consistent copy as of `through` (it marks itself UpToDate)
-//!   and the section closes;
+//! - nothing dirty left: `ResyncDone { through }` is shipped; once the secondary
+//!   answers `SectionDone { through }` (its section end and the metadata naming
+//!   this node's generation are durable) it is a consistent copy as of `through`
+//!   and the section closes. A `Durable` covering `through` is not enough: the
+//!   section end shares that seq with the last write and may not be durable yet;
+//!   taking the generation as the peer's then would make the two sides disagree
+//!   after a crash (sim seed 40236 async);
 //! - blocks left (mismatches, changes kept by a chunk): another pass.
 //!
 //! Pacing: a token bucket of `resync_rate_bytes_per_s` (refilled on every tick,
@@ -21,7 +25,7 @@
 //! chunks also occupy the replication window like writes.
 
 use super::stream::Carried;
-use super::{Action, Note, OpKind, Outgoing, PrimaryEngine};
+use super::{Action, Note, OpKind, Outgoing, PrimaryEngine, SessionFault};
 use crate::bitmap::DirtyBitmap;
 use crate::types::{BlockCount, BlockIndex, ByteRange, Seq};
 
@@ -539,11 +543,34 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         }
     }
 
+    /// The secondary recorded durably the end of the section that `ResyncDone {
+    /// through }` ended (see the module docs).
+    pub fn peer_section_done(&mut self, through: Seq, out: &mut Vec<Action<T, D>>) {
+        if !self.stream.is_streaming() {
+            return;
+        }
+        match self.stream.done_marker {
+            Some(marker) if through <= marker => {}
+            // Only for a ResyncDone shipped: a newer one supersedes an older one
+            // (a pass that started after it), so an older answer is stale.
+            None if self.stream.section_done.is_some_and(|s| through <= s) => return,
+            _ => {
+                self.end_session(SessionFault::SectionDoneUnasked { through }, out);
+                return;
+            }
+        }
+        if self.stream.section_done.is_none_or(|s| s < through) {
+            self.stream.section_done = Some(through);
+        }
+        self.after_durable(out);
+    }
+
     /// After the secondary's durable point moved: passes, sections, FLUSHes, verify.
     pub(super) fn after_durable(&mut self, out: &mut Vec<Action<T, D>>) {
         self.maybe_finish_pass(out);
         if let Some(marker) = self.stream.done_marker
             && self.stream.durable_through() >= marker
+            && self.stream.section_done >= Some(marker)
         {
             self.stream.done_marker = None;
             if self.dirty.dirty_count().0 == 0 && !self.is_ahead() && self.resync.pass.is_none() {

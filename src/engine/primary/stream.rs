@@ -216,8 +216,12 @@ pub(super) struct Stream<D> {
     durable_through: Seq,
     /// Flush markers waiting for the ship cursor to pass them.
     pub(super) flush_markers: VecDeque<Seq>,
-    /// The ResyncDone shipped and not yet durable.
+    /// The ResyncDone shipped whose section is not closed yet.
     pub(super) done_marker: Option<Seq>,
+    /// The newest `SectionDone` of this session: the secondary recorded durably
+    /// that it holds this node's image through it (a section closes on it, not
+    /// on a `Durable` of the same seq).
+    pub(super) section_done: Option<Seq>,
     /// A session waits for a bitmap persist before its first frame: (full, the
     /// persist number it needs).
     pub(super) gate: Option<(bool, u64)>,
@@ -248,6 +252,7 @@ impl<D> Stream<D> {
             durable_through: Seq::ZERO,
             flush_markers: VecDeque::new(),
             done_marker: None,
+            section_done: None,
             gate: None,
         }
     }
@@ -1042,6 +1047,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.stream.spill.read_cursor = self.next_seq;
         self.stream.durable_through = Seq(self.next_seq.0 - 1);
         self.stream.done_marker = None;
+        self.stream.section_done = None;
         if full {
             self.dirty.mark_all();
             self.note_dirty_since(self.now_ms);
@@ -1244,6 +1250,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         }
         self.stream.flush_markers.clear();
         self.stream.done_marker = None;
+        self.stream.section_done = None;
         self.stream.gate = None;
         self.stream.section_open = self.dirty.dirty_count().0 > 0;
         self.resync.session_ended();

@@ -202,6 +202,7 @@ fn block_mode_keeps_sync_writes_and_flushes_until_the_secondary_is_back_in_sync(
     e.tick(20, &mut out);
     let through = resync_done(&out).expect("the pass ends with ResyncDone");
     e.peer_durable(through, &mut out);
+    e.peer_section_done(through, &mut out);
     let mut done: Vec<u32> = completed(&out).iter().map(|(t, _)| *t).collect();
     done.sort();
     assert_eq!(
@@ -424,6 +425,7 @@ fn resync_done_waits_for_hash_answers_and_resends_mismatches_first() {
     e.peer_durable(last, &mut out);
     let through = resync_done(&out).expect("now in sync");
     e.peer_durable(through, &mut out);
+    e.peer_section_done(through, &mut out);
     assert!(e.is_in_sync());
     e.assert_invariants();
 }
@@ -734,6 +736,7 @@ fn reaching_in_sync_persists_the_clean_bitmap_at_once() {
     e.peer_durable(last, &mut out);
     let through = resync_done(&out).expect("resync done");
     e.peer_durable(through, &mut out);
+    e.peer_section_done(through, &mut out);
     assert!(e.is_in_sync());
     let persisted: Vec<_> = out
         .iter()
@@ -743,6 +746,62 @@ fn reaching_in_sync_persists_the_clean_bitmap_at_once() {
         })
         .collect();
     assert_eq!(persisted, vec![0], "one persist of a clean bitmap: {out:?}");
+}
+
+/// Sim seed 40236 async: the section closed (and the primary took its generation
+/// as the peer's) on a `Durable` covering ResyncDone's seq, while the secondary's
+/// section end, which shares that seq, was not durable; after a crash the two
+/// sides disagreed and the next handshake was refused as a split brain. The
+/// section closes on `SectionDone` now; one never asked for ends the session.
+#[test]
+fn a_section_closes_on_section_done_not_on_a_durable_of_the_same_seq() {
+    let mut e = engine(cfg(Mode::Async, 8));
+    let mut out = Vec::new();
+    e.session_started(true, &mut out);
+    settle_local(&mut e, &mut out);
+    e.tick(0, &mut out);
+    settle_local(&mut e, &mut out);
+    let last = *shipped_seqs(&out).last().expect("resync chunks shipped");
+    out.clear();
+    e.peer_durable(last, &mut out);
+    let through = resync_done(&out).expect("resync done");
+    e.peer_durable(through, &mut out);
+    assert!(!e.is_in_sync(), "a Durable alone leaves the section open");
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::PeerReachedGeneration)),
+        "{out:?}"
+    );
+    out.clear();
+    e.peer_section_done(Seq(through.0 + 1), &mut out);
+    assert!(
+        dropped(&out),
+        "a SectionDone past every ResyncDone: {out:?}"
+    );
+
+    let mut e = engine(cfg(Mode::Async, 8));
+    let mut out = Vec::new();
+    e.session_started(true, &mut out);
+    settle_local(&mut e, &mut out);
+    e.tick(0, &mut out);
+    settle_local(&mut e, &mut out);
+    let last = *shipped_seqs(&out).last().expect("resync chunks shipped");
+    e.peer_durable(last, &mut out);
+    let through = resync_done(&out).expect("resync done");
+    out.clear();
+    e.peer_durable(through, &mut out);
+    e.peer_section_done(through, &mut out);
+    assert!(e.is_in_sync());
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::PeerReachedGeneration)),
+        "{out:?}"
+    );
+    // A repeat is stale, not a fault.
+    out.clear();
+    e.peer_section_done(through, &mut out);
+    assert!(!dropped(&out), "{out:?}");
+    e.assert_invariants();
 }
 
 /// ha (issue 12, `tandem set resync-rate`): the bucket was charged when a chunk's

@@ -211,6 +211,46 @@ fn a_resync_section_keeps_the_last_consistent_point_until_it_ends() {
     );
 }
 
+/// Sim seed 40236 async: the `Durable` of a section's last write went before its
+/// `ResyncDone` arrived, so it could not say that the section end (same seq) is
+/// durable. `SectionDone` says it, once the end record is durable, after the
+/// `MarkConsistent` whose metadata the agent makes durable first.
+#[test]
+fn section_done_follows_the_durable_section_end_not_the_last_writes_durable() {
+    let mut e = engine(16, 256 << 20);
+    let mut out = Vec::new();
+    e.receive(start(1, 2), 0, &mut out);
+    e.receive(write(1, 3, 200), 0, &mut out);
+    e.receive(write(2, 4, 210), 0, &mut out);
+    e.tick(1, &mut out);
+    settle(&mut e, &mut out);
+    assert_eq!(durable(&out), Some(Seq(2)));
+    out.clear();
+    e.receive(Incoming::ResyncDone { through: Seq(2) }, 0, &mut out);
+    let done = |out: &Out| {
+        out.iter().position(
+            |a| matches!(a, SecondaryAction::SendSectionDone { through } if *through == Seq(2)),
+        )
+    };
+    assert_eq!(
+        done(&out),
+        None,
+        "the section end is not durable yet: {out:?}"
+    );
+    settle(&mut e, &mut out);
+    let at = done(&out).expect("sent once the section end is durable");
+    let consistent = out
+        .iter()
+        .position(|a| matches!(a, SecondaryAction::MarkConsistent { .. }))
+        .expect("the section's end makes the image consistent");
+    assert!(consistent < at, "MarkConsistent first: {out:?}");
+    // Once per ResyncDone.
+    out.clear();
+    e.tick(2, &mut out);
+    settle(&mut e, &mut out);
+    assert_eq!(done(&out), None, "{out:?}");
+}
+
 #[test]
 fn promotion_mid_section_drops_the_section_and_reports_what_it_touched() {
     let mut e = engine(16, 256 << 20);

@@ -136,6 +136,16 @@ struct Peer {
     durable_ok: Seq,
     /// Highest Durable sent this session.
     durable_sent: Seq,
+    /// The last ResyncDone received, answered by SectionDone once a Durable
+    /// covers it (the secondary's section end is durable then).
+    done_received: Option<Seq>,
+}
+
+impl Peer {
+    /// A SectionDone the peer owes (its ResyncDone is covered by a Durable sent).
+    fn section_done_due(&self) -> bool {
+        self.connected && self.done_received.is_some_and(|d| d <= self.durable_sent)
+    }
 }
 
 struct Harness {
@@ -820,7 +830,8 @@ impl Harness {
                     p.to_answer
                         .push_back((seq, len.div_ceil(unit_bytes as u64)));
                 }
-                Outgoing::Flush { .. } | Outgoing::ResyncDone { .. } => {}
+                Outgoing::ResyncDone { through } => p.done_received = Some(through),
+                Outgoing::Flush { .. } => {}
             }
         }
     }
@@ -837,18 +848,25 @@ impl Harness {
     }
 
     /// The peer says Durable through what it may.
+    /// Then `SectionDone` for the last ResyncDone it covers.
     fn ack_durable(&mut self, back: u8) {
         let p = &self.peer;
         let through = Seq(p.durable_ok.0.saturating_sub(u64::from(back % 4)));
-        if through <= p.durable_sent || through.0 == 0 {
-            return;
+        if through > p.durable_sent && through.0 != 0 {
+            trace(|| format!("peer: durable through {through}"));
+            let from = self.peer.durable_sent.next();
+            self.peer.durable_sent = through;
+            self.peer_durable_ranges.push((from, through));
+            self.e.peer_durable(through, &mut self.out);
+            self.process("durable");
         }
-        trace(|| format!("peer: durable through {through}"));
-        let from = self.peer.durable_sent.next();
-        self.peer.durable_sent = through;
-        self.peer_durable_ranges.push((from, through));
-        self.e.peer_durable(through, &mut self.out);
-        self.process("durable");
+        if self.peer.section_done_due()
+            && let Some(done) = self.peer.done_received.take()
+        {
+            trace(|| format!("peer: section done through {done}"));
+            self.e.peer_section_done(done, &mut self.out);
+            self.process("section done");
+        }
     }
 
     /// The peer answers its oldest hash check.
@@ -884,7 +902,7 @@ impl Harness {
         self.may_drop = true;
         // What the peer claims counts as what it has (a lying peer defeats G1;
         // the engine can only refuse claims beyond what it shipped).
-        match what % 3 {
+        match what % 4 {
             0 => {
                 self.peer_has.insert(seq);
                 self.e.peer_applied(seq, &mut self.out);
@@ -893,11 +911,12 @@ impl Harness {
                 self.peer_durable_ranges.push((Seq(1), seq));
                 self.e.peer_durable(seq, &mut self.out);
             }
-            _ => {
+            2 => {
                 self.peer.to_answer.retain(|(s, _)| *s != seq);
                 self.e
                     .peer_hash_reply(seq, &[0, 1, raw as u32], &mut self.out);
             }
+            _ => self.e.peer_section_done(seq, &mut self.out),
         }
         self.process("hostile");
     }
@@ -980,7 +999,7 @@ impl Harness {
             self.ack_hash(Vec::new(), false);
             moved = true;
         }
-        if self.peer.durable_ok > self.peer.durable_sent {
+        if self.peer.durable_ok > self.peer.durable_sent || self.peer.section_done_due() {
             self.ack_durable(0);
             moved = true;
         }
@@ -1031,7 +1050,8 @@ impl Harness {
                 && self.peer.wire.is_empty()
                 && self.peer.to_apply.is_empty()
                 && self.peer.to_answer.is_empty()
-                && self.peer.durable_ok <= self.peer.durable_sent;
+                && self.peer.durable_ok <= self.peer.durable_sent
+                && !self.peer.section_done_due();
             let settled = self.open.is_empty()
                 && self.e.ops_in_flight() == 0
                 && (self.e.is_poisoned() || self.e.is_in_sync());

@@ -269,6 +269,9 @@ struct MSession {
     /// Seq ranges [start, end) skipped by a ResyncStart that went ahead.
     skipped: Vec<(u64, u64)>,
     durable_sent: u64,
+    /// The last ResyncDone not answered by SectionDone: its seq and the journal
+    /// record that must be durable first (its section end, else the tail).
+    done_wanted: Option<(u64, Lsn)>,
 }
 
 /// The engine's configuration chosen by the input.
@@ -710,6 +713,7 @@ impl Harness {
                         pending: BTreeMap::new(),
                         skipped: Vec::new(),
                         durable_sent: seq - 1,
+                        done_wanted: None,
                     });
                 }
                 Some(s) => {
@@ -729,7 +733,15 @@ impl Harness {
                 s.expected_next = seq + 1;
                 s.pending.insert(seq, Pend::Hash { answered: false });
             }
-            Frame::Flush { .. } | Frame::ResyncDone { .. } => {}
+            Frame::ResyncDone { through: seq } => {
+                let lsn = if m.in_section {
+                    tail_before.next()
+                } else {
+                    tail_before
+                };
+                m.session.as_mut().expect("accepted").done_wanted = Some((seq, lsn));
+            }
+            Frame::Flush { .. } => {}
         }
     }
 
@@ -917,6 +929,29 @@ impl Harness {
                     seq += 1;
                 }
                 s.durable_sent = through;
+            }
+            SecondaryAction::SendSectionDone { through } => {
+                assert!(!poisoned, "SectionDone after the engine was poisoned");
+                let durable = self.m.durable;
+                let s = self
+                    .m
+                    .session
+                    .as_mut()
+                    .expect("SectionDone without a session");
+                let (seq, lsn) = s
+                    .done_wanted
+                    .take()
+                    .expect("SectionDone without a ResyncDone waiting for it");
+                assert_eq!(through.0, seq, "SectionDone for another ResyncDone");
+                assert!(
+                    lsn <= durable,
+                    "SectionDone {seq} before its record {lsn} is durable (durable through {durable})"
+                );
+                assert!(
+                    s.durable_sent >= seq,
+                    "SectionDone {seq} before Durable covered it ({})",
+                    s.durable_sent
+                );
             }
             SecondaryAction::SendHashReply { .. } => {
                 unreachable!("checked in complete_hash")
@@ -1472,6 +1507,10 @@ impl Harness {
                 s.durable_sent,
                 s.expected_next - 1,
                 "every frame received is acknowledged durable once idle"
+            );
+            assert_eq!(
+                s.done_wanted, None,
+                "every ResyncDone is answered by SectionDone once idle"
             );
         }
         // A promotion: the session ends, everything copyable is copied, the
