@@ -370,8 +370,7 @@ pub async fn serve(
         "redo journal open"
     );
     let size_bytes = volume.size_bytes();
-    let volume_consistent =
-        !sb.is_new && sb.disk_state != DiskState::Inconsistent && !sb.volume_mixed;
+    let volume_consistent = recovery::volume_consistent_at_start(&sb);
     let engine = Engine::new(
         engine_config(&cfg, size_bytes, jopened.capacity_bytes),
         jopened.applied,
@@ -659,9 +658,13 @@ impl Node {
                 // leaves pieces of any record up to `through` in the volume).
                 let mixes = !volume_consistent_after
                     && (!self.sb.volume_mixed || through.0 > self.sb.mixed_through);
+                // A poisoned node has no consistent image to lose: its state
+                // stays what it held before the failure, whose generations the
+                // handshake compares (recovery::handshake_image).
                 let loses = !volume_consistent_after
                     && past_consistent
-                    && self.sb.disk_state != DiskState::Inconsistent;
+                    && self.sb.disk_state != DiskState::Inconsistent
+                    && !self.sb.poisoned;
                 if mixes || loses {
                     self.sb.volume_mixed = true;
                     self.sb.mixed_through = self.sb.mixed_through.max(through.0);
@@ -1397,6 +1400,11 @@ impl Node {
 impl Node {
     /// What the handshake decision needs to know about this node.
     fn local(&self) -> Local {
+        let (has_consistent_image, inconsistent) = recovery::handshake_image(
+            &self.sb,
+            self.engine.is_section_open(),
+            self.engine.consistent_point().is_some(),
+        );
         Local {
             name: self.cfg.name.clone(),
             peer_name: self.cfg.peer_name.clone(),
@@ -1410,9 +1418,9 @@ impl Node {
                 history: self.sb.gen_history,
                 changed_blocks: self.own_dirty.dirty_count().0,
                 promoted_at_s: self.sb.promoted_at_s,
-                inconsistent: self.engine.is_section_open(),
+                inconsistent,
             },
-            has_consistent_image: self.engine.consistent_point().is_some(),
+            has_consistent_image,
             compare_by_hash: self.compare_by_hash && !self.has_completed_a_sync(),
             discard_local: self.discard_local,
             full_sync_owed: recovery::full_sync_owed(&self.sb), // ha

@@ -304,6 +304,36 @@ pub fn secondary_start(
     }
 }
 
+/// Whether a starting secondary may take its volume (with the journal's records
+/// after it) as a consistent image: a node that holds one (not new, not a sync
+/// target, not mixed by a cut checkpoint) and whose disk never failed. A poisoned
+/// node (a failed write or fdatasync, here or while it was primary) may lack
+/// blocks it acknowledged: it claims no consistent point until the primary has
+/// compared every block (sim seed 301491 sync: a poisoned primary, demoted by a
+/// planned switchover, reported its volume as a consistent image without two
+/// blocks whose fdatasync had failed).
+pub fn volume_consistent_at_start(sb: &Superblock) -> bool {
+    !sb.is_new && sb.disk_state != DiskState::Inconsistent && !sb.volume_mixed && !sb.poisoned
+}
+
+/// What a secondary tells the handshake of its own image: (it held a consistent
+/// image, so its generations count; it is a sync target that has not finished).
+/// A poisoned node has no consistent point now, but its generations still say
+/// what it held before the failure: they are compared (a split brain is still
+/// one), its every block is compared by the resync (`secondary_start` marks
+/// them), and it is no sync target, whatever its engine's open section says
+/// (the engine treats its image as mixed until that comparison ends).
+pub fn handshake_image(
+    sb: &Superblock,
+    section_open: bool,
+    has_consistent_point: bool,
+) -> (bool, bool) {
+    if sb.poisoned && !sb.is_new && sb.disk_state != DiskState::Inconsistent {
+        return (true, false);
+    }
+    (has_consistent_point, section_open)
+}
+
 /// A secondary restarts and its journal holds the end of a resync section (or of
 /// its first full copy) that its superblock never recorded: the crash came after
 /// the end marker was durable and before the superblock said so. Its image is
@@ -538,6 +568,33 @@ mod tests {
     }
 
     /// Issue 9 item 5: a failed write or fdatasync is remembered across restarts.
+    /// Sim seed 301491 sync: a demoted poisoned primary took its volume as a
+    /// consistent image. It claims none now, but its generations still count.
+    #[test]
+    fn a_poisoned_node_claims_no_consistent_image_but_its_generations_count() {
+        let mut s = sb(Role::Secondary, DiskState::UpToDate);
+        assert!(volume_consistent_at_start(&s));
+        assert_eq!(handshake_image(&s, false, true), (true, false));
+        s.poisoned = true;
+        assert!(!volume_consistent_at_start(&s));
+        // The engine then holds no point and has its image open as a section.
+        assert_eq!(
+            handshake_image(&s, true, false),
+            (true, false),
+            "generations compared (a split brain stays one), no sync target"
+        );
+        s.disk_state = DiskState::Outdated;
+        assert_eq!(handshake_image(&s, true, false), (true, false));
+        // A sync target that never finished before its disk failed: nothing
+        // to keep (a checkpoint of a poisoned node leaves its state alone).
+        s.disk_state = DiskState::Inconsistent;
+        assert_eq!(handshake_image(&s, true, false), (false, true));
+        s.disk_state = DiskState::UpToDate;
+        s.is_new = true;
+        assert!(!volume_consistent_at_start(&s));
+        assert_eq!(handshake_image(&s, false, false), (false, false));
+    }
+
     #[test]
     fn a_poisoned_node_is_not_served_as_primary_without_force_and_compares_every_block() {
         let mut bm = DirtyBitmap::for_volume(64 * 4096, 4096);

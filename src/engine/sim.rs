@@ -904,9 +904,7 @@ impl Sim {
         // The agent fdatasyncs the volume and the journal before trusting either.
         self.sdisk.flush();
         let records: Vec<Record> = self.journal.iter().map(|r| r.rec).collect();
-        let volume_consistent = self.ssb.disk_state != DiskState::Inconsistent
-            && !self.ssb.is_new
-            && !self.ssb.volume_mixed;
+        let volume_consistent = recovery::volume_consistent_at_start(&self.ssb);
         let mut cfg = secondary::Config::new(SIZE, BS, JOURNAL_BYTES);
         cfg.record_overhead_bytes = OVERHEAD;
         cfg.frame_max_bytes = 4 * BS as u64;
@@ -933,9 +931,11 @@ impl Sim {
         }
         // Issue 10: a node whose metadata says it holds a consistent image finds
         // one at restart (promotable without --force), whatever crashed when.
+        // A poisoned node claims none until every block is compared.
         assert!(
             self.ssb.disk_state != DiskState::UpToDate
                 || self.ssb.is_new
+                || self.ssb.poisoned
                 || e.consistent_point().is_some(),
             "the secondary restarted UpToDate without a consistent image (volume mixed: {})",
             self.ssb.volume_mixed
@@ -998,6 +998,7 @@ impl Sim {
                         if s.e
                             .consistent_point()
                             .is_none_or(|(lsn, _, _)| through > lsn)
+                            && !self.ssb.poisoned
                         {
                             self.ssb.disk_state = DiskState::Inconsistent;
                         }
@@ -1034,7 +1035,14 @@ impl Sim {
                     }
                 }
                 SecondaryAction::MarkConsistent { .. } => {
-                    self.s_own_dirty.clear_all();
+                    if self.s_own_dirty.dirty_count().0 > 0 {
+                        // As the agent: the blocks it owed (every block, for a
+                        // poisoned node) were compared; the image is whole again.
+                        if !s.e.is_poisoned() {
+                            self.ssb.poisoned = false;
+                        }
+                        self.s_own_dirty.clear_all();
+                    }
                     let gen_p = self.pmeta.sb.gen_current;
                     self.ssb = recovery::adopt_generation(&self.ssb, gen_p);
                     self.ssb.disk_state = DiskState::UpToDate;
@@ -1226,6 +1234,11 @@ impl Sim {
             changed_blocks: p.e.dirty().dirty_count().0,
             promoted_at_s: 0,
         };
+        let (has_consistent_image, inconsistent) = recovery::handshake_image(
+            &self.ssb,
+            s.e.is_section_open(),
+            s.e.consistent_point().is_some(),
+        );
         let local = handshake::Local {
             name: "beta".into(),
             peer_name: "alpha".into(),
@@ -1239,9 +1252,9 @@ impl Sim {
                 history: self.ssb.gen_history,
                 changed_blocks: 0,
                 promoted_at_s: 0,
-                inconsistent: s.e.is_section_open(),
+                inconsistent,
             },
-            has_consistent_image: s.e.consistent_point().is_some(),
+            has_consistent_image,
             compare_by_hash: false,
             discard_local: false,
             full_sync_owed: crate::engine::recovery::full_sync_owed(&self.ssb), // ha
@@ -1931,42 +1944,30 @@ fn seed_303364_async_a_marker_only_checkpoint_records_the_volumes_newest_write()
     run(303364, Mode::Async, 3000);
 }
 
-/// Seed 301491 sync (a campaign of 20000 seeds from 300000), open: a real bug,
-/// whose fix needs a design decision (see below), so the seed is pinned but
-/// ignored until then.
-///
-/// The primary's fdatasync fails (blocks 51 and 52 never reach its disk; Linux
-/// keeps their pages cached as clean) and the primary is poisoned. A planned
-/// switchover follows: the secondary holds every write durably, so the primary's
-/// engine is `ready_to_hand_over`, and the poisoned node is demoted. It starts
-/// as secondary through `recovery::secondary_start`, which keeps `poisoned` and
-/// marks every block for comparison, but leaves `disk_state` UpToDate; the
-/// secondary engine (agent and sim alike: `volume_consistent` is
-/// `!is_new && disk_state != Inconsistent && !volume_mixed`) then takes the
-/// volume as a consistent image at once. It is not: it lacks the two blocks the
-/// node acknowledged, so G2 fails (the consistent point names an image that is
-/// no prefix of the history) until the compare-everything resync ends. The agent
-/// would report that point in its status and serve it to `inspect`/rollback.
-///
-/// Why not fixed here: making the poisoned volume "not consistent" in the
-/// engine also clears `has_consistent_image` at the handshake, which then plans
-/// a Full copy (`Why::NeverCompleted`) and skips the generation comparison, and
-/// `generations::decide` skips split-brain detection for an `inconsistent`
-/// node: a poisoned node that wrote alone would be overwritten silently (G8),
-/// and every block would be copied where the contract says compared. The fix
-/// needs the handshake to tell "no consistent image now, but an image whose
-/// generations count and whose blocks are all compared" (a poisoned node) from
-/// "never completed a copy", and the issue-10 oracle (a node that held a
-/// consistent image is never Inconsistent) to allow a disk failure.
-///
-/// Later campaigns (20000 seeds per mode from 300000, 400000 and 500000, after
-/// d9a91d6) failed only with the same G2 message ("... run N through seq 0"), all
-/// on I/O-error seeds (seed % 4 == 3): async 316359, 403691, 519079; sync
-/// 306547, 406439, 510091. Presumed the same class; not traced one by one.
+/// Seed 301491 sync (a campaign of 20000 seeds from 300000): the primary's
+/// fdatasync fails (blocks 51 and 52 never reach its disk; Linux keeps their pages
+/// cached as clean) and the primary is poisoned. A planned switchover follows
+/// (the secondary holds every write durably) and the poisoned node is demoted. As
+/// a secondary it took its volume as a consistent image at once (`volume_consistent`
+/// looked at the disk state and `volume_mixed` only), so G2 failed ("... run N
+/// through seq 0"): the image lacked two blocks the node had acknowledged, and
+/// the agent would have reported that point and served it to `inspect` and
+/// rollbacks. Now a poisoned node claims no consistent point until the primary
+/// has compared every block (`recovery::volume_consistent_at_start`), while its
+/// generations still count at the handshake, so a split brain is still seen
+/// (`recovery::handshake_image`). The same G2 message, all on I/O-error seeds,
+/// came from campaigns of 20000 seeds from 300000, 400000 and 500000 (sync
+/// 306547, 406439, 510091, 22867; async 316359, 403691, 519079) and of 4000
+/// from 40000 (sync 42859); 42859 and 306547 were checked to fail without the
+/// fix.
 #[test]
-#[ignore = "open: a demoted poisoned primary's volume is taken as a consistent image (design needed, see the comment)"]
-fn seed_301491_sync_a_demoted_poisoned_primary_claims_a_consistent_image() {
-    run(301491, Mode::Sync, 3000);
+fn seeds_of_a_poisoned_node_claiming_a_consistent_image_as_secondary() {
+    for seed in [301491, 306547, 406439, 510091, 22867, 42859] {
+        run(seed, Mode::Sync, 3000);
+    }
+    for seed in [316359, 403691, 519079] {
+        run(seed, Mode::Async, 3000);
+    }
 }
 
 /// Seeds 400484, 313372 and 304732 async (campaigns of 20000 seeds from 300000 and
