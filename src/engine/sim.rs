@@ -374,10 +374,6 @@ impl Run {
         }
     }
 
-    fn state(&self, through: Seq) -> Vec<u64> {
-        self.state_and_alternatives(through).0
-    }
-
     /// The image through `through`, and for each block the other versions it may
     /// hold instead: those a failed write may have left in place, until a write
     /// that succeeded covers the block again (sim seed 43883 sync: a resync
