@@ -723,8 +723,9 @@ mod verify {
 /// all-dirty bitmap persisted when the full sync started stayed on disk until the
 /// next periodic persist, so a crash then resent the whole volume. Reaching in
 /// sync persists the (now clean) bitmap at once.
-#[test]
-fn reaching_in_sync_persists_the_clean_bitmap_at_once() {
+/// A full sync of an 8-block async engine, every chunk durable on the peer:
+/// the engine, what it did since the chunks were shipped, ResyncDone's seq.
+fn full_sync_to_resync_done() -> (E, Out, Seq) {
     let mut e = engine(cfg(Mode::Async, 8));
     let mut out = Vec::new();
     e.session_started(true, &mut out);
@@ -735,6 +736,12 @@ fn reaching_in_sync_persists_the_clean_bitmap_at_once() {
     out.clear();
     e.peer_durable(last, &mut out);
     let through = resync_done(&out).expect("resync done");
+    (e, out, through)
+}
+
+#[test]
+fn reaching_in_sync_persists_the_clean_bitmap_at_once() {
+    let (mut e, mut out, through) = full_sync_to_resync_done();
     e.peer_durable(through, &mut out);
     e.peer_section_done(through, &mut out);
     assert!(e.is_in_sync());
@@ -755,16 +762,7 @@ fn reaching_in_sync_persists_the_clean_bitmap_at_once() {
 /// section closes on `SectionDone` now; one never asked for ends the session.
 #[test]
 fn a_section_closes_on_section_done_not_on_a_durable_of_the_same_seq() {
-    let mut e = engine(cfg(Mode::Async, 8));
-    let mut out = Vec::new();
-    e.session_started(true, &mut out);
-    settle_local(&mut e, &mut out);
-    e.tick(0, &mut out);
-    settle_local(&mut e, &mut out);
-    let last = *shipped_seqs(&out).last().expect("resync chunks shipped");
-    out.clear();
-    e.peer_durable(last, &mut out);
-    let through = resync_done(&out).expect("resync done");
+    let (mut e, mut out, through) = full_sync_to_resync_done();
     e.peer_durable(through, &mut out);
     assert!(!e.is_in_sync(), "a Durable alone leaves the section open");
     assert!(
@@ -779,15 +777,7 @@ fn a_section_closes_on_section_done_not_on_a_durable_of_the_same_seq() {
         "a SectionDone past every ResyncDone: {out:?}"
     );
 
-    let mut e = engine(cfg(Mode::Async, 8));
-    let mut out = Vec::new();
-    e.session_started(true, &mut out);
-    settle_local(&mut e, &mut out);
-    e.tick(0, &mut out);
-    settle_local(&mut e, &mut out);
-    let last = *shipped_seqs(&out).last().expect("resync chunks shipped");
-    e.peer_durable(last, &mut out);
-    let through = resync_done(&out).expect("resync done");
+    let (mut e, mut out, through) = full_sync_to_resync_done();
     out.clear();
     e.peer_durable(through, &mut out);
     e.peer_section_done(through, &mut out);
