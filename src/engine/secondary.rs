@@ -224,7 +224,8 @@ pub enum SecondaryAction<D> {
     SendDurable {
         through: Seq,
     },
-    /// The resync that ended with `ResyncDone { through }` is recorded durably:
+    /// The resync that ended with `ResyncDone { through }` (or the
+    /// `ResyncStart` of nothing that started at `through + 1`) is recorded durably:
     /// its section end is in the durable journal and this node holds the
     /// primary's image through `through` as a consistent one. Emitted after the
     /// `MarkConsistent` it may need, whose metadata must be durable before the
@@ -988,8 +989,13 @@ impl<D> SecondaryEngine<D> {
         if blocks == 0 {
             // Nothing differs: the image is the primary's as of `next - 1`. A
             // marker says so durably (also when no section is open: the node then
-            // takes the primary's generation, MarkConsistent).
+            // takes the primary's generation, MarkConsistent), and `SectionDone`
+            // tells the primary once it is durable, as after a `ResyncDone`.
             self.append_marker(RecordKind::SectionEnd, out);
+            let tail = self.tail;
+            if let Some(s) = self.session.as_mut() {
+                s.section_done = Some((next.prev(), tail));
+            }
         } else if !self.in_section {
             if !self.cfg.allow_inconsistent {
                 // From the network: an overflowing count is simply too large
@@ -1011,6 +1017,7 @@ impl<D> SecondaryEngine<D> {
         }
         self.maybe_sync(false, out);
         self.advance_durable(out);
+        self.maybe_section_done(out);
     }
 
     /// Journal bytes a section may use: all of it but a margin (records of the

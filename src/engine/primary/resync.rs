@@ -292,18 +292,20 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             blocks: total,
             full,
         }));
-        if total.0 == 0 && !self.stream.is_section_open() {
-            // Nothing to resend: the secondary holds this node's data.
-            if self.alone.is_none() {
-                out.push(Action::PeerReachedGeneration);
+        if total.0 == 0 {
+            // Nothing to resend: the secondary holds this node's data through
+            // `next - 1`. It says so with a marker, and the section closes (and
+            // the peer counts as holding this node's generation) on its
+            // `SectionDone`, as after a `ResyncDone` (see the module docs).
+            self.stream.done_marker = Some(Seq(self.stream.next_ship().0 - 1));
+            if !self.stream.is_section_open() {
+                // Block-mode writes that lost their session wait for the
+                // secondary to hold everything again: it does (what it lacked
+                // would be dirty). They waited forever when their frames had been
+                // made durable before the session dropped (fuzz primary target,
+                // regressions/primary/block-waiters-after-an-empty-resync).
+                self.release_in_sync_waiters(out);
             }
-            self.alone = Some(false);
-            // Block-mode writes that lost their session wait for the secondary to
-            // hold everything again: it does (what it lacked would be dirty). They
-            // waited forever when their frames had been made durable before the
-            // session dropped (fuzz primary target, regressions/primary/
-            // block-waiters-after-an-empty-resync).
-            self.release_in_sync_waiters(out);
         }
     }
 

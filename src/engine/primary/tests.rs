@@ -794,6 +794,27 @@ fn a_section_closes_on_section_done_not_on_a_durable_of_the_same_seq() {
     e.assert_invariants();
 }
 
+/// The same for a session with nothing to resend: `ResyncStart { blocks: 0 }`
+/// recorded at once that the peer holds this node's generation, while the
+/// secondary's marker saying so might not be durable. A secondary that was a
+/// sync target then lost it in a crash, and after this node wrote alone the two
+/// disagreed as in sim seed 40236. It waits for the marker's `SectionDone` now.
+#[test]
+fn an_empty_resync_takes_the_generation_as_the_peers_only_on_section_done() {
+    let (mut e, out) = connected(cfg(Mode::Async, 8));
+    let reached = |out: &Out| {
+        out.iter()
+            .any(|a| matches!(a, Action::PeerReachedGeneration))
+    };
+    assert!(!reached(&out), "not before the secondary says so: {out:?}");
+    assert!(e.is_in_sync(), "nothing to resend: in sync for FLUSHes");
+    let mut out = Vec::new();
+    e.peer_section_done(Seq(0), &mut out);
+    assert!(reached(&out), "{out:?}");
+    assert!(!dropped(&out), "{out:?}");
+    e.assert_invariants();
+}
+
 /// ha (issue 12, `tandem set resync-rate`): the bucket was charged when a chunk's
 /// read completed, so every chunk the window allowed started at once and a
 /// 256 KiB/s resync sent 16 MiB in half a second (e2e_ha). Charged when started

@@ -807,10 +807,15 @@ impl Harness {
             };
             let p = &mut self.peer;
             match f {
-                Outgoing::ResyncStart { next, .. } => {
+                Outgoing::ResyncStart { next, blocks, .. } => {
                     // Skipped seqs count as answered (the secondary's `skipped`).
                     if p.to_apply.is_empty() && p.to_answer.is_empty() {
                         p.durable_ok = Seq(next.0 - 1).max(p.durable_ok);
+                    }
+                    // Nothing to resend: the secondary's end marker is answered
+                    // like a ResyncDone's.
+                    if blocks.0 == 0 {
+                        p.done_received = Some(Seq(next.0 - 1));
                     }
                 }
                 Outgoing::Write { seq, .. }

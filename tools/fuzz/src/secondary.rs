@@ -705,24 +705,31 @@ impl Harness {
     fn accept(&mut self, f: &Frame, tail_before: Lsn) {
         let m = &mut self.m;
         match *f {
-            Frame::ResyncStart { seq, .. } => match &mut m.session {
-                None => {
-                    m.session_id += 1;
-                    m.session = Some(MSession {
-                        expected_next: seq,
-                        pending: BTreeMap::new(),
-                        skipped: Vec::new(),
-                        durable_sent: seq - 1,
-                        done_wanted: None,
-                    });
-                }
-                Some(s) => {
-                    if seq > s.expected_next {
-                        s.skipped.push((s.expected_next, seq));
-                        s.expected_next = seq;
+            Frame::ResyncStart { seq, blocks, .. } => {
+                let s = match &mut m.session {
+                    None => {
+                        m.session_id += 1;
+                        m.session.insert(MSession {
+                            expected_next: seq,
+                            pending: BTreeMap::new(),
+                            skipped: Vec::new(),
+                            durable_sent: seq - 1,
+                            done_wanted: None,
+                        })
                     }
+                    Some(s) => {
+                        if seq > s.expected_next {
+                            s.skipped.push((s.expected_next, seq));
+                            s.expected_next = seq;
+                        }
+                        s
+                    }
+                };
+                // Nothing to resend: an end marker, answered by SectionDone.
+                if blocks == 0 {
+                    s.done_wanted = Some((seq - 1, tail_before.next()));
                 }
-            },
+            }
             Frame::Write { seq, .. } | Frame::Zeroes { seq, .. } | Frame::Trim { seq, .. } => {
                 let s = m.session.as_mut().expect("accepted");
                 s.expected_next = seq + 1;
