@@ -24,6 +24,7 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::types::{BlockCount, BlockIndex};
 
@@ -63,7 +64,11 @@ pub enum BitmapError {
 /// Equality compares the bits only, not which pages changed.
 #[derive(Clone)]
 pub struct DirtyBitmap {
-    words: Vec<u64>,
+    /// Shared between clones until one of them changes a word (copy on write):
+    /// a persist image is a clone of the bitmap plus the blocks in flight, and
+    /// most persists find those blocks set already, so the image costs no copy
+    /// of the words (2 MiB at 64 GiB) unless one changes.
+    words: Arc<Vec<u64>>,
     block_count: u64,
     /// Number of set bits, kept equal to the popcount of `words`.
     dirty_count: u64,
@@ -127,7 +132,7 @@ impl DirtyBitmap {
     /// An all-clean bitmap of `block_count` blocks.
     pub fn new(block_count: BlockCount) -> Self {
         DirtyBitmap {
-            words: vec![0; word_count(block_count.0)],
+            words: Arc::new(vec![0; word_count(block_count.0)]),
             block_count: block_count.0,
             dirty_count: 0,
             changed: changed_words(block_count.0),
@@ -161,7 +166,7 @@ impl DirtyBitmap {
         }
         let old_pages = page_count(self.block_count);
         // Bits past the old end are zero (the struct's invariant): clean.
-        self.words.resize(word_count(block_count.0), 0);
+        Arc::make_mut(&mut self.words).resize(word_count(block_count.0), 0);
         // The new words are zero: their groups count none.
         self.group_nonzero
             .resize(self.words.len().div_ceil(GROUP_WORDS), 0);
@@ -206,7 +211,7 @@ impl DirtyBitmap {
     pub fn clear_all(&mut self) {
         for w in 0..self.words.len() {
             if self.words[w] != 0 {
-                self.words[w] = 0;
+                Arc::make_mut(&mut self.words)[w] = 0;
                 self.note_word_changed(w);
             }
         }
@@ -225,7 +230,7 @@ impl DirtyBitmap {
         if old == new {
             return 0;
         }
-        self.words[w] = new;
+        Arc::make_mut(&mut self.words)[w] = new;
         self.note_word_changed(w);
         match (old == 0, new == 0) {
             (true, false) => self.group_nonzero[w / GROUP_WORDS] += 1,
@@ -241,7 +246,7 @@ impl DirtyBitmap {
     fn fill_group(&mut self, g: usize, target: u64) -> i64 {
         debug_assert!(target == 0 || target == u64::MAX);
         let start = g * GROUP_WORDS;
-        let words = &mut self.words[start..start + GROUP_WORDS];
+        let words = &self.words[start..start + GROUP_WORDS];
         // One comparison per group, not per word: `diff` has a bit set iff some
         // word differs from the target.
         let diff = words.iter().fold(0, |acc, &w| acc | (w ^ target));
@@ -261,7 +266,7 @@ impl DirtyBitmap {
             }
             at = seg_end;
         }
-        self.words[start..start + GROUP_WORDS].fill(target);
+        Arc::make_mut(&mut self.words)[start..start + GROUP_WORDS].fill(target);
         self.group_nonzero[g] = if target == 0 { 0 } else { GROUP_WORDS as u8 };
         let ones_after = u64::from(target.count_ones()) * GROUP_WORDS as u64;
         ones_after as i64 - ones_before as i64
@@ -416,7 +421,7 @@ impl DirtyBitmap {
         );
         self.words
             .iter()
-            .zip(&other.words)
+            .zip(other.words.iter())
             .map(|(a, b)| u64::from((a & b).count_ones()))
             .sum()
     }
@@ -583,7 +588,7 @@ impl DirtyBitmap {
         let dirty_count = words.iter().map(|w| u64::from(w.count_ones())).sum();
         Ok(DirtyBitmap {
             group_nonzero: group_counts(&words),
-            words,
+            words: Arc::new(words),
             block_count: block_count.0,
             dirty_count,
             changed: changed_words(block_count.0),
@@ -600,7 +605,7 @@ impl DirtyBitmap {
     pub fn to_bytes(&self) -> Vec<u8> {
         let len = Self::encoded_len_bytes(self.block_count()) as usize;
         let mut out = Vec::with_capacity(self.words.len() * 8);
-        for word in &self.words {
+        for word in self.words.iter() {
             out.extend_from_slice(&word.to_le_bytes());
         }
         out.truncate(len);
@@ -639,7 +644,7 @@ impl DirtyBitmap {
         let dirty_count = words.iter().map(|w| u64::from(w.count_ones())).sum();
         Ok(DirtyBitmap {
             group_nonzero: group_counts(&words),
-            words,
+            words: Arc::new(words),
             block_count: block_count.0,
             dirty_count,
             changed: changed_words(block_count.0),

@@ -35,9 +35,10 @@ for t in "${targets[@]}"; do
   start=$(date +%s)
   # -runs stops after EXECS executions; -max_total_time caps the wall time.
   # -fork would survive crashes but needs more cores than this machine has.
+  # -reload=0: one fuzzer per corpus (see run.sh): no rereading it every second.
   set +e
   nice -n 10 "$bin_dir/fuzz_$t" -runs="$execs" -max_total_time="$seconds" \
-    -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$artifacts/" \
+    -timeout=10 -rss_limit_mb=2048 -reload=0 -print_final_stats=1 -artifact_prefix="$artifacts/" \
     ${FUZZ_ARGS:-} "$work" "tools/fuzz/corpus/$t" "tools/fuzz/regressions/$t" > "$log" 2>&1
   rc=$?
   set -e

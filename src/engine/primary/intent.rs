@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::{Action, LocalStage, PrimaryEngine, ShipStage};
-use crate::bitmap::BitmapPages;
+use crate::bitmap::{BitmapPages, PAGE_BLOCKS};
 use crate::engine::activity::ActiveSet;
 use crate::engine::rangeset::RangeSet;
 use crate::types::{BlockIndex, ByteRange, Seq};
@@ -218,15 +218,32 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             )
         });
         let mut pages = BitmapPages::covering(&self.dirty, ranges);
+        // The blocks of the listed pages, as merged spans: `BitmapPages::mark`
+        // sets bits of listed pages only, so a range is clipped to these spans
+        // before it joins the set (the same bits are marked; a retirement of one
+        // extent no longer merges every range in flight over the whole volume).
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        for (page, words) in pages.iter() {
+            let first = page.0 * PAGE_BLOCKS;
+            let end = first + words.len() as u64 * 64;
+            match spans.last_mut() {
+                Some(last) if last.1 == first => last.1 = end,
+                _ => spans.push((first, end)),
+            }
+        }
         // Blocks in flight or only in the page cache, as one set (unacked writes
         // and client ops in flight overlap; each run costs a walk of the pages).
-        let mut transient = RangeSet::new();
-        for (a, b) in self
-            .in_flight_block_ranges()
-            .chain(self.flush.volatile_runs())
-        {
-            transient.insert(a, b);
-        }
+        let mut transient = RangeSet::from_ranges(
+            self.in_flight_block_ranges()
+                .chain(self.flush.volatile_runs())
+                .flat_map(|(a, b)| {
+                    let from = spans.partition_point(|s| s.1 <= a.0);
+                    spans[from..]
+                        .iter()
+                        .take_while(move |s| s.0 < b.0)
+                        .map(move |&(lo, hi)| (BlockIndex(a.0.max(lo)), BlockIndex(b.0.min(hi))))
+                }),
+        );
         // Minus the extents active before this log write and after it: whatever
         // of them may differ, a crash recovery compares by hash, so their blocks
         // stay out of the persisted bitmap (there they would be resent as data,

@@ -716,10 +716,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     /// ranges are merged into one set first (marking is idempotent, so the copy is
     /// the same as marking them one by one, changed pages included).
     fn dirty_plus(&self, ranges: impl Iterator<Item = (BlockIndex, BlockIndex)>) -> DirtyBitmap {
-        let mut set = crate::engine::rangeset::RangeSet::new();
-        for (a, b) in ranges {
-            set.insert(a, b);
-        }
+        let set = crate::engine::rangeset::RangeSet::from_ranges(ranges);
         let mut bm = self.dirty.clone();
         for (a, b) in set.iter() {
             bm.mark(a, b);
