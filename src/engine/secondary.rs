@@ -992,10 +992,7 @@ impl<D> SecondaryEngine<D> {
             // takes the primary's generation, MarkConsistent), and `SectionDone`
             // tells the primary once it is durable, as after a `ResyncDone`.
             self.append_marker(RecordKind::SectionEnd, out);
-            let tail = self.tail;
-            if let Some(s) = self.session.as_mut() {
-                s.section_done = Some((next.prev(), tail));
-            }
+            self.want_section_done(next.prev(), out);
         } else if !self.in_section {
             if !self.cfg.allow_inconsistent {
                 // From the network: an overflowing count is simply too large
@@ -1017,7 +1014,6 @@ impl<D> SecondaryEngine<D> {
         }
         self.maybe_sync(false, out);
         self.advance_durable(out);
-        self.maybe_section_done(out);
     }
 
     /// Journal bytes a section may use: all of it but a margin (records of the
@@ -1238,11 +1234,17 @@ impl<D> SecondaryEngine<D> {
         if self.in_section {
             self.append_marker(RecordKind::SectionEnd, out);
         }
+        self.maybe_sync(false, out);
+        self.want_section_done(through, out);
+    }
+
+    /// The primary waits for `SectionDone { through }`: everything appended so
+    /// far (the end marker, if one was) must be durable first.
+    fn want_section_done(&mut self, through: Seq, out: &mut Vec<SecondaryAction<D>>) {
         let tail = self.tail;
         if let Some(s) = self.session.as_mut() {
             s.section_done = Some((through, tail));
         }
-        self.maybe_sync(false, out);
         self.maybe_section_done(out);
     }
 
