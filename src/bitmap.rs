@@ -143,8 +143,13 @@ impl DirtyBitmap {
     /// An all-clean bitmap for a volume of `size_bytes` at `block_size` bytes per
     /// bit; a partial last block counts as a whole block.
     pub fn for_volume(size_bytes: u64, block_size: u32) -> Self {
+        Self::new(Self::blocks_for(size_bytes, block_size))
+    }
+
+    /// The bits of [`Self::for_volume`], without building the bitmap.
+    pub fn blocks_for(size_bytes: u64, block_size: u32) -> BlockCount {
         assert!(block_size > 0, "block size must be positive");
-        Self::new(BlockCount(size_bytes.div_ceil(u64::from(block_size))))
+        BlockCount(size_bytes.div_ceil(u64::from(block_size)))
     }
 
     pub fn block_count(&self) -> BlockCount {

@@ -344,3 +344,263 @@ mod map_tests {
         }
     }
 }
+
+/// A multiset of ranges `[start, end)` (of blocks or bytes: the unit is the
+/// caller's) kept as the number of ranges covering each point: disjoint pieces
+/// with their count, never a piece of count 0, never two touching pieces with
+/// the same count (so two coverages of the same multiset are equal maps).
+///
+/// The primary engine keeps the ranges of its ops and frames in flight here, so
+/// that an activity-log retirement finds the few in flight over its pages in
+/// O(log n + k) instead of walking all of them (issue 14: a request split into P
+/// pieces made its retirements cost O(P²)).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Coverage {
+    /// start → (end, count ≥ 1).
+    pieces: BTreeMap<u64, (u64, u32)>,
+}
+
+impl Coverage {
+    pub fn new() -> Coverage {
+        Coverage::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// Make `at` a piece boundary (a piece over it is cut in two).
+    fn split_at(&mut self, at: u64) {
+        if let Some((&s, &(e, c))) = self.pieces.range(..at).next_back()
+            && e > at
+        {
+            self.pieces.insert(s, (at, c));
+            self.pieces.insert(at, (e, c));
+        }
+    }
+
+    /// Join the piece ending at `at` with the one starting there when their
+    /// counts are equal (keeps the map canonical).
+    fn join_at(&mut self, at: u64) {
+        let Some(&(e2, c2)) = self.pieces.get(&at) else {
+            return;
+        };
+        if let Some((&s1, &(e1, c1))) = self.pieces.range(..at).next_back()
+            && e1 == at
+            && c1 == c2
+        {
+            self.pieces.remove(&at);
+            self.pieces.insert(s1, (e2, c1));
+        }
+    }
+
+    /// One more range `[start, end)`.
+    pub fn add(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        self.split_at(start);
+        self.split_at(end);
+        let mut gaps = Vec::new();
+        let mut at = start;
+        for (&s, (e, c)) in self.pieces.range_mut(start..end) {
+            if s > at {
+                gaps.push((at, s));
+            }
+            *c += 1;
+            at = *e;
+        }
+        if at < end {
+            gaps.push((at, end));
+        }
+        for (s, e) in gaps {
+            self.pieces.insert(s, (e, 1));
+        }
+        self.join_at(start);
+        self.join_at(end);
+    }
+
+    /// One range `[start, end)` fewer; it must have been added.
+    pub fn remove(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        self.split_at(start);
+        self.split_at(end);
+        let mut at = start;
+        let mut emptied = Vec::new();
+        for (&s, (e, c)) in self.pieces.range_mut(start..end) {
+            assert_eq!(s, at, "coverage: removing [{start}, {end}) never added");
+            *c -= 1;
+            if *c == 0 {
+                emptied.push(s);
+            }
+            at = *e;
+        }
+        assert_eq!(at, end, "coverage: removing [{start}, {end}) never added");
+        for s in emptied {
+            self.pieces.remove(&s);
+        }
+        self.join_at(start);
+        self.join_at(end);
+    }
+
+    /// Whether this is the coverage of exactly `ranges` (in any order): one sort
+    /// and sweep of their ends, not a rebuild (the engines' invariant checks).
+    pub fn matches(&self, ranges: impl IntoIterator<Item = (u64, u64)>) -> bool {
+        let mut ends: Vec<(u64, i64)> = Vec::new();
+        for (s, e) in ranges {
+            if s < e {
+                ends.push((s, 1));
+                ends.push((e, -1));
+            }
+        }
+        ends.sort_unstable();
+        // The canonical pieces of the sweep, compared one by one with the map's.
+        let mut mine = self.pieces.iter().map(|(&s, &(e, c))| (s, e, i64::from(c)));
+        let mut open: Option<(u64, i64)> = None; // start and count of the piece being built
+        let mut count = 0i64;
+        let mut i = 0;
+        while i < ends.len() {
+            let at = ends[i].0;
+            while i < ends.len() && ends[i].0 == at {
+                count += ends[i].1;
+                i += 1;
+            }
+            match open {
+                Some((_, c)) if c == count => {}
+                Some((s, c)) => {
+                    if mine.next() != Some((s, at, c)) {
+                        return false;
+                    }
+                    open = (count > 0).then_some((at, count));
+                }
+                None => open = (count > 0).then_some((at, count)),
+            }
+        }
+        open.is_none() && mine.next().is_none()
+    }
+
+    /// [`Self::matches`] for up to `full_max` ranges; past that, in one pass
+    /// with no sort, whether the covered points and their sum (each counted once
+    /// per range over it) are those of `ranges`: a range added or removed once
+    /// too often, or at another place, changes them (the engines call their
+    /// invariant checks after every step; a sort of thousands of ranges each
+    /// time was over half of a fuzz run).
+    pub fn matches_cheaply(
+        &self,
+        ranges: impl Iterator<Item = (u64, u64)> + Clone,
+        full_max: usize,
+    ) -> bool {
+        if ranges.clone().take(full_max + 1).count() <= full_max {
+            return self.matches(ranges);
+        }
+        let mine = self
+            .pieces
+            .iter()
+            .fold((0u128, 0u128), |m, (&s, &(e, c))| add_moments(m, s, e, c));
+        let theirs = ranges.fold((0u128, 0u128), |m, (s, e)| add_moments(m, s, e, 1));
+        mine == theirs
+    }
+
+    /// Every covered piece, in order (touching pieces differ in count only).
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.pieces.iter().map(|(&s, &(e, _))| (s, e))
+    }
+
+    /// The covered pieces of `[start, end)`, clipped to it, in order.
+    pub fn within(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let first = self
+            .pieces
+            .range(..=start)
+            .next_back()
+            .filter(|(_, (e, _))| *e > start)
+            .map_or(start, |(s, _)| *s);
+        self.pieces
+            .range(first..end.max(first))
+            .map(move |(&s, &(e, _))| (s.max(start), e.min(end)))
+            .filter(|(s, e)| s < e)
+    }
+}
+
+/// `m` plus `count` times the number of points of `[s, e)` and their sum
+/// (wrapping: both sides of a comparison wrap alike).
+fn add_moments(m: (u128, u128), s: u64, e: u64, count: u32) -> (u128, u128) {
+    if s >= e {
+        return m;
+    }
+    let (s, e, c) = (u128::from(s), u128::from(e), u128::from(count));
+    let len = e - s;
+    // (s + e - 1) * len is even: one of the two factors is.
+    let sum = (s + e - 1).wrapping_mul(len) / 2;
+    (
+        m.0.wrapping_add(len.wrapping_mul(c)),
+        m.1.wrapping_add(sum.wrapping_mul(c)),
+    )
+}
+
+#[cfg(test)]
+mod coverage_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn counts_like_an_array_and_stays_canonical(
+            ops in proptest::collection::vec((0u64..200, 1u64..40, any::<bool>()), 0..80)
+        ) {
+            let mut cover = Coverage::new();
+            let mut model = vec![0u32; 300];
+            let mut live: Vec<(u64, u64)> = Vec::new();
+            for (start, len, remove) in ops {
+                if remove && !live.is_empty() {
+                    let (s, e) = live.swap_remove(start as usize % live.len());
+                    cover.remove(s, e);
+                    for x in s..e { model[x as usize] -= 1; }
+                } else {
+                    cover.add(start, start + len);
+                    live.push((start, start + len));
+                    for x in start..start + len { model[x as usize] += 1; }
+                }
+                // Canonical: equal to the coverage built from scratch in another order.
+                let mut fresh = Coverage::new();
+                for &(s, e) in live.iter().rev() {
+                    fresh.add(s, e);
+                }
+                prop_assert_eq!(&fresh, &cover);
+                prop_assert!(cover.matches(live.iter().copied()));
+                prop_assert!(cover.matches_cheaply(live.iter().copied(), 0));
+                if let Some(&(s, e)) = live.first() {
+                    prop_assert!(!cover.matches(live.iter().skip(1).copied()));
+                    let mut more = live.clone();
+                    more.push((s, e + 1));
+                    prop_assert!(!cover.matches(more.iter().copied()));
+                    prop_assert!(!cover.matches_cheaply(more.iter().copied(), 0));
+                    prop_assert!(!cover.matches_cheaply(live.iter().skip(1).copied(), 0));
+                }
+                let mut prev: Option<(u64, u32)> = None;
+                for (&s, &(e, c)) in &cover.pieces {
+                    prop_assert!(s < e && c > 0);
+                    prop_assert!((s..e).all(|x| model[x as usize] == c));
+                    if let Some((pe, pc)) = prev {
+                        prop_assert!(pe <= s);
+                        prop_assert!(pe < s || pc != c, "touching pieces of equal count");
+                    }
+                    prev = Some((e, c));
+                }
+                let covered: u64 = cover.iter().map(|(s, e)| e - s).sum();
+                prop_assert_eq!(covered, model.iter().filter(|&&c| c > 0).count() as u64);
+                for lo in (0..250).step_by(7) {
+                    let hi = lo + 23;
+                    let got: Vec<u64> = cover.within(lo, hi).flat_map(|(s, e)| s..e).collect();
+                    let want: Vec<u64> = (lo..hi).filter(|&x| model[x as usize] > 0).collect();
+                    prop_assert_eq!(got, want);
+                }
+            }
+            for (s, e) in live {
+                cover.remove(s, e);
+            }
+            prop_assert!(cover.is_empty());
+        }
+    }
+}

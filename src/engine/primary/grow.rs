@@ -59,7 +59,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     /// request may address the new range.
     pub fn grow(&mut self, size_bytes: u64) -> Result<(), GrowRefusal> {
         self.check_grow(size_bytes)?;
-        let blocks = DirtyBitmap::for_volume(size_bytes, self.cfg.block_size).block_count();
+        let blocks = DirtyBitmap::blocks_for(size_bytes, self.cfg.block_size);
         self.dirty.grow(blocks);
         self.resync.verify.grow(blocks);
         self.resync.grow_fine(blocks);

@@ -233,17 +233,19 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         }
         // Blocks in flight or only in the page cache, as one set (unacked writes
         // and client ops in flight overlap; each run costs a walk of the pages).
-        let mut transient = RangeSet::from_ranges(
-            self.in_flight_block_ranges()
-                .chain(self.flush.volatile_runs())
-                .flat_map(|(a, b)| {
-                    let from = spans.partition_point(|s| s.1 <= a.0);
-                    spans[from..]
-                        .iter()
-                        .take_while(move |s| s.0 < b.0)
-                        .map(move |&(lo, hi)| (BlockIndex(a.0.max(lo)), BlockIndex(b.0.min(hi))))
-                }),
-        );
+        // Those in flight are looked up by offset for each span (issue 14: a
+        // walk of every op and frame made a request of P pieces cost O(P²)).
+        let in_flight = spans.iter().flat_map(|&(lo, hi)| {
+            self.in_flight_block_ranges_within(BlockIndex(lo), BlockIndex(hi))
+        });
+        let volatile = self.flush.volatile_runs().flat_map(|(a, b)| {
+            let from = spans.partition_point(|s| s.1 <= a.0);
+            spans[from..]
+                .iter()
+                .take_while(move |s| s.0 < b.0)
+                .map(move |&(lo, hi)| (BlockIndex(a.0.max(lo)), BlockIndex(b.0.min(hi))))
+        });
+        let mut transient = RangeSet::from_ranges(in_flight.chain(volatile));
         // Minus the extents active before this log write and after it: whatever
         // of them may differ, a crash recovery compares by hash, so their blocks
         // stay out of the persisted bitmap (there they would be resent as data,

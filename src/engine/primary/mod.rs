@@ -46,6 +46,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::bitmap::DirtyBitmap;
 use crate::engine::activity::ActiveSet;
+use crate::engine::rangeset::Coverage;
 use crate::engine::sequencer::RangeSequencer;
 use crate::types::{BlockCount, BlockIndex, ByteRange, Seq};
 
@@ -470,6 +471,9 @@ pub struct PrimaryEngine<T, D> {
     now_ms: u64,
     next_seq: Seq,
     ops: BTreeMap<Seq, Op<T, D>>,
+    /// The byte ranges of the client ops in `ops`, indexed by offset (an
+    /// activity-log retirement looks up the ops over its pages: issue 14).
+    client_cover: Coverage,
     groups: HashMap<u64, Group<T>>,
     next_group: u64,
     sequencer: RangeSequencer,
@@ -539,7 +543,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         assert!(cfg.block_size.is_power_of_two() && cfg.block_size >= 512);
         assert_eq!(
             dirty.block_count(),
-            DirtyBitmap::for_volume(cfg.size_bytes, cfg.block_size).block_count()
+            DirtyBitmap::blocks_for(cfg.size_bytes, cfg.block_size)
         );
         assert!(first_seq > Seq::ZERO);
         assert!(
@@ -554,6 +558,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             now_ms: 0,
             next_seq: first_seq,
             ops: BTreeMap::new(),
+            client_cover: Coverage::new(),
             groups: HashMap::new(),
             next_group: 1,
             sequencer: RangeSequencer::new(),
@@ -703,13 +708,30 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     /// Blocks of every write not yet durable on the secondary and of every
     /// client op in flight (they overlap: an op in flight is often unacked too).
     fn in_flight_block_ranges(&self) -> impl Iterator<Item = (BlockIndex, BlockIndex)> + '_ {
-        let bs = self.cfg.block_size;
-        self.stream.unacked_block_ranges(bs).chain(
-            self.ops
-                .values()
-                .filter(|op| op.kind.is_client())
-                .map(move |op| op.range.blocks(bs)),
+        let bs = u64::from(self.cfg.block_size);
+        self.stream.unacked_block_ranges(self.cfg.block_size).chain(
+            self.client_cover
+                .iter()
+                .map(move |(s, e)| (BlockIndex(s / bs), BlockIndex(e.div_ceil(bs)))),
         )
+    }
+
+    /// [`Self::in_flight_block_ranges`] clipped to blocks `[first, end)`, found
+    /// through the offset indexes (O(log n + k), not a walk of every op).
+    pub(super) fn in_flight_block_ranges_within(
+        &self,
+        first: BlockIndex,
+        end: BlockIndex,
+    ) -> impl Iterator<Item = (BlockIndex, BlockIndex)> + '_ {
+        // The byte pieces are clipped to the span, so their blocks stay in it.
+        let bs = u64::from(self.cfg.block_size);
+        self.stream
+            .unacked_block_ranges_within(first, end, self.cfg.block_size)
+            .chain(
+                self.client_cover
+                    .within(first.0.saturating_mul(bs), end.0.saturating_mul(bs))
+                    .map(move |(s, e)| (BlockIndex(s / bs), BlockIndex(e.div_ceil(bs)))),
+            )
     }
 
     /// A copy of the dirty bitmap with `ranges` marked, each block once: the
@@ -957,6 +979,8 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         }
         let ordered = self.sequencer.admit(seq, range);
         let logged = self.pin(seq, range, in_stream, out);
+        debug_assert!(kind.is_client());
+        self.client_cover.add(range.offset, range.end());
         self.ops.insert(
             seq,
             Op {
@@ -1241,6 +1265,9 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                 ShipStage::Outside | ShipStage::Shipped | ShipStage::Applied | ShipStage::Spilled
             );
             if done && answered && settled {
+                if op.kind.is_client() {
+                    self.client_cover.remove(op.range.offset, op.range.end());
+                }
                 self.ops.remove(&seq);
             }
         }
@@ -1249,6 +1276,16 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     /// Check the invariants; called after events by tests and the simulator.
     pub fn assert_invariants(&self) {
         self.stream.assert_invariants(self.next_seq);
+        assert!(
+            self.client_cover.matches_cheaply(
+                self.ops
+                    .values()
+                    .filter(|op| op.kind.is_client())
+                    .map(|op| (op.range.offset, op.range.end())),
+                64
+            ),
+            "client op index out of step"
+        );
         for (seq, op) in &self.ops {
             if matches!(op.ship, ShipStage::Shipped | ShipStage::Applied) {
                 assert!(

@@ -48,8 +48,9 @@ use super::{
     Action, Completion, LocalStage, Mode, Note, OpKind, Outgoing, PrimaryEngine, SessionFault,
     ShipStage,
 };
+use crate::engine::rangeset::Coverage;
 use crate::meta::journal::record_len_bytes;
-use crate::types::{ByteRange, Seq};
+use crate::types::{BlockIndex, ByteRange, Seq};
 
 /// Where a new write goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,7 +201,13 @@ pub(super) struct Stream<D> {
     stream_first: Seq,
     next_ship: Seq,
     /// In-stream ops not yet durable on the secondary, in seq order.
+    /// Entries leave it only through [`Stream::pop_unacked`] and
+    /// [`Stream::take_unacked`], which keep `unacked_cover` in step.
     pub(super) unacked: VecDeque<Unacked<D>>,
+    /// The byte ranges of `unacked` that may differ on the secondary (every
+    /// entry but a verify's comparison), indexed by offset: an activity-log
+    /// retirement asks for the few over its pages instead of walking the window.
+    unacked_cover: Coverage,
     /// Bytes of `unacked` (the lag).
     unacked_bytes: u64,
     /// Bytes and writes of `unacked` whose payload is in memory (window occupancy).
@@ -237,6 +244,7 @@ impl<D> Stream<D> {
             stream_first: first_seq,
             next_ship: first_seq,
             unacked: VecDeque::new(),
+            unacked_cover: Coverage::new(),
             unacked_bytes: 0,
             mem_bytes: 0,
             mem_writes: 0,
@@ -298,6 +306,9 @@ impl<D> Stream<D> {
     ) {
         assert!(self.streaming, "enqueue while not streaming");
         assert!(self.unacked.back().is_none_or(|u| u.seq < seq));
+        if carried != Carried::Verify {
+            self.unacked_cover.add(range.offset, range.end());
+        }
         self.unacked.push_back(Unacked {
             seq,
             range,
@@ -329,6 +340,7 @@ impl<D> Stream<D> {
     ) {
         assert!(self.streaming, "spill while not streaming");
         assert!(self.unacked.back().is_none_or(|u| u.seq < seq));
+        self.unacked_cover.add(range.offset, range.end());
         self.unacked.push_back(Unacked {
             seq,
             range,
@@ -390,14 +402,45 @@ impl<D> Stream<D> {
     /// Every block of every write not yet durable on the secondary, range by
     /// range (scale, issue 11: a retirement persists only the bitmap pages of its
     /// extents).
+    /// The blocks of every unacked entry but a verify's comparisons, as pieces
+    /// (they may touch or share a block at their ends).
     pub(super) fn unacked_block_ranges(
         &self,
         block_size: u32,
-    ) -> impl Iterator<Item = (crate::types::BlockIndex, crate::types::BlockIndex)> + '_ {
-        self.unacked
+    ) -> impl Iterator<Item = (BlockIndex, BlockIndex)> + '_ {
+        let bs = u64::from(block_size);
+        self.unacked_cover
             .iter()
-            .filter(|u| u.carried != Carried::Verify)
-            .map(move |u| u.range.blocks(block_size))
+            .map(move |(s, e)| (BlockIndex(s / bs), BlockIndex(e.div_ceil(bs))))
+    }
+
+    /// [`Self::unacked_block_ranges`] clipped to blocks `[first, end)`, found by
+    /// offset: O(log n + k) for the k pieces there.
+    pub(super) fn unacked_block_ranges_within(
+        &self,
+        first: BlockIndex,
+        end: BlockIndex,
+        block_size: u32,
+    ) -> impl Iterator<Item = (BlockIndex, BlockIndex)> + '_ {
+        let bs = u64::from(block_size);
+        self.unacked_cover
+            .within(first.0.saturating_mul(bs), end.0.saturating_mul(bs))
+            .map(move |(s, e)| (BlockIndex(s / bs), BlockIndex(e.div_ceil(bs))))
+    }
+
+    /// The oldest unacked entry, taken out of the window.
+    pub(super) fn pop_unacked(&mut self) -> Option<Unacked<D>> {
+        let u = self.unacked.pop_front()?;
+        if u.carried != Carried::Verify {
+            self.unacked_cover.remove(u.range.offset, u.range.end());
+        }
+        Some(u)
+    }
+
+    /// Every unacked entry, taken out of the window.
+    pub(super) fn take_unacked(&mut self) -> Vec<Unacked<D>> {
+        self.unacked_cover = Coverage::new();
+        self.unacked.drain(..).collect()
     }
 
     /// A range was marked dirty outside the stream: resync chunks in flight over it
@@ -465,6 +508,17 @@ impl<D> Stream<D> {
             }
         }
         assert_eq!(self.unacked_bytes, unacked);
+        // The index against the window.
+        assert!(
+            self.unacked_cover.matches_cheaply(
+                self.unacked
+                    .iter()
+                    .filter(|u| u.carried != Carried::Verify)
+                    .map(|u| (u.range.offset, u.range.end())),
+                64
+            ),
+            "unacked index out of step"
+        );
         assert_eq!(self.mem_bytes, mem);
         assert_eq!(self.mem_writes, mem_writes);
         assert_eq!(self.loading_bytes, loading);
@@ -1137,7 +1191,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             if u.seq > through {
                 break;
             }
-            let u = self.stream.unacked.pop_front().expect("front exists");
+            let u = self.stream.pop_unacked().expect("front exists");
             self.stream.unacked_bytes -= u.wire_bytes;
             self.stream.shipped_bytes -= u.wire_bytes;
             self.stream.shipped_writes -= 1;
@@ -1205,7 +1259,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.stream.streaming = false;
         self.stream.ahead = None;
         self.stream.throttling = false;
-        let drained: Vec<Unacked<D>> = self.stream.unacked.drain(..).collect();
+        let drained: Vec<Unacked<D>> = self.stream.take_unacked();
         self.stream.unacked_bytes = 0;
         self.stream.mem_bytes = 0;
         self.stream.mem_writes = 0;
