@@ -210,3 +210,64 @@ fn a_full_spill_log_goes_ahead_then_converges() {
     assert!(counter(&s, "ahead_episodes") >= 1);
     assert!(counter(&s, "spill_episodes") >= 1);
 }
+
+/// Issue 11 (found by tools/bench.sh at 1 GiB with the defaults): a secondary
+/// whose journal cannot stage a resync of the whole volume. Before protocol 5
+/// the primary went ahead once its spill log was full; the resync that followed
+/// was larger than the journal, the secondary refused it on every reconnect
+/// (every ~3 s, forever) and kept an ever older image. Now the secondary
+/// announces what it can stage and the primary holds writes for room instead of
+/// going ahead: the burst slows to the link's rate and the pair converges.
+#[test]
+fn a_secondary_that_cannot_stage_a_whole_volume_resync_is_never_left_behind() {
+    let seed = common::seed("stage limit");
+    const BIG: u64 = 512 * MIB;
+    let opts = RigOpts::new("async", BIG)
+        .primary(&[
+            "--queue-bytes-max",
+            "1M",
+            "--queue-writes-max",
+            "16",
+            "--spill-size",
+            "4M",
+        ])
+        // Stages 112 MiB: far less than the 512 MiB volume.
+        .secondary(&["--journal-size", "128M"]);
+    let mut rig = Rig::start(opts, seed);
+    let model = Model::shared();
+    rig.proxy.set(Fault::Throttle {
+        bytes_per_s: MIB,
+        dir: Dir::Up,
+    });
+    // Random writes of 4-64 KiB over the whole volume at up to 64 MiB/s: going
+    // ahead for these 6 s dirties far more than the journal stages.
+    let load = rig.start_load(
+        LoadCfg {
+            volume_blocks: BIG / BLOCK_BYTES,
+            ..load_cfg(seed, 64 * MIB)
+        },
+        &model,
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    load.stop();
+    rig.proxy.clear();
+    assert_no_failed_writes(&model, "stage limit");
+    let s = rig.wait_converged("after the burst");
+    let primary_log = rig.primary.log_text();
+    let secondary_log = rig.secondary.log_text();
+    eprintln!(
+        "stage limit: {} ahead episodes, {} spilled",
+        counter(&s, "ahead_episodes"),
+        mib(counter(&s, "spilled_bytes"))
+    );
+    rig.finish(&model);
+    assert!(
+        !secondary_log.contains("does not fit the journal"),
+        "the secondary never had to refuse a resync"
+    );
+    assert_eq!(counter(&s, "ahead_episodes"), 0, "never ahead");
+    assert!(
+        primary_log.contains("writes wait for room instead of going ahead"),
+        "the throttling is logged, with its reason"
+    );
+}

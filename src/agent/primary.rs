@@ -1050,9 +1050,21 @@ impl Owner {
                 );
                 m.events.push("spill-failed", reason);
             }
-            Note::Throttling { lag_bytes } => tracing::info!(
+            Note::Throttling {
+                lag_bytes,
+                peer_stage_bytes: None,
+            } => tracing::info!(
                 lag_bytes,
                 "replication window full during a resync: writes wait for room so that the secondary reaches a consistent point"
+            ),
+            Note::Throttling {
+                lag_bytes,
+                peer_stage_bytes: Some(stage),
+            } => tracing::info!(
+                lag_bytes,
+                peer_stage_bytes = stage,
+                volume_bytes = self.engine.config().size_bytes,
+                "replication window and spill log full: writes wait for room instead of going ahead (the secondary's journal cannot stage a resync of the whole volume; a larger journal-size there allows going ahead)"
             ),
             Note::ResyncStarted { blocks, full } => {
                 tracing::info!(
@@ -1514,14 +1526,19 @@ impl Owner {
                 self.shared.metrics.set_connected(true, &peer.node_name);
                 self.shared.metrics.clear_error();
                 Metrics::add(&self.shared.metrics.sessions, 1);
-                let (needs, own_dirty, own_verify) =
-                    (peer.needs, peer.own_dirty.clone(), peer.own_verify.clone());
+                let (needs, own_dirty, own_verify, stage_bytes) = (
+                    peer.needs,
+                    peer.own_dirty.clone(),
+                    peer.own_verify.clone(),
+                    peer.stage_bytes,
+                );
                 self.session = Some(Session {
                     id,
                     tx,
                     peer: *peer,
                     consistent: None,
                 });
+                self.engine.set_peer_stage_bytes(stage_bytes);
                 self.engine
                     .peer_connected(needs, &own_dirty, &own_verify, out);
             }

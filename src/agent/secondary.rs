@@ -1322,6 +1322,7 @@ impl Node {
             own_dirty,
             own_verify,
             decision: plan.to_string(),
+            stage_bytes: self.engine.stage_bytes(),
         };
         link::send_message(&mut wr, Message::Welcome(welcome))
             .await

@@ -1016,6 +1016,16 @@ impl<D> SecondaryEngine<D> {
         self.advance_durable(out);
     }
 
+    /// The largest resync this node stages in one section (announced in the
+    /// Welcome): `u64::MAX` when it copies a larger one straight into the volume.
+    pub fn stage_bytes(&self) -> u64 {
+        if self.cfg.allow_inconsistent {
+            u64::MAX
+        } else {
+            self.space_for_section()
+        }
+    }
+
     /// Journal bytes a section may use: all of it but a margin (records of the
     /// consistent image before it are released by checkpoints as it grows).
     fn space_for_section(&self) -> u64 {

@@ -804,6 +804,7 @@ mod tests {
                 own_dirty: vec![(0, 3), (100, 1)],
                 own_verify: vec![(1024, 1024)],
                 decision: "full resync: new secondary".into(),
+                stage_bytes: 940 << 20,
             }),
             Message::Refuse {
                 reason: "volume size mismatch".into(),

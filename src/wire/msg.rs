@@ -23,11 +23,16 @@
 //!   end and the metadata naming the primary's generation are durable; the
 //!   primary closes the section (and takes its generation as the peer's) on it,
 //!   not on a `Durable` of the same seq (issue 9, sim seed 40236).
+//! - 5: Welcome carries `stage_bytes`, the largest resync the secondary can stage
+//!   in its journal while keeping its consistent image; a primary goes ahead
+//!   (bitmap only) only when a resync of the whole volume would fit, and
+//!   otherwise holds writes for room (issue 11: an async burst that went ahead on
+//!   a 1 GiB volume left a resync the default 1 GiB journal refused, forever).
 
 use bincode::{Decode, Encode};
 
 /// Version of the replication protocol spoken in frames. Both sides must agree.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Most block hashes one HashCheck carries (32 KiB of body; 4 MiB of volume at 4 KiB blocks).
 pub const HASHES_PER_CHECK_MAX: usize = 1024;
@@ -125,6 +130,10 @@ pub struct Welcome {
     pub own_verify: BlockRuns,
     /// The handshake decision, for the primary's log and status.
     pub decision: String,
+    /// The largest resync (bytes of blocks) the secondary can stage in one
+    /// section without giving up its consistent image; `u64::MAX` when it takes
+    /// any (`resync-overflow = inconsistent`). Protocol 5.
+    pub stage_bytes: u64,
 }
 
 /// Every message of the replication protocol.

@@ -82,6 +82,14 @@ impl RigOpts {
             .extend(args.iter().map(|a| a.to_string()));
         self
     }
+
+    /// Add `args` to the secondary (e2e_spill; unused by e2e_faults).
+    #[allow(dead_code)]
+    pub fn secondary(mut self, args: &[&str]) -> RigOpts {
+        self.secondary_extra
+            .extend(args.iter().map(|a| a.to_string()));
+        self
+    }
 }
 
 /// A pair behind the fault proxy: primary → proxy (P) → secondary (S).

@@ -284,9 +284,14 @@ pub enum Note {
         out_of_sync_blocks: u64,
         ahead_ms: u64,
     },
-    /// The window filled while a resync section was open: writes wait for room
-    /// instead of going ahead again, so the section ends at a consistent point.
-    Throttling { lag_bytes: u64 },
+    /// The window (and spill log) filled while a resync section was open, or
+    /// while the secondary could not stage a resync of the whole volume
+    /// (`peer_stage_bytes`, the limit it announced): writes wait for room
+    /// instead of going ahead, so the secondary reaches a consistent point.
+    Throttling {
+        lag_bytes: u64,
+        peer_stage_bytes: Option<u64>,
+    },
     /// A resync pass starts.
     ResyncStarted { blocks: BlockCount, full: bool },
     /// The secondary is a consistent copy as of `through` again.

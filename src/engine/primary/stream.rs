@@ -232,6 +232,9 @@ pub(super) struct Stream<D> {
     /// A session waits for a bitmap persist before its first frame: (full, the
     /// persist number it needs).
     pub(super) gate: Option<(bool, u64)>,
+    /// The largest resync the secondary stages while keeping its consistent
+    /// image (its Welcome); `u64::MAX` = any.
+    peer_stage_bytes: u64,
 }
 
 impl<D> Stream<D> {
@@ -262,6 +265,7 @@ impl<D> Stream<D> {
             done_marker: None,
             section_done: None,
             gate: None,
+            peer_stage_bytes: u64::MAX,
         }
     }
 
@@ -595,7 +599,13 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             }
             return Placement::Spilled;
         }
-        if !self.stream.section_open {
+        // Ahead means a resync of whatever changes meanwhile, up to the whole
+        // volume: only when the secondary can stage that much. Otherwise it would
+        // refuse the resync (keeping its ever older image) on every reconnect, and
+        // the pair would never catch up (issue 11: a 1 GiB burst on a 1 GiB volume
+        // against the default 1 GiB journal). Writes wait for room instead.
+        let resync_fits = self.cfg.size_bytes <= self.stream.peer_stage_bytes;
+        if !self.stream.section_open && resync_fits {
             let (lag_writes, lag_bytes) = self.stream.unacked_totals();
             self.stream.ahead = Some(Ahead {
                 from: seq,
@@ -613,9 +623,18 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             self.stream.throttling = true;
             out.push(Action::Note(Note::Throttling {
                 lag_bytes: self.stream.unacked_bytes,
+                peer_stage_bytes: (!self.stream.section_open)
+                    .then_some(self.stream.peer_stage_bytes),
             }));
         }
         Placement::HeldForWindow
+    }
+
+    /// The secondary of the session about to start stages resyncs of up to
+    /// `bytes` (its Welcome; `u64::MAX` = any size). Call before
+    /// [`Self::peer_connected`].
+    pub fn set_peer_stage_bytes(&mut self, bytes: u64) {
+        self.stream.peer_stage_bytes = bytes;
     }
 
     /// The spill log's figures: (record bytes live, records live, capacity).

@@ -533,6 +533,48 @@ fn a_full_window_goes_ahead_once_then_holds_writes_until_the_section_ends() {
     e.assert_invariants();
 }
 
+/// Issue 11: a secondary whose journal cannot stage a resync of the whole volume
+/// (its Welcome says how much it can) would refuse the resync that follows going
+/// ahead, on every reconnect: with such a peer a full window (and spill log)
+/// holds writes for room instead, and the stream stays a prefix. A peer that
+/// stages the whole volume still lets the primary go ahead.
+#[test]
+fn a_full_window_holds_writes_when_the_peer_cannot_stage_a_whole_volume_resync() {
+    for (stage_blocks, goes_ahead) in [(63, false), (64, true)] {
+        let mut c = cfg(Mode::Async, 64);
+        c.window_writes_max = 2;
+        c.ahead_min_ms = 0;
+        let mut e = engine(c);
+        let mut out = Vec::new();
+        e.set_peer_stage_bytes(stage_blocks * BS);
+        e.session_started(false, &mut out);
+        for i in 0..4 {
+            write(&mut e, i, 1, false, 1 + i as u32, &mut out);
+        }
+        settle_local(&mut e, &mut out);
+        assert_eq!(e.is_ahead(), goes_ahead, "stage {stage_blocks} blocks");
+        let throttled = out.iter().any(|a| {
+            matches!(
+                a,
+                Action::Note(Note::Throttling {
+                    peer_stage_bytes: Some(_),
+                    ..
+                })
+            )
+        });
+        assert_eq!(throttled, !goes_ahead, "stage {stage_blocks} blocks");
+        if !goes_ahead {
+            assert!(
+                completed(&out).len() < 4,
+                "held writes wait for room: {:?}",
+                completed(&out)
+            );
+            assert!(e.dirty().dirty_count().0 == 0, "nothing left the stream");
+        }
+        e.assert_invariants();
+    }
+}
+
 /// Issue 9 bug 4: a demotion hands over only once the secondary holds every
 /// write, not when the unacked queue is empty: while ahead, the queue drains
 /// before the resync of what went into the bitmap has even started.
