@@ -139,6 +139,9 @@ struct Peer {
     /// The last ResyncDone received, answered by SectionDone once a Durable
     /// covers it (the secondary's section end is durable then).
     done_received: Option<Seq>,
+    /// Seqs the hostile peer answered with a hash reply this session: its own
+    /// answer to one of them, later, is a second reply the engine refuses.
+    hostile_answered: BTreeSet<Seq>,
 }
 
 impl Peer {
@@ -777,6 +780,12 @@ impl Harness {
         };
         self.ship_expected = None;
         trace(|| format!("connect {how} own dirty {dirty:?} verify {verify:?}"));
+        // Bit 1 of the setup (block mode, which only sync uses): in async mode,
+        // a secondary whose journal stages less than the volume (protocol 5), so
+        // a full window holds writes instead of going ahead.
+        if self.cfg.mode == Mode::Async && self.cfg.peer_loss == PeerLoss::Block {
+            self.e.set_peer_stage_bytes(self.size() / 2);
+        }
         match how % 4 {
             0 => self
                 .e
@@ -889,6 +898,11 @@ impl Harness {
                 .collect()
         };
         trace(|| format!("peer: hash reply {seq} {mismatched:?}"));
+        if self.peer.hostile_answered.contains(&seq) {
+            // The check reached the peer after a hostile reply for its seq
+            // (fuzz input crash-1a036d15…, session 8): this reply is a second one.
+            self.may_drop = true;
+        }
         self.e.peer_hash_reply(seq, &mismatched, &mut self.out);
         let p = &mut self.peer;
         // Everything received up to the next unanswered check may now be durable.
@@ -918,6 +932,7 @@ impl Harness {
             }
             2 => {
                 self.peer.to_answer.retain(|(s, _)| *s != seq);
+                self.peer.hostile_answered.insert(seq);
                 self.e
                     .peer_hash_reply(seq, &[0, 1, raw as u32], &mut self.out);
             }

@@ -517,3 +517,16 @@ fn a_checkpoint_after_a_restart_agrees_on_its_section() {
         "regressions/secondary/checkpoint-section-after-restart",
     ));
 }
+
+/// Found by the session-8 primary campaign (harness, not engine): the hostile
+/// peer answered hash check seq 2 while the check was still on the wire; when
+/// the check reached the well-behaved peer it answered it too, and the engine
+/// rightly dropped the session (`UnexpectedHashReply`, a second reply). The
+/// harness took that drop for one the input did not cause; it now expects it
+/// (`Peer::hostile_answered`).
+#[test]
+fn a_hash_check_delivered_after_a_hostile_reply_may_drop_the_session() {
+    tandem_fuzz::primary::run_strict(&input(
+        "regressions/primary/hash-check-delivered-after-a-hostile-reply",
+    ));
+}
