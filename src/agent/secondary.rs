@@ -1895,42 +1895,94 @@ async fn copy_records(
     records: &[Record],
 ) -> Result<(), String> {
     use crate::engine::secondary::RecordKind;
-    for r in records {
-        let result = match r.kind {
-            RecordKind::Write => {
-                let data = jh.read(r.lsn).await?;
-                if data.len() as u64 != r.range.len {
-                    return Err(format!(
-                        "journal record {} holds {} bytes for a {}-byte write",
-                        r.lsn,
-                        data.len(),
-                        r.range.len
-                    ));
-                }
-                if volume.writes_inline() {
-                    volume.write_inline(r.range.offset, &data)
-                } else {
-                    volume.write(r.range.offset, data, false).await
-                }
+    let failed = |r: &Record, e: String| {
+        format!(
+            "copying journal record {} ({} bytes at {}) into the volume failed: {e}",
+            r.lsn, r.range.len, r.range.offset
+        )
+    };
+    // Writes that overlap none of each other are copied concurrently, up to
+    // COPY_BATCH_MAX (and COPY_BATCH_BYTES_MAX) at a time: one at a time, a checkpoint of a random-write
+    // burst (100 000 records of 4 KiB) ran at one O_DIRECT write per round trip
+    // and held back every later frame once the journal was full (sync --direct
+    // sequential writes after random ones: 20-40 MB/s, against 180 fresh).
+    // The volume ends the same as copying in order: a write waits for every
+    // earlier one it overlaps, zero and trim records for every earlier record.
+    let mut batch: tokio::task::JoinSet<Result<(), String>> = tokio::task::JoinSet::new();
+    let mut batch_ranges: Vec<ByteRange> = Vec::new();
+    async fn drain(
+        batch: &mut tokio::task::JoinSet<Result<(), String>>,
+        ranges: &mut Vec<ByteRange>,
+    ) -> Result<(), String> {
+        ranges.clear();
+        let mut first_error = None;
+        // Every started copy finishes before the checkpoint reports (an error
+        // poisons the node; nothing is left writing behind it).
+        while let Some(joined) = batch.join_next().await {
+            let result = joined.map_err(|e| format!("a checkpoint copy task failed: {e}"))?;
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
             }
-            // A zero range stays unallocated (punch_hole writes zeros where the
-            // volume cannot punch): write_zeroes' ZERO_RANGE allocates it (issue 11).
-            RecordKind::Zeroes => volume.punch_hole(r.range.offset, r.range.len).await,
-            RecordKind::Trim => volume.trim(r.range.offset, r.range.len).await,
-            _ => Ok(()),
-        };
-        result.map_err(|e| {
-            format!(
-                "copying journal record {} ({} bytes at {}) into the volume failed: {e}",
-                r.lsn, r.range.len, r.range.offset
-            )
-        })?;
+        }
+        first_error.map_or(Ok(()), Err)
     }
+    for r in records {
+        match r.kind {
+            RecordKind::Write => {
+                let batch_bytes: u64 = batch_ranges.iter().map(|b| b.len).sum();
+                if batch_ranges.len() >= COPY_BATCH_MAX
+                    || batch_bytes + r.range.len > COPY_BATCH_BYTES_MAX
+                    || batch_ranges.iter().any(|b| b.overlaps(&r.range))
+                {
+                    drain(&mut batch, &mut batch_ranges).await?;
+                }
+                let (volume, jh, r) = (volume.clone(), jh.clone(), *r);
+                batch_ranges.push(r.range);
+                batch.spawn(async move {
+                    let data = jh.read(r.lsn).await?;
+                    if data.len() as u64 != r.range.len {
+                        return Err(format!(
+                            "journal record {} holds {} bytes for a {}-byte write",
+                            r.lsn,
+                            data.len(),
+                            r.range.len
+                        ));
+                    }
+                    let result = if volume.writes_inline() {
+                        volume.write_inline(r.range.offset, &data)
+                    } else {
+                        volume.write(r.range.offset, data, false).await
+                    };
+                    result.map_err(|e| failed(&r, e.to_string()))
+                });
+            }
+            RecordKind::Zeroes | RecordKind::Trim => {
+                drain(&mut batch, &mut batch_ranges).await?;
+                // A zero range stays unallocated (punch_hole writes zeros where
+                // the volume cannot punch): write_zeroes' ZERO_RANGE allocates it
+                // (issue 11).
+                let result = if r.kind == RecordKind::Zeroes {
+                    volume.punch_hole(r.range.offset, r.range.len).await
+                } else {
+                    volume.trim(r.range.offset, r.range.len).await
+                };
+                result.map_err(|e| failed(r, e.to_string()))?;
+            }
+            _ => {}
+        }
+    }
+    drain(&mut batch, &mut batch_ranges).await?;
     volume
         .flush()
         .await
         .map_err(|e| format!("flushing the volume after a checkpoint failed: {e}"))
 }
+
+/// Journal records a checkpoint copies into the volume at once (writes that
+/// overlap none of the others in flight), and their bytes in memory at most
+/// (a single larger record goes alone).
+const COPY_BATCH_MAX: usize = 128;
+const COPY_BATCH_BYTES_MAX: u64 = 64 << 20;
 
 /// Read the current image of `range` from its sources and compare its hashes.
 async fn hash_image(
@@ -2622,6 +2674,77 @@ impl ControlHandler for SecondaryControl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint copies records concurrently: the volume must still end with,
+    /// per block, the newest record over it (overlapping writes, zero records
+    /// between them), as when they were copied one by one in order; on an
+    /// O_DIRECT volume (io_uring) and a buffered one (writes inline).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_copy_applies_overlapping_records_in_order() {
+        use crate::engine::secondary::{Lsn, RecordKind};
+        use crate::volume::{EngineChoice, OpenOptions};
+        const SIZE: u64 = 1 << 20;
+        for direct in [true, false] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (done_tx, _done_rx) = mpsc::unbounded_channel();
+            let opened = journal::open(
+                &dir.path().join("journal"),
+                VolumeId([7; 16]),
+                4096,
+                64 << 20,
+                true,
+                done_tx,
+            )
+            .expect("journal");
+            let jh = opened.thread.handle();
+            let opts = OpenOptions {
+                create_size_bytes: Some(SIZE),
+                direct,
+                engine: EngineChoice::Uring,
+            };
+            let volume = Volume::open(&dir.path().join("volume.img"), &opts).expect("volume");
+            let mut model = vec![0u8; SIZE as usize];
+            let mut records = Vec::new();
+            let mut x = 0x5eed_u64;
+            for i in 1..=2_000u64 {
+                x = x
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                // 1-4 blocks among the first 24: nearly every record overlaps
+                // one of the few before it.
+                let range = ByteRange::new((x >> 33) % 24 * 4096, (1 + (x >> 20) % 4) * 4096);
+                let kind = if i % 97 == 0 {
+                    RecordKind::Zeroes
+                } else {
+                    RecordKind::Write
+                };
+                let fill = (i % 251 + 1) as u8;
+                let data = (kind == RecordKind::Write)
+                    .then(|| Bytes::from(vec![fill; range.len as usize]));
+                let r = Record {
+                    lsn: Lsn(i),
+                    seq: Seq(i),
+                    kind,
+                    range,
+                    at_ms: 0,
+                    journal_bytes: journal::record_bytes(range.len),
+                    in_section: false,
+                };
+                jh.append(&r, data.clone());
+                let byte = if data.is_some() { fill } else { 0 };
+                model[range.offset as usize..range.end() as usize].fill(byte);
+                records.push(r);
+            }
+            jh.sync();
+            copy_records(&volume, &jh, &records).await.expect("copy");
+            let got = volume.read(0, SIZE as u32).await.expect("read");
+            let first_bad = (0..SIZE as usize).find(|&i| got[i] != model[i]);
+            assert_eq!(
+                first_bad, None,
+                "direct {direct}: the volume differs from in-order copies"
+            );
+        }
+    }
 
     #[test]
     fn a_promotion_note_names_the_point_in_utc_and_how_far_behind_it_is() {
