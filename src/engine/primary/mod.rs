@@ -1333,9 +1333,19 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
 
     /// The secondary holds everything again: writes that waited for it complete.
     pub(super) fn release_in_sync_waiters(&mut self, out: &mut Vec<Action<T, D>>) {
+        self.release_in_sync_waiters_through(Seq(u64::MAX), out);
+    }
+
+    /// The secondary holds this node's image through `through`: writes up to it
+    /// that waited for it complete.
+    pub(super) fn release_in_sync_waiters_through(
+        &mut self,
+        through: Seq,
+        out: &mut Vec<Action<T, D>>,
+    ) {
         let waiting: Vec<Seq> = self
             .ops
-            .iter()
+            .range(..=through)
             .filter(|(_, op)| op.wait_in_sync)
             .map(|(s, _)| *s)
             .collect();

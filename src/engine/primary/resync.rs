@@ -575,6 +575,13 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             && self.stream.section_done >= Some(marker)
         {
             self.stream.done_marker = None;
+            // The secondary holds this node's image through `marker` durably:
+            // block-mode writes up to it that lost their session are on it,
+            // whatever became dirty after the ResyncDone (a later write whose
+            // local I/O failed and poisoned the node kept the section from
+            // closing, and such a write waited forever: fuzz primary target,
+            // regressions/primary/block-waiter-after-a-poisoned-section-end).
+            self.release_in_sync_waiters_through(marker, out);
             if self.dirty.dirty_count().0 == 0 && !self.is_ahead() && self.resync.pass.is_none() {
                 self.stream.close_section();
                 out.push(Action::Note(Note::InSync {

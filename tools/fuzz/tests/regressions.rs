@@ -530,3 +530,18 @@ fn a_hash_check_delivered_after_a_hostile_reply_may_drop_the_session() {
         "regressions/primary/hash-check-delivered-after-a-hostile-reply",
     ));
 }
+
+/// Found by the session-8 primary campaign (engine, present at 0cc8b45): sync,
+/// on-disconnect = block. A write (seq 4) lost its session before it was
+/// durable and waited for the pair to be in sync again; the next session's
+/// resync ended (`ResyncDone` through 5) but a later write (seq 6) failed
+/// locally and poisoned the node, its block dirty, so at `SectionDone` the
+/// section could not close and the waiting write was never answered although
+/// the secondary durably held it. The engine now releases the waiters up to a
+/// section's end when its `SectionDone` arrives.
+#[test]
+fn a_block_mode_write_is_answered_when_its_section_ends_after_a_poisoning() {
+    tandem_fuzz::primary::run_strict(&input(
+        "regressions/primary/block-waiter-after-a-poisoned-section-end",
+    ));
+}
