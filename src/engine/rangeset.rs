@@ -508,6 +508,20 @@ impl Coverage {
         self.pieces.iter().map(|(&s, &(e, _))| (s, e))
     }
 
+    /// With the pieces in bytes: the blocks of `block_size` bytes of those over
+    /// blocks `[first, end)`, clipped to them (pieces may share a block at their
+    /// ends).
+    pub fn blocks_within(
+        &self,
+        first: BlockIndex,
+        end: BlockIndex,
+        block_size: u32,
+    ) -> impl Iterator<Item = (BlockIndex, BlockIndex)> + '_ {
+        let bs = u64::from(block_size);
+        self.within(first.0.saturating_mul(bs), end.0.saturating_mul(bs))
+            .map(move |(s, e)| (BlockIndex(s / bs), BlockIndex(e.div_ceil(bs))))
+    }
+
     /// The covered pieces of `[start, end)`, clipped to it, in order.
     pub fn within(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
         let first = self

@@ -713,12 +713,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
     /// Blocks of every write not yet durable on the secondary and of every
     /// client op in flight (they overlap: an op in flight is often unacked too).
     fn in_flight_block_ranges(&self) -> impl Iterator<Item = (BlockIndex, BlockIndex)> + '_ {
-        let bs = u64::from(self.cfg.block_size);
-        self.stream.unacked_block_ranges(self.cfg.block_size).chain(
-            self.client_cover
-                .iter()
-                .map(move |(s, e)| (BlockIndex(s / bs), BlockIndex(e.div_ceil(bs)))),
-        )
+        self.in_flight_block_ranges_within(BlockIndex(0), BlockIndex(u64::MAX))
     }
 
     /// [`Self::in_flight_block_ranges`] clipped to blocks `[first, end)`, found
@@ -728,15 +723,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         first: BlockIndex,
         end: BlockIndex,
     ) -> impl Iterator<Item = (BlockIndex, BlockIndex)> + '_ {
-        // The byte pieces are clipped to the span, so their blocks stay in it.
-        let bs = u64::from(self.cfg.block_size);
+        let bs = self.cfg.block_size;
         self.stream
-            .unacked_block_ranges_within(first, end, self.cfg.block_size)
-            .chain(
-                self.client_cover
-                    .within(first.0.saturating_mul(bs), end.0.saturating_mul(bs))
-                    .map(move |(s, e)| (BlockIndex(s / bs), BlockIndex(e.div_ceil(bs)))),
-            )
+            .unacked_block_ranges_within(first, end, bs)
+            .chain(self.client_cover.blocks_within(first, end, bs))
     }
 
     /// A copy of the dirty bitmap with `ranges` marked, each block once: the

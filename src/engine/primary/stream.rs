@@ -406,30 +406,16 @@ impl<D> Stream<D> {
     /// Every block of every write not yet durable on the secondary, range by
     /// range (scale, issue 11: a retirement persists only the bitmap pages of its
     /// extents).
-    /// The blocks of every unacked entry but a verify's comparisons, as pieces
-    /// (they may touch or share a block at their ends).
-    pub(super) fn unacked_block_ranges(
-        &self,
-        block_size: u32,
-    ) -> impl Iterator<Item = (BlockIndex, BlockIndex)> + '_ {
-        let bs = u64::from(block_size);
-        self.unacked_cover
-            .iter()
-            .map(move |(s, e)| (BlockIndex(s / bs), BlockIndex(e.div_ceil(bs))))
-    }
-
-    /// [`Self::unacked_block_ranges`] clipped to blocks `[first, end)`, found by
-    /// offset: O(log n + k) for the k pieces there.
+    /// The blocks of every unacked entry but a verify's comparisons within
+    /// blocks `[first, end)`, found by offset: O(log n + k) for the k pieces
+    /// there (they may touch or share a block at their ends).
     pub(super) fn unacked_block_ranges_within(
         &self,
         first: BlockIndex,
         end: BlockIndex,
         block_size: u32,
     ) -> impl Iterator<Item = (BlockIndex, BlockIndex)> + '_ {
-        let bs = u64::from(block_size);
-        self.unacked_cover
-            .within(first.0.saturating_mul(bs), end.0.saturating_mul(bs))
-            .map(move |(s, e)| (BlockIndex(s / bs), BlockIndex(e.div_ceil(bs))))
+        self.unacked_cover.blocks_within(first, end, block_size)
     }
 
     /// The oldest unacked entry, taken out of the window.
