@@ -57,6 +57,23 @@ async fn read_some<R: AsyncRead + Unpin>(
     }
 }
 
+/// [`read_some`] into the spare capacity of `buf` (no zero-fill), at most `max`
+/// bytes.
+async fn read_some_buf<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    timeout_ms: u64,
+) -> Result<usize, LinkError> {
+    use tokio::io::AsyncReadExt;
+    let mut limited = (&mut *rd).take(max as u64);
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), limited.read_buf(buf)).await {
+        Err(_) => Err(LinkError::Silent(timeout_ms)),
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(e)) => Err(LinkError::Broken(e.to_string())),
+    }
+}
+
 /// Read frames; heartbeats are answered (through `hb_tx`, the writer's heartbeat
 /// queue) and not returned. A peer silent for `timeout_ms` is dead.
 pub struct FrameReader<R> {
@@ -120,17 +137,27 @@ impl StreamDecoder {
                 "a stream chunk of {len} bytes (at most {CHUNK_DECODED_MAX_BYTES})"
             )));
         }
+        let closed = || LinkError::Broken("the peer closed inside a chunk".into());
+        if word & CHUNK_COMPRESSED == 0 {
+            // Raw: straight into the decoded bytes (no staging copy; on a fast
+            // link the stream is mostly raw chunks, see `StreamCompressor`).
+            self.decoded.reserve(len);
+            let mut got = 0;
+            while got < len {
+                match read_some_buf(rd, &mut self.decoded, len - got, timeout_ms).await? {
+                    0 => return Err(closed()),
+                    n => got += n,
+                }
+            }
+            return Ok(());
+        }
         self.chunk.resize(len, 0);
         let mut got = 0;
         while got < len {
             match read_some(rd, &mut self.chunk[got..], timeout_ms).await? {
-                0 => return Err(LinkError::Broken("the peer closed inside a chunk".into())),
+                0 => return Err(closed()),
                 n => got += n,
             }
-        }
-        if word & CHUNK_COMPRESSED == 0 {
-            self.decoded.extend_from_slice(&self.chunk);
-            return Ok(());
         }
         let mut input = zstd::zstd_safe::InBuffer::around(&self.chunk);
         let mut out: Vec<u8> = Vec::with_capacity(len * 4 + 4096);
@@ -186,11 +213,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     async fn next_from_stream(&mut self) -> Result<Frame, LinkError> {
         let d = self.stream.as_mut().expect("stream decoding");
         loop {
-            match wire::decode_frame(&d.decoded) {
-                Ok(Some((frame, used))) => {
-                    bytes::Buf::advance(&mut d.decoded, used);
-                    return Ok(frame);
-                }
+            match wire::decode_frame_split(&mut d.decoded) {
+                Ok(Some(frame)) => return Ok(frame),
                 Ok(None) => {}
                 Err(e) => return Err(LinkError::BadFrame(e.to_string())),
             }

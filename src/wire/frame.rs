@@ -642,6 +642,50 @@ fn encode_frame_head(frame: &Frame, out: &mut BytesMut) {
 /// whole frame. `Ok(Some((frame, used_bytes)))`: one frame of `used_bytes`.
 /// The payload is copied out of `buf` and stays compressed.
 pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
+    let Some((h, msg, body_end, frame_end)) = decode_frame_parts(buf)? else {
+        return Ok(None);
+    };
+    let payload = payload_from_header(&h, Bytes::copy_from_slice(&buf[body_end..frame_end]));
+    Ok(Some((
+        Frame {
+            seq: h.seq,
+            msg,
+            payload,
+        },
+        frame_end,
+    )))
+}
+
+/// [`decode_frame`] from the front of a receive buffer, which loses the frame's
+/// bytes. A payload of [`SHARE_PAYLOAD_MIN_BYTES`] or more shares them (no copy:
+/// it keeps that part of the buffer's allocation alive); a smaller one is copied,
+/// so a few small payloads held long never pin megabytes of received stream.
+pub fn decode_frame_split(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+    let Some((h, msg, body_end, frame_end)) = decode_frame_parts(buf)? else {
+        return Ok(None);
+    };
+    let wire = if frame_end - body_end >= SHARE_PAYLOAD_MIN_BYTES {
+        buf.split_to(frame_end).freeze().slice(body_end..)
+    } else {
+        let wire = Bytes::copy_from_slice(&buf[body_end..frame_end]);
+        bytes::Buf::advance(buf, frame_end);
+        wire
+    };
+    Ok(Some(Frame {
+        seq: h.seq,
+        msg,
+        payload: payload_from_header(&h, wire),
+    }))
+}
+
+/// Payloads from this size up share the receive buffer ([`decode_frame_split`]).
+pub const SHARE_PAYLOAD_MIN_BYTES: usize = 64 << 10;
+
+/// The header and body of the frame at the front of `buf`, and where its body and
+/// payload end; `None` while `buf` holds less than the whole frame.
+fn decode_frame_parts(
+    buf: &[u8],
+) -> Result<Option<(FrameHeader, Message, usize, usize)>, WireError> {
     let Some(header_bytes) = buf.first_chunk::<HEADER_LEN>() else {
         return Ok(None);
     };
@@ -652,15 +696,7 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
         return Ok(None);
     }
     let msg = decode_body(&h, &buf[HEADER_LEN..body_end])?;
-    let payload = payload_from_header(&h, Bytes::copy_from_slice(&buf[body_end..frame_end]));
-    Ok(Some((
-        Frame {
-            seq: h.seq,
-            msg,
-            payload,
-        },
-        frame_end,
-    )))
+    Ok(Some((h, msg, body_end, frame_end)))
 }
 
 /// Fill `buf` completely; returns how many bytes were read before EOF.

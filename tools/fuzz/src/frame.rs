@@ -1,11 +1,13 @@
-//! The frame decoder: `decode_frame` (sync) and `read_frame` (the agents' path)
+//! The frame decoder: `decode_frame` (sync), `decode_frame_split` (the
+//! compressed stream's receive buffer) and `read_frame` (the agents' plain path)
 //! must accept exactly the same frames from a byte stream, a decoded frame must
 //! re-encode to one that decodes equal, and opening a payload (decompression,
 //! crc) must stay within the announced length.
 
 use bytes::BytesMut;
 use tandem::wire::{
-    Frame, HEADER_LEN, PAYLOAD_MAX_BYTES, WireError, decode_frame, encode_frame, read_frame,
+    Frame, HEADER_LEN, PAYLOAD_MAX_BYTES, WireError, decode_frame, decode_frame_split,
+    encode_frame, read_frame,
 };
 
 /// At most this many frames per input (inputs are small; this bounds time).
@@ -54,6 +56,26 @@ pub fn run(data: &[u8]) {
             Err(e) => break Err(e),
         }
     };
+    // The stream decoder splits frames off its buffer: the same frames, with the
+    // same payload bytes, and the same refusal.
+    let mut buf = BytesMut::from(data);
+    for expected in &decoded {
+        let got = decode_frame_split(&mut buf)
+            .expect("decode_frame_split refuses what decode_frame accepts")
+            .expect("decode_frame_split sees a whole frame");
+        assert!(same(expected, &got), "{expected:?} != {got:?}");
+        let (a, b) = (expected.payload.clone().open(), got.payload.open());
+        assert_eq!(a.ok(), b.ok(), "the payloads open differently");
+    }
+    if decoded.len() < FRAMES_MAX {
+        let next = decode_frame_split(&mut buf);
+        assert_eq!(
+            next.is_err(),
+            end.is_err(),
+            "decode_frame_split ended with {next:?}"
+        );
+        assert!(matches!(next, Ok(None) | Err(_)));
+    }
     // The agents read with read_frame: it must see the same frames.
     let mut reader = data;
     let mut scratch = BytesMut::new();
