@@ -271,3 +271,81 @@ fn a_secondary_that_cannot_stage_a_whole_volume_resync_is_never_left_behind() {
         "the throttling is logged, with its reason"
     );
 }
+
+/// A resync larger than what the secondary's journal stages is refused at every
+/// reconnect until an operator acts (grow journal-size, or allow an inconsistent
+/// resync). The primary dials again every few seconds; each refusal used to cost
+/// an ERROR line on the secondary and a WARN on the primary, every 5 s for as
+/// long as nobody acted (720 of each an hour). Now each side logs the first
+/// refusal in full and then a summary per interval (ratelog), the primary's status
+/// says why it is not in sync, and once the operator allows the resync the pair
+/// converges to identical images.
+#[test]
+fn a_refused_resync_is_logged_once_then_summarised_and_converges_once_allowed() {
+    let seed = common::seed("refused resync");
+    const SIZE: u64 = 256 * MIB;
+    let site = common::Site::new();
+    let (p_img, s_img) = (site.path("primary.img"), site.path("secondary.img"));
+    let (repl, nbd) = (common::free_port(), common::free_port());
+    // The smallest journal: stages 112 MiB.
+    let small = common::NodeOpts {
+        extra: vec!["--journal-size".into(), "128M".into()],
+        ..Default::default()
+    };
+    let mut secondary = site.secondary("secondary", &s_img, SIZE, repl, &small);
+    secondary.wait_status("control socket", common::READY_TIMEOUT, |_| true);
+    let mut primary = site.primary(
+        "primary",
+        &p_img,
+        SIZE,
+        "async",
+        repl,
+        nbd,
+        &common::NodeOpts::default(),
+    );
+    primary.wait_status("in sync", common::READY_TIMEOUT, common::primary_in_sync);
+    secondary.stop();
+    // 160 MiB changed while apart: more than the journal stages.
+    common::write_seeded(&format!("127.0.0.1:{nbd}"), 0, 160, MIB, seed);
+    secondary.restart();
+    let refusals = |a: &common::Agent| a.log_text().matches("does not fit the journal").count();
+    common::wait_until("a first refusal", Duration::from_secs(60), || {
+        refusals(&secondary) >= 1
+    });
+    // The primary dials again at least every 5 s: five or more refusals.
+    std::thread::sleep(Duration::from_secs(25));
+    let (on_secondary, on_primary) = (refusals(&secondary), refusals(&primary));
+    eprintln!(
+        "refused resync: {on_secondary} lines on the secondary, {on_primary} on the primary in 25 s"
+    );
+    assert!(
+        on_secondary <= 2 && on_primary <= 2,
+        "a repeated refusal is logged once, then summarised: {on_secondary} lines on the \
+         secondary, {on_primary} on the primary"
+    );
+    let status = primary.status().expect("primary status");
+    assert!(
+        status.to_string().contains("does not fit the journal"),
+        "the primary's status says why it is not in sync: {status}"
+    );
+    // The operator allows an inconsistent resync: the pair converges.
+    secondary.stop();
+    let allowed = common::NodeOpts {
+        extra: vec![
+            "--journal-size".into(),
+            "128M".into(),
+            "--resync-overflow".into(),
+            "inconsistent".into(),
+        ],
+        ..Default::default()
+    };
+    let mut secondary = site.secondary("secondary-allowed", &s_img, SIZE, repl, &allowed);
+    primary.wait_status(
+        "in sync once allowed",
+        Duration::from_secs(60),
+        common::primary_in_sync,
+    );
+    primary.stop();
+    secondary.stop();
+    common::assert_same_file(&p_img, &s_img);
+}

@@ -1259,16 +1259,29 @@ impl Owner {
         self.shipped_at.clear();
         self.grow_session_ended(); // ha (issue 12)
         if let Some(s) = self.session.take() {
-            tracing::warn!(session = s.id, "dropping the session: {reason}");
-            if self.cfg.mode == Mode::Sync {
+            let consequence = (self.cfg.mode == Mode::Sync).then(|| {
                 if self.cfg.on_disconnect == crate::config::OnDisconnect::Block {
-                    tracing::warn!(
-                        "sync mode without a secondary: writes wait until it is back and holds them (on-disconnect = block)"
-                    );
+                    "sync mode without a secondary: writes wait until it is back and holds them (on-disconnect = block)"
                 } else {
-                    tracing::warn!(
-                        "sync mode DEGRADED: without a secondary, writes complete on this node alone and are tracked for resync (on-disconnect = degrade)"
-                    );
+                    "sync mode DEGRADED: without a secondary, writes complete on this node alone and are tracked for resync (on-disconnect = degrade)"
+                }
+            });
+            if reason.starts_with(PEER_REFUSED) {
+                // The secondary meets this node's next dial (every few seconds)
+                // with the same refusal until an operator acts (journal-size,
+                // resync-overflow): the first in full, then a summary per interval.
+                crate::ratelog::global().record(
+                    "primary.session-refused",
+                    crate::ratelog::Level::Warn,
+                    || match consequence {
+                        Some(c) => format!("session {}: {reason}; {c}", s.id),
+                        None => format!("session {}: {reason}", s.id),
+                    },
+                );
+            } else {
+                tracing::warn!(session = s.id, "dropping the session: {reason}");
+                if let Some(c) = consequence {
+                    tracing::warn!("{c}");
                 }
             }
             self.shared.metrics.set_error(reason.to_string());
@@ -2386,6 +2399,9 @@ async fn connector(
         enc.abort();
         if stop.is_cancelled() {
             tracing::info!(session = id, "session with secondary ended: {reason}");
+        } else if reason.starts_with(PEER_REFUSED) {
+            // Logged (rate-limited) by the owner as it drops the session.
+            tracing::debug!(session = id, "session with secondary ended: {reason}");
         } else {
             tracing::warn!(session = id, "session with secondary ended: {reason}");
         }
@@ -2660,7 +2676,7 @@ async fn session_reader(
             },
             Message::Goodbye { .. } => return "secondary said Goodbye".into(),
             Message::Refuse { reason } => {
-                return format!("secondary stopped the session: {reason}");
+                return format!("{PEER_REFUSED}{reason}");
             }
             other => return format!("unexpected message kind {} from secondary", other.kind()),
         };
@@ -2669,6 +2685,9 @@ async fn session_reader(
         }
     }
 }
+
+/// How a session end the secondary asked for (its `Refuse`) begins.
+const PEER_REFUSED: &str = "secondary stopped the session: ";
 
 /// The refusal two primaries log (issue 15.6): blocks changed on each, and on
 /// this node how many of them are only suspected (its active extents at a crash,

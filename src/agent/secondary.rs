@@ -767,7 +767,18 @@ impl Node {
                 );
             }
             SecondaryAction::Fail { fault } => {
-                tracing::error!("stopping the session: {fault}");
+                if fault.repeats_at_each_reconnect() {
+                    // The primary dials again every few seconds and meets the same
+                    // refusal until an operator acts: the first in full, then a
+                    // summary per interval.
+                    crate::ratelog::global().record(
+                        "secondary.resync-refused",
+                        crate::ratelog::Level::Error,
+                        || format!("stopping the session: {fault}"),
+                    );
+                } else {
+                    tracing::error!("stopping the session: {fault}");
+                }
                 self.metrics.set_error(fault.to_string());
                 self.metrics
                     .events

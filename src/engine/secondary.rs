@@ -300,6 +300,17 @@ pub enum Fault {
     Io(String),
 }
 
+impl Fault {
+    /// A refusal the primary meets again at every reconnect until an operator
+    /// acts (journal-size, resync-overflow): agents log it rate-limited.
+    pub fn repeats_at_each_reconnect(&self) -> bool {
+        matches!(
+            self,
+            Fault::ResyncTooLarge { .. } | Fault::JournalFullDuringResync { .. }
+        )
+    }
+}
+
 /// Largest seq accepted from a peer: leaves room to count past it.
 pub const SEQ_MAX: u64 = u64::MAX / 2;
 
