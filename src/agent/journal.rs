@@ -72,6 +72,20 @@ fn kind_of(code: u8) -> Option<RecordKind> {
     RecordKind::from_code(code)
 }
 
+/// Whether [`open`] may create a missing journal, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Create {
+    /// A missing journal is an error.
+    No,
+    /// A new node's, under a provisional identity, replaced when the node adopts
+    /// its primary's: fallocated only.
+    Provisional,
+    /// Under the node's identity: the ring is written once
+    /// ([`Journal::create_written`]: durable appends then skip the filesystem's
+    /// extent conversions).
+    Written,
+}
+
 /// Open the node's journal (or create it when `create` says so), recover its
 /// records, make them durable, and start its thread.
 pub fn open(
@@ -79,7 +93,7 @@ pub fn open(
     volume_id: VolumeId,
     block_size: u32,
     capacity_bytes: u64,
-    create: bool,
+    create: Create,
     done: mpsc::UnboundedSender<JournalDone>,
 ) -> Result<Opened, JournalError> {
     let identity = JournalIdentity {
@@ -87,7 +101,14 @@ pub fn open(
         volume_id,
         block_size,
     };
-    let j = if create && !path.exists() {
+    let j = if create == Create::Written && !path.exists() {
+        tracing::info!(
+            path = %path.display(),
+            bytes = capacity_bytes,
+            "creating the journal: writing zeros over its ring once (about 1-3 s per GiB)"
+        );
+        Journal::create_written(path, identity, capacity_bytes)?
+    } else if create == Create::Provisional && !path.exists() {
         Journal::create(path, identity, capacity_bytes)?
     } else {
         Journal::open(path, identity)?

@@ -354,12 +354,18 @@ pub async fn serve(
         );
         may_create = true;
     }
+    let create = match (may_create, sb.is_new) {
+        (false, _) => journal::Create::No,
+        // Replaced when the node adopts its primary's identity.
+        (true, true) => journal::Create::Provisional,
+        (true, false) => journal::Create::Written,
+    };
     let jopened = journal::open(
         &cfg.journal,
         sb.volume_id,
         cfg.block_size,
         cfg.journal_bytes,
-        may_create,
+        create,
         jdone_tx.clone(),
     )
     .map_err(|e| AgentError::Refused(format!("{e}")))?;
@@ -1399,7 +1405,7 @@ impl Node {
             self.sb.volume_id,
             self.cfg.block_size,
             self.cfg.journal_bytes,
-            true,
+            journal::Create::Written,
             self.jdone_tx.clone(),
         )
         .map_err(|e| e.to_string())?;
@@ -1882,7 +1888,7 @@ fn remove_journal(
         volume_id,
         cfg.block_size,
         cfg.journal_bytes,
-        false,
+        journal::Create::No,
         done,
     )
     .map_err(|e| AgentError::Refused(format!("{e}")))?;
@@ -2703,7 +2709,7 @@ mod tests {
                 VolumeId([7; 16]),
                 4096,
                 64 << 20,
-                true,
+                journal::Create::Written,
                 done_tx,
             )
             .expect("journal");

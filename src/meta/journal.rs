@@ -787,6 +787,32 @@ impl Journal<File> {
         identity: JournalIdentity,
         capacity_bytes: u64,
     ) -> Result<Journal<File>, JournalError> {
+        Self::create_file(path, identity, capacity_bytes, false)
+    }
+
+    /// [`Journal::create`], with the ring written once with zeros (what a scan
+    /// reads as never written) before the journal is linked into place.
+    /// fallocate leaves unwritten extents, and the first fdatasync after a write
+    /// into one also commits the filesystem's conversion of that extent: every
+    /// durable append of the first pass round the ring paid it (the secondary's
+    /// redo journal, sync mode, 4 KiB write + FLUSH at QD1 on ext4: ~1,200 IOPS
+    /// against ~1,420 with a written ring). Databases zero-fill their
+    /// write-ahead logs for the same reason. Costs a write of the whole ring
+    /// (1–3 s per GiB here).
+    pub fn create_written(
+        path: &Path,
+        identity: JournalIdentity,
+        capacity_bytes: u64,
+    ) -> Result<Journal<File>, JournalError> {
+        Self::create_file(path, identity, capacity_bytes, true)
+    }
+
+    fn create_file(
+        path: &Path,
+        identity: JournalIdentity,
+        capacity_bytes: u64,
+        written: bool,
+    ) -> Result<Journal<File>, JournalError> {
         validate_capacity(capacity_bytes)?;
         let kind = identity.kind;
         let io_err = |path: &Path, op| {
@@ -838,6 +864,10 @@ impl Journal<File> {
                     },
                     e => e,
                 })?;
+            if written {
+                zero_fill(&journal.file, RING_OFFSET_BYTES, capacity_bytes)
+                    .map_err(io_err(&tmp, "write zeros over the ring"))?;
+            }
             journal.file.sync_all().map_err(io_err(&tmp, "fsync"))?;
             std::fs::hard_link(&tmp, path).map_err(io_err(path, "link into place"))?;
             journal.path = path.to_path_buf();
@@ -881,6 +911,19 @@ impl Journal<File> {
         };
         Self::open_on(file, path, identity)
     }
+}
+
+/// Write zeros over `len` bytes of `file` from `offset` (allocated already).
+fn zero_fill(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    const CHUNK_BYTES: u64 = 8 << 20;
+    let zeros = vec![0u8; CHUNK_BYTES.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK_BYTES) as usize;
+        DurableFile::write_all_at(file, &zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 impl<F: DurableFile> Journal<F> {
@@ -1663,6 +1706,37 @@ mod tests {
         assert_eq!(RecordHeader::decode(&torn), Err(RecordFault::BadCrc));
         assert_eq!(RecordHeader::decode(&[0; 64]), Err(RecordFault::Zeroed));
         assert_eq!(RecordHeader::decode(&[7; 64]), Err(RecordFault::BadMagic));
+    }
+
+    /// `create_written` writes the whole ring (no unwritten extent is left for
+    /// a durable append to convert): the filesystem reports data, no hole, from
+    /// the ring's start to the end of the file; the ring reads as zeros and the
+    /// journal reopens empty.
+    #[test]
+    fn a_written_journal_has_its_whole_ring_written_with_zeros() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("journal");
+        let identity = JournalIdentity {
+            kind: JournalKind::Redo,
+            volume_id: VolumeId([3; 16]),
+            block_size: 4096,
+        };
+        const RING: u64 = 4 << 20;
+        let j = Journal::create_written(&path, identity, RING).expect("create");
+        let fd = j.file.as_raw_fd();
+        let at = |whence| unsafe { libc::lseek(fd, RING_OFFSET_BYTES as libc::off_t, whence) };
+        assert_eq!(at(libc::SEEK_DATA), RING_OFFSET_BYTES as libc::off_t);
+        assert_eq!(
+            at(libc::SEEK_HOLE),
+            (RING_OFFSET_BYTES + RING) as libc::off_t
+        );
+        drop(j);
+        let ring = std::fs::read(&path).expect("read");
+        assert_eq!(ring.len() as u64, RING_OFFSET_BYTES + RING);
+        assert!(ring[RING_OFFSET_BYTES as usize..].iter().all(|&b| b == 0));
+        let j = Journal::open(&path, identity).expect("reopen");
+        assert_eq!(j.records().count(), 0);
     }
 
     #[test]
