@@ -77,12 +77,14 @@ fn kind_of(code: u8) -> Option<RecordKind> {
 pub enum Create {
     /// A missing journal is an error.
     No,
-    /// A new node's, under a provisional identity, replaced when the node adopts
-    /// its primary's: fallocated only.
-    Provisional,
-    /// Under the node's identity: the ring is written once
-    /// ([`Journal::create_written`]: durable appends then skip the filesystem's
-    /// extent conversions).
+    /// Fallocated only: a new node's (under a provisional identity at start,
+    /// under its primary's when it adopts it). Adoption happens inside the
+    /// handshake, which must not wait for a whole ring to be written (minutes
+    /// for a journal of tens of GiB, past the primary's handshake timeout).
+    Fallocated,
+    /// At the start of a node that has its identity, before it listens: the
+    /// ring is written once ([`Journal::create_written`]: durable appends then
+    /// skip the filesystem's extent conversions).
     Written,
 }
 
@@ -108,7 +110,7 @@ pub fn open(
             "creating the journal: writing zeros over its ring once (about 1-3 s per GiB)"
         );
         Journal::create_written(path, identity, capacity_bytes)?
-    } else if create == Create::Provisional && !path.exists() {
+    } else if create == Create::Fallocated && !path.exists() {
         Journal::create(path, identity, capacity_bytes)?
     } else {
         Journal::open(path, identity)?

@@ -357,7 +357,7 @@ pub async fn serve(
     let create = match (may_create, sb.is_new) {
         (false, _) => journal::Create::No,
         // Replaced when the node adopts its primary's identity.
-        (true, true) => journal::Create::Provisional,
+        (true, true) => journal::Create::Fallocated,
         (true, false) => journal::Create::Written,
     };
     let jopened = journal::open(
@@ -1405,7 +1405,7 @@ impl Node {
             self.sb.volume_id,
             self.cfg.block_size,
             self.cfg.journal_bytes,
-            journal::Create::Written,
+            journal::Create::Fallocated,
             self.jdone_tx.clone(),
         )
         .map_err(|e| e.to_string())?;
