@@ -281,8 +281,23 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
 /// (wan, issue 11 item 4; the reader must use
 /// [`FrameReader::with_stream_decoding`]).
 pub async fn run_writer_compressed<W: AsyncWrite + Unpin>(
+    wr: W,
+    rx: mpsc::Receiver<Frame>,
+    hb_rx: mpsc::Receiver<u64>,
+    heartbeat_interval_ms: u64,
+    compress: Option<StreamCompressor>,
+) -> LinkError {
+    run_writer_converting(wr, rx, |f| f, hb_rx, heartbeat_interval_ms, compress).await
+}
+
+/// [`run_writer_compressed`] fed by the sender's own messages, each made a
+/// frame by `to_frame` as it is taken from the queue: no task between the
+/// sender and the socket (the primary's payloads need only their crc32 when
+/// the stream is compressed as a whole; issue 11 item 3).
+pub async fn run_writer_converting<W: AsyncWrite + Unpin, T>(
     mut wr: W,
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: mpsc::Receiver<T>,
+    mut to_frame: impl FnMut(T) -> Frame,
     mut hb_rx: mpsc::Receiver<u64>,
     heartbeat_interval_ms: u64,
     mut compress: Option<StreamCompressor>,
@@ -299,6 +314,7 @@ pub async fn run_writer_compressed<W: AsyncWrite + Unpin>(
                     return LinkError::ClosedHere;
                 }
                 Some(f) => {
+                    let f = to_frame(f);
                     let mut batch = Batch::default();
                     let mut last = is_last(&f.msg);
                     let whole = compress.is_some();
@@ -307,6 +323,7 @@ pub async fn run_writer_compressed<W: AsyncWrite + Unpin>(
                     while batch.len_bytes < (4 << 20) && !last {
                         match rx.try_recv() {
                             Ok(f) => {
+                                let f = to_frame(f);
                                 last |= is_last(&f.msg);
                                 batch.push(&f, &mut buf, whole);
                             }
@@ -316,10 +333,11 @@ pub async fn run_writer_compressed<W: AsyncWrite + Unpin>(
                     if batch.len_bytes >= (4 << 20) {
                         more = !rx.is_empty();
                     }
+                    let idle = !more && rx.is_empty();
                     let written = match compress.take() {
                         Some(c) => {
                             let raw = buf.split().freeze();
-                            let (c, r) = write_compressed(&mut wr, c, raw, more).await;
+                            let (c, r) = write_compressed(&mut wr, c, raw, more, idle).await;
                             compress = Some(c);
                             r
                         }
@@ -443,18 +461,47 @@ impl Batch {
     }
 }
 
-/// Compress `raw` (a batch of encoded frames) on a blocking thread, write it as
-/// one chunk, and tell the compressor how long each part took. `more`: frames
-/// were still queued when the batch closed (the writer is the bottleneck).
+/// Batches up to this size are compressed on the writer task itself: a few
+/// small frames take tens of microseconds, less than the hand-off to a blocking
+/// thread and back that every QD1 write would pay (issue 11 item 3).
+const INLINE_ENCODE_MAX_BYTES: usize = 16 << 10;
+
+/// A latency-first stream (sync mode) sends batches up to this size raw when
+/// nothing else is queued: a writer that keeps up is not short of link, and
+/// every microsecond of compression is added to a client write's round trip
+/// (4 KiB at level 3: ~25 µs of the primary's ~160 µs of CPU per sync QD1
+/// write). Once frames queue up, batches grow past it and compress again.
+const IDLE_RAW_MAX_BYTES: usize = 16 << 10;
+
+/// Compress `raw` (a batch of encoded frames; a large one on a blocking
+/// thread), write it as one chunk, and tell the compressor how long each part
+/// took. `more`: frames were still queued when the batch closed (the writer is
+/// the bottleneck); `idle`: none were.
 async fn write_compressed<W: AsyncWrite + Unpin>(
     wr: &mut W,
     mut c: StreamCompressor,
     raw: Bytes,
     more: bool,
+    idle: bool,
 ) -> (StreamCompressor, std::io::Result<()>) {
     let started = Instant::now();
     let raw_len = raw.len() as u64;
     let mut out = std::mem::take(&mut c.out);
+    if c.latency_first && idle && raw.len() <= IDLE_RAW_MAX_BYTES {
+        // Not a window's sample: the adaptive rules measure batches that load
+        // the link or the CPU.
+        out.clear();
+        out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+        out.extend_from_slice(&raw);
+        let r = wr.write_all(&out).await;
+        c.wire_total += out.len() as u64;
+        if let Some(m) = &c.metrics {
+            crate::metrics::Metrics::add(&m.replicated_wire_bytes, out.len() as u64);
+        }
+        out.clear();
+        c.out = out;
+        return (c, r);
+    }
     let (mut c, mut out, result) = if c.raw_left > 0 {
         c.raw_left = c.raw_left.saturating_sub(raw.len() as u64);
         if c.raw_cpu && c.raw_left == 0 {
@@ -466,6 +513,9 @@ async fn write_compressed<W: AsyncWrite + Unpin>(
         out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
         out.extend_from_slice(&raw);
         (c, out, Ok(false))
+    } else if raw.len() <= INLINE_ENCODE_MAX_BYTES {
+        let r = c.encode(&raw, &mut out);
+        (c, out, r)
     } else {
         match tokio::task::spawn_blocking(move || {
             let r = c.encode(&raw, &mut out);
@@ -536,11 +586,16 @@ async fn write_compressed<W: AsyncWrite + Unpin>(
 /// filling or draining (bench wan: a level change every ~16 MiB of the tar, each
 /// one losing up to 16 MiB of history).
 ///
+/// **Latency first** (sync mode): a small batch written while nothing else is
+/// queued goes raw, outside the windows (see [`IDLE_RAW_MAX_BYTES`]).
+///
 /// **Long window.** Once the link has been the bottleneck the stream also
 /// matches 16 MiB back (see [`Self::set_level`]), from then on at every level
 /// from 3.
 pub struct StreamCompressor {
     cctx: zstd::zstd_safe::CCtx<'static>,
+    /// Small idle batches go raw (sync mode).
+    latency_first: bool,
     level: i32,
     /// A level change waits for the current frame to end.
     pending_level: Option<i32>,
@@ -614,7 +669,15 @@ impl StreamCompressor {
             metrics,
             win: Window::default(),
             changes: 0,
+            latency_first: false,
         }
+    }
+
+    /// Latency first (sync mode): small batches written while nothing else is
+    /// queued go raw (see [`IDLE_RAW_MAX_BYTES`]).
+    pub fn latency_first(mut self, on: bool) -> Self {
+        self.latency_first = on;
+        self
     }
 
     pub fn level(&self) -> i32 {
@@ -1081,6 +1144,43 @@ mod tests {
     /// bytes, the stream goes raw for a span that doubles at each episode in a
     /// row; a raw window on a link slower than the compressor ends the span and
     /// resets it (a WAN gets its compression back within one window).
+    /// Sync mode: a small batch written while nothing else is queued goes raw
+    /// (compression would only add to the client's round trip); one written
+    /// while frames wait, or a large one, compresses; an async stream compresses
+    /// small idle batches too.
+    #[tokio::test]
+    async fn a_latency_first_stream_sends_small_idle_batches_raw() {
+        let compressible = |len: usize| Bytes::from(vec![7u8; len]);
+        let flag =
+            |out: &[u8]| u32::from_le_bytes(out[..4].try_into().unwrap()) & CHUNK_COMPRESSED != 0;
+        let mut c = StreamCompressor::new(3, None).latency_first(true);
+        let cases = [
+            (4096, false, true, false),
+            (4096, false, false, true),
+            (IDLE_RAW_MAX_BYTES + 1, false, true, true),
+            (4096, true, false, true),
+        ];
+        for (len, more, idle, compressed) in cases {
+            let mut out: Vec<u8> = Vec::new();
+            let (next, r) = write_compressed(&mut out, c, compressible(len), more, idle).await;
+            r.unwrap();
+            c = next;
+            assert_eq!(
+                flag(&out),
+                compressed,
+                "{len} bytes, more {more}, idle {idle}"
+            );
+            if !compressed {
+                assert_eq!(out.len(), 4 + len);
+            }
+        }
+        let c = StreamCompressor::new(3, None);
+        let mut out: Vec<u8> = Vec::new();
+        let (_, r) = write_compressed(&mut out, c, compressible(4096), false, true).await;
+        r.unwrap();
+        assert!(flag(&out), "an async stream compresses a small idle batch");
+    }
+
     #[test]
     fn a_link_faster_than_the_compressor_goes_raw_until_the_link_slows() {
         let window = end_window;

@@ -2061,32 +2061,59 @@ impl ControlHandler for PrimaryControl {
     }
 }
 
-/// Turn engine frames into wire frames, compressing payloads in parallel (up to
-/// `PARALLEL` at once, order kept), and hand them to the writer.
-///
-/// `compress` None: the link compresses the whole stream (wan, issue 11 item 4);
-/// payloads go raw and the writer counts the wire bytes.
+/// Payloads up to this size are compressed on the encoder task itself: a 16 KiB
+/// zstd pass takes tens of microseconds, less than the hand-off to a blocking
+/// thread and back, which a QD1 write pays in full (issue 11 item 3).
+const INLINE_COMPRESS_MAX_BYTES: usize = 16 << 10;
+
+/// A frame of the encoder's queue: ready, or still being compressed.
+enum Encoding {
+    Ready(Box<Frame>),
+    Compressing(tokio::task::JoinHandle<Frame>),
+}
+
+/// Turn engine frames into wire frames compressed one by one (a peer without
+/// the stream capability), large payloads in parallel on blocking threads (up
+/// to `PARALLEL` frames queued, order kept), and hand them to the writer. A
+/// frame that needs no compression thread goes out at once when nothing is
+/// queued before it: no task, no wakeup.
 async fn encoder(
     mut rx: mpsc::Receiver<ToPeer>,
     tx: mpsc::Sender<Frame>,
-    compress: Option<Arc<AdaptiveCompression>>,
+    compress: Arc<AdaptiveCompression>,
     metrics: Arc<Metrics>,
 ) {
     const PARALLEL: usize = 8;
-    let mut pending: VecDeque<tokio::task::JoinHandle<Frame>> = VecDeque::new();
+    let mut pending: VecDeque<Encoding> = VecDeque::new();
     loop {
+        while matches!(pending.front(), Some(Encoding::Ready(_))) {
+            let Some(Encoding::Ready(frame)) = pending.pop_front() else {
+                unreachable!("the front was ready");
+            };
+            if tx.send(*frame).await.is_err() {
+                return;
+            }
+        }
+        // The front, if any, is being compressed.
         let next = if pending.len() < PARALLEL {
             tokio::select! {
                 biased;
                 f = rx.recv() => f.map(Ok),
-                Some(done) = async { match pending.front_mut() { Some(h) => Some(h.await), None => None } } => {
+                Some(done) = async {
+                    match pending.front_mut() {
+                        Some(Encoding::Compressing(h)) => Some(h.await),
+                        _ => None,
+                    }
+                } => {
                     pending.pop_front();
                     Some(Err(done))
                 }
             }
         } else {
-            let h = pending.pop_front().expect("full");
-            Some(Err(h.await))
+            match pending.pop_front() {
+                Some(Encoding::Compressing(h)) => Some(Err(h.await)),
+                _ => unreachable!("a full queue starts with a frame being compressed"),
+            }
         };
         match next {
             None => break,
@@ -2096,70 +2123,79 @@ async fn encoder(
                 }
             }
             Some(Err(Err(_))) => return,
-            Some(Ok(out)) => {
-                let handle = match out {
-                    ToPeer::Goodbye { outdated } => {
-                        let frame = link::control_frame(Message::Goodbye { outdated });
-                        tokio::spawn(async move { frame })
-                    }
-                    // ha (issue 12): online grow, after every frame before it.
-                    ToPeer::Grow { size_bytes } => {
-                        let frame = link::control_frame(Message::Grow { size_bytes });
-                        tokio::spawn(async move { frame })
-                    }
-                    ToPeer::Frame(Outgoing::Write {
-                        seq,
-                        offset,
-                        fua,
-                        at_ms,
-                        data,
-                    }) => {
-                        match compress.clone() {
-                            Some(compress) => {
-                                let metrics = metrics.clone();
-                                tokio::task::spawn_blocking(move || {
-                                    let payload = compress.prepare(data);
-                                    Metrics::add(
-                                        &metrics.replicated_wire_bytes,
-                                        payload.wire_len() as u64,
-                                    );
-                                    Frame {
-                                        seq: seq.0,
-                                        msg: Message::Write { offset, fua, at_ms },
-                                        payload,
-                                    }
-                                })
-                            }
-                            None => {
-                                // The crc32 over the payload only (G5).
-                                let frame = Frame {
-                                    seq: seq.0,
-                                    msg: Message::Write { offset, fua, at_ms },
-                                    payload: Payload::prepare(data, 0),
-                                };
-                                tokio::spawn(async move { frame })
-                            }
-                        }
-                    }
-                    ToPeer::Frame(other) => {
-                        let frame = plain_frame(other);
-                        tokio::spawn(async move { frame })
-                    }
-                };
-                pending.push_back(handle);
-            }
+            Some(Ok(out)) => pending.push_back(compress_for_peer(out, &compress, &metrics)),
         }
     }
     // Everything queued goes out before the writer's channel closes.
-    while let Some(h) = pending.pop_front() {
-        match h.await {
-            Ok(frame) => {
-                if tx.send(frame).await.is_err() {
-                    return;
-                }
-            }
-            Err(_) => return,
+    while let Some(e) = pending.pop_front() {
+        let frame = match e {
+            Encoding::Ready(frame) => *frame,
+            Encoding::Compressing(h) => match h.await {
+                Ok(frame) => frame,
+                Err(_) => return,
+            },
+        };
+        if tx.send(frame).await.is_err() {
+            return;
         }
+    }
+}
+
+/// One engine frame as a wire frame with its payload compressed on its own,
+/// or the task compressing it.
+fn compress_for_peer(
+    out: ToPeer,
+    compress: &Arc<AdaptiveCompression>,
+    metrics: &Arc<Metrics>,
+) -> Encoding {
+    let ToPeer::Frame(Outgoing::Write {
+        seq,
+        offset,
+        fua,
+        at_ms,
+        data,
+    }) = out
+    else {
+        return Encoding::Ready(Box::new(raw_frame_for_peer(out)));
+    };
+    let compress = compress.clone();
+    let metrics = metrics.clone();
+    let small = data.len() <= INLINE_COMPRESS_MAX_BYTES;
+    let encode = move || {
+        let payload = compress.prepare(data);
+        Metrics::add(&metrics.replicated_wire_bytes, payload.wire_len() as u64);
+        Frame {
+            seq: seq.0,
+            msg: Message::Write { offset, fua, at_ms },
+            payload,
+        }
+    };
+    if small {
+        Encoding::Ready(Box::new(encode()))
+    } else {
+        Encoding::Compressing(tokio::task::spawn_blocking(encode))
+    }
+}
+
+/// One engine frame as a wire frame, its payload as it is (the crc32 over it
+/// only, G5).
+fn raw_frame_for_peer(out: ToPeer) -> Frame {
+    match out {
+        ToPeer::Goodbye { outdated } => link::control_frame(Message::Goodbye { outdated }),
+        // ha (issue 12): online grow, after every frame before it.
+        ToPeer::Grow { size_bytes } => link::control_frame(Message::Grow { size_bytes }),
+        ToPeer::Frame(Outgoing::Write {
+            seq,
+            offset,
+            fua,
+            at_ms,
+            data,
+        }) => Frame {
+            seq: seq.0,
+            msg: Message::Write { offset, fua, at_ms },
+            payload: Payload::prepare(data, 0),
+        },
+        ToPeer::Frame(other) => plain_frame(other),
     }
 }
 
@@ -2332,7 +2368,6 @@ async fn connector(
         id += 1;
         let started = Instant::now();
         let (out_tx, out_rx) = mpsc::channel(link::WRITER_QUEUE_FRAMES_MAX);
-        let (frame_tx, frame_rx) = mpsc::channel(256);
         let (hb_tx, hb_rx) = mpsc::channel(8);
         // wan (issue 11 item 4): one zstd stream per connection when both ends can.
         let stream_compress =
@@ -2358,20 +2393,50 @@ async fn connector(
         {
             break;
         }
-        let enc = tokio::spawn(encoder(
-            out_rx,
-            frame_tx,
-            (!stream_compress).then(|| shared.compress.clone()),
-            metrics.clone(),
-        ));
-        let mut writer = tokio::spawn(link::run_writer_compressed(
-            wr,
-            frame_rx,
-            hb_rx,
-            cfg.heartbeat_interval_ms,
-            stream_compress
-                .then(|| link::StreamCompressor::new(cfg.compress_level, Some(metrics.clone()))),
-        ));
+        // Frames compressed one by one (a peer without the stream capability)
+        // go through the encoder, which compresses large payloads on blocking
+        // threads; otherwise the writer makes the frames itself (a crc32 each).
+        let per_frame = !stream_compress && cfg.compress_level > 0;
+        let (enc, mut writer) = if per_frame {
+            let (frame_tx, frame_rx) = mpsc::channel(256);
+            let enc = tokio::spawn(encoder(
+                out_rx,
+                frame_tx,
+                shared.compress.clone(),
+                metrics.clone(),
+            ));
+            let writer = tokio::spawn(link::run_writer_compressed(
+                wr,
+                frame_rx,
+                hb_rx,
+                cfg.heartbeat_interval_ms,
+                None,
+            ));
+            (Some(enc), writer)
+        } else {
+            // Uncompressed (`--compress-level 0`): the payloads are the wire
+            // bytes; a compressed stream counts its own.
+            let count = (!stream_compress).then(|| metrics.clone());
+            let to_frame = move |out| {
+                let frame = raw_frame_for_peer(out);
+                if let Some(m) = &count {
+                    Metrics::add(&m.replicated_wire_bytes, frame.payload.wire_len() as u64);
+                }
+                frame
+            };
+            let writer = tokio::spawn(link::run_writer_converting(
+                wr,
+                out_rx,
+                to_frame,
+                hb_rx,
+                cfg.heartbeat_interval_ms,
+                stream_compress.then(|| {
+                    link::StreamCompressor::new(cfg.compress_level, Some(metrics.clone()))
+                        .latency_first(cfg.mode == Mode::Sync)
+                }),
+            ));
+            (None, writer)
+        };
         let mut reader = tokio::spawn(session_reader(
             FrameReader::new(rd, cfg.peer_timeout_ms, Some(hb_tx)),
             id,
@@ -2396,7 +2461,9 @@ async fn connector(
                 }
             }
         };
-        enc.abort();
+        if let Some(enc) = enc {
+            enc.abort();
+        }
         if stop.is_cancelled() {
             tracing::info!(session = id, "session with secondary ended: {reason}");
         } else if reason.starts_with(PEER_REFUSED) {
