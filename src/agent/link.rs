@@ -794,7 +794,22 @@ impl StreamCompressor {
         let link_bound = w.busy && w.write >= w.compress;
         self.compress_rate = w.raw as f64 / w.compress.as_secs_f64().max(1e-6);
         let link_rate = w.wire as f64 / w.write.as_secs_f64().max(1e-6);
-        let decision = if ratio > 0.9 && !link_bound {
+        // CPU-bound, and the link carries bytes faster than the compressor makes
+        // them: raw for a span, whatever the ratio (fio's buffers shrink to
+        // 0.88-0.95: checked after the ratio rule, a window at 0.9-0.95 sent only
+        // 16 MiB raw and compressed a whole window again, ~3 s at 100 MB/s at the
+        // start of a sync seq 1M run).
+        let cpu_raw = w.busy
+            && w.compress > w.write * 2
+            && (level <= 1 || link_rate > self.compress_rate * 4.0)
+            && self.wire_total >= Self::RAW_WARMUP
+            && link_rate > self.compress_rate * 1.25;
+        let decision = if cpu_raw {
+            self.raw_left = self.raw_span;
+            self.raw_cpu = true;
+            self.raw_span = (self.raw_span * 2).min(Self::RAW_SPAN_MAX);
+            "CPU-bound, the link faster than the compressor: raw for a span"
+        } else if ratio > 0.9 && !link_bound {
             // On a link that waits anyway, compressing costs nothing and a
             // mixed stream's next compressible part gains (e2e_wan: /usr/lib has
             // incompressible stretches of megabytes).
@@ -817,15 +832,6 @@ impl StreamCompressor {
                 return;
             }
             "link-bound: level up"
-        } else if w.compress > w.write * 2
-            && (level <= 1 || link_rate > self.compress_rate * 4.0)
-            && self.wire_total >= Self::RAW_WARMUP
-            && link_rate > self.compress_rate * 1.25
-        {
-            self.raw_left = self.raw_span;
-            self.raw_cpu = true;
-            self.raw_span = (self.raw_span * 2).min(Self::RAW_SPAN_MAX);
-            "CPU-bound, the link faster than the compressor: raw for a span"
         } else if w.compress > w.write * 2 && level > 1 {
             // Not below level 1: with the socket's buffers taking the first
             // megabytes at once, a WAN looks CPU-bound at first (e2e_wan went raw
@@ -1230,6 +1236,50 @@ mod tests {
             c.raw_left, 0,
             "8 MiB in 240 ms: 35 MB/s, no faster than compressing"
         );
+    }
+
+    /// Data that shrinks by less than 10% on a link far faster than the
+    /// compressor, with the CPU the bottleneck: raw for a span (not 16 MiB, then a
+    /// whole compressed window again). Not busy, or on a link that waits: the
+    /// ratio rule as before.
+    #[test]
+    fn a_cpu_bound_stream_of_poorly_compressible_data_goes_raw_for_a_span() {
+        let window = |c: &mut StreamCompressor, busy: bool, compress_ms: u64, write_ms: u64| {
+            c.win.started = Some(Instant::now() - StreamCompressor::WINDOW_TIME * 2);
+            c.win.raw_chunks = false;
+            let bytes = StreamCompressor::WINDOW_BYTES;
+            c.observe(
+                true,
+                bytes,
+                bytes * 94 / 100,
+                Duration::from_millis(compress_ms),
+                Duration::from_millis(write_ms),
+                busy,
+            );
+        };
+        // Sync seq 1M on loopback: 947 ms compressing, 53 ms writing.
+        let mut c = StreamCompressor::new(3, None);
+        c.wire_total = StreamCompressor::RAW_WARMUP;
+        window(&mut c, true, 947, 53);
+        assert!(c.raw_cpu);
+        assert_eq!(c.raw_left, StreamCompressor::RAW_SPAN_MIN);
+        // Before the warm-up, or not busy: 16 MiB raw, then compress again.
+        for (wire_total, busy, compress_ms, write_ms) in [
+            (0, true, 947, 53),
+            (StreamCompressor::RAW_WARMUP, false, 100, 10),
+        ] {
+            let mut c = StreamCompressor::new(3, None);
+            c.wire_total = wire_total;
+            window(&mut c, busy, compress_ms, write_ms);
+            assert!(!c.raw_cpu);
+            assert_eq!(c.raw_left, 16 << 20);
+        }
+        // A link that waits: compressing costs nothing, the level goes up.
+        let mut c = StreamCompressor::new(3, None);
+        c.wire_total = StreamCompressor::RAW_WARMUP;
+        window(&mut c, true, 100, 900);
+        assert_eq!(c.raw_left, 0);
+        assert_eq!(c.pending_level, Some(5));
     }
 
     /// The writer batches and the reader answers heartbeats, over an in-memory pipe.
