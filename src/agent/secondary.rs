@@ -394,6 +394,15 @@ pub async fn serve(
         sb = adopted;
         store.write_superblock(&sb)?;
     }
+    if let Some(noted) = recovery::recovered_consistent_write(
+        &sb,
+        engine
+            .consistent_point()
+            .map(|(_, seq, at_ms)| (seq.0, at_ms)),
+    ) {
+        sb = noted;
+        store.write_superblock(&sb)?;
+    }
     if let Some((lsn, seq, at_ms)) = engine.consistent_point() {
         tracing::info!(
             lsn = lsn.0,

@@ -953,6 +953,13 @@ impl Sim {
             self.ssb = adopted;
             self.s_ever_consistent = true;
         }
+        // As the agent does: the recovered consistent point's newest write too.
+        if let Some(noted) = recovery::recovered_consistent_write(
+            &self.ssb,
+            e.consistent_point().map(|(_, seq, at_ms)| (seq.0, at_ms)),
+        ) {
+            self.ssb = noted;
+        }
         // Issue 10: a node whose metadata says it holds a consistent image finds
         // one at restart (promotable without --force), whatever crashed when.
         // A poisoned node claims none until every block is compared.
@@ -1966,6 +1973,21 @@ fn one_seed_from_the_environment() {
 #[test]
 fn seed_303364_async_a_marker_only_checkpoint_records_the_volumes_newest_write() {
     run(303364, Mode::Async, 3000);
+}
+
+/// Seed 719557 sync (a campaign of 20000 seeds from 700000, session 10): a
+/// first full copy's section end (seq 11, 316 ms) was in the journal but not
+/// synced when the secondary was killed; the restart recovered it as the
+/// consistent point from the journal, so no `MarkConsistent` came and the
+/// superblock kept (0, 0 ms). A checkpoint then released every record before
+/// the section end (the volume still mixed: nothing recorded), and a power loss
+/// later the restart found the section end alone and reported the volume's
+/// newest write from the superblock: 0 ms where 316 ms had been durable. Now a
+/// start records the recovered consistent point's newest write in the
+/// superblock, as `MarkConsistent` does (agent: `secondary::open_node`).
+#[test]
+fn seed_719557_sync_a_consistent_point_recovered_at_start_is_recorded() {
+    run(719557, Mode::Sync, 3000);
 }
 
 /// Seed 301491 sync (a campaign of 20000 seeds from 300000): the primary's
