@@ -761,7 +761,7 @@ mod hole_tests {
         let (mut e, mut out) = full_sync_engine(blocks);
         let (offset, len) = probe(&out).expect("probe");
         out.clear();
-        e.holes_probed(offset, len, &[0..BS], &mut out);
+        e.holes_probed(offset, len, std::slice::from_ref(&(0..BS)), &mut out);
         let mut frames = Vec::new();
         settle(&mut e, &mut out, &mut frames);
         let last = e.next_seq.prev();
