@@ -515,18 +515,9 @@ async fn write_compressed<W: AsyncWrite + Unpin>(
         c.out = out;
         return (c, r);
     }
-    let (mut c, mut out, result) = if c.raw_left > 0 {
-        c.raw_left = c.raw_left.saturating_sub(raw.len() as u64);
-        if c.raw_cpu && c.raw_left == 0 {
-            // The span is over: measure the compressor again, briefly.
-            c.raw_cpu = false;
-            c.probe = true;
-        }
-        out.clear();
-        out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-        out.extend_from_slice(&raw);
-        (c, out, Ok(false))
-    } else if raw.len() <= INLINE_ENCODE_MAX_BYTES {
+    // A raw span's batches go through `write_raw_batch`.
+    debug_assert_eq!(c.raw_left, 0, "a raw span's batch was to be compressed");
+    let (mut c, mut out, result) = if raw.len() <= INLINE_ENCODE_MAX_BYTES {
         let r = c.encode(&raw, &mut out);
         (c, out, r)
     } else {
