@@ -22,6 +22,7 @@ Sections (BENCH_ONLY selects, comma-separated; default all):
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -248,6 +249,24 @@ def prealloc_image(path, size):
     run(["fallocate", "-l", str(size), path])
 
 
+def allocated_in(path):
+    """Bytes allocated by every file under path (what the run holds on the disk)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def log_held(what):
+    """After a target or section stops: what the work directory still holds (the
+    smoke test checks that nothing but logs and certificates stays behind)."""
+    log(f"{what}: stopped; the work directory holds {allocated_in(WORK['dir'])} bytes")
+
+
 def rm(*paths):
     for p in paths:
         try:
@@ -370,7 +389,16 @@ class Tandem:
         for p in (self.primary, self.secondary, self.proxy):
             if p is not None:
                 stop(p)
-        rm(self.pimg, self.simg)
+        # The images and everything the agents made beside them: metadata, the
+        # secondary's redo journal and the primary's spill log (1 GiB each,
+        # preallocated); the logs stay until the run ends (kept on failure).
+        for f in os.listdir(self.dir):
+            if not f.endswith(".log"):
+                path = os.path.join(self.dir, f)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    rm(path)
 
 # ------------------------------------------------------------------ qemu
 
@@ -551,6 +579,7 @@ def run_matrix(work, certs):
                     target.stop()
                 except Exception as e:
                     log(f"{name}: stopping: {e}")
+            log_held(name)
 
 
 def run_large(work, certs):
@@ -960,6 +989,7 @@ def main():
                     log(f"{sec}: FAILED: {e}")
                     if ENV.get("BENCH_DEBUG"):
                         traceback.print_exc()
+                log_held(sec)
         ok = True
     finally:
         stop_all()
