@@ -192,6 +192,10 @@ struct Node {
     outdate_waiting: Option<(u64, oneshot::Sender<ControlReply>, String)>,
     handshake_text: Option<String>,
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
+    /// The status document's journal counts (records, consistent points) and when
+    /// they were counted: counting walks every record in the journal, so it is
+    /// done at most once per [`JOURNAL_COUNTS_MAX_AGE`], not on every tick.
+    journal_counts: Option<(Instant, u64, u64)>,
     /// dr (issue 10): a rollback under way.
     rollback: Option<PendingRollback>,
     /// dr (issue 10): the inspection export being served.
@@ -454,6 +458,7 @@ pub async fn serve(
         outdate_waiting: None,
         handshake_text: None,
         snapshot: snapshot.clone(),
+        journal_counts: None,
         rollback: None,
         inspection: None,
         next_inspection: 1,
@@ -1528,8 +1533,8 @@ impl Node {
             path: self.cfg.journal.display().to_string(),
             capacity_bytes: self.cfg.journal_bytes,
             used_bytes: self.engine.live_bytes(),
-            records: self.engine.records().count() as u64,
-            points: self.engine.points(usize::MAX).len() as u64,
+            records: self.journal_counts.map_or(0, |(_, records, _)| records),
+            points: self.journal_counts.map_or(0, |(_, _, points)| points),
         });
         doc
     }
@@ -1544,7 +1549,15 @@ impl Node {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        let fresh = self
+            .journal_counts
+            .is_some_and(|(at, _, _)| at.elapsed() < JOURNAL_COUNTS_MAX_AGE);
+        if !fresh {
+            let records = self.engine.records().count() as u64;
+            let points = self.engine.points(usize::MAX).len() as u64;
+            self.journal_counts = Some((Instant::now(), records, points));
+        }
         let doc = self.status();
         self.snapshot.lock().expect("snapshot lock").doc = Some(doc);
     }
@@ -2007,6 +2020,11 @@ async fn copy_records(
 /// Journal records a checkpoint copies into the volume at once (writes that
 /// overlap none of the others in flight), and their bytes in memory at most
 /// (a single larger record goes alone).
+/// How old the status document's journal counts may be (see `Node::journal_counts`):
+/// walking a full journal's records every 5 ms tick cost the secondary 3.7% of
+/// the machine's CPU in a sync 4 KiB QD32 run (session 11).
+const JOURNAL_COUNTS_MAX_AGE: Duration = Duration::from_millis(500);
+
 const COPY_BATCH_MAX: usize = 128;
 const COPY_BATCH_BYTES_MAX: u64 = 64 << 20;
 
