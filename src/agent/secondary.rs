@@ -1299,8 +1299,9 @@ impl Node {
         self.handshake_text = Some(plan.to_string());
         // An open resync section too large to finish is dropped; its blocks are
         // listed as this node's own (persisted first) so the primary resends them.
-        let dropped = self.engine.restart_large_section();
-        if !dropped.is_empty() {
+        // Some also for a section of markers only (no ranges): the journal is
+        // truncated whenever the engine dropped records (seed 914662 sync).
+        if let Some(dropped) = self.engine.restart_large_section() {
             let bs = self.cfg.block_size;
             for r in &dropped {
                 let (a, b) = r.blocks(bs);

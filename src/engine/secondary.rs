@@ -1558,7 +1558,15 @@ impl<D> SecondaryEngine<D> {
     /// ranges it touched are returned: the handshake reports them as blocks this
     /// node lacks, so the primary resends them in one new section. Progress is
     /// lost, the consistent image never is.
-    pub fn restart_large_section(&mut self) -> Vec<ByteRange> {
+    ///
+    /// `None`: nothing dropped. `Some(ranges)`: records after the consistent
+    /// point were dropped, and the agent must truncate the journal after
+    /// [`Self::tail`] — also when `ranges` is empty (a section of markers only,
+    /// e.g. a `SectionStart` that a crash kept without the writes after it):
+    /// the journal numbers its records itself, so a record left in it would
+    /// shift every later LSN by one against the engine's (simulator seed 914662
+    /// sync).
+    pub fn restart_large_section(&mut self) -> Option<Vec<ByteRange>> {
         match self.consistent {
             // Only while no I/O runs (a sync or checkpoint in flight): else next time.
             Some(c)
@@ -1566,9 +1574,9 @@ impl<D> SecondaryEngine<D> {
                     && self.is_idle()
                     && self.live_bytes > self.cfg.journal_capacity_bytes / 2 =>
             {
-                self.truncate_after(c)
+                Some(self.truncate_after(c))
             }
-            _ => Vec::new(),
+            _ => None,
         }
     }
 

@@ -1297,13 +1297,12 @@ impl Sim {
         // A resync section too large to finish is dropped; its blocks are resent.
         // The dropped ranges go into this node's own bitmap durably first: every
         // Welcome lists them until a resync completes.
-        let dropped = s.e.restart_large_section();
-        let tail = s.e.tail();
-        for r in &dropped {
-            let (a, b) = r.blocks(BS);
-            self.s_own_dirty.mark(a, b);
-        }
-        if !dropped.is_empty() {
+        if let Some(dropped) = s.e.restart_large_section() {
+            let tail = s.e.tail();
+            for r in &dropped {
+                let (a, b) = r.blocks(BS);
+                self.s_own_dirty.mark(a, b);
+            }
             self.truncate_journal(tail);
         }
         let s = self.s.as_mut().expect("checked");
@@ -1988,6 +1987,23 @@ fn seed_303364_async_a_marker_only_checkpoint_records_the_volumes_newest_write()
 #[test]
 fn seed_719557_sync_a_consistent_point_recovered_at_start_is_recorded() {
     run(719557, Mode::Sync, 3000);
+}
+
+/// Seed 914662 sync (a campaign of 20000 seeds from 900000, session 11): a
+/// resync section was opened (its `SectionStart` appended, not synced) over a
+/// journal more than half full of records not yet checkpointed, and a power
+/// loss kept the `SectionStart` but not the write after it. At the next
+/// handshake `restart_large_section` dropped the open section, which held that
+/// marker only: no data ranges came back, so the caller (this simulator, and the
+/// agent, `secondary::Node::handshake`) left the journal alone while the engine's
+/// tail went back one record. The next append had LSN 51 in the engine and 52 in
+/// the journal (the real journal numbers its records itself): from then on every
+/// read of a record by LSN (checkpoints, hash sources, consistent reads) would
+/// fetch its neighbour. Now the engine says whether it dropped records at all
+/// (`Some`), and the journal is truncated whenever it did.
+#[test]
+fn seed_914662_sync_a_dropped_section_of_markers_only_truncates_the_journal() {
+    run(914662, Mode::Sync, 3000);
 }
 
 /// Seed 301491 sync (a campaign of 20000 seeds from 300000): the primary's
