@@ -942,7 +942,20 @@ impl Harness {
                 self.e.peer_durable(seq, &mut self.out);
             }
             2 => {
+                let held = self.peer.to_answer.len();
                 self.peer.to_answer.retain(|(s, _)| *s != seq);
+                if self.peer.to_answer.len() != held {
+                    // The check had reached the peer: this reply stands for the
+                    // peer's own, so what it received up to its next unanswered
+                    // check may be durable, as after `ack_hash` (fuzz input
+                    // hostile-reply-to-a-delivered-hash-check, session 11).
+                    let p = &mut self.peer;
+                    p.durable_ok = match p.to_answer.front() {
+                        Some((s, _)) => Seq(s.0 - 1),
+                        None => p.received,
+                    }
+                    .max(p.durable_ok);
+                }
                 self.peer.hostile_answered.insert(seq);
                 self.e
                     .peer_hash_reply(seq, &[0, 1, raw as u32], &mut self.out);

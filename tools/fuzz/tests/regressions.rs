@@ -545,3 +545,17 @@ fn a_block_mode_write_is_answered_when_its_section_ends_after_a_poisoning() {
         "regressions/primary/block-waiter-after-a-poisoned-section-end",
     ));
 }
+
+/// Found by the session-11 primary campaign (harness, not engine): hash check
+/// seq 2 had reached the well-behaved peer (waiting in its answer queue) when
+/// the hostile peer answered it. The harness dropped the pending answer but did
+/// not let the peer count the check as answered, so it never said Durable past
+/// seq 1; the engine (rightly) waited for that Durable before retiring the
+/// check, and the drain found no progress. A hostile reply to a check the peer
+/// holds now advances what the peer may call durable, as its own answer would.
+#[test]
+fn a_hostile_reply_to_a_delivered_hash_check_lets_the_peer_go_on() {
+    tandem_fuzz::primary::run_strict(&input(
+        "regressions/primary/hostile-reply-to-a-delivered-hash-check",
+    ));
+}
