@@ -1060,15 +1060,7 @@ mod tests {
             "{on_wire} bytes on the wire for {raw} bytes of frames"
         );
         // Raw chunks (the incompressible path) decode too.
-        let (a, b) = tokio::io::duplex(1 << 20);
-        let (_a_rd, a_wr) = tokio::io::split(a);
-        let (b_rd, _b_wr) = tokio::io::split(b);
-        let (tx, rx) = mpsc::channel(8);
-        let (_hb_tx, hb_rx) = mpsc::channel(4);
-        let mut c = StreamCompressor::new(1, None);
-        c.raw_left = 1 << 20;
-        let _w = tokio::spawn(run_writer_compressed(a_wr, rx, hb_rx, 50, Some(c)));
-        let mut reader = FrameReader::new(b_rd, 5_000, None).with_stream_decoding(true);
+        let (tx, _hb_tx, mut reader, _ends) = raw_span_link(1 << 20, 50, 5_000);
         tx.send(Frame {
             seq: 7,
             msg: Message::Write {
@@ -1105,21 +1097,40 @@ mod tests {
         }
     }
 
+    /// A stream-compressing writer whose compressor is in a raw span of
+    /// `raw_left` bytes, heartbeats every `hb_ms`, and a stream-decoding reader
+    /// of its output (`reader_timeout_ms`): frames in, heartbeat nonces in, frames
+    /// out. The unused halves of the pipe are returned to stay open.
+    #[allow(clippy::type_complexity)]
+    fn raw_span_link(
+        raw_left: u64,
+        hb_ms: u64,
+        reader_timeout_ms: u64,
+    ) -> (
+        mpsc::Sender<Frame>,
+        mpsc::Sender<u64>,
+        FrameReader<tokio::io::ReadHalf<Duplex>>,
+        (tokio::io::ReadHalf<Duplex>, tokio::io::WriteHalf<Duplex>),
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (a_rd, a_wr) = tokio::io::split(a);
+        let (b_rd, b_wr) = tokio::io::split(b);
+        let (tx, rx) = mpsc::channel(8);
+        let (hb_tx, hb_rx) = mpsc::channel(4);
+        let mut c = StreamCompressor::new(1, None);
+        c.raw_left = raw_left;
+        tokio::spawn(run_writer_compressed(a_wr, rx, hb_rx, hb_ms, Some(c)));
+        let reader = FrameReader::new(b_rd, reader_timeout_ms, None).with_stream_decoding(true);
+        (tx, hb_tx, reader, (a_rd, b_wr))
+    }
+
     /// A heartbeat reply waits in the writer's buffer for the next batch; in a
     /// raw span that batch's chunk must count it (the power-loss trial of seed
     /// 5323199596019437088 lost its session to the corrupted stream: the chunk
     /// header left the reply's bytes out, and the primary wrote alone).
     #[tokio::test]
     async fn a_raw_span_chunk_counts_a_heartbeat_reply_waiting_in_the_buffer() {
-        let (a, b) = tokio::io::duplex(1 << 20);
-        let (_a_rd, a_wr) = tokio::io::split(a);
-        let (b_rd, _b_wr) = tokio::io::split(b);
-        let (tx, rx) = mpsc::channel(8);
-        let (hb_tx, hb_rx) = mpsc::channel(4);
-        let mut c = StreamCompressor::new(1, None);
-        c.raw_left = 16 << 20;
-        let _w = tokio::spawn(run_writer_compressed(a_wr, rx, hb_rx, 60_000, Some(c)));
-        let mut reader = FrameReader::new(b_rd, 2_000, None).with_stream_decoding(true);
+        let (tx, hb_tx, mut reader, _ends) = raw_span_link(16 << 20, 60_000, 2_000);
         // After the interval's immediate first tick (which would write the
         // reply on its own), the next one is a minute away.
         tokio::time::sleep(Duration::from_millis(50)).await;
