@@ -1078,22 +1078,27 @@ mod tests {
         // small frames, in one chunk; then the span ends and compression resumes.
         let sizes = [100usize, 256 << 10, 200, 1 << 20, 64 << 10, 300];
         for (i, &len) in sizes.iter().enumerate() {
-            tx.send(Frame {
-                seq: 8 + i as u64,
-                msg: Message::Write {
-                    offset: 0,
-                    fua: false,
-                    at_ms: 2,
-                },
-                payload: Payload::prepare(Bytes::from(vec![i as u8; len]), 0),
-            })
-            .await
-            .unwrap();
+            tx.send(write_frame(8 + i as u64, vec![i as u8; len]))
+                .await
+                .unwrap();
         }
         for (i, &len) in sizes.iter().enumerate() {
             let f = reader.next().await.unwrap();
             assert_eq!(f.seq, 8 + i as u64);
             assert_eq!(f.payload.open().unwrap(), Bytes::from(vec![i as u8; len]));
+        }
+    }
+
+    /// A Write frame (no FUA) of `data` at offset 0.
+    fn write_frame(seq: u64, data: Vec<u8>) -> Frame {
+        Frame {
+            seq,
+            msg: Message::Write {
+                offset: 0,
+                fua: false,
+                at_ms: 1,
+            },
+            payload: Payload::prepare(Bytes::from(data), 0),
         }
     }
 
@@ -1137,17 +1142,9 @@ mod tests {
         hb_tx.send(41).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         for (seq, len) in [(1u64, 256usize << 10), (2, 100)] {
-            tx.send(Frame {
-                seq,
-                msg: Message::Write {
-                    offset: 0,
-                    fua: false,
-                    at_ms: 1,
-                },
-                payload: Payload::prepare(Bytes::from(vec![seq as u8; len]), 0),
-            })
-            .await
-            .unwrap();
+            tx.send(write_frame(seq, vec![seq as u8; len]))
+                .await
+                .unwrap();
         }
         let mut writes = Vec::new();
         while writes.len() < 2 {
