@@ -180,10 +180,13 @@ fn outage_then_primary_crash_moves_only_what_differs() {
     let s = rig.wait_converged("after the outage and the primary crash");
     let p1 = rig.proxy.stats();
     let resync = counter(&s, "resync_bytes");
+    // The restarted primary's sessions: more than one when a session was cut
+    // during the resync (the rig's 1 s peer timeout, on a loaded machine).
+    let sessions = counter(&s, "sessions");
     let wire_up = p1.bytes_up - p0.bytes_up;
     let wire_down = p1.bytes_down - p0.bytes_down;
     eprintln!(
-        "byte bound after primary crash: {} distinct written; recovery in {:?}: resync {}, verified {:?}, link up {}, down {}",
+        "byte bound after primary crash: {} distinct written; recovery in {:?} over {sessions} session(s): resync {}, verified {:?}, link up {}, down {}",
         mib(distinct_bytes),
         t.elapsed(),
         mib(resync),
@@ -196,9 +199,15 @@ fn outage_then_primary_crash_moves_only_what_differs() {
         resync >= distinct_bytes,
         "every changed block must be resent: resync {resync} < distinct written {distinct_bytes}"
     );
+    // `resync_bytes` counts blocks read for resync. A cut session's blocks read
+    // but not acknowledged are read again by the next one (seed
+    // 3147694201130365594 under suite load: 97.6 MiB counted, 59.5 MiB up the
+    // link), so the bound allows one more pass after each cut; the link bound
+    // below holds either way.
+    let passes = sessions.max(1);
     assert!(
-        resync <= distinct_bytes + MIB,
-        "a crash must not turn into a copy: {resync} bytes resent for {distinct_bytes} distinct bytes written"
+        resync <= passes * distinct_bytes + MIB,
+        "a crash must not turn into a copy: {resync} bytes resent for {distinct_bytes} distinct bytes written over {sessions} session(s)"
     );
     assert!(
         wire_up + wire_down < 100 * MIB,
