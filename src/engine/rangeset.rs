@@ -131,6 +131,23 @@ impl RangeSet {
                 .is_some_and(|(_, e)| *e > first.0)
     }
 
+    /// The runs that overlap `[first, end)`, clipped to it, in order: O(log n + k)
+    /// for k of them (a retirement asks for the volatile blocks of its bitmap
+    /// pages only, not for every run written since the last fdatasync).
+    pub fn within(
+        &self,
+        first: BlockIndex,
+        end: BlockIndex,
+    ) -> impl Iterator<Item = (BlockIndex, BlockIndex)> + '_ {
+        let (lo, hi) = (first.0, end.0);
+        // The run starting at or before `lo` may reach into the range.
+        let from = self.runs.range(..=lo).next_back().map_or(lo, |(&s, _)| s);
+        self.runs
+            .range(from..hi.max(from))
+            .map(move |(&s, &e)| (BlockIndex(s.max(lo)), BlockIndex(e.min(hi))))
+            .filter(|(s, e)| s.0 < e.0)
+    }
+
     /// The runs in order, as `(first, end)`.
     pub fn iter(&self) -> impl Iterator<Item = (BlockIndex, BlockIndex)> + '_ {
         self.runs
@@ -185,6 +202,19 @@ mod tests {
                     set.intersects(BlockIndex(x), BlockIndex(x + 3)),
                     (x..x + 3).any(|y| model.contains(&y))
                 );
+            }
+            // `within`: the set's blocks of a window, as clipped runs in order.
+            for (lo, len) in [(0, 230), (7, 0), (7, 1), (13, 29), (50, 100), (199, 40)] {
+                let (a, b) = (BlockIndex(lo), BlockIndex(lo + len));
+                let runs: Vec<_> = set.within(a, b).collect();
+                let mut blocks = Vec::new();
+                for (s, e) in &runs {
+                    prop_assert!(s.0 < e.0 && s.0 >= lo && e.0 <= lo + len);
+                    blocks.extend(s.0..e.0);
+                }
+                prop_assert!(blocks.windows(2).all(|w| w[0] < w[1]), "runs out of order");
+                let expect: Vec<u64> = model.range(lo..lo + len).copied().collect();
+                prop_assert_eq!(blocks, expect);
             }
         }
     }
@@ -489,17 +519,29 @@ impl Coverage {
     /// time was over half of a fuzz run).
     pub fn matches_cheaply(
         &self,
-        ranges: impl Iterator<Item = (u64, u64)> + Clone,
+        ranges: impl Iterator<Item = (u64, u64)>,
         full_max: usize,
     ) -> bool {
-        if ranges.clone().take(full_max + 1).count() <= full_max {
-            return self.matches(ranges);
+        // One walk of `ranges` (callers pass walks of the op table): the first
+        // `full_max` kept for the exact comparison, the moments of all of them
+        // for the cheap one.
+        let mut few = Vec::new();
+        let mut theirs = (0u128, 0u128);
+        let mut n = 0usize;
+        for (s, e) in ranges {
+            theirs = add_moments(theirs, s, e, 1);
+            if n < full_max {
+                few.push((s, e));
+            }
+            n += 1;
+        }
+        if n <= full_max {
+            return self.matches(few);
         }
         let mine = self
             .pieces
             .iter()
             .fold((0u128, 0u128), |m, (&s, &(e, c))| add_moments(m, s, e, c));
-        let theirs = ranges.fold((0u128, 0u128), |m, (s, e)| add_moments(m, s, e, 1));
         mine == theirs
     }
 

@@ -88,6 +88,18 @@ impl<T> Flushes<T> {
         self.volatile_new.iter().chain(self.volatile_running.iter())
     }
 
+    /// The volatile blocks of `[first, end)`, clipped to it (in two ordered parts:
+    /// written since the running fdatasync started, then those it covers).
+    pub(super) fn volatile_runs_within(
+        &self,
+        first: BlockIndex,
+        end: BlockIndex,
+    ) -> impl Iterator<Item = (BlockIndex, BlockIndex)> + '_ {
+        self.volatile_new
+            .within(first, end)
+            .chain(self.volatile_running.within(first, end))
+    }
+
     /// The local fdatasync that will have made every volatile block durable: the
     /// next to start if blocks wait for one, else the one running.
     pub(super) fn covering_volatile(&self) -> Option<LocalFlushId> {

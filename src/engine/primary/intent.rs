@@ -238,12 +238,12 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         let in_flight = spans.iter().flat_map(|&(lo, hi)| {
             self.in_flight_block_ranges_within(BlockIndex(lo), BlockIndex(hi))
         });
-        let volatile = self.flush.volatile_runs().flat_map(|(a, b)| {
-            let from = spans.partition_point(|s| s.1 <= a.0);
-            spans[from..]
-                .iter()
-                .take_while(move |s| s.0 < b.0)
-                .map(move |&(lo, hi)| (BlockIndex(a.0.max(lo)), BlockIndex(b.0.min(hi))))
+        // The volatile runs are looked up per span too: between two fdatasyncs a
+        // buffered volume may hold one run per random write (thousands), and a
+        // walk of all of them at each retirement cost O(runs) per log write.
+        let volatile = spans.iter().flat_map(|&(lo, hi)| {
+            self.flush
+                .volatile_runs_within(BlockIndex(lo), BlockIndex(hi))
         });
         let mut transient = RangeSet::from_ranges(in_flight.chain(volatile));
         // Minus the extents active before this log write and after it: whatever
