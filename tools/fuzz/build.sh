@@ -27,6 +27,7 @@ export RUSTFLAGS="-C passes=sancov-module \
  -C llvm-args=-sanitizer-coverage-inline-8bit-counters \
  -C llvm-args=-sanitizer-coverage-pc-table \
  $cmp \
+ -C target-feature=+popcnt \
  --cfg fuzzing -C debug-assertions -C overflow-checks -C codegen-units=16"
 # A target dir of its own: these flags would otherwise invalidate the normal build.
 # Only the fuzz_* binaries link libFuzzer's coverage callbacks; the recorder is
