@@ -1554,6 +1554,9 @@ impl<D> SecondaryEngine<D> {
 
     /// At the start of a session: an open resync section that has taken more than
     /// half the journal (repeated interruptions, writes during it) may never fit.
+    /// Only the section's own records count: those before the consistent point
+    /// (the rollback window keeps them until there is pressure) can be copied
+    /// into the volume to make room.
     /// It is dropped (the image goes back to the last consistent point) and the
     /// ranges it touched are returned: the handshake reports them as blocks this
     /// node lacks, so the primary resends them in one new section. Progress is
@@ -1572,12 +1575,22 @@ impl<D> SecondaryEngine<D> {
             Some(c)
                 if self.in_section
                     && self.is_idle()
-                    && self.live_bytes > self.cfg.journal_capacity_bytes / 2 =>
+                    && self.bytes_after(c) > self.cfg.journal_capacity_bytes / 2 =>
             {
                 Some(self.truncate_after(c))
             }
             _ => None,
         }
+    }
+
+    /// Journal bytes of the records after `lsn`.
+    fn bytes_after(&self, lsn: Lsn) -> u64 {
+        self.records
+            .iter()
+            .rev()
+            .take_while(|r| r.lsn > lsn)
+            .map(|r| r.journal_bytes)
+            .sum()
     }
 
     /// ha (issue 12): the volume grew to `size_bytes` (the agent made it and the

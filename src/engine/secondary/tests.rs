@@ -740,3 +740,52 @@ fn an_invalidated_engine_takes_a_full_resync_larger_than_its_journal() {
     );
     assert_eq!(e.consistent_point().map(|c| c.1), Some(Seq(3)));
 }
+
+/// An open section is dropped at a new session only when the section itself
+/// has taken over half the journal: records before the consistent point (the
+/// rollback window keeps them until there is pressure) can be copied into the
+/// volume to make room, so they must not cost the section its progress.
+#[test]
+fn a_small_open_section_is_kept_however_full_the_rollback_window_is() {
+    let mut e = small_engine(32);
+    let mut out = Vec::new();
+    feed(&mut e, start(1, 0), &mut out);
+    for seq in 1..=18 {
+        feed(&mut e, write(seq, seq % 16, seq * 10), &mut out);
+    }
+    feed(&mut e, Incoming::Flush { through: Seq(18) }, &mut out);
+    // A resync of 2 blocks starts; one arrives before the session ends.
+    feed(&mut e, start(19, 2), &mut out);
+    feed(&mut e, write(19, 3, 200), &mut out);
+    e.session_ended(&mut out);
+    settle(&mut e, &mut out);
+    let capacity = e.config().journal_capacity_bytes;
+    assert!(
+        e.live_bytes() > capacity / 2,
+        "the window holds over half the journal: {} of {capacity}",
+        e.live_bytes()
+    );
+    assert!(e.is_section_open());
+    assert_eq!(
+        e.restart_large_section(),
+        None,
+        "a one-write section dropped because of the records before it"
+    );
+    assert!(e.is_section_open());
+    // A section that has itself taken over half the journal is dropped, and
+    // the ranges it touched are returned.
+    let mut e = small_engine(32);
+    let mut out = Vec::new();
+    feed(&mut e, start(1, 0), &mut out);
+    feed(&mut e, write(1, 0, 10), &mut out);
+    feed(&mut e, Incoming::Flush { through: Seq(1) }, &mut out);
+    feed(&mut e, start(2, 17), &mut out);
+    for seq in 2..=18 {
+        feed(&mut e, write(seq, seq % 16, 100 + seq), &mut out);
+    }
+    e.session_ended(&mut out);
+    settle(&mut e, &mut out);
+    let dropped = e.restart_large_section().expect("a section over half the journal");
+    assert_eq!(dropped.len(), 17);
+    assert!(!e.is_section_open());
+}
