@@ -362,7 +362,7 @@ enum Pending {
     Record(Lsn),
     /// A hash comparison in flight.
     Hash,
-    /// Answered.
+    /// Answered, with every journal record it read durable.
     Done,
 }
 
@@ -1195,13 +1195,25 @@ impl<D> SecondaryEngine<D> {
         }
         match result {
             Ok(mismatched) => {
+                let (tail, durable) = (self.tail, self.durable);
                 if let Some(s) = self.session.as_mut()
                     && let Some(p) = s.pending.get_mut(&seq)
                     && matches!(p, Pending::Hash)
                 {
-                    *p = Pending::Done;
+                    // The comparison read journal records (its sources) that may
+                    // not be durable yet: the answer holds for the image a power
+                    // loss would leave only once they are, and `Durable` past this
+                    // seq lets the primary clear the compared blocks (simulator
+                    // seed 1373093 sync). The newest record now covers them all.
+                    *p = if tail > durable {
+                        s.sync_wanted = s.sync_wanted.max(seq);
+                        Pending::Record(tail)
+                    } else {
+                        Pending::Done
+                    };
                     out.push(SecondaryAction::SendHashReply { seq, mismatched });
                     self.advance_durable(out);
+                    self.maybe_sync(false, out);
                 }
             }
             Err(e) => {

@@ -2006,6 +2006,21 @@ fn seed_914662_sync_a_dropped_section_of_markers_only_truncates_the_journal() {
     run(914662, Mode::Sync, 3000);
 }
 
+/// Seed 1373093 sync (a campaign of 100000 seeds from 1300000): a FUA write
+/// (block 46) reached the secondary's journal, not yet synced, and the primary
+/// lost power. The restarted primary compared its activity-log extents by hash;
+/// the secondary compared block 46 against that unsynced journal record, found
+/// it equal, and said `Durable` through the comparison's seq at once (an
+/// answered comparison counted as durable). The primary cleared the block from
+/// its bitmap, so a power loss of the secondary then would have lost the write
+/// with nothing left to resend it (G3). Now an answered comparison is durable
+/// once the journal is durable through the newest record at the time of the
+/// answer (its sources are among them).
+#[test]
+fn seed_1373093_sync_a_hash_answer_is_durable_only_with_the_records_it_read() {
+    run(1373093, Mode::Sync, 3000);
+}
+
 /// Seed 301491 sync (a campaign of 20000 seeds from 300000): the primary's
 /// fdatasync fails (blocks 51 and 52 never reach its disk; Linux keeps their pages
 /// cached as clean) and the primary is poisoned. A planned switchover follows
