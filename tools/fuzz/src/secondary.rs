@@ -15,7 +15,8 @@
 //! - **acknowledgements**: `Applied` follows the append of that frame; `Durable
 //!   { through }` moves forward, never past the last seq received, and covers
 //!   only seqs whose record a completed journal sync made durable, answered
-//!   comparisons, or seqs the primary skipped; hash replies answer the
+//!   comparisons whose newest record read is durable, or seqs the primary
+//!   skipped; hash replies answer the
 //!   comparison completed, with its result; nothing is sent without a session;
 //! - **I/O**: one journal sync and one checkpoint at a time; a sync covers the
 //!   tail; a checkpoint copies from the first live record, only durable ones, not
@@ -259,7 +260,12 @@ struct MRec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pend {
     Record(Lsn),
-    Hash { answered: bool },
+    /// A comparison; `read` is the newest journal record it read (its answer
+    /// counts as durable only once that record is).
+    Hash {
+        answered: bool,
+        read: Lsn,
+    },
 }
 
 #[derive(Debug)]
@@ -738,7 +744,13 @@ impl Harness {
             Frame::HashCheck { seq, .. } => {
                 let s = m.session.as_mut().expect("accepted");
                 s.expected_next = seq + 1;
-                s.pending.insert(seq, Pend::Hash { answered: false });
+                s.pending.insert(
+                    seq,
+                    Pend::Hash {
+                        answered: false,
+                        read: Lsn::ZERO,
+                    },
+                );
             }
             Frame::ResyncDone { through: seq } => {
                 let lsn = if m.in_section {
@@ -882,13 +894,34 @@ impl Harness {
                 let m = &self.m;
                 assert_eq!(hashes, seq.0, "the hashes of another frame");
                 let s = m.session.as_ref().expect("a comparison within a session");
-                assert_eq!(
-                    s.pending.get(&seq.0),
-                    Some(&Pend::Hash { answered: false }),
+                assert!(
+                    matches!(
+                        s.pending.get(&seq.0),
+                        Some(&Pend::Hash {
+                            answered: false,
+                            ..
+                        })
+                    ),
                     "StartHash for seq {seq}, which is not a comparison just accepted"
                 );
                 assert!(unit_bytes as u64 >= BLOCK);
                 m.check_sources(range, &sources, Lsn(u64::MAX));
+                let read = sources
+                    .iter()
+                    .filter_map(|(_, src)| match src {
+                        Source::Record { lsn, .. } => Some(*lsn),
+                        _ => None,
+                    })
+                    .max()
+                    .unwrap_or(Lsn::ZERO);
+                let s = self.m.session.as_mut().expect("checked");
+                s.pending.insert(
+                    seq.0,
+                    Pend::Hash {
+                        answered: false,
+                        read,
+                    },
+                );
                 self.m.hashes.push((self.m.session_id, seq.0));
             }
             SecondaryAction::SendApplied { seq } => {
@@ -927,10 +960,18 @@ impl Harness {
                             *lsn <= durable,
                             "Durable {through} covers seq {seq} whose record {lsn} is not durable (durable through {durable})"
                         ),
-                        Some(Pend::Hash { answered }) => assert!(
-                            *answered,
-                            "Durable {through} covers comparison {seq} not answered"
-                        ),
+                        Some(Pend::Hash { answered, read }) => {
+                            assert!(
+                                *answered,
+                                "Durable {through} covers comparison {seq} not answered"
+                            );
+                            // Simulator seed 1373093 sync: a match against an
+                            // unsynced record is no durable answer.
+                            assert!(
+                                *read <= durable,
+                                "Durable {through} covers comparison {seq}, which read record {read}, not durable (durable through {durable})"
+                            );
+                        }
                         None => panic!("Durable {through} covers seq {seq}, never received"),
                     }
                     seq += 1;
@@ -1246,7 +1287,17 @@ impl Harness {
                     "the reply to comparison {seq}"
                 );
                 let s = self.m.session.as_mut().expect("live");
-                s.pending.insert(seq, Pend::Hash { answered: true });
+                let read = match s.pending.get(&seq) {
+                    Some(&Pend::Hash { read, .. }) => read,
+                    other => panic!("comparison {seq} answered from {other:?}"),
+                };
+                s.pending.insert(
+                    seq,
+                    Pend::Hash {
+                        answered: true,
+                        read,
+                    },
+                );
             } else {
                 assert!(
                     replies.is_empty(),
