@@ -785,7 +785,9 @@ fn a_small_open_section_is_kept_however_full_the_rollback_window_is() {
     }
     e.session_ended(&mut out);
     settle(&mut e, &mut out);
-    let dropped = e.restart_large_section().expect("a section over half the journal");
+    let dropped = e
+        .restart_large_section()
+        .expect("a section over half the journal");
     assert_eq!(dropped.len(), 17);
     assert!(!e.is_section_open());
 }

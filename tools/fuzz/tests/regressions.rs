@@ -559,3 +559,17 @@ fn a_hostile_reply_to_a_delivered_hash_check_lets_the_peer_go_on() {
         "regressions/primary/hostile-reply-to-a-delivered-hash-check",
     ));
 }
+
+/// Simulator seed 1373093 sync, found again by this target's model within
+/// seconds on the engine before the fix: a comparison read a journal record not
+/// yet synced (record 8), the engine answered it and said `Durable` through it
+/// at once (durable only through record 1). The primary clears compared blocks
+/// on that `Durable`, so a power loss of the secondary could take the data
+/// away with nothing left to resend it. An answer is durable only once the
+/// newest record it read is (src/engine/secondary.rs, `fn hash_done`).
+#[test]
+fn a_hash_answer_is_not_durable_before_the_records_it_read() {
+    tandem_fuzz::secondary::run_strict(&input(
+        "regressions/secondary/durable-over-a-hash-answer-from-an-unsynced-record",
+    ));
+}
