@@ -58,8 +58,9 @@ pub struct ActiveSet {
     next_tick: u64,
 }
 
-/// The active set changed: persist `active` to the activity log (after
-/// persisting the bitmap bits of `retired`) before starting the write.
+/// The active set changed: persist the new set ([`ActiveSet::active`]) to the
+/// activity log (after persisting the bitmap bits of `retired`) before starting
+/// the write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
     /// Extents added by this `begin`, ascending.
@@ -549,6 +550,15 @@ mod tests {
                 }
                 prop_assert!(set.len() <= len_max);
                 prop_assert_eq!(set.active(), model.map.keys().copied().collect::<Vec<_>>());
+                // Both ways of `active_within`: a look-up per extent of a short
+                // range, a walk of the set for a long one.
+                for within in [2..5u32, 0..u32::MAX] {
+                    let mut got = set.active_within(within.clone());
+                    got.sort_unstable();
+                    let want: Vec<u32> = model.map.keys().copied()
+                        .filter(|e| within.contains(e)).collect();
+                    prop_assert_eq!(got, want);
+                }
                 // Every extent of a begun write stays active until its end,
                 // and refcounts count exactly the writes in flight.
                 let mut pins: BTreeMap<u32, u32> = BTreeMap::new();
