@@ -927,6 +927,12 @@ impl Sim {
     fn start_secondary(&mut self) {
         // The agent fdatasyncs the volume and the journal before trusting either.
         self.sdisk.flush();
+        if self.ssb.poisoned {
+            // A node whose disk failed (here: as primary, then demoted) drops the
+            // volume's cached pages (agent/secondary.rs): pages whose writeback
+            // failed are read from the disk from here on, as on the primary.
+            self.sdisk.drop_clean_cache();
+        }
         let records: Vec<Record> = self.journal.iter().map(|r| r.rec).collect();
         let volume_consistent = recovery::volume_consistent_at_start(&self.ssb);
         let mut cfg = secondary::Config::new(SIZE, BS, JOURNAL_BYTES);
@@ -2045,6 +2051,19 @@ fn seeds_of_a_poisoned_node_claiming_a_consistent_image_as_secondary() {
     for seed in [316359, 403691, 519079] {
         run(seed, Mode::Async, 3000);
     }
+}
+
+/// Seed 1826979 async (a campaign of 100,000 seeds from 1800000): the oracle, not
+/// the engine. The primary's fdatasync failed (blocks 17 and 46 never reached its
+/// disk; their pages stayed cached as clean), a switchover demoted the poisoned
+/// node, and as secondary it compared every block with the primary: the
+/// comparison read block 46 from the page cache (the new version, matching), so
+/// it was not resent and G2 failed on the disk's old version. The agent drops a
+/// poisoned secondary's cached pages at start (agent/secondary.rs, as
+/// `start_primary` models for a forced primary); `start_secondary` did not.
+#[test]
+fn seed_1826979_async_a_demoted_poisoned_node_reads_its_disk_not_its_cache() {
+    run(1826979, Mode::Async, 3000);
 }
 
 /// Seed 43883 sync (a campaign of 4000 seeds from 40000, after the two fixes
