@@ -171,10 +171,11 @@ impl ActiveSet {
     /// Returns `Ok(None)` when all of them were already active (no metadata
     /// I/O needed), `Ok(Some(transition))` when the set changed and the new
     /// set ([`Self::active`]) must be written to the activity log durably
-    /// before the write starts (not listed here: a log write covers many
-    /// transitions, and a sorted copy of ~1 000 extents per activation was ~5%
-    /// of the CPU of random writes over a 64 GiB volume, issue 11), and `Err(Full)` (with nothing changed) when
-    /// making room would need a pinned extent retired.
+    /// before the write starts, and `Err(Full)` (with nothing changed) when
+    /// making room would need a pinned extent retired. The transition does not
+    /// list the new set: one log write covers many transitions, and a sorted
+    /// copy of ~1 000 extents per activation was ~5% of the CPU of random
+    /// writes over a 64 GiB volume (issue 11).
     ///
     /// Panics if the write spans more than `max_active` extents: it could
     /// never be admitted, and request sizes are bounded long before that
