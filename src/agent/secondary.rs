@@ -840,8 +840,7 @@ impl Node {
     fn start_checkpoint(&mut self, from: Lsn, through: Lsn, volume_consistent_after: bool) {
         let records: Vec<Record> = self
             .engine
-            .records()
-            .filter(|r| r.lsn >= from && r.lsn <= through)
+            .records_between(from, through)
             .copied()
             .collect();
         // simfix: the image's newest write through `through`, not only this

@@ -791,3 +791,73 @@ fn a_small_open_section_is_kept_however_full_the_rollback_window_is() {
     assert_eq!(dropped.len(), 17);
     assert!(!e.is_section_open());
 }
+
+/// Steady writes past the rollback window are checkpointed in batches of at
+/// least `checkpoint_min_bytes`, not one checkpoint (volume fdatasync and journal
+/// header) per few records that crossed the window; the journal still holds no
+/// more than the window plus one such batch. The checkpoints' records are found
+/// by index (`records_between`), the same ones a scan finds.
+#[test]
+fn writes_past_the_rollback_window_are_checkpointed_in_batches() {
+    let journal = 64 << 20;
+    let mut cfg = Config::new(1024 * BS, BS as u32, journal);
+    cfg.frame_max_bytes = BS; // no pressure from room kept for a large frame
+    let mut e = SecondaryEngine::new(cfg, Lsn::ZERO, Vec::new(), true, Lsn::ZERO, (Seq::ZERO, 0));
+    let (window, min) = (e.cfg.rollback_window_bytes, e.cfg.checkpoint_min_bytes);
+    assert_eq!(min, 4 << 20, "1/16 of a small journal");
+    let mut out = Vec::new();
+    e.receive(start(1, 0), 0, &mut out);
+    let (mut checkpoints, mut most_live) = (0, 0);
+    for seq in 1..=12_000u64 {
+        e.receive(write(seq, seq % 1024, seq), 0, &mut out);
+        e.tick(seq, &mut out);
+        for _ in 0..100 {
+            let actions = std::mem::take(&mut out);
+            let mut any = false;
+            for a in actions {
+                match a {
+                    SecondaryAction::SyncJournal { .. } => {
+                        any = true;
+                        e.journal_synced(Ok(()), &mut out);
+                    }
+                    SecondaryAction::Checkpoint { from, through, .. } => {
+                        any = true;
+                        checkpoints += 1;
+                        let scanned: Vec<Record> = e
+                            .records()
+                            .filter(|r| r.lsn >= from && r.lsn <= through)
+                            .copied()
+                            .collect();
+                        let indexed: Vec<Record> =
+                            e.records_between(from, through).copied().collect();
+                        assert_eq!(indexed, scanned);
+                        assert!(!indexed.is_empty());
+                        e.checkpointed(Ok(()), &mut out);
+                    }
+                    _ => {}
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        most_live = most_live.max(e.live_bytes);
+    }
+    let past_window = 12_000 * (BS + 64) - window;
+    assert!(
+        checkpoints >= 1 && checkpoints <= past_window / min + 1,
+        "{checkpoints} checkpoints for {past_window} bytes past the window"
+    );
+    assert!(most_live <= window + min + BS + 64, "live {most_live}");
+    // Out-of-range and empty spans.
+    let tail = e.records().last().expect("records").lsn;
+    assert_eq!(
+        e.records_between(Lsn(tail.0 + 1), Lsn(tail.0 + 5)).count(),
+        0
+    );
+    assert_eq!(e.records_between(tail, Lsn(tail.0 - 1)).count(), 0);
+    assert_eq!(
+        e.records_between(Lsn::ZERO, tail).count(),
+        e.records().count()
+    );
+}
