@@ -15,7 +15,9 @@
 //!   activity-log extent) until [`MetaStore::persist_bitmap_pages`] has
 //!   returned, and only then writes the activity-log record that drops the
 //!   extent. One fdatasync cannot cover both: the log record must not become
-//!   durable before the pages.
+//!   durable before the pages. What one fdatasync can cover is a record that
+//!   still lists the extent together with its pages
+//!   ([`MetaStore::write_activity_with_pages`]); the next record drops it.
 //! - A page write torn by a power loss leaves each 512-byte sector with its
 //!   old or its new contents (each sector is checksummed on its own, so a
 //!   tear is not damage). A tear in a write that clears bits therefore leaves
@@ -925,9 +927,38 @@ impl<F: DurableFile> MetaStore<F> {
     fn write_words_if_changed(
         &mut self,
         pages: impl IntoIterator<Item = BitmapPage>,
-        mut fill: impl FnMut(BitmapPage, &mut [u64]),
+        fill: impl FnMut(BitmapPage, &mut [u64]),
         force: bool,
     ) -> Result<PagesPersisted, MetaError> {
+        let (mut result, written) = self.write_words_unsynced(pages, fill, force)?;
+        if written.is_empty() {
+            return Ok(result);
+        }
+        self.file
+            .sync_data()
+            .map_err(self.poison("fdatasync of bitmap pages"))?;
+        result.synced = true;
+        self.pages_durable(written);
+        Ok(result)
+    }
+
+    /// The pages just made durable hold these contents.
+    fn pages_durable(&mut self, written: Vec<(u64, PageHash)>) {
+        for (page, hash) in written {
+            self.page_hashes[page as usize] = Some(hash);
+        }
+    }
+
+    /// Write the listed pages whose contents differ from the durable ones (all
+    /// of them with `force`), without an fdatasync. Returns the pages written
+    /// and their hashes, to record once an fdatasync has covered them; until
+    /// then their durable contents are unknown.
+    fn write_words_unsynced(
+        &mut self,
+        pages: impl IntoIterator<Item = BitmapPage>,
+        mut fill: impl FnMut(BitmapPage, &mut [u64]),
+        force: bool,
+    ) -> Result<(PagesPersisted, Vec<(u64, PageHash)>), MetaError> {
         let tail_mask = match self.layout.block_count.0 % 64 {
             0 => u64::MAX,
             n => u64::MAX >> (64 - n),
@@ -989,17 +1020,7 @@ impl<F: DurableFile> MetaStore<F> {
             &mut written_hashes,
         )?;
         result.pages_written = written_hashes.len() as u64;
-        if written_hashes.is_empty() {
-            return Ok(result);
-        }
-        self.file
-            .sync_data()
-            .map_err(self.poison("fdatasync of bitmap pages"))?;
-        result.synced = true;
-        for (page, hash) in written_hashes {
-            self.page_hashes[page as usize] = Some(hash);
-        }
-        Ok(result)
+        Ok((result, written_hashes))
     }
 
     fn flush_batch(
@@ -1143,6 +1164,46 @@ impl<F: DurableFile> MetaStore<F> {
     /// not a power of two of at least the block size.
     pub fn write_activity(&mut self, extent_bytes: u64, extents: &[u32]) -> Result<(), MetaError> {
         self.check_writable()?;
+        let (txn, offset, record) = self.activity_record(extent_bytes, extents);
+        self.write_durable(offset, &record, "activity-log write")?;
+        self.al_txn = txn;
+        Ok(())
+    }
+
+    /// Issue 11: a retirement in one fdatasync instead of two. Write the listed
+    /// bitmap pages whose contents changed (`fill` as for
+    /// [`persist_bitmap_pages_with`](Self::persist_bitmap_pages_with)) and the
+    /// next activity-log record listing `extents`, then one fdatasync.
+    ///
+    /// A power loss may keep the record without the pages or the pages without
+    /// the record, so the caller's rule differs from the two-step write: the
+    /// pages may take over the coverage of extents that `extents` **still
+    /// lists**, never of extents it drops. The next record may drop them, since
+    /// it is written after this one returned. Panics as
+    /// [`write_activity`](Self::write_activity) does.
+    pub fn write_activity_with_pages(
+        &mut self,
+        extent_bytes: u64,
+        extents: &[u32],
+        pages: impl IntoIterator<Item = BitmapPage>,
+        fill: impl FnMut(BitmapPage, &mut [u64]),
+    ) -> Result<PagesPersisted, MetaError> {
+        self.check_writable()?;
+        let (txn, offset, record) = self.activity_record(extent_bytes, extents);
+        let (mut result, written) = self.write_words_unsynced(pages, fill, false)?;
+        self.file
+            .write_all_at(&record, offset)
+            .and_then(|()| self.file.sync_data())
+            .map_err(self.poison("activity-log and bitmap page write"))?;
+        result.synced = true;
+        self.pages_durable(written);
+        self.al_txn = txn;
+        Ok(result)
+    }
+
+    /// The next activity-log record (its txn, offset and bytes) listing
+    /// `extents`; panics on the caller bugs [`write_activity`](Self::write_activity) lists.
+    fn activity_record(&self, extent_bytes: u64, extents: &[u32]) -> (u64, u64, Vec<u8>) {
         assert!(
             extents.len() <= AL_EXTENTS_MAX,
             "{} active extents do not fit the activity log (max {AL_EXTENTS_MAX})",
@@ -1167,9 +1228,7 @@ impl<F: DurableFile> MetaStore<F> {
             extents: extents.to_vec(),
         };
         let offset = AL_OFFSET_BYTES + al_slot_of(txn) as u64 * AL_SLOT_LEN_BYTES;
-        self.write_durable(offset, &record.encode(), "activity-log write")?;
-        self.al_txn = txn;
-        Ok(())
+        (txn, offset, record.encode())
     }
 }
 
