@@ -11,16 +11,19 @@ use std::thread::JoinHandle;
 
 use tokio::sync::mpsc;
 
-use crate::bitmap::{BitmapPages, DirtyBitmap};
+use crate::bitmap::{BitmapPage, BitmapPages, DirtyBitmap};
 use crate::meta::{MetaStore, Superblock};
 
 /// A durable write to make.
 pub enum MetaJob {
     /// Persist the bitmap pages first when given (the pages of retired extents;
-    /// the others stay as they are on disk), then the activity log.
+    /// the others stay as they are on disk), then the activity log; with
+    /// `pages_with_record` (`active` still lists the retired extents), both
+    /// under one fdatasync.
     Activity {
         active: Vec<u32>,
         bitmap: Option<BitmapPages>,
+        pages_with_record: bool,
     },
     /// Persist the bitmap (resync progress).
     Bitmap { bitmap: DirtyBitmap },
@@ -63,22 +66,33 @@ impl MetaWorker {
             .spawn(move || {
                 for job in rx {
                     let result = match job {
-                        MetaJob::Activity { active, bitmap } => {
-                            let r = (|| {
-                                if let Some(pages) = bitmap {
-                                    // One pwrite per run of pages, one fdatasync; the
-                                    // superblock is not rewritten (bitmap_valid holds).
-                                    store.persist_bitmap_pages_with(
+                        MetaJob::Activity {
+                            active,
+                            bitmap,
+                            pages_with_record,
+                        } => {
+                            let r = match bitmap {
+                                // Issue 11: one fdatasync for pages and record.
+                                Some(pages) if pages_with_record => store
+                                    .write_activity_with_pages(
+                                        extent_bytes,
+                                        &active,
                                         pages.iter().map(|(p, _)| p),
-                                        |page, words| {
-                                            words.copy_from_slice(
-                                                pages.words(page).expect("a listed page"),
-                                            )
-                                        },
-                                    )?;
-                                }
-                                store.write_activity(extent_bytes, &active)
-                            })();
+                                        fill_from(&pages),
+                                    )
+                                    .map(|_| ()),
+                                bitmap => (|| {
+                                    if let Some(pages) = bitmap {
+                                        // One pwrite per run of pages, one fdatasync; the
+                                        // superblock is not rewritten (bitmap_valid holds).
+                                        store.persist_bitmap_pages_with(
+                                            pages.iter().map(|(p, _)| p),
+                                            fill_from(&pages),
+                                        )?;
+                                    }
+                                    store.write_activity(extent_bytes, &active)
+                                })(),
+                            };
                             MetaDone::Activity(r.map_err(|e| e.to_string()))
                         }
                         MetaJob::Bitmap { bitmap } => MetaDone::Bitmap(
@@ -133,4 +147,9 @@ impl MetaWorker {
             .join()
             .expect("the metadata thread panicked")
     }
+}
+
+/// Fills a page's words from `pages` (for the store's page writers).
+fn fill_from(pages: &BitmapPages) -> impl FnMut(BitmapPage, &mut [u64]) + '_ {
+    |page, words| words.copy_from_slice(pages.words(page).expect("a listed page"))
 }

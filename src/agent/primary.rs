@@ -891,9 +891,15 @@ impl Owner {
                     let _ = tx.send(IoDone::Flush { id, result });
                 });
             }
-            Action::WriteActivityLog { active, bitmap } => {
-                self.meta().send(MetaJob::Activity { active, bitmap })
-            }
+            Action::WriteActivityLog {
+                active,
+                bitmap,
+                pages_with_record,
+            } => self.meta().send(MetaJob::Activity {
+                active,
+                bitmap,
+                pages_with_record,
+            }),
             Action::PersistBitmap { bitmap } => self.meta().send(MetaJob::Bitmap { bitmap }),
             Action::ProbeHoles { offset, len } => self.probe_holes(offset, len, out),
             Action::Poisoned { reason } => {

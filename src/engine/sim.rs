@@ -221,9 +221,9 @@ struct Primary {
     run: usize,
     local: Vec<LocalIo>,
     flushing: Option<LocalFlushId>,
-    /// An activity-log write in flight: the bitmap to persist first (None once
-    /// it is durable), then the active set.
-    al_write: Option<(Option<crate::bitmap::BitmapPages>, Vec<u32>)>,
+    /// Activity-log writes in flight, carried out in order (the agent's one
+    /// metadata thread): only the front one progresses.
+    al_writes: VecDeque<AlWrite>,
     persist: Option<DirtyBitmap>,
     /// Client writes and flushes not answered yet: token → what they cover.
     clients: HashMap<u64, Client>,
@@ -232,6 +232,15 @@ struct Primary {
     spill_sync: Option<usize>,
     spill_reads: Vec<Seq>,
     spill_release: Option<Option<Seq>>,
+}
+
+/// One activity-log write in flight: the bitmap pages (None once durable) and
+/// the record (None once durable). Without `together` the pages are durable
+/// first; with it (one fdatasync) either may be durable first.
+struct AlWrite {
+    pages: Option<crate::bitmap::BitmapPages>,
+    record: Option<Vec<u32>>,
+    together: bool,
 }
 
 /// wan: one record of the primary's spill log in the model.
@@ -305,6 +314,13 @@ struct Sim {
     spill_bytes: u64,
     pspill: Vec<SpillRec>,
     spill_rng: StdRng,
+    /// Issue 11: which half of a one-fdatasync activity-log write is durable
+    /// first; its own rng so that the other choices replay as before.
+    meta_rng: StdRng,
+    /// Most extents an activity-log record lists: on seeds ≡ 1 (mod 3) just the
+    /// active set's bound, so retirements take two fdatasyncs (pages, then
+    /// record); otherwise room for the retired extents too (one fdatasync).
+    al_record_max: usize,
     // Secondary node
     sdisk: Disk,
     journal_head: Lsn,
@@ -467,6 +483,12 @@ impl Sim {
             spill_bytes: 0,
             pspill: Vec::new(),
             spill_rng: StdRng::seed_from_u64(seed ^ 0x5b11_1000),
+            meta_rng: StdRng::seed_from_u64(seed ^ 0xa1_0a1),
+            al_record_max: if seed % 3 == 1 {
+                AL_MAX
+            } else {
+                crate::meta::AL_EXTENTS_MAX
+            },
             sdisk: Disk::new(),
             journal_head: Lsn::ZERO,
             journal: Vec::new(),
@@ -549,6 +571,7 @@ impl Sim {
         }
         let mut e = PrimaryEngine::new(cfg, start.dirty.clone(), Seq(1));
         e.enable_activity(ActiveSet::new(AL_EXTENT, AL_MAX));
+        e.set_activity_record_max(self.al_record_max);
         if self.holes {
             e.enable_hole_probes(); // scale (issue 11)
         }
@@ -567,7 +590,7 @@ impl Sim {
             run: self.runs.len() - 1,
             local: Vec::new(),
             flushing: None,
-            al_write: None,
+            al_writes: VecDeque::new(),
             persist: None,
             clients: HashMap::new(),
             spill_sync: None,
@@ -637,9 +660,20 @@ impl Sim {
                     assert!(p.flushing.is_none(), "one local flush at a time");
                     p.flushing = Some(id);
                 }
-                Action::WriteActivityLog { active, bitmap } => {
-                    assert!(p.al_write.is_none(), "one activity-log write at a time");
-                    p.al_write = Some((bitmap, active));
+                Action::WriteActivityLog {
+                    active,
+                    bitmap,
+                    pages_with_record,
+                } => {
+                    assert!(
+                        (p.al_writes.len() as u64) < crate::engine::primary::LOG_WRITES_IN_FLIGHT,
+                        "too many activity-log writes in flight"
+                    );
+                    p.al_writes.push_back(AlWrite {
+                        pages: bitmap,
+                        record: Some(active),
+                        together: pages_with_record,
+                    });
                 }
                 Action::PersistBitmap { bitmap } => p.persist = Some(bitmap),
                 // scale: data = blocks the page cache holds non-zero (what SEEK_DATA
@@ -906,19 +940,24 @@ impl Sim {
             self.run_p(out);
             return;
         }
-        match p.al_write.take() {
-            Some((Some(pages), active)) => {
-                // scale (issue 11): a retirement persists only its extents' pages.
-                pages.apply_to(&mut self.pmeta.bitmap);
-                p.al_write = Some((None, active));
-            }
-            Some((None, active)) => {
-                self.pmeta.al = active;
-                let mut out = Vec::new();
-                p.e.activity_written(Ok(()), &mut out);
-                self.run_p(out);
-            }
-            None => {}
+        let Some(w) = p.al_writes.front_mut() else {
+            return;
+        };
+        // Issue 11: pages and record under one fdatasync become durable in
+        // either order; otherwise the pages first.
+        let record_now = w.record.is_some()
+            && (w.pages.is_none() || (w.together && self.meta_rng.gen_bool(0.5)));
+        if record_now {
+            self.pmeta.al = w.record.take().expect("the record is pending");
+        } else if let Some(pages) = w.pages.take() {
+            // scale (issue 11): a retirement persists only its extents' pages.
+            pages.apply_to(&mut self.pmeta.bitmap);
+        }
+        if w.pages.is_none() && w.record.is_none() {
+            p.al_writes.pop_front();
+            let mut out = Vec::new();
+            p.e.activity_written(Ok(()), &mut out);
+            self.run_p(out);
         }
     }
 
@@ -1716,7 +1755,7 @@ impl Sim {
             && p.e.ready_to_hand_over()
             && p.local.is_empty()
             && p.flushing.is_none()
-            && p.al_write.is_none()
+            && p.al_writes.is_empty()
             && p.persist.is_none()
             && p.clients.is_empty()
             && self.to_s.is_empty()
@@ -1816,7 +1855,10 @@ impl Sim {
                 eprintln!("{}", p.e.debug_ops(12));
                 eprintln!(
                     "sim al_write {:?} persist {} flushing {:?}",
-                    p.al_write.as_ref().map(|(b, a)| (b.is_some(), a.clone())),
+                    p.al_writes
+                        .iter()
+                        .map(|w| (w.pages.is_some(), w.record.clone(), w.together))
+                        .collect::<Vec<_>>(),
                     p.persist.is_some(),
                     p.flushing
                 );

@@ -35,6 +35,7 @@
 mod flush;
 mod grow; // ha (issue 12)
 mod intent;
+pub use intent::LOG_WRITES_IN_FLIGHT;
 mod resync;
 mod stream;
 mod verify;
@@ -326,13 +327,20 @@ pub enum Action<T, D> {
     /// [`PrimaryEngine::local_flush_done`].
     StartLocalFlush { id: LocalFlushId },
     /// Write the activity log with this active set durably, then call
-    /// [`PrimaryEngine::activity_written`]. When `bitmap` is given (extents
-    /// retired), persist those bitmap pages durably FIRST: they cover the retired
-    /// extents' blocks that may differ (ARCHITECTURE §4); other pages stay as on disk.
+    /// [`PrimaryEngine::activity_written`]. These writes are carried out in the
+    /// order given, each durable before the next begins (at most
+    /// [`LOG_WRITES_IN_FLIGHT`] are given before the first is reported). When
+    /// `bitmap` is given (extents retired), persist those bitmap pages too: they
+    /// cover the retired extents' blocks that may differ (ARCHITECTURE §4); other
+    /// pages stay as on disk.
+    /// The pages are durable FIRST (their own fdatasync) unless
+    /// `pages_with_record`: then `active` still lists the retired extents, and
+    /// pages and record may be made durable together, in either order.
     WriteActivityLog {
         active: Vec<u32>,
         // scale (issue 11): only the pages covering the retired extents.
         bitmap: Option<crate::bitmap::BitmapPages>,
+        pages_with_record: bool,
     },
     /// scale (issue 11): tell where `[offset, offset + len)` holds data (SEEK_DATA),
     /// at once, with [`PrimaryEngine::holes_probed`] (only after
@@ -591,6 +599,15 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             "enable the activity log before any write"
         );
         self.intent = Some(intent::Intent::new(set));
+    }
+
+    /// Simulator: records list at most `n` extents (≥ the active set's bound).
+    #[cfg(test)]
+    pub(crate) fn set_activity_record_max(&mut self, n: usize) {
+        self.intent
+            .as_mut()
+            .expect("activity log enabled")
+            .set_record_max(n);
     }
 
     pub fn config(&self) -> &Config {

@@ -365,6 +365,57 @@ fn a_retirement_persists_only_volatile_blocks_the_log_stops_covering() {
     );
 }
 
+/// The activity-log writes in `out`: (listed extents, has pages, pages_with_record).
+fn log_writes(out: &Out) -> Vec<(Vec<u32>, bool, bool)> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::WriteActivityLog {
+                active,
+                bitmap,
+                pages_with_record,
+            } => Some((active.clone(), bitmap.is_some(), *pages_with_record)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Issue 11: a record with room lists the extents it retires once more, so the
+/// retirement's pages and the record can share one fdatasync (whichever a power
+/// loss keeps covers extent 0); the next record drops them. Without room the
+/// record lists only the active set and the pages go first (two fdatasyncs).
+#[test]
+fn a_retirement_record_lists_the_retired_extents_when_it_has_room() {
+    for (record_max, together) in [(crate::meta::AL_EXTENTS_MAX, true), (2, false)] {
+        let (mut e, mut out) = connected(cfg(Mode::Async, 64));
+        e.enable_activity(ActiveSet::new(4 * BS, 2));
+        e.set_activity_record_max(record_max);
+        write(&mut e, 0, 1, false, 1, &mut out);
+        let s2 = write(&mut e, 4, 1, false, 2, &mut out);
+        settle_local(&mut e, &mut out);
+        e.peer_durable(s2, &mut out);
+        out.clear();
+        // Extent 2 retires extent 0.
+        write(&mut e, 8, 1, false, 3, &mut out);
+        let w = log_writes(&out);
+        assert_eq!(w.len(), 1, "one log write: {w:?}");
+        let (listed, pages, with_record) = w[0].clone();
+        assert!(pages, "the retirement persists extent 0's pages");
+        assert_eq!(with_record, together, "record_max {record_max}");
+        let want: &[u32] = if together { &[0, 1, 2] } else { &[1, 2] };
+        assert_eq!(listed, want, "record_max {record_max}");
+        settle_local(&mut e, &mut out);
+        out.clear();
+        // The next record (extent 3 retires extent 1) no longer lists extent 0.
+        let s3 = Seq(3);
+        e.peer_durable(s3, &mut out);
+        write(&mut e, 12, 1, false, 4, &mut out);
+        let w = log_writes(&out);
+        assert_eq!(w.len(), 1, "one log write: {w:?}");
+        assert!(!w[0].0.contains(&0), "extent 0 was dropped: {w:?}");
+        e.assert_invariants();
+    }
+}
+
 /// The volatile blocks a retirement persisted are cleared on disk once a local
 /// flush covers them (a periodic persist), or every later crash resends them: the
 /// persisted bitmap would grow toward every block ever written.

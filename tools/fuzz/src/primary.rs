@@ -46,7 +46,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use tandem::bitmap::DirtyBitmap;
 use tandem::engine::activity::ActiveSet;
 use tandem::engine::primary::{
-    Action, Config, LocalFlushId, Mode, Note, OpKind, Outgoing, PeerLoss, PrimaryEngine, ReadResult,
+    Action, Config, LOG_WRITES_IN_FLIGHT, LocalFlushId, Mode, Note, OpKind, Outgoing, PeerLoss,
+    PrimaryEngine, ReadResult,
 };
 use tandem::types::{BlockIndex, ByteRange, Seq};
 use tandem::wire::SyncPlan;
@@ -172,7 +173,8 @@ struct Harness {
     /// Ranges of resync/verify reads, kept to check the frames that carry them.
     reads: HashMap<Seq, ByteRange>,
     local_flush: Option<LocalFlushId>,
-    al_write: bool,
+    /// Activity-log writes given and not yet reported (they complete in order).
+    al_writes: u64,
     persist: bool,
     generation_wanted: bool,
     poisoned_said: bool,
@@ -224,7 +226,7 @@ impl Harness {
             by_offset: BTreeMap::new(),
             reads: HashMap::new(),
             local_flush: None,
-            al_write: false,
+            al_writes: 0,
             persist: false,
             generation_wanted: false,
             poisoned_said: false,
@@ -310,13 +312,20 @@ impl Harness {
                 assert!(self.local_flush.is_none(), "two local fdatasyncs at once");
                 self.local_flush = Some(id);
             }
-            Action::WriteActivityLog { active, bitmap: _ } => {
-                assert!(!self.al_write, "two activity-log writes at once");
+            Action::WriteActivityLog {
+                active,
+                bitmap: _,
+                pages_with_record: _,
+            } => {
+                assert!(
+                    self.al_writes < LOG_WRITES_IN_FLIGHT,
+                    "more than {LOG_WRITES_IN_FLIGHT} activity-log writes at once"
+                );
                 let mut sorted = active.clone();
                 sorted.sort_unstable();
                 sorted.dedup();
                 assert_eq!(sorted.len(), active.len(), "an extent listed twice");
-                self.al_write = true;
+                self.al_writes += 1;
             }
             Action::PersistBitmap { bitmap } => {
                 assert!(!self.persist, "two bitmap persists at once");
@@ -729,9 +738,10 @@ impl Harness {
     }
 
     fn activity_written(&mut self, fail: bool) {
-        if !std::mem::take(&mut self.al_write) {
+        if self.al_writes == 0 {
             return;
         }
+        self.al_writes -= 1;
         trace(|| format!("activity log written: {}", if fail { "EIO" } else { "ok" }));
         self.may_poison = fail;
         self.e.activity_written(
@@ -1015,7 +1025,7 @@ impl Harness {
             self.connect(0, (0, 0), (0, 0));
             moved = true;
         }
-        if self.al_write {
+        if self.al_writes > 0 {
             self.activity_written(false);
             moved = true;
         }
@@ -1088,7 +1098,7 @@ impl Harness {
             self.tick(3_000);
             let idle = self.running.is_empty()
                 && self.local_flush.is_none()
-                && !self.al_write
+                && self.al_writes == 0
                 && !self.persist
                 && !self.generation_wanted
                 && self.peer.wire.is_empty()
@@ -1110,7 +1120,7 @@ impl Harness {
                 round - last.1 < 100,
                 "the engine makes no progress (durable through, dirty blocks, open requests, ops, next seq, started: {now:?}; \
                  al write {}, persist {}, fdatasync {:?}, generation {}, connected {}, streaming {}, parked {})",
-                self.al_write,
+                self.al_writes,
                 self.persist,
                 self.local_flush,
                 self.generation_wanted,
