@@ -442,7 +442,7 @@ pub struct NodeArgs {
     /// On shutdown, wait this long for the secondary to catch up (default 30000 ms).
     #[arg(long)]
     pub drain_timeout_ms: Option<u64>,
-    /// Activity log: most 4 MiB extents active at once (default and maximum 1015).
+    /// Activity log: most 4 MiB extents active at once (16 to 1015, default 960).
     /// After a primary crash at most this many extents are compared by hash.
     #[arg(long)]
     pub al_extents: Option<usize>,

@@ -824,7 +824,7 @@ impl NodeConfig {
             al_extents_max: o
                 .al_extents
                 .or(res.al_extents)
-                .unwrap_or(crate::meta::al::AL_EXTENTS_MAX),
+                .unwrap_or(crate::meta::al::AL_EXTENTS_DEFAULT),
             seeded: o.seeded || res.seeded.unwrap_or(false),
             metrics: o.metrics.or(mine.metrics),
             rpo_seconds: o.rpo_seconds.or(res.rpo_seconds),

@@ -40,6 +40,11 @@ pub const AL_HEADER_LEN_BYTES: usize = 32;
 const RECORD_CRC_OFFSET: usize = RECORD_LEN - 4;
 /// Most extents one record can list: (4096 − 32 − 4) / 4 = 1015.
 pub const AL_EXTENTS_MAX: usize = (RECORD_CRC_OFFSET - AL_HEADER_LEN_BYTES) / 4;
+/// Default bound on active extents (`al-extents`): below [`AL_EXTENTS_MAX`] so a
+/// record that retires extents has room to list them once more (up to 55), and
+/// the retirement's bitmap pages share the record's fdatasync (issue 11; one
+/// fdatasync per retirement instead of two).
+pub const AL_EXTENTS_DEFAULT: usize = 960;
 
 /// Highest transaction number accepted: far beyond any real history (one
 /// transaction per nanosecond takes 146 years to get there), and it keeps

@@ -43,7 +43,7 @@ mod store;
 use std::io;
 use std::path::PathBuf;
 
-pub use al::{AL_EXTENTS_MAX, ActivityRecord, ActivitySnapshot};
+pub use al::{AL_EXTENTS_DEFAULT, AL_EXTENTS_MAX, ActivityRecord, ActivitySnapshot};
 pub use file::{DurableFile, SimFile, SimStats};
 pub use format::{
     BitmapHeader, BitmapLocation, BitmapSector, FORMAT_VERSION, SectorFault, SlotFault, SlotImage,
