@@ -205,10 +205,10 @@ async fn host_roles(
     // One set of figures for the node's whole life: counters, latencies and the
     // event ring survive role changes (a failover's story stays in `tandem events`).
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
-    // A role change waiting for the new role to come up, and the role to fall back to.
     // A role change waiting for the new role to serve: its reply, the role to go
-    // back to if it fails, and what the old role said about it.
-    let mut pending: Option<(RoleReply, Role, String)> = None;
+    // back to if it fails (none after a demotion: the primary has handed over, so
+    // the agent stops as it would have), and what the old role said about it.
+    let mut pending: Option<(RoleReply, Option<Role>, String)> = None;
     loop {
         // The configuration as of now (`adjust` may have replaced it).
         let cfg = shared_cfg.read().expect("cfg lock").clone();
@@ -248,15 +248,22 @@ async fn host_roles(
             Ok(()) = up_rx => {
                 // docs: READY=1 for systemd (Type=notify): the export or the listener is bound.
                 crate::systemd::ready(&format!("{role} of resource {}, node {}: serving", cfg.resource, cfg.name));
-                if let Some((reply, _, note)) = pending.take() {
+                if let Some((reply, back, note)) = pending.take() {
                     let generation = slot.status().await.map(|s| s.generation).unwrap_or_default();
-                    let message = if note.is_empty() {
+                    let message = if back.is_none() {
+                        // A demotion is answered once the secondary serves, so that
+                        // the next `tandem status` finds it (the OCF monitor right
+                        // after `demote` failed while a new journal was zeroed).
+                        note
+                    } else if note.is_empty() {
                         format!("now {role}, generation {generation}")
                     } else {
                         format!("now {role}, generation {generation}, {note}")
                     };
                     // Typed event (hardening: `tandem events --follow`).
-                    metrics.events.emit(crate::metrics::events::EventKind::Promoted { role: role.to_string(), generation });
+                    if back.is_some() {
+                        metrics.events.emit(crate::metrics::events::EventKind::Promoted { role: role.to_string(), generation });
+                    }
                     let _ = reply.send(Ok(message));
                 }
             }
@@ -270,7 +277,12 @@ async fn host_roles(
                     return Ok(());
                 }
                 match pending.take() {
-                    Some((reply, back, _)) => {
+                    Some((reply, None, _)) => {
+                        tracing::error!("becoming {role} failed: {err}");
+                        let _ = reply.send(Err(format!("demoted, but becoming {role} failed: {err}; the agent stops")));
+                        return Err(err);
+                    }
+                    Some((reply, Some(back), _)) => {
                         tracing::error!("becoming {role} failed: {err}; staying {back}");
                         let _ = reply.send(Err(format!("becoming {role} failed: {err}; the node stays {back}")));
                         role = back;
@@ -301,7 +313,7 @@ async fn host_roles(
                                 tracing::info!("primary role ended: {summary}");
                                 let message = format!("demoted: {summary}");
                                 metrics.events.emit(crate::metrics::events::EventKind::Demoted { role: "secondary".into(), detail: summary }); // typed event (hardening)
-                                let _ = reply.send(Ok(message));
+                                pending = Some((reply, None, message));
                                 role = Role::Secondary;
                                 break;
                             }
@@ -337,7 +349,7 @@ async fn host_roles(
                                 return Err(AgentError::Refused(format!("the secondary role failed: {e}")));
                             }
                         };
-                        pending = Some((reply, Role::Secondary, note));
+                        pending = Some((reply, Some(Role::Secondary), note));
                         force = f;
                         role = Role::Primary;
                         break;
