@@ -421,7 +421,7 @@ pub struct NodeArgs {
     /// Bitmap granularity (default 4K). Must match on both nodes.
     #[arg(long)]
     pub block_size: Option<String>,
-    /// The secondary flushes at least this often (default 5 ms).
+    /// A write waits at most this long for the secondary's fdatasync (default 5 ms).
     #[arg(long)]
     pub flush_interval_ms: Option<u64>,
     /// ... or after this many bytes applied (default 64M).

@@ -263,6 +263,7 @@ fn engine_config(cfg: &NodeConfig, size_bytes: u64, capacity_bytes: u64) -> seco
     c.rollback_window_bytes = capacity_bytes / 2;
     c.rollback_window_ms = cfg.rollback_window_ms;
     c.sync_threshold_bytes = cfg.flush_bytes_max.min(16 << 20);
+    c.sync_interval_ms = cfg.flush_interval_ms;
     c.allow_inconsistent = cfg.resync_overflow_inconsistent;
     c
 }
@@ -531,6 +532,11 @@ pub async fn serve(
 
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.flush_interval_ms.clamp(1, 5)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The journal sync a waiting record is due for (engine `sync_due_ms`), on
+    // time rather than at the next periodic tick.
+    let sync_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(sync_timer);
+    let mut sync_armed: Option<u64> = None;
     let mut out: Actions = Vec::new();
     // The current session's frames; read only while the engine takes them
     // (journal space is backpressure on the TCP stream).
@@ -543,6 +549,16 @@ pub async fn serve(
             frames = None;
         }
         let can_read = frames.is_some() && node.session.as_ref().is_some_and(|s| s.held.is_none());
+        let due = node.engine.sync_due_ms();
+        if due != sync_armed {
+            sync_armed = due;
+            if let Some(due) = due {
+                let wait = due.saturating_sub(crate::agent::unix_now_ms());
+                sync_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + Duration::from_millis(wait));
+            }
+        }
         tokio::select! {
             biased;
             Some(done) = jdone_rx.recv() => node.on_journal(done, &mut out),
@@ -552,6 +568,11 @@ pub async fn serve(
             }
             Some(done) = meta_rx.recv() => node.on_meta(done, &mut out),
             Some(ev) = events_rx.recv() => node.on_event(ev, &mut out).await,
+            _ = &mut sync_timer, if sync_armed.is_some() => {
+                sync_armed = None;
+                node.engine.tick(crate::agent::unix_now_ms(), &mut out);
+                node.act(&mut out);
+            }
             _ = tick.tick() => {
                 node.engine.tick(crate::agent::unix_now_ms(), &mut out);
                 node.act(&mut out);

@@ -321,6 +321,9 @@ struct Sim {
     /// active set's bound, so retirements take two fdatasyncs (pages, then
     /// record); otherwise room for the retired extents too (one fdatasync).
     al_record_max: usize,
+    /// The secondary's `sync_interval_ms`: 0 (a tick syncs whatever waits) or 3
+    /// (only records that waited 3 ms; ticks come every 1-4 ms).
+    s_sync_interval_ms: u64,
     // Secondary node
     sdisk: Disk,
     journal_head: Lsn,
@@ -489,6 +492,7 @@ impl Sim {
             } else {
                 crate::meta::AL_EXTENTS_MAX
             },
+            s_sync_interval_ms: if (seed / 3) % 2 == 1 { 3 } else { 0 },
             sdisk: Disk::new(),
             journal_head: Lsn::ZERO,
             journal: Vec::new(),
@@ -980,6 +984,7 @@ impl Sim {
         cfg.rollback_window_bytes = JOURNAL_BYTES / 3;
         cfg.rollback_window_ms = 200;
         cfg.sync_threshold_bytes = 8 * BS as u64;
+        cfg.sync_interval_ms = self.s_sync_interval_ms;
         cfg.checkpoint_batch_bytes = 8 * BS as u64;
         let e = SecondaryEngine::new(
             cfg,

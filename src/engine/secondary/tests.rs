@@ -861,3 +861,55 @@ fn writes_past_the_rollback_window_are_checkpointed_in_batches() {
         e.records().count()
     );
 }
+
+/// A tick syncs only records that waited `sync_interval_ms` (flush-interval-ms);
+/// a FLUSH still syncs at once. With a fixed clock that synced at every tick, a
+/// FLUSH arriving just after the tick's sync started waited for two fdatasyncs.
+#[test]
+fn a_tick_syncs_only_records_that_waited_the_interval() {
+    let mut cfg = Config::new(16 * BS, BS as u32, 256 << 20);
+    cfg.sync_interval_ms = 5;
+    let mut e = E::new(cfg, Lsn::ZERO, Vec::new(), true, Lsn::ZERO, (Seq::ZERO, 0));
+    let mut out = Vec::new();
+    let syncs = |out: &Out| {
+        out.iter()
+            .filter(|a| matches!(a, SecondaryAction::SyncJournal { .. }))
+            .count()
+    };
+    e.receive(start(1, 0), 100, &mut out);
+    settle(&mut e, &mut out);
+    out.clear();
+    assert_eq!(e.sync_due_ms(), None, "nothing waits");
+
+    e.receive(write(1, 0, 10), 110, &mut out);
+    assert_eq!(e.sync_due_ms(), Some(115));
+    e.tick(112, &mut out);
+    e.tick(114, &mut out);
+    assert_eq!(syncs(&out), 0, "too young for the clock");
+    e.receive(write(2, 1, 11), 114, &mut out);
+    assert_eq!(e.sync_due_ms(), Some(115), "the oldest record counts");
+    e.tick(115, &mut out);
+    assert_eq!(syncs(&out), 1);
+    assert_eq!(e.sync_due_ms(), None, "a sync runs");
+    settle(&mut e, &mut out);
+    assert_eq!(durable(&out), Some(Seq(2)));
+
+    // A record appended while a sync runs is timed from its own append.
+    out.clear();
+    e.receive(write(3, 2, 12), 120, &mut out);
+    e.tick(125, &mut out);
+    assert_eq!(syncs(&out), 1);
+    e.receive(write(4, 3, 13), 126, &mut out);
+    assert_eq!(e.sync_due_ms(), None, "while the sync runs");
+    settle(&mut e, &mut out);
+    assert_eq!(durable(&out), Some(Seq(3)));
+    assert_eq!(e.sync_due_ms(), Some(131));
+
+    // A FLUSH does not wait for the clock.
+    out.clear();
+    e.receive(Incoming::Flush { through: Seq(4) }, 127, &mut out);
+    assert_eq!(syncs(&out), 1);
+    settle(&mut e, &mut out);
+    assert_eq!(durable(&out), Some(Seq(4)));
+    assert_eq!(e.sync_due_ms(), None);
+}
