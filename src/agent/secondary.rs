@@ -532,11 +532,14 @@ pub async fn serve(
 
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.flush_interval_ms.clamp(1, 5)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The journal sync a waiting record is due for (engine `sync_due_ms`), on
-    // time rather than at the next periodic tick.
+    // A record waits at most flush-interval-ms for its journal sync, timed on
+    // the monotonic clock from when the engine first has one waiting (engine
+    // `has_unsynced`): the engine's wall-clock ticks alone would wait out a
+    // clock stepped back.
+    let sync_interval = Duration::from_millis(cfg.flush_interval_ms);
     let sync_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(sync_timer);
-    let mut sync_armed: Option<u64> = None;
+    let mut sync_armed = false;
     let mut out: Actions = Vec::new();
     // The current session's frames; read only while the engine takes them
     // (journal space is backpressure on the TCP stream).
@@ -549,16 +552,13 @@ pub async fn serve(
             frames = None;
         }
         let can_read = frames.is_some() && node.session.as_ref().is_some_and(|s| s.held.is_none());
-        let due = node.engine.sync_due_ms();
-        if due != sync_armed {
-            sync_armed = due;
-            if let Some(due) = due {
-                let wait = due.saturating_sub(crate::agent::unix_now_ms());
-                sync_timer
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + Duration::from_millis(wait));
-            }
+        let waiting = node.engine.has_unsynced();
+        if waiting && !sync_armed {
+            sync_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + sync_interval);
         }
+        sync_armed = waiting;
         tokio::select! {
             biased;
             Some(done) = jdone_rx.recv() => node.on_journal(done, &mut out),
@@ -568,9 +568,9 @@ pub async fn serve(
             }
             Some(done) = meta_rx.recv() => node.on_meta(done, &mut out),
             Some(ev) = events_rx.recv() => node.on_event(ev, &mut out).await,
-            _ = &mut sync_timer, if sync_armed.is_some() => {
-                sync_armed = None;
-                node.engine.tick(crate::agent::unix_now_ms(), &mut out);
+            _ = &mut sync_timer, if sync_armed => {
+                sync_armed = false;
+                node.engine.sync_unsynced(&mut out);
                 node.act(&mut out);
             }
             _ = tick.tick() => {

@@ -860,15 +860,18 @@ impl<D> SecondaryEngine<D> {
         }
     }
 
-    /// When the oldest record no sync covers yet is due for one
-    /// (`sync_interval_ms` after it was appended); the agent ticks then. None
-    /// while a sync runs (its end looks again) or nothing waits.
-    pub fn sync_due_ms(&self) -> Option<u64> {
-        if self.syncing.is_some() || self.poisoned.is_some() || self.tail == self.durable {
-            return None;
-        }
-        self.unsynced_since_ms
-            .map(|since| since.saturating_add(self.cfg.sync_interval_ms))
+    /// Records wait that no sync started so far covers (a sync running now
+    /// does not). The agent times `sync_interval_ms` from when this turns true
+    /// on its monotonic clock and then calls [`Self::sync_unsynced`]: the
+    /// engine's clock is the wall clock (records carry the primary's times),
+    /// which may stand still or jump back, and a tick goes only by it.
+    pub fn has_unsynced(&self) -> bool {
+        self.unsynced_since_ms.is_some() && self.poisoned.is_none()
+    }
+
+    /// Sync what waits now, or right after the sync that runs.
+    pub fn sync_unsynced(&mut self, out: &mut Vec<SecondaryAction<D>>) {
+        self.maybe_sync(true, out);
     }
 
     /// Periodic tick (a few ms): sync what has waited `sync_interval_ms`, maybe

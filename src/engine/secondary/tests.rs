@@ -871,26 +871,20 @@ fn a_tick_syncs_only_records_that_waited_the_interval() {
     cfg.sync_interval_ms = 5;
     let mut e = E::new(cfg, Lsn::ZERO, Vec::new(), true, Lsn::ZERO, (Seq::ZERO, 0));
     let mut out = Vec::new();
-    let syncs = |out: &Out| {
-        out.iter()
-            .filter(|a| matches!(a, SecondaryAction::SyncJournal { .. }))
-            .count()
-    };
     e.receive(start(1, 0), 100, &mut out);
     settle(&mut e, &mut out);
     out.clear();
-    assert_eq!(e.sync_due_ms(), None, "nothing waits");
+    assert!(!e.has_unsynced(), "nothing waits");
 
     e.receive(write(1, 0, 10), 110, &mut out);
-    assert_eq!(e.sync_due_ms(), Some(115));
+    assert!(e.has_unsynced());
     e.tick(112, &mut out);
+    e.receive(write(2, 1, 11), 114, &mut out);
     e.tick(114, &mut out);
     assert_eq!(syncs(&out), 0, "too young for the clock");
-    e.receive(write(2, 1, 11), 114, &mut out);
-    assert_eq!(e.sync_due_ms(), Some(115), "the oldest record counts");
     e.tick(115, &mut out);
-    assert_eq!(syncs(&out), 1);
-    assert_eq!(e.sync_due_ms(), None, "a sync runs");
+    assert_eq!(syncs(&out), 1, "the oldest record counts");
+    assert!(!e.has_unsynced(), "the running sync covers both");
     settle(&mut e, &mut out);
     assert_eq!(durable(&out), Some(Seq(2)));
 
@@ -900,16 +894,60 @@ fn a_tick_syncs_only_records_that_waited_the_interval() {
     e.tick(125, &mut out);
     assert_eq!(syncs(&out), 1);
     e.receive(write(4, 3, 13), 126, &mut out);
-    assert_eq!(e.sync_due_ms(), None, "while the sync runs");
+    assert!(e.has_unsynced(), "the running sync does not cover it");
     settle(&mut e, &mut out);
     assert_eq!(durable(&out), Some(Seq(3)));
-    assert_eq!(e.sync_due_ms(), Some(131));
-
-    // A FLUSH does not wait for the clock.
-    out.clear();
-    e.receive(Incoming::Flush { through: Seq(4) }, 127, &mut out);
+    e.tick(130, &mut out);
+    assert_eq!(syncs(&out), 0, "4 ms old");
+    e.tick(131, &mut out);
     assert_eq!(syncs(&out), 1);
     settle(&mut e, &mut out);
     assert_eq!(durable(&out), Some(Seq(4)));
-    assert_eq!(e.sync_due_ms(), None);
+
+    // A FLUSH does not wait for the clock.
+    out.clear();
+    e.receive(write(5, 4, 14), 132, &mut out);
+    e.receive(Incoming::Flush { through: Seq(5) }, 132, &mut out);
+    assert_eq!(syncs(&out), 1);
+    settle(&mut e, &mut out);
+    assert_eq!(durable(&out), Some(Seq(5)));
+    assert!(!e.has_unsynced());
+}
+
+fn syncs(out: &Out) -> usize {
+    out.iter()
+        .filter(|a| matches!(a, SecondaryAction::SyncJournal { .. }))
+        .count()
+}
+
+/// The engine's clock is the wall clock, kept from going back: stepped back
+/// (NTP, an operator), it stands still and no record ever gets old enough for a
+/// tick. The agent times the wait on its monotonic clock and asks
+/// `sync_unsynced`, which syncs whatever the engine's clock says (and, while a
+/// sync runs, right after it).
+#[test]
+fn records_are_synced_on_the_agents_clock_when_the_wall_clock_stands_still() {
+    let mut cfg = Config::new(16 * BS, BS as u32, 256 << 20);
+    cfg.sync_interval_ms = 5;
+    let mut e = E::new(cfg, Lsn::ZERO, Vec::new(), true, Lsn::ZERO, (Seq::ZERO, 0));
+    let mut out = Vec::new();
+    e.receive(start(1, 0), 1_000_000, &mut out);
+    settle(&mut e, &mut out);
+    out.clear();
+    e.receive(write(1, 0, 10), 1_000_000, &mut out);
+    for back in [10, 20, 500_000] {
+        e.tick(1_000_000 - back, &mut out);
+    }
+    assert_eq!(syncs(&out), 0, "the engine's clock stood still");
+    assert!(e.has_unsynced());
+    e.sync_unsynced(&mut out);
+    assert_eq!(syncs(&out), 1);
+    // Asked while that sync runs: the next one follows it at once.
+    e.receive(write(2, 1, 11), 1_000_000, &mut out);
+    e.sync_unsynced(&mut out);
+    assert_eq!(syncs(&out), 1);
+    settle(&mut e, &mut out);
+    assert_eq!(syncs(&out), 0, "settle took both");
+    assert_eq!(durable(&out), Some(Seq(2)));
+    assert!(!e.has_unsynced());
 }
