@@ -867,9 +867,7 @@ fn writes_past_the_rollback_window_are_checkpointed_in_batches() {
 /// FLUSH arriving just after the tick's sync started waited for two fdatasyncs.
 #[test]
 fn a_tick_syncs_only_records_that_waited_the_interval() {
-    let mut cfg = Config::new(16 * BS, BS as u32, 256 << 20);
-    cfg.sync_interval_ms = 5;
-    let mut e = E::new(cfg, Lsn::ZERO, Vec::new(), true, Lsn::ZERO, (Seq::ZERO, 0));
+    let mut e = engine_syncing_after(5);
     let mut out = Vec::new();
     e.receive(start(1, 0), 100, &mut out);
     settle(&mut e, &mut out);
@@ -914,6 +912,13 @@ fn a_tick_syncs_only_records_that_waited_the_interval() {
     assert!(!e.has_unsynced());
 }
 
+/// An engine whose ticks sync only records that waited `interval_ms`.
+fn engine_syncing_after(interval_ms: u64) -> E {
+    let mut cfg = Config::new(16 * BS, BS as u32, 256 << 20);
+    cfg.sync_interval_ms = interval_ms;
+    E::new(cfg, Lsn::ZERO, Vec::new(), true, Lsn::ZERO, (Seq::ZERO, 0))
+}
+
 fn syncs(out: &Out) -> usize {
     out.iter()
         .filter(|a| matches!(a, SecondaryAction::SyncJournal { .. }))
@@ -927,9 +932,7 @@ fn syncs(out: &Out) -> usize {
 /// sync runs, right after it).
 #[test]
 fn records_are_synced_on_the_agents_clock_when_the_wall_clock_stands_still() {
-    let mut cfg = Config::new(16 * BS, BS as u32, 256 << 20);
-    cfg.sync_interval_ms = 5;
-    let mut e = E::new(cfg, Lsn::ZERO, Vec::new(), true, Lsn::ZERO, (Seq::ZERO, 0));
+    let mut e = engine_syncing_after(5);
     let mut out = Vec::new();
     e.receive(start(1, 0), 1_000_000, &mut out);
     settle(&mut e, &mut out);
