@@ -601,6 +601,12 @@ async fn write_raw_batch<W: AsyncWrite + Unpin>(
 ///   CPU is spare, every byte saved is link time;
 /// - the CPU is (compression takes twice as long as the writes): one level down
 ///   (not below 1);
+/// - the CPU is, on a link that has been the bottleneck (the level went too far
+///   up): one level down, and that level becomes a ceiling, tried again one
+///   level higher after [`Self::CEILING_HOLD`] link-bound windows at it. Not raw
+///   unless the rate the link carried when it was the bottleneck says so: its
+///   writes now wait for nothing only because the compressor feeds it less than
+///   it carries;
 /// - data that does not shrink by 10%, unless the link is the bottleneck, goes
 ///   raw for the next 16 MiB (random, encrypted, already compressed), then
 ///   compression is tried again;
@@ -637,6 +643,14 @@ pub struct StreamCompressor {
     pending_level: Option<i32>,
     /// The link has been the bottleneck: frames from level 3 use the long window.
     link_bound_seen: bool,
+    /// Wire bytes per second the link carried in the last window it was the
+    /// bottleneck of (or a busy raw window): what it can carry. A window the
+    /// socket took at once says only that the link carries more than it was fed.
+    link_capacity: Option<f64>,
+    /// No level above this one: it was CPU-bound above a link-bound level.
+    ceiling: i32,
+    /// Link-bound windows in a row at the ceiling (see [`Self::CEILING_HOLD`]).
+    at_ceiling: u32,
     /// Input bytes still to send raw.
     raw_left: u64,
     /// The raw bytes of `raw_left` are there because the compressor could not
@@ -683,6 +697,9 @@ impl StreamCompressor {
     const RAW_SPAN_MAX: u64 = 4 << 30;
     /// Wire bytes before the CPU-bound raw rule applies (socket buffers first).
     const RAW_WARMUP: u64 = 64 << 20;
+    /// Link-bound windows in a row at the ceiling before one level above it is
+    /// tried again (the CPU or the data may have changed): ~30 s.
+    const CEILING_HOLD: u32 = 30;
 
     /// Start at `level` (clamped to 3..=LEVEL_MAX); wire bytes are counted in
     /// `metrics.replicated_wire_bytes` when given.
@@ -695,6 +712,9 @@ impl StreamCompressor {
             level,
             pending_level: None,
             link_bound_seen: false,
+            link_capacity: None,
+            ceiling: Self::LEVEL_MAX,
+            at_ceiling: 0,
             raw_left: 0,
             raw_cpu: false,
             raw_span: Self::RAW_SPAN_MIN,
@@ -829,14 +849,25 @@ impl StreamCompressor {
         let level = self.pending_level.unwrap_or(self.level);
         let link_bound = w.busy && w.write >= w.compress;
         self.compress_rate = w.raw as f64 / w.compress.as_secs_f64().max(1e-6);
-        let link_rate = w.wire as f64 / w.write.as_secs_f64().max(1e-6);
+        let measured_rate = w.wire as f64 / w.write.as_secs_f64().max(1e-6);
         // CPU-bound, and the link carries bytes faster than the compressor makes
         // them: raw for a span, whatever the ratio (fio's buffers shrink to
         // 0.88-0.95: checked after the ratio rule, a window at 0.9-0.95 sent only
         // 16 MiB raw and compressed a whole window again, ~3 s at 100 MB/s at the
         // start of a sync seq 1M run).
-        let cpu_raw = w.busy
-            && w.compress > w.write * 2
+        //
+        // The link's rate: what it carried when it was the bottleneck, if it has
+        // been. A CPU-bound window's writes wait for nothing when the compressor
+        // feeds the link less than it carries, and bytes / write time (the socket
+        // taking each chunk at once) then says nothing about the link (bench wan:
+        // level 9 on a 10 MB/s link "measured" 1 GB/s and went raw at 1:1, where
+        // it compressed 3.5:1 at 34 MB/s; 2.0x the link rate instead of 2.5x).
+        let link_rate = self
+            .link_capacity
+            .filter(|_| level > 1)
+            .unwrap_or(measured_rate);
+        let cpu_bound = w.busy && w.compress > w.write * 2;
+        let cpu_raw = cpu_bound
             && (level <= 1 || link_rate > self.compress_rate * 4.0)
             && self.wire_total >= Self::RAW_WARMUP
             && link_rate > self.compress_rate * 1.25;
@@ -856,11 +887,21 @@ impl StreamCompressor {
             return;
         } else if link_bound {
             let first = !std::mem::replace(&mut self.link_bound_seen, true);
+            if w.write >= Self::PROBE_TIME {
+                self.link_capacity = Some(measured_rate);
+            }
             self.raw_span = Self::RAW_SPAN_MIN;
-            if level < Self::LEVEL_MAX {
+            if level >= self.ceiling && self.ceiling < Self::LEVEL_MAX {
+                self.at_ceiling += 1;
+                if self.at_ceiling >= Self::CEILING_HOLD {
+                    self.at_ceiling = 0;
+                    self.ceiling += 1;
+                }
+            }
+            if level < self.ceiling {
                 // Far from balanced: two steps.
                 let step = if w.write > w.compress * 3 { 2 } else { 1 };
-                self.pending_level = Some((level + step).min(Self::LEVEL_MAX));
+                self.pending_level = Some((level + step).min(self.ceiling));
             } else if first {
                 // Same level, a new frame: with the long window.
                 self.pending_level = Some(level);
@@ -868,6 +909,13 @@ impl StreamCompressor {
                 return;
             }
             "link-bound: level up"
+        } else if cpu_bound && self.link_capacity.is_some() && level > 1 {
+            // The link has been the bottleneck, at this level or a lower one:
+            // the level went too far up.
+            self.pending_level = Some(level - 1);
+            self.ceiling = level - 1;
+            self.at_ceiling = 0;
+            "CPU-bound on a link that has been the bottleneck: level down, no higher for a while"
         } else if w.compress > w.write * 2 && level > 1 {
             // Not below level 1: with the socket's buffers taking the first
             // megabytes at once, a WAN looks CPU-bound at first (e2e_wan went raw
@@ -885,6 +933,8 @@ impl StreamCompressor {
             ratio = format!("{ratio:.2}"),
             compress_ms = w.compress.as_millis() as u64,
             write_ms = w.write.as_millis() as u64,
+            link_mb_s = (link_rate / 1e6) as u64,
+            ceiling = self.ceiling,
             "stream compression: {decision}"
         );
     }
@@ -898,6 +948,9 @@ impl StreamCompressor {
             return;
         }
         let link_rate = w.raw as f64 / w.write.as_secs_f64().max(1e-6);
+        // Writes of a busy raw span wait when the link is the bottleneck: then
+        // this is what it carries; otherwise at least this.
+        self.link_capacity = Some(link_rate);
         if self.compress_rate > link_rate * 1.25 {
             self.raw_left = 0;
             self.raw_cpu = false;
@@ -1252,6 +1305,40 @@ mod tests {
             Some(StreamCompressor::LEVEL_MAX),
             "at the top level a first link-bound window still starts a long-window frame"
         );
+    }
+
+    /// bench wan (/usr/lib tar, a 10 MB/s link): link-bound at level 7, the level
+    /// goes to 9, where the compressor feeds the link less than it carries. The
+    /// socket then takes each chunk at once and the link looks far faster than
+    /// the compressor; it is not. The level steps down (not raw, which sent the
+    /// tar at 1:1 half the time) and stays at or below the level that kept up,
+    /// until `CEILING_HOLD` link-bound windows there try one higher again.
+    #[test]
+    fn a_level_too_high_for_the_link_steps_down_and_stays_down() {
+        let mut c = StreamCompressor::new(7, None);
+        c.wire_total = StreamCompressor::RAW_WARMUP;
+        // 16 MiB compressed in 349 ms, written in 1,076 ms: link-bound.
+        end_window(&mut c, false, 349, 1076);
+        assert_eq!(c.pending_level, Some(9));
+        // At 9: 1,143 ms compressing, 5 ms writing.
+        end_window(&mut c, false, 1143, 5);
+        assert_eq!(c.raw_left, 0, "not raw: the link was slower a level below");
+        assert_eq!(c.pending_level, Some(8), "one level down");
+        // At 8, still CPU-bound: down again.
+        end_window(&mut c, false, 700, 5);
+        assert_eq!(c.pending_level, Some(7));
+        // At 7, link-bound: no higher than 7 for a while.
+        for _ in 0..StreamCompressor::CEILING_HOLD - 1 {
+            end_window(&mut c, false, 349, 1076);
+            assert_eq!(c.pending_level, Some(7), "held at the ceiling");
+        }
+        end_window(&mut c, false, 349, 1076);
+        assert_eq!(c.pending_level, Some(8), "one level higher tried again");
+        // A loopback stream, never link-bound below its level, still goes raw.
+        let mut c = StreamCompressor::new(3, None);
+        c.wire_total = StreamCompressor::RAW_WARMUP;
+        end_window(&mut c, false, 500, 20);
+        assert_eq!(c.raw_left, StreamCompressor::RAW_SPAN_MIN);
     }
 
     /// Compression slower than the link (loopback, a LAN): once past the warm-up
