@@ -2038,14 +2038,14 @@ async fn copy_records(
         .map_err(|e| format!("flushing the volume after a checkpoint failed: {e}"))
 }
 
-/// Journal records a checkpoint copies into the volume at once (writes that
-/// overlap none of the others in flight), and their bytes in memory at most
-/// (a single larger record goes alone).
 /// How old the status document's journal counts may be (see `Node::journal_counts`):
 /// walking a full journal's records every 5 ms tick cost the secondary 3.7% of
 /// the machine's CPU in a sync 4 KiB QD32 run (session 11).
 const JOURNAL_COUNTS_MAX_AGE: Duration = Duration::from_millis(500);
 
+/// Journal records a checkpoint copies into the volume at once (writes that
+/// overlap none of the others in flight), and their bytes in memory at most
+/// (a single larger record goes alone).
 const COPY_BATCH_MAX: usize = 128;
 const COPY_BATCH_BYTES_MAX: u64 = 64 << 20;
 
