@@ -647,7 +647,8 @@ pub struct StreamCompressor {
     /// bottleneck of (or a busy raw window): what it can carry. A window the
     /// socket took at once says only that the link carries more than it was fed.
     link_capacity: Option<f64>,
-    /// No level above this one: it was CPU-bound above a link-bound level.
+    /// No level above this one: the CPU was the bottleneck one level higher on
+    /// a link that had been the bottleneck before.
     ceiling: i32,
     /// Link-bound windows in a row at the ceiling (see [`Self::CEILING_HOLD`]).
     at_ceiling: u32,
@@ -700,6 +701,9 @@ impl StreamCompressor {
     /// Link-bound windows in a row at the ceiling before one level above it is
     /// tried again (the CPU or the data may have changed): ~30 s.
     const CEILING_HOLD: u32 = 30;
+    /// A link-bound window measures the link's capacity when its writes took
+    /// at least this long (shorter ones mostly measure the socket's buffers).
+    const CAPACITY_WRITE_MIN: Duration = Duration::from_millis(100);
 
     /// Start at `level` (clamped to 3..=LEVEL_MAX); wire bytes are counted in
     /// `metrics.replicated_wire_bytes` when given.
@@ -887,7 +891,7 @@ impl StreamCompressor {
             return;
         } else if link_bound {
             let first = !std::mem::replace(&mut self.link_bound_seen, true);
-            if w.write >= Self::PROBE_TIME {
+            if w.write >= Self::CAPACITY_WRITE_MIN {
                 self.link_capacity = Some(measured_rate);
             }
             self.raw_span = Self::RAW_SPAN_MIN;

@@ -331,8 +331,8 @@ pub struct Config {
     pub sync_threshold_bytes: u64,
     /// With nothing else asking (no FLUSH or FUA, no marker, under the byte
     /// threshold), a record is synced once it has waited this long
-    /// (`flush-interval-ms`); 0: as soon as a tick
-    /// or [`SecondaryEngine::sync_unsynced`] comes. A sync at every tick of a fixed
+    /// (`flush-interval-ms`); 0: as soon as a tick or
+    /// [`SecondaryEngine::sync_unsynced`] comes. A sync at every tick of a fixed
     /// 5 ms clock, whatever the records' age, often started just before a FLUSH
     /// arrived, which then waited for it and for one more fdatasync (QD1
     /// write+flush, sync mode: ~1 in 5 FLUSHes took two journal fdatasyncs).
@@ -862,8 +862,9 @@ impl<D> SecondaryEngine<D> {
     }
 
     /// Some record is not covered by any sync started so far (one appended
-    /// while a sync runs is not covered by it). The agent times `sync_interval_ms` from when this turns true
-    /// on its monotonic clock and then calls [`Self::sync_unsynced`]: the
+    /// while a sync runs is not covered by it). The agent times
+    /// `sync_interval_ms` from when this turns true on its monotonic clock and
+    /// then calls [`Self::sync_unsynced`]: the
     /// engine's clock is the wall clock (records carry the primary's times),
     /// which may stand still or jump back, and a tick goes only by it.
     pub fn has_unsynced(&self) -> bool {
