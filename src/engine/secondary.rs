@@ -454,11 +454,15 @@ pub struct SecondaryEngine<D> {
     /// Reads of the image in flight (comparisons, the read-only export): no
     /// checkpoint moves records while they read.
     readers: u32,
-    /// Hash checks that arrived while a checkpoint was copying: their sources are
-    /// resolved once it ends (a record it copies is released when it ends, so a
-    /// source naming it could not be read; found by the simulator, seed 100194
-    /// sync). Counted in `readers`.
-    deferred_hashes: Vec<(Seq, ByteRange, u32, D)>,
+    /// Hash checks that arrived while a checkpoint was copying (or while a read
+    /// of the same seq from an ended session still runs): they start once it
+    /// ends. Their sources are resolved on arrival, at their seq: records
+    /// received after them are not part of what the primary hashed (an online
+    /// verify under client writes reported blocks that differed only by such a
+    /// write: e2e_verify in a release build). A source naming a record the
+    /// checkpoint copies becomes `Volume` when it ends, as the record is released
+    /// then (simulator seed 100194 sync). Counted in `readers`.
+    deferred_hashes: Vec<DeferredHash<D>>,
     /// Hash reads still running for sessions that ended, by seq (a new session
     /// reuses seqs): their answers are dropped, and a new comparison of the same
     /// seq waits for them (fuzz finding stale-hash-done-in-a-new-session).
@@ -824,6 +828,37 @@ impl<D> SecondaryEngine<D> {
     }
 }
 
+/// A hash check waiting to start (`SecondaryEngine::deferred_hashes`).
+#[derive(Debug)]
+struct DeferredHash<D> {
+    seq: Seq,
+    range: ByteRange,
+    unit_bytes: u32,
+    hashes: D,
+    /// Where the image of `range` at `seq` is.
+    sources: Vec<(ByteRange, Source)>,
+}
+
+/// `sources` once a checkpoint copied every record through `through` into the
+/// volume: the pieces those records served are read from the volume. It holds
+/// them as they were at the sources' point: every record it copied is older
+/// than that point (the checkpoint started before), and a piece's source is the
+/// newest record covering it then, so no copied record overwrote it.
+fn copied_into_volume(sources: Vec<(ByteRange, Source)>, through: Lsn) -> Vec<(ByteRange, Source)> {
+    let mut out: Vec<(ByteRange, Source)> = Vec::with_capacity(sources.len());
+    for (piece, src) in sources {
+        let src = match src {
+            Source::Record { lsn, .. } if lsn <= through => Source::Volume,
+            other => other,
+        };
+        match out.last_mut() {
+            Some((prev, s)) if continues(s, &src, prev.len) => prev.len += piece.len,
+            _ => out.push((piece, src)),
+        }
+    }
+    out
+}
+
 fn continues(prev: &Source, next: &Source, prev_len: u64) -> bool {
     match (prev, next) {
         (Source::Volume, Source::Volume) | (Source::Zero, Source::Zero) => true,
@@ -852,7 +887,7 @@ impl<D> SecondaryEngine<D> {
             if !matches!(p, Pending::Hash) {
                 continue;
             }
-            if let Some(i) = self.deferred_hashes.iter().position(|d| d.0 == seq) {
+            if let Some(i) = self.deferred_hashes.iter().position(|d| d.seq == seq) {
                 self.deferred_hashes.remove(i);
                 self.readers -= 1;
             } else {
@@ -1185,11 +1220,17 @@ impl<D> SecondaryEngine<D> {
         s.expected_next = seq.next();
         s.pending.insert(seq, Pending::Hash);
         self.readers += 1;
+        let sources = self.sources(range);
         if self.checkpointing.is_some() || self.stale_hash_reads.contains_key(&seq) {
-            self.deferred_hashes.push((seq, range, unit_bytes, hashes));
+            self.deferred_hashes.push(DeferredHash {
+                seq,
+                range,
+                unit_bytes,
+                hashes,
+                sources,
+            });
             return;
         }
-        let sources = self.sources(range);
         out.push(SecondaryAction::StartHash {
             seq,
             range,
@@ -1200,24 +1241,23 @@ impl<D> SecondaryEngine<D> {
     }
 
     /// Start the hash checks that waited for a checkpoint (its records are in the
-    /// volume now), or drop them when the node failed.
+    /// volume now) or for a stale read, or drop them when the node failed.
     fn start_deferred_hashes(&mut self, failed: bool, out: &mut Vec<SecondaryAction<D>>) {
-        for (seq, range, unit_bytes, hashes) in std::mem::take(&mut self.deferred_hashes) {
+        for d in std::mem::take(&mut self.deferred_hashes) {
             if failed {
                 self.readers -= 1;
                 continue;
             }
-            if self.checkpointing.is_some() || self.stale_hash_reads.contains_key(&seq) {
-                self.deferred_hashes.push((seq, range, unit_bytes, hashes));
+            if self.checkpointing.is_some() || self.stale_hash_reads.contains_key(&d.seq) {
+                self.deferred_hashes.push(d);
                 continue;
             }
-            let sources = self.sources(range);
             out.push(SecondaryAction::StartHash {
-                seq,
-                range,
-                unit_bytes,
-                hashes,
-                sources,
+                seq: d.seq,
+                range: d.range,
+                unit_bytes: d.unit_bytes,
+                hashes: d.hashes,
+                sources: d.sources,
             });
         }
     }
@@ -1609,6 +1649,9 @@ impl<D> SecondaryEngine<D> {
             }
         }
         self.applied = through;
+        for d in &mut self.deferred_hashes {
+            d.sources = copied_into_volume(std::mem::take(&mut d.sources), through);
+        }
         self.start_deferred_hashes(false, out);
         self.maybe_checkpoint(out);
     }
