@@ -52,6 +52,10 @@
 #   BENCH_RESYNC_BYTES [512M] BENCH_RESYNC_LINK [50000000]
 #   BENCH_DISK_FREE_MIN [12G]           large/initsync refuse to start with less free
 #   BENCH_TMPDIR [/var/tmp]             where images live (sparse, removed as we go)
+#   BENCH_TARGETS                       only these matrix targets (comma-separated names
+#                                       as printed, e.g. "tandem sync,mirror wb buffered")
+#   BENCH_JOBS                          only these jobs (randw32,seq1m,randw1,flush1);
+#                                       for an A/B of one change (TANDEM_BIN=old, then new)
 #   BENCH_NOTE                          free text recorded with the results
 #   TANDEM_BIN, FAULTPROXY_BIN          binaries; unset: cargo build --release
 #   BENCH_DEBUG=1                       print tracebacks of failed parts

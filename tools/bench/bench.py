@@ -103,6 +103,15 @@ JOBS = {
     "randw1": (["--rw=randwrite", "--bs=4k", "--iodepth=1"], "p50/p99 µs"),
     "flush1": (["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1"], "IOPS"),
 }
+# BENCH_JOBS: a subset of the jobs (comma-separated keys above), for an A/B of
+# one job; tables and targets then show only what ran.
+only_jobs = [j.strip() for j in ENV.get("BENCH_JOBS", "").split(",") if j.strip()]
+for j in only_jobs:
+    if j not in JOBS:
+        sys.exit(f"bench: unknown job {j!r} in BENCH_JOBS; use {','.join(JOBS)}")
+ALL_JOBS = list(JOBS)  # tables and targets always show the four (— for a job not run)
+if only_jobs:
+    JOBS = {k: v for k, v in JOBS.items() if k in only_jobs}
 JOB_TITLES = {
     "randw32": "randwrite 4 KiB QD32",
     "seq1m": "write 1 MiB seq QD16",
@@ -549,9 +558,17 @@ def start_matrix_target(work, certs, name, section):
     return t
 
 
+# BENCH_TARGETS: only the matrix targets named (comma-separated, exact names of
+# MATRIX_TARGETS, e.g. "tandem sync,mirror wb buffered").
+only_targets = [t.strip() for t in ENV.get("BENCH_TARGETS", "").split(",") if t.strip()]
+for t in only_targets:
+    if t not in [name for name, _, _ in MATRIX_TARGETS]:
+        sys.exit(f"bench: unknown target {t!r} in BENCH_TARGETS; use {', '.join(n for n, _, _ in MATRIX_TARGETS)}")
+
+
 def run_matrix(work, certs):
     for name, section, _ in MATRIX_TARGETS:
-        if section not in SECTIONS:
+        if section not in SECTIONS or (only_targets and name not in only_targets):
             continue
         log(f"{name}: starting")
         target = None
@@ -810,7 +827,7 @@ def targets():
     pairs = [("buffered", "tandem sync", "mirror wb buffered"), ("direct", "tandem sync direct", "mirror wb direct")]
     for label, t, m in pairs:
         figs, met = [], True
-        for job in JOBS:
+        for job in ALL_JOBS:
             r = ratio(val(t, job), val(m, job))
             if r is None:
                 met = None if met is not False else False
@@ -931,7 +948,7 @@ def report(load_start):
                      ("tandem sync", "qemu-nbd writeback"), ("tandem sync direct", "qemu-nbd none")]:
             if a in RESULTS and b in RESULTS:
                 cells = []
-                for job in JOBS:
+                for job in ALL_JOBS:
                     ra, rb = RESULTS[a].get(job), RESULTS[b].get(job)
                     r = ratio(job_value(job, ra), job_value(job, rb)) if ra and rb else None
                     cells.append("—" if r is None else f"{r:.2f}x")
