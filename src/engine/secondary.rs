@@ -456,12 +456,12 @@ pub struct SecondaryEngine<D> {
     readers: u32,
     /// Hash checks that arrived while a checkpoint was copying (or while a read
     /// of the same seq from an ended session still runs): they start once it
-    /// ends. Their sources are resolved on arrival, at their seq: records
-    /// received after them are not part of what the primary hashed (an online
-    /// verify under client writes reported blocks that differed only by such a
-    /// write: e2e_verify in a release build). A source naming a record the
-    /// checkpoint copies becomes `Volume` when it ends, as the record is released
-    /// then (simulator seed 100194 sync). Counted in `readers`.
+    /// ends. What they read is fixed on arrival, at their seq: records received
+    /// after them are not part of what the primary hashed (an online verify
+    /// under client writes reported blocks that differed only by such a write:
+    /// e2e_verify in a release build). A record the checkpoint copies is read
+    /// from the volume once it ends, as the record is released then (simulator
+    /// seed 100194 sync). Counted in `readers`.
     deferred_hashes: Vec<DeferredHash<D>>,
     /// Hash reads still running for sessions that ended, by seq (a new session
     /// reuses seqs): their answers are dropped, and a new comparison of the same
@@ -736,8 +736,14 @@ impl<D> SecondaryEngine<D> {
     }
 
     fn resolve(&self, map: &RangeMap<Lsn>, range: ByteRange) -> Vec<(ByteRange, Source)> {
+        self.sources_of(&map.query(range.offset, range.end()))
+    }
+
+    /// Where to read pieces that `map` attributed to records (`None`: the volume):
+    /// a record no longer live (copied into the volume since) is read there too.
+    fn sources_of(&self, pieces: &[(u64, u64, Option<Lsn>)]) -> Vec<(ByteRange, Source)> {
         let mut out: Vec<(ByteRange, Source)> = Vec::new();
-        for (start, end, lsn) in map.query(range.offset, range.end()) {
+        for &(start, end, lsn) in pieces {
             let src = match lsn.and_then(|l| self.record(l)) {
                 None => Source::Volume,
                 Some(r) if r.kind == RecordKind::Write => Source::Record {
@@ -835,28 +841,12 @@ struct DeferredHash<D> {
     range: ByteRange,
     unit_bytes: u32,
     hashes: D,
-    /// Where the image of `range` at `seq` is.
-    sources: Vec<(ByteRange, Source)>,
-}
-
-/// `sources` once a checkpoint copied every record through `through` into the
-/// volume: the pieces those records served are read from the volume. It holds
-/// them as they were at the sources' point: every record it copied is older
-/// than that point (the checkpoint started before), and a piece's source is the
-/// newest record covering it then, so no copied record overwrote it.
-fn copied_into_volume(sources: Vec<(ByteRange, Source)>, through: Lsn) -> Vec<(ByteRange, Source)> {
-    let mut out: Vec<(ByteRange, Source)> = Vec::with_capacity(sources.len());
-    for (piece, src) in sources {
-        let src = match src {
-            Source::Record { lsn, .. } if lsn <= through => Source::Volume,
-            other => other,
-        };
-        match out.last_mut() {
-            Some((prev, s)) if continues(s, &src, prev.len) => prev.len += piece.len,
-            _ => out.push((piece, src)),
-        }
-    }
-    out
+    /// The record each piece of `range` came from when the check arrived (`None`:
+    /// the volume). A record a checkpoint copied since is read from the volume,
+    /// which holds it: every record the checkpoint copied is older than the
+    /// check, and a piece names the newest one covering it then, so no copied
+    /// record overwrote it.
+    pieces: Vec<(u64, u64, Option<Lsn>)>,
 }
 
 fn continues(prev: &Source, next: &Source, prev_len: u64) -> bool {
@@ -1220,17 +1210,18 @@ impl<D> SecondaryEngine<D> {
         s.expected_next = seq.next();
         s.pending.insert(seq, Pending::Hash);
         self.readers += 1;
-        let sources = self.sources(range);
         if self.checkpointing.is_some() || self.stale_hash_reads.contains_key(&seq) {
+            let pieces = self.index.query(range.offset, range.end());
             self.deferred_hashes.push(DeferredHash {
                 seq,
                 range,
                 unit_bytes,
                 hashes,
-                sources,
+                pieces,
             });
             return;
         }
+        let sources = self.sources(range);
         out.push(SecondaryAction::StartHash {
             seq,
             range,
@@ -1257,7 +1248,7 @@ impl<D> SecondaryEngine<D> {
                 range: d.range,
                 unit_bytes: d.unit_bytes,
                 hashes: d.hashes,
-                sources: d.sources,
+                sources: self.sources_of(&d.pieces),
             });
         }
     }
@@ -1649,9 +1640,6 @@ impl<D> SecondaryEngine<D> {
             }
         }
         self.applied = through;
-        for d in &mut self.deferred_hashes {
-            d.sources = copied_into_volume(std::mem::take(&mut d.sources), through);
-        }
         self.start_deferred_hashes(false, out);
         self.maybe_checkpoint(out);
     }

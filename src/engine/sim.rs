@@ -2066,7 +2066,8 @@ fn run_campaign(
 /// reach the hash check deferred by a checkpoint while a later overlapping write
 /// arrives — 200 seeds, about 1,400 verifies: verify chunks come in bursts with
 /// no write between them here. That case has its own engine test,
-/// `a_hash_check_deferred_by_a_checkpoint_reads_the_image_at_its_seq`.)
+/// `a_hash_check_deferred_by_a_checkpoint_reads_the_image_at_its_seq`, and the
+/// secondary fuzz target's model checks it: tools/fuzz.)
 fn run_many_verifying(default_base: u64, mode: Mode, runs: u64) {
     let (total, runs) = run_campaign(default_base, mode, runs, run_with_verify);
     if runs >= 8 {

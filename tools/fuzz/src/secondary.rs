@@ -260,10 +260,12 @@ struct MRec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pend {
     Record(Lsn),
-    /// A comparison; `read` is the newest journal record it read (its answer
-    /// counts as durable only once that record is).
+    /// A comparison; `at` is the last record appended when it arrived (it reads
+    /// the image as of then, whenever it starts); `read` is the newest journal
+    /// record it read (its answer counts as durable only once that record is).
     Hash {
         answered: bool,
+        at: Lsn,
         read: Lsn,
     },
 }
@@ -748,6 +750,7 @@ impl Harness {
                     seq,
                     Pend::Hash {
                         answered: false,
+                        at: tail_before,
                         read: Lsn::ZERO,
                     },
                 );
@@ -894,18 +897,19 @@ impl Harness {
                 let m = &self.m;
                 assert_eq!(hashes, seq.0, "the hashes of another frame");
                 let s = m.session.as_ref().expect("a comparison within a session");
-                assert!(
-                    matches!(
-                        s.pending.get(&seq.0),
-                        Some(&Pend::Hash {
-                            answered: false,
-                            ..
-                        })
-                    ),
-                    "StartHash for seq {seq}, which is not a comparison just accepted"
-                );
+                let at = match s.pending.get(&seq.0) {
+                    Some(&Pend::Hash {
+                        answered: false,
+                        at,
+                        ..
+                    }) => at,
+                    _ => panic!("StartHash for seq {seq}, which is not a comparison just accepted"),
+                };
                 assert!(unit_bytes as u64 >= BLOCK);
-                m.check_sources(range, &sources, Lsn(u64::MAX));
+                // The image as of the comparison's arrival: records appended
+                // after it (later seqs) are not part of what the primary hashed,
+                // however long a checkpoint delayed the read (e2e_verify).
+                m.check_sources(range, &sources, at);
                 let read = sources
                     .iter()
                     .filter_map(|(_, src)| match src {
@@ -919,6 +923,7 @@ impl Harness {
                     seq.0,
                     Pend::Hash {
                         answered: false,
+                        at,
                         read,
                     },
                 );
@@ -960,7 +965,7 @@ impl Harness {
                             *lsn <= durable,
                             "Durable {through} covers seq {seq} whose record {lsn} is not durable (durable through {durable})"
                         ),
-                        Some(Pend::Hash { answered, read }) => {
+                        Some(Pend::Hash { answered, read, .. }) => {
                             assert!(
                                 *answered,
                                 "Durable {through} covers comparison {seq} not answered"
@@ -1287,14 +1292,15 @@ impl Harness {
                     "the reply to comparison {seq}"
                 );
                 let s = self.m.session.as_mut().expect("live");
-                let read = match s.pending.get(&seq) {
-                    Some(&Pend::Hash { read, .. }) => read,
+                let (at, read) = match s.pending.get(&seq) {
+                    Some(&Pend::Hash { at, read, .. }) => (at, read),
                     other => panic!("comparison {seq} answered from {other:?}"),
                 };
                 s.pending.insert(
                     seq,
                     Pend::Hash {
                         answered: true,
+                        at,
                         read,
                     },
                 );

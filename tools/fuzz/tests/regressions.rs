@@ -573,3 +573,30 @@ fn a_hash_answer_is_not_durable_before_the_records_it_read() {
         "regressions/secondary/durable-over-a-hash-answer-from-an-unsynced-record",
     ));
 }
+
+/// Session 19: a hash check that arrived while a checkpoint copied started only
+/// when it ended, with its sources resolved then: records received after the
+/// check (later seqs) were read too, so an online verify under writes reported
+/// blocks that differed only by a write in flight (e2e_verify, release build).
+/// The model checked the sources against the records at the read's start, as
+/// the engine did; it now checks them as of the check's arrival. This input
+/// (found by the corrected engine against the old model) fails the new model on
+/// the engine before the fix.
+#[test]
+fn a_hash_check_deferred_by_a_checkpoint_reads_the_image_at_its_seq() {
+    tandem_fuzz::secondary::run_strict(&input(
+        "regressions/secondary/hash-check-deferred-by-a-checkpoint-reads-its-seq",
+    ));
+}
+
+/// Session 19, the first fix of the one above (d5bec12): a deferred check kept
+/// `Zero` for a zero or trim record the checkpoint had copied (the volume reads
+/// zeros there too, but the record is gone: the model says `Volume`, as for a
+/// copied write). A deferred check now keeps which record each piece came from
+/// and reads a copied one from the volume.
+#[test]
+fn a_deferred_hash_check_reads_a_copied_zero_record_from_the_volume() {
+    tandem_fuzz::secondary::run_strict(&input(
+        "regressions/secondary/deferred-hash-reads-a-copied-zero-record-from-the-volume",
+    ));
+}
