@@ -63,6 +63,14 @@ fn durable(out: &Out) -> Option<Seq> {
         .max()
 }
 
+/// The sources of the first hash read started.
+fn hash_sources(out: &Out) -> Option<Vec<(ByteRange, Source)>> {
+    out.iter().find_map(|a| match a {
+        SecondaryAction::StartHash { sources, .. } => Some(sources.clone()),
+        _ => None,
+    })
+}
+
 /// Complete syncs and checkpoints as they are asked for.
 fn settle(e: &mut E, out: &mut Out) {
     for _ in 0..100 {
@@ -307,13 +315,7 @@ fn a_hash_check_reads_the_newest_records_and_holds_checkpoints() {
         0,
         &mut out,
     );
-    let sources = out
-        .iter()
-        .find_map(|a| match a {
-            SecondaryAction::StartHash { sources, .. } => Some(sources.clone()),
-            _ => None,
-        })
-        .expect("a hash read");
+    let sources = hash_sources(&out).expect("a hash read");
     assert_eq!(
         sources,
         vec![
@@ -381,13 +383,7 @@ fn a_hash_check_deferred_by_a_checkpoint_reads_the_image_at_its_seq() {
         "the read waits for the checkpoint"
     );
     e.checkpointed(Ok(()), &mut out);
-    let sources = out
-        .iter()
-        .find_map(|a| match a {
-            SecondaryAction::StartHash { sources, .. } => Some(sources.clone()),
-            _ => None,
-        })
-        .expect("the hash read starts once the checkpoint ended");
+    let sources = hash_sources(&out).expect("the hash read starts once the checkpoint ended");
     assert_eq!(
         sources,
         vec![(ByteRange::new(0, 4 * BS), Source::Volume)],
