@@ -104,7 +104,7 @@ JOBS = {
     "flush1": (["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1"], "IOPS"),
 }
 # BENCH_JOBS: a subset of the jobs (comma-separated keys above), for an A/B of
-# one job; tables and targets then show only what ran.
+# one job; tables and targets still list all four (ALL_JOBS), — for those not run.
 only_jobs = [j.strip() for j in ENV.get("BENCH_JOBS", "").split(",") if j.strip()]
 for j in only_jobs:
     if j not in JOBS:
