@@ -34,6 +34,11 @@
 #   resync    async pair through faultproxy; outage (reset --reject-new), BENCH_RESYNC_BYTES
 #             (512M) of incompressible writes, link back at BENCH_RESYNC_LINK (50 MB/s):
 #             resync rate as a fraction of min(disk, link), disk = O_DIRECT 1 MiB seq rate
+#   disk      write amplification: BENCH_DISK_BYTES (4G) written seq 1 MiB QD16 over the
+#             BENCH_SIZE volume; bytes the images' block device wrote (/proc/diskstats)
+#             per client byte, through settling, a clean stop and sync: qemu-nbd
+#             writeback, QEMU mirror write-blocking and background (buffered), tandem
+#             sync and async (buffered). Rough: other writers on the machine count too
 #
 # Prints a table per section, ratios like for like (tandem buffered vs writeback /
 # cache.direct=off; tandem --direct vs --cache=none / cache.direct=on), and the issue's
@@ -50,6 +55,7 @@
 #   BENCH_INIT_SIZE [1T] BENCH_INIT_TIMEOUT [180] BENCH_ALLOC_GUARD [6G]
 #   BENCH_WAN_BYTES [512M] BENCH_WAN_RATE [10000000]
 #   BENCH_RESYNC_BYTES [512M] BENCH_RESYNC_LINK [50000000]
+#   BENCH_DISK_BYTES [4G]
 #   BENCH_DISK_FREE_MIN [12G]           large/initsync refuse to start with less free
 #   BENCH_TMPDIR [/var/tmp]             where images live (sparse, removed as we go)
 #   BENCH_TARGETS                       only these matrix targets (comma-separated names

@@ -17,6 +17,9 @@ Sections (BENCH_ONLY selects, comma-separated; default all):
   initsync  initial sync of a 1 TiB sparse pair: time, secondary allocation, peak RSS
   wan       512 MiB of `tar cf - /usr/lib` through nbdcopy, async, 10 MB/s faultproxy
   resync    resync after an outage, rate vs min(disk, link)
+  disk      bytes the disk wrote per byte a client wrote (seq 1 MiB QD16, BENCH_DISK_BYTES
+            over a BENCH_SIZE volume), through a clean stop and a sync: qemu-nbd writeback,
+            the QEMU mirror (buffered) and tandem sync/async (buffered)
 """
 
 import json
@@ -76,6 +79,7 @@ CFG = {
     "resync_bytes": parse_size(ENV.get("BENCH_RESYNC_BYTES", "16M" if SHORT else "512M")),
     "resync_link": env_int("BENCH_RESYNC_LINK", 20_000_000 if SHORT else 50_000_000),
     "resync_timeout": env_int("BENCH_RESYNC_TIMEOUT", 120 if SHORT else 300),
+    "disk_bytes": parse_size(ENV.get("BENCH_DISK_BYTES", "256M" if SHORT else "4G")),
     "sync_timeout": env_int("BENCH_SYNC_TIMEOUT", 120 if SHORT else 300),
     "disk_free_min": parse_size(ENV.get("BENCH_DISK_FREE_MIN", "2G" if SHORT else "12G")),
     "tmpdir": ENV.get("BENCH_TMPDIR", "/var/tmp"),
@@ -87,7 +91,7 @@ CFG = {
     "command": ENV.get("BENCH_COMMAND", "tools/bench.sh"),
 }
 
-ALL_SECTIONS = ["qemu-nbd", "mirror", "tandem", "large", "initsync", "wan", "resync"]
+ALL_SECTIONS = ["qemu-nbd", "mirror", "tandem", "large", "initsync", "wan", "resync", "disk"]
 only = [s.strip() for s in ENV.get("BENCH_ONLY", "").split(",") if s.strip()]
 if "matrix" in only:
     only = [s for s in only if s != "matrix"] + ["qemu-nbd", "mirror", "tandem"]
@@ -394,10 +398,12 @@ class Tandem:
         return json.loads(run([CFG["faultproxy"], "ctl", "--control", self.proxy_ctl, *args],
                               section=self.section).stdout)
 
-    def stop(self):
+    def stop(self, remove=True):
         for p in (self.primary, self.secondary, self.proxy):
             if p is not None:
                 stop(p)
+        if not remove:
+            return
         # The images and everything the agents made beside them: metadata, the
         # secondary's redo journal and the primary's spill log (1 GiB each,
         # preallocated); the logs stay until the run ends (kept on failure).
@@ -512,7 +518,7 @@ class Mirror:
             time.sleep(0.25)
         log("warning: mirror job did not catch up; continuing")
 
-    def stop(self):
+    def stop(self, remove=True):
         try:
             self.qmp.cmd("block-job-cancel", device="m0", force=True)
         except Exception:
@@ -520,7 +526,8 @@ class Mirror:
         self.qmp.close()
         stop(self.proc)
         self.secondary.stop(remove=False)
-        rm(self.pimg, self.simg)
+        if remove:
+            rm(self.pimg, self.simg)
 
 # ------------------------------------------------------------------ sections
 
@@ -784,6 +791,65 @@ def run_resync(work, certs):
 # ------------------------------------------------------------------ report
 
 
+def sectors_written(path):
+    """Sectors the block device holding `path` has written (/proc/diskstats)."""
+    dev = os.stat(path).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    for line in open("/proc/diskstats"):
+        f = line.split()
+        if int(f[0]) == major and int(f[1]) == minor:
+            return int(f[9])
+    raise BenchError(f"no /proc/diskstats line for device {major}:{minor} of {path}")
+
+
+DISK_TARGETS = ["qemu-nbd writeback", "mirror wb buffered", "mirror bg buffered", "tandem sync", "tandem async"]
+
+
+def run_disk(work, certs):
+    """Write amplification: disk bytes written per client byte, from before the job
+    to after the target settled, stopped cleanly (tandem's secondary copies its
+    journal into the volume on a clean stop) and `sync` returned. Other processes on
+    the machine add to the count: a rough figure, not a precise one."""
+    nbytes = CFG["disk_bytes"]
+    out = EXTRA.setdefault("disk", {"bytes": nbytes, "rows": {}})
+    for name in DISK_TARGETS:
+        if only_targets and name not in only_targets:
+            continue
+        log(f"disk: {name}: starting")
+        target = None
+        try:
+            target = start_matrix_target(work, certs, name, "disk")
+            os.sync()
+            time.sleep(1)
+            before = sectors_written(work)
+            t0 = time.monotonic()
+            r = fio("disk", target.uri, "seq1m", CFG["size"], 0, 0,
+                    os.path.join(work, f"disk-{name.replace(' ', '-')}.json"),
+                    extra=[f"--io_size={nbytes}"], time_based=False)
+            t_fio = time.monotonic() - t0
+            if hasattr(target, "settle"):
+                target.settle(timeout=CFG["sync_timeout"])
+            target.stop(remove=False)
+            os.sync()
+            t_all = time.monotonic() - t0
+            written = (sectors_written(work) - before) * 512
+            out["rows"][name] = {"fio s": t_fio, "durable s": t_all, "disk bytes": written,
+                                 "mbps": r["mbps"]}
+            log(f"disk: {name}: {written / nbytes:.2f} disk bytes per client byte, fio {t_fio:.1f} s, "
+                f"settled and synced {t_all:.1f} s")
+        except Exception as e:
+            ERRORS[f"disk {name}"] = str(e)
+            log(f"disk: {name}: FAILED: {e}")
+            if ENV.get("BENCH_DEBUG"):
+                traceback.print_exc()
+        finally:
+            if target is not None:
+                try:
+                    target.stop()
+                except Exception as e:
+                    log(f"disk: {name}: stopping: {e}")
+
+
 def fmt(v, job=None):
     if v is None:
         return "—"
@@ -924,6 +990,14 @@ def extra_lines():
                    f"({wan['bytes'] / max(wan['wire bytes'], 1):.2f}:1 vs the data); tandem counted "
                    f"{wan['replicated bytes']:,} payload bytes, {wan['replicated wire bytes']:,} on the wire; "
                    f"effective {wan['effective rate'] / 1e6:.1f} MB/s over a {wan['rate'] / 1e6:.0f} MB/s link.")
+    dk = EXTRA.get("disk", {})
+    if dk.get("rows"):
+        out.append(f"- disk: {human(dk['bytes'])} written seq 1 MiB QD16 over a {human(CFG['size'])} volume; disk bytes "
+                   "written per client byte, through settling, a clean stop and sync (fio time / time until durable "
+                   "and stopped):")
+        for name, row in dk["rows"].items():
+            out.append(f"  - {name}: {row['disk bytes'] / dk['bytes']:.2f} ({row['disk bytes'] / 2**30:.1f} GiB; "
+                       f"{row['fio s']:.1f} s / {row['durable s']:.1f} s)")
     rs = EXTRA.get("resync", {})
     if "seconds" in rs:
         out.append(f"- resync: {human(rs['dirty bytes'])} dirty after the outage; reconnect {rs['reconnect s']:.1f} s, "
@@ -996,7 +1070,8 @@ def main():
         run([CFG["tandem"], "certs", "--out", certs])
         if any(s in SECTIONS for s in ("qemu-nbd", "mirror", "tandem")):
             run_matrix(work, certs)
-        for sec, fn in (("large", run_large), ("initsync", run_initsync), ("wan", run_wan), ("resync", run_resync)):
+        for sec, fn in (("large", run_large), ("initsync", run_initsync), ("wan", run_wan), ("resync", run_resync),
+                        ("disk", run_disk)):
             if sec in SECTIONS:
                 log(f"{sec}: starting")
                 try:
