@@ -107,8 +107,21 @@ fn bench_script_runs_every_section_and_cleans_up() {
             "{what} left {bytes} bytes behind in the work directory (logs and certificates are kilobytes)"
         );
     }
-    // 10 matrix targets + large, initsync, wan, resync.
-    assert_eq!(held_lines, 14, "one line per target and section:\n{stderr}");
+    // 10 matrix targets + large, initsync, wan, resync, disk.
+    assert_eq!(held_lines, 15, "one line per target and section:\n{stderr}");
+    // The disk section measures every target it names (write amplification).
+    for target in [
+        "qemu-nbd writeback",
+        "mirror wb buffered",
+        "mirror bg buffered",
+        "tandem sync",
+        "tandem async",
+    ] {
+        assert!(
+            text.contains(&format!("  - {target}: ")),
+            "disk section row for {target}:\n{text}"
+        );
+    }
 
     for target in [
         "qemu-nbd --cache=none",
