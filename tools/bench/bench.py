@@ -573,14 +573,33 @@ for t in only_targets:
         sys.exit(f"bench: unknown target {t!r} in BENCH_TARGETS; use {', '.join(n for n, _, _ in MATRIX_TARGETS)}")
 
 
+def on_matrix_target(work, certs, name, section, label, error_key, body):
+    """Start a matrix target and run `body(target)`; a failure (of the start or of
+    the body) is recorded under `error_key` and logged; the target is stopped
+    either way."""
+    log(f"{label}: starting")
+    target = None
+    try:
+        target = start_matrix_target(work, certs, name, section)
+        body(target)
+    except Exception as e:
+        ERRORS[error_key] = str(e)
+        log(f"{label}: FAILED: {e}")
+        if ENV.get("BENCH_DEBUG"):
+            traceback.print_exc()
+    finally:
+        if target is not None:
+            try:
+                target.stop()
+            except Exception as e:
+                log(f"{label}: stopping: {e}")
+
+
 def run_matrix(work, certs):
     for name, section, _ in MATRIX_TARGETS:
         if section not in SECTIONS or (only_targets and name not in only_targets):
             continue
-        log(f"{name}: starting")
-        target = None
-        try:
-            target = start_matrix_target(work, certs, name, section)
+        def jobs(target, name=name, section=section):
             RESULTS[name] = {}
             for job in JOBS:
                 if hasattr(target, "settle"):
@@ -592,18 +611,8 @@ def run_matrix(work, certs):
                         os.path.join(work, f"{name.replace(' ', '-')}.{job}.json"))
                 RESULTS[name][job] = r
                 log(f"{name}: {job} iops={r['iops']:.0f} MB/s={r['mbps']:.1f} p50={r['p50_us']:.0f}µs")
-        except Exception as e:
-            ERRORS[name] = str(e)
-            log(f"{name}: FAILED: {e}")
-            if ENV.get("BENCH_DEBUG"):
-                traceback.print_exc()
-        finally:
-            if target is not None:
-                try:
-                    target.stop()
-                except Exception as e:
-                    log(f"{name}: stopping: {e}")
-            log_held(name)
+        on_matrix_target(work, certs, name, section, name, name, jobs)
+        log_held(name)
 
 
 def run_large(work, certs):
@@ -815,17 +824,14 @@ def run_disk(work, certs):
     for name in DISK_TARGETS:
         if only_targets and name not in only_targets:
             continue
-        log(f"disk: {name}: starting")
-        target = None
-        try:
-            target = start_matrix_target(work, certs, name, "disk")
+        def measure(target, name=name):
             os.sync()
             time.sleep(1)
             before = sectors_written(work)
             t0 = time.monotonic()
-            r = fio("disk", target.uri, "seq1m", CFG["size"], 0, 0,
-                    os.path.join(work, f"disk-{name.replace(' ', '-')}.json"),
-                    extra=[f"--io_size={nbytes}"], time_based=False)
+            fio("disk", target.uri, "seq1m", CFG["size"], 0, 0,
+                os.path.join(work, f"disk-{name.replace(' ', '-')}.json"),
+                extra=[f"--io_size={nbytes}"], time_based=False)
             t_fio = time.monotonic() - t0
             if hasattr(target, "settle"):
                 target.settle(timeout=CFG["sync_timeout"])
@@ -833,21 +839,10 @@ def run_disk(work, certs):
             os.sync()
             t_all = time.monotonic() - t0
             written = (sectors_written(work) - before) * 512
-            out["rows"][name] = {"fio s": t_fio, "durable s": t_all, "disk bytes": written,
-                                 "mbps": r["mbps"]}
+            out["rows"][name] = {"fio s": t_fio, "durable s": t_all, "disk bytes": written}
             log(f"disk: {name}: {written / nbytes:.2f} disk bytes per client byte, fio {t_fio:.1f} s, "
                 f"settled and synced {t_all:.1f} s")
-        except Exception as e:
-            ERRORS[f"disk {name}"] = str(e)
-            log(f"disk: {name}: FAILED: {e}")
-            if ENV.get("BENCH_DEBUG"):
-                traceback.print_exc()
-        finally:
-            if target is not None:
-                try:
-                    target.stop()
-                except Exception as e:
-                    log(f"disk: {name}: stopping: {e}")
+        on_matrix_target(work, certs, name, "disk", f"disk: {name}", f"disk {name}", measure)
 
 
 def fmt(v, job=None):
