@@ -446,6 +446,12 @@ pub struct NodeArgs {
     /// After a primary crash at most this many extents are compared by hash.
     #[arg(long)]
     pub al_extents: Option<usize>,
+    /// Activity log: extent size, a power of two from 1M to 1G (default 4M). Larger
+    /// extents mean fewer activation writes under random writes spread over a large
+    /// volume, and more data compared by hash after a primary crash (at most
+    /// al-extents × this size). Takes effect at the next start.
+    #[arg(long, value_name = "SIZE")]
+    pub al_extent_size: Option<String>,
     /// Secondary: the volume already holds an old copy of the primary's data (restored
     /// from backup, shipped on a disk). The first sync compares every block by blake3
     /// hash and sends only those that differ, instead of the whole volume.
@@ -547,6 +553,7 @@ impl NodeArgs {
             connect_timeout_ms: self.connect_timeout_ms,
             drain_timeout_ms: self.drain_timeout_ms,
             al_extents: self.al_extents,
+            al_extent_size: self.al_extent_size,
             seeded: self.seeded,
             split_brain_policy: self.split_brain_policy,
             fence_peer: self.fence_peer,

@@ -113,6 +113,8 @@ pub struct ResourceSection {
     pub connect_timeout_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,
     pub al_extents: Option<usize>,
+    /// Activity-log extent size (scale: large volumes with random writes).
+    pub al_extent_size: Option<SizeValue>,
     pub seeded: Option<bool>,
     pub direct: Option<bool>,
     pub io_engine: Option<String>,
@@ -339,6 +341,7 @@ pub fn adjust_plan(old: &NodeConfig, new: &NodeConfig) -> Result<AdjustPlan, Str
         connect_timeout_ms => "connect-timeout-ms",
         drain_timeout_ms => "drain-timeout-ms",
         al_extents_max => "al-extents",
+        al_extent_bytes => "al-extent-size",
         split_brain_policy => "split-brain-policy",
         fence_peer => "fence-peer",
         metrics => "metrics",
@@ -378,9 +381,14 @@ pub mod defaults {
     pub const CONNECT_TIMEOUT_MS: u64 = 5000;
     /// On shutdown, wait up to 30 s for the secondary to catch up.
     pub const DRAIN_TIMEOUT_MS: u64 = 30_000;
-    /// 4 MiB activity extents: after a crash at most `al-extents` × 4 MiB is compared
-    /// by hash; a write to an already-active extent costs no metadata I/O.
+    /// 4 MiB activity extents (DRBD's size): after a crash at most `al-extents` ×
+    /// 4 MiB (3.75 GiB by default) is compared by hash; a write to an already-active
+    /// extent costs no metadata I/O. `al-extent-size` trades a longer comparison
+    /// after a crash for fewer activations under random writes over a large volume.
     pub const AL_EXTENT_BYTES: u64 = 4 << 20;
+    /// Extent sizes `al-extent-size` accepts: 1 MiB to 1 GiB (powers of two).
+    pub const AL_EXTENT_BYTES_MIN: u64 = 1 << 20;
+    pub const AL_EXTENT_BYTES_MAX: u64 = 1 << 30;
     /// The secondary's redo journal: 1 GiB, and rollback up to an hour back
     /// (whichever is reached first, issue 10).
     pub const JOURNAL_BYTES: u64 = 1 << 30;
@@ -423,6 +431,7 @@ pub struct Overrides {
     pub connect_timeout_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,
     pub al_extents: Option<usize>,
+    pub al_extent_size: Option<String>,
     pub seeded: bool,
     pub split_brain_policy: Option<String>,
     pub fence_peer: Option<String>,
@@ -820,7 +829,8 @@ impl NodeConfig {
                 .drain_timeout_ms
                 .or(res.drain_timeout_ms)
                 .unwrap_or(defaults::DRAIN_TIMEOUT_MS),
-            al_extent_bytes: defaults::AL_EXTENT_BYTES,
+            al_extent_bytes: size_opt(&o.al_extent_size, &res.al_extent_size, "--al-extent-size")?
+                .unwrap_or(defaults::AL_EXTENT_BYTES),
             al_extents_max: o
                 .al_extents
                 .or(res.al_extents)
@@ -968,6 +978,18 @@ impl NodeConfig {
                     "{}: expected 16 to {}",
                     self.al_extents_max,
                     crate::meta::al::AL_EXTENTS_MAX
+                ),
+            });
+        }
+        if !self.al_extent_bytes.is_power_of_two()
+            || !(defaults::AL_EXTENT_BYTES_MIN..=defaults::AL_EXTENT_BYTES_MAX)
+                .contains(&self.al_extent_bytes)
+        {
+            return Err(ConfigError::Invalid {
+                option: "--al-extent-size",
+                message: format!(
+                    "{} bytes: expected a power of two from 1M to 1G (default 4M)",
+                    self.al_extent_bytes
                 ),
             });
         }
@@ -1594,6 +1616,41 @@ size = "1G"
         )
         .unwrap_err();
         assert!(e.to_string().contains("--peer"), "{e}");
+    }
+
+    /// scale (issue 11): the activity log's extent size comes from the file or the
+    /// flag, defaults to 4 MiB and is refused unless a power of two in 1M..=1G.
+    #[test]
+    fn al_extent_size_from_file_or_flag_and_its_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = FILE.replace(
+            "queue-bytes-max = \"128M\"",
+            "queue-bytes-max = \"128M\"\nal-extent-size = \"64M\"",
+        );
+        let path = write(dir.path(), &text);
+        let plain_dir = tempfile::tempdir().unwrap();
+        let plain = write(plain_dir.path(), FILE);
+        let resolve = |flag: Option<&str>, file: bool| {
+            NodeConfig::resolve(
+                Role::Primary,
+                Overrides {
+                    config: Some(if file { path.clone() } else { plain.clone() }),
+                    node: Some("alpha".into()),
+                    al_extent_size: flag.map(str::to_string),
+                    ..Default::default()
+                },
+            )
+        };
+        assert_eq!(resolve(None, false).unwrap().al_extent_bytes, 4 << 20);
+        assert_eq!(resolve(None, true).unwrap().al_extent_bytes, 64 << 20);
+        assert_eq!(resolve(Some("1G"), true).unwrap().al_extent_bytes, 1 << 30);
+        for bad in ["3M", "512K", "2G"] {
+            let e = resolve(Some(bad), true).unwrap_err().to_string();
+            assert!(
+                e.contains("--al-extent-size") && e.contains("power of two from 1M to 1G"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     /// The keys serde accepts in a section, from the error an unknown key gets.
