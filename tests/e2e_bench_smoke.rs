@@ -157,8 +157,9 @@ fn bench_script_runs_every_section_and_cleans_up() {
         .lines()
         .filter(|l| l.ends_with("| met |") || l.ends_with("| not met |"))
         .count();
-    // 2 sync + 2 async + 2 large + 3 initsync + wan + resync.
-    assert_eq!(judged, 11, "every target judged met / not met:\n{text}");
+    // 2 sync + 2 async + 3 large (default and tuned extent size) + 3 initsync +
+    // wan + resync.
+    assert_eq!(judged, 12, "every target judged met / not met:\n{text}");
     assert!(!text.contains("failed:"), "{text}");
     assert!(text.contains("- commit: ") && text.contains("- command: `"));
     assert!(text.contains("[mirror] QMP blockdev-mirror"));

@@ -23,6 +23,8 @@
 #             qemu-nbd --cache=writeback, then tandem async (after a full initial sync,
 #             which sends the holes as zero chunks), then tandem over a
 #             BENCH_LARGE_RANGE (1G) range of the same volume
+#             and a second async pair with --al-extent-size BENCH_LARGE_EXTENT (64M)
+#             over the whole volume
 #   initsync  initial sync of a fresh BENCH_INIT_SIZE (1T) sparse pair: time, bytes
 #             allocated on the secondary, peak RSS (VmHWM) of both agents; stopped early
 #             when the secondary allocates more than BENCH_ALLOC_GUARD (6G) or after
@@ -52,6 +54,8 @@
 #   BENCH_LARGE_SIZE [64G] BENCH_LARGE_RANGE [1G] BENCH_LARGE_SECONDS [30]
 #   BENCH_LARGE_SEEDED [0]              1: the large pair's secondary is --seeded (hash
 #                                       compare) instead of a full initial sync
+#   BENCH_LARGE_EXTENT [64M]            a second large pair with this --al-extent-size
+#                                       runs the whole-volume job (empty: skipped)
 #   BENCH_INIT_SIZE [1T] BENCH_INIT_TIMEOUT [180] BENCH_ALLOC_GUARD [6G]
 #   BENCH_WAN_BYTES [512M] BENCH_WAN_RATE [10000000]
 #   BENCH_RESYNC_BYTES [512M] BENCH_RESYNC_LINK [50000000]
