@@ -485,7 +485,8 @@ pub struct NodeArgs {
     #[arg(long, value_name = "PATH")]
     pub journal: Option<PathBuf>,
     /// Size of the redo journal, preallocated (default 1G, at least 128M). A resync
-    /// of up to about half of it keeps the last consistent image promotable.
+    /// up to 7/8 of what is left after 96M (812M of 1G) is staged, so the last
+    /// consistent image stays promotable; a larger one is refused at once.
     #[arg(long, value_name = "SIZE")]
     pub journal_size: Option<String>,
     /// How far back `tandem rollback` and `tandem inspect` reach, in seconds

@@ -920,7 +920,7 @@ impl<D> SecondaryEngine<D> {
     /// Whether the agent may read the next frame (a frame of up to
     /// [`crate::wire::PAYLOAD_MAX_BYTES`] must fit the journal).
     pub fn room(&mut self, out: &mut Vec<SecondaryAction<D>>) -> Room {
-        let frame_max = self.cfg.frame_max_bytes + self.cfg.record_overhead_bytes * 4;
+        let frame_max = self.frame_reserve();
         if self.live_bytes + frame_max <= self.cfg.journal_capacity_bytes {
             return Room::Free;
         }
@@ -1114,10 +1114,22 @@ impl<D> SecondaryEngine<D> {
         }
     }
 
-    /// Journal bytes a section may use: all of it but a margin (records of the
-    /// consistent image before it are released by checkpoints as it grows).
+    /// Journal bytes kept free for the next frame, whatever its size.
+    fn frame_reserve(&self) -> u64 {
+        self.cfg.frame_max_bytes + self.cfg.record_overhead_bytes * 4
+    }
+
+    /// Journal bytes a section may use: all of it but the room [`Self::room`]
+    /// keeps free for the largest frame, less a margin (records of the consistent
+    /// image before it are released by checkpoints as it grows; record headers).
+    /// Announcing more let a resync be accepted that could never finish: refused
+    /// with `JournalFullDuringResync` at the same point on every reconnect.
     fn space_for_section(&self) -> u64 {
-        self.cfg.journal_capacity_bytes - self.cfg.journal_capacity_bytes / 8
+        let usable = self
+            .cfg
+            .journal_capacity_bytes
+            .saturating_sub(self.frame_reserve());
+        usable - usable / 8
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1545,7 +1557,7 @@ impl<D> SecondaryEngine<D> {
             // (records older than the window's age, or pressure, still go).
             over_window = 0;
         }
-        let frame_max = self.cfg.frame_max_bytes + self.cfg.record_overhead_bytes * 4;
+        let frame_max = self.frame_reserve();
         let pressure = self.live_bytes * 4 > self.cfg.journal_capacity_bytes * 3
             || self.live_bytes + frame_max > self.cfg.journal_capacity_bytes;
         let mut through = self.applied;

@@ -1006,3 +1006,31 @@ fn records_are_synced_on_the_agents_clock_when_the_wall_clock_stands_still() {
     assert_eq!(durable(&out), Some(Seq(2)));
     assert!(!e.has_unsynced());
 }
+
+/// Found in session 22: a secondary with `--journal-size 128M` announced that it
+/// stages 56 MiB, accepted a 40 MiB resync, and stopped it with "the journal
+/// filled up during a resync" on every reconnect, forever: `room()` keeps space
+/// for the largest frame (32 MiB) free, which the announced size did not leave.
+/// A resync of exactly the announced size, after a rollback window full of
+/// consistent records, must fit.
+#[test]
+fn a_resync_of_the_announced_stage_size_fits_beside_the_room_for_a_largest_frame() {
+    let mut cfg = Config::new(256 * BS, BS as u32, 64 * (BS + 64));
+    cfg.frame_max_bytes = 16 * BS;
+    cfg.rollback_window_bytes = u64::MAX;
+    let mut e = SecondaryEngine::new(cfg, Lsn::ZERO, Vec::new(), true, Lsn::ZERO, (Seq::ZERO, 0));
+    let mut out = Vec::new();
+    feed(&mut e, start(1, 0), &mut out);
+    for seq in 1..=20 {
+        feed(&mut e, write(seq, 100 + seq, seq), &mut out);
+    }
+    feed(&mut e, Incoming::Flush { through: Seq(20) }, &mut out);
+    let blocks = e.stage_bytes() / BS;
+    assert!(blocks > 0, "stages something");
+    feed(&mut e, start(21, blocks), &mut out);
+    for i in 0..blocks {
+        feed(&mut e, write(21 + i, i, 100 + i), &mut out);
+    }
+    assert!(failed(&out).is_none(), "{:?}", failed(&out));
+    assert!(e.is_section_open());
+}
