@@ -349,3 +349,79 @@ fn a_refused_resync_is_logged_once_then_summarised_and_converges_once_allowed() 
     secondary.stop();
     common::assert_same_file(&p_img, &s_img);
 }
+
+/// Found in session 22: a secondary with `--journal-size 128M` announced that it
+/// stages 56 MiB, but the room its journal keeps free for the largest frame
+/// (32 MiB) left a section about 32 MiB. A 40 MiB resync after an outage was
+/// accepted, stopped with "the journal filled up during a resync", dropped and
+/// resent on every reconnect, forever (9 times in 40 s). The secondary must
+/// refuse it at once with the size it needs (the operator-action state), and
+/// converge once the operator allows an inconsistent resync.
+#[test]
+fn a_resync_beyond_what_the_journal_really_stages_is_refused_at_once_not_retried() {
+    let seed = common::seed("resync beyond the real stage size");
+    const SIZE: u64 = 512 * MIB;
+    let site = common::Site::new();
+    let (p_img, s_img) = (site.path("primary.img"), site.path("secondary.img"));
+    let (repl, nbd) = (common::free_port(), common::free_port());
+    let small = common::NodeOpts {
+        extra: vec!["--journal-size".into(), "128M".into()],
+        ..Default::default()
+    };
+    let mut secondary = site.secondary("secondary", &s_img, SIZE, repl, &small);
+    secondary.wait_status("control socket", common::READY_TIMEOUT, |_| true);
+    let mut primary = site.primary(
+        "primary",
+        &p_img,
+        SIZE,
+        "async",
+        repl,
+        nbd,
+        &common::NodeOpts::default(),
+    );
+    primary.wait_status("in sync", common::READY_TIMEOUT, common::primary_in_sync);
+    let addr = format!("127.0.0.1:{nbd}");
+    // 48 MiB streamed: they stay in the secondary's rollback window.
+    common::write_seeded(&addr, 0, 48, MIB, seed);
+    primary.wait_status("in sync", common::READY_TIMEOUT, common::primary_in_sync);
+    secondary.stop();
+    // 40 MiB changed while apart: under the 56 MiB once announced, over what fits.
+    common::write_seeded(&addr, 100, 40, MIB, seed ^ 1);
+    secondary.restart();
+    let count = |a: &common::Agent, what: &str| a.log_text().matches(what).count();
+    common::wait_until("a refusal", Duration::from_secs(60), || {
+        count(&secondary, "does not fit the journal") >= 1
+            || count(&secondary, "the journal filled up during a resync") >= 1
+    });
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(
+        count(&secondary, "the journal filled up during a resync"),
+        0,
+        "an accepted resync must fit: the secondary accepted one it could not finish"
+    );
+    assert!(count(&secondary, "does not fit the journal") >= 1);
+    // The operator allows an inconsistent resync: the pair converges. (Growing
+    // journal-size does not resize an existing journal; the agent says so.)
+    secondary.stop();
+    let allowed = common::NodeOpts {
+        extra: vec![
+            "--journal-size".into(),
+            "256M".into(),
+            "--resync-overflow".into(),
+            "inconsistent".into(),
+        ],
+        ..Default::default()
+    };
+    let mut secondary = site.secondary("secondary-allowed", &s_img, SIZE, repl, &allowed);
+    common::wait_until("the size warning", Duration::from_secs(30), || {
+        count(&secondary, "journal-size applies to a new journal only") >= 1
+    });
+    primary.wait_status(
+        "in sync once allowed",
+        Duration::from_secs(60),
+        common::primary_in_sync,
+    );
+    primary.stop();
+    secondary.stop();
+    common::assert_same_file(&p_img, &s_img);
+}

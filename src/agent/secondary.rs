@@ -380,6 +380,16 @@ pub async fn serve(
         capacity_bytes = jopened.capacity_bytes,
         "redo journal open"
     );
+    if jopened.capacity_bytes != cfg.journal_bytes {
+        // Found in session 22: an operator told to grow journal-size restarts the
+        // node and is refused again; say at once that the size did not change.
+        tracing::warn!(
+            journal = %cfg.journal.display(),
+            capacity_bytes = jopened.capacity_bytes,
+            journal_size = cfg.journal_bytes,
+            "the journal keeps the size it was created with: journal-size applies to a new journal only"
+        );
+    }
     let size_bytes = volume.size_bytes();
     let volume_consistent = recovery::volume_consistent_at_start(&sb);
     let engine = Engine::new(
