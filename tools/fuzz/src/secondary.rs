@@ -566,11 +566,17 @@ impl Harness {
                 {
                     return Verdict::Refuse("StartBehind");
                 }
-                let cap = m.cfg().journal_capacity_bytes;
+                // What a section may use: the capacity less the room kept for
+                // the largest frame, less 1/8 (62393a2: a larger announcement
+                // let a resync be accepted that could never finish).
+                let usable = m
+                    .cfg()
+                    .journal_capacity_bytes
+                    .saturating_sub(m.cfg().frame_max_bytes + m.cfg().record_overhead_bytes * 4);
                 if blocks > 0
                     && !m.in_section
                     && !m.cfg().allow_inconsistent
-                    && u128::from(blocks) * u128::from(BLOCK) > u128::from(cap - cap / 8)
+                    && u128::from(blocks) * u128::from(BLOCK) > u128::from(usable - usable / 8)
                 {
                     return Verdict::Refuse("ResyncTooLarge");
                 }
