@@ -14,6 +14,7 @@ mod common;
 #[path = "common/faults.rs"]
 mod faults;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use faultproxy::{Dir, Fault};
@@ -295,6 +296,27 @@ fn secondary_kill9_three_times_under_load() {
     rig.finish(&model);
 }
 
+/// Run a seeded load against the primary, kill it with SIGKILL about a second
+/// into the writes, stop the load and clear the proxy's fault; returns the
+/// primary's status just before the kill.
+fn kill9_primary_under_load(
+    rig: &mut Rig,
+    model: &Arc<Mutex<Model>>,
+    seed: u64,
+) -> serde_json::Value {
+    let mut load = rig.start_load(load_cfg(seed, 8 * MIB), model);
+    rig.primary
+        .wait_status("writes under way", Duration::from_secs(30), |s| {
+            counter(s, "client_writes") > 100
+        });
+    std::thread::sleep(Duration::from_millis(1000));
+    let before = rig.primary.status().expect("primary status");
+    kill9(&mut rig.primary);
+    load.join();
+    rig.proxy.clear();
+    before
+}
+
 /// (b) The primary is killed with SIGKILL mid-write and restarted with the same
 /// arguments, three times; the secondary stays up. Recovery (persisted bitmap plus
 /// activity-log extents compared by hash) sends at most what was written since the
@@ -320,16 +342,7 @@ fn primary_kill9_three_times() {
             2 => rig.proxy.set(Fault::Blackhole),
             _ => {}
         }
-        let mut load = rig.start_load(load_cfg(seed.wrapping_add(round), 8 * MIB), &model);
-        rig.primary
-            .wait_status("writes under way", Duration::from_secs(30), |s| {
-                counter(s, "client_writes") > 100
-            });
-        std::thread::sleep(Duration::from_millis(1000));
-        let before = rig.primary.status().expect("primary status");
-        kill9(&mut rig.primary);
-        load.join();
-        rig.proxy.clear();
+        let before = kill9_primary_under_load(&mut rig, &model, seed.wrapping_add(round));
         eprintln!(
             "round {round}: at the crash: connection {}, lag {}, out of sync {}",
             before["peer"]["connection"],
@@ -397,16 +410,7 @@ fn primary_kill9_across_al_extent_size_changes() {
             bytes_per_s: MIB,
             dir: Dir::Up,
         });
-        let mut load = rig.start_load(load_cfg(seed.wrapping_add(round as u64), 8 * MIB), &model);
-        rig.primary
-            .wait_status("writes under way", Duration::from_secs(30), |s| {
-                counter(s, "client_writes") > 100
-            });
-        std::thread::sleep(Duration::from_millis(1000));
-        let before = rig.primary.status().expect("primary status");
-        kill9(&mut rig.primary);
-        load.join();
-        rig.proxy.clear();
+        let before = kill9_primary_under_load(&mut rig, &model, seed.wrapping_add(round as u64));
         eprintln!(
             "round {round}: killed with lag {}; restarting with --al-extent-size {next}",
             mib(before["lag"]["bytes"].as_u64().unwrap_or(0))

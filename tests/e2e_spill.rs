@@ -272,6 +272,52 @@ fn a_secondary_that_cannot_stage_a_whole_volume_resync_is_never_left_behind() {
     );
 }
 
+/// An async pair in sync whose secondary has the smallest journal, `--journal-size
+/// 128M`: it stages 28 MiB (7/8 of what is left after wrap padding and the room
+/// kept for the largest frame).
+struct SmallJournalPair {
+    site: common::Site,
+    p_img: std::path::PathBuf,
+    s_img: std::path::PathBuf,
+    repl: u16,
+    nbd: u16,
+    secondary: common::Agent,
+    primary: common::Agent,
+}
+
+impl SmallJournalPair {
+    fn start(size: u64) -> SmallJournalPair {
+        let site = common::Site::new();
+        let (p_img, s_img) = (site.path("primary.img"), site.path("secondary.img"));
+        let (repl, nbd) = (common::free_port(), common::free_port());
+        let small = common::NodeOpts {
+            extra: vec!["--journal-size".into(), "128M".into()],
+            ..Default::default()
+        };
+        let mut secondary = site.secondary("secondary", &s_img, size, repl, &small);
+        secondary.wait_status("control socket", common::READY_TIMEOUT, |_| true);
+        let mut primary = site.primary(
+            "primary",
+            &p_img,
+            size,
+            "async",
+            repl,
+            nbd,
+            &common::NodeOpts::default(),
+        );
+        primary.wait_status("in sync", common::READY_TIMEOUT, common::primary_in_sync);
+        SmallJournalPair {
+            site,
+            p_img,
+            s_img,
+            repl,
+            nbd,
+            secondary,
+            primary,
+        }
+    }
+}
+
 /// A resync larger than what the secondary's journal stages is refused at every
 /// reconnect until an operator acts (grow journal-size, or allow an inconsistent
 /// resync). The primary dials again every few seconds; each refusal used to cost
@@ -284,26 +330,15 @@ fn a_secondary_that_cannot_stage_a_whole_volume_resync_is_never_left_behind() {
 fn a_refused_resync_is_logged_once_then_summarised_and_converges_once_allowed() {
     let seed = common::seed("refused resync");
     const SIZE: u64 = 256 * MIB;
-    let site = common::Site::new();
-    let (p_img, s_img) = (site.path("primary.img"), site.path("secondary.img"));
-    let (repl, nbd) = (common::free_port(), common::free_port());
-    // The smallest journal: stages 112 MiB.
-    let small = common::NodeOpts {
-        extra: vec!["--journal-size".into(), "128M".into()],
-        ..Default::default()
-    };
-    let mut secondary = site.secondary("secondary", &s_img, SIZE, repl, &small);
-    secondary.wait_status("control socket", common::READY_TIMEOUT, |_| true);
-    let mut primary = site.primary(
-        "primary",
-        &p_img,
-        SIZE,
-        "async",
+    let SmallJournalPair {
+        site,
+        p_img,
+        s_img,
         repl,
         nbd,
-        &common::NodeOpts::default(),
-    );
-    primary.wait_status("in sync", common::READY_TIMEOUT, common::primary_in_sync);
+        mut secondary,
+        mut primary,
+    } = SmallJournalPair::start(SIZE);
     secondary.stop();
     // 160 MiB changed while apart: more than the journal stages.
     common::write_seeded(&format!("127.0.0.1:{nbd}"), 0, 160, MIB, seed);
@@ -361,25 +396,15 @@ fn a_refused_resync_is_logged_once_then_summarised_and_converges_once_allowed() 
 fn a_resync_beyond_what_the_journal_really_stages_is_refused_at_once_not_retried() {
     let seed = common::seed("resync beyond the real stage size");
     const SIZE: u64 = 512 * MIB;
-    let site = common::Site::new();
-    let (p_img, s_img) = (site.path("primary.img"), site.path("secondary.img"));
-    let (repl, nbd) = (common::free_port(), common::free_port());
-    let small = common::NodeOpts {
-        extra: vec!["--journal-size".into(), "128M".into()],
-        ..Default::default()
-    };
-    let mut secondary = site.secondary("secondary", &s_img, SIZE, repl, &small);
-    secondary.wait_status("control socket", common::READY_TIMEOUT, |_| true);
-    let mut primary = site.primary(
-        "primary",
-        &p_img,
-        SIZE,
-        "async",
+    let SmallJournalPair {
+        site,
+        p_img,
+        s_img,
         repl,
         nbd,
-        &common::NodeOpts::default(),
-    );
-    primary.wait_status("in sync", common::READY_TIMEOUT, common::primary_in_sync);
+        mut secondary,
+        mut primary,
+    } = SmallJournalPair::start(SIZE);
     let addr = format!("127.0.0.1:{nbd}");
     // 48 MiB streamed: they stay in the secondary's rollback window.
     common::write_seeded(&addr, 0, 48, MIB, seed);
