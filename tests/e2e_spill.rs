@@ -391,7 +391,11 @@ fn a_refused_resync_is_logged_once_then_summarised_and_converges_once_allowed() 
 /// accepted, stopped with "the journal filled up during a resync", dropped and
 /// resent on every reconnect, forever (9 times in 40 s). The secondary must
 /// refuse it at once with the size it needs (the operator-action state), and
-/// converge once the operator allows an inconsistent resync.
+/// converge once the operator does what the refusal says: grow journal-size and
+/// restart the node. (That remedy did not work until session 23: an existing
+/// journal kept the size it was created with. Now the start resizes it,
+/// keeping the records of the rollback window, and the resync is staged: the
+/// secondary stays a consistent copy throughout.)
 #[test]
 fn a_resync_beyond_what_the_journal_really_stages_is_refused_at_once_not_retried() {
     let seed = common::seed("resync beyond the real stage size");
@@ -425,26 +429,34 @@ fn a_resync_beyond_what_the_journal_really_stages_is_refused_at_once_not_retried
         "an accepted resync must fit: the secondary accepted one it could not finish"
     );
     assert!(count(&secondary, "does not fit the journal") >= 1);
-    // The operator allows an inconsistent resync: the pair converges. (Growing
-    // journal-size does not resize an existing journal; the agent says so.)
+    // The operator grows journal-size (no --resync-overflow): the restart
+    // resizes the journal and the resync is staged in it.
     secondary.stop();
-    let allowed = common::NodeOpts {
-        extra: vec![
-            "--journal-size".into(),
-            "256M".into(),
-            "--resync-overflow".into(),
-            "inconsistent".into(),
-        ],
+    let journal = {
+        let mut p = s_img.clone().into_os_string();
+        p.push(".tandem-meta.journal");
+        std::path::PathBuf::from(p)
+    };
+    let journal_len = || std::fs::metadata(&journal).expect("the journal").len();
+    assert_eq!(journal_len(), 8192 + 128 * MIB, "{}", journal.display());
+    let grown = common::NodeOpts {
+        extra: vec!["--journal-size".into(), "256M".into()],
         ..Default::default()
     };
-    let mut secondary = site.secondary("secondary-allowed", &s_img, SIZE, repl, &allowed);
-    common::wait_until("the size warning", Duration::from_secs(30), || {
-        count(&secondary, "journal-size applies to a new journal only") >= 1
+    let mut secondary = site.secondary("secondary-grown", &s_img, SIZE, repl, &grown);
+    common::wait_until("the journal resized", Duration::from_secs(30), || {
+        count(&secondary, "journal resized") >= 1
     });
+    assert_eq!(journal_len(), 8192 + 256 * MIB);
     primary.wait_status(
-        "in sync once allowed",
+        "in sync once the journal is grown",
         Duration::from_secs(60),
         common::primary_in_sync,
+    );
+    assert_eq!(
+        count(&secondary, "does not fit the journal"),
+        0,
+        "the grown journal stages the resync"
     );
     primary.stop();
     secondary.stop();

@@ -746,6 +746,107 @@ fn a_real_file_round_trips_through_create_append_sync_and_reopen() {
     assert!(matches!(err, JournalError::Exists { .. }), "{err:?}");
 }
 
+/// Found in session 22: `journal-size` applied to a new journal only, so an
+/// operator told to grow it (a resync larger than the journal stages) restarted
+/// the node and was refused again. A resize keeps every live record — a
+/// wrapped ring included — with its LSN, fields and payload, continues the LSNs
+/// and leaves no temporary file; a resize below the live records is refused and
+/// leaves the journal as it was.
+#[test]
+fn a_resize_keeps_every_live_record_of_a_wrapped_ring_or_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.tandem-redo");
+    let small = 256 << 10;
+    let mut j = Journal::create(&path, IDENTITY, small).unwrap();
+    let mut appended = Vec::new();
+    let wraps = |j: &Journal| {
+        let positions: Vec<u64> = j.records().map(|r| r.position).collect();
+        positions.windows(2).any(|w| w[1] < w[0])
+    };
+    // Laps round the ring until the live records wrap round its end.
+    for tag in 1u64.. {
+        let len = (tag as usize * 331) % 9000;
+        loop {
+            match j.append(fields(tag, len), &payload(tag, len)) {
+                Ok(lsn) => {
+                    appended.push((lsn, tag, len));
+                    break;
+                }
+                Err(JournalError::Full { .. }) => {
+                    let oldest = j.records().next().unwrap().lsn;
+                    j.release_through(Lsn(oldest.0 + 4));
+                    j.persist_head().unwrap();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        if tag > 100 && wraps(&j) && j.live_bytes() > small / 2 {
+            break;
+        }
+        assert!(tag < 10_000, "the live records never wrapped");
+    }
+    j.sync().unwrap();
+    let live: Vec<Lsn> = j.records().map(|r| r.lsn).collect();
+    let check = |j: &Journal, what: &str| {
+        assert_eq!(
+            j.records().map(|r| r.lsn).collect::<Vec<_>>(),
+            live,
+            "{what}: the live records"
+        );
+        for (lsn, tag, len) in appended.iter().filter(|(l, ..)| live.contains(l)) {
+            assert_eq!(j.read_payload(*lsn).unwrap(), payload(*tag, *len), "{what}");
+            assert_eq!(j.record(*lsn).unwrap().fields, fields(*tag, *len), "{what}");
+        }
+    };
+    let live_bytes = j.live_bytes();
+    assert!(live_bytes > small / 2, "{live_bytes} of {small} bytes live");
+
+    // Too small for what is live: refused, nothing changed.
+    let mut j = j;
+    let err = j.resize(small / 4).unwrap_err();
+    assert!(
+        matches!(err, JournalError::ResizeTooSmall { live_bytes: l, .. } if l == live_bytes),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("live records take"), "{err}");
+    assert_eq!(j.capacity_bytes(), small);
+    drop(j);
+    let j = Journal::open(&path, IDENTITY).unwrap();
+    check(&j, "after a refused resize");
+
+    // Grown: the same records, the next LSN continues, the file is the new size.
+    let big = 1 << 20;
+    let mut j = j;
+    j.resize(big).unwrap();
+    assert_eq!(j.capacity_bytes(), big);
+    check(&j, "right after the resize");
+    let next = j.append(fields(999, 100), &payload(999, 100)).unwrap();
+    assert_eq!(next.0, live.last().unwrap().0 + 1);
+    j.sync().unwrap();
+    drop(j);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 8192 + big);
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+    let j = Journal::open(&path, IDENTITY).unwrap();
+    assert_eq!(j.capacity_bytes(), big);
+    assert_eq!(j.records().last().unwrap().lsn, next);
+    assert_eq!(j.read_payload(next).unwrap(), payload(999, 100));
+    let mut j = j;
+    j.truncate_after(Lsn(next.0 - 1)).unwrap();
+    check(&j, "after the resize and a reopen");
+
+    // Shrunk to exactly what is live: every record kept, the ring full.
+    let exact = live_bytes.div_ceil(4096) * 4096;
+    j.resize(exact).unwrap();
+    assert_eq!(j.capacity_bytes(), exact);
+    drop(j);
+    let j = Journal::open(&path, IDENTITY).unwrap();
+    check(&j, "after a shrink to the live records");
+}
+
 #[test]
 fn creation_is_refused_with_the_bytes_needed_when_the_filesystem_lacks_space() {
     let dir = tempfile::tempdir().unwrap();

@@ -89,13 +89,17 @@ pub enum Create {
 }
 
 /// Open the node's journal (or create it when `create` says so), recover its
-/// records, make them durable, and start its thread.
+/// records, make them durable, and start its thread. With `resize`, an
+/// existing journal of another size than `capacity_bytes` is resized first
+/// (its live records copied into a new ring, see [`Journal::resize`]); when
+/// that is not possible it keeps its size and the reason is logged.
 pub fn open(
     path: &Path,
     volume_id: VolumeId,
     block_size: u32,
     capacity_bytes: u64,
     create: Create,
+    resize: bool,
     done: mpsc::UnboundedSender<JournalDone>,
 ) -> Result<Opened, JournalError> {
     let identity = JournalIdentity {
@@ -113,7 +117,11 @@ pub fn open(
     } else if create == Create::Fallocated && !path.exists() {
         Journal::create(path, identity, capacity_bytes)?
     } else {
-        Journal::open(path, identity)?
+        let mut j = Journal::open(path, identity)?;
+        if resize && j.capacity_bytes() != capacity_bytes {
+            resize_journal(&mut j, capacity_bytes);
+        }
+        j
     };
     let applied = Lsn(j.head_lsn().0.saturating_sub(1));
     let mut records = Vec::new();
@@ -147,6 +155,37 @@ pub fn open(
         records,
         capacity_bytes: capacity,
     })
+}
+
+/// Resize an open journal to the configured size; on failure keep it as it is
+/// and say why (the node works with the size it has: a larger one only lets it
+/// stage larger resyncs and keep a longer rollback window).
+fn resize_journal(j: &mut Journal, capacity_bytes: u64) {
+    let (path, from_bytes) = (j.path().to_path_buf(), j.capacity_bytes());
+    tracing::info!(
+        path = %path.display(),
+        from_bytes,
+        to_bytes = capacity_bytes,
+        records = j.records().len(),
+        live_bytes = j.live_bytes(),
+        "resizing the journal to the configured journal-size: copying its records into a new ring (about 1-3 s per GiB)"
+    );
+    let started = std::time::Instant::now();
+    match j.resize(capacity_bytes) {
+        Ok(()) => tracing::info!(
+            path = %path.display(),
+            capacity_bytes = j.capacity_bytes(),
+            records = j.records().len(),
+            ms = started.elapsed().as_millis() as u64,
+            "journal resized"
+        ),
+        Err(e) => tracing::warn!(
+            path = %path.display(),
+            capacity_bytes = from_bytes,
+            journal_size = capacity_bytes,
+            "the journal keeps its size: {e}"
+        ),
+    }
 }
 
 /// Bytes a record with this payload takes in the journal.

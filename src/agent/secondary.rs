@@ -371,6 +371,7 @@ pub async fn serve(
         cfg.block_size,
         cfg.journal_bytes,
         create,
+        true,
         jdone_tx.clone(),
     )
     .map_err(|e| AgentError::Refused(format!("{e}")))?;
@@ -380,16 +381,6 @@ pub async fn serve(
         capacity_bytes = jopened.capacity_bytes,
         "redo journal open"
     );
-    if jopened.capacity_bytes != cfg.journal_bytes {
-        // Found in session 22: an operator told to grow journal-size restarts the
-        // node and is refused again; say at once that the size did not change.
-        tracing::warn!(
-            journal = %cfg.journal.display(),
-            capacity_bytes = jopened.capacity_bytes,
-            journal_size = cfg.journal_bytes,
-            "the journal keeps the size it was created with: journal-size applies to a new journal only"
-        );
-    }
     let size_bytes = volume.size_bytes();
     let volume_consistent = recovery::volume_consistent_at_start(&sb);
     let engine = Engine::new(
@@ -1451,6 +1442,7 @@ impl Node {
             self.cfg.block_size,
             self.cfg.journal_bytes,
             journal::Create::Fallocated,
+            false,
             self.jdone_tx.clone(),
         )
         .map_err(|e| e.to_string())?;
@@ -1942,6 +1934,7 @@ fn remove_journal(
         cfg.block_size,
         cfg.journal_bytes,
         journal::Create::No,
+        false,
         done,
     )
     .map_err(|e| AgentError::Refused(format!("{e}")))?;
@@ -2768,6 +2761,7 @@ mod tests {
                 4096,
                 64 << 20,
                 journal::Create::Written,
+                false,
                 done_tx,
             )
             .expect("journal");

@@ -617,6 +617,21 @@ pub enum JournalError {
     },
 
     #[error(
+        "{kind} {}: cannot be made {capacity_bytes} bytes: its live records take \
+         {live_bytes}; it keeps its {current_bytes} bytes until they are released (a redo \
+         journal's records are released once copied into the volume and past the rollback \
+         window), then the next start resizes it",
+        path.display()
+    )]
+    ResizeTooSmall {
+        kind: JournalKind,
+        path: PathBuf,
+        live_bytes: u64,
+        capacity_bytes: u64,
+        current_bytes: u64,
+    },
+
+    #[error(
         "invalid journal capacity {capacity_bytes} bytes: it must be a multiple of 4096 of at \
          least {CAPACITY_MIN_BYTES}"
     )]
@@ -814,6 +829,73 @@ impl Journal<File> {
         written: bool,
     ) -> Result<Journal<File>, JournalError> {
         validate_capacity(capacity_bytes)?;
+        if path.exists() {
+            return Err(JournalError::Exists {
+                kind: identity.kind,
+                path: path.to_path_buf(),
+            });
+        }
+        Self::build_beside(
+            path,
+            identity,
+            capacity_bytes,
+            written,
+            |_| Ok(()),
+            |tmp| std::fs::hard_link(tmp, path),
+            "link into place",
+        )
+    }
+
+    /// Give the journal a ring of `capacity_bytes`: its live records are copied,
+    /// in order and with their LSNs, fields and payloads, into a new journal
+    /// built beside it (ring written once, like [`Journal::create_written`]),
+    /// which then replaces it by a rename. A crash before the rename leaves
+    /// the old journal as it was (and a stray temporary file); after it, the
+    /// new one, durable. Refused, keeping this journal, when the live records
+    /// do not fit the new ring ([`JournalError::ResizeTooSmall`]) or the
+    /// filesystem lacks the space for both files at once
+    /// ([`JournalError::NoSpace`]); on an error this journal is unchanged.
+    pub fn resize(&mut self, capacity_bytes: u64) -> Result<(), JournalError> {
+        validate_capacity(capacity_bytes)?;
+        let live = self.live_bytes();
+        if live > capacity_bytes {
+            return Err(JournalError::ResizeTooSmall {
+                kind: self.identity.kind,
+                path: self.path.clone(),
+                live_bytes: live,
+                capacity_bytes,
+                current_bytes: self.capacity,
+            });
+        }
+        let path = self.path.clone();
+        let new = Self::build_beside(
+            &path,
+            self.identity,
+            capacity_bytes,
+            true,
+            |new| self.copy_live_into(new),
+            |tmp| std::fs::rename(tmp, &path),
+            "rename into place",
+        )?;
+        // The old file (unlinked by the rename) is closed, and its lock released, here.
+        *self = new;
+        Ok(())
+    }
+
+    /// Build a journal under a temporary name next to `path` (space checked,
+    /// ring preallocated and, if `written`, zero-filled), let `fill` append to
+    /// it, make it durable, `place` it at `path` (`op` names that step in
+    /// errors) and fsync the directory. The temporary name is removed on
+    /// every path out.
+    fn build_beside(
+        path: &Path,
+        identity: JournalIdentity,
+        capacity_bytes: u64,
+        written: bool,
+        fill: impl FnOnce(&mut Journal<File>) -> Result<(), JournalError>,
+        place: impl FnOnce(&Path) -> io::Result<()>,
+        op: &'static str,
+    ) -> Result<Journal<File>, JournalError> {
         let kind = identity.kind;
         let io_err = |path: &Path, op| {
             let path = path.to_path_buf();
@@ -824,12 +906,6 @@ impl Journal<File> {
                 source,
             }
         };
-        if path.exists() {
-            return Err(JournalError::Exists {
-                kind,
-                path: path.to_path_buf(),
-            });
-        }
         let mut tmp_name = path.as_os_str().to_owned();
         tmp_name.push(format!(
             ".creating-{}-{:016x}",
@@ -868,8 +944,9 @@ impl Journal<File> {
                 zero_fill(&journal.file, RING_OFFSET_BYTES, capacity_bytes)
                     .map_err(io_err(&tmp, "write zeros over the ring"))?;
             }
+            fill(&mut journal)?;
             journal.file.sync_all().map_err(io_err(&tmp, "fsync"))?;
-            std::fs::hard_link(&tmp, path).map_err(io_err(path, "link into place"))?;
+            place(&tmp).map_err(io_err(path, op))?;
             journal.path = path.to_path_buf();
             Ok(journal)
         })();
@@ -1586,6 +1663,51 @@ impl<F: DurableFile> Journal<F> {
         self.pending_pos = self.tail;
         self.pending_first_lsn = self.next_lsn;
         self.start_epoch()
+    }
+
+    /// Bytes the live records take laid end to end from the ring's start (no
+    /// wrap padding): the smallest ring they can be copied into.
+    pub fn live_bytes(&self) -> u64 {
+        self.index.iter().map(RecordInfo::len_bytes).sum()
+    }
+
+    /// Copy the live records, in order, with their LSNs, fields and payloads
+    /// (each checked against its checksum), into `dest`, a journal just
+    /// created and still empty, and make them durable there. `dest` takes the
+    /// head LSN and a newer epoch starting at it, so its header accepts exactly
+    /// the records copied (they carry that epoch). `dest` must hold at least
+    /// [`live_bytes`](Self::live_bytes).
+    pub fn copy_live_into<G: DurableFile>(
+        &self,
+        dest: &mut Journal<G>,
+    ) -> Result<(), JournalError> {
+        assert!(
+            dest.next_lsn == Lsn(1) && dest.index.is_empty() && dest.pending.is_empty(),
+            "copy into a journal that is not new"
+        );
+        let head = self.head_lsn;
+        dest.epoch = self
+            .epoch
+            .checked_add(1)
+            .expect("journal epoch overflow (4 billion opens and truncations)");
+        dest.epoch_start = head;
+        dest.head_lsn = head;
+        dest.durable_head_lsn = head;
+        dest.next_lsn = head;
+        dest.pending_first_lsn = head;
+        dest.written_lsn = Lsn(head.0 - 1);
+        dest.durable_lsn = Lsn(head.0 - 1);
+        let mut buf = Vec::new();
+        for info in &self.index {
+            self.read_payload_into(info.lsn, &mut buf)?;
+            let lsn = dest.append(info.fields, &buf)?;
+            debug_assert_eq!(lsn, info.lsn);
+        }
+        dest.sync()?;
+        // Both slots name the head and the epoch: a header torn later falls
+        // back to a twin that says the same.
+        dest.write_header()?;
+        dest.write_header()
     }
 
     /// Bump the epoch from the next LSN and make it durable with the current head.
