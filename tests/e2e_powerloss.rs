@@ -204,6 +204,8 @@ fn ci_trials(role: Role, mode: &str, test: &str, trials: u32) {
             mode: mode.into(),
             volume_bytes: GIB,
             al_extents: 16,
+            al_extent_size: None,
+            al_extent_size_after: None,
             // The first trial replays from the test's seed itself.
             seed: if i == 0 { seed } else { rng.next_u64() },
             cut_after_ms: (2500, 7000),
@@ -281,6 +283,8 @@ fn powerloss_campaign() {
     let al_extents: u32 = env_or("POWERLOSS_AL_EXTENTS", "32")
         .parse()
         .expect("AL_EXTENTS");
+    let al_extent_size = std::env::var("POWERLOSS_AL_EXTENT_SIZE").ok();
+    let al_extent_size_after = std::env::var("POWERLOSS_AL_EXTENT_SIZE_AFTER").ok();
     let cut = env_or("POWERLOSS_CUT_MS", "2500..8000");
     let (lo, hi) = cut.split_once("..").expect("POWERLOSS_CUT_MS is MIN..MAX");
     let cut_after_ms = (lo.parse().expect("cut min"), hi.parse().expect("cut max"));
@@ -312,7 +316,12 @@ fn powerloss_campaign() {
         .open(&out_path)
         .expect("open results file");
     eprintln!(
-        "powerloss campaign: seed {master} (rerun with POWERLOSS_SEED={master}), {trials} trial(s) per role {roles:?} and mode {modes:?}, volume {volume_bytes} bytes, al-extents {al_extents}, cut after {cut} ms; results in {}",
+        "powerloss campaign: seed {master} (rerun with POWERLOSS_SEED={master}), {trials} trial(s) per role {roles:?} and mode {modes:?}, volume {volume_bytes} bytes, al-extents {al_extents}, al-extent-size {} then {}, cut after {cut} ms; results in {}",
+        al_extent_size.as_deref().unwrap_or("default"),
+        al_extent_size_after
+            .as_deref()
+            .or(al_extent_size.as_deref())
+            .unwrap_or("default"),
         out_path.display()
     );
     let certs_dir = tempfile::Builder::new()
@@ -344,6 +353,8 @@ fn powerloss_campaign() {
                     mode: mode.clone(),
                     volume_bytes,
                     al_extents,
+                    al_extent_size: al_extent_size.clone(),
+                    al_extent_size_after: al_extent_size_after.clone(),
                     seed,
                     cut_after_ms,
                     converge_timeout,

@@ -75,6 +75,11 @@ pub struct TrialConfig {
     pub mode: String,
     pub volume_bytes: u64,
     pub al_extents: u32,
+    /// `--al-extent-size` of both agents at their first start (None: the
+    /// agent's default) and at every later start (None: the same): a change
+    /// across the cut checks that recovery uses the size the log was written with.
+    pub al_extent_size: Option<String>,
+    pub al_extent_size_after: Option<String>,
     pub seed: u64,
     /// The cut comes this long after the workload started: uniform in the range.
     pub cut_after_ms: (u64, u64),
@@ -91,12 +96,20 @@ impl TrialConfig {
     /// The command that replays this trial.
     pub fn replay(&self) -> String {
         format!(
-            "POWERLOSS_TRIAL_SEED={} POWERLOSS_ROLES={} POWERLOSS_MODES={} POWERLOSS_SIZE={} POWERLOSS_AL_EXTENTS={} POWERLOSS_CUT_MS={}..{} POWERLOSS_CUT_IN_SPREAD={} tools/powerloss/run.sh",
+            "POWERLOSS_TRIAL_SEED={} POWERLOSS_ROLES={} POWERLOSS_MODES={} POWERLOSS_SIZE={} POWERLOSS_AL_EXTENTS={}{}{} POWERLOSS_CUT_MS={}..{} POWERLOSS_CUT_IN_SPREAD={} tools/powerloss/run.sh",
             self.seed,
             self.role,
             self.mode,
             self.volume_bytes,
             self.al_extents,
+            self.al_extent_size
+                .as_ref()
+                .map(|s| format!(" POWERLOSS_AL_EXTENT_SIZE={s}"))
+                .unwrap_or_default(),
+            self.al_extent_size_after
+                .as_ref()
+                .map(|s| format!(" POWERLOSS_AL_EXTENT_SIZE_AFTER={s}"))
+                .unwrap_or_default(),
             self.cut_after_ms.0,
             self.cut_after_ms.1,
             u8::from(self.cut_in_spread)
@@ -130,6 +143,8 @@ impl TrialReport {
             "seed": self.config.seed,
             "volume_bytes": self.config.volume_bytes,
             "al_extents": self.config.al_extents,
+            "al_extent_size": self.config.al_extent_size,
+            "al_extent_size_after": self.config.al_extent_size_after,
             "cut_after_ms": self.cut_after_ms,
             "fsynced_jobs": self.fsynced_jobs,
             "elapsed_s": self.elapsed.as_secs_f64(),
@@ -334,6 +349,18 @@ impl Trial {
             "--resync-rate".into(),
             "0".into(),
         ];
+        let mut args = args;
+        let extent_size = match n.starts {
+            0 => self.cfg.al_extent_size.as_ref(),
+            _ => self
+                .cfg
+                .al_extent_size_after
+                .as_ref()
+                .or(self.cfg.al_extent_size.as_ref()),
+        };
+        if let Some(size) = extent_size {
+            args.extend(["--al-extent-size".into(), size.clone()]);
+        }
         n.starts += 1;
         let mut agent = Agent::spawn(n.name, &args, n.log.clone(), n.control.clone());
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -624,6 +651,12 @@ impl Trial {
             n.name.into(),
             "--al-extents".into(),
             self.cfg.al_extents.to_string(),
+            "--al-extent-size".into(),
+            self.cfg
+                .al_extent_size_after
+                .as_ref()
+                .or(self.cfg.al_extent_size.as_ref())
+                .map_or("4M".into(), String::clone),
             "--listen".into(),
             format!("127.0.0.1:{}", free_port()),
             "--peer".into(),

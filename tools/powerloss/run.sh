@@ -18,6 +18,9 @@
 #   SIZE        volume size, sparse (default 16G)
 #   AL_EXTENTS  --al-extents of both agents (default 32: 128 MiB of active extents,
 #               so the workload's spread writes make extents retire)
+#   AL_EXTENT_SIZE        --al-extent-size of both agents (default: the agent's, 4M)
+#   AL_EXTENT_SIZE_AFTER  --al-extent-size at every restart after the cut (default:
+#               the same): recovery must use the size the crashed run logged
 #   CUT_MS      MIN..MAX ms after the workload starts when the power is cut (2500..8000)
 #   CUT_IN_SPREAD=1  cut only once an O_DIRECT job has run 0.5-1.5 s (as the CI trials do)
 #   CONVERGE_S  how long the pair may take to converge after a restart (600)
@@ -31,7 +34,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-for v in TRIALS ROLES MODES SIZE AL_EXTENTS CUT_MS CUT_IN_SPREAD CONVERGE_S SEED OUT KEEP; do
+for v in TRIALS ROLES MODES SIZE AL_EXTENTS AL_EXTENT_SIZE AL_EXTENT_SIZE_AFTER CUT_MS CUT_IN_SPREAD CONVERGE_S SEED OUT KEEP; do
   if [ -n "${!v:-}" ] && [ -z "$(eval echo "\${POWERLOSS_$v:-}")" ]; then
     export "POWERLOSS_$v=${!v}"
   fi
