@@ -216,8 +216,10 @@ fn a_full_spill_log_goes_ahead_then_converges() {
 /// the primary went ahead once its spill log was full; the resync that followed
 /// was larger than the journal, the secondary refused it on every reconnect
 /// (every ~3 s, forever) and kept an ever older image. Now the secondary
-/// announces what it can stage and the primary holds writes for room instead of
-/// going ahead: the burst slows to the link's rate and the pair converges.
+/// announces what it can stage and the primary goes ahead only within half of it
+/// (the ahead budget): a request that would take the bitmap past it waits for
+/// the resync pass, so no resync is ever larger than the secondary stages, and
+/// the pair converges.
 #[test]
 fn a_secondary_that_cannot_stage_a_whole_volume_resync_is_never_left_behind() {
     let seed = common::seed("stage limit");
@@ -265,10 +267,10 @@ fn a_secondary_that_cannot_stage_a_whole_volume_resync_is_never_left_behind() {
         !secondary_log.contains("does not fit the journal"),
         "the secondary never had to refuse a resync"
     );
-    assert_eq!(counter(&s, "ahead_episodes"), 0, "never ahead");
+    assert!(counter(&s, "ahead_episodes") >= 1, "ahead within the budget");
     assert!(
-        primary_log.contains("writes wait for room instead of going ahead"),
-        "the throttling is logged, with its reason"
+        primary_log.contains("writes to other blocks wait for the resync pass"),
+        "reaching the ahead budget is logged, with its figures"
     );
 }
 

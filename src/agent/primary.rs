@@ -1020,6 +1020,23 @@ impl Owner {
                 );
                 self.ahead_since = None;
             }
+            Note::AheadBudgetFull {
+                dirty_bytes,
+                budget_bytes,
+                peer_stage_bytes,
+            } => {
+                tracing::info!(
+                    dirty_bytes,
+                    budget_bytes,
+                    peer_stage_bytes,
+                    volume_bytes = self.engine.config().size_bytes,
+                    "ahead: the out-of-sync blocks reached half of what the secondary's journal stages; writes to other blocks wait for the resync pass (a larger journal-size there allows more)"
+                );
+                m.events.push(
+                    "ahead-budget",
+                    format!("{dirty_bytes} bytes out of sync (budget {budget_bytes}): writes to other blocks wait for the resync pass"),
+                );
+            }
             // wan (issue 11 item 5): once per episode, with figures.
             Note::EnteredSpill {
                 lag_writes,
@@ -1070,7 +1087,7 @@ impl Owner {
                 lag_bytes,
                 peer_stage_bytes = stage,
                 volume_bytes = self.engine.config().size_bytes,
-                "replication window and spill log full: writes wait for room instead of going ahead (the secondary's journal cannot stage a resync of the whole volume; a larger journal-size there allows going ahead)"
+                "replication window and spill log full: writes wait for room instead of going ahead (the out-of-sync blocks would exceed half of what the secondary's journal stages; a larger journal-size there allows more)"
             ),
             Note::ResyncStarted { blocks, full } => {
                 tracing::info!(

@@ -318,6 +318,10 @@ struct Sim {
     /// seeds without a spill log run exactly as before.
     spill_bytes: u64,
     pspill: Vec<SpillRec>,
+    /// scale (issue 11): what the secondary says it stages (its Welcome): on a
+    /// third of the seeds less than the volume, so ahead episodes are held within
+    /// the ahead budget; drawn from its own rng so the other seeds replay as before.
+    peer_stage_bytes: u64,
     spill_rng: StdRng,
     /// Issue 11: which half of a one-fdatasync activity-log write is durable
     /// first; its own rng so that the other choices replay as before.
@@ -372,6 +376,8 @@ struct Stats {
     power_losses: u64,
     checkpoints: u64,
     ahead: u64,
+    /// Ahead episodes that reached the ahead budget (requests waited).
+    ahead_budget: u64,
     sections: u64,
     journal_full: u64,
     spilled: u64,
@@ -494,6 +500,11 @@ impl Sim {
             runs: Vec::new(),
             spill_bytes: 0,
             pspill: Vec::new(),
+            peer_stage_bytes: if (seed / 5) % 3 == 0 {
+                StdRng::seed_from_u64(seed ^ 0x57a6_e000).gen_range(8..=40u64) * BS as u64
+            } else {
+                u64::MAX
+            },
             spill_rng: StdRng::seed_from_u64(seed ^ 0x5b11_1000),
             meta_rng: StdRng::seed_from_u64(seed ^ 0xa1_0a1),
             al_record_max: if seed % 3 == 1 {
@@ -749,6 +760,9 @@ impl Sim {
                     p.spill_release = Some(None);
                 }
                 Action::Note(primary::Note::EnteredAhead { .. }) => self.stats.ahead += 1,
+                Action::Note(primary::Note::AheadBudgetFull { .. }) => {
+                    self.stats.ahead_budget += 1
+                }
                 Action::Note(primary::Note::ResyncStarted { .. }) => self.stats.sections += 1,
                 Action::Note(_) => {}
             }
@@ -1384,6 +1398,7 @@ impl Sim {
         self.session_run = p.run;
         let mut out = Vec::new();
         let _ = s;
+        p.e.set_peer_stage_bytes(self.peer_stage_bytes);
         p.e.peer_connected(plan.sync, &own_dirty, &[], &mut out);
         self.run_p(out);
     }
@@ -2000,6 +2015,7 @@ fn run_many(default_base: u64, mode: Mode, runs: u64) {
     assert!(total.power_losses > runs, "{total:?}");
     assert!(total.checkpoints > runs, "{total:?}");
     assert!(total.ahead > 0 || mode == Mode::Sync, "{total:?}");
+    assert!(total.ahead_budget > 0 || mode == Mode::Sync, "{total:?}");
     assert!(total.spilled > 0 || mode == Mode::Sync, "{total:?}");
     assert!(total.switchovers > 0, "{total:?}");
     // One seed in four injects I/O errors.
@@ -2041,6 +2057,7 @@ fn run_campaign(
                 total.power_losses += st.power_losses;
                 total.checkpoints += st.checkpoints;
                 total.ahead += st.ahead;
+                total.ahead_budget += st.ahead_budget;
                 total.sections += st.sections;
                 total.spilled += st.spilled;
                 total.io_errors += st.io_errors;

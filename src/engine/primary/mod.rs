@@ -286,12 +286,22 @@ pub enum Note {
         ahead_ms: u64,
     },
     /// The window (and spill log) filled while a resync section was open, or
-    /// while the secondary could not stage a resync of the whole volume
-    /// (`peer_stage_bytes`, the limit it announced): writes wait for room
-    /// instead of going ahead, so the secondary reaches a consistent point.
+    /// when going ahead with this write would take the bitmap past the ahead
+    /// budget (half of `peer_stage_bytes`, what the secondary announced it
+    /// stages): writes wait for room instead of going ahead, so the secondary
+    /// reaches a consistent point.
     Throttling {
         lag_bytes: u64,
         peer_stage_bytes: Option<u64>,
+    },
+    /// Ahead, the dirty bitmap reached the ahead budget (half of what the
+    /// secondary stages, `peer_stage_bytes`, when that is less than the volume):
+    /// requests that would grow it wait until the resync pass starts. Once per
+    /// ahead episode.
+    AheadBudgetFull {
+        dirty_bytes: u64,
+        budget_bytes: u64,
+        peer_stage_bytes: u64,
     },
     /// A resync pass starts.
     ResyncStarted { blocks: BlockCount, full: bool },
@@ -846,7 +856,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             });
             return;
         }
-        if self.must_park() || (!self.stream.is_streaming() && self.alone == Some(false)) {
+        if self.must_park()
+            || (!self.stream.is_streaming() && self.alone == Some(false))
+            || self.waits_for_ahead_budget(range, out)
+        {
             self.parked.push_back(Parked {
                 kind,
                 range,
@@ -900,6 +913,10 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             if !self.stream.is_streaming() && self.alone == Some(false) {
                 self.alone = Some(true);
                 out.push(Action::StartGenerationAlone);
+                break;
+            }
+            let front = self.parked.front().expect("checked").range;
+            if self.waits_for_ahead_budget(front, out) {
                 break;
             }
             let p = self.parked.pop_front().expect("checked");
@@ -977,7 +994,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.admissions.push((seq, range, data.clone()));
         let at_ms = self.now_ms;
         let wire_bytes = if kind == OpKind::Write { range.len } else { 0 };
-        let placement = self.place_in_stream(seq, wire_bytes, out);
+        let placement = self.place_in_stream(seq, range, wire_bytes, out);
         let in_stream = placement != stream::Placement::Outside;
         let spilled = placement == stream::Placement::Spilled;
         if spilled {

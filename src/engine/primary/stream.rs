@@ -15,7 +15,11 @@
 //! - goes **ahead** when the spill log is full (or there is none) and the secondary
 //!   is a consistent copy (no resync section open): it and every later write are
 //!   tracked in the bitmap only, until the window has drained to half and at least
-//!   `ahead_min_ms` passed; then a resync pass sends what changed;
+//!   `ahead_min_ms` passed; then a resync pass sends what changed. When the
+//!   secondary stages less than the whole volume (its Welcome), the bitmap is held
+//!   within the **ahead budget**, half of what it stages (the other half is for
+//!   the writes that join the pass's section): a request that would take the
+//!   bitmap past it is parked, with every request after it, until the pass starts;
 //! - is **held** otherwise (a section is open, i.e. the secondary is not a prefix
 //!   of this node's history until the running resync ends): it joins the stream
 //!   and its client waits until it is shipped. Going ahead again would extend the
@@ -50,7 +54,7 @@ use super::{
 };
 use crate::engine::rangeset::Coverage;
 use crate::meta::journal::record_len_bytes;
-use crate::types::{BlockIndex, ByteRange, Seq};
+use crate::types::{BlockCount, BlockIndex, ByteRange, Seq};
 
 /// Where a new write goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +192,8 @@ struct Ahead {
     /// Seqs from here on are not shipped.
     from: Seq,
     since_ms: u64,
+    /// A request waited for the ahead budget in this episode (noted once).
+    budget_full: bool,
 }
 
 pub(super) struct Stream<D> {
@@ -552,10 +558,77 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.stream.streaming && !self.stream.section_open && self.dirty.dirty_count().0 == 0
     }
 
-    /// Decide where a new client op of `wire_bytes` goes (see the module docs).
+    /// The most bytes the dirty bitmap may cover while ahead: `None` (no limit)
+    /// when the secondary stages a resync of the whole volume; otherwise half of
+    /// what it stages, the other half left for the writes that join the stream
+    /// while the resync after the ahead episode runs (they belong to its section).
+    pub(super) fn ahead_budget_bytes(&self) -> Option<u64> {
+        (self.cfg.size_bytes > self.stream.peer_stage_bytes)
+            .then_some(self.stream.peer_stage_bytes / 2)
+    }
+
+    /// Bytes of `range` the dirty bitmap does not cover yet.
+    fn new_dirty_bytes(&self, range: ByteRange) -> u64 {
+        let (first, end) = range.blocks(self.cfg.block_size);
+        let mut dirty = 0;
+        let mut cursor = first;
+        while cursor < end {
+            let Some((a, n)) = self
+                .dirty
+                .next_dirty_run(cursor, BlockCount(end.0 - cursor.0))
+            else {
+                break;
+            };
+            if a >= end {
+                break;
+            }
+            let run_end = (a.0 + n.0).min(end.0);
+            dirty += run_end - a.0;
+            cursor = BlockIndex(run_end);
+        }
+        (end.0 - first.0 - dirty) * u64::from(self.cfg.block_size)
+    }
+
+    /// Ahead tracks a client request of `range` in the bitmap only if the bitmap
+    /// then stays within [`Self::ahead_budget_bytes`].
+    fn fits_ahead_budget(&self, range: ByteRange) -> bool {
+        self.ahead_budget_bytes().is_none_or(|budget| {
+            let dirty = self.dirty.dirty_count().0 * u64::from(self.cfg.block_size);
+            dirty + self.new_dirty_bytes(range) <= budget
+        })
+    }
+
+    /// While ahead, a request that would take the bitmap past the ahead budget
+    /// waits (parked, in order with every later request) until the episode ends
+    /// and the resync pass starts; the first such request of an episode is noted.
+    pub(super) fn waits_for_ahead_budget(
+        &mut self,
+        range: ByteRange,
+        out: &mut Vec<Action<T, D>>,
+    ) -> bool {
+        if self.stream.ahead.is_none() || self.fits_ahead_budget(range) {
+            return false;
+        }
+        let dirty_bytes = self.dirty.dirty_count().0 * u64::from(self.cfg.block_size);
+        let budget_bytes = self.ahead_budget_bytes().unwrap_or(u64::MAX);
+        let ahead = self.stream.ahead.as_mut().expect("checked");
+        if !ahead.budget_full {
+            ahead.budget_full = true;
+            out.push(Action::Note(Note::AheadBudgetFull {
+                dirty_bytes,
+                budget_bytes,
+                peer_stage_bytes: self.stream.peer_stage_bytes,
+            }));
+        }
+        true
+    }
+
+    /// Decide where a new client op of `wire_bytes` over `range` goes (see the
+    /// module docs).
     pub(super) fn place_in_stream(
         &mut self,
         seq: Seq,
+        range: ByteRange,
         wire_bytes: u64,
         out: &mut Vec<Action<T, D>>,
     ) -> Placement {
@@ -585,17 +658,21 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             }
             return Placement::Spilled;
         }
-        // Ahead means a resync of whatever changes meanwhile, up to the whole
-        // volume: only when the secondary can stage that much. Otherwise it would
-        // refuse the resync (keeping its ever older image) on every reconnect, and
-        // the pair would never catch up (issue 11: a 1 GiB burst on a 1 GiB volume
-        // against the default 1 GiB journal). Writes wait for room instead.
-        let resync_fits = self.cfg.size_bytes <= self.stream.peer_stage_bytes;
+        // Ahead means a resync of whatever changes meanwhile: it must stay small
+        // enough for the secondary to stage. Otherwise it would refuse the resync
+        // (keeping its ever older image) on every reconnect, and the pair would
+        // never catch up (issue 11: a 1 GiB burst on a 1 GiB volume against the
+        // default 1 GiB journal). When the secondary cannot stage the whole
+        // volume, the bitmap is held within the ahead budget (requests past it
+        // wait for the resync pass); writes wait for room when even this one
+        // would not fit.
+        let resync_fits = self.fits_ahead_budget(range);
         if !self.stream.section_open && resync_fits {
             let (lag_writes, lag_bytes) = self.stream.unacked_totals();
             self.stream.ahead = Some(Ahead {
                 from: seq,
                 since_ms: self.now_ms,
+                budget_full: false,
             });
             self.stream.section_open = true;
             out.push(Action::Note(Note::EnteredAhead {
@@ -933,6 +1010,8 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
             ahead_ms,
         }));
         self.start_pass(false, out);
+        // Requests that waited for the ahead budget join the pass's section.
+        self.admit_parked(out);
     }
 
     /// Ship every ready frame at the head of the stream (in seq order, within the

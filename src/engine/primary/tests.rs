@@ -585,45 +585,106 @@ fn a_full_window_goes_ahead_once_then_holds_writes_until_the_section_ends() {
 }
 
 /// Issue 11: a secondary whose journal cannot stage a resync of the whole volume
-/// (its Welcome says how much it can) would refuse the resync that follows going
-/// ahead, on every reconnect: with such a peer a full window (and spill log)
-/// holds writes for room instead, and the stream stays a prefix. A peer that
-/// stages the whole volume still lets the primary go ahead.
+/// (its Welcome says how much it can) would refuse a resync larger than that on
+/// every reconnect. With such a peer a full window still goes ahead, but the
+/// bitmap is held within the ahead budget (half of what the peer stages): a
+/// request that would grow it further waits, parked in order, until the ahead
+/// episode ends; writes to blocks already out of sync go on. A peer that stages
+/// the whole volume has no budget.
 #[test]
-fn a_full_window_holds_writes_when_the_peer_cannot_stage_a_whole_volume_resync() {
-    for (stage_blocks, goes_ahead) in [(63, false), (64, true)] {
-        let mut c = cfg(Mode::Async, 64);
-        c.window_writes_max = 2;
-        c.ahead_min_ms = 0;
-        let mut e = engine(c);
-        let mut out = Vec::new();
-        e.set_peer_stage_bytes(stage_blocks * BS);
-        e.session_started(false, &mut out);
-        for i in 0..4 {
-            write(&mut e, i, 1, false, 1 + i as u32, &mut out);
-        }
-        settle_local(&mut e, &mut out);
-        assert_eq!(e.is_ahead(), goes_ahead, "stage {stage_blocks} blocks");
-        let throttled = out.iter().any(|a| {
-            matches!(
-                a,
-                Action::Note(Note::Throttling {
-                    peer_stage_bytes: Some(_),
-                    ..
-                })
-            )
-        });
-        assert_eq!(throttled, !goes_ahead, "stage {stage_blocks} blocks");
-        if !goes_ahead {
-            assert!(
-                completed(&out).len() < 4,
-                "held writes wait for room: {:?}",
-                completed(&out)
-            );
-            assert!(e.dirty().dirty_count().0 == 0, "nothing left the stream");
-        }
-        e.assert_invariants();
-    }
+fn ahead_holds_the_bitmap_within_half_of_what_the_peer_stages() {
+    // Volume 64 blocks; the peer stages 16 blocks: a budget of 8 blocks.
+    let mut c = cfg(Mode::Async, 64);
+    c.window_writes_max = 2;
+    c.ahead_min_ms = 0;
+    let mut e = engine(c);
+    let mut out = Vec::new();
+    e.set_peer_stage_bytes(16 * BS);
+    e.session_started(false, &mut out);
+    let s1 = write(&mut e, 0, 1, false, 1, &mut out);
+    write(&mut e, 1, 1, false, 2, &mut out);
+    // Ahead: 6 blocks in the bitmap, within the budget.
+    write(&mut e, 10, 6, false, 3, &mut out);
+    assert!(e.is_ahead(), "the third write goes ahead");
+    // 2 more blocks: 8, exactly the budget.
+    write(&mut e, 20, 2, false, 4, &mut out);
+    // A 9th block waits, and so does every request after it, even one to a
+    // block already out of sync (requests are admitted in order).
+    write(&mut e, 30, 1, false, 5, &mut out);
+    write(&mut e, 10, 1, false, 6, &mut out);
+    assert_eq!(e.parked(), 2);
+    let notes = |out: &Out| {
+        out.iter()
+            .filter(|a| matches!(a, Action::Note(Note::AheadBudgetFull { .. })))
+            .count()
+    };
+    assert_eq!(notes(&out), 1, "noted once per episode");
+    settle_local(&mut e, &mut out);
+    let mut done: Vec<u32> = completed(&out).iter().map(|c| c.0).collect();
+    done.sort();
+    assert_eq!(done, vec![1, 2, 3, 4], "async: local completion within the budget");
+    assert_eq!(e.dirty().dirty_count().0, 8);
+    out.clear();
+    // The window drains: ahead ends, the pass starts and the parked requests join
+    // its section (in the stream, after the resync's start).
+    e.peer_durable(Seq(s1.0 + 1), &mut out);
+    e.tick(10, &mut out);
+    assert!(!e.is_ahead());
+    assert!(e.resync_progress().is_some());
+    assert_eq!(e.parked(), 0, "admitted when the pass starts");
+    settle_local(&mut e, &mut out);
+    let done: Vec<u32> = completed(&out).iter().map(|c| c.0).collect();
+    assert_eq!(done, vec![5, 6], "the parked writes complete once admitted");
+    e.assert_invariants();
+
+    // A peer that stages the whole volume: no budget.
+    let mut c = cfg(Mode::Async, 64);
+    c.window_writes_max = 2;
+    c.ahead_min_ms = 0;
+    let mut e = engine(c);
+    let mut out = Vec::new();
+    e.set_peer_stage_bytes(64 * BS);
+    e.session_started(false, &mut out);
+    write(&mut e, 0, 1, false, 1, &mut out);
+    write(&mut e, 1, 1, false, 2, &mut out);
+    write(&mut e, 2, 60, false, 3, &mut out);
+    assert!(e.is_ahead());
+    assert_eq!(e.parked(), 0);
+    assert_eq!(notes(&out), 0);
+    e.assert_invariants();
+}
+
+/// Issue 11: when even the write that would go ahead does not fit the ahead
+/// budget, the full window holds writes for room instead (noted once) and the
+/// stream stays a prefix.
+#[test]
+fn a_full_window_holds_a_write_larger_than_the_ahead_budget() {
+    let mut c = cfg(Mode::Async, 64);
+    c.window_writes_max = 2;
+    c.ahead_min_ms = 0;
+    let mut e = engine(c);
+    let mut out = Vec::new();
+    e.set_peer_stage_bytes(16 * BS);
+    e.session_started(false, &mut out);
+    write(&mut e, 0, 1, false, 1, &mut out);
+    write(&mut e, 1, 1, false, 2, &mut out);
+    write(&mut e, 10, 9, false, 3, &mut out);
+    settle_local(&mut e, &mut out);
+    assert!(!e.is_ahead());
+    assert!(out.iter().any(|a| matches!(
+        a,
+        Action::Note(Note::Throttling {
+            peer_stage_bytes: Some(_),
+            ..
+        })
+    )));
+    assert!(
+        completed(&out).len() < 3,
+        "held writes wait for room: {:?}",
+        completed(&out)
+    );
+    assert_eq!(e.dirty().dirty_count().0, 0, "nothing left the stream");
+    e.assert_invariants();
 }
 
 /// Issue 9 bug 4: a demotion hands over only once the secondary holds every
