@@ -267,7 +267,10 @@ fn a_secondary_that_cannot_stage_a_whole_volume_resync_is_never_left_behind() {
         !secondary_log.contains("does not fit the journal"),
         "the secondary never had to refuse a resync"
     );
-    assert!(counter(&s, "ahead_episodes") >= 1, "ahead within the budget");
+    assert!(
+        counter(&s, "ahead_episodes") >= 1,
+        "ahead within the budget"
+    );
     assert!(
         primary_log.contains("writes to other blocks wait for the resync pass"),
         "reaching the ahead budget is logged, with its figures"
@@ -289,6 +292,10 @@ struct SmallJournalPair {
 
 impl SmallJournalPair {
     fn start(size: u64) -> SmallJournalPair {
+        SmallJournalPair::start_with(size, &common::NodeOpts::default())
+    }
+
+    fn start_with(size: u64, primary_opts: &common::NodeOpts) -> SmallJournalPair {
         let site = common::Site::new();
         let (p_img, s_img) = (site.path("primary.img"), site.path("secondary.img"));
         let (repl, nbd) = (common::free_port(), common::free_port());
@@ -298,15 +305,7 @@ impl SmallJournalPair {
         };
         let mut secondary = site.secondary("secondary", &s_img, size, repl, &small);
         secondary.wait_status("control socket", common::READY_TIMEOUT, |_| true);
-        let mut primary = site.primary(
-            "primary",
-            &p_img,
-            size,
-            "async",
-            repl,
-            nbd,
-            &common::NodeOpts::default(),
-        );
+        let mut primary = site.primary("primary", &p_img, size, "async", repl, nbd, primary_opts);
         primary.wait_status("in sync", common::READY_TIMEOUT, common::primary_in_sync);
         SmallJournalPair {
             site,
@@ -460,6 +459,63 @@ fn a_resync_beyond_what_the_journal_really_stages_is_refused_at_once_not_retried
         0,
         "the grown journal stages the resync"
     );
+    primary.stop();
+    secondary.stop();
+    common::assert_same_file(&p_img, &s_img);
+}
+
+/// Found in session 23: a resync's section holds everything shipped until it
+/// ends, the resync and the client writes that join it, and the secondary cannot
+/// copy any of it into its volume before the end. A small resync after a short
+/// outage (16 MiB, the secondary stages 28 MiB) slowed by `--resync-rate`, with
+/// a client writing 64 MiB meanwhile, filled the secondary's journal: "the
+/// journal filled up during a resync", the session ended, and the next resync
+/// (the 16 MiB plus the 64 MiB, now in the bitmap) was refused as too large. The
+/// pair needed an operator for what was a short outage. Writes that would take
+/// the section past what the secondary stages now wait for the section to end.
+#[test]
+fn client_writes_joining_a_resync_never_overflow_what_the_secondary_stages() {
+    let seed = common::seed("writes joining a resync");
+    const SIZE: u64 = 512 * MIB;
+    let slow = common::NodeOpts {
+        extra: vec!["--resync-rate".into(), "2M".into()],
+        ..Default::default()
+    };
+    let SmallJournalPair {
+        site: _site,
+        p_img,
+        s_img,
+        nbd,
+        mut secondary,
+        mut primary,
+        ..
+    } = SmallJournalPair::start_with(SIZE, &slow);
+    let addr = format!("127.0.0.1:{nbd}");
+    let passes = |a: &common::Agent| a.log_text().matches("resync starts").count();
+    let initial = passes(&primary);
+    secondary.stop();
+    common::write_seeded(&addr, 0, 16, MIB, seed);
+    secondary.restart();
+    common::wait_until("the resync starts", Duration::from_secs(60), || {
+        passes(&primary) > initial
+    });
+    // 64 MiB while the 16 MiB resync runs at 2 MB/s (about 8 s).
+    common::write_seeded(&addr, 100, 64, MIB, seed ^ 1);
+    primary.wait_status(
+        "in sync after the resync and the writes that joined it",
+        Duration::from_secs(120),
+        common::primary_in_sync,
+    );
+    let log = secondary.log_text();
+    for refusal in [
+        "the journal filled up during a resync",
+        "does not fit the journal",
+    ] {
+        assert!(
+            !log.contains(refusal),
+            "the section stayed within what the secondary stages: {refusal:?} in its log"
+        );
+    }
     primary.stop();
     secondary.stop();
     common::assert_same_file(&p_img, &s_img);

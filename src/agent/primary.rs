@@ -1020,6 +1020,20 @@ impl Owner {
                 );
                 self.ahead_since = None;
             }
+            Note::SectionFull {
+                section_bytes,
+                peer_stage_bytes,
+            } => {
+                tracing::info!(
+                    section_bytes,
+                    peer_stage_bytes,
+                    "a resync is running and the writes joining it would take it past what the secondary's journal stages: writes wait for it to end (a larger journal-size there allows more)"
+                );
+                m.events.push(
+                    "section-full",
+                    format!("resync section {section_bytes} bytes of {peer_stage_bytes} staged: writes wait for it to end"),
+                );
+            }
             Note::AheadBudgetFull {
                 dirty_bytes,
                 budget_bytes,

@@ -378,6 +378,9 @@ struct Stats {
     ahead: u64,
     /// Ahead episodes that reached the ahead budget (requests waited).
     ahead_budget: u64,
+    /// Client requests that waited for a resync section to end (the writes
+    /// joining it would have taken it past what the secondary stages).
+    section_full: u64,
     sections: u64,
     journal_full: u64,
     spilled: u64,
@@ -500,7 +503,7 @@ impl Sim {
             runs: Vec::new(),
             spill_bytes: 0,
             pspill: Vec::new(),
-            peer_stage_bytes: if (seed / 5) % 3 == 0 {
+            peer_stage_bytes: if (seed / 5).is_multiple_of(3) {
                 StdRng::seed_from_u64(seed ^ 0x57a6_e000).gen_range(8..=40u64) * BS as u64
             } else {
                 u64::MAX
@@ -760,9 +763,8 @@ impl Sim {
                     p.spill_release = Some(None);
                 }
                 Action::Note(primary::Note::EnteredAhead { .. }) => self.stats.ahead += 1,
-                Action::Note(primary::Note::AheadBudgetFull { .. }) => {
-                    self.stats.ahead_budget += 1
-                }
+                Action::Note(primary::Note::AheadBudgetFull { .. }) => self.stats.ahead_budget += 1,
+                Action::Note(primary::Note::SectionFull { .. }) => self.stats.section_full += 1,
                 Action::Note(primary::Note::ResyncStarted { .. }) => self.stats.sections += 1,
                 Action::Note(_) => {}
             }
@@ -2058,6 +2060,7 @@ fn run_campaign(
                 total.checkpoints += st.checkpoints;
                 total.ahead += st.ahead;
                 total.ahead_budget += st.ahead_budget;
+                total.section_full += st.section_full;
                 total.sections += st.sections;
                 total.spilled += st.spilled;
                 total.io_errors += st.io_errors;

@@ -187,7 +187,9 @@ pub enum Message {
     HeartbeatReply {
         nonce: u64,
     },
-    /// primary → secondary: a resync of `blocks` blocks starts now (sent when the link
+    /// primary → secondary: a resync starts now that stages about `blocks` blocks in
+    /// the secondary's journal (blocks compared by hash count a 32nd; 0 = nothing
+    /// differs), sent when the link
     /// switches to streaming with a non-empty dirty set). The secondary records
     /// Inconsistent durably before applying anything after it (ARCHITECTURE §5).
     ResyncStart {

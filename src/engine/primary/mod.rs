@@ -172,7 +172,10 @@ impl Config {
 /// A frame for the secondary, in the order it must be sent.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outgoing<D> {
-    /// A resync of `blocks` blocks starts; `next` is the seq of the next frame.
+    /// A resync starts that puts about `blocks` blocks in the secondary's journal
+    /// (what it checks against what it stages: the blocks sent as data and a 32nd
+    /// of those compared by hash, see `staged_blocks`; 0 = nothing differs);
+    /// `next` is the seq of the next frame.
     /// The first one of a session comes before any other frame; a later one after
     /// the ahead state tells the secondary that the seqs below `next` it has not
     /// seen will never arrive.
@@ -301,6 +304,13 @@ pub enum Note {
     AheadBudgetFull {
         dirty_bytes: u64,
         budget_bytes: u64,
+        peer_stage_bytes: u64,
+    },
+    /// A client request would take the open resync section past what the
+    /// secondary stages (`section_bytes` so far, counting the whole resync):
+    /// requests wait until the section ends. Once per section.
+    SectionFull {
+        section_bytes: u64,
         peer_stage_bytes: u64,
     },
     /// A resync pass starts.
@@ -859,6 +869,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         if self.must_park()
             || (!self.stream.is_streaming() && self.alone == Some(false))
             || self.waits_for_ahead_budget(range, out)
+            || self.waits_for_section_room(kind, range, out)
         {
             self.parked.push_back(Parked {
                 kind,
@@ -915,8 +926,13 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                 out.push(Action::StartGenerationAlone);
                 break;
             }
-            let front = self.parked.front().expect("checked").range;
-            if self.waits_for_ahead_budget(front, out) {
+            let (front_kind, front) = {
+                let p = self.parked.front().expect("checked");
+                (p.kind, p.range)
+            };
+            if self.waits_for_ahead_budget(front, out)
+                || self.waits_for_section_room(front_kind, front, out)
+            {
                 break;
             }
             let p = self.parked.pop_front().expect("checked");
@@ -996,6 +1012,9 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         let wire_bytes = if kind == OpKind::Write { range.len } else { 0 };
         let placement = self.place_in_stream(seq, range, wire_bytes, out);
         let in_stream = placement != stream::Placement::Outside;
+        if in_stream && self.stream.is_section_open() {
+            self.stream.join_section(wire_bytes);
+        }
         let spilled = placement == stream::Placement::Spilled;
         if spilled {
             // wan (issue 11 item 5)

@@ -53,7 +53,7 @@ use super::{
     ShipStage,
 };
 use crate::engine::rangeset::Coverage;
-use crate::meta::journal::record_len_bytes;
+use crate::meta::journal::{RECORD_HEADER_LEN_BYTES, record_len_bytes};
 use crate::types::{BlockCount, BlockIndex, ByteRange, Seq};
 
 /// Where a new write goes.
@@ -241,6 +241,12 @@ pub(super) struct Stream<D> {
     /// The largest resync the secondary stages while keeping its consistent
     /// image (its Welcome); `u64::MAX` = any.
     peer_stage_bytes: u64,
+    /// Journal bytes (record headers included) of the client ops that joined
+    /// the open section: the secondary holds them, with the resync, until the
+    /// section ends.
+    section_joined_bytes: u64,
+    /// A request waited for the section to end in this section (noted once).
+    section_full_noted: bool,
 }
 
 impl<D> Stream<D> {
@@ -272,6 +278,8 @@ impl<D> Stream<D> {
             section_done: None,
             gate: None,
             peer_stage_bytes: u64::MAX,
+            section_joined_bytes: 0,
+            section_full_noted: false,
         }
     }
 
@@ -397,11 +405,38 @@ impl<D> Stream<D> {
     }
 
     pub(super) fn open_section(&mut self) {
+        if !self.section_open {
+            self.new_section();
+        }
         self.section_open = true;
     }
 
     pub(super) fn close_section(&mut self) {
         self.section_open = false;
+        self.new_section();
+    }
+
+    /// Nothing has joined the section (about to open, or none open).
+    fn new_section(&mut self) {
+        self.section_joined_bytes = 0;
+        self.section_full_noted = false;
+    }
+
+    /// The client ops in the stream not shipped yet join the section opening now.
+    pub(super) fn join_unshipped(&mut self) {
+        let bytes: u64 = self
+            .unacked
+            .iter()
+            .filter(|u| !u.shipped && matches!(u.carried, Carried::Client))
+            .map(|u| spill_record_bytes(u.wire_bytes))
+            .sum();
+        self.section_joined_bytes += bytes;
+    }
+
+    /// A client op of `wire_bytes` joins the open section (or the one a pass
+    /// about to start opens).
+    pub(super) fn join_section(&mut self, wire_bytes: u64) {
+        self.section_joined_bytes += spill_record_bytes(wire_bytes);
     }
 
     /// Room in the window for another op of `wire_bytes` (resync chunks wait for it).
@@ -623,6 +658,48 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         true
     }
 
+    /// Journal bytes the open section takes on the secondary once its passes
+    /// have shipped what they announced (each block with a record header of its
+    /// own, the worst case), and the client ops that joined it.
+    fn section_estimate_bytes(&self) -> u64 {
+        self.resync.section_staged_blocks()
+            * (u64::from(self.cfg.block_size) + RECORD_HEADER_LEN_BYTES)
+            + self.stream.section_joined_bytes
+    }
+
+    /// Found in session 23: the secondary holds a section (a resync and every
+    /// client op that joins it) in its journal until the section ends, and stages
+    /// at most `peer_stage_bytes`. Client writes during a slow resync filled the
+    /// journal ("the journal filled up during a resync"), the session ended and
+    /// the next resync, larger by those writes, was refused: a short outage then
+    /// needed an operator. A client op that would take the section past what the
+    /// secondary stages waits (parked, in order with every later request) until
+    /// the section ends; the first one of a section is noted.
+    pub(super) fn waits_for_section_room(
+        &mut self,
+        kind: OpKind,
+        range: ByteRange,
+        out: &mut Vec<Action<T, D>>,
+    ) -> bool {
+        let s = &self.stream;
+        if !s.streaming || s.ahead.is_some() || !s.section_open || s.peer_stage_bytes == u64::MAX {
+            return false;
+        }
+        let wire_bytes = if kind == OpKind::Write { range.len } else { 0 };
+        let section_bytes = self.section_estimate_bytes();
+        if section_bytes + spill_record_bytes(wire_bytes) <= s.peer_stage_bytes {
+            return false;
+        }
+        if !self.stream.section_full_noted {
+            self.stream.section_full_noted = true;
+            out.push(Action::Note(Note::SectionFull {
+                section_bytes,
+                peer_stage_bytes: self.stream.peer_stage_bytes,
+            }));
+        }
+        true
+    }
+
     /// Decide where a new client op of `wire_bytes` over `range` goes (see the
     /// module docs).
     pub(super) fn place_in_stream(
@@ -674,7 +751,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
                 since_ms: self.now_ms,
                 budget_full: false,
             });
-            self.stream.section_open = true;
+            self.stream.open_section();
             out.push(Action::Note(Note::EnteredAhead {
                 lag_writes,
                 lag_bytes,
@@ -1391,6 +1468,7 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         self.stream.section_done = None;
         self.stream.gate = None;
         self.stream.section_open = self.dirty.dirty_count().0 > 0;
+        self.stream.new_section();
         self.resync.session_ended();
         self.online.session_ended();
         self.fail_verify(
@@ -1429,5 +1507,9 @@ impl<T, D: Clone> PrimaryEngine<T, D> {
         }
         self.pump_spill_io(out);
         self.flush_session_ended(out);
+        // Requests that waited for the ahead budget or for the section to end
+        // wait no more: without a session they go on alone (or wait for the
+        // peer, in block mode).
+        self.admit_parked(out);
     }
 }

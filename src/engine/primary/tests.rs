@@ -622,7 +622,11 @@ fn ahead_holds_the_bitmap_within_half_of_what_the_peer_stages() {
     settle_local(&mut e, &mut out);
     let mut done: Vec<u32> = completed(&out).iter().map(|c| c.0).collect();
     done.sort();
-    assert_eq!(done, vec![1, 2, 3, 4], "async: local completion within the budget");
+    assert_eq!(
+        done,
+        vec![1, 2, 3, 4],
+        "async: local completion within the budget"
+    );
     assert_eq!(e.dirty().dirty_count().0, 8);
     out.clear();
     // The window drains: ahead ends, the pass starts and the parked requests join
@@ -652,6 +656,106 @@ fn ahead_holds_the_bitmap_within_half_of_what_the_peer_stages() {
     assert_eq!(e.parked(), 0);
     assert_eq!(notes(&out), 0);
     e.assert_invariants();
+}
+
+/// Found in session 23 (e2e_spill::client_writes_joining_a_resync_never_overflow_
+/// what_the_secondary_stages): the secondary holds a section, the resync and the
+/// client ops that join it, until it ends, and stages at most what its Welcome
+/// said. Client writes during a resync filled its journal and the next resync,
+/// larger by them, was refused. A client op that would take the section past
+/// the peer's stage waits, parked in order, until the section ends.
+#[test]
+fn writes_joining_a_resync_wait_when_the_section_would_exceed_what_the_peer_stages() {
+    let mut e = engine(cfg(Mode::Async, 64));
+    let mut out = Vec::new();
+    // 4 blocks changed while apart; the peer stages 16 blocks.
+    write(&mut e, 0, 4, false, 1, &mut out);
+    settle_local(&mut e, &mut out);
+    assert_eq!(e.dirty().dirty_count().0, 4);
+    e.set_peer_stage_bytes(16 * BS);
+    out.clear();
+    e.session_started(false, &mut out);
+    settle_local(&mut e, &mut out);
+    assert!(e.resync_progress().is_some());
+    // The resync counts 4 × (4096 + 64) bytes; each 1-block write 4160 more:
+    // eleven fit in 65,536, the twelfth and every request after it wait.
+    for i in 0..13u64 {
+        write(&mut e, 20 + i, 1, false, 10 + i as u32, &mut out);
+    }
+    assert_eq!(e.parked(), 2);
+    let notes = out
+        .iter()
+        .filter(|a| matches!(a, Action::Note(Note::SectionFull { .. })))
+        .count();
+    assert_eq!(notes, 1, "noted once per section: {out:?}");
+    settle_local(&mut e, &mut out);
+    e.tick(0, &mut out);
+    settle_local(&mut e, &mut out);
+    let mut done: Vec<u32> = completed(&out).iter().map(|c| c.0).collect();
+    done.sort();
+    assert_eq!(done, (10..21).collect::<Vec<_>>(), "the eleven that joined");
+    let last = *shipped_seqs(&out).last().expect("shipped");
+    out.clear();
+    e.peer_durable(last, &mut out);
+    let through = resync_done(&out).expect("the resync is done");
+    e.peer_durable(through, &mut out);
+    e.peer_section_done(through, &mut out);
+    assert!(e.is_in_sync(), "the section closed");
+    assert_eq!(e.parked(), 0, "the waiting requests go once it ends");
+    settle_local(&mut e, &mut out);
+    let done: Vec<u32> = completed(&out).iter().map(|c| c.0).collect();
+    assert_eq!(done, vec![21, 22]);
+    e.assert_invariants();
+
+    // A peer that stages any size: no bound.
+    let mut e = engine(cfg(Mode::Async, 64));
+    let mut out = Vec::new();
+    write(&mut e, 0, 4, false, 1, &mut out);
+    settle_local(&mut e, &mut out);
+    e.session_started(false, &mut out);
+    settle_local(&mut e, &mut out);
+    for i in 0..13u64 {
+        write(&mut e, 20 + i, 1, false, 10 + i as u32, &mut out);
+    }
+    assert_eq!(e.parked(), 0);
+    e.assert_invariants();
+}
+
+/// Found in session 23: after a primary crash the logged active extents (960 of
+/// 4 MiB by default) are compared by hash, and the `ResyncStart` announced every
+/// block of them: a secondary with the default journal refused the 4 GB resync on
+/// every reconnect although a few MiB differed. The blocks only suspected count a
+/// 32nd of their number; blocks known to differ count whole; a dirty set of
+/// suspected blocks only still announces at least 1 (0 means nothing differs).
+#[test]
+fn a_resync_start_counts_blocks_compared_by_hash_at_a_32nd() {
+    let announced = |out: &Out| {
+        out.iter()
+            .find_map(|a| match a {
+                Action::Ship(Outgoing::ResyncStart { blocks, .. }) => Some(blocks.0),
+                _ => None,
+            })
+            .expect("a ResyncStart")
+    };
+    let mut e = engine(cfg(Mode::Sync, 1024));
+    e.mark_verify(BlockIndex(0), BlockIndex(640));
+    e.mark_out_of_sync(BlockIndex(700), BlockIndex(710));
+    let mut out = Vec::new();
+    e.session_started(false, &mut out);
+    settle_local(&mut e, &mut out);
+    assert_eq!(announced(&out), 10 + 640 / 32);
+    assert_eq!(
+        e.resync_progress().unwrap().total_blocks.0,
+        650,
+        "the pass covers all"
+    );
+
+    let mut e = engine(cfg(Mode::Sync, 1024));
+    e.mark_verify(BlockIndex(0), BlockIndex(5));
+    let mut out = Vec::new();
+    e.session_started(false, &mut out);
+    settle_local(&mut e, &mut out);
+    assert_eq!(announced(&out), 1);
 }
 
 /// Issue 11: when even the write that would go ahead does not fit the ahead
