@@ -15,6 +15,40 @@ const SIZE_BYTES: u64 = 64 << 20;
 /// An fio process killed when dropped.
 struct Load(Child);
 
+impl Load {
+    /// fio's NBD engine writing 4 KiB blocks at random over `size` (fio's
+    /// syntax) of the pair's export at queue depth 16, for `runtime_s` seconds,
+    /// seeded; `extra` adds options. Its stderr is kept for the test to read.
+    fn random_writes(
+        pair: &Pair,
+        name: &str,
+        size: &str,
+        runtime_s: u32,
+        seed: u64,
+        extra: &[&str],
+    ) -> Load {
+        Load(
+            Command::new("fio")
+                .current_dir(pair.site.dir.path())
+                .arg(format!("--name={name}"))
+                .arg("--ioengine=nbd")
+                .arg(format!("--uri={}", pair.nbd_uri()))
+                .args(["--rw=randwrite", "--bs=4k", "--iodepth=16", "--time_based"])
+                .arg(format!("--size={size}"))
+                .arg(format!("--runtime={runtime_s}"))
+                .arg("--verify_state_save=0")
+                .args(extra)
+                // fio parses the seed as a signed 64-bit number.
+                .arg(format!("--randseed={}", seed >> 1))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start fio"),
+        )
+    }
+}
+
 impl Drop for Load {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -26,28 +60,7 @@ impl Drop for Load {
 fn primary_killed_mid_write_converges_after_restart_without_full_copy() {
     let seed = common::seed("crash");
     let mut pair = Pair::start("async", SIZE_BYTES);
-    let load = Load(
-        Command::new("fio")
-            .current_dir(pair.site.dir.path())
-            .arg("--name=crash-load")
-            .arg("--ioengine=nbd")
-            .arg(format!("--uri={}", pair.nbd_uri()))
-            .args([
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=16",
-                "--size=64M",
-                "--time_based",
-                "--runtime=60",
-                "--verify_state_save=0",
-            ])
-            .arg(format!("--randseed={}", seed >> 1))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start fio"),
-    );
+    let load = Load::random_writes(&pair, "crash-load", "64M", 60, seed, &[]);
     pair.primary
         .wait_status("client writes under way", Duration::from_secs(30), |s| {
             s["counters"]["client_writes"].as_u64().unwrap_or(0) > 2000
@@ -93,28 +106,13 @@ fn primary_killed_mid_write_converges_after_restart_without_full_copy() {
 fn secondary_killed_under_sync_load_resyncs_while_writes_continue() {
     let seed = common::seed("secondary crash");
     let mut pair = Pair::start("sync", SIZE_BYTES);
-    let mut load = Load(
-        Command::new("fio")
-            .current_dir(pair.site.dir.path())
-            .arg("--name=secondary-crash-load")
-            .arg("--ioengine=nbd")
-            .arg(format!("--uri={}", pair.nbd_uri()))
-            .args([
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=16",
-                "--size=64M",
-                "--time_based",
-                "--runtime=10",
-                "--end_fsync=1",
-                "--verify_state_save=0",
-            ])
-            .arg(format!("--randseed={}", seed >> 1))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fio"),
+    let mut load = Load::random_writes(
+        &pair,
+        "secondary-crash-load",
+        "64M",
+        10,
+        seed,
+        &["--end_fsync=1"],
     );
     pair.primary
         .wait_status("client writes under way", Duration::from_secs(30), |s| {
@@ -173,37 +171,22 @@ fn secondary_killed_under_sync_load_resyncs_while_writes_continue() {
 /// hash now count a 32nd in the announced size, and the pair converges.
 #[test]
 fn a_primary_crash_with_every_default_extent_active_converges_without_an_operator() {
-    const SIZE: u64 = 16 << 30;
+    // 2,048 extents of 4 MiB: enough that 960 active ones (3.75 GiB) are far
+    // more than the default journal stages.
+    const SIZE: u64 = 8 << 30;
     let seed = common::seed("crash with a full activity log");
+    let t0 = std::time::Instant::now();
+    let phase = |what: &str| eprintln!("{:>6.1} s: {what}", t0.elapsed().as_secs_f64());
     let mut pair = Pair::start("sync", SIZE);
-    let load = Load(
-        Command::new("fio")
-            .current_dir(pair.site.dir.path())
-            .arg("--name=spread-load")
-            .arg("--ioengine=nbd")
-            .arg(format!("--uri={}", pair.nbd_uri()))
-            .args([
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=16",
-                "--size=16G",
-                "--time_based",
-                "--runtime=120",
-                "--verify_state_save=0",
-            ])
-            .arg(format!("--randseed={}", seed >> 1))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start fio"),
-    );
-    // 4,000 writes over 4,096 extents: the 960 slots of the log are all taken.
+    phase("pair in sync");
+    let load = Load::random_writes(&pair, "spread-load", "8G", 120, seed, &[]);
+    // 4,000 writes over 2,048 extents: the 960 slots of the log are all taken.
     pair.primary.wait_status(
         "writes spread over the volume",
         Duration::from_secs(120),
         |s| s["counters"]["client_writes"].as_u64().unwrap_or(0) > 4000,
     );
+    phase("log full; SIGKILL");
     pair.primary.signal(libc::SIGKILL);
     pair.primary.wait_exit(Duration::from_secs(10));
     drop(load);
@@ -233,6 +216,7 @@ fn a_primary_crash_with_every_default_extent_active_converges_without_an_operato
         Duration::from_secs(300),
         primary_in_sync,
     );
+    phase("in sync after the recovery");
     let refused = pair
         .secondary
         .log_text()
@@ -245,5 +229,6 @@ fn a_primary_crash_with_every_default_extent_active_converges_without_an_operato
         s["counters"]["resync_bytes"], s["counters"]["verified_bytes"]
     );
     pair.stop();
-    assert_same_file(&pair.primary_img, &pair.secondary_img);
+    common::assert_same_sparse(&pair.primary_img, &pair.secondary_img);
+    phase("images compared");
 }
