@@ -883,8 +883,8 @@ impl Journal<File> {
     }
 
     /// Build a journal under a temporary name next to `path` (space checked,
-    /// ring preallocated and, if `written`, zero-filled), let `fill` append to
-    /// it, make it durable, `place` it at `path` (`op` names that step in
+    /// ring preallocated), let `fill` append to it, zero-fill the rest of the
+    /// ring if `written`, make it durable, `place` it at `path` (`op` names that step in
     /// errors) and fsync the directory. The temporary name is removed on
     /// every path out.
     fn build_beside(
@@ -940,11 +940,17 @@ impl Journal<File> {
                     },
                     e => e,
                 })?;
-            if written {
-                zero_fill(&journal.file, RING_OFFSET_BYTES, capacity_bytes)
-                    .map_err(io_err(&tmp, "write zeros over the ring"))?;
-            }
             fill(&mut journal)?;
+            if written {
+                // What `fill` appended (from the ring's start) is written already.
+                let filled = journal.used;
+                zero_fill(
+                    &journal.file,
+                    RING_OFFSET_BYTES + filled,
+                    capacity_bytes - filled,
+                )
+                .map_err(io_err(&tmp, "write zeros over the ring"))?;
+            }
             journal.file.sync_all().map_err(io_err(&tmp, "fsync"))?;
             place(&tmp).map_err(io_err(path, op))?;
             journal.path = path.to_path_buf();
