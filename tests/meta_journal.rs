@@ -695,6 +695,22 @@ fn a_damaged_payload_is_reported_by_read_payload() {
     );
 }
 
+/// Append record `tag` of `len` bytes, releasing (and persisting) the oldest
+/// `release` records whenever the ring is full; its LSN.
+fn append_releasing(j: &mut Journal, tag: u64, len: usize, release: u64) -> Lsn {
+    loop {
+        match j.append(fields(tag, len), &payload(tag, len)) {
+            Ok(lsn) => return lsn,
+            Err(JournalError::Full { .. }) => {
+                let oldest = j.records().next().unwrap().lsn;
+                j.release_through(Lsn(oldest.0 + release - 1));
+                j.persist_head().unwrap();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 #[test]
 fn a_real_file_round_trips_through_create_append_sync_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -711,20 +727,7 @@ fn a_real_file_round_trips_through_create_append_sync_and_reopen() {
     let mut appended = Vec::new();
     for tag in 1..=600u64 {
         let len = (tag as usize * 331) % 9000;
-        loop {
-            match j.append(fields(tag, len), &payload(tag, len)) {
-                Ok(lsn) => {
-                    appended.push((lsn, tag, len));
-                    break;
-                }
-                Err(JournalError::Full { .. }) => {
-                    let oldest = j.records().next().unwrap().lsn;
-                    j.release_through(Lsn(oldest.0 + 9));
-                    j.persist_head().unwrap();
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
+        appended.push((append_releasing(&mut j, tag, len, 10), tag, len));
     }
     let durable = j.sync().unwrap();
     assert_eq!(durable, Lsn(600));
@@ -766,20 +769,7 @@ fn a_resize_keeps_every_live_record_of_a_wrapped_ring_or_is_refused_untouched() 
     // Laps round the ring until the live records wrap round its end.
     for tag in 1u64.. {
         let len = (tag as usize * 331) % 9000;
-        loop {
-            match j.append(fields(tag, len), &payload(tag, len)) {
-                Ok(lsn) => {
-                    appended.push((lsn, tag, len));
-                    break;
-                }
-                Err(JournalError::Full { .. }) => {
-                    let oldest = j.records().next().unwrap().lsn;
-                    j.release_through(Lsn(oldest.0 + 4));
-                    j.persist_head().unwrap();
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
+        appended.push((append_releasing(&mut j, tag, len, 5), tag, len));
         if tag > 100 && wraps(&j) && j.live_bytes() > small / 2 {
             break;
         }
@@ -819,6 +809,16 @@ fn a_resize_keeps_every_live_record_of_a_wrapped_ring_or_is_refused_untouched() 
     let mut j = j;
     j.resize(big).unwrap();
     assert_eq!(j.capacity_bytes(), big);
+    {
+        // The new ring is written through (records, then zeros): no unwritten
+        // extent is left for a durable append to convert.
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&path).unwrap();
+        // SAFETY: lseek on a descriptor this block owns.
+        let at = |whence| unsafe { libc::lseek(f.as_raw_fd(), 8192, whence) };
+        assert_eq!(at(libc::SEEK_DATA), 8192);
+        assert_eq!(at(libc::SEEK_HOLE), (8192 + big) as libc::off_t);
+    }
     check(&j, "right after the resize");
     let next = j.append(fields(999, 100), &payload(999, 100)).unwrap();
     assert_eq!(next.0, live.last().unwrap().0 + 1);

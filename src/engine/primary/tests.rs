@@ -584,6 +584,19 @@ fn a_full_window_goes_ahead_once_then_holds_writes_until_the_section_ends() {
     e.assert_invariants();
 }
 
+/// A connected async engine over 64 blocks whose window holds two writes and
+/// whose ahead episodes may end at once, against a peer staging `stage_bytes`.
+fn two_write_window(stage_bytes: u64) -> (E, Out) {
+    let mut c = cfg(Mode::Async, 64);
+    c.window_writes_max = 2;
+    c.ahead_min_ms = 0;
+    let mut e = engine(c);
+    let mut out = Vec::new();
+    e.set_peer_stage_bytes(stage_bytes);
+    e.session_started(false, &mut out);
+    (e, out)
+}
+
 /// Issue 11: a secondary whose journal cannot stage a resync of the whole volume
 /// (its Welcome says how much it can) would refuse a resync larger than that on
 /// every reconnect. With such a peer a full window still goes ahead, but the
@@ -594,13 +607,7 @@ fn a_full_window_goes_ahead_once_then_holds_writes_until_the_section_ends() {
 #[test]
 fn ahead_holds_the_bitmap_within_half_of_what_the_peer_stages() {
     // Volume 64 blocks; the peer stages 16 blocks: a budget of 8 blocks.
-    let mut c = cfg(Mode::Async, 64);
-    c.window_writes_max = 2;
-    c.ahead_min_ms = 0;
-    let mut e = engine(c);
-    let mut out = Vec::new();
-    e.set_peer_stage_bytes(16 * BS);
-    e.session_started(false, &mut out);
+    let (mut e, mut out) = two_write_window(16 * BS);
     let s1 = write(&mut e, 0, 1, false, 1, &mut out);
     write(&mut e, 1, 1, false, 2, &mut out);
     // Ahead: 6 blocks in the bitmap, within the budget.
@@ -642,13 +649,7 @@ fn ahead_holds_the_bitmap_within_half_of_what_the_peer_stages() {
     e.assert_invariants();
 
     // A peer that stages the whole volume: no budget.
-    let mut c = cfg(Mode::Async, 64);
-    c.window_writes_max = 2;
-    c.ahead_min_ms = 0;
-    let mut e = engine(c);
-    let mut out = Vec::new();
-    e.set_peer_stage_bytes(64 * BS);
-    e.session_started(false, &mut out);
+    let (mut e, mut out) = two_write_window(64 * BS);
     write(&mut e, 0, 1, false, 1, &mut out);
     write(&mut e, 1, 1, false, 2, &mut out);
     write(&mut e, 2, 60, false, 3, &mut out);
@@ -763,13 +764,7 @@ fn a_resync_start_counts_blocks_compared_by_hash_at_a_32nd() {
 /// stream stays a prefix.
 #[test]
 fn a_full_window_holds_a_write_larger_than_the_ahead_budget() {
-    let mut c = cfg(Mode::Async, 64);
-    c.window_writes_max = 2;
-    c.ahead_min_ms = 0;
-    let mut e = engine(c);
-    let mut out = Vec::new();
-    e.set_peer_stage_bytes(16 * BS);
-    e.session_started(false, &mut out);
+    let (mut e, mut out) = two_write_window(16 * BS);
     write(&mut e, 0, 1, false, 1, &mut out);
     write(&mut e, 1, 1, false, 2, &mut out);
     write(&mut e, 10, 9, false, 3, &mut out);
