@@ -380,10 +380,14 @@ impl Agent {
 
     /// Still running (not exited)?
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => c.try_wait().expect("try_wait").is_none(),
-            None => false,
-        }
+        self.child.is_some() && self.exited().is_none()
+    }
+
+    /// How the process ended, if it has (None while it runs or once reaped).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("try_wait"))
     }
 
     /// `tandem status --control SOCK --json`, parsed; None while unreachable.

@@ -866,10 +866,20 @@ impl Trial {
             std::thread::sleep(Duration::from_millis(500));
         }
         let status = self.status(node).map(|s| s.to_string()).unwrap_or_default();
+        // An agent that is gone explains the refusal: say how it ended and
+        // what it logged last (a trial once lost its secondary here unexplained).
+        let ended = match self.nodes[node].agent.as_mut().map(|a| a.exited()) {
+            Some(Some(how)) => format!(
+                "; the agent had exited ({how}); {}",
+                self.log_tail(node, 30)
+            ),
+            Some(None) => String::new(),
+            None => "; no agent was running".to_string(),
+        };
         self.find(
             "promote",
             format!(
-                "tandem promote of {} refused for 30 s: {last}; status: {status}",
+                "tandem promote of {} refused for 30 s: {last}; status: {status}{ended}",
                 self.nodes[node].name
             ),
         );
