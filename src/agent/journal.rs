@@ -28,12 +28,8 @@ enum Job {
     Truncate {
         after: Lsn,
     },
-    Read {
-        lsn: Lsn,
-        reply: oneshot::Sender<Result<Bytes, String>>,
-    },
-    /// Several payloads in one hand-off (a checkpoint batch), in the order
-    /// given; the first failure ends the reading.
+    /// Payloads in one hand-off (a checkpoint batch), in the order given; the
+    /// first failure ends the reading.
     ReadMany {
         lsns: Vec<Lsn>,
         reply: oneshot::Sender<Result<Vec<Bytes>, String>>,
@@ -239,13 +235,6 @@ impl JournalThread {
                                 return;
                             }
                         }
-                        Job::Read { lsn, reply } => {
-                            let r = j
-                                .read_payload(journal::Lsn(lsn.0))
-                                .map(Bytes::from)
-                                .map_err(|e| e.to_string());
-                            let _ = reply.send(r);
-                        }
                         Job::ReadMany { lsns, reply } => {
                             let r = lsns
                                 .iter()
@@ -315,12 +304,8 @@ impl JournalHandle {
 
     /// A record's payload (checked against its crc).
     pub async fn read(&self, lsn: Lsn) -> Result<Bytes, String> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Read { lsn, reply })
-            .map_err(|_| "the journal thread stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the journal thread stopped".to_string())?
+        let mut one = self.read_many(vec![lsn]).await?;
+        Ok(one.pop().expect("one payload per lsn"))
     }
 
     /// The payloads of `lsns`, in that order, each checked against its crc: one
