@@ -21,8 +21,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::assert_same_sparse;
 use common::{Agent, NodeOpts, Site, free_port, run_ok, run_with_timeout};
-use nbd_support::{allocated_bytes, assert_same_sparse, parse_map, ranges_where};
+use nbd_support::{allocated_bytes, parse_map, ranges_where};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
