@@ -42,7 +42,9 @@
 //!   converges without a full copy, and durable metadata covers every block that
 //!   may differ; what cannot be proven in sync is resynced.
 //! - **G4 Bounded lag, then degrade.** The async window is bounded in bytes and
-//!   writes; when full (or the peer is gone) writes are tracked in the bitmap.
+//!   writes; past it writes keep their order in the spill log; when that is full
+//!   (or the peer is gone) writes are tracked in the bitmap, within what the
+//!   secondary can stage for the resync that follows.
 //! - **G5 Integrity on the wire.** crc32 of header, body and uncompressed payload;
 //!   a bad frame is never applied.
 //! - **G6 Identity.** Volume UUID, size, block size, names and generations are
