@@ -92,13 +92,16 @@ fn install_panic_hook() {
 /// frames, journal reads for the checkpoint), allocated and freed once per
 /// request. glibc serves allocations above its mmap threshold (128 KiB, growing
 /// on its own only up to the largest size freed so far) with a fresh `mmap`
-/// and returns them with `munmap` (and trims the heap top above 128 KiB), so
-/// every MiB replicated cost 256 page faults and the zeroing of 256 pages, on
-/// each node. Measured on a 2-core VM (benches/RESULTS.md, session 25): the
+/// and returns them with `munmap` (and trims its heap tops above twice that),
+/// so every MiB replicated cost 256 page faults and the zeroing of 256 pages,
+/// on each node. Measured on a 2-core VM (benches/RESULTS.md, session 25): the
 /// secondary spent ~20% of its CPU in page faults, page zeroing and unmapping
-/// during sequential 1 MiB writes; with the thresholds below sync seq 1 MiB
-/// went from 461–511 to 600–614 MB/s and async from 173–214 to 301–349 MB/s.
-/// The resident set stays at most the peak working set plus the trim threshold.
+/// during sequential 1 MiB writes; with these settings minor faults per 10 s
+/// fell from 112k–143k to 13k on the primary and from 142k–166k to 24k–30k on
+/// the secondary, and seq 1 MiB on a fresh pair ran faster (sync 461–511 to
+/// 600–614 MB/s, async 172–214 to 301–349 MB/s, with the same thresholds given
+/// as `GLIBC_TUNABLES`). The resident set stays at most the peak working set
+/// plus the trim threshold.
 ///
 /// A user's own `GLIBC_TUNABLES` malloc settings win: nothing is changed then.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
