@@ -1969,25 +1969,20 @@ async fn copy_records(
     // every earlier one it overlaps, zero and trim records for every earlier
     // record.
     let mut batch: Vec<Record> = Vec::new();
-    let mut batch_bytes = 0u64;
     for r in records {
         match r.kind {
             RecordKind::Write => {
+                let batch_bytes: u64 = batch.iter().map(|b| b.range.len).sum();
                 if batch.len() >= COPY_BATCH_MAX
                     || batch_bytes + r.range.len > COPY_BATCH_BYTES_MAX
                     || batch.iter().any(|b| b.range.overlaps(&r.range))
                 {
-                    copy_batch(volume, jh, &batch).await?;
-                    batch.clear();
-                    batch_bytes = 0;
+                    copy_batch(volume, jh, &mut batch).await?;
                 }
                 batch.push(*r);
-                batch_bytes += r.range.len;
             }
             RecordKind::Zeroes | RecordKind::Trim => {
-                copy_batch(volume, jh, &batch).await?;
-                batch.clear();
-                batch_bytes = 0;
+                copy_batch(volume, jh, &mut batch).await?;
                 // A zero range stays unallocated (punch_hole writes zeros where
                 // the volume cannot punch): write_zeroes' ZERO_RANGE allocates it
                 // (issue 11).
@@ -2001,7 +1996,7 @@ async fn copy_records(
             _ => {}
         }
     }
-    copy_batch(volume, jh, &batch).await?;
+    copy_batch(volume, jh, &mut batch).await?;
     volume
         .flush()
         .await
@@ -2016,12 +2011,17 @@ fn copy_failed(r: &Record, e: String) -> String {
 }
 
 /// Copy `batch` (write records that overlap none of each other) into the
-/// volume. Every started write finishes before it returns (an error poisons the
-/// node; nothing is left writing behind it).
-async fn copy_batch(volume: &Volume, jh: &JournalHandle, batch: &[Record]) -> Result<(), String> {
+/// volume and empty it. Every started write finishes before it returns (an
+/// error poisons the node; nothing is left writing behind it).
+async fn copy_batch(
+    volume: &Volume,
+    jh: &JournalHandle,
+    batch: &mut Vec<Record>,
+) -> Result<(), String> {
     if batch.is_empty() {
         return Ok(());
     }
+    let batch = std::mem::take(batch);
     let payloads = jh.read_many(batch.iter().map(|r| r.lsn).collect()).await?;
     for (r, data) in batch.iter().zip(&payloads) {
         if data.len() as u64 != r.range.len {
