@@ -2768,15 +2768,14 @@ impl ControlHandler for SecondaryControl {
 mod tests {
     use super::*;
 
-    /// A checkpoint copies records concurrently: the volume must still end with,
-    /// per block, the newest record over it (overlapping writes, zero records
-    /// between them), as when they were copied one by one in order; on an
-    /// O_DIRECT volume (io_uring) and a buffered one (writes inline).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_checkpoint_copy_applies_overlapping_records_in_order() {
-        use crate::engine::secondary::{Lsn, RecordKind};
+    use crate::engine::secondary::{Lsn, RecordKind};
+
+    /// Journal `records` (kind and range; write `i` fills its range with a byte
+    /// derived from `i`), copy them with `copy_records` into a fresh volume of
+    /// `size` bytes, O_DIRECT (io_uring) and buffered (writes inline), and
+    /// compare with copying them one by one in order.
+    async fn assert_copy_matches_in_order(size: u64, records: &[(RecordKind, ByteRange)]) {
         use crate::volume::{EngineChoice, OpenOptions};
-        const SIZE: u64 = 1 << 20;
         for direct in [true, false] {
             let dir = tempfile::tempdir().expect("tempdir");
             let (done_tx, _done_rx) = mpsc::unbounded_channel();
@@ -2784,7 +2783,7 @@ mod tests {
                 &dir.path().join("journal"),
                 VolumeId([7; 16]),
                 4096,
-                64 << 20,
+                128 << 20,
                 journal::Create::Written,
                 false,
                 done_tx,
@@ -2792,26 +2791,14 @@ mod tests {
             .expect("journal");
             let jh = opened.thread.handle();
             let opts = OpenOptions {
-                create_size_bytes: Some(SIZE),
+                create_size_bytes: Some(size),
                 direct,
                 engine: EngineChoice::Uring,
             };
             let volume = Volume::open(&dir.path().join("volume.img"), &opts).expect("volume");
-            let mut model = vec![0u8; SIZE as usize];
-            let mut records = Vec::new();
-            let mut x = 0x5eed_u64;
-            for i in 1..=2_000u64 {
-                x = x
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                // 1-4 blocks among the first 24: nearly every record overlaps
-                // one of the few before it.
-                let range = ByteRange::new((x >> 33) % 24 * 4096, (1 + (x >> 20) % 4) * 4096);
-                let kind = if i % 97 == 0 {
-                    RecordKind::Zeroes
-                } else {
-                    RecordKind::Write
-                };
+            let mut model = vec![0u8; size as usize];
+            let mut journaled = Vec::new();
+            for (i, &(kind, range)) in (1u64..).zip(records) {
                 let fill = (i % 251 + 1) as u8;
                 let data = (kind == RecordKind::Write)
                     .then(|| Bytes::from(vec![fill; range.len as usize]));
@@ -2827,17 +2814,72 @@ mod tests {
                 jh.append(&r, data.clone());
                 let byte = if data.is_some() { fill } else { 0 };
                 model[range.offset as usize..range.end() as usize].fill(byte);
-                records.push(r);
+                journaled.push(r);
             }
             jh.sync();
-            copy_records(&volume, &jh, &records).await.expect("copy");
-            let got = volume.read(0, SIZE as u32).await.expect("read");
-            let first_bad = (0..SIZE as usize).find(|&i| got[i] != model[i]);
+            copy_records(&volume, &jh, &journaled).await.expect("copy");
+            let got = volume.read(0, size as u32).await.expect("read");
+            let first_bad = (0..size as usize).find(|&i| got[i] != model[i]);
             assert_eq!(
                 first_bad, None,
                 "direct {direct}: the volume differs from in-order copies"
             );
         }
+    }
+
+    /// A checkpoint copies records concurrently: the volume must still end with,
+    /// per block, the newest record over it (overlapping writes, zero records
+    /// between them), as when they were copied one by one in order; on an
+    /// O_DIRECT volume (io_uring) and a buffered one (writes inline).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_copy_applies_overlapping_records_in_order() {
+        let mut records = Vec::new();
+        let mut x = 0x5eed_u64;
+        for i in 1..=2_000u64 {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            // 1-4 blocks among the first 24: nearly every record overlaps
+            // one of the few before it.
+            let range = ByteRange::new((x >> 33) % 24 * 4096, (1 + (x >> 20) % 4) * 4096);
+            let kind = if i % 97 == 0 {
+                RecordKind::Zeroes
+            } else {
+                RecordKind::Write
+            };
+            records.push((kind, range));
+        }
+        assert_copy_matches_in_order(1 << 20, &records).await;
+    }
+
+    /// Batches cut at their limits: more non-overlapping 4 KiB writes than
+    /// COPY_BATCH_MAX, then more non-overlapping 1 MiB writes than
+    /// COPY_BATCH_BYTES_MAX holds, then writes over both that overlap records
+    /// of earlier batches, a zero record, and writes inside the write just before
+    /// them: the volume ends as in-order copies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_copy_of_full_batches_applies_records_in_order() {
+        const MIB: u64 = 1 << 20;
+        let small = 3 * COPY_BATCH_MAX as u64 + 5;
+        let large = 2 * COPY_BATCH_BYTES_MAX / MIB + 3;
+        let size = 4 * MIB + large * MIB;
+        let mut records = Vec::new();
+        for i in 0..small {
+            records.push((RecordKind::Write, ByteRange::new(i * 4096, 4096)));
+        }
+        for i in 0..large {
+            records.push((RecordKind::Write, ByteRange::new(4 * MIB + i * MIB, MIB)));
+        }
+        records.push((RecordKind::Zeroes, ByteRange::new(4 * MIB + MIB / 2, MIB)));
+        for i in 0..large {
+            // Straddles two 1 MiB records; the small ones are overwritten too.
+            let at = 4 * MIB + i * MIB + MIB / 2;
+            records.push((RecordKind::Write, ByteRange::new(at, MIB.min(size - at))));
+            // Inside the write just before it: the batch must end there.
+            records.push((RecordKind::Write, ByteRange::new(at + 4096 * (i % 8), 4096)));
+            records.push((RecordKind::Write, ByteRange::new(i * 8192, 8192)));
+        }
+        assert_copy_matches_in_order(size, &records).await;
     }
 
     #[test]
